@@ -1,0 +1,1 @@
+"""Domain packages. Each registers a :class:`pipelines.registry.DomainSpec` in ``pyproject.toml``."""

@@ -1,0 +1,37 @@
+"""Healthcare: medical image classification (binary, multi-class, multi-label; 2-D and 3-D).
+
+Data: the embedded synthetic lesion set (default), MedMNIST ``.npz`` files, or a folder of
+PNG/JPEG/DICOM/NIfTI images with a ``path,label[,split]`` CSV. Networks: MONAI's ResNets,
+DenseNet121 and EfficientNet-B0. Importing this package imports nothing heavy.
+"""
+
+from pathlib import Path
+
+from pipelines.registry import DomainSpec
+
+SPEC = DomainSpec(
+    name="healthcare",
+    model_class="domains.healthcare.model.ImageClassifier",
+    datamodule_class="domains.healthcare.data.MedicalImageDataModule",
+    config=Path(__file__).with_name("config.yaml"),
+    links=(
+        ("num_classes", "num_classes"),
+        ("in_channels", "in_channels"),
+        ("spatial_dims", "spatial_dims"),
+        ("task", "task"),
+        ("class_names", "class_names"),
+        ("class_weights", "class_weights"),
+    ),
+    monitor="val/auroc",
+    mode="max",
+    tags=("image", "classification", "monai"),
+    test_args=(
+        "--data.synthetic_samples=96",
+        "--data.batch_size=16",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--trainer.limit_predict_batches=2",
+    ),
+)

@@ -1,0 +1,343 @@
+"""``MedicalImageDataModule``: medical images from the synthetic set, MedMNIST ``.npz`` or an image table.
+
+Everything the model must know about the data (classes, channels, 2-D or 3-D, task, class
+weights) is read from the source when the data module is built, before any training, and linked to
+the model by the runner. Pixels are read and checked in :meth:`setup`; every problem is raised as a
+``ValueError`` that names the file, row or option. Normalisation statistics are fitted on the
+training split and saved in the checkpoint (:meth:`state_dict`).
+
+Example:
+    >>> dm = MedicalImageDataModule(synthetic_samples=60, batch_size=8)
+    >>> dm.num_classes, dm.in_channels, dm.spatial_dims, dm.task
+    (3, 1, 2, 'multiclass')
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from domains.healthcare.readers import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    LabeledImages,
+    read_image_file,
+    read_image_table,
+    read_medmnist_npz,
+    synthetic_lesions,
+)
+
+AugmentSpec = list[dict[str, dict[str, Any]]]
+
+
+def build_albumentations(spec: AugmentSpec | None) -> Any:
+    """Build an ``albumentations.Compose`` from ``[{"HorizontalFlip": {"p": 0.5}}, ...]``."""
+    if not spec:
+        return None
+    import albumentations as A
+
+    steps = []
+    for item in spec:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"augment: each entry must be one {{TransformName: {{arguments}}}} mapping, got {item!r}")
+        (name, kwargs), = item.items()
+        transform = getattr(A, name, None)
+        if not isinstance(transform, type):
+            raise ValueError(f"augment: albumentations has no transform {name!r} (see albumentations' documentation)")
+        try:
+            steps.append(transform(**(kwargs or {})))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"augment: invalid arguments for {name}: {error}") from None
+    return A.Compose(steps)
+
+
+def build_volume_augmentation() -> Any:
+    """Random flips on every axis and mild noise for 3-D volumes (MONAI transforms)."""
+    from monai.transforms import Compose, RandFlip, RandGaussianNoise
+
+    return Compose([RandFlip(prob=0.5, spatial_axis=axis) for axis in range(3)] + [RandGaussianNoise(prob=0.3, std=0.02)])
+
+
+class ImageDataset(Dataset):
+    """Items ``{"image": float32 (C, *spatial) in [0, 1], "label": ..., "index": int}`` as plain tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, augment: Any = None, volume: bool = False) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+        self.augment, self.volume = augment, volume
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _augmented(self, image: np.ndarray) -> np.ndarray:
+        if self.volume:
+            return np.asarray(self.augment(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image))
+        hwc = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+        out = self.augment(image=hwc)["image"]
+        return out[None] if out.ndim == 2 else np.moveaxis(out, -1, 0)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        image = self.images[item]
+        if self.augment is not None:
+            image = self._augmented(image)
+        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
+        return {"image": tensor, "label": torch.as_tensor(self.labels[item]), "index": int(self.indices[item])}
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Assign train/val/test per item, keeping class proportions (first label for multi-label)."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+    strata = labels.argmax(1) if labels.ndim == 2 else labels
+    rng = np.random.default_rng(seed)
+    split = np.full(len(labels), "train", dtype=object)
+    for value in np.unique(strata):
+        members = rng.permutation(np.flatnonzero(strata == value))
+        n_val, n_test = round(len(members) * val_fraction), round(len(members) * test_fraction)
+        split[members[:n_val]] = "val"
+        split[members[n_val : n_val + n_test]] = "test"
+    return split.astype(str)
+
+
+class MedicalImageDataModule(pl.LightningDataModule):
+    """Medical image classification data.
+
+    Args:
+        npz_path: a MedMNIST ``.npz`` (official splits).
+        labels_csv: a CSV with ``path``, ``label`` and optional ``split`` columns (``a|b`` = multi-label).
+        image_dir: folder the CSV's paths are relative to (default: the CSV's folder).
+        predict_dir: a folder of unlabelled images to classify with ``predict`` (default: the test split).
+        class_names: the class list, in label-index order (default: from the data).
+        task: ``binary``, ``multiclass`` or ``multilabel`` (default: inferred from the labels).
+        image_size: resize every image to this size per spatial axis (MONAI ``Resize``); required when
+            the files differ in size.
+        split: ``official`` uses the source's split when it has one; ``stratified`` always re-splits.
+        val_fraction: validation share of a stratified split.
+        test_fraction: test share of a stratified split.
+        split_seed: seed of the stratified split.
+        synthetic_samples: size of the embedded synthetic set (used when no path is given).
+        synthetic_image_size: side of the synthetic images.
+        synthetic_seed: seed of the synthetic generator.
+        balance: ``class_weights`` (weighted loss), ``sampler`` (weighted sampling) or ``none``.
+        augment: albumentations transforms for 2-D training images, as ``[{Name: {args}}]``; for 3-D
+            volumes any non-empty value enables MONAI random flips and noise.
+        batch_size: samples per batch (per process under DDP).
+        num_workers: DataLoader worker processes (persistent when > 0).
+        pin_memory: pin host memory for GPU copies (default: when CUDA is available).
+    """
+
+    def __init__(
+        self,
+        npz_path: str | None = None,
+        labels_csv: str | None = None,
+        image_dir: str | None = None,
+        predict_dir: str | None = None,
+        class_names: list[str] | None = None,
+        task: Literal["binary", "multiclass", "multilabel"] | None = None,
+        image_size: int | None = None,
+        split: Literal["official", "stratified"] = "official",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        synthetic_samples: int = 900,
+        synthetic_image_size: int = 32,
+        synthetic_seed: int = 0,
+        balance: Literal["class_weights", "sampler", "none"] = "class_weights",
+        augment: AugmentSpec | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if npz_path and labels_csv:
+            raise ValueError("give either npz_path or labels_csv, not both")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters(logger=False)  # the full config is logged by the runner; avoids key clashes
+        self.augment = build_albumentations(augment)  # validated now, before any training
+        self.datasets: dict[str, ImageDataset] = {}
+        self.channel_mean: list[float] | None = None
+        self.channel_std: list[float] | None = None
+
+    # ----- what the model needs to know, read before training -------------------------------
+    @cached_property
+    def source(self) -> LabeledImages:
+        hp = self.hparams
+        if hp.npz_path:
+            data = read_medmnist_npz(hp.npz_path, hp.class_names)
+        elif hp.labels_csv:
+            data = read_image_table(hp.labels_csv, hp.image_dir, hp.class_names)
+        else:
+            data = synthetic_lesions(hp.synthetic_samples, hp.synthetic_image_size, hp.synthetic_seed)
+        if hp.task is not None and hp.task != data.task:
+            if {hp.task, data.task} != {"binary", "multiclass"} or (hp.task == "binary" and len(data.class_names) != 2):
+                raise ValueError(f"task={hp.task!r} does not fit the labels, which look {data.task!r}")
+            data.task = hp.task
+        return data
+
+    @cached_property
+    def split_assignment(self) -> np.ndarray:
+        hp, source = self.hparams, self.source
+        if source.split is None or hp.split == "stratified":
+            assignment = stratified_split(source.labels, hp.val_fraction, hp.test_fraction, hp.split_seed)
+        else:
+            assignment = source.split
+        for name in SPLITS:
+            if not (assignment == name).any():
+                raise ValueError(f"split {name!r} is empty: no item assigned to it (check the split column or fractions)")
+        return assignment
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.class_names)
+
+    @property
+    def task(self) -> str:
+        return self.source.task
+
+    @property
+    def in_channels(self) -> int:
+        return self.source.in_channels
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.source.spatial_dims
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Channel-first shape of one model input."""
+        size = self.hparams.image_size
+        spatial = (size,) * self.spatial_dims if size else self.source.sample_shape[1:]
+        return (self.in_channels, *spatial)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Loss weights from the training split: ``N / (C * count)`` per class, or the positive weight
+        ``negatives / positives`` (per label) for binary and multi-label tasks."""
+        if self.hparams.balance != "class_weights":
+            return None
+        labels = self.source.labels[self.split_assignment == "train"]
+        if self.task == "multiclass":
+            counts = np.bincount(labels, minlength=self.num_classes).astype(float)
+            return [float(len(labels) / (self.num_classes * max(c, 1.0))) for c in counts]
+        pos = labels.sum(0).astype(float)  # (N,) binary -> scalar; (N, K) multi-label -> per label
+        return np.atleast_1d((len(labels) - pos) / np.maximum(pos, 1.0)).astype(float).tolist()
+
+    # ----- pixels ----------------------------------------------------------------------------
+    def _resize(self) -> Any:
+        if not self.hparams.image_size:
+            return None
+        from monai.transforms import Resize
+
+        return Resize(spatial_size=self.image_shape[1:], mode="area")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        resize, volume = self._resize(), self.spatial_dims == 3
+        augment = (build_volume_augmentation() if volume else self.augment) if self.hparams.augment else None
+        for name in SPLITS:
+            indices = np.flatnonzero(self.split_assignment == name)
+            images = self.source.load(indices, resize)
+            self.datasets[name] = ImageDataset(images, self.source.labels[indices], indices, augment if name == "train" else None, volume)
+        if self.hparams.predict_dir:
+            self.datasets["predict"] = self._unlabelled(Path(self.hparams.predict_dir), resize)
+        if self.channel_mean is None:
+            train = self.datasets["train"].images
+            scale = 255.0 if train.dtype == np.uint8 else 1.0
+            axes = (0, *range(2, train.ndim))
+            self.channel_mean = (train.mean(axis=axes) / scale).astype(float).tolist()
+            self.channel_std = np.maximum(train.std(axis=axes) / scale, 1e-6).astype(float).tolist()
+
+    def _unlabelled(self, folder: Path, resize: Any) -> ImageDataset:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise ValueError(f"predict_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.predict_files = [str(p) for p in files]
+        arrays = []
+        for path in files:
+            try:
+                array = read_image_file(path)
+            except Exception as error:
+                raise ValueError(f"predict_dir: cannot read image {path}: {error}") from None
+            array = np.asarray(resize(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array)) if resize else array
+            if tuple(array.shape) != self.image_shape:
+                raise ValueError(f"predict_dir: image {path} has shape {tuple(array.shape)}, the model takes {self.image_shape}; set --data.image_size")
+            arrays.append(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32))
+        indices = np.arange(len(files))
+        return ImageDataset(np.stack(arrays), np.full(len(files), -1), indices)
+
+    def _loader(self, name: str, shuffle: bool = False, sampler: Any = None) -> DataLoader:
+        hp = self.hparams
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        return DataLoader(
+            self.datasets[name],
+            batch_size=hp.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=pin,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.hparams.balance == "sampler":
+            labels = self.datasets["train"].labels
+            strata = labels.argmax(1) if labels.ndim == 2 else labels
+            weights = 1.0 / np.bincount(strata)[strata]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(strata))
+        return self._loader("train", shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self.datasets else "test")
+
+    def item_name(self, index: int) -> str:
+        """Human-readable id of an item from the ``index`` field of a batch (file path or split/number)."""
+        if "predict" in self.datasets and self.trainer is not None and self.trainer.predicting:
+            return self.predict_files[index]
+        return self.source.names[index]
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Normalise on the device with the statistics fitted on the training split."""
+        assert self.channel_mean is not None and self.channel_std is not None
+        image = batch["image"]
+        shape = (1, -1) + (1,) * (image.ndim - 2)
+        mean = torch.tensor(self.channel_mean, device=image.device, dtype=image.dtype).view(shape)
+        std = torch.tensor(self.channel_std, device=image.device, dtype=image.dtype).view(shape)
+        batch["image"] = (image - mean) / std
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "class_names": self.class_names,
+            "task": self.task,
+            "image_shape": list(self.image_shape),
+            "channel_mean": self.channel_mean,
+            "channel_std": self.channel_std,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("class_names") != self.class_names:
+            raise ValueError(
+                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
+                "pass --data.class_names to use the checkpoint's class order"
+            )
+        self.channel_mean = state_dict["channel_mean"]
+        self.channel_std = state_dict["channel_std"]

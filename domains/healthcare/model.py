@@ -1,0 +1,235 @@
+"""``ImageClassifier``: training logic for medical image classification (the network is in ``networks.py``).
+
+Binary tasks use one logit and ``BCEWithLogitsLoss`` (class balance as ``pos_weight``); multi-class
+tasks use softmax cross-entropy (class weights); multi-label tasks use one sigmoid per label.
+Metrics (torchmetrics): AUROC, accuracy, macro F1 and F1 per class; at test time a confusion
+matrix, a ROC curve and a grid of sample predictions are saved in the run folder and logged to W&B.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection
+from torchmetrics.wrappers import ClasswiseWrapper
+
+from domains.healthcare.networks import NetworkName, build_network, load_pretrained_weights
+from pipelines.plots import image_grid
+from pipelines.task import BaseTask
+from pipelines.tracking import log_figure
+
+
+class ImageClassifier(BaseTask):
+    """Classify 2-D images or 3-D volumes with a MONAI network.
+
+    Args:
+        network: ``resnet10/18/34/50``, ``densenet121`` or ``efficientnet-b0`` (``monai.networks.nets``).
+        small_input_stem: ResNet stem for small images (3x3 stride-1 convolution, no max-pool).
+        dropout: dropout before the classifier (DenseNet121).
+        pretrained_weights: a local ``.safetensors`` or weights-only ``.pt`` state dict to start from.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_schedule: ``cosine``, ``step`` (x0.1 at 50 % and 75 % of the epochs) or ``constant``.
+        num_classes: number of classes (labels for multi-label); linked from the data.
+        in_channels: image channels; linked from the data.
+        spatial_dims: 2 or 3; linked from the data.
+        task: ``binary``, ``multiclass`` or ``multilabel``; linked from the data.
+        class_names: class names in label order; linked from the data and saved in the checkpoint.
+        class_weights: loss weights fitted on the training split; linked from the data.
+        sample_grid_size: images in the logged grid of sample predictions (0 disables it).
+    """
+
+    def __init__(
+        self,
+        network: NetworkName = "resnet18",
+        small_input_stem: bool = True,
+        dropout: float = 0.0,
+        pretrained_weights: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        lr_schedule: str = "cosine",
+        num_classes: int = 2,
+        in_channels: int = 1,
+        spatial_dims: int = 2,
+        task: str = "multiclass",
+        class_names: list[str] | None = None,
+        class_weights: list[float] | None = None,
+        sample_grid_size: int = 16,
+    ) -> None:
+        if task not in ("binary", "multiclass", "multilabel"):
+            raise ValueError(f"task must be binary, multiclass or multilabel, got {task!r}")
+        if task == "binary" and num_classes != 2:
+            raise ValueError(f"a binary task has 2 classes, got num_classes={num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+        super().__init__()
+        self._grid_batch: dict[str, torch.Tensor] | None = None
+
+    @property
+    def class_labels(self) -> list[str]:
+        return list(self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)])
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        out_channels = 1 if hp.task == "binary" else hp.num_classes
+        self.network = build_network(hp.network, hp.spatial_dims, hp.in_channels, out_channels, hp.small_input_stem, hp.dropout)
+        if hp.pretrained_weights:
+            skipped = load_pretrained_weights(self.network, hp.pretrained_weights)
+            print(f"[healthcare] loaded {hp.pretrained_weights}; {len(skipped)} tensor(s) kept at initialisation")
+
+    def configure_losses(self) -> None:
+        weights = torch.tensor(self.hparams.class_weights, dtype=torch.float32) if self.hparams.class_weights else None
+        if self.hparams.task == "multiclass":
+            self.loss_fn: nn.Module = nn.CrossEntropyLoss(weight=weights)
+        else:
+            self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=weights)
+
+    def _metric_args(self) -> dict[str, Any]:
+        hp = self.hparams
+        if hp.task == "binary":
+            return {"task": "binary"}
+        if hp.task == "multiclass":
+            return {"task": "multiclass", "num_classes": hp.num_classes}
+        return {"task": "multilabel", "num_labels": hp.num_classes}
+
+    def configure_metrics(self) -> None:
+        args = self._metric_args()
+        averaged = {} if args["task"] == "binary" else {"average": "macro"}
+        metrics: dict[str, Any] = {
+            "auroc": AUROC(**args, **averaged),
+            "accuracy": Accuracy(**args),
+            "f1": F1Score(**args, **averaged),
+        }
+        if args["task"] != "binary":
+            metrics["f1_per_class"] = ClasswiseWrapper(F1Score(**args, average="none"), labels=self.class_labels, prefix="f1_")
+        collection = MetricCollection(metrics)
+        self.train_metrics = MetricCollection({"accuracy": Accuracy(**args)}, prefix="train/")
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+        self.test_confusion = ConfusionMatrix(**args)
+        self.test_roc = ROC(**args)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.network(image)
+
+    def setup(self, stage: str) -> None:
+        """Check the network takes the data's image size before any training starts."""
+        shape = getattr(getattr(self.trainer, "datamodule", None), "image_shape", None)
+        if shape is None:
+            return
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                self.network(torch.zeros(1, *shape))
+        except RuntimeError as error:
+            raise ValueError(
+                f"network {self.hparams.network!r} cannot take inputs of shape {tuple(shape)} (channels first): "
+                f"{str(error).splitlines()[0]}; use a larger --data.image_size or a ResNet with small_input_stem"
+            ) from None
+        finally:
+            self.network.train(was_training)
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.hparams.task == "binary":
+            return torch.sigmoid(logits[:, 0])
+        return torch.softmax(logits, 1) if self.hparams.task == "multiclass" else torch.sigmoid(logits)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self(batch["image"])
+        target = batch["label"]
+        if self.hparams.task == "multiclass":
+            loss = self.loss_fn(logits, target.long())
+        elif self.hparams.task == "binary":
+            loss = self.loss_fn(logits[:, 0], target.float())
+        else:
+            loss = self.loss_fn(logits, target.float())
+        return loss, self._probabilities(logits.detach()), target.long()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, probs, target = self._step(batch)
+        self.train_metrics.update(probs, target)
+        batch_size = len(target)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
+        loss, probs, target = self._step(batch)
+        metrics.update(probs, target)
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(target), sync_dist=True)
+        if self._grid_batch is None and self.hparams.sample_grid_size:
+            keep = self.hparams.sample_grid_size
+            self._grid_batch = {"image": batch["image"][:keep].cpu(), "label": target[:keep].cpu(), "probs": probs[:keep].cpu()}
+        return probs
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        probs = self._evaluate(batch, "test", self.test_metrics)
+        self.test_confusion.update(probs, batch["label"].long())
+        self.test_roc.update(probs, batch["label"].long())
+
+    def _log_collection(self, metrics: MetricCollection) -> None:
+        self.log_dict({k: v for k, v in metrics.compute().items()}, sync_dist=False)
+        metrics.reset()
+
+    def _label_text(self, values: torch.Tensor) -> str:
+        names = self.class_labels
+        if self.hparams.task == "multilabel":
+            return "|".join(names[i] for i in torch.nonzero(values).flatten().tolist()) or "-"
+        return names[int(values)]
+
+    def _log_sample_grid(self, stage: str) -> None:
+        grid, self._grid_batch = self._grid_batch, None
+        if grid is None or self.trainer.sanity_checking:
+            return
+        predicted = self._predicted_labels(grid["probs"])
+        titles = [f"true {self._label_text(t)}\npred {self._label_text(p)}" for t, p in zip(grid["label"], predicted)]
+        image = grid["image"]
+        if image.ndim == 5:  # volumes: show the middle slice
+            image = image[:, :, image.shape[2] // 2]
+        log_figure(self.trainer, image_grid(image, titles), f"{stage}/sample_predictions")
+
+    def _predicted_labels(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.hparams.task == "multiclass":
+            return probs.argmax(1)
+        return (probs > 0.5).long()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_collection(self.val_metrics)
+        self._log_sample_grid("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_collection(self.test_metrics)
+        self._log_sample_grid("test")
+        names = self.class_labels if self.hparams.task != "binary" else None
+        confusion = self.test_confusion.compute()
+        roc = self.test_roc.compute()
+        if self.trainer.is_global_zero:
+            fig, _ = self.test_confusion.plot(confusion, labels=names)
+            log_figure(self.trainer, fig, "test/confusion_matrix")
+            fig, _ = self.test_roc.plot(roc, score=True, labels=names) if names else self.test_roc.plot(roc, score=True)
+            log_figure(self.trainer, fig, "test/roc_curve")
+        self.test_confusion.reset()
+        self.test_roc.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        probs = self._probabilities(self(batch["image"]))
+        datamodule = self.trainer.datamodule
+        columns: dict[str, Any] = {"item": [datamodule.item_name(int(i)) for i in batch["index"]]}
+        names = self.class_labels
+        if self.hparams.task == "binary":
+            columns[f"prob_{names[1]}"] = probs
+        else:
+            columns.update({f"prob_{name}": probs[:, i] for i, name in enumerate(names)})
+        columns["prediction"] = [self._label_text(p) for p in self._predicted_labels(probs)]
+        if (batch["label"] >= 0).all():
+            columns["label"] = [self._label_text(t) for t in batch["label"]]
+        return columns

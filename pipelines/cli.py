@@ -1,0 +1,120 @@
+"""``PipelineCLI``: LightningCLI plus run folders, hardware choice, W&B and fit-then-test.
+
+Everything a domain exposes is a typed ``__init__`` argument of its LightningModule or
+LightningDataModule, so it is a CLI option and a YAML key; the domain's default YAML is the
+parser's default config file, user ``--config`` files and options override it, and every option
+can also come from an environment variable (``PIPELINES_FIT__TRAINER__MAX_EPOCHS=3``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from pipelines.hardware import plan_hardware
+from pipelines.predictions import CsvPredictionWriter
+from pipelines.registry import DomainSpec
+from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, record_provenance, resolve_run
+from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, make_wandb_logger
+
+from pipelines.run import SUBCOMMANDS
+
+
+class PipelineCLI(LightningCLI):
+    """LightningCLI for one domain.
+
+    Args:
+        spec: the domain to run.
+        args: command-line arguments after the domain name (``fit`` is assumed when missing).
+        test_after_fit: after ``fit``, test the best checkpoint (what ``pipelines.run DOMAIN`` does).
+    """
+
+    def __init__(self, spec: DomainSpec, args: list[str], test_after_fit: bool = False) -> None:
+        self.spec = spec
+        self.test_after_fit = test_after_fit
+        self.run: RunFolder | None = None
+        configure_wandb_mode()
+        defaults = {"default_config_files": [str(spec.config)]}
+        super().__init__(
+            model_class=spec.load_model_class(),
+            datamodule_class=spec.load_datamodule_class(),
+            subclass_mode_model=spec.model_subclasses,
+            save_config_callback=UploadConfigToWandb,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "prog": f"python -m pipelines.run {spec.name}",
+                "default_env": True,
+                "env_prefix": "PIPELINES",
+                **{sub: defaults for sub in SUBCOMMANDS},
+            },
+            seed_everything_default=42,
+            args=args,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_id", type=str | None, default=None, help="Run folder id (resume/continue a run).")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of run folders.")
+        model_args = "model.init_args" if self.spec.model_subclasses else "model"
+        for source, target in self.spec.links:
+            parser.link_arguments(f"data.{source}", f"{model_args}.{target}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.subcommand
+        cfg = self.config[sub]
+        try:
+            self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
+        except ValueError as error:
+            parser.error(str(error))
+        cfg.ckpt_path = self.run.ckpt_path
+        cfg.run_id = self.run.run_id
+        # DDP workers are launched as copies of this command: they must land in the same run folder.
+        __import__("os").environ[RUN_ID_ENV] = self.run.run_id
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        assert self.run is not None
+        trainer_cfg = self.config_init[self.subcommand]["trainer"]
+        plan = plan_hardware(trainer_cfg)
+        run_dir = self.run.path
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if trainer_cfg.get("enable_checkpointing", True) is not False:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=self.run.checkpoint_dir,
+                    filename=BEST_CHECKPOINT.removesuffix(".ckpt"),
+                    monitor=self.spec.monitor,
+                    mode=self.spec.mode,
+                    save_last=True,
+                    save_top_k=1,
+                    auto_insert_metric_name=False,
+                    enable_version_counter=False,
+                )
+            )
+        callbacks += [RunSummary(run_dir, self.spec.monitor, self.spec.mode), CsvPredictionWriter(run_dir)]
+        overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
+        if trainer_cfg.get("logger") in (None, True):
+            overrides["logger"] = make_wandb_logger(self.run, tags=self.spec.tags)
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        self._announce(plan.summary)
+        return super().instantiate_trainer(**{**overrides, **kwargs})
+
+    @rank_zero_only
+    def _announce(self, hardware: str) -> None:
+        assert self.run is not None
+        seed = self.config[self.subcommand].get("seed_everything")
+        record_provenance(self.run, self.subcommand, seed, hardware)
+        resumed = f", from {self.run.ckpt_path}" if self.run.ckpt_path else ""
+        print(f"[pipelines] {self.spec.name} {self.subcommand}: run folder {self.run.path}{resumed}", file=sys.stderr)
+        print(f"[pipelines] {hardware}", file=sys.stderr)
+
+    def after_fit(self) -> None:
+        if not self.test_after_fit or self.trainer.interrupted:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)

@@ -1,0 +1,54 @@
+"""``python -m pipelines.run DOMAIN [fit|validate|test|predict] [options]``.
+
+A domain dispatcher in front of LightningCLI: it reads the domain name, finds its spec in the
+registry, assumes ``fit`` (followed by a test of the best checkpoint) when no sub-command is
+given, and hands everything else to :class:`pipelines.cli.PipelineCLI`.
+
+Examples::
+
+    python -m pipelines.run healthcare                            # fit, then test the best checkpoint
+    python -m pipelines.run healthcare --help                     # every option of the domain
+    python -m pipelines.run healthcare --config pipelines/configs/debug.yaml
+    python -m pipelines.run healthcare fit --ckpt_path last       # resume the newest run
+    python -m pipelines.run healthcare test --ckpt_path best --run_id 20261125-101500-3f2a9c
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipelines.registry import available_domains, get_domain
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict] [--config FILE.yaml] [--help] [options]"
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str], bool]:
+    """Return (domain, arguments for LightningCLI, whether to test after fitting)."""
+    domain, rest = argv[0], list(argv[1:])
+    if rest and rest[0] in SUBCOMMANDS:
+        return domain, rest, False
+    informational = any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in rest)
+    return domain, ["fit", *rest], not informational
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print("domains: " + ", ".join(available_domains()))
+        raise SystemExit(0 if argv else 2)
+    try:
+        spec = get_domain(argv[0])
+    except ValueError as error:
+        print(f"error: {error}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2) from None
+    domain, args, test_after_fit = split_command(argv)
+
+    from pipelines.cli import PipelineCLI  # imported after the domain check: `--help` of a typo stays fast
+
+    PipelineCLI(spec, args, test_after_fit=test_after_fit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Run folders: ``runs/<domain>/<run-id>/`` holds everything one run produced.
+
+Layout::
+
+    runs/healthcare/20261125-101500-3f2a9c/
+        config.yaml         resolved config (LightningCLI)
+        provenance.json     seed, git commit, package versions, command line of every invocation
+        checkpoints/        best.ckpt, last.ckpt
+        metrics.jsonl       one line per epoch (train/*, val/*) and per test (test/*)
+        summary.json        best checkpoint, best score, test metrics
+        plots/              PNGs (confusion matrix, ROC, sample grids...)
+        predictions.csv     written by ``predict``
+        wandb/              the W&B run (offline unless configured otherwise)
+
+The run id is shared by every process of a run: it comes from ``--run_id``, else from the
+``PIPELINES_RUN_ID`` variable (set by rank zero so that DDP workers launched as sub-processes
+inherit it), else from the SLURM job id (so a requeued job resumes in the same folder), else it is
+made from the time and a random suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RUN_ID_ENV = "PIPELINES_RUN_ID"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
+TRACKED_PACKAGES = (
+    "torch", "lightning", "torchmetrics", "jsonargparse", "wandb", "numpy", "pandas",
+    "monai", "albumentations", "transformers",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run lives and which checkpoint (if any) it starts from."""
+
+    domain: str
+    run_id: str
+    path: Path
+    ckpt_path: str | None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _launcher_run_id(environ: dict[str, str]) -> str | None:
+    if environ.get(RUN_ID_ENV):
+        return environ[RUN_ID_ENV]
+    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return f"slurm-{environ['SLURM_JOB_ID']}"
+    rdzv = environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{rdzv}"
+    return None
+
+
+def _latest_run_with(domain_dir: Path, checkpoint: str) -> Path | None:
+    candidates = [p for p in domain_dir.glob(f"*/{CHECKPOINT_DIR}/{checkpoint}") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime).parents[1] if candidates else None
+
+
+def resolve_run(
+    domain: str,
+    runs_dir: str | Path,
+    run_id: str | None,
+    ckpt_path: str | None,
+    environ: dict[str, str] | None = None,
+) -> RunFolder:
+    """Pick the run folder and resolve ``ckpt_path`` aliases.
+
+    ``ckpt_path="last"`` / ``"best"`` mean that checkpoint of ``run_id`` (or, without a run id, of
+    the newest run of this domain that has one) and continue in that run's folder; when none exists
+    yet, ``last`` starts a fresh run (Lightning #20347) while ``best`` is an error. A checkpoint file
+    inside ``runs_dir/<domain>/<id>/`` also continues run ``<id>``.
+
+    Example:
+        >>> run = resolve_run("healthcare", "/tmp/nowhere", None, "last", environ={})
+        >>> run.ckpt_path is None
+        True
+    """
+    environ = dict(os.environ) if environ is None else environ
+    domain_dir = Path(runs_dir) / domain
+    run_id = run_id or _launcher_run_id(environ)
+    resolved = ckpt_path
+    if ckpt_path in ("last", "best"):
+        name = LAST_CHECKPOINT if ckpt_path == "last" else BEST_CHECKPOINT
+        folder = domain_dir / run_id if run_id else _latest_run_with(domain_dir, name)
+        candidate = folder / CHECKPOINT_DIR / name if folder else None
+        if candidate is not None and candidate.is_file():
+            resolved, run_id = str(candidate), folder.name
+        elif ckpt_path == "last":
+            print(f"[pipelines] no {name} under {domain_dir} yet: starting a fresh run", file=sys.stderr)
+            resolved = None
+        else:
+            raise ValueError(f"--ckpt_path best: no {name} found under {folder or domain_dir}")
+    elif ckpt_path:
+        path = Path(ckpt_path).resolve()
+        if not path.is_file():
+            raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        if not run_id and path.parent.name == CHECKPOINT_DIR and path.parents[2] == domain_dir.resolve():
+            run_id = path.parents[1].name
+        resolved = str(path)
+    run_id = run_id or new_run_id()
+    return RunFolder(domain=domain, run_id=run_id, path=domain_dir / run_id, ckpt_path=resolved)
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The commit of the code that runs (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def record_provenance(run: RunFolder, subcommand: str, seed: Any, hardware: str) -> dict[str, Any]:
+    """Append this invocation to ``provenance.json`` (call on rank zero only)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    path = run.path / "provenance.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"domain": run.domain, "run_id": run.run_id}
+    record.setdefault("invocations", []).append(
+        {
+            "subcommand": subcommand,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv,
+            "seed": seed,
+            "ckpt_path": run.ckpt_path,
+            "git_commit": git_commit(),
+            "packages": package_versions(),
+            "host": platform.node(),
+            "hardware": hardware,
+        }
+    )
+    write_json_atomic(path, record)
+    return record
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

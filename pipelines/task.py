@@ -1,0 +1,66 @@
+"""The shape every domain's LightningModule takes (after torchgeo's ``BaseTask``).
+
+``__init__`` saves the hyper-parameters and calls ``configure_models``, ``configure_losses`` and
+``configure_metrics``; optimisation is shared here. Networks themselves live in each domain's
+``networks.py`` as plain ``nn.Module`` s, free of Lightning, because that is what gets exported.
+
+Example:
+    >>> class Regressor(BaseTask):
+    ...     def __init__(self, lr: float = 1e-3) -> None:
+    ...         super().__init__()
+    ...     def configure_models(self) -> None:
+    ...         self.net = torch.nn.Linear(3, 1)
+    >>> Regressor(lr=0.01).hparams.lr
+    0.01
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+class BaseTask(pl.LightningModule):
+    """Base LightningModule: subclasses fill the ``configure_*`` slots and the step methods.
+
+    Optimisation reads ``lr``, ``weight_decay`` and ``lr_schedule`` (``"cosine"``, ``"step"``,
+    ``"constant"``) from the subclass's hyper-parameters when present.
+    """
+
+    #: ``__init__`` arguments kept out of the saved hyper-parameters (e.g. large objects).
+    hparams_ignore: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build the networks (from ``networks.py``)."""
+
+    def configure_losses(self) -> None:
+        """Build the loss functions."""
+
+    def configure_metrics(self) -> None:
+        """Build torchmetrics collections, one clone per stage."""
+
+    def configure_optimizers(self) -> Any:
+        lr = float(self.hparams.get("lr", 1e-3))
+        optimizer = torch.optim.AdamW(
+            (p for p in self.parameters() if p.requires_grad), lr=lr, weight_decay=float(self.hparams.get("weight_decay", 0.0))
+        )
+        schedule = self.hparams.get("lr_schedule", "cosine")
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        if schedule == "constant" or epochs is None:
+            return optimizer
+        if schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        elif schedule == "step":  # the MedMNIST recipe: x0.1 at 50 % and 75 % of training
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(epochs * 0.5), int(epochs * 0.75)], 0.1)
+        else:
+            raise ValueError(f"lr_schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,154 @@
+"""Experiment tracking: the W&B logger, the local metrics file, config upload and figure logging.
+
+W&B runs are offline unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says otherwise; the W&B run id is
+the run folder's id, so resuming a run folder resumes its W&B run (``resume="allow"``, Lightning
+#4935). Only ``WandbLogger`` talks to W&B, and only on rank zero (Lightning #11380).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from pipelines.runs import RunFolder, write_json_atomic
+
+
+def configure_wandb_mode(environ: dict[str, str] | os._Environ = os.environ) -> str:
+    """Default W&B to offline unless the user configured it; return the mode in force."""
+    if not environ.get("WANDB_MODE") and not environ.get("WANDB_API_KEY"):
+        environ["WANDB_MODE"] = "offline"
+    return environ.get("WANDB_MODE", "online")
+
+
+def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = ()) -> WandbLogger:
+    """One W&B project per domain; run id = run folder id; checkpoints logged as model artifacts."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{run.domain}"),
+        name=run.run_id,
+        id=run.run_id,
+        resume="allow",
+        save_dir=str(run.path),
+        log_model=True,
+        tags=list(tags),
+        job_type=os.environ.get("PIPELINES_JOB_TYPE", "train"),
+        group=os.environ.get("PIPELINES_WANDB_GROUP") or None,
+    )
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class UploadConfigToWandb(SaveConfigCallback):
+    """Save the resolved config in the run folder and upload it with the W&B run (Lightning #19728).
+
+    The config goes to the W&B run's config (key ``cli``) and, as a file, to a ``config`` artifact
+    (W&B's own ``config.yaml`` in the run's files would clash with the name).
+    """
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import wandb
+
+        config_path = Path(trainer.log_dir or ".") / self.config_filename
+        for logger in wandb_loggers(trainer):
+            config = self.parser.dump(self.config, skip_none=False, format="json")
+            logger.experiment.config.update({"cli": json.loads(config)}, allow_val_change=True)
+            if config_path.is_file():
+                artifact = wandb.Artifact(f"config-{logger.experiment.id}", type="config")
+                artifact.add_file(str(config_path), name="config.yaml")
+                logger.experiment.log_artifact(artifact)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
+
+
+class RunSummary(pl.Callback):
+    """Local record of a run: ``metrics.jsonl`` (appended, so resumes keep history) and ``summary.json``.
+
+    Also declares best-value summaries of the monitored metric in W&B.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str, mode: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.monitor = monitor
+        self.mode = mode
+
+    def _append(self, trainer: pl.Trainer, stage: str) -> dict[str, float]:
+        metrics = {k: v for k, raw in trainer.callback_metrics.items() if (v := _scalar(raw)) is not None}
+        row = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return metrics
+
+    def _update_summary(self, **fields: Any) -> None:
+        path = self.run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary.update(fields)
+        write_json_atomic(path, summary)
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in wandb_loggers(trainer):
+            logger.experiment.define_metric(self.monitor, summary=self.mode)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._append(trainer, "fit")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ckpt = trainer.checkpoint_callback
+        best_score = getattr(ckpt, "best_model_score", None)
+        self._update_summary(
+            monitor=self.monitor,
+            mode=self.mode,
+            best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
+            best_score=_scalar(best_score) if best_score is not None else None,
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+        )
+
+    @rank_zero_only
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = self._append(trainer, "test")
+        self._update_summary(test={k: v for k, v in metrics.items() if k.startswith("test/")})
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            metrics = self._append(trainer, "validate")
+            self._update_summary(validate={k: v for k, v in metrics.items() if k.startswith("val/")})
+
+
+def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
+    """Save a matplotlib figure as ``<run>/plots/<key>.png`` and log it to W&B (rank zero only).
+
+    ``key`` is a metric-style name such as ``"test/confusion_matrix"``.
+    """
+    import matplotlib.pyplot as plt
+
+    path = None
+    if trainer.is_global_zero:
+        path = Path(trainer.default_root_dir) / "plots" / (key.replace("/", "_") + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        for logger in wandb_loggers(trainer):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+    plt.close(figure)
+    return path
