@@ -8,6 +8,7 @@ can also come from an environment variable (``PIPELINES_FIT__TRAINER__MAX_EPOCHS
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -20,7 +21,7 @@ from pipelines.hardware import plan_hardware
 from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, record_provenance, resolve_run
-from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, make_wandb_logger
+from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 
 from pipelines.run import SUBCOMMANDS
 
@@ -40,6 +41,15 @@ class PipelineCLI(LightningCLI):
         self.run: RunFolder | None = None
         configure_wandb_mode()
         defaults = {"default_config_files": [str(spec.config)]}
+        inherited_run_id = os.environ.get(RUN_ID_ENV)
+        try:
+            self._run_cli(spec, defaults, args)
+        finally:  # a later run in this process (tests, retraining) gets its own run folder and W&B run
+            if inherited_run_id is None:
+                os.environ.pop(RUN_ID_ENV, None)
+            finish_wandb_run()
+
+    def _run_cli(self, spec: DomainSpec, defaults: dict[str, Any], args: list[str]) -> None:
         super().__init__(
             model_class=spec.load_model_class(),
             datamodule_class=spec.load_datamodule_class(),
@@ -74,7 +84,7 @@ class PipelineCLI(LightningCLI):
         cfg.ckpt_path = self.run.ckpt_path
         cfg.run_id = self.run.run_id
         # DDP workers are launched as copies of this command: they must land in the same run folder.
-        __import__("os").environ[RUN_ID_ENV] = self.run.run_id
+        os.environ[RUN_ID_ENV] = self.run.run_id
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         assert self.run is not None

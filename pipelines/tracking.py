@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,13 @@ def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = ()) -> WandbLogger
         job_type=os.environ.get("PIPELINES_JOB_TYPE", "train"),
         group=os.environ.get("PIPELINES_WANDB_GROUP") or None,
     )
+
+
+def finish_wandb_run() -> None:
+    """Close this process's W&B run, if one is open (Lightning leaves it open after ``fit``/``test``)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:

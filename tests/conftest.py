@@ -1,0 +1,62 @@
+"""Shared fixtures: every run goes to a temporary runs folder, W&B offline and quiet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent: real data sets live in ../shared/data beside the project (not in a fresh clone)")
+    return path
+
+
+def run_pipeline(*args: str) -> None:
+    """Run ``python -m pipelines.run ARGS`` in this process (no interpreter start-up cost)."""
+    from pipelines.run import main
+
+    main(list(args))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a fresh shell: no W&B service or run id inherited from this test process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    for name in ("PIPELINES_RUN_ID", "WANDB_SERVICE"):
+        env.pop(name, None)
+    return env
+
+
+def run_pipeline_process(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m pipelines.run ARGS`` as a real child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def only_run(runs_dir: Path, domain: str) -> Path:
+    runs = sorted(p for p in (runs_dir / domain).iterdir() if p.is_dir())
+    assert len(runs) == 1, f"expected one run folder, found {[p.name for p in runs]}"
+    return runs[0]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs"

@@ -1,0 +1,57 @@
+"""Read an offline W&B run file (``run-<id>.wandb``) back: the history rows and summary it holds.
+
+The file is W&B's 7-byte header followed by LevelDB-log records (32 KiB blocks, 7-byte record
+headers) of ``wandb_internal_pb2.Record`` protobufs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, pending, position = [], b"", HEADER
+    while position + HEADER <= len(data):
+        room = BLOCK - position % BLOCK
+        if room < HEADER:
+            position += room
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + HEADER])
+        chunk = data[position + HEADER : position + HEADER + length]
+        position += HEADER + length
+        if kind == 0 and length == 0:
+            position += BLOCK - position % BLOCK if position % BLOCK else 0
+            continue
+        pending = chunk if kind in (FULL, FIRST) else pending + chunk
+        if kind in (FULL, LAST):
+            out.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return out
+
+
+def _key(item) -> str:
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def history(path: Path) -> list[dict]:
+    rows = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({_key(item): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def run_file(run_dir: Path) -> Path:
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert files, f"no offline W&B run under {run_dir}/wandb"
+    return files[-1]
