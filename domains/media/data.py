@@ -1,0 +1,271 @@
+"""``MediaDataModule``: images for generative models, from a folder, an ``.npz`` or the synthetic shapes set.
+
+Every image is read, checked, resized (shorter side to ``image_size``, centre crop) and given one
+channel count when the data module is first asked about the data (the runner asks right after
+``__init__``, to link ``in_channels``, ``image_size``, ``num_classes`` and ``class_names`` to the
+model), so bad input fails before any training with a ``ValueError`` that names the file. Batches
+are ``{"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,) (-1 when unlabelled),
+"index": int64 (B,)}``; the model's generators also produce [-1, 1] (tanh / clipped diffusion
+samples). ``predict`` serves ``num_generate`` seeded generation requests instead of images.
+
+Example:
+    >>> dm = MediaDataModule(synthetic_samples=60, image_size=16, batch_size=8)
+    >>> dm.in_channels, dm.image_size, dm.num_classes, dm.class_names
+    (3, 16, 3, ['circle', 'square', 'triangle'])
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
+
+AugmentSpec = list[dict[str, dict[str, Any]]]
+SPLITS = ("train", "val", "test")
+
+
+def build_albumentations(spec: AugmentSpec | None) -> Any:
+    """Build an ``albumentations.Compose`` from ``[{"HorizontalFlip": {"p": 0.5}}, ...]`` (validated now)."""
+    if not spec:
+        return None
+    import albumentations as A
+
+    steps = []
+    for item in spec:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"augment: each entry must be one {{TransformName: {{arguments}}}} mapping, got {item!r}")
+        ((name, kwargs),) = item.items()
+        transform = getattr(A, name, None)
+        if not isinstance(transform, type):
+            raise ValueError(f"augment: albumentations has no transform {name!r}")
+        try:
+            steps.append(transform(**(kwargs or {})))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"augment: invalid arguments for {name}: {error}") from None
+    return A.Compose(steps)
+
+
+def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(..., H, W, C)`` -> float32 ``(..., C, H, W)`` in [-1, 1]."""
+    tensor = torch.as_tensor(np.ascontiguousarray(pixels))
+    return tensor.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float ``(N, C, H, W)`` in [-1, 1] -> uint8 ``(N, H, W, C)``."""
+    scaled = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return scaled.movedim(1, -1).cpu().numpy()
+
+
+class ImageDataset(Dataset):
+    """Items ``{"image": (C, H, W) in [-1, 1], "label": int (-1 unlabelled), "index": int}``."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, indices: np.ndarray, augment: Any = None) -> None:
+        self.pixels, self.labels, self.indices, self.augment = pixels, labels, indices, augment
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        image = self.pixels[item]
+        if self.augment is not None:
+            out = self.augment(image=image)["image"]
+            image = out[..., None] if out.ndim == 2 else out
+        return {"image": to_model_range(image), "label": int(self.labels[item]), "index": int(self.indices[item])}
+
+
+class GenerationRequests(Dataset):
+    """``predict`` items: which image to generate (``index``), from which ``seed``, of which class (-1: none)."""
+
+    def __init__(self, count: int, seed: int, num_classes: int) -> None:
+        self.count, self.seed, self.num_classes = count, seed, num_classes
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, item: int) -> dict[str, int]:
+        label = item % self.num_classes if self.num_classes else -1
+        return {"index": item, "seed": self.seed + item, "label": label}
+
+
+class MediaDataModule(pl.LightningDataModule):
+    """Images for GANs and diffusion models.
+
+    Args:
+        image_dir: a folder of PNG/JPEG files; images in sub-folders take the sub-folder name as class.
+        npz_path: an ``.npz`` holding an image array (``x_train``, ``images``, ... or ``npz_key``); an
+            MNIST-style ``x_train/x_test`` pair keeps its split (``x_test`` becomes validation + test).
+        npz_key: the name of the image array in ``npz_path`` (default: the first known name).
+        image_size: side of the square images the model sees (shorter side resized, centre crop).
+        channels: ``1`` (gray) or ``3`` (RGB) to require that count (a file with another count is an
+            error that names it); ``null`` to infer it (gray if every image is gray, else RGB).
+        use_labels: use class labels (sub-folders, ``y_*`` arrays, synthetic shapes) for
+            class-conditional models; ``false`` trains unconditionally.
+        val_fraction: validation share when the source has no split.
+        test_fraction: test share when the source has no split.
+        split_seed: seed of the split and of the subsampling below.
+        max_train_images: use at most this many training images (``null``: all).
+        max_eval_images: use at most this many validation and test images each (the FID reference sets).
+        synthetic_samples: size of the embedded shapes set (used when no path is given).
+        synthetic_seed: seed of the shapes generator.
+        augment: albumentations transforms for training images, as ``[{Name: {args}}]``.
+        batch_size: images per batch (per process under DDP).
+        num_workers: DataLoader worker processes (persistent when > 0).
+        pin_memory: pin host memory for GPU copies (default: when CUDA is available).
+        num_generate: images ``predict`` generates.
+        generate_seed: seed of the first generated image (image ``i`` uses ``generate_seed + i``).
+    """
+
+    def __init__(
+        self,
+        image_dir: str | None = None,
+        npz_path: str | None = None,
+        npz_key: str | None = None,
+        image_size: int = 32,
+        channels: Literal[1, 3] | None = None,
+        use_labels: bool = True,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        max_train_images: int | None = None,
+        max_eval_images: int | None = 1000,
+        synthetic_samples: int = 1536,
+        synthetic_seed: int = 0,
+        augment: AugmentSpec | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        num_generate: int = 64,
+        generate_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_dir and npz_path:
+            raise ValueError("give either image_dir or npz_path, not both")
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+        if num_generate < 1:
+            raise ValueError(f"num_generate must be >= 1, got {num_generate}")
+        self.save_hyperparameters(logger=False)
+        self.augment = build_albumentations(augment)
+        self.datasets: dict[str, Dataset] = {}
+
+    # ----- read and checked before training: what the model must know -------------------------
+    @cached_property
+    def source(self) -> ImageSet:
+        hp = self.hparams
+        if hp.image_dir:
+            data = read_image_folder(hp.image_dir, hp.image_size, hp.channels, hp.use_labels)
+        elif hp.npz_path:
+            data = read_npz(hp.npz_path, hp.image_size, hp.channels, hp.npz_key, hp.use_labels)
+        else:
+            data = synthetic_images(hp.synthetic_samples, hp.image_size, hp.synthetic_seed, hp.channels)
+        if not hp.use_labels:
+            data.labels, data.class_names = None, []
+        return data
+
+    @cached_property
+    def split_indices(self) -> dict[str, np.ndarray]:
+        hp, source = self.hparams, self.source
+        rng = np.random.default_rng(hp.split_seed)
+        count = len(source.pixels)
+        if source.split is not None:
+            train = rng.permutation(np.flatnonzero(source.split == "train"))
+            held_out = rng.permutation(np.flatnonzero(source.split != "train"))
+            half = len(held_out) // 2
+            splits = {"train": train, "val": held_out[:half], "test": held_out[half:]}
+        else:
+            order = rng.permutation(count)
+            n_val, n_test = max(1, round(count * hp.val_fraction)), max(1, round(count * hp.test_fraction))
+            splits = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        where = hp.image_dir or hp.npz_path or "the synthetic set"
+        for name in SPLITS:
+            if len(splits[name]) == 0:
+                raise ValueError(f"{where}: {count} image(s) leave the {name} split empty; at least 3 images are needed")
+        if hp.max_train_images:
+            splits["train"] = splits["train"][: hp.max_train_images]
+        if hp.max_eval_images:
+            splits["val"], splits["test"] = splits["val"][: hp.max_eval_images], splits["test"][: hp.max_eval_images]
+        return {name: np.sort(indices) for name, indices in splits.items()}
+
+    @property
+    def in_channels(self) -> int:
+        return self.source.channels
+
+    @property
+    def image_size(self) -> int:
+        return int(self.hparams.image_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.class_names) if self.source.labels is not None else []
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes for class-conditional models; 0 when the data has no labels."""
+        return len(self.class_names)
+
+    def labels_of(self, indices: np.ndarray) -> np.ndarray:
+        if self.source.labels is None:
+            return np.full(len(indices), -1, dtype=np.int64)
+        return self.source.labels[indices]
+
+    def split_tensors(self, split: str = "train", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images in [-1, 1] (N, C, H, W), labels (N,))`` of one split without augmentation."""
+        indices = self.split_indices[split][:limit]
+        return to_model_range(self.source.pixels[indices]), torch.from_numpy(self.labels_of(indices))
+
+    # ----- loaders -----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for name in SPLITS:
+            indices = self.split_indices[name]
+            augment = self.augment if name == "train" else None
+            self.datasets[name] = ImageDataset(self.source.pixels[indices], self.labels_of(indices), indices, augment)
+        self.datasets["predict"] = GenerationRequests(self.hparams.num_generate, self.hparams.generate_seed, self.num_classes)
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        return DataLoader(
+            self.datasets[name],
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.datasets[name]) > hp.batch_size,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=pin,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_names": self.class_names, "in_channels": self.in_channels, "image_size": self.image_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("class_names") or []
+        if saved and self.class_names and saved != self.class_names:
+            raise ValueError(
+                f"the checkpoint was trained on classes {saved} but the data has {self.class_names}; "
+                "class-conditional generation needs the same class list (or --data.use_labels false)"
+            )

@@ -1,0 +1,207 @@
+"""Plain ``nn.Module`` s of the media domain (no Lightning): what gets exported.
+
+- :class:`Generator` / :class:`Discriminator`: a DCGAN pair. The discriminator uses spectral
+  normalisation on every layer (Miyato et al. 2018) and, for class-conditional data, a projection
+  head; the generator takes the class as a learned embedding concatenated to the noise.
+- :func:`build_diffusion_unet`: MONAI's ``DiffusionModelUNet`` (class-conditional through its
+  ``num_class_embeds``).
+- :class:`FeatureCNN`: the small classifier whose penultimate layer is the offline FID/KID feature
+  space (``num_features`` is read by torchmetrics).
+- :func:`ema_update`: exponential moving average of weights.
+
+Every builder checks that the image size suits the network and says which sizes do.
+
+Example:
+    >>> g = Generator(latent_dim=16, image_size=28, channels=1, width=8)
+    >>> g(torch.zeros(2, 16)).shape
+    torch.Size([2, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def gan_upsamplings(image_size: int) -> int:
+    """Number of x2 stages of the DCGAN pair for ``image_size``: up to 4, from a base of >= 4 pixels.
+
+    Raises ``ValueError`` when the size is not a multiple of 4 of at least 16 (e.g. 16, 28, 32, 64).
+    """
+    if image_size < 16 or image_size % 4:
+        raise ValueError(
+            f"image size {image_size} does not suit the DCGAN generator/discriminator: it needs a multiple of 4 "
+            "of at least 16 (e.g. 16, 28, 32, 64); set --data.image_size"
+        )
+    stages = 2
+    while stages < 4 and image_size % 2 ** (stages + 1) == 0 and image_size // 2 ** (stages + 1) >= 4:
+        stages += 1
+    return stages
+
+
+class Generator(nn.Module):
+    """DCGAN generator: noise (+ class embedding) -> ``base x base`` features -> x2 transposed convolutions -> tanh.
+
+    Args:
+        latent_dim: noise dimensions.
+        image_size: output side (see :func:`gan_upsamplings`).
+        channels: output channels (1 or 3).
+        width: channels of the last hidden layer (doubled per stage towards the input).
+        num_classes: classes for conditional generation (0: unconditional).
+    """
+
+    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        stages = gan_upsamplings(image_size)
+        self.latent_dim, self.num_classes, self.base = latent_dim, num_classes, image_size // 2**stages
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        top = width * 2 ** (stages - 1)
+        self.project = nn.Sequential(nn.Linear(latent_dim * (2 if num_classes else 1), top * self.base**2), nn.BatchNorm1d(top * self.base**2), nn.ReLU(True))
+        self.top = top
+        layers: list[nn.Module] = []
+        for stage in range(stages - 1):
+            c_in, c_out = top // 2**stage, top // 2 ** (stage + 1)
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this generator is class-conditional: pass labels")
+            z = torch.cat([z, self.embed(labels)], 1)
+        return self.body(self.project(z).view(len(z), self.top, self.base, self.base))
+
+
+class Discriminator(nn.Module):
+    """DCGAN discriminator with spectral norm on every layer and a projection head for classes.
+
+    Args:
+        image_size: input side (see :func:`gan_upsamplings`).
+        channels: input channels.
+        width: channels of the first layer (doubled per stage).
+        num_classes: classes for the projection term (0: unconditional).
+    """
+
+    def __init__(self, image_size: int, channels: int, width: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        stages = gan_upsamplings(image_size)
+        layers: list[nn.Module] = [spectral_norm(nn.Conv2d(channels, width, 3, 1, 1)), nn.LeakyReLU(0.1, True)]
+        c = width
+        for _ in range(stages):
+            layers += [spectral_norm(nn.Conv2d(c, c * 2, 4, 2, 1)), nn.LeakyReLU(0.1, True)]
+            c *= 2
+        self.body = nn.Sequential(*layers)
+        self.head = spectral_norm(nn.Linear(c, 1))
+        self.embed = spectral_norm(nn.Embedding(num_classes, c)) if num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.body(x).sum((2, 3))  # global sum pooling (SNGAN)
+        out = self.head(features)[:, 0]
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this discriminator is class-conditional: pass labels")
+            out = out + (self.embed(labels) * features).sum(1)
+        return out
+
+
+def build_diffusion_unet(
+    image_size: int,
+    channels: int,
+    widths: Sequence[int] = (32, 64, 64),
+    attention_levels: Sequence[bool] = (False, False, True),
+    num_res_blocks: int = 1,
+    norm_num_groups: int = 16,
+    num_head_channels: int = 32,
+    num_classes: int = 0,
+) -> nn.Module:
+    """MONAI ``DiffusionModelUNet`` for 2-D images; checks the image size fits its down-sampling."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    levels = len(widths)
+    factor = 2 ** (levels - 1)
+    if image_size % factor or image_size // factor < 2:
+        raise ValueError(
+            f"image size {image_size} does not suit a {levels}-level diffusion UNet: it must be a multiple of {factor} "
+            f"(the UNet halves it {levels - 1} times) with at least 2 pixels left; set --data.image_size or change unet_widths"
+        )
+    if len(attention_levels) != levels:
+        raise ValueError(f"attention_levels has {len(attention_levels)} entries but unet_widths has {levels}")
+    if any(w % norm_num_groups for w in widths):
+        raise ValueError(f"every entry of unet_widths {list(widths)} must be a multiple of norm_num_groups={norm_num_groups}")
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=channels,
+        out_channels=channels,
+        channels=tuple(widths),
+        attention_levels=tuple(attention_levels),
+        num_res_blocks=num_res_blocks,
+        norm_num_groups=norm_num_groups,
+        num_head_channels=num_head_channels,
+        num_class_embeds=num_classes or None,
+    )
+
+
+class FeatureCNN(nn.Module):
+    """A small classifier; :meth:`features` (global-pooled penultimate layer) is the FID/KID feature space.
+
+    ``forward`` returns the features (what torchmetrics calls); :meth:`logits` is used for training.
+
+    Args:
+        channels: input channels.
+        num_outputs: classes of the training task (data classes, or 4 rotations when unlabelled).
+        width: channels of the first block (x2, x4 in the next ones); ``num_features = 4 * width``.
+    """
+
+    def __init__(self, channels: int, num_outputs: int, width: int = 32) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+
+        self.body = nn.Sequential(
+            *block(channels, width), nn.AvgPool2d(2),
+            *block(width, 2 * width), nn.AvgPool2d(2),
+            *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.classifier = nn.Linear(4 * width, num_outputs)
+        self.num_features = 4 * width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.float())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class FrozenFeatures(nn.Module):
+    """Wraps a feature network for torchmetrics: always in eval mode, never trained, no gradients."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.num_features = network.num_features
+        self.network.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenFeatures":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)

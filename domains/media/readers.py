@@ -1,0 +1,232 @@
+"""Read image sets for the media domain: a folder of PNG/JPEG files, an ``.npz`` array, or the synthetic set.
+
+Every reader returns an :class:`ImageSet`: uint8 pixels ``(N, H, W, C)`` at one size and channel
+count, integer labels (or ``None``), class names and, when the source has one, an official split.
+Problems are ``ValueError`` s that name the file and what was expected.
+
+Example:
+    >>> data = synthetic_images(12, size=16, seed=0)
+    >>> data.pixels.shape, data.class_names
+    ((12, 16, 16, 3), ['circle', 'square', 'triangle'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from domains.media.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from domains.media.synthetic import make_shape_images
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: keys tried, in order, for the image array of an ``.npz`` when ``npz_key`` is not given
+NPZ_IMAGE_KEYS = ("x_train", "images", "train_images", "x", "X", "imgs", "data", "arr_0")
+#: PIL modes read as one channel; every other mode is read as RGB (alpha is dropped)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass
+class ImageSet:
+    """Pixels ``(N, H, W, C)`` uint8, labels ``(N,)`` int64 or ``None``, names per item, optional split."""
+
+    pixels: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str]
+    names: list[str]
+    split: np.ndarray | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[-1])
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop to ``size x size`` (PIL, bicubic)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    from PIL import Image, ImageOps
+
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = np.asarray(ImageOps.fit(pil, (size, size), Image.Resampling.BICUBIC))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{source}: image array has dtype {array.dtype}; expected uint8 or floats")
+    values = array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{source}: image array contains NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 1.0:
+        values = values * 255.0
+    elif low < 0 or high > 255:
+        raise ValueError(f"{source}: pixel values span [{low:g}, {high:g}]; expected [0, 1] floats or [0, 255]")
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _channels_last(images: np.ndarray, source: str) -> np.ndarray:
+    if images.ndim == 3:  # (N, H, W) gray
+        return images[..., None]
+    if images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
+        return images
+    if images.ndim == 4 and images.shape[1] in (1, 3):  # (N, C, H, W)
+        return np.moveaxis(images, 1, -1)
+    raise ValueError(f"{source}: images have shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3")
+
+
+def match_channels(pixels: np.ndarray, channels: int | None, source: str) -> np.ndarray:
+    """Gray -> RGB when 3 channels are wanted; a fixed count that does not match is an error."""
+    have = pixels.shape[-1]
+    if channels is None or channels == have:
+        return pixels
+    raise ValueError(f"{source}: images have {have} channel(s) but channels={channels} is configured; set --data.channels to {have} or null (convert automatically)")
+
+
+def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tuple[str, np.ndarray]:
+    if key is not None:
+        if key not in npz.files:
+            raise ValueError(f"{path}: no array {key!r} (npz_key); the file holds {sorted(npz.files)}")
+        return key, npz[key]
+    for candidate in NPZ_IMAGE_KEYS:
+        if candidate in npz.files:
+            array = npz[candidate]
+            if array.ndim in (3, 4):
+                return candidate, array
+    described = {name: tuple(npz[name].shape) for name in npz.files}
+    raise ValueError(
+        f"{path}: no image array found; expected an (N,H,W[,C]) array under one of {list(NPZ_IMAGE_KEYS)} "
+        f"or named by --data.npz_key, found {described}"
+    )
+
+
+def read_npz(path: str | Path, image_size: int, channels: int | None, key: str | None = None, use_labels: bool = True) -> ImageSet:
+    """Read an ``.npz`` with an image array (MNIST layout ``x_train, y_train, x_test, y_test`` keeps its split).
+
+    Labels come from ``y_*`` / ``labels`` beside the images when present and ``use_labels`` is set.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"npz_path {path}: file not found")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise ValueError(f"npz_path {path}: not a readable .npz file ({error})") from None
+    with npz:
+        image_key, first = _image_array(npz, path, key)
+        parts: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+        pairs = [(image_key, "train")]
+        if image_key.endswith("_train") and image_key.replace("_train", "_test") in npz.files:
+            pairs.append((image_key.replace("_train", "_test"), "test"))
+        for name, split in pairs:
+            images = npz[name]
+            label_key = next((k for k in (name.replace("x_", "y_").replace("images", "labels"), "labels", "y") if k != name and k in npz.files), None)
+            labels = npz[label_key].reshape(-1) if (use_labels and label_key) else None
+            if labels is not None and len(labels) != len(images):
+                raise ValueError(f"{path}: {name} has {len(images)} images but {label_key} has {len(labels)} labels")
+            parts.append((split, _channels_last(images, f"{path}:{name}"), labels))
+    if any(len(images) == 0 for _, images, _ in parts):
+        raise ValueError(f"{path}: the image array {image_key!r} is empty")
+    pixels = np.concatenate([_to_uint8(images, f"{path}") for _, images, _ in parts])
+    pixels = match_channels(pixels, channels, str(path))
+    if pixels.shape[1] != image_size or pixels.shape[2] != image_size:
+        pixels = np.stack([resize_square(image, image_size) for image in pixels])
+    label_parts = [labels for _, _, labels in parts]
+    labels = None
+    if all(part is not None for part in label_parts):
+        labels = np.concatenate(label_parts).astype(np.int64)
+        if labels.min() < 0:
+            raise ValueError(f"{path}: labels must be non-negative integers, found {int(labels.min())}")
+    split = np.concatenate([np.full(len(images), split) for split, images, _ in parts]) if len(parts) > 1 else None
+    names = [f"{path.name}:{i}" for i in range(len(pixels))]
+    class_names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
+    return ImageSet(pixels=pixels, labels=labels, class_names=class_names, names=names, split=split)
+
+
+def list_image_folder(folder: str | Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
+    """Image files under ``folder``; images in sub-folders take the sub-folder name as class label.
+
+    Returns ``(files, labels or None, class_names)``. Labels are used only when every image sits in a
+    sub-folder (images mixed at the top level and in sub-folders are an error).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image_dir {folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found, the folder is empty of images")
+    tops = [p.relative_to(folder).parts for p in files]
+    in_sub = [len(parts) > 1 for parts in tops]
+    if not any(in_sub):
+        return files, None, []
+    if not all(in_sub):
+        loose = next(p for p, sub in zip(files, in_sub) if not sub)
+        raise ValueError(
+            f"image_dir {folder}: {loose.name} lies at the top level while other images are in class sub-folders; "
+            "put every image in a class sub-folder, or none"
+        )
+    class_names = sorted({parts[0] for parts in tops})
+    lookup = {name: i for i, name in enumerate(class_names)}
+    return files, np.array([lookup[parts[0]] for parts in tops], dtype=np.int64), class_names
+
+
+def probe_channels(path: Path) -> int:
+    """Channel count of an image file from its header (1 for gray modes, else 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return 1 if image.mode in GRAY_MODES else 3
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+def read_image_file(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """Decode one PNG/JPEG fully (truncated files fail here), as ``(size, size, channels)`` uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            converted = image.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path} (unreadable or truncated): {error}") from None
+    array = np.asarray(converted)
+    array = array[..., None] if array.ndim == 2 else array
+    return resize_square(array, image_size)
+
+
+def read_image_folder(folder: str | Path, image_size: int, channels: int | None, use_labels: bool = True) -> ImageSet:
+    """Read every PNG/JPEG under ``folder`` at ``image_size``.
+
+    ``channels=None`` reads gray files as gray when all are gray, and everything as RGB otherwise;
+    a fixed ``channels`` makes any file with another count an error that names it.
+    """
+    files, labels, class_names = list_image_folder(folder)
+    counts = [probe_channels(p) for p in files]
+    if channels is None:
+        wanted = 1 if all(c == 1 for c in counts) else 3
+    else:
+        wanted = channels
+        for path, count in zip(files, counts):
+            if count != channels:
+                raise ValueError(
+                    f"image_dir {folder}: {path} has {count} channel(s) but channels={channels} is configured "
+                    "(mixed channel counts); convert the file or set --data.channels null to convert automatically"
+                )
+    pixels = np.stack([read_image_file(p, image_size, wanted) for p in files])
+    if not use_labels:
+        labels, class_names = None, []
+    return ImageSet(pixels=pixels, labels=labels, class_names=class_names, names=[str(p) for p in files])
+
+
+def synthetic_images(count: int, size: int, seed: int, channels: int | None = None) -> ImageSet:
+    """The embedded shapes set (RGB; ``channels=1`` converts it to gray)."""
+    pixels, labels = make_shape_images(count, size, seed)
+    if channels == 1:
+        pixels = np.rint(pixels @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+    return ImageSet(pixels=pixels, labels=labels, class_names=list(SYNTHETIC_CLASSES), names=[f"synthetic/{i}" for i in range(count)])
