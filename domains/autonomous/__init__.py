@@ -1,0 +1,44 @@
+"""Autonomous: sensor-sequence pipelines (trajectory forecasting, per-window regression and classification).
+
+Data: the embedded vehicle simulator (default; kinematic bicycle model, noisy IMU/odometry,
+lane changes and braking), any long CSV/TSV/Parquet table of (sequence, time, channels), or the
+ETH/UCY pedestrian benchmark (``configs/eth_ucy.yaml``). Networks: LSTM/GRU encoder-decoders, a
+conditional VAE drawing K futures, and PatchTST from ``transformers`` (``model.architecture``).
+The monitor ``val/score`` is the task's primary error, lower is better (see ``model.py``).
+Importing this package imports nothing heavy.
+"""
+
+from pathlib import Path
+
+from pipelines.registry import DomainSpec
+
+SPEC = DomainSpec(
+    name="autonomous",
+    model_class="domains.autonomous.model.SensorSequenceModel",
+    datamodule_class="domains.autonomous.data.SensorSequenceDataModule",
+    config=Path(__file__).with_name("config.yaml"),
+    links=(
+        ("task", "task"),
+        ("input_size", "input_size"),
+        ("target_dim", "target_dim"),
+        ("observe", "observe"),
+        ("predict", "predict"),
+        ("num_classes", "num_classes"),
+        ("class_names", "class_names"),
+        ("target_names", "target_names"),
+    ),
+    monitor="val/score",
+    mode="min",
+    tags=("time-series", "trajectory-forecasting", "sensors"),
+    test_args=(
+        "--data.sim_vehicles=60",
+        "--data.batch_size=32",
+        "--model.hidden_size=16",
+        "--model.embed_size=8",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=2",
+        "--trainer.limit_predict_batches=2",
+    ),
+)

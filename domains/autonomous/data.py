@@ -1,0 +1,420 @@
+"""``SensorSequenceDataModule``: windows of sensor sequences for forecasting, regression or classification.
+
+Sources (one is used): a long CSV/TSV/Parquet table (``path``), the ETH/UCY benchmark
+(``eth_ucy_root`` + ``eth_ucy_scene``, leave-one-scene-out) or, by default, the embedded vehicle
+simulator (:mod:`domains.autonomous.simulator`). Every source becomes a long table and goes through
+the same checks (:func:`domains.autonomous.readers.build_tracks`): bad input raises ``ValueError``
+naming the file, column and line before training starts; NaN rows are dropped or filled by
+``nan_policy`` and counted in the log; time gaps split a sequence into segments; segments shorter
+than one window are counted in the log, not an error.
+
+A sample is a window of ``observe`` rows (plus ``predict`` future rows when forecasting). Model
+inputs are built on the device in :meth:`on_after_batch_transfer` from statistics fitted on the
+training split only and saved in every checkpoint (:meth:`state_dict`):
+
+- the per-step displacement of each ``target_channels`` column (0 at the first step), divided by
+  one isotropic scale (the RMS step length of the training split), so that rotations keep norms;
+- the ``channels`` columns, z-scored per channel.
+
+Targets: forecasting predicts the future values of ``target_channels`` (the model predicts their
+displacements); regression predicts the numeric ``target_column`` at the last observed row (z-scored
+with training statistics; a per-sequence value is the same on every row); classification predicts
+the class in ``target_column`` at the last observed row.
+
+Example:
+    >>> dm = SensorSequenceDataModule(sim_vehicles=40, batch_size=8)
+    >>> dm.task, dm.input_size, dm.target_dim, dm.observe, dm.predict
+    ('forecasting', 6, 2, 8, 12)
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from domains.autonomous.readers import (
+    FILE,
+    SPLITS,
+    ColumnSpec,
+    Tracks,
+    Windows,
+    build_tracks,
+    check_columns,
+    cut_windows,
+    log,
+    read_eth_ucy,
+    read_table,
+    sequence_split,
+    where,
+    with_origin,
+)
+from domains.autonomous.simulator import simulate_vehicles
+
+Task = Literal["forecasting", "regression", "classification"]
+
+
+class WindowDataset(Dataset):
+    """Items ``{"past": (observe, D), "channels": (observe, C), ["future": (predict, D)], ["label"], "time", "index"}``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+        self.tensors = tensors
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return {key: value[item] for key, value in self.tensors.items()} | {"index": item}
+
+
+class SensorSequenceDataModule(pl.LightningDataModule):
+    """Windows of long-format sensor sequences.
+
+    Args:
+        path: a long table (``.csv``, ``.tsv``, ``.parquet``): one row per (sequence, time).
+        eth_ucy_root: the ETH/UCY folder (``<root>/<scene>/{train,val,test}/*.txt``, rows ``frame ped x y``);
+            its columns are ``sequence``, ``time`` (frame), ``x`` and ``y``.
+        eth_ucy_scene: the held-out scene: ``eth``, ``hotel``, ``univ``, ``zara1`` or ``zara2``.
+        predict_path: a long table to run ``predict`` on (windows of ``observe`` rows; no target
+            needed); default: the test split.
+        task: ``forecasting`` (future ``target_channels``), ``regression`` or ``classification``
+            (``target_column`` at each window's last observed row).
+        sequence_column: the sequence id column.
+        time_column: the time or frame column (numeric, sorted within each sequence).
+        channels: sensor columns fed to the model as values (z-scored).
+        target_channels: columns fed to the model as per-step displacements; forecasting predicts them.
+        target_column: the regression or classification target column.
+        class_names: the class list in index order (default: the sorted values of the training split).
+        observe: rows observed per window.
+        predict: future rows predicted per window (forecasting only).
+        stride: rows between the starts of consecutive windows.
+        time_step: the sampling step of the time column (default: its most common step).
+        max_gap: consecutive rows further apart than ``max_gap * time_step`` start a new segment.
+        nan_policy: rows with a NaN in a used column: ``drop``, ``ffill`` (last value, per sequence)
+            or ``interpolate`` (linear, per sequence); unfillable rows are dropped.
+        split_column: a column with ``train``/``val``/``test`` per row (default: a random split of
+            whole sequences with ``val_fraction`` and ``test_fraction``).
+        val_fraction: validation share of sequences in a random split.
+        test_fraction: test share of sequences in a random split.
+        split_seed: seed of the random split.
+        augment_rotation: rotate each training window by a random angle (2 target channels only,
+            e.g. x/y positions; the other channels are left as they are).
+        sim_vehicles: episodes of the embedded simulator (used when no path is given).
+        sim_steps: samples per simulated episode.
+        sim_dt: sampling period of the simulator, in seconds.
+        sim_seed: seed of the simulator.
+        sim_dropout: probability that a simulated row loses its IMU channels (NaN).
+        batch_size: windows per batch (per process under DDP).
+        num_workers: DataLoader worker processes (persistent when > 0).
+        pin_memory: pin host memory for GPU copies (default: when CUDA is available).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        eth_ucy_root: str | None = None,
+        eth_ucy_scene: str = "eth",
+        predict_path: str | None = None,
+        task: Task = "forecasting",
+        sequence_column: str = "sequence",
+        time_column: str = "time",
+        channels: list[str] | None = None,
+        target_channels: list[str] | None = None,
+        target_column: str | None = None,
+        class_names: list[str] | None = None,
+        observe: int = 8,
+        predict: int = 12,
+        stride: int = 1,
+        time_step: float | None = None,
+        max_gap: float = 1.5,
+        nan_policy: Literal["drop", "ffill", "interpolate"] = "drop",
+        split_column: str | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        augment_rotation: bool = False,
+        sim_vehicles: int = 400,
+        sim_steps: int = 40,
+        sim_dt: float = 0.25,
+        sim_seed: int = 0,
+        sim_dropout: float = 0.003,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if path and eth_ucy_root:
+            raise ValueError("give either data.path or data.eth_ucy_root, not both")
+        if task not in ("forecasting", "regression", "classification"):
+            raise ValueError(f"task must be forecasting, regression or classification, got {task!r}")
+        if observe < 2 or (task == "forecasting" and predict < 1) or stride < 1 or batch_size < 1:
+            raise ValueError(f"need observe >= 2, predict >= 1 (forecasting), stride >= 1 and batch_size >= 1; got {observe}, {predict}, {stride}, {batch_size}")
+        if task == "forecasting" and not target_channels:
+            raise ValueError("task 'forecasting' needs data.target_channels (the columns to forecast)")
+        if task != "forecasting" and not target_column:
+            raise ValueError(f"task {task!r} needs data.target_column (the column to predict)")
+        if augment_rotation and len(target_channels or []) != 2:
+            raise ValueError(f"augment_rotation needs exactly 2 target_channels (x, y), got {target_channels}")
+        if max_gap < 1:
+            raise ValueError(f"max_gap must be >= 1 (in time steps), got {max_gap}")
+        self.save_hyperparameters(logger=False)
+        self.datasets: dict[str, WindowDataset] = {}
+        self.stats: dict[str, Any] | None = None
+
+    # ----- what the model needs to know, read before training -------------------------------
+    @property
+    def columns(self) -> ColumnSpec:
+        hp = self.hparams
+        return ColumnSpec(
+            hp.sequence_column, hp.time_column, list(hp.channels or []), list(hp.target_channels or []),
+            hp.target_column if hp.task != "forecasting" else None, hp.task == "regression",
+        )  # fmt: skip
+
+    @property
+    def task(self) -> str:
+        return self.hparams.task
+
+    @property
+    def observe(self) -> int:
+        return self.hparams.observe
+
+    @property
+    def predict(self) -> int:
+        """Future rows per window (0 unless forecasting)."""
+        return self.hparams.predict if self.task == "forecasting" else 0
+
+    @property
+    def target_dim(self) -> int:
+        return len(self.hparams.target_channels or [])
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the forecast channels, or of the target column."""
+        return list(self.hparams.target_channels or []) if self.task == "forecasting" else [self.hparams.target_column]
+
+    @property
+    def input_size(self) -> int:
+        return self.target_dim + len(self.hparams.channels or [])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.task == "classification" else 0
+
+    @cached_property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The source as one long table per split (validated later, in :attr:`tracks`)."""
+        hp = self.hparams
+        if hp.eth_ucy_root:
+            if hp.sequence_column != "sequence" or hp.time_column != "time":
+                raise ValueError("ETH/UCY tables have the columns sequence, time, x, y: leave sequence_column/time_column at their defaults")
+            return read_eth_ucy(hp.eth_ucy_root, hp.eth_ucy_scene)
+        if hp.path:
+            table = read_table(hp.path)
+        else:
+            simulated = simulate_vehicles(hp.sim_vehicles, hp.sim_steps, hp.sim_dt, hp.sim_seed, hp.sim_dropout)
+            table = with_origin(simulated, "<simulator>", 0)
+        return self._split(table)
+
+    def _split(self, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        hp = self.hparams
+        check_columns(table, self.columns)  # missing columns are named before anything else
+        if hp.split_column:
+            if hp.split_column not in table.columns:
+                raise ValueError(f"{table[FILE].iloc[0]}: split column {hp.split_column!r} (data.split_column) not found")
+            split = table[hp.split_column].astype(str).str.strip().str.lower()
+            bad = np.flatnonzero(~split.isin(SPLITS).to_numpy())
+            if len(bad):
+                raise ValueError(f"{where(table, bad[0])}, column {hp.split_column!r}: value {table[hp.split_column].iloc[bad[0]]!r}; expected train, val or test")
+        else:
+            assignment = sequence_split(table[hp.sequence_column].astype(str).tolist(), hp.val_fraction, hp.test_fraction, hp.split_seed)
+            split = table[hp.sequence_column].astype(str).map(assignment)
+        return {name: table[split.to_numpy() == name].reset_index(drop=True) for name in SPLITS}
+
+    @cached_property
+    def tracks(self) -> dict[str, Tracks]:
+        """Validated, NaN-handled, gap-split segments of each split (the NaN and gap counts are logged)."""
+        hp, out = self.hparams, {}
+        for name, table in self.tables.items():
+            if len(table) == 0:
+                raise ValueError(f"split {name!r} is empty: no rows assigned to it (check data.split_column or the fractions)")
+            tracks = build_tracks(table, self.columns, hp.nan_policy, hp.time_step, hp.max_gap, name)
+            report = tracks.report
+            log(
+                f"{name}: {report['rows']} rows, {report['sequences']} sequences, {report['nan_rows']} rows with NaN "
+                f"({report['filled_rows']} filled by {hp.nan_policy!r}, {report['dropped_rows']} dropped), "
+                f"{report['gaps']} time gaps (> {hp.max_gap:g} x step {report['time_step']:g}) -> {report['segments']} segments"
+            )
+            out[name] = tracks
+        return out
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        if self.task != "classification":
+            return []
+        if self.hparams.class_names:
+            return list(self.hparams.class_names)
+        names = sorted({str(v) for v in self.tracks["train"].label})
+        if len(names) < 2:
+            raise ValueError(f"target column {self.hparams.target_column!r} has {len(names)} class(es) in the training split; need at least 2")
+        return names
+
+    @cached_property
+    def windows(self) -> dict[str, Windows]:
+        length = self.observe + self.predict
+        out = {}
+        for name, tracks in self.tracks.items():
+            windows = cut_windows(tracks, length, self.hparams.stride)
+            if windows.short_segments:
+                log(f"{name}: {windows.short_segments} segment(s) ({windows.short_rows} rows) shorter than observe + predict = {length} rows: skipped")
+            if len(windows.rows) == 0:
+                raise ValueError(
+                    f"split {name!r}: no window of observe + predict = {length} rows: all {len(tracks.lengths)} segments are shorter "
+                    f"(longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows); lower data.observe/data.predict or check time gaps"
+                )
+            out[name] = windows
+        return out
+
+    # ----- statistics fitted on the training split ------------------------------------------
+    def fit_statistics(self) -> dict[str, Any]:
+        tracks, windows = self.tracks["train"], self.windows["train"]
+        rows = np.unique(windows.rows[:, : self.observe])
+        channels = tracks.channels[rows]
+        same = np.zeros(len(tracks.time) - 1, bool)
+        for start, length in zip(tracks.starts, tracks.lengths):
+            same[start : start + length - 1] = True
+        steps = np.diff(tracks.targets, axis=0)[same] if self.target_dim else np.zeros((0, 0))
+        scale = float(np.sqrt((steps**2).sum(1).mean())) if steps.size else 1.0
+        stats: dict[str, Any] = {
+            "channel_mean": channels.mean(0).astype(float).tolist(),
+            "channel_std": np.maximum(channels.std(0), 1e-6).astype(float).tolist(),
+            "displacement_scale": max(scale, 1e-6),
+            "target_mean": 0.0,
+            "target_std": 1.0,
+            "class_names": self.class_names,
+            "target_names": self.target_names,
+        }
+        if self.task == "regression":
+            labels = tracks.label[windows.rows[:, self.observe - 1]].astype(float)
+            stats["target_mean"], stats["target_std"] = float(labels.mean()), float(max(labels.std(), 1e-6))
+        return stats
+
+    def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
+        rows, obs = windows.rows, self.observe
+        out = {
+            "past": torch.from_numpy(tracks.targets[rows[:, :obs]]),
+            "channels": torch.from_numpy(tracks.channels[rows[:, :obs]]),
+            "time": torch.from_numpy(tracks.time[rows[:, obs - 1]]),
+        }
+        if rows.shape[1] > obs:
+            out["future"] = torch.from_numpy(tracks.targets[rows[:, obs:]])
+        if tracks.label is not None:
+            last = tracks.label[rows[:, obs - 1]]
+            if self.task == "regression":
+                out["target"] = torch.from_numpy(last.astype(np.float32))
+            else:
+                index = {c: i for i, c in enumerate(self.class_names)}
+                unknown = sorted({str(v) for v in last} - set(index))
+                if unknown:
+                    raise ValueError(f"split {name!r}: target column {self.hparams.target_column!r} has class(es) {unknown[:5]} not in class_names {self.class_names}")
+                out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.stats is None:
+            self.stats = self.fit_statistics()
+        for name in SPLITS:
+            tracks, windows = self.tracks[name], self.windows[name]
+            names = [tracks.names[s] for s in windows.segment]
+            self.datasets[name] = WindowDataset(self._tensors(tracks, windows, name), names)
+        log(", ".join(f"{name}: {len(ds)} windows" for name, ds in self.datasets.items()))
+        if self.hparams.predict_path:
+            self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
+
+    def _predict_dataset(self, path: str) -> WindowDataset:
+        hp = self.hparams
+        tracks = build_tracks(read_table(path), self.columns, hp.nan_policy, hp.time_step, hp.max_gap, "predict", require_label=False)
+        windows = cut_windows(tracks, self.observe, hp.stride)
+        if len(windows.rows) == 0:
+            raise ValueError(f"predict_path {path}: no sequence segment has observe = {self.observe} rows")
+        return WindowDataset(self._tensors(tracks, windows, "predict"), [tracks.names[s] for s in windows.segment])
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self.datasets[name],
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self.datasets else "test")
+
+    def window_name(self, index: int) -> str:
+        """The segment (sequence id, ``/k`` for the k-th piece after a time gap) of a window of the current loader."""
+        trainer = self.trainer
+        split = "test"
+        if trainer is not None and trainer.predicting:
+            split = "predict" if "predict" in self.datasets else "test"
+        return self.datasets[split].names[index]
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Build model inputs on the device with the training statistics (and rotate training windows)."""
+        assert self.stats is not None, "setup() or load_state_dict() must run first"
+        past, channels = batch["past"], batch["channels"]
+        future = batch.get("future")
+        trainer = self.trainer
+        if self.hparams.augment_rotation and trainer is not None and trainer.training:
+            angle = torch.rand(len(past), device=past.device, dtype=past.dtype) * (2 * torch.pi)
+            c, s = torch.cos(angle), torch.sin(angle)
+            rotation = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
+            origin = past[:, -1:]
+            past = (past - origin) @ rotation.transpose(1, 2) + origin
+            batch["past"] = past
+            if future is not None:
+                batch["future"] = (future - origin) @ rotation.transpose(1, 2) + origin
+        scale = float(self.stats["displacement_scale"])
+        steps = torch.diff(past, dim=1, prepend=past[:, :1]) / scale
+        mean = torch.tensor(self.stats["channel_mean"], device=past.device, dtype=past.dtype)
+        std = torch.tensor(self.stats["channel_std"], device=past.device, dtype=past.dtype)
+        batch["inputs"] = torch.cat([steps, (channels - mean) / std], -1)
+        batch["displacement_scale"] = torch.full((len(past),), scale, device=past.device, dtype=past.dtype)
+        if "target" in batch:
+            batch["target_mean"] = torch.full_like(batch["target"], float(self.stats["target_mean"]))
+            batch["target_std"] = torch.full_like(batch["target"], float(self.stats["target_std"]))
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics fitted on the training split (stored in every checkpoint)."""
+        if self.stats is None:
+            self.stats = self.fit_statistics()
+        return dict(self.stats)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.task == "classification" and state_dict.get("class_names") != self.class_names:
+            raise ValueError(
+                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
+                "pass --data.class_names to use the checkpoint's class order"
+            )
+        if state_dict.get("target_names") != self.target_names:
+            raise ValueError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {self.target_names}")
+        self.stats = dict(state_dict)

@@ -1,0 +1,362 @@
+"""``SensorSequenceModel``: forecasting, regression and classification of sensor windows.
+
+One LightningModule for the three tasks (the task is linked from the data); one key,
+``model.architecture``, picks the network family (``networks.py``):
+
+=================  ===========================================  ===============================
+architecture       forecasting                                  regression / classification
+=================  ===========================================  ===============================
+``rnn``            LSTM/GRU encoder-decoder (``cell``)          LSTM/GRU encoder + MLP head
+``cvae``           conditional VAE, K futures (best-of-K)       (not available)
+``transformer``    ``transformers`` PatchTST (from a config)    PatchTST encoder + MLP head
+=================  ===========================================  ===============================
+
+Forecasters predict normalised displacements; positions are the last observed position plus
+their cumulative sum, in the data's units. The loss is the mean squared error of those relative
+positions (in units of the displacement scale), plus ``kl_weight`` x KL for the CVAE. Teacher
+forcing starts at ``teacher_forcing`` and decays linearly to 0 over ``teacher_forcing_epochs``.
+
+Metrics (torchmetrics, DDP-synchronised): forecasting ``ade``, ``fde`` (single prediction; the
+CVAE decodes its prior mean), ``min_ade``, ``min_fde`` (best of ``num_samples``, CVAE only),
+``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
+classification ``accuracy``, ``f1`` (macro).
+
+The primary metric: the domain has one monitor, so every task logs ``val/score``, lower is better,
+defined per task as the number the literature ranks by: forecasting ADE (``min_ade`` for the
+stochastic CVAE, ``ade`` otherwise), regression RMSE, classification error rate
+(``1 - accuracy``). The named metrics are logged beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
+
+from domains.autonomous.metrics import DisplacementError
+from domains.autonomous.networks import CVAEForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from pipelines.task import BaseTask
+from pipelines.tracking import log_figure
+
+
+class SensorSequenceModel(BaseTask):
+    """Forecast, regress or classify windows of sensor sequences.
+
+    Args:
+        architecture: ``rnn`` (LSTM/GRU), ``cvae`` (stochastic forecaster, K futures) or
+            ``transformer`` (PatchTST from ``transformers``, built from a config).
+        cell: recurrent cell of ``rnn`` and ``cvae``: ``lstm`` or ``gru``.
+        hidden_size: RNN width (PatchTST: ``d_model``).
+        embed_size: per-step embedding width of the RNNs.
+        num_layers: stacked RNN or transformer layers.
+        dropout: dropout inside the networks.
+        latent_size: CVAE latent size.
+        kl_weight: weight of the CVAE's KL term.
+        num_samples: futures drawn by the CVAE for min-of-K metrics (K; 20 in the literature).
+        num_heads: PatchTST attention heads.
+        patch_length: PatchTST patch length (and stride), at most ``observe``.
+        teacher_forcing: initial probability of feeding the true displacement to the decoder.
+        teacher_forcing_epochs: epochs over which teacher forcing decays linearly to 0.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_schedule: ``cosine``, ``step`` or ``constant``.
+        plot_samples: windows drawn in the test trajectory plot (0 disables plots).
+        cpu_threads: torch intra-op threads while this model runs on CPU (restored afterwards);
+            small recurrent networks run fastest on 1, and several threads spin badly on a busy
+            machine; ``None`` keeps torch's setting.
+        task: ``forecasting``, ``regression`` or ``classification``; linked from the data.
+        input_size: features per observed step; linked from the data.
+        target_dim: forecast channels; linked from the data.
+        observe: observed steps; linked from the data.
+        predict: predicted steps; linked from the data.
+        num_classes: classes (classification); linked from the data.
+        class_names: class names in index order; linked from the data.
+        target_names: forecast channel names or the target column; linked from the data.
+    """
+
+    def __init__(
+        self,
+        architecture: Literal["rnn", "cvae", "transformer"] = "rnn",
+        cell: Literal["lstm", "gru"] = "lstm",
+        hidden_size: int = 64,
+        embed_size: int = 32,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        latent_size: int = 16,
+        kl_weight: float = 1.0,
+        num_samples: int = 20,
+        num_heads: int = 4,
+        patch_length: int = 2,
+        teacher_forcing: float = 0.5,
+        teacher_forcing_epochs: int = 5,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        lr_schedule: str = "cosine",
+        plot_samples: int = 6,
+        cpu_threads: int | None = 1,
+        task: str = "forecasting",
+        input_size: int = 2,
+        target_dim: int = 2,
+        observe: int = 8,
+        predict: int = 12,
+        num_classes: int = 0,
+        class_names: list[str] | None = None,
+        target_names: list[str] | None = None,
+    ) -> None:
+        if task not in ("forecasting", "regression", "classification"):
+            raise ValueError(f"task must be forecasting, regression or classification, got {task!r}")
+        if architecture == "cvae" and task != "forecasting":
+            raise ValueError(f"architecture 'cvae' forecasts; task {task!r} needs 'rnn' or 'transformer'")
+        if task == "classification" and num_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        super().__init__()
+        self._plot_batch: dict[str, torch.Tensor] | None = None
+        self._scatter: list[torch.Tensor] = []
+        self._saved_threads: int | None = None
+
+    def setup(self, stage: str) -> None:
+        threads = self.hparams.cpu_threads
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        if threads and device.type == "cpu" and self._saved_threads is None:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def teardown(self, stage: str) -> None:
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+
+    @property
+    def stochastic(self) -> bool:
+        return self.hparams.architecture == "cvae"
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        if hp.task == "forecasting":
+            common = {"input_size": hp.input_size, "target_dim": hp.target_dim, "predict": hp.predict}
+            if hp.architecture == "rnn":
+                self.network: nn.Module = Seq2SeqForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size,
+                                                            num_layers=hp.num_layers, cell=hp.cell, dropout=hp.dropout)  # fmt: skip
+            elif hp.architecture == "cvae":
+                self.network = CVAEForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, latent_size=hp.latent_size,
+                                              num_layers=hp.num_layers, cell=hp.cell, dropout=hp.dropout)  # fmt: skip
+            else:
+                self.network = PatchTSTForecaster(**common, observe=hp.observe, d_model=hp.hidden_size, num_heads=hp.num_heads,
+                                                  num_layers=hp.num_layers, patch_length=hp.patch_length, dropout=hp.dropout)  # fmt: skip
+        else:
+            outputs = 1 if hp.task == "regression" else hp.num_classes
+            encoder = "patchtst" if hp.architecture == "transformer" else hp.cell
+            self.network = SequenceRegressor(hp.input_size, outputs, hp.observe, encoder, hp.hidden_size, hp.embed_size,
+                                             hp.num_layers, hp.num_heads, hp.patch_length, hp.dropout)  # fmt: skip
+
+    def configure_metrics(self) -> None:
+        task = self.hparams.task
+        if task == "forecasting":
+            metrics: dict[str, Any] = {"ade": DisplacementError(), "fde": DisplacementError(final=True),
+                                       "rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()}  # fmt: skip
+            if self.stochastic:
+                metrics |= {"min_ade": DisplacementError(), "min_fde": DisplacementError(final=True)}
+            self.score_key = "min_ade" if self.stochastic else "ade"
+        elif task == "regression":
+            metrics = {"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()}
+            self.score_key = "rmse"
+        else:
+            n = self.hparams.num_classes
+            metrics = {"accuracy": Accuracy(task="multiclass", num_classes=n), "f1": F1Score(task="multiclass", num_classes=n, average="macro")}
+            self.score_key = "accuracy"
+            self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=n)
+        collection = MetricCollection(metrics)
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+
+    # ----- forward passes --------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Normalised future displacements ``(B, 1, predict, D)`` (forecasting) or outputs ``(B, outputs)``."""
+        if self.stochastic:
+            return self.network(inputs, mean=True)
+        return self.network(inputs)
+
+    @property
+    def teacher_forcing_ratio(self) -> float:
+        hp = self.hparams
+        if hp.teacher_forcing_epochs <= 0:
+            return 0.0
+        return float(hp.teacher_forcing) * max(0.0, 1.0 - self.current_epoch / hp.teacher_forcing_epochs)
+
+    @staticmethod
+    def _true_steps(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """True future displacements, normalised ``(B, predict, D)``."""
+        path = torch.cat([batch["past"][:, -1:], batch["future"]], 1)
+        return torch.diff(path, dim=1) / batch["displacement_scale"][:, None, None]
+
+    @staticmethod
+    def _positions(steps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised displacements ``(B, K, T, D)`` -> positions in data units."""
+        scale = batch["displacement_scale"][:, None, None, None]
+        return batch["past"][:, -1][:, None, None] + torch.cumsum(steps * scale, 2)
+
+    def _forecast_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        truth = self._true_steps(batch)
+        tf = self.teacher_forcing_ratio
+        if self.stochastic:
+            recon, kl = self.network.training_forward(batch["inputs"], truth, tf)
+            return F.mse_loss(recon[:, 0].cumsum(1), truth.cumsum(1)) + self.hparams.kl_weight * kl.mean()
+        if self.hparams.architecture == "rnn":
+            pred = self.network(batch["inputs"], truth=truth, teacher_forcing=tf)
+        else:
+            pred = self.network(batch["inputs"])
+        return F.mse_loss(pred[:, 0].cumsum(1), truth.cumsum(1))
+
+    def _outputs_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.network(batch["inputs"])
+        if self.hparams.task == "regression":
+            normalised = (batch["target"] - batch["target_mean"]) / batch["target_std"]
+            return F.mse_loss(out[:, 0], normalised), out
+        return F.cross_entropy(out, batch["label"]), out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.task == "forecasting":
+            loss = self._forecast_loss(batch)
+        else:
+            loss, _ = self._outputs_loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["inputs"]), sync_dist=True)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.task == "forecasting" and self.hparams.architecture != "transformer":
+            self.log("train/teacher_forcing", self.teacher_forcing_ratio, on_epoch=True, on_step=False)
+
+    def _predictions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forecasting: ``single`` (B, T, D) and, for the CVAE, ``samples`` (B, K, T, D) positions in data units."""
+        out = {"single": self._positions(self(batch["inputs"]), batch)[:, 0]}
+        if self.stochastic:
+            out["samples"] = self._positions(self.network(batch["inputs"], num_samples=self.hparams.num_samples), batch)
+        return out
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        n = len(batch["inputs"])
+        if self.hparams.task == "forecasting":
+            loss = self._forecast_loss(batch)
+            pred = self._predictions(batch)
+            future = batch["future"]
+            for name, metric in metrics.items(keep_base=False, copy_state=False):
+                key = name.split("/")[-1]
+                if key in ("ade", "fde"):
+                    metric.update(pred["single"], future)
+                elif key in ("min_ade", "min_fde"):
+                    metric.update(pred["samples"], future)
+                else:
+                    metric.update(pred["single"].flatten(), future.flatten())
+            if self._plot_batch is None and stage == "test":
+                self._plot_batch = {"past": batch["past"].cpu(), "future": future.cpu(), **{k: v.cpu() for k, v in pred.items()}}
+        else:
+            loss, out = self._outputs_loss(batch)
+            if self.hparams.task == "regression":
+                value = out[:, 0] * batch["target_std"] + batch["target_mean"]
+                metrics.update(value, batch["target"])
+                if stage == "test":
+                    self._scatter.append(torch.stack([batch["target"], value], 1).detach().cpu())
+            else:
+                metrics.update(out.softmax(-1), batch["label"])
+                if stage == "test":
+                    self.test_confusion.update(out.argmax(-1), batch["label"])
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def _log_metrics(self, metrics: MetricCollection, stage: str) -> None:
+        values = metrics.compute()
+        score = values[f"{stage}/{self.score_key}"]
+        values[f"{stage}/score"] = 1.0 - score if self.hparams.task == "classification" else score
+        self.log_dict(values)
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+        if self.hparams.plot_samples and self.trainer.is_global_zero:
+            self._log_plots()
+        self._plot_batch, self._scatter = None, []
+        if self.hparams.task == "classification":
+            self.test_confusion.reset()
+
+    # ----- figures ---------------------------------------------------------------------------
+    def _log_plots(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        hp = self.hparams
+        if hp.task == "classification":
+            fig, _ = self.test_confusion.plot(labels=list(hp.class_names or []))
+            log_figure(self.trainer, fig, "test/confusion_matrix")
+            return
+        if hp.task == "regression":
+            if not self._scatter:
+                return
+            pairs = torch.cat(self._scatter).numpy()
+            fig, ax = plt.subplots(figsize=(4, 4))
+            ax.scatter(pairs[:, 0], pairs[:, 1], s=6, alpha=0.5)
+            low, high = pairs.min(), pairs.max()
+            ax.plot([low, high], [low, high], "k--", lw=1)
+            name = (hp.target_names or ["target"])[0]
+            ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title="test: predicted vs true")
+            log_figure(self.trainer, fig, "test/predicted_vs_true")
+            return
+        if self._plot_batch is None:
+            return
+        log_figure(self.trainer, trajectory_figure(self._plot_batch, hp.plot_samples, hp.target_names), "test/trajectories")
+
+
+def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[str] | None = None) -> Any:
+    """Observed (blue), true future (green), predicted (red) and sampled (grey) trajectories of ``count`` windows.
+
+    With two or more channels the first two are drawn against each other (a map view); with one,
+    the channel is drawn against the step.
+    """
+    import matplotlib.pyplot as plt
+
+    count = min(count, len(batch["past"]))
+    cols = min(3, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    names = names or ["x", "y"]
+    for i, ax in enumerate(axes.flat):
+        if i >= count:
+            ax.axis("off")
+            continue
+        past, future, single = batch["past"][i], batch["future"][i], batch["single"][i]
+        obs = len(past)
+
+        def draw(points: torch.Tensor, start: int = 0, **style: Any) -> None:
+            if points.shape[-1] >= 2:
+                ax.plot(points[:, 0], points[:, 1], **style)
+            else:
+                ax.plot(range(start, start + len(points)), points[:, 0], **style)
+
+        for sample in batch.get("samples", torch.zeros(0, 0, 0, 0))[i][:20] if "samples" in batch else []:
+            draw(torch.cat([past[-1:], sample]), obs - 1, color="0.6", lw=0.6, alpha=0.6)
+        draw(past, 0, color="tab:blue", marker="o", ms=2, label="observed")
+        draw(torch.cat([past[-1:], future]), obs - 1, color="tab:green", marker="o", ms=2, label="true")
+        draw(torch.cat([past[-1:], single]), obs - 1, color="tab:red", marker="x", ms=3, label="predicted")
+        if past.shape[-1] >= 2:
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.set(xlabel=names[0], ylabel=names[1])
+        else:
+            ax.set(xlabel="step", ylabel=names[0])
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

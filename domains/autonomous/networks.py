@@ -1,0 +1,269 @@
+"""Plain ``nn.Module`` sequence networks (no Lightning): what gets exported.
+
+All forecasters take ``inputs`` ``(B, observe, F)`` (normalised displacements of the D target
+channels first, then the other channels) and return normalised future displacements
+``(B, K, predict, D)`` (``K = 1`` for deterministic networks).
+
+- :class:`Seq2SeqForecaster`: LSTM or GRU encoder-decoder; the decoder is autoregressive on its own
+  displacement, or on the true one with probability ``teacher_forcing`` (scheduled by the caller).
+- :class:`CVAEForecaster`: a conditional VAE (Trajectron/DESIRE style): a recurrent encoder of the
+  past, a recognition network ``q(z | past, future)`` used in training, a learned prior
+  ``p(z | past)`` sampled at inference, and the same recurrent decoder conditioned on ``z``; K
+  samples give K futures (evaluated best-of-K).
+- :class:`PatchTSTForecaster`: Hugging Face ``transformers``' PatchTST built from a config object
+  (random initialisation; nothing is downloaded).
+- :class:`SequenceRegressor`: an RNN (or PatchTST) encoder with an MLP head, for per-window
+  regression (1 output) and classification (logits).
+
+Example:
+    >>> net = Seq2SeqForecaster(input_size=6, target_dim=2, predict=12)
+    >>> net(torch.zeros(3, 8, 6)).shape
+    torch.Size([3, 1, 12, 2])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Cell = Literal["lstm", "gru"]
+
+
+def _rnn(cell: Cell, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.RNNBase:
+    if cell not in ("lstm", "gru"):
+        raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
+    kind = nn.LSTM if cell == "lstm" else nn.GRU
+    return kind(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0)
+
+
+def _last_hidden(state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The top layer's final hidden state ``(B, H)`` of an LSTM or GRU state."""
+    return (state[0] if isinstance(state, tuple) else state)[-1]
+
+
+class SequenceEncoder(nn.Module):
+    """Embed each step with a small MLP, run an LSTM/GRU, return its state."""
+
+    def __init__(self, input_size: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(input_size, embed_size), nn.ReLU())
+        self.rnn = _rnn(cell, embed_size, hidden_size, num_layers, dropout)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        _, state = self.rnn(self.embed(inputs))
+        return state
+
+
+class RecurrentDecoder(nn.Module):
+    """Autoregressive decoder of displacements: input = embedding of the previous displacement (+ a context)."""
+
+    def __init__(self, target_dim: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, context_size: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(target_dim, embed_size), nn.ReLU())
+        self.rnn = _rnn(cell, embed_size + context_size, hidden_size, num_layers, dropout)
+        self.out = nn.Linear(hidden_size, target_dim)
+
+    def forward(
+        self,
+        state: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        last: torch.Tensor,
+        steps: int,
+        context: torch.Tensor | None = None,
+        truth: torch.Tensor | None = None,
+        teacher_forcing: float = 0.0,
+    ) -> torch.Tensor:
+        """Decode ``steps`` displacements ``(B, steps, D)`` starting from the last observed one ``(B, D)``."""
+        outputs, previous = [], last
+        for t in range(steps):
+            step_input = self.embed(previous)
+            if context is not None:
+                step_input = torch.cat([step_input, context], -1)
+            out, state = self.rnn(step_input[:, None], state)
+            displacement = self.out(out[:, 0])
+            outputs.append(displacement)
+            previous = displacement
+            if truth is not None and teacher_forcing > 0 and self.training:
+                use_truth = (torch.rand(len(last), 1, device=last.device) < teacher_forcing).to(last.dtype)
+                previous = use_truth * truth[:, t] + (1 - use_truth) * displacement
+        return torch.stack(outputs, 1)
+
+
+class Seq2SeqForecaster(nn.Module):
+    """LSTM/GRU encoder-decoder forecasting displacements.
+
+    Args:
+        input_size: features per observed step (F).
+        target_dim: forecast channels (D), the first D input features.
+        predict: future steps.
+        hidden_size: RNN width.
+        embed_size: per-step embedding width.
+        num_layers: stacked RNN layers.
+        cell: ``lstm`` or ``gru``.
+        dropout: between stacked layers.
+    """
+
+    def __init__(
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
+        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.target_dim, self.predict = target_dim, predict
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout)
+
+    def forward(self, inputs: torch.Tensor, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0) -> torch.Tensor:
+        state = self.encoder(inputs)
+        last = inputs[:, -1, : self.target_dim]
+        return self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing)[:, None]
+
+
+class CVAEForecaster(nn.Module):
+    """Conditional VAE forecaster: K samples of ``z ~ p(z | past)`` give K futures.
+
+    Args:
+        input_size: features per observed step.
+        target_dim: forecast channels, the first input features.
+        predict: future steps.
+        hidden_size: RNN width.
+        embed_size: per-step embedding width.
+        latent_size: size of ``z``.
+        num_layers: stacked RNN layers.
+        cell: ``lstm`` or ``gru``.
+        dropout: between stacked layers.
+    """
+
+    def __init__(
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
+        latent_size: int = 16, num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.target_dim, self.predict, self.latent_size, self.cell = target_dim, predict, latent_size, cell
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
+        self.future_encoder = SequenceEncoder(target_dim, hidden_size, embed_size, 1, "gru", 0.0)
+        self.prior = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2 * latent_size))
+        self.posterior = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2 * latent_size))
+        self.init_state = nn.Linear(hidden_size + latent_size, hidden_size * num_layers)
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, context_size=latent_size)
+
+    def _decode(self, h: torch.Tensor, z: torch.Tensor, last: torch.Tensor, truth: torch.Tensor | None, teacher_forcing: float) -> torch.Tensor:
+        hidden = torch.tanh(self.init_state(torch.cat([h, z], -1))).view(len(h), self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
+        state = (hidden, torch.zeros_like(hidden)) if self.cell == "lstm" else hidden
+        return self.decoder(state, last, self.predict, context=z, truth=truth, teacher_forcing=teacher_forcing)
+
+    def distributions(self, inputs: torch.Tensor, future: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Past encoding ``h`` and the prior (and, given the future displacements, posterior) parameters."""
+        h = _last_hidden(self.encoder(inputs))
+        out = dict(zip(("prior_mu", "prior_logvar"), self.prior(h).chunk(2, -1)))
+        out["h"] = h
+        if future is not None:
+            hf = _last_hidden(self.future_encoder(future))
+            out.update(zip(("post_mu", "post_logvar"), self.posterior(torch.cat([h, hf], -1)).chunk(2, -1)))
+        return out
+
+    def forward(
+        self, inputs: torch.Tensor, num_samples: int = 1, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, mean: bool = False
+    ) -> torch.Tensor:
+        """``num_samples`` futures from the prior ``(B, K, predict, D)``; ``mean=True`` decodes the prior mean once."""
+        d = self.distributions(inputs)
+        last = inputs[:, -1, : self.target_dim]
+        if mean:
+            return self._decode(d["h"], d["prior_mu"], last, None, 0.0)[:, None]
+        b, k = len(inputs), num_samples
+        mu, std = d["prior_mu"].repeat_interleave(k, 0), (0.5 * d["prior_logvar"]).exp().repeat_interleave(k, 0)
+        z = mu + std * torch.randn_like(std)
+        out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0)
+        return out.view(b, k, self.predict, self.target_dim)
+
+    def training_forward(self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction through the posterior ``(B, 1, predict, D)`` and KL(q || p) per sample ``(B,)``."""
+        d = self.distributions(inputs, future)
+        std = (0.5 * d["post_logvar"]).exp()
+        z = d["post_mu"] + std * torch.randn_like(std)
+        recon = self._decode(d["h"], z, inputs[:, -1, : self.target_dim], future, teacher_forcing)
+        kl = 0.5 * (
+            d["prior_logvar"] - d["post_logvar"]
+            + (d["post_logvar"].exp() + (d["post_mu"] - d["prior_mu"]) ** 2) / d["prior_logvar"].exp() - 1
+        ).sum(-1)  # fmt: skip
+        return recon[:, None], kl
+
+
+def patchtst_config(
+    input_size: int, observe: int, predict: int, d_model: int, num_heads: int, num_layers: int, patch_length: int, dropout: float, num_targets: int = 1
+) -> object:
+    """A ``transformers.PatchTSTConfig`` (no hub access; inputs are already normalised, so no scaler)."""
+    from transformers import PatchTSTConfig
+
+    if patch_length > observe:
+        raise ValueError(f"patch_length ({patch_length}) must not exceed observe ({observe})")
+    return PatchTSTConfig(
+        num_input_channels=input_size, context_length=observe, prediction_length=max(predict, 1), patch_length=patch_length,
+        patch_stride=patch_length, d_model=d_model, num_attention_heads=num_heads, num_hidden_layers=num_layers,
+        ffn_dim=2 * d_model, dropout=dropout, attention_dropout=dropout, ff_dropout=dropout, head_dropout=dropout,
+        scaling=None, loss="mse", num_targets=num_targets, use_cls_token=True,
+    )  # fmt: skip
+
+
+class PatchTSTForecaster(nn.Module):
+    """PatchTST (``transformers.PatchTSTForPrediction``) forecasting every input channel; the first D are kept.
+
+    PatchTST is channel-independent: each channel's future comes from that channel's past.
+    """
+
+    def __init__(
+        self, input_size: int, target_dim: int, observe: int, predict: int, d_model: int = 32, num_heads: int = 4,
+        num_layers: int = 2, patch_length: int = 2, dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        from transformers import PatchTSTForPrediction
+
+        self.target_dim = target_dim
+        self.model = PatchTSTForPrediction(patchtst_config(input_size, observe, predict, d_model, num_heads, num_layers, patch_length, dropout))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(past_values=inputs).prediction_outputs[:, None, :, : self.target_dim]
+
+
+class SequenceRegressor(nn.Module):
+    """Encoder + MLP head: one vector of ``outputs`` per window (regression value or class logits).
+
+    Args:
+        input_size: features per observed step.
+        outputs: 1 for regression, the number of classes for classification.
+        observe: observed steps (PatchTST only).
+        encoder: ``lstm``, ``gru`` or ``patchtst``.
+        hidden_size: RNN width (or PatchTST ``d_model``).
+        embed_size: per-step embedding width (RNN).
+        num_layers: stacked RNN or transformer layers.
+        num_heads: attention heads (PatchTST).
+        patch_length: PatchTST patch length.
+        dropout: dropout in the encoder and the head.
+    """
+
+    def __init__(
+        self, input_size: int, outputs: int, observe: int, encoder: Literal["lstm", "gru", "patchtst"] = "lstm", hidden_size: int = 64,
+        embed_size: int = 32, num_layers: int = 1, num_heads: int = 4, patch_length: int = 2, dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.kind = encoder
+        if encoder == "patchtst":
+            from transformers import PatchTSTModel
+
+            self.encoder: nn.Module = PatchTSTModel(
+                patchtst_config(input_size, observe, 1, hidden_size, num_heads, num_layers, patch_length, dropout)
+            )
+            features = hidden_size * input_size
+        else:
+            self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, encoder, dropout)
+            features = hidden_size
+        self.head = nn.Sequential(nn.Linear(features, hidden_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_size, outputs))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.kind == "patchtst":
+            hidden = self.encoder(past_values=inputs).last_hidden_state[:, :, 0]  # (B, channels, d_model): the CLS token
+            features = hidden.flatten(1)
+        else:
+            features = _last_hidden(self.encoder(inputs))
+        return self.head(features)

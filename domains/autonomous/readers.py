@@ -1,0 +1,320 @@
+"""Readers and validation for long-format sensor tables, and the sliding windows cut from them.
+
+A long table has one row per (sequence, time): a sequence id column, a time or frame column and
+any number of sensor channels. :func:`read_table` reads CSV/TSV or Parquet; :func:`read_eth_ucy`
+reads the ETH/UCY pedestrian benchmark in its Social-GAN layout (``<scene>/{train,val,test}/*.txt``,
+rows ``frame ped x y``) into the same long form. :func:`build_tracks` checks a table (missing
+columns, non-numeric values, duplicate or unsorted times, each named by file, column and row),
+applies the NaN rule, and cuts every sequence at its time gaps into gap-free segments (gaps are
+never bridged). :func:`cut_windows` slides ``observe + predict`` windows over the segments.
+
+Every row keeps its origin in two bookkeeping columns, ``_file`` and ``_line`` (the line of the
+row in a text file, or the row number in a Parquet file), so that errors can say where to look.
+
+Example:
+    >>> table = pd.DataFrame({"sequence": ["a"] * 5, "time": range(5), "x": range(5)})
+    >>> tracks = build_tracks(with_origin(table, "demo.csv", 2), ColumnSpec("sequence", "time", ["x"], []))
+    >>> tracks.lengths.tolist(), tracks.names
+    ([5], ['a'])
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+NAN_POLICIES = ("drop", "ffill", "interpolate")
+ETH_UCY_SCENES = ("eth", "hotel", "univ", "zara1", "zara2")
+FILE, LINE = "_file", "_line"
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Which columns play which role.
+
+    ``targets`` are forecast channels (forecasting) and ``label`` the per-window target column
+    (regression: numeric; classification: any values, used as class names).
+    """
+
+    sequence: str
+    time: str
+    channels: list[str]
+    targets: list[str]
+    label: str | None = None
+    label_numeric: bool = True
+
+
+def with_origin(table: pd.DataFrame, file: str, first_line: int) -> pd.DataFrame:
+    """Add the bookkeeping columns: row ``i`` of ``table`` is line ``first_line + i`` of ``file``."""
+    table = table.copy()
+    table[FILE] = file
+    table[LINE] = np.arange(len(table)) + first_line
+    return table
+
+
+def where(table: pd.DataFrame, position: int) -> str:
+    """``file line N`` (text) or ``file row N`` (Parquet) of the row at ``position``."""
+    row = table.iloc[position]
+    file = str(row[FILE])
+    kind = "row" if file.endswith((".parquet", ".pq")) else "line"
+    return f"{file} {kind} {int(row[LINE])}"
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV (``,``), TSV (``\\t``) or Parquet long table, with origin columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported table format {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
+    try:
+        if suffix in (".parquet", ".pq"):
+            return with_origin(pd.read_parquet(path), str(path), 0)
+        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
+        raise ValueError(f"{path}: cannot read the table: {error}") from None
+    return with_origin(table, str(path), 2)  # line 1 is the header
+
+
+def read_eth_ucy(root: str | Path, scene: str) -> dict[str, pd.DataFrame]:
+    """Read one leave-one-scene-out fold: ``{split: long table}`` with columns ``sequence, time, x, y``.
+
+    ``root/scene/train`` holds the other scenes' training files, ``val`` their validation files and
+    ``test`` the held-out scene. A pedestrian's id is ``<file stem>:<ped>`` (ids repeat across files).
+    """
+    folder = Path(root) / scene
+    if not folder.is_dir():
+        found = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        raise ValueError(f"eth_ucy_root {root}: no scene folder {scene!r} (found: {found or 'nothing'}); expected <root>/<scene>/{{train,val,test}}/*.txt")
+    tables: dict[str, pd.DataFrame] = {}
+    for split in SPLITS:
+        files = sorted((folder / split).glob("*.txt"))
+        if not files:
+            raise ValueError(f"{folder / split}: no .txt files (expected tab-separated rows 'frame ped x y')")
+        parts = []
+        for file in files:
+            try:
+                raw = pd.read_csv(file, sep=r"\s+", header=None, dtype=str, engine="c")
+            except Exception as error:
+                raise ValueError(f"{file}: cannot read as whitespace-separated 'frame ped x y' rows: {error}") from None
+            if raw.shape[1] != 4:
+                raise ValueError(f"{file}: rows have {raw.shape[1]} fields; expected 4 (frame ped x y)")
+            raw.columns = ["time", "ped", "x", "y"]
+            ped = pd.to_numeric(raw["ped"], errors="coerce")
+            bad = np.flatnonzero(ped.isna().to_numpy())
+            if len(bad):
+                raise ValueError(f"{file} line {bad[0] + 1}, column 'ped': value {raw['ped'].iloc[bad[0]]!r} is not numeric")
+            raw["sequence"] = file.stem + ":" + ped.map(lambda p: f"{p:g}")
+            parts.append(with_origin(raw[["sequence", "time", "x", "y"]], str(file), 1))
+        tables[split] = pd.concat(parts, ignore_index=True)
+    return tables
+
+
+@dataclass
+class Tracks:
+    """Validated rows of one split, grouped into gap-free segments (rows of a segment are contiguous)."""
+
+    names: list[str]
+    starts: np.ndarray
+    lengths: np.ndarray
+    time: np.ndarray
+    targets: np.ndarray
+    channels: np.ndarray
+    label: np.ndarray | None
+    report: dict[str, int] = field(default_factory=dict)
+
+
+def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
+    values = table[column]
+    if pd.api.types.is_bool_dtype(values):
+        raise ValueError(f"{table[FILE].iloc[0]}: column {column!r} holds booleans; expected numbers")
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = np.flatnonzero(numbers.isna().to_numpy() & values.notna().to_numpy())
+    if len(bad):
+        raise ValueError(f"{where(table, bad[0])}, column {column!r}: value {values.iloc[bad[0]]!r} is not numeric ({len(bad)} such row(s))")
+    return numbers.to_numpy(dtype=np.float64)
+
+
+def check_columns(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = True) -> None:
+    """Raise ``ValueError`` naming the file and the missing column(s) and their role."""
+    file = table[FILE].iloc[0] if len(table) else "the table"
+    roles = [(spec.sequence, "data.sequence_column"), (spec.time, "data.time_column")]
+    roles += [(c, "data.channels") for c in spec.channels] + [(c, "data.target_channels") for c in spec.targets]
+    missing = [(c, r) for c, r in roles if c not in table.columns]
+    columns = [c for c in table.columns if c not in (FILE, LINE)]
+    if missing:
+        listed = ", ".join(f"{c!r} ({r})" for c, r in missing)
+        raise ValueError(f"{file}: column(s) {listed} not found; the file has columns {columns}")
+    if spec.label is not None and require_label and spec.label not in table.columns:
+        raise ValueError(f"{file}: target column {spec.label!r} (data.target_column) is absent; the file has columns {columns}")
+
+
+def _fill(values: np.ndarray, group: np.ndarray, policy: str) -> np.ndarray:
+    frame = pd.DataFrame(values)
+    if policy == "ffill":
+        return frame.groupby(group).ffill().to_numpy()
+    return frame.groupby(group).transform(lambda s: s.interpolate(limit_area="inside")).to_numpy()
+
+
+def build_tracks(
+    table: pd.DataFrame,
+    spec: ColumnSpec,
+    nan_policy: str = "drop",
+    time_step: float | None = None,
+    max_gap: float = 1.5,
+    split_name: str = "data",
+    require_label: bool = True,
+) -> Tracks:
+    """Validate a long table and cut it into gap-free segments.
+
+    Checks, in order, each raising ``ValueError`` with the file, column and line: missing columns,
+    a missing time or sequence value, non-numeric time/channel/target values, duplicate
+    (sequence, time) rows, and times that go backwards within a sequence (rows must be sorted by
+    time within each sequence; sequences may interleave, as ETH/UCY's frame-major files do).
+
+    Rows with NaN in a used column are handled by ``nan_policy``: ``drop`` removes them,
+    ``ffill`` carries the last value forward within the sequence, ``interpolate`` fills linearly
+    between neighbours in the sequence; rows that cannot be filled (leading NaNs) are dropped.
+    A dropped row leaves a time gap. Consecutive rows further apart than ``max_gap`` times the
+    time step (``time_step``, or the most common step of the table) start a new segment.
+    """
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    check_columns(table, spec, require_label)
+    label_column = spec.label if spec.label is not None and spec.label in table.columns else None
+    for column in (spec.sequence, spec.time):
+        missing = np.flatnonzero(table[column].isna().to_numpy())
+        if len(missing):
+            raise ValueError(f"{where(table, missing[0])}, column {column!r}: value is missing; every row needs a sequence id and a time")
+    time = _numeric(table, spec.time)
+    targets = np.stack([_numeric(table, c) for c in spec.targets], 1) if spec.targets else np.zeros((len(table), 0))
+    channels = np.stack([_numeric(table, c) for c in spec.channels], 1) if spec.channels else np.zeros((len(table), 0))
+    label = None
+    if label_column is not None:
+        label = _numeric(table, label_column) if spec.label_numeric else table[label_column].to_numpy(dtype=object)
+    seq_codes, seq_names = pd.factorize(table[spec.sequence].astype(str), sort=False)
+    order = np.lexsort((np.arange(len(table)), seq_codes))  # group by sequence, keep file order inside
+    codes, time_sorted = seq_codes[order], time[order]
+    same = codes[1:] == codes[:-1]
+    step = np.diff(time_sorted)
+    dup = np.flatnonzero(same & (step == 0))
+    if len(dup):
+        a, b = order[dup[0]], order[dup[0] + 1]
+        raise ValueError(
+            f"{where(table, a)} and {where(table, b)}: duplicate (sequence, time) = ({seq_names[codes[dup[0]]]!r}, {time_sorted[dup[0]]:g}) "
+            f"in columns {spec.sequence!r}, {spec.time!r} ({int(dup.size)} duplicate row(s)); expected one row per sequence and time"
+        )
+    back = np.flatnonzero(same & (step < 0))
+    if len(back):
+        b = order[back[0] + 1]
+        raise ValueError(
+            f"{where(table, b)}: time {time_sorted[back[0] + 1]:g} of sequence {seq_names[codes[back[0]]]!r} comes after "
+            f"{time_sorted[back[0]]:g}; column {spec.time!r} must be sorted within each sequence"
+        )
+    targets, channels, time = targets[order], channels[order], time_sorted
+    label = label[order] if label is not None else None
+
+    report = {"rows": len(table), "nan_rows": 0, "filled_rows": 0, "dropped_rows": 0}
+    numeric = np.concatenate([targets, channels] + ([label[:, None]] if label is not None and spec.label_numeric else []), 1)
+    nan = np.isnan(numeric).any(1)
+    if label is not None and not spec.label_numeric:
+        nan |= pd.isna(label)
+    report["nan_rows"] = int(nan.sum())
+    keep = ~nan
+    if nan.any() and nan_policy != "drop":
+        filled = _fill(numeric, codes, nan_policy)
+        if label is not None and not spec.label_numeric:
+            label = pd.Series(label).groupby(codes).ffill().to_numpy(dtype=object)
+            ok_label = ~pd.isna(label)
+        else:
+            ok_label = np.ones(len(label) if label is not None else len(time), bool)
+        keep = ~np.isnan(filled).any(1) & ok_label
+        report["filled_rows"] = int((nan & keep).sum())
+        d, c = targets.shape[1], channels.shape[1]
+        targets, channels = filled[:, :d], filled[:, d : d + c]
+        if label is not None and spec.label_numeric:
+            label = filled[:, d + c]
+    report["dropped_rows"] = int((~keep).sum())
+    targets, channels, time, codes = targets[keep], channels[keep], time[keep], codes[keep]
+    label = label[keep] if label is not None else None
+
+    same = codes[1:] == codes[:-1]
+    step = np.diff(time)
+    if time_step is None:
+        positive = step[same & (step > 0)]
+        if len(positive) == 0:
+            time_step = 1.0
+        else:
+            values, counts = np.unique(np.round(positive, 9), return_counts=True)
+            time_step = float(values[counts.argmax()])
+    boundary = np.concatenate([[True], ~same | (step > max_gap * time_step + 1e-9)])
+    report["gaps"] = int((same & (step > max_gap * time_step + 1e-9)).sum())
+    starts = np.flatnonzero(boundary)
+    lengths = np.diff(np.append(starts, len(time)))
+    names, counter = [], {}
+    for start in starts:
+        name = str(seq_names[codes[start]])
+        k = counter[name] = counter.get(name, -1) + 1
+        names.append(name if k == 0 else f"{name}/{k}")
+    report["sequences"] = len(seq_names)
+    report["segments"] = len(starts)
+    report["time_step"] = time_step  # type: ignore[assignment]
+    return Tracks(names, starts, lengths, time, targets.astype(np.float32), channels.astype(np.float32), label, report)
+
+
+@dataclass
+class Windows:
+    """Row indices of every window: ``rows[i]`` are the ``observe + predict`` rows of window ``i``."""
+
+    rows: np.ndarray
+    segment: np.ndarray
+    short_segments: int
+    short_rows: int
+
+
+def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
+    """Every ``length``-row window with start offsets ``0, stride, 2*stride, ...`` in each segment.
+
+    Segments shorter than ``length`` give no window; they are counted (``short_segments``), not an error.
+    """
+    if length < 1 or stride < 1:
+        raise ValueError(f"window length and stride must be >= 1, got {length} and {stride}")
+    starts, segments = [], []
+    usable = tracks.lengths >= length
+    for index in np.flatnonzero(usable):
+        offsets = np.arange(0, tracks.lengths[index] - length + 1, stride)
+        starts.append(tracks.starts[index] + offsets)
+        segments.append(np.full(len(offsets), index))
+    start = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+    rows = start[:, None] + np.arange(length)[None]
+    segment = np.concatenate(segments) if segments else np.zeros(0, dtype=np.int64)
+    return Windows(rows, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()))
+
+
+def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Assign each sequence id to train/val/test at random (whole sequences: no leakage between splits)."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+    unique = sorted(set(names))
+    rng = np.random.default_rng(seed)
+    permuted = [unique[i] for i in rng.permutation(len(unique))]
+    n_val, n_test = max(1, round(len(unique) * val_fraction)), max(1, round(len(unique) * test_fraction))
+    if n_val + n_test >= len(unique):
+        raise ValueError(f"{len(unique)} sequence(s) cannot fill train, val and test splits; give more sequences or a split column")
+    out = {name: "train" for name in permuted[n_val + n_test :]}
+    out.update({name: "val" for name in permuted[:n_val]})
+    out.update({name: "test" for name in permuted[n_val : n_val + n_test]})
+    return out
+
+
+def log(message: str) -> None:
+    """Data-preparation messages go to stderr (the run's log)."""
+    print(f"[autonomous] {message}", file=sys.stderr)
