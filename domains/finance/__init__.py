@@ -1,0 +1,36 @@
+"""Finance: fraud detection as anomaly detection with a dense autoencoder or a VAE.
+
+Data: the embedded synthetic card transactions (default), a CSV/Parquet transaction table with
+column roles set in the config, or an ADBench ``.npz``. Importing this package imports nothing heavy.
+"""
+
+from pathlib import Path
+
+from pipelines.registry import DomainSpec
+
+SPEC = DomainSpec(
+    name="finance",
+    model_class="domains.finance.model.FraudAutoencoder",
+    datamodule_class="domains.finance.data.TransactionDataModule",
+    config=Path(__file__).with_name("config.yaml"),
+    links=(
+        ("num_numeric", "num_numeric"),
+        ("categorical_cardinalities", "categorical_cardinalities"),
+        ("feature_groups", "feature_groups"),
+        ("numeric_feature_groups", "numeric_feature_groups"),
+        ("categorical_feature_groups", "categorical_feature_groups"),
+    ),
+    monitor="val/loss",
+    mode="min",
+    tags=("tabular", "anomaly-detection", "fraud"),
+    test_args=(
+        "--data.synthetic_rows=1200",
+        "--data.batch_size=64",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=4",
+        "--trainer.limit_test_batches=4",
+        "--trainer.limit_predict_batches=1",
+        "--data.predict_chunk_rows=100",
+    ),
+)

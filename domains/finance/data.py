@@ -1,0 +1,446 @@
+"""``TransactionDataModule``: transaction tables (CSV/Parquet), ADBench ``.npz`` or the synthetic set.
+
+The source is read and the preprocessing fitted on the training rows when the data module is
+first asked about the model's input layout (before any training), so bad input fails fast with a
+``ValueError`` naming the file, column and rows. The fitted :class:`TablePreprocessor` is the data
+module's ``state_dict``: Lightning stores it in every checkpoint and restores it before any split
+is encoded, so validation, test and scoring reuse exactly the training-time preprocessing.
+
+Modes and splits (seeded by ``split_seed``):
+
+- ``semi_supervised`` (needs labels): normal rows are split ``train / val / test`` by
+  ``1 - val_fraction - test_fraction / val_fraction / test_fraction``; fraud rows never train and
+  are shared between val and test in the ratio ``val_fraction : test_fraction``. With
+  ``val_fraction + test_fraction = 0.5`` the union of val and test is ADBench's semi-supervised
+  test set (the other half of the normals plus every anomaly).
+- ``unsupervised``: every row may train (labels, if any, only evaluate); the split is stratified
+  by label when there is one.
+
+Scoring (``predict``) streams ``predict_path`` in chunks of ``predict_chunk_rows`` rows
+(pandas for CSV, pyarrow for Parquet), so a file larger than memory works; every row comes out
+with its original values, in order (one file per rank under DDP).
+
+Example:
+    >>> dm = TransactionDataModule(synthetic_rows=400, **SYNTHETIC_ROLES)
+    >>> dm.num_numeric > 0, len(dm.feature_groups) == 11
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
+from domains.finance.synthetic import make_card_transactions
+
+SPLITS = ("train", "val", "test")
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+#: the column roles of the synthetic set (the defaults in ``config.yaml``)
+SYNTHETIC_ROLES: dict[str, Any] = {
+    "id_columns": ["transaction_id", "customer_id"],
+    "numeric_columns": ["distance_from_home_km", "transactions_last_hour", "customer_age"],
+    "amount_columns": ["amount", "seconds_since_previous"],
+    "boolean_columns": ["card_present"],
+    "timestamp_columns": ["timestamp"],
+    "categorical_columns": ["merchant_category", "channel", "country"],
+    "label_column": "is_fraud",
+}
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def read_header(path: Path) -> list[str]:
+    """Column names of a CSV or Parquet file without reading its rows."""
+    if path.suffix.lower() == ".csv":
+        return list(pd.read_csv(path, nrows=0).columns)
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A whole CSV (every cell as text, so values pass through unchanged) or Parquet file."""
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return pd.read_parquet(path)
+
+
+def iter_chunks(source: Path | pd.DataFrame, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
+    """``(offset of the first row, rows)`` chunks of a file (streamed) or a frame."""
+    if isinstance(source, pd.DataFrame):
+        for start in range(0, len(source), chunk_rows):
+            yield start, source.iloc[start : start + chunk_rows]
+        return
+    offset = 0
+    if source.suffix.lower() == ".csv":
+        with pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=chunk_rows) as reader:
+            for chunk in reader:
+                yield offset, chunk.reset_index(drop=True)
+                offset += len(chunk)
+        return
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=chunk_rows):
+        chunk = batch.to_pandas()
+        yield offset, chunk
+        offset += len(chunk)
+
+
+def read_adbench_npz(path: Path) -> pd.DataFrame:
+    """An ADBench ``.npz`` (``X`` rows x features, ``y`` 0/1) as a frame ``x0 .. x{d-1}, label``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "X" not in archive or "y" not in archive:
+                raise ValueError(f"{path}: an ADBench .npz needs arrays 'X' and 'y', found {sorted(archive.files)}")
+            features, labels = np.asarray(archive["X"], dtype=np.float64), np.asarray(archive["y"]).reshape(-1)
+    except (OSError, ValueError) as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"{path}: cannot read as .npz: {error}") from None
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"{path}: X must be 2-D with one row per label, got X {features.shape} and y {labels.shape}")
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        raise ValueError(f"{path}: y must hold 0 (normal) and 1 (anomaly); row {int(np.flatnonzero(bad)[0])} is {labels[bad][0]!r}")
+    frame = pd.DataFrame(features, columns=[f"x{i}" for i in range(features.shape[1])])
+    frame["label"] = labels.astype(np.int64)
+    return frame
+
+
+class EncodedRows(Dataset):
+    """Encoded rows served a whole batch at a time (``__getitems__``: no per-row collation)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], rows: np.ndarray, fit_rows: np.ndarray) -> None:
+        self.numeric = torch.from_numpy(arrays["numeric"])
+        self.categorical = torch.from_numpy(arrays["categorical"])
+        self.label = torch.from_numpy(arrays["label"])
+        self.rows = torch.from_numpy(rows.astype(np.int64))
+        self.fit_rows = torch.from_numpy(fit_rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "numeric": self.numeric[index], "categorical": self.categorical[index], "label": self.label[index],
+            "row": self.rows[index], "fit_row": self.fit_rows[index],
+        }  # fmt: skip
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+class ScoringStream(IterableDataset):
+    """Rows of a file (or frame) in chunks, each encoded with the fitted preprocessing and carrying the
+    original values (``raw``) so that predictions reproduce every input row.
+
+    Chunks are shared round-robin between DDP ranks and DataLoader workers.
+    """
+
+    def __init__(self, source: Path | pd.DataFrame, name: str, preprocessor: TablePreprocessor, chunk_rows: int, row_numbers: np.ndarray | None = None) -> None:
+        self.source, self.name, self.preprocessor = source, name, preprocessor
+        self.chunk_rows, self.row_numbers = chunk_rows, row_numbers
+
+    def _shard(self) -> tuple[int, int]:
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        worker = get_worker_info()
+        if worker is not None:
+            return rank * worker.num_workers + worker.id, world * worker.num_workers
+        return rank, world
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        shard, shards = self._shard()
+        for i, (offset, chunk) in enumerate(iter_chunks(self.source, self.chunk_rows)):
+            if i % shards != shard:
+                continue
+            encoded = self.preprocessor.transform(chunk, self.name, offset)
+            rows = self.row_numbers[offset : offset + len(chunk)] if self.row_numbers is not None else np.arange(offset, offset + len(chunk))
+            yield {
+                "numeric": torch.from_numpy(encoded["numeric"]),
+                "categorical": torch.from_numpy(encoded["categorical"]),
+                "label": torch.from_numpy(encoded["label"]),
+                "row": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+                "raw": {str(column): chunk[column].tolist() for column in chunk.columns},
+            }
+
+
+class TransactionDataModule(pl.LightningDataModule):
+    """Transactions for fraud detection as anomaly detection.
+
+    Args:
+        path: a CSV or Parquet transaction table (roles below), or an ADBench ``.npz`` (``X``, ``y``;
+            every column numeric, the roles are ignored). Default: the embedded synthetic card
+            transactions.
+        predict_path: a CSV or Parquet file to score with ``predict`` (default: the test split). It
+            must have the training table's columns (the label column is optional).
+        id_columns: identifier columns, dropped from the features (kept in the scored output).
+        numeric_columns: numeric columns (median-imputed, standardised).
+        amount_columns: heavy-tailed amounts: ``sign(x) log1p(|x|)``, then as numeric.
+        boolean_columns: true/false columns.
+        timestamp_columns: timestamps, turned into hour-of-day and day-of-week features.
+        categorical_columns: categorical columns (vocabulary with an ``<unknown>`` slot).
+        label_column: the fraud label column (optional in ``unsupervised`` mode).
+        label_classes: the label's two values, ``[normal, fraud]``.
+        categorical_encoding: ``onehot`` or ``embedding`` (learned embeddings, softmax reconstruction).
+        max_categories: most frequent values kept per categorical column.
+        min_category_count: values seen fewer times in training go to ``<unknown>``.
+        mode: ``semi_supervised`` (train on normal rows only) or ``unsupervised`` (train on all rows).
+        val_fraction: validation share (see the module docstring for how each mode uses it).
+        test_fraction: test share.
+        split_seed: seed of the split.
+        synthetic_rows: size of the synthetic set (used when ``path`` is not given).
+        synthetic_fraud_rate: share of fraud in the synthetic set.
+        synthetic_seed: seed of the synthetic generator.
+        batch_size: rows per training/evaluation batch (per process under DDP).
+        predict_chunk_rows: rows read, encoded and scored at a time by ``predict``.
+        num_workers: DataLoader worker processes (persistent when > 0).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        predict_path: str | None = None,
+        id_columns: list[str] | None = None,
+        numeric_columns: list[str] | None = None,
+        amount_columns: list[str] | None = None,
+        boolean_columns: list[str] | None = None,
+        timestamp_columns: list[str] | None = None,
+        categorical_columns: list[str] | None = None,
+        label_column: str | None = None,
+        label_classes: list[str | int] | None = None,
+        categorical_encoding: Literal["onehot", "embedding"] = "onehot",
+        max_categories: int = 50,
+        min_category_count: int = 1,
+        mode: Literal["semi_supervised", "unsupervised"] = "semi_supervised",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.25,
+        split_seed: int = 0,
+        synthetic_rows: int = 20000,
+        synthetic_fraud_rate: float = 0.02,
+        synthetic_seed: int = 0,
+        batch_size: int = 256,
+        predict_chunk_rows: int = 4096,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+        if batch_size < 1 or predict_chunk_rows < 1:
+            raise ValueError(f"batch_size and predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
+        if max_categories < 1 or min_category_count < 1:
+            raise ValueError(f"max_categories and min_category_count must be >= 1, got {max_categories} and {min_category_count}")
+        for name, value in (("path", path), ("predict_path", predict_path)):
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{name} {value}: file not found")
+            if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
+                raise ValueError(f"{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+        self.save_hyperparameters(logger=False)
+        self.preprocessor: TablePreprocessor | None = None
+        self._encoded: dict[str, tuple[int, EncodedRows]] = {}
+
+    # ----- source and split: read before training ---------------------------------------------
+    @property
+    def is_npz(self) -> bool:
+        return bool(self.hparams.path) and str(self.hparams.path).lower().endswith(".npz")
+
+    @cached_property
+    def source_name(self) -> str:
+        return str(self.hparams.path) if self.hparams.path else "synthetic card transactions"
+
+    @cached_property
+    def roles(self) -> ColumnRoles:
+        hp = self.hparams
+        if self.is_npz:
+            columns = [c for c in self.table.columns if c != "label"]
+            return ColumnRoles(numeric_columns=columns, label_column="label")
+        return ColumnRoles(
+            id_columns=list(hp.id_columns or []), numeric_columns=list(hp.numeric_columns or []),
+            amount_columns=list(hp.amount_columns or []), boolean_columns=list(hp.boolean_columns or []),
+            timestamp_columns=list(hp.timestamp_columns or []), categorical_columns=list(hp.categorical_columns or []),
+            label_column=hp.label_column,
+        )  # fmt: skip
+
+    @cached_property
+    def table(self) -> pd.DataFrame:
+        hp = self.hparams
+        if self.is_npz:
+            return read_adbench_npz(Path(hp.path))
+        if hp.path:
+            frame = read_table(Path(hp.path))
+        else:
+            frame = make_card_transactions(hp.synthetic_rows, hp.synthetic_fraud_rate, hp.synthetic_seed)
+        if len(frame) == 0:
+            raise ValueError(f"{self.source_name}: the table has no rows")
+        return frame
+
+    @cached_property
+    def labels(self) -> np.ndarray | None:
+        """0/1 per row, or None without a label column."""
+        roles = self.roles
+        if roles.label_column is None:
+            return None
+        if roles.label_column not in self.table.columns:
+            raise ValueError(f"{self.source_name}: label_column {roles.label_column!r} is missing; the file has columns {list(self.table.columns)}")
+        from domains.finance.preprocessing import parse_labels
+
+        return parse_labels(self.table[roles.label_column], self._label_classes, self.source_name)
+
+    @property
+    def _label_classes(self) -> list[Any]:
+        return [0, 1] if self.is_npz or self.hparams.label_classes is None else list(self.hparams.label_classes)
+
+    @cached_property
+    def split_assignment(self) -> np.ndarray:
+        """``train``/``val``/``test`` per row of the source."""
+        hp, labels = self.hparams, self.labels
+        n = len(self.table)
+        rng = np.random.default_rng(hp.split_seed)
+        split = np.full(n, "train", dtype=object)
+        val, test = hp.val_fraction, hp.test_fraction
+        if hp.mode == "semi_supervised":
+            if labels is None:
+                raise ValueError("mode semi_supervised trains on rows labelled normal: set label_column, or use mode unsupervised")
+            normal = rng.permutation(np.flatnonzero(labels == 0))
+            n_val, n_test = round(len(normal) * val), round(len(normal) * test)
+            split[normal[:n_val]], split[normal[n_val : n_val + n_test]] = "val", "test"
+            fraud = rng.permutation(np.flatnonzero(labels == 1))
+            n_fraud_val = round(len(fraud) * val / (val + test))
+            split[fraud[:n_fraud_val]], split[fraud[n_fraud_val:]] = "val", "test"
+        else:
+            strata = labels if labels is not None else np.zeros(n)
+            for value in np.unique(strata):
+                members = rng.permutation(np.flatnonzero(strata == value))
+                n_val, n_test = round(len(members) * val), round(len(members) * test)
+                split[members[:n_val]], split[members[n_val : n_val + n_test]] = "val", "test"
+        for name in SPLITS:
+            if not (split == name).any():
+                raise ValueError(f"{self.source_name}: split {name!r} is empty ({n} rows; check val_fraction/test_fraction)")
+        return split.astype(str)
+
+    def fit_preprocessor(self) -> TablePreprocessor:
+        hp = self.hparams
+        train = self.table[self.split_assignment == "train"]
+        preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
+        return preprocessor.fit(train, self.source_name)
+
+    @property
+    def fitted(self) -> TablePreprocessor:
+        """The preprocessing in force: restored from a checkpoint, else fitted on the training split."""
+        if self.preprocessor is None:
+            self.preprocessor = self.fit_preprocessor()
+        return self.preprocessor
+
+    # ----- what the model needs to know (linked by the runner) ---------------------------------
+    @property
+    def num_numeric(self) -> int:
+        return len(self.fitted.numeric_feature_names)
+
+    @property
+    def categorical_cardinalities(self) -> list[int]:
+        return self.fitted.categorical_cardinalities
+
+    @property
+    def feature_groups(self) -> list[str]:
+        return self.fitted.group_names
+
+    @property
+    def numeric_feature_groups(self) -> list[int]:
+        return self.fitted.numeric_feature_groups
+
+    @property
+    def categorical_feature_groups(self) -> list[int]:
+        return self.fitted.categorical_feature_groups
+
+    # ----- datasets ----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check everything before the loop starts (encoding happens per loader, after a
+        checkpoint's preprocessing has been restored)."""
+        _ = self.fitted, self.split_assignment
+        if self.hparams.predict_path:
+            self.check_scoring_columns(Path(self.hparams.predict_path))
+
+    def check_scoring_columns(self, path: Path) -> None:
+        """A scoring file must have the training table's columns (the label column is optional)."""
+        columns = read_header(path)
+        expected = [c for c in self.table.columns if c != self.roles.label_column] if not self.is_npz else list(self.roles.numeric_columns)
+        missing = [c for c in expected if c not in columns]
+        extra = [c for c in columns if c not in expected and c != self.roles.label_column]
+        if missing or extra:
+            raise ValueError(
+                f"predict_path {path}: the columns differ from training ({self.source_name}): "
+                + "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part)
+            )
+
+    def _split(self, name: str) -> EncodedRows:
+        preprocessor = self.fitted
+        cached = self._encoded.get(name)
+        if cached is not None and cached[0] == id(preprocessor):
+            return cached[1]
+        rows = np.flatnonzero(self.split_assignment == name)
+        arrays = preprocessor.transform(self.table.iloc[rows], self.source_name)
+        for key, value in arrays.items():
+            if key == "label" and self.labels is not None:
+                continue
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise ValueError(f"{self.source_name}: non-finite {key} features after preprocessing in split {name!r}")
+        labels = arrays["label"]
+        fit_rows = labels == 0 if self.hparams.mode == "semi_supervised" else np.ones(len(rows), dtype=bool)
+        dataset = EncodedRows(arrays, rows, fit_rows)
+        self._encoded[name] = (id(preprocessor), dataset)
+        return dataset
+
+    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            self._split(name), batch_size=hp.batch_size, shuffle=shuffle, collate_fn=_identity,
+            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+            drop_last=shuffle and len(self._split(name)) > hp.batch_size,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Stream ``predict_path`` (or the test split) in chunks, with the checkpoint's preprocessing."""
+        hp = self.hparams
+        if hp.predict_path:
+            stream = ScoringStream(Path(hp.predict_path), str(hp.predict_path), self.fitted, hp.predict_chunk_rows)
+        else:
+            rows = np.flatnonzero(self.split_assignment == "test")
+            stream = ScoringStream(self.table.iloc[rows].reset_index(drop=True), self.source_name, self.fitted, hp.predict_chunk_rows, rows)
+        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+
+    # ----- fitted state in the checkpoint ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"preprocessor": self.fitted.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restored = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
+        current = self.fitted
+        if restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names):
+            raise ValueError(
+                f"the checkpoint's preprocessing (columns {restored.group_names}, {len(restored.numeric_feature_names)} features) "
+                f"does not match this data's ({current.group_names}, {len(current.numeric_feature_names)} features); "
+                "use the column roles and source the model was trained with"
+            )
+        self.preprocessor = restored

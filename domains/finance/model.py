@@ -1,0 +1,338 @@
+"""``FraudAutoencoder``: anomaly detection on transactions with a dense AE or a VAE.
+
+Training minimises the reconstruction negative log-likelihood (plus ``kl_weight`` x KL for the
+VAE) on the rows the mode allows (normal rows when semi-supervised). The anomaly score is the
+deterministic per-row negative log-likelihood (the negative ELBO for the VAE), split into
+per-column contributions so an analyst sees why a row was flagged.
+
+Thresholds are calibrated on the validation split at the end of every validation epoch and saved
+as buffers, so every checkpoint carries the threshold that goes with its weights:
+
+- ``budget_threshold``: flags the top ``target_alert_rate`` share of validation rows (the alert budget);
+- ``threshold`` (used for ``is_alert``): the best-F1 threshold when the validation rows are labelled
+  (``threshold_method`` ``auto`` or ``best_f1``), else the budget threshold.
+
+Metrics (torchmetrics): AUROC, average precision (AUPRC), precision and recall at the alert
+budget, and precision/recall/F1/alert rate at ``threshold``. At test time a histogram of scores for
+normal vs fraud and a PR curve are saved in the run folder and logged to W&B.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+from torchmetrics import CatMetric, MeanMetric
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_f1_score,
+    binary_precision,
+    binary_precision_recall_curve,
+    binary_recall,
+)
+
+from domains.finance.networks import RowErrors, TabularAutoencoder, group_contributions
+from pipelines.task import BaseTask
+from pipelines.tracking import log_figure
+
+
+def unit_interval(scores: torch.Tensor) -> torch.Tensor:
+    """Map non-negative scores monotonically into [0, 1) (``s / (1 + s)`` in float64).
+
+    torchmetrics applies a sigmoid to predictions outside [0, 1], which would saturate large
+    reconstruction errors into ties; this map keeps their order exactly.
+    """
+    s = scores.double().clamp_min(0.0)
+    return s / (1.0 + s)
+
+
+def budget_threshold(scores: torch.Tensor, alert_rate: float) -> float:
+    """The score at or above which ``alert_rate`` of ``scores`` fall (at least one row)."""
+    ordered = scores.double().sort(descending=True).values
+    k = min(len(ordered), max(1, math.ceil(alert_rate * len(ordered))))
+    return float(ordered[k - 1])
+
+
+def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The threshold (flag ``score >= t``) with the best F1 on labelled rows, and that F1."""
+    ordered, order = scores.double().sort(descending=True)
+    hits = labels[order].double()
+    tp = hits.cumsum(0)
+    flagged = torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    f1 = 2 * tp / (flagged + hits.sum())
+    cut = torch.ones_like(f1, dtype=torch.bool)
+    cut[:-1] = ordered[:-1] != ordered[1:]  # only cut between different scores
+    f1 = torch.where(cut, f1, torch.full_like(f1, -1.0))
+    best = int(f1.argmax())
+    return float(ordered[best]), float(f1[best])
+
+
+class FraudAutoencoder(BaseTask):
+    """Score transactions by how badly an autoencoder reconstructs them.
+
+    Args:
+        architecture: ``autoencoder`` (dense) or ``vae`` (variational; score = negative ELBO).
+        hidden_dims: widths of the encoder's hidden layers (the decoder mirrors them); default ``[64, 32]``.
+        latent_dim: size of the code.
+        embedding_dim: embedding width per categorical (with ``categorical_encoding: embedding``).
+        dropout: dropout after each hidden layer.
+        kl_weight: weight of the KL term in the VAE's training loss (beta); the score always uses 1.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_schedule: ``cosine``, ``step`` or ``constant``.
+        threshold_method: ``auto`` (best F1 when validation labels exist, else the alert budget),
+            ``best_f1`` or ``alert_rate``.
+        target_alert_rate: the alert budget: share of transactions flagged (e.g. 0.005 = 0.5 %).
+        top_features: contributing columns reported per scored row.
+        num_numeric: numeric input features; linked from the data.
+        categorical_cardinalities: vocabulary sizes of embedded categoricals; linked from the data.
+        feature_groups: names of the source columns contributions are reported for; linked from the data.
+        numeric_feature_groups: group index of each numeric feature; linked from the data.
+        categorical_feature_groups: group index of each embedded categorical; linked from the data.
+    """
+
+    def __init__(
+        self,
+        architecture: Literal["autoencoder", "vae"] = "autoencoder",
+        hidden_dims: list[int] | None = None,
+        latent_dim: int = 8,
+        embedding_dim: int = 4,
+        dropout: float = 0.0,
+        kl_weight: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        threshold_method: Literal["auto", "best_f1", "alert_rate"] = "auto",
+        target_alert_rate: float = 0.005,
+        top_features: int = 3,
+        num_numeric: int = 1,
+        categorical_cardinalities: list[int] | None = None,
+        feature_groups: list[str] | None = None,
+        numeric_feature_groups: list[int] | None = None,
+        categorical_feature_groups: list[int] | None = None,
+    ) -> None:
+        if not 0 < target_alert_rate < 1:
+            raise ValueError(f"target_alert_rate must be in (0, 1), got {target_alert_rate}")
+        if top_features < 0:
+            raise ValueError(f"top_features must be >= 0, got {top_features}")
+        groups = feature_groups or [f"f{i}" for i in range(num_numeric)]
+        numeric_groups = numeric_feature_groups if numeric_feature_groups is not None else list(range(num_numeric))
+        if len(numeric_groups) != num_numeric or any(not 0 <= g < len(groups) for g in numeric_groups):
+            raise ValueError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
+        super().__init__()
+        self._warned_no_labels = False
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.hparams.feature_groups or [f"f{i}" for i in range(self.hparams.num_numeric)])
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.network = TabularAutoencoder(
+            num_numeric=hp.num_numeric,
+            categorical_cardinalities=list(hp.categorical_cardinalities or []),
+            hidden_dims=list(hp.hidden_dims or [64, 32]),
+            latent_dim=hp.latent_dim,
+            embedding_dim=hp.embedding_dim,
+            dropout=hp.dropout,
+            variational=hp.architecture == "vae",
+        )
+        numeric_groups = hp.numeric_feature_groups if hp.numeric_feature_groups is not None else list(range(hp.num_numeric))
+        self.register_buffer("numeric_groups", torch.tensor(numeric_groups, dtype=torch.long), persistent=False)
+        self.register_buffer("categorical_groups", torch.tensor(list(hp.categorical_feature_groups or []), dtype=torch.long), persistent=False)
+        # calibrated on validation; saved in every checkpoint
+        self.register_buffer("threshold", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("budget_threshold", torch.tensor(float("nan"), dtype=torch.float64))
+
+    def configure_metrics(self) -> None:
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_scores", CatMetric())
+            setattr(self, f"{stage}_labels", CatMetric())
+            setattr(self, f"{stage}_loss", MeanMetric())
+
+    # ----- scoring -----------------------------------------------------------------------------
+    def errors(self, batch: dict[str, Any], sample: bool = False) -> RowErrors:
+        return self.network.errors(batch["numeric"], batch["categorical"], sample=sample)
+
+    def score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly score per row and its per-column contributions (the VAE's KL is in the score only)."""
+        errors = self.errors(batch)
+        contributions = group_contributions(errors, self.numeric_groups, self.categorical_groups, len(self.group_names))
+        return contributions.sum(1) + errors.kl, contributions
+
+    def forward(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
+        return self.network(numeric, categorical)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        errors = self.errors(batch, sample=True)
+        loss = (errors.numeric.sum(1) + errors.categorical.sum(1) + self.hparams.kl_weight * errors.kl).mean()
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(errors.kl), sync_dist=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        scores, _ = self.score(batch)
+        getattr(self, f"{stage}_scores").update(scores.double())
+        getattr(self, f"{stage}_labels").update(batch["label"].float())
+        fit_rows = batch["fit_row"]
+        if fit_rows.any():
+            getattr(self, f"{stage}_loss").update(scores[fit_rows])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _collect(self, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        metrics = [getattr(self, f"{stage}_{name}") for name in ("scores", "labels", "loss")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty CatMetric warns; handled below
+            scores, labels, loss = (m.compute() for m in metrics)
+        for metric in metrics:
+            metric.reset()
+        return torch.atleast_1d(scores).double(), torch.atleast_1d(labels), loss
+
+    @staticmethod
+    def _labelled(labels: torch.Tensor) -> bool:
+        return len(labels) > 0 and bool((labels >= 0).all()) and 0 < int(labels.sum()) < len(labels)
+
+    def _calibrate(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        hp = self.hparams
+        budget = budget_threshold(scores, hp.target_alert_rate)
+        chosen = budget
+        if hp.threshold_method != "alert_rate":
+            if self._labelled(labels):
+                chosen, _ = best_f1_threshold(scores, labels)
+            elif hp.threshold_method == "best_f1" and not self._warned_no_labels:
+                self._warned_no_labels = True
+                warnings.warn("threshold_method best_f1 needs both classes in the validation labels; using the alert budget instead")
+        self.budget_threshold.fill_(budget)
+        self.threshold.fill_(chosen)
+
+    def _ranking_metrics(self, stage: str, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        target = labels.long()
+        at_budget = (scores >= self.budget_threshold).long()
+        flagged = (scores >= self.threshold).long()
+        return {
+            f"{stage}/auroc": binary_auroc(unit_interval(scores), target),
+            f"{stage}/auprc": binary_average_precision(unit_interval(scores), target),
+            f"{stage}/precision_at_budget": binary_precision(at_budget, target),
+            f"{stage}/recall_at_budget": binary_recall(at_budget, target),
+            f"{stage}/precision": binary_precision(flagged, target),
+            f"{stage}/recall": binary_recall(flagged, target),
+            f"{stage}/f1": binary_f1_score(flagged, target),
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        scores, labels, loss = self._collect("val")
+        if len(scores) == 0:
+            return
+        self._calibrate(scores, labels)
+        metrics = {"val/loss": loss, "val/threshold": self.threshold.float()}
+        if self._labelled(labels):
+            metrics.update(self._ranking_metrics("val", scores, labels))
+        self.log_dict({k: v.float() for k, v in metrics.items()})
+
+    def on_test_epoch_end(self) -> None:
+        scores, labels, loss = self._collect("test")
+        if len(scores) == 0:
+            return
+        metrics = {"test/loss": loss, "test/alert_rate": (scores >= self.threshold).double().mean()}
+        labelled = self._labelled(labels)
+        if labelled:
+            metrics.update(self._ranking_metrics("test", scores, labels))
+        self.log_dict({k: v.float() for k, v in metrics.items()})
+        if self.trainer.is_global_zero:
+            log_figure(self.trainer, self._histogram(scores, labels if labelled else None), "test/score_histogram")
+            if labelled:
+                log_figure(self.trainer, self._pr_curve(scores, labels), "test/pr_curve")
+
+    # ----- figures -----------------------------------------------------------------------------
+    def _histogram(self, scores: torch.Tensor, labels: torch.Tensor | None) -> Any:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        values = torch.log10(scores.clamp_min(1e-6)).cpu().numpy()
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        import numpy as np
+
+        bins = np.histogram_bin_edges(values, bins=60)  # shared by both classes
+        if labels is None:
+            ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="all rows")
+        else:
+            mask = labels.cpu().numpy() > 0.5
+            ax.hist(values[~mask], bins=bins, color="tab:blue", alpha=0.6, density=True, label=f"normal ({int((~mask).sum())})")
+            ax.hist(values[mask], bins=bins, color="tab:red", alpha=0.6, density=True, label=f"fraud ({int(mask.sum())})")
+        for value, style, name in ((self.threshold, "-", "threshold"), (self.budget_threshold, "--", "alert budget")):
+            if torch.isfinite(value):
+                ax.axvline(math.log10(max(float(value), 1e-6)), color="black", linestyle=style, label=f"{name} {float(value):.3g}")
+        ax.set_xlabel("log10 anomaly score")
+        ax.set_ylabel("density" if labels is not None else "rows")
+        ax.set_title("Test scores")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def _pr_curve(self, scores: torch.Tensor, labels: torch.Tensor) -> Any:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        precision, recall, _ = binary_precision_recall_curve(unit_interval(scores), labels.long())
+        ap = float(binary_average_precision(unit_interval(scores), labels.long()))
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot(recall.cpu().numpy(), precision.cpu().numpy(), color="tab:red", label=f"AP {ap:.3f}")
+        ax.axhline(float(labels.mean()), color="gray", linestyle=":", label=f"fraud rate {float(labels.mean()):.3f}")
+        for value, marker, name in ((self.threshold, "o", "threshold"), (self.budget_threshold, "s", "alert budget")):
+            if torch.isfinite(value):
+                flagged = (scores >= value).long()
+                p = float(binary_precision(flagged, labels.long()))
+                r = float(binary_recall(flagged, labels.long()))
+                ax.plot([r], [p], marker=marker, color="black", linestyle="none", label=f"{name} (P {p:.2f}, R {r:.2f})")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Precision-recall (test)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    # ----- scoring new rows --------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Every input row (original values) plus ``score``, ``is_alert`` and the top contributing columns."""
+        scores, contributions = self.score(batch)
+        columns: dict[str, Any] = dict(batch.get("raw") or {})
+        columns["source_row"] = batch["row"]
+        columns["score"] = scores
+        columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy()
+        names = self.group_names
+        k = min(self.hparams.top_features, len(names))
+        if k:
+            values, index = contributions.topk(k, dim=1)
+            for j in range(k):
+                columns[f"top_feature_{j + 1}"] = [names[i] for i in index[:, j].tolist()]
+                columns[f"top_contribution_{j + 1}"] = values[:, j]
+        return columns
+
+    def on_predict_start(self) -> None:
+        if not torch.isfinite(self.threshold):
+            warnings.warn("the model has no calibrated threshold (no validation ran): is_alert is False for every row; pass --ckpt_path")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with the reason, a checkpoint whose input layout differs from this data's."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("architecture", "num_numeric", "categorical_cardinalities", "feature_groups", "hidden_dims", "latent_dim"):
+            if key in saved:
+                theirs, ours = saved[key], self.hparams.get(key)
+                if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (list(ours) if isinstance(ours, (list, tuple)) else ours):
+                    raise ValueError(
+                        f"the checkpoint was trained with {key}={theirs!r} but this run has {key}={ours!r}; "
+                        "use the data source, column roles and model options the checkpoint was trained with"
+                    )
