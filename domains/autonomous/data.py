@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -57,6 +58,16 @@ from domains.autonomous.readers import (
 from domains.autonomous.simulator import simulate_vehicles
 
 Task = Literal["forecasting", "regression", "classification"]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str) -> Path:
+    """``path`` as given when it exists, else relative to the project root (so that the shipped
+    ``../shared/data/...`` defaults work from any working directory)."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists():
+        return given
+    return PROJECT_ROOT / given
 
 
 class WindowDataset(Dataset):
@@ -213,9 +224,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         if hp.eth_ucy_root:
             if hp.sequence_column != "sequence" or hp.time_column != "time":
                 raise ValueError("ETH/UCY tables have the columns sequence, time, x, y: leave sequence_column/time_column at their defaults")
-            return read_eth_ucy(hp.eth_ucy_root, hp.eth_ucy_scene)
+            return read_eth_ucy(resolve_path(hp.eth_ucy_root), hp.eth_ucy_scene)
         if hp.path:
-            table = read_table(hp.path)
+            table = read_table(resolve_path(hp.path))
         else:
             simulated = simulate_vehicles(hp.sim_vehicles, hp.sim_steps, hp.sim_dt, hp.sim_seed, hp.sim_dropout)
             table = with_origin(simulated, "<simulator>", 0)
@@ -273,8 +284,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             if windows.short_segments:
                 log(f"{name}: {windows.short_segments} segment(s) ({windows.short_rows} rows) shorter than observe + predict = {length} rows: skipped")
             if len(windows.rows) == 0:
+                files = ", ".join(sorted({str(f) for f in self.tables[name][FILE].unique()})[:3])
                 raise ValueError(
-                    f"split {name!r}: no window of observe + predict = {length} rows: all {len(tracks.lengths)} segments are shorter "
+                    f"{files}: split {name!r} has no window of observe + predict = {length} rows: all {len(tracks.lengths)} segments are shorter "
                     f"(longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows); lower data.observe/data.predict or check time gaps"
                 )
             out[name] = windows
@@ -340,7 +352,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     def _predict_dataset(self, path: str) -> WindowDataset:
         hp = self.hparams
-        tracks = build_tracks(read_table(path), self.columns, hp.nan_policy, hp.time_step, hp.max_gap, "predict", require_label=False)
+        tracks = build_tracks(read_table(resolve_path(path)), self.columns, hp.nan_policy, hp.time_step, hp.max_gap, "predict", require_label=False)
         windows = cut_windows(tracks, self.observe, hp.stride)
         if len(windows.rows) == 0:
             raise ValueError(f"predict_path {path}: no sequence segment has observe = {self.observe} rows")

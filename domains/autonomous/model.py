@@ -8,22 +8,25 @@ architecture       forecasting                                  regression / cla
 =================  ===========================================  ===============================
 ``rnn``            LSTM/GRU encoder-decoder (``cell``)          LSTM/GRU encoder + MLP head
 ``cvae``           conditional VAE, K futures (best-of-K)       (not available)
+``mixture``        M-mode mixture (MultiPath-style), top K      (not available)
 ``transformer``    ``transformers`` PatchTST (from a config)    PatchTST encoder + MLP head
 =================  ===========================================  ===============================
 
 Forecasters predict normalised displacements; positions are the last observed position plus
 their cumulative sum, in the data's units. The loss is the mean squared error of those relative
-positions (in units of the displacement scale), plus ``kl_weight`` x KL for the CVAE. Teacher
+positions (in units of the displacement scale), plus ``kl_weight`` x KL for the CVAE; the mixture
+is trained winner-takes-all (relaxed by ``wta_epsilon``) plus the cross-entropy of its mode logits. Teacher
 forcing starts at ``teacher_forcing`` and decays linearly to 0 over ``teacher_forcing_epochs``.
 
 Metrics (torchmetrics, DDP-synchronised): forecasting ``ade``, ``fde`` (single prediction; the
-CVAE decodes its prior mean), ``min_ade``, ``min_fde`` (best of ``num_samples``, CVAE only),
+CVAE decodes its prior mean, the mixture takes its most probable mode), ``min_ade``, ``min_fde``
+(best of ``num_samples`` futures, stochastic forecasters only),
 ``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
 classification ``accuracy``, ``f1`` (macro).
 
 The primary metric: the domain has one monitor, so every task logs ``val/score``, lower is better,
 defined per task as the number the literature ranks by: forecasting ADE (``min_ade`` for the
-stochastic CVAE, ``ade`` otherwise), regression RMSE, classification error rate
+stochastic forecasters, ``ade`` otherwise), regression RMSE, classification error rate
 (``1 - accuracy``). The named metrics are logged beside it.
 """
 
@@ -37,7 +40,7 @@ from torch.nn import functional as F
 from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from domains.autonomous.metrics import DisplacementError
-from domains.autonomous.networks import CVAEForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -46,7 +49,7 @@ class SensorSequenceModel(BaseTask):
     """Forecast, regress or classify windows of sensor sequences.
 
     Args:
-        architecture: ``rnn`` (LSTM/GRU), ``cvae`` (stochastic forecaster, K futures) or
+        architecture: ``rnn`` (LSTM/GRU), ``cvae`` or ``mixture`` (stochastic forecasters, K futures) or
             ``transformer`` (PatchTST from ``transformers``, built from a config).
         cell: recurrent cell of ``rnn`` and ``cvae``: ``lstm`` or ``gru``.
         hidden_size: RNN width (PatchTST: ``d_model``).
@@ -55,7 +58,10 @@ class SensorSequenceModel(BaseTask):
         dropout: dropout inside the networks.
         latent_size: CVAE latent size.
         kl_weight: weight of the CVAE's KL term.
-        num_samples: futures drawn by the CVAE for min-of-K metrics (K; 20 in the literature).
+        num_samples: futures drawn by the stochastic forecasters for min-of-K metrics (K; 20 in the literature).
+        modes: mixture components of ``mixture``.
+        wta_epsilon: share of the ``mixture`` regression loss spread over the modes that did not win
+            (relaxed winner-takes-all, so that no mode is left untrained).
         num_heads: PatchTST attention heads.
         patch_length: PatchTST patch length (and stride), at most ``observe``.
         teacher_forcing: initial probability of feeding the true displacement to the decoder.
@@ -64,6 +70,8 @@ class SensorSequenceModel(BaseTask):
         weight_decay: AdamW weight decay.
         lr_schedule: ``cosine``, ``step`` or ``constant``.
         plot_samples: windows drawn in the test trajectory plot (0 disables plots).
+        velocity_residual: forecasters predict each future displacement as a change from the last
+            observed one (a constant-velocity prior that the network corrects).
         cpu_threads: torch intra-op threads while this model runs on CPU (restored afterwards);
             small recurrent networks run fastest on 1, and several threads spin badly on a busy
             machine; ``None`` keeps torch's setting.
@@ -79,7 +87,7 @@ class SensorSequenceModel(BaseTask):
 
     def __init__(
         self,
-        architecture: Literal["rnn", "cvae", "transformer"] = "rnn",
+        architecture: Literal["rnn", "cvae", "mixture", "transformer"] = "rnn",
         cell: Literal["lstm", "gru"] = "lstm",
         hidden_size: int = 64,
         embed_size: int = 32,
@@ -88,6 +96,8 @@ class SensorSequenceModel(BaseTask):
         latent_size: int = 16,
         kl_weight: float = 1.0,
         num_samples: int = 20,
+        modes: int = 20,
+        wta_epsilon: float = 0.05,
         num_heads: int = 4,
         patch_length: int = 2,
         teacher_forcing: float = 0.5,
@@ -96,6 +106,7 @@ class SensorSequenceModel(BaseTask):
         weight_decay: float = 1e-4,
         lr_schedule: str = "cosine",
         plot_samples: int = 6,
+        velocity_residual: bool = True,
         cpu_threads: int | None = 1,
         task: str = "forecasting",
         input_size: int = 2,
@@ -108,8 +119,8 @@ class SensorSequenceModel(BaseTask):
     ) -> None:
         if task not in ("forecasting", "regression", "classification"):
             raise ValueError(f"task must be forecasting, regression or classification, got {task!r}")
-        if architecture == "cvae" and task != "forecasting":
-            raise ValueError(f"architecture 'cvae' forecasts; task {task!r} needs 'rnn' or 'transformer'")
+        if architecture in ("cvae", "mixture") and task != "forecasting":
+            raise ValueError(f"architecture {architecture!r} forecasts; task {task!r} needs 'rnn' or 'transformer'")
         if task == "classification" and num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
         if num_samples < 1:
@@ -133,7 +144,7 @@ class SensorSequenceModel(BaseTask):
 
     @property
     def stochastic(self) -> bool:
-        return self.hparams.architecture == "cvae"
+        return self.hparams.architecture in ("cvae", "mixture")
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -145,6 +156,9 @@ class SensorSequenceModel(BaseTask):
             elif hp.architecture == "cvae":
                 self.network = CVAEForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, latent_size=hp.latent_size,
                                               num_layers=hp.num_layers, cell=hp.cell, dropout=hp.dropout)  # fmt: skip
+            elif hp.architecture == "mixture":
+                self.network = MixtureForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, num_layers=hp.num_layers,
+                                                 cell=hp.cell, dropout=hp.dropout, modes=hp.modes)  # fmt: skip
             else:
                 self.network = PatchTSTForecaster(**common, observe=hp.observe, d_model=hp.hidden_size, num_heads=hp.num_heads,
                                                   num_layers=hp.num_layers, patch_length=hp.patch_length, dropout=hp.dropout)  # fmt: skip
@@ -177,9 +191,15 @@ class SensorSequenceModel(BaseTask):
     # ----- forward passes --------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Normalised future displacements ``(B, 1, predict, D)`` (forecasting) or outputs ``(B, outputs)``."""
-        if self.stochastic:
-            return self.network(inputs, mean=True)
-        return self.network(inputs)
+        if self.hparams.task != "forecasting":
+            return self.network(inputs)
+        out = self.network(inputs, mean=True) if self.stochastic else self.network(inputs)
+        return out + self._last_step(inputs)[:, None, None]
+
+    def _last_step(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The constant-velocity prior ``(B, D)``: the last observed normalised displacement (zeros when off)."""
+        last = inputs[:, -1, : self.hparams.target_dim]
+        return last if self.hparams.velocity_residual else torch.zeros_like(last)
 
     @property
     def teacher_forcing_ratio(self) -> float:
@@ -201,8 +221,17 @@ class SensorSequenceModel(BaseTask):
         return batch["past"][:, -1][:, None, None] + torch.cumsum(steps * scale, 2)
 
     def _forecast_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        truth = self._true_steps(batch)
+        last = self._last_step(batch["inputs"])[:, None]
+        truth = self._true_steps(batch) - last  # what the network predicts (residual to constant velocity)
         tf = self.teacher_forcing_ratio
+        if self.hparams.architecture == "mixture":
+            means, logits = self.network.mixture(batch["inputs"])
+            errors = (means.cumsum(2) - truth.cumsum(1)[:, None]).pow(2).mean((2, 3))  # (B, M)
+            best = errors.argmin(1)
+            eps = self.hparams.wta_epsilon if means.shape[1] > 1 else 0.0
+            winner = errors.gather(1, best[:, None])[:, 0]
+            others = (errors.sum(1) - winner) / max(means.shape[1] - 1, 1)
+            return ((1 - eps) * winner + eps * others).mean() + F.cross_entropy(logits, best)
         if self.stochastic:
             recon, kl = self.network.training_forward(batch["inputs"], truth, tf)
             return F.mse_loss(recon[:, 0].cumsum(1), truth.cumsum(1)) + self.hparams.kl_weight * kl.mean()
@@ -228,14 +257,15 @@ class SensorSequenceModel(BaseTask):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        if self.hparams.task == "forecasting" and self.hparams.architecture != "transformer":
+        if self.hparams.task == "forecasting" and self.hparams.architecture in ("rnn", "cvae"):
             self.log("train/teacher_forcing", self.teacher_forcing_ratio, on_epoch=True, on_step=False)
 
     def _predictions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forecasting: ``single`` (B, T, D) and, for the CVAE, ``samples`` (B, K, T, D) positions in data units."""
         out = {"single": self._positions(self(batch["inputs"]), batch)[:, 0]}
         if self.stochastic:
-            out["samples"] = self._positions(self.network(batch["inputs"], num_samples=self.hparams.num_samples), batch)
+            samples = self.network(batch["inputs"], num_samples=self.hparams.num_samples) + self._last_step(batch["inputs"])[:, None, None]
+            out["samples"] = self._positions(samples, batch)
         return out
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
@@ -290,6 +320,38 @@ class SensorSequenceModel(BaseTask):
         self._plot_batch, self._scatter = None, []
         if self.hparams.task == "classification":
             self.test_confusion.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Columns: ``sequence``, ``time`` (last observed), then per task: forecasting ``pred_<channel>_<step>``
+        (and ``true_<channel>_<step>`` when the future is known); regression ``prediction`` (and ``target``);
+        classification ``prediction``, ``prob_<class>`` (and ``label``)."""
+        hp = self.hparams
+        datamodule = self.trainer.datamodule
+        columns: dict[str, Any] = {"sequence": [datamodule.window_name(int(i)) for i in batch["index"]], "time": batch["time"]}
+        if hp.task == "forecasting":
+            single = self._positions(self(batch["inputs"]), batch)[:, 0]
+            names = hp.target_names or [str(i) for i in range(hp.target_dim)]
+            columns |= {f"pred_{name}": single[..., i] for i, name in enumerate(names)}
+            if "future" in batch:
+                columns |= {f"true_{name}": batch["future"][..., i] for i, name in enumerate(names)}
+            return columns
+        out = self.network(batch["inputs"])
+        if hp.task == "regression":
+            columns["prediction"] = out[:, 0] * batch["target_std"] + batch["target_mean"] if "target_std" in batch else self._denormalise(out[:, 0])
+            if "target" in batch:
+                columns["target"] = batch["target"]
+            return columns
+        names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
+        probs = out.softmax(-1)
+        columns["prediction"] = [names[i] for i in probs.argmax(-1).tolist()]
+        columns |= {f"prob_{name}": probs[:, i] for i, name in enumerate(names)}
+        if "label" in batch:
+            columns["label"] = [names[i] for i in batch["label"].tolist()]
+        return columns
+
+    def _denormalise(self, value: torch.Tensor) -> torch.Tensor:
+        stats = self.trainer.datamodule.stats
+        return value * float(stats["target_std"]) + float(stats["target_mean"])
 
     # ----- figures ---------------------------------------------------------------------------
     def _log_plots(self) -> None:

@@ -10,6 +10,8 @@ channels first, then the other channels) and return normalised future displaceme
   past, a recognition network ``q(z | past, future)`` used in training, a learned prior
   ``p(z | past)`` sampled at inference, and the same recurrent decoder conditioned on ``z``; K
   samples give K futures (evaluated best-of-K).
+- :class:`MixtureForecaster`: K trajectory modes with probabilities (MultiPath-style mixture), trained
+  winner-takes-all; its K most probable modes are the K futures.
 - :class:`PatchTSTForecaster`: Hugging Face ``transformers``' PatchTST built from a config object
   (random initialisation; nothing is downloaded).
 - :class:`SequenceRegressor`: an RNN (or PatchTST) encoder with an MLP head, for per-window
@@ -188,6 +190,57 @@ class CVAEForecaster(nn.Module):
             + (d["post_logvar"].exp() + (d["post_mu"] - d["prior_mu"]) ** 2) / d["prior_logvar"].exp() - 1
         ).sum(-1)  # fmt: skip
         return recon[:, None], kl
+
+
+class MixtureForecaster(nn.Module):
+    """A mixture (multi-modal) forecaster in the MultiPath style: ``modes`` trajectories with probabilities.
+
+    The past is encoded by an LSTM/GRU; one MLP head gives every mode's displacements at once and
+    another the modes' logits. Trained by winner-takes-all (the mode closest to the truth is
+    regressed, the others slightly, and the classifier learns which mode won), it is a mixture of
+    equal-variance Gaussians evaluated at its means. ``forward`` returns the ``num_samples`` most
+    probable modes; beyond ``modes``, further futures are drawn from the mixture (a mode picked by
+    its probability plus Gaussian noise of the residual spread ``sigma``).
+
+    Args:
+        input_size: features per observed step.
+        target_dim: forecast channels, the first input features.
+        predict: future steps.
+        hidden_size: RNN width.
+        embed_size: per-step embedding width.
+        num_layers: stacked RNN layers.
+        cell: ``lstm`` or ``gru``.
+        dropout: between stacked layers.
+        modes: mixture components.
+        sigma: standard deviation of the noise added to drawn futures beyond ``modes`` (normalised units).
+    """
+
+    def __init__(
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, num_layers: int = 1,
+        cell: Cell = "lstm", dropout: float = 0.0, modes: int = 20, sigma: float = 0.1,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.target_dim, self.predict, self.modes, self.sigma = target_dim, predict, modes, sigma
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
+        self.trunk = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU())
+        self.means = nn.Linear(2 * hidden_size, modes * predict * target_dim)
+        self.logits = nn.Linear(2 * hidden_size, modes)
+
+    def mixture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mode's displacements ``(B, M, predict, D)`` and the mode logits ``(B, M)``."""
+        features = self.trunk(_last_hidden(self.encoder(inputs)))
+        return self.means(features).view(len(inputs), self.modes, self.predict, self.target_dim), self.logits(features)
+
+    def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False) -> torch.Tensor:
+        means, logits = self.mixture(inputs)
+        order = logits.argsort(-1, descending=True)
+        k = 1 if mean else num_samples
+        top = means.gather(1, order[:, : min(k, self.modes), None, None].expand(-1, -1, self.predict, self.target_dim))
+        if k <= self.modes:
+            return top
+        extra = torch.multinomial(logits.softmax(-1), k - self.modes, replacement=True)
+        drawn = means.gather(1, extra[:, :, None, None].expand(-1, -1, self.predict, self.target_dim))
+        return torch.cat([top, drawn + self.sigma * torch.randn_like(drawn)], 1)
 
 
 def patchtst_config(
