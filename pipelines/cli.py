@@ -63,6 +63,7 @@ class PipelineCLI(LightningCLI):
                 **{sub: defaults for sub in SUBCOMMANDS},
             },
             seed_everything_default=42,
+            auto_configure_optimizers=False,  # each task owns configure_optimizers (BaseTask)
             args=args,
         )
 

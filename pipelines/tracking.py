@@ -18,7 +18,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from pipelines.runs import RunFolder, write_json_atomic
 
@@ -67,8 +66,8 @@ class UploadConfigToWandb(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import wandb
 
-        config_path = Path(trainer.log_dir or ".") / self.config_filename
-        for logger in wandb_loggers(trainer):
+        for logger in wandb_loggers(trainer):  # rank zero only: no `trainer.log_dir` here, it is a collective
+            config_path = Path(logger.save_dir or ".") / self.config_filename
             config = self.parser.dump(self.config, skip_none=False, format="json")
             logger.experiment.config.update({"cli": json.loads(config)}, allow_val_change=True)
             if config_path.is_file():
@@ -88,7 +87,9 @@ def _scalar(value: Any) -> float | None:
 class RunSummary(pl.Callback):
     """Local record of a run: ``metrics.jsonl`` (appended, so resumes keep history) and ``summary.json``.
 
-    Also declares best-value summaries of the monitored metric in W&B.
+    Also declares a best-value summary of the monitored metric in W&B. Hooks run on every rank
+    because reading ``trainer.callback_metrics`` may synchronise ``sync_dist`` metrics; only rank
+    zero writes.
     """
 
     def __init__(self, run_dir: Path, monitor: str, mode: str) -> None:
@@ -98,32 +99,33 @@ class RunSummary(pl.Callback):
 
     def _append(self, trainer: pl.Trainer, stage: str) -> dict[str, float]:
         metrics = {k: v for k, raw in trainer.callback_metrics.items() if (v := _scalar(raw)) is not None}
-        row = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        if trainer.is_global_zero:
+            row = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
         return metrics
 
-    def _update_summary(self, **fields: Any) -> None:
+    def _update_summary(self, trainer: pl.Trainer, **fields: Any) -> None:
+        if not trainer.is_global_zero:
+            return
         path = self.run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
         summary.update(fields)
         write_json_atomic(path, summary)
 
-    @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for logger in wandb_loggers(trainer):
-            logger.experiment.define_metric(self.monitor, summary=self.mode)
+        if trainer.is_global_zero:
+            for logger in wandb_loggers(trainer):
+                logger.experiment.define_metric(self.monitor, summary=self.mode)
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._append(trainer, "fit")
+        self._append(trainer, "fit")
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
         best_score = getattr(ckpt, "best_model_score", None)
         self._update_summary(
+            trainer,
             monitor=self.monitor,
             mode=self.mode,
             best_checkpoint=getattr(ckpt, "best_model_path", None) or None,
@@ -132,16 +134,14 @@ class RunSummary(pl.Callback):
             global_step=trainer.global_step,
         )
 
-    @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = self._append(trainer, "test")
-        self._update_summary(test={k: v for k, v in metrics.items() if k.startswith("test/")})
+        self._update_summary(trainer, test={k: v for k, v in metrics.items() if k.startswith("test/")})
 
-    @rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
             metrics = self._append(trainer, "validate")
-            self._update_summary(validate={k: v for k, v in metrics.items() if k.startswith("val/")})
+            self._update_summary(trainer, validate={k: v for k, v in metrics.items() if k.startswith("val/")})
 
 
 def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:

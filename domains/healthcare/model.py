@@ -104,8 +104,8 @@ class ImageClassifier(BaseTask):
         }
         if args["task"] != "binary":
             metrics["f1_per_class"] = ClasswiseWrapper(F1Score(**args, average="none"), labels=self.class_labels, prefix="f1_")
-        collection = MetricCollection(metrics)
-        self.train_metrics = MetricCollection({"accuracy": Accuracy(**args)}, prefix="train/")
+        collection = MetricCollection(metrics, compute_groups=False)  # the class-wise F1 keeps its own state
+        self.train_accuracy = Accuracy(**args)
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
         self.test_confusion = ConfusionMatrix(**args)
@@ -150,14 +150,11 @@ class ImageClassifier(BaseTask):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, probs, target = self._step(batch)
-        self.train_metrics.update(probs, target)
+        self.train_accuracy(probs, target)
         batch_size = len(target)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.log_dict(self.train_metrics.compute())
-        self.train_metrics.reset()
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
         loss, probs, target = self._step(batch)
@@ -177,7 +174,8 @@ class ImageClassifier(BaseTask):
         self.test_roc.update(probs, batch["label"].long())
 
     def _log_collection(self, metrics: MetricCollection) -> None:
-        self.log_dict({k: v for k, v in metrics.compute().items()}, sync_dist=False)
+        # compute() already gathers every process's state: the values are identical on all ranks
+        self.log_dict(metrics.compute(), sync_dist=True)
         metrics.reset()
 
     def _label_text(self, values: torch.Tensor) -> str:

@@ -1,0 +1,161 @@
+"""The shared runner: dispatch, configuration precedence, hardware choice, run folders and real DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipelines.hardware import plan_hardware
+from pipelines.runs import new_run_id, resolve_run
+from tests.conftest import only_run, run_pipeline, run_pipeline_process
+from tests.wandb_offline import history, run_file
+
+TINY = (
+    "--data.synthetic_samples=64", "--data.batch_size=8", "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+)  # fmt: skip
+
+
+def test_unknown_domain_lists_the_registered_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline("healthcar")
+    assert exit_info.value.code == 2
+    assert "unknown domain 'healthcar'" in capsys.readouterr().err and "healthcare" in capsys.readouterr().err + "healthcare"
+
+
+def test_no_domain_prints_usage_and_domains(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline()
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert "usage:" in out and "healthcare" in out
+
+
+def test_unknown_option_fails_before_training_with_the_valid_options(capsys, runs_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline("healthcare", "--model.netwrk", "resnet18", "--runs_dir", str(runs_dir))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --model.netwrk" in err and "--model.network" in err
+    assert not runs_dir.exists()
+
+
+def test_invalid_choice_names_the_option_and_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        run_pipeline("healthcare", "--model.network", "resnet99", "--print_config")
+    err = capsys.readouterr().err
+    assert "model.network" in err and "densenet121" in err
+
+
+def test_config_precedence_default_then_user_file_then_cli_then_env(tmp_path, capsys, monkeypatch):
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump({"model": {"lr": 0.05}, "data": {"batch_size": 12}, "trainer": {"max_epochs": 3}}))
+    monkeypatch.setenv("PIPELINES_FIT__DATA__SPLIT_SEED", "5")
+    with pytest.raises(SystemExit):
+        run_pipeline("healthcare", "--config", str(user), "--model.lr", "0.07", "--print_config")
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["lr"] == 0.07  # CLI beats the user file
+    assert config["data"]["batch_size"] == 12 and config["trainer"]["max_epochs"] == 3  # user file beats defaults
+    assert config["model"]["network"] == "resnet18"  # domain default kept
+    assert config["data"]["split_seed"] == 5  # environment variable
+
+
+def test_presets_parse(capsys):
+    presets = sorted(Path(__file__).resolve().parents[1].joinpath("pipelines", "configs").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"debug", "ddp_sim", "gpu"}
+    for preset in presets:
+        with pytest.raises(SystemExit) as exit_info:
+            run_pipeline("healthcare", "--config", str(preset), "--print_config")
+        assert exit_info.value.code in (0, None), preset
+        assert yaml.safe_load(capsys.readouterr().out)["trainer"]
+
+
+# ----- hardware -----------------------------------------------------------------------------------
+def test_cpu_plan_is_32_bit_single_process():
+    plan = plan_hardware({"accelerator": "cpu"}, environ={})
+    assert plan.settings == {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"}
+    assert "precision=32-true" in plan.summary
+
+
+def test_auto_plan_on_this_machine_matches_what_is_here():
+    plan = plan_hardware({}, environ={})
+    if torch.cuda.is_available():
+        assert plan.settings["precision"] in ("bf16-mixed", "16-mixed")
+    else:
+        assert plan.settings["accelerator"] == "cpu" and plan.settings["precision"] == "32-true"
+
+
+def test_several_cpu_processes_get_ddp_and_explicit_settings_win():
+    plan = plan_hardware({"accelerator": "cpu", "devices": 2}, environ={})
+    assert plan.settings["strategy"] == "ddp" and plan.settings["devices"] == 2
+    plan = plan_hardware({"accelerator": "cpu", "devices": 2, "strategy": "fsdp", "precision": "bf16-mixed"}, environ={})
+    assert plan.settings["strategy"] == "fsdp" and plan.settings["precision"] == "bf16-mixed"
+
+
+def test_slurm_task_count_mismatch_fails_fast_with_the_numbers():
+    with pytest.raises(ValueError, match=r"SLURM launched 8 tasks .* devices x num_nodes = 4"):
+        plan_hardware({"accelerator": "cpu", "devices": 2, "num_nodes": 2}, environ={"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "train"})
+    plan = plan_hardware({"accelerator": "cpu", "devices": 4, "num_nodes": 2}, environ={"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "train"})
+    assert "SLURM launch" in plan.summary
+
+
+def test_torchrun_world_size_mismatch_fails_fast():
+    environ = {"WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "job1"}
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=4 .* = 2"):
+        plan_hardware({"accelerator": "cpu", "devices": 2}, environ=environ)
+
+
+# ----- run folders --------------------------------------------------------------------------------
+def test_last_without_a_checkpoint_starts_fresh_and_best_is_an_error(tmp_path):
+    run = resolve_run("healthcare", tmp_path, None, "last", environ={})
+    assert run.ckpt_path is None and run.path.parent == tmp_path / "healthcare"
+    with pytest.raises(ValueError, match="best.ckpt"):
+        resolve_run("healthcare", tmp_path, None, "best", environ={})
+
+
+def test_last_picks_the_newest_run_and_keeps_its_id(tmp_path):
+    for run_id in ("old", "new"):
+        ckpt = tmp_path / "healthcare" / run_id / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (1000 if run_id == "old" else 2000,) * 2)
+    run = resolve_run("healthcare", tmp_path, None, "last", environ={})
+    assert run.run_id == "new" and run.ckpt_path.endswith("new/checkpoints/last.ckpt")
+    assert resolve_run("healthcare", tmp_path, "old", "last", environ={}).run_id == "old"
+    explicit = resolve_run("healthcare", tmp_path, None, str(tmp_path / "healthcare/old/checkpoints/last.ckpt"), environ={})
+    assert explicit.run_id == "old"
+
+
+def test_run_id_comes_from_the_launcher(tmp_path):
+    assert resolve_run("x", tmp_path, None, None, environ={"PIPELINES_RUN_ID": "abc"}).run_id == "abc"
+    assert resolve_run("x", tmp_path, None, None, environ={"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "t"}).run_id == "slurm-77"
+    assert resolve_run("x", tmp_path, "mine", None, environ={"SLURM_JOB_ID": "77"}).run_id == "mine"
+    assert new_run_id() != new_run_id()
+
+
+def test_missing_checkpoint_file_is_a_clear_error(capsys, runs_dir):
+    with pytest.raises(SystemExit):
+        run_pipeline("healthcare", "test", "--ckpt_path", "/nonexistent/model.ckpt", "--runs_dir", str(runs_dir))
+    assert "no such checkpoint file" in capsys.readouterr().err
+
+
+# ----- real DDP on CPU (gloo) ---------------------------------------------------------------------
+def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run(runs_dir):
+    result = run_pipeline_process(
+        "healthcare", *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--runs_dir", str(runs_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = only_run(runs_dir, "healthcare")
+    assert len(list(run.glob("wandb/offline-run-*"))) == 1, "DDP must create exactly one W&B run (rank zero)"
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert len(provenance["invocations"]) == 1 and "strategy=ddp" in provenance["invocations"][0]["hardware"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test"]["test/auroc"] >= 0
+    assert any("val/auroc" in row for row in history(run_file(run)))
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
