@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -40,6 +41,8 @@ class PipelineCLI(LightningCLI):
         self.test_after_fit = test_after_fit
         self.run: RunFolder | None = None
         configure_wandb_mode()
+        # the dispatcher hands LightningCLI the arguments after the domain name, by design
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         defaults = {"default_config_files": [str(spec.config)]}
         inherited_run_id = os.environ.get(RUN_ID_ENV)
         try:

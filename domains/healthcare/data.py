@@ -51,7 +51,7 @@ def build_albumentations(spec: AugmentSpec | None) -> Any:
         if not isinstance(transform, type):
             raise ValueError(f"augment: albumentations has no transform {name!r} (see albumentations' documentation)")
         try:
-            steps.append(transform(**(kwargs or {})))
+            steps.append(transform(**(kwargs or {}), strict=True))  # strict: unknown arguments are errors
         except (TypeError, ValueError) as error:
             raise ValueError(f"augment: invalid arguments for {name}: {error}") from None
     return A.Compose(steps)
@@ -125,8 +125,8 @@ class MedicalImageDataModule(pl.LightningDataModule):
         synthetic_image_size: side of the synthetic images.
         synthetic_seed: seed of the synthetic generator.
         balance: ``class_weights`` (weighted loss), ``sampler`` (weighted sampling) or ``none``.
-        augment: albumentations transforms for 2-D training images, as ``[{Name: {args}}]``; for 3-D
-            volumes any non-empty value enables MONAI random flips and noise.
+        augment: albumentations transforms for 2-D training images, as ``[{Name: {args}}]``.
+        volume_augment: MONAI random flips and noise for 3-D training volumes.
         batch_size: samples per batch (per process under DDP).
         num_workers: DataLoader worker processes (persistent when > 0).
         pin_memory: pin host memory for GPU copies (default: when CUDA is available).
@@ -150,6 +150,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         synthetic_seed: int = 0,
         balance: Literal["class_weights", "sampler", "none"] = "class_weights",
         augment: AugmentSpec | None = None,
+        volume_augment: bool = True,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -245,7 +246,10 @@ class MedicalImageDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         resize, volume = self._resize(), self.spatial_dims == 3
-        augment = (build_volume_augmentation() if volume else self.augment) if self.hparams.augment else None
+        if volume:
+            augment = build_volume_augmentation() if self.hparams.volume_augment else None
+        else:
+            augment = self.augment
         for name in SPLITS:
             indices = np.flatnonzero(self.split_assignment == name)
             images = self.source.load(indices, resize)

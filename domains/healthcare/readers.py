@@ -158,19 +158,33 @@ def synthetic_lesions(count: int, size: int, seed: int) -> LabeledImages:
     )
 
 
-def _image_loader():  # MONAI is imported lazily: only the image-table path needs its readers
-    from monai.data import PILReader
-    from monai.transforms import LoadImage
+class ImageFileReader:
+    """MONAI ``LoadImage`` with the reader chosen by file suffix (DICOM, NIfTI or PIL formats).
 
-    loader = LoadImage(image_only=True, ensure_channel_first=True)
-    loader.register(PILReader(reverse_indexing=False))  # keep PNG/JPEG rows as rows
-    return loader
+    Pixels keep the file's row order and dtype (uint8 PNGs stay uint8); MONAI is imported lazily
+    because only the image-table path needs it.
+    """
+
+    def __init__(self) -> None:
+        from monai.data import NibabelReader, PILReader, PydicomReader
+        from monai.transforms import LoadImage
+
+        def load(reader):
+            return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)
+
+        self.dicom = load(PydicomReader(swap_ij=False))
+        self.nifti = load(NibabelReader())
+        self.pil = load(PILReader(reverse_indexing=False))
+
+    def __call__(self, path: Path) -> np.ndarray:
+        name = path.name.lower()
+        loader = self.dicom if name.endswith(".dcm") else self.nifti if name.endswith((".nii", ".nii.gz")) else self.pil
+        return np.asarray(loader(str(path)))
 
 
-def read_image_file(path: Path, loader=None) -> np.ndarray:
+def read_image_file(path: Path, reader: ImageFileReader | None = None) -> np.ndarray:
     """Read one PNG/JPEG/DICOM/NIfTI file as a channel-first array (uint8 kept, else float32 in [0, 1])."""
-    loader = loader or _image_loader()
-    array = np.asarray(loader(str(path)))
+    array = (reader or ImageFileReader())(Path(path))
     if array.ndim == 4 and array.shape[-1] == 1:  # a 2-D NIfTI/DICOM slice stored as (C, H, W, 1)
         array = array[..., 0]
     if array.dtype == np.uint8:
@@ -228,7 +242,7 @@ def read_image_table(labels_csv: str | Path, image_dir: str | Path | None = None
         bad = [(row + 2, s) for row, s in enumerate(split) if s not in SPLITS]
         if bad:
             raise ValueError(f"{csv_path}: row {bad[0][0]}: split {bad[0][1]!r} is not one of {list(SPLITS)}")
-    loader = _image_loader()
+    loader = ImageFileReader()
     try:
         first = read_image_file(files[0], loader)
     except Exception as error:
