@@ -1,0 +1,72 @@
+"""Shared benchmark helpers: a throughput callback, peak memory, and a table printer."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class TrainingThroughput(pl.Callback):
+    """Record training samples/s per epoch (data loading included) into a JSON file.
+
+    Pass it to any run: ``--trainer.callbacks+=benchmarks.common.TrainingThroughput
+    --trainer.callbacks.output=throughput.json``.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.output = Path(output)
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        image = batch["image"] if isinstance(batch, dict) and "image" in batch else next(iter(batch.values()))
+        self._samples += len(image)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start
+        self.epochs.append({"seconds": seconds, "samples": self._samples, "samples_per_s": self._samples / seconds})
+        if trainer.is_global_zero:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.output.write_text(json.dumps(self.epochs))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process and its finished children, MiB (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        sys.exit(f"{path} is absent: the benchmark needs ../shared/data beside the project (see its README)")
+    return path
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"results written to {path}")
+    return path
