@@ -126,7 +126,8 @@ class SensorSequenceModel(BaseTask):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         super().__init__()
-        self._plot_batch: dict[str, torch.Tensor] | None = None
+        self._plot_items: list[dict[str, torch.Tensor]] = []
+        self._plot_sequences: set[str] = set()
         self._scatter: list[torch.Tensor] = []
         self._saved_threads: int | None = None
 
@@ -282,8 +283,8 @@ class SensorSequenceModel(BaseTask):
                     metric.update(pred["samples"], future)
                 else:
                     metric.update(pred["single"].flatten(), future.flatten())
-            if self._plot_batch is None and stage == "test":
-                self._plot_batch = {"past": batch["past"].cpu(), "future": future.cpu(), **{k: v.cpu() for k, v in pred.items()}}
+            if stage == "test":
+                self._keep_for_plot(batch, pred)
         else:
             loss, out = self._outputs_loss(batch)
             if self.hparams.task == "regression":
@@ -296,6 +297,19 @@ class SensorSequenceModel(BaseTask):
                 if stage == "test":
                     self.test_confusion.update(out.argmax(-1), batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def _keep_for_plot(self, batch: dict[str, torch.Tensor], pred: dict[str, torch.Tensor]) -> None:
+        """Keep the first test window of each of the first ``plot_samples`` sequences (consecutive windows look alike)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for i in range(len(batch["past"])):
+            if len(self._plot_items) >= self.hparams.plot_samples:
+                return
+            name = datamodule.window_name(int(batch["index"][i])) if datamodule is not None else str(len(self._plot_items))
+            if name.split("/")[0] in self._plot_sequences:
+                continue
+            self._plot_sequences.add(name.split("/")[0])
+            item = {"past": batch["past"][i], "future": batch["future"][i], **{k: v[i] for k, v in pred.items()}}
+            self._plot_items.append({k: v.detach().cpu() for k, v in item.items()})
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
@@ -317,7 +331,7 @@ class SensorSequenceModel(BaseTask):
         self._log_metrics(self.test_metrics, "test")
         if self.hparams.plot_samples and self.trainer.is_global_zero:
             self._log_plots()
-        self._plot_batch, self._scatter = None, []
+        self._plot_items, self._plot_sequences, self._scatter = [], set(), []
         if self.hparams.task == "classification":
             self.test_confusion.reset()
 
@@ -377,9 +391,10 @@ class SensorSequenceModel(BaseTask):
             ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title="test: predicted vs true")
             log_figure(self.trainer, fig, "test/predicted_vs_true")
             return
-        if self._plot_batch is None:
+        if not self._plot_items:
             return
-        log_figure(self.trainer, trajectory_figure(self._plot_batch, hp.plot_samples, hp.target_names), "test/trajectories")
+        batch = {key: torch.stack([item[key] for item in self._plot_items]) for key in self._plot_items[0]}
+        log_figure(self.trainer, trajectory_figure(batch, hp.plot_samples, hp.target_names), "test/trajectories")
 
 
 def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[str] | None = None) -> Any:
@@ -414,7 +429,6 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
         draw(torch.cat([past[-1:], future]), obs - 1, color="tab:green", marker="o", ms=2, label="true")
         draw(torch.cat([past[-1:], single]), obs - 1, color="tab:red", marker="x", ms=3, label="predicted")
         if past.shape[-1] >= 2:
-            ax.set_aspect("equal", adjustable="datalim")
             ax.set(xlabel=names[0], ylabel=names[1])
         else:
             ax.set(xlabel="step", ylabel=names[0])
