@@ -251,7 +251,7 @@ def test_scoring_stream_reads_in_bounded_chunks_and_keeps_every_row(tmp_path):
     stream = ScoringStream(tmp_path / "t.csv", "t.csv", dm.fitted, chunk_rows=50)
     chunks = list(stream)
     assert [len(c["row"]) for c in chunks] == [50, 50, 50, 50, 30]
-    assert sum((c["raw"]["transaction_id"] for c in chunks), []) == frame["transaction_id"].tolist()
+    assert sum((c["raw"]["transaction_id"].tolist() for c in chunks), []) == frame["transaction_id"].tolist()
 
 
 def test_running_finance_does_not_import_monai(tmp_path):

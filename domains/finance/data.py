@@ -144,7 +144,7 @@ class EncodedRows(Dataset):
 
 class ScoringStream(IterableDataset):
     """Rows of a file (or frame) in chunks, each encoded with the fitted preprocessing and carrying the
-    original values (``raw``) so that predictions reproduce every input row.
+    original values (``raw``, a DataFrame) so that predictions reproduce every input row.
 
     Chunks are shared round-robin between DDP ranks and DataLoader workers.
     """
@@ -174,7 +174,8 @@ class ScoringStream(IterableDataset):
                 "categorical": torch.from_numpy(encoded["categorical"]),
                 "label": torch.from_numpy(encoded["label"]),
                 "row": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
-                "raw": {str(column): chunk[column].tolist() for column in chunk.columns},
+                # a DataFrame is a leaf for Lightning's device transfer (lists would be walked element by element)
+                "raw": chunk,
             }
 
 
