@@ -11,6 +11,7 @@ Examples::
     python -m pipelines.run healthcare --config pipelines/configs/debug.yaml
     python -m pipelines.run healthcare fit --ckpt_path last       # resume the newest run
     python -m pipelines.run healthcare test --ckpt_path best --run_id 20261125-101500-3f2a9c
+    python -m pipelines.run healthcare export --ckpt_path best --format onnx
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from pipelines.registry import available_domains, get_domain
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict] [--config FILE.yaml] [--help] [options]"
+USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict|export] [--config FILE.yaml] [--help] [options]"
 
 
 def split_command(argv: list[str]) -> tuple[str, list[str], bool]:
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"error: {error}\n{USAGE}", file=sys.stderr)
         raise SystemExit(2) from None
+    if argv[1:2] == ["export"]:
+        from pipelines.export import main as export
+
+        export(spec, argv[2:])
+        return
     domain, args, test_after_fit = split_command(argv)
 
     from pipelines.cli import PipelineCLI  # imported after the domain check: `--help` of a typo stays fast

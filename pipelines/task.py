@@ -21,6 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from pipelines.export_spec import ExportSpec
+
 
 class BaseTask(pl.LightningModule):
     """Base LightningModule: subclasses fill the ``configure_*`` slots and the step methods.
@@ -47,6 +49,15 @@ class BaseTask(pl.LightningModule):
 
     def configure_metrics(self) -> None:
         """Build torchmetrics collections, one clone per stage."""
+
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """The inference module with pre/post-processing, for ``pipelines.run DOMAIN export``.
+
+        Args:
+            datamodule_state: what the domain's data module saved in the checkpoint (fitted scalers,
+                encoders, class names), or ``None`` when the checkpoint has none.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement export_spec()")
 
     def configure_optimizers(self) -> Any:
         lr = float(self.hparams.get("lr", 1e-3))

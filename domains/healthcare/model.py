@@ -8,6 +8,7 @@ matrix, a ROC curve and a grid of sample predictions are saved in the run folder
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from domains.healthcare.networks import NetworkName, build_network, load_pretrained_weights
+from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights
+from pipelines.export_spec import ExportSpec
 from pipelines.plots import image_grid
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
@@ -231,3 +233,28 @@ class ImageClassifier(BaseTask):
         if (batch["label"] >= 0).all():
             columns["label"] = [self._label_text(t) for t in batch["label"]]
         return columns
+
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """Images scaled to [0, 1], channels first -> probabilities per class (normalisation inside)."""
+        if not datamodule_state or datamodule_state.get("channel_mean") is None:
+            raise ValueError("the checkpoint holds no MedicalImageDataModule state (normalisation statistics); export a checkpoint written by `pipelines.run healthcare`")
+        hp = self.hparams
+        shape = list(datamodule_state["image_shape"])
+        module = InferenceClassifier(
+            copy.deepcopy(self.network), datamodule_state["channel_mean"], datamodule_state["channel_std"], hp.task, hp.spatial_dims
+        ).eval()
+        return ExportSpec(
+            module=module,
+            example_inputs=(torch.rand(2, *shape),),
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            metadata={
+                "task": hp.task,
+                "class_names": self.class_labels,
+                "image_shape": shape,
+                "input": "float32 images, channels first, intensities scaled to [0, 1] (uint8 / 255; DICOM/NIfTI min-max)",
+                "output": "probabilities, one column per class (independent per label for multilabel)",
+                "decision_threshold": 0.5 if hp.task != "multiclass" else None,
+            },
+        )

@@ -71,3 +71,26 @@ def load_pretrained_weights(network: torch.nn.Module, path: str | Path) -> list[
         raise ValueError(f"pretrained_weights {path}: no tensor matches the network's names and shapes")
     network.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
+
+
+class InferenceClassifier(torch.nn.Module):
+    """Network plus its pre- and post-processing, for export: images in [0, 1] -> class probabilities.
+
+    Binary tasks return ``(N, 2)`` probabilities (negative, positive) so every single-label task
+    has one column per class; multi-label tasks return one independent probability per label.
+    """
+
+    def __init__(self, network: torch.nn.Module, mean: list[float], std: list[float], task: str, spatial_dims: int) -> None:
+        super().__init__()
+        self.network = network
+        shape = (1, -1) + (1,) * spatial_dims
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+        self.task = task
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.network((image - self.mean) / self.std)
+        if self.task == "binary":
+            positive = torch.sigmoid(logits[:, :1])
+            return torch.cat([1 - positive, positive], dim=1)
+        return torch.softmax(logits, dim=1) if self.task == "multiclass" else torch.sigmoid(logits)

@@ -1,0 +1,163 @@
+"""``python -m pipelines.run DOMAIN export --ckpt_path CKPT --format onnx|torchscript [--output DIR]``.
+
+Writes a self-contained bundle folder::
+
+    model.onnx | model.pt   the domain's ExportSpec module: pre-processing + network + post-processing
+    metadata.json           domain, bundle format, inputs/outputs, the domain's pre/post-processing
+                            facts (class names, thresholds, scalers...), test metrics, data
+                            fingerprint, git commit, package versions, parity with the checkpoint
+    runtime.py              a loader that needs only numpy + onnxruntime (or torch for TorchScript)
+
+The checkpoint is read with ``torch.load(weights_only=True)``; its model class must be the domain's
+model class or a subclass of it (a checkpoint cannot make the exporter import arbitrary code).
+Every export is checked: the exported model and the checkpoint's module must agree on the example
+inputs within ``--atol``, or no bundle is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
+from pipelines.registry import DomainSpec, _import_dotted
+from pipelines.runs import git_commit, package_versions, resolve_run
+
+FORMATS = ("onnx", "torchscript")
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    """Rebuild a domain's LightningModule from a checkpoint, weights only.
+
+    Returns the module (eval mode), the data module state saved in the checkpoint, and the checkpoint.
+    """
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict/hyper_parameters)")
+    hparams = dict(ckpt["hyper_parameters"])
+    class_path = hparams.pop("_class_path", None)
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    base = spec.load_model_class()
+    cls = _import_dotted(class_path) if class_path else base
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{ckpt_path}: model class {class_path!r} is not a {base.__qualname__} of domain {spec.name!r}")
+    task = cls(**hparams)
+    task.load_state_dict(ckpt["state_dict"])
+    task.eval()
+    datamodule_state = ckpt.get(spec.load_datamodule_class().__qualname__)
+    return task, datamodule_state, ckpt
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_spec(name: str, tensor: torch.Tensor, dynamic: dict[int, str]) -> dict[str, Any]:
+    shape = [dynamic.get(axis, size) for axis, size in enumerate(tensor.shape)]
+    return {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _write_model(export, fmt: str, path: Path) -> None:
+    module, inputs = export.module.eval(), export.example_inputs
+    if fmt == "onnx":
+        torch.onnx.export(
+            module, inputs, str(path), input_names=export.input_names, output_names=export.output_names,
+            dynamic_axes=export.dynamic_axes, dynamo=False, opset_version=17,
+        )  # fmt: skip
+    else:
+        with torch.no_grad():
+            traced = torch.jit.trace(module, inputs, check_trace=False)
+        traced.save(str(path))
+
+
+def _parity_inputs(export) -> tuple[torch.Tensor, ...]:
+    """The example inputs with a different batch size, so the dynamic batch axis is exercised too."""
+    return tuple(torch.cat([x, x[:1]]) for x in export.example_inputs)
+
+
+def export_checkpoint(
+    spec: DomainSpec, ckpt_path: str | Path, fmt: str, output: str | Path, atol: float = 1e-4, extra_metadata: dict | None = None
+) -> Path:
+    """Export a checkpoint to a bundle folder (written atomically: a complete bundle or nothing)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    ckpt_path = Path(ckpt_path)
+    task, datamodule_state, _ = load_task(spec, ckpt_path)
+    export = task.export_spec(datamodule_state)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        with torch.no_grad():
+            expected = [o.detach().numpy() for o in _as_tuple(export.module(*_parity_inputs(export)))]
+        _write_model(export, fmt, staging / MODEL_FILES[fmt])
+        summary_file = ckpt_path.parent.parent / "summary.json"
+        metadata = {
+            "bundle_format": BUNDLE_FORMAT,
+            "domain": spec.name,
+            "format": fmt,
+            "model_file": MODEL_FILES[fmt],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source_checkpoint": {"name": ckpt_path.name, "sha256": _sha256(ckpt_path)},
+            "inputs": [_tensor_spec(n, t, export.dynamic_axes.get(n, {})) for n, t in zip(export.input_names, export.example_inputs)],
+            "outputs": [{"name": n, "dynamic_axes": export.dynamic_axes.get(n, {})} for n in export.output_names],
+            "domain_metadata": export.metadata,
+            "metrics": json.loads(summary_file.read_text()).get("test", {}) if summary_file.is_file() else {},
+            "git_commit": git_commit(),
+            "packages": package_versions(),
+            **(extra_metadata or {}),
+        }
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        shutil.copyfile(Path(__file__).with_name("bundle_runtime.py"), staging / "runtime.py")
+        got = Bundle(staging).run(**{n: t.numpy() for n, t in zip(export.input_names, _parity_inputs(export))})
+        worst = max(float(np.max(np.abs(got[n] - e))) if e.size else 0.0 for n, e in zip(export.output_names, expected))
+        if worst > atol:
+            raise RuntimeError(f"exported {fmt} model differs from the checkpoint by {worst:.3g} > atol {atol}; bundle not written")
+        metadata["parity"] = {"max_abs_diff": worst, "atol": atol, "batch": int(export.example_inputs[0].shape[0]) + 1}
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def main(spec: DomainSpec, argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.run {spec.name} export", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint file, or best/last (with --run_id, else the newest run)")
+    parser.add_argument("--run_id", default=None)
+    parser.add_argument("--runs_dir", default="runs")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--output", default=None, help="bundle folder (default: <run folder>/export/<format>)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from the checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        run = resolve_run(spec.name, args.runs_dir, args.run_id, args.ckpt_path)
+    except ValueError as error:
+        parser.error(str(error))
+    if run.ckpt_path is None:
+        parser.error(f"--ckpt_path {args.ckpt_path}: no checkpoint found")
+    output = Path(args.output) if args.output else Path(run.ckpt_path).parent.parent / "export" / args.format
+    bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol)
+    print(f"[pipelines] {spec.name} {args.format} bundle written to {bundle}")
+    return bundle

@@ -1,0 +1,42 @@
+"""What a domain hands the exporter: a plain module with its pre- and post-processing inside.
+
+Kept free of Lightning so that :class:`pipelines.task.BaseTask` and the exporter share it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ExportSpec:
+    """A self-contained inference module and how to call it.
+
+    Args:
+        module: a plain ``nn.Module`` mapping raw inputs (as a client has them, e.g. images scaled to
+            [0, 1]) to final outputs (e.g. class probabilities): normalisation and post-processing
+            are inside it, so the exported graph needs no project code.
+        example_inputs: inputs of a valid shape, used to trace and to check parity.
+        input_names: one name per input.
+        output_names: one name per output.
+        dynamic_axes: per input/output name, the axes that vary (``{0: "batch"}`` at least).
+        metadata: JSON-serialisable facts a client needs (class names, image size, thresholds,
+            feature names, de-normalisation) written to the bundle's ``metadata.json``.
+    """
+
+    module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.example_inputs) != len(self.input_names):
+            raise ValueError(f"{len(self.example_inputs)} example inputs for input_names {self.input_names}")
+        missing = [name for name in (*self.input_names, *self.output_names) if 0 not in self.dynamic_axes.get(name, {})]
+        if missing:
+            raise ValueError(f"dynamic_axes must make axis 0 (batch) dynamic for every input and output; missing for {missing}")

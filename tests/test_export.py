@@ -1,0 +1,116 @@
+"""Export every registered domain to ONNX and TorchScript bundles; the bundle agrees with the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.export import export_checkpoint, load_task
+from pipelines.registry import available_domains, get_domain
+from tests.conftest import only_run, run_pipeline
+
+DOMAINS = available_domains()
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained run per domain, shared by this module's tests."""
+    runs: dict[str, object] = {}
+
+    def get(domain: str):
+        if domain not in runs:
+            runs_dir = tmp_path_factory.mktemp(domain) / "runs"
+            run_pipeline(domain, *get_domain(domain).test_args, "--runs_dir", str(runs_dir))
+            runs[domain] = only_run(runs_dir, domain)
+        return runs[domain]
+
+    return get
+
+
+def reference_outputs(domain: str, ckpt, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """What the checkpoint's own module computes (the ExportSpec module, in PyTorch)."""
+    spec = get_domain(domain)
+    task, state, _ = load_task(spec, ckpt)
+    export = task.export_spec(state)
+    with torch.no_grad():
+        out = export.module(*(torch.from_numpy(inputs[n]) for n in export.input_names))
+    return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_bundle_matches_checkpoint_and_runs_without_project_code(domain, fmt, trained, tmp_path):
+    run = trained(domain)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    run_pipeline(domain, "export", "--ckpt_path", str(ckpt), "--format", fmt, "--output", str(tmp_path / "bundle"))
+    bundle = tmp_path / "bundle"
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert metadata["domain"] == domain and metadata["format"] == fmt and metadata["parity"]["max_abs_diff"] <= ATOL
+    assert metadata["git_commit"] and "torch" in metadata["packages"] and metadata["metrics"]
+    assert all(spec["shape"][0] == "batch" for spec in metadata["inputs"])
+
+    # inputs of a batch size never seen at export (dynamic batch axis), drawn in the test
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for spec in metadata["inputs"]:
+        shape = [5 if not isinstance(s, int) else s for s in spec["shape"]]
+        inputs[spec["name"]] = rng.random(shape).astype(spec["dtype"]) if "float" in spec["dtype"] else rng.integers(0, 2, shape).astype(spec["dtype"])
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    code = f"""
+import sys, json, numpy as np
+sys.path.insert(0, {str(bundle)!r})
+from runtime import Bundle
+inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
+out = Bundle({str(bundle)!r}).run(**inputs)
+np.savez({str(tmp_path / 'out.npz')!r}, **out)
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'monai', 'pipelines', 'domains', 'transformers', 'pytorch_lightning'))
+print(json.dumps(heavy))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [], "the bundle runtime must not import project or training code"
+    got = np.load(tmp_path / "out.npz")
+    expected = reference_outputs(domain, ckpt, inputs)
+    for spec, want in zip(metadata["outputs"], expected):
+        np.testing.assert_allclose(got[spec["name"]], want, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_bundle_from_another_format_version_is_refused(domain, trained, tmp_path):
+    bundle = export_checkpoint(get_domain(domain), trained(domain) / "checkpoints" / "best.ckpt", "onnx", tmp_path / "b")
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    metadata["bundle_format"] = 99
+    (bundle / "metadata.json").write_text(json.dumps(metadata))
+    from pipelines.bundle_runtime import Bundle
+
+    with pytest.raises(ValueError, match="bundle format 99 is not supported by this runtime"):
+        Bundle(bundle)
+
+
+def test_runtime_validates_inputs(trained, tmp_path):
+    from pipelines.bundle_runtime import Bundle
+
+    bundle = Bundle(export_checkpoint(get_domain("healthcare"), trained("healthcare") / "checkpoints" / "best.ckpt", "onnx", tmp_path / "b"))
+    shape = bundle.inputs["image"]["shape"]
+    with pytest.raises(ValueError, match="inputs must be exactly"):
+        bundle.run(pixels=np.zeros([1, *shape[1:]]))
+    with pytest.raises(ValueError, match=r"input 'image': axis 2 must be"):
+        bundle.run(image=np.zeros([1, shape[1], 7, shape[3]], dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        bundle.run(image=np.full([1, *shape[1:]], np.nan, dtype=np.float32))
+    probabilities = bundle.run(image=np.zeros([3, *shape[1:]], dtype=np.float32))["probabilities"]
+    assert probabilities.shape == (3, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_checkpoint_naming_a_foreign_class_is_refused(trained, tmp_path):
+    ckpt = torch.load(trained("healthcare") / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = "subprocess.Popen"
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="is not a ImageClassifier of domain 'healthcare'"):
+        load_task(get_domain("healthcare"), tmp_path / "evil.ckpt")
