@@ -321,7 +321,8 @@ class SensorSequenceModel(BaseTask):
         values = metrics.compute()
         score = values[f"{stage}/{self.score_key}"]
         values[f"{stage}/score"] = 1.0 - score if self.hparams.task == "classification" else score
-        self.log_dict(values)
+        # the metrics are already synchronised across processes; sync_dist averages identical values
+        self.log_dict(values, sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
