@@ -15,8 +15,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (dict, tuple or tensor batches)."""
+    while isinstance(batch, (dict, list, tuple)):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return len(batch)
+
+
 class TrainingThroughput(pl.Callback):
-    """Record training samples/s per epoch (data loading included) into a JSON file.
+    """Record training samples/s per epoch into a JSON file: from the epoch start to its last
+    training batch (data loading included, validation excluded).
 
     Pass it to any run: ``--trainer.callbacks+=benchmarks.common.TrainingThroughput
     --trainer.callbacks.output=throughput.json``.
@@ -27,14 +35,15 @@ class TrainingThroughput(pl.Callback):
         self.epochs: list[dict[str, float]] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._samples = time.perf_counter(), 0
+        self._start = self._last = time.perf_counter()
+        self._samples = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        image = batch["image"] if isinstance(batch, dict) and "image" in batch else next(iter(batch.values()))
-        self._samples += len(image)
+        self._samples += batch_size_of(batch)
+        self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seconds = time.perf_counter() - self._start
+        seconds = self._last - self._start
         self.epochs.append({"seconds": seconds, "samples": self._samples, "samples_per_s": self._samples / seconds})
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
