@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
+from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
 from domains.finance.synthetic import make_card_transactions
 
 SPLITS = ("train", "val", "test")
@@ -296,8 +296,6 @@ class TransactionDataModule(pl.LightningDataModule):
             return None
         if roles.label_column not in self.table.columns:
             raise ValueError(f"{self.source_name}: label_column {roles.label_column!r} is missing; the file has columns {list(self.table.columns)}")
-        from domains.finance.preprocessing import parse_labels
-
         return parse_labels(self.table[roles.label_column], self._label_classes, self.source_name)
 
     @property
