@@ -100,3 +100,15 @@ def get_domain(name: str) -> DomainSpec:
     if not isinstance(spec, DomainSpec):
         raise TypeError(f"entry point {name!r} in group {ENTRY_POINT_GROUP!r} must point at a DomainSpec, got {spec!r}")
     return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.registry DOMAIN {list,show [VERSION],promote VERSION,rollback} [--registry DIR]``:
+    the model registry's command line (:mod:`pipelines.model_registry`)."""
+    from pipelines.model_registry import main as registry_main
+
+    return registry_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
