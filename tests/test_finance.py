@@ -224,13 +224,21 @@ def test_unsupervised_parquet_without_labels(tmp_path):
     assert len(predicted) == 50 and np.allclose(predicted["amount"], out["amount"]) and predicted["is_alert"].dtype == bool
 
 
-def test_scoring_file_bad_columns_and_bad_rows(tmp_path):
+def test_scoring_reuses_the_saved_preprocessing_and_rejects_bad_files(tmp_path):
     runs = tmp_path / "runs"
-    write_transactions(tmp_path / "train.csv", rows=500)
+    train = write_transactions(tmp_path / "train.csv", rows=500)
     args = ["--data.path", str(tmp_path / "train.csv"), *TINY, "--runs_dir", str(runs)]
     run_pipeline("finance", "fit", *args)
     run = only_run(runs, "finance")
     predict = ["predict", *args, "--run_id", run.name, "--ckpt_path", "last"]
+
+    make_card_transactions(60, 0.1, seed=4).to_csv(tmp_path / "new.csv", index=False)
+    run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "new.csv"))
+    before = pd.read_csv(run / "predictions.csv")["score"]
+    # a refit on the changed training file would scale amounts differently: scoring must not refit
+    train.assign(amount=train.amount * 50, distance_from_home_km=train.distance_from_home_km * 7).to_csv(tmp_path / "train.csv", index=False)
+    run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "new.csv"))
+    assert np.allclose(pd.read_csv(run / "predictions.csv")["score"], before, rtol=1e-6)
 
     renamed = make_card_transactions(40, 0.1, seed=3).rename(columns={"country": "nation"})
     renamed.to_csv(tmp_path / "renamed.csv", index=False)

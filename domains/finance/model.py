@@ -243,7 +243,7 @@ class FraudAutoencoder(BaseTask):
         metrics = {"val/loss": loss, "val/threshold": self.threshold.float()}
         if self._labelled(labels):
             metrics.update(self._ranking_metrics("val", scores, labels))
-        self.log_dict({k: v.float() for k, v in metrics.items()})
+        self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
 
     def on_test_epoch_end(self) -> None:
         scores, labels, loss = self._collect("test")
@@ -253,7 +253,7 @@ class FraudAutoencoder(BaseTask):
         labelled = self._labelled(labels)
         if labelled:
             metrics.update(self._ranking_metrics("test", scores, labels))
-        self.log_dict({k: v.float() for k, v in metrics.items()})
+        self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
         if self.trainer.is_global_zero:
             log_figure(self.trainer, self._histogram(scores, labels if labelled else None), "test/score_histogram")
             if labelled:
