@@ -81,17 +81,18 @@ class ImageDataset(Dataset):
 
 
 class GenerationRequests(Dataset):
-    """``predict`` items: which image to generate (``index``), from which ``seed``, of which class (-1: none)."""
+    """``predict`` items: which image to generate (``index``), from which ``seed``, of which class (-1: none),
+    with how many sampling steps (0: the model's ``sampling_steps``)."""
 
-    def __init__(self, count: int, seed: int, num_classes: int) -> None:
-        self.count, self.seed, self.num_classes = count, seed, num_classes
+    def __init__(self, count: int, seed: int, num_classes: int, steps: int = 0) -> None:
+        self.count, self.seed, self.num_classes, self.steps = count, seed, num_classes, steps
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, item: int) -> dict[str, int]:
         label = item % self.num_classes if self.num_classes else -1
-        return {"index": item, "seed": self.seed + item, "label": label}
+        return {"index": item, "seed": self.seed + item, "label": label, "steps": self.steps}
 
 
 class MediaDataModule(pl.LightningDataModule):
@@ -120,6 +121,10 @@ class MediaDataModule(pl.LightningDataModule):
         pin_memory: pin host memory for GPU copies (default: when CUDA is available).
         num_generate: images ``predict`` generates.
         generate_seed: seed of the first generated image (image ``i`` uses ``generate_seed + i``).
+        generate_dir: folder ``predict`` writes the images to (default: ``<run folder>/generated``).
+        generate_steps: DDIM steps of diffusion models for ``predict`` (default: the model's
+            ``sampling_steps``). Generation options are data options because ``predict --ckpt_path``
+            takes the model's options from the checkpoint.
     """
 
     def __init__(
@@ -143,6 +148,8 @@ class MediaDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         num_generate: int = 64,
         generate_seed: int = 0,
+        generate_dir: str | None = None,
+        generate_steps: int | None = None,
     ) -> None:
         super().__init__()
         if image_dir and npz_path:
@@ -153,6 +160,8 @@ class MediaDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+        if generate_steps is not None and generate_steps < 1:
+            raise ValueError(f"generate_steps must be >= 1, got {generate_steps}")
         if num_generate < 1:
             raise ValueError(f"num_generate must be >= 1, got {num_generate}")
         self.save_hyperparameters(logger=False)
@@ -232,7 +241,7 @@ class MediaDataModule(pl.LightningDataModule):
             indices = self.split_indices[name]
             augment = self.augment if name == "train" else None
             self.datasets[name] = ImageDataset(self.source.pixels[indices], self.labels_of(indices), indices, augment)
-        self.datasets["predict"] = GenerationRequests(self.hparams.num_generate, self.hparams.generate_seed, self.num_classes)
+        self.datasets["predict"] = GenerationRequests(self.hparams.num_generate, self.hparams.generate_seed, self.num_classes, self.hparams.generate_steps or 0)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams

@@ -57,9 +57,10 @@ class Generator(nn.Module):
         super().__init__()
         stages = gan_upsamplings(image_size)
         self.latent_dim, self.num_classes, self.base = latent_dim, num_classes, image_size // 2**stages
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        embed_dim = 16 if num_classes else 0
+        self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
         top = width * 2 ** (stages - 1)
-        self.project = nn.Sequential(nn.Linear(latent_dim * (2 if num_classes else 1), top * self.base**2), nn.BatchNorm1d(top * self.base**2), nn.ReLU(True))
+        self.project = nn.Sequential(nn.Linear(latent_dim + embed_dim, top * self.base**2), nn.BatchNorm1d(top * self.base**2), nn.ReLU(True))
         self.top = top
         layers: list[nn.Module] = []
         for stage in range(stages - 1):
@@ -76,8 +77,24 @@ class Generator(nn.Module):
         return self.body(self.project(z).view(len(z), self.top, self.base, self.base))
 
 
+def minibatch_stddev(x: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """Append the feature standard deviation across a group of samples as one channel (ProGAN/StyleGAN).
+
+    The discriminator then sees how varied a batch is, which counters the generator's collapse to
+    one image per class.
+    """
+    n, c, h, w = x.shape
+    g = min(group, n)
+    while n % g:
+        g -= 1
+    y = x.view(g, n // g, c, h, w)
+    std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # (n // g,)
+    return torch.cat([x, std.repeat(g).view(n, 1, 1, 1).expand(n, 1, h, w)], 1)
+
+
 class Discriminator(nn.Module):
-    """DCGAN discriminator with spectral norm on every layer and a projection head for classes.
+    """DCGAN discriminator with spectral norm on every layer, a minibatch standard-deviation channel
+    before the last convolution, and a projection head for classes.
 
     Args:
         image_size: input side (see :func:`gan_upsamplings`).
@@ -95,11 +112,12 @@ class Discriminator(nn.Module):
             layers += [spectral_norm(nn.Conv2d(c, c * 2, 4, 2, 1)), nn.LeakyReLU(0.1, True)]
             c *= 2
         self.body = nn.Sequential(*layers)
+        self.last = nn.Sequential(spectral_norm(nn.Conv2d(c + 1, c, 3, 1, 1)), nn.LeakyReLU(0.1, True))
         self.head = spectral_norm(nn.Linear(c, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, c)) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.body(x).sum((2, 3))  # global sum pooling (SNGAN)
+        features = self.last(minibatch_stddev(self.body(x))).sum((2, 3))  # global sum pooling (SNGAN)
         out = self.head(features)[:, 0]
         if self.embed is not None:
             if labels is None:

@@ -27,7 +27,9 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 
 def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     hue = rng.uniform()
-    low, high = _hsv(hue, rng.uniform(0.1, 0.35), rng.uniform(0.25, 0.45)), _hsv(hue + 0.08, rng.uniform(0.1, 0.35), rng.uniform(0.45, 0.65))
+    value = rng.uniform(0.3, 0.5)
+    saturation = rng.uniform(0.1, 0.35)
+    low, high = _hsv(hue, saturation, value), _hsv(hue + 0.05, saturation, value + rng.uniform(0.08, 0.16))
     angle = rng.uniform(0, np.pi)
     frequency = rng.uniform(2.0, 5.0)
     phase = rng.uniform(0, 2 * np.pi)

@@ -1,0 +1,275 @@
+"""Media domain: real image files written here, real Trainers, tiny images (16x16) and few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from domains.media.data import MediaDataModule
+from domains.media.features import load_extractor
+from domains.media.model import GAN, Diffusion, NonFiniteLossError
+from domains.media.networks import Discriminator, Generator, build_diffusion_unet
+from domains.media.synthetic import make_shape_images
+from tests.conftest import only_run, read_jsonl, run_pipeline, shared_file
+
+TINY_GAN = {"latent_dim": 16, "width": 8, "fid_samples": 16, "grid_samples": 6, "extractor_steps": 2, "extractor_width": 8}
+TINY_DIFFUSION = {
+    "unet_widths": [16, 16], "attention_levels": [False, True], "norm_num_groups": 8, "num_head_channels": 16,
+    "num_train_timesteps": 40, "sampling_steps": 4, "eval_steps": 2, "fid_samples": 16, "grid_samples": 6,
+    "extractor_steps": 2, "extractor_width": 8,
+}  # fmt: skip
+QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+
+
+def linked(dm: MediaDataModule) -> dict:
+    """What the runner links from the data to the model."""
+    return {"in_channels": dm.in_channels, "image_size": dm.image_size, "num_classes": dm.num_classes, "class_names": dm.class_names}
+
+
+def write_png(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+    return path
+
+
+def shapes_module(**kwargs) -> MediaDataModule:
+    return MediaDataModule(**{"synthetic_samples": 80, "image_size": 16, "batch_size": 16, "num_generate": 6, **kwargs})
+
+
+# ----- data ---------------------------------------------------------------------------------------
+def test_synthetic_shapes_are_deterministic_per_item():
+    images, labels = make_shape_images(12, size=16, seed=3)
+    again, _ = make_shape_images(12, size=16, seed=3)
+    other, _ = make_shape_images(12, size=16, seed=4)
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+    assert images.shape == (12, 16, 16, 3) and set(labels.tolist()) <= {0, 1, 2}
+    # a saturated shape stands out from the muted background in at least one colour channel
+    assert (images.std(axis=(1, 2)).max(axis=1) > 20).all()
+
+
+def test_folder_with_class_subfolders_resizes_and_mixes_gray_into_rgb(tmp_path):
+    write_png(tmp_path / "cats" / "a.png", (20, 24), "RGB", 1)
+    write_png(tmp_path / "cats" / "b.png", (40, 40), "L", 2)
+    (tmp_path / "dogs").mkdir()
+    for i in range(4):
+        rgb = np.random.default_rng(i).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "dogs" / f"{i}.jpg", quality=90)
+    dm = MediaDataModule(image_dir=str(tmp_path), image_size=16, batch_size=4)
+    assert dm.class_names == ["cats", "dogs"] and dm.num_classes == 2 and dm.in_channels == 3
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[1:] == (3, 16, 16) and batch["image"].min() >= -1 and batch["image"].max() <= 1
+    gray = MediaDataModule(image_dir=str(tmp_path / "cats"), image_size=16, channels=None)
+    assert gray.num_classes == 0 and gray.in_channels == 3  # one RGB file: everything becomes RGB
+
+
+def test_flat_gray_folder_is_unlabelled_single_channel(tmp_path):
+    for i in range(5):
+        write_png(tmp_path / f"{i}.png", (16, 16), "L", i)
+    dm = MediaDataModule(image_dir=str(tmp_path), image_size=16)
+    assert (dm.in_channels, dm.num_classes) == (1, 0)
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["label"].eq(-1).all()
+
+
+def test_mnist_style_npz_keeps_its_split(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), y_train=np.arange(30) % 3,
+             x_test=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), y_test=np.arange(10) % 3)  # fmt: skip
+    dm = MediaDataModule(npz_path=str(path), image_size=16)
+    assert (dm.in_channels, dm.num_classes) == (1, 3)
+    assert {k: len(v) for k, v in dm.split_indices.items()} == {"train": 30, "val": 5, "test": 5}
+    assert dm.source.pixels.shape == (40, 16, 16, 1)
+
+
+def test_real_mnist_npz():
+    path = shared_file("media/mnist.npz")
+    dm = MediaDataModule(npz_path=str(path), image_size=28, max_train_images=500, max_eval_images=100)
+    assert (dm.in_channels, dm.num_classes, dm.image_size) == (1, 10, 28)
+    assert len(dm.split_indices["train"]) == 500 and len(dm.source.pixels) == 70000
+
+
+# ----- bad input ------------------------------------------------------------------------------------
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"no image files .* found"):
+        MediaDataModule(image_dir=str(tmp_path)).in_channels
+
+
+def test_unreadable_image_is_named(tmp_path):
+    write_png(tmp_path / "good.png", (16, 16))
+    (tmp_path / "broken.png").write_bytes(b"this is not a png at all")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
+        MediaDataModule(image_dir=str(tmp_path)).in_channels
+
+
+def test_truncated_image_is_named(tmp_path):
+    write_png(tmp_path / "good.png", (16, 16))
+    full = write_png(tmp_path / "cut.png", (64, 64), seed=5).read_bytes()
+    (tmp_path / "cut.png").write_bytes(full[: len(full) // 2])
+    with pytest.raises(ValueError, match=r"cut\.png \(unreadable or truncated\)"):
+        MediaDataModule(image_dir=str(tmp_path), image_size=16).in_channels
+
+
+def test_mixed_channels_with_a_fixed_count_name_the_file(tmp_path):
+    write_png(tmp_path / "gray.png", (16, 16), "L")
+    write_png(tmp_path / "colour.png", (16, 16), "RGB")
+    with pytest.raises(ValueError, match=r"colour\.png has 3 channel\(s\) but channels=1"):
+        MediaDataModule(image_dir=str(tmp_path), channels=1).in_channels
+
+
+def test_npz_without_an_image_array(tmp_path):
+    path = tmp_path / "table.npz"
+    np.savez(path, labels=np.arange(10), weights=np.ones(3))
+    with pytest.raises(ValueError, match=r"table\.npz: no image array found"):
+        MediaDataModule(npz_path=str(path)).in_channels
+    with pytest.raises(ValueError, match=r"no array 'pixels'"):
+        MediaDataModule(npz_path=str(path), npz_key="pixels").in_channels
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Generator(16, 18, 3), "multiple of 4"),
+        (lambda: Discriminator(12, 1), "multiple of 4"),
+        (lambda: build_diffusion_unet(18, 3, (16, 16, 16), (False, False, False), norm_num_groups=8), "multiple of 4"),
+        (lambda: GAN(image_size=30), "set --data.image_size"),
+        (lambda: Diffusion(image_size=30, unet_widths=[16, 16, 16], attention_levels=[False, False, False], norm_num_groups=8), "set --data.image_size"),
+    ],
+)
+def test_image_size_the_network_cannot_take(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_image_size_error_comes_before_training_through_the_cli(tmp_path):
+    with pytest.raises(ValueError, match="image size 18 does not suit the DCGAN"):
+        run_pipeline("media", "--data.synthetic_samples=30", "--data.image_size=18", "--runs_dir", str(tmp_path), "--trainer.logger=false")
+    assert not list(tmp_path.glob("media/*/checkpoints/*.ckpt"))
+
+
+def test_unknown_augmentation_is_an_error():
+    with pytest.raises(ValueError, match="no transform 'Sparkle'"):
+        shapes_module(augment=[{"Sparkle": {"p": 1.0}}])
+
+
+# ----- models ---------------------------------------------------------------------------------------
+def test_gan_trains_checkpoints_both_optimisers_and_resumes(tmp_path):
+    dm = shapes_module(augment=[{"HorizontalFlip": {"p": 0.5}}])
+    model = GAN(**TINY_GAN, **linked(dm))
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4  # manual optimisation: a discriminator and a generator step per batch
+    first = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(first)
+    state = torch.load(first, map_location="cpu", weights_only=True)
+    assert len(state["optimizer_states"]) == 2
+    steps = [int(next(iter(opt["state"].values()))["step"]) for opt in state["optimizer_states"]]
+    assert steps == [2, 2]
+    assert any(k.startswith("extractor.") for k in state["state_dict"]) and bool(state["state_dict"]["extractor_ready"])
+    assert "val/fid_cnn" in trainer.callback_metrics and "val/kid_cnn" in trainer.callback_metrics
+
+    resumed = GAN(**TINY_GAN, **linked(dm))
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(resumed, datamodule=dm, ckpt_path=first)
+    assert trainer.global_step == 8
+    final = tmp_path / "epoch2.ckpt"
+    trainer.save_checkpoint(final)
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    assert [int(next(iter(opt["state"].values()))["step"]) for opt in state["optimizer_states"]] == [4, 4]  # restored, not restarted
+    # the extractor came from the checkpoint, not retrained: its weights are unchanged
+    before = torch.load(first, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], v) for k, v in state["state_dict"].items() if k.startswith("extractor."))
+    assert (tmp_path / "plots" / "samples" / "epoch_001.png").is_file()
+
+
+def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
+    dm = shapes_module()
+    model = Diffusion(**TINY_DIFFUSION, **linked(dm))
+    assert model.unet.num_class_embeds == 3
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    assert {"val/loss", "val/fid_cnn", "val/kid_cnn"} <= set(trainer.callback_metrics)
+    raw, ema = model.unet.state_dict(), model.ema_unet.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
+    model.eval()
+    ddim = model.generate([1, 2, 3], torch.tensor([0, 1, 2]), steps=3)
+    assert ddim.shape == (3, 3, 16, 16) and ddim.abs().max() <= 1
+    assert torch.equal(ddim, model.generate([1, 2, 3], torch.tensor([0, 1, 2]), steps=3))  # seeded and deterministic
+    assert not torch.equal(ddim[0], model.generate([1], torch.tensor([1]), steps=3)[0])  # the class matters
+    ddpm = model.generate([1, 2], None, sampler="ddpm")  # all 40 training steps
+    assert ddpm.shape == (2, 3, 16, 16) and torch.isfinite(ddpm).all()
+    trainer.test(model, datamodule=dm)
+    assert "test/fid_cnn" in trainer.callback_metrics
+
+
+def test_diffusion_through_the_cli_with_predict(runs_dir):
+    args = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in TINY_DIFFUSION.items()]]
+    data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=5", "--trainer.logger=false"]
+    limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    run_pipeline("media", *args, *data, *limits, "--runs_dir", str(runs_dir))
+    run = only_run(runs_dir, "media")
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert "val/fid_cnn" in rows[0] and "val/loss" in rows[0] and rows[-1]["stage"] == "test"
+    run_pipeline("media", "predict", *args, *data, "--data.generate_steps=2", "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--run_id", run.name)
+    files = sorted((run / "generated").glob("*.png"))
+    assert [p.name for p in files] == [f"{i:05d}.png" for i in range(5)]
+    assert np.asarray(Image.open(files[0])).shape == (16, 16, 3)
+
+
+def test_predict_writes_the_same_seeded_images_twice(runs_dir, tmp_path):
+    common = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=6", "--trainer.logger=false",
+              *[f"--model.init_args.{k}={v}" for k, v in TINY_GAN.items()]]  # fmt: skip
+    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                 "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
+    run = only_run(runs_dir, "media")
+    outputs = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        run_pipeline("media", "predict", *common, f"--data.generate_dir={folder}", "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--run_id", run.name)
+        outputs.append([p.read_bytes() for p in sorted(folder.glob("*.png"))])
+    assert len(outputs[0]) == 6 and outputs[0] == outputs[1]
+    import pandas as pd
+
+    table = pd.read_csv(run / "predictions.csv")
+    assert list(table["class"]) == ["circle", "square", "triangle"] * 2 and table["seed"].tolist() == list(range(6))
+    assert len({hash(b) for b in outputs[0]}) == 6  # six different images
+
+
+def test_nan_loss_stops_with_the_step_and_a_checkpoint_from_before(tmp_path):
+    dm = shapes_module()
+    model = GAN(**{**TINY_GAN, "lr_generator": 1e30, "lr_discriminator": 1e30}, **linked(dm))
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=1, default_root_dir=tmp_path, **QUIET)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at global step \d+") as error:
+        trainer.fit(model, datamodule=dm)
+    saved = list((tmp_path / "checkpoints").glob("before-nonfinite-step*.ckpt"))
+    assert len(saved) == 1 and saved[0].name in str(error.value)
+    state = torch.load(saved[0], map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("generator.") and v.is_floating_point())
+
+
+def test_saved_feature_extractor_is_reused_and_checked(tmp_path):
+    dm = shapes_module()
+    model = GAN(**TINY_GAN, **linked(dm))
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path / "feature_extractor.safetensors"
+    details = json.loads((tmp_path / "feature_extractor.json").read_text())
+    assert details["name"] == "cnn" and details["task"] == "classes" and len(details["sha256"]) == 64
+    reused = GAN(**TINY_GAN, **linked(dm), feature_extractor_weights=str(path))
+    assert bool(reused.extractor_ready)
+    assert all(torch.equal(a, b) for a, b in zip(reused.extractor.state_dict().values(), model.extractor.state_dict().values()))
+    with pytest.raises(ValueError, match="made for 3-channel images, the data has 1"):
+        load_extractor(path, channels=1)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a feature extractor saved by the media domain"):
+        load_extractor(tmp_path / "junk.safetensors", channels=3)
