@@ -506,7 +506,7 @@ def format_history(rows: list[dict[str, Any]], champion: str | None = None) -> s
             _fmt(incumbent.get("score")),
             _fmt(row.get("metric")) + ({"max": " ↑", "min": " ↓"}.get(row.get("mode", ""), "")),
             str(row.get("fingerprint") or "-")[:12],
-            str(row.get("git_commit") or "-")[:12],
+            str(row.get("git_commit") or "-")[:10] + ("+" if str(row.get("git_commit", "")).endswith("-dirty") else ""),
             Path(str(row.get("run_dir"))).name if row.get("run_dir") else "-",
         ])  # fmt: skip
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
@@ -517,18 +517,19 @@ def format_history(rows: list[dict[str, Any]], champion: str | None = None) -> s
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.registry DOMAIN {list,show [VERSION],promote VERSION,rollback} [--registry DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.registry", description="Read and change a domain's model registry.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help=f"registry folder (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.registry", description="Read and change a domain's model registry.", parents=[common])
     parser.add_argument("domain")
-    parser.add_argument("--registry", type=Path, default=None, help=f"registry folder (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="the history table and the versions")
-    show = commands.add_parser("show", help="one version's metadata (default: the champion)")
+    commands.add_parser("list", help="the history table and the versions", parents=[common])
+    show = commands.add_parser("show", help="one version's metadata (default: the champion)", parents=[common])
     show.add_argument("version", nargs="?")
-    promote = commands.add_parser("promote", help="make VERSION the champion")
+    promote = commands.add_parser("promote", help="make VERSION the champion", parents=[common])
     promote.add_argument("version")
-    commands.add_parser("rollback", help="make the previous champion the champion again")
+    commands.add_parser("rollback", help="make the previous champion the champion again", parents=[common])
     args = parser.parse_args(argv)
-    registry = ModelRegistry(args.registry or default_registry(), args.domain)
+    registry = ModelRegistry(getattr(args, "registry", None) or default_registry(), args.domain)
     if not registry.path.is_dir():
         print(f"error: no registry for {args.domain!r} at {registry.path}", file=sys.stderr)
         return 1
@@ -555,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
                 })  # fmt: skip
             wandb_note = move_wandb_alias(registry, record["version"])
             print(f"champion: {before or 'none'} -> {record['version']}  (W&B: {wandb_note})")
+    except RegistryLocked as error:
+        print(f"locked: {error}", file=sys.stderr)
+        return 5  # the same code as pipelines.retrain.ExitCode.LOCKED
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

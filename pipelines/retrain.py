@@ -47,8 +47,9 @@ Exit codes (:class:`ExitCode`): 0 promoted, 3 kept champion (challenger rejected
 
 Multi-GPU: the runner's own DDP works here (Lightning re-launches this command for each worker
 rank; a worker sees ``PIPELINES_RETRAIN_STEP`` and only runs the runner step it belongs to). On a
-SLURM allocation run this command once in the batch step and let ``--launcher srun`` start the
-training step on every task (``deploy/retrain.sbatch``).
+SLURM allocation run this command once in the batch step and let ``--launcher srun`` start each
+runner step on every task (``deploy/retrain.sbatch``); a job requeued after preemption is the same
+attempt (``retrain-slurm-<job id>``) and resumes its training from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -298,7 +299,9 @@ class Attempt:
         self.runner_args = runner_args
         self.spec = get_domain(options.domain)
         self.registry = ModelRegistry(options.registry, self.spec.name)
-        self.attempt_id = "retrain-" + time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        # a requeued SLURM job is the same attempt: it resumes its run folder from last.ckpt
+        slurm_job = os.environ.get("SLURM_JOB_ID") if os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive") else None
+        self.attempt_id = f"retrain-slurm-{slurm_job}" if slurm_job else "retrain-" + time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         self.test_key = test_metric_key(self.spec.monitor)
         self.started = time.time()
         self.row: dict[str, Any] = {
@@ -330,6 +333,8 @@ class Attempt:
         run_dir = runs_dir / self.spec.name / self.attempt_id
         self.row["run_dir"] = str(run_dir)
         train_args = [self.spec.name, "fit", *self.runner_args, "--run_id", self.attempt_id]
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():  # the same attempt, requeued after preemption
+            train_args += ["--ckpt_path", "last"]
         if self.options.warm_start and champion:
             weights = self.registry.version_dir(champion) / "model.safetensors"
             train_args += ["--trainer.callbacks+=pipelines.retrain.WarmStart", f"--trainer.callbacks.weights={weights}"]
@@ -417,7 +422,7 @@ class Attempt:
         config_path = _write_yaml(run_dir / f"evaluation-{label}.yaml", eval_config)
         eval_id = f"{self.attempt_id}-eval-{label}"
         runs_dir = str(run_dir.parent.parent)
-        run_step([self.spec.name, "test", "--config", str(config_path), "--runs_dir", runs_dir, "--run_id", eval_id, "--ckpt_path", str(checkpoint)], None, "retrain-eval")
+        run_step([self.spec.name, "test", "--config", str(config_path), "--runs_dir", runs_dir, "--run_id", eval_id, "--ckpt_path", str(checkpoint)], self.options.launcher, "retrain-eval")
         summary_path = Path(runs_dir) / self.spec.name / eval_id / "summary.json"
         try:
             metrics = json.loads(summary_path.read_text())["test"]
@@ -461,7 +466,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], help="a test metric the challenger must pass, e.g. 'test/auroc>=0.7' (repeatable)")
     parser.add_argument("--warm_start", action="store_true", help="start training from the champion's weights (weights only)")
     parser.add_argument("--eval_config", type=Path, default=None, help="YAML whose data section is the evaluation set, pinned at the first retrain (default: the first run's data)")
-    parser.add_argument("--launcher", type=shlex.split, default=None, help="command prefix that starts the training step as a child process, e.g. 'srun' on SLURM")
+    parser.add_argument("--launcher", type=shlex.split, default=None, help="command prefix that starts each runner step (train, evaluate) as a child process, e.g. 'srun' on SLURM")
     parser.add_argument("--force", action="store_true", help="train even when the fingerprint equals the champion's")
     options, runner_args = parser.parse_known_args(argv)
     for arg in runner_args:
