@@ -272,3 +272,15 @@ def test_running_finance_does_not_import_monai(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bad_input_unparseable_timestamp_and_boolean_rows(tmp_path):
+    frame = make_card_transactions(300, 0.05)
+    frame.loc[11, "timestamp"] = "yesterday-ish"
+    message = _fit_error(tmp_path, frame)
+    assert "'timestamp'" in message and "1 unparseable" in message and "row(s) 12 " in message
+    frame = make_card_transactions(300, 0.05)
+    frame["card_present"] = frame["card_present"].astype(object)
+    frame.loc[[2, 3], "card_present"] = "sometimes"
+    message = _fit_error(tmp_path, frame)
+    assert "'card_present'" in message and "2 other value(s)" in message and "row(s) 3, 4 " in message

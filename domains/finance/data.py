@@ -251,7 +251,7 @@ class TransactionDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
         self.save_hyperparameters(logger=False)
         self.preprocessor: TablePreprocessor | None = None
-        self._encoded: dict[str, tuple[int, EncodedRows]] = {}
+        self._encoded: dict[str, tuple[TablePreprocessor, Any]] = {}  # keyed by the preprocessing in force
 
     # ----- source and split: read before training ---------------------------------------------
     @property
@@ -332,9 +332,9 @@ class TransactionDataModule(pl.LightningDataModule):
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
-        train = self.table[self.split_assignment == "train"]
+        rows = np.flatnonzero(self.split_assignment == "train")
         preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
-        return preprocessor.fit(train, self.source_name)
+        return preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
 
     @property
     def fitted(self) -> TablePreprocessor:
@@ -368,7 +368,7 @@ class TransactionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read and check everything before the loop starts (encoding happens per loader, after a
         checkpoint's preprocessing has been restored)."""
-        _ = self.fitted, self.split_assignment
+        self._encoded_table()  # every row of every split is checked now, before any training
         if self.hparams.predict_path:
             self.check_scoring_columns(Path(self.hparams.predict_path))
 
@@ -384,22 +384,29 @@ class TransactionDataModule(pl.LightningDataModule):
                 + "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part)
             )
 
+    def _encoded_table(self) -> dict[str, np.ndarray]:
+        """The whole source encoded with the preprocessing in force (re-encoded after a checkpoint restore)."""
+        preprocessor = self.fitted
+        cached = self._encoded.get("table")
+        if cached is None or cached[0] is not preprocessor:
+            arrays = preprocessor.transform(self.table, self.source_name)
+            bad = ~np.isfinite(arrays["numeric"]).all(1)
+            if bad.any():
+                raise ValueError(f"{self.source_name}: non-finite features after preprocessing at data row(s) {(np.flatnonzero(bad)[:5] + 1).tolist()}")
+            cached = self._encoded["table"] = (preprocessor, arrays)
+        return cached[1]
+
     def _split(self, name: str) -> EncodedRows:
         preprocessor = self.fitted
         cached = self._encoded.get(name)
-        if cached is not None and cached[0] == id(preprocessor):
+        if cached is not None and cached[0] is preprocessor:
             return cached[1]
         rows = np.flatnonzero(self.split_assignment == name)
-        arrays = preprocessor.transform(self.table.iloc[rows], self.source_name)
-        for key, value in arrays.items():
-            if key == "label" and self.labels is not None:
-                continue
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                raise ValueError(f"{self.source_name}: non-finite {key} features after preprocessing in split {name!r}")
+        arrays = {key: value[rows] for key, value in self._encoded_table().items()}
         labels = arrays["label"]
         fit_rows = labels == 0 if self.hparams.mode == "semi_supervised" else np.ones(len(rows), dtype=bool)
         dataset = EncodedRows(arrays, rows, fit_rows)
-        self._encoded[name] = (id(preprocessor), dataset)
+        self._encoded[name] = (preprocessor, dataset)
         return dataset
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:

@@ -74,10 +74,15 @@ class ColumnRoles:
         return [(column, role) for role in ROLE_FIELDS for column in getattr(self, role)]
 
 
-def _rows(mask: np.ndarray, row_offset: int, limit: int = 5) -> str:
+RowPositions = int | np.ndarray
+"""Where a frame's rows sit in its file: the offset of its first row, or every row's 0-based position."""
+
+
+def _rows(mask: np.ndarray, row_offset: RowPositions, limit: int = 5) -> str:
     """1-based data-row numbers (the header is not counted) of the first offending rows."""
-    positions = np.flatnonzero(mask)[:limit] + row_offset + 1
-    return ", ".join(str(int(p)) for p in positions)
+    positions = np.flatnonzero(mask)[:limit]
+    rows = row_offset[positions] if isinstance(row_offset, np.ndarray) else positions + row_offset
+    return ", ".join(str(int(p) + 1) for p in rows)
 
 
 def _is_missing(series: pd.Series) -> np.ndarray:
@@ -87,7 +92,7 @@ def _is_missing(series: pd.Series) -> np.ndarray:
     return missing
 
 
-def parse_numeric(series: pd.Series, source: str, row_offset: int = 0) -> np.ndarray:
+def parse_numeric(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
     """Numbers as float64 (missing -> NaN); anything else is an error naming the rows."""
     if pd.api.types.is_bool_dtype(series.dtype):
         return series.astype(float).to_numpy()
@@ -105,7 +110,7 @@ def parse_numeric(series: pd.Series, source: str, row_offset: int = 0) -> np.nda
     return values
 
 
-def parse_boolean(series: pd.Series, source: str, row_offset: int = 0) -> np.ndarray:
+def parse_boolean(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
     """0/1 as float64 (missing -> NaN)."""
     if pd.api.types.is_bool_dtype(series.dtype) or pd.api.types.is_numeric_dtype(series.dtype):
         values = series.to_numpy(dtype=float, na_value=np.nan)
@@ -125,7 +130,7 @@ def parse_boolean(series: pd.Series, source: str, row_offset: int = 0) -> np.nda
     return values
 
 
-def parse_timestamp(series: pd.Series, source: str, row_offset: int = 0) -> pd.Series:
+def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0) -> pd.Series:
     """Datetimes in UTC (naive values are taken as they are); unparseable text is an error."""
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
         parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
@@ -163,7 +168,7 @@ def label_text(value: Any) -> str:
     return str(value).strip()
 
 
-def parse_labels(series: pd.Series, classes: list[Any], source: str, row_offset: int = 0) -> np.ndarray:
+def parse_labels(series: pd.Series, classes: list[Any], source: str, row_offset: RowPositions = 0) -> np.ndarray:
     """0 (normal) / 1 (fraud) as float32; values outside the two classes are an error naming the rows."""
     if len(classes) != 2 or label_text(classes[0]) == label_text(classes[1]):
         raise ValueError(f"label_classes must be two different values [normal, fraud], got {classes!r}")
@@ -266,12 +271,13 @@ class TablePreprocessor:
                 raise ValueError(f"{source}: column {column!r} (configured in {role}) is missing; the file has columns {list(columns)}")
 
     # ----- fit / transform ------------------------------------------------------------------
-    def fit(self, frame: pd.DataFrame, source: str) -> TablePreprocessor:
-        """Fit imputation, scaling and vocabularies on the training rows of ``frame``."""
+    def fit(self, frame: pd.DataFrame, source: str, rows: RowPositions = 0) -> TablePreprocessor:
+        """Fit imputation, scaling and vocabularies on the training rows ``frame`` (``rows``: their
+        positions in the source file, for error messages)."""
         r = self.roles
         self.check_columns(list(frame.columns), source)
         for column in [*r.numeric_columns, *r.amount_columns]:
-            values = parse_numeric(frame[column], source)
+            values = parse_numeric(frame[column], source, rows)
             if np.isnan(values).all():
                 raise ValueError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
             if column in r.amount_columns:
@@ -281,12 +287,12 @@ class TablePreprocessor:
             self.medians[column], self.means[column] = median, float(filled.mean())
             self.stds[column] = float(filled.std()) if filled.std() > 1e-12 else 1.0
         for column in r.boolean_columns:
-            values = parse_boolean(frame[column], source)
+            values = parse_boolean(frame[column], source, rows)
             if np.isnan(values).all():
                 raise ValueError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
             self.true_share[column] = float(np.nanmean(values))
         for column in r.timestamp_columns:
-            if parse_timestamp(frame[column], source).isna().all():
+            if parse_timestamp(frame[column], source, rows).isna().all():
                 raise ValueError(f"{source}: column {column!r} is empty (all {len(frame)} training values are missing)")
         for column in r.categorical_columns:
             text = category_text(frame[column])
@@ -303,7 +309,7 @@ class TablePreprocessor:
         self.fitted = True
         return self
 
-    def transform(self, frame: pd.DataFrame, source: str, row_offset: int = 0) -> dict[str, np.ndarray]:
+    def transform(self, frame: pd.DataFrame, source: str, row_offset: RowPositions = 0) -> dict[str, np.ndarray]:
         """Encode rows; ``row_offset`` is the file position of ``frame``'s first row (for error messages)."""
         if not self.fitted:
             raise RuntimeError("TablePreprocessor.transform called before fit (or load_state_dict)")
