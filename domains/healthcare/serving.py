@@ -1,0 +1,98 @@
+"""Healthcare request forms for ``python -m pipelines.serve healthcare`` (found by convention).
+
+``{"image_base64": "<PNG or JPEG, base64>"}`` -> ``{"prediction": ..., "probabilities": {class: p}}``.
+
+The image is decoded with PIL and scaled to [0, 1] exactly as the bundle expects (8-bit / 255,
+16-bit / 65535); its channels and size must match ``domain_metadata.image_shape`` (grayscale for
+1 channel, RGB for 3). It is never resized: resize it as the training data was resized. 3-D bundles
+take the generic ``{"inputs": {"image": ...}}`` form. Imports only numpy and PIL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+import numpy as np
+
+from pipelines.serve import RequestAdapter, reject
+
+FIELD = "image_base64"
+FORMATS = ("PNG", "JPEG")
+MODE_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "I;16B": 1, "I": 1, "RGB": 3}
+
+
+class ImageUploadAdapter(RequestAdapter):
+    """One base64-encoded PNG/JPEG image -> class probabilities by name and the predicted class(es)."""
+
+    name = "image"
+    example = '{"image_base64": "<base64 PNG or JPEG, optionally a data: URL>"}'
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__(metadata)
+        domain = metadata.get("domain_metadata", {})
+        self.image_shape: list[int] = list(domain.get("image_shape", []))
+        self.class_names: list[str] = list(domain.get("class_names", []))
+        self.task: str = domain.get("task", "multiclass")
+        self.threshold: float = domain.get("decision_threshold") or 0.5
+        (self.input_name,) = self.input_specs  # healthcare bundles have one input, the image
+
+    def accepts(self, request: dict[str, Any]) -> bool:
+        return FIELD in request
+
+    def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
+        unexpected = sorted(set(request) - {FIELD})
+        if unexpected:
+            reject(unexpected[0], f"unexpected field; the image form is {self.example}")
+        if len(self.image_shape) != 3:
+            reject(FIELD, f"this bundle takes images of shape {self.image_shape} (3-D volumes); send them in the generic form "
+                   '{"inputs": {"image": [...]}}')  # fmt: skip
+        channels, height, width = self.image_shape
+        text = request[FIELD]
+        if not isinstance(text, str) or not text:
+            reject(FIELD, f"expected a non-empty base64 string; got {type(text).__name__}")
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            reject(FIELD, "not valid base64", status_code=400)
+        try:
+            from PIL import Image, UnidentifiedImageError
+
+            with Image.open(io.BytesIO(raw)) as image:
+                if image.format not in FORMATS:
+                    reject(FIELD, f"expected a PNG or JPEG image; got {image.format}", status_code=400)
+                image.load()
+                mode = image.mode
+                pixels = np.asarray(image)
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            reject(FIELD, f"not a readable PNG or JPEG image ({type(error).__name__})", status_code=400)
+        got_channels = MODE_CHANNELS.get(mode)
+        wanted_mode = "grayscale (L)" if channels == 1 else "RGB"
+        if got_channels != channels:
+            reject(FIELD, f"expected a {wanted_mode} image with {channels} channel(s) of {height}x{width} pixels; got mode {mode}")
+        if pixels.shape[:2] != (height, width):
+            reject(FIELD, f"expected {height}x{width} pixels (height x width); got {pixels.shape[0]}x{pixels.shape[1]} (images are not resized)")
+        if mode == "1":
+            scaled = pixels.astype(np.float32)
+        elif pixels.dtype == np.uint8:
+            scaled = pixels.astype(np.float32) / 255.0
+        else:  # 16-bit grayscale
+            scaled = np.clip(pixels.astype(np.float32) / 65535.0, 0.0, 1.0)
+        chw = scaled[None] if scaled.ndim == 2 else scaled.transpose(2, 0, 1)
+        return {self.input_name: np.ascontiguousarray(chw[None], dtype=np.float32)}
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        probabilities = outputs[self.output_names[0]][0]
+        names = self.class_names or [str(i) for i in range(len(probabilities))]
+        if self.task == "multilabel":
+            prediction: Any = [n for n, p in zip(names, probabilities) if p > self.threshold]
+        else:
+            prediction = names[int(np.argmax(probabilities))]
+        return {"prediction": prediction, "probabilities": {n: float(p) for n, p in zip(names, probabilities)}, "task": self.task}
+
+
+ADAPTERS = [ImageUploadAdapter]
