@@ -205,7 +205,7 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     return {"digest": hashlib.sha256(canonical.encode()).hexdigest(), "files": files}
 
 
-def test_metric_key(monitor: str) -> str:
+def evaluation_metric_key(monitor: str) -> str:
     """The test-time name of a validation metric: ``val/auroc`` -> ``test/auroc``."""
     for prefix, replacement in (("val/", "test/"), ("val_", "test_")):
         if monitor.startswith(prefix):
@@ -302,7 +302,7 @@ class Attempt:
         # a requeued SLURM job is the same attempt: it resumes its run folder from last.ckpt
         slurm_job = os.environ.get("SLURM_JOB_ID") if os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive") else None
         self.attempt_id = f"retrain-slurm-{slurm_job}" if slurm_job else "retrain-" + time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        self.test_key = test_metric_key(self.spec.monitor)
+        self.test_key = evaluation_metric_key(self.spec.monitor)
         self.started = time.time()
         self.row: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempt": self.attempt_id, "domain": self.spec.name,

@@ -1,0 +1,306 @@
+"""Scheduled retraining and the model registry, with real runs of the healthcare domain on tiny data.
+
+One registry goes through a retraining life (module fixture, in this process to save interpreter
+start-ups): first run promotes, same data -> nothing new, new data + warm start -> promoted, a
+deliberately worse challenger (lr 0) -> kept champion. Copies of it are then rolled back, and
+retrained by real child processes: a second concurrent retrain exits "locked", and the first is
+SIGKILLed in the middle of writing its version (detected on the file system), after which the
+registry is valid and the champion loads.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import py_compile
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.model_registry import TMP_PREFIX, ModelRegistry, RegistryLocked
+from pipelines.model_registry import main as registry_main
+from pipelines.registry import available_domains, get_domain
+from pipelines.retrain import ExitCode, fingerprint, resolve_config, evaluation_metric_key
+from pipelines.retrain import main as retrain_main
+from tests.conftest import ROOT, child_env
+
+DEPLOY = ROOT / "deploy"
+SPEC = get_domain("healthcare")
+# the registry-wide tiny run, shrunk further: one epoch of one batch with the smallest ResNet
+TINY = [*SPEC.test_args, "--model.network=resnet10", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+NEW_DATA = ["--data.synthetic_seed=1", "--data.synthetic_samples=192"]
+MARGIN = "--margin=0.02"
+
+
+def retrain(registry: Path, runs: Path, *args: str) -> int:
+    return retrain_main(["healthcare", "--registry", str(registry), "--runs_dir", str(runs), MARGIN, *args])
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("retrain")
+    registry, runs = root / "registry", root / "runs"
+    steps: dict = {"registry": registry, "runs": runs}
+    steps["first"] = retrain(registry, runs, *TINY)
+    steps["versions_after_first"] = ModelRegistry(registry, "healthcare").versions()
+    steps["same"] = retrain(registry, runs, *TINY)
+    steps["versions_after_same"] = ModelRegistry(registry, "healthcare").versions()
+    steps["better"] = retrain(registry, runs, "--warm_start", *TINY, *NEW_DATA, "--trainer.limit_train_batches=4", "--trainer.max_epochs=2")
+    steps["worse"] = retrain(registry, runs, *TINY, *NEW_DATA, "--model.lr=0")
+    return steps
+
+
+def history(registry: Path) -> list[dict]:
+    return ModelRegistry(registry, "healthcare").history()
+
+
+def check_champion_loads(registry: ModelRegistry) -> None:
+    import torch
+
+    model = registry.load_model()
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 1, 32, 32))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_first_run_promotes(lifecycle):
+    registry = ModelRegistry(lifecycle["registry"], "healthcare")
+    assert lifecycle["first"] == ExitCode.PROMOTED
+    assert lifecycle["versions_after_first"] == ["v0001"]
+    row = history(lifecycle["registry"])[0]
+    assert row["decision"] == "promoted" and row["challenger"]["version"] == "v0001" and row["champion"] == {"version": None}
+    assert row["fingerprint"] and row["git_commit"] and Path(row["run_dir"], "checkpoints", "best.ckpt").is_file()
+    pinned = registry.evaluation()
+    assert pinned["data"]["synthetic_seed"] == 0 and pinned["data"]["synthetic_samples"] == 96
+    folder = registry.version_dir("v0001")
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "checkpoint_extras.pt", "preprocessing.json", "config.yaml", "metadata.json"}
+    assert json.loads((folder / "preprocessing.json").read_text())["class_names"] == ["normal", "benign", "malignant"]
+    metadata = registry.metadata("v0001")
+    assert metadata["metric"] == "test/auroc" and metadata["mode"] == "max" and metadata["score"] == row["challenger"]["score"]
+
+
+def test_same_data_is_nothing_new(lifecycle):
+    assert lifecycle["same"] == ExitCode.NOTHING_NEW
+    assert lifecycle["versions_after_same"] == ["v0001"], "nothing may be trained or registered"
+    first, same = history(lifecycle["registry"])[:2]
+    assert same["decision"] == "nothing-new" and same["fingerprint"] == first["fingerprint"] and "run_dir" not in same
+
+
+def test_new_data_with_a_better_model_is_promoted(lifecycle):
+    registry = ModelRegistry(lifecycle["registry"], "healthcare")
+    assert lifecycle["better"] == ExitCode.PROMOTED
+    first, _, better = history(lifecycle["registry"])[:3]
+    assert better["decision"] == "promoted" and better["challenger"]["version"] == "v0002" and better["warm_start"] == "v0001"
+    assert better["fingerprint"] != first["fingerprint"]
+    assert better["challenger"]["score"] > better["champion"]["score"] + 0.02
+    # the champion re-scored on the fixed evaluation set gets exactly its score from when it was trained
+    assert better["champion"]["version"] == "v0001"
+    assert better["champion"]["score"] == pytest.approx(first["challenger"]["score"], abs=1e-6)
+    assert registry.metadata("v0001")["evaluation"] == registry.metadata("v0002")["evaluation"] == registry.evaluation()["fingerprint"]
+    record = registry.champion_record()
+    assert record["version"] == "v0002" and record["previous"] == ["v0001"]
+
+
+def test_worse_challenger_keeps_the_champion(lifecycle):
+    registry = ModelRegistry(lifecycle["registry"], "healthcare")
+    assert lifecycle["worse"] == ExitCode.KEPT_CHAMPION
+    worse = history(lifecycle["registry"])[3]
+    assert worse["decision"] == "rejected" and worse["challenger"]["version"] == "v0003" and worse["champion"]["version"] == "v0002"
+    assert worse["challenger"]["score"] < worse["champion"]["score"]
+    assert registry.champion() == "v0002" and registry.versions() == ["v0001", "v0002", "v0003"]
+    assert registry.verify() == []
+    check_champion_loads(registry)
+
+
+def test_registry_list_prints_the_history_table(lifecycle, capsys):
+    assert registry_main(["healthcare", "list", "--registry", str(lifecycle["registry"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["time", "decision", "challenger"]
+    decisions = [line.split()[2] for line in lines[2:6]]
+    assert decisions == ["promoted", "nothing-new", "promoted", "rejected"]
+    assert "v0002*" in lines[4] and lines[-1].startswith("champion: v0002")
+    assert registry_main(["healthcare", "show", "v0003", "--registry", str(lifecycle["registry"])]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == "v0003" and shown["champion"] is False
+
+
+def test_rollback_restores_the_previous_champion(lifecycle, tmp_path, capsys):
+    copy = tmp_path / "registry"
+    shutil.copytree(lifecycle["registry"], copy)
+    registry = ModelRegistry(copy, "healthcare")
+    assert registry_main(["healthcare", "rollback", "--registry", str(copy)]) == 0
+    assert registry.champion() == "v0001"
+    weights, expected = registry.load_weights(), registry.load_weights("v0001")
+    assert weights.keys() == expected.keys() and all((weights[k] == expected[k]).all() for k in weights)
+    check_champion_loads(registry)
+    assert registry_main(["healthcare", "rollback", "--registry", str(copy)]) == 1, "no champion before v0001"
+    assert "no previous champion" in capsys.readouterr().err
+    assert registry_main(["healthcare", "promote", "v0003", "--registry", str(copy)]) == 0
+    assert registry.champion() == "v0003"
+    assert registry_main(["healthcare", "promote", "v0009", "--registry", str(copy)]) == 1
+    assert [row["decision"] for row in registry.history()[-2:]] == ["manual-rollback", "manual-promote"]
+
+
+def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_registry_valid(lifecycle, tmp_path):
+    copy, runs = tmp_path / "registry", tmp_path / "runs"
+    shutil.copytree(lifecycle["registry"], copy)
+    registry = ModelRegistry(copy, "healthcare")
+    command = [sys.executable, "-m", "pipelines.retrain", "healthcare", "--registry", str(copy), "--runs_dir", str(runs), *TINY, "--data.synthetic_seed=3"]
+    first = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock_file = copy / "healthcare" / ".lock"
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            if lock_file.is_file() and f'"pid": {first.pid}' in lock_file.read_text():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, f"the first retrain ended early: {first.stderr.read()[-3000:]}"
+
+        started = time.time()
+        second = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == ExitCode.LOCKED, second.stderr[-3000:]
+        assert "locked" in second.stderr and str(lock_file) in second.stderr and f'"pid": {first.pid}' in second.stderr
+        assert time.time() - started < 60, "a locked retrain must exit at once"
+
+        # SIGKILL the first one as soon as it starts writing its version (the promotion step)
+        deadline = time.time() + 400
+        partial: list[Path] = []
+        while time.time() < deadline and first.poll() is None:
+            if registry.versions_dir.is_dir():
+                partial = [p for p in registry.versions_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
+                if partial:
+                    first.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert partial, f"the retrain never reached the promotion step: {first.stderr.read()[-3000:]}"
+    assert first.returncode == -signal.SIGKILL
+    assert any(p.exists() for p in partial), "the kill must land while the version is being written"
+
+    assert registry.verify() == []
+    assert registry.champion() == "v0002" and registry.versions() == ["v0001", "v0002", "v0003"]
+    check_champion_loads(registry)
+    assert len(registry.history()) == len(history(lifecycle["registry"])), "a killed attempt records nothing"
+    with registry.lock():  # the kernel released the dead process's lock
+        assert registry.remove_partial_versions() == [p.name for p in partial]
+    assert not [p for p in registry.versions_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_locked_exit_is_immediate_and_the_wrapper_maps_exit_codes(tmp_path):
+    registry = ModelRegistry(tmp_path / "registry", "healthcare")
+    wrapper = [str(DEPLOY / "retrain.sh"), "healthcare", "--registry", str(registry.root)]
+    env = child_env(PYTHON=sys.executable)
+    with registry.lock():
+        started = time.time()
+        held = subprocess.run(wrapper, env=env, capture_output=True, text=True, timeout=120)
+        elapsed = time.time() - started
+    assert held.returncode == 0 and "locked" in held.stdout and "(exit 5)" in held.stdout, held.stderr[-2000:]
+    assert elapsed < 30, f"a locked retrain must exit at once, took {elapsed:.1f} s"
+    with pytest.raises(RegistryLocked), registry.lock(), registry.lock():
+        pass
+    bad = subprocess.run([*wrapper, "--floor", "auroc=high"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--floor" in bad.stderr
+
+
+def test_fingerprint_hashes_file_contents_not_names_or_times(tmp_path):
+    data = tmp_path / "table.csv"
+    data.write_text("a,b\n1,2\n")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"\x89PNG-1")
+    config = {"data": {"csv": str(data), "image_dir": str(folder), "batch_size": 8}, "model": {"lr": 0.1}}
+    before = fingerprint(config)
+    assert set(before["files"]) == {str(data), str(folder)}
+    os.utime(data, (1, 1))
+    assert fingerprint(config)["digest"] == before["digest"], "touching a file is not new data"
+    data.write_text("a,b\n1,3\n")
+    assert fingerprint(config)["digest"] != before["digest"]
+    data.write_text("a,b\n1,2\n")
+    (folder / "y.png").write_bytes(b"\x89PNG-2")
+    assert fingerprint(config)["digest"] != before["digest"], "a new file in a data folder is new data"
+
+
+@pytest.mark.parametrize("domain", available_domains())
+def test_every_domain_has_a_retraining_metric_and_fingerprint(domain):
+    spec = get_domain(domain)
+    assert evaluation_metric_key(spec.monitor).startswith("test/")
+    config = resolve_config(domain, list(spec.test_args))
+    assert fingerprint(config)["digest"] == fingerprint(resolve_config(domain, list(spec.test_args)))["digest"]
+    other = resolve_config(domain, [*spec.test_args, f"--data.batch_size={config['data']['batch_size'] + 1}"])
+    assert fingerprint(other)["digest"] != fingerprint(config)["digest"]
+
+
+def test_kubernetes_cronjob_manifest():
+    documents = list(yaml.safe_load_all((DEPLOY / "k8s-cronjob.yaml").read_text()))
+    kinds = {doc["kind"]: doc for doc in documents}
+    cronjob, claim = kinds["CronJob"], kinds["PersistentVolumeClaim"]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == [claim["metadata"]["name"]]
+    container = pod["containers"][0]
+    mount = container["volumeMounts"][0]["mountPath"]
+    registry_arg = next(a for a in container["args"] if a.startswith("--registry="))
+    assert registry_arg.split("=", 1)[1].startswith(mount + "/"), "the registry must live on the persistent volume"
+    assert container["command"] == ["/app/deploy/retrain.sh"] and container["args"][0] in available_domains()
+    rule = job["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [int(ExitCode.USAGE)]
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")  # the real schema check, when installed
+    for document in documents:
+        kubernetes_validate.validate(document, "1.31", strict=True)
+
+
+def test_shell_examples_parse_and_use_the_exit_codes():
+    for script in ("retrain.sh", "retrain.sbatch"):
+        subprocess.run(["bash", "-n", str(DEPLOY / script)], check=True)
+        assert os.access(DEPLOY / script, os.X_OK), f"{script} must be executable"
+    sbatch = (DEPLOY / "retrain.sbatch").read_text()
+    assert "#SBATCH --requeue" in sbatch and "srun" in sbatch
+    wrapper = (DEPLOY / "retrain.sh").read_text()
+    for code in (ExitCode.PROMOTED, ExitCode.KEPT_CHAMPION, ExitCode.NOTHING_NEW, ExitCode.LOCKED):
+        assert f"\n  {int(code)}) outcome=" in wrapper, f"retrain.sh does not handle exit code {int(code)} ({code.name})"
+    assert f"\n  {int(ExitCode.USAGE)}) " in wrapper and "exit 2" in wrapper
+    fine = "|".join(str(int(c)) for c in (ExitCode.PROMOTED, ExitCode.KEPT_CHAMPION, ExitCode.NOTHING_NEW, ExitCode.LOCKED))
+    assert f"  {fine}) " in sbatch
+    entries = [line for line in (DEPLOY / "crontab").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert entries
+    for entry in entries:
+        fields = entry.split(None, 5)
+        ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+        for field, (low, high) in zip(fields[:5], ranges):
+            for part in field.replace("*/", "").split(","):
+                assert part == "*" or low <= int(part.split("-")[0]) <= high, f"bad crontab field {field!r}"
+        assert "deploy/retrain.sh" in fields[5]
+        subprocess.run(["bash", "-n", "-c", fields[5]], check=True)
+
+
+def test_airflow_dag_compiles_and_matches_the_exit_codes(tmp_path):
+    path = DEPLOY / "airflow_retrain_dag.py"
+    py_compile.compile(str(path), cfile=str(tmp_path / "dag.pyc"), doraise=True)
+    tree = ast.parse(path.read_text())
+    assigned = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple):
+            names = [t.id for t in node.targets[0].elts]
+            values = [v.value for v in node.value.elts]
+            assigned.update(zip(names, values))
+    assert assigned == {code.name: int(code) for code in ExitCode}
+    try:
+        import airflow  # noqa: F401
+    except ImportError:
+        return  # Airflow is not installed here (README: the DAG is compiled and its codes checked)
+    namespace: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    assert namespace["dag"].task_ids
