@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from pipelines.help_cache import cached_help, is_help_request
 from pipelines.registry import available_domains, get_domain
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -51,9 +52,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     domain, args, test_after_fit = split_command(argv)
 
-    from pipelines.cli import PipelineCLI  # imported after the domain check: `--help` of a typo stays fast
+    def start() -> None:
+        from pipelines.cli import PipelineCLI  # heavy: torch, Lightning and the domain's libraries
 
-    PipelineCLI(spec, args, test_after_fit=test_after_fit)
+        PipelineCLI(spec, args, test_after_fit=test_after_fit)
+
+    if is_help_request(args):
+        cached_help(domain, spec.config.parent, args, start)
+    else:
+        start()
 
 
 if __name__ == "__main__":

@@ -159,3 +159,16 @@ def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run(runs_dir):
     assert summary["test"]["test/auroc"] >= 0
     assert any("val/auroc" in row for row in history(run_file(run)))
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+
+
+def test_help_is_served_from_a_cache_keyed_on_the_code(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    first = run_pipeline_process("healthcare", "--help", env=env)
+    assert first.returncode == 0 and "--data.npz_path" in first.stdout
+    cached = list((tmp_path / "domain-pipelines" / "help").glob("healthcare-*.txt"))
+    assert len(cached) == 1 and cached[0].read_text() == first.stdout
+    second = run_pipeline_process("healthcare", "--help", env=env)
+    assert second.stdout == first.stdout
+    # another key (an environment variable of the CLI) renders again and caches a second entry
+    third = run_pipeline_process("healthcare", "--help", env={**env, "PIPELINES_FIT__DATA__BATCH_SIZE": "7"})
+    assert third.returncode == 0 and len(list(cached[0].parent.glob("healthcare-*.txt"))) == 2

@@ -1,0 +1,248 @@
+"""Does the pipeline cost anything over a hand-written PyTorch loop? Is the data loader fast enough?
+
+    python -m benchmarks.performance [--domains healthcare finance] [--repeats 3] [--epochs 2] [--skip-default-run]
+
+For each domain's default model and data (its ``config.yaml``), in one process:
+
+- training samples/s through ``pipelines.run DOMAIN fit`` (W&B offline logging, checkpoints and all;
+  the window is the training batches of an epoch, validation excluded) against a plain loop over the
+  same model, data module, batch size, optimiser and thread count (``training_step``, ``backward``,
+  ``AdamW.step``); medians over repeats, first epoch of each repeat dropped as warm-up;
+- the data loader alone (samples/s out of ``train_dataloader()`` with the configured transforms and
+  workers) against the model's compute alone (steps on batches already in memory); the loader
+  should be >= 3x faster than the model consumes;
+- start-up: ``--help`` wall time and time to the first training step (new processes), and which
+  heavy packages a domain's classes import;
+- peak resident memory and wall time of a default run (``python -m pipelines.run DOMAIN``).
+
+On a GPU the same command also reports GPU samples/s, the share of time waiting for data and peak
+GPU memory. Prints a table; writes ``benchmarks/results/performance.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from benchmarks.common import batch_size_of, print_table, write_results
+from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FirstStepTimer(pl.Callback):
+    """Write the wall-clock time of the first training batch to a file (time to first step)."""
+
+    def __init__(self, output: str) -> None:
+        self.output = Path(output)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0 and not self.output.exists():
+            self.output.write_text(str(time.time()))
+
+
+def build_defaults(spec: DomainSpec) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """The domain's default model and data module, from its config.yaml, with linked values."""
+    config = yaml.safe_load(spec.config.read_text())
+    datamodule = spec.load_datamodule_class()(**config.get("data", {}))
+    model_config = dict(config.get("model", {}))
+    if spec.model_subclasses:
+        cls, kwargs = _import_dotted(model_config["class_path"]), dict(model_config.get("init_args", {}))
+    else:
+        cls, kwargs = spec.load_model_class(), model_config
+    kwargs.update({target: getattr(datamodule, source) for source, target in spec.links})
+    return cls(**kwargs), datamodule
+
+
+def _device_batch(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _device_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_device_batch(v, device) for v in batch)
+    return batch
+
+
+def _step(model: pl.LightningModule, optimizer: torch.optim.Optimizer, batch: Any, index: int) -> None:
+    out = model.training_step(batch, index)
+    loss = out["loss"] if isinstance(out, dict) else out
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def plain_epoch(model: pl.LightningModule, datamodule: pl.LightningDataModule, optimizer, device) -> dict[str, float]:
+    """One hand-written training epoch; returns samples/s and the share of time spent waiting for data."""
+    model.train()
+    samples, waiting = 0, 0.0
+    start = time.perf_counter()
+    iterator = iter(datamodule.train_dataloader())
+    index = 0
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        waiting += time.perf_counter() - t
+        batch = datamodule.on_after_batch_transfer(_device_batch(batch, device), 0)
+        _step(model, optimizer, batch, index)
+        samples += batch_size_of(batch)
+        index += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": samples / seconds, "data_wait_share": waiting / seconds}
+
+
+def loader_and_compute_rates(model, datamodule, optimizer, device) -> dict[str, float]:
+    start, samples, batches = time.perf_counter(), 0, []
+    for batch in datamodule.train_dataloader():
+        samples += batch_size_of(batch)
+        batches.append(batch)
+    loader_rate = samples / (time.perf_counter() - start)
+    model.train()
+    start = time.perf_counter()
+    for index, batch in enumerate(batches):
+        _step(model, optimizer, datamodule.on_after_batch_transfer(_device_batch(batch, device), 0), index)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    compute_rate = samples / (time.perf_counter() - start)
+    return {"loader_samples_per_s": loader_rate, "compute_samples_per_s": compute_rate, "loader_over_compute": loader_rate / compute_rate}
+
+
+def pipeline_rates(domain: str, epochs: int, runs_dir: Path) -> list[float]:
+    from pipelines.run import main as run
+
+    output = runs_dir / f"throughput-{time.time_ns()}.json"
+    run([
+        domain, "fit", f"--trainer.max_epochs={epochs}", "--runs_dir", str(runs_dir), "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={output}",
+    ])  # fmt: skip
+    return [e["samples_per_s"] for e in json.loads(output.read_text())]
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    env.pop("WANDB_SERVICE", None)
+    env.pop("PIPELINES_RUN_ID", None)
+    return env
+
+
+def startup(domain: str, runs_dir: Path, repeats: int) -> dict[str, Any]:
+    helps = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipelines.run", domain, "--help"], cwd=ROOT, env=child_env(), capture_output=True, check=True)
+        helps.append(time.perf_counter() - t)
+    marker = runs_dir / f"first-step-{domain}.txt"
+    launched = time.time()
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.run", domain, "fit", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+         "--trainer.limit_val_batches=0", "--runs_dir", str(runs_dir),
+         "--trainer.callbacks+=benchmarks.performance.FirstStepTimer", f"--trainer.callbacks.output={marker}"],
+        cwd=ROOT, env=child_env(), capture_output=True, check=True,
+    )  # fmt: skip
+    spec = get_domain(domain)
+    code = (
+        "import sys; from pipelines.registry import get_domain; s = get_domain(%r); s.load_model_class(); s.load_datamodule_class(); "
+        "print(sorted(m for m in ('monai', 'transformers', 'albumentations') if m in sys.modules))" % spec.name
+    )
+    heavy = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True).stdout.strip()
+    return {"help_s": statistics.median(helps), "first_step_s": float(marker.read_text()) - launched, "imports": heavy}
+
+
+def default_run(domain: str, runs_dir: Path) -> dict[str, float]:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipelines.run", domain, "--runs_dir", str(runs_dir)], cwd=ROOT, env=child_env(), capture_output=True, check=True)
+    return {"default_run_s": time.perf_counter() - t, "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> dict[str, Any]:
+    spec = get_domain(domain)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict[str, Any] = {"domain": domain, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_dir = Path(tmp)
+        plain, piped, waits = [], [], []
+        for repeat in range(repeats):
+            pl.seed_everything(repeat, verbose=False)
+            model, datamodule = build_defaults(spec)
+            if not model.automatic_optimization:
+                result["plain"] = "n/a: the model optimises manually (a plain loop would be the same code)"
+                break
+            datamodule.setup("fit")
+            model.to(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=float(model.hparams.get("lr", 1e-3)), weight_decay=float(model.hparams.get("weight_decay", 0.0)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # self.log() without a Trainer is a no-op
+                epochs_plain = [plain_epoch(model, datamodule, optimizer, device) for _ in range(epochs)][1:]
+                if repeat == 0:
+                    result.update(loader_and_compute_rates(model, datamodule, optimizer, device))
+            plain += [e["samples_per_s"] for e in epochs_plain]
+            waits += [e["data_wait_share"] for e in epochs_plain]
+            piped += pipeline_rates(domain, epochs, runs_dir)[1:]
+        if plain:
+            result.update(
+                plain_samples_per_s=statistics.median(plain),
+                pipeline_samples_per_s=statistics.median(piped),
+                pipeline_over_plain=statistics.median(piped) / statistics.median(plain),
+                data_wait_share=statistics.median(waits),
+                repeats=repeats,
+            )
+        if device.type == "cuda":
+            result["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result.update(startup(domain, runs_dir, repeats))
+        if not skip_default_run:
+            result.update(default_run(domain, runs_dir))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", nargs="*", default=available_domains())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per repeat; the first is warm-up")
+    parser.add_argument("--skip-default-run", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    results = [measure(d, args.repeats, args.epochs, args.skip_default_run) for d in args.domains]
+
+    def cell(r: dict, key: str, fmt: str = "{:.1f}") -> str:
+        return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "-"
+
+    rows = [
+        [
+            r["domain"], r["device"], cell(r, "pipeline_samples_per_s"), cell(r, "plain_samples_per_s"), cell(r, "pipeline_over_plain", "{:.3f}"),
+            cell(r, "loader_samples_per_s", "{:.0f}"), cell(r, "compute_samples_per_s"), cell(r, "loader_over_compute", "{:.1f}"),
+            cell(r, "data_wait_share", "{:.1%}"), cell(r, "help_s", "{:.2f}"), cell(r, "first_step_s", "{:.1f}"), r["imports"],
+            cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "default_run_s", "{:.0f}"),
+        ]
+        for r in results
+    ]
+    headers = [
+        "domain", "device", "pipeline samples/s", "plain samples/s", "ratio", "loader samples/s", "compute samples/s",
+        "loader/compute", "data wait", "--help s", "first step s", "heavy imports", "peak RSS MiB", "default run s",
+    ]  # fmt: skip
+    table = print_table(headers, rows)
+    write_results("performance", {"args": vars(args), "results": results, "table": table, "date": time.strftime("%Y-%m-%d")})
+
+
+if __name__ == "__main__":
+    main()
