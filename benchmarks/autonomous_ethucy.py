@@ -21,6 +21,7 @@ windows per second (training epochs only, validation excluded), versions, the ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -105,7 +106,8 @@ def train_and_test(root: Path, scene: str, architecture: str, epochs: int, batch
         "--trainer.callbacks+=benchmarks.autonomous_ethucy.FitClock", "--runs_dir", str(runs_dir), *extra,
     ]  # fmt: skip
     started = time.perf_counter()
-    cli = PipelineCLI(get_domain("autonomous"), args, test_after_fit=True)
+    with contextlib.redirect_stdout(sys.stderr):  # Lightning's per-run tables; stdout keeps the summary table
+        cli = PipelineCLI(get_domain("autonomous"), args, test_after_fit=True)
     wall = time.perf_counter() - started
     clock = next(c for c in cli.trainer.callbacks if type(c).__name__ == "FitClock")
     train_seconds = clock.train_seconds

@@ -249,6 +249,31 @@ def test_displacement_errors_single_and_best_of_k():
     assert float(single.compute()) == pytest.approx(3.0)
 
 
+def test_canonical_heading_makes_forecasts_rotation_equivariant(tmp_path):
+    """Rotating a window's world rotates the prediction the same way (the model sees the heading frame)."""
+    from domains.autonomous.model import SensorSequenceModel
+
+    table = fleet(20, steps=24).rename(columns={"trip": "sequence", "t_s": "time"})
+    path = write_table(tmp_path / "fleet.csv", table)
+    dm = SensorSequenceDataModule(path=str(path), channels=[], target_channels=["x", "y"], canonical_heading=True)
+    dm.setup()
+    model = SensorSequenceModel(input_size=2, target_dim=2, observe=8, predict=12, hidden_size=16, embed_size=8).eval()
+    raw = next(iter(dm.test_dataloader()))
+    angle = torch.tensor(0.7)
+    rotation = torch.tensor([[torch.cos(angle), -torch.sin(angle)], [torch.sin(angle), torch.cos(angle)]])
+    turned = {k: (v @ rotation.T if k in ("past", "future") else v) for k, v in raw.items()}
+    with torch.no_grad():
+        plain = model._predictions(dm.on_after_batch_transfer(dict(raw), 0))["single"]
+        rotated = model._predictions(dm.on_after_batch_transfer(turned, 0))["single"]
+    torch.testing.assert_close(rotated, plain @ rotation.T, atol=1e-4, rtol=1e-4)
+    lost = SensorSequenceDataModule(path=str(path), channels=[], target_channels=["x", "y"])
+    lost.setup()
+    with torch.no_grad():
+        plain = model._predictions(lost.on_after_batch_transfer(dict(raw), 0))["single"]
+        rotated = model._predictions(lost.on_after_batch_transfer(turned, 0))["single"]
+    assert not torch.allclose(rotated, plain @ rotation.T, atol=1e-3)  # without it the model is not invariant
+
+
 # ----- each task and model family through the runner -----------------------------------------
 @pytest.mark.parametrize(
     ("architecture", "extra"),

@@ -114,6 +114,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         val_fraction: validation share of sequences in a random split.
         test_fraction: test share of sequences in a random split.
         split_seed: seed of the random split.
+        canonical_heading: express each window's displacements in its own heading frame (the
+            observed heading, first to last observed position, along +x), so that the model is
+            rotation invariant; predictions are rotated back (2 target channels only).
         augment_rotation: rotate each training window by a random angle (2 target channels only,
             e.g. x/y positions; the other channels are left as they are).
         sim_vehicles: episodes of the embedded simulator (used when no path is given).
@@ -149,6 +152,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        canonical_heading: bool = False,
         augment_rotation: bool = False,
         sim_vehicles: int = 400,
         sim_steps: int = 40,
@@ -170,8 +174,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             raise ValueError("task 'forecasting' needs data.target_channels (the columns to forecast)")
         if task != "forecasting" and not target_column:
             raise ValueError(f"task {task!r} needs data.target_column (the column to predict)")
-        if augment_rotation and len(target_channels or []) != 2:
-            raise ValueError(f"augment_rotation needs exactly 2 target_channels (x, y), got {target_channels}")
+        if (augment_rotation or canonical_heading) and len(target_channels or []) != 2:
+            raise ValueError(f"augment_rotation and canonical_heading need exactly 2 target_channels (x, y), got {target_channels}")
         if max_gap < 1:
             raise ValueError(f"max_gap must be >= 1 (in time steps), got {max_gap}")
         self.save_hyperparameters(logger=False)
@@ -390,7 +394,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return self.datasets[split].names[index]
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Build model inputs on the device with the training statistics (and rotate training windows)."""
+        """Build model inputs on the device with the training statistics (and rotate training windows).
+
+        Adds ``inputs`` (B, observe, F), ``displacement_scale`` (B,), for regression ``target_mean`` and
+        ``target_std`` (B,), and with ``canonical_heading`` the per-window ``frame`` (B, 2, 2) that the
+        model uses to rotate its displacements back to the data's frame. ``past``/``future`` stay in
+        the data's frame.
+        """
         assert self.stats is not None, "setup() or load_state_dict() must run first"
         past, channels = batch["past"], batch["channels"]
         future = batch.get("future")
@@ -406,6 +416,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
                 batch["future"] = (future - origin) @ rotation.transpose(1, 2) + origin
         scale = float(self.stats["displacement_scale"])
         steps = torch.diff(past, dim=1, prepend=past[:, :1]) / scale
+        if self.hparams.canonical_heading:
+            heading = past[:, -1] - past[:, 0]
+            angle = torch.atan2(heading[:, 1], heading[:, 0])
+            c, s = torch.cos(angle), torch.sin(angle)
+            frame = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
+            batch["frame"] = frame  # canonical = world @ frame; world = canonical @ frame.T
+            steps = steps @ frame
         mean = torch.tensor(self.stats["channel_mean"], device=past.device, dtype=past.dtype)
         std = torch.tensor(self.stats["channel_std"], device=past.device, dtype=past.dtype)
         batch["inputs"] = torch.cat([steps, (channels - mean) / std], -1)

@@ -213,11 +213,14 @@ class SensorSequenceModel(BaseTask):
     def _true_steps(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """True future displacements, normalised ``(B, predict, D)``."""
         path = torch.cat([batch["past"][:, -1:], batch["future"]], 1)
-        return torch.diff(path, dim=1) / batch["displacement_scale"][:, None, None]
+        steps = torch.diff(path, dim=1) / batch["displacement_scale"][:, None, None]
+        return steps @ batch["frame"] if "frame" in batch else steps  # into the window's heading frame
 
     @staticmethod
     def _positions(steps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Normalised displacements ``(B, K, T, D)`` -> positions in data units."""
+        """Normalised displacements ``(B, K, T, D)`` (in the heading frame, if any) -> positions in data units."""
+        if "frame" in batch:
+            steps = steps @ batch["frame"].transpose(1, 2)[:, None]
         scale = batch["displacement_scale"][:, None, None, None]
         return batch["past"][:, -1][:, None, None] + torch.cumsum(steps * scale, 2)
 
