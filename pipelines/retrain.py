@@ -64,6 +64,7 @@ import operator
 import os
 import secrets
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -271,6 +272,8 @@ def run_step(args: list[str], launcher: list[str] | None = None, job_type: str =
 
         run_main(args)
     except SystemExit as stop:
+        if type(stop).__name__ == "SIGTERMException":  # Lightning turns SIGTERM during fit into this SystemExit
+            raise RetrainError(ExitCode.FAILED, f"python -m pipelines.run {shlex.join(args)} was terminated (SIGTERM)") from None
         if stop.code not in (0, None):
             raise RetrainError(ExitCode.FAILED, f"python -m pipelines.run {shlex.join(args)} exited with {stop.code}") from None
     finally:
@@ -488,16 +491,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
-        print(__doc__.split("Exit codes")[1].split("\n\n")[0].join(["Exit codes", ""]))
+        print("exit codes: " + ", ".join(f"{int(code)} {code.name.lower().replace('_', ' ')}" for code in ExitCode))
         return 0 if argv else ExitCode.USAGE
     options, runner_args = parse_args(argv)
+    from pipelines.registry import get_domain
+
+    try:
+        get_domain(options.domain)
+    except ValueError as error:
+        print(f"[retrain] error: {error}\n{USAGE}", file=sys.stderr)
+        return ExitCode.USAGE
     registry = ModelRegistry(options.registry, options.domain)
     try:
         with registry.lock():
-            return _attempt(options, runner_args)
+            previous = signal.signal(signal.SIGTERM, _terminated)  # a SIGTERM is recorded as a failed attempt
+            try:
+                return _attempt(options, runner_args)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
     except RegistryLocked as error:
         print(f"[retrain] locked: {error}; nothing done (exit {int(ExitCode.LOCKED)})", file=sys.stderr)
         return ExitCode.LOCKED
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise RetrainError(ExitCode.FAILED, "terminated (SIGTERM)")
 
 
 def _attempt(options: argparse.Namespace, runner_args: list[str]) -> ExitCode:

@@ -61,6 +61,13 @@ def history(registry: Path) -> list[dict]:
     return ModelRegistry(registry, "healthcare").history()
 
 
+def wandb_run_kind(run_dir: Path) -> tuple[str, str]:
+    from tests.wandb_offline import records, run_file
+
+    run = next(r.run for r in records(run_file(run_dir)) if r.WhichOneof("record_type") == "run")
+    return run.job_type, run.run_group
+
+
 def check_champion_loads(registry: ModelRegistry) -> None:
     import torch
 
@@ -106,6 +113,9 @@ def test_new_data_with_a_better_model_is_promoted(lifecycle):
     assert registry.metadata("v0001")["evaluation"] == registry.metadata("v0002")["evaluation"] == registry.evaluation()["fingerprint"]
     record = registry.champion_record()
     assert record["version"] == "v0002" and record["previous"] == ["v0001"]
+    # the attempt's runs share one W&B group per domain, with job types for training and evaluation
+    assert wandb_run_kind(Path(better["run_dir"])) == ("retrain", "retrain-healthcare")
+    assert wandb_run_kind(Path(better["champion"]["eval_run"])) == ("retrain-eval", "retrain-healthcare")
 
 
 def test_worse_challenger_keeps_the_champion(lifecycle):
