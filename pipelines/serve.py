@@ -242,14 +242,22 @@ class BundleAPI(ls.LitAPI):
     because LitServe fails every request of a batch when one of them raises.
     """
 
-    def __init__(self, bundle_path: str | Path, max_batch_size: int = 16, batch_timeout: float = 0.01) -> None:
+    def __init__(self, bundle_path: str | Path, max_batch_size: int = 16, batch_timeout: float = 0.01, log_level: str = "info") -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
         self.bundle_path = str(bundle_path)
+        self.log_level = log_level
 
     def setup(self, device: str) -> None:
-        """Load the bundle and the domain's request adapters (in the inference worker)."""
+        """Load the bundle and the domain's request adapters (in the inference worker, a fresh process)."""
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s - inference-worker[%(process)d] - %(name)s - %(levelname)s - %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(self.log_level.upper())
         self.bundle = Bundle(self.bundle_path)
         self.adapters = load_adapters(self.bundle.metadata)
+        logger.info("loaded %s bundle %s; request forms: %s", self.bundle.metadata["format"], self.bundle_path, ", ".join(a.name for a in self.adapters))
 
     def _forms(self) -> str:
         return "; ".join(f"{a.name}: {a.example}" for a in self.adapters)
@@ -302,6 +310,10 @@ class BundleAPI(ls.LitAPI):
                 rows = items[i].rows
                 results[i] = Answered(items[i].adapter, {n: o[start : start + rows] for n, o in outputs.items()})
                 start += rows
+        logger.debug(
+            "batch of %d request(s): %d answered, %d refused, %d sub-batch(es)",
+            len(items), sum(isinstance(r, Answered) for r in results), sum(isinstance(r, Rejected) for r in results), len(groups),
+        )  # fmt: skip
         return results if isinstance(x, list) else results[0]
 
     def encode_response(self, output: Answered | Rejected) -> Any:
@@ -405,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     info = describe(bundle, load_adapters(bundle.metadata))
     del bundle
     forms = "; ".join(f"{name}: {example}" for name, example in info["request_forms"].items())
-    api = BundleAPI(args.bundle, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    api = BundleAPI(args.bundle, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, log_level=args.log_level)
     server = ls.LitServer(
         api,
         accelerator="cpu",

@@ -1,0 +1,390 @@
+"""``python -m pipelines.serve``: the real server in a child process on 127.0.0.1, real HTTP requests.
+
+For every registered domain whose model implements ``export_spec``: a tiny model is trained and
+exported (ONNX), the server is started on a free loopback port, and good requests (answers equal
+to ``Bundle.run`` on the same inputs), malformed requests (4xx naming the field), concurrent
+requests (batched, a malformed one never failing the others), the health/info endpoints and a
+clean SIGTERM shutdown are checked. Healthcare also gets its image-upload form, a TorchScript
+bundle and a SIGINT shutdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipelines.export import export_checkpoint
+from pipelines.registry import available_domains, get_domain
+from pipelines.task import BaseTask
+from tests.conftest import ROOT, child_env, only_run, run_pipeline
+
+DOMAINS = available_domains()
+ATOL = 1e-5  # the server runs the same bundle; only batch composition may change the last bits
+START_TIMEOUT = 120.0
+REQUEST_TIMEOUT = 60.0
+# a tiny run: the domain's own test options, then one batch of each stage and no test stage
+FAST = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
+
+
+def require_export_spec(domain: str) -> None:
+    """Skip (with the reason) a domain whose model cannot be exported yet."""
+    model_class = get_domain(domain).load_model_class()
+    if model_class.export_spec is BaseTask.export_spec:
+        pytest.skip(f"{domain}: {model_class.__qualname__} does not implement export_spec() yet, so it has no bundle to serve")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url: str, body: Any = None, raw: bytes | None = None, content_type: str = "application/json") -> tuple[int, Any]:
+    """One HTTP request (POST when there is a body); returns (status, decoded JSON or text)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+@dataclass
+class Server:
+    """A running ``pipelines.serve`` child process."""
+
+    domain: str
+    url: str
+    port: int
+    bundle: Path
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"server did not stop within {timeout}s of signal {signum}:\n{self.output()}") from None
+
+
+def start_server(domain: str, bundle: Path, log: Path, *extra: str) -> Server:
+    port = free_port()
+    handle = open(log, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.serve", domain, "--bundle", str(bundle), "--port", str(port), *extra],
+        cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    handle.close()
+    server = Server(domain, f"http://127.0.0.1:{port}", port, bundle, process, log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode} before answering /health:\n{server.output()}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    server.stop(signal.SIGKILL)
+    raise AssertionError(f"server not healthy within {START_TIMEOUT}s:\n{server.output()}")
+
+
+def child_pids(pid: int) -> set[int]:
+    """All descendants of a process (Linux /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            continue
+        for child in children - found:
+            found |= {child} | child_pids(child)
+    return found
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) listening on a TCP port."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addresses.add(address)
+    return addresses
+
+
+def random_sample(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """One sample of an input spec (named axes get size 5)."""
+    shape = [5 if not isinstance(s, int) else s for s in spec["shape"][1:]]
+    if "float" in spec["dtype"]:
+        return rng.random(shape).astype(spec["dtype"])
+    return rng.integers(0, 2, shape).astype(spec["dtype"])
+
+
+def bundle_outputs(bundle: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the bundle computes for one sample, in this process."""
+    from pipelines.bundle_runtime import Bundle
+
+    return Bundle(bundle).run(**{name: value[None] for name, value in inputs.items()})
+
+
+def assert_matches_bundle(answer: dict[str, Any], expected: dict[str, np.ndarray]) -> None:
+    assert set(answer["outputs"]) == set(expected)
+    for name, want in expected.items():
+        got = np.array(answer["outputs"][name], dtype=np.float64)
+        np.testing.assert_allclose(got, want[0], atol=ATOL, rtol=1e-5, err_msg=f"output {name!r}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained checkpoint per domain, shared by this module's tests."""
+    checkpoints: dict[str, Path] = {}
+
+    def get(domain: str) -> Path:
+        if domain not in checkpoints:
+            runs_dir = tmp_path_factory.mktemp(f"{domain}-runs")
+            run_pipeline(domain, "fit", *get_domain(domain).test_args, *FAST, "--runs_dir", str(runs_dir))
+            checkpoints[domain] = only_run(runs_dir, domain) / "checkpoints" / "last.ckpt"
+        return checkpoints[domain]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=DOMAINS)
+def server(request, trained, tmp_path_factory):
+    """The domain's ONNX bundle served on a free loopback port (stopped, at the latest, after the module)."""
+    domain = request.param
+    require_export_spec(domain)
+    folder = tmp_path_factory.mktemp(f"{domain}-serve")
+    bundle = export_checkpoint(get_domain(domain), trained(domain), "onnx", folder / "bundle")
+    served = start_server(domain, bundle, folder / "server.log", "--max-batch-size", "16", "--batch-timeout", "0.05", "--log-level", "debug")
+    yield served
+    if served.process.poll() is None:
+        served.stop(signal.SIGKILL)
+
+
+def test_health_info_and_loopback_only(server):
+    assert request(server.url + "/health") == (200, "ok")
+    status, info = request(server.url + "/info")
+    assert status == 200 and info["model"]["domain"] == server.domain and info["model"]["format"] == "onnx"
+    assert "generic" in info["model"]["request_forms"]
+    assert listening_addresses(server.port) == {"0100007F"}, "the server must listen on 127.0.0.1 only"
+
+
+def test_generic_request_matches_bundle(server):
+    metadata = json.loads((server.bundle / "metadata.json").read_text())
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        inputs = {spec["name"]: random_sample(spec, rng) for spec in metadata["inputs"]}
+        status, answer = request(server.url + "/predict", {"inputs": {n: v.tolist() for n, v in inputs.items()}})
+        assert status == 200, answer
+        assert_matches_bundle(answer, bundle_outputs(server.bundle, inputs))
+
+
+def malformed_requests(metadata: dict[str, Any]) -> list[tuple[str, bytes, str, int, str]]:
+    """(what, body, content type, expected status, text the error must contain)."""
+    spec = metadata["inputs"][0]
+    name = spec["name"]
+    good = random_sample(spec, np.random.default_rng(2))
+    others = {s["name"]: random_sample(s, np.random.default_rng(3)).tolist() for s in metadata["inputs"][1:]}
+
+    def body(inputs: Any, **extra: Any) -> bytes:
+        return json.dumps({"inputs": inputs, **extra}).encode()
+
+    wrong_rank = good[..., None] if good.ndim else np.array([good])
+    nan = good.astype(np.float64).copy()
+    nan.flat[0] = math.nan
+    cases = [
+        ("invalid JSON", b'{"inputs": ', "application/json", 400, "not valid JSON"),
+        ("a JSON list", b"[1, 2]", "application/json", 422, "expected a JSON object"),
+        ("not JSON content", b"inputs=1", "application/x-www-form-urlencoded", 422, "Content-Type: application/json"),
+        ("no known form", b'{"pixels": [1]}', "application/json", 422, "pixels: no request form"),
+        ("empty object", b"{}", "application/json", 422, "body: empty request"),
+        ("inputs not an object", body([1, 2]), "application/json", 422, "inputs: expected an object"),
+        ("missing input", body(others), "application/json", 422, f"inputs.{name}: missing"),
+        ("unknown input", body({name: good.tolist(), **others, "extra": [1]}), "application/json", 422, "inputs.extra: unknown input"),
+        ("unexpected top-level field", body({name: good.tolist(), **others}, debug=True), "application/json", 422, "debug: unexpected field"),
+        ("wrong rank", body({name: wrong_rank.tolist(), **others}), "application/json", 422, f"inputs.{name}: expected a {spec['dtype']} array of shape"),
+        ("strings", body({name: np.full(good.shape, "x").tolist(), **others}), "application/json", 422, f"inputs.{name}: expected"),
+        ("ragged lists", body({name: [[1.0], [1.0, 2.0]], **others}), "application/json", 422, f"inputs.{name}: expected"),
+    ]
+    if "float" in spec["dtype"]:
+        nan_body = json.dumps({"inputs": {name: nan.tolist(), **others}}).encode()  # Python writes NaN, which the server parses
+        cases.append(("NaN", nan_body, "application/json", 422, f"inputs.{name}: contains NaN"))
+    return cases
+
+
+def test_malformed_requests_get_4xx_naming_the_field(server):
+    metadata = json.loads((server.bundle / "metadata.json").read_text())
+    for what, raw, content_type, want_status, want_text in malformed_requests(metadata):
+        status, answer = request(server.url + "/predict", raw=raw, content_type=content_type)
+        assert status == want_status, f"{what}: got {status} {answer}"
+        assert isinstance(answer, dict) and want_text in answer["detail"], f"{what}: {answer}"
+    assert request(server.url + "/predict")[0] == 405  # GET on the predict endpoint
+    assert request(server.url + "/nowhere")[0] == 404
+    # the server is still healthy and answers good requests after all of them
+    rng = np.random.default_rng(4)
+    inputs = {spec["name"]: random_sample(spec, rng) for spec in metadata["inputs"]}
+    status, answer = request(server.url + "/predict", {"inputs": {n: v.tolist() for n, v in inputs.items()}})
+    assert status == 200, answer
+    assert_matches_bundle(answer, bundle_outputs(server.bundle, inputs))
+
+
+def test_concurrent_requests_are_batched_and_all_answered(server):
+    metadata = json.loads((server.bundle / "metadata.json").read_text())
+    rng = np.random.default_rng(5)
+    samples = [{spec["name"]: random_sample(spec, rng) for spec in metadata["inputs"]} for _ in range(32)]
+    bad = set(range(3, 32, 8))  # a few malformed requests travel in the same batches
+    answers: dict[int, tuple[int, Any]] = {}
+    barrier = threading.Barrier(len(samples))
+
+    def client(i: int) -> None:
+        payload = {"inputs": {n: v.tolist() for n, v in samples[i].items()}}
+        if i in bad:
+            payload = {"inputs": {}}
+        barrier.wait(timeout=30)
+        answers[i] = request(server.url + "/predict", payload)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(samples))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(REQUEST_TIMEOUT + 30)
+    assert sorted(answers) == list(range(len(samples))), "every request must be answered"
+    for i, (status, answer) in answers.items():
+        if i in bad:
+            assert status == 422 and "missing" in answer["detail"], answer
+        else:
+            assert status == 200, (i, answer)
+            assert_matches_bundle(answer, bundle_outputs(server.bundle, samples[i]))
+    sizes = [int(n) for n in re.findall(r"batch of (\d+) request", server.log.read_text(errors="replace"))]
+    assert sizes and max(sizes) > 1, f"concurrent requests were never batched (batch sizes {sizes})"
+
+
+def png_or_jpeg(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_healthcare_image_upload(server):
+    if server.domain != "healthcare":
+        pytest.skip("the image-upload form is healthcare's")
+    metadata = json.loads((server.bundle / "metadata.json").read_text())
+    channels, height, width = metadata["domain_metadata"]["image_shape"]
+    assert channels == 1, "the tiny synthetic healthcare data set is grayscale"
+    names = metadata["domain_metadata"]["class_names"]
+    pixels = np.random.default_rng(6).integers(0, 256, (height, width), dtype=np.uint8)
+    expected = bundle_outputs(server.bundle, {"image": (pixels.astype(np.float32) / 255)[None]})["probabilities"][0]
+    for image in (png_or_jpeg(pixels), "data:image/png;base64," + png_or_jpeg(pixels)):
+        status, answer = request(server.url + "/predict", {"image_base64": image})
+        assert status == 200, answer
+        assert list(answer["probabilities"]) == names and answer["prediction"] == names[int(np.argmax(expected))]
+        np.testing.assert_allclose([answer["probabilities"][n] for n in names], expected, atol=ATOL)
+    status, answer = request(server.url + "/predict", {"image_base64": png_or_jpeg(pixels, "JPEG")})
+    assert status == 200 and set(answer["probabilities"]) == set(names), answer
+
+    small = pixels[: height // 2, : width // 2].copy()
+    rgb = np.stack([pixels] * 3, axis=-1)
+    cases = [
+        ({"image_base64": png_or_jpeg(small)}, 422, f"expected {height}x{width} pixels"),
+        ({"image_base64": png_or_jpeg(rgb)}, 422, "expected a grayscale (L) image"),
+        ({"image_base64": "not base64!"}, 400, "image_base64: not valid base64"),
+        ({"image_base64": base64.b64encode(b"GIF89a not really").decode()}, 400, "image_base64: not a readable PNG or JPEG"),
+        ({"image_base64": 7}, 422, "image_base64: expected a non-empty base64 string"),
+        ({"image_base64": png_or_jpeg(pixels), "threshold": 0.3}, 422, "threshold: unexpected field"),
+    ]
+    for payload, want_status, want_text in cases:
+        status, answer = request(server.url + "/predict", payload)
+        assert status == want_status and want_text in answer["detail"], (want_text, status, answer)
+
+
+def test_sigterm_stops_cleanly(server):
+    children = child_pids(server.process.pid)
+    assert children, "LitServe runs its HTTP and inference workers as child processes"
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM, timeout=20) == 0, server.output()
+    assert time.monotonic() - started < 20
+    alive = {pid for pid in children if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()}
+    assert not alive, f"child processes left running after shutdown: {alive}"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+    assert "server stopped" in server.output()
+
+
+def test_torchscript_bundle_and_sigint(trained, tmp_path):
+    domain = "healthcare"
+    require_export_spec(domain)
+    bundle = export_checkpoint(get_domain(domain), trained(domain), "torchscript", tmp_path / "bundle")
+    served = start_server(domain, bundle, tmp_path / "server.log", "--max-batch-size", "1")
+    try:
+        metadata = json.loads((bundle / "metadata.json").read_text())
+        inputs = {spec["name"]: random_sample(spec, np.random.default_rng(7)) for spec in metadata["inputs"]}
+        status, answer = request(served.url + "/predict", {"inputs": {n: v.tolist() for n, v in inputs.items()}})
+        assert status == 200, answer
+        assert_matches_bundle(answer, bundle_outputs(bundle, inputs))
+        status, answer = request(served.url + "/predict", {"inputs": {"image": [[0.5]]}})
+        assert status == 422 and "inputs.image: expected a float32 array of shape" in answer["detail"], answer
+    finally:
+        code = served.stop(signal.SIGINT, timeout=20)
+    assert code == 0, served.output()
+
+
+def test_cli_refuses_a_bundle_of_another_domain_or_format(trained, tmp_path):
+    require_export_spec("healthcare")
+    bundle = export_checkpoint(get_domain("healthcare"), trained("healthcare"), "onnx", tmp_path / "bundle")
+    other = next((d for d in DOMAINS if d != "healthcare"), None)
+    cases = [(["healthcare", "--bundle", str(tmp_path / "missing")], "not a bundle (no metadata.json)")]
+    if other:
+        cases.append(([other, "--bundle", str(bundle)], f"was exported by domain 'healthcare', not {other!r}"))
+    future = Path(shutil.copytree(bundle, tmp_path / "future"))
+    metadata = json.loads((future / "metadata.json").read_text())
+    metadata["bundle_format"] = 99
+    (future / "metadata.json").write_text(json.dumps(metadata))
+    cases.append((["healthcare", "--bundle", str(future)], "bundle format 99 is not supported"))
+    for argv, message in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "pipelines.serve", *argv, "--port", str(free_port())],
+            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, (argv, result.returncode, result.stderr[-2000:])
