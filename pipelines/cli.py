@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Literal
+
+import torch
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -73,6 +75,14 @@ class PipelineCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_id", type=str | None, default=None, help="Run folder id (resume/continue a run).")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of run folders.")
+        parser.add_argument(
+            "--compile", type=bool, default=False,
+            help="torch.compile the model; graphs that fail to compile fall back to eager execution.",
+        )  # fmt: skip
+        parser.add_argument(
+            "--scale_batch_size", type=Literal["none", "power", "binsearch"], default="none",
+            help="Before fit, find the largest batch size that fits (Lightning's Tuner; single device).",
+        )  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments(f"data.{source}", f"{model_args}.{target}", apply_on="instantiate")
@@ -125,6 +135,20 @@ class PipelineCLI(LightningCLI):
         resumed = f", from {self.run.ckpt_path}" if self.run.ckpt_path else ""
         print(f"[pipelines] {self.spec.name} {self.subcommand}: run folder {self.run.path}{resumed}", file=sys.stderr)
         print(f"[pipelines] {hardware}", file=sys.stderr)
+
+    def after_instantiate_classes(self) -> None:
+        if self.config[self.subcommand].get("compile"):
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True  # documented fallback: eager where compilation fails
+            self.model = torch.compile(self.model)
+
+    def before_fit(self) -> None:
+        mode = self.config["fit"].get("scale_batch_size", "none")
+        if mode != "none":
+            from lightning.pytorch.tuner import Tuner
+
+            Tuner(self.trainer).scale_batch_size(self.model, datamodule=self.datamodule, mode=mode)
 
     def after_fit(self) -> None:
         if not self.test_after_fit or self.trainer.interrupted:

@@ -3,7 +3,7 @@
 Rules (each applies only where the user left Lightning's default; explicit settings always win):
 
 - no GPU: CPU, 32-bit precision, one process;
-- one GPU: ``bf16-mixed`` where the GPU supports it, otherwise ``16-mixed``;
+- one GPU: ``bf16-mixed`` where the GPU supports it, otherwise ``16-mixed``; cuDNN benchmark on;
 - several GPUs (or several nodes): DDP with synchronised batch-norm; Lightning picks its SLURM or
   torchrun cluster environment from the environment variables those launchers set;
 - a SLURM or torchrun launch whose process count differs from ``devices x num_nodes`` fails at once
@@ -97,6 +97,8 @@ def plan_hardware(trainer_config: Mapping[str, Any], environ: Mapping[str, str] 
     settings["precision"] = precision
     if on_gpu and processes > 1 and not trainer_config.get("sync_batchnorm"):
         settings["sync_batchnorm"] = True
+    if on_gpu and trainer_config.get("benchmark") is None:
+        settings["benchmark"] = True  # cuDNN autotuning: the domains' shapes are fixed per run
 
     where = "SLURM" if environ.get("SLURM_NTASKS") else "torchrun" if environ.get("TORCHELASTIC_RUN_ID") else "local"
     summary = (
