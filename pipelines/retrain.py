@@ -180,6 +180,14 @@ def _path_values(value: Any) -> list[str]:
     return []
 
 
+def _absolute_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(v) for v in value]
+    return str(Path(value).resolve()) if _path_values(value) else value
+
+
 def hash_path(path: Path) -> str:
     """sha256 of a file, or of a folder (every file's relative path and content, in sorted order)."""
     if path.is_file():
@@ -391,7 +399,7 @@ class Attempt:
         pinned = self.registry.evaluation()
         requested = resolve_config(self.spec.name, ["--config", str(self.options.eval_config)])["data"] if self.options.eval_config else None
         if pinned is None:
-            data = requested if requested is not None else config["data"]
+            data = _absolute_paths(requested if requested is not None else config["data"])  # valid from any working folder
             pinned = {"data": data, **{k: v for k, v in fingerprint({"data": data}).items()}}
             pinned["fingerprint"] = pinned.pop("digest")
             self.registry.pin_evaluation(pinned)
