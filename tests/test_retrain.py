@@ -232,6 +232,21 @@ def test_locked_exit_is_immediate_and_the_wrapper_maps_exit_codes(tmp_path):
     assert bad.returncode == 2 and "--floor" in bad.stderr
 
 
+def test_a_changed_evaluation_file_fails_the_attempt_before_training(tmp_path):
+    registry = ModelRegistry(tmp_path / "registry", "healthcare")
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text("path,label\n")
+    pinned = fingerprint({"data": {"labels_csv": str(held_out)}})
+    registry.pin_evaluation({"data": {"labels_csv": str(held_out)}, "files": pinned["files"], "fingerprint": pinned["digest"]})
+    held_out.write_text("path,label\nimage.png,benign\n")
+    runs = tmp_path / "runs"
+    assert retrain_main(["healthcare", "--registry", str(registry.root), "--runs_dir", str(runs), *TINY]) == ExitCode.FAILED
+    row = registry.history()[-1]
+    assert row["decision"] == "failed" and str(held_out) in row["error"] and "changed since it was pinned" in row["error"]
+    assert not runs.exists(), "nothing may be trained against a changed evaluation set"
+    assert registry.versions() == [] and registry.champion() is None
+
+
 def test_fingerprint_hashes_file_contents_not_names_or_times(tmp_path):
     data = tmp_path / "table.csv"
     data.write_text("a,b\n1,2\n")
