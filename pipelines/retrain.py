@@ -15,7 +15,8 @@ Steps:
    existing file or folder is content-hashed (sha256, folders recursively), and the digest covers
    those hashes plus the resolved ``data`` and ``model`` sections. Embedded synthetic data is
    described entirely by its config, so there the config hash is the fingerprint. Equal to the
-   champion's: exit :attr:`ExitCode.NOTHING_NEW` without training.
+   champion's, or to a challenger already rejected against the same champion: exit
+   :attr:`ExitCode.NOTHING_NEW` without training (``--force`` trains anyway).
 3. **Train** a challenger with the runner (``pipelines.run DOMAIN fit``) in ``runs/<domain>/<id>/``.
    ``--warm_start`` loads the champion's weights (safetensors, weights only: no optimizer state)
    with the :class:`WarmStart` callback before the first step.
@@ -334,10 +335,12 @@ class Attempt:
         champion = self.registry.champion()
         champion_meta = self.registry.verify_version(champion) if champion else None
         self.row["champion"] = {"version": champion}
-        if champion_meta and champion_meta.get("fingerprint") == print_["digest"] and not self.options.force:
-            self.row["decision"] = "nothing-new"
-            print(f"[retrain] nothing new: the data fingerprint {print_['digest'][:12]} is the champion's ({champion})", file=sys.stderr)
-            return ExitCode.NOTHING_NEW
+        if not self.options.force:
+            seen = self._already_decided(print_["digest"], champion, champion_meta)
+            if seen:
+                self.row["decision"] = "nothing-new"
+                print(f"[retrain] nothing new: the data fingerprint {print_['digest'][:12]} {seen}; --force retrains anyway", file=sys.stderr)
+                return ExitCode.NOTHING_NEW
         evaluation = self._evaluation_set(config)
 
         runs_dir = Path(config.get("runs_dir") or "runs")
@@ -394,6 +397,16 @@ class Attempt:
         )
         return ExitCode.PROMOTED if decision else ExitCode.KEPT_CHAMPION
 
+    def _already_decided(self, digest: str, champion: str | None, champion_meta: dict[str, Any] | None) -> str | None:
+        """Why this fingerprint is nothing new: it is the champion's, or a challenger with it was
+        already rejected against this same champion (so a nightly job does not retrain it forever)."""
+        if champion_meta and champion_meta.get("fingerprint") == digest:
+            return f"is the champion's ({champion})"
+        for row in reversed(self.registry.history()):
+            if row.get("decision") == "rejected" and row.get("fingerprint") == digest and (row.get("champion") or {}).get("version") == champion:
+                return f"was already rejected against champion {champion} (attempt {row.get('attempt')}, {row.get('time')})"
+        return None
+
     def _evaluation_set(self, config: dict[str, Any]) -> dict[str, Any]:
         """The pinned evaluation data config; pinned now on the first attempt. Fails if its files changed."""
         pinned = self.registry.evaluation()
@@ -405,7 +418,7 @@ class Attempt:
             self.registry.pin_evaluation(pinned)
             print(f"[retrain] pinned the evaluation set (the test split of this data config) in {self.registry.path / 'evaluation.json'}", file=sys.stderr)
             return pinned
-        if requested is not None and requested != pinned["data"]:
+        if requested is not None and _absolute_paths(requested) != pinned["data"]:
             raise RetrainError(ExitCode.USAGE, f"--eval_config {self.options.eval_config} differs from the evaluation set pinned in {self.registry.path / 'evaluation.json'}; it never changes")
         for path, expected in pinned.get("files", {}).items():
             actual = hash_path(Path(path)) if Path(path).exists() else "missing"

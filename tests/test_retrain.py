@@ -58,6 +58,7 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> dict:
     steps["versions_after_same"] = ModelRegistry(registry, "healthcare").versions()
     steps["better"] = retrain(registry, runs, "--warm_start", *TINY, *NEW_DATA, "--trainer.limit_train_batches=4", "--trainer.max_epochs=2")
     steps["worse"] = retrain(registry, runs, *TINY, *NEW_DATA, "--model.lr=0")
+    steps["worse_again"] = retrain(registry, runs, *TINY, *NEW_DATA, "--model.lr=0")
     return steps
 
 
@@ -131,14 +132,18 @@ def test_worse_challenger_keeps_the_champion(lifecycle):
     assert registry.champion() == "v0002" and registry.versions() == ["v0001", "v0002", "v0003"]
     assert registry.verify() == []
     check_champion_loads(registry)
+    # the same rejected data against the same champion is not retrained by the next scheduled run
+    assert lifecycle["worse_again"] == ExitCode.NOTHING_NEW
+    again = history(lifecycle["registry"])[4]
+    assert again["decision"] == "nothing-new" and again["fingerprint"] == worse["fingerprint"]
 
 
 def test_registry_list_prints_the_history_table(lifecycle, capsys):
     assert registry_main(["healthcare", "list", "--registry", str(lifecycle["registry"])]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["time", "decision", "challenger"]
-    decisions = [line.split()[2] for line in lines[2:6]]
-    assert decisions == ["promoted", "nothing-new", "promoted", "rejected"]
+    decisions = [line.split()[2] for line in lines[2:7]]
+    assert decisions == ["promoted", "nothing-new", "promoted", "rejected", "nothing-new"]
     assert "v0002*" in lines[4] and lines[-1].startswith("champion: v0002")
     assert registry_main(["healthcare", "show", "v0003", "--registry", str(lifecycle["registry"])]) == 0
     shown = json.loads(capsys.readouterr().out)
