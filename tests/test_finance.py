@@ -146,9 +146,9 @@ def test_bad_input_categorical_with_one_value(tmp_path):
 def test_bad_input_non_numeric_values_report_count_and_rows(tmp_path):
     frame = make_card_transactions(300, 0.05)
     frame["amount"] = frame["amount"].astype(object)
-    frame.loc[[4, 9, 200], "amount"] = ["12,50", "abc", "n/a?"]
-    message = _fit_error(tmp_path, frame, split_seed=0, val_fraction=0.01, test_fraction=0.01)
-    assert "'amount'" in message and "3 non-numeric" in message and "5, 10" in message  # 1-based data rows
+    frame.loc[[4, 9, 200, 250], "amount"] = ["12,50", "abc", "n/a?", "inf"]
+    message = _fit_error(tmp_path, frame)
+    assert "'amount'" in message and "4 non-numeric" in message and "row(s) 5, 10, 201, 251 " in message  # 1-based file rows
 
 
 def test_bad_input_all_nan_column(tmp_path):

@@ -334,6 +334,7 @@ class TransactionDataModule(pl.LightningDataModule):
         hp = self.hparams
         rows = np.flatnonzero(self.split_assignment == "train")
         preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
+        preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
         return preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
 
     @property
@@ -366,8 +367,8 @@ class TransactionDataModule(pl.LightningDataModule):
 
     # ----- datasets ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Read and check everything before the loop starts (encoding happens per loader, after a
-        checkpoint's preprocessing has been restored)."""
+        """Read, fit and check every row before the loop starts (splits are re-encoded if a checkpoint's
+        preprocessing is restored afterwards)."""
         self._encoded_table()  # every row of every split is checked now, before any training
         if self.hparams.predict_path:
             self.check_scoring_columns(Path(self.hparams.predict_path))
@@ -389,10 +390,7 @@ class TransactionDataModule(pl.LightningDataModule):
         preprocessor = self.fitted
         cached = self._encoded.get("table")
         if cached is None or cached[0] is not preprocessor:
-            arrays = preprocessor.transform(self.table, self.source_name)
-            bad = ~np.isfinite(arrays["numeric"]).all(1)
-            if bad.any():
-                raise ValueError(f"{self.source_name}: non-finite features after preprocessing at data row(s) {(np.flatnonzero(bad)[:5] + 1).tolist()}")
+            arrays = preprocessor.transform(self.table, self.source_name)  # raises naming column and rows
             cached = self._encoded["table"] = (preprocessor, arrays)
         return cached[1]
 

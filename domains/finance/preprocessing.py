@@ -93,14 +93,16 @@ def _is_missing(series: pd.Series) -> np.ndarray:
 
 
 def parse_numeric(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
-    """Numbers as float64 (missing -> NaN); anything else is an error naming the rows."""
+    """Finite numbers as float64 (missing -> NaN); anything else (text, infinity) is an error naming the rows."""
     if pd.api.types.is_bool_dtype(series.dtype):
         return series.astype(float).to_numpy()
     if pd.api.types.is_numeric_dtype(series.dtype):
-        return series.to_numpy(dtype=float, na_value=np.nan)
-    missing = _is_missing(series)
-    values = pd.to_numeric(series.where(~missing), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    bad = np.isnan(values) & ~missing
+        values = series.to_numpy(dtype=float, na_value=np.nan)
+        bad = np.isinf(values)
+    else:
+        missing = _is_missing(series)
+        values = pd.to_numeric(series.where(~missing), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        bad = (np.isnan(values) & ~missing) | np.isinf(values)
     if bad.any():
         example = series.iloc[int(np.flatnonzero(bad)[0])]
         raise ValueError(
@@ -269,6 +271,19 @@ class TablePreprocessor:
         for column, role in self.roles.required():
             if column not in present:
                 raise ValueError(f"{source}: column {column!r} (configured in {role}) is missing; the file has columns {list(columns)}")
+
+    def check_values(self, frame: pd.DataFrame, source: str, rows: RowPositions = 0) -> None:
+        """Parse every configured column of ``frame`` (all rows), raising on the first bad value."""
+        r = self.roles
+        self.check_columns(list(frame.columns), source)
+        for column in [*r.numeric_columns, *r.amount_columns]:
+            parse_numeric(frame[column], source, rows)
+        for column in r.boolean_columns:
+            parse_boolean(frame[column], source, rows)
+        for column in r.timestamp_columns:
+            parse_timestamp(frame[column], source, rows)
+        if r.label_column is not None and r.label_column in frame.columns:
+            parse_labels(frame[r.label_column], self.label_classes, source, rows)
 
     # ----- fit / transform ------------------------------------------------------------------
     def fit(self, frame: pd.DataFrame, source: str, rows: RowPositions = 0) -> TablePreprocessor:
