@@ -137,6 +137,18 @@ def child_pids(pid: int) -> set[int]:
     return found
 
 
+def running(pids: set[int]) -> set[int]:
+    """The processes of ``pids`` that still exist and are not zombies."""
+    alive = set()
+    for pid in pids:
+        try:
+            if "zombie" not in Path(f"/proc/{pid}/status").read_text().lower():
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive
+
+
 def listening_addresses(port: int) -> set[str]:
     """Local addresses (hex, as in /proc/net/tcp*) listening on a TCP port."""
     addresses = set()
@@ -195,10 +207,15 @@ def server(request, trained, tmp_path_factory):
     require_export_spec(domain)
     folder = tmp_path_factory.mktemp(f"{domain}-serve")
     bundle = export_checkpoint(get_domain(domain), trained(domain), "onnx", folder / "bundle")
-    served = start_server(domain, bundle, folder / "server.log", "--max-batch-size", "16", "--batch-timeout", "0.05", "--log-level", "debug")
+    served = start_server(domain, bundle, folder / "server.log", "--max-batch-size", "16", "--batch-timeout", "0.05", "--log-level", "debug", "--max-payload-mb", "1")
+    children = child_pids(served.process.pid)
     yield served
-    if served.process.poll() is None:
-        served.stop(signal.SIGKILL)
+    if served.process.poll() is None:  # a test failed before the shutdown test: stop it, and any orphan
+        try:
+            served.stop(signal.SIGTERM)
+        finally:
+            for pid in running(children):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_health_info_and_loopback_only(server):
@@ -244,6 +261,7 @@ def malformed_requests(metadata: dict[str, Any]) -> list[tuple[str, bytes, str, 
         ("unexpected top-level field", body({name: good.tolist(), **others}, debug=True), "application/json", 422, "debug: unexpected field"),
         ("wrong rank", body({name: wrong_rank.tolist(), **others}), "application/json", 422, f"inputs.{name}: expected a {spec['dtype']} array of shape"),
         ("strings", body({name: np.full(good.shape, "x").tolist(), **others}), "application/json", 422, f"inputs.{name}: expected"),
+        ("over --max-payload-mb", body({name: good.tolist(), **others}) + b" " * 2**20, "application/json", 413, "Payload too large"),
         ("ragged lists", body({name: [[1.0], [1.0, 2.0]], **others}), "application/json", 422, f"inputs.{name}: expected"),
     ]
     if "float" in spec["dtype"]:
@@ -345,17 +363,24 @@ def test_sigterm_stops_cleanly(server):
     started = time.monotonic()
     assert server.stop(signal.SIGTERM, timeout=20) == 0, server.output()
     assert time.monotonic() - started < 20
-    alive = {pid for pid in children if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()}
+    deadline = time.monotonic() + 10  # the resource tracker exits once it sees its pipe closed
+    while (alive := running(children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not alive, f"child processes left running after shutdown: {alive}"
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
     assert "server stopped" in server.output()
 
 
-def test_torchscript_bundle_and_sigint(trained, tmp_path):
-    domain = "healthcare"
-    require_export_spec(domain)
-    bundle = export_checkpoint(get_domain(domain), trained(domain), "torchscript", tmp_path / "bundle")
+@pytest.fixture(scope="module")
+def torchscript_bundle(trained, tmp_path_factory) -> Path:
+    """A healthcare TorchScript bundle."""
+    require_export_spec("healthcare")
+    return export_checkpoint(get_domain("healthcare"), trained("healthcare"), "torchscript", tmp_path_factory.mktemp("ts") / "bundle")
+
+
+def test_torchscript_bundle_and_sigint(torchscript_bundle, tmp_path):
+    domain, bundle = "healthcare", torchscript_bundle
     served = start_server(domain, bundle, tmp_path / "server.log", "--max-batch-size", "1")
     try:
         metadata = json.loads((bundle / "metadata.json").read_text())
@@ -370,9 +395,8 @@ def test_torchscript_bundle_and_sigint(trained, tmp_path):
     assert code == 0, served.output()
 
 
-def test_cli_refuses_a_bundle_of_another_domain_or_format(trained, tmp_path):
-    require_export_spec("healthcare")
-    bundle = export_checkpoint(get_domain("healthcare"), trained("healthcare"), "onnx", tmp_path / "bundle")
+def test_cli_refuses_a_bundle_of_another_domain_or_format(torchscript_bundle, tmp_path):
+    bundle = torchscript_bundle
     other = next((d for d in DOMAINS if d != "healthcare"), None)
     cases = [(["healthcare", "--bundle", str(tmp_path / "missing")], "not a bundle (no metadata.json)")]
     if other:
@@ -382,9 +406,13 @@ def test_cli_refuses_a_bundle_of_another_domain_or_format(trained, tmp_path):
     metadata["bundle_format"] = 99
     (future / "metadata.json").write_text(json.dumps(metadata))
     cases.append((["healthcare", "--bundle", str(future)], "bundle format 99 is not supported"))
-    for argv, message in cases:
-        result = subprocess.run(
+    processes = [
+        subprocess.Popen(
             [sys.executable, "-m", "pipelines.serve", *argv, "--port", str(free_port())],
-            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
+            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert result.returncode == 2 and message in result.stderr, (argv, result.returncode, result.stderr[-2000:])
+        for argv, _ in cases
+    ]
+    for (argv, message), process in zip(cases, processes):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2 and message in stderr, (argv, process.returncode, stderr[-2000:])
