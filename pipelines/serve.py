@@ -102,10 +102,14 @@ def as_input_array(value: Any, spec: dict[str, Any], field: str, sample_shape: l
     if dtype.kind in "iub":
         if raw.dtype.kind == "f" and not np.equal(np.mod(raw, 1), 0).all():
             reject(field, f"expected integers ({dtype.name}); got fractional values")
-        info = np.iinfo(dtype) if dtype.kind != "b" else None
-        if info is not None and raw.size and (raw.min() < info.min or raw.max() > info.max):
-            reject(field, f"values must fit {dtype.name} ({info.min}..{info.max})")
-    return np.ascontiguousarray(raw.astype(dtype))
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if raw.min() < low or raw.max() > high:
+            reject(field, f"values must fit {dtype.name} ({low}..{high})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = raw.astype(dtype, order="C")  # (not ascontiguousarray: it turns a scalar sample into shape [1])
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        reject(field, f"values out of the {dtype.name} range")
+    return array
 
 
 def json_ready(array: np.ndarray) -> Any:
@@ -333,7 +337,7 @@ def describe(bundle: Bundle, adapters: list[RequestAdapter]) -> dict[str, Any]:
     keys = ("domain", "format", "bundle_format", "created_at", "inputs", "outputs", "domain_metadata", "metrics", "git_commit")
     return {
         **{k: meta.get(k) for k in keys},
-        "bundle": str(bundle.path.resolve()),
+        "bundle": bundle.path.name,
         "endpoint": API_PATH,
         "request_forms": {a.name: a.example for a in adapters},
     }

@@ -5,7 +5,7 @@
 The image is decoded with PIL and scaled to [0, 1] exactly as the bundle expects (8-bit / 255,
 16-bit / 65535); its channels and size must match ``domain_metadata.image_shape`` (grayscale for
 1 channel, RGB for 3). It is never resized: resize it as the training data was resized. 3-D bundles
-take the generic ``{"inputs": {"image": ...}}`` form. Imports only numpy and PIL.
+take the generic ``{"inputs": {"image": ...}}`` form. Imports numpy, PIL and ``pipelines.serve``.
 """
 
 from __future__ import annotations
