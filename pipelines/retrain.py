@@ -47,9 +47,11 @@ Exit codes (:class:`ExitCode`): 0 promoted, 3 kept champion (challenger rejected
 5 locked, 1 failed, 2 bad command line.
 
 Multi-GPU: the runner's own DDP works here (Lightning re-launches this command for each worker
-rank; a worker sees ``PIPELINES_RETRAIN_STEP`` and only runs the runner step it belongs to). On a
-SLURM allocation run this command once in the batch step and let ``--launcher srun`` start each
-runner step on every task (``deploy/retrain.sbatch``); a job requeued after preemption is the same
+rank; a worker sees ``PIPELINES_RETRAIN_STEP`` and only runs the runner step it belongs to).
+Evaluations always run on one device in one process (no DistributedSampler padding: every model
+sees exactly the same items); after a distributed training they run in a fresh child process. On a
+SLURM allocation run this command once in the batch step and let ``--launcher srun`` start the
+training step on every task (``deploy/retrain.sbatch``); a job requeued after preemption is the same
 attempt (``retrain-slurm-<job id>``) and resumes its training from ``last.ckpt``.
 """
 
@@ -260,16 +262,32 @@ class RetrainError(Exception):
         self.code = code
 
 
-def run_step(args: list[str], launcher: list[str] | None = None, job_type: str = "retrain") -> None:
-    """Run one runner command (``pipelines.run.main(args)``): in this process, or as a child behind
-    ``launcher`` (e.g. ``srun``). A non-zero exit of the runner raises :class:`RetrainError`."""
+#: variables of a distributed launch: a single-process evaluation child must not see them
+LAUNCH_VARIABLES = (
+    "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
+    "PIPELINES_RUN_ID", "WANDB_SERVICE",
+)  # fmt: skip
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_step(args: list[str], launcher: list[str] | None = None, job_type: str = "retrain", fresh_process: bool = False) -> None:
+    """Run one runner command (``pipelines.run.main(args)``): in this process, as a child behind
+    ``launcher`` (e.g. ``srun``), or (``fresh_process``) as a plain single-process child without the
+    distributed-launch variables. A non-zero exit of the runner raises :class:`RetrainError`."""
     env = {"PIPELINES_JOB_TYPE": job_type, STEP_ENV: json.dumps(args)}
     env["PIPELINES_WANDB_GROUP"] = os.environ.get("PIPELINES_WANDB_GROUP") or f"retrain-{args[0]}"
     print(f"[retrain] python -m pipelines.run {shlex.join(args)}", file=sys.stderr)
-    if launcher:
+    if launcher or fresh_process:
         child_env = {**os.environ, **env}
-        child_env.pop(STEP_ENV)
-        command = [*launcher, sys.executable, "-m", "pipelines.run", *args]
+        for name in (STEP_ENV, *(LAUNCH_VARIABLES if fresh_process else ())):
+            child_env.pop(name, None)
+        command = [*(launcher or []), sys.executable, "-m", "pipelines.run", *args]
         code = subprocess.run(command, env=child_env).returncode
         if code != 0:
             raise RetrainError(ExitCode.FAILED, f"{shlex.join(command)} exited with {code}")
@@ -430,6 +448,17 @@ class Attempt:
                 )
         return pinned
 
+    def _distributed_training(self) -> bool:
+        """Whether training ran in several processes (a launcher, or devices x num_nodes > 1): then each
+        evaluation runs in a fresh single-process child, free of the training's process group."""
+        from pipelines.hardware import _count_devices
+
+        trainer = self.config["trainer"]
+        accelerator = trainer.get("accelerator") or "auto"
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _cuda_devices())
+        devices = _count_devices(trainer.get("devices") or "auto", 1 if on_cpu else _cuda_devices())
+        return bool(self.options.launcher) or devices * int(trainer.get("num_nodes") or 1) > 1
+
     def _version_config(self, version: str) -> dict[str, Any]:
         import yaml
 
@@ -441,12 +470,14 @@ class Attempt:
         config = self.config
         evaluation = self.registry.evaluation()
         assert evaluation is not None
-        trainer = {**config["trainer"], "callbacks": None}
+        # one process on one device: no DistributedSampler padding, the same items for every model
+        trainer = {**config["trainer"], "callbacks": None, "devices": 1, "num_nodes": 1, "strategy": "auto", "sync_batchnorm": False}
         eval_config = {"seed_everything": config.get("seed_everything"), "trainer": trainer, "model": model_config["model"], "data": evaluation["data"]}
         config_path = _write_yaml(run_dir / f"evaluation-{label}.yaml", eval_config)
         eval_id = f"{self.attempt_id}-eval-{label}"
         runs_dir = str(run_dir.parent.parent)
-        run_step([self.spec.name, "test", "--config", str(config_path), "--runs_dir", runs_dir, "--run_id", eval_id, "--ckpt_path", str(checkpoint)], self.options.launcher, "retrain-eval")
+        args = [self.spec.name, "test", "--config", str(config_path), "--runs_dir", runs_dir, "--run_id", eval_id, "--ckpt_path", str(checkpoint)]
+        run_step(args, job_type="retrain-eval", fresh_process=self._distributed_training())
         summary_path = Path(runs_dir) / self.spec.name / eval_id / "summary.json"
         try:
             metrics = json.loads(summary_path.read_text())["test"]
@@ -490,7 +521,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], help="a test metric the challenger must pass, e.g. 'test/auroc>=0.7' (repeatable)")
     parser.add_argument("--warm_start", action="store_true", help="start training from the champion's weights (weights only)")
     parser.add_argument("--eval_config", type=Path, default=None, help="YAML whose data section is the evaluation set, pinned at the first retrain (default: the first run's data)")
-    parser.add_argument("--launcher", type=shlex.split, default=None, help="command prefix that starts each runner step (train, evaluate) as a child process, e.g. 'srun' on SLURM")
+    parser.add_argument("--launcher", type=shlex.split, default=None, help="command prefix that starts the training step as a child process on every task, e.g. 'srun' on SLURM")
     parser.add_argument("--force", action="store_true", help="train even when the fingerprint equals the champion's")
     options, runner_args = parser.parse_known_args(argv)
     for arg in runner_args:
