@@ -517,7 +517,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", usage=USAGE, description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("domain")
     parser.add_argument("--registry", type=Path, default=None, help=f"registry folder (default: ${REGISTRY_ENV} or ./registry)")
-    parser.add_argument("--margin", type=float, default=0.0, help="promote only when the challenger beats the champion by more than this (in the metric's direction)")
+    parser.add_argument("--margin", type=float, default=0.0, help="promote only when the challenger beats the champion by more than this, in the metric's direction (default 0: strictly better; a negative margin accepts a challenger at most that much worse, to prefer fresher data)")
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], help="a test metric the challenger must pass, e.g. 'test/auroc>=0.7' (repeatable)")
     parser.add_argument("--warm_start", action="store_true", help="start training from the champion's weights (weights only)")
     parser.add_argument("--eval_config", type=Path, default=None, help="YAML whose data section is the evaluation set, pinned at the first retrain (default: the first run's data)")

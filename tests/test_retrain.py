@@ -173,7 +173,7 @@ def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_regi
     registry = ModelRegistry(copy, "healthcare")
     command = [
         sys.executable, "-m", "pipelines.retrain", "healthcare", "--registry", str(copy), "--runs_dir", str(runs),
-        *TINY, "--data.synthetic_seed=3", "--trainer.logger=false",
+        *TINY, "--data.synthetic_seed=3", "--trainer.logger=false", "--margin=-1",  # any challenger is promoted
     ]  # fmt: skip
     log = open(tmp_path / "first.log", "w+")  # a file, not a pipe: a full pipe would stall the child
     first = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -211,6 +211,7 @@ def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_regi
     assert partial, f"the retrain never reached the promotion step: {(tmp_path / 'first.log').read_text()[-3000:]}"
     assert first.returncode == -signal.SIGKILL
     assert any(p.exists() for p in partial), "the kill must land while the version is being written"
+    assert "[retrain] promoted: test/auroc" in (tmp_path / "first.log").read_text(), "the attempt was promoting when killed"
 
     assert registry.verify() == []
     assert registry.champion() == "v0002" and registry.versions() == ["v0001", "v0002", "v0003"]
