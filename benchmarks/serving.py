@@ -7,7 +7,7 @@ For every domain whose model implements ``export_spec`` (others are listed as sk
 bundle and measured four ways, all on this machine's CPU:
 
 - ``checkpoint loop``: the checkpoint's own inference module (PyTorch, pre/post-processing
-  included), one sample per call in a Python loop;
+  included, ``--torch-threads`` threads), one sample per call in a Python loop;
 - ``bundle loop``: ``Bundle.run`` (onnxruntime) on one sample per call, in-process, no HTTP;
 - ``server batch<=N``: ``python -m pipelines.serve`` on 127.0.0.1, ``--requests`` JSON requests
   (the generic form) from ``--concurrency`` client threads, with ``--max-batch-size N``;
@@ -68,11 +68,13 @@ def train_tiny(domain: str, workdir: Path) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def checkpoint_loop(domain: str, ckpt: Path, samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Per-call latency of the checkpoint's inference module in PyTorch, one sample per call."""
+def checkpoint_loop(domain: str, ckpt: Path, samples: list[dict[str, np.ndarray]], threads: int) -> dict[str, Any]:
+    """Per-call latency of the checkpoint's inference module in PyTorch (``threads`` intra-op threads), one sample per call."""
     import torch
 
     from pipelines.export import load_task
+
+    torch.set_num_threads(threads)
 
     task, state, _ = load_task(get_domain(domain), ckpt)
     export = task.export_spec(state)
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="intra-op threads of the checkpoint loop (on a busy 2-core machine 2 OpenMP threads run 5-25x slower than 1)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     ckpts = dict(item.split("=", 1) for item in args.ckpt)
     domains = args.domains or available_domains()
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             samples = [sample_inputs(metadata, rng) for _ in range(args.requests)]
             bodies = [json.dumps({"inputs": {n: v.tolist() for n, v in s.items()}}).encode() for s in samples]
             measured = {
-                "checkpoint loop (torch)": checkpoint_loop(domain, ckpt, samples),
+                f"checkpoint loop (torch, {args.torch_threads} thread)": checkpoint_loop(domain, ckpt, samples, args.torch_threads),
                 "bundle loop (onnxruntime)": bundle_loop(bundle_path, samples),
                 f"server batch<={args.max_batch_size}": server_load(
                     domain, bundle_path, bodies, args.concurrency, args.max_batch_size, args.batch_timeout, workdir / "server.log"
