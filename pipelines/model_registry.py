@@ -450,7 +450,7 @@ def publish_to_wandb(registry: ModelRegistry, version: str, aliases: list[str], 
             job_type="registry",
             group=group,
             name=f"registry-{version}",
-            settings=wandb.Settings(init_timeout=60),
+            settings=wandb.Settings(init_timeout=30),
             reinit="finish_previous",
         )
         artifact = wandb.Artifact(f"{registry.domain}-model", type="model", metadata=registry.metadata(version))
