@@ -9,7 +9,7 @@ couple of minutes on a CPU, while colour, pose and texture vary enough that memo
 Example:
     >>> images, labels = make_shape_images(4, size=32, seed=0)
     >>> images.shape, images.dtype, labels.tolist()
-    ((4, 32, 32, 3), dtype('uint8'), [1, 2, 0, 1])
+    ((4, 32, 32, 3), dtype('uint8'), [2, 1, 2, 1])
 """
 
 from __future__ import annotations
