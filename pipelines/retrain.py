@@ -514,7 +514,11 @@ class Attempt:
 # ----- command line ----------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split retrain options from the runner options (everything else, passed on unchanged)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", usage=USAGE, description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", usage=USAGE.removeprefix("usage: "), allow_abbrev=False, description=__doc__.split("\n\n")[1],
+        epilog="exit codes: " + ", ".join(f"{int(code)} {code.name.lower().replace('_', ' ')}" for code in ExitCode)
+        + ". Every other option goes to the runner (python -m pipelines.run DOMAIN --help lists them).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("domain")
     parser.add_argument("--registry", type=Path, default=None, help=f"registry folder (default: ${REGISTRY_ENV} or ./registry)")
     parser.add_argument("--margin", type=float, default=0.0, help="promote only when the challenger beats the champion by more than this, in the metric's direction (default 0: strictly better; a negative margin accepts a challenger at most that much worse, to prefer fresher data)")
