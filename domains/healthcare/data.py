@@ -250,6 +250,8 @@ class MedicalImageDataModule(pl.LightningDataModule):
             augment = build_volume_augmentation() if self.hparams.volume_augment else None
         else:
             augment = self.augment
+            if augment is not None:  # albumentations 2 has its own generator: seed it from the run's seed
+                augment.set_random_seed(torch.initial_seed() % 2**32)
         for name in SPLITS:
             indices = np.flatnonzero(self.split_assignment == name)
             images = self.source.load(indices, resize)
