@@ -19,6 +19,7 @@ normal vs fraud and a PR curve are saved in the run folder and logged to W&B.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any, Literal
@@ -34,7 +35,8 @@ from torchmetrics.functional.classification import (
     binary_recall,
 )
 
-from domains.finance.networks import RowErrors, TabularAutoencoder, group_contributions
+from domains.finance.networks import FraudScorer, RowErrors, TabularAutoencoder, group_matrix, score_rows
+from pipelines.export_spec import ExportSpec
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -145,8 +147,9 @@ class FraudAutoencoder(BaseTask):
             variational=hp.architecture == "vae",
         )
         numeric_groups = hp.numeric_feature_groups if hp.numeric_feature_groups is not None else list(range(hp.num_numeric))
-        self.register_buffer("numeric_groups", torch.tensor(numeric_groups, dtype=torch.long), persistent=False)
-        self.register_buffer("categorical_groups", torch.tensor(list(hp.categorical_feature_groups or []), dtype=torch.long), persistent=False)
+        num_groups = len(self.group_names)
+        self.register_buffer("numeric_groups", group_matrix(numeric_groups, num_groups), persistent=False)
+        self.register_buffer("categorical_groups", group_matrix(list(hp.categorical_feature_groups or []), num_groups), persistent=False)
         # calibrated on validation; saved in every checkpoint
         self.register_buffer("threshold", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("budget_threshold", torch.tensor(float("nan"), dtype=torch.float64))
@@ -162,10 +165,13 @@ class FraudAutoencoder(BaseTask):
         return self.network.errors(batch["numeric"], batch["categorical"], sample=sample)
 
     def score(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anomaly score per row and its per-column contributions (the VAE's KL is in the score only)."""
-        errors = self.errors(batch)
-        contributions = group_contributions(errors, self.numeric_groups, self.categorical_groups, len(self.group_names))
-        return contributions.sum(1) + errors.kl, contributions
+        """Anomaly score per row and its per-column contributions (the VAE's KL is in the score only).
+
+        Deterministic (the posterior mean is the code) and computed by :func:`~domains.finance.networks.score_rows`,
+        the function the exported :class:`~domains.finance.networks.FraudScorer` runs too.
+        """
+        categorical = batch["categorical"] if self.network.cardinalities else None
+        return score_rows(self.network, batch["numeric"], categorical, self.numeric_groups, self.categorical_groups)
 
     def setup(self, stage: str) -> None:
         threads = self.hparams.cpu_threads
@@ -346,3 +352,82 @@ class FraudAutoencoder(BaseTask):
                         f"the checkpoint was trained with {key}={theirs!r} but this run has {key}={ours!r}; "
                         "use the data source, column roles and model options the checkpoint was trained with"
                     )
+
+    # ----- export ------------------------------------------------------------------------------
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """Preprocessed rows -> ``score``, ``is_alert`` (the calibrated threshold) and per-column ``contributions``.
+
+        The bundle's model takes the preprocessed feature matrix (and the categorical indices when
+        categoricals are embedded); the fitted preprocessing travels in ``metadata.json`` as plain
+        JSON (``preprocessing_state``) so that a client, or ``domains/finance/serving.py``, prepares
+        raw transaction rows exactly as training did.
+        """
+        from domains.finance.preprocessing import UNKNOWN, TablePreprocessor
+
+        if not datamodule_state or "preprocessor" not in datamodule_state:
+            raise ValueError(
+                "the checkpoint holds no TransactionDataModule state (the fitted preprocessing); export a checkpoint written by `pipelines.run finance`"
+            )
+        preprocessor = TablePreprocessor.from_state_dict(datamodule_state["preprocessor"])
+        hp = self.hparams
+        if preprocessor.group_names != self.group_names or len(preprocessor.numeric_feature_names) != hp.num_numeric:
+            raise ValueError(
+                f"the checkpoint's preprocessing (groups {preprocessor.group_names}, {len(preprocessor.numeric_feature_names)} features) "
+                f"does not match its model (groups {self.group_names}, {hp.num_numeric} features)"
+            )
+        threshold = float(self.threshold)
+        module = FraudScorer(copy.deepcopy(self.network).cpu().eval(), self.numeric_groups.cpu(), self.categorical_groups.cpu(), threshold).eval()
+        example: tuple[torch.Tensor, ...] = (torch.rand(2, hp.num_numeric),)
+        names = ["numeric"]
+        if self.network.cardinalities:
+            example += (torch.zeros(2, len(self.network.cardinalities), dtype=torch.long),)
+            names.append("categorical")
+        outputs = ["score", "is_alert", "contributions"]
+        budget = float(self.budget_threshold)
+        roles = preprocessor.roles
+        return ExportSpec(
+            module=module,
+            example_inputs=example,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (*names, *outputs)},
+            metadata={
+                "architecture": hp.architecture,
+                "feature_names": preprocessor.numeric_feature_names,
+                "categorical_feature_names": list(roles.categorical_columns) if self.network.cardinalities else [],
+                "contribution_names": self.group_names,
+                "threshold": threshold if math.isfinite(threshold) else None,
+                "budget_threshold": budget if math.isfinite(budget) else None,
+                "threshold_method": hp.threshold_method,
+                "target_alert_rate": hp.target_alert_rate,
+                "top_features": hp.top_features,
+                "columns": [column for column, _ in roles.required() if column not in roles.id_columns],
+                "id_columns": list(roles.id_columns),
+                "label_column": roles.label_column,
+                "unknown_category": UNKNOWN,
+                "unknown_index": 0,
+                "preprocessing_state": preprocessor.state_dict(),
+                "preprocessing": PREPROCESSING_DESCRIPTION,
+                "input": "numeric: float32 (N, len(feature_names)), the preprocessed features in feature_names order"
+                + ("; categorical: int64 (N, len(categorical_feature_names)), vocabulary indices (0 = <unknown>)" if self.network.cardinalities else ""),
+                "output": "score: float32 (N) anomaly score (negative log-likelihood, + KL for the VAE, at the posterior mean); "
+                "is_alert: int64 (N) 1 when score >= threshold (compared in float64); contributions: float32 (N, len(contribution_names)) "
+                "the score's reconstruction part split per source column",
+            },
+        )
+
+
+#: how ``preprocessing_state`` (a :class:`~domains.finance.preprocessing.TablePreprocessor` state) turns a raw row into model inputs
+PREPROCESSING_DESCRIPTION = (
+    "Features in feature_names order, float32. Missing values: null, '' or NA/N/A/null/None/nan/NaT. "
+    "numeric_columns: value, missing -> medians[column], then (x - means[column]) / stds[column]. "
+    "amount_columns: sign(x) * log1p(|x|) first, then as numeric (medians/means/stds are of the transformed value). "
+    "boolean_columns: true/1/yes/y/t -> 1, false/0/no/n/f -> 0, missing -> true_share[column]. "
+    "timestamp_columns (parsed to UTC; naive times taken as they are): h = hour + minute/60, d = day of week (Monday 0); "
+    "features sin(2 pi h/24), cos(2 pi h/24), sin(2 pi d/7), cos(2 pi d/7); a missing time gives 0 for all four. "
+    "categorical_columns: text of the value (stripped; integral numbers without '.0'; missing -> '<missing>'); its index in "
+    "vocabularies[column], index 0 ('<unknown>') for a value not in the vocabulary; categorical_encoding 'onehot': one 0/1 "
+    "feature per vocabulary entry (column=value), 'embedding': the index goes to the categorical input. "
+    "Column order: numeric_columns, amount_columns, boolean_columns, timestamp_columns (4 each), one-hot categoricals. "
+    "id_columns and label_column are not features."
+)

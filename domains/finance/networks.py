@@ -131,3 +131,69 @@ def group_contributions(errors: RowErrors, numeric_groups: torch.Tensor, categor
     if errors.categorical.shape[1]:
         out.index_add_(1, categorical_groups, errors.categorical)
     return out
+
+
+def group_matrix(groups: list[int] | torch.Tensor, num_groups: int) -> torch.Tensor:
+    """A 0/1 float32 matrix (features x ``num_groups``) that sums feature errors into their groups."""
+    index = torch.as_tensor(groups, dtype=torch.long).reshape(-1)
+    matrix = torch.zeros(len(index), num_groups, dtype=torch.float32)
+    if len(index):
+        matrix[torch.arange(len(index)), index] = 1.0
+    return matrix
+
+
+def score_rows(
+    network: TabularAutoencoder, numeric: torch.Tensor, categorical: torch.Tensor | None, numeric_groups: torch.Tensor, categorical_groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic anomaly score per row (N) and its per-group contributions (N x G).
+
+    The one scoring function of the domain: validation, test, ``predict`` and the exported
+    :class:`FraudScorer` all call it. The code is the posterior mean (the VAE's score is its negative
+    ELBO at the mean, so scores never depend on a random draw); per-feature errors are summed into
+    groups with the 0/1 matrices of :func:`group_matrix` (a matrix product: traceable, with a dynamic
+    batch axis). ``categorical`` may be ``None`` when the network embeds no categorical column.
+    """
+    mean, log_var = network.encode(numeric, categorical)  # type: ignore[arg-type]  # unused without embeddings
+    recon, logits = network.decode(mean)
+    contributions = (0.5 * (recon - numeric) ** 2) @ numeric_groups
+    if logits:
+        assert categorical is not None, "the network embeds categorical columns: pass their indices"
+        nll = torch.stack([-torch.log_softmax(lg, 1).gather(1, categorical[:, i : i + 1]).squeeze(1) for i, lg in enumerate(logits)], 1)
+        contributions = contributions + nll @ categorical_groups
+    score = contributions.sum(1)
+    if log_var is not None:
+        score = score + 0.5 * (mean**2 + log_var.exp() - 1.0 - log_var).sum(1)
+    return score, contributions
+
+
+class FraudScorer(nn.Module):
+    """The network with its scoring and alert rule, for export: preprocessed rows -> score, alert, contributions.
+
+    Inputs: ``numeric`` (float32, N x F: the preprocessed feature matrix) and, only when the network
+    embeds categorical columns, ``categorical`` (int64, N x C: vocabulary indices; an index outside a
+    column's vocabulary is read as 0, the ``<unknown>`` slot). Outputs: ``score`` (float32, N),
+    ``is_alert`` (int64 0/1, N: ``score >= threshold``, compared in float64 like the checkpoint) and
+    ``contributions`` (float32, N x G: the score split per source-column group; the VAE's KL term is
+    in the score only).
+
+    Example:
+        >>> net = TabularAutoencoder(num_numeric=3, hidden_dims=[8], latent_dim=2)
+        >>> scorer = FraudScorer(net, group_matrix([0, 0, 1], 2), group_matrix([], 0), threshold=0.5)
+        >>> [tuple(t.shape) for t in scorer(torch.zeros(4, 3))]
+        [(4,), (4,), (4, 2)]
+    """
+
+    def __init__(self, network: TabularAutoencoder, numeric_groups: torch.Tensor, categorical_groups: torch.Tensor, threshold: float) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("numeric_groups", numeric_groups.float())
+        self.register_buffer("categorical_groups", categorical_groups.float())
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float64))
+        self.register_buffer("cardinalities", torch.tensor(network.cardinalities, dtype=torch.long))
+
+    def forward(self, numeric: torch.Tensor, categorical: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if categorical is not None:
+            categorical = torch.where((categorical < 0) | (categorical >= self.cardinalities), torch.zeros_like(categorical), categorical)
+        score, contributions = score_rows(self.network, numeric, categorical, self.numeric_groups, self.categorical_groups)
+        is_alert = (score.double() >= self.threshold).long()
+        return score, is_alert, contributions
