@@ -273,3 +273,12 @@ def test_saved_feature_extractor_is_reused_and_checked(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a feature extractor saved by the media domain"):
         load_extractor(tmp_path / "junk.safetensors", channels=3)
+
+
+def test_inception_metrics_need_torch_fidelity_and_say_so():
+    import importlib.util
+
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed here: the online Inception path would try to download weights")
+    with pytest.raises(ValueError, match=r"inception_metrics=true needs torch-fidelity .*offline metrics \(val/fid_cnn\)"):
+        GAN(image_size=16, inception_metrics=True)

@@ -135,5 +135,5 @@ def inception_metrics(kid_subset_size: int) -> tuple[nn.Module, nn.Module]:
     except (ModuleNotFoundError, OSError, RuntimeError) as error:
         raise ValueError(
             f"inception_metrics=true needs torch-fidelity (`pip install torchmetrics[image]`) and the Inception "
-            f"weights (downloaded on first use; no internet here?): {error}. The offline metrics (val/fid_cnn) need neither."
+            f"weights (downloaded on first use; no internet here?). Cause: {error} The offline metrics (val/fid_cnn) need neither."
         ) from None
