@@ -284,3 +284,121 @@ def test_bad_input_unparseable_timestamp_and_boolean_rows(tmp_path):
     frame.loc[[2, 3], "card_present"] = "sometimes"
     message = _fit_error(tmp_path, frame)
     assert "'card_present'" in message and "2 other value(s)" in message and "row(s) 3, 4 " in message
+
+
+# ----- export and serving -------------------------------------------------------------------------
+def json_rows(frame: pd.DataFrame) -> list[dict]:
+    """Rows as a client sends them: JSON values (timestamps as text, missing values as null)."""
+    text = frame.assign(timestamp=frame["timestamp"].astype(str)).astype(object)
+    return json.loads(json.dumps(text.where(text.notna(), None).to_dict("records")))
+
+
+@pytest.fixture(scope="module", params=[("autoencoder", "onehot"), ("vae", "embedding")], ids=["ae-onehot", "vae-embedding"])
+def exported(request, tmp_path_factory):
+    """A tiny model trained on a CSV table, its checkpoint and its ONNX bundle."""
+    from pipelines.export import export_checkpoint
+    from pipelines.registry import get_domain
+
+    architecture, encoding = request.param
+    folder = tmp_path_factory.mktemp(f"finance-{architecture}")
+    write_transactions(folder / "train.csv", rows=800)
+    run_pipeline("finance", "fit", "--data.path", str(folder / "train.csv"), f"--model.architecture={architecture}",
+                 f"--data.categorical_encoding={encoding}", *TINY, "--runs_dir", str(folder / "runs"))  # fmt: skip
+    ckpt = only_run(folder / "runs", "finance") / "checkpoints" / "last.ckpt"
+    return ckpt, export_checkpoint(get_domain("finance"), ckpt, "onnx", folder / "bundle")
+
+
+def scoring_rows(tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """New rows (an unseen category, missing values) as a frame and as the CSV text ``predict`` reads."""
+    frame = make_card_transactions(60, 0.1, seed=9).drop(columns=["is_fraud"])
+    frame.loc[3, "merchant_category"] = "never_seen_before"
+    frame.loc[5, "amount"] = np.nan
+    frame["card_present"] = frame["card_present"].astype(object)
+    frame.loc[6, "card_present"] = None
+    frame.to_csv(tmp_path / "score.csv", index=False)
+    return frame, pd.read_csv(tmp_path / "score.csv", dtype=str, keep_default_na=False)
+
+
+def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_them(exported, tmp_path):
+    from domains.finance.serving import TransactionRowAdapter, TransactionRowsAdapter
+    from pipelines.bundle_runtime import Bundle
+    from pipelines.export import load_task
+    from pipelines.registry import get_domain
+
+    ckpt, bundle_path = exported
+    bundle = Bundle(bundle_path)
+    meta = bundle.metadata["domain_metadata"]
+    task, state, _ = load_task(get_domain("finance"), ckpt)
+    saved = TablePreprocessor.from_state_dict(state["preprocessor"])
+    assert json.loads(json.dumps(meta["preprocessing_state"])) == meta["preprocessing_state"] and meta["feature_names"] == saved.numeric_feature_names
+    assert meta["threshold"] == float(task.threshold) and meta["contribution_names"] == saved.group_names
+
+    frame, csv_text = scoring_rows(tmp_path)
+    adapter = TransactionRowsAdapter(bundle.metadata)
+    inputs = adapter.decode({"rows": json_rows(frame)})
+    training = saved.transform(csv_text, "score.csv")  # what `predict` encodes from the same rows in a CSV file
+    np.testing.assert_array_equal(inputs["numeric"], training["numeric"])
+    assert ("categorical" in inputs) == (saved.categorical_encoding == "embedding")
+    if "categorical" in inputs:
+        np.testing.assert_array_equal(inputs["categorical"], training["categorical"])
+        assert inputs["categorical"][3, 0] == 0  # the unseen merchant category -> <unknown>
+    else:
+        assert inputs["numeric"][3, saved.numeric_feature_names.index(f"merchant_category={UNKNOWN}")] == 1.0
+
+    outputs = bundle.run(**inputs)
+    with torch.no_grad():
+        score, contributions = task.score({k: torch.from_numpy(v) for k, v in training.items()})
+    np.testing.assert_allclose(outputs["score"], score.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs["contributions"], contributions.numpy(), rtol=1e-5, atol=1e-5)
+    clear = np.abs(score.double().numpy() - float(task.threshold)) > 1e-4 * max(1.0, abs(float(task.threshold)))
+    np.testing.assert_array_equal(outputs["is_alert"][clear], (score.double() >= task.threshold).numpy()[clear])
+
+    answer = adapter.encode(outputs)
+    top = contributions.topk(task.hparams.top_features, dim=1).indices
+    assert [[f["feature"] for f in p["top_features"]] for p in answer["predictions"]] == [[saved.group_names[j] for j in row] for row in top.tolist()]
+    single = TransactionRowAdapter(bundle.metadata)
+    one = single.encode(bundle.run(**single.decode({"row": json_rows(frame)[3]})))
+    assert one["score"] == pytest.approx(answer["predictions"][3]["score"], rel=1e-5) and one["is_alert"] == answer["predictions"][3]["is_alert"]
+
+
+def test_served_rows_are_validated_naming_row_and_column(exported):
+    from fastapi import HTTPException
+
+    from domains.finance.serving import TransactionRowAdapter, TransactionRowsAdapter
+    from pipelines.bundle_runtime import Bundle
+
+    metadata = Bundle(exported[1]).metadata
+    rows, row = TransactionRowsAdapter(metadata), TransactionRowAdapter(metadata)
+    good = json_rows(make_card_transactions(30, 0.1, seed=4).drop(columns=["is_fraud"]))[:3]
+
+    def edited(index: int, **changes) -> list[dict]:
+        out = [dict(r) for r in good]
+        out[index].update(changes)
+        return out
+
+    without_amount = [dict(r) for r in good]
+    del without_amount[2]["amount"]
+    cases = [
+        ({"rows": without_amount}, "rows[2].amount: missing column (amount_columns)"),
+        ({"rows": edited(1, distance_from_home_km="far away")}, "rows[1].distance_from_home_km: expected a number (numeric_columns); got 'far away'"),
+        ({"rows": edited(0, amount=True)}, "rows[0].amount: expected a number"),
+        ({"rows": edited(2, card_present="sometimes")}, "rows[2].card_present: expected a boolean"),
+        ({"rows": edited(1, timestamp="yesterday-ish")}, "rows[1].timestamp: expected a timestamp"),
+        ({"rows": edited(0, channel=["online"])}, "rows[0].channel: expected a single value"),
+        ({"rows": edited(1, nation="FR")}, "rows[1].nation: unknown column"),
+        ({"rows": [good[0], 7]}, "rows[1]: expected an object"),
+        ({"rows": []}, "rows: expected a non-empty list"),
+        ({"rows": good, "threshold": 1}, "threshold: unexpected field"),
+        ({"row": {**good[0], "amount": "12,5"}}, "row.amount: expected a number"),
+    ]
+    for request, message in cases:
+        adapter = row if "row" in request else rows
+        with pytest.raises(HTTPException) as caught:
+            adapter.decode(request)
+        assert caught.value.status_code == 422 and message in caught.value.detail, (message, caught.value.detail)
+
+    # ids and the label may be sent; null is a missing value (imputed as in training); timestamps in mixed formats parse
+    mixed = edited(0, is_fraud=1, amount=None, timestamp="2024-03-05T10:00:00Z")
+    numeric = rows.decode({"rows": mixed})["numeric"]
+    assert numeric.shape == (3, len(metadata["domain_metadata"]["feature_names"])) and np.isfinite(numeric).all()
+    np.testing.assert_array_equal(numeric[1:], rows.decode({"rows": good[1:]})["numeric"])

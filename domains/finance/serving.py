@@ -1,0 +1,188 @@
+"""Finance request forms for ``python -m pipelines.serve finance`` (found by convention).
+
+Transaction rows with the training table's columns, as a client has them::
+
+    {"rows": [{"amount": 12.5, "timestamp": "2024-03-04 13:45:00", "merchant_category": "grocery", ...}, ...]}
+        -> {"predictions": [{"score": 3.1, "is_alert": false, "top_features": [{"feature": "amount", "contribution": 1.2}, ...]}, ...],
+            "threshold": 9.8}
+    {"row": {...}}  ->  {"score": 3.1, "is_alert": false, "top_features": [...], "threshold": 9.8}
+
+Rows are prepared with the checkpoint's fitted preprocessing, read from the bundle's
+``domain_metadata.preprocessing_state`` into the domain's own
+:class:`~domains.finance.preprocessing.TablePreprocessor` (the code training and ``predict`` use,
+so serving cannot drift from them). Every feature column must be present in every row; a ``null``
+(or empty/NA text) value is a missing value, imputed as in training; a category value never seen
+in training goes to the ``<unknown>`` slot. Id columns and the label column may be sent and are
+ignored; any other column is refused. Errors are 422s naming the row and column, e.g.
+``rows[2].amount: expected a number ...``. Imports numpy, pandas and ``pipelines.serve``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domains.finance.preprocessing import TablePreprocessor, parse_boolean, parse_numeric, parse_timestamp
+from pipelines.serve import RequestAdapter, reject
+
+SOURCE = "request"
+
+
+def _number(value: float) -> float | None:
+    """A JSON-ready float (``None`` for NaN or infinity)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class TransactionRowsAdapter(RequestAdapter):
+    """``{"rows": [{column: value, ...}, ...]}`` -> score, alert and top contributing columns per row."""
+
+    name = "rows"
+    key = "rows"
+    example = '{"rows": [{"<column>": <value>, ...}, ...]}  (the training table\'s columns; ids and label optional)'
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__(metadata)
+        domain = metadata.get("domain_metadata", {})
+        if "preprocessing_state" not in domain:
+            raise ValueError("this finance bundle has no domain_metadata.preprocessing_state; re-export the checkpoint")
+        self.preprocessor = TablePreprocessor.from_state_dict(domain["preprocessing_state"])
+        roles = self.preprocessor.roles
+        self.role_of: dict[str, str] = {column: role for column, role in roles.required() if role != "id_columns"}
+        self.columns: list[str] = list(self.role_of)
+        self.ignored: set[str] = set(roles.id_columns) | ({roles.label_column} if roles.label_column else set())
+        self.contribution_names: list[str] = list(domain.get("contribution_names", self.preprocessor.group_names))
+        self.top_k: int = min(int(domain.get("top_features", 3)), len(self.contribution_names))
+        threshold = domain.get("threshold")
+        self.threshold: float | None = None if threshold is None else float(threshold)
+        self.embedded = "categorical" in self.input_specs
+
+    def accepts(self, request: dict[str, Any]) -> bool:
+        return self.key in request
+
+    # ----- request -> model inputs ----------------------------------------------------------------
+    def _rows(self, request: dict[str, Any]) -> tuple[list[Any], Callable[[int], str]]:
+        """The request's rows and how to name row ``i`` in an error."""
+        rows = request["rows"]
+        if not isinstance(rows, list) or not rows:
+            reject("rows", f"expected a non-empty list of objects (one per transaction); got {type(rows).__name__ if rows != [] else 'an empty list'}")
+        return rows, lambda i: f"rows[{i}]"
+
+    def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
+        unexpected = sorted(set(request) - {self.key})
+        if unexpected:
+            reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
+        rows, where = self._rows(request)
+        frame = self.frame(rows, where)
+        encoded = self.transform(frame, where)
+        arrays = {"numeric": encoded["numeric"]}
+        if self.embedded:
+            arrays["categorical"] = encoded["categorical"]
+        return arrays
+
+    def frame(self, rows: list[Any], where: Callable[[int], str]) -> pd.DataFrame:
+        """Check every row's columns and values; the feature columns as a frame (one row per transaction)."""
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                reject(where(i), f"expected an object {{column: value}}; got {type(row).__name__}")
+            missing = [c for c in self.columns if c not in row]
+            if missing:
+                reject(f"{where(i)}.{missing[0]}", f"missing column ({self.role_of[missing[0]]}); every row needs the columns {self.columns}")
+            unknown = sorted(str(c) for c in row if c not in self.role_of and c not in self.ignored)
+            if unknown:
+                reject(f"{where(i)}.{unknown[0]}", f"unknown column; expected the columns {self.columns} (ids and label optional)")
+            for column in self.columns:
+                value = row[column]
+                if value is not None and not isinstance(value, (str, int, float)):
+                    reject(f"{where(i)}.{column}", f"expected a single value (number, text or null); got {type(value).__name__}")
+                if isinstance(value, bool) and self.role_of[column] in ("numeric_columns", "amount_columns"):
+                    reject(f"{where(i)}.{column}", f"expected a number ({self.role_of[column]}); got {str(value).lower()}")
+        data: dict[str, pd.Series] = {}
+        for column, role in self.role_of.items():
+            values = [row[column] for row in rows]
+            if role == "categorical_columns":  # integral numbers read as in a float column ("3", not "3.0") whatever else is in the request
+                values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+            series = pd.Series(values, name=column)
+            self._check(series, role, where)
+            data[column] = series
+        for column in self.preprocessor.roles.id_columns:  # not features, but the preprocessing expects the columns
+            data[column] = pd.Series([None] * len(rows), name=column, dtype=object)
+        return pd.DataFrame(data)
+
+    @staticmethod
+    def _parser(role: str) -> Callable[[pd.Series], Any] | None:
+        parsers = {
+            "numeric_columns": parse_numeric, "amount_columns": parse_numeric,
+            "boolean_columns": parse_boolean, "timestamp_columns": parse_timestamp,
+        }  # fmt: skip
+        parse = parsers.get(role)
+        return None if parse is None else (lambda series: parse(series, SOURCE))
+
+    def _check(self, series: pd.Series, role: str, where: Callable[[int], str]) -> None:
+        """Parse a column as training does; on failure, refuse naming the first bad row."""
+        parse = self._parser(role)
+        if parse is None:
+            return
+        try:
+            parse(series)
+            return
+        except ValueError:
+            pass
+        wanted = {
+            "numeric_columns": "a number", "amount_columns": "a number (an amount)",
+            "boolean_columns": "a boolean (true/false, 1/0, yes/no)", "timestamp_columns": "a timestamp (e.g. 2024-05-01 13:45:00)",
+        }[role]  # fmt: skip
+        for i, value in enumerate(series.tolist()):
+            try:
+                parse(pd.Series([value], name=series.name))
+            except ValueError:
+                reject(f"{where(i)}.{series.name}", f"expected {wanted} ({role}); got {value!r}")
+        # every value parses alone (e.g. timestamps written in different formats): transform() goes row by row
+
+    def transform(self, frame: pd.DataFrame, where: Callable[[int], str]) -> dict[str, np.ndarray]:
+        """The training preprocessing of ``frame``, row by row when the rows only parse one at a time."""
+        try:
+            return self.preprocessor.transform(frame, SOURCE)
+        except ValueError:
+            pass
+        parts = []
+        for i in range(len(frame)):
+            try:
+                parts.append(self.preprocessor.transform(frame.iloc[[i]].reset_index(drop=True), SOURCE))
+            except ValueError as error:
+                reject(where(i), str(error).removeprefix(f"{SOURCE}: "))
+        return {key: np.concatenate([p[key] for p in parts]) for key in ("numeric", "categorical")}
+
+    # ----- model outputs -> answer ----------------------------------------------------------------
+    def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """One ``{"score", "is_alert", "top_features"}`` per row (top columns as in ``predict``'s ``top_feature_k``)."""
+        answers = []
+        for score, alert, contributions in zip(outputs["score"], outputs["is_alert"], outputs["contributions"]):
+            order = np.argsort(-contributions, kind="stable")[: self.top_k]
+            top = [{"feature": self.contribution_names[j], "contribution": _number(contributions[j])} for j in order]
+            answers.append({"score": _number(score), "is_alert": bool(alert), "top_features": top})
+        return answers
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"predictions": self.predictions(outputs), "threshold": self.threshold}
+
+
+class TransactionRowAdapter(TransactionRowsAdapter):
+    """``{"row": {column: value, ...}}`` -> one row's score, alert and top contributing columns."""
+
+    name = "row"
+    key = "row"
+    example = '{"row": {"<column>": <value>, ...}}  (the training table\'s columns; ids and label optional)'
+
+    def _rows(self, request: dict[str, Any]) -> tuple[list[Any], Callable[[int], str]]:
+        return [request["row"]], lambda i: "row"
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {**self.predictions(outputs)[0], "threshold": self.threshold}
+
+
+ADAPTERS = [TransactionRowsAdapter, TransactionRowAdapter]
