@@ -362,8 +362,14 @@ class GAN(GenerativeTask):
         labels = self._labels_for(batch["label"], len(real))
         z = torch.randn(len(real), self.hparams.latent_dim, device=self.device)
 
-        self.toggle_optimizer(opt_d)
-        fake = self.generator(z, labels).detach()
+        # Single process: each step computes gradients for its own network only (toggle + detach). Under
+        # DDP every parameter must receive a gradient in every backward, so both networks take part
+        # in both steps; the other network's gradients are zeroed before its own step.
+        ddp = self.trainer.world_size > 1
+        if not ddp:
+            self.toggle_optimizer(opt_d)
+        fake = self.generator(z, labels)
+        fake = fake if ddp else fake.detach()
         d_real, d_fake = self.discriminator(real, labels), self.discriminator(fake, labels)
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         self.check_finite("discriminator loss", d_loss)
@@ -371,16 +377,17 @@ class GAN(GenerativeTask):
         self.manual_backward(d_loss)
         self.check_finite("discriminator gradient", _grads(self.discriminator))
         opt_d.step()
-        self.untoggle_optimizer(opt_d)
-
-        self.toggle_optimizer(opt_g)
+        if not ddp:
+            self.untoggle_optimizer(opt_d)
+            self.toggle_optimizer(opt_g)
         g_loss = -self.discriminator(self.generator(z, labels), labels).mean()
         self.check_finite("generator loss", g_loss)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         self.check_finite("generator gradient", _grads(self.generator))
         opt_g.step()
-        self.untoggle_optimizer(opt_g)
+        if not ddp:
+            self.untoggle_optimizer(opt_g)
 
         size = len(real)
         self.log("train/loss", d_loss.detach() + g_loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
