@@ -402,3 +402,35 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
     numeric = rows.decode({"rows": mixed})["numeric"]
     assert numeric.shape == (3, len(metadata["domain_metadata"]["feature_names"])) and np.isfinite(numeric).all()
     np.testing.assert_array_equal(numeric[1:], rows.decode({"rows": good[1:]})["numeric"])
+
+
+def test_rows_form_over_http(exported, tmp_path):
+    """The real server answers the rows and row forms (equal to the bundle) and refuses a bad row with a 422."""
+    import signal
+
+    from domains.finance.serving import TransactionRowsAdapter
+    from pipelines.bundle_runtime import Bundle
+    from tests.test_serve import request, start_server
+
+    ckpt, bundle_path = exported
+    if "vae" not in str(ckpt):
+        pytest.skip("one server start is enough: the VAE bundle with embedded categoricals")
+    bundle = Bundle(bundle_path)
+    rows = json_rows(make_card_transactions(30, 0.1, seed=6).drop(columns=["is_fraud"]))[:4]
+    expected = TransactionRowsAdapter(bundle.metadata)
+    want = expected.encode(bundle.run(**expected.decode({"rows": rows})))
+    server = start_server("finance", bundle_path, tmp_path / "server.log", "--max-batch-size", "8")
+    try:
+        status, info = request(server.url + "/info")
+        assert status == 200 and {"rows", "row", "generic"} <= set(info["model"]["request_forms"])
+        status, answer = request(server.url + "/predict", {"rows": rows})
+        assert status == 200 and len(answer["predictions"]) == 4 and answer["threshold"] == want["threshold"], answer
+        for got, ref in zip(answer["predictions"], want["predictions"]):
+            assert got["score"] == pytest.approx(ref["score"], rel=1e-5) and got["is_alert"] == ref["is_alert"]
+            assert [f["feature"] for f in got["top_features"]] == [f["feature"] for f in ref["top_features"]]
+        status, answer = request(server.url + "/predict", {"row": rows[2]})
+        assert status == 200 and answer["score"] == pytest.approx(want["predictions"][2]["score"], rel=1e-5), answer
+        status, answer = request(server.url + "/predict", {"rows": [rows[0], {**rows[1], "amount": "lots"}]})
+        assert status == 422 and answer["detail"].startswith("rows[1].amount: expected a number"), answer
+    finally:
+        assert server.stop(signal.SIGTERM) == 0, server.output()
