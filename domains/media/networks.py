@@ -43,7 +43,8 @@ def gan_upsamplings(image_size: int) -> int:
 
 
 class Generator(nn.Module):
-    """DCGAN generator: noise (+ class embedding) -> ``base x base`` features -> x2 transposed convolutions -> tanh.
+    """DCGAN generator: noise (+ class embedding) -> ``base x base`` features -> x2 (nearest upsampling +
+    3x3 convolution, no checkerboard artefacts) stages -> tanh.
 
     Args:
         latent_dim: noise dimensions.
@@ -63,10 +64,10 @@ class Generator(nn.Module):
         self.project = nn.Sequential(nn.Linear(latent_dim + embed_dim, top * self.base**2), nn.BatchNorm1d(top * self.base**2), nn.ReLU(True))
         self.top = top
         layers: list[nn.Module] = []
-        for stage in range(stages - 1):
+        for stage in range(stages - 1):  # nearest x2 + 3x3 convolution: no checkerboard (Odena et al. 2016)
             c_in, c_out = top // 2**stage, top // 2 ** (stage + 1)
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh()]
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
