@@ -28,7 +28,10 @@ class BaseTask(pl.LightningModule):
     """Base LightningModule: subclasses fill the ``configure_*`` slots and the step methods.
 
     Optimisation reads ``lr``, ``weight_decay`` and ``lr_schedule`` (``"cosine"``, ``"step"``,
-    ``"constant"``) from the subclass's hyper-parameters when present.
+    ``"constant"``) from the subclass's hyper-parameters when present. A ``cpu_threads``
+    hyper-parameter limits torch's intra-op threads while the model runs on a CPU (small networks
+    run faster on one thread than on several contended ones) and is restored afterwards; subclasses
+    that override ``setup``/``teardown`` call ``super()``.
     """
 
     #: ``__init__`` arguments kept out of the saved hyper-parameters (e.g. large objects).
@@ -36,10 +39,23 @@ class BaseTask(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
+        self._saved_threads: int | None = None
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
+
+    def setup(self, stage: str) -> None:
+        threads = self.hparams.get("cpu_threads")
+        on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
+        if threads and on_cpu and self._saved_threads is None:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(int(threads))
+
+    def teardown(self, stage: str) -> None:
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
 
     def configure_models(self) -> None:
         """Build the networks (from ``networks.py``)."""

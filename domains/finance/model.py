@@ -89,7 +89,7 @@ class FraudAutoencoder(BaseTask):
             ``best_f1`` or ``alert_rate``.
         target_alert_rate: the alert budget: share of transactions flagged (e.g. 0.005 = 0.5 %).
         top_features: contributing columns reported per scored row.
-        cpu_threads: torch intra-op threads when running on CPU (``torch.set_num_threads``; process-wide).
+        cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see BaseTask).
             These networks are small: one thread is as fast as several on an idle machine and far faster
             on a busy one, where spinning worker threads starve. ``null`` keeps torch's default.
         num_numeric: numeric input features; linked from the data.
@@ -173,10 +173,6 @@ class FraudAutoencoder(BaseTask):
         categorical = batch["categorical"] if self.network.cardinalities else None
         return score_rows(self.network, batch["numeric"], categorical, self.numeric_groups, self.categorical_groups)
 
-    def setup(self, stage: str) -> None:
-        threads = self.hparams.cpu_threads
-        if threads is not None and self.trainer.strategy.root_device.type == "cpu":
-            torch.set_num_threads(max(1, int(threads)))
 
     def forward(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
         return self.network(numeric, categorical)

@@ -130,6 +130,7 @@ class ImageClassifier(BaseTask):
 
     def setup(self, stage: str) -> None:
         """Check the network takes the data's image size before any training starts."""
+        super().setup(stage)
         shape = getattr(getattr(self.trainer, "datamodule", None), "image_shape", None)
         if shape is None:
             return
