@@ -26,7 +26,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from domains.media.features import INCEPTION, OFFLINE_EXTRACTOR, accuracy, inception_metrics, load_extractor, save_extractor, train_feature_cnn
-from domains.media.networks import Discriminator, FeatureCNN, FrozenFeatures, Generator, build_diffusion_unet, ema_update
+from domains.media.networks import Discriminator, FeatureCNN, FrozenFeatures, Generator, InferenceDenoiser, InferenceGenerator, build_diffusion_unet, ema_update
+from pipelines.export_spec import ExportSpec
 from pipelines.plots import image_grid
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
@@ -40,6 +41,28 @@ def seeded_noise(seeds: torch.Tensor | list[int], shape: tuple[int, ...], device
     """One standard-normal tensor of ``shape`` per seed: image ``i`` depends only on its own seed."""
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
     return torch.stack(rows).to(device)
+
+
+def ddim_schedule(scheduler: Any, steps: int) -> dict[str, Any]:
+    """The facts a client needs to run MONAI's DDIM loop (eta 0) without torch, as JSON-ready lists.
+
+    ``timesteps`` are those of ``scheduler.set_timesteps(steps)`` (descending); each step goes from
+    ``t`` to ``t - step_stride`` and uses ``final_alpha_cumprod`` when that is negative.
+    """
+    scheduler.set_timesteps(steps)
+    return {
+        "kind": "ddim",
+        "num_train_timesteps": int(scheduler.num_train_timesteps),
+        "sampling_steps": int(steps),
+        "timesteps": [int(t) for t in scheduler.timesteps.tolist()],
+        "step_stride": int(scheduler.num_train_timesteps // steps),
+        "alphas_cumprod": [float(a) for a in scheduler.alphas_cumprod.double().tolist()],
+        "final_alpha_cumprod": float(scheduler.final_alpha_cumprod),
+        "prediction_type": str(scheduler.prediction_type),
+        "clip_sample": bool(scheduler.clip_sample),
+        "clip_sample_values": [float(v) for v in scheduler.clip_sample_values],
+        "eta": 0.0,
+    }
 
 
 class GenerativeTask(BaseTask):
@@ -113,6 +136,23 @@ class GenerativeTask(BaseTask):
                 chunk_labels = labels[start : start + batch_size] if labels is not None else None
                 out.append(self.sample(noise, chunk_labels, steps, sampler).clamp(-1, 1))
         return torch.cat(out)
+
+    # ----- export -----------------------------------------------------------------------------------
+    def export_metadata(self) -> dict[str, Any]:
+        """Facts every media bundle carries: the model kind, image geometry, classes and value range."""
+        hp = self.hparams
+        classes = self.condition_classes
+        names = list(hp.class_names) if hp.class_names else [str(i) for i in range(int(hp.num_classes))]
+        return {
+            "model": type(self).__name__,
+            "image_size": int(hp.image_size),
+            "channels": int(hp.in_channels),
+            "conditional": bool(classes),
+            "num_classes": int(classes),
+            "class_names": names[:classes] if classes else names,
+            "noise_shape": list(self.noise_shape()),
+            "noise": "standard normal, one tensor of noise_shape per image",
+        }
 
     # ----- the offline feature extractor and the metrics -------------------------------------
     def configure_metrics(self) -> None:
@@ -356,6 +396,17 @@ class GAN(GenerativeTask):
         finally:
             self.generator.train(was_training)
 
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """The generator with de-normalisation: ``noise (N, latent) [, labels (N,) int64] -> images (N, C, H, W)`` in [0, 1]."""
+        module = InferenceGenerator(self.generator)
+        noise = seeded_noise([0, 1, 2, 3], self.noise_shape())
+        inputs, names = (noise,), ["noise"]
+        if self.condition_classes:
+            inputs, names = (noise, torch.arange(4) % self.condition_classes), ["noise", "labels"]
+        metadata = {**self.export_metadata(), "latent_dim": int(self.hparams.latent_dim), "value_range": [0.0, 1.0], "output_layout": "NCHW"}
+        axes = {name: {0: "batch"} for name in (*names, "images")}
+        return ExportSpec(module, inputs, names, ["images"], axes, metadata)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
         real = batch["image"]
@@ -510,6 +561,28 @@ class Diffusion(GenerativeTask):
             scheduler.set_timesteps(steps or self.hparams.sampling_steps)
         network = self.ema_unet
         return self.inferer.sample(noise, self._net(network, labels), scheduler=scheduler, verbose=False)
+
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """One step of the EMA denoiser: ``noisy (N, C, H, W), timestep (N,) float32 [, labels (N,) int64] -> noise``.
+
+        The sampling loop is left to the client: ``domain_metadata.scheduler`` holds the DDPM
+        ``alphas_cumprod`` (one per training timestep) and the DDIM timesteps for ``sampling_steps``,
+        exactly as MONAI's ``DDIMScheduler`` (eta 0, ``clip_sample`` on, ``set_alpha_to_one`` on,
+        ``steps_offset`` 0) uses them; :func:`domains.media.serving.ddim_sample` is a numpy version.
+        """
+        hp = self.hparams
+        module = InferenceDenoiser(self.ema_unet, bool(self.condition_classes))
+        count = 4
+        noisy = seeded_noise(list(range(count)), self.noise_shape())
+        timestep = torch.linspace(0, hp.num_train_timesteps - 1, count).round()
+        inputs, names = (noisy, timestep), ["noisy", "timestep"]
+        if self.condition_classes:
+            inputs, names = (*inputs, torch.arange(count) % self.condition_classes), [*names, "labels"]
+        scheduler = ddim_schedule(self.ddim, int(hp.sampling_steps))
+        metadata = {**self.export_metadata(), "value_range": [0.0, 1.0], "output_layout": "NCHW", "model_output": "noise (epsilon)",
+                    "model_value_range": [-1.0, 1.0], "scheduler": scheduler}  # fmt: skip
+        axes = {name: {0: "batch"} for name in (*names, "noise")}
+        return ExportSpec(module, inputs, names, ["noise"], axes, metadata)
 
     def _denoising_loss(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(images.shape, generator=generator).to(self.device) if generator else torch.randn_like(images)

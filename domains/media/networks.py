@@ -224,3 +224,56 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
+
+
+class InferenceGenerator(nn.Module):
+    """What a GAN bundle holds: ``noise (N, latent) [, labels (N,) int64] -> images (N, C, H, W)`` in [0, 1].
+
+    The generator's tanh output in [-1, 1] is de-normalised inside (``(x + 1) / 2``, clamped), so a
+    client only scales by 255 to get 8-bit pixels.
+
+    Args:
+        generator: a trained :class:`Generator` (copied; the copy is put in eval mode).
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        super().__init__()
+        import copy
+
+        self.generator = copy.deepcopy(generator).eval().requires_grad_(False)
+        self.conditional = generator.embed is not None
+
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        g, z = self.generator, noise.float()
+        if g.embed is not None:
+            if labels is None:
+                raise ValueError("this generator is class-conditional: pass labels")
+            z = torch.cat([z, g.embed(labels.long())], 1)
+        # Generator.forward with unflatten instead of view(len(z), ...): the batch size stays dynamic when traced
+        images = g.body(g.project(z).unflatten(1, (g.top, g.base, g.base)))
+        return ((images + 1) / 2).clamp(0, 1)
+
+
+class InferenceDenoiser(nn.Module):
+    """What a diffusion bundle holds: one denoising step of the EMA UNet.
+
+    ``noisy (N, C, H, W) float32, timestep (N,) float32 [, labels (N,) int64] -> predicted noise``.
+    The timestep is a float (the UNet's sinusoidal embedding is defined for any real value), so any
+    input is valid; a client passes the integer timesteps of the DDIM schedule in the metadata.
+
+    Args:
+        unet: the trained (EMA) MONAI ``DiffusionModelUNet`` (copied; the copy is put in eval mode).
+        conditional: whether the UNet takes class labels.
+    """
+
+    def __init__(self, unet: nn.Module, conditional: bool) -> None:
+        super().__init__()
+        import copy
+
+        self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.conditional = conditional
+
+    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditional:
+            return self.unet(noisy.float(), timestep.float(), class_labels=labels.long() if labels is not None else None)
+        return self.unet(noisy.float(), timestep.float())
