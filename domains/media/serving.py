@@ -1,0 +1,153 @@
+"""Media request forms for ``python -m pipelines.serve media`` (found by convention), and a numpy DDIM loop.
+
+Seeded generation with a GAN bundle::
+
+    {"seed": 0, "count": 4, "label": "circle"}
+        -> {"images": ["<base64 PNG>", ...], "format": "png"}   (image i from seed + i)
+
+``seed`` (required, integer ``0 .. 2**32 - 1 - count``), ``count`` (optional, ``1 .. 64``, default 1),
+``label`` (optional, conditional models only: a class name or a class index; without it the images
+cycle through the classes, as ``predict`` does). Errors are 422s naming the field.
+
+Seeding: image ``i`` of a request uses seed ``seed + i`` and the noise
+``np.random.Generator(np.random.PCG64(seed + i)).standard_normal(noise_shape, dtype=np.float32)``
+(see :func:`seeded_noise_numpy`), so an image depends only on its own seed: ``{"seed": 3, "count": 1}``
+is the fourth image of ``{"seed": 0, "count": 4}``, and the same request always gives the same
+images. It is numpy's generator, not torch's: the images are not those of ``pipelines.run media
+predict`` for the same seed.
+
+Diffusion bundles hold one denoising step (``noisy, timestep[, labels] -> noise``); sampling needs
+``sampling_steps`` calls of the model, which a request adapter (one model call per request) cannot
+make, so the seed form refuses them with a 422 and they are served through the generic form (one
+step per request). :func:`ddim_sample` is the DDIM loop a client runs with such a bundle
+(``Bundle(path).run`` as the step), using the schedule in ``domain_metadata.scheduler``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pipelines.serve import RequestAdapter, reject
+
+MAX_COUNT = 64
+MAX_SEED = 2**32 - 1
+
+
+def seeded_noise_numpy(seeds: list[int], shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """One standard-normal float32 array of ``shape`` per seed (numpy PCG64), stacked: ``(len(seeds), *shape)``."""
+    return np.stack([np.random.Generator(np.random.PCG64(int(seed))).standard_normal(tuple(shape), dtype=np.float32) for seed in seeds])
+
+
+def to_png_base64(image: np.ndarray) -> str:
+    """A ``(C, H, W)`` image in [0, 1] (C = 1 or 3) as a base64-encoded 8-bit PNG."""
+    from PIL import Image
+
+    pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    pixels = pixels[0] if pixels.shape[0] == 1 else np.transpose(pixels, (1, 2, 0))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def ddim_sample(
+    step: Callable[[dict[str, np.ndarray]], np.ndarray], noise: np.ndarray, schedule: dict[str, Any], labels: np.ndarray | None = None
+) -> np.ndarray:
+    """MONAI's DDIM loop (eta 0, epsilon prediction) in numpy: images ``(N, C, H, W)`` in [-1, 1].
+
+    Args:
+        step: calls the bundle's denoiser on ``{"noisy", "timestep"[, "labels"]}`` and returns the predicted noise.
+        noise: the starting noise, ``(N, C, H, W)`` float32.
+        schedule: a diffusion bundle's ``domain_metadata.scheduler``.
+        labels: ``(N,)`` class indices for a conditional model.
+    """
+    if schedule.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"ddim_sample handles epsilon prediction only, not {schedule['prediction_type']!r}")
+    alphas = np.asarray(schedule["alphas_cumprod"], dtype=np.float64)
+    final, stride = float(schedule["final_alpha_cumprod"]), int(schedule["step_stride"])
+    low, high = schedule["clip_sample_values"]
+    sample = noise.astype(np.float32)
+    for t in schedule["timesteps"]:
+        inputs = {"noisy": sample, "timestep": np.full(len(sample), t, dtype=np.float32)}
+        if labels is not None:
+            inputs["labels"] = labels.astype(np.int64)
+        eps = np.asarray(step(inputs), dtype=np.float32)
+        alpha_t = np.float32(alphas[t])
+        alpha_prev = np.float32(alphas[t - stride] if t - stride >= 0 else final)
+        original = (sample - np.sqrt(1 - alpha_t) * eps) / np.sqrt(alpha_t)
+        if schedule.get("clip_sample", True):
+            original = np.clip(original, low, high)
+        sample = (np.sqrt(alpha_prev) * original + np.sqrt(1 - alpha_prev) * eps).astype(np.float32)
+    return np.clip(sample, -1.0, 1.0)
+
+
+class SeedGenerationAdapter(RequestAdapter):
+    """``{"seed": S, "count": N[, "label": L]}`` -> N seeded images as base64 PNGs (GAN bundles)."""
+
+    name = "seed"
+    key = "seed"
+    example = '{"seed": 0, "count": 4, "label": "<class name or index, conditional models only>"}  (count 1..64, default 1)'
+    fields = ("seed", "count", "label")
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__(metadata)
+        domain = metadata.get("domain_metadata", {})
+        self.model: str = str(domain.get("model", ""))
+        self.noise_shape: list[int] = [int(s) for s in domain.get("noise_shape", [])]
+        self.class_names: list[str] = [str(n) for n in domain.get("class_names", [])]
+        self.num_classes: int = int(domain.get("num_classes", 0)) if "labels" in self.input_specs else 0
+
+    def accepts(self, request: dict[str, Any]) -> bool:
+        return self.key in request
+
+    @staticmethod
+    def _integer(request: dict[str, Any], field: str, low: int, high: int) -> int:
+        value = request[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            reject(field, f"expected an integer in {low}..{high}; got {value!r}")
+        if not low <= int(value) <= high:
+            reject(field, f"must be in {low}..{high}; got {int(value)}")
+        return int(value)
+
+    def _label(self, value: Any) -> int:
+        if not self.num_classes:
+            reject("label", "this model is not class-conditional; leave label out")
+        if isinstance(value, str):
+            if value not in self.class_names:
+                reject("label", f"unknown class {value!r}; expected one of {self.class_names}")
+            return self.class_names.index(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.num_classes:
+            reject("label", f"expected a class name {self.class_names} or an index 0..{self.num_classes - 1}; got {value!r}")
+        return int(value)
+
+    def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
+        unexpected = sorted(set(request) - set(self.fields))
+        if unexpected:
+            reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
+        if self.model != "GAN" or "noise" not in self.input_specs:
+            reject("seed", "seeded generation is served for GAN bundles; this diffusion bundle holds one denoising step: "
+                   "send it steps with the generic form, or sample client-side with domains.media.serving.ddim_sample")  # fmt: skip
+        count = self._integer(request, "count", 1, MAX_COUNT) if "count" in request else 1
+        seed = self._integer(request, "seed", 0, MAX_SEED - count)
+        seeds = list(range(seed, seed + count))
+        arrays = {"noise": seeded_noise_numpy(seeds, self.noise_shape)}
+        if "labels" in self.input_specs:
+            if request.get("label") is not None:
+                labels = np.full(count, self._label(request["label"]), dtype=np.int64)
+            else:
+                labels = np.arange(count, dtype=np.int64) % self.num_classes
+            arrays["labels"] = labels
+        elif request.get("label") is not None:
+            self._label(request["label"])  # refuses: not conditional
+        return arrays
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        images = outputs["images"]
+        return {"images": [to_png_base64(image) for image in images], "format": "png"}
+
+
+ADAPTERS = [SeedGenerationAdapter]
