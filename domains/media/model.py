@@ -138,6 +138,11 @@ class GenerativeTask(BaseTask):
         return torch.cat(out)
 
     # ----- export -----------------------------------------------------------------------------------
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """Every media model is exportable: :class:`GAN` (the generator) and :class:`Diffusion` (one denoiser step)
+        override this; a new subclass must too."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement export_spec(); GAN and Diffusion do")
+
     def export_metadata(self) -> dict[str, Any]:
         """Facts every media bundle carries: the model kind, image geometry, classes and value range."""
         hp = self.hparams
