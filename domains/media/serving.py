@@ -6,12 +6,12 @@ Seeded generation with a GAN bundle::
         -> {"images": ["<base64 PNG>", ...], "format": "png"}   (image i from seed + i)
 
 ``seed`` (required, integer ``0 .. 2**32 - 1 - count``), ``count`` (optional, ``1 .. 64``, default 1),
-``label`` (optional, conditional models only: a class name or a class index; without it the images
-cycle through the classes, as ``predict`` does). Errors are 422s naming the field.
+``label`` (optional, conditional models only: a class name or a class index; without it image
+``i`` gets class ``(seed + i) % num_classes``, so the images cycle through the classes). Errors are 422s naming the field.
 
 Seeding: image ``i`` of a request uses seed ``seed + i`` and the noise
 ``np.random.Generator(np.random.PCG64(seed + i)).standard_normal(noise_shape, dtype=np.float32)``
-(see :func:`seeded_noise_numpy`), so an image depends only on its own seed: ``{"seed": 3, "count": 1}``
+(see :func:`seeded_noise_numpy`), so an image depends only on its own seed (and label): ``{"seed": 3, "count": 1}``
 is the fourth image of ``{"seed": 0, "count": 4}``, and the same request always gives the same
 images. It is numpy's generator, not torch's: the images are not those of ``pipelines.run media
 predict`` for the same seed.
@@ -139,7 +139,7 @@ class SeedGenerationAdapter(RequestAdapter):
             if request.get("label") is not None:
                 labels = np.full(count, self._label(request["label"]), dtype=np.int64)
             else:
-                labels = np.arange(count, dtype=np.int64) % self.num_classes
+                labels = np.asarray(seeds, dtype=np.int64) % self.num_classes  # the class follows the seed too
             arrays["labels"] = labels
         elif request.get("label") is not None:
             self._label(request["label"])  # refuses: not conditional
