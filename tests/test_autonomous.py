@@ -343,3 +343,33 @@ def test_regression_and_classification_from_parquet_then_predict_new_data(tmp_pa
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) == 3 and set(predictions["prediction"]) <= set(MANOEUVRES)
     assert {f"prob_{m}" for m in MANOEUVRES} <= set(predictions.columns) and set(predictions["sequence"]) == set(new["trip"])
+
+
+@pytest.mark.parametrize("velocity_residual", [False, True])
+def test_export_module_matches_the_prediction_path_at_two_lengths(tmp_path, velocity_residual):
+    """The exported module rebuilds inputs from raw positions/channels exactly as the data module
+    does, and the ONNX graph keeps batch and time dynamic."""
+    import onnxruntime
+
+    from pipelines.registry import get_domain
+
+    spec = get_domain("autonomous")
+    dm = SensorSequenceDataModule(sim_vehicles=24, channels=SENSORS, target_channels=["x", "y"], batch_size=8, canonical_heading=True)
+    model = spec.load_model_class()(velocity_residual=velocity_residual, **{t: getattr(dm, s) for s, t in spec.links}).eval()
+    dm.setup("test")
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    export = model.export_spec(dm.state_dict())
+    with torch.no_grad():
+        expected = model._predictions(batch)["single"]
+        got = export.module(batch["past"], batch["channels"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(export.module, export.example_inputs, str(path), input_names=export.input_names,
+                      output_names=export.output_names, dynamic_axes=export.dynamic_axes, dynamo=False, opset_version=17)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for length in (8, 5):
+        past, channels = batch["past"][:, -length:], batch["channels"][:, -length:]
+        with torch.no_grad():
+            want = export.module(past, channels).numpy()
+        out = session.run(None, {"past": past.numpy(), "channels": channels.numpy()})[0]
+        np.testing.assert_allclose(out, want, atol=1e-4)

@@ -314,6 +314,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             "target_std": 1.0,
             "class_names": self.class_names,
             "target_names": self.target_names,
+            # how inputs are built, for exported models (see export_spec in model.py)
+            "channel_names": list(self.hparams.channels or []),
+            "canonical_heading": bool(self.hparams.canonical_heading),
+            "observe": self.observe,
         }
         if self.task == "regression":
             labels = tracks.label[windows.rows[:, self.observe - 1]].astype(float)

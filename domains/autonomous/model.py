@@ -32,6 +32,8 @@ stochastic forecasters, ``ade`` otherwise), regression RMSE, classification erro
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Literal
 
 import torch
@@ -40,7 +42,8 @@ from torch.nn import functional as F
 from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from domains.autonomous.metrics import DisplacementError
-from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from domains.autonomous.networks import InferenceSequenceModel, CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from pipelines.export_spec import ExportSpec
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -129,19 +132,6 @@ class SensorSequenceModel(BaseTask):
         self._plot_items: list[dict[str, torch.Tensor]] = []
         self._plot_sequences: set[str] = set()
         self._scatter: list[torch.Tensor] = []
-        self._saved_threads: int | None = None
-
-    def setup(self, stage: str) -> None:
-        threads = self.hparams.cpu_threads
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if threads and device.type == "cpu" and self._saved_threads is None:
-            self._saved_threads = torch.get_num_threads()
-            torch.set_num_threads(threads)
-
-    def teardown(self, stage: str) -> None:
-        if self._saved_threads is not None:
-            torch.set_num_threads(self._saved_threads)
-            self._saved_threads = None
 
     @property
     def stochastic(self) -> bool:
@@ -399,6 +389,43 @@ class SensorSequenceModel(BaseTask):
             return
         batch = {key: torch.stack([item[key] for item in self._plot_items]) for key in self._plot_items[0]}
         log_figure(self.trainer, trajectory_figure(batch, hp.plot_samples, hp.target_names), "test/trajectories")
+
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """Raw ``past`` positions and ``channels`` -> forecast positions / value / class probabilities.
+
+        Batch and time are dynamic for the recurrent families; PatchTST is built for ``observe`` steps,
+        so its time axis is fixed.
+        """
+        if not datamodule_state or "displacement_scale" not in datamodule_state:
+            raise ValueError("the checkpoint holds no SensorSequenceDataModule statistics; export a checkpoint written by `pipelines.run autonomous`")
+        hp = self.hparams
+        module = InferenceSequenceModel(
+            copy.deepcopy(self.network), hp.task, self.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state
+        ).eval()
+        observe = int(datamodule_state.get("observe", hp.observe))
+        channels = len(datamodule_state["channel_mean"])
+        time_axis = {} if hp.architecture == "transformer" else {1: "time"}
+        past = torch.cumsum(torch.randn(2, observe, hp.target_dim), 1)
+        output = {"forecasting": "positions", "regression": "value", "classification": "probabilities"}[hp.task]
+        return ExportSpec(
+            module=module,
+            example_inputs=(past, torch.randn(2, observe, channels)),
+            input_names=["past", "channels"],
+            output_names=[output],
+            dynamic_axes={"past": {0: "batch", **time_axis}, "channels": {0: "batch", **time_axis}, output: {0: "batch"}},
+            metadata={
+                "task": hp.task,
+                "architecture": hp.architecture,
+                "target_names": datamodule_state.get("target_names"),
+                "channel_names": datamodule_state.get("channel_names"),
+                "class_names": datamodule_state.get("class_names"),
+                "observe": observe,
+                "predict": hp.get("predict"),
+                "input": "past: target positions (N, T, D) and channels (N, T, C) in the data's units, oldest first",
+                "output": f"{output} in the data's units (forecast: future positions (N, predict, D))",
+                "normalisation": {k: datamodule_state[k] for k in ("displacement_scale", "channel_mean", "channel_std", "target_mean", "target_std")},
+            },
+        )
 
 
 def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[str] | None = None) -> Any:

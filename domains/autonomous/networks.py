@@ -320,3 +320,45 @@ class SequenceRegressor(nn.Module):
         else:
             features = _last_hidden(self.encoder(inputs))
         return self.head(features)
+
+
+class InferenceSequenceModel(nn.Module):
+    """A trained network with its input building and output de-normalisation, for export.
+
+    Inputs are raw, in the data's units: ``past`` target positions ``(N, T, D)`` and ``channels``
+    ``(N, T, C)``. Outputs: forecasting -> future positions ``(N, predict, D)`` (the deterministic
+    forecast: the CVAE's prior mean or the mixture's most likely mode); regression -> values ``(N,)``;
+    classification -> class probabilities ``(N, classes)``. Mirrors the data module's
+    ``on_after_batch_transfer`` and the task's ``forward``/``_positions``.
+    """
+
+    def __init__(self, network: nn.Module, task: str, stochastic: bool, velocity_residual: bool, target_dim: int, stats: dict) -> None:
+        super().__init__()
+        self.network = network
+        self.task, self.stochastic, self.velocity_residual, self.target_dim = task, stochastic, velocity_residual, target_dim
+        self.canonical_heading = bool(stats.get("canonical_heading", False))
+        self.displacement_scale = float(stats["displacement_scale"])
+        self.target_mean, self.target_std = float(stats["target_mean"]), float(stats["target_std"])
+        self.register_buffer("channel_mean", torch.tensor(stats["channel_mean"], dtype=torch.float32))
+        self.register_buffer("channel_std", torch.tensor(stats["channel_std"], dtype=torch.float32))
+
+    def forward(self, past: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        steps = torch.cat([torch.zeros_like(past[:, :1]), past[:, 1:] - past[:, :-1]], 1) / self.displacement_scale  # diff, ONNX-safe
+        frame = None
+        if self.canonical_heading:
+            heading = past[:, -1] - past[:, 0]
+            angle = torch.atan2(heading[:, 1], heading[:, 0])
+            c, s = torch.cos(angle), torch.sin(angle)
+            frame = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+            steps = steps @ frame
+        inputs = torch.cat([steps, (channels - self.channel_mean) / self.channel_std], -1)
+        if self.task == "regression":
+            return self.network(inputs)[:, 0] * self.target_std + self.target_mean
+        if self.task == "classification":
+            return torch.softmax(self.network(inputs), dim=1)
+        out = self.network(inputs, mean=True) if self.stochastic else self.network(inputs)
+        if self.velocity_residual:
+            out = out + inputs[:, -1, : self.target_dim][:, None, None]
+        if frame is not None:
+            out = out @ frame.transpose(1, 2)[:, None]
+        return (past[:, -1][:, None, None] + torch.cumsum(out * self.displacement_scale, 2))[:, 0]
