@@ -69,7 +69,7 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     text = "\n".join(lines)
-    print(text)
+    print(text, flush=True)  # flushed: forked helper processes must not inherit (and repeat) it
     return text
 
 

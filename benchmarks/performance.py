@@ -181,12 +181,17 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> d
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
         plain, piped, waits = [], [], []
+        default_threads = torch.get_num_threads()
         for repeat in range(repeats):
             pl.seed_everything(repeat, verbose=False)
             model, datamodule = build_defaults(spec)
             if not model.automatic_optimization:
                 result["plain"] = "n/a: the model optimises manually (a plain loop would be the same code)"
-                break
+                piped += pipeline_rates(domain, epochs, runs_dir)[1:]
+                continue
+            # the same intra-op thread count as the runner uses for this model (BaseTask's cpu_threads)
+            torch.set_num_threads(int(model.hparams.get("cpu_threads") or default_threads))
+            result["threads"] = torch.get_num_threads()
             datamodule.setup("fit")
             model.to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=float(model.hparams.get("lr", 1e-3)), weight_decay=float(model.hparams.get("weight_decay", 0.0)))
@@ -197,14 +202,14 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> d
                     result.update(loader_and_compute_rates(model, datamodule, optimizer, device))
             plain += [e["samples_per_s"] for e in epochs_plain]
             waits += [e["data_wait_share"] for e in epochs_plain]
+            torch.set_num_threads(default_threads)
             piped += pipeline_rates(domain, epochs, runs_dir)[1:]
+        result.update(pipeline_samples_per_s=statistics.median(piped), repeats=repeats)
         if plain:
             result.update(
                 plain_samples_per_s=statistics.median(plain),
-                pipeline_samples_per_s=statistics.median(piped),
                 pipeline_over_plain=statistics.median(piped) / statistics.median(plain),
                 data_wait_share=statistics.median(waits),
-                repeats=repeats,
             )
         if device.type == "cuda":
             result["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
