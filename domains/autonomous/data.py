@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.data import make_loader
 from domains.autonomous.readers import (
     FILE,
     SPLITS,
@@ -368,14 +369,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            self.datasets[name],
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory,
-        )
+        return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from pipelines.data import make_loader
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
 from domains.finance.synthetic import make_card_transactions
 
@@ -409,9 +410,8 @@ class TransactionDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
-            self._split(name), batch_size=hp.batch_size, shuffle=shuffle, collate_fn=_identity,
-            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+        return make_loader(
+            self._split(name), hp.batch_size, hp.num_workers, shuffle=shuffle, collate_fn=_identity,
             drop_last=shuffle and len(self._split(name)) > hp.batch_size,
         )  # fmt: skip
 
@@ -432,7 +432,7 @@ class TransactionDataModule(pl.LightningDataModule):
         else:
             rows = np.flatnonzero(self.split_assignment == "test")
             stream = ScoringStream(self.table.iloc[rows].reset_index(drop=True), self.source_name, self.fitted, hp.predict_chunk_rows, rows)
-        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+        return make_loader(stream, None, hp.num_workers)
 
     # ----- fitted state in the checkpoint ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

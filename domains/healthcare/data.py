@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from pipelines.data import make_loader
 from domains.healthcare.readers import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -285,16 +286,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False, sampler: Any = None) -> DataLoader:
         hp = self.hparams
-        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
-        return DataLoader(
-            self.datasets[name],
-            batch_size=hp.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=pin,
-        )
+        return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle and sampler is None, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         sampler = None

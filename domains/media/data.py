@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.data import make_loader
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
 AugmentSpec = list[dict[str, dict[str, Any]]]
@@ -245,16 +246,10 @@ class MediaDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
-        return DataLoader(
-            self.datasets[name],
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(self.datasets[name]) > hp.batch_size,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=pin,
-        )
+        return make_loader(
+            self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory,
+            shuffle=shuffle, drop_last=shuffle and len(self.datasets[name]) > hp.batch_size,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
