@@ -31,6 +31,7 @@ from domains.healthcare.readers import (
     read_image_file,
     read_image_table,
     read_medmnist_npz,
+    resized,
     synthetic_lesions,
 )
 
@@ -277,7 +278,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
                 array = read_image_file(path)
             except Exception as error:
                 raise ValueError(f"predict_dir: cannot read image {path}: {error}") from None
-            array = np.asarray(resize(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array)) if resize else array
+            array = resized(array, resize)
             if tuple(array.shape) != self.image_shape:
                 raise ValueError(f"predict_dir: image {path} has shape {tuple(array.shape)}, the model takes {self.image_shape}; set --data.image_size")
             arrays.append(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32))

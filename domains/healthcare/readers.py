@@ -65,7 +65,8 @@ def infer_task(labels: np.ndarray, num_classes: int) -> str:
     return "binary" if num_classes == 2 else "multiclass"
 
 
-def _resized(array: np.ndarray, resize: Resize | None) -> np.ndarray:
+def resized(array: np.ndarray, resize: Resize | None) -> np.ndarray:
+    """Apply a MONAI ``Resize`` to one channel-first image (uint8 scaled to [0, 1] first); no-op without one."""
     if resize is None:
         return array
     scaled = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array
@@ -75,7 +76,7 @@ def _resized(array: np.ndarray, resize: Resize | None) -> np.ndarray:
 def _in_memory(pixels: np.ndarray) -> Callable[[np.ndarray, Resize | None], np.ndarray]:
     def load(indices: np.ndarray, resize: Resize | None = None) -> np.ndarray:
         selected = pixels[indices]
-        return selected if resize is None else np.stack([_resized(image, resize) for image in selected])
+        return selected if resize is None else np.stack([resized(image, resize) for image in selected])
 
     return load
 
@@ -250,10 +251,10 @@ def read_image_table(labels_csv: str | Path, image_dir: str | Path | None = None
 
     def load(indices: np.ndarray, resize: Resize | None = None) -> np.ndarray:
         arrays = []
-        reference = _resized(first, resize)
+        reference = resized(first, resize)
         for i in indices:
             try:
-                array = _resized(read_image_file(files[i], loader), resize)
+                array = resized(read_image_file(files[i], loader), resize)
             except Exception as error:  # MONAI wraps reader errors in several types
                 raise ValueError(f"{csv_path}: row {i + 2}: cannot read image {files[i]}: {error}") from None
             if array.shape[0] != reference.shape[0]:
