@@ -16,8 +16,10 @@ bundle's ``metadata.json``::
 A domain adds convenience forms (an image upload, transaction rows, a sequence, a seed) in its own
 package, without editing this file: a module ``serving`` beside the package its entry point names
 (``domains/<name>/serving.py`` for ``domains.<name>:SPEC``) exposing ``ADAPTERS``, a list of
-:class:`RequestAdapter` subclasses. The first adapter whose :meth:`RequestAdapter.accepts` is true
-answers the request; the generic form is always tried last.
+:class:`RequestAdapter` subclasses. Those whose :meth:`RequestAdapter.serves` accepts the bundle are
+loaded; the first whose :meth:`RequestAdapter.accepts` is true answers the request; the generic form
+is always tried last. An adapter whose requests need several model calls (a sampling loop)
+overrides :meth:`RequestAdapter.infer`.
 
 Errors: 422 when a field is missing, unknown or of the wrong shape/type/range (the message names the
 field and what was expected), 400 when a field's content cannot be decoded (bad base64, not an
@@ -26,8 +28,9 @@ image), 413 when the body exceeds ``--max-payload-mb``, 504 when a request waits
 
 Batching: requests that arrive within ``--batch-timeout`` seconds of each other, up to
 ``--max-batch-size``, run as one batch; inputs of different shapes (e.g. sequences of different
-lengths) run as separate sub-batches. A malformed request in a batch is answered with its own 4xx
-and never fails the other requests of that batch.
+lengths) run as separate sub-batches, and so do the requests of each adapter that overrides
+:meth:`RequestAdapter.infer` (one ``infer`` call per sub-batch). A malformed request in a batch is
+answered with its own 4xx and never fails the other requests of that batch.
 
 SIGTERM and SIGINT stop the server gracefully: the HTTP and inference processes are stopped and
 the command exits with status 0.
@@ -43,7 +46,7 @@ import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, NoReturn
 
 import litserve as ls
@@ -112,6 +115,20 @@ def as_input_array(value: Any, spec: dict[str, Any], field: str, sample_shape: l
     return array
 
 
+ModelCall = Callable[..., dict[str, np.ndarray]]
+"""``run(**inputs) -> {output name: array}``: one call of the bundle's model (:meth:`Bundle.run`)."""
+
+
+def run_once(inputs: dict[str, np.ndarray], run: ModelCall, input_names: Collection[str]) -> dict[str, np.ndarray]:
+    """One model call with the arrays named as model inputs; the other arrays (request context) are passed through."""
+    context = {name: array for name, array in inputs.items() if name not in input_names}
+    outputs = run(**{name: inputs[name] for name in input_names})
+    clash = sorted(set(context) & set(outputs))
+    if clash:
+        raise RuntimeError(f"request context {clash} has the names of model outputs")
+    return {**outputs, **context}
+
+
 def json_ready(array: np.ndarray) -> Any:
     """Nested lists for a JSON answer; NaN/infinite values (not valid JSON) become ``null``."""
     array = np.asarray(array)
@@ -124,7 +141,8 @@ class RequestAdapter:
     """Turns one JSON request into model inputs, and the model's outputs for it into a JSON answer.
 
     Subclass it in ``domains/<name>/serving.py`` and list the class in ``ADAPTERS``. An adapter is
-    built once per inference worker with the bundle's ``metadata.json`` (as a dict).
+    built once per inference worker with the bundle's ``metadata.json`` (as a dict), and serves
+    concurrent requests: keep per-request facts in the decoded arrays, never on ``self``.
 
     Attributes:
         name: short name of the request form (shown by ``GET /info`` and in error messages).
@@ -139,20 +157,44 @@ class RequestAdapter:
         self.input_specs: dict[str, dict[str, Any]] = {spec["name"]: spec for spec in metadata["inputs"]}
         self.output_names: list[str] = [spec["name"] for spec in metadata["outputs"]]
 
+    @classmethod
+    def serves(cls, metadata: dict[str, Any]) -> bool:
+        """Whether this form applies to a bundle (e.g. only to GAN bundles); default: every bundle of the domain."""
+        return True
+
     def accepts(self, request: dict[str, Any]) -> bool:
         """Whether this request is of this adapter's form (usually: it has the adapter's key)."""
         raise NotImplementedError
 
     def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The model inputs for this request, each with a leading batch axis of the same size ``n >= 1``.
+        """The arrays for this request, each with a leading batch axis of the same size ``n >= 1``.
 
-        Refuse malformed requests with :func:`reject` (an ``HTTPException`` naming the field).
+        For the default :meth:`infer`: every model input, plus optional request context (arrays not
+        named as a model input are not given to the model; they reach :meth:`encode` beside the
+        outputs, e.g. the time of a sequence's last observation). Refuse malformed requests with
+        :func:`reject` (an ``HTTPException`` naming the field).
         """
         raise NotImplementedError
 
+    def infer(self, inputs: dict[str, np.ndarray], run: ModelCall) -> dict[str, np.ndarray]:
+        """The outputs for a batch of decoded requests (their arrays concatenated along axis 0).
+
+        The default makes one model call (:func:`run_once`), and the requests of every adapter that
+        keeps it may share that call. Override it to call ``run`` several times per batch (e.g. a
+        sampling loop): the server then batches only this adapter's requests together and calls
+        this once per batch; every returned array must have the batch's rows on axis 0. A
+        :func:`reject` here refuses the whole batch, so validate in :meth:`decode`.
+        """
+        return run_once(inputs, run, self.input_specs)
+
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The JSON answer from the model outputs of this request's ``n`` rows (leading axis ``n``)."""
+        """The JSON answer from the outputs (and request context) of this request's ``n`` rows (leading axis ``n``)."""
         raise NotImplementedError
+
+    @property
+    def shares_model_calls(self) -> bool:
+        """Whether this adapter keeps the default :meth:`infer` (its requests may be batched with other forms')."""
+        return type(self).infer is RequestAdapter.infer
 
 
 class GenericAdapter(RequestAdapter):
@@ -210,13 +252,14 @@ def domain_adapter_classes(domain: str) -> list[type[RequestAdapter]]:
 
 
 def load_adapters(metadata: dict[str, Any]) -> list[RequestAdapter]:
-    """The adapters for a bundle, chosen by its ``domain`` field: the domain's own, then the generic form."""
-    return [cls(metadata) for cls in domain_adapter_classes(metadata["domain"])] + [GenericAdapter(metadata)]
+    """The adapters for a bundle, chosen by its ``domain`` field: the domain's own that serve it, then the generic form."""
+    own = [cls(metadata) for cls in domain_adapter_classes(metadata["domain"]) if cls.serves(metadata)]
+    return own + [GenericAdapter(metadata)]
 
 
 @dataclass
 class Decoded:
-    """A request turned into model inputs (``rows`` samples) and the adapter that answers it."""
+    """A request turned into arrays (``rows`` samples: model inputs and context) and the adapter that answers it."""
 
     adapter: RequestAdapter
     arrays: dict[str, np.ndarray]
@@ -233,7 +276,7 @@ class Rejected:
 
 @dataclass
 class Answered:
-    """Model outputs for one request's rows."""
+    """Model outputs (and request context) for one request's rows."""
 
     adapter: RequestAdapter
     outputs: dict[str, np.ndarray]
@@ -277,9 +320,10 @@ class BundleAPI(ls.LitAPI):
             if adapter is None:
                 reject(", ".join(sorted(map(str, request))), f"no request form has these fields; expected one of {self._forms()}")
             arrays = adapter.decode(request)
-            rows = {int(a.shape[0]) for a in arrays.values()}
-            if set(arrays) != set(self.bundle.inputs) or len(rows) != 1 or 0 in rows:
-                raise RuntimeError(f"adapter {adapter.name!r} returned inputs {sorted(arrays)} with batch sizes {sorted(rows)}")
+            rows = {int(a.shape[0]) if a.ndim else 0 for a in arrays.values()}
+            missing = set(self.bundle.inputs) - set(arrays) if adapter.shares_model_calls else set()
+            if missing or len(rows) != 1 or 0 in rows:
+                raise RuntimeError(f"adapter {adapter.name!r} returned arrays {sorted(arrays)} with batch sizes {sorted(rows)}; inputs missing: {sorted(missing)}")
             return Decoded(adapter, arrays, rows.pop())
         except HTTPException as error:
             return Rejected(error.status_code, str(error.detail))
@@ -288,37 +332,49 @@ class BundleAPI(ls.LitAPI):
             return Rejected(500, "internal error while decoding the request")
 
     def predict(self, x: Any) -> Any:
-        """Run the decoded requests, grouped by input shapes (one bundle call per group)."""
+        """Run the decoded requests in groups of equal array names and shapes (one :meth:`RequestAdapter.infer` per group).
+
+        Requests of adapters that override ``infer`` are grouped per adapter; the others may share a group.
+        """
         items = x if isinstance(x, list) else [x]
         results: list[Decoded | Rejected | Answered] = list(items)
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
             if isinstance(item, Decoded):
-                key = tuple((name, item.arrays[name].shape[1:]) for name in self.bundle.inputs)
+                owner = None if item.adapter.shares_model_calls else id(item.adapter)
+                key = (owner, tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in item.arrays.items())))
                 groups.setdefault(key, []).append(index)
         for indices in groups.values():
-            try:
-                batch = {name: np.concatenate([items[i].arrays[name] for i in indices]) for name in self.bundle.inputs}
-                outputs = self.bundle.run(**batch)
-            except ValueError as error:
-                for i in indices:
-                    results[i] = Rejected(422, str(error))
-                continue
-            except Exception:
-                logger.exception("inference failed")
-                for i in indices:
-                    results[i] = Rejected(500, "internal error during inference")
-                continue
-            start = 0
-            for i in indices:
-                rows = items[i].rows
-                results[i] = Answered(items[i].adapter, {n: o[start : start + rows] for n, o in outputs.items()})
-                start += rows
+            for i, result in zip(indices, self._run_group([items[i] for i in indices])):
+                results[i] = result
         logger.debug(
             "batch of %d request(s): %d answered, %d refused, %d sub-batch(es)",
             len(items), sum(isinstance(r, Answered) for r in results), sum(isinstance(r, Rejected) for r in results), len(groups),
         )  # fmt: skip
         return results if isinstance(x, list) else results[0]
+
+    def _run_group(self, group: list[Decoded]) -> list[Answered | Rejected]:
+        """One :meth:`RequestAdapter.infer` call on a group's concatenated arrays, split back into per-request answers."""
+        adapter = group[0].adapter
+        total = sum(item.rows for item in group)
+        try:
+            batch = {name: np.concatenate([item.arrays[name] for item in group]) for name in group[0].arrays}
+            outputs = adapter.infer(batch, self.bundle.run)
+            if any(np.ndim(o) == 0 or len(o) != total for o in outputs.values()):
+                raise RuntimeError(f"adapter {adapter.name!r}: infer returned {({n: np.shape(o) for n, o in outputs.items()})} for {total} rows")
+        except HTTPException as error:
+            return [Rejected(error.status_code, str(error.detail))] * len(group)
+        except ValueError as error:  # the bundle refused the inputs
+            return [Rejected(422, str(error))] * len(group)
+        except Exception:
+            logger.exception("inference failed")
+            return [Rejected(500, "internal error during inference")] * len(group)
+        answers: list[Answered | Rejected] = []
+        start = 0
+        for item in group:
+            answers.append(Answered(item.adapter, {n: o[start : start + item.rows] for n, o in outputs.items()}))
+            start += item.rows
+        return answers
 
     def encode_response(self, output: Answered | Rejected) -> Any:
         """The adapter's JSON answer, or ``{"detail": ...}`` with the refusal's status code."""

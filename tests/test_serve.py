@@ -5,7 +5,10 @@ exported (ONNX), the server is started on a free loopback port, and good request
 to ``Bundle.run`` on the same inputs), malformed requests (4xx naming the field), concurrent
 requests (batched, a malformed one never failing the others), the health/info endpoints and a
 clean SIGTERM shutdown are checked. Healthcare also gets its image-upload form, a TorchScript
-bundle and a SIGINT shutdown.
+bundle and a SIGINT shutdown. Autonomous gets its observations/sequences forms (forecasts and, with
+a classification model of its own, class probabilities equal to the checkpoint's within
+``CHECKPOINT_ATOL``; malformed sequences refused naming sequence, row and channel), and a tiny
+diffusion model its server-side DDIM sampling (images equal to the checkpoint's sampler to 1/255).
 """
 
 from __future__ import annotations
@@ -357,6 +360,104 @@ def test_healthcare_image_upload(server):
         assert status == want_status and want_text in answer["detail"], (want_text, status, answer)
 
 
+# ----- autonomous: sequences of named observations ---------------------------------------------
+CHECKPOINT_ATOL = 1e-4  # HTTP answers vs the checkpoint's prediction path in PyTorch: onnxruntime float32 rounding
+CLASSIFICATION = ("--data.task=classification", "--data.target_column=manoeuvre", "--data.stride=8")
+
+
+def autonomous_test_batch(ckpt: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The checkpoint's model, the first test batch of its own (simulated) data as the prediction path prepares it, and the data settings."""
+    from domains.autonomous.data import SensorSequenceDataModule
+    from pipelines.export import load_task
+
+    task, state, raw = load_task(get_domain("autonomous"), ckpt)
+    settings = {k: v for k, v in raw["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    datamodule = SensorSequenceDataModule(**settings)
+    datamodule.load_state_dict(state)
+    datamodule.setup("test")
+    return task, datamodule.on_after_batch_transfer(next(iter(datamodule.test_dataloader())), 0), settings
+
+
+def observations(past: Any, channels: Any, channel_names: list[str], position_names: list[str] | None, times: Any = None) -> list[dict[str, Any]]:
+    """One window as the observations form: an object per step, positions named (or as one ``position`` list)."""
+    rows = []
+    for t in range(len(past)):
+        point = [float(v) for v in past[t]]
+        row: dict[str, Any] = dict(zip(position_names, point)) if position_names else {"position": point}
+        row |= {name: float(v) for name, v in zip(channel_names, channels[t])}
+        rows.append(row if times is None else {"time": float(times[t]), **row})
+    return rows
+
+
+def forecast_array(answer: dict[str, Any], names: list[str]) -> np.ndarray:
+    return np.array([[step[n] for n in names] for step in answer["forecast"]])
+
+
+@pytest.mark.parametrize("server", ["autonomous"], indirect=True)
+def test_autonomous_observations_match_the_checkpoint(server, trained):
+    import torch
+
+    task, batch, settings = autonomous_test_batch(trained("autonomous"))
+    names, channel_names = settings["target_channels"], settings["channels"]
+    with torch.no_grad():
+        expected = task._predictions(batch)["single"].numpy()  # what `pipelines.run autonomous predict` writes
+    windows = 4
+    dt, observe = settings["sim_dt"], settings["observe"]
+    times = batch["time"][:, None].numpy() + dt * np.arange(-observe + 1, 1)
+    rows = observations(batch["past"][0], batch["channels"][0], channel_names, names, times[0])
+    older = [{**rows[0], "time": rows[0]["time"] - dt * k, "x": 1e6} for k in (2, 1)]  # checked, but not read: the model reads the last `observe`
+    status, answer = request(server.url + "/predict", {"observations": older + rows})
+    assert status == 200, answer
+    np.testing.assert_allclose(forecast_array(answer, names), expected[0], atol=CHECKPOINT_ATOL, rtol=1e-5)
+    assert [s["step"] for s in answer["forecast"]] == list(range(1, settings["predict"] + 1))
+    np.testing.assert_allclose([s["time"] for s in answer["forecast"]], times[0, -1] + dt * np.arange(1, settings["predict"] + 1), rtol=1e-9)
+
+    sequences = [observations(batch["past"][i], batch["channels"][i], channel_names, names) for i in range(windows)]
+    status, answer = request(server.url + "/predict", {"sequences": sequences})
+    assert status == 200 and len(answer["predictions"]) == windows, answer
+    for i, prediction in enumerate(answer["predictions"]):
+        assert "time" not in prediction["forecast"][0]
+        np.testing.assert_allclose(forecast_array(prediction, names), expected[i], atol=CHECKPOINT_ATOL, rtol=1e-5)
+    assert "observations" in request(server.url + "/info")[1]["model"]["request_forms"]
+
+
+@pytest.mark.parametrize("server", ["autonomous"], indirect=True)
+def test_autonomous_malformed_observations_get_422_naming_the_field(server):
+    metadata = json.loads((server.bundle / "metadata.json").read_text())["domain_metadata"]
+    observe, channels = metadata["observe"], metadata["channel_names"]
+    good = [{"time": 0.25 * t, "x": 2.0 * t, "y": 0.5, **{c: 1.0 for c in channels}} for t in range(observe + 1)]
+    first = channels[0]
+
+    def changed(index: int, **fields: Any) -> list[dict[str, Any]]:
+        return [{**row, **fields} if i == index else row for i, row in enumerate(good)]
+
+    without = [{k: v for k, v in row.items() if k != first} if i == 3 else row for i, row in enumerate(good)]
+    untimed = [{k: v for k, v in row.items() if k != "time"} if i == 2 else row for i, row in enumerate(good)]
+    nan_body = json.dumps({"observations": changed(4, **{first: math.nan})}).encode()  # Python writes NaN, which the server parses
+    cases = [
+        ({"observations": good[: observe - 1]}, f"observations: {observe - 1} observation(s); this model reads the last {observe}"),
+        ({"observations": without}, f"observations[3].{first}: missing channel"),
+        ({"observations": changed(1, **{first: "fast"})}, f"observations[1].{first}: expected a number; got 'fast'"),
+        ({"observations": changed(1, **{first: True})}, f"observations[1].{first}: expected a number; got True"),
+        ({"observations": changed(2, y=[0.5, 0.5])}, "observations[2].y: expected a number"),
+        ({"observations": changed(0, x=1e39)}, "observations[0].x: expected a finite number within the float32 range"),
+        ({"observations": changed(5, heading=1.0)}, "observations[5].heading: unknown field"),
+        ({"observations": untimed}, "observations[2].time: give 'time' in every observation or in none"),
+        ({"observations": changed(3, time=0.0)}, "observations[3].time: 0 is not after the previous observation's time 0.5"),
+        ({"observations": [*good[:2], 7, *good[2:]]}, "observations[2]: expected an object"),
+        ({"observations": {"x": 1}}, "observations: expected a list of observations"),
+        ({"observations": good, "horizon": 3}, "horizon: unexpected field"),
+        ({"sequences": [good, good[:2]]}, "sequences[1]: 2 observation(s)"),
+        ({"sequences": [good, changed(0, x=None)]}, "sequences[1][0].x: expected a number; got None"),
+        ({"sequences": []}, "sequences: expected a list of sequences"),
+    ]
+    for body, want in cases:
+        status, answer = request(server.url + "/predict", body)
+        assert status == 422 and answer["detail"].startswith(want), (want, status, answer)
+    status, answer = request(server.url + "/predict", raw=nan_body)
+    assert status == 422 and answer["detail"].startswith(f"observations[4].{first}: expected a finite number"), answer
+
+
 def test_sigterm_stops_cleanly(server):
     children = child_pids(server.process.pid)
     assert children, "LitServe runs its HTTP and inference workers as child processes"
@@ -416,3 +517,118 @@ def test_cli_refuses_a_bundle_of_another_domain_or_format(torchscript_bundle, tm
     for (argv, message), process in zip(cases, processes):
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 2 and message in stderr, (argv, process.returncode, stderr[-2000:])
+
+
+# ----- autonomous: a classification bundle (its own model and server) ---------------------------
+def test_autonomous_classification_answers_classes_by_name(tmp_path_factory):
+    """A classification bundle: positions as one list (the bundle does not name them), probabilities by class name."""
+    import torch
+
+    runs_dir = tmp_path_factory.mktemp("autonomous-classification")
+    run_pipeline("autonomous", "fit", *get_domain("autonomous").test_args, *FAST, *CLASSIFICATION, "--runs_dir", str(runs_dir))
+    ckpt = only_run(runs_dir, "autonomous") / "checkpoints" / "last.ckpt"
+    task, batch, settings = autonomous_test_batch(ckpt)
+    with torch.no_grad():
+        expected = task.network(batch["inputs"]).softmax(-1).numpy()
+    bundle = export_checkpoint(get_domain("autonomous"), ckpt, "onnx", runs_dir / "bundle")
+    served = start_server("autonomous", bundle, runs_dir / "server.log")
+    try:
+        names = json.loads((bundle / "metadata.json").read_text())["domain_metadata"]["class_names"]
+        sequences = [observations(batch["past"][i], batch["channels"][i], settings["channels"], None) for i in range(3)]
+        status, answer = request(served.url + "/predict", {"sequences": sequences})
+        assert status == 200, answer
+        for i, prediction in enumerate(answer["predictions"]):
+            assert list(prediction["probabilities"]) == names and prediction["prediction"] == names[int(np.argmax(expected[i]))]
+            np.testing.assert_allclose(list(prediction["probabilities"].values()), expected[i], atol=CHECKPOINT_ATOL)
+        bad = [{**row, "position": row["position"][:1]} for row in sequences[0]]
+        status, answer = request(served.url + "/predict", {"observations": bad})
+        assert status == 422 and answer["detail"].startswith("observations[0].position: expected a list of 2 numbers"), answer
+    finally:
+        assert served.stop() == 0, served.output()
+
+
+# ----- media: diffusion bundles sampled by the server ------------------------------------------
+TINY_DIFFUSION_SERVED = {
+    "unet_widths": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8, "num_head_channels": 16, "num_train_timesteps": 100,
+    "sampling_steps": 4, "in_channels": 3, "image_size": 8, "num_classes": 2, "class_names": ["a", "b"],
+}  # fmt: skip
+
+
+def test_diffusion_seed_requests_run_the_ddim_loop(tmp_path):
+    """``{"seed", "count", "steps"}`` on a one-step diffusion bundle gives DDIM-sampled images equal (to 1/255) to the checkpoint's own sampler."""
+    import torch
+
+    from domains.media.model import Diffusion
+    from domains.media.serving import seeded_noise_numpy
+    from tests.test_media import decode_pngs, save_checkpoint
+
+    torch.manual_seed(0)
+    model = Diffusion(**TINY_DIFFUSION_SERVED).eval()
+    with torch.no_grad():  # untrained, MONAI's output convolution is zero: give the EMA UNet non-trivial weights
+        for p in model.ema_unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bundle = export_checkpoint(get_domain("media"), save_checkpoint(model, tmp_path / "d.ckpt"), "onnx", tmp_path / "bundle")
+    served = start_server("media", bundle, tmp_path / "server.log", "--batch-timeout", "0.05", "--log-level", "debug")
+    try:
+
+        def expected(seed: int, count: int, steps: int) -> np.ndarray:
+            noise = torch.from_numpy(seeded_noise_numpy(list(range(seed, seed + count)), [3, 8, 8]))
+            labels = torch.arange(seed, seed + count) % 2
+            with torch.no_grad():
+                images = (model.sample(noise, labels, steps=steps, sampler="ddim").clamp(-1, 1) + 1) / 2
+            return np.rint(images.numpy() * 255).transpose(0, 2, 3, 1)
+
+        bodies = [{"seed": 0, "count": 3, "steps": 7}, {"seed": 5, "count": 2, "steps": 7}, {"seed": 0, "count": 2}, {"seed": 9, "steps": 1}]
+        answers: dict[int, tuple[int, Any]] = {}
+        barrier = threading.Barrier(len(bodies))
+
+        def client(i: int) -> None:
+            barrier.wait(timeout=30)
+            answers[i] = request(served.url + "/predict", bodies[i])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(REQUEST_TIMEOUT + 30)
+        for i, body in enumerate(bodies):
+            status, answer = answers[i]
+            steps = body.get("steps", 4)
+            assert status == 200 and answer["steps"] == steps, (body, answer)
+            got, want = decode_pngs(answer).astype(float), expected(body["seed"], body.get("count", 1), steps)
+            assert got.shape == want.shape and np.abs(got - want).max() <= 1, (body, np.abs(got - want).max())
+            assert np.abs(want - 127.5).max() > 20, "the images must not be flat"
+        assert not np.array_equal(decode_pngs(answers[0][1])[:2], decode_pngs(answers[2][1]))  # same noise: 7 steps differ from 4
+        sizes = [int(n) for n in re.findall(r"batch of (\d+) request", served.log.read_text(errors="replace"))]
+        assert sizes and max(sizes) > 1, f"concurrent diffusion requests were never batched (batch sizes {sizes})"
+
+        cases = [
+            ({"seed": 0, "steps": 0}, "steps: must be in 1..100; got 0"),
+            ({"seed": 0, "steps": 101}, "steps: must be in 1..100; got 101"),
+            ({"seed": 0, "steps": "50"}, "steps: expected an integer"),
+            ({"seed": 0, "count": 64, "steps": 51}, "steps: count x steps must be at most 3200"),
+            ({"seed": 0, "count": 65}, "count: must be in 1..64"),
+            ({"seed": 0, "label": "c"}, "label: unknown class 'c'"),
+            ({"seed": 0, "eta": 1.0}, "eta: unexpected field"),
+        ]
+        for body, want in cases:
+            status, answer = request(served.url + "/predict", body)
+            assert status == 422 and answer["detail"].startswith(want), (body, status, answer)
+        forms = request(served.url + "/info")[1]["model"]["request_forms"]
+        assert "steps 1..100, default 4" in forms["seed"], forms
+    finally:
+        assert served.stop() == 0, served.output()
+
+
+def test_ddim_schedule_for_any_steps_is_monais():
+    """The server's DDIM timesteps for a request's ``steps`` are exactly those of MONAI's ``DDIMScheduler.set_timesteps``."""
+    from monai.networks.schedulers import DDIMScheduler
+
+    from domains.media.serving import ddim_schedule_for
+
+    for total in (100, 1000):
+        scheduler = DDIMScheduler(num_train_timesteps=total)
+        for steps in range(1, total + 1):
+            scheduler.set_timesteps(steps)
+            schedule = ddim_schedule_for({"num_train_timesteps": total}, steps)
+            assert schedule["timesteps"] == scheduler.timesteps.tolist() and schedule["step_stride"] == total // steps, (total, steps)

@@ -1,13 +1,18 @@
 """Media request forms for ``python -m pipelines.serve media`` (found by convention), and a numpy DDIM loop.
 
-Seeded generation with a GAN bundle::
+Seeded generation, with a GAN or a diffusion bundle::
 
     {"seed": 0, "count": 4, "label": "circle"}
         -> {"images": ["<base64 PNG>", ...], "format": "png"}   (image i from seed + i)
+    {"seed": 0, "count": 4, "steps": 50}                   (diffusion bundles)
+        -> {"images": ["<base64 PNG>", ...], "format": "png", "steps": 50}
 
 ``seed`` (required, integer ``0 .. 2**32 - 1 - count``), ``count`` (optional, ``1 .. 64``, default 1),
 ``label`` (optional, conditional models only: a class name or a class index; without it image
-``i`` gets class ``(seed + i) % num_classes``, so the images cycle through the classes). Errors are 422s naming the field.
+``i`` gets class ``(seed + i) % num_classes``, so the images cycle through the classes), ``steps``
+(diffusion only: DDIM steps, ``1 .. num_train_timesteps``, default the bundle's
+``sampling_steps``; ``count x steps`` at most 3200 model evaluations per request, so that a request
+ends within the server's timeout on a CPU). Errors are 422s naming the field.
 
 Seeding: image ``i`` of a request uses seed ``seed + i`` and the noise
 ``np.random.Generator(np.random.PCG64(seed + i)).standard_normal(noise_shape, dtype=np.float32)``
@@ -16,11 +21,12 @@ is the fourth image of ``{"seed": 0, "count": 4}``, and the same request always 
 images. It is numpy's generator, not torch's: the images are not those of ``pipelines.run media
 predict`` for the same seed.
 
-Diffusion bundles hold one denoising step (``noisy, timestep[, labels] -> noise``); sampling needs
-``sampling_steps`` calls of the model, which a request adapter (one model call per request) cannot
-make, so the seed form refuses them with a 422 and they are served through the generic form (one
-step per request). :func:`ddim_sample` is the DDIM loop a client runs with such a bundle
-(``Bundle(path).run`` as the step), using the schedule in ``domain_metadata.scheduler``.
+Diffusion bundles hold one denoising step (``noisy, timestep[, labels] -> noise``); the server runs
+the DDIM loop (:func:`ddim_sample`, MONAI's DDIM with eta 0) around it, one batched model call per
+step for all the images of the requests batched together with the same ``steps``. The images are
+those of ``Diffusion.sample(noise, labels, steps)`` on the checkpoint for the same noise. The
+generic form still gives one denoising step per request; a client can run :func:`ddim_sample` itself
+with ``Bundle(path).run`` as the step and the schedule in ``domain_metadata.scheduler``.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.serve import RequestAdapter, reject
+from pipelines.serve import ModelCall, RequestAdapter, reject
 
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
+MAX_EVALUATIONS = 3200  # count x steps of one diffusion request (64 images x 50 steps)
 
 
 def seeded_noise_numpy(seeds: list[int], shape: list[int] | tuple[int, ...]) -> np.ndarray:
@@ -52,6 +59,24 @@ def to_png_base64(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def ddim_schedule_for(schedule: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A bundle's DDIM schedule set to ``steps`` steps, as MONAI's ``DDIMScheduler.set_timesteps(steps)`` (``steps_offset`` 0).
+
+    MONAI's timesteps are ``torch.linspace(T - 1, 0, steps).round()`` in float32. Torch's linspace
+    takes a float32 step, fills the first half from the start and the second half from the end, and
+    rounds each value once to float32; that is reproduced here, so every timestep is the same integer.
+    """
+    total = int(schedule["num_train_timesteps"])
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps must be in 1..{total}, got {steps}")
+    start = np.float32(total - 1)
+    delta = np.float64(-start / np.float32(max(steps - 1, 1)))
+    index = np.arange(steps)
+    values = np.where(index < steps // 2, np.float64(start) + index * delta, -(steps - 1 - index) * delta).astype(np.float32)
+    timesteps = [total - 1] if steps == 1 else np.rint(values).astype(int).tolist()
+    return {**schedule, "sampling_steps": steps, "timesteps": timesteps, "step_stride": total // steps}
 
 
 def ddim_sample(
@@ -86,20 +111,23 @@ def ddim_sample(
 
 
 class SeedGenerationAdapter(RequestAdapter):
-    """``{"seed": S, "count": N[, "label": L]}`` -> N seeded images as base64 PNGs (GAN bundles)."""
+    """``{"seed": S, "count": N[, "label": L]}`` -> N seeded images as base64 PNGs (GAN bundles: one model call)."""
 
     name = "seed"
     key = "seed"
     example = '{"seed": 0, "count": 4, "label": "<class name or index, conditional models only>"}  (count 1..64, default 1)'
-    fields = ("seed", "count", "label")
+    fields: tuple[str, ...] = ("seed", "count", "label")
 
     def __init__(self, metadata: dict[str, Any]) -> None:
         super().__init__(metadata)
         domain = metadata.get("domain_metadata", {})
-        self.model: str = str(domain.get("model", ""))
         self.noise_shape: list[int] = [int(s) for s in domain.get("noise_shape", [])]
         self.class_names: list[str] = [str(n) for n in domain.get("class_names", [])]
         self.num_classes: int = int(domain.get("num_classes", 0)) if "labels" in self.input_specs else 0
+
+    @classmethod
+    def serves(cls, metadata: dict[str, Any]) -> bool:
+        return "noise" in {spec["name"] for spec in metadata["inputs"]}
 
     def accepts(self, request: dict[str, Any]) -> bool:
         return self.key in request
@@ -125,12 +153,10 @@ class SeedGenerationAdapter(RequestAdapter):
         return int(value)
 
     def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``noise`` (numpy-seeded, one seed per image) and, for conditional models, ``labels``."""
         unexpected = sorted(set(request) - set(self.fields))
         if unexpected:
             reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
-        if self.model != "GAN" or "noise" not in self.input_specs:
-            reject("seed", "seeded generation is served for GAN bundles; this diffusion bundle holds one denoising step: "
-                   "send it steps with the generic form, or sample client-side with domains.media.serving.ddim_sample")  # fmt: skip
         count = self._integer(request, "count", 1, MAX_COUNT) if "count" in request else 1
         seed = self._integer(request, "seed", 0, MAX_SEED - count)
         seeds = list(range(seed, seed + count))
@@ -150,4 +176,53 @@ class SeedGenerationAdapter(RequestAdapter):
         return {"images": [to_png_base64(image) for image in images], "format": "png"}
 
 
-ADAPTERS = [SeedGenerationAdapter]
+class DiffusionGenerationAdapter(SeedGenerationAdapter):
+    """``{"seed": S, "count": N, "steps": K[, "label": L]}`` -> N images DDIM-sampled in K steps (diffusion bundles).
+
+    The bundle holds one denoising step; :meth:`infer` runs :func:`ddim_sample` around it, one model
+    call per step for all the images of a batch of requests with the same ``steps``.
+    """
+
+    fields = ("seed", "count", "label", "steps")
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__(metadata)
+        self.schedule: dict[str, Any] = metadata["domain_metadata"]["scheduler"]
+        self.max_steps = int(self.schedule["num_train_timesteps"])
+        self.default_steps = int(self.schedule["sampling_steps"])
+        self.example = (
+            '{"seed": 0, "count": 4, "steps": 50, "label": "<class name or index, conditional models only>"}  '
+            f"(count 1..{MAX_COUNT}, default 1; steps 1..{self.max_steps}, default {self.default_steps}; count x steps <= {MAX_EVALUATIONS})"
+        )
+
+    @classmethod
+    def serves(cls, metadata: dict[str, Any]) -> bool:
+        names = {spec["name"] for spec in metadata["inputs"]}
+        return {"noisy", "timestep"} <= names and "scheduler" in metadata.get("domain_metadata", {})
+
+    def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The starting ``noise`` (and ``labels``) as for a GAN, and the request's ``steps`` per image."""
+        arrays = super().decode(request)
+        count = len(arrays["noise"])
+        steps = self._integer(request, "steps", 1, self.max_steps) if "steps" in request else self.default_steps
+        if count * steps > MAX_EVALUATIONS:
+            reject("steps", f"count x steps must be at most {MAX_EVALUATIONS} model evaluations per request; got {count} x {steps}: "
+                   "ask for fewer images or steps per request")  # fmt: skip
+        return {**arrays, "steps": np.full(count, steps, dtype=np.int64)}
+
+    def infer(self, inputs: dict[str, np.ndarray], run: ModelCall) -> dict[str, np.ndarray]:
+        """Images in [0, 1] (``images``) and their ``steps``: one DDIM loop per distinct ``steps`` in the batch."""
+        noise, steps = inputs["noise"], inputs["steps"]
+        images = np.empty_like(noise)
+        for value in np.unique(steps):
+            rows = steps == value
+            labels = inputs["labels"][rows] if "labels" in inputs else None
+            sample = ddim_sample(lambda x: run(**x)["noise"], noise[rows], ddim_schedule_for(self.schedule, int(value)), labels)
+            images[rows] = (sample + 1.0) / 2.0  # the denoiser works in [-1, 1]
+        return {"images": images, "steps": steps}
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {**super().encode(outputs), "steps": int(outputs["steps"][0])}
+
+
+ADAPTERS = [SeedGenerationAdapter, DiffusionGenerationAdapter]

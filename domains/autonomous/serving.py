@@ -1,0 +1,188 @@
+"""Autonomous request forms for ``python -m pipelines.serve autonomous`` (found by convention).
+
+A sequence as a driving team logs it: one object per time step, oldest first, with the sensor
+channels named as in training (``domain_metadata.channel_names``, e.g. ``speed``, ``yaw_rate``) and
+the position channels (a forecaster's ``domain_metadata.target_names``, e.g. ``x``, ``y``)::
+
+    {"observations": [{"time": 0.0, "x": 0.0, "y": 0.0, "speed": 12.1, "yaw_rate": 0.01, ...}, ...]}
+    {"sequences": [[{...}, ...], [{...}, ...]]}          -> {"predictions": [<one answer per sequence>, ...]}
+
+The answer, by the bundle's task::
+
+    forecasting     {"forecast": [{"step": 1, "time": 2.0, "x": 31.2, "y": 0.4}, ...]}
+    classification  {"prediction": "lane_change_left", "probabilities": {"<class>": 0.8, ...}}
+    regression      {"prediction": 0.42, "target": "aggressiveness"}
+
+Forecast positions are in the data's units (the bundle de-normalises them); step ``k`` is ``k`` time
+steps after the last observation. The model reads the last ``observe`` observations (the length of
+a training window, ``domain_metadata.observe``): send at least that many; older ones are checked
+but not used. ``time`` is optional, in every observation or in none; it must increase, and with it
+each forecast step has a ``time``: the last observed time plus ``k`` times the median time step of
+the observations read. Classification and regression bundles do not record the names of the
+position channels (their ``target_names`` is the label column), so their observations give the
+positions as one list in the training config's ``target_channels`` order: ``{"position": [x, y], ...}``.
+
+Errors are 422s naming the sequence, observation and channel, e.g. ``observations[3].speed: expected
+a number; got 'fast'``. Imports numpy and ``pipelines.serve``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from pipelines.serve import RequestAdapter, json_ready, reject
+
+TIME = "time"
+POSITION = "position"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class ObservationsAdapter(RequestAdapter):
+    """``{"observations": [{channel: number, ...}, ...]}`` -> the forecast, class or value of one sequence."""
+
+    name = "observations"
+    key = "observations"
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__(metadata)
+        domain = metadata["domain_metadata"]
+        self.task: str = domain["task"]
+        self.observe = int(domain["observe"])
+        self.output_name = self.output_names[0]
+        self.class_names: list[str] = list(domain.get("class_names") or [])
+        self.target_names: list[str] = list(domain.get("target_names") or [])
+        self.channel_names: list[str] = list(domain.get("channel_names") or [])
+        self.position_dim = int(self.input_specs["past"]["shape"][-1])
+        self.position_names = self.target_names if self.task == "forecasting" else []
+        if len(self.channel_names) != self.input_specs["channels"]["shape"][-1] or len(self.position_names) not in (0, self.position_dim):
+            raise ValueError(f"bundle metadata names channels {self.channel_names} and positions {self.position_names} "
+                             f"for inputs of shapes {self.input_specs['channels']['shape']} and {self.input_specs['past']['shape']}")  # fmt: skip
+        self.fields: list[str] = [*(self.position_names or [POSITION]), *self.channel_names]
+        row = "{" + ", ".join([f'"{TIME}": <optional>', *(f'"{f}": {"[..]" if f == POSITION else "<number>"}' for f in self.fields)]) + "}"
+        self.example = f"{self.wrap(row + ', ...')}  (oldest first, at least {self.observe})"
+
+    def wrap(self, observations: str) -> str:
+        """What a request of this form looks like around a sequence's observations (for ``example``)."""
+        return f'{{"{self.key}": [{observations}]}}'
+
+    def accepts(self, request: dict[str, Any]) -> bool:
+        return self.key in request
+
+    # ----- request -> model inputs and context ---------------------------------------------------
+    def sequences(self, request: dict[str, Any]) -> list[tuple[Any, str]]:
+        """The request's sequences with the field that names each in errors."""
+        return [(request[self.key], self.key)]
+
+    def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``past`` and ``channels`` of the last ``observe`` observations; ``last_time`` and ``time_step`` (NaN without times)."""
+        unexpected = sorted(set(request) - {self.key})
+        if unexpected:
+            reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
+        parsed = [self.sequence(rows, where) for rows, where in self.sequences(request)]
+        values = np.stack([p[0] for p in parsed])
+        return {
+            "past": np.ascontiguousarray(values[..., : self.position_dim], dtype=np.float32),
+            "channels": np.ascontiguousarray(values[..., self.position_dim :], dtype=np.float32),
+            "last_time": np.array([p[1] for p in parsed], dtype=np.float64),
+            "time_step": np.array([p[2] for p in parsed], dtype=np.float64),
+        }
+
+    def sequence(self, rows: Any, where: str) -> tuple[np.ndarray, float, float]:
+        """One sequence's last ``observe`` observations ``(observe, positions + channels)``, last time and time step."""
+        if not isinstance(rows, list) or not rows:
+            got = "an empty list" if rows == [] else type(rows).__name__
+            reject(where, f"expected a list of observations (objects, oldest first); got {got}")
+        if len(rows) < self.observe:
+            reject(where, f"{len(rows)} observation(s); this model reads the last {self.observe}: send at least {self.observe}, oldest first")
+        timed = isinstance(rows[0], dict) and TIME in rows[0]
+        values = np.array([self.observation(row, f"{where}[{i}]", timed) for i, row in enumerate(rows)], dtype=np.float64)
+        if not timed:
+            return values[-self.observe :], math.nan, math.nan
+        times = values[:, -1]
+        backwards = np.flatnonzero(np.diff(times) <= 0)
+        if backwards.size:
+            i = int(backwards[0]) + 1
+            reject(f"{where}[{i}].{TIME}", f"{times[i]:g} is not after the previous observation's time {times[i - 1]:g}; send observations oldest first")
+        if len(times) < 2:
+            reject(f"{where}[0].{TIME}", "one observation has no time step; send two or more to get forecast times")
+        step = float(np.median(np.diff(times[-max(self.observe, 2) :])))
+        return values[-self.observe :, :-1], float(times[-1]), step
+
+    def observation(self, row: Any, where: str, timed: bool) -> list[float]:
+        """Positions, channels (and time, when ``timed``) of one observation, checked."""
+        if not isinstance(row, dict):
+            reject(where, f"expected an object {{channel: number}}; got {type(row).__name__}")
+        missing = [f for f in self.fields if f not in row]
+        if missing:
+            reject(f"{where}.{missing[0]}", f"missing channel; every observation needs {self.fields}")
+        unknown = sorted(str(f) for f in row if f not in self.fields and f != TIME)
+        if unknown:
+            reject(f"{where}.{unknown[0]}", f"unknown field; observations have the channels {self.fields} and optionally {TIME!r}")
+        if (TIME in row) != timed:
+            reject(f"{where}.{TIME}", f"give {TIME!r} in every observation or in none")
+        values: list[float] = []
+        for field in self.fields:
+            if field == POSITION:
+                position = row[field]
+                if not isinstance(position, list) or len(position) != self.position_dim:
+                    reject(f"{where}.{field}", f"expected a list of {self.position_dim} numbers (the training target_channels); got {position!r}")
+                values += [number(v, f"{where}.{field}[{j}]") for j, v in enumerate(position)]
+            else:
+                values.append(number(row[field], f"{where}.{field}"))
+        return values + [number(row[TIME], f"{where}.{TIME}")] if timed else values
+
+    # ----- model outputs -> answer ---------------------------------------------------------------
+    def answers(self, outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """One answer per sequence of this request."""
+        out = outputs[self.output_name]
+        if self.task == "classification":
+            names = self.class_names or [str(i) for i in range(out.shape[1])]
+            return [{"prediction": names[int(np.argmax(p))], "probabilities": dict(zip(names, json_ready(p)))} for p in out]
+        if self.task == "regression":
+            return [{"prediction": json_ready(value), "target": self.target_names[0] if self.target_names else None} for value in out]
+        answers = []
+        for positions, last, step in zip(out, outputs["last_time"], outputs["time_step"]):
+            forecast = []
+            for k, point in enumerate(json_ready(positions), 1):
+                timing = {} if math.isnan(last) else {TIME: float(last + k * step)}
+                forecast.append({"step": k, **timing, **dict(zip(self.position_names, point))})
+            answers.append({"forecast": forecast})
+        return answers
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.answers(outputs)[0]
+
+
+class SequencesAdapter(ObservationsAdapter):
+    """``{"sequences": [[{channel: number, ...}, ...], ...]}`` -> ``{"predictions": [...]}``, one per sequence, in order."""
+
+    name = "sequences"
+    key = "sequences"
+
+    def wrap(self, observations: str) -> str:
+        return f'{{"{self.key}": [[{observations}], ...]}}'
+
+    def sequences(self, request: dict[str, Any]) -> list[tuple[Any, str]]:
+        sequences = request[self.key]
+        if not isinstance(sequences, list) or not sequences:
+            got = "an empty list" if sequences == [] else type(sequences).__name__
+            reject(self.key, f"expected a list of sequences (each a list of observations); got {got}")
+        return [(rows, f"{self.key}[{j}]") for j, rows in enumerate(sequences)]
+
+    def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"predictions": self.answers(outputs)}
+
+
+def number(value: Any, where: str) -> float:
+    """A finite JSON number within the float32 range (the model's inputs), or a 422 naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        reject(where, f"expected a number; got {value!r}"[:200])
+    if not (isinstance(value, float) and math.isfinite(value) or isinstance(value, int)) or abs(value) > FLOAT32_MAX:
+        reject(where, f"expected a finite number within the float32 range; got {value!r}"[:200])
+    return float(value)
+
+
+ADAPTERS = [ObservationsAdapter, SequencesAdapter]
