@@ -8,6 +8,7 @@ can also come from an environment variable (``PIPELINES_FIT__TRAINER__MAX_EPOCHS
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from pipelines.hardware import plan_hardware
 from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
-from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, record_provenance, resolve_run
+from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run
 from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 
 from pipelines.run import SUBCOMMANDS
@@ -55,12 +56,20 @@ class PipelineCLI(LightningCLI):
             finish_wandb_run()
 
     def _run_cli(self, spec: DomainSpec, defaults: dict[str, Any], args: list[str]) -> None:
+        subcommand = args[0] if args else "fit"
+        reused = fitted_config(spec.name, args)
+        if reused is not None:  # below the user's own --config files and options, which still win
+            path, sections = reused
+            args = [subcommand, "--config", json.dumps(sections), *args[1:]]
+            if rank_zero_only.rank == 0:
+                print(f"[pipelines] {subcommand}: using {', '.join(sections)} from {path}", file=sys.stderr)
         super().__init__(
             model_class=spec.load_model_class(),
             datamodule_class=spec.load_datamodule_class(),
             subclass_mode_model=spec.model_subclasses,
             save_config_callback=UploadConfigToWandb,
-            save_config_kwargs={"overwrite": True},
+            # the fit config stays the run's config.yaml; test/predict/validate record theirs beside it
+            save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config-{subcommand}.yaml"},
             parser_kwargs={
                 "prog": f"python -m pipelines.run {spec.name}",
                 "default_env": True,

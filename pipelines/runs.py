@@ -3,7 +3,7 @@
 Layout::
 
     runs/healthcare/20261125-101500-3f2a9c/
-        config.yaml         resolved config (LightningCLI)
+        config.yaml         resolved config of fit (LightningCLI); config-<command>.yaml for the others
         provenance.json     seed, git commit, package versions, command line of every invocation
         checkpoints/        best.ckpt, last.ckpt
         metrics.jsonl       one line per epoch (train/*, val/*) and per test (test/*)
@@ -11,6 +11,11 @@ Layout::
         plots/              PNGs (confusion matrix, ROC, sample grids...)
         predictions.csv     written by ``predict``
         wandb/              the W&B run (offline unless configured otherwise)
+
+Commands on an existing run reuse what it was fitted with: ``test``/``validate``/``predict`` with
+``--run_id`` (or a checkpoint inside the run folder) take the run's ``model`` and ``data`` config,
+and ``fit --ckpt_path last`` (resuming) takes its whole config, so nobody has to retype the data
+options of a run; options on the command line still win (see :func:`fitted_config`).
 
 The run id is shared by every process of a run: it comes from ``--run_id``, else from the
 ``PIPELINES_RUN_ID`` variable (set by rank zero so that DDP workers launched as sub-processes
@@ -174,3 +179,46 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The last value of ``--name VALUE`` or ``--name=VALUE`` in ``args``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+#: Sections of a run's saved config that a later command on the run takes over.
+REUSED_SECTIONS = {"fit": ("seed_everything", "trainer", "model", "data", "compile"), "other": ("model", "data")}
+
+
+def fitted_config(domain: str, args: list[str], environ: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The saved config of the run a command continues or uses, limited to :data:`REUSED_SECTIONS`.
+
+    ``args`` are LightningCLI's (sub-command first). ``fit`` only reuses a config when it resumes
+    (``--ckpt_path``); the other sub-commands whenever ``--run_id``/``--ckpt_path`` name a run
+    folder that has a ``config.yaml``. Returns ``(path, sections)`` or ``None``.
+
+    Example:
+        >>> fitted_config("healthcare", ["test", "--run_id", "no-such-run", "--runs_dir", "/tmp/nowhere"]) is None
+        True
+    """
+    import yaml
+
+    subcommand, run_id, ckpt_path = args[0] if args else "fit", _option(args, "--run_id"), _option(args, "--ckpt_path")
+    if subcommand == "fit" and not ckpt_path:
+        return None
+    try:
+        run = resolve_run(domain, _option(args, "--runs_dir") or "runs", run_id, ckpt_path, environ)
+    except ValueError:
+        return None  # the parser reports it with the other arguments
+    path = run.path / "config.yaml"
+    if not path.is_file():
+        return None
+    saved = yaml.safe_load(path.read_text()) or {}
+    keep = REUSED_SECTIONS["fit" if subcommand == "fit" else "other"]
+    return path, {key: saved[key] for key in keep if key in saved}

@@ -144,6 +144,28 @@ def test_missing_checkpoint_file_is_a_clear_error(capsys, runs_dir):
     assert "no such checkpoint file" in capsys.readouterr().err
 
 
+def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
+    """test/predict on a run and fit resumes need no retyping of the run's options; the CLI still wins."""
+    run_pipeline(
+        "healthcare", "fit", *TINY, "--model.network=resnet10", "--data.synthetic_image_size=28",
+        "--runs_dir", str(runs_dir), "--run_id", "r1", "--trainer.limit_test_batches=1",
+    )  # fmt: skip
+    run = runs_dir / "healthcare" / "r1"
+    fitted = (run / "config.yaml").read_text()
+    # a resnet18 default would not load the resnet10 checkpoint: the run's model section must be reused
+    run_pipeline("healthcare", "test", "--runs_dir", str(runs_dir), "--run_id", "r1", "--ckpt_path", "best",
+                 "--trainer.limit_test_batches=1", "--data.batch_size=4")  # fmt: skip
+    assert "using model, data from" in capsys.readouterr().err
+    tested = yaml.safe_load((run / "config-test.yaml").read_text())
+    assert tested["model"]["network"] == "resnet10" and tested["data"]["synthetic_image_size"] == 28
+    assert tested["data"]["synthetic_samples"] == 64 and tested["data"]["batch_size"] == 4  # the command line wins
+    assert (run / "config.yaml").read_text() == fitted  # the fit config is never overwritten by other commands
+    run_pipeline("healthcare", "fit", "--runs_dir", str(runs_dir), "--run_id", "r1", "--ckpt_path", "last", "--trainer.max_epochs=2")
+    resumed = yaml.safe_load((run / "config.yaml").read_text())
+    assert resumed["model"]["network"] == "resnet10" and resumed["trainer"]["limit_train_batches"] == 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
 # ----- real DDP on CPU (gloo) ---------------------------------------------------------------------
 def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run(runs_dir):
     result = run_pipeline_process(
