@@ -606,7 +606,7 @@ def test_diffusion_seed_requests_run_the_ddim_loop(tmp_path):
             ({"seed": 0, "steps": 0}, "steps: must be in 1..100; got 0"),
             ({"seed": 0, "steps": 101}, "steps: must be in 1..100; got 101"),
             ({"seed": 0, "steps": "50"}, "steps: expected an integer"),
-            ({"seed": 0, "count": 64, "steps": 51}, "steps: count x steps must be at most 3200"),
+            ({"seed": 0, "count": 32, "steps": 51}, "steps: count x steps must be at most 1600"),
             ({"seed": 0, "count": 65}, "count: must be in 1..64"),
             ({"seed": 0, "label": "c"}, "label: unknown class 'c'"),
             ({"seed": 0, "eta": 1.0}, "eta: unexpected field"),
