@@ -6,8 +6,8 @@ to ``Bundle.run`` on the same inputs), malformed requests (4xx naming the field)
 requests (batched, a malformed one never failing the others), the health/info endpoints and a
 clean SIGTERM shutdown are checked. Healthcare also gets its image-upload form, a TorchScript
 bundle and a SIGINT shutdown. Autonomous gets its observations/sequences forms (forecasts and, with
-a classification model of its own, class probabilities equal to the checkpoint's within
-``CHECKPOINT_ATOL``; malformed sequences refused naming sequence, row and channel), and a tiny
+classification and regression models of their own, class probabilities and values equal to the
+checkpoint's within ``CHECKPOINT_ATOL``; malformed sequences refused naming sequence, row and channel), and a tiny
 diffusion model its server-side DDIM sampling (images equal to the checkpoint's sampler to 1/255).
 """
 
@@ -362,7 +362,6 @@ def test_healthcare_image_upload(server):
 
 # ----- autonomous: sequences of named observations ---------------------------------------------
 CHECKPOINT_ATOL = 1e-4  # HTTP answers vs the checkpoint's prediction path in PyTorch: onnxruntime float32 rounding
-CLASSIFICATION = ("--data.task=classification", "--data.target_column=manoeuvre", "--data.stride=8")
 
 
 def autonomous_test_batch(ckpt: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -519,17 +518,21 @@ def test_cli_refuses_a_bundle_of_another_domain_or_format(torchscript_bundle, tm
         assert process.returncode == 2 and message in stderr, (argv, process.returncode, stderr[-2000:])
 
 
-# ----- autonomous: a classification bundle (its own model and server) ---------------------------
-def test_autonomous_classification_answers_classes_by_name(tmp_path_factory):
-    """A classification bundle: positions as one list (the bundle does not name them), probabilities by class name."""
+# ----- autonomous: classification and regression bundles (their own models and servers) -------
+@pytest.mark.parametrize("target", ["manoeuvre", "aggressiveness"], ids=["classification", "regression"])
+def test_autonomous_classes_and_values_match_the_checkpoint(target, tmp_path_factory):
+    """Positions as one list (these bundles do not name them); probabilities by class name, or the de-normalised value."""
     import torch
 
-    runs_dir = tmp_path_factory.mktemp("autonomous-classification")
-    run_pipeline("autonomous", "fit", *get_domain("autonomous").test_args, *FAST, *CLASSIFICATION, "--runs_dir", str(runs_dir))
+    task_name = "classification" if target == "manoeuvre" else "regression"
+    runs_dir = tmp_path_factory.mktemp(f"autonomous-{task_name}")
+    options = (f"--data.task={task_name}", f"--data.target_column={target}", "--data.stride=8")
+    run_pipeline("autonomous", "fit", *get_domain("autonomous").test_args, *FAST, *options, "--runs_dir", str(runs_dir))
     ckpt = only_run(runs_dir, "autonomous") / "checkpoints" / "last.ckpt"
     task, batch, settings = autonomous_test_batch(ckpt)
-    with torch.no_grad():
-        expected = task.network(batch["inputs"]).softmax(-1).numpy()
+    with torch.no_grad():  # as predict_step computes them
+        out = task.network(batch["inputs"])
+        expected = (out.softmax(-1) if task_name == "classification" else out[:, 0] * batch["target_std"] + batch["target_mean"]).numpy()
     bundle = export_checkpoint(get_domain("autonomous"), ckpt, "onnx", runs_dir / "bundle")
     served = start_server("autonomous", bundle, runs_dir / "server.log")
     try:
@@ -538,6 +541,9 @@ def test_autonomous_classification_answers_classes_by_name(tmp_path_factory):
         status, answer = request(served.url + "/predict", {"sequences": sequences})
         assert status == 200, answer
         for i, prediction in enumerate(answer["predictions"]):
+            if task_name == "regression":
+                assert prediction["target"] == target and prediction["prediction"] == pytest.approx(float(expected[i]), abs=CHECKPOINT_ATOL)
+                continue
             assert list(prediction["probabilities"]) == names and prediction["prediction"] == names[int(np.argmax(expected[i]))]
             np.testing.assert_allclose(list(prediction["probabilities"].values()), expected[i], atol=CHECKPOINT_ATOL)
         bad = [{**row, "position": row["position"][:1]} for row in sequences[0]]
