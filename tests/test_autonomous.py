@@ -127,6 +127,14 @@ def test_normalisation_is_fitted_on_the_training_split_only(tmp_path):
                                         target_channels=["x", "y"], split_column="split")  # fmt: skip
     restored.load_state_dict(dm.state_dict())
     assert restored.stats == dm.stats
+    assert dm.stats["position_names"] == ["x", "y"] and dm.stats["time_step"] == 0.25  # for served requests: fleet() samples every 0.25 s
+
+    # a checkpoint written before position_names and time_step were recorded: taken from the data
+    old = {key: value for key, value in dm.state_dict().items() if key not in ("position_names", "time_step")}
+    restored = SensorSequenceDataModule(path=str(path), sequence_column="trip", time_column="t_s", channels=SENSORS,
+                                        target_channels=["x", "y"], split_column="split", time_step=0.5)  # fmt: skip
+    restored.load_state_dict(old)
+    assert restored.stats == {**dm.stats, "time_step": 0.5}
 
 
 # ----- bad input: errors name the file, column and line -------------------------------------

@@ -5,9 +5,11 @@ exported (ONNX), the server is started on a free loopback port, and good request
 to ``Bundle.run`` on the same inputs), malformed requests (4xx naming the field), concurrent
 requests (batched, a malformed one never failing the others), the health/info endpoints and a
 clean SIGTERM shutdown are checked. Healthcare also gets its image-upload form, a TorchScript
-bundle and a SIGINT shutdown. Autonomous gets its observations/sequences forms (forecasts and, with
-classification and regression models of their own, class probabilities and values equal to the
-checkpoint's within ``CHECKPOINT_ATOL``; malformed sequences refused naming sequence, row and channel), and a tiny
+bundle and a SIGINT shutdown. Autonomous gets its observations/sequences forms (forecasts timed by
+the bundle's time step and, with classification and regression models of their own, class
+probabilities and values equal to the checkpoint's within ``CHECKPOINT_ATOL``, positions named or
+as a list; malformed sequences refused naming sequence, row and channel; bundles exported before
+position names and time steps were recorded still answered as before), and a tiny
 diffusion model its server-side DDIM sampling (images equal to the checkpoint's sampler to 1/255).
 """
 
@@ -405,17 +407,23 @@ def test_autonomous_observations_match_the_checkpoint(server, trained):
     times = batch["time"][:, None].numpy() + dt * np.arange(-observe + 1, 1)
     rows = observations(batch["past"][0], batch["channels"][0], channel_names, names, times[0])
     older = [{**rows[0], "time": rows[0]["time"] - dt * k, "x": 1e6} for k in (2, 1)]  # checked, but not read: the model reads the last `observe`
+    metadata = json.loads((server.bundle / "metadata.json").read_text())["domain_metadata"]
+    assert metadata["position_names"] == names and metadata["time_step"] == dt  # the simulator samples every sim_dt
     status, answer = request(server.url + "/predict", {"observations": older + rows})
     assert status == 200, answer
     np.testing.assert_allclose(forecast_array(answer, names), expected[0], atol=CHECKPOINT_ATOL, rtol=1e-5)
+    ahead = dt * np.arange(1, settings["predict"] + 1)
     assert [s["step"] for s in answer["forecast"]] == list(range(1, settings["predict"] + 1))
-    np.testing.assert_allclose([s["time"] for s in answer["forecast"]], times[0, -1] + dt * np.arange(1, settings["predict"] + 1), rtol=1e-9)
+    np.testing.assert_allclose([s["ahead"] for s in answer["forecast"]], ahead, rtol=1e-9)
+    np.testing.assert_allclose([s["time"] for s in answer["forecast"]], times[0, -1] + ahead, rtol=1e-9)
 
-    sequences = [observations(batch["past"][i], batch["channels"][i], channel_names, names) for i in range(windows)]
+    # untimed requests still get each step's offset; positions named, or as one list (sequence 1)
+    sequences = [observations(batch["past"][i], batch["channels"][i], channel_names, None if i == 1 else names) for i in range(windows)]
     status, answer = request(server.url + "/predict", {"sequences": sequences})
     assert status == 200 and len(answer["predictions"]) == windows, answer
     for i, prediction in enumerate(answer["predictions"]):
         assert "time" not in prediction["forecast"][0]
+        np.testing.assert_allclose([s["ahead"] for s in prediction["forecast"]], ahead, rtol=1e-9)
         np.testing.assert_allclose(forecast_array(prediction, names), expected[i], atol=CHECKPOINT_ATOL, rtol=1e-5)
     assert "observations" in request(server.url + "/info")[1]["model"]["request_forms"]
 
@@ -443,6 +451,11 @@ def test_autonomous_malformed_observations_get_422_naming_the_field(server):
         ({"observations": changed(5, heading=1.0)}, "observations[5].heading: unknown field"),
         ({"observations": untimed}, "observations[2].time: give 'time' in every observation or in none"),
         ({"observations": changed(3, time=0.0)}, "observations[3].time: 0 is not after the previous observation's time 0.5"),
+        ({"observations": [{**row, "time": 250.0 * t} for t, row in enumerate(good)]},
+         f"observations: the last {observe} observations are 250 apart in 'time' (median); this model was trained on data sampled every 0.25"),
+        ({"observations": changed(1, position=[1.0, 2.0])}, "observations[1].x: positions given twice"),
+        ({"observations": [{k: v for k, v in row.items() if k not in ("x", "y")} | {"position": [1.0]} for row in good]},
+         "observations[0].position: expected a list of 2 numbers (['x', 'y'], in that order)"),
         ({"observations": [*good[:2], 7, *good[2:]]}, "observations[2]: expected an object"),
         ({"observations": {"x": 1}}, "observations: expected a list of observations"),
         ({"observations": good, "horizon": 3}, "horizon: unexpected field"),
@@ -455,6 +468,36 @@ def test_autonomous_malformed_observations_get_422_naming_the_field(server):
         assert status == 422 and answer["detail"].startswith(want), (want, status, answer)
     status, answer = request(server.url + "/predict", raw=nan_body)
     assert status == 422 and answer["detail"].startswith(f"observations[4].{first}: expected a finite number"), answer
+
+
+def without_position_names_and_time_step(bundle: Path) -> dict[str, Any]:
+    """The bundle's metadata as a bundle exported before ``position_names`` and ``time_step`` were recorded."""
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    metadata["domain_metadata"] = {k: v for k, v in metadata["domain_metadata"].items() if k not in ("position_names", "time_step")}
+    return metadata
+
+
+def served_answer(adapter: Any, bundle: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """An adapter's answer computed as the server does (decode, the bundle, encode), in this process."""
+    from pipelines.bundle_runtime import Bundle
+
+    return adapter.encode(adapter.infer(adapter.decode(body), Bundle(bundle).run))
+
+
+@pytest.mark.parametrize("server", ["autonomous"], indirect=True)
+def test_autonomous_forecaster_bundle_without_time_step_serves_as_before(server):
+    """No ``time_step`` recorded: steps are timed only from request times (their median step, unchecked); positions by target_names."""
+    from domains.autonomous.serving import ObservationsAdapter
+
+    metadata = without_position_names_and_time_step(server.bundle)
+    adapter = ObservationsAdapter(metadata)
+    domain = metadata["domain_metadata"]
+    rows = [{"x": 2.0 * t, "y": 0.5, **{c: 1.0 for c in domain["channel_names"]}} for t in range(domain["observe"])]
+    untimed = served_answer(adapter, server.bundle, {"observations": rows})
+    assert set(untimed["forecast"][0]) == {"step", "x", "y"}, untimed
+    timed = served_answer(adapter, server.bundle, {"observations": [{"time": 10.0 + 0.5 * t, **row} for t, row in enumerate(rows)]})
+    assert [(s["ahead"], s["time"]) for s in timed["forecast"][:2]] == [(0.5, 14.0), (1.0, 14.5)], timed
+    assert [s["x"] for s in timed["forecast"]] == [s["x"] for s in untimed["forecast"]]
 
 
 def test_sigterm_stops_cleanly(server):
@@ -521,8 +564,12 @@ def test_cli_refuses_a_bundle_of_another_domain_or_format(torchscript_bundle, tm
 # ----- autonomous: classification and regression bundles (their own models and servers) -------
 @pytest.mark.parametrize("target", ["manoeuvre", "aggressiveness"], ids=["classification", "regression"])
 def test_autonomous_classes_and_values_match_the_checkpoint(target, tmp_path_factory):
-    """Positions as one list (these bundles do not name them); probabilities by class name, or the de-normalised value."""
+    """Positions named as for forecasters (or as one list); probabilities by class name, or the de-normalised value.
+    A bundle exported before position names were recorded reads positions only as a list."""
     import torch
+    from fastapi import HTTPException
+
+    from domains.autonomous.serving import ObservationsAdapter
 
     task_name = "classification" if target == "manoeuvre" else "regression"
     runs_dir = tmp_path_factory.mktemp(f"autonomous-{task_name}")
@@ -536,19 +583,25 @@ def test_autonomous_classes_and_values_match_the_checkpoint(target, tmp_path_fac
     bundle = export_checkpoint(get_domain("autonomous"), ckpt, "onnx", runs_dir / "bundle")
     served = start_server("autonomous", bundle, runs_dir / "server.log")
     try:
-        names = json.loads((bundle / "metadata.json").read_text())["domain_metadata"]["class_names"]
-        sequences = [observations(batch["past"][i], batch["channels"][i], settings["channels"], None) for i in range(3)]
+        metadata = json.loads((bundle / "metadata.json").read_text())["domain_metadata"]
+        names, positions = metadata["class_names"], metadata["position_names"]
+        assert positions == settings["target_channels"] and metadata["time_step"] == settings["sim_dt"]
+        sequences = [observations(batch["past"][i], batch["channels"][i], settings["channels"], None if i == 2 else positions) for i in range(3)]
         status, answer = request(served.url + "/predict", {"sequences": sequences})
         assert status == 200, answer
-        for i, prediction in enumerate(answer["predictions"]):
+        old = ObservationsAdapter(without_position_names_and_time_step(bundle))  # as exported before position names were recorded
+        answers = [*enumerate(answer["predictions"]), (2, served_answer(old, bundle, {"observations": sequences[2]}))]
+        for i, prediction in answers:
             if task_name == "regression":
                 assert prediction["target"] == target and prediction["prediction"] == pytest.approx(float(expected[i]), abs=CHECKPOINT_ATOL)
                 continue
             assert list(prediction["probabilities"]) == names and prediction["prediction"] == names[int(np.argmax(expected[i]))]
             np.testing.assert_allclose(list(prediction["probabilities"].values()), expected[i], atol=CHECKPOINT_ATOL)
-        bad = [{**row, "position": row["position"][:1]} for row in sequences[0]]
+        bad = [{**row, "position": row["position"][:1]} for row in sequences[2]]
         status, answer = request(served.url + "/predict", {"observations": bad})
         assert status == 422 and answer["detail"].startswith("observations[0].position: expected a list of 2 numbers"), answer
+        with pytest.raises(HTTPException, match=r"observations\[0\]\.position: missing channel"):
+            old.decode({"observations": sequences[0]})  # named positions: the old bundle does not know the names
     finally:
         assert served.stop() == 0, served.output()
 

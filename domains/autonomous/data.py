@@ -16,6 +16,10 @@ training split only and saved in every checkpoint (:meth:`state_dict`):
   one isotropic scale (the RMS step length of the training split), so that rotations keep norms;
 - the ``channels`` columns, z-scored per channel.
 
+The checkpointed state also records what a served model needs to read named requests and to time
+its answers: the position channels (``position_names``, the ``target_channels``, for every task)
+and the sampling interval of the time column (``time_step``, in its units).
+
 Targets: forecasting predicts the future values of ``target_channels`` (the model predicts their
 displacements); regression predicts the numeric ``target_column`` at the last observed row (z-scored
 with training statistics; a per-sequence value is the same on every row); classification predicts
@@ -215,6 +219,17 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return list(self.hparams.target_channels or []) if self.task == "forecasting" else [self.hparams.target_column]
 
     @property
+    def position_names(self) -> list[str]:
+        """Names of the position channels (``target_channels``), fed as displacements for every task."""
+        return list(self.hparams.target_channels or [])
+
+    @property
+    def time_step(self) -> float:
+        """The sampling interval in the time column's units: ``data.time_step``, or the most common step of
+        the training split (the step that time gaps are measured in; the simulator's ``sim_dt``)."""
+        return float(self.tracks["train"].report["time_step"])
+
+    @property
     def input_size(self) -> int:
         return self.target_dim + len(self.hparams.channels or [])
 
@@ -317,6 +332,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             "target_names": self.target_names,
             # how inputs are built, for exported models (see export_spec in model.py)
             "channel_names": list(self.hparams.channels or []),
+            "position_names": self.position_names,
+            "time_step": self.time_step,
             "canonical_heading": bool(self.hparams.canonical_heading),
             "observe": self.observe,
         }
@@ -437,6 +454,12 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return dict(self.stats)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Use a checkpoint's statistics; the class list and target names must match this data's.
+
+        Checkpoints written before ``position_names`` and ``time_step`` were recorded still load:
+        those two are taken from this data's configuration (``target_channels`` and the training
+        split's time step), so that checkpoints written after a resume, and their exports, have them.
+        """
         if self.task == "classification" and state_dict.get("class_names") != self.class_names:
             raise ValueError(
                 f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
@@ -445,3 +468,6 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         if state_dict.get("target_names") != self.target_names:
             raise ValueError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {self.target_names}")
         self.stats = dict(state_dict)
+        self.stats.setdefault("position_names", self.position_names)
+        if "time_step" not in self.stats:  # (reads the training split only for such old checkpoints)
+            self.stats["time_step"] = self.time_step

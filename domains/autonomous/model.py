@@ -394,7 +394,10 @@ class SensorSequenceModel(BaseTask):
         """Raw ``past`` positions and ``channels`` -> forecast positions / value / class probabilities.
 
         Batch and time are dynamic for the recurrent families; PatchTST is built for ``observe`` steps,
-        so its time axis is fixed.
+        so its time axis is fixed. The metadata names the inputs' channels (``position_names``,
+        ``channel_names``) and the data's sampling interval (``time_step``) for the server's request
+        forms (``serving.py``); a checkpoint written before those two were recorded exports them as
+        ``null``, and the server falls back as its docstring says.
         """
         if not datamodule_state or "displacement_scale" not in datamodule_state:
             raise ValueError("the checkpoint holds no SensorSequenceDataModule statistics; export a checkpoint written by `pipelines.run autonomous`")
@@ -418,10 +421,12 @@ class SensorSequenceModel(BaseTask):
                 "architecture": hp.architecture,
                 "target_names": datamodule_state.get("target_names"),
                 "channel_names": datamodule_state.get("channel_names"),
+                "position_names": datamodule_state.get("position_names"),
+                "time_step": datamodule_state.get("time_step"),
                 "class_names": datamodule_state.get("class_names"),
                 "observe": observe,
                 "predict": hp.get("predict"),
-                "input": "past: target positions (N, T, D) and channels (N, T, C) in the data's units, oldest first",
+                "input": "past: target positions (N, T, D) and channels (N, T, C) in the data's units, oldest first, time_step apart",
                 "output": f"{output} in the data's units (forecast: future positions (N, predict, D))",
                 "normalisation": {k: datamodule_state[k] for k in ("displacement_scale", "channel_mean", "channel_std", "target_mean", "target_std")},
             },

@@ -2,25 +2,34 @@
 
 A sequence as a driving team logs it: one object per time step, oldest first, with the sensor
 channels named as in training (``domain_metadata.channel_names``, e.g. ``speed``, ``yaw_rate``) and
-the position channels (a forecaster's ``domain_metadata.target_names``, e.g. ``x``, ``y``)::
+the positions named as the training ``target_channels`` (``domain_metadata.position_names``, e.g.
+``x``, ``y``), for every task; an observation may instead give the positions as one list in that
+order, ``"position": [x, y]``::
 
     {"observations": [{"time": 0.0, "x": 0.0, "y": 0.0, "speed": 12.1, "yaw_rate": 0.01, ...}, ...]}
     {"sequences": [[{...}, ...], [{...}, ...]]}          -> {"predictions": [<one answer per sequence>, ...]}
 
 The answer, by the bundle's task::
 
-    forecasting     {"forecast": [{"step": 1, "time": 2.0, "x": 31.2, "y": 0.4}, ...]}
+    forecasting     {"forecast": [{"step": 1, "ahead": 0.25, "time": 2.0, "x": 31.2, "y": 0.4}, ...]}
     classification  {"prediction": "lane_change_left", "probabilities": {"<class>": 0.8, ...}}
     regression      {"prediction": 0.42, "target": "aggressiveness"}
 
-Forecast positions are in the data's units (the bundle de-normalises them); step ``k`` is ``k`` time
-steps after the last observation. The model reads the last ``observe`` observations (the length of
-a training window, ``domain_metadata.observe``): send at least that many; older ones are checked
-but not used. ``time`` is optional, in every observation or in none; it must increase, and with it
-each forecast step has a ``time``: the last observed time plus ``k`` times the median time step of
-the observations read. Classification and regression bundles do not record the names of the
-position channels (their ``target_names`` is the label column), so their observations give the
-positions as one list in the training config's ``target_channels`` order: ``{"position": [x, y], ...}``.
+Forecast positions are in the data's units (the bundle de-normalises them). Step ``k`` is ``k``
+sampling intervals after the last observation: ``ahead`` is ``k`` times the training data's time
+step (``domain_metadata.time_step``, in the time column's units: seconds for the simulator, frames
+for ETH/UCY), given with or without request times; when the observations carry ``time``, ``time``
+is the last observed time plus ``ahead``. The model reads the last ``observe`` observations (the
+length of a training window, ``domain_metadata.observe``): send at least that many; older ones are
+checked but not used. ``time`` is optional, in every observation or in none; it must increase, and
+the median step of the observations read must be within ``STEP_TOLERANCE`` (10%) of the model's
+time step: a sequence sampled at another rate, or timed in other units, is refused, since the model
+would misread its displacements.
+
+Bundles exported before ``position_names`` and ``time_step`` were recorded still serve, as before
+those fields: a forecaster's positions are named by its ``target_names``, a classifier's or
+regressor's are read only as a ``position`` list; forecast steps get ``ahead`` and ``time`` only
+from request times (the median observed step), and no time step is checked.
 
 Errors are 422s naming the sequence, observation and channel, e.g. ``observations[3].speed: expected
 a number; got 'fast'``. Imports numpy and ``pipelines.serve``.
@@ -36,7 +45,10 @@ import numpy as np
 from pipelines.serve import RequestAdapter, json_ready, reject
 
 TIME = "time"
+AHEAD = "ahead"
 POSITION = "position"
+STEP_TOLERANCE = 0.1
+"""How far a request's median time step may be from the bundle's ``time_step``, relative to it."""
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -56,13 +68,21 @@ class ObservationsAdapter(RequestAdapter):
         self.target_names: list[str] = list(domain.get("target_names") or [])
         self.channel_names: list[str] = list(domain.get("channel_names") or [])
         self.position_dim = int(self.input_specs["past"]["shape"][-1])
-        self.position_names = self.target_names if self.task == "forecasting" else []
-        if len(self.channel_names) != self.input_specs["channels"]["shape"][-1] or len(self.position_names) not in (0, self.position_dim):
-            raise ValueError(f"bundle metadata names channels {self.channel_names} and positions {self.position_names} "
+        recorded = domain.get("position_names")  # None (or absent) in bundles exported before it was recorded
+        self.position_names: list[str] = list(recorded if recorded is not None else self.target_names if self.task == "forecasting" else [])
+        step = domain.get("time_step")  # likewise
+        self.time_step: float | None = None if step is None else float(step)
+        if (len(self.channel_names) != self.input_specs["channels"]["shape"][-1] or len(self.position_names) not in (0, self.position_dim)
+                or (self.time_step is not None and not self.time_step > 0)):  # fmt: skip
+            raise ValueError(f"bundle metadata names channels {self.channel_names}, positions {self.position_names} and time step {self.time_step} "
                              f"for inputs of shapes {self.input_specs['channels']['shape']} and {self.input_specs['past']['shape']}")  # fmt: skip
-        self.fields: list[str] = [*(self.position_names or [POSITION]), *self.channel_names]
-        row = "{" + ", ".join([f'"{TIME}": <optional>', *(f'"{f}": {"[..]" if f == POSITION else "<number>"}' for f in self.fields)]) + "}"
-        self.example = f"{self.wrap(row + ', ...')}  (oldest first, at least {self.observe})"
+        self.named_positions = len(self.position_names) == self.position_dim
+        self.fields: list[str] = [*self.position_names, *self.channel_names]
+        self.listed_fields: list[str] = [POSITION, *self.channel_names]
+        shown = self.fields if self.named_positions else self.listed_fields
+        row = "{" + ", ".join([f'"{TIME}": <optional>', *(f'"{f}": {"[..]" if f == POSITION else "<number>"}' for f in shown)]) + "}"
+        alternative = f'; or the positions as one list "{POSITION}": [..]' if self.named_positions and self.position_dim else ""
+        self.example = f"{self.wrap(row + ', ...')}  (oldest first, at least {self.observe}{alternative})"
 
     def wrap(self, observations: str) -> str:
         """What a request of this form looks like around a sequence's observations (for ``example``)."""
@@ -77,7 +97,7 @@ class ObservationsAdapter(RequestAdapter):
         return [(request[self.key], self.key)]
 
     def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
-        """``past`` and ``channels`` of the last ``observe`` observations; ``last_time`` and ``time_step`` (NaN without times)."""
+        """``past`` and ``channels`` of the last ``observe`` observations; ``last_time`` and ``time_step`` (NaN when unknown)."""
         unexpected = sorted(set(request) - {self.key})
         if unexpected:
             reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
@@ -91,7 +111,9 @@ class ObservationsAdapter(RequestAdapter):
         }
 
     def sequence(self, rows: Any, where: str) -> tuple[np.ndarray, float, float]:
-        """One sequence's last ``observe`` observations ``(observe, positions + channels)``, last time and time step."""
+        """One sequence's last ``observe`` observations ``(observe, positions + channels)``, its last time (NaN
+        without times) and the time step of its forecast (the bundle's; for an older bundle the median
+        observed step, NaN without times)."""
         if not isinstance(rows, list) or not rows:
             got = "an empty list" if rows == [] else type(rows).__name__
             reject(where, f"expected a list of observations (objects, oldest first); got {got}")
@@ -100,35 +122,44 @@ class ObservationsAdapter(RequestAdapter):
         timed = isinstance(rows[0], dict) and TIME in rows[0]
         values = np.array([self.observation(row, f"{where}[{i}]", timed) for i, row in enumerate(rows)], dtype=np.float64)
         if not timed:
-            return values[-self.observe :], math.nan, math.nan
+            return values[-self.observe :], math.nan, math.nan if self.time_step is None else self.time_step
         times = values[:, -1]
         backwards = np.flatnonzero(np.diff(times) <= 0)
         if backwards.size:
             i = int(backwards[0]) + 1
             reject(f"{where}[{i}].{TIME}", f"{times[i]:g} is not after the previous observation's time {times[i - 1]:g}; send observations oldest first")
-        if len(times) < 2:
-            reject(f"{where}[0].{TIME}", "one observation has no time step; send two or more to get forecast times")
-        step = float(np.median(np.diff(times[-max(self.observe, 2) :])))
-        return values[-self.observe :, :-1], float(times[-1]), step
+        observed = float(np.median(np.diff(times[-self.observe :])))  # observe >= 2 (the data module's rule)
+        if self.time_step is None:
+            return values[-self.observe :, :-1], float(times[-1]), observed
+        if abs(observed - self.time_step) > STEP_TOLERANCE * self.time_step:
+            reject(where, f"the last {self.observe} observations are {observed:g} apart in {TIME!r} (median); this model was trained on data "
+                          f"sampled every {self.time_step:g} (in the training time column's units): resample the sequence, or check its time unit")  # fmt: skip
+        return values[-self.observe :, :-1], float(times[-1]), self.time_step
 
     def observation(self, row: Any, where: str, timed: bool) -> list[float]:
-        """Positions, channels (and time, when ``timed``) of one observation, checked."""
+        """Positions, channels (and time, when ``timed``) of one observation, checked; positions named or as one list."""
         if not isinstance(row, dict):
             reject(where, f"expected an object {{channel: number}}; got {type(row).__name__}")
-        missing = [f for f in self.fields if f not in row]
+        listed = POSITION in row or not self.named_positions
+        fields = self.listed_fields if listed else self.fields
+        twice = [name for name in self.position_names if name in row] if listed else []
+        if twice:
+            reject(f"{where}.{twice[0]}", f"positions given twice, named {self.position_names} and as the list {POSITION!r}; give one")
+        missing = [f for f in fields if f not in row]
         if missing:
-            reject(f"{where}.{missing[0]}", f"missing channel; every observation needs {self.fields}")
-        unknown = sorted(str(f) for f in row if f not in self.fields and f != TIME)
+            reject(f"{where}.{missing[0]}", f"missing channel; every observation needs {fields}")
+        unknown = sorted(str(f) for f in row if f not in fields and f != TIME)
         if unknown:
-            reject(f"{where}.{unknown[0]}", f"unknown field; observations have the channels {self.fields} and optionally {TIME!r}")
+            reject(f"{where}.{unknown[0]}", f"unknown field; observations have the channels {fields} and optionally {TIME!r}")
         if (TIME in row) != timed:
             reject(f"{where}.{TIME}", f"give {TIME!r} in every observation or in none")
         values: list[float] = []
-        for field in self.fields:
+        for field in fields:
             if field == POSITION:
                 position = row[field]
+                order = self.position_names if self.named_positions else "the training target_channels"
                 if not isinstance(position, list) or len(position) != self.position_dim:
-                    reject(f"{where}.{field}", f"expected a list of {self.position_dim} numbers (the training target_channels); got {position!r}")
+                    reject(f"{where}.{field}", f"expected a list of {self.position_dim} numbers ({order}, in that order); got {position!r}"[:300])
                 values += [number(v, f"{where}.{field}[{j}]") for j, v in enumerate(position)]
             else:
                 values.append(number(row[field], f"{where}.{field}"))
@@ -147,7 +178,9 @@ class ObservationsAdapter(RequestAdapter):
         for positions, last, step in zip(out, outputs["last_time"], outputs["time_step"]):
             forecast = []
             for k, point in enumerate(json_ready(positions), 1):
-                timing = {} if math.isnan(last) else {TIME: float(last + k * step)}
+                timing: dict[str, float] = {} if math.isnan(step) else {AHEAD: float(k * step)}
+                if not math.isnan(last):
+                    timing[TIME] = float(last + k * step)
                 forecast.append({"step": k, **timing, **dict(zip(self.position_names, point))})
             answers.append({"forecast": forecast})
         return answers
