@@ -1,6 +1,6 @@
 """BreastMNIST (MedMNIST v2, 28 px, official splits) through `pipelines.run healthcare`.
 
-    python -m benchmarks.healthcare_breastmnist [--epochs 45] [--network resnet18] [--batch-size 128]
+    python -m benchmarks.healthcare_breastmnist [--epochs 45] [--network resnet18] [--batch-size 128] [--augment config|flips|none] [--seed 42]
 
 Trains with the project's runner (model picked on validation AUROC, as MedMNIST does), tests the
 best checkpoint and prints test AUC and ACC beside MedMNIST v2's ResNet-18 (28) row (AUC 0.901,
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--balance", default="class_weights", choices=["class_weights", "sampler", "none"])
+    parser.add_argument("--augment", default="config", choices=["config", "flips", "none"], help="the domain config's albumentations, flips only, or none")
+    parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     npz = require(SHARED_DATA / "healthcare" / "breastmnist.npz")
     runs = RESULTS / "runs"
@@ -35,12 +37,13 @@ def main() -> None:
 
     started = time.perf_counter()
     run_id = f"breastmnist-{time.strftime('%Y%m%d-%H%M%S')}"
+    augment = {"config": [], "none": ["--data.augment=[]"], "flips": ["--data.augment=[{HorizontalFlip: {p: 0.5}}, {VerticalFlip: {p: 0.5}}]"]}[args.augment]
     run([
-        "healthcare", "--data.npz_path", str(npz), f"--data.batch_size={args.batch_size}",
+        "healthcare", f"--seed_everything={args.seed}", "--data.npz_path", str(npz), f"--data.batch_size={args.batch_size}",
         f"--data.balance={args.balance}", f"--model.network={args.network}", f"--model.lr={args.lr}",
         f"--trainer.max_epochs={args.epochs}", "--runs_dir", str(runs), "--run_id", run_id,
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
+        "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}", *augment,
     ])  # fmt: skip
     wall = time.perf_counter() - started
     summary = json.loads((runs / "healthcare" / run_id / "summary.json").read_text())
@@ -49,7 +52,7 @@ def main() -> None:
     test = summary["test"]
     rows = [
         ["MedMNIST v2 ResNet-18 (28), published", PUBLISHED["auc"], PUBLISHED["acc"], "-", "-", "-"],
-        [f"pipelines.run healthcare ({args.network}, {args.epochs} ep)", test["test/auroc"], test["test/accuracy"], rate, peak_rss_mib(), wall / 60],
+        [f"pipelines.run healthcare ({args.network}, {args.epochs} ep{'' if args.augment == 'config' else f', augment {args.augment}'}, seed {args.seed})", test["test/auroc"], test["test/accuracy"], rate, peak_rss_mib(), wall / 60],
     ]
     table = print_table(["model", "test AUC", "test ACC", "train samples/s (median epoch)", "peak RSS MiB", "wall min"], rows)
     write_results("healthcare_breastmnist", {"args": vars(args), "summary": summary, "epochs": epochs, "wall_s": wall, "peak_rss_mib": peak_rss_mib(), "table": table})
