@@ -178,15 +178,20 @@ class ObservationsAdapter(RequestAdapter):
         for positions, last, step in zip(out, outputs["last_time"], outputs["time_step"]):
             forecast = []
             for k, point in enumerate(json_ready(positions), 1):
-                timing: dict[str, float] = {} if math.isnan(step) else {AHEAD: float(k * step)}
+                timing: dict[str, float] = {} if math.isnan(step) else {AHEAD: _decimal(k * step)}
                 if not math.isnan(last):
-                    timing[TIME] = float(last + k * step)
+                    timing[TIME] = _decimal(last + k * step)
                 forecast.append({"step": k, **timing, **dict(zip(self.position_names, point))})
             answers.append({"forecast": forecast})
         return answers
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         return self.answers(outputs)[0]
+
+
+def _decimal(value: float) -> float:
+    """``value`` to 12 significant digits: 3 x 0.1 is answered as 0.3, not 0.30000000000000004."""
+    return float(f"{value:.12g}")
 
 
 class SequencesAdapter(ObservationsAdapter):
