@@ -176,7 +176,7 @@ def test_gan_trains_checkpoints_both_optimisers_and_resumes(tmp_path):
     steps = [int(next(iter(opt["state"].values()))["step"]) for opt in state["optimizer_states"]]
     assert steps == [2, 2]
     assert any(k.startswith("extractor.") for k in state["state_dict"]) and bool(state["state_dict"]["extractor_ready"])
-    assert "val/fid_cnn" in trainer.callback_metrics and "val/kid_cnn" in trainer.callback_metrics
+    assert {"val/fid_cnn", "val/kid_cnn", "val/class_acc_cnn"} <= set(trainer.callback_metrics)
 
     resumed = GAN(**TINY_GAN, **linked(dm))
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path, **QUIET)
@@ -190,6 +190,36 @@ def test_gan_trains_checkpoints_both_optimisers_and_resumes(tmp_path):
     before = torch.load(first, map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], v) for k, v in state["state_dict"].items() if k.startswith("extractor."))
     assert (tmp_path / "plots" / "samples" / "epoch_001.png").is_file()
+
+
+def halves_npz(path: Path) -> Path:
+    """Two classes a conditional generator must keep apart: the bright half of a 16x16 image is the top (0) or the bottom (1)."""
+
+    def images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        pixels, labels = rng.integers(0, 60, (count, 16, 16), dtype=np.uint8), np.arange(count) % 2
+        for image, label in zip(pixels, labels):
+            image[:8] += np.uint8(180 * (label == 0))
+            image[8:] += np.uint8(180 * (label == 1))
+        return pixels, labels
+
+    (x_train, y_train), (x_test, y_test) = images(256, 0), images(64, 1)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def test_conditional_gan_draws_the_requested_class(tmp_path):
+    """Labels reach the GAN from the data module and are obeyed: the extractor, a classifier of the real
+    classes, recognises the class of samples generated for the validation labels (chance: 0.5)."""
+    pl.seed_everything(0, verbose=False)
+    dm = MediaDataModule(npz_path=str(halves_npz(tmp_path / "halves.npz")), image_size=16, batch_size=32)
+    model = GAN(**{**TINY_GAN, "fid_samples": 32, "extractor_steps": 10}, **linked(dm))
+    trainer = pl.Trainer(max_epochs=8, default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.callback_metrics["val/class_acc_cnn"] >= 0.9
+    model.eval()
+    top, bottom = model.generate(list(range(16)), torch.zeros(16, dtype=torch.long)), model.generate(list(range(16)), torch.ones(16, dtype=torch.long))
+    assert (top[:, :, :8].mean() - top[:, :, 8:].mean()) > 0.5 and (bottom[:, :, 8:].mean() - bottom[:, :, :8].mean()) > 0.5
 
 
 def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
@@ -268,8 +298,14 @@ def test_saved_feature_extractor_is_reused_and_checked(tmp_path):
     reused = GAN(**TINY_GAN, **linked(dm), feature_extractor_weights=str(path))
     assert bool(reused.extractor_ready)
     assert all(torch.equal(a, b) for a, b in zip(reused.extractor.state_dict().values(), model.extractor.state_dict().values()))
+    assert details["pooling"] == "max" and load_extractor(path, channels=3).pooling == "max"
     with pytest.raises(ValueError, match="made for 3-channel images, the data has 1"):
         load_extractor(path, channels=1)
+    from safetensors.torch import load_file, save_file
+
+    older = tmp_path / "older.safetensors"  # saved before the pooling choice existed: average pooling
+    save_file(load_file(str(path)), str(older), metadata={"channels": "3", "num_outputs": "3", "width": "8"})
+    assert load_extractor(older, channels=3).pooling == "avg"
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a feature extractor saved by the media domain"):
         load_extractor(tmp_path / "junk.safetensors", channels=3)

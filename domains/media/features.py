@@ -95,9 +95,12 @@ def save_extractor(net: FeatureCNN, folder: Path, details: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "feature_extractor.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={"channels": str(net.body[0].in_channels), "num_outputs": str(net.classifier.out_features), "width": str(net.body[0].out_channels)})
+    save_file(state, str(path), metadata={
+        "channels": str(net.body[0].in_channels), "num_outputs": str(net.classifier.out_features), "width": str(net.body[0].out_channels),
+        "pooling": net.pooling,
+    })  # fmt: skip
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    (folder / "feature_extractor.json").write_text(json.dumps({"name": OFFLINE_EXTRACTOR, "sha256": digest, **details}, indent=2) + "\n")
+    (folder / "feature_extractor.json").write_text(json.dumps({"name": OFFLINE_EXTRACTOR, "sha256": digest, "pooling": net.pooling, **details}, indent=2) + "\n")
     return path
 
 
@@ -112,7 +115,7 @@ def load_extractor(path: str | Path, channels: int) -> FeatureCNN:
     try:
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-        net = FeatureCNN(int(meta["channels"]), int(meta["num_outputs"]), int(meta["width"]))
+        net = FeatureCNN(int(meta["channels"]), int(meta["num_outputs"]), int(meta["width"]), meta.get("pooling", "avg"))  # files from before "pooling": avg
         net.load_state_dict(load_file(str(path)))
     except Exception as error:
         raise ValueError(f"feature_extractor_weights {path}: not a feature extractor saved by the media domain ({error})") from None

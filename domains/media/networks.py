@@ -2,7 +2,8 @@
 
 - :class:`Generator` / :class:`Discriminator`: a DCGAN pair. The discriminator uses spectral
   normalisation on every layer (Miyato et al. 2018) and, for class-conditional data, a projection
-  head; the generator takes the class as a learned embedding concatenated to the noise.
+  head and an auxiliary classifier; the generator takes the class as a learned embedding
+  concatenated to the noise and through class-conditional batch norm in every stage.
 - :func:`build_diffusion_unet`: MONAI's ``DiffusionModelUNet`` (class-conditional through its
   ``num_class_embeds``).
 - :class:`FeatureCNN`: the small classifier whose penultimate layer is the offline FID/KID feature
@@ -20,6 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -42,9 +44,32 @@ def gan_upsamplings(image_size: int) -> int:
     return stages
 
 
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose gain and bias are looked up per class (de Vries et al. 2017; SNGAN/BigGAN generators).
+
+    Gains start at 1 and biases at 0, so it starts as plain batch norm; every class then learns its
+    own modulation of every feature map, which puts the label into each stage of the generator
+    instead of only its input.
+    """
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gain(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
+
+
 class Generator(nn.Module):
     """DCGAN generator: noise (+ class embedding) -> ``base x base`` features -> x2 (nearest upsampling +
     3x3 convolution, no checkerboard artefacts) stages -> tanh.
+
+    Class-conditional generators take the class twice: as a learned embedding concatenated to the
+    noise and through :class:`ConditionalBatchNorm2d` in every upsampling stage.
 
     Args:
         latent_dim: noise dimensions.
@@ -63,19 +88,24 @@ class Generator(nn.Module):
         top = width * 2 ** (stages - 1)
         self.project = nn.Sequential(nn.Linear(latent_dim + embed_dim, top * self.base**2), nn.BatchNorm1d(top * self.base**2), nn.ReLU(True))
         self.top = top
-        layers: list[nn.Module] = []
+        self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
         for stage in range(stages - 1):  # nearest x2 + 3x3 convolution: no checkerboard (Odena et al. 2016)
             c_in, c_out = top // 2**stage, top // 2 ** (stage + 1)
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        layers += [nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh()]
-        self.body = nn.Sequential(*layers)
+            self.convs.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)))
+            self.norms.append(ConditionalBatchNorm2d(c_out, num_classes) if num_classes else nn.BatchNorm2d(c_out))
+        self.out = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             if labels is None:
                 raise ValueError("this generator is class-conditional: pass labels")
             z = torch.cat([z, self.embed(labels)], 1)
-        return self.body(self.project(z).view(len(z), self.top, self.base, self.base))
+        # unflatten, not view(len(z), ...): the batch size stays dynamic when the generator is traced for export
+        x = self.project(z).unflatten(1, (self.top, self.base, self.base))
+        for conv, norm in zip(self.convs, self.norms):
+            x = conv(x)
+            x = torch.relu(norm(x, labels) if self.embed is not None else norm(x))
+        return self.out(x)
 
 
 def minibatch_stddev(x: torch.Tensor, group: int = 4) -> torch.Tensor:
@@ -95,17 +125,26 @@ def minibatch_stddev(x: torch.Tensor, group: int = 4) -> torch.Tensor:
 
 class Discriminator(nn.Module):
     """DCGAN discriminator with spectral norm on every layer, a minibatch standard-deviation channel
-    before the last convolution, and a projection head for classes.
+    before the last convolution, a projection head for classes and, optionally, an auxiliary
+    classifier head.
+
+    The projection term (Miyato & Koyama 2018) only rewards class-specific features once the
+    discriminator has them; the auxiliary classifier (AC-GAN, Odena et al. 2017) is trained on real
+    images with their labels, so the discriminator learns those features from the start and the
+    generator is told directly when its image is not of the requested class.
 
     Args:
         image_size: input side (see :func:`gan_upsamplings`).
         channels: input channels.
         width: channels of the first layer (doubled per stage).
         num_classes: classes for the projection term (0: unconditional).
+        classifier: add the auxiliary classifier head (needs ``num_classes``).
     """
 
-    def __init__(self, image_size: int, channels: int, width: int = 64, num_classes: int = 0) -> None:
+    def __init__(self, image_size: int, channels: int, width: int = 64, num_classes: int = 0, classifier: bool = False) -> None:
         super().__init__()
+        if classifier and not num_classes:
+            raise ValueError("the auxiliary classifier head needs num_classes > 0")
         stages = gan_upsamplings(image_size)
         layers: list[nn.Module] = [spectral_norm(nn.Conv2d(channels, width, 3, 1, 1)), nn.LeakyReLU(0.1, True)]
         c = width
@@ -116,15 +155,17 @@ class Discriminator(nn.Module):
         self.last = nn.Sequential(spectral_norm(nn.Conv2d(c + 1, c, 3, 1, 1)), nn.LeakyReLU(0.1, True))
         self.head = spectral_norm(nn.Linear(c, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, c)) if num_classes else None
+        self.classifier = spectral_norm(nn.Linear(c, num_classes)) if classifier else None
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(realness score (N,), class logits (N, num_classes) or None without the classifier head)``."""
         features = self.last(minibatch_stddev(self.body(x))).sum((2, 3))  # global sum pooling (SNGAN)
         out = self.head(features)[:, 0]
         if self.embed is not None:
             if labels is None:
                 raise ValueError("this discriminator is class-conditional: pass labels")
             out = out + (self.embed(labels) * features).sum(1)
-        return out
+        return out, self.classifier(features) if self.classifier is not None else None
 
 
 def build_diffusion_unet(
@@ -168,15 +209,23 @@ class FeatureCNN(nn.Module):
     """A small classifier; :meth:`features` (global-pooled penultimate layer) is the FID/KID feature space.
 
     ``forward`` returns the features (what torchmetrics calls); :meth:`logits` is used for training.
+    Global *max* pooling is the default: it keeps "is there a corner/curve anywhere" features that
+    averaging over a textured background washes out (on the shapes set the same network reaches
+    99 % validation accuracy with max pooling and 60 % with average pooling, 200-400 batches).
 
     Args:
         channels: input channels.
         num_outputs: classes of the training task (data classes, or 4 rotations when unlabelled).
         width: channels of the first block (x2, x4 in the next ones); ``num_features = 4 * width``.
+        pooling: global pooling of the last block, ``max`` or ``avg`` (extractors saved before
+            ``max`` existed used ``avg``).
     """
 
-    def __init__(self, channels: int, num_outputs: int, width: int = 32) -> None:
+    def __init__(self, channels: int, num_outputs: int, width: int = 32, pooling: Literal["max", "avg"] = "max") -> None:
         super().__init__()
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        self.pooling = pooling
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
@@ -184,7 +233,7 @@ class FeatureCNN(nn.Module):
         self.body = nn.Sequential(
             *block(channels, width), nn.AvgPool2d(2),
             *block(width, 2 * width), nn.AvgPool2d(2),
-            *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(2 * width, 4 * width), nn.AdaptiveMaxPool2d(1) if pooling == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )  # fmt: skip
         self.classifier = nn.Linear(4 * width, num_outputs)
         self.num_features = 4 * width
@@ -244,13 +293,7 @@ class InferenceGenerator(nn.Module):
         self.conditional = generator.embed is not None
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        g, z = self.generator, noise.float()
-        if g.embed is not None:
-            if labels is None:
-                raise ValueError("this generator is class-conditional: pass labels")
-            z = torch.cat([z, g.embed(labels.long())], 1)
-        # Generator.forward with unflatten instead of view(len(z), ...): the batch size stays dynamic when traced
-        images = g.body(g.project(z).unflatten(1, (g.top, g.base, g.base)))
+        images = self.generator(noise.float(), labels.long() if labels is not None else None)
         return ((images + 1) / 2).clamp(0, 1)
 
 
