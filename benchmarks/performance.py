@@ -11,8 +11,11 @@ For each domain's default model and data (its ``config.yaml``), in one process:
 - the data loader alone (samples/s out of ``train_dataloader()`` with the configured transforms and
   workers) against the model's compute alone (steps on batches already in memory); the loader
   should be >= 3x faster than the model consumes;
-- start-up: ``--help`` wall time and time to the first training step (new processes), and which
-  heavy packages a domain's classes import;
+- the runner's cost per training step in milliseconds (pipeline minus plain step time), beside the
+  plain step time: a fixed per-step cost shows as a ratio below 1 only for steps of a few ms;
+- start-up: ``--help`` wall time (from the help cache, and uncached beside ``import lightning.pytorch``
+  alone, the floor of any uncached call) and time to the first training step (new processes), and
+  which heavy packages a domain's classes import;
 - peak resident memory and wall time of a default run (``python -m pipelines.run DOMAIN``).
 
 On a GPU the same command also reports GPU samples/s, the share of time waiting for data and peak
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -145,12 +147,17 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _wall(command: list[str], env: dict[str, str] | None = None) -> float:
+    t = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, env=env or child_env(), capture_output=True, check=True)
+    return time.perf_counter() - t
+
+
 def startup(domain: str, runs_dir: Path, repeats: int) -> dict[str, Any]:
-    helps = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipelines.run", domain, "--help"], cwd=ROOT, env=child_env(), capture_output=True, check=True)
-        helps.append(time.perf_counter() - t)
+    help_command = [sys.executable, "-m", "pipelines.run", domain, "--help"]
+    uncached = statistics.median(_wall(help_command, {**child_env(), "PIPELINES_NO_HELP_CACHE": "1"}) for _ in range(repeats))
+    helps = [_wall(help_command) for _ in range(repeats)]  # the first fills the cache if the code changed
+    import_floor = statistics.median(_wall([sys.executable, "-c", "import lightning.pytorch"]) for _ in range(repeats))
     marker = runs_dir / f"first-step-{domain}.txt"
     launched = time.time()
     subprocess.run(
@@ -165,13 +172,26 @@ def startup(domain: str, runs_dir: Path, repeats: int) -> dict[str, Any]:
         "print(sorted(m for m in ('monai', 'transformers', 'albumentations') if m in sys.modules))" % spec.name
     )
     heavy = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True).stdout.strip()
-    return {"help_s": statistics.median(helps), "first_step_s": float(marker.read_text()) - launched, "imports": heavy}
+    return {
+        "help_s": statistics.median(helps), "help_uncached_s": uncached, "import_lightning_s": import_floor,
+        "first_step_s": float(marker.read_text()) - launched, "imports": heavy,
+    }  # fmt: skip
+
+
+#: Runs a command and prints its peak RSS in KiB. Linux keeps the pre-exec peak of a forked process
+#: in ``ru_maxrss``, so a run forked straight from this (large) benchmark process would report at
+#: least this process's size; this small intermediary is what gets forked instead.
+_PEAK_RSS_OF = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
 
 
 def default_run(domain: str, runs_dir: Path) -> dict[str, float]:
+    """Wall time and peak resident memory of ``python -m pipelines.run DOMAIN`` (fit + test)."""
+    command = [sys.executable, "-m", "pipelines.run", domain, "--runs_dir", str(runs_dir), "--trainer.enable_progress_bar=false"]
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipelines.run", domain, "--runs_dir", str(runs_dir)], cwd=ROOT, env=child_env(), capture_output=True, check=True)
-    return {"default_run_s": time.perf_counter() - t, "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF, *command], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"python -m pipelines.run {domain} exited with {done.returncode}: {done.stderr[-2000:]}")
+    return {"default_run_s": time.perf_counter() - t, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
 def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> dict[str, Any]:
@@ -206,9 +226,12 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> d
             piped += pipeline_rates(domain, epochs, runs_dir)[1:]
         result.update(pipeline_samples_per_s=statistics.median(piped), repeats=repeats)
         if plain:
+            batch = float(datamodule.hparams.batch_size)
             result.update(
                 plain_samples_per_s=statistics.median(plain),
                 pipeline_over_plain=statistics.median(piped) / statistics.median(plain),
+                overhead_ms_per_step=1000 * batch * (1 / statistics.median(piped) - 1 / statistics.median(plain)),
+                plain_ms_per_step=1000 * batch / statistics.median(plain),
                 data_wait_share=statistics.median(waits),
             )
         if device.type == "cuda":
@@ -235,15 +258,18 @@ def main() -> None:
     rows = [
         [
             r["domain"], r["device"], cell(r, "pipeline_samples_per_s"), cell(r, "plain_samples_per_s"), cell(r, "pipeline_over_plain", "{:.3f}"),
+            cell(r, "plain_ms_per_step", "{:.2f}"), cell(r, "overhead_ms_per_step", "{:.2f}"),
             cell(r, "loader_samples_per_s", "{:.0f}"), cell(r, "compute_samples_per_s"), cell(r, "loader_over_compute", "{:.1f}"),
-            cell(r, "data_wait_share", "{:.1%}"), cell(r, "help_s", "{:.2f}"), cell(r, "first_step_s", "{:.1f}"), r["imports"],
+            cell(r, "data_wait_share", "{:.1%}"), cell(r, "help_s", "{:.2f}"), cell(r, "help_uncached_s", "{:.1f}"),
+            cell(r, "import_lightning_s", "{:.1f}"), cell(r, "first_step_s", "{:.1f}"), r["imports"],
             cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "default_run_s", "{:.0f}"),
         ]
         for r in results
     ]
     headers = [
-        "domain", "device", "pipeline samples/s", "plain samples/s", "ratio", "loader samples/s", "compute samples/s",
-        "loader/compute", "data wait", "--help s", "first step s", "heavy imports", "peak RSS MiB", "default run s",
+        "domain", "device", "pipeline samples/s", "plain samples/s", "ratio", "plain ms/step", "overhead ms/step",
+        "loader samples/s", "compute samples/s", "loader/compute", "data wait", "--help s", "--help uncached s",
+        "import lightning s", "first step s", "heavy imports", "peak RSS MiB", "default run s",
     ]  # fmt: skip
     table = print_table(headers, rows)
     write_results("performance", {"args": vars(args), "results": results, "table": table, "date": time.strftime("%Y-%m-%d")})
