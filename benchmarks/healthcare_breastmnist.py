@@ -1,6 +1,7 @@
 """BreastMNIST (MedMNIST v2, 28 px, official splits) through `pipelines.run healthcare`.
 
     python -m benchmarks.healthcare_breastmnist [--epochs 45] [--network resnet18] [--batch-size 128] [--augment config|flips|none] [--seed 42]
+        [--stem small|standard] [--lr-schedule cosine|step|constant]
 
 Trains with the project's runner (model picked on validation AUROC, as MedMNIST does), tests the
 best checkpoint and prints test AUC and ACC beside MedMNIST v2's ResNet-18 (28) row (AUC 0.901,
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--balance", default="class_weights", choices=["class_weights", "sampler", "none"])
     parser.add_argument("--augment", default="config", choices=["config", "flips", "none"], help="the domain config's albumentations, flips only, or none")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--stem", default="small", choices=["small", "standard"], help="ResNet stem: 3x3 stride 1 (small images) or 7x7 stride 2 + max-pool")
+    parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "step", "constant"])
     args = parser.parse_args()
     npz = require(SHARED_DATA / "healthcare" / "breastmnist.npz")
     runs = RESULTS / "runs"
@@ -41,6 +44,7 @@ def main() -> None:
     run([
         "healthcare", f"--seed_everything={args.seed}", "--data.npz_path", str(npz), f"--data.batch_size={args.batch_size}",
         f"--data.balance={args.balance}", f"--model.network={args.network}", f"--model.lr={args.lr}",
+        f"--model.small_input_stem={args.stem == 'small'}", f"--model.lr_schedule={args.lr_schedule}",
         f"--trainer.max_epochs={args.epochs}", "--runs_dir", str(runs), "--run_id", run_id,
         "--trainer.enable_progress_bar=false",
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}", *augment,
@@ -52,7 +56,7 @@ def main() -> None:
     test = summary["test"]
     rows = [
         ["MedMNIST v2 ResNet-18 (28), published", PUBLISHED["auc"], PUBLISHED["acc"], "-", "-", "-"],
-        [f"pipelines.run healthcare ({args.network}, {args.epochs} ep{'' if args.augment == 'config' else f', augment {args.augment}'}, seed {args.seed})", test["test/auroc"], test["test/accuracy"], rate, peak_rss_mib(), wall / 60],
+        [f"pipelines.run healthcare ({args.network}, {args.stem} stem, {args.epochs} ep, {args.lr_schedule} lr, augment {args.augment}, seed {args.seed})", test["test/auroc"], test["test/accuracy"], rate, peak_rss_mib(), wall / 60],
     ]
     table = print_table(["model", "test AUC", "test ACC", "train samples/s (median epoch)", "peak RSS MiB", "wall min"], rows)
     write_results("healthcare_breastmnist", {"args": vars(args), "summary": summary, "epochs": epochs, "wall_s": wall, "peak_rss_mib": peak_rss_mib(), "table": table})
