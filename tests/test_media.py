@@ -222,6 +222,19 @@ def test_conditional_gan_draws_the_requested_class(tmp_path):
     assert (top[:, :, :8].mean() - top[:, :, 8:].mean()) > 0.5 and (bottom[:, :, 8:].mean() - bottom[:, :, :8].mean()) > 0.5
 
 
+def test_conditional_diffusion_with_velocity_prediction_draws_the_requested_class(tmp_path):
+    """The same check for the diffusion model (v-prediction, cosine schedule, min-SNR weighting), 64 batches."""
+    pl.seed_everything(0, verbose=False)
+    dm = MediaDataModule(npz_path=str(halves_npz(tmp_path / "halves.npz")), image_size=16, batch_size=32)
+    settings = {**TINY_DIFFUSION, "attention_levels": [False, False], "num_train_timesteps": 100, "eval_steps": 10, "fid_samples": 32,
+                "extractor_steps": 10, "lr": 2e-3, "ema_decay": 0.9, "prediction_type": "v_prediction"}  # fmt: skip
+    model = Diffusion(**settings, **linked(dm))
+    assert (model.ddpm.prediction_type, model.hparams.schedule, model.hparams.snr_gamma) == ("v_prediction", "cosine", 5.0)
+    trainer = pl.Trainer(max_epochs=8, default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.callback_metrics["val/class_acc_cnn"] >= 0.8
+
+
 def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
     dm = shapes_module()
     model = Diffusion(**TINY_DIFFUSION, **linked(dm))
@@ -356,7 +369,9 @@ def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path):
         want = model.sample(noise, labels, steps=4).clamp(-1, 1).numpy()
     got = ddim_sample(lambda inputs: bundle.run(**inputs)["noise"], noise.numpy(), schedule, labels.numpy())
     assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    # the cosine schedule's first step divides by sqrt(alphas_cumprod[-1]) ~ 1e-4 (epsilon prediction), which
+    # magnifies float32 differences between onnxruntime and torch to ~2e-4 (1/40 of an 8-bit grey level)
+    np.testing.assert_allclose(got, want, atol=5e-4)
     # seeded generation of a diffusion bundle is its own form (a DDIM loop on the server), not the GAN's
     assert not SeedGenerationAdapter.serves(bundle.metadata) and DiffusionGenerationAdapter.serves(bundle.metadata)
 

@@ -484,8 +484,9 @@ class GAN(GenerativeTask):
 class Diffusion(GenerativeTask):
     """Denoising diffusion with MONAI's ``DiffusionModelUNet``, DDPM training and DDIM/DDPM sampling.
 
-    Training: noise-prediction MSE at uniform random timesteps (``DiffusionInferer``). An EMA copy of
-    the UNet (``ema_decay``) is what samples. ``val/loss`` is the same MSE on the validation split
+    Training: MSE of the noise (or velocity) prediction at uniform random timesteps
+    (``DiffusionInferer``), optionally min-SNR weighted. An EMA copy of the UNet (``ema_decay``) is
+    what samples. ``val/loss`` is the same loss on the validation split
     with fixed noise and timesteps (EMA weights). Class-conditional (class embeddings) when the data
     has labels and ``conditional`` is set.
 
@@ -497,6 +498,16 @@ class Diffusion(GenerativeTask):
         num_head_channels: channels per attention head.
         num_train_timesteps: diffusion steps of the noise schedule.
         schedule: MONAI beta schedule (``linear_beta``, ``scaled_linear_beta``, ``sigmoid_beta``, ``cosine``).
+            Defaults (``cosine``, ``epsilon``, ``snr_gamma`` 5), measured on MNIST after 500 batches
+            of 64 with DDIM-50 (FID with the digit extractor, 250 images): linear/epsilon/unweighted
+            474 (noise), cosine 227, cosine + min-SNR 63; ``v_prediction`` + cosine 10 (better, but
+            the numpy serving loop cannot run it yet).
+        prediction_type: what the UNet predicts: ``epsilon`` (the noise) or ``v_prediction`` (the
+            velocity ``sqrt(a) * noise - sqrt(1 - a) * image``, Salimans & Ho 2022). The numpy DDIM loop of
+            ``domains.media.serving`` handles ``epsilon`` only.
+        snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss is weighted
+            so that its image-space weight is ``min(SNR, gamma)`` instead of SNR, which stops the
+            nearly noise-free timesteps from dominating training; ``null``: unweighted (plain DDPM).
         sampler: ``ddim`` (deterministic, few steps) or ``ddpm`` (all ``num_train_timesteps`` steps).
         sampling_steps: DDIM steps for ``predict``.
         eval_steps: DDIM steps for the per-epoch grid and FID/KID (cheaper than ``sampling_steps``).
@@ -529,7 +540,9 @@ class Diffusion(GenerativeTask):
         norm_num_groups: int = 16,
         num_head_channels: int = 32,
         num_train_timesteps: int = 1000,
-        schedule: str = "linear_beta",
+        schedule: str = "cosine",
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+        snr_gamma: float | None = 5.0,
         sampler: Literal["ddim", "ddpm"] = "ddim",
         sampling_steps: int = 50,
         eval_steps: int = 20,
@@ -554,6 +567,8 @@ class Diffusion(GenerativeTask):
     ) -> None:
         if not 1 <= sampling_steps <= num_train_timesteps or not 1 <= eval_steps <= num_train_timesteps:
             raise ValueError(f"sampling_steps ({sampling_steps}) and eval_steps ({eval_steps}) must be in [1, num_train_timesteps={num_train_timesteps}]")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 (or null for no weighting), got {snr_gamma}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         super().__init__()
@@ -568,8 +583,9 @@ class Diffusion(GenerativeTask):
         )
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.eval()
-        self.ddpm = DDPMScheduler(num_train_timesteps=hp.num_train_timesteps, schedule=hp.schedule)
-        self.ddim = DDIMScheduler(num_train_timesteps=hp.num_train_timesteps, schedule=hp.schedule)
+        kwargs = {"num_train_timesteps": hp.num_train_timesteps, "schedule": hp.schedule, "prediction_type": hp.prediction_type}
+        self.ddpm = DDPMScheduler(**kwargs)
+        self.ddim = DDIMScheduler(**kwargs)
         self.inferer = DiffusionInferer(self.ddpm)
 
     def noise_shape(self) -> tuple[int, ...]:
@@ -596,7 +612,8 @@ class Diffusion(GenerativeTask):
         return self.inferer.sample(noise, self._net(network, labels), scheduler=scheduler, verbose=False)
 
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
-        """One step of the EMA denoiser: ``noisy (N, C, H, W), timestep (N,) float32 [, labels (N,) int64] -> noise``.
+        """One step of the EMA denoiser: ``noisy (N, C, H, W), timestep (N,) float32 [, labels (N,) int64] -> noise``
+        (the velocity for ``prediction_type: v_prediction``; the output keeps the name ``noise``).
 
         The sampling loop is left to the client: ``domain_metadata.scheduler`` holds the DDPM
         ``alphas_cumprod`` (one per training timestep) and the DDIM timesteps for ``sampling_steps``,
@@ -612,7 +629,8 @@ class Diffusion(GenerativeTask):
         if self.condition_classes:
             inputs, names = (*inputs, torch.arange(count) % self.condition_classes), [*names, "labels"]
         scheduler = ddim_schedule(self.ddim, int(hp.sampling_steps))
-        metadata = {**self.export_metadata(), "value_range": [0.0, 1.0], "output_layout": "NCHW", "model_output": "noise (epsilon)",
+        output = "noise (epsilon)" if hp.prediction_type == "epsilon" else "velocity (v)"
+        metadata = {**self.export_metadata(), "value_range": [0.0, 1.0], "output_layout": "NCHW", "model_output": output,
                     "model_value_range": [-1.0, 1.0], "scheduler": scheduler}  # fmt: skip
         axes = {name: {0: "batch"} for name in (*names, "noise")}
         return ExportSpec(module, inputs, names, ["noise"], axes, metadata)
@@ -622,7 +640,15 @@ class Diffusion(GenerativeTask):
         steps = self.hparams.num_train_timesteps
         timesteps = (torch.randint(0, steps, (len(images),), generator=generator) if generator else torch.randint(0, steps, (len(images),))).to(self.device)
         prediction = self.inferer(inputs=images, diffusion_model=self._net(network, labels), noise=noise, timesteps=timesteps)
-        return F.mse_loss(prediction.float(), noise.float())
+        target = noise if self.hparams.prediction_type == "epsilon" else self.ddpm.get_velocity(images, noise, timesteps)
+        per_image = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, images.ndim)))
+        gamma = self.hparams.snr_gamma
+        if gamma is not None:
+            alpha = self.ddpm.alphas_cumprod.to(self.device)[timesteps].float()
+            snr = alpha / (1 - alpha)
+            # epsilon loss = SNR x image loss, velocity loss = (SNR + 1) x image loss
+            per_image = per_image * snr.clamp(max=gamma) / (snr if self.hparams.prediction_type == "epsilon" else snr + 1)
+        return per_image.mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
