@@ -340,7 +340,8 @@ class GAN(GenerativeTask):
             2) and never pushed the generator towards class-specific shapes.
         beta1: Adam beta1 (0.0 or 0.5 are usual for GANs).
         beta2: Adam beta2.
-        conditional: condition on class labels when the data has them (projection discriminator).
+        conditional: condition on class labels when the data has them (generator: label embedding and
+            conditional batch norm; discriminator: projection and auxiliary classifier).
         class_loss_weight: weight of the auxiliary classification terms of conditional models: the
             discriminator's cross-entropy on real images with their labels, and the generator's on
             its images with the requested labels (0: projection only, which on the shapes set left
