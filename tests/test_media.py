@@ -345,7 +345,8 @@ def save_checkpoint(model: pl.LightningModule, path: Path) -> Path:
     return path
 
 
-def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path, prediction_type):
     from domains.media.serving import DiffusionGenerationAdapter, SeedGenerationAdapter, ddim_sample
 
     from pipelines.bundle_runtime import Bundle
@@ -353,7 +354,7 @@ def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path):
     from pipelines.registry import get_domain
 
     torch.manual_seed(0)
-    model = Diffusion(**TINY_DIFFUSION, **GEOMETRY).eval()
+    model = Diffusion(**{**TINY_DIFFUSION, "prediction_type": prediction_type}, **GEOMETRY).eval()
     with torch.no_grad():  # untrained, MONAI's output convolution is zero: give the EMA UNet non-trivial weights
         for p in model.ema_unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -361,6 +362,7 @@ def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path):
     meta = bundle.metadata["domain_metadata"]
     assert bundle.metadata["parity"]["max_abs_diff"] <= 1e-4 and [s["name"] for s in bundle.metadata["inputs"]] == ["noisy", "timestep", "labels"]
     schedule = meta["scheduler"]
+    assert schedule["prediction_type"] == prediction_type
     assert schedule["timesteps"] == [39, 26, 13, 0] and len(schedule["alphas_cumprod"]) == 40 and meta["class_names"] == CLASSES
 
     noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -82,16 +82,18 @@ def ddim_schedule_for(schedule: dict[str, Any], steps: int) -> dict[str, Any]:
 def ddim_sample(
     step: Callable[[dict[str, np.ndarray]], np.ndarray], noise: np.ndarray, schedule: dict[str, Any], labels: np.ndarray | None = None
 ) -> np.ndarray:
-    """MONAI's DDIM loop (eta 0, epsilon prediction) in numpy: images ``(N, C, H, W)`` in [-1, 1].
+    """MONAI's DDIM loop (eta 0; epsilon or v prediction, from ``schedule``) in numpy: images ``(N, C, H, W)`` in [-1, 1].
 
     Args:
-        step: calls the bundle's denoiser on ``{"noisy", "timestep"[, "labels"]}`` and returns the predicted noise.
+        step: calls the bundle's denoiser on ``{"noisy", "timestep"[, "labels"]}`` and returns its
+            output (the predicted noise, or the velocity for ``prediction_type: v_prediction``).
         noise: the starting noise, ``(N, C, H, W)`` float32.
         schedule: a diffusion bundle's ``domain_metadata.scheduler``.
         labels: ``(N,)`` class indices for a conditional model.
     """
-    if schedule.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"ddim_sample handles epsilon prediction only, not {schedule['prediction_type']!r}")
+    prediction = schedule.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"ddim_sample handles epsilon and v_prediction, not {prediction!r}")
     alphas = np.asarray(schedule["alphas_cumprod"], dtype=np.float64)
     final, stride = float(schedule["final_alpha_cumprod"]), int(schedule["step_stride"])
     low, high = schedule["clip_sample_values"]
@@ -100,10 +102,14 @@ def ddim_sample(
         inputs = {"noisy": sample, "timestep": np.full(len(sample), t, dtype=np.float32)}
         if labels is not None:
             inputs["labels"] = labels.astype(np.int64)
-        eps = np.asarray(step(inputs), dtype=np.float32)
+        output = np.asarray(step(inputs), dtype=np.float32)
         alpha_t = np.float32(alphas[t])
         alpha_prev = np.float32(alphas[t - stride] if t - stride >= 0 else final)
-        original = (sample - np.sqrt(1 - alpha_t) * eps) / np.sqrt(alpha_t)
+        if prediction == "epsilon":
+            eps, original = output, (sample - np.sqrt(1 - alpha_t) * output) / np.sqrt(alpha_t)
+        else:  # v = sqrt(a) * noise - sqrt(1 - a) * x0
+            eps = np.sqrt(alpha_t) * output + np.sqrt(1 - alpha_t) * sample
+            original = np.sqrt(alpha_t) * sample - np.sqrt(1 - alpha_t) * output
         if schedule.get("clip_sample", True):
             original = np.clip(original, low, high)
         sample = (np.sqrt(alpha_prev) * original + np.sqrt(1 - alpha_prev) * eps).astype(np.float32)
