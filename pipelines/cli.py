@@ -104,6 +104,8 @@ class PipelineCLI(LightningCLI):
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
             parser.error(str(error))
+        if cfg.get("ckpt_path") == "last" and self.run.ckpt_path is None and rank_zero_only.rank == 0:
+            print(f"[pipelines] no last.ckpt under {self.run.path.parent} yet: starting a fresh run", file=sys.stderr)
         cfg.ckpt_path = self.run.ckpt_path
         cfg.run_id = self.run.run_id
         # DDP workers are launched as copies of this command: they must land in the same run folder.

@@ -111,8 +111,7 @@ def resolve_run(
         if candidate is not None and candidate.is_file():
             resolved, run_id = str(candidate), folder.name
         elif ckpt_path == "last":
-            print(f"[pipelines] no {name} under {domain_dir} yet: starting a fresh run", file=sys.stderr)
-            resolved = None
+            resolved = None  # the caller says what that means (fit: a fresh run)
         else:
             raise ValueError(f"--ckpt_path best: no {name} found under {folder or domain_dir}")
     elif ckpt_path:
