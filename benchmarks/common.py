@@ -24,7 +24,9 @@ def batch_size_of(batch: Any) -> int:
 
 class TrainingThroughput(pl.Callback):
     """Record training samples/s per epoch into a JSON file: from the epoch start to its last
-    training batch (data loading included, validation excluded).
+    training batch (data loading included, validation excluded), and the share of that time spent
+    between steps (fetching the next batch, copying it to the device, hooks), in which no training
+    step was being launched.
 
     Pass it to any run: ``--trainer.callbacks+=benchmarks.common.TrainingThroughput
     --trainer.callbacks.output=throughput.json``.
@@ -36,7 +38,10 @@ class TrainingThroughput(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = self._last = time.perf_counter()
-        self._samples = 0
+        self._samples, self._between = 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._between += time.perf_counter() - self._last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += batch_size_of(batch)
@@ -44,7 +49,9 @@ class TrainingThroughput(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = self._last - self._start
-        self.epochs.append({"seconds": seconds, "samples": self._samples, "samples_per_s": self._samples / seconds})
+        self.epochs.append(
+            {"seconds": seconds, "samples": self._samples, "samples_per_s": self._samples / seconds, "between_steps_share": self._between / seconds}
+        )
         if trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             self.output.write_text(json.dumps(self.epochs))

@@ -1,6 +1,6 @@
 """Does the pipeline cost anything over a hand-written PyTorch loop? Is the data loader fast enough?
 
-    python -m benchmarks.performance [--domains healthcare finance] [--repeats 3] [--epochs 2] [--skip-default-run]
+    python -m benchmarks.performance [--domains healthcare finance] [--repeats 3] [--epochs 2] [--skip-default-run] [--batch-size N]
 
 For each domain's default model and data (its ``config.yaml``), in one process:
 
@@ -19,12 +19,17 @@ For each domain's default model and data (its ``config.yaml``), in one process:
 - peak resident memory and wall time of a default run (``python -m pipelines.run DOMAIN``).
 
 On a GPU the same command also reports GPU samples/s, the share of time waiting for data and peak
-GPU memory. Prints a table; writes ``benchmarks/results/performance.json``.
+GPU memory of the pipeline run. There the plain loop is written as a GPU user would write it, with the
+runner's defaults: autocast to the precision the runner picks (bf16 where supported), channels-last
+weights for models that ask for them, pinned memory and non-blocking copies. ``--batch-size`` replaces
+every domain's configured batch size (the defaults are sized for a 2-core CPU). Prints a table;
+writes ``benchmarks/results/performance.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -57,10 +62,11 @@ class FirstStepTimer(pl.Callback):
             self.output.write_text(str(time.time()))
 
 
-def build_defaults(spec: DomainSpec) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+def build_defaults(spec: DomainSpec, batch_size: int | None = None) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """The domain's default model and data module, from its config.yaml, with linked values."""
     config = yaml.safe_load(spec.config.read_text())
-    datamodule = spec.load_datamodule_class()(**config.get("data", {}))
+    data_config = {**config.get("data", {}), **({"batch_size": batch_size} if batch_size else {})}
+    datamodule = spec.load_datamodule_class()(**data_config)
     model_config = dict(config.get("model", {}))
     if spec.model_subclasses:
         cls, kwargs = _import_dotted(model_config["class_path"]), dict(model_config.get("init_args", {}))
@@ -80,8 +86,16 @@ def _device_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _autocast(device: torch.device):
+    """The mixed precision the runner picks on this device (pipelines.hardware): bf16 or fp16 on a GPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 def _step(model: pl.LightningModule, optimizer: torch.optim.Optimizer, batch: Any, index: int) -> None:
-    out = model.training_step(batch, index)
+    with _autocast(next(model.parameters()).device):
+        out = model.training_step(batch, index)
     loss = out["loss"] if isinstance(out, dict) else out
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -128,16 +142,17 @@ def loader_and_compute_rates(model, datamodule, optimizer, device) -> dict[str, 
     return {"loader_samples_per_s": loader_rate, "compute_samples_per_s": compute_rate, "loader_over_compute": loader_rate / compute_rate}
 
 
-def pipeline_rates(domain: str, epochs: int, runs_dir: Path) -> list[float]:
+def pipeline_epochs(domain: str, epochs: int, runs_dir: Path, batch_size: int | None) -> list[dict[str, float]]:
+    """``pipelines.run DOMAIN fit`` in this process; per epoch: samples/s and the share of time between steps."""
     from pipelines.run import main as run
 
     output = runs_dir / f"throughput-{time.time_ns()}.json"
     run([
         domain, "fit", f"--trainer.max_epochs={epochs}", "--runs_dir", str(runs_dir), "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        "--trainer.enable_model_summary=false", *([f"--data.batch_size={batch_size}"] if batch_size else []),
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={output}",
     ])  # fmt: skip
-    return [e["samples_per_s"] for e in json.loads(output.read_text())]
+    return json.loads(output.read_text())
 
 
 def child_env() -> dict[str, str]:
@@ -194,26 +209,38 @@ def default_run(domain: str, runs_dir: Path) -> dict[str, float]:
     return {"default_run_s": time.perf_counter() - t, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
-def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> dict[str, Any]:
+def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batch_size: int | None = None) -> dict[str, Any]:
     spec = get_domain(domain)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict[str, Any] = {"domain": domain, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
-        plain, piped, waits = [], [], []
+        plain, piped, waits, gpu_peaks = [], [], [], []
         default_threads = torch.get_num_threads()
+
+        def run_pipeline() -> list[dict[str, float]]:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            measured = pipeline_epochs(domain, epochs, runs_dir, batch_size)[1:]  # the first epoch warms up
+            if device.type == "cuda":
+                gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+            return measured
+
         for repeat in range(repeats):
             pl.seed_everything(repeat, verbose=False)
-            model, datamodule = build_defaults(spec)
+            model, datamodule = build_defaults(spec, batch_size)
             if not model.automatic_optimization:
                 result["plain"] = "n/a: the model optimises manually (a plain loop would be the same code)"
-                piped += pipeline_rates(domain, epochs, runs_dir)[1:]
+                piped += run_pipeline()
                 continue
             # the same intra-op thread count as the runner uses for this model (BaseTask's cpu_threads)
             torch.set_num_threads(int(model.hparams.get("cpu_threads") or default_threads))
             result["threads"] = torch.get_num_threads()
             datamodule.setup("fit")
             model.to(device)
+            if device.type == "cuda" and model.hparams.get("channels_last"):
+                model.to(memory_format=torch.channels_last)
             optimizer = torch.optim.AdamW(model.parameters(), lr=float(model.hparams.get("lr", 1e-3)), weight_decay=float(model.hparams.get("weight_decay", 0.0)))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # self.log() without a Trainer is a no-op
@@ -223,19 +250,24 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool) -> d
             plain += [e["samples_per_s"] for e in epochs_plain]
             waits += [e["data_wait_share"] for e in epochs_plain]
             torch.set_num_threads(default_threads)
-            piped += pipeline_rates(domain, epochs, runs_dir)[1:]
-        result.update(pipeline_samples_per_s=statistics.median(piped), repeats=repeats)
+            del model, optimizer
+            piped += run_pipeline()
+        result.update(
+            pipeline_samples_per_s=statistics.median(e["samples_per_s"] for e in piped),
+            pipeline_between_steps_share=statistics.median(e["between_steps_share"] for e in piped),
+            repeats=repeats, batch_size=int(datamodule.hparams.batch_size),
+        )  # fmt: skip
+        if gpu_peaks:
+            result["gpu_peak_memory_mib"] = max(gpu_peaks)
         if plain:
             batch = float(datamodule.hparams.batch_size)
             result.update(
                 plain_samples_per_s=statistics.median(plain),
-                pipeline_over_plain=statistics.median(piped) / statistics.median(plain),
-                overhead_ms_per_step=1000 * batch * (1 / statistics.median(piped) - 1 / statistics.median(plain)),
+                pipeline_over_plain=result["pipeline_samples_per_s"] / statistics.median(plain),
+                overhead_ms_per_step=1000 * batch * (1 / result["pipeline_samples_per_s"] - 1 / statistics.median(plain)),
                 plain_ms_per_step=1000 * batch / statistics.median(plain),
                 data_wait_share=statistics.median(waits),
             )
-        if device.type == "cuda":
-            result["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result.update(startup(domain, runs_dir, repeats))
         if not skip_default_run:
             result.update(default_run(domain, runs_dir))
@@ -248,27 +280,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per repeat; the first is warm-up")
     parser.add_argument("--skip-default-run", action="store_true")
+    parser.add_argument("--batch-size", type=int, help="replaces each domain's configured batch size (e.g. GPU-sized batches)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
-    results = [measure(d, args.repeats, args.epochs, args.skip_default_run) for d in args.domains]
+    results = [measure(d, args.repeats, args.epochs, args.skip_default_run, args.batch_size) for d in args.domains]
 
     def cell(r: dict, key: str, fmt: str = "{:.1f}") -> str:
         return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "-"
 
     rows = [
         [
-            r["domain"], r["device"], cell(r, "pipeline_samples_per_s"), cell(r, "plain_samples_per_s"), cell(r, "pipeline_over_plain", "{:.3f}"),
+            r["domain"], r["device"], r["batch_size"], cell(r, "pipeline_samples_per_s"), cell(r, "plain_samples_per_s"), cell(r, "pipeline_over_plain", "{:.3f}"),
             cell(r, "plain_ms_per_step", "{:.2f}"), cell(r, "overhead_ms_per_step", "{:.2f}"),
             cell(r, "loader_samples_per_s", "{:.0f}"), cell(r, "compute_samples_per_s"), cell(r, "loader_over_compute", "{:.1f}"),
-            cell(r, "data_wait_share", "{:.1%}"), cell(r, "help_s", "{:.2f}"), cell(r, "help_uncached_s", "{:.1f}"),
+            cell(r, "data_wait_share", "{:.1%}"), cell(r, "pipeline_between_steps_share", "{:.1%}"), cell(r, "gpu_peak_memory_mib", "{:.0f}"), cell(r, "help_s", "{:.2f}"), cell(r, "help_uncached_s", "{:.1f}"),
             cell(r, "import_lightning_s", "{:.1f}"), cell(r, "first_step_s", "{:.1f}"), r["imports"],
             cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "default_run_s", "{:.0f}"),
         ]
         for r in results
     ]
     headers = [
-        "domain", "device", "pipeline samples/s", "plain samples/s", "ratio", "plain ms/step", "overhead ms/step",
-        "loader samples/s", "compute samples/s", "loader/compute", "data wait", "--help s", "--help uncached s",
+        "domain", "device", "batch", "pipeline samples/s", "plain samples/s", "ratio", "plain ms/step", "overhead ms/step",
+        "loader samples/s", "compute samples/s", "loader/compute", "data wait (plain)", "between steps (pipeline)", "GPU peak MiB", "--help s", "--help uncached s",
         "import lightning s", "first step s", "heavy imports", "peak RSS MiB", "default run s",
     ]  # fmt: skip
     table = print_table(headers, rows)

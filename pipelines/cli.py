@@ -14,8 +14,6 @@ import sys
 import warnings
 from typing import Any, Literal
 
-import torch
-
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -25,6 +23,7 @@ from pipelines.hardware import plan_hardware
 from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run
+from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 
 from pipelines.run import SUBCOMMANDS
@@ -86,7 +85,7 @@ class PipelineCLI(LightningCLI):
         parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of run folders.")
         parser.add_argument(
             "--compile", type=bool, default=False,
-            help="torch.compile the model; graphs that fail to compile fall back to eager execution.",
+            help="torch.compile the model's networks; graphs that fail to compile fall back to eager execution.",
         )  # fmt: skip
         parser.add_argument(
             "--scale_batch_size", type=Literal["none", "power", "binsearch"], default="none",
@@ -149,10 +148,8 @@ class PipelineCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         if self.config[self.subcommand].get("compile"):
-            import torch._dynamo
-
-            torch._dynamo.config.suppress_errors = True  # documented fallback: eager where compilation fails
-            self.model = torch.compile(self.model)
+            compiled = compile_networks(self.model)
+            print(f"[pipelines] torch.compile: {', '.join(compiled) or 'no network found'}", file=sys.stderr)
 
     def before_fit(self) -> None:
         mode = self.config["fit"].get("scale_batch_size", "none")

@@ -24,6 +24,37 @@ import torch
 from pipelines.export_spec import ExportSpec
 
 
+def compile_networks(model: torch.nn.Module) -> list[str]:
+    """``torch.compile`` each network a task holds, in place, and return their names.
+
+    The networks are the task's direct children that have parameters and are not metrics (members
+    of a ``ModuleDict``/``ModuleList`` count one by one). Only they are compiled, not the
+    LightningModule: its steps log and update metrics, which would recompile at every step, and
+    in-place compilation (``nn.Module.compile``) keeps the checkpoint's keys unchanged. A graph that
+    fails to compile runs eagerly instead of failing the run.
+
+    Example:
+        >>> class Task(BaseTask):
+        ...     def configure_models(self) -> None:
+        ...         self.encoder, self.decoder = torch.nn.Linear(4, 2), torch.nn.Linear(2, 4)
+        >>> compile_networks(Task())
+        ['encoder', 'decoder']
+    """
+    import torch._dynamo
+    from torchmetrics import Metric, MetricCollection
+
+    torch._dynamo.config.suppress_errors = True
+    compiled = []
+    for name, child in model.named_children():
+        members = child.named_children() if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList)) else [("", child)]
+        for member, module in members:
+            if isinstance(module, (Metric, MetricCollection)) or next(module.parameters(), None) is None:
+                continue
+            module.compile()
+            compiled.append(f"{name}.{member}" if member else name)
+    return compiled
+
+
 class BaseTask(pl.LightningModule):
     """Base LightningModule: subclasses fill the ``configure_*`` slots and the step methods.
 

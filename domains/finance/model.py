@@ -63,7 +63,7 @@ def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float
     ordered, order = scores.double().sort(descending=True)
     hits = labels[order].double()
     tp = hits.cumsum(0)
-    flagged = torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    flagged = torch.arange(1, len(hits) + 1, dtype=torch.float64, device=hits.device)
     f1 = 2 * tp / (flagged + hits.sum())
     cut = torch.ones_like(f1, dtype=torch.bool)
     cut[:-1] = ordered[:-1] != ordered[1:]  # only cut between different scores

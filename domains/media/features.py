@@ -34,7 +34,7 @@ INCEPTION = "inception"
 def rotation_task(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-supervised labels for unlabelled images: each image rotated by 0/90/180/270 degrees."""
     rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
-    labels = torch.arange(4).repeat_interleave(len(images))
+    labels = torch.arange(4, device=images.device).repeat_interleave(len(images))
     return rotated, labels
 
 
@@ -49,7 +49,8 @@ def train_feature_cnn(
 ) -> FeatureCNN:
     """Train a :class:`FeatureCNN` on images in [-1, 1] for ``steps`` batches: the classes when labelled (>= 2), else rotations.
 
-    Uses its own random generator, so the run's global random state is left untouched.
+    Trains on the device ``images`` are on, with its own random generators, so the run's global
+    random state (CPU and GPU) is left untouched.
     """
     labelled = labels is not None and bool((labels >= 0).all()) and int(labels.max()) >= 1
     if labelled:
@@ -59,19 +60,20 @@ def train_feature_cnn(
         inputs, targets = rotation_task(images)
         outputs = 4
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = FeatureCNN(images.shape[1], outputs, width)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        loss_fn = nn.CrossEntropyLoss()
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
-        net.train()
-        for _ in range(steps):
-            batch = torch.randint(0, len(inputs), (min(batch_size, len(inputs)),), device=inputs.device)
-            loss = loss_fn(net.logits(inputs[batch]), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        torch.default_generator.manual_seed(seed)  # CPU only: the weights are initialised on the CPU
+        net = FeatureCNN(images.shape[1], outputs, width).to(inputs.device)
+    sampler = torch.Generator(device=inputs.device).manual_seed(seed)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
+    net.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(inputs), (min(batch_size, len(inputs)),), device=inputs.device, generator=sampler)
+        loss = loss_fn(net.logits(inputs[batch]), targets[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
     net.eval()
     net.task = "classes" if labelled else "rotation"  # type: ignore[attr-defined]
     return net
