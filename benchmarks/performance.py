@@ -1,6 +1,6 @@
 """Does the pipeline cost anything over a hand-written PyTorch loop? Is the data loader fast enough?
 
-    python -m benchmarks.performance [--domains healthcare finance] [--repeats 3] [--epochs 2] [--skip-default-run] [--batch-size N]
+    python -m benchmarks.performance [--domains healthcare finance] [--repeats 3] [--epochs 2] [--skip-default-run] [--skip-startup] [--batch-size N]
 
 For each domain's default model and data (its ``config.yaml``), in one process:
 
@@ -209,7 +209,7 @@ def default_run(domain: str, runs_dir: Path) -> dict[str, float]:
     return {"default_run_s": time.perf_counter() - t, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
-def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batch_size: int | None = None) -> dict[str, Any]:
+def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batch_size: int | None = None, skip_startup: bool = False) -> dict[str, Any]:
     spec = get_domain(domain)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict[str, Any] = {"domain": domain, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": torch.get_num_threads()}
@@ -268,7 +268,8 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batc
                 plain_ms_per_step=1000 * batch / statistics.median(plain),
                 data_wait_share=statistics.median(waits),
             )
-        result.update(startup(domain, runs_dir, repeats))
+        if not skip_startup:
+            result.update(startup(domain, runs_dir, repeats))
         if not skip_default_run:
             result.update(default_run(domain, runs_dir))
     return result
@@ -280,10 +281,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per repeat; the first is warm-up")
     parser.add_argument("--skip-default-run", action="store_true")
+    parser.add_argument("--skip-startup", action="store_true", help="no --help, first-step or import measurements")
     parser.add_argument("--batch-size", type=int, help="replaces each domain's configured batch size (e.g. GPU-sized batches)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
-    results = [measure(d, args.repeats, args.epochs, args.skip_default_run, args.batch_size) for d in args.domains]
+    results = [measure(d, args.repeats, args.epochs, args.skip_default_run, args.batch_size, args.skip_startup) for d in args.domains]
 
     def cell(r: dict, key: str, fmt: str = "{:.1f}") -> str:
         return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "-"
@@ -294,7 +296,7 @@ def main() -> None:
             cell(r, "plain_ms_per_step", "{:.2f}"), cell(r, "overhead_ms_per_step", "{:.2f}"),
             cell(r, "loader_samples_per_s", "{:.0f}"), cell(r, "compute_samples_per_s"), cell(r, "loader_over_compute", "{:.1f}"),
             cell(r, "data_wait_share", "{:.1%}"), cell(r, "pipeline_between_steps_share", "{:.1%}"), cell(r, "gpu_peak_memory_mib", "{:.0f}"), cell(r, "help_s", "{:.2f}"), cell(r, "help_uncached_s", "{:.1f}"),
-            cell(r, "import_lightning_s", "{:.1f}"), cell(r, "first_step_s", "{:.1f}"), r["imports"],
+            cell(r, "import_lightning_s", "{:.1f}"), cell(r, "first_step_s", "{:.1f}"), r.get("imports", "-"),
             cell(r, "peak_rss_mib", "{:.0f}"), cell(r, "default_run_s", "{:.0f}"),
         ]
         for r in results
