@@ -77,7 +77,8 @@ def test_3d_volume_trains_end_to_end(tmp_path, runs_dir):
 
 def test_png_folder_with_csv_trains_and_predicts_a_folder(tmp_path, runs_dir):
     csv = image_table(tmp_path)
-    run_pipeline("healthcare", *FAST, "--data.labels_csv", str(csv), "--runs_dir", str(runs_dir))
+    # two real loader worker processes: what a GPU machine gets by default (pipelines.data.default_workers)
+    run_pipeline("healthcare", *FAST, "--data.labels_csv", str(csv), "--data.num_workers=2", "--runs_dir", str(runs_dir))
     run = only_run(runs_dir, "healthcare")
     for plot in ("test_confusion_matrix.png", "test_roc_curve.png", "test_sample_predictions.png"):
         assert (run / "plots" / plot).stat().st_size > 1000

@@ -130,7 +130,8 @@ class MedicalImageDataModule(pl.LightningDataModule):
         augment: albumentations transforms for 2-D training images, as ``[{Name: {args}}]``.
         volume_augment: MONAI random flips and noise for 3-D training volumes.
         batch_size: samples per batch (per process under DDP).
-        num_workers: DataLoader worker processes (persistent when > 0).
+        num_workers: DataLoader worker processes (persistent when > 0); unset: 0 without CUDA, else
+            one per spare CPU core per GPU, at most 8 (``pipelines.data.default_workers``).
         pin_memory: pin host memory for GPU copies (default: when CUDA is available).
     """
 
@@ -154,7 +155,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         augment: AugmentSpec | None = None,
         volume_augment: bool = True,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()

@@ -118,7 +118,8 @@ class MediaDataModule(pl.LightningDataModule):
         synthetic_seed: seed of the shapes generator.
         augment: albumentations transforms for training images, as ``[{Name: {args}}]``.
         batch_size: images per batch (per process under DDP).
-        num_workers: DataLoader worker processes (persistent when > 0).
+        num_workers: DataLoader worker processes (persistent when > 0); unset: 0 without CUDA, else
+            one per spare CPU core per GPU, at most 8 (``pipelines.data.default_workers``).
         pin_memory: pin host memory for GPU copies (default: when CUDA is available).
         num_generate: images ``predict`` generates.
         generate_seed: seed of the first generated image (image ``i`` uses ``generate_seed + i``).
@@ -145,7 +146,7 @@ class MediaDataModule(pl.LightningDataModule):
         synthetic_seed: int = 0,
         augment: AugmentSpec | None = None,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         pin_memory: bool | None = None,
         num_generate: int = 64,
         generate_seed: int = 0,
