@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Any, Literal
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from pipelines.hardware import plan_hardware
 from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
-from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run
+from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run, write_text_atomic
 from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 
@@ -156,7 +157,19 @@ class PipelineCLI(LightningCLI):
         if mode != "none":
             from lightning.pytorch.tuner import Tuner
 
-            Tuner(self.trainer).scale_batch_size(self.model, datamodule=self.datamodule, mode=mode)
+            found = Tuner(self.trainer).scale_batch_size(self.model, datamodule=self.datamodule, mode=mode)
+            self._record_batch_size(int(found))
+
+    @rank_zero_only
+    def _record_batch_size(self, batch_size: int) -> None:
+        """Write the Tuner's batch size into the run's config.yaml, so that a resumed run, ``test`` and
+        ``predict`` use it instead of the configured one (and a resume does not search again)."""
+        assert self.run is not None
+        path = self.run.path / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["data"]["batch_size"], config["scale_batch_size"] = batch_size, "none"
+        write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+        print(f"[pipelines] batch size {batch_size} (Tuner) recorded in {path}", file=sys.stderr)
 
     def after_fit(self) -> None:
         if not self.test_after_fit or self.trainer.interrupted:

@@ -211,3 +211,18 @@ def test_compile_compiles_the_networks_in_place_and_keeps_checkpoint_keys(runs_d
     assert counters["inductor"], "nothing reached the inductor backend"
     state = torch.load(only_run(runs_dir, "healthcare") / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "network.conv1.weight" in state and not any("_orig_mod" in key for key in state)
+
+
+def test_batch_size_finder_runs_and_its_result_becomes_the_runs_config(runs_dir, capsys):
+    run_pipeline(
+        "healthcare", "fit", "--scale_batch_size=power", "--model.network=resnet10", "--data.synthetic_samples=64",
+        "--data.synthetic_image_size=16", "--data.batch_size=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
+        "--runs_dir", str(runs_dir),
+    )  # fmt: skip
+    run = only_run(runs_dir, "healthcare")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    # doubling from 2 stops at the training split's size (44 of 64 images): 64 is the first too large
+    assert config["data"]["batch_size"] == 64 and config["scale_batch_size"] == "none"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == 64
+    assert "batch size 64 (Tuner)" in capsys.readouterr().err
