@@ -10,7 +10,7 @@
    each (Lightning ``max_time``; no validation during training), measuring training samples/s.
    The GAN uses the domain's defaults (widened for digits); the diffusion model a small UNet for
    28x28, the cosine schedule and velocity prediction (``--prediction-type``; the domain's default
-   is ``epsilon`` because the numpy serving loop handles only that) in batches of 32 (more, smaller
+   is ``epsilon``) in batches of 32 (more, smaller
    steps converge faster within minutes than batches of 64 at the same images/s).
 4. Generates ``--eval-images`` images from each (diffusion: DDIM with 50 steps, EMA weights) and
    computes FID/KID against as many held-out test images; then, for the DDIM-vs-DDPM question,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -46,6 +47,7 @@ import torch
 import yaml
 
 from benchmarks.common import batch_size_of, print_table, write_results
+from pipelines.hardware import plan_hardware
 from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,15 +88,16 @@ def _device_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _autocast(device: torch.device):
-    """The mixed precision the runner picks on this device (pipelines.hardware): bf16 or fp16 on a GPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+@functools.lru_cache
+def _mixed_precision(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of the precision the runner's hardware plan picks for this device (None: 32-bit)."""
+    precision = plan_hardware({"accelerator": "gpu" if device_type == "cuda" else "cpu"}, environ={}).settings["precision"]
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
-def _step(model: pl.LightningModule, optimizer: torch.optim.Optimizer, batch: Any, index: int) -> None:
-    with _autocast(next(model.parameters()).device):
+def _step(model: pl.LightningModule, optimizer: torch.optim.Optimizer, batch: Any, index: int, device: torch.device) -> None:
+    dtype = _mixed_precision(device.type)
+    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         out = model.training_step(batch, index)
     loss = out["loss"] if isinstance(out, dict) else out
     optimizer.zero_grad(set_to_none=True)
@@ -117,7 +120,7 @@ def plain_epoch(model: pl.LightningModule, datamodule: pl.LightningDataModule, o
             break
         waiting += time.perf_counter() - t
         batch = datamodule.on_after_batch_transfer(_device_batch(batch, device), 0)
-        _step(model, optimizer, batch, index)
+        _step(model, optimizer, batch, index, device)
         samples += batch_size_of(batch)
         index += 1
     if device.type == "cuda":
@@ -135,7 +138,7 @@ def loader_and_compute_rates(model, datamodule, optimizer, device) -> dict[str, 
     model.train()
     start = time.perf_counter()
     for index, batch in enumerate(batches):
-        _step(model, optimizer, datamodule.on_after_batch_transfer(_device_batch(batch, device), 0), index)
+        _step(model, optimizer, datamodule.on_after_batch_transfer(_device_batch(batch, device), 0), index, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     compute_rate = samples / (time.perf_counter() - start)

@@ -31,12 +31,20 @@ def compile_networks(model: torch.nn.Module) -> list[str]:
     of a ``ModuleDict``/``ModuleList`` count one by one). Only they are compiled, not the
     LightningModule: its steps log and update metrics, which would recompile at every step, and
     in-place compilation (``nn.Module.compile``) keeps the checkpoint's keys unchanged. A graph that
-    fails to compile runs eagerly instead of failing the run.
+    fails to compile runs eagerly instead of failing the run. Only a network's forward call is
+    compiled, and Dynamo skips torch's own modules used bare as a network (an ``nn.Sequential`` or
+    ``nn.Linear``; pytorch#150915): networks are their own classes, as in every domain's ``networks.py``.
 
     Example:
+        >>> class Scaler(torch.nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(4))
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         return x * self.weight
         >>> class Task(BaseTask):
         ...     def configure_models(self) -> None:
-        ...         self.encoder, self.decoder = torch.nn.Linear(4, 2), torch.nn.Linear(2, 4)
+        ...         self.encoder, self.decoder = Scaler(), Scaler()
         >>> compile_networks(Task())
         ['encoder', 'decoder']
     """

@@ -196,15 +196,18 @@ def test_help_is_served_from_a_cache_keyed_on_the_code(tmp_path):
     assert third.returncode == 0 and len(list(cached[0].parent.glob("healthcare-*.txt"))) == 2
 
 
+#: healthcare on 64 small synthetic images with a ResNet-10: one epoch, one validation batch
+SMALL_RESNET = (
+    "--model.network=resnet10", "--data.synthetic_samples=64", "--data.synthetic_image_size=16", "--trainer.max_epochs=1",
+    "--trainer.limit_val_batches=1",
+)  # fmt: skip
+
+
 def test_compile_compiles_the_networks_in_place_and_keeps_checkpoint_keys(runs_dir, capsys):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    run_pipeline(
-        "healthcare", "fit", "--compile=true", "--model.network=resnet10", "--data.synthetic_samples=64",
-        "--data.synthetic_image_size=16", "--data.batch_size=16", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1", "--runs_dir", str(runs_dir),
-    )  # fmt: skip
+    run_pipeline("healthcare", "fit", "--compile=true", *SMALL_RESNET, "--data.batch_size=16", "--trainer.limit_train_batches=2", "--runs_dir", str(runs_dir))
     assert "torch.compile: network" in capsys.readouterr().err
     # graphs were captured and compiled by inductor, with no frame falling back to eager
     assert counters["stats"]["unique_graphs"] >= 1 and counters["frames"]["ok"] == counters["frames"]["total"] >= 1
@@ -214,11 +217,7 @@ def test_compile_compiles_the_networks_in_place_and_keeps_checkpoint_keys(runs_d
 
 
 def test_batch_size_finder_runs_and_its_result_becomes_the_runs_config(runs_dir, capsys):
-    run_pipeline(
-        "healthcare", "fit", "--scale_batch_size=power", "--model.network=resnet10", "--data.synthetic_samples=64",
-        "--data.synthetic_image_size=16", "--data.batch_size=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
-        "--runs_dir", str(runs_dir),
-    )  # fmt: skip
+    run_pipeline("healthcare", "fit", "--scale_batch_size=power", *SMALL_RESNET, "--data.batch_size=2", "--runs_dir", str(runs_dir))
     run = only_run(runs_dir, "healthcare")
     config = yaml.safe_load((run / "config.yaml").read_text())
     # doubling from 2 stops at the training split's size (44 of 64 images): 64 is the first too large

@@ -501,11 +501,11 @@ class Diffusion(GenerativeTask):
         schedule: MONAI beta schedule (``linear_beta``, ``scaled_linear_beta``, ``sigmoid_beta``, ``cosine``).
             Defaults (``cosine``, ``epsilon``, ``snr_gamma`` 5), measured on MNIST after 500 batches
             of 64 with DDIM-50 (FID with the digit extractor, 250 images): linear/epsilon/unweighted
-            474 (noise), cosine 227, cosine + min-SNR 63; ``v_prediction`` + cosine 10 (better, but
-            the numpy serving loop cannot run it yet).
+            474 (noise), cosine 227, cosine + min-SNR 63; ``v_prediction`` + cosine 10 (better with
+            DDIM after minutes of CPU training; not yet made the default).
         prediction_type: what the UNet predicts: ``epsilon`` (the noise) or ``v_prediction`` (the
             velocity ``sqrt(a) * noise - sqrt(1 - a) * image``, Salimans & Ho 2022). The numpy DDIM loop of
-            ``domains.media.serving`` handles ``epsilon`` only.
+            ``domains.media.serving`` samples both.
         snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss is weighted
             so that its image-space weight is ``min(SNR, gamma)`` instead of SNR, which stops the
             nearly noise-free timesteps from dominating training; ``null``: unweighted (plain DDPM).
