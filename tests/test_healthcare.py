@@ -18,6 +18,7 @@ from tests.medical_files import blob_images, write_dicom, write_medmnist_npz, wr
 FAST = (
     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
     "--trainer.limit_test_batches=1", "--data.batch_size=8", "--model.network=resnet10",
+    "--model.width=0.25",
 )  # fmt: skip
 
 
@@ -216,7 +217,7 @@ def test_bad_augmentation_is_rejected_at_construction():
 def test_network_that_cannot_take_the_image_size_fails_before_training(tmp_path, runs_dir):
     path = write_medmnist_npz(tmp_path / "tiny.npz", (8, 8))
     with pytest.raises(ValueError, match=r"network 'densenet121' cannot take inputs of shape \(1, 8, 8\)"):
-        run_pipeline("healthcare", *FAST, "--model.network=densenet121", "--data.npz_path", str(path), "--runs_dir", str(runs_dir))
+        run_pipeline("healthcare", *FAST, "--model.network=densenet121", "--model.width=1", "--data.npz_path", str(path), "--runs_dir", str(runs_dir))
     assert not list(runs_dir.glob("healthcare/*/checkpoints/*.ckpt"))
 
 
@@ -227,6 +228,16 @@ def test_monai_networks_2d_and_3d(name):
     assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
     if name == "resnet18":
         assert build_network(name, 3, 1, 2)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2)
+
+
+def test_resnet_width_scales_the_channels_and_is_refused_for_other_networks():
+    full, quarter = build_network("resnet18", 2, 1, 2), build_network("resnet18", 2, 1, 2, width=0.25)
+    assert quarter.conv1.out_channels == full.conv1.out_channels // 4 == 16
+    assert quarter(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"width 0.5 for network 'densenet121'"):
+        build_network("densenet121", 2, 1, 2, width=0.5)
+    with pytest.raises(ValueError, match="expected a positive multiplier"):
+        build_network("resnet18", 2, 1, 2, width=0)
 
 
 def test_pretrained_weights_load_from_safetensors_and_skip_a_different_head(tmp_path):

@@ -147,7 +147,7 @@ def test_missing_checkpoint_file_is_a_clear_error(capsys, runs_dir):
 def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
     """test/predict on a run and fit resumes need no retyping of the run's options; the CLI still wins."""
     run_pipeline(
-        "healthcare", "fit", *TINY, "--model.network=resnet10", "--data.synthetic_image_size=28",
+        "healthcare", "fit", *TINY, "--model.network=resnet10", "--model.width=0.5", "--data.synthetic_image_size=28",
         "--runs_dir", str(runs_dir), "--run_id", "r1", "--trainer.limit_test_batches=1",
     )  # fmt: skip
     run = runs_dir / "healthcare" / "r1"
@@ -157,7 +157,8 @@ def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
                  "--trainer.limit_test_batches=1", "--data.batch_size=4")  # fmt: skip
     assert "using model, data from" in capsys.readouterr().err
     tested = yaml.safe_load((run / "config-test.yaml").read_text())
-    assert tested["model"]["network"] == "resnet10" and tested["data"]["synthetic_image_size"] == 28
+    assert tested["model"]["network"] == "resnet10" and tested["model"]["width"] == 0.5
+    assert tested["data"]["synthetic_image_size"] == 28
     assert tested["data"]["synthetic_samples"] == 64 and tested["data"]["batch_size"] == 4  # the command line wins
     assert (run / "config.yaml").read_text() == fitted  # the fit config is never overwritten by other commands
     run_pipeline("healthcare", "fit", "--runs_dir", str(runs_dir), "--run_id", "r1", "--ckpt_path", "last", "--trainer.max_epochs=2")
@@ -169,7 +170,7 @@ def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
 # ----- real DDP on CPU (gloo) ---------------------------------------------------------------------
 def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run(runs_dir):
     result = run_pipeline_process(
-        "healthcare", *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "healthcare", *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.width=0.25",
         "--runs_dir", str(runs_dir),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -198,7 +199,7 @@ def test_help_is_served_from_a_cache_keyed_on_the_code(tmp_path):
 
 #: healthcare on 64 small synthetic images with a ResNet-10: one epoch, one validation batch
 SMALL_RESNET = (
-    "--model.network=resnet10", "--data.synthetic_samples=64", "--data.synthetic_image_size=16", "--trainer.max_epochs=1",
+    "--model.network=resnet10", "--model.width=0.25", "--data.synthetic_samples=64", "--data.synthetic_image_size=16", "--trainer.max_epochs=1",
     "--trainer.limit_val_batches=1",
 )  # fmt: skip
 

@@ -28,6 +28,7 @@ SPEC = DomainSpec(
     test_args=(
         "--data.synthetic_samples=96",
         "--data.batch_size=16",
+        "--model.width=0.25",
         "--trainer.max_epochs=2",
         "--trainer.limit_train_batches=3",
         "--trainer.limit_val_batches=2",

@@ -29,6 +29,7 @@ class ImageClassifier(BaseTask):
     Args:
         network: ``resnet10/18/34/50``, ``densenet121`` or ``efficientnet-b0`` (``monai.networks.nets``).
         small_input_stem: ResNet stem for small images (3x3 stride-1 convolution, no max-pool).
+        width: ResNet channel multiplier (0.5 halves the channels, a quarter of the parameters).
         dropout: dropout before the classifier (DenseNet121).
         pretrained_weights: a local ``.safetensors`` or weights-only ``.pt`` state dict to start from.
         lr: AdamW learning rate.
@@ -49,6 +50,7 @@ class ImageClassifier(BaseTask):
         self,
         network: NetworkName = "resnet18",
         small_input_stem: bool = True,
+        width: float = 1.0,
         dropout: float = 0.0,
         pretrained_weights: str | None = None,
         lr: float = 1e-3,
@@ -79,7 +81,7 @@ class ImageClassifier(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         out_channels = 1 if hp.task == "binary" else hp.num_classes
-        self.network = build_network(hp.network, hp.spatial_dims, hp.in_channels, out_channels, hp.small_input_stem, hp.dropout)
+        self.network = build_network(hp.network, hp.spatial_dims, hp.in_channels, out_channels, hp.small_input_stem, hp.dropout, hp.width)
         if hp.pretrained_weights:
             skipped = load_pretrained_weights(self.network, hp.pretrained_weights)
             print(f"[healthcare] loaded {hp.pretrained_weights}; {len(skipped)} tensor(s) kept at initialisation")

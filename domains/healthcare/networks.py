@@ -25,6 +25,7 @@ def build_network(
     out_channels: int,
     small_input_stem: bool = True,
     dropout: float = 0.0,
+    width: float = 1.0,
 ) -> torch.nn.Module:
     """Build a MONAI classification network.
 
@@ -36,10 +37,18 @@ def build_network(
         small_input_stem: for ResNets, a 3x3 stride-1 first convolution without max-pooling, as
             MedMNIST's ResNet-18 (28) uses for small images.
         dropout: dropout before the classifier (DenseNet only; ignored elsewhere).
+        width: ResNet channel multiplier (MONAI's ``widen_factor``): 0.5 halves every layer's
+            channels and quarters the parameters, which suits small data sets and images.
+
+    Raises:
+        ValueError: for an unknown name, a width that is not positive, or a width other than 1
+            for a network that is not a ResNet.
     """
+    if width <= 0 or (width != 1.0 and name not in _RESNETS):
+        raise ValueError(f"width {width} for network {name!r}: expected a positive multiplier, and 1.0 unless the network is a ResNet")
     if name in _RESNETS:
         stem = {"conv1_t_size": 3, "conv1_t_stride": 1, "no_max_pool": True} if small_input_stem else {"conv1_t_size": 7, "conv1_t_stride": 2}
-        return _RESNETS[name](spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels, **stem)
+        return _RESNETS[name](spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels, widen_factor=width, **stem)
     if name == "densenet121":
         return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, dropout_prob=dropout)
     if name == "efficientnet-b0":
