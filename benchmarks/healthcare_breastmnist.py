@@ -1,6 +1,6 @@
 """BreastMNIST (MedMNIST v2, 28 px, official splits) through `pipelines.run healthcare`.
 
-    python -m benchmarks.healthcare_breastmnist [--epochs 100] [--network resnet18] [--batch-size 128] [--lr 1e-3] [--weight-decay 1e-4] [--image-size 28] [--augment config|flips|none] [--seed 42]
+    python -m benchmarks.healthcare_breastmnist [--epochs 100] [--network resnet18] [--width 1.0] [--batch-size 128] [--lr 1e-3] [--weight-decay 1e-4] [--image-size 28] [--augment config|flips|none] [--seed 42]
         [--stem small|standard] [--lr-schedule cosine|step|constant]
 
 Trains with the project's runner (model picked on validation AUROC, as MedMNIST does), tests the
@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--network", default="resnet18")
+    parser.add_argument("--width", type=float, default=1.0, help="ResNet channel multiplier (--model.width)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -45,7 +46,7 @@ def main() -> None:
     augment = {"config": [], "none": ["--data.augment=[]"], "flips": ["--data.augment=[{HorizontalFlip: {p: 0.5}}, {VerticalFlip: {p: 0.5}}]"]}[args.augment]
     run([
         "healthcare", f"--seed_everything={args.seed}", "--data.npz_path", str(npz), f"--data.batch_size={args.batch_size}",
-        f"--data.balance={args.balance}", f"--data.image_size={args.image_size}", f"--model.network={args.network}", f"--model.lr={args.lr}", f"--model.weight_decay={args.weight_decay}",
+        f"--data.balance={args.balance}", f"--data.image_size={args.image_size}", f"--model.network={args.network}", f"--model.width={args.width}", f"--model.lr={args.lr}", f"--model.weight_decay={args.weight_decay}",
         f"--model.small_input_stem={args.stem == 'small'}", f"--model.lr_schedule={args.lr_schedule}",
         f"--trainer.max_epochs={args.epochs}", "--runs_dir", str(runs), "--run_id", run_id,
         "--trainer.enable_progress_bar=false",
@@ -58,7 +59,7 @@ def main() -> None:
     test = summary["test"]
     rows = [
         ["MedMNIST v2 ResNet-18 (28), published", "-", PUBLISHED["auc"], PUBLISHED["acc"], "-", "-", "-"],
-        [f"pipelines.run healthcare ({args.network}, {args.stem} stem, {args.image_size} px, {args.epochs} ep, {args.lr_schedule} lr {args.lr:g}, batch {args.batch_size}, wd {args.weight_decay:g}, augment {args.augment}, seed {args.seed})", summary["best_score"], test["test/auroc"], test["test/accuracy"], rate, peak_rss_mib(), wall / 60],
+        [f"pipelines.run healthcare ({args.network} x{args.width:g}, {args.stem} stem, {args.image_size} px, {args.epochs} ep, {args.lr_schedule} lr {args.lr:g}, batch {args.batch_size}, wd {args.weight_decay:g}, augment {args.augment}, seed {args.seed})", summary["best_score"], test["test/auroc"], test["test/accuracy"], rate, peak_rss_mib(), wall / 60],
     ]
     table = print_table(["model", "val AUC (selection)", "test AUC", "test ACC", "train samples/s (median epoch)", "peak RSS MiB", "wall min"], rows)
     write_results("healthcare_breastmnist", {"args": vars(args), "summary": summary, "epochs": epochs, "wall_s": wall, "peak_rss_mib": peak_rss_mib(), "table": table})

@@ -1,4 +1,4 @@
-"""DataLoader defaults shared by every domain."""
+"""DataLoader defaults and albumentations-from-YAML, shared by every domain."""
 
 from __future__ import annotations
 
@@ -56,3 +56,40 @@ def make_loader(dataset: Dataset, batch_size: int | None, num_workers: int | Non
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         **kwargs,
     )
+
+
+#: An albumentations pipeline as YAML gives it: ``[{"HorizontalFlip": {"p": 0.5}}, ...]``.
+AugmentSpec = list[dict[str, dict[str, Any]]]
+
+
+def build_albumentations(spec: AugmentSpec | None) -> Any:
+    """Build an ``albumentations.Compose`` from ``[{"HorizontalFlip": {"p": 0.5}}, ...]``, or ``None``.
+
+    Validated at once, so a typo fails before any training: each transform is built with
+    albumentations' ``strict=True``, which refuses arguments the transform does not take.
+
+    Example:
+        >>> build_albumentations([{"HorizontalFlip": {"p": 0.5}}]).transforms
+        [HorizontalFlip(p=0.5)]
+        >>> build_albumentations([{"HorizontalFlipp": {}}])
+        Traceback (most recent call last):
+        ...
+        ValueError: augment: albumentations has no transform 'HorizontalFlipp' (see albumentations' documentation)
+    """
+    if not spec:
+        return None
+    import albumentations as A
+
+    steps = []
+    for item in spec:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ValueError(f"augment: each entry must be one {{TransformName: {{arguments}}}} mapping, got {item!r}")
+        ((name, kwargs),) = item.items()
+        transform = getattr(A, name, None)
+        if not isinstance(transform, type):
+            raise ValueError(f"augment: albumentations has no transform {name!r} (see albumentations' documentation)")
+        try:
+            steps.append(transform(**(kwargs or {}), strict=True))  # strict: unknown arguments are errors
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"augment: invalid arguments for {name}: {error}") from None
+    return A.Compose(steps)

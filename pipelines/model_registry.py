@@ -60,6 +60,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipelines.runs import fsync_dir, write_json_atomic
+
 DEFAULT_REGISTRY = "registry"
 REGISTRY_ENV = "PIPELINES_REGISTRY"
 WEIGHTS_FILE = "model.safetensors"
@@ -96,29 +98,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def replace_json_durable(path: Path, payload: Any) -> None:
-    """Replace ``path`` with ``payload`` as JSON: temp file, fsync, ``os.replace``, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_durable(tmp, (json.dumps(payload, indent=2, default=str) + "\n").encode())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _json_safe(value: Any) -> Any:
@@ -377,9 +356,9 @@ class ModelRegistry:
         for name in (*files, METADATA_FILE):
             with open(tmp / name, "rb") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, self.versions_dir / version)  # atomic: the version appears complete or not at all
-        _fsync_dir(self.versions_dir)
+        fsync_dir(self.versions_dir)
         return version
 
     def set_champion(self, version: str, reason: str) -> dict[str, Any]:
@@ -391,7 +370,7 @@ class ModelRegistry:
         if current and current["version"] != version:
             previous.append(current["version"])
         record = {"version": version, "since": _now(), "reason": reason, "previous": previous}
-        replace_json_durable(self.path / CHAMPION_FILE, record)
+        write_json_atomic(self.path / CHAMPION_FILE, record, durable=True)
         return record
 
     def rollback(self) -> dict[str, Any]:
@@ -402,7 +381,7 @@ class ModelRegistry:
         *rest, previous = current["previous"]
         self.verify_version(previous)
         record = {"version": previous, "since": _now(), "reason": f"rollback from {current['version']}", "previous": rest}
-        replace_json_durable(self.path / CHAMPION_FILE, record)
+        write_json_atomic(self.path / CHAMPION_FILE, record, durable=True)
         return record
 
     def pin_evaluation(self, record: dict[str, Any]) -> None:
@@ -410,7 +389,7 @@ class ModelRegistry:
         if self.evaluation() is not None:
             raise RegistryError(f"{self.path / EVALUATION_FILE} is already pinned")
         self.path.mkdir(parents=True, exist_ok=True)
-        replace_json_durable(self.path / EVALUATION_FILE, {**record, "pinned_at": _now()})
+        write_json_atomic(self.path / EVALUATION_FILE, {**record, "pinned_at": _now()}, durable=True)
 
     def append_history(self, row: dict[str, Any]) -> None:
         """Append one history line (one ``write`` on an ``O_APPEND`` descriptor, then fsync)."""

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from domains.healthcare.data import MedicalImageDataModule, build_albumentations, stratified_split
+from domains.healthcare.data import MedicalImageDataModule, stratified_split
+from pipelines.data import build_albumentations
 from domains.healthcare.model import ImageClassifier
 from domains.healthcare.networks import build_network, load_pretrained_weights
 from tests.conftest import only_run, run_pipeline, shared_file

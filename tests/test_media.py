@@ -160,6 +160,8 @@ def test_image_size_error_comes_before_training_through_the_cli(tmp_path):
 def test_unknown_augmentation_is_an_error():
     with pytest.raises(ValueError, match="no transform 'Sparkle'"):
         shapes_module(augment=[{"Sparkle": {"p": 1.0}}])
+    with pytest.raises(ValueError, match="invalid arguments for HorizontalFlip"):  # a misspelt argument is not ignored
+        shapes_module(augment=[{"HorizontalFlip": {"probability": 0.5}}])
 
 
 # ----- models ---------------------------------------------------------------------------------------

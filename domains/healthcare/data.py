@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from pipelines.data import make_loader
+from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from domains.healthcare.readers import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -34,29 +34,6 @@ from domains.healthcare.readers import (
     resized,
     synthetic_lesions,
 )
-
-AugmentSpec = list[dict[str, dict[str, Any]]]
-
-
-def build_albumentations(spec: AugmentSpec | None) -> Any:
-    """Build an ``albumentations.Compose`` from ``[{"HorizontalFlip": {"p": 0.5}}, ...]``."""
-    if not spec:
-        return None
-    import albumentations as A
-
-    steps = []
-    for item in spec:
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ValueError(f"augment: each entry must be one {{TransformName: {{arguments}}}} mapping, got {item!r}")
-        (name, kwargs), = item.items()
-        transform = getattr(A, name, None)
-        if not isinstance(transform, type):
-            raise ValueError(f"augment: albumentations has no transform {name!r} (see albumentations' documentation)")
-        try:
-            steps.append(transform(**(kwargs or {}), strict=True))  # strict: unknown arguments are errors
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"augment: invalid arguments for {name}: {error}") from None
-    return A.Compose(steps)
 
 
 def build_volume_augmentation() -> Any:

@@ -24,32 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.data import make_loader
+from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
-AugmentSpec = list[dict[str, dict[str, Any]]]
 SPLITS = ("train", "val", "test")
-
-
-def build_albumentations(spec: AugmentSpec | None) -> Any:
-    """Build an ``albumentations.Compose`` from ``[{"HorizontalFlip": {"p": 0.5}}, ...]`` (validated now)."""
-    if not spec:
-        return None
-    import albumentations as A
-
-    steps = []
-    for item in spec:
-        if not isinstance(item, dict) or len(item) != 1:
-            raise ValueError(f"augment: each entry must be one {{TransformName: {{arguments}}}} mapping, got {item!r}")
-        ((name, kwargs),) = item.items()
-        transform = getattr(A, name, None)
-        if not isinstance(transform, type):
-            raise ValueError(f"augment: albumentations has no transform {name!r}")
-        try:
-            steps.append(transform(**(kwargs or {})))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"augment: invalid arguments for {name}: {error}") from None
-    return A.Compose(steps)
 
 
 def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
