@@ -18,6 +18,8 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from pipelines.runs import write_text_atomic
+
 HELP_FLAGS = ("-h", "--help")
 
 
@@ -57,9 +59,6 @@ def cached_help(domain: str, domain_dir: Path, args: list[str], render: Callable
         sys.stdout.write(buffer.getvalue())
         if done.code in (0, None):
             with contextlib.suppress(OSError):
-                root.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(buffer.getvalue())
-                os.replace(tmp, path)
+                write_text_atomic(path, buffer.getvalue())
         raise
     sys.stdout.write(buffer.getvalue())

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from domains.healthcare.data import MedicalImageDataModule, stratified_split
-from pipelines.data import build_albumentations
 from domains.healthcare.model import ImageClassifier
 from domains.healthcare.networks import build_network, load_pretrained_weights
+from pipelines.data import build_albumentations
 from tests.conftest import only_run, run_pipeline, shared_file
 from tests.medical_files import blob_images, write_dicom, write_medmnist_npz, write_nifti, write_png
 
