@@ -302,6 +302,31 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint_from_before(tmp_path):
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("generator.") and v.is_floating_point())
 
 
+@pytest.mark.parametrize("model_class, config", [(GAN, TINY_GAN), (Diffusion, TINY_DIFFUSION)], ids=["gan", "diffusion"])
+def test_nan_guard_names_the_network_and_keeps_the_weights(tmp_path, model_class, config):
+    dm = shapes_module()
+    rates = {"lr_generator": 1e30, "lr_discriminator": 1e30} if model_class is GAN else {"lr": 1e30}
+    model = model_class(**{**config, **rates}, **linked(dm))
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=0, default_root_dir=tmp_path, **QUIET)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (discriminator|generator|diffusion) (loss|gradient)") as error:
+        trainer.fit(model, datamodule=dm)
+    assert "before-nonfinite-step" in str(error.value)
+
+
+@pytest.mark.parametrize("model_class, config", [(GAN, TINY_GAN), (Diffusion, TINY_DIFFUSION)], ids=["gan", "diffusion"])
+def test_fp16_loss_scaler_overflow_is_skipped_not_a_divergence(tmp_path, model_class, config):
+    """Under ``16-mixed`` the first steps' scaled gradients overflow by design; the scaler skips them."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    dm = shapes_module()
+    model = model_class(**config, **linked(dm))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # overflows fp16 gradients for the first steps
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, default_root_dir=tmp_path, plugins=[plugin], **QUIET)
+    trainer.fit(model, datamodule=dm)
+    assert scaler.get_scale() < 2.0**60, "no step overflowed, so this test checks nothing"
+
+
 def test_saved_feature_extractor_is_reused_and_checked(tmp_path):
     dm = shapes_module()
     model = GAN(**TINY_GAN, **linked(dm))

@@ -247,7 +247,7 @@ class SensorSequenceModel(BaseTask):
             loss = self._forecast_loss(batch)
         else:
             loss, _ = self._outputs_loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["inputs"]), sync_dist=True)
+        self.log_train_loss(loss, len(batch["inputs"]))
         return loss
 
     def on_train_epoch_start(self) -> None:

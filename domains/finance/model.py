@@ -180,7 +180,7 @@ class FraudAutoencoder(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         errors = self.errors(batch, sample=True)
         loss = (errors.numeric.sum(1) + errors.categorical.sum(1) + self.hparams.kl_weight * errors.kl).mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(errors.kl), sync_dist=True)
+        self.log_train_loss(loss, len(errors.kl))
         return loss
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:

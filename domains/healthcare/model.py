@@ -169,7 +169,7 @@ class ImageClassifier(BaseTask):
         loss, probs, target = self._step(batch)
         self.train_accuracy(probs, target)
         batch_size = len(target)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log_train_loss(loss, batch_size)
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import get_total_norm
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -103,11 +104,14 @@ class GenerativeTask(BaseTask):
         return names[label] if 0 <= label < len(names) else "-"
 
     def _labels_for(self, labels: torch.Tensor | None, count: int) -> torch.Tensor | None:
+        """The class each image is conditioned on: its label, or for unlabelled images (-1) the classes in turn.
+
+        Element-wise, so a training step does not wait for the device to say whether labels are missing.
+        """
         if not self.condition_classes:
             return None
-        if labels is None or (labels < 0).any():
-            return torch.arange(count, device=self.device) % self.condition_classes
-        return labels.to(self.device).long()
+        cycled = torch.arange(count, device=self.device) % self.condition_classes
+        return cycled if labels is None else torch.where(labels.to(self.device) < 0, cycled, labels.to(self.device).long())
 
     # ----- what subclasses implement --------------------------------------------------------------
     def build_networks(self) -> None:
@@ -300,14 +304,28 @@ class GenerativeTask(BaseTask):
         }
 
     # ----- the non-finite guard ---------------------------------------------------------------------
-    def check_finite(self, what: str, values: torch.Tensor | list[torch.Tensor]) -> None:
-        """Stop the run (every rank) when ``values`` hold NaN/inf, after a checkpoint of the current weights."""
-        tensors = values if isinstance(values, list) else [values]
-        bad = any(not bool(torch.isfinite(t).all()) for t in tensors)
+    def check_finite(self, what: str, loss: torch.Tensor, network: nn.Module) -> None:
+        """Stop the run (every rank) when ``loss`` or ``network``'s gradients hold NaN/inf, after a
+        checkpoint of the current weights. Call it after the backward pass, before the optimizer step.
+
+        One device-to-host copy per call (and one all-reduce under DDP), whatever the number of
+        parameters: the gradients are reduced to their largest magnitude (``get_total_norm`` with
+        ``norm_type=inf``, which keeps NaN and inf and cannot overflow). Under a loss scaler
+        (``16-mixed``) only the loss is checked: an inf gradient there is an overflow of the scaled
+        gradients, which the scaler handles itself by skipping that step and lowering its scale.
+        """
+        checks = {f"{what} loss": loss.detach().float()}
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            checks[f"{what} gradient"] = get_total_norm(grads, norm_type=float("inf")).float()
+        finite = torch.isfinite(torch.stack(list(checks.values())))  # the losses are scalars
+        bad = not bool(finite.all())
         if self.trainer.world_size > 1:
             bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
         if not bad:
             return
+        culprits = [name for name, ok in zip(checks, finite.tolist()) if not ok]
+        what = " and ".join(culprits) if culprits else f"{what} loss or gradient on another rank"
         step = self.trainer.global_step
         callback = self.trainer.checkpoint_callback
         folder = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
@@ -318,10 +336,6 @@ class GenerativeTask(BaseTask):
             f"training stopped before applying it. The weights from before this step are in {path}; "
             "lower the learning rate or check the data"
         )
-
-
-def _grads(module: nn.Module) -> list[torch.Tensor]:
-    return [p.grad for p in module.parameters() if p.grad is not None]
 
 
 class GAN(GenerativeTask):
@@ -451,10 +465,9 @@ class GAN(GenerativeTask):
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         if real_logits is not None:
             d_loss = d_loss + self.hparams.class_loss_weight * F.cross_entropy(real_logits, labels)
-        self.check_finite("discriminator loss", d_loss)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
-        self.check_finite("discriminator gradient", _grads(self.discriminator))
+        self.check_finite("discriminator", d_loss, self.discriminator)
         opt_d.step()
         if not ddp:
             self.untoggle_optimizer(opt_d)
@@ -463,16 +476,15 @@ class GAN(GenerativeTask):
         g_loss = -g_score.mean()
         if fake_logits is not None:
             g_loss = g_loss + self.hparams.class_loss_weight * F.cross_entropy(fake_logits, labels)
-        self.check_finite("generator loss", g_loss)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
-        self.check_finite("generator gradient", _grads(self.generator))
+        self.check_finite("generator", g_loss, self.generator)
         opt_g.step()
         if not ddp:
             self.untoggle_optimizer(opt_g)
 
         size = len(real)
-        self.log("train/loss", d_loss.detach() + g_loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_train_loss(d_loss.detach() + g_loss.detach(), size)
         self.log_dict(
             {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach(), "train/d_real": d_real.detach().mean(), "train/d_fake": d_fake.detach().mean()},
             on_step=False, on_epoch=True, batch_size=size, sync_dist=True,
@@ -654,12 +666,12 @@ class Diffusion(GenerativeTask):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         loss = self._denoising_loss(self.unet, images, self._labels_for(batch["label"], len(images)))
-        self.check_finite("diffusion loss", loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True)
+        self.log_train_loss(loss, len(images))
+        self._step_loss = loss.detach()
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.check_finite("diffusion gradient", _grads(self.unet))
+        self.check_finite("diffusion", self._step_loss, self.unet)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.trainer.global_step
