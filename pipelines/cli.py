@@ -14,9 +14,10 @@ import sys
 import warnings
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -25,9 +26,40 @@ from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run, write_text_atomic
 from pipelines.task import compile_networks
-from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger
+from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, log_figure, make_wandb_logger
 
 from pipelines.run import SUBCOMMANDS
+
+
+#: Points of Lightning's learning-rate range test left out when reading its curve. Its smoothed loss
+#: is bias-corrected one step too far (``1 - beta ** (global_step + 1)`` after the step has counted),
+#: so the first points read low, about half the loss at the first and within 2 % only after ~30
+#: (Lightning #14167): the curve rises at tiny learning rates whatever the model.
+LR_FIND_SKIP = 30
+
+
+def suggest_learning_rate(lrs: list[float], losses: list[float], skip: int = LR_FIND_SKIP) -> tuple[float | None, str]:
+    """A learning rate from a range test's curve: one tenth of the one with the lowest loss
+    (Smith's range test as fastai reads it, ``lr_min / 10``), or ``None`` and why not.
+
+    Lightning's own suggestion (the steepest point of the curve) lands on noise when the curve is
+    flat or noisy, and on the warm-up of its smoothing when that is left in. Here the loss must fall
+    at least 2 % below the median of the ten learning rates after the ``skip`` smallest, at a larger one.
+
+    Example:
+        >>> lrs = [10.0 ** (k - 14) for k in range(15)]
+        >>> suggest_learning_rate(lrs, [1.0] * 10 + [0.9, 0.5, 0.3, 0.6, 9.0], skip=0)
+        (0.001, '')
+        >>> suggest_learning_rate(lrs, [1.0] * 10 + [1.0, 1.1, 1.2, 1.5, 9.0], skip=0)[1]
+        'the loss did not fall (lowest 1 at lr 0.0001, against 1 at the smallest learning rates)'
+    """
+    if len(losses) <= skip + 10:
+        return None, f"only {len(losses)} points in the curve (more training steps needed: each tests one learning rate)"
+    reference = float(np.median(losses[skip : skip + 10]))
+    lowest = skip + 10 + int(np.argmin(losses[skip + 10 :]))
+    if losses[lowest] >= 0.98 * reference:
+        return None, f"the loss did not fall (lowest {losses[lowest]:.3g} at lr {lrs[lowest]:.3g}, against {reference:.3g} at the smallest learning rates)"
+    return lrs[lowest] / 10, ""
 
 
 class PipelineCLI(LightningCLI):
@@ -92,6 +124,15 @@ class PipelineCLI(LightningCLI):
             "--scale_batch_size", type=Literal["none", "power", "binsearch"], default="none",
             help="Before fit, find the largest batch size that fits (Lightning's Tuner; single device).",
         )  # fmt: skip
+        parser.add_argument(
+            "--lr_find", type=bool, default=False,
+            help="Before fit, run Lightning's learning-rate range test and train with its suggestion "
+            "(models with one learning rate `lr`; single device). The curve goes to plots/tuner_lr_find.png.",
+        )  # fmt: skip
+        parser.add_argument(
+            "--early_stopping_patience", type=int | None, default=None,
+            help="Stop fitting when the domain's monitored metric has not improved for this many validation runs.",
+        )  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments(f"data.{source}", f"{model_args}.{target}", apply_on="instantiate")
@@ -100,6 +141,9 @@ class PipelineCLI(LightningCLI):
         super().parse_arguments(parser, args)
         sub = self.config.subcommand
         cfg = self.config[sub]
+        patience = cfg.get("early_stopping_patience")
+        if patience is not None and patience < 1:
+            parser.error(f"--early_stopping_patience must be at least 1 (validation runs), got {patience}")
         try:
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
@@ -130,6 +174,9 @@ class PipelineCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
+        patience = self.config[self.subcommand].get("early_stopping_patience")
+        if patience is not None:
+            callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
         callbacks += [RunSummary(run_dir, self.spec.monitor, self.spec.mode), CsvPredictionWriter(run_dir)]
         overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
         if trainer_cfg.get("logger") in (None, True):
@@ -153,23 +200,66 @@ class PipelineCLI(LightningCLI):
             print(f"[pipelines] torch.compile: {', '.join(compiled) or 'no network found'}", file=sys.stderr)
 
     def before_fit(self) -> None:
-        mode = self.config["fit"].get("scale_batch_size", "none")
+        config = self.config["fit"]
+        mode = config.get("scale_batch_size", "none")
+        assert self.run is not None
+        if self.run.ckpt_path and (mode != "none" or config.get("lr_find")):
+            if self.trainer.is_global_zero:  # the checkpoint's optimizer state and the run's config hold the values found
+                print("[pipelines] resuming from a checkpoint: --scale_batch_size and --lr_find are skipped", file=sys.stderr)
+            return
         if mode != "none":
             from lightning.pytorch.tuner import Tuner
 
             found = Tuner(self.trainer).scale_batch_size(self.model, datamodule=self.datamodule, mode=mode)
-            self._record_batch_size(int(found))
+            self._record_tuned({("data", "batch_size"): int(found), ("scale_batch_size",): "none"}, f"batch size {int(found)}")
+        if config.get("lr_find"):
+            self._find_learning_rate()
+
+    def _find_learning_rate(self) -> None:
+        """Lightning's learning-rate range test; its suggestion becomes the model's ``lr`` for this fit
+        and is written into the run's config.yaml; the curve goes to ``plots/tuner_lr_find.png`` and W&B."""
+        from lightning.pytorch.tuner import Tuner
+
+        assert self.run is not None
+        model_class = type(self.model).__name__
+        if "lr" not in self.model.hparams or not self.model.automatic_optimization:
+            raise ValueError(
+                f"--lr_find needs a model with one learning rate `lr` and automatic optimisation; {model_class} "
+                f"has {sorted(k for k in self.model.hparams if k.startswith('lr')) or 'no lr'}"
+                f"{'' if self.model.automatic_optimization else ' and optimises manually'}"
+            )
+        finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, attr_name="lr", update_attr=False)
+        if finder is None:  # fast_dev_run: Lightning skips the search
+            return
+        suggestion, reason = suggest_learning_rate(finder.results["lr"], finder.results["loss"])
+        figure = finder.plot(suggest=False)
+        if suggestion is not None:
+            figure.axes[0].axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.3g}")
+            figure.axes[0].legend()
+        plot = log_figure(self.trainer, figure, "tuner/lr_find")
+        if suggestion is None:
+            if self.trainer.is_global_zero:
+                print(f"[pipelines] lr_find: {reason}; keeping lr {self.model.hparams.lr} (curve: {plot})", file=sys.stderr)
+            self._record_tuned({("lr_find",): False}, "no learning rate")
+            return
+        self.model.hparams.lr = float(suggestion)
+        model_key = ("model", "init_args", "lr") if self.spec.model_subclasses else ("model", "lr")
+        self._record_tuned({model_key: float(suggestion), ("lr_find",): False}, f"learning rate {suggestion:.3g}")
 
     @rank_zero_only
-    def _record_batch_size(self, batch_size: int) -> None:
-        """Write the Tuner's batch size into the run's config.yaml, so that a resumed run, ``test`` and
-        ``predict`` use it instead of the configured one (and a resume does not search again)."""
+    def _record_tuned(self, values: dict[tuple[str, ...], Any], what: str) -> None:
+        """Write what the Tuner found into the run's config.yaml, so that a resumed run, ``test`` and
+        ``predict`` use it instead of the configured value (and a resume does not search again)."""
         assert self.run is not None
         path = self.run.path / "config.yaml"
         config = yaml.safe_load(path.read_text())
-        config["data"]["batch_size"], config["scale_batch_size"] = batch_size, "none"
+        for keys, value in values.items():
+            section = config
+            for key in keys[:-1]:
+                section = section[key]
+            section[keys[-1]] = value
         write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
-        print(f"[pipelines] batch size {batch_size} (Tuner) recorded in {path}", file=sys.stderr)
+        print(f"[pipelines] {what} (Tuner) recorded in {path}", file=sys.stderr)
 
     def after_fit(self) -> None:
         if not self.test_after_fit or self.trainer.interrupted:

@@ -226,3 +226,41 @@ def test_batch_size_finder_runs_and_its_result_becomes_the_runs_config(runs_dir,
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["datamodule_hyper_parameters"]["batch_size"] == 64
     assert "batch size 64 (Tuner)" in capsys.readouterr().err
+
+
+def test_learning_rate_finder_trains_with_its_suggestion_and_records_it(runs_dir, capsys):
+    # 400 images, batch 16: 17 steps an epoch, so 7 epochs give the range test its 100 learning rates
+    run_pipeline(
+        "healthcare", "fit", "--lr_find=true", "--model.network=resnet10", "--model.width=0.25", "--data.synthetic_samples=400",
+        "--data.synthetic_image_size=16", "--data.batch_size=16", "--trainer.max_epochs=7", "--trainer.limit_val_batches=2",
+        "--runs_dir", str(runs_dir),
+    )  # fmt: skip
+    run = only_run(runs_dir, "healthcare")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    found = config["model"]["lr"]
+    assert found != 0.002 and 1e-6 < found < 1 and config["lr_find"] is False  # a resume does not search again
+    assert f"learning rate {found:.3g} (Tuner)" in capsys.readouterr().err
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["hyper_parameters"]["lr"] == found
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(found)
+    assert (run / "plots" / "tuner_lr_find.png").is_file()
+    assert any(key.startswith("tuner/lr_find/") for row in history(run_file(run)) for key in row)  # the curve, as a W&B image
+
+
+def test_learning_rate_finder_refuses_a_model_with_two_learning_rates(runs_dir):
+    with pytest.raises(ValueError, match=r"--lr_find needs a model with one learning rate .* GAN has \['lr_discriminator', 'lr_generator'\]"):
+        run_pipeline("media", "fit", "--lr_find=true", "--data.synthetic_samples=32", "--data.image_size=16", "--runs_dir", str(runs_dir))
+
+
+def test_early_stopping_stops_when_the_monitored_metric_stalls(runs_dir, capsys):
+    # lr 0: the weights never change, so val/loss never improves after the first validation
+    run_pipeline("finance", "fit", "--early_stopping_patience=2", "--model.lr=0", "--data.synthetic_rows=1200", "--trainer.max_epochs=20", "--runs_dir", str(runs_dir))
+    summary = json.loads((only_run(runs_dir, "finance") / "summary.json").read_text())
+    assert summary["epochs"] == 3  # best at epoch 0, then 2 validations without improvement
+    assert "did not improve in the last 2 records" in capsys.readouterr().err
+
+
+def test_early_stopping_patience_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        run_pipeline("finance", "fit", "--early_stopping_patience=0")
+    assert "--early_stopping_patience must be at least 1" in capsys.readouterr().err

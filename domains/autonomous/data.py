@@ -26,7 +26,7 @@ with training statistics; a per-sequence value is the same on every row); classi
 the class in ``target_column`` at the last observed row.
 
 Example:
-    >>> dm = SensorSequenceDataModule(sim_vehicles=40, batch_size=8)
+    >>> dm = SensorSequenceDataModule(channels=["speed", "yaw_rate", "accel_long", "accel_lat"], target_channels=["x", "y"], sim_vehicles=40)
     >>> dm.task, dm.input_size, dm.target_dim, dm.observe, dm.predict
     ('forecasting', 6, 2, 8, 12)
 """
