@@ -246,6 +246,11 @@ def test_learning_rate_finder_trains_with_its_suggestion_and_records_it(runs_dir
     assert (run / "plots" / "tuner_lr_find.png").is_file()
     assert any(key.startswith("tuner/lr_find/") for row in history(run_file(run)) for key in row)  # the curve, as a W&B image
 
+    # resuming neither searches again nor changes the learning rate found, even when asked to
+    run_pipeline("healthcare", "fit", "--lr_find=true", "--ckpt_path=last", "--run_id", run.name, "--trainer.max_epochs=8", "--runs_dir", str(runs_dir))
+    assert "--scale_batch_size and --lr_find are skipped" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["lr"] == found
+
 
 def test_learning_rate_finder_refuses_a_model_with_two_learning_rates(runs_dir):
     with pytest.raises(ValueError, match=r"--lr_find needs a model with one learning rate .* GAN has \['lr_discriminator', 'lr_generator'\]"):
