@@ -257,12 +257,11 @@ def test_learning_rate_finder_refuses_a_model_with_two_learning_rates(runs_dir):
         run_pipeline("media", "fit", "--lr_find=true", "--data.synthetic_samples=32", "--data.image_size=16", "--runs_dir", str(runs_dir))
 
 
-def test_early_stopping_stops_when_the_monitored_metric_stalls(runs_dir, capsys):
+def test_early_stopping_stops_when_the_monitored_metric_stalls(runs_dir):
     # lr 0: the weights never change, so val/loss never improves after the first validation
     run_pipeline("finance", "fit", "--early_stopping_patience=2", "--model.lr=0", "--data.synthetic_rows=1200", "--trainer.max_epochs=20", "--runs_dir", str(runs_dir))
     summary = json.loads((only_run(runs_dir, "finance") / "summary.json").read_text())
     assert summary["epochs"] == 3  # best at epoch 0, then 2 validations without improvement
-    assert "did not improve in the last 2 records" in capsys.readouterr().err
 
 
 def test_early_stopping_patience_must_be_positive(capsys):
