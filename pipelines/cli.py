@@ -126,8 +126,9 @@ class PipelineCLI(LightningCLI):
         )  # fmt: skip
         parser.add_argument(
             "--lr_find", type=bool, default=False,
-            help="Before fit, run Lightning's learning-rate range test and train with its suggestion "
-            "(models with one learning rate `lr`; single device). The curve goes to plots/tuner_lr_find.png.",
+            help="Before fit, run Lightning's learning-rate range test and train with a tenth of the learning rate "
+            "at the lowest loss (models with one learning rate `lr`; single device; ~110 training steps or more). "
+            "The curve goes to plots/tuner_lr_find.png.",
         )  # fmt: skip
         parser.add_argument(
             "--early_stopping_patience", type=int | None, default=None,
@@ -240,7 +241,7 @@ class PipelineCLI(LightningCLI):
         if suggestion is None:
             if self.trainer.is_global_zero:
                 print(f"[pipelines] lr_find: {reason}; keeping lr {self.model.hparams.lr} (curve: {plot})", file=sys.stderr)
-            self._record_tuned({("lr_find",): False}, "no learning rate")
+            self._record_tuned({("lr_find",): False}, "lr_find done, configured lr kept,")
             return
         self.model.hparams.lr = float(suggestion)
         model_key = ("model", "init_args", "lr") if self.spec.model_subclasses else ("model", "lr")

@@ -327,6 +327,19 @@ def test_fp16_loss_scaler_overflow_is_skipped_not_a_divergence(tmp_path, model_c
     assert scaler.get_scale() < 2.0**60, "no step overflowed, so this test checks nothing"
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_feature_extractor_trains_inside_an_evaluation_loop(context):
+    """Lightning's learning-rate finder validates before the model's on_fit_start, so the extractor
+    is first trained from on_validation_start, inside the loop's no-grad context."""
+    from domains.media.features import train_feature_cnn
+
+    images, labels = make_shape_images(48, size=16, seed=0)  # (N, H, W, 3) uint8
+    images = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with context():
+        net = train_feature_cnn(images, torch.as_tensor(labels), steps=3, width=8)
+    assert net.task == "classes" and all(p.requires_grad for p in net.parameters())
+
+
 def test_saved_feature_extractor_is_reused_and_checked(tmp_path):
     dm = shapes_module()
     model = GAN(**TINY_GAN, **linked(dm))

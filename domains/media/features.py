@@ -50,8 +50,15 @@ def train_feature_cnn(
     """Train a :class:`FeatureCNN` on images in [-1, 1] for ``steps`` batches: the classes when labelled (>= 2), else rotations.
 
     Trains on the device ``images`` are on, with its own random generators, so the run's global
-    random state (CPU and GPU) is left untouched.
+    random state (CPU and GPU) is left untouched. Gradients are on whatever the caller's context
+    (a validation loop's ``no_grad`` or ``inference_mode``, e.g. when Lightning's learning-rate finder
+    validates before the model's ``on_fit_start``).
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_feature_cnn(images.clone(), labels.clone() if labels is not None else None, steps, width, batch_size, lr, seed)
+
+
+def _train_feature_cnn(images: torch.Tensor, labels: torch.Tensor | None, steps: int, width: int, batch_size: int, lr: float, seed: int) -> FeatureCNN:
     labelled = labels is not None and bool((labels >= 0).all()) and int(labels.max()) >= 1
     if labelled:
         inputs, targets = images, labels.long()
