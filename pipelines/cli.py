@@ -38,13 +38,15 @@ from pipelines.run import SUBCOMMANDS
 LR_FIND_SKIP = 30
 
 
-def suggest_learning_rate(lrs: list[float], losses: list[float], skip: int = LR_FIND_SKIP) -> tuple[float | None, str]:
+def suggest_learning_rate(lrs: list[float], losses: list[float], planned: int | None = None, skip: int = LR_FIND_SKIP) -> tuple[float | None, str]:
     """A learning rate from a range test's curve: one tenth of the one with the lowest loss
     (Smith's range test as fastai reads it, ``lr_min / 10``), or ``None`` and why not.
 
     Lightning's own suggestion (the steepest point of the curve) lands on noise when the curve is
     flat or noisy, and on the warm-up of its smoothing when that is left in. Here the loss must fall
-    at least 2 % below the median of the ten learning rates after the ``skip`` smallest, at a larger one.
+    at least 2 % below the median of the ten learning rates after the ``skip`` smallest, at a larger one,
+    and a test that ended before its ``planned`` points must have ended by diverging (a loss above 4x
+    the lowest, Lightning's stop): one cut short by ``max_epochs`` never reached the large learning rates.
 
     Example:
         >>> lrs = [10.0 ** (k - 14) for k in range(15)]
@@ -52,9 +54,14 @@ def suggest_learning_rate(lrs: list[float], losses: list[float], skip: int = LR_
         (0.001, '')
         >>> suggest_learning_rate(lrs, [1.0] * 10 + [1.0, 1.1, 1.2, 1.5, 9.0], skip=0)[1]
         'the loss did not fall (lowest 1 at lr 0.0001, against 1 at the smallest learning rates)'
+        >>> suggest_learning_rate(lrs[:12], [1.0] * 10 + [0.9, 0.8], planned=15, skip=0)[1]
+        'the range test stopped after 12 of 15 learning rates, below lr 0.001: it takes one training step per learning rate, so raise max_epochs'
     """
-    if len(losses) <= skip + 10:
-        return None, f"only {len(losses)} points in the curve (more training steps needed: each tests one learning rate)"
+    if len(losses) <= skip + 10 or (planned and len(losses) < planned and losses[-1] <= 4 * min(losses)):
+        return None, (
+            f"the range test stopped after {len(losses)} of {planned or len(losses)} learning rates, below lr {lrs[-1]:.3g}: "
+            "it takes one training step per learning rate, so raise max_epochs"
+        )
     reference = float(np.median(losses[skip : skip + 10]))
     lowest = skip + 10 + int(np.argmin(losses[skip + 10 :]))
     if losses[lowest] >= 0.98 * reference:
@@ -212,7 +219,7 @@ class PipelineCLI(LightningCLI):
             from lightning.pytorch.tuner import Tuner
 
             found = Tuner(self.trainer).scale_batch_size(self.model, datamodule=self.datamodule, mode=mode)
-            self._record_tuned({("data", "batch_size"): int(found), ("scale_batch_size",): "none"}, f"batch size {int(found)}")
+            self._record_tuned({("data", "batch_size"): int(found), ("scale_batch_size",): "none"}, f"batch size {int(found)} (Tuner)")
         if config.get("lr_find"):
             self._find_learning_rate()
 
@@ -232,7 +239,7 @@ class PipelineCLI(LightningCLI):
         finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, attr_name="lr", update_attr=False)
         if finder is None:  # fast_dev_run: Lightning skips the search
             return
-        suggestion, reason = suggest_learning_rate(finder.results["lr"], finder.results["loss"])
+        suggestion, reason = suggest_learning_rate(finder.results["lr"], finder.results["loss"], planned=finder.num_training)
         figure = finder.plot(suggest=False)
         if suggestion is not None:
             figure.axes[0].axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.3g}")
@@ -241,11 +248,11 @@ class PipelineCLI(LightningCLI):
         if suggestion is None:
             if self.trainer.is_global_zero:
                 print(f"[pipelines] lr_find: {reason}; keeping lr {self.model.hparams.lr} (curve: {plot})", file=sys.stderr)
-            self._record_tuned({("lr_find",): False}, "lr_find done, configured lr kept,")
+            self._record_tuned({("lr_find",): False}, "lr_find: false")
             return
         self.model.hparams.lr = float(suggestion)
         model_key = ("model", "init_args", "lr") if self.spec.model_subclasses else ("model", "lr")
-        self._record_tuned({model_key: float(suggestion), ("lr_find",): False}, f"learning rate {suggestion:.3g}")
+        self._record_tuned({model_key: float(suggestion), ("lr_find",): False}, f"learning rate {suggestion:.3g} (Tuner)")
 
     @rank_zero_only
     def _record_tuned(self, values: dict[tuple[str, ...], Any], what: str) -> None:
@@ -260,7 +267,7 @@ class PipelineCLI(LightningCLI):
                 section = section[key]
             section[keys[-1]] = value
         write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
-        print(f"[pipelines] {what} (Tuner) recorded in {path}", file=sys.stderr)
+        print(f"[pipelines] {what} recorded in {path}", file=sys.stderr)
 
     def after_fit(self) -> None:
         if not self.test_after_fit or self.trainer.interrupted:
