@@ -138,6 +138,10 @@ class PipelineCLI(LightningCLI):
             "The curve goes to plots/tuner_lr_find.png.",
         )  # fmt: skip
         parser.add_argument(
+            "--checkpoint_every_n_steps", type=int | None, default=None,
+            help="Also write checkpoints/last.ckpt every N training steps (long epochs: a killed run resumes from there).",
+        )  # fmt: skip
+        parser.add_argument(
             "--early_stopping_patience", type=int | None, default=None,
             help="Stop fitting when the domain's monitored metric has not improved for this many validation runs.",
         )  # fmt: skip
@@ -149,9 +153,9 @@ class PipelineCLI(LightningCLI):
         super().parse_arguments(parser, args)
         sub = self.config.subcommand
         cfg = self.config[sub]
-        patience = cfg.get("early_stopping_patience")
-        if patience is not None and patience < 1:
-            parser.error(f"--early_stopping_patience must be at least 1 (validation runs), got {patience}")
+        for option, unit in (("early_stopping_patience", "validation runs"), ("checkpoint_every_n_steps", "training steps")):
+            if cfg.get(option) is not None and cfg.get(option) < 1:
+                parser.error(f"--{option} must be at least 1 ({unit}), got {cfg.get(option)}")
         try:
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
@@ -182,6 +186,10 @@ class PipelineCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
+        every = self.config[self.subcommand].get("checkpoint_every_n_steps")
+        if every is not None and trainer_cfg.get("enable_checkpointing", True) is not False:
+            # only last.ckpt (save_top_k=0): best.ckpt stays chosen on the monitored metric at validation
+            callbacks.append(ModelCheckpoint(dirpath=self.run.checkpoint_dir, every_n_train_steps=every, save_top_k=0, save_last=True))
         patience = self.config[self.subcommand].get("early_stopping_patience")
         if patience is not None:
             callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
