@@ -26,7 +26,7 @@ from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run, write_text_atomic
 from pipelines.task import compile_networks
-from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, log_figure, make_wandb_logger
+from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, log_figure, make_wandb_logger, WatchModel
 
 from pipelines.run import SUBCOMMANDS
 
@@ -138,6 +138,10 @@ class PipelineCLI(LightningCLI):
             "The curve goes to plots/tuner_lr_find.png.",
         )  # fmt: skip
         parser.add_argument(
+            "--wandb_watch", type=Literal["none", "gradients", "parameters", "all"], default="none",
+            help="Log histograms of the model's gradients and/or parameters to W&B every log_every_n_steps.",
+        )  # fmt: skip
+        parser.add_argument(
             "--checkpoint_every_n_steps", type=int | None, default=None,
             help="Also write checkpoints/last.ckpt every N training steps (long epochs: a killed run resumes from there).",
         )  # fmt: skip
@@ -198,6 +202,9 @@ class PipelineCLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True):
             overrides["logger"] = make_wandb_logger(self.run, tags=self.spec.tags)
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+            watch = self.config[self.subcommand].get("wandb_watch", "none")
+            if watch != "none":
+                callbacks.append(WatchModel(watch))
         self._announce(plan.summary)
         return super().instantiate_trainer(**{**overrides, **kwargs})
 
@@ -217,6 +224,10 @@ class PipelineCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config["fit"]
+        self._tune(config)
+
+    def _tune(self, config: Any) -> None:
+        """``--scale_batch_size`` and ``--lr_find``: Lightning's Tuner, before the first fit of a run."""
         mode = config.get("scale_batch_size", "none")
         assert self.run is not None
         if self.run.ckpt_path and (mode != "none" or config.get("lr_find")):

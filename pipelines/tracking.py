@@ -144,6 +144,34 @@ class RunSummary(pl.Callback):
             self._update_summary(trainer, validate={k: v for k, v in metrics.items() if k.startswith("val/")})
 
 
+class WatchModel(pl.Callback):
+    """Histograms of the model's gradients (``gradients/<parameter>``, through ``wandb.watch``) and/or
+    parameters (``parameters/<parameter>``) in W&B, every ``trainer.log_every_n_steps`` (rank zero).
+
+    ``wandb.watch`` logs parameters from a forward hook of the watched module, which never fires for a
+    LightningModule (Lightning calls its steps, not its ``forward``), so parameters are logged here.
+    """
+
+    def __init__(self, what: str = "gradients") -> None:
+        if what not in ("gradients", "parameters", "all"):
+            raise ValueError(f"what must be 'gradients', 'parameters' or 'all', got {what!r}")
+        self.what = what
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.what in ("gradients", "all") and trainer.is_global_zero:
+            for logger in wandb_loggers(trainer):
+                logger.watch(pl_module, log="gradients", log_freq=trainer.log_every_n_steps, log_graph=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.what == "gradients" or not trainer.is_global_zero or trainer.global_step % trainer.log_every_n_steps:
+            return
+        import wandb
+
+        histograms = {f"parameters/{name}": wandb.Histogram(p.detach().float().cpu()) for name, p in pl_module.named_parameters() if p.requires_grad}
+        for logger in wandb_loggers(trainer):
+            logger.experiment.log({**histograms, "trainer/global_step": trainer.global_step})
+
+
 def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
     """Save a matplotlib figure as ``<run>/plots/<key>.png`` and log it to W&B (rank zero only).
 

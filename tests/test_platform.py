@@ -298,3 +298,12 @@ def test_checkpoint_every_n_steps_lets_a_run_killed_mid_epoch_resume(runs_dir):
     result = run_pipeline_process(*args, "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 8
+
+
+def test_wandb_watch_logs_gradient_and_parameter_histograms(runs_dir):
+    run_pipeline(
+        "finance", "fit", "--wandb_watch=all", "--data.synthetic_rows=1200", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+        "--trainer.log_every_n_steps=2", "--runs_dir", str(runs_dir),
+    )  # fmt: skip
+    keys = set().union(*history(run_file(only_run(runs_dir, "finance"))))
+    assert any(k.startswith("gradients/network.") for k in keys) and any(k.startswith("parameters/network.") for k in keys)
