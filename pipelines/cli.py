@@ -134,7 +134,7 @@ class PipelineCLI(LightningCLI):
         parser.add_argument(
             "--lr_find", type=bool, default=False,
             help="Before fit, run Lightning's learning-rate range test and train with a tenth of the learning rate "
-            "at the lowest loss (models with one learning rate `lr`; single device; ~110 training steps or more). "
+            "at the lowest loss (models with one learning rate `lr`; ~110 training steps or more; under DDP rank zero's curve decides). "
             "The curve goes to plots/tuner_lr_find.png.",
         )  # fmt: skip
         parser.add_argument(
@@ -258,7 +258,10 @@ class PipelineCLI(LightningCLI):
         finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, attr_name="lr", update_attr=False)
         if finder is None:  # fast_dev_run: Lightning skips the search
             return
-        suggestion, reason = suggest_learning_rate(finder.results["lr"], finder.results["loss"], planned=finder.num_training)
+        # every rank tests on its own shard: rank zero's reading is the one all ranks train with
+        suggestion, reason = self.trainer.strategy.broadcast(
+            suggest_learning_rate(finder.results["lr"], finder.results["loss"], planned=finder.num_training), src=0
+        )
         figure = finder.plot(suggest=False)
         if suggestion is not None:
             figure.axes[0].axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.3g}")
