@@ -14,7 +14,6 @@ import sys
 import warnings
 from typing import Any, Literal
 
-import numpy as np
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -26,47 +25,10 @@ from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run, write_text_atomic
 from pipelines.task import compile_networks
-from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, log_figure, make_wandb_logger, WatchModel
+from pipelines.tuning import find_learning_rate
+from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger, WatchModel
 
 from pipelines.run import SUBCOMMANDS
-
-
-#: Points of Lightning's learning-rate range test left out when reading its curve. Its smoothed loss
-#: is bias-corrected one step too far (``1 - beta ** (global_step + 1)`` after the step has counted),
-#: so the first points read low, about half the loss at the first and within 2 % only after ~30
-#: (Lightning #14167): the curve rises at tiny learning rates whatever the model.
-LR_FIND_SKIP = 30
-
-
-def suggest_learning_rate(lrs: list[float], losses: list[float], planned: int | None = None, skip: int = LR_FIND_SKIP) -> tuple[float | None, str]:
-    """A learning rate from a range test's curve: one tenth of the one with the lowest loss
-    (Smith's range test as fastai reads it, ``lr_min / 10``), or ``None`` and why not.
-
-    Lightning's own suggestion (the steepest point of the curve) lands on noise when the curve is
-    flat or noisy, and on the warm-up of its smoothing when that is left in. Here the loss must fall
-    at least 2 % below the median of the ten learning rates after the ``skip`` smallest, at a larger one,
-    and a test that ended before its ``planned`` points must have ended by diverging (a loss above 4x
-    the lowest, Lightning's stop): one cut short by ``max_epochs`` never reached the large learning rates.
-
-    Example:
-        >>> lrs = [10.0 ** (k - 14) for k in range(15)]
-        >>> suggest_learning_rate(lrs, [1.0] * 10 + [0.9, 0.5, 0.3, 0.6, 9.0], skip=0)
-        (0.001, '')
-        >>> suggest_learning_rate(lrs, [1.0] * 10 + [1.0, 1.1, 1.2, 1.5, 9.0], skip=0)[1]
-        'the loss did not fall (lowest 1 at lr 0.0001, against 1 at the smallest learning rates)'
-        >>> suggest_learning_rate(lrs[:12], [1.0] * 10 + [0.9, 0.8], planned=15, skip=0)[1]
-        'the range test stopped after 12 of 15 learning rates, below lr 0.001: it takes one training step per learning rate, so raise max_epochs'
-    """
-    if len(losses) <= skip + 10 or (planned and len(losses) < planned and losses[-1] <= 4 * min(losses)):
-        return None, (
-            f"the range test stopped after {len(losses)} of {planned or len(losses)} learning rates, below lr {lrs[-1]:.3g}: "
-            "it takes one training step per learning rate, so raise max_epochs"
-        )
-    reference = float(np.median(losses[skip : skip + 10]))
-    lowest = skip + 10 + int(np.argmin(losses[skip + 10 :]))
-    if losses[lowest] >= 0.98 * reference:
-        return None, f"the loss did not fall (lowest {losses[lowest]:.3g} at lr {lrs[lowest]:.3g}, against {reference:.3g} at the smallest learning rates)"
-    return lrs[lowest] / 10, ""
 
 
 class PipelineCLI(LightningCLI):
@@ -243,38 +205,17 @@ class PipelineCLI(LightningCLI):
             self._find_learning_rate()
 
     def _find_learning_rate(self) -> None:
-        """Lightning's learning-rate range test; its suggestion becomes the model's ``lr`` for this fit
-        and is written into the run's config.yaml; the curve goes to ``plots/tuner_lr_find.png`` and W&B."""
-        from lightning.pytorch.tuner import Tuner
-
-        assert self.run is not None
-        model_class = type(self.model).__name__
-        if "lr" not in self.model.hparams or not self.model.automatic_optimization:
-            raise ValueError(
-                f"--lr_find needs a model with one learning rate `lr` and automatic optimisation; {model_class} "
-                f"has {sorted(k for k in self.model.hparams if k.startswith('lr')) or 'no lr'}"
-                f"{'' if self.model.automatic_optimization else ' and optimises manually'}"
-            )
-        finder = Tuner(self.trainer).lr_find(self.model, datamodule=self.datamodule, attr_name="lr", update_attr=False)
-        if finder is None:  # fast_dev_run: Lightning skips the search
-            return
-        # every rank tests on its own shard: rank zero's reading is the one all ranks train with
-        suggestion, reason = self.trainer.strategy.broadcast(
-            suggest_learning_rate(finder.results["lr"], finder.results["loss"], planned=finder.num_training), src=0
-        )
-        figure = finder.plot(suggest=False)
-        if suggestion is not None:
-            figure.axes[0].axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.3g}")
-            figure.axes[0].legend()
-        plot = log_figure(self.trainer, figure, "tuner/lr_find")
+        """``--lr_find``: the learning rate found becomes the model's ``lr`` for this fit and is written
+        into the run's config.yaml (:func:`pipelines.tuning.find_learning_rate`)."""
+        suggestion, reason, plot = find_learning_rate(self.trainer, self.model, self.datamodule)
         if suggestion is None:
             if self.trainer.is_global_zero:
                 print(f"[pipelines] lr_find: {reason}; keeping lr {self.model.hparams.lr} (curve: {plot})", file=sys.stderr)
             self._record_tuned({("lr_find",): False}, "lr_find: false")
             return
-        self.model.hparams.lr = float(suggestion)
+        self.model.hparams.lr = suggestion
         model_key = ("model", "init_args", "lr") if self.spec.model_subclasses else ("model", "lr")
-        self._record_tuned({model_key: float(suggestion), ("lr_find",): False}, f"learning rate {suggestion:.3g} (Tuner)")
+        self._record_tuned({model_key: suggestion, ("lr_find",): False}, f"learning rate {suggestion:.3g} (Tuner)")
 
     @rank_zero_only
     def _record_tuned(self, values: dict[tuple[str, ...], Any], what: str) -> None:
