@@ -1,8 +1,9 @@
-"""Shared benchmark helpers: a throughput callback, peak memory, and a table printer."""
+"""Shared benchmark helpers: a throughput callback, peak memory, a table printer and child-process environments."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -13,6 +14,16 @@ import lightning.pytorch as pl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(root: Path = ROOT) -> dict[str, str]:
+    """Environment for a ``pipelines.run`` child process importing the code under ``root``: W&B
+    offline unless set, and none of this process's W&B service or run folder inherited."""
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    env.pop("WANDB_SERVICE", None)
+    env.pop("PIPELINES_RUN_ID", None)
+    return env
 
 
 def batch_size_of(batch: Any) -> int:

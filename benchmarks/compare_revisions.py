@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,22 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import print_table, write_results
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, child_env, print_table, write_results
 
 
 def epoch_rates(root: Path, domain: str, epochs: int, run_options: list[str], scratch: Path) -> list[float]:
     """Samples/s of each epoch after the first, of one ``pipelines.run DOMAIN fit`` from ``root``."""
     output = scratch / f"throughput-{time.time_ns()}.json"
-    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    env.pop("PIPELINES_RUN_ID", None)
     command = [
         sys.executable, "-m", "pipelines.run", domain, "fit", f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--runs_dir", str(scratch / "runs"), *run_options,
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={output}",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=root, env=child_env(root), capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command[2:])} in {root} exited with {done.returncode}: {done.stderr[-2000:]}")
     return [epoch["samples_per_s"] for epoch in json.loads(output.read_text())[1:]]

@@ -46,12 +46,9 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from benchmarks.common import batch_size_of, print_table, write_results
+from benchmarks.common import ROOT, batch_size_of, child_env, print_table, write_results
 from pipelines.hardware import plan_hardware
 from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class FirstStepTimer(pl.Callback):
     """Write the wall-clock time of the first training batch to a file (time to first step)."""
@@ -156,13 +153,6 @@ def pipeline_epochs(domain: str, epochs: int, runs_dir: Path, batch_size: int | 
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={output}",
     ])  # fmt: skip
     return json.loads(output.read_text())
-
-
-def child_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-    env.pop("WANDB_SERVICE", None)
-    env.pop("PIPELINES_RUN_ID", None)
-    return env
 
 
 def _wall(command: list[str], env: dict[str, str] | None = None) -> float:
