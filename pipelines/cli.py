@@ -25,8 +25,8 @@ from pipelines.predictions import CsvPredictionWriter
 from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run, write_text_atomic
 from pipelines.task import compile_networks
+from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 from pipelines.tuning import find_learning_rate
-from pipelines.tracking import RunSummary, UploadConfigToWandb, configure_wandb_mode, finish_wandb_run, make_wandb_logger, WatchModel
 
 from pipelines.run import SUBCOMMANDS
 
@@ -139,6 +139,7 @@ class PipelineCLI(LightningCLI):
         plan = plan_hardware(trainer_cfg)
         run_dir = self.run.path
         callbacks = list(trainer_cfg.get("callbacks") or [])
+        options = self.config[self.subcommand]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             callbacks.append(
                 ModelCheckpoint(
@@ -152,11 +153,10 @@ class PipelineCLI(LightningCLI):
                     enable_version_counter=False,
                 )
             )
-        every = self.config[self.subcommand].get("checkpoint_every_n_steps")
-        if every is not None and trainer_cfg.get("enable_checkpointing", True) is not False:
-            # only last.ckpt (save_top_k=0): best.ckpt stays chosen on the monitored metric at validation
-            callbacks.append(ModelCheckpoint(dirpath=self.run.checkpoint_dir, every_n_train_steps=every, save_top_k=0, save_last=True))
-        patience = self.config[self.subcommand].get("early_stopping_patience")
+            if (every := options.get("checkpoint_every_n_steps")) is not None:
+                # only last.ckpt (save_top_k=0): best.ckpt stays chosen on the monitored metric at validation
+                callbacks.append(ModelCheckpoint(dirpath=self.run.checkpoint_dir, every_n_train_steps=every, save_top_k=0, save_last=True))
+        patience = options.get("early_stopping_patience")
         if patience is not None:
             callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
         callbacks += [RunSummary(run_dir, self.spec.monitor, self.spec.mode), CsvPredictionWriter(run_dir)]
@@ -164,7 +164,7 @@ class PipelineCLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True):
             overrides["logger"] = make_wandb_logger(self.run, tags=self.spec.tags)
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-            watch = self.config[self.subcommand].get("wandb_watch", "none")
+            watch = options.get("wandb_watch", "none")
             if watch != "none":
                 callbacks.append(WatchModel(watch))
         self._announce(plan.summary)
@@ -185,11 +185,8 @@ class PipelineCLI(LightningCLI):
             print(f"[pipelines] torch.compile: {', '.join(compiled) or 'no network found'}", file=sys.stderr)
 
     def before_fit(self) -> None:
-        config = self.config["fit"]
-        self._tune(config)
-
-    def _tune(self, config: Any) -> None:
         """``--scale_batch_size`` and ``--lr_find``: Lightning's Tuner, before the first fit of a run."""
+        config = self.config["fit"]
         mode = config.get("scale_batch_size", "none")
         assert self.run is not None
         if self.run.ckpt_path and (mode != "none" or config.get("lr_find")):
