@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,21 @@ def run_pipeline_process(*args: str, timeout: float = 300, env: dict[str, str] |
     return subprocess.run(
         [sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout
     )
+
+
+def kill_at_first_checkpoint(args: list[str], checkpoints: str, runs_dir: Path, settle: float = 0.0) -> None:
+    """Start ``python -m pipelines.run ARGS``, SIGKILL it as soon as a file matching ``checkpoints``
+    (a glob under ``runs_dir``) exists (after ``settle`` seconds more), and wait for it to die."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not list(runs_dir.glob(checkpoints)):
+        time.sleep(0.05)
+    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()[-2000:]}"
+    time.sleep(settle)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def only_run(runs_dir: Path, domain: str) -> Path:

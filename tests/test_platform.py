@@ -12,7 +12,7 @@ import yaml
 
 from pipelines.hardware import plan_hardware
 from pipelines.runs import new_run_id, resolve_run
-from tests.conftest import only_run, run_pipeline, run_pipeline_process
+from tests.conftest import kill_at_first_checkpoint, only_run, run_pipeline, run_pipeline_process
 from tests.wandb_offline import history, run_file
 
 TINY = (
@@ -271,26 +271,12 @@ def test_early_stopping_patience_must_be_positive(capsys):
 
 
 def test_checkpoint_every_n_steps_lets_a_run_killed_mid_epoch_resume(runs_dir):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import ROOT, child_env
-
     args = [
         "finance", "fit", "--data.synthetic_rows=1200", "--data.batch_size=64", "--trainer.max_epochs=1", "--trainer.limit_train_batches=8",
         "--checkpoint_every_n_steps=3", "--runs_dir", str(runs_dir),
         "--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.3",
     ]  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and not list(runs_dir.glob("finance/*/checkpoints/last.ckpt")):
-        time.sleep(0.05)
-    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()[-2000:]}"
-    time.sleep(0.2)  # let the checkpoint write finish
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_first_checkpoint(args, "finance/*/checkpoints/last.ckpt", runs_dir, settle=0.2)  # settle: let the write finish
     run = only_run(runs_dir, "finance")
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert saved["global_step"] == 3 and saved["epoch"] == 0  # mid-epoch: the epoch has 8 steps

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from pipelines.registry import available_domains, get_domain
-from tests.conftest import ROOT, child_env, only_run, read_jsonl, run_pipeline, run_pipeline_process
+from tests.conftest import ROOT, kill_at_first_checkpoint, only_run, read_jsonl, run_pipeline, run_pipeline_process
 from tests.wandb_offline import history, run_file
 
 DOMAINS = available_domains()
@@ -90,16 +88,7 @@ def test_killed_run_resumes_from_last_checkpoint(domain, runs_dir):
         domain, "fit", *spec.test_args, "--runs_dir", str(runs_dir), "--trainer.max_epochs=4",
         "--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.3",
     ]  # fmt: skip
-    full = [sys.executable, "-m", "pipelines.run", *args]
-    process = subprocess.Popen(full, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if list(runs_dir.glob(f"{domain}/*/checkpoints/last.ckpt")):
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()[-2000:]}"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_first_checkpoint(args, f"{domain}/*/checkpoints/last.ckpt", runs_dir)
     run = only_run(runs_dir, domain)
     killed_rows = read_jsonl(run / "metrics.jsonl")
     assert len(killed_rows) < 4
