@@ -111,7 +111,10 @@ class GenerativeTask(BaseTask):
         if not self.condition_classes:
             return None
         cycled = torch.arange(count, device=self.device) % self.condition_classes
-        return cycled if labels is None else torch.where(labels.to(self.device) < 0, cycled, labels.to(self.device).long())
+        if labels is None:
+            return cycled
+        labels = labels.to(self.device).long()
+        return torch.where(labels < 0, cycled, labels)
 
     # ----- what subclasses implement --------------------------------------------------------------
     def build_networks(self) -> None:
