@@ -8,27 +8,36 @@ can also come from an environment variable (``PIPELINES_FIT__TRAINER__MAX_EPOCHS
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
+import signal
 import sys
+import tempfile
+import threading
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
+from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
-from pipelines.predictions import CsvPredictionWriter
+from pipelines.predictions import CsvPredictionWriter, prediction_file
 from pipelines.registry import DomainSpec
-from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, RunFolder, fitted_config, record_provenance, resolve_run, write_text_atomic
+from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections, write_text_atomic
 from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 from pipelines.tuning import find_learning_rate
 
-from pipelines.run import SUBCOMMANDS
+#: Errors that mean bad input or options when raised while the command is read and its data checked.
+INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
 
 
 class PipelineCLI(LightningCLI):
@@ -44,26 +53,53 @@ class PipelineCLI(LightningCLI):
         self.spec = spec
         self.test_after_fit = test_after_fit
         self.run: RunFolder | None = None
+        self._subcommand_parsers_seen: list[LightningArgumentParser] = []
+        self._lock: RunLock | None = None
+        self.signal_checkpoint: SignalCheckpoint | None = None
         configure_wandb_mode()
         # the dispatcher hands LightningCLI the arguments after the domain name, by design
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        defaults = {"default_config_files": [str(spec.config)]}
+        defaults = {"default_config_files": [str(spec.config)], "exit_on_error": False}
         inherited_run_id = os.environ.get(RUN_ID_ENV)
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        sigint_handler = signal.getsignal(signal.SIGINT) if on_main_thread else None
         try:
             self._run_cli(spec, defaults, args)
+        except SIGTERMException:
+            raise self._stopped("SIGTERM", EXIT_SIGTERM) from None
+        except SystemExit:
+            if self.signal_checkpoint is not None and self.signal_checkpoint.stopped_by == "SIGINT":
+                raise self._stopped("SIGINT", EXIT_SIGINT) from None  # Lightning turns Ctrl+C into exit(1)
+            raise
+        except NonFiniteLossError as error:
+            raise RunStopped(f"{spec.name} fit: {error} ({self.run.path if self.run else ''})") from None
         finally:  # a later run in this process (tests, retraining) gets its own run folder and W&B run
+            if self._lock is not None:
+                self._lock.release()
+            if sigint_handler is not None:  # Lightning ignores Ctrl+C for good after an interrupt
+                signal.signal(signal.SIGINT, sigint_handler)
             if inherited_run_id is None:
                 os.environ.pop(RUN_ID_ENV, None)
             finish_wandb_run()
 
+    def _stopped(self, name: str, code: int) -> RunStopped:
+        saved = self.signal_checkpoint.saved if self.signal_checkpoint else None
+        assert self.run is not None
+        if saved is not None:
+            kept = f"checkpoint written: {saved}; continue with: python -m pipelines.run {self.spec.name} fit --ckpt_path last --run_id {self.run.run_id}"
+        else:
+            why = self.signal_checkpoint.save_error if self.signal_checkpoint and self.signal_checkpoint.save_error else "no training step had run"
+            kept = f"no new checkpoint was written ({why}); earlier checkpoints in {self.run.checkpoint_dir} are kept"
+        return RunStopped(f"{self.spec.name} {self.subcommand} stopped by {name}: {kept}", code)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        if kwargs.get("default_config_files"):  # a sub-command's parser: the run's saved config may join its defaults
+            self._subcommand_parsers_seen.append(parser)
+        return parser
+
     def _run_cli(self, spec: DomainSpec, defaults: dict[str, Any], args: list[str]) -> None:
         subcommand = args[0] if args else "fit"
-        reused = fitted_config(spec.name, args)
-        if reused is not None:  # below the user's own --config files and options, which still win
-            path, sections = reused
-            args = [subcommand, "--config", json.dumps(sections), *args[1:]]
-            if rank_zero_only.rank == 0:
-                print(f"[pipelines] {subcommand}: using {', '.join(sections)} from {path}", file=sys.stderr)
         super().__init__(
             model_class=spec.load_model_class(),
             datamodule_class=spec.load_datamodule_class(),
@@ -73,6 +109,7 @@ class PipelineCLI(LightningCLI):
             save_config_kwargs={"overwrite": True, "config_filename": "config.yaml" if subcommand == "fit" else f"config-{subcommand}.yaml"},
             parser_kwargs={
                 "prog": f"python -m pipelines.run {spec.name}",
+                "exit_on_error": False,
                 "default_env": True,
                 "env_prefix": "PIPELINES",
                 **{sub: defaults for sub in SUBCOMMANDS},
@@ -111,21 +148,48 @@ class PipelineCLI(LightningCLI):
             "--early_stopping_patience", type=int | None, default=None,
             help="Stop fitting when the domain's monitored metric has not improved for this many validation runs.",
         )  # fmt: skip
+        parser.add_argument(
+            "--output", type=str | None, default=None,
+            help="predict: name of the predictions file in the run folder (refused if it exists). "
+            "Default: predictions.csv, or predictions-2.csv, ... when earlier ones exist (never overwritten).",
+        )  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments(f"data.{source}", f"{model_args}.{target}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        """Parse once; the run folder comes from that parse (CLI, ``--config`` files, ``PIPELINES_*``
+        variables alike). A command on an existing run then takes the run's saved ``config.yaml`` as a
+        layer of the same parse: above the domain's defaults, below ``--config`` files, variables and
+        options (:func:`pipelines.runs.saved_config_sections`)."""
+        self._parse(parser, args)
         sub = self.config.subcommand
         cfg = self.config[sub]
         for option, unit in (("early_stopping_patience", "validation runs"), ("checkpoint_every_n_steps", "training steps")):
             if cfg.get(option) is not None and cfg.get(option) < 1:
-                parser.error(f"--{option} must be at least 1 ({unit}), got {cfg.get(option)}")
+                raise InputError(f"--{option} must be at least 1 ({unit}), got {cfg.get(option)}")
+        if cfg.get("output") is not None and sub != "predict":
+            raise InputError(f"--output names the file of `predict`; {sub} writes no predictions")
         try:
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
-            parser.error(str(error))
+            raise InputError(str(error)) from None
+        reused = saved_config_sections(self.run, sub)
+        if reused is not None:
+            path, sections = reused
+            with tempfile.TemporaryDirectory() as folder:
+                layer = Path(folder) / "run-config.yaml"
+                layer.write_text(yaml.safe_dump(sections, sort_keys=False))
+                for sub_parser in self._subcommand_parsers_seen:
+                    sub_parser.default_config_files = [str(self.spec.config), str(layer)]
+                try:
+                    self._parse(parser, args)
+                finally:
+                    for sub_parser in self._subcommand_parsers_seen:
+                        sub_parser.default_config_files = [str(self.spec.config)]
+            cfg = self.config[sub]
+            if rank_zero_only.rank == 0:
+                print(f"[pipelines] {sub}: using {', '.join(sections)} from {path}", file=sys.stderr)
         if cfg.get("ckpt_path") == "last" and self.run.ckpt_path is None and rank_zero_only.rank == 0:
             print(f"[pipelines] no last.ckpt under {self.run.path.parent} yet: starting a fresh run", file=sys.stderr)
         cfg.ckpt_path = self.run.ckpt_path
@@ -133,13 +197,63 @@ class PipelineCLI(LightningCLI):
         # DDP workers are launched as copies of this command: they must land in the same run folder.
         os.environ[RUN_ID_ENV] = self.run.run_id
 
+    def _parse(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            raise InputError(self._explain(str(error))) from None
+
+    def _explain(self, message: str) -> str:
+        """jsonargparse's message, first line only, with "did you mean" for unknown options and keys."""
+        import re
+
+        options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
+        lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+        first = lines[0] if lines else message
+        hints = []
+        for unknown in re.findall(r"(--[\w.\-]+)", first if "nrecognized" in first else ""):
+            alike = [o for o in options if o.count(".") == unknown.count(".")]
+            hints.append(f"{unknown}{did_you_mean(unknown, alike) or ' is not an option'}")
+        for key in re.findall(r'Key "([\w.\-]+)" is not expected|does not accept option \'([\w.\-]+)\'', message):
+            key = "".join(key)
+            suggestion = did_you_mean("--" + key, options).replace("'--", "'")
+            hints.append(f"config key {key!r}{suggestion or ' is not an option'}")
+        detail = "; ".join(dict.fromkeys(hints))
+        detail = f" {detail}." if detail else ("; " + " ".join(lines[1:3]) if len(lines) > 1 else "")
+        return f"{first}.{detail} `python -m pipelines.run {self.spec.name} --help` lists every option."
+
+    def instantiate_classes(self) -> None:
+        """Data module, model, data check, then the trainer: bad input stops here, before any file is written."""
+        try:
+            super().instantiate_classes()
+        except (InputError, RunStopped):
+            raise
+        except INPUT_ERRORS as error:
+            raise InputError(str(error)) from error
+
+    def _check_data(self) -> None:
+        """Read and validate the data of this sub-command before the run folder or the W&B run exist
+        (Lightning calls ``setup`` again later; every domain's ``setup`` returns at once when done)."""
+        if self.datamodule is not None:
+            self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         assert self.run is not None
+        self._check_data()
         trainer_cfg = self.config_init[self.subcommand]["trainer"]
         plan = plan_hardware(trainer_cfg)
+        options = self.config[self.subcommand]
+        predictions = prediction_file(self.run.path, options.get("output")) if self.subcommand == "predict" else None
+        if rank_zero_only.rank == 0:  # DDP workers are copies of this command, inside the same run
+            try:
+                self._lock = RunLock(self.run.path, self.subcommand)
+            except RunFolderBusy as error:
+                raise InputError(str(error)) from None
         run_dir = self.run.path
         callbacks = list(trainer_cfg.get("callbacks") or [])
-        options = self.config[self.subcommand]
+        if self.subcommand == "fit":
+            self.signal_checkpoint = SignalCheckpoint(self.run.checkpoint_dir)
+            callbacks += [self.signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             callbacks.append(
                 ModelCheckpoint(
@@ -159,7 +273,9 @@ class PipelineCLI(LightningCLI):
         patience = options.get("early_stopping_patience")
         if patience is not None:
             callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
-        callbacks += [RunSummary(run_dir, self.spec.monitor, self.spec.mode), CsvPredictionWriter(run_dir)]
+        callbacks.append(RunSummary(run_dir, self.spec.monitor, self.spec.mode))
+        if predictions is not None:
+            callbacks.append(CsvPredictionWriter(predictions))
         overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
         if trainer_cfg.get("logger") in (None, True):
             overrides["logger"] = make_wandb_logger(self.run, tags=self.spec.tags)
@@ -235,3 +351,15 @@ class PipelineCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self.after_test()
+
+    def after_test(self) -> None:
+        """A test metric that is NaN or inf is recorded as such (``summary.json``) and fails the command."""
+        bad = non_finite_metrics(dict(self.trainer.callback_metrics))
+        if bad:
+            assert self.run is not None
+            listed = ", ".join(f"{key} = {value}" for key, value in bad.items())
+            raise RunStopped(
+                f"{self.spec.name} test: {listed}: the model's outputs or the test data are not finite, so this evaluation "
+                f"means nothing (recorded in {self.run.path / 'summary.json'})"
+            )

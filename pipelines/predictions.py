@@ -1,12 +1,19 @@
 """Write ``predict`` results to the run folder, streaming batch by batch.
 
 A domain's ``predict_step`` returns a mapping of column name to a batch-first tensor, array or list;
-2-D columns are expanded to ``name_0, name_1, ...``. Each process writes its own file under DDP
-(``predictions.rank<N>.csv``); a single process writes ``predictions.csv``.
+2-D columns are expanded to ``name_0, name_1, ...``.
+
+Files are never overwritten and never half-written: each ``predict`` writes a new file
+(``predictions.csv``, then ``predictions-2.csv``, ... or the ``--output`` name, refused when it
+exists), streamed into a hidden ``.<name>.partial`` file that is renamed when the last batch is
+written; a failed or killed run leaves no file under the final name and deletes its partial file
+when it can. Under DDP each process writes ``<name>.rank<N>.csv`` the same way.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,19 +40,50 @@ def batch_to_frame(columns: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-class CsvPredictionWriter(BasePredictionWriter):
-    """Stream prediction batches to CSV in the run folder."""
+def prediction_file(run_dir: Path, output: str | None = None) -> Path:
+    """The file a new ``predict`` writes: ``output`` (a name inside the run folder, refused when it
+    exists) or the first free name of ``predictions.csv``, ``predictions-2.csv``, ...
 
-    def __init__(self, output_dir: str | Path) -> None:
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> prediction_file(folder).name
+        'predictions.csv'
+        >>> _ = (folder / "predictions.csv").write_text("x")
+        >>> prediction_file(folder).name
+        'predictions-2.csv'
+    """
+    from pipelines.errors import InputError
+
+    if output is not None:
+        name = Path(output)
+        if name.name != output or not output.endswith(".csv"):
+            raise InputError(f"--output {output!r}: expected a file name ending in .csv (written inside the run folder {run_dir})")
+        if (run_dir / name).exists():
+            raise InputError(f"--output {output}: {run_dir / name} already exists; earlier predictions are never overwritten, choose another name")
+        return run_dir / name
+    candidate, number = run_dir / "predictions.csv", 1
+    while candidate.exists() or any(run_dir.glob(f"{candidate.stem}.rank*.csv")):
+        number += 1
+        candidate = run_dir / f"predictions-{number}.csv"
+    return candidate
+
+
+class CsvPredictionWriter(BasePredictionWriter):
+    """Stream prediction batches to a CSV file of the run folder, complete or absent (see the module)."""
+
+    def __init__(self, path: str | Path) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.target = Path(path)
         self.path: Path | None = None
+        self.partial: Path | None = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}.csv"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.output_dir / name
-        self.path.unlink(missing_ok=True)
+        target = self.target if trainer.world_size == 1 else self.target.with_name(f"{self.target.stem}.rank{trainer.global_rank}.csv")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = target
+        self.partial = target.with_name(f".{target.name}.partial")
+        self.partial.unlink(missing_ok=True)
 
     def write_on_batch_end(
         self,
@@ -59,10 +97,19 @@ class CsvPredictionWriter(BasePredictionWriter):
     ) -> None:
         if not isinstance(prediction, Mapping):
             raise TypeError(f"{type(pl_module).__name__}.predict_step must return a mapping of columns, got {type(prediction)}")
-        assert self.path is not None
+        assert self.partial is not None
         frame = batch_to_frame(prediction)
-        frame.to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
+        frame.to_csv(self.partial, mode="a", header=not self.partial.exists(), index=False)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.path is not None and trainer.is_global_zero:
-            print(f"[pipelines] predictions written to {self.path}")
+        if self.path is None or self.partial is None:
+            return
+        if not self.partial.exists():  # no batch at all: an empty file with no header would mislead
+            raise ValueError(f"predict produced no rows: {self.path} was not written")
+        os.replace(self.partial, self.path)
+        if trainer.is_global_zero:
+            print(f"[pipelines] predictions written to {self.path}", file=sys.stderr)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)

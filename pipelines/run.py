@@ -12,16 +12,21 @@ Examples::
     python -m pipelines.run healthcare fit --ckpt_path last       # resume the newest run
     python -m pipelines.run healthcare test --ckpt_path best --run_id 20261125-101500-3f2a9c
     python -m pipelines.run healthcare export --ckpt_path best --format onnx
+
+Exit status (:mod:`pipelines.errors`): 0 success; 2 bad input or options, refused before anything
+is written; 1 a crash, a diverged run or a non-finite test metric; 143 / 130 a fit stopped by
+SIGTERM / SIGINT after writing ``last.ckpt``. Errors are one paragraph; ``--debug`` (or
+``PIPELINES_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
 
 import sys
 
+from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, InputError, RunStopped, crash_message, debug_requested, paragraph
 from pipelines.help_cache import cached_help, is_help_request
 from pipelines.registry import available_domains, get_domain
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+from pipelines.runs import SUBCOMMANDS
 USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict|export] [--config FILE.yaml] [--help] [options]"
 
 
@@ -36,6 +41,30 @@ def split_command(argv: list[str]) -> tuple[str, list[str], bool]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
+    command = " ".join(argv[:2]) if argv[1:2] and not argv[1].startswith("-") else " ".join(argv[:1] + ["fit"])
+    try:
+        dispatch(argv)
+    except (InputError, RunStopped) as error:
+        if debug:
+            raise
+        print(paragraph(str(error)), file=sys.stderr)
+        raise SystemExit(error.exit_code if isinstance(error, RunStopped) else EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(paragraph(f"{command} interrupted (SIGINT)"), file=sys.stderr)
+        raise SystemExit(EXIT_SIGINT) from None
+    except Exception as error:
+        if debug:
+            raise
+        print(paragraph(crash_message(error, command)), file=sys.stderr)
+        raise SystemExit(EXIT_CRASH) from None
+
+
+def dispatch(argv: list[str]) -> None:
+    """Find the domain and hand the rest to its export command or to :class:`pipelines.cli.PipelineCLI`."""
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("domains: " + ", ".join(available_domains()))
@@ -43,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         spec = get_domain(argv[0])
     except ValueError as error:
-        print(f"error: {error}\n{USAGE}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise InputError(f"{error}\n{USAGE}") from None
     if argv[1:2] == ["export"]:
         from pipelines.export import main as export
 

@@ -9,7 +9,7 @@ Layout::
         metrics.jsonl       one line per epoch (train/*, val/*) and per test (test/*)
         summary.json        best checkpoint, best score, test metrics
         plots/              PNGs (confusion matrix, ROC, sample grids...)
-        predictions.csv     written by ``predict``
+        predictions.csv     written by ``predict`` (predictions-2.csv, ... by later calls; ``--output`` names it)
         wandb/              the W&B run (offline unless configured otherwise)
 
 Commands on an existing run reuse what it was fitted with: ``test``/``validate``/``predict`` with
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 RUN_ID_ENV = "PIPELINES_RUN_ID"
+#: The runner's sub-commands (LightningCLI's); each works in one run folder.
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 BEST_CHECKPOINT = "best.ckpt"
@@ -207,44 +209,74 @@ def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n", durable)
 
 
-def _option(args: list[str], name: str) -> str | None:
-    """The last value of ``--name VALUE`` or ``--name=VALUE`` in ``args``."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 #: Sections of a run's saved config that a later command on the run takes over.
 REUSED_SECTIONS = {"fit": ("seed_everything", "trainer", "model", "data", "compile"), "other": ("model", "data")}
 
 
-def fitted_config(domain: str, args: list[str], environ: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]] | None:
+def saved_config_sections(run: RunFolder, subcommand: str) -> tuple[Path, dict[str, Any]] | None:
     """The saved config of the run a command continues or uses, limited to :data:`REUSED_SECTIONS`.
 
-    ``args`` are LightningCLI's (sub-command first). ``fit`` only reuses a config when it resumes
-    (``--ckpt_path``); the other sub-commands whenever ``--run_id``/``--ckpt_path`` name a run
-    folder that has a ``config.yaml``. Returns ``(path, sections)`` or ``None``.
+    ``run`` is the folder resolved from the fully parsed command (CLI options, ``--config`` files and
+    ``PIPELINES_*`` variables alike). ``fit`` reuses a config only when it resumes from a checkpoint;
+    the other sub-commands whenever the run folder has a ``config.yaml``. Returns ``(path, sections)``.
 
     Example:
-        >>> fitted_config("healthcare", ["test", "--run_id", "no-such-run", "--runs_dir", "/tmp/nowhere"]) is None
+        >>> run = RunFolder("healthcare", "no-such-run", Path("/tmp/nowhere/healthcare/no-such-run"), None)
+        >>> saved_config_sections(run, "test") is None
         True
     """
     import yaml
 
-    subcommand, run_id, ckpt_path = args[0] if args else "fit", _option(args, "--run_id"), _option(args, "--ckpt_path")
-    if subcommand == "fit" and not ckpt_path:
+    if subcommand == "fit" and not run.ckpt_path:
         return None
-    try:
-        run = resolve_run(domain, _option(args, "--runs_dir") or "runs", run_id, ckpt_path, environ)
-    except ValueError:
-        return None  # the parser reports it with the other arguments
     path = run.path / "config.yaml"
     if not path.is_file():
         return None
     saved = yaml.safe_load(path.read_text()) or {}
     keep = REUSED_SECTIONS["fit" if subcommand == "fit" else "other"]
     return path, {key: saved[key] for key in keep if key in saved}
+
+
+class RunFolderBusy(RuntimeError):
+    """Another command holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive ``fcntl`` lock on ``<run folder>/.lock`` for as long as a command uses the folder.
+
+    Two commands writing one run folder at once interleave ``metrics.jsonl``, open two W&B runs and
+    leave a config that disagrees with the summary; the second is refused instead. The kernel
+    releases the lock when the process dies, so a killed run never leaves the folder locked.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> first = RunLock(folder, "fit")
+        >>> RunLock(folder, "test")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pipelines.runs.RunFolderBusy: ...
+        >>> first.release(); RunLock(folder, "test").release()
+    """
+
+    def __init__(self, folder: Path, subcommand: str) -> None:
+        import fcntl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / ".lock"
+        self._handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "another process"
+            self._handle.close()
+            raise RunFolderBusy(f"run folder {folder} is in use by {holder}; wait for it to end, or use another --run_id") from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()} on {platform.node()} ({subcommand} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')})\n")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()  # closing the file releases the flock

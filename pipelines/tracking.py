@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from pipelines.guards import non_finite_metrics
 from pipelines.runs import RunFolder, write_json_atomic
 
 
@@ -29,10 +30,19 @@ def configure_wandb_mode(environ: dict[str, str] | os._Environ = os.environ) -> 
     return environ.get("WANDB_MODE", "online")
 
 
+class FiniteWandbLogger(WandbLogger):
+    """``WandbLogger`` that leaves NaN and inf out of what it sends (W&B refuses them as JSON and the
+    run crashed after training); ``metrics.jsonl`` and ``summary.json`` keep them as ``"nan"``/``"inf"``."""
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        finite = {k: v for k, v in metrics.items() if not (isinstance(v, (int, float)) and not math.isfinite(float(v)))}
+        super().log_metrics(finite, step)
+
+
 def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = ()) -> WandbLogger:
     """One W&B project per domain; run id = run folder id; checkpoints logged as model artifacts."""
     run.path.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    return FiniteWandbLogger(
         project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{run.domain}"),
         name=run.run_id,
         id=run.run_id,
@@ -97,8 +107,10 @@ class RunSummary(pl.Callback):
         self.monitor = monitor
         self.mode = mode
 
-    def _append(self, trainer: pl.Trainer, stage: str) -> dict[str, float]:
-        metrics = {k: v for k, raw in trainer.callback_metrics.items() if (v := _scalar(raw)) is not None}
+    def _append(self, trainer: pl.Trainer, stage: str) -> dict[str, float | str]:
+        """Append the scalar metrics to ``metrics.jsonl``; NaN and inf are kept, as ``"nan"``/``"inf"``."""
+        metrics: dict[str, float | str] = {k: v for k, raw in trainer.callback_metrics.items() if (v := _scalar(raw)) is not None}
+        metrics.update(non_finite_metrics(dict(trainer.callback_metrics), prefix=""))
         if trainer.is_global_zero:
             row = {"stage": stage, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics}
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
