@@ -34,7 +34,7 @@ from pipelines.registry import DomainSpec
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections, write_text_atomic
 from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
-from pipelines.tuning import find_learning_rate
+from pipelines.tuning import check_lr_findable, find_learning_rate
 
 #: Errors that mean bad input or options when raised while the command is read and its data checked.
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
@@ -234,6 +234,8 @@ class PipelineCLI(LightningCLI):
     def _check_data(self) -> None:
         """Read and validate the data of this sub-command before the run folder or the W&B run exist
         (Lightning calls ``setup`` again later; every domain's ``setup`` returns at once when done)."""
+        if self.subcommand == "fit" and self.config["fit"].get("lr_find"):
+            check_lr_findable(self.model)
         if self.datamodule is not None:
             self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
 

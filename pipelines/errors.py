@@ -67,7 +67,7 @@ def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
 def paragraph(message: str, width: int = 100) -> str:
     """``error: <message>`` wrapped as one paragraph (the message's own line breaks are kept)."""
     lines = str(message).strip().splitlines() or [""]
-    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ") for line in ["error: " + lines[0], *lines[1:]])
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False) for line in ["error: " + lines[0], *lines[1:]])
 
 
 def crash_message(error: BaseException, command: str) -> str:

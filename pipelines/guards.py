@@ -84,7 +84,7 @@ class NonFiniteLossGuard(pl.Callback):
         if self.every_n_steps and step % self.every_n_steps == 0:
             due = True
         if due:
-            self._check(trainer, f"at global step {step}")
+            self._check(trainer, f"by global step {step}")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:

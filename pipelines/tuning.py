@@ -54,6 +54,16 @@ def suggest_learning_rate(lrs: list[float], losses: list[float], planned: int | 
     return lrs[lowest] / 10, ""
 
 
+def check_lr_findable(model: Any) -> None:
+    """Refuse ``--lr_find`` for a model without one learning rate ``lr`` or with manual optimisation."""
+    if "lr" not in model.hparams or not model.automatic_optimization:
+        raise ValueError(
+            f"--lr_find needs a model with one learning rate `lr` and automatic optimisation; {type(model).__name__} "
+            f"has {sorted(k for k in model.hparams if k.startswith('lr')) or 'no lr'}"
+            f"{'' if model.automatic_optimization else ' and optimises manually'}"
+        )
+
+
 def find_learning_rate(trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any) -> tuple[float | None, str, Path | None]:
     """Run Lightning's learning-rate range test on ``model`` (weights restored afterwards) and return
     the learning rate to train with (or ``None``), why not when ``None``, and the curve's plot
@@ -65,12 +75,7 @@ def find_learning_rate(trainer: pl.Trainer, model: pl.LightningModule, datamodul
     """
     from lightning.pytorch.tuner import Tuner
 
-    if "lr" not in model.hparams or not model.automatic_optimization:
-        raise ValueError(
-            f"--lr_find needs a model with one learning rate `lr` and automatic optimisation; {type(model).__name__} "
-            f"has {sorted(k for k in model.hparams if k.startswith('lr')) or 'no lr'}"
-            f"{'' if model.automatic_optimization else ' and optimises manually'}"
-        )
+    check_lr_findable(model)
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, attr_name="lr", update_attr=False)
     if finder is None:  # fast_dev_run: Lightning skips the search
         return None, "skipped under fast_dev_run", None

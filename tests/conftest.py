@@ -20,6 +20,32 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_CONSOLE", "off")
 
 
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is now (pytest swaps it for each test that captures)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _follow_stderr() -> None:
+    """Lightning's loggers keep the ``sys.stderr`` of their first import; under pytest that is a
+    capture closed by an earlier test, and each record then prints a '--- Logging error ---' traceback."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.stream = _CurrentStderr()  # not setStream: it flushes the old, closed stream
+
+
+@pytest.fixture(autouse=True)
+def _lightning_logs_to_the_current_stderr() -> None:
+    _follow_stderr()
+
+
 def shared_file(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():

@@ -1,0 +1,125 @@
+"""Honest exits (issue 15): a run stopped by a signal, a diverged run and a NaN test metric never
+exit 0; the checkpoint that matters is kept; outputs are never overwritten; a run folder in use is
+refused; the run a command works on comes from the fully parsed config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.errors import InputError
+from tests.conftest import ROOT, child_env, only_run, run_pipeline
+
+FINANCE = ("--data.synthetic_rows=1200", "--data.batch_size=64", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2")
+
+
+def exit_code(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(*args)
+    return exit_info.value.code
+
+
+def start_slow_fit(runs_dir: Path, run_id: str) -> subprocess.Popen:
+    args = ["finance", "fit", *FINANCE, "--trainer.max_epochs=50", "--runs_dir", str(runs_dir), "--run_id", run_id,
+            "--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.15"]  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not path.exists():
+        time.sleep(0.05)
+    assert process.poll() is None, f"the run ended early: {process.stderr.read()[-3000:]}"
+    assert path.exists(), f"{path} never appeared"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes(runs_dir, sig, code):
+    process = start_slow_fit(runs_dir, "stopped")
+    last = runs_dir / "finance" / "stopped" / "checkpoints" / "last.ckpt"
+    wait_for(last, process)  # epoch 0 validated: 8 steps
+    time.sleep(0.6)  # a few steps into epoch 1
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err[-3000:]
+    assert f"stopped by {sig.name}" in err and "--ckpt_path last --run_id stopped" in err, err[-2000:]
+    assert "Traceback" not in err
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] > 8, "last.ckpt must hold the step training stopped at, not the last validation"
+    assert not list(last.parent.glob(".*.tmp"))
+    run_pipeline("finance", "fit", "--runs_dir", str(runs_dir), "--run_id", "stopped", "--ckpt_path", "last", "--trainer.max_epochs=3")
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 24, (resumed["epoch"], resumed["global_step"])
+
+
+def test_a_non_finite_loss_stops_fit_with_exit_1_and_keeps_the_last_finite_checkpoint(runs_dir, capsys):
+    code = exit_code("finance", "fit", *FINANCE, "--trainer.max_epochs=3", "--runs_dir", str(runs_dir),
+                     "--trainer.callbacks+=tests.helpers.PoisonWeights", "--trainer.callbacks.step=11")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "diverged" in err and "by global step 12" in err.replace("\n  ", " "), err[-2000:]
+    run = only_run(runs_dir, "finance")
+    for name in ("last.ckpt", "best.ckpt"):
+        state = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert state["global_step"] == 8, name
+        assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point()), name
+
+
+def test_a_nan_test_metric_is_recorded_and_exits_1(runs_dir, capsys):
+    from pipelines.registry import get_domain
+
+    code = exit_code("autonomous", *get_domain("autonomous").test_args, "--trainer.max_epochs=1", "--runs_dir", str(runs_dir),
+                     "--trainer.callbacks+=tests.helpers.PoisonWeights", "--trainer.callbacks.step=-1")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "test/loss = nan" in err and "means nothing" in err, err[-2000:]
+    summary = json.loads((only_run(runs_dir, "autonomous") / "summary.json").read_text())
+    assert summary["test"]["test/loss"] == "nan"
+
+
+def test_a_second_command_on_a_run_folder_in_use_is_refused(runs_dir, capsys):
+    process = start_slow_fit(runs_dir, "busy")
+    try:
+        run = runs_dir / "finance" / "busy"
+        wait_for(run / "checkpoints" / "last.ckpt", process)
+        before = {name: (run / name).read_bytes() for name in ("config.yaml", "provenance.json")}
+        assert exit_code("finance", "fit", *FINANCE, "--runs_dir", str(runs_dir), "--run_id", "busy") == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "is in use by pid" in err and "fit since" in err, err[-2000:]
+        assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+        assert {name: (run / name).read_bytes() for name in before} == before
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_predict_never_overwrites_and_runs_dir_comes_from_a_config_file(runs_dir, tmp_path, capsys):
+    run_pipeline("finance", "fit", *FINANCE, "--trainer.max_epochs=1", "--runs_dir", str(runs_dir), "--run_id", "p1")
+    run = runs_dir / "finance" / "p1"
+    # runs_dir from a --config file (the bug: the run's config was looked up in ./runs, the default data used)
+    config = tmp_path / "where.yaml"
+    config.write_text(f"runs_dir: {runs_dir}\n")
+    predict = ("finance", "predict", "--config", str(config), "--run_id", "p1", "--ckpt_path", "best", "--trainer.limit_predict_batches=1")
+    run_pipeline(*predict)
+    assert "using model, data from" in capsys.readouterr().err
+    first = (run / "predictions.csv").read_bytes()
+    run_pipeline(*predict)
+    assert (run / "predictions.csv").read_bytes() == first and (run / "predictions-2.csv").is_file()
+    assert exit_code(*predict, "--output", "predictions-2.csv") == 2
+    assert "already exists" in capsys.readouterr().err
+    run_pipeline(*predict, "--output", "nightly.csv")
+    assert (run / "nightly.csv").read_bytes() == first
+    assert not list(run.glob(".*.partial"))
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(InputError, match="unrecognized arguments"):
+        run_pipeline("finance", "fit", "--model.lrr", "1", "--debug")
+    assert exit_code("finance", "fit", "--model.lrr", "1") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "did you mean '--model.lr'" in err
