@@ -57,14 +57,14 @@ class PipelineCLI(LightningCLI):
         self._lock: RunLock | None = None
         self.signal_checkpoint: SignalCheckpoint | None = None
         configure_wandb_mode()
-        # the dispatcher hands LightningCLI the arguments after the domain name, by design
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         defaults = {"default_config_files": [str(spec.config)], "exit_on_error": False}
         inherited_run_id = os.environ.get(RUN_ID_ENV)
         on_main_thread = threading.current_thread() is threading.main_thread()
         sigint_handler = signal.getsignal(signal.SIGINT) if on_main_thread else None
         try:
-            self._run_cli(spec, defaults, args)
+            with warnings.catch_warnings():  # the dispatcher hands LightningCLI the arguments after the domain name, by design
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                self._run_cli(spec, defaults, args)
         except SIGTERMException:
             raise self._stopped("SIGTERM", EXIT_SIGTERM) from None
         except SystemExit:

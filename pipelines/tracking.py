@@ -195,7 +195,9 @@ def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
     if trainer.is_global_zero:
         path = Path(trainer.default_root_dir) / "plots" / (key.replace("/", "_") + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=110, bbox_inches="tight")
+        partial = path.with_name(f".{path.stem}.partial.png")  # complete or absent: a kill never leaves half a PNG
+        figure.savefig(partial, dpi=110, bbox_inches="tight")
+        os.replace(partial, path)
         for logger in wandb_loggers(trainer):
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
     plt.close(figure)
