@@ -252,10 +252,10 @@ class RunLock:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> first = RunLock(folder, "fit")
-        >>> RunLock(folder, "test")  # doctest: +ELLIPSIS
+        >>> RunLock(folder, "test")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         ...
-        pipelines.runs.RunFolderBusy: ...
+        pipelines.runs.RunFolderBusy: run folder ... is in use by pid ...
         >>> first.release(); RunLock(folder, "test").release()
     """
 
