@@ -236,8 +236,26 @@ class PipelineCLI(LightningCLI):
         (Lightning calls ``setup`` again later; every domain's ``setup`` returns at once when done)."""
         if self.subcommand == "fit" and self.config["fit"].get("lr_find"):
             check_lr_findable(self.model)
-        if self.datamodule is not None:
-            self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
+        if self.datamodule is None:
+            return
+        if self.run is not None and self.run.ckpt_path:
+            self._restore_datamodule_state(self.run.ckpt_path)
+        self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
+
+    def _restore_datamodule_state(self, ckpt_path: str) -> None:
+        """Give the data module what its checkpoint saved (fitted statistics, classes, time step)
+        before ``setup``, so that data that does not fit the checkpoint is refused before anything is
+        written (Lightning restores it again after ``setup``; every domain's ``load_state_dict`` may be
+        called twice). Weights-only loading: a checkpoint is untrusted input."""
+        import torch
+
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise InputError(f"--ckpt_path {ckpt_path}: not a readable weights-only checkpoint ({type(error).__name__}: {error})") from None
+        state = checkpoint.get(type(self.datamodule).__qualname__)
+        if state:
+            self.datamodule.load_state_dict(state)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         assert self.run is not None

@@ -86,7 +86,7 @@ class BaseTask(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         threads = self.hparams.get("cpu_threads")
-        on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
+        on_cpu = self.device.type == "cpu"  # Lightning sets the device the model will run on before setup
         if threads and on_cpu and self._saved_threads is None:
             self._saved_threads = torch.get_num_threads()
             torch.set_num_threads(int(threads))

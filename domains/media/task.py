@@ -1,0 +1,370 @@
+"""The base of the media models (:class:`GenerativeTask`) and what GAN and diffusion share.
+
+:class:`GenerativeTask` holds the offline FID/KID feature extractor (trained at the start of
+``fit``, see :mod:`domains.media.features`), validation and test FID/KID against the real split
+(``val/fid_cnn``, the checkpoint monitor, and ``val/kid_cnn``), for conditional models whether the
+samples show their class (``val/class_acc_cnn``), a sample grid every epoch
+(``plots/val_samples.png``, one copy per epoch under ``plots/samples/``, and W&B), seeded
+generation for ``predict`` (PNG files plus prediction rows), and the non-finite loss guard (the run
+stops with the step, after saving ``checkpoints/before-nonfinite-step<N>.ckpt`` with the weights
+from before it; :class:`pipelines.guards.NonFiniteLossError`, exit status 1).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import get_total_norm
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from domains.media.features import INCEPTION, OFFLINE_EXTRACTOR, accuracy, inception_metrics, load_extractor, save_extractor, train_feature_cnn
+from domains.media.networks import FeatureCNN, FrozenFeatures
+from pipelines.export_spec import ExportSpec
+from pipelines.guards import NonFiniteLossError
+from pipelines.plots import image_grid
+from pipelines.task import BaseTask
+from pipelines.tracking import log_figure
+
+
+__all__ = ["GenerativeTask", "NonFiniteLossError", "ddim_schedule", "seeded_noise"]
+
+
+def seeded_noise(seeds: torch.Tensor | list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One standard-normal tensor of ``shape`` per seed: image ``i`` depends only on its own seed."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    return torch.stack(rows).to(device)
+
+
+def ddim_schedule(scheduler: Any, steps: int) -> dict[str, Any]:
+    """The facts a client needs to run MONAI's DDIM loop (eta 0) without torch, as JSON-ready lists.
+
+    ``timesteps`` are those of ``scheduler.set_timesteps(steps)`` (descending); each step goes from
+    ``t`` to ``t - step_stride`` and uses ``final_alpha_cumprod`` when that is negative.
+    """
+    scheduler.set_timesteps(steps)
+    return {
+        "kind": "ddim",
+        "num_train_timesteps": int(scheduler.num_train_timesteps),
+        "sampling_steps": int(steps),
+        "timesteps": [int(t) for t in scheduler.timesteps.tolist()],
+        "step_stride": int(scheduler.num_train_timesteps // steps),
+        "alphas_cumprod": [float(a) for a in scheduler.alphas_cumprod.double().tolist()],
+        "final_alpha_cumprod": float(scheduler.final_alpha_cumprod),
+        "prediction_type": str(scheduler.prediction_type),
+        "clip_sample": bool(scheduler.clip_sample),
+        "clip_sample_values": [float(v) for v in scheduler.clip_sample_values],
+        "eta": 0.0,
+    }
+
+
+class GenerativeTask(BaseTask):
+    """Base of the media models: metrics, sample grids, generation, the non-finite guard.
+
+    Subclasses build their networks in ``build_networks`` and implement :meth:`noise_shape`,
+    :meth:`sample` and ``training_step``. Their ``__init__`` takes their own arguments and passes the
+    shared ones below on with ``super().__init__(**kwargs)``; LightningCLI (jsonargparse) follows that
+    call, so ``--help`` of each model lists both and the config keys stay ``model.init_args.<name>``.
+
+    Args:
+        conditional: condition on class labels when the data has them.
+        in_channels: image channels; linked from the data.
+        image_size: image side; linked from the data.
+        num_classes: classes of the data (0: none); linked from the data.
+        class_names: class names; linked from the data.
+        fid_samples: at most this many generated (and real) images for FID/KID per evaluation.
+        kid_subset_size: KID subset size (capped by the number of samples).
+        grid_samples: images in the sample grid logged every epoch (0: none).
+        extractor_steps: training batches (of 128) of the offline feature extractor.
+        extractor_width: width of the offline feature extractor (features = 4 x width).
+        extractor_max_images: training images used to train the feature extractor.
+        feature_extractor_weights: a saved ``feature_extractor.safetensors`` to use instead of training
+            one (makes FIDs of different runs comparable).
+        inception_metrics: also compute Inception FID/KID (online users: needs torch-fidelity and the
+            weights download).
+        cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see
+            BaseTask). One thread: these small networks gain little from a second core, and on a
+            shared machine contended threads were measured 30x slower; ``null`` keeps torch's choice.
+    """
+
+    def __init__(
+        self,
+        conditional: bool = True,
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 0,
+        class_names: list[str] | None = None,
+        fid_samples: int = 500,
+        kid_subset_size: int = 100,
+        grid_samples: int = 24,
+        extractor_steps: int = 200,
+        extractor_width: int = 16,
+        extractor_max_images: int = 5000,
+        feature_extractor_weights: str | None = None,
+        inception_metrics: bool = False,
+        cpu_threads: int | None = 1,
+    ) -> None:
+        super().__init__()
+        self._real_labels: list[torch.Tensor] = []
+        self._batch_idx = 0
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        if hp.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {hp.in_channels}")
+        if hp.class_names and len(hp.class_names) != hp.num_classes:
+            raise ValueError(f"{len(hp.class_names)} class_names for num_classes={hp.num_classes}")
+        if hp.fid_samples < 2:
+            raise ValueError(f"fid_samples must be at least 2, got {hp.fid_samples}")
+        self.build_networks()
+
+    # ----- conditioning ----------------------------------------------------------------------
+    @property
+    def condition_classes(self) -> int:
+        """Classes the generator is conditioned on (0: unconditional)."""
+        return int(self.hparams.num_classes) if self.hparams.conditional and self.hparams.num_classes > 0 else 0
+
+    def class_label(self, label: int) -> str:
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        return names[label] if 0 <= label < len(names) else "-"
+
+    def _labels_for(self, labels: torch.Tensor | None, count: int) -> torch.Tensor | None:
+        """The class each image is conditioned on: its label, or for unlabelled images (-1) the classes in turn.
+
+        Element-wise, so a training step does not wait for the device to say whether labels are missing.
+        """
+        if not self.condition_classes:
+            return None
+        cycled = torch.arange(count, device=self.device) % self.condition_classes
+        if labels is None:
+            return cycled
+        labels = labels.to(self.device).long()
+        return torch.where(labels < 0, cycled, labels)
+
+    # ----- what subclasses implement --------------------------------------------------------------
+    def build_networks(self) -> None:
+        """Build the networks (from ``networks.py``); the image size is checked there."""
+        raise NotImplementedError
+
+    def noise_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def sample(self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
+        """Images in [-1, 1] from ``noise`` (and class ``labels`` for conditional models)."""
+        raise NotImplementedError
+
+    def eval_sampling_steps(self) -> int | None:
+        return None
+
+    @torch.no_grad()
+    def generate(self, seeds: list[int] | torch.Tensor, labels: torch.Tensor | None = None, steps: int | None = None, sampler: str | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Seeded images ``(N, C, H, W)`` in [-1, 1]; the global random state is left untouched."""
+        seeds = [int(s) for s in seeds]
+        labels = self._labels_for(labels, len(seeds))
+        out = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seeds[0] if seeds else 0)
+            for start in range(0, len(seeds), batch_size):
+                chunk = seeds[start : start + batch_size]
+                noise = seeded_noise(chunk, self.noise_shape(), self.device)
+                chunk_labels = labels[start : start + batch_size] if labels is not None else None
+                out.append(self.sample(noise, chunk_labels, steps, sampler).clamp(-1, 1))
+        return torch.cat(out)
+
+    # ----- export -----------------------------------------------------------------------------------
+    def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+        """Every media model is exportable: :class:`GAN` (the generator) and :class:`Diffusion` (one denoiser step)
+        override this; a new subclass must too."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement export_spec(); GAN and Diffusion do")
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Facts every media bundle carries: the model kind, image geometry, classes and value range."""
+        hp = self.hparams
+        classes = self.condition_classes
+        names = list(hp.class_names) if hp.class_names else [str(i) for i in range(int(hp.num_classes))]
+        return {
+            "model": type(self).__name__,
+            "image_size": int(hp.image_size),
+            "channels": int(hp.in_channels),
+            "conditional": bool(classes),
+            "num_classes": int(classes),
+            "class_names": names[:classes] if classes else names,
+            "noise_shape": list(self.noise_shape()),
+            "noise": "standard normal, one tensor of noise_shape per image",
+        }
+
+    # ----- the offline feature extractor and the metrics -------------------------------------
+    def configure_metrics(self) -> None:
+        hp = self.hparams
+        if hp.feature_extractor_weights:
+            extractor = load_extractor(hp.feature_extractor_weights, hp.in_channels)
+            ready = True
+        else:
+            outputs = hp.num_classes if hp.num_classes >= 2 else 4
+            extractor = FeatureCNN(hp.in_channels, outputs, hp.extractor_width)
+            ready = False
+        self.extractor = extractor.requires_grad_(False)
+        self.register_buffer("extractor_ready", torch.tensor(ready))
+        frozen = FrozenFeatures(self.extractor)
+        self.fid = FrechetInceptionDistance(feature=frozen, reset_real_features=True)
+        self.kid = KernelInceptionDistance(feature=frozen, subset_size=hp.kid_subset_size, reset_real_features=True)
+        self.inception = nn.ModuleList(inception_metrics(hp.kid_subset_size)) if hp.inception_metrics else None
+
+    def _ensure_extractor(self) -> None:
+        if bool(self.extractor_ready):
+            return
+        hp = self.hparams
+        datamodule = self.trainer.datamodule
+        images, labels = datamodule.split_tensors("train", hp.extractor_max_images)
+        net = train_feature_cnn(images.to(self.device), labels.to(self.device), steps=hp.extractor_steps, width=hp.extractor_width)
+        state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in net.state_dict().items()})
+        self.extractor.load_state_dict(state)
+        self.extractor.eval()
+        self.extractor_ready.fill_(True)
+        if self.trainer.is_global_zero:
+            val_images, val_labels = datamodule.split_tensors("val", 2000)
+            task = net.task  # type: ignore[attr-defined]
+            score = accuracy(self.extractor, val_images.to(self.device), val_labels.to(self.device) if task == "classes" else None)
+            details = {"task": task, "val_accuracy": round(score, 4), "train_images": len(images), "steps": hp.extractor_steps}
+            path = save_extractor(self.extractor, Path(self.trainer.default_root_dir), details)
+            print(f"[media] feature extractor '{OFFLINE_EXTRACTOR}' ({task}, val accuracy {score:.3f}) saved to {path}")
+
+    def on_fit_start(self) -> None:
+        self._ensure_extractor()
+
+    def on_validation_start(self) -> None:
+        self._ensure_extractor()
+
+    def on_test_start(self) -> None:
+        self._ensure_extractor()
+
+    def _metrics(self) -> list[tuple[str, nn.Module, nn.Module]]:
+        metrics = [(OFFLINE_EXTRACTOR, self.fid, self.kid)]
+        if self.inception is not None:
+            metrics.append((INCEPTION, self.inception[0], self.inception[1]))
+        return metrics
+
+    def _update_real(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        for name, fid, kid in self._metrics():
+            batch = (images + 1) / 2 if name == INCEPTION else images
+            fid.update(batch, real=True)
+            kid.update(batch, real=True)
+        self._real_labels.append(labels.detach())
+
+    def _evaluate_samples(self, stage: str) -> None:
+        labels = torch.cat(self._real_labels) if self._real_labels else torch.empty(0, dtype=torch.long)
+        self._real_labels = []
+        count = min(len(labels), self.hparams.fid_samples)
+        if self.trainer.sanity_checking or count < 2:
+            for _, fid, kid in self._metrics():
+                fid.reset()
+                kid.reset()
+            return
+        seed = 10_000 * (1 + self.global_rank)  # the same noise every epoch: epochs are compared on equal terms
+        fake = self.generate(list(range(seed, seed + count)), labels[:count], steps=self.eval_sampling_steps())
+        for name, fid, kid in self._metrics():
+            batch = (fake + 1) / 2 if name == INCEPTION else fake
+            fid.update(batch, real=False)
+            kid.update(batch, real=False)
+            kid.subset_size = min(self.hparams.kid_subset_size, count)
+            kid_mean, kid_std = kid.compute()
+            self.log(f"{stage}/fid_{name}", fid.compute(), sync_dist=False)
+            self.log(f"{stage}/kid_{name}", kid_mean, sync_dist=False)
+            self.log(f"{stage}/kid_{name}_std", kid_std, sync_dist=False)
+            fid.reset()
+            kid.reset()
+        if self.condition_classes and self.extractor.classifier.out_features == self.condition_classes:
+            with torch.no_grad():
+                predicted = self.extractor.logits(fake).argmax(1)
+            obeyed = (predicted == labels[:count].to(self.device)).float().mean()
+            self.log(f"{stage}/class_acc_{OFFLINE_EXTRACTOR}", obeyed, sync_dist=True)
+
+    def _log_grid(self, stage: str) -> None:
+        count = self.hparams.grid_samples
+        if not count or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        labels = torch.arange(count) % self.condition_classes if self.condition_classes else None
+        images = self.generate(list(range(count)), labels, steps=self.eval_sampling_steps())
+        titles = [self.class_label(int(label)) for label in labels] if labels is not None else None
+        path = log_figure(self.trainer, image_grid(images, titles), f"{stage}/samples")
+        if path is not None and stage == "val":
+            copy_to = path.parent / "samples" / f"epoch_{self.current_epoch:03d}.png"
+            copy_to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy_to)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate_samples("val")
+        self._log_grid("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate_samples("test")
+        self._log_grid("test")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._update_real(batch["image"], batch["label"])
+
+    # ----- predict: seeded images written to a folder ---------------------------------------------
+    def output_dir(self) -> Path:
+        """``data.generate_dir``, else ``<run folder>/generated`` (a data option: on ``predict --ckpt_path``
+        LightningCLI replaces the model's options with the checkpoint's)."""
+        folder = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("generate_dir")
+        return Path(folder) if folder else Path(self.trainer.default_root_dir) / "generated"
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        from PIL import Image
+
+        from domains.media.data import to_uint8
+
+        steps = int(batch["steps"][0]) if "steps" in batch and int(batch["steps"][0]) > 0 else None
+        images = to_uint8(self.generate(batch["seed"].tolist(), batch["label"], steps=steps))
+        folder = self.output_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for index, image in zip(batch["index"].tolist(), images):
+            path = folder / f"{index:05d}.png"
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+            files.append(str(path))
+        labels = self._labels_for(batch["label"], len(files))
+        return {
+            "file": files,
+            "seed": batch["seed"].cpu().numpy(),
+            "class": [self.class_label(int(label)) for label in labels] if labels is not None else ["-"] * len(files),
+        }
+
+    # ----- the non-finite guard ---------------------------------------------------------------------
+    def check_finite(self, what: str, loss: torch.Tensor, network: nn.Module, batch_idx: int) -> None:
+        """Stop the run (every rank) when ``loss`` or ``network``'s gradients hold NaN/inf, after a
+        checkpoint of the current weights. Call it after the backward pass, before the optimizer step.
+
+        One device-to-host copy per call (and one all-reduce under DDP), whatever the number of
+        parameters: the gradients are reduced to their largest magnitude (``get_total_norm`` with
+        ``norm_type=inf``, which keeps NaN and inf and cannot overflow). Under a loss scaler
+        (``16-mixed``) only the loss is checked: an inf gradient there is an overflow of the scaled
+        gradients, which the scaler handles itself by skipping that step and lowering its scale.
+        """
+        checks = {f"{what} loss": loss.detach().float()}
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            checks[f"{what} gradient"] = get_total_norm(grads, norm_type=float("inf")).float()
+        finite = torch.isfinite(torch.stack(list(checks.values())))  # the losses are scalars
+        bad = not bool(finite.all())
+        if self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if not bad:
+            return
+        culprits = [name for name, ok in zip(checks, finite.tolist()) if not ok]
+        what = " and ".join(culprits) if culprits else f"{what} loss or gradient on another rank"
+        step = self.trainer.global_step
+        callback = self.trainer.checkpoint_callback
+        folder = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
+        path = folder / f"before-nonfinite-step{step}.ckpt"
+        self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(
+            f"non-finite {what} at global step {step} (epoch {self.current_epoch}, batch {batch_idx}); "
+            f"training stopped before applying it. The weights from before this step are in {path}; "
+            "lower the learning rate or check the data"
+        )
