@@ -184,7 +184,7 @@ def test_duplicate_sequence_time_rows_are_named(tmp_path):
     table = _good()
     table.loc[40, "time"] = table.loc[39, "time"]
     message = _error(tmp_path, table)
-    assert "row 40" in message and "row 41" in message and "duplicate (sequence, time) = ('b', 14)" in message
+    assert "rows 40 and 41" in message and "duplicate (sequence, time) = ('b', 14)" in message
 
 
 def test_absent_target_column_is_named(tmp_path):

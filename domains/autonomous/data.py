@@ -108,7 +108,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             a track sampled at another rate, or in another time unit, and a step that is neither
             regular nor a gap are refused (:mod:`domains.autonomous.sampling`).
         max_gap: consecutive rows further apart than ``max_gap * time_step`` start a new segment
-            (a gap: the track is split there); must exceed ``1 + time_jitter``.
+            (a gap: the track is split there); must exceed ``1 + time_jitter``. Default 1.9: a gap is
+            at least one missing sample, and a step between ``1 + time_jitter`` and ``max_gap`` steps
+            (e.g. alternating 0.07/0.13 s steps in 0.1 s data) is refused as irregular.
         nan_policy: rows with a NaN in a used column: ``drop``, ``ffill`` (last value, per sequence)
             or ``interpolate`` (linear, per sequence); unfillable rows are dropped.
         split_column: a column with ``train``/``val``/``test`` per row (case and spaces ignored; any
@@ -150,7 +152,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         stride: int = 1,
         time_step: float | None = None,
         time_jitter: float = 0.1,
-        max_gap: float = 1.5,
+        max_gap: float = 1.9,
         nan_policy: Literal["drop", "ffill", "interpolate"] = "drop",
         split_column: str | None = None,
         val_fraction: float = 0.15,

@@ -221,7 +221,7 @@ def build_tracks(
     spec: ColumnSpec,
     nan_policy: str = "drop",
     time_step: float | None = None,
-    max_gap: float = 1.5,
+    max_gap: float = 1.9,
     split_name: str = "data",
     require_label: bool = True,
     time_jitter: float = 0.1,
@@ -259,9 +259,10 @@ def build_tracks(
     step = np.diff(time_sorted)
     dup = np.flatnonzero(same & (step == 0))
     if len(dup):
-        a, b = order[dup[0]], order[dup[0] + 1]
+        (file_a, row_a), (file_b, row_b) = origin(table, order[dup[0]]), origin(table, order[dup[0] + 1])
+        rows = f"{file_a} rows {row_a} and {row_b}" if file_a == file_b else f"{file_a} row {row_a} and {file_b} row {row_b}"
         raise InputError(
-            f"{where(table, a)} and {where(table, b)}: duplicate (sequence, time) = ({seq_names[codes[dup[0]]]!r}, {time_sorted[dup[0]]:g}) "
+            f"{rows}: duplicate (sequence, time) = ({seq_names[codes[dup[0]]]!r}, {time_sorted[dup[0]]:g}) "
             f"in columns {spec.sequence!r}, {spec.time!r} ({int(dup.size)} duplicate row(s)); expected one row per sequence and time"
         )
     back = np.flatnonzero(same & (step < 0))

@@ -10,8 +10,9 @@ different things at each step. The rules, checked on every split and on the ``pr
   split's step is used for val, test and predict files, and saved in every checkpoint.
 - **Jitter**: a step within ``time_jitter`` (a fraction, default 0.1 = 10 %) of the time step is a
   regular step.
-- **Gaps**: a step longer than ``max_gap`` time steps (default 1.5) is a gap: the track is split
-  there into gap-free segments (windows never span a gap).
+- **Gaps**: a step longer than ``max_gap`` time steps (default 1.9: at least one missing sample,
+  less the jitter) is a gap: the track is split there into gap-free segments (windows never span a
+  gap). Rows dropped by the NaN rule leave gaps too.
 - **Refused** (:class:`pipelines.errors.InputError`, naming the file, the track and its rows, the step
   found and the step expected): a track whose median step is not a regular step (another rate or
   another time unit: it would otherwise be cut into one-row pieces and silently dropped), and any
