@@ -224,11 +224,12 @@ def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(trained, tmp_
 
 def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, tmp_path, capsys):
     """The checkpoint holds the step (fitted state); scoring data at another rate is refused even when
-    its own training table agrees with it (here: the same trips every 0.2 s)."""
+    its own training table agrees with it (here: the same trips every 0.2 s), with exit status 2."""
     folder, runs, run = trained
     state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["SensorSequenceDataModule"]
     assert state["time_step"] == pytest.approx(DT)
     write(fleet(dt=0.2), tmp_path / "slow.csv")
+    before = _digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("autonomous", "predict", "--run_id", run.name, "--ckpt_path", "best", f"--data.path={tmp_path / 'slow.csv'}",
@@ -236,4 +237,9 @@ def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err[-3000:]
     assert contains(err, "sampled every 0.1 (its time step)") and contains(err, "time step is 0.2")
-    assert not list(run.glob("predictions*"))
+    after = _digests(run)
+    # refused when Lightning loads the checkpoint: the invocation is already in provenance.json and the
+    # lock file (the runner hands the checkpoint's state to the data module only then); the rest is intact
+    kept = {name: digest for name, digest in before.items() if name not in ("provenance.json", ".lock")}
+    assert {name: after.get(name) for name in kept} == kept, "the run's checkpoints or config changed"
+    assert not list(run.glob("predictions*")), sorted(set(after) - set(before))

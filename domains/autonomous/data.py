@@ -64,8 +64,9 @@ from domains.autonomous.readers import (
     with_origin,
 )
 from domains.autonomous.sampling import EPS, check_time_options
+from domains.autonomous.inputs import model_inputs
 from domains.autonomous.simulator import simulate_vehicles
-from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, cut_windows
+from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, cut_windows, window_tensors
 
 Task = Literal["forecasting", "regression", "classification"]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -348,25 +349,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return stats
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
-        rows, obs = windows.rows, self.observe
-        out = {
-            "past": torch.from_numpy(tracks.targets[rows[:, :obs]]),
-            "channels": torch.from_numpy(tracks.channels[rows[:, :obs]]),
-            "time": torch.from_numpy(tracks.time[rows[:, obs - 1]]),
-        }
-        if rows.shape[1] > obs:
-            out["future"] = torch.from_numpy(tracks.targets[rows[:, obs:]])
-        if tracks.label is not None:
-            last = tracks.label[rows[:, obs - 1]]
-            if self.task == "regression":
-                out["target"] = torch.from_numpy(last.astype(np.float32))
-            else:
-                index = {c: i for i, c in enumerate(self.class_names)}
-                unknown = sorted({str(v) for v in last} - set(index))
-                if unknown:
-                    raise InputError(f"split {name!r}: target column {self.hparams.target_column!r} has class(es) {unknown[:5]} not in class_names {self.class_names}")
-                out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
-        return out
+        return window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -431,35 +414,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         the data's frame.
         """
         assert self.stats is not None, "setup() or load_state_dict() must run first"
-        past, channels = batch["past"], batch["channels"]
-        future = batch.get("future")
         trainer = self.trainer
-        if self.hparams.augment_rotation and trainer is not None and trainer.training:
-            angle = torch.rand(len(past), device=past.device, dtype=past.dtype) * (2 * torch.pi)
-            c, s = torch.cos(angle), torch.sin(angle)
-            rotation = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
-            origin = past[:, -1:]
-            past = (past - origin) @ rotation.transpose(1, 2) + origin
-            batch["past"] = past
-            if future is not None:
-                batch["future"] = (future - origin) @ rotation.transpose(1, 2) + origin
-        scale = float(self.stats["displacement_scale"])
-        steps = torch.diff(past, dim=1, prepend=past[:, :1]) / scale
-        if self.hparams.canonical_heading:
-            heading = past[:, -1] - past[:, 0]
-            angle = torch.atan2(heading[:, 1], heading[:, 0])
-            c, s = torch.cos(angle), torch.sin(angle)
-            frame = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
-            batch["frame"] = frame  # canonical = world @ frame; world = canonical @ frame.T
-            steps = steps @ frame
-        mean = torch.tensor(self.stats["channel_mean"], device=past.device, dtype=past.dtype)
-        std = torch.tensor(self.stats["channel_std"], device=past.device, dtype=past.dtype)
-        batch["inputs"] = torch.cat([steps, (channels - mean) / std], -1)
-        batch["displacement_scale"] = torch.full((len(past),), scale, device=past.device, dtype=past.dtype)
-        if "target" in batch:
-            batch["target_mean"] = torch.full_like(batch["target"], float(self.stats["target_mean"]))
-            batch["target_std"] = torch.full_like(batch["target"], float(self.stats["target_std"]))
-        return batch
+        rotate = bool(self.hparams.augment_rotation and trainer is not None and trainer.training)
+        return model_inputs(batch, self.stats, bool(self.hparams.canonical_heading), rotate)
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics fitted on the training split (stored in every checkpoint)."""

@@ -90,6 +90,32 @@ def cut_split_windows(
     return cut
 
 
+def window_tensors(
+    tracks: Tracks, windows: Windows, observe: int, task: str, class_names: list[str], target_column: str | None, name: str
+) -> dict[str, torch.Tensor]:
+    """``past``, ``channels``, ``time`` (of the last observed row), ``future`` (forecasting) and the
+    ``target`` (regression) or ``label`` index (classification) at each window's last observed row."""
+    rows, obs = windows.rows, observe
+    out = {
+        "past": torch.from_numpy(tracks.targets[rows[:, :obs]]),
+        "channels": torch.from_numpy(tracks.channels[rows[:, :obs]]),
+        "time": torch.from_numpy(tracks.time[rows[:, obs - 1]]),
+    }
+    if rows.shape[1] > obs:
+        out["future"] = torch.from_numpy(tracks.targets[rows[:, obs:]])
+    if tracks.label is not None:
+        last = tracks.label[rows[:, obs - 1]]
+        if task == "regression":
+            out["target"] = torch.from_numpy(last.astype(np.float32))
+        else:
+            index = {c: i for i, c in enumerate(class_names)}
+            unknown = sorted({str(v) for v in last} - set(index))
+            if unknown:
+                raise InputError(f"split {name!r}: target column {target_column!r} has class(es) {unknown[:5]} not in class_names {class_names}")
+            out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
+    return out
+
+
 class WindowDataset(Dataset):
     """Items ``{"past": (observe, D), "channels": (observe, C), ["future": (predict, D)], ["label"], "time", "index"}``."""
 
