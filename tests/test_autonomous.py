@@ -16,7 +16,8 @@ import torch
 
 from domains.autonomous.data import SensorSequenceDataModule
 from domains.autonomous.metrics import DisplacementError
-from domains.autonomous.readers import ColumnSpec, build_tracks, cut_windows, read_eth_ucy, read_table
+from domains.autonomous.readers import ColumnSpec, build_tracks, read_eth_ucy, read_table
+from domains.autonomous.windows import cut_windows
 from domains.autonomous.simulator import MANOEUVRES, simulate_vehicles
 from tests.conftest import only_run, read_jsonl, run_pipeline, shared_file
 
@@ -101,7 +102,7 @@ def test_data_module_logs_nan_counts_and_short_sequences(tmp_path, capsys):
     dm.setup()
     log = capsys.readouterr().err
     assert "train: " in log and "3 rows with NaN (0 filled by 'drop', 3 dropped)" in log
-    assert "5 segment(s) (42 rows) shorter than observe + predict = 20 rows: skipped" in log
+    assert "train: 5 of 22 segment(s) (42 rows) shorter than observe + predict = 20 rows (--data.observe 8 + --data.predict 12): skipped" in log
     assert set(dm.datasets) == {"train", "val", "test"} and all(len(ds) for ds in dm.datasets.values())
 
 
@@ -131,13 +132,14 @@ def test_normalisation_is_fitted_on_the_training_split_only(tmp_path):
 
     # a checkpoint written before position_names and time_step were recorded: taken from the data
     old = {key: value for key, value in dm.state_dict().items() if key not in ("position_names", "time_step")}
-    restored = SensorSequenceDataModule(path=str(path), sequence_column="trip", time_column="t_s", channels=SENSORS,
+    slower = write_table(tmp_path / "fleet-2hz.csv", table.assign(t_s=table["t_s"] * 2))  # the same rows, sampled every 0.5 s
+    restored = SensorSequenceDataModule(path=str(slower), sequence_column="trip", time_column="t_s", channels=SENSORS,
                                         target_channels=["x", "y"], split_column="split", time_step=0.5)  # fmt: skip
     restored.load_state_dict(old)
     assert restored.stats == {**dm.stats, "time_step": 0.5}
 
 
-# ----- bad input: errors name the file, column and line -------------------------------------
+# ----- bad input: errors name the file, column and row --------------------------------------
 def _error(tmp_path: Path, table: pd.DataFrame, name: str = "bad.csv", **options) -> str:
     path = write_table(tmp_path / name, table)
     options = {"channels": ["speed"], "target_channels": ["x", "y"], **options}
@@ -157,32 +159,32 @@ def test_missing_column_is_named(tmp_path):
     assert "'speed' (data.channels) not found" in message and "'x'" in message
 
 
-def test_non_numeric_channel_value_is_named_with_its_line(tmp_path):
+def test_non_numeric_channel_value_is_named_with_its_row(tmp_path):
     table = _good().astype({"speed": object})
     table.loc[30, "speed"] = "fast"
     message = _error(tmp_path, table)
-    assert "line 32" in message and "'speed'" in message and "'fast' is not numeric" in message
+    assert "row 31" in message and "'speed'" in message and "'fast' is not numeric" in message
 
 
 def test_non_numeric_value_in_parquet_is_named_with_its_row(tmp_path):
     table = _good().astype({"x": str})  # a text column in Parquet, as some exports write them
     table.loc[7, "x"] = "n/a?"
     message = _error(tmp_path, table, name="bad.parquet")
-    assert "row 7" in message and "'x'" in message
+    assert "row 8" in message and "'x'" in message  # 1-based data rows in every format
 
 
 def test_unsorted_time_is_named(tmp_path):
     table = _good()
     table.loc[[10, 11], "time"] = [11, 10]
     message = _error(tmp_path, table)
-    assert "line 13" in message and "sequence 'a'" in message and "must be sorted" in message
+    assert "row 12" in message and "sequence 'a'" in message and "must be sorted" in message
 
 
 def test_duplicate_sequence_time_rows_are_named(tmp_path):
     table = _good()
     table.loc[40, "time"] = table.loc[39, "time"]
     message = _error(tmp_path, table)
-    assert "line 41" in message and "line 42" in message and "duplicate (sequence, time) = ('b', 14)" in message
+    assert "rows 40 and 41" in message and "duplicate (sequence, time) = ('b', 14)" in message
 
 
 def test_absent_target_column_is_named(tmp_path):
@@ -192,7 +194,8 @@ def test_absent_target_column_is_named(tmp_path):
 
 def test_sequences_shorter_than_a_window_are_counted_not_a_crash(tmp_path):
     message = _error(tmp_path, _good(), observe=20, predict=10, split_column=None)
-    assert "has no window of observe + predict = 30 rows" in message and "longest 25 rows" in message
+    assert "no track is long enough for one window of observe + predict = 30 rows" in message and "all 3 tracks" in message
+    assert "the longest segment has 25 rows" in message
 
 
 def test_bad_split_value_is_named(tmp_path):
@@ -200,7 +203,7 @@ def test_bad_split_value_is_named(tmp_path):
     table["split"] = "train"
     table.loc[5, "split"] = "holdout"
     message = _error(tmp_path, table, split_column="split")
-    assert "line 7" in message and "'holdout'" in message
+    assert "row 6" in message and "'holdout'" in message
 
 
 # ----- ETH/UCY --------------------------------------------------------------------------------

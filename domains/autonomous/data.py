@@ -3,10 +3,13 @@
 Sources (one is used): a long CSV/TSV/Parquet table (``path``), the ETH/UCY benchmark
 (``eth_ucy_root`` + ``eth_ucy_scene``, leave-one-scene-out) or, by default, the embedded vehicle
 simulator (:mod:`domains.autonomous.simulator`). Every source becomes a long table and goes through
-the same checks (:func:`domains.autonomous.readers.build_tracks`): bad input raises ``ValueError``
-naming the file, column and line before training starts; NaN rows are dropped or filled by
-``nan_policy`` and counted in the log; time gaps split a sequence into segments; segments shorter
-than one window are counted in the log, not an error.
+the same checks (:func:`domains.autonomous.readers.build_tracks`): bad input raises
+:class:`pipelines.errors.InputError` naming the file, column and row (1-based data row) before
+training starts; NaN rows are dropped or filled by ``nan_policy`` and counted in the log; inf and
+float32 overflow are refused; one time step for the whole data set (declared, or the median step of
+the training tracks) with the sampling rules of :mod:`domains.autonomous.sampling`; time gaps split
+a sequence into segments; segments shorter than one window are counted in the log, and refused only
+when no window is left (naming the cause: how many tracks, how long).
 
 A sample is a window of ``observe`` rows (plus ``predict`` future rows when forecasting). Model
 inputs are built on the device in :meth:`on_after_batch_transfer` from statistics fitted on the
@@ -41,18 +44,18 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from pipelines.data import make_loader
+from pipelines.errors import InputError
+from pipelines.validation import check_labels
 from domains.autonomous.readers import (
     FILE,
     SPLITS,
     ColumnSpec,
     Tracks,
-    Windows,
     build_tracks,
     check_columns,
-    cut_windows,
     log,
     read_eth_ucy,
     read_table,
@@ -60,7 +63,10 @@ from domains.autonomous.readers import (
     where,
     with_origin,
 )
+from domains.autonomous.sampling import EPS, check_time_options
+from domains.autonomous.inputs import model_inputs
 from domains.autonomous.simulator import simulate_vehicles
+from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, cut_windows, window_tensors
 
 Task = Literal["forecasting", "regression", "classification"]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -73,20 +79,6 @@ def resolve_path(path: str) -> Path:
     if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists():
         return given
     return PROJECT_ROOT / given
-
-
-class WindowDataset(Dataset):
-    """Items ``{"past": (observe, D), "channels": (observe, C), ["future": (predict, D)], ["label"], "time", "index"}``."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
-        self.tensors = tensors
-        self.names = names
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        return {key: value[item] for key, value in self.tensors.items()} | {"index": item}
 
 
 class SensorSequenceDataModule(pl.LightningDataModule):
@@ -110,11 +102,20 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         observe: rows observed per window.
         predict: future rows predicted per window (forecasting only).
         stride: rows between the starts of consecutive windows.
-        time_step: the sampling step of the time column (default: its most common step).
-        max_gap: consecutive rows further apart than ``max_gap * time_step`` start a new segment.
+        time_step: the sampling step of the time column, one for the whole data set (default: the
+            median step between consecutive rows of all training tracks); saved in the checkpoint,
+            and val, test and predict files must match it.
+        time_jitter: how far a step may be from ``time_step``, as a fraction of it (0.1: +-10 %);
+            a track sampled at another rate, or in another time unit, and a step that is neither
+            regular nor a gap are refused (:mod:`domains.autonomous.sampling`).
+        max_gap: consecutive rows further apart than ``max_gap * time_step`` start a new segment
+            (a gap: the track is split there); must exceed ``1 + time_jitter``. Default 1.9: a gap is
+            at least one missing sample, and a step between ``1 + time_jitter`` and ``max_gap`` steps
+            (e.g. alternating 0.07/0.13 s steps in 0.1 s data) is refused as irregular.
         nan_policy: rows with a NaN in a used column: ``drop``, ``ffill`` (last value, per sequence)
             or ``interpolate`` (linear, per sequence); unfillable rows are dropped.
-        split_column: a column with ``train``/``val``/``test`` per row (default: a random split of
+        split_column: a column with ``train``/``val``/``test`` per row (case and spaces ignored; any
+            other value is refused) (default: a random split of
             whole sequences with ``val_fraction`` and ``test_fraction``).
         val_fraction: validation share of sequences in a random split.
         test_fraction: test share of sequences in a random split.
@@ -151,7 +152,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         predict: int = 12,
         stride: int = 1,
         time_step: float | None = None,
-        max_gap: float = 1.5,
+        time_jitter: float = 0.1,
+        max_gap: float = 1.9,
         nan_policy: Literal["drop", "ffill", "interpolate"] = "drop",
         split_column: str | None = None,
         val_fraction: float = 0.15,
@@ -170,19 +172,24 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if path and eth_ucy_root:
-            raise ValueError("give either data.path or data.eth_ucy_root, not both")
+            raise InputError("give either --data.path or --data.eth_ucy_root, not both")
         if task not in ("forecasting", "regression", "classification"):
-            raise ValueError(f"task must be forecasting, regression or classification, got {task!r}")
-        if observe < 2 or (task == "forecasting" and predict < 1) or stride < 1 or batch_size < 1:
-            raise ValueError(f"need observe >= 2, predict >= 1 (forecasting), stride >= 1 and batch_size >= 1; got {observe}, {predict}, {stride}, {batch_size}")
+            raise InputError(f"--data.task must be forecasting, regression or classification, got {task!r}")
+        for option, value, least, what in (
+            ("observe", observe, 2, "rows observed per window"),
+            ("predict", predict if task == "forecasting" else 1, 1, "future rows forecast per window"),
+            ("stride", stride, 1, "rows between window starts"),
+            ("batch_size", batch_size, 1, "windows per batch"),
+        ):
+            if value < least:
+                raise InputError(f"--data.{option} must be at least {least} ({what}), got {value}")
         if task == "forecasting" and not target_channels:
-            raise ValueError("task 'forecasting' needs data.target_channels (the columns to forecast)")
+            raise InputError("--data.task forecasting needs --data.target_channels (the columns to forecast)")
         if task != "forecasting" and not target_column:
-            raise ValueError(f"task {task!r} needs data.target_column (the column to predict)")
+            raise InputError(f"--data.task {task} needs --data.target_column (the column to predict)")
         if (augment_rotation or canonical_heading) and len(target_channels or []) != 2:
-            raise ValueError(f"augment_rotation and canonical_heading need exactly 2 target_channels (x, y), got {target_channels}")
-        if max_gap < 1:
-            raise ValueError(f"max_gap must be >= 1 (in time steps), got {max_gap}")
+            raise InputError(f"--data.augment_rotation and --data.canonical_heading need exactly 2 --data.target_channels (x, y), got {target_channels}")
+        check_time_options(time_step, time_jitter, max_gap)
         self.save_hyperparameters(logger=False)
         self.datasets: dict[str, WindowDataset] = {}
         self.stats: dict[str, Any] | None = None
@@ -225,8 +232,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     @property
     def time_step(self) -> float:
-        """The sampling interval in the time column's units: ``data.time_step``, or the most common step of
-        the training split (the step that time gaps are measured in; the simulator's ``sim_dt``)."""
+        """The sampling interval in the time column's units, one for the whole data set: ``data.time_step``,
+        or the median step of the training tracks (the simulator's ``sim_dt``; 10 frames for ETH/UCY)."""
         return float(self.tracks["train"].report["time_step"])
 
     @property
@@ -243,7 +250,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.eth_ucy_root:
             if hp.sequence_column != "sequence" or hp.time_column != "time":
-                raise ValueError("ETH/UCY tables have the columns sequence, time, x, y: leave sequence_column/time_column at their defaults")
+                raise InputError("ETH/UCY tables have the columns sequence, time, x, y: leave --data.sequence_column/--data.time_column at their defaults")
             return read_eth_ucy(resolve_path(hp.eth_ucy_root), hp.eth_ucy_scene)
         if hp.path:
             table = read_table(resolve_path(hp.path))
@@ -257,11 +264,16 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         check_columns(table, self.columns)  # missing columns are named before anything else
         if hp.split_column:
             if hp.split_column not in table.columns:
-                raise ValueError(f"{table[FILE].iloc[0]}: split column {hp.split_column!r} (data.split_column) not found")
+                columns = [c for c in table.columns if not str(c).startswith("_")]
+                raise InputError(f"{table[FILE].iloc[0]}: split column {hp.split_column!r} (--data.split_column) not found; the file has columns {columns}")
             split = table[hp.split_column].astype(str).str.strip().str.lower()
             bad = np.flatnonzero(~split.isin(SPLITS).to_numpy())
             if len(bad):
-                raise ValueError(f"{where(table, bad[0])}, column {hp.split_column!r}: value {table[hp.split_column].iloc[bad[0]]!r}; expected train, val or test")
+                values = sorted({str(v) for v in table[hp.split_column].iloc[bad]})
+                raise InputError(
+                    f"{where(table, bad[0])}, column {hp.split_column!r} (--data.split_column): value {table[hp.split_column].iloc[bad[0]]!r}; "
+                    f"expected train, val or test ({len(bad)} row(s) with other values: {values[:5]})"
+                )
         else:
             assignment = sequence_split(table[hp.sequence_column].astype(str).tolist(), hp.val_fraction, hp.test_fraction, hp.split_seed)
             split = table[hp.sequence_column].astype(str).map(assignment)
@@ -271,10 +283,12 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def tracks(self) -> dict[str, Tracks]:
         """Validated, NaN-handled, gap-split segments of each split (the NaN and gap counts are logged)."""
         hp, out = self.hparams, {}
-        for name, table in self.tables.items():
+        step = hp.time_step  # None: inferred from the training tracks, then used for every split
+        for name, table in self.tables.items():  # train first
             if len(table) == 0:
-                raise ValueError(f"split {name!r} is empty: no rows assigned to it (check data.split_column or the fractions)")
-            tracks = build_tracks(table, self.columns, hp.nan_policy, hp.time_step, hp.max_gap, name)
+                raise InputError(f"split {name!r} is empty: no rows assigned to it (check --data.split_column or the fractions)")
+            tracks = build_tracks(table, self.columns, hp.nan_policy, step, hp.max_gap, name, time_jitter=hp.time_jitter)
+            step = tracks.report["time_step"]
             report = tracks.report
             log(
                 f"{name}: {report['rows']} rows, {report['sequences']} sequences, {report['nan_rows']} rows with NaN "
@@ -288,29 +302,21 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def class_names(self) -> list[str]:
         if self.task != "classification":
             return []
+        column = self.hparams.target_column
+        labels = pd.concat([table[column] for table in self.tables.values()]).dropna().astype(str)
+        files = ", ".join(sorted({str(f) for table in self.tables.values() for f in table[FILE].unique()})[:3])
+        check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", self.hparams.class_names)
         if self.hparams.class_names:
             return list(self.hparams.class_names)
         names = sorted({str(v) for v in self.tracks["train"].label})
         if len(names) < 2:
-            raise ValueError(f"target column {self.hparams.target_column!r} has {len(names)} class(es) in the training split; need at least 2")
+            raise InputError(f"{files}: target column {column!r} has {len(names)} class(es) in the training split; need at least 2")
         return names
 
     @cached_property
     def windows(self) -> dict[str, Windows]:
-        length = self.observe + self.predict
-        out = {}
-        for name, tracks in self.tracks.items():
-            windows = cut_windows(tracks, length, self.hparams.stride)
-            if windows.short_segments:
-                log(f"{name}: {windows.short_segments} segment(s) ({windows.short_rows} rows) shorter than observe + predict = {length} rows: skipped")
-            if len(windows.rows) == 0:
-                files = ", ".join(sorted({str(f) for f in self.tables[name][FILE].unique()})[:3])
-                raise ValueError(
-                    f"{files}: split {name!r} has no window of observe + predict = {length} rows: all {len(tracks.lengths)} segments are shorter "
-                    f"(longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows); lower data.observe/data.predict or check time gaps"
-                )
-            out[name] = windows
-        return out
+        """Window rows of every split; refused when no track of the data set, or of one split, is long enough."""
+        return cut_split_windows(self.tracks, self.tables, self.observe, self.predict, self.hparams.stride, self.hparams.max_gap)
 
     # ----- statistics fitted on the training split ------------------------------------------
     def fit_statistics(self) -> dict[str, Any]:
@@ -343,25 +349,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return stats
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
-        rows, obs = windows.rows, self.observe
-        out = {
-            "past": torch.from_numpy(tracks.targets[rows[:, :obs]]),
-            "channels": torch.from_numpy(tracks.channels[rows[:, :obs]]),
-            "time": torch.from_numpy(tracks.time[rows[:, obs - 1]]),
-        }
-        if rows.shape[1] > obs:
-            out["future"] = torch.from_numpy(tracks.targets[rows[:, obs:]])
-        if tracks.label is not None:
-            last = tracks.label[rows[:, obs - 1]]
-            if self.task == "regression":
-                out["target"] = torch.from_numpy(last.astype(np.float32))
-            else:
-                index = {c: i for i, c in enumerate(self.class_names)}
-                unknown = sorted({str(v) for v in last} - set(index))
-                if unknown:
-                    raise ValueError(f"split {name!r}: target column {self.hparams.target_column!r} has class(es) {unknown[:5]} not in class_names {self.class_names}")
-                out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
-        return out
+        return window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -377,11 +365,20 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
 
     def _predict_dataset(self, path: str) -> WindowDataset:
+        """Windows of ``observe`` rows of a new file, checked like the training data against the
+        training data's time step (:attr:`time_step`, the one saved in the checkpoint)."""
         hp = self.hparams
-        tracks = build_tracks(read_table(resolve_path(path)), self.columns, hp.nan_policy, hp.time_step, hp.max_gap, "predict", require_label=False)
+        step = float(self.stats["time_step"]) if self.stats and self.stats.get("time_step") else self.time_step
+        table = read_table(resolve_path(path))
+        tracks = build_tracks(table, self.columns, hp.nan_policy, step, hp.max_gap, "predict", require_label=False, time_jitter=hp.time_jitter)
         windows = cut_windows(tracks, self.observe, hp.stride)
+        if windows.short_segments:
+            log(f"predict: {windows.short_segments} of {len(tracks.lengths)} segment(s) shorter than observe = {self.observe} rows: skipped")
         if len(windows.rows) == 0:
-            raise ValueError(f"predict_path {path}: no sequence segment has observe = {self.observe} rows")
+            raise InputError(
+                f"{table[FILE].iat[0]} (--data.predict_path): no track has observe = {self.observe} rows (--data.observe): all {len(tracks.lengths)} "
+                f"gap-free segments are shorter (longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows)"
+            )
         return WindowDataset(self._tensors(tracks, windows, "predict"), [tracks.names[s] for s in windows.segment])
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
@@ -417,35 +414,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         the data's frame.
         """
         assert self.stats is not None, "setup() or load_state_dict() must run first"
-        past, channels = batch["past"], batch["channels"]
-        future = batch.get("future")
         trainer = self.trainer
-        if self.hparams.augment_rotation and trainer is not None and trainer.training:
-            angle = torch.rand(len(past), device=past.device, dtype=past.dtype) * (2 * torch.pi)
-            c, s = torch.cos(angle), torch.sin(angle)
-            rotation = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
-            origin = past[:, -1:]
-            past = (past - origin) @ rotation.transpose(1, 2) + origin
-            batch["past"] = past
-            if future is not None:
-                batch["future"] = (future - origin) @ rotation.transpose(1, 2) + origin
-        scale = float(self.stats["displacement_scale"])
-        steps = torch.diff(past, dim=1, prepend=past[:, :1]) / scale
-        if self.hparams.canonical_heading:
-            heading = past[:, -1] - past[:, 0]
-            angle = torch.atan2(heading[:, 1], heading[:, 0])
-            c, s = torch.cos(angle), torch.sin(angle)
-            frame = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
-            batch["frame"] = frame  # canonical = world @ frame; world = canonical @ frame.T
-            steps = steps @ frame
-        mean = torch.tensor(self.stats["channel_mean"], device=past.device, dtype=past.dtype)
-        std = torch.tensor(self.stats["channel_std"], device=past.device, dtype=past.dtype)
-        batch["inputs"] = torch.cat([steps, (channels - mean) / std], -1)
-        batch["displacement_scale"] = torch.full((len(past),), scale, device=past.device, dtype=past.dtype)
-        if "target" in batch:
-            batch["target_mean"] = torch.full_like(batch["target"], float(self.stats["target_mean"]))
-            batch["target_std"] = torch.full_like(batch["target"], float(self.stats["target_std"]))
-        return batch
+        rotate = bool(self.hparams.augment_rotation and trainer is not None and trainer.training)
+        return model_inputs(batch, self.stats, bool(self.hparams.canonical_heading), rotate)
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics fitted on the training split (stored in every checkpoint)."""
@@ -456,17 +427,24 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Use a checkpoint's statistics; the class list and target names must match this data's.
 
-        Checkpoints written before ``position_names`` and ``time_step`` were recorded still load:
+        A checkpoint's ``time_step`` must equal this data's (the step its val, test and predict
+        files were checked against). Checkpoints written before ``position_names`` and ``time_step`` were recorded still load:
         those two are taken from this data's configuration (``target_channels`` and the training
         split's time step), so that checkpoints written after a resume, and their exports, have them.
         """
         if self.task == "classification" and state_dict.get("class_names") != self.class_names:
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
                 "pass --data.class_names to use the checkpoint's class order"
             )
         if state_dict.get("target_names") != self.target_names:
-            raise ValueError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {self.target_names}")
+            raise InputError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {self.target_names}")
+        saved = state_dict.get("time_step")
+        if saved is not None and abs(float(saved) - self.time_step) > EPS * float(saved):
+            raise InputError(
+                f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {self.time_step:g} "
+                f"(--data.time_step, or the median step of the training tracks): its displacements would be misread; use data at the checkpoint's rate"
+            )
         self.stats = dict(state_dict)
         self.stats.setdefault("position_names", self.position_names)
         if "time_step" not in self.stats:  # (reads the training split only for such old checkpoints)

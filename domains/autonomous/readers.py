@@ -6,14 +6,17 @@ reads the ETH/UCY pedestrian benchmark in its Social-GAN layout (``<scene>/{trai
 rows ``frame ped x y``) into the same long form. :func:`build_tracks` checks a table (missing
 columns, non-numeric values, duplicate or unsorted times, each named by file, column and row),
 applies the NaN rule, and cuts every sequence at its time gaps into gap-free segments (gaps are
-never bridged). :func:`cut_windows` slides ``observe + predict`` windows over the segments.
+never bridged), after the sampling-rate rules of :mod:`domains.autonomous.sampling`.
+:func:`check_values` refuses inf and float32 overflow in every used numeric column (NaN is the NaN
+rule's job). :func:`domains.autonomous.windows.cut_windows` slides windows over the segments.
 
-Every row keeps its origin in two bookkeeping columns, ``_file`` and ``_line`` (the line of the
-row in a text file, or the row number in a Parquet file), so that errors can say where to look.
+Every row keeps its origin in two bookkeeping columns, ``_file`` and ``_line`` (the 1-based data
+row of the file: the header is not counted, in every format), so that errors can say where to look.
+Every error is an :class:`pipelines.errors.InputError`: the runner prints it and exits 2.
 
 Example:
     >>> table = pd.DataFrame({"sequence": ["a"] * 5, "time": range(5), "x": range(5)})
-    >>> tracks = build_tracks(with_origin(table, "demo.csv", 2), ColumnSpec("sequence", "time", ["x"], []))
+    >>> tracks = build_tracks(with_origin(table, "demo.csv", 1), ColumnSpec("sequence", "time", ["x"], []))
     >>> tracks.lengths.tolist(), tracks.names
     ([5], ['a'])
 """
@@ -27,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pipelines.errors import InputError
+from pipelines.validation import check_finite_columns, check_unique_columns
+from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
@@ -51,37 +58,53 @@ class ColumnSpec:
     label_numeric: bool = True
 
 
-def with_origin(table: pd.DataFrame, file: str, first_line: int) -> pd.DataFrame:
-    """Add the bookkeeping columns: row ``i`` of ``table`` is line ``first_line + i`` of ``file``."""
+def with_origin(table: pd.DataFrame, file: str, first_row: int = 1) -> pd.DataFrame:
+    """Add the bookkeeping columns: row ``i`` of ``table`` is data row ``first_row + i`` of ``file``."""
     table = table.copy()
     table[FILE] = file
-    table[LINE] = np.arange(len(table)) + first_line
+    table[LINE] = np.arange(len(table)) + first_row
     return table
 
 
+def origin(table: pd.DataFrame, position: int) -> tuple[str, int]:
+    """``(file, 1-based data row)`` of the row at ``position``."""
+    return str(table[FILE].iat[position]), int(table[LINE].iat[position])
+
+
 def where(table: pd.DataFrame, position: int) -> str:
-    """``file line N`` (text) or ``file row N`` (Parquet) of the row at ``position``."""
-    row = table.iloc[position]
-    file = str(row[FILE])
-    kind = "row" if file.endswith((".parquet", ".pq")) else "line"
-    return f"{file} {kind} {int(row[LINE])}"
+    """``file row N`` (1-based data row, the header not counted) of the row at ``position``."""
+    file, row = origin(table, position)
+    return f"{file} row {row}"
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV (``,``), TSV (``\\t``) or Parquet long table, with origin columns."""
+    """Read a CSV (``,``), TSV (``\\t``) or Parquet long table, with origin columns.
+
+    Refused: a missing file, another extension, an empty file or one with a header and no rows, a
+    header naming a column twice, and a file the reader cannot parse.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported table format {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
+        raise InputError(f"{path}: unsupported table format {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes); expected a header and one row per (sequence, time)")
     try:
         if suffix in (".parquet", ".pq"):
-            return with_origin(pd.read_parquet(path), str(path), 0)
-        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+            table = pd.read_parquet(path)
+            header = [str(c) for c in table.columns]
+        else:
+            sep = "\t" if suffix == ".tsv" else ","
+            header = [str(c) for c in pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0]]
+            table = pd.read_csv(path, sep=sep)
     except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
-        raise ValueError(f"{path}: cannot read the table: {error}") from None
-    return with_origin(table, str(path), 2)  # line 1 is the header
+        raise InputError(f"{path}: cannot read the table: {error}") from None
+    check_unique_columns(header, str(path))
+    if len(table) == 0:
+        raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")
+    return with_origin(table, str(path), 1)
 
 
 def read_eth_ucy(root: str | Path, scene: str) -> dict[str, pd.DataFrame]:
@@ -93,25 +116,25 @@ def read_eth_ucy(root: str | Path, scene: str) -> dict[str, pd.DataFrame]:
     folder = Path(root) / scene
     if not folder.is_dir():
         found = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
-        raise ValueError(f"eth_ucy_root {root}: no scene folder {scene!r} (found: {found or 'nothing'}); expected <root>/<scene>/{{train,val,test}}/*.txt")
+        raise InputError(f"eth_ucy_root {root}: no scene folder {scene!r} (found: {found or 'nothing'}); expected <root>/<scene>/{{train,val,test}}/*.txt")
     tables: dict[str, pd.DataFrame] = {}
     for split in SPLITS:
         files = sorted((folder / split).glob("*.txt"))
         if not files:
-            raise ValueError(f"{folder / split}: no .txt files (expected tab-separated rows 'frame ped x y')")
+            raise InputError(f"{folder / split}: no .txt files (expected tab-separated rows 'frame ped x y')")
         parts = []
         for file in files:
             try:
                 raw = pd.read_csv(file, sep=r"\s+", header=None, dtype=str, engine="c")
             except Exception as error:
-                raise ValueError(f"{file}: cannot read as whitespace-separated 'frame ped x y' rows: {error}") from None
+                raise InputError(f"{file}: cannot read as whitespace-separated 'frame ped x y' rows: {error}") from None
             if raw.shape[1] != 4:
-                raise ValueError(f"{file}: rows have {raw.shape[1]} fields; expected 4 (frame ped x y)")
+                raise InputError(f"{file}: rows have {raw.shape[1]} fields; expected 4 (frame ped x y)")
             raw.columns = ["time", "ped", "x", "y"]
             ped = pd.to_numeric(raw["ped"], errors="coerce")
             bad = np.flatnonzero(ped.isna().to_numpy())
             if len(bad):
-                raise ValueError(f"{file} line {bad[0] + 1}, column 'ped': value {raw['ped'].iloc[bad[0]]!r} is not numeric")
+                raise InputError(f"{file} row {bad[0] + 1}, column 'ped': value {raw['ped'].iloc[bad[0]]!r} is not numeric")
             raw["sequence"] = file.stem + ":" + ped.map(lambda p: f"{p:g}")
             parts.append(with_origin(raw[["sequence", "time", "x", "y"]], str(file), 1))
         tables[split] = pd.concat(parts, ignore_index=True)
@@ -135,11 +158,11 @@ class Tracks:
 def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
     values = table[column]
     if pd.api.types.is_bool_dtype(values):
-        raise ValueError(f"{table[FILE].iloc[0]}: column {column!r} holds booleans; expected numbers")
+        raise InputError(f"{table[FILE].iloc[0]}: column {column!r} holds booleans; expected numbers")
     numbers = pd.to_numeric(values, errors="coerce")
     bad = np.flatnonzero(numbers.isna().to_numpy() & values.notna().to_numpy())
     if len(bad):
-        raise ValueError(f"{where(table, bad[0])}, column {column!r}: value {values.iloc[bad[0]]!r} is not numeric ({len(bad)} such row(s))")
+        raise InputError(f"{where(table, bad[0])}, column {column!r}: value {values.iloc[bad[0]]!r} is not numeric ({len(bad)} such row(s))")
     return numbers.to_numpy(dtype=np.float64)
 
 
@@ -152,9 +175,38 @@ def check_columns(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = T
     columns = [c for c in table.columns if c not in (FILE, LINE)]
     if missing:
         listed = ", ".join(f"{c!r} ({r})" for c, r in missing)
-        raise ValueError(f"{file}: column(s) {listed} not found; the file has columns {columns}")
+        raise InputError(f"{file}: column(s) {listed} not found; the file has columns {columns}")
     if spec.label is not None and require_label and spec.label not in table.columns:
-        raise ValueError(f"{file}: target column {spec.label!r} (data.target_column) is absent; the file has columns {columns}")
+        raise InputError(f"{file}: target column {spec.label!r} (data.target_column) is absent; the file has columns {columns}")
+
+
+def check_values(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = True) -> None:
+    """Refuse missing columns, missing sequence ids or times, text in a numeric column, and inf or
+    float32 overflow in any used numeric column (time, target channels, channels, a numeric target),
+    naming the file, its rows and the column. NaN values of the channels and targets are left to
+    the NaN rule. ``table`` may hold any rows of any files (e.g. one split of them)."""
+    check_columns(table, spec, require_label)
+    _check_present(table, spec)
+    numeric = [spec.time, *spec.targets, *spec.channels]
+    if spec.label is not None and spec.label_numeric and spec.label in table.columns:
+        numeric.append(spec.label)
+    for file, part in table.groupby(FILE, sort=False):
+        values = pd.DataFrame({column: _numeric(part, column) for column in dict.fromkeys(numeric)})
+        nan_allowed = [c for c in values.columns if c != spec.time]
+        values[nan_allowed] = values[nan_allowed].fillna(0.0)  # NaN rows: handled by data.nan_policy
+        # laid out by data row (rows of other splits are 0), so that the message names file rows
+        rows = part[LINE].to_numpy(dtype=np.int64)
+        first = int(rows.min())
+        by_row = np.zeros((int(rows.max()) - first + 1, values.shape[1]))
+        by_row[rows - first] = values.to_numpy()
+        check_finite_columns(pd.DataFrame(by_row, columns=values.columns), str(file), list(values.columns), first_row=first)
+
+
+def _check_present(table: pd.DataFrame, spec: ColumnSpec) -> None:
+    for column in (spec.sequence, spec.time):
+        missing = np.flatnonzero(table[column].isna().to_numpy())
+        if len(missing):
+            raise InputError(f"{where(table, missing[0])}, column {column!r}: value is missing ({len(missing)} such row(s)); every row needs a sequence id and a time")
 
 
 def _fill(values: np.ndarray, group: np.ndarray, policy: str) -> np.ndarray:
@@ -169,31 +221,31 @@ def build_tracks(
     spec: ColumnSpec,
     nan_policy: str = "drop",
     time_step: float | None = None,
-    max_gap: float = 1.5,
+    max_gap: float = 1.9,
     split_name: str = "data",
     require_label: bool = True,
+    time_jitter: float = 0.1,
 ) -> Tracks:
     """Validate a long table and cut it into gap-free segments.
 
-    Checks, in order, each raising ``ValueError`` with the file, column and line: missing columns,
-    a missing time or sequence value, non-numeric time/channel/target values, duplicate
-    (sequence, time) rows, and times that go backwards within a sequence (rows must be sorted by
-    time within each sequence; sequences may interleave, as ETH/UCY's frame-major files do).
+    Checks, in order, each raising :class:`InputError` with the file, column and row: missing
+    columns, a missing time or sequence value, non-numeric values, inf or float32 overflow
+    (:func:`check_values`), duplicate (sequence, time) rows, times that go backwards within a
+    sequence (rows must be sorted by time within each sequence: they are not sorted for you;
+    sequences may interleave, as ETH/UCY's frame-major files do), and the sampling-rate rules
+    (:func:`domains.autonomous.sampling.check_sampling`) on the rows as read, with ``time_step``
+    (``None``: the median step of this table's tracks) and ``time_jitter``.
 
     Rows with NaN in a used column are handled by ``nan_policy``: ``drop`` removes them,
     ``ffill`` carries the last value forward within the sequence, ``interpolate`` fills linearly
     between neighbours in the sequence; rows that cannot be filled (leading NaNs) are dropped.
-    A dropped row leaves a time gap. Consecutive rows further apart than ``max_gap`` times the
-    time step (``time_step``, or the most common step of the table) start a new segment.
+    A dropped row leaves a time gap. Consecutive rows further apart than ``max_gap`` time steps
+    start a new segment.
     """
     if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    check_columns(table, spec, require_label)
+        raise InputError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    check_values(table, spec, require_label)
     label_column = spec.label if spec.label is not None and spec.label in table.columns else None
-    for column in (spec.sequence, spec.time):
-        missing = np.flatnonzero(table[column].isna().to_numpy())
-        if len(missing):
-            raise ValueError(f"{where(table, missing[0])}, column {column!r}: value is missing; every row needs a sequence id and a time")
     time = _numeric(table, spec.time)
     targets = np.stack([_numeric(table, c) for c in spec.targets], 1) if spec.targets else np.zeros((len(table), 0))
     channels = np.stack([_numeric(table, c) for c in spec.channels], 1) if spec.channels else np.zeros((len(table), 0))
@@ -207,18 +259,22 @@ def build_tracks(
     step = np.diff(time_sorted)
     dup = np.flatnonzero(same & (step == 0))
     if len(dup):
-        a, b = order[dup[0]], order[dup[0] + 1]
-        raise ValueError(
-            f"{where(table, a)} and {where(table, b)}: duplicate (sequence, time) = ({seq_names[codes[dup[0]]]!r}, {time_sorted[dup[0]]:g}) "
+        (file_a, row_a), (file_b, row_b) = origin(table, order[dup[0]]), origin(table, order[dup[0] + 1])
+        rows = f"{file_a} rows {row_a} and {row_b}" if file_a == file_b else f"{file_a} row {row_a} and {file_b} row {row_b}"
+        raise InputError(
+            f"{rows}: duplicate (sequence, time) = ({seq_names[codes[dup[0]]]!r}, {time_sorted[dup[0]]:g}) "
             f"in columns {spec.sequence!r}, {spec.time!r} ({int(dup.size)} duplicate row(s)); expected one row per sequence and time"
         )
     back = np.flatnonzero(same & (step < 0))
     if len(back):
         b = order[back[0] + 1]
-        raise ValueError(
+        raise InputError(
             f"{where(table, b)}: time {time_sorted[back[0] + 1]:g} of sequence {seq_names[codes[back[0]]]!r} comes after "
             f"{time_sorted[back[0]]:g}; column {spec.time!r} must be sorted within each sequence"
         )
+    if time_step is None:
+        time_step = infer_time_step(step[same]) or 1.0
+    check_sampling(time_sorted, codes, seq_names, time_step, time_jitter, max_gap, lambda i: origin(table, order[i]), split_name)
     targets, channels, time = targets[order], channels[order], time_sorted
     label = label[order] if label is not None else None
 
@@ -246,17 +302,9 @@ def build_tracks(
     targets, channels, time, codes = targets[keep], channels[keep], time[keep], codes[keep]
     label = label[keep] if label is not None else None
 
-    same = codes[1:] == codes[:-1]
-    step = np.diff(time)
-    if time_step is None:
-        positive = step[same & (step > 0)]
-        if len(positive) == 0:
-            time_step = 1.0
-        else:
-            values, counts = np.unique(np.round(positive, 9), return_counts=True)
-            time_step = float(values[counts.argmax()])
-    boundary = np.concatenate([[True], ~same | (step > max_gap * time_step + 1e-9)])
-    report["gaps"] = int((same & (step > max_gap * time_step + 1e-9)).sum())
+    gap = gap_mask(time, codes, time_step, max_gap)
+    boundary = np.concatenate([[True], (codes[1:] != codes[:-1]) | gap])
+    report["gaps"] = int(gap.sum())
     starts = np.flatnonzero(boundary)
     lengths = np.diff(np.append(starts, len(time)))
     names, counter = [], {}
@@ -270,45 +318,16 @@ def build_tracks(
     return Tracks(names, starts, lengths, time, targets.astype(np.float32), channels.astype(np.float32), label, report)
 
 
-@dataclass
-class Windows:
-    """Row indices of every window: ``rows[i]`` are the ``observe + predict`` rows of window ``i``."""
-
-    rows: np.ndarray
-    segment: np.ndarray
-    short_segments: int
-    short_rows: int
-
-
-def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
-    """Every ``length``-row window with start offsets ``0, stride, 2*stride, ...`` in each segment.
-
-    Segments shorter than ``length`` give no window; they are counted (``short_segments``), not an error.
-    """
-    if length < 1 or stride < 1:
-        raise ValueError(f"window length and stride must be >= 1, got {length} and {stride}")
-    starts, segments = [], []
-    usable = tracks.lengths >= length
-    for index in np.flatnonzero(usable):
-        offsets = np.arange(0, tracks.lengths[index] - length + 1, stride)
-        starts.append(tracks.starts[index] + offsets)
-        segments.append(np.full(len(offsets), index))
-    start = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-    rows = start[:, None] + np.arange(length)[None]
-    segment = np.concatenate(segments) if segments else np.zeros(0, dtype=np.int64)
-    return Windows(rows, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()))
-
-
 def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
     """Assign each sequence id to train/val/test at random (whole sequences: no leakage between splits)."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+        raise InputError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
     unique = sorted(set(names))
     rng = np.random.default_rng(seed)
     permuted = [unique[i] for i in rng.permutation(len(unique))]
     n_val, n_test = max(1, round(len(unique) * val_fraction)), max(1, round(len(unique) * test_fraction))
     if n_val + n_test >= len(unique):
-        raise ValueError(f"{len(unique)} sequence(s) cannot fill train, val and test splits; give more sequences or a split column")
+        raise InputError(f"{len(unique)} sequence(s) cannot fill train, val and test splits; give more sequences or a split column")
     out = {name: "train" for name in permuted[n_val + n_test :]}
     out.update({name: "val" for name in permuted[:n_val]})
     out.update({name: "test" for name in permuted[n_val : n_val + n_test]})

@@ -1,0 +1,130 @@
+"""Sliding windows over the gap-free segments of each split, and the dataset that serves them.
+
+A segment shorter than one window gives no window: it is counted in the log (how many of the
+split's segments, how many rows). A data set where no track is long enough is refused with that
+cause (the window length, the options that set it, how many tracks, the longest one); so is a split
+left with no window while others have some.
+
+Example:
+    >>> from domains.autonomous.readers import Tracks
+    >>> tracks = Tracks(["a", "b"], np.array([0, 5]), np.array([5, 2]), *(np.zeros((7, 1)),) * 3, None)
+    >>> windows = cut_windows(tracks, length=3, stride=1)
+    >>> windows.rows.tolist(), windows.short_segments
+    ([[0, 1, 2], [1, 2, 3], [2, 3, 4]], 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pipelines.errors import InputError
+from domains.autonomous.readers import FILE, Tracks, log
+
+
+@dataclass
+class Windows:
+    """Row indices of every window: ``rows[i]`` are the ``observe + predict`` rows of window ``i``."""
+
+    rows: np.ndarray
+    segment: np.ndarray
+    short_segments: int
+    short_rows: int
+
+
+def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
+    """Every ``length``-row window with start offsets ``0, stride, 2*stride, ...`` in each segment.
+
+    Segments shorter than ``length`` give no window; they are counted (``short_segments``), not an error.
+    """
+    if length < 1 or stride < 1:
+        raise InputError(f"window length and stride must be >= 1, got {length} and {stride}")
+    starts, segments = [], []
+    usable = tracks.lengths >= length
+    for index in np.flatnonzero(usable):
+        offsets = np.arange(0, tracks.lengths[index] - length + 1, stride)
+        starts.append(tracks.starts[index] + offsets)
+        segments.append(np.full(len(offsets), index))
+    start = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+    rows = start[:, None] + np.arange(length)[None]
+    segment = np.concatenate(segments) if segments else np.zeros(0, dtype=np.int64)
+    return Windows(rows, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()))
+
+
+def _files(tables: list[pd.DataFrame]) -> str:
+    names = sorted({str(f) for table in tables for f in table[FILE].unique()})
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more files" if len(names) > 3 else "")
+
+
+def cut_split_windows(
+    tracks: dict[str, Tracks], tables: dict[str, pd.DataFrame], observe: int, predict: int, stride: int, max_gap: float
+) -> dict[str, Windows]:
+    """The windows of every split (``observe + predict`` rows), short segments counted in the log."""
+    length = observe + predict
+    cut = {name: cut_windows(split, length, stride) for name, split in tracks.items()}
+    need = f"observe + predict = {length} rows (--data.observe {observe}" + (f" + --data.predict {predict})" if predict else ")")
+    if not any(len(windows.rows) for windows in cut.values()):
+        segments = sum(len(t.lengths) for t in tracks.values())
+        count = sum(t.report["sequences"] for t in tracks.values())
+        longest = max((int(t.lengths.max()) for t in tracks.values() if len(t.lengths)), default=0)
+        raise InputError(
+            f"{_files(list(tables.values()))}: no track is long enough for one window of {need}: all {count} tracks ({segments} gap-free "
+            f"segments) are shorter, the longest segment has {longest} rows; lower --data.observe/--data.predict, or check the time "
+            f"gaps (a step of more than --data.max_gap = {max_gap:g} time steps splits a track)"
+        )
+    for name, windows in cut.items():
+        split = tracks[name]
+        if windows.short_segments:
+            log(f"{name}: {windows.short_segments} of {len(split.lengths)} segment(s) ({windows.short_rows} rows) shorter than {need}: skipped")
+        if len(windows.rows) == 0:
+            raise InputError(
+                f"{_files([tables[name]])}: split {name!r} has no window of {need}: all its {len(split.lengths)} segments are too short "
+                f"(longest {int(split.lengths.max()) if len(split.lengths) else 0} rows) while other splits have long enough tracks; "
+                f"give it longer tracks (--data.split_column, --data.split_seed) or lower --data.observe/--data.predict"
+            )
+    return cut
+
+
+def window_tensors(
+    tracks: Tracks, windows: Windows, observe: int, task: str, class_names: list[str], target_column: str | None, name: str
+) -> dict[str, torch.Tensor]:
+    """``past``, ``channels``, ``time`` (of the last observed row), ``future`` (forecasting) and the
+    ``target`` (regression) or ``label`` index (classification) at each window's last observed row."""
+    rows, obs = windows.rows, observe
+    out = {
+        "past": torch.from_numpy(tracks.targets[rows[:, :obs]]),
+        "channels": torch.from_numpy(tracks.channels[rows[:, :obs]]),
+        "time": torch.from_numpy(tracks.time[rows[:, obs - 1]]),
+    }
+    if rows.shape[1] > obs:
+        out["future"] = torch.from_numpy(tracks.targets[rows[:, obs:]])
+    if tracks.label is not None:
+        last = tracks.label[rows[:, obs - 1]]
+        if task == "regression":
+            out["target"] = torch.from_numpy(last.astype(np.float32))
+        else:
+            index = {c: i for i, c in enumerate(class_names)}
+            unknown = sorted({str(v) for v in last} - set(index))
+            if unknown:
+                raise InputError(f"split {name!r}: target column {target_column!r} has class(es) {unknown[:5]} not in class_names {class_names}")
+            out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
+    return out
+
+
+class WindowDataset(Dataset):
+    """Items ``{"past": (observe, D), "channels": (observe, C), ["future": (predict, D)], ["label"], "time", "index"}``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+        self.tensors = tensors
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return {key: value[item] for key, value in self.tensors.items()} | {"index": item}
