@@ -24,7 +24,9 @@ import math
 import warnings
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.functional.classification import (
     binary_auroc,
@@ -36,7 +38,9 @@ from torchmetrics.functional.classification import (
 )
 
 from domains.finance.networks import FraudScorer, RowErrors, TabularAutoencoder, group_matrix, score_rows
+from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
+from pipelines.guards import NonFiniteLossError
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -70,6 +74,29 @@ def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float
     f1 = torch.where(cut, f1, torch.full_like(f1, -1.0))
     best = int(f1.argmax())
     return float(ordered[best]), float(f1[best])
+
+
+def check_options(**options: float) -> None:
+    """Refuse option values that would train nothing or diverge, naming the option (``--model.X``).
+
+    Example:
+        >>> check_options(lr=1e6)
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: --model.lr 1000000.0: expected 0 < lr <= 1 (AdamW's learning rate; the domain's default is 0.002)
+    """
+    rules = {
+        "lr": (lambda v: 0 < v <= 1, "0 < lr <= 1 (AdamW's learning rate; the domain's default is 0.002)"),
+        "weight_decay": (lambda v: 0 <= v <= 1, "0 <= weight_decay <= 1"),
+        "dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+        "kl_weight": (lambda v: 0 <= v <= 1e3, "0 <= kl_weight <= 1000"),
+        "target_alert_rate": (lambda v: 0 < v < 1, "0 < target_alert_rate < 1 (the share of transactions alerted, e.g. 0.005)"),
+        "top_features": (lambda v: v >= 0, "top_features >= 0"),
+    }
+    for name, value in options.items():
+        ok, expected = rules[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise InputError(f"--model.{name} {value}: expected {expected}")
 
 
 class FraudAutoencoder(BaseTask):
@@ -120,16 +147,14 @@ class FraudAutoencoder(BaseTask):
         numeric_feature_groups: list[int] | None = None,
         categorical_feature_groups: list[int] | None = None,
     ) -> None:
-        if not 0 < target_alert_rate < 1:
-            raise ValueError(f"target_alert_rate must be in (0, 1), got {target_alert_rate}")
-        if top_features < 0:
-            raise ValueError(f"top_features must be >= 0, got {top_features}")
+        check_options(lr=lr, weight_decay=weight_decay, dropout=dropout, kl_weight=kl_weight, target_alert_rate=target_alert_rate, top_features=top_features)
         groups = feature_groups or [f"f{i}" for i in range(num_numeric)]
         numeric_groups = numeric_feature_groups if numeric_feature_groups is not None else list(range(num_numeric))
         if len(numeric_groups) != num_numeric or any(not 0 <= g < len(groups) for g in numeric_groups):
-            raise ValueError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
+            raise InputError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
         super().__init__()
         self._warned_no_labels = False
+        self._out_of_range_rows = 0
 
     @property
     def group_names(self) -> list[str]:
@@ -155,10 +180,12 @@ class FraudAutoencoder(BaseTask):
         self.register_buffer("budget_threshold", torch.tensor(float("nan"), dtype=torch.float64))
 
     def configure_metrics(self) -> None:
+        # nan_strategy "disable": a NaN score must reach the checks below (the default drops it silently,
+        # which misaligns scores and labels and, when every score is NaN, leaves an empty list)
         for stage in ("val", "test"):
-            setattr(self, f"{stage}_scores", CatMetric())
-            setattr(self, f"{stage}_labels", CatMetric())
-            setattr(self, f"{stage}_loss", MeanMetric())
+            setattr(self, f"{stage}_scores", CatMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_labels", CatMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
 
     # ----- scoring -----------------------------------------------------------------------------
     def errors(self, batch: dict[str, Any], sample: bool = False) -> RowErrors:
@@ -204,7 +231,8 @@ class FraudAutoencoder(BaseTask):
             scores, labels, loss = (m.compute() for m in metrics)
         for metric in metrics:
             metric.reset()
-        return torch.atleast_1d(scores).double(), torch.atleast_1d(labels), loss
+        scores, labels = (torch.atleast_1d(v) if isinstance(v, torch.Tensor) else torch.zeros(0, device=self.device) for v in (scores, labels))
+        return scores.double(), labels, loss
 
     @staticmethod
     def _labelled(labels: torch.Tensor) -> bool:
@@ -241,6 +269,12 @@ class FraudAutoencoder(BaseTask):
         scores, labels, loss = self._collect("val")
         if len(scores) == 0:
             return
+        if not bool(torch.isfinite(scores).all()):  # no threshold may be calibrated on them, no checkpoint kept
+            bad = int((~torch.isfinite(scores)).sum())
+            raise NonFiniteLossError(
+                f"{bad} of {len(scores)} validation anomaly scores are NaN or inf: the weights diverged "
+                f"(--model.lr {self.hparams.lr} too high?); no threshold was calibrated on them"
+            )
         self._calibrate(scores, labels)
         metrics = {"val/loss": loss, "val/threshold": self.threshold.float()}
         if self._labelled(labels):
@@ -252,6 +286,10 @@ class FraudAutoencoder(BaseTask):
         if len(scores) == 0:
             return
         metrics = {"test/loss": loss, "test/alert_rate": (scores >= self.threshold).double().mean()}
+        if not bool(torch.isfinite(scores).all()):  # a NaN test/loss fails the command (the runner's check)
+            warnings.warn(f"{int((~torch.isfinite(scores)).sum())} test anomaly scores are NaN or inf: the checkpoint's weights are not finite")
+            self.log_dict({"test/loss": torch.tensor(float("nan"), device=self.device)}, sync_dist=True)
+            return
         labelled = self._labelled(labels)
         if labelled:
             metrics.update(self._ranking_metrics("test", scores, labels))
@@ -270,8 +308,6 @@ class FraudAutoencoder(BaseTask):
 
         values = torch.log10(scores.clamp_min(1e-6)).cpu().numpy()
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        import numpy as np
-
         bins = np.histogram_bin_edges(values, bins=60)  # shared by both classes
         if labels is None:
             ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="all rows")
@@ -317,13 +353,26 @@ class FraudAutoencoder(BaseTask):
 
     # ----- scoring new rows --------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Every input row (original values) plus ``score``, ``is_alert`` and the top contributing columns."""
+        """Every input row (original values) plus ``score``, ``is_alert``, ``out_of_range`` and the top contributing columns.
+
+        ``is_alert``: ``score >= threshold``, or a value outside the range seen in training
+        (``out_of_range`` names those columns; such a value is scored clipped, see the preprocessing).
+        A NaN or infinite score stops the command (exit 1): it would otherwise read as "no alert".
+        """
         scores, contributions = self.score(batch)
+        finite = torch.isfinite(scores)
+        if not bool(finite.all()):
+            rows = (batch["row"][~finite.cpu()] + 1).tolist()[:5]
+            raise RuntimeError(f"the model's anomaly score is NaN or inf for data row(s) {rows}: the checkpoint's weights are not finite; no predictions were written")
         raw = batch.get("raw")
         columns: dict[str, Any] = {str(c): raw[c].to_numpy() for c in raw.columns} if raw is not None else {}
         columns["source_row"] = batch["row"]
         columns["score"] = scores
-        columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy()
+        outside = batch["out_of_range"].cpu().numpy() if "out_of_range" in batch else np.zeros((len(scores), 0), dtype=bool)
+        names = self.range_columns
+        columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy() | outside.any(axis=1)
+        columns["out_of_range"] = [";".join(names[j] for j in np.flatnonzero(row)) for row in outside]
+        self._out_of_range_rows += int(outside.any(axis=1).sum())
         names = self.group_names
         k = min(self.hparams.top_features, len(names))
         if k:
@@ -333,9 +382,26 @@ class FraudAutoencoder(BaseTask):
                 columns[f"top_contribution_{j + 1}"] = values[:, j]
         return columns
 
+    @property
+    def range_columns(self) -> list[str]:
+        """The columns ``out_of_range`` names (the data's numeric and amount columns, in order)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return list(datamodule.fitted.range_columns) if datamodule is not None and hasattr(datamodule, "fitted") else []
+
     def on_predict_start(self) -> None:
+        self._out_of_range_rows = 0
         if not torch.isfinite(self.threshold):
-            warnings.warn("the model has no calibrated threshold (no validation ran): is_alert is False for every row; pass --ckpt_path")
+            raise InputError(
+                "the model has no calibrated threshold (its weights never went through validation), so every row would score as "
+                "'no alert': score with a trained checkpoint, e.g. --run_id RUN --ckpt_path best"
+            )
+
+    def on_predict_end(self) -> None:
+        if self._out_of_range_rows and self.trainer.is_global_zero:
+            rank_zero_info(
+                f"[finance] predict: {self._out_of_range_rows} row(s) hold values outside the range seen in training: "
+                "alerted, with the columns named in out_of_range"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the reason, a checkpoint whose input layout differs from this data's."""
@@ -416,8 +482,9 @@ class FraudAutoencoder(BaseTask):
 #: how ``preprocessing_state`` (a :class:`~domains.finance.preprocessing.TablePreprocessor` state) turns a raw row into model inputs
 PREPROCESSING_DESCRIPTION = (
     "Features in feature_names order, float32. Missing values: null, '' or NA/N/A/null/None/nan/NaT. "
-    "numeric_columns: value, missing -> medians[column], then (x - means[column]) / stds[column]. "
-    "amount_columns: sign(x) * log1p(|x|) first, then as numeric (medians/means/stds are of the transformed value). "
+    "numeric_columns: value, missing -> medians[column], then (x - centers[column]) / scales[column] (robust: median and IQR/1.349), "
+    "clipped to [-clip, clip]; a value outside [lows[column], highs[column]] (the training range) is out of range (predict alerts it). "
+    "amount_columns: sign(x) * log1p(|x|) first, then as numeric (medians/centers/scales/lows/highs are of the transformed value). "
     "boolean_columns: true/1/yes/y/t -> 1, false/0/no/n/f -> 0, missing -> true_share[column]. "
     "timestamp_columns (parsed to UTC; naive times taken as they are): h = hour + minute/60, d = day of week (Monday 0); "
     "features sin(2 pi h/24), cos(2 pi h/24), sin(2 pi d/7), cos(2 pi d/7); a missing time gives 0 for all four. "
