@@ -438,3 +438,48 @@ def test_rows_form_over_http(exported, tmp_path):
         assert status == 422 and answer["detail"].startswith("rows[1].amount: expected a number"), answer
     finally:
         assert server.stop(signal.SIGTERM) == 0, server.output()
+
+
+# ----- issue 15: no silent wrong results -----------------------------------------------------------
+def test_one_extreme_training_value_does_not_silence_its_column():
+    """A standard deviation with one 1e30 in it is ~1e28: every other row's feature would be 0. The robust
+    scale (IQR) ignores it; the extreme row is clipped to CLIP_UNITS and its fit is reported in notes."""
+    from domains.finance.preprocessing import CLIP_UNITS
+
+    frame = make_card_transactions(400, 0.05, seed=1)
+    roles = ColumnRoles(**SYNTHETIC_ROLES)
+    clean = TablePreprocessor(roles).fit(frame, "train.csv")
+    spoiled = frame.copy()
+    spoiled.loc[[10, 20], "distance_from_home_km"] = 1e30
+    robust = TablePreprocessor(roles).fit(spoiled, "train.csv")
+    column = clean.numeric_feature_names.index("distance_from_home_km")
+    a, b = clean.transform(frame, "t")["numeric"][:, column], robust.transform(spoiled, "t")["numeric"][:, column]
+    others = np.setdiff1d(np.arange(len(frame)), [10, 20])
+    assert a[others].std() > 0.5 and np.allclose(a[others], b[others], atol=0.05)  # the feature still varies, unchanged
+    assert b[10] == b[20] == CLIP_UNITS and np.isfinite(b).all()
+    assert any("'distance_from_home_km': 2 training value(s)" in note for note in robust.notes)
+    # a state saved before robust scaling (means / stds) loads and scores as it was trained
+    legacy = {**clean.state_dict(), "means": clean.centers, "stds": clean.scales}
+    for key in ("centers", "scales", "lows", "highs", "clip", "scaling"):
+        legacy.pop(key)
+    restored = TablePreprocessor.from_state_dict(legacy)
+    assert restored.scaling == "standard" and np.array_equal(restored.transform(frame, "t")["numeric"], clean.transform(frame, "t")["numeric"])
+
+
+def test_diverged_weights_stop_validation_with_the_reason_instead_of_a_crash(tmp_path):
+    """lr 1e6 used to end in AttributeError ('tuple' object has no attribute 'double'): CatMetric dropped every NaN
+    score, leaving an empty list. NaN scores now stop the run naming the cause (exit 1 through the runner)."""
+    import lightning.pytorch as pl
+
+    from domains.finance.model import FraudAutoencoder
+    from pipelines.guards import NonFiniteLossError
+
+    dm = TransactionDataModule(synthetic_rows=600, batch_size=128, **SYNTHETIC_ROLES)
+    model = FraudAutoencoder(hidden_dims=[8], latent_dim=2, num_numeric=dm.num_numeric, feature_groups=dm.feature_groups,
+                             numeric_feature_groups=dm.numeric_feature_groups)  # fmt: skip
+    with torch.no_grad():
+        next(model.network.parameters()).fill_(float("nan"))
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"validation anomaly scores are NaN or inf: the weights diverged"):
+        trainer.validate(model, datamodule=dm)
+    assert torch.isnan(model.threshold)  # nothing was calibrated on NaN scores

@@ -356,7 +356,8 @@ class FraudAutoencoder(BaseTask):
         """Every input row (original values) plus ``score``, ``is_alert``, ``out_of_range`` and the top contributing columns.
 
         ``is_alert``: ``score >= threshold``, or a value outside the range seen in training
-        (``out_of_range`` names those columns; such a value is scored clipped, see the preprocessing).
+        (``out_of_range`` names those columns; such a value is scored clipped, see the preprocessing);
+        empty (no decision) when the model has no calibrated threshold.
         A NaN or infinite score stops the command (exit 1): it would otherwise read as "no alert".
         """
         scores, contributions = self.score(batch)
@@ -370,7 +371,10 @@ class FraudAutoencoder(BaseTask):
         columns["score"] = scores
         outside = batch["out_of_range"].cpu().numpy() if "out_of_range" in batch else np.zeros((len(scores), 0), dtype=bool)
         names = self.range_columns
-        columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy() | outside.any(axis=1)
+        if torch.isfinite(self.threshold):
+            columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy() | outside.any(axis=1)
+        else:  # no calibrated threshold: no decision (empty), never a silent "no alert"; out-of-range rows still alert
+            columns["is_alert"] = [True if flagged else None for flagged in outside.any(axis=1)]
         columns["out_of_range"] = [";".join(names[j] for j in np.flatnonzero(row)) for row in outside]
         self._out_of_range_rows += int(outside.any(axis=1).sum())
         names = self.group_names
@@ -391,9 +395,9 @@ class FraudAutoencoder(BaseTask):
     def on_predict_start(self) -> None:
         self._out_of_range_rows = 0
         if not torch.isfinite(self.threshold):
-            raise InputError(
-                "the model has no calibrated threshold (its weights never went through validation), so every row would score as "
-                "'no alert': score with a trained checkpoint, e.g. --run_id RUN --ckpt_path best"
+            warnings.warn(
+                "the model has no calibrated threshold (its weights never went through validation): is_alert is left empty "
+                "(no decision) except for out-of-range rows; score with a trained checkpoint: --run_id RUN --ckpt_path best"
             )
 
     def on_predict_end(self) -> None:

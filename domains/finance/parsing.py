@@ -148,6 +148,7 @@ def parse_labels(series: pd.Series, classes: list[Any], source: str, row_offset:
         raise InputError(f"--data.label_classes must be two different values [normal, fraud], got {classes!r}")
     normal, fraud = (label_text(c) for c in classes)
     text = np.array([label_text(v) if not pd.isna(v) else MISSING for v in series.to_numpy(dtype=object)], dtype=object)
+    text[_is_missing(series)] = MISSING
     labels = np.where(text == fraud, 1.0, 0.0).astype(np.float32)
     bad = (text != fraud) & (text != normal)
     if bad.any():
