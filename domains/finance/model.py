@@ -19,7 +19,6 @@ normal vs fraud and a PR curve are saved in the run folder and logged to W&B.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any, Literal
@@ -33,26 +32,16 @@ from torchmetrics.functional.classification import (
     binary_average_precision,
     binary_f1_score,
     binary_precision,
-    binary_precision_recall_curve,
     binary_recall,
 )
 
-from domains.finance.networks import FraudScorer, RowErrors, TabularAutoencoder, group_matrix, score_rows
+from domains.finance.figures import pr_curve, score_histogram, unit_interval
+from domains.finance.networks import RowErrors, TabularAutoencoder, group_matrix, score_rows
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
-
-
-def unit_interval(scores: torch.Tensor) -> torch.Tensor:
-    """Map non-negative scores monotonically into [0, 1) (``s / (1 + s)`` in float64).
-
-    torchmetrics applies a sigmoid to predictions outside [0, 1], which would saturate large
-    reconstruction errors into ties; this map keeps their order exactly.
-    """
-    s = scores.double().clamp_min(0.0)
-    return s / (1.0 + s)
 
 
 def budget_threshold(scores: torch.Tensor, alert_rate: float) -> float:
@@ -295,61 +284,12 @@ class FraudAutoencoder(BaseTask):
             metrics.update(self._ranking_metrics("test", scores, labels))
         self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
         if self.trainer.is_global_zero:
-            log_figure(self.trainer, self._histogram(scores, labels if labelled else None), "test/score_histogram")
+            log_figure(self.trainer, score_histogram(scores, labels if labelled else None, self._thresholds()), "test/score_histogram")
             if labelled:
-                log_figure(self.trainer, self._pr_curve(scores, labels), "test/pr_curve")
+                log_figure(self.trainer, pr_curve(scores, labels, self._thresholds()), "test/pr_curve")
 
-    # ----- figures -----------------------------------------------------------------------------
-    def _histogram(self, scores: torch.Tensor, labels: torch.Tensor | None) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        values = torch.log10(scores.clamp_min(1e-6)).cpu().numpy()
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        bins = np.histogram_bin_edges(values, bins=60)  # shared by both classes
-        if labels is None:
-            ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="all rows")
-        else:
-            mask = labels.cpu().numpy() > 0.5
-            ax.hist(values[~mask], bins=bins, color="tab:blue", alpha=0.6, density=True, label=f"normal ({int((~mask).sum())})")
-            ax.hist(values[mask], bins=bins, color="tab:red", alpha=0.6, density=True, label=f"fraud ({int(mask.sum())})")
-        for value, style, name in ((self.threshold, "-", "threshold"), (self.budget_threshold, "--", "alert budget")):
-            if torch.isfinite(value):
-                ax.axvline(math.log10(max(float(value), 1e-6)), color="black", linestyle=style, label=f"{name} {float(value):.3g}")
-        ax.set_xlabel("log10 anomaly score")
-        ax.set_ylabel("density" if labels is not None else "rows")
-        ax.set_title("Test scores")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
-
-    def _pr_curve(self, scores: torch.Tensor, labels: torch.Tensor) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        precision, recall, _ = binary_precision_recall_curve(unit_interval(scores), labels.long())
-        ap = float(binary_average_precision(unit_interval(scores), labels.long()))
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.plot(recall.cpu().numpy(), precision.cpu().numpy(), color="tab:red", label=f"AP {ap:.3f}")
-        ax.axhline(float(labels.mean()), color="gray", linestyle=":", label=f"fraud rate {float(labels.mean()):.3f}")
-        for value, marker, name in ((self.threshold, "o", "threshold"), (self.budget_threshold, "s", "alert budget")):
-            if torch.isfinite(value):
-                flagged = (scores >= value).long()
-                p = float(binary_precision(flagged, labels.long()))
-                r = float(binary_recall(flagged, labels.long()))
-                ax.plot([r], [p], marker=marker, color="black", linestyle="none", label=f"{name} (P {p:.2f}, R {r:.2f})")
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_title("Precision-recall (test)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
+    def _thresholds(self) -> dict[str, float]:
+        return {"threshold": float(self.threshold), "alert budget": float(self.budget_threshold)}
 
     # ----- scoring new rows --------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -421,80 +361,7 @@ class FraudAutoencoder(BaseTask):
 
     # ----- export ------------------------------------------------------------------------------
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
-        """Preprocessed rows -> ``score``, ``is_alert`` (the calibrated threshold) and per-column ``contributions``.
+        """Preprocessed rows -> ``score``, ``is_alert`` and per-column ``contributions`` (:func:`domains.finance.exporting.export_spec`)."""
+        from domains.finance.exporting import export_spec
 
-        The bundle's model takes the preprocessed feature matrix (and the categorical indices when
-        categoricals are embedded); the fitted preprocessing travels in ``metadata.json`` as plain
-        JSON (``preprocessing_state``) so that a client, or ``domains/finance/serving.py``, prepares
-        raw transaction rows exactly as training did.
-        """
-        from domains.finance.preprocessing import UNKNOWN, TablePreprocessor
-
-        if not datamodule_state or "preprocessor" not in datamodule_state:
-            raise ValueError(
-                "the checkpoint holds no TransactionDataModule state (the fitted preprocessing); export a checkpoint written by `pipelines.run finance`"
-            )
-        preprocessor = TablePreprocessor.from_state_dict(datamodule_state["preprocessor"])
-        hp = self.hparams
-        if preprocessor.group_names != self.group_names or len(preprocessor.numeric_feature_names) != hp.num_numeric:
-            raise ValueError(
-                f"the checkpoint's preprocessing (groups {preprocessor.group_names}, {len(preprocessor.numeric_feature_names)} features) "
-                f"does not match its model (groups {self.group_names}, {hp.num_numeric} features)"
-            )
-        threshold = float(self.threshold)
-        module = FraudScorer(copy.deepcopy(self.network).cpu().eval(), self.numeric_groups.cpu(), self.categorical_groups.cpu(), threshold).eval()
-        example: tuple[torch.Tensor, ...] = (torch.rand(2, hp.num_numeric),)
-        names = ["numeric"]
-        if self.network.cardinalities:
-            example += (torch.zeros(2, len(self.network.cardinalities), dtype=torch.long),)
-            names.append("categorical")
-        outputs = ["score", "is_alert", "contributions"]
-        budget = float(self.budget_threshold)
-        roles = preprocessor.roles
-        return ExportSpec(
-            module=module,
-            example_inputs=example,
-            input_names=names,
-            output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in (*names, *outputs)},
-            metadata={
-                "architecture": hp.architecture,
-                "feature_names": preprocessor.numeric_feature_names,
-                "categorical_feature_names": list(roles.categorical_columns) if self.network.cardinalities else [],
-                "contribution_names": self.group_names,
-                "threshold": threshold if math.isfinite(threshold) else None,
-                "budget_threshold": budget if math.isfinite(budget) else None,
-                "threshold_method": hp.threshold_method,
-                "target_alert_rate": hp.target_alert_rate,
-                "top_features": hp.top_features,
-                "columns": [column for column, _ in roles.required() if column not in roles.id_columns],
-                "id_columns": list(roles.id_columns),
-                "label_column": roles.label_column,
-                "unknown_category": UNKNOWN,
-                "unknown_index": 0,
-                "preprocessing_state": preprocessor.state_dict(),
-                "preprocessing": PREPROCESSING_DESCRIPTION,
-                "input": "numeric: float32 (N, len(feature_names)), the preprocessed features in feature_names order"
-                + ("; categorical: int64 (N, len(categorical_feature_names)), vocabulary indices (0 = <unknown>)" if self.network.cardinalities else ""),
-                "output": "score: float32 (N) anomaly score (negative log-likelihood, + KL for the VAE, at the posterior mean); "
-                "is_alert: int64 (N) 1 when score >= threshold (compared in float64); contributions: float32 (N, len(contribution_names)) "
-                "the score's reconstruction part split per source column",
-            },
-        )
-
-
-#: how ``preprocessing_state`` (a :class:`~domains.finance.preprocessing.TablePreprocessor` state) turns a raw row into model inputs
-PREPROCESSING_DESCRIPTION = (
-    "Features in feature_names order, float32. Missing values: null, '' or NA/N/A/null/None/nan/NaT. "
-    "numeric_columns: value, missing -> medians[column], then (x - centers[column]) / scales[column] (robust: median and IQR/1.349), "
-    "clipped to [-clip, clip]; a value outside [lows[column], highs[column]] (the training range) is out of range (predict alerts it). "
-    "amount_columns: sign(x) * log1p(|x|) first, then as numeric (medians/centers/scales/lows/highs are of the transformed value). "
-    "boolean_columns: true/1/yes/y/t -> 1, false/0/no/n/f -> 0, missing -> true_share[column]. "
-    "timestamp_columns (parsed to UTC; naive times taken as they are): h = hour + minute/60, d = day of week (Monday 0); "
-    "features sin(2 pi h/24), cos(2 pi h/24), sin(2 pi d/7), cos(2 pi d/7); a missing time gives 0 for all four. "
-    "categorical_columns: text of the value (stripped; integral numbers without '.0'; missing -> '<missing>'); its index in "
-    "vocabularies[column], index 0 ('<unknown>') for a value not in the vocabulary; categorical_encoding 'onehot': one 0/1 "
-    "feature per vocabulary entry (column=value), 'embedding': the index goes to the categorical input. "
-    "Column order: numeric_columns, amount_columns, boolean_columns, timestamp_columns (4 each), one-hot categoricals. "
-    "id_columns and label_column are not features."
-)
+        return export_spec(self, datamodule_state)

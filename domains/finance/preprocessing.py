@@ -22,8 +22,10 @@ Robust scaling (numeric and amount columns): ``(x - median) / scale`` with the t
 ``scale = IQR / 1.349`` (equal to the standard deviation for normal data; when the IQR is 0, the
 standard deviation of the values clipped to their 1st-99th percentiles; when that is 0 too, 1), so
 that one extreme training value cannot blow up the scale and silence the feature for every other
-row, as a standard deviation would. Scaled values are then clipped to ``+-CLIP_UNITS`` (50): the
-network's arithmetic stays finite and an extreme value still scores far above any threshold. The
+row, as a standard deviation would. Scaled values beyond ``+-CLIP_UNITS`` (10) are compressed
+logarithmically, ``sign(z) * (10 + log1p(|z| - 10))`` (:func:`soft_clip`): monotone, so a larger
+value still scores as more unusual, and at most ``10 + 89`` for any float32 value, so the network's
+arithmetic stays finite and one extreme row cannot dominate a training batch. The
 training range (``lows``/``highs``, min and max of the training values) is saved too: a scored
 value outside it is reported in ``out_of_range`` (``transform``) and alerted by ``predict``.
 Infinite values and magnitudes beyond float32 are refused (:mod:`domains.finance.parsing`).
@@ -67,8 +69,8 @@ from pipelines.errors import InputError
 
 UNKNOWN = "<unknown>"
 ROLE_FIELDS = ("id_columns", "numeric_columns", "amount_columns", "boolean_columns", "timestamp_columns", "categorical_columns")
-#: scaled numeric inputs are clipped to +-CLIP_UNITS robust standard deviations (see the module docstring)
-CLIP_UNITS = 50.0
+#: scaled numeric inputs beyond +-CLIP_UNITS robust standard deviations are compressed logarithmically (see the module docstring)
+CLIP_UNITS = 10.0
 
 
 @dataclass
@@ -99,6 +101,17 @@ class ColumnRoles:
     def required(self) -> list[tuple[str, str]]:
         """``(column, role)`` for every configured column except the label."""
         return [(column, role) for role in ROLE_FIELDS for column in getattr(self, role)]
+
+
+def soft_clip(z: np.ndarray, limit: float) -> np.ndarray:
+    """``z`` within ``+-limit``; beyond, ``sign(z) * (limit + log1p(|z| - limit))`` (monotone, finite for finite ``z``).
+
+    Example:
+        >>> soft_clip(np.array([-3.0, 10.0, 11.0, 1e30]), 10.0).round(2).tolist()
+        [-3.0, 10.0, 10.69, 79.08]
+    """
+    excess = np.maximum(np.abs(z) - limit, 0.0)
+    return np.where(excess > 0, np.sign(z) * (limit + np.log1p(excess)), z)
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:
@@ -244,9 +257,12 @@ class TablePreprocessor:
             center, scale = robust_scale(present)
             self.medians[column], self.centers[column], self.scales[column] = center, center, scale
             self.lows[column], self.highs[column] = float(present.min()), float(present.max())
-            clipped = int((np.abs(present - center) / scale > self.clip).sum())
-            if clipped:
-                self.notes.append(f"column {column!r}: {clipped} training value(s) beyond {self.clip:g} robust standard deviations were clipped")
+            compressed = int((np.abs(present - center) / scale > self.clip).sum())
+            if compressed:
+                self.notes.append(
+                    f"column {column!r}: {compressed} of {len(present)} training values lie beyond {self.clip:g} robust standard deviations "
+                    "(compressed logarithmically)"
+                )
         for column in r.boolean_columns:
             values = parse_boolean(frame[column], source, rows)
             if np.isnan(values).all():
@@ -288,7 +304,7 @@ class TablePreprocessor:
                     out_of_range[:, j] = (values < self.lows[column]) | (values > self.highs[column])
             values = np.where(np.isnan(values), self.medians[column], values)
             scaled = (values - self.centers[column]) / self.scales[column]
-            parts.append(np.clip(scaled, -self.clip, self.clip)[:, None])
+            parts.append(soft_clip(scaled, self.clip)[:, None])
         for column in r.boolean_columns:
             values = parse_boolean(frame[column], source, row_offset)
             parts.append(np.where(np.isnan(values), self.true_share[column], values)[:, None])
