@@ -81,7 +81,7 @@ class TransactionDataModule(pl.LightningDataModule):
         predict_path: a CSV or Parquet file to score with ``predict`` (default: the test split). It
             must have the training table's columns (the label column and ``ignore_columns`` are optional).
         id_columns: identifier columns, dropped from the features (kept in the scored output).
-        numeric_columns: numeric columns (median-imputed, robustly scaled: median / IQR, clipped).
+        numeric_columns: numeric columns (median-imputed, robustly scaled: median / IQR, compressed beyond 50 robust sd).
         amount_columns: heavy-tailed amounts: ``sign(x) log1p(|x|)``, then as numeric.
         boolean_columns: true/false columns.
         timestamp_columns: timestamps, turned into hour-of-day and day-of-week features.

@@ -296,7 +296,7 @@ class FraudAutoencoder(BaseTask):
         """Every input row (original values) plus ``score``, ``is_alert``, ``out_of_range`` and the top contributing columns.
 
         ``is_alert``: ``score >= threshold``, or a value outside the range seen in training
-        (``out_of_range`` names those columns; such a value is scored clipped, see the preprocessing);
+        (``out_of_range`` names those columns; such a value is scored compressed, see the preprocessing);
         empty (no decision) when the model has no calibrated threshold.
         A NaN or infinite score stops the command (exit 1): it would otherwise read as "no alert".
         """
