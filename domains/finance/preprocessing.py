@@ -18,11 +18,10 @@ Roles (each a list of column names, set in the config):
 - ``ignore_columns``: columns the table has but the model must not use (kept in the scored output);
   every other column must have a role (see ``TransactionDataModule``).
 
-Robust scaling (numeric and amount columns): ``(x - median) / scale`` with the training median and
-``scale = IQR / 1.349`` (equal to the standard deviation for normal data; when the IQR is 0, the
-standard deviation of the values clipped to their 1st-99th percentiles; when that is 0 too, 1), so
-that one extreme training value cannot blow up the scale and silence the feature for every other
-row, as a standard deviation would. Scaled values beyond ``+-CLIP_UNITS`` (50) are compressed
+Robust scaling (numeric and amount columns): ``(x - center) / scale`` with the mean and standard
+deviation of the training values winsorised at their 0.1 % / 99.9 % quantiles (:func:`robust_scale`),
+so that one extreme training value cannot blow up the scale and silence the feature for every other
+row, as a plain standard deviation would. Scaled values beyond ``+-CLIP_UNITS`` (50) are compressed
 logarithmically, ``sign(z) * (50 + log1p(|z| - 50))`` (:func:`soft_clip`): monotone, so a larger
 value still scores as more unusual, and at most ``50 + 89`` for any float32 value, so the network's
 arithmetic stays finite and one extreme row cannot dominate a training batch (10 instead of 50
@@ -116,21 +115,32 @@ def soft_clip(z: np.ndarray, limit: float) -> np.ndarray:
 
 
 def robust_scale(values: np.ndarray) -> tuple[float, float]:
-    """``(median, scale)`` of finite values: ``scale = IQR / 1.349``; when the IQR is 0, the standard
-    deviation of the values clipped to their 1st-99th percentiles; when that is 0 too, 1.
+    """``(center, scale)`` of finite values: mean and standard deviation of the values *winsorised*
+    at their ``q`` and ``1 - q`` quantiles, ``q = max(0.1 %, 1 / n)`` (taken as observed values, so at
+    least the single most extreme value on each side is clipped): one extreme training value cannot
+    inflate the scale. When that spread is 0 (a rare indicator, e.g. 1 in 2,000 rows), the plain
+    standard deviation; when that is 0 too, 1.
+
+    Unlike ``IQR / 1.349`` (tried first), a 0/1 indicator that is 1 in a few percent of rows keeps
+    its standard deviation as its scale: with the IQR (0 for such columns) the ADBench campaign
+    benchmark lost 10 AUROC points (83.5 -> 72.4) because rare one-hot features lost their weight.
 
     Example:
         >>> center, scale = robust_scale(np.r_[np.random.default_rng(0).normal(5, 2, 10000), 1e30])
         >>> round(center, 1), round(scale, 1)
         (5.0, 2.0)
+        >>> robust_scale(np.r_[np.zeros(1999), 1.0])[1] > 0.02   # a rare indicator keeps its weight
+        True
     """
-    center = float(np.median(values))
-    q25, q75 = np.percentile(values, [25, 75])
-    scale = float(q75 - q25) / 1.349
+    values = np.asarray(values, dtype=np.float64)
+    q = max(0.001, 1.0 / len(values))
+    low = np.quantile(values, q, method="higher")
+    high = np.quantile(values, 1.0 - q, method="lower")
+    clipped = np.clip(values, low, high)
+    center, scale = float(clipped.mean()), float(clipped.std())
     tiny = 1e-9 * max(1.0, abs(center))
     if scale <= tiny:
-        low, high = np.percentile(values, [1, 99])
-        scale = float(np.clip(values, low, high).std())
+        center, scale = float(values.mean()), float(values.std())
     return center, (scale if scale > tiny else 1.0)
 
 
@@ -256,7 +266,7 @@ class TablePreprocessor:
                 values = np.sign(values) * np.log1p(np.abs(values))
             present = values[~np.isnan(values)]
             center, scale = robust_scale(present)
-            self.medians[column], self.centers[column], self.scales[column] = center, center, scale
+            self.medians[column], self.centers[column], self.scales[column] = float(np.median(present)), center, scale
             self.lows[column], self.highs[column] = float(present.min()), float(present.max())
             compressed = int((np.abs(present - center) / scale > self.clip).sum())
             if compressed:
