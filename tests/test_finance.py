@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def test_preprocessing_roles_unknown_slot_and_weights_only_round_trip(tmp_path):
     encoded = pre.transform(frame, "train.csv")
     amount = encoded["numeric"][:, pre.numeric_feature_names.index("amount")]
     logged = np.log1p(frame.amount.to_numpy())
-    assert np.allclose(amount, (logged - logged.mean()) / logged.std(), atol=1e-4)  # log-scaled, standardised
+    q25, q75 = np.percentile(logged, [25, 75])
+    assert np.allclose(amount, (logged - np.median(logged)) / ((q75 - q25) / 1.349), atol=1e-4)  # log-scaled, robustly scaled
 
     new = frame.head(3).copy()
     new["merchant_category"] = ["spaceship_dealer", "grocery", None]
@@ -146,7 +148,7 @@ def test_bad_input_categorical_with_one_value(tmp_path):
 def test_bad_input_non_numeric_values_report_count_and_rows(tmp_path):
     frame = make_card_transactions(300, 0.05)
     frame["amount"] = frame["amount"].astype(object)
-    frame.loc[[4, 9, 200, 250], "amount"] = ["12,50", "abc", "n/a?", "inf"]
+    frame.loc[[4, 9, 200, 250], "amount"] = ["12,50", "abc", "n/a?", "$5"]
     message = _fit_error(tmp_path, frame)
     assert "'amount'" in message and "4 non-numeric" in message and "row(s) 5, 10, 201, 251 " in message  # 1-based file rows
 
@@ -203,7 +205,8 @@ def test_vae_with_embeddings_on_csv_fit_test_and_chunked_predict(tmp_path):
     assert len(out) == 130 and out["transaction_id"].tolist() == scoring["transaction_id"].tolist()  # every row, in order
     assert out["source_row"].tolist() == list(range(130))
     assert np.allclose(out["score"], outputs[1000]["score"], rtol=1e-5)  # chunking does not change scores
-    assert (out["is_alert"] == (out["score"] >= threshold)).all()
+    outside = out["out_of_range"].fillna("") != ""  # values beyond the training range are alerted whatever their score
+    assert (out["is_alert"] == ((out["score"] >= threshold) | outside)).all()
     assert set(out["top_feature_1"]) <= set(saved.group_names) and (out["top_contribution_1"] >= out["top_contribution_2"]).all()
     assert np.isfinite(out.loc[5, "score"])  # a missing amount is imputed, the row is kept
 
@@ -224,7 +227,7 @@ def test_unsupervised_parquet_without_labels(tmp_path):
     assert len(predicted) == 50 and np.allclose(predicted["amount"], out["amount"]) and predicted["is_alert"].dtype == bool
 
 
-def test_scoring_reuses_the_saved_preprocessing_and_rejects_bad_files(tmp_path):
+def test_scoring_reuses_the_saved_preprocessing_and_rejects_bad_files(tmp_path, capsys):
     runs = tmp_path / "runs"
     train = write_transactions(tmp_path / "train.csv", rows=500)
     args = ["--data.path", str(tmp_path / "train.csv"), *TINY, "--runs_dir", str(runs)]
@@ -242,15 +245,17 @@ def test_scoring_reuses_the_saved_preprocessing_and_rejects_bad_files(tmp_path):
 
     renamed = make_card_transactions(40, 0.1, seed=3).rename(columns={"country": "nation"})
     renamed.to_csv(tmp_path / "renamed.csv", index=False)
-    with pytest.raises(ValueError, match=r"columns differ from training.*missing \['country'\].*unexpected \['nation'\]"):
+    with pytest.raises(SystemExit) as refused:
         run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "renamed.csv"))
+    assert refused.value.code == 2 and re.search(r"columns differ from training.*missing \['country'\].*unexpected \['nation'\]", " ".join(capsys.readouterr().err.split()))
 
     bad = make_card_transactions(40, 0.1, seed=3)
     bad["distance_from_home_km"] = bad["distance_from_home_km"].astype(object)
     bad.loc[33, "distance_from_home_km"] = "far away"
     bad.to_csv(tmp_path / "bad_rows.csv", index=False)
-    with pytest.raises(ValueError, match=r"'distance_from_home_km'.*1 non-numeric.*row\(s\) 34 "):
+    with pytest.raises(SystemExit) as refused:
         run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "bad_rows.csv"), "--data.predict_chunk_rows=10")
+    assert refused.value.code == 2 and re.search(r"'distance_from_home_km'.*1 non-numeric.*row\(s\) 34 ", " ".join(capsys.readouterr().err.split()))
 
 
 def test_scoring_stream_reads_in_bounded_chunks_and_keeps_every_row(tmp_path):
@@ -434,3 +439,48 @@ def test_rows_form_over_http(exported, tmp_path):
         assert status == 422 and answer["detail"].startswith("rows[1].amount: expected a number"), answer
     finally:
         assert server.stop(signal.SIGTERM) == 0, server.output()
+
+
+# ----- issue 15: no silent wrong results -----------------------------------------------------------
+def test_one_extreme_training_value_does_not_silence_its_column():
+    """A standard deviation with two 1e30 in it is ~1e28: every other row's feature would be 0. The robust
+    scale (IQR) ignores them; the extreme rows are compressed beyond CLIP_UNITS and the fit says so in notes."""
+    from domains.finance.preprocessing import CLIP_UNITS
+
+    frame = make_card_transactions(400, 0.05, seed=1)
+    roles = ColumnRoles(**SYNTHETIC_ROLES)
+    clean = TablePreprocessor(roles).fit(frame, "train.csv")
+    spoiled = frame.copy()
+    spoiled.loc[[10, 20], "distance_from_home_km"] = 1e30
+    robust = TablePreprocessor(roles).fit(spoiled, "train.csv")
+    column = clean.numeric_feature_names.index("distance_from_home_km")
+    a, b = clean.transform(frame, "t")["numeric"][:, column], robust.transform(spoiled, "t")["numeric"][:, column]
+    others = np.setdiff1d(np.arange(len(frame)), [10, 20])
+    assert a[others].std() > 0.5 and np.allclose(a[others], b[others], rtol=0.1, atol=0.05)  # the feature still varies, unchanged
+    assert b[10] == b[20] and CLIP_UNITS < b[10] < CLIP_UNITS + 89 and np.isfinite(b).all()  # compressed, still the largest
+    assert b[10] == b.max() and any("'distance_from_home_km':" in note and "compressed" in note for note in robust.notes)
+    # a state saved before robust scaling (means / stds) loads and scores as it was trained
+    legacy = {**clean.state_dict(), "means": clean.centers, "stds": clean.scales}
+    for key in ("centers", "scales", "lows", "highs", "clip", "scaling"):
+        legacy.pop(key)
+    restored = TablePreprocessor.from_state_dict(legacy)
+    assert restored.scaling == "standard" and np.array_equal(restored.transform(frame, "t")["numeric"], clean.transform(frame, "t")["numeric"])
+
+
+def test_diverged_weights_stop_validation_with_the_reason_instead_of_a_crash(tmp_path):
+    """lr 1e6 used to end in AttributeError ('tuple' object has no attribute 'double'): CatMetric dropped every NaN
+    score, leaving an empty list. NaN scores now stop the run naming the cause (exit 1 through the runner)."""
+    import lightning.pytorch as pl
+
+    from domains.finance.model import FraudAutoencoder
+    from pipelines.guards import NonFiniteLossError
+
+    dm = TransactionDataModule(synthetic_rows=600, batch_size=128, **SYNTHETIC_ROLES)
+    model = FraudAutoencoder(hidden_dims=[8], latent_dim=2, num_numeric=dm.num_numeric, feature_groups=dm.feature_groups,
+                             numeric_feature_groups=dm.numeric_feature_groups)  # fmt: skip
+    with torch.no_grad():
+        next(model.network.parameters()).fill_(float("nan"))
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"validation anomaly scores are NaN or inf: the weights diverged"):
+        trainer.validate(model, datamodule=dm)
+    assert torch.isnan(model.threshold)  # nothing was calibrated on NaN scores

@@ -1,8 +1,8 @@
 """``TransactionDataModule``: transaction tables (CSV/Parquet), ADBench ``.npz`` or the synthetic set.
 
 The source is read and the preprocessing fitted on the training rows when the data module is
-first asked about the model's input layout (before any training), so bad input fails fast with a
-``ValueError`` naming the file, column and rows. The fitted :class:`TablePreprocessor` is the data
+first asked about the model's input layout (before any training), so bad input fails fast with an
+``InputError`` (a ``ValueError``: the runner exits 2) naming the file, column and rows. The fitted :class:`TablePreprocessor` is the data
 module's ``state_dict``: Lightning stores it in every checkpoint and restores it before any split
 is encoded, so validation, test and scoring reuse exactly the training-time preprocessing.
 
@@ -18,7 +18,16 @@ Modes and splits (seeded by ``split_seed``):
 
 Scoring (``predict``) streams ``predict_path`` in chunks of ``predict_chunk_rows`` rows
 (pandas for CSV, pyarrow for Parquet), so a file larger than memory works; every row comes out
-with its original values, in order (one file per rank under DDP).
+with its original values, in order (one file per rank under DDP). Before anything is written the
+whole scoring file is read once, chunk by chunk, and every value checked (``setup("predict")``):
+a bad value in the last chunk refuses the command (exit 2) naming its row, and no predictions file
+is written. Each chunk is checked again as it is scored.
+
+Checks on the training source (all before training, :class:`pipelines.errors.InputError`):
+every column has a role or is listed in ``ignore_columns`` (a column the model silently left out
+would look used); the label column holds both classes, only ``label_classes``'s two values and no
+missing label; the validation and test splits each get normal and fraud rows (AUROC, AUPRC and
+the best-F1 threshold need both).
 
 Example:
     >>> dm = TransactionDataModule(synthetic_rows=400, **SYNTHETIC_ROLES)
@@ -35,13 +44,18 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from pipelines.data import make_loader
+from domains.finance.datasets import EncodedRows, ScoringStream, identity
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
+from domains.finance.sources import iter_chunks, read_adbench_npz, read_header, read_table
 from domains.finance.synthetic import make_card_transactions
+from pipelines.data import make_loader
+from pipelines.errors import InputError
+from pipelines.validation import check_unique_columns
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -57,129 +71,6 @@ SYNTHETIC_ROLES: dict[str, Any] = {
 }
 
 
-def _identity(batch: Any) -> Any:
-    return batch
-
-
-def read_header(path: Path) -> list[str]:
-    """Column names of a CSV or Parquet file without reading its rows."""
-    if path.suffix.lower() == ".csv":
-        return list(pd.read_csv(path, nrows=0).columns)
-    import pyarrow.parquet as pq
-
-    return list(pq.read_schema(path).names)
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """A whole CSV (every cell as text, so values pass through unchanged) or Parquet file."""
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    return pd.read_parquet(path)
-
-
-def iter_chunks(source: Path | pd.DataFrame, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    """``(offset of the first row, rows)`` chunks of a file (streamed) or a frame."""
-    if isinstance(source, pd.DataFrame):
-        for start in range(0, len(source), chunk_rows):
-            yield start, source.iloc[start : start + chunk_rows]
-        return
-    offset = 0
-    if source.suffix.lower() == ".csv":
-        with pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=chunk_rows) as reader:
-            for chunk in reader:
-                yield offset, chunk.reset_index(drop=True)
-                offset += len(chunk)
-        return
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(source).iter_batches(batch_size=chunk_rows):
-        chunk = batch.to_pandas()
-        yield offset, chunk
-        offset += len(chunk)
-
-
-def read_adbench_npz(path: Path) -> pd.DataFrame:
-    """An ADBench ``.npz`` (``X`` rows x features, ``y`` 0/1) as a frame ``x0 .. x{d-1}, label``."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "X" not in archive or "y" not in archive:
-                raise ValueError(f"{path}: an ADBench .npz needs arrays 'X' and 'y', found {sorted(archive.files)}")
-            features, labels = np.asarray(archive["X"], dtype=np.float64), np.asarray(archive["y"]).reshape(-1)
-    except (OSError, ValueError) as error:
-        if str(path) in str(error):
-            raise
-        raise ValueError(f"{path}: cannot read as .npz: {error}") from None
-    if features.ndim != 2 or len(features) != len(labels):
-        raise ValueError(f"{path}: X must be 2-D with one row per label, got X {features.shape} and y {labels.shape}")
-    bad = ~np.isin(labels, (0, 1))
-    if bad.any():
-        raise ValueError(f"{path}: y must hold 0 (normal) and 1 (anomaly); row {int(np.flatnonzero(bad)[0])} is {labels[bad][0]!r}")
-    frame = pd.DataFrame(features, columns=[f"x{i}" for i in range(features.shape[1])])
-    frame["label"] = labels.astype(np.int64)
-    return frame
-
-
-class EncodedRows(Dataset):
-    """Encoded rows served a whole batch at a time (``__getitems__``: no per-row collation)."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], rows: np.ndarray, fit_rows: np.ndarray) -> None:
-        self.numeric = torch.from_numpy(arrays["numeric"])
-        self.categorical = torch.from_numpy(arrays["categorical"])
-        self.label = torch.from_numpy(arrays["label"])
-        self.rows = torch.from_numpy(rows.astype(np.int64))
-        self.fit_rows = torch.from_numpy(fit_rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return {
-            "numeric": self.numeric[index], "categorical": self.categorical[index], "label": self.label[index],
-            "row": self.rows[index], "fit_row": self.fit_rows[index],
-        }  # fmt: skip
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
-
-
-class ScoringStream(IterableDataset):
-    """Rows of a file (or frame) in chunks, each encoded with the fitted preprocessing and carrying the
-    original values (``raw``, a DataFrame) so that predictions reproduce every input row.
-
-    Chunks are shared round-robin between DDP ranks and DataLoader workers.
-    """
-
-    def __init__(self, source: Path | pd.DataFrame, name: str, preprocessor: TablePreprocessor, chunk_rows: int, row_numbers: np.ndarray | None = None) -> None:
-        self.source, self.name, self.preprocessor = source, name, preprocessor
-        self.chunk_rows, self.row_numbers = chunk_rows, row_numbers
-
-    def _shard(self) -> tuple[int, int]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        worker = get_worker_info()
-        if worker is not None:
-            return rank * worker.num_workers + worker.id, world * worker.num_workers
-        return rank, world
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, shards = self._shard()
-        for i, (offset, chunk) in enumerate(iter_chunks(self.source, self.chunk_rows)):
-            if i % shards != shard:
-                continue
-            encoded = self.preprocessor.transform(chunk, self.name, offset)
-            rows = self.row_numbers[offset : offset + len(chunk)] if self.row_numbers is not None else np.arange(offset, offset + len(chunk))
-            yield {
-                "numeric": torch.from_numpy(encoded["numeric"]),
-                "categorical": torch.from_numpy(encoded["categorical"]),
-                "label": torch.from_numpy(encoded["label"]),
-                "row": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
-                # a DataFrame is a leaf for Lightning's device transfer (lists would be walked element by element)
-                "raw": chunk,
-            }
-
-
 class TransactionDataModule(pl.LightningDataModule):
     """Transactions for fraud detection as anomaly detection.
 
@@ -188,13 +79,15 @@ class TransactionDataModule(pl.LightningDataModule):
             every column numeric, the roles are ignored). Default: the embedded synthetic card
             transactions.
         predict_path: a CSV or Parquet file to score with ``predict`` (default: the test split). It
-            must have the training table's columns (the label column is optional).
+            must have the training table's columns (the label column and ``ignore_columns`` are optional).
         id_columns: identifier columns, dropped from the features (kept in the scored output).
-        numeric_columns: numeric columns (median-imputed, standardised).
+        numeric_columns: numeric columns (median-imputed, robustly scaled: median / IQR, compressed beyond 50 robust sd).
         amount_columns: heavy-tailed amounts: ``sign(x) log1p(|x|)``, then as numeric.
         boolean_columns: true/false columns.
         timestamp_columns: timestamps, turned into hour-of-day and day-of-week features.
         categorical_columns: categorical columns (vocabulary with an ``<unknown>`` slot).
+        ignore_columns: columns of the table the model must not use (kept in the scored output). Any
+            other column without a role is refused, so that no column is left out unnoticed.
         label_column: the fraud label column (optional in ``unsupervised`` mode).
         label_classes: the label's two values, ``[normal, fraud]``.
         categorical_encoding: ``onehot`` or ``embedding`` (learned embeddings, softmax reconstruction).
@@ -222,6 +115,7 @@ class TransactionDataModule(pl.LightningDataModule):
         boolean_columns: list[str] | None = None,
         timestamp_columns: list[str] | None = None,
         categorical_columns: list[str] | None = None,
+        ignore_columns: list[str] | None = None,
         label_column: str | None = None,
         label_classes: list[str | int] | None = None,
         categorical_encoding: Literal["onehot", "embedding"] = "onehot",
@@ -240,19 +134,20 @@ class TransactionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+            raise InputError(f"--data.val_fraction ({val_fraction}) and --data.test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
         if batch_size < 1 or predict_chunk_rows < 1:
-            raise ValueError(f"batch_size and predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
+            raise InputError(f"--data.batch_size and --data.predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
         if max_categories < 1 or min_category_count < 1:
-            raise ValueError(f"max_categories and min_category_count must be >= 1, got {max_categories} and {min_category_count}")
+            raise InputError(f"--data.max_categories and --data.min_category_count must be >= 1, got {max_categories} and {min_category_count}")
         for name, value in (("path", path), ("predict_path", predict_path)):
             if value is not None and not Path(value).is_file():
-                raise ValueError(f"{name} {value}: file not found")
+                raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
             if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
-                raise ValueError(f"{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+                raise InputError(f"--data.{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
         self.save_hyperparameters(logger=False)
         self.preprocessor: TablePreprocessor | None = None
         self._encoded: dict[str, tuple[TablePreprocessor, Any]] = {}  # keyed by the preprocessing in force
+        self._checked: set[str] = set()  # what setup has read and checked (setup runs more than once)
 
     # ----- source and split: read before training ---------------------------------------------
     @property
@@ -273,7 +168,7 @@ class TransactionDataModule(pl.LightningDataModule):
             id_columns=list(hp.id_columns or []), numeric_columns=list(hp.numeric_columns or []),
             amount_columns=list(hp.amount_columns or []), boolean_columns=list(hp.boolean_columns or []),
             timestamp_columns=list(hp.timestamp_columns or []), categorical_columns=list(hp.categorical_columns or []),
-            label_column=hp.label_column,
+            label_column=hp.label_column, ignore_columns=list(hp.ignore_columns or []),
         )  # fmt: skip
 
     @cached_property
@@ -286,7 +181,7 @@ class TransactionDataModule(pl.LightningDataModule):
         else:
             frame = make_card_transactions(hp.synthetic_rows, hp.synthetic_fraud_rate, hp.synthetic_seed)
         if len(frame) == 0:
-            raise ValueError(f"{self.source_name}: the table has no rows")
+            raise InputError(f"{self.source_name}: the table has no rows (only a header); expected one row per transaction")
         return frame
 
     @cached_property
@@ -296,8 +191,27 @@ class TransactionDataModule(pl.LightningDataModule):
         if roles.label_column is None:
             return None
         if roles.label_column not in self.table.columns:
-            raise ValueError(f"{self.source_name}: label_column {roles.label_column!r} is missing; the file has columns {list(self.table.columns)}")
-        return parse_labels(self.table[roles.label_column], self._label_classes, self.source_name)
+            raise InputError(
+                f"{self.source_name}: --data.label_column {roles.label_column!r} is missing; the file has columns {list(self.table.columns)} "
+                "(without labels: --data.mode unsupervised --data.label_column null)"
+            )
+        labels = parse_labels(self.table[roles.label_column], self._label_classes, self.source_name)
+        normal, fraud = (repr(str(c)) for c in self._label_classes)
+        n_fraud = int(labels.sum())
+        if n_fraud == 0:
+            raise InputError(
+                f"{self.source_name}: label column {roles.label_column!r} holds only the normal class {normal} ({len(labels)} rows), no fraud "
+                f"({fraud}): AUROC, AUPRC and the best-F1 threshold cannot be computed. Check --data.label_classes [normal, fraud], "
+                "or train without labels: --data.mode unsupervised --data.label_column null --data.ignore_columns "
+                f"[{roles.label_column}] (the threshold is then the alert budget)"
+            )
+        if n_fraud == len(labels):
+            raise InputError(
+                f"{self.source_name}: label column {roles.label_column!r} holds only the fraud class {fraud} ({len(labels)} rows): no row is "
+                f"labelled normal ({normal}), and the model learns what normal transactions look like from them. Check --data.label_classes "
+                "[normal, fraud] (in that order)"
+            )
+        return labels
 
     @property
     def _label_classes(self) -> list[Any]:
@@ -313,7 +227,7 @@ class TransactionDataModule(pl.LightningDataModule):
         val, test = hp.val_fraction, hp.test_fraction
         if hp.mode == "semi_supervised":
             if labels is None:
-                raise ValueError("mode semi_supervised trains on rows labelled normal: set label_column, or use mode unsupervised")
+                raise InputError("--data.mode semi_supervised trains on rows labelled normal: set --data.label_column, or use --data.mode unsupervised")
             normal = rng.permutation(np.flatnonzero(labels == 0))
             n_val, n_test = round(len(normal) * val), round(len(normal) * test)
             split[normal[:n_val]], split[normal[n_val : n_val + n_test]] = "val", "test"
@@ -328,15 +242,45 @@ class TransactionDataModule(pl.LightningDataModule):
                 split[members[:n_val]], split[members[n_val : n_val + n_test]] = "val", "test"
         for name in SPLITS:
             if not (split == name).any():
-                raise ValueError(f"{self.source_name}: split {name!r} is empty ({n} rows; check val_fraction/test_fraction)")
+                raise InputError(f"{self.source_name}: split {name!r} is empty ({n} rows; check --data.val_fraction/--data.test_fraction)")
+        if labels is not None:
+            for name in ("val", "test"):
+                members = labels[split == name]
+                if members.min() == members.max():
+                    raise InputError(
+                        f"{self.source_name}: the {name} split gets no {'fraud' if members.max() == 0 else 'normal'} row "
+                        f"({int(labels.sum())} fraud rows of {n}, split {hp.val_fraction}/{hp.test_fraction} between val and test): "
+                        "AUROC, AUPRC and the threshold need both classes in val and test; add labelled rows or change the fractions"
+                    )
         return split.astype(str)
+
+    def check_columns(self) -> None:
+        """Every column of the training table has a role, is the label, or is listed in ``ignore_columns``."""
+        if self.is_npz:
+            return
+        roles = self.roles
+        known = {column for column, _ in roles.required()} | set(roles.ignore_columns) | ({roles.label_column} if roles.label_column else set())
+        unused = [c for c in self.table.columns if c not in known]
+        if unused:
+            raise InputError(
+                f"{self.source_name}: column(s) {unused} have no role, so the model would silently leave them out; give each a role "
+                "(--data.numeric_columns, amount_columns, boolean_columns, timestamp_columns, categorical_columns, id_columns, label_column) "
+                f"or list them in --data.ignore_columns (e.g. --data.ignore_columns '{unused}')"
+            )
+        absent = [c for c in roles.ignore_columns if c not in self.table.columns]
+        if absent:
+            raise InputError(f"{self.source_name}: --data.ignore_columns lists {absent}, which the file does not have; its columns are {list(self.table.columns)}")
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
         rows = np.flatnonzero(self.split_assignment == "train")
+        self.check_columns()
         preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
         preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
-        return preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
+        preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
+        for note in preprocessor.notes:
+            rank_zero_info(f"[finance] {self.source_name}: {note}")
+        return preprocessor
 
     @property
     def fitted(self) -> TablePreprocessor:
@@ -369,22 +313,41 @@ class TransactionDataModule(pl.LightningDataModule):
     # ----- datasets ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Read, fit and check every row before the loop starts (splits are re-encoded if a checkpoint's
-        preprocessing is restored afterwards)."""
-        self._encoded_table()  # every row of every split is checked now, before any training
-        if self.hparams.predict_path:
-            self.check_scoring_columns(Path(self.hparams.predict_path))
+        preprocessing is restored afterwards); for ``predict``, read and check the whole scoring file
+        too. Idempotent: the runner calls it before the run folder exists, Lightning again later."""
+        if "table" not in self._checked:
+            self._encoded_table()  # every row of every split is checked now, before any training
+            self._checked.add("table")
+        if self.hparams.predict_path and stage in (None, "predict") and "predict" not in self._checked:
+            self.check_scoring_file(Path(self.hparams.predict_path))
+            self._checked.add("predict")
 
-    def check_scoring_columns(self, path: Path) -> None:
-        """A scoring file must have the training table's columns (the label column is optional)."""
+    def check_scoring_columns(self, path: Path) -> list[str]:
+        """A scoring file must have the training table's columns (the label column and ignored columns are optional)."""
         columns = read_header(path)
-        expected = [c for c in self.table.columns if c != self.roles.label_column] if not self.is_npz else list(self.roles.numeric_columns)
+        optional = {self.roles.label_column, *self.roles.ignore_columns}
+        expected = [c for c in self.table.columns if c not in optional] if not self.is_npz else list(self.roles.numeric_columns)
         missing = [c for c in expected if c not in columns]
-        extra = [c for c in columns if c not in expected and c != self.roles.label_column]
+        extra = [c for c in columns if c not in expected and c not in optional]
         if missing or extra:
-            raise ValueError(
-                f"predict_path {path}: the columns differ from training ({self.source_name}): "
+            raise InputError(
+                f"--data.predict_path {path}: the columns differ from training ({self.source_name}): "
                 + "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part)
             )
+        return columns
+
+    def check_scoring_file(self, path: Path) -> None:
+        """Columns, then every value of every chunk (streamed, as ``predict`` will read it): a bad value
+        anywhere refuses the file, naming its row, before anything is written."""
+        self.check_scoring_columns(path)
+        checker = TablePreprocessor(self.roles, label_classes=self._label_classes)  # parsing needs no fitted state
+        rows = 0
+        for offset, chunk in iter_chunks(path, self.hparams.predict_chunk_rows):
+            check_unique_columns([str(c) for c in chunk.columns], str(path))
+            checker.check_values(chunk, str(path), offset)
+            rows = offset + len(chunk)
+        if rows == 0:
+            raise InputError(f"--data.predict_path {path}: the file has no rows (only a header); expected one row per transaction to score")
 
     def _encoded_table(self) -> dict[str, np.ndarray]:
         """The whole source encoded with the preprocessing in force (re-encoded after a checkpoint restore)."""
@@ -411,7 +374,7 @@ class TransactionDataModule(pl.LightningDataModule):
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
         return make_loader(
-            self._split(name), hp.batch_size, hp.num_workers, shuffle=shuffle, collate_fn=_identity,
+            self._split(name), hp.batch_size, hp.num_workers, shuffle=shuffle, collate_fn=identity,
             drop_last=shuffle and len(self._split(name)) > hp.batch_size,
         )  # fmt: skip
 
@@ -442,7 +405,7 @@ class TransactionDataModule(pl.LightningDataModule):
         restored = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
         current = self.fitted
         if restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names):
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint's preprocessing (columns {restored.group_names}, {len(restored.numeric_feature_names)} features) "
                 f"does not match this data's ({current.group_names}, {len(current.numeric_feature_names)} features); "
                 "use the column roles and source the model was trained with"

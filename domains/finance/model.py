@@ -19,36 +19,29 @@ normal vs fraud and a PR curve are saved in the run folder and logged to W&B.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
     binary_f1_score,
     binary_precision,
-    binary_precision_recall_curve,
     binary_recall,
 )
 
-from domains.finance.networks import FraudScorer, RowErrors, TabularAutoencoder, group_matrix, score_rows
+from domains.finance.figures import pr_curve, score_histogram, unit_interval
+from domains.finance.networks import RowErrors, TabularAutoencoder, group_matrix, score_rows
+from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
+from pipelines.guards import NonFiniteLossError
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
-
-
-def unit_interval(scores: torch.Tensor) -> torch.Tensor:
-    """Map non-negative scores monotonically into [0, 1) (``s / (1 + s)`` in float64).
-
-    torchmetrics applies a sigmoid to predictions outside [0, 1], which would saturate large
-    reconstruction errors into ties; this map keeps their order exactly.
-    """
-    s = scores.double().clamp_min(0.0)
-    return s / (1.0 + s)
 
 
 def budget_threshold(scores: torch.Tensor, alert_rate: float) -> float:
@@ -70,6 +63,29 @@ def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float
     f1 = torch.where(cut, f1, torch.full_like(f1, -1.0))
     best = int(f1.argmax())
     return float(ordered[best]), float(f1[best])
+
+
+def check_options(**options: float) -> None:
+    """Refuse option values that would train nothing or diverge, naming the option (``--model.X``).
+
+    Example:
+        >>> check_options(lr=1e6)
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: --model.lr 1000000.0: expected 0 < lr <= 1 (AdamW's learning rate; the domain's default is 0.002)
+    """
+    rules = {
+        "lr": (lambda v: 0 < v <= 1, "0 < lr <= 1 (AdamW's learning rate; the domain's default is 0.002)"),
+        "weight_decay": (lambda v: 0 <= v <= 1, "0 <= weight_decay <= 1"),
+        "dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+        "kl_weight": (lambda v: 0 <= v <= 1e3, "0 <= kl_weight <= 1000"),
+        "target_alert_rate": (lambda v: 0 < v < 1, "0 < target_alert_rate < 1 (the share of transactions alerted, e.g. 0.005)"),
+        "top_features": (lambda v: v >= 0, "top_features >= 0"),
+    }
+    for name, value in options.items():
+        ok, expected = rules[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise InputError(f"--model.{name} {value}: expected {expected}")
 
 
 class FraudAutoencoder(BaseTask):
@@ -120,16 +136,14 @@ class FraudAutoencoder(BaseTask):
         numeric_feature_groups: list[int] | None = None,
         categorical_feature_groups: list[int] | None = None,
     ) -> None:
-        if not 0 < target_alert_rate < 1:
-            raise ValueError(f"target_alert_rate must be in (0, 1), got {target_alert_rate}")
-        if top_features < 0:
-            raise ValueError(f"top_features must be >= 0, got {top_features}")
+        check_options(lr=lr, weight_decay=weight_decay, dropout=dropout, kl_weight=kl_weight, target_alert_rate=target_alert_rate, top_features=top_features)
         groups = feature_groups or [f"f{i}" for i in range(num_numeric)]
         numeric_groups = numeric_feature_groups if numeric_feature_groups is not None else list(range(num_numeric))
         if len(numeric_groups) != num_numeric or any(not 0 <= g < len(groups) for g in numeric_groups):
-            raise ValueError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
+            raise InputError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
         super().__init__()
         self._warned_no_labels = False
+        self._out_of_range_rows = 0
 
     @property
     def group_names(self) -> list[str]:
@@ -155,10 +169,12 @@ class FraudAutoencoder(BaseTask):
         self.register_buffer("budget_threshold", torch.tensor(float("nan"), dtype=torch.float64))
 
     def configure_metrics(self) -> None:
+        # nan_strategy "disable": a NaN score must reach the checks below (the default drops it silently,
+        # which misaligns scores and labels and, when every score is NaN, leaves an empty list)
         for stage in ("val", "test"):
-            setattr(self, f"{stage}_scores", CatMetric())
-            setattr(self, f"{stage}_labels", CatMetric())
-            setattr(self, f"{stage}_loss", MeanMetric())
+            setattr(self, f"{stage}_scores", CatMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_labels", CatMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
 
     # ----- scoring -----------------------------------------------------------------------------
     def errors(self, batch: dict[str, Any], sample: bool = False) -> RowErrors:
@@ -204,7 +220,8 @@ class FraudAutoencoder(BaseTask):
             scores, labels, loss = (m.compute() for m in metrics)
         for metric in metrics:
             metric.reset()
-        return torch.atleast_1d(scores).double(), torch.atleast_1d(labels), loss
+        scores, labels = (torch.atleast_1d(v) if isinstance(v, torch.Tensor) else torch.zeros(0, device=self.device) for v in (scores, labels))
+        return scores.double(), labels, loss
 
     @staticmethod
     def _labelled(labels: torch.Tensor) -> bool:
@@ -241,6 +258,12 @@ class FraudAutoencoder(BaseTask):
         scores, labels, loss = self._collect("val")
         if len(scores) == 0:
             return
+        if not bool(torch.isfinite(scores).all()):  # no threshold may be calibrated on them, no checkpoint kept
+            bad = int((~torch.isfinite(scores)).sum())
+            raise NonFiniteLossError(
+                f"{bad} of {len(scores)} validation anomaly scores are NaN or inf: the weights diverged "
+                f"(--model.lr {self.hparams.lr} too high?); no threshold was calibrated on them"
+            )
         self._calibrate(scores, labels)
         metrics = {"val/loss": loss, "val/threshold": self.threshold.float()}
         if self._labelled(labels):
@@ -252,78 +275,48 @@ class FraudAutoencoder(BaseTask):
         if len(scores) == 0:
             return
         metrics = {"test/loss": loss, "test/alert_rate": (scores >= self.threshold).double().mean()}
+        if not bool(torch.isfinite(scores).all()):  # a NaN test/loss fails the command (the runner's check)
+            warnings.warn(f"{int((~torch.isfinite(scores)).sum())} test anomaly scores are NaN or inf: the checkpoint's weights are not finite")
+            self.log_dict({"test/loss": torch.tensor(float("nan"), device=self.device)}, sync_dist=True)
+            return
         labelled = self._labelled(labels)
         if labelled:
             metrics.update(self._ranking_metrics("test", scores, labels))
         self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
         if self.trainer.is_global_zero:
-            log_figure(self.trainer, self._histogram(scores, labels if labelled else None), "test/score_histogram")
+            log_figure(self.trainer, score_histogram(scores, labels if labelled else None, self._thresholds()), "test/score_histogram")
             if labelled:
-                log_figure(self.trainer, self._pr_curve(scores, labels), "test/pr_curve")
+                log_figure(self.trainer, pr_curve(scores, labels, self._thresholds()), "test/pr_curve")
 
-    # ----- figures -----------------------------------------------------------------------------
-    def _histogram(self, scores: torch.Tensor, labels: torch.Tensor | None) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        values = torch.log10(scores.clamp_min(1e-6)).cpu().numpy()
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        import numpy as np
-
-        bins = np.histogram_bin_edges(values, bins=60)  # shared by both classes
-        if labels is None:
-            ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="all rows")
-        else:
-            mask = labels.cpu().numpy() > 0.5
-            ax.hist(values[~mask], bins=bins, color="tab:blue", alpha=0.6, density=True, label=f"normal ({int((~mask).sum())})")
-            ax.hist(values[mask], bins=bins, color="tab:red", alpha=0.6, density=True, label=f"fraud ({int(mask.sum())})")
-        for value, style, name in ((self.threshold, "-", "threshold"), (self.budget_threshold, "--", "alert budget")):
-            if torch.isfinite(value):
-                ax.axvline(math.log10(max(float(value), 1e-6)), color="black", linestyle=style, label=f"{name} {float(value):.3g}")
-        ax.set_xlabel("log10 anomaly score")
-        ax.set_ylabel("density" if labels is not None else "rows")
-        ax.set_title("Test scores")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
-
-    def _pr_curve(self, scores: torch.Tensor, labels: torch.Tensor) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        precision, recall, _ = binary_precision_recall_curve(unit_interval(scores), labels.long())
-        ap = float(binary_average_precision(unit_interval(scores), labels.long()))
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.plot(recall.cpu().numpy(), precision.cpu().numpy(), color="tab:red", label=f"AP {ap:.3f}")
-        ax.axhline(float(labels.mean()), color="gray", linestyle=":", label=f"fraud rate {float(labels.mean()):.3f}")
-        for value, marker, name in ((self.threshold, "o", "threshold"), (self.budget_threshold, "s", "alert budget")):
-            if torch.isfinite(value):
-                flagged = (scores >= value).long()
-                p = float(binary_precision(flagged, labels.long()))
-                r = float(binary_recall(flagged, labels.long()))
-                ax.plot([r], [p], marker=marker, color="black", linestyle="none", label=f"{name} (P {p:.2f}, R {r:.2f})")
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_title("Precision-recall (test)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
+    def _thresholds(self) -> dict[str, float]:
+        return {"threshold": float(self.threshold), "alert budget": float(self.budget_threshold)}
 
     # ----- scoring new rows --------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Every input row (original values) plus ``score``, ``is_alert`` and the top contributing columns."""
+        """Every input row (original values) plus ``score``, ``is_alert``, ``out_of_range`` and the top contributing columns.
+
+        ``is_alert``: ``score >= threshold``, or a value outside the range seen in training
+        (``out_of_range`` names those columns; such a value is scored compressed, see the preprocessing);
+        empty (no decision) when the model has no calibrated threshold.
+        A NaN or infinite score stops the command (exit 1): it would otherwise read as "no alert".
+        """
         scores, contributions = self.score(batch)
+        finite = torch.isfinite(scores)
+        if not bool(finite.all()):
+            rows = (batch["row"][~finite.cpu()] + 1).tolist()[:5]
+            raise RuntimeError(f"the model's anomaly score is NaN or inf for data row(s) {rows}: the checkpoint's weights are not finite; no predictions were written")
         raw = batch.get("raw")
         columns: dict[str, Any] = {str(c): raw[c].to_numpy() for c in raw.columns} if raw is not None else {}
         columns["source_row"] = batch["row"]
         columns["score"] = scores
-        columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy()
+        outside = batch["out_of_range"].cpu().numpy() if "out_of_range" in batch else np.zeros((len(scores), 0), dtype=bool)
+        names = self.range_columns
+        if torch.isfinite(self.threshold):
+            columns["is_alert"] = (scores.double() >= self.threshold).cpu().numpy() | outside.any(axis=1)
+        else:  # no calibrated threshold: no decision (empty), never a silent "no alert"; out-of-range rows still alert
+            columns["is_alert"] = [True if flagged else None for flagged in outside.any(axis=1)]
+        columns["out_of_range"] = [";".join(names[j] for j in np.flatnonzero(row)) for row in outside]
+        self._out_of_range_rows += int(outside.any(axis=1).sum())
         names = self.group_names
         k = min(self.hparams.top_features, len(names))
         if k:
@@ -333,9 +326,26 @@ class FraudAutoencoder(BaseTask):
                 columns[f"top_contribution_{j + 1}"] = values[:, j]
         return columns
 
+    @property
+    def range_columns(self) -> list[str]:
+        """The columns ``out_of_range`` names (the data's numeric and amount columns, in order)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return list(datamodule.fitted.range_columns) if datamodule is not None and hasattr(datamodule, "fitted") else []
+
     def on_predict_start(self) -> None:
+        self._out_of_range_rows = 0
         if not torch.isfinite(self.threshold):
-            warnings.warn("the model has no calibrated threshold (no validation ran): is_alert is False for every row; pass --ckpt_path")
+            warnings.warn(
+                "the model has no calibrated threshold (its weights never went through validation): is_alert is left empty "
+                "(no decision) except for out-of-range rows; score with a trained checkpoint: --run_id RUN --ckpt_path best"
+            )
+
+    def on_predict_end(self) -> None:
+        if self._out_of_range_rows and self.trainer.is_global_zero:
+            rank_zero_info(
+                f"[finance] predict: {self._out_of_range_rows} row(s) hold values outside the range seen in training: "
+                "alerted, with the columns named in out_of_range"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the reason, a checkpoint whose input layout differs from this data's."""
@@ -351,79 +361,7 @@ class FraudAutoencoder(BaseTask):
 
     # ----- export ------------------------------------------------------------------------------
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
-        """Preprocessed rows -> ``score``, ``is_alert`` (the calibrated threshold) and per-column ``contributions``.
+        """Preprocessed rows -> ``score``, ``is_alert`` and per-column ``contributions`` (:func:`domains.finance.exporting.export_spec`)."""
+        from domains.finance.exporting import export_spec
 
-        The bundle's model takes the preprocessed feature matrix (and the categorical indices when
-        categoricals are embedded); the fitted preprocessing travels in ``metadata.json`` as plain
-        JSON (``preprocessing_state``) so that a client, or ``domains/finance/serving.py``, prepares
-        raw transaction rows exactly as training did.
-        """
-        from domains.finance.preprocessing import UNKNOWN, TablePreprocessor
-
-        if not datamodule_state or "preprocessor" not in datamodule_state:
-            raise ValueError(
-                "the checkpoint holds no TransactionDataModule state (the fitted preprocessing); export a checkpoint written by `pipelines.run finance`"
-            )
-        preprocessor = TablePreprocessor.from_state_dict(datamodule_state["preprocessor"])
-        hp = self.hparams
-        if preprocessor.group_names != self.group_names or len(preprocessor.numeric_feature_names) != hp.num_numeric:
-            raise ValueError(
-                f"the checkpoint's preprocessing (groups {preprocessor.group_names}, {len(preprocessor.numeric_feature_names)} features) "
-                f"does not match its model (groups {self.group_names}, {hp.num_numeric} features)"
-            )
-        threshold = float(self.threshold)
-        module = FraudScorer(copy.deepcopy(self.network).cpu().eval(), self.numeric_groups.cpu(), self.categorical_groups.cpu(), threshold).eval()
-        example: tuple[torch.Tensor, ...] = (torch.rand(2, hp.num_numeric),)
-        names = ["numeric"]
-        if self.network.cardinalities:
-            example += (torch.zeros(2, len(self.network.cardinalities), dtype=torch.long),)
-            names.append("categorical")
-        outputs = ["score", "is_alert", "contributions"]
-        budget = float(self.budget_threshold)
-        roles = preprocessor.roles
-        return ExportSpec(
-            module=module,
-            example_inputs=example,
-            input_names=names,
-            output_names=outputs,
-            dynamic_axes={name: {0: "batch"} for name in (*names, *outputs)},
-            metadata={
-                "architecture": hp.architecture,
-                "feature_names": preprocessor.numeric_feature_names,
-                "categorical_feature_names": list(roles.categorical_columns) if self.network.cardinalities else [],
-                "contribution_names": self.group_names,
-                "threshold": threshold if math.isfinite(threshold) else None,
-                "budget_threshold": budget if math.isfinite(budget) else None,
-                "threshold_method": hp.threshold_method,
-                "target_alert_rate": hp.target_alert_rate,
-                "top_features": hp.top_features,
-                "columns": [column for column, _ in roles.required() if column not in roles.id_columns],
-                "id_columns": list(roles.id_columns),
-                "label_column": roles.label_column,
-                "unknown_category": UNKNOWN,
-                "unknown_index": 0,
-                "preprocessing_state": preprocessor.state_dict(),
-                "preprocessing": PREPROCESSING_DESCRIPTION,
-                "input": "numeric: float32 (N, len(feature_names)), the preprocessed features in feature_names order"
-                + ("; categorical: int64 (N, len(categorical_feature_names)), vocabulary indices (0 = <unknown>)" if self.network.cardinalities else ""),
-                "output": "score: float32 (N) anomaly score (negative log-likelihood, + KL for the VAE, at the posterior mean); "
-                "is_alert: int64 (N) 1 when score >= threshold (compared in float64); contributions: float32 (N, len(contribution_names)) "
-                "the score's reconstruction part split per source column",
-            },
-        )
-
-
-#: how ``preprocessing_state`` (a :class:`~domains.finance.preprocessing.TablePreprocessor` state) turns a raw row into model inputs
-PREPROCESSING_DESCRIPTION = (
-    "Features in feature_names order, float32. Missing values: null, '' or NA/N/A/null/None/nan/NaT. "
-    "numeric_columns: value, missing -> medians[column], then (x - means[column]) / stds[column]. "
-    "amount_columns: sign(x) * log1p(|x|) first, then as numeric (medians/means/stds are of the transformed value). "
-    "boolean_columns: true/1/yes/y/t -> 1, false/0/no/n/f -> 0, missing -> true_share[column]. "
-    "timestamp_columns (parsed to UTC; naive times taken as they are): h = hour + minute/60, d = day of week (Monday 0); "
-    "features sin(2 pi h/24), cos(2 pi h/24), sin(2 pi d/7), cos(2 pi d/7); a missing time gives 0 for all four. "
-    "categorical_columns: text of the value (stripped; integral numbers without '.0'; missing -> '<missing>'); its index in "
-    "vocabularies[column], index 0 ('<unknown>') for a value not in the vocabulary; categorical_encoding 'onehot': one 0/1 "
-    "feature per vocabulary entry (column=value), 'embedding': the index goes to the categorical input. "
-    "Column order: numeric_columns, amount_columns, boolean_columns, timestamp_columns (4 each), one-hot categoricals. "
-    "id_columns and label_column are not features."
-)
+        return export_spec(self, datamodule_state)

@@ -7,17 +7,32 @@ Python values, so it travels in the Lightning checkpoint and loads with ``weight
 Roles (each a list of column names, set in the config):
 
 - ``id_columns``: dropped from the features (kept in the scored output).
-- ``numeric_columns``: parsed as numbers, missing values imputed with the training median, standardised.
+- ``numeric_columns``: parsed as numbers, missing values imputed with the training median, scaled
+  robustly (below).
 - ``amount_columns``: as numeric, after ``sign(x) * log1p(|x|)`` (amounts are heavy-tailed).
 - ``boolean_columns``: ``true/false/1/0/yes/no/t/f/y/n``; missing -> the training share of true.
 - ``timestamp_columns``: hour of day and day of week, each as a point on a circle (sin, cos).
 - ``categorical_columns``: a vocabulary of the most frequent training values plus an ``<unknown>``
   slot (index 0) for values unseen in training; one-hot features or indices for an embedding.
 - ``label_column``: optional; two classes ``label_classes = [normal, fraud]``.
+- ``ignore_columns``: columns the table has but the model must not use (kept in the scored output);
+  every other column must have a role (see ``TransactionDataModule``).
+
+Robust scaling (numeric and amount columns): ``(x - center) / scale`` with the mean and standard
+deviation of the training values winsorised at their 0.1 % / 99.9 % quantiles (:func:`robust_scale`),
+so that one extreme training value cannot blow up the scale and silence the feature for every other
+row, as a plain standard deviation would. Scaled values beyond ``+-CLIP_UNITS`` (50) are compressed
+logarithmically, ``sign(z) * (50 + log1p(|z| - 50))`` (:func:`soft_clip`): monotone, so a larger
+value still scores as more unusual, and at most ``50 + 89`` for any float32 value, so the network's
+arithmetic stays finite and one extreme row cannot dominate a training batch (10 instead of 50
+lost the heavy tails' information: synthetic AUPRC fell from 0.94 to 0.83). The
+training range (``lows``/``highs``, min and max of the training values) is saved too: a scored
+value outside it is reported in ``out_of_range`` (``transform``) and alerted by ``predict``.
+Infinite values and magnitudes beyond float32 are refused (:mod:`domains.finance.parsing`).
 
 Every feature belongs to a *group* named after its source column (``timestamp.hour``,
 ``timestamp.weekday`` for timestamps), so per-feature anomaly contributions are reported in the
-analyst's terms. Every problem raises ``ValueError`` naming the source, the column and the rows.
+analyst's terms. Every problem raises ``InputError`` (a ``ValueError``) naming the source, the column and the rows.
 
 Example:
     >>> import pandas as pd
@@ -37,12 +52,25 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from domains.finance.parsing import (  # noqa: F401  (re-exported: serving and older code import them from here)
+    FALSE_TOKENS,
+    MISSING,
+    MISSING_TOKENS,
+    TRUE_TOKENS,
+    RowPositions,
+    category_text,
+    label_text,
+    parse_boolean,
+    parse_labels,
+    parse_numeric,
+    parse_timestamp,
+)
+from pipelines.errors import InputError
+
 UNKNOWN = "<unknown>"
-MISSING = "<missing>"
-MISSING_TOKENS = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "none", "NaT"})
-TRUE_TOKENS = frozenset({"true", "1", "1.0", "yes", "y", "t"})
-FALSE_TOKENS = frozenset({"false", "0", "0.0", "no", "n", "f"})
 ROLE_FIELDS = ("id_columns", "numeric_columns", "amount_columns", "boolean_columns", "timestamp_columns", "categorical_columns")
+#: scaled numeric inputs beyond +-CLIP_UNITS robust standard deviations are compressed logarithmically (see the module docstring)
+CLIP_UNITS = 50.0
 
 
 @dataclass
@@ -56,135 +84,64 @@ class ColumnRoles:
     timestamp_columns: list[str] = field(default_factory=list)
     categorical_columns: list[str] = field(default_factory=list)
     label_column: str | None = None
+    ignore_columns: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
-        for role in ROLE_FIELDS:
+        for role in (*ROLE_FIELDS, "ignore_columns"):
             for column in getattr(self, role):
                 if column in seen:
-                    raise ValueError(f"column {column!r} is listed in both {seen[column]} and {role}; give each column one role")
+                    raise InputError(f"column {column!r} is listed in both {seen[column]} and {role}; give each column one role")
                 seen[column] = role
         if self.label_column is not None and self.label_column in seen:
-            raise ValueError(f"label_column {self.label_column!r} is also listed in {seen[self.label_column]}")
+            raise InputError(f"label_column {self.label_column!r} is also listed in {seen[self.label_column]}; give each column one role")
         if not any(getattr(self, role) for role in ROLE_FIELDS[1:]):
-            raise ValueError("no feature columns configured: set at least one of " + ", ".join(ROLE_FIELDS[1:]))
+            raise InputError("no feature columns configured: set at least one of " + ", ".join(ROLE_FIELDS[1:]))
 
     def required(self) -> list[tuple[str, str]]:
         """``(column, role)`` for every configured column except the label."""
         return [(column, role) for role in ROLE_FIELDS for column in getattr(self, role)]
 
 
-RowPositions = int | np.ndarray
-"""Where a frame's rows sit in its file: the offset of its first row, or every row's 0-based position."""
+def soft_clip(z: np.ndarray, limit: float) -> np.ndarray:
+    """``z`` within ``+-limit``; beyond, ``sign(z) * (limit + log1p(|z| - limit))`` (monotone, finite for finite ``z``).
+
+    Example:
+        >>> soft_clip(np.array([-3.0, 10.0, 11.0, 1e30]), 10.0).round(2).tolist()
+        [-3.0, 10.0, 10.69, 79.08]
+    """
+    excess = np.maximum(np.abs(z) - limit, 0.0)
+    return np.where(excess > 0, np.sign(z) * (limit + np.log1p(excess)), z)
 
 
-def _rows(mask: np.ndarray, row_offset: RowPositions, limit: int = 5) -> str:
-    """1-based data-row numbers (the header is not counted) of the first offending rows."""
-    positions = np.flatnonzero(mask)[:limit]
-    rows = row_offset[positions] if isinstance(row_offset, np.ndarray) else positions + row_offset
-    return ", ".join(str(int(p) + 1) for p in rows)
+def robust_scale(values: np.ndarray) -> tuple[float, float]:
+    """``(center, scale)`` of finite values: mean and standard deviation of the values *winsorised*
+    at their ``q`` and ``1 - q`` quantiles, ``q = max(0.1 %, 1 / n)`` (taken as observed values, so at
+    least the single most extreme value on each side is clipped): one extreme training value cannot
+    inflate the scale. When that spread is 0 (a rare indicator, e.g. 1 in 2,000 rows), the plain
+    standard deviation; when that is 0 too, 1.
 
+    Unlike ``IQR / 1.349`` (tried first), a 0/1 indicator that is 1 in a few percent of rows keeps
+    its standard deviation as its scale: with the IQR (0 for such columns) the ADBench campaign
+    benchmark lost 10 AUROC points (83.5 -> 72.4) because rare one-hot features lost their weight.
 
-def _is_missing(series: pd.Series) -> np.ndarray:
-    missing = np.array(series.isna().to_numpy(), dtype=bool)  # a writable copy (pandas copy-on-write)
-    if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
-        missing |= series.astype(str).str.strip().isin(MISSING_TOKENS).to_numpy()
-    return missing
-
-
-def parse_numeric(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
-    """Finite numbers as float64 (missing -> NaN); anything else (text, infinity) is an error naming the rows."""
-    if pd.api.types.is_bool_dtype(series.dtype):
-        return series.astype(float).to_numpy()
-    if pd.api.types.is_numeric_dtype(series.dtype):
-        values = series.to_numpy(dtype=float, na_value=np.nan)
-        bad = np.isinf(values)
-    else:
-        missing = _is_missing(series)
-        values = pd.to_numeric(series.where(~missing), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-        bad = (np.isnan(values) & ~missing) | np.isinf(values)
-    if bad.any():
-        example = series.iloc[int(np.flatnonzero(bad)[0])]
-        raise ValueError(
-            f"{source}: column {series.name!r} should be numeric but has {int(bad.sum())} non-numeric value(s), "
-            f"first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
-        )
-    return values
-
-
-def parse_boolean(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
-    """0/1 as float64 (missing -> NaN)."""
-    if pd.api.types.is_bool_dtype(series.dtype) or pd.api.types.is_numeric_dtype(series.dtype):
-        values = series.to_numpy(dtype=float, na_value=np.nan)
-        bad = ~np.isnan(values) & ~np.isin(values, (0.0, 1.0))
-    else:
-        missing = _is_missing(series)
-        text = series.astype(str).str.strip().str.lower()
-        values = np.where(text.isin(TRUE_TOKENS), 1.0, np.where(text.isin(FALSE_TOKENS), 0.0, np.nan))
-        values[missing] = np.nan
-        bad = np.isnan(values) & ~missing
-    if bad.any():
-        example = series.iloc[int(np.flatnonzero(bad)[0])]
-        raise ValueError(
-            f"{source}: column {series.name!r} should be boolean (true/false, 1/0, yes/no) but has {int(bad.sum())} other "
-            f"value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
-        )
-    return values
-
-
-def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0) -> pd.Series:
-    """Datetimes in UTC (naive values are taken as they are); unparseable text is an error."""
-    if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-        return parsed
-    missing = _is_missing(series)
-    parsed = pd.to_datetime(series.where(~missing), errors="coerce", utc=True)
-    bad = parsed.isna().to_numpy() & ~missing
-    if bad.any():
-        example = series.iloc[int(np.flatnonzero(bad)[0])]
-        raise ValueError(
-            f"{source}: column {series.name!r} should hold timestamps (e.g. 2024-05-01 13:45:00) but has {int(bad.sum())} "
-            f"unparseable value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
-        )
-    return parsed
-
-
-def category_text(series: pd.Series) -> np.ndarray:
-    """Category values as strings (missing -> ``<missing>``, integral floats without ``.0``)."""
-    if pd.api.types.is_float_dtype(series.dtype):
-        values = series.to_numpy()
-        text = np.array([MISSING if np.isnan(v) else (str(int(v)) if float(v).is_integer() else str(v)) for v in values], dtype=object)
-        return text
-    missing = _is_missing(series)
-    text = np.array(series.astype(str).str.strip().to_numpy(dtype=object), dtype=object)
-    text[missing] = MISSING
-    return text
-
-
-def label_text(value: Any) -> str:
-    """Normalise one label value for comparison with ``label_classes`` (``1``, ``1.0``, ``"1"`` and ``True`` agree)."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def parse_labels(series: pd.Series, classes: list[Any], source: str, row_offset: RowPositions = 0) -> np.ndarray:
-    """0 (normal) / 1 (fraud) as float32; values outside the two classes are an error naming the rows."""
-    if len(classes) != 2 or label_text(classes[0]) == label_text(classes[1]):
-        raise ValueError(f"label_classes must be two different values [normal, fraud], got {classes!r}")
-    normal, fraud = (label_text(c) for c in classes)
-    text = np.array([label_text(v) if not pd.isna(v) else "<missing>" for v in series.to_numpy(dtype=object)], dtype=object)
-    labels = np.where(text == fraud, 1.0, 0.0).astype(np.float32)
-    bad = (text != fraud) & (text != normal)
-    if bad.any():
-        found = sorted(set(text[bad].tolist()))[:5]
-        raise ValueError(
-            f"{source}: label column {series.name!r} must hold only the two classes {normal!r} (normal) and {fraud!r} (fraud) "
-            f"(set label_classes); found {int(bad.sum())} other value(s) {found}, first at data row(s) {_rows(bad, row_offset)}"
-        )
-    return labels
+    Example:
+        >>> center, scale = robust_scale(np.r_[np.random.default_rng(0).normal(5, 2, 10000), 1e30])
+        >>> round(center, 1), round(scale, 1)
+        (5.0, 2.0)
+        >>> robust_scale(np.r_[np.zeros(1999), 1.0])[1] > 0.02   # a rare indicator keeps its weight
+        True
+    """
+    values = np.asarray(values, dtype=np.float64)
+    q = max(0.001, 1.0 / len(values))
+    low = np.quantile(values, q, method="higher")
+    high = np.quantile(values, 1.0 - q, method="lower")
+    clipped = np.clip(values, low, high)
+    center, scale = float(clipped.mean()), float(clipped.std())
+    tiny = 1e-9 * max(1.0, abs(center))
+    if scale <= tiny:
+        center, scale = float(values.mean()), float(values.std())
+    return center, (scale if scale > tiny else 1.0)
 
 
 @dataclass
@@ -206,10 +163,14 @@ class TablePreprocessor:
     max_categories: int = 50
     min_category_count: int = 1
     label_classes: list[Any] = field(default_factory=lambda: [0, 1])
-    # fitted state
-    medians: dict[str, float] = field(default_factory=dict)
-    means: dict[str, float] = field(default_factory=dict)
-    stds: dict[str, float] = field(default_factory=dict)
+    # fitted state (numeric and amount columns in transformed units: after log1p for amounts)
+    medians: dict[str, float] = field(default_factory=dict)  # imputation
+    centers: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    lows: dict[str, float] = field(default_factory=dict)  # training range; empty in a legacy state
+    highs: dict[str, float] = field(default_factory=dict)
+    clip: float = CLIP_UNITS
+    scaling: Literal["robust", "standard"] = "robust"  # "standard": a legacy state (mean / std), loaded as it was
     true_share: dict[str, float] = field(default_factory=dict)
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
     fitted: bool = False
@@ -225,6 +186,11 @@ class TablePreprocessor:
             for column in r.categorical_columns:
                 names += [f"{column}={value}" for value in self.vocabularies.get(column, [UNKNOWN])]
         return names
+
+    @property
+    def range_columns(self) -> list[str]:
+        """The columns whose values are checked against the training range (``out_of_range``'s columns)."""
+        return [*self.roles.numeric_columns, *self.roles.amount_columns]
 
     @property
     def group_names(self) -> list[str]:
@@ -270,7 +236,7 @@ class TablePreprocessor:
         present = set(columns)
         for column, role in self.roles.required():
             if column not in present:
-                raise ValueError(f"{source}: column {column!r} (configured in {role}) is missing; the file has columns {list(columns)}")
+                raise InputError(f"{source}: column {column!r} (configured in {role}) is missing; the file has columns {list(columns)}")
 
     def check_values(self, frame: pd.DataFrame, source: str, rows: RowPositions = 0) -> None:
         """Parse every configured column of ``frame`` (all rows), raising on the first bad value."""
@@ -291,31 +257,38 @@ class TablePreprocessor:
         positions in the source file, for error messages)."""
         r = self.roles
         self.check_columns(list(frame.columns), source)
+        self.notes: list[str] = []  # what fit did that a user should hear about (not part of the state)
         for column in [*r.numeric_columns, *r.amount_columns]:
             values = parse_numeric(frame[column], source, rows)
             if np.isnan(values).all():
-                raise ValueError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
+                raise InputError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
             if column in r.amount_columns:
                 values = np.sign(values) * np.log1p(np.abs(values))
-            median = float(np.nanmedian(values))
-            filled = np.where(np.isnan(values), median, values)
-            self.medians[column], self.means[column] = median, float(filled.mean())
-            self.stds[column] = float(filled.std()) if filled.std() > 1e-12 else 1.0
+            present = values[~np.isnan(values)]
+            center, scale = robust_scale(present)
+            self.medians[column], self.centers[column], self.scales[column] = float(np.median(present)), center, scale
+            self.lows[column], self.highs[column] = float(present.min()), float(present.max())
+            compressed = int((np.abs(present - center) / scale > self.clip).sum())
+            if compressed:
+                self.notes.append(
+                    f"column {column!r}: {compressed} of {len(present)} training values lie beyond {self.clip:g} robust standard deviations "
+                    "(compressed logarithmically)"
+                )
         for column in r.boolean_columns:
             values = parse_boolean(frame[column], source, rows)
             if np.isnan(values).all():
-                raise ValueError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
+                raise InputError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
             self.true_share[column] = float(np.nanmean(values))
         for column in r.timestamp_columns:
             if parse_timestamp(frame[column], source, rows).isna().all():
-                raise ValueError(f"{source}: column {column!r} is empty (all {len(frame)} training values are missing)")
+                raise InputError(f"{source}: column {column!r} is empty (all {len(frame)} training values are missing)")
         for column in r.categorical_columns:
             text = category_text(frame[column])
             if (text == MISSING).all():
-                raise ValueError(f"{source}: column {column!r} is empty (all {len(text)} training values are missing)")
+                raise InputError(f"{source}: column {column!r} is empty (all {len(text)} training values are missing)")
             counts = pd.Series(text).value_counts(sort=True)
             if len(counts) < 2:
-                raise ValueError(
+                raise InputError(
                     f"{source}: categorical column {column!r} has only one value ({counts.index[0]!r}) in the {len(text)} "
                     "training rows; it carries no information: remove it from categorical_columns"
                 )
@@ -332,12 +305,17 @@ class TablePreprocessor:
         self.check_columns(list(frame.columns), source)
         n = len(frame)
         parts: list[np.ndarray] = []
-        for column in [*r.numeric_columns, *r.amount_columns]:
+        out_of_range = np.zeros((n, len(self.range_columns)), dtype=bool)
+        for j, column in enumerate(self.range_columns):
             values = parse_numeric(frame[column], source, row_offset)
             if column in r.amount_columns:
                 values = np.sign(values) * np.log1p(np.abs(values))
+            if column in self.lows:
+                with np.errstate(invalid="ignore"):
+                    out_of_range[:, j] = (values < self.lows[column]) | (values > self.highs[column])
             values = np.where(np.isnan(values), self.medians[column], values)
-            parts.append(((values - self.means[column]) / self.stds[column])[:, None])
+            scaled = (values - self.centers[column]) / self.scales[column]
+            parts.append(soft_clip(scaled, self.clip)[:, None])
         for column in r.boolean_columns:
             values = parse_boolean(frame[column], source, row_offset)
             parts.append(np.where(np.isnan(values), self.true_share[column], values)[:, None])
@@ -358,7 +336,7 @@ class TablePreprocessor:
                 codes.append(index)
         numeric = np.concatenate(parts, 1).astype(np.float32) if parts else np.zeros((n, 0), np.float32)
         categorical = np.stack(codes, 1) if codes else np.zeros((n, 0), np.int64)
-        out = {"numeric": numeric, "categorical": categorical}
+        out = {"numeric": numeric, "categorical": categorical, "out_of_range": out_of_range}
         if r.label_column is not None and r.label_column in frame.columns:
             out["label"] = parse_labels(frame[r.label_column], self.label_classes, source, row_offset)
         else:
@@ -376,4 +354,6 @@ class TablePreprocessor:
     def from_state_dict(cls, state: dict[str, Any]) -> TablePreprocessor:
         state = dict(state)
         roles = ColumnRoles(**state.pop("roles"))
+        if "means" in state:  # a state saved before robust scaling: scored exactly as it was trained
+            state["centers"], state["scales"], state["scaling"] = state.pop("means"), state.pop("stds"), "standard"
         return cls(roles=roles, **state)

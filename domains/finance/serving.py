@@ -54,7 +54,7 @@ class TransactionRowsAdapter(RequestAdapter):
         roles = self.preprocessor.roles
         self.role_of: dict[str, str] = {column: role for column, role in roles.required() if role != "id_columns"}
         self.columns: list[str] = list(self.role_of)
-        self.ignored: set[str] = set(roles.id_columns) | ({roles.label_column} if roles.label_column else set())
+        self.ignored: set[str] = set(roles.id_columns) | set(roles.ignore_columns) | ({roles.label_column} if roles.label_column else set())
         self.contribution_names: list[str] = list(domain.get("contribution_names", self.preprocessor.group_names))
         self.top_k: int = min(int(domain.get("top_features", 3)), len(self.contribution_names))
         threshold = domain.get("threshold")

@@ -1,0 +1,162 @@
+"""Cell parsing of transaction tables: text or typed columns -> numbers, booleans, times, labels.
+
+Every function checks every value and raises :class:`pipelines.errors.InputError` (a
+``ValueError``) naming the source, the column and the 1-based data rows (the header not counted).
+
+Missing values: an empty cell, ``NA``, ``N/A``, ``null``, ``None``, ``nan``/``NaN`` or ``NaT`` (and a
+null/NaN in a typed Parquet or DataFrame column) is a *missing value*: the preprocessing imputes it
+(numeric: the training median; boolean: the training share of true; timestamp: the circle's centre;
+categorical: its own ``<missing>`` value). Infinite values (``inf``, ``-inf``) and magnitudes beyond
+float32's range (``|x| > 3.4e38``, e.g. ``1e300``) are never missing values: they are refused
+(``pipelines.validation``'s rule), as is text that is not a number.
+
+Example:
+    >>> parse_numeric(pd.Series(["1.5", "", "2"], name="amount"), "t.csv").tolist()
+    [1.5, nan, 2.0]
+    >>> parse_numeric(pd.Series(["1.5", "1e300"], name="amount"), "t.csv")
+    Traceback (most recent call last):
+    ...
+    pipelines.errors.InputError: t.csv: column 'amount' holds a magnitude beyond float32's range (3.4e+38) at row 2; every value must be a finite number within float32's range (|x| <= 3.4e+38); an empty cell is a missing value (imputed)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.errors import InputError
+from pipelines.validation import FLOAT32_MAX, check_labels, describe_rows, non_finite_problem
+
+MISSING = "<missing>"
+MISSING_TOKENS = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "none", "NaT"})
+TRUE_TOKENS = frozenset({"true", "1", "1.0", "yes", "y", "t"})
+FALSE_TOKENS = frozenset({"false", "0", "0.0", "no", "n", "f"})
+
+RowPositions = int | np.ndarray
+"""Where a frame's rows sit in its file: the offset of its first row, or every row's 0-based position."""
+
+
+def row_numbers(mask: np.ndarray, row_offset: RowPositions) -> np.ndarray:
+    """1-based data-row numbers (the header is not counted) of the rows where ``mask`` is true."""
+    positions = np.flatnonzero(mask)
+    rows = row_offset[positions] if isinstance(row_offset, np.ndarray) else positions + row_offset
+    return np.asarray(rows, dtype=np.int64) + 1
+
+
+def _rows(mask: np.ndarray, row_offset: RowPositions, limit: int = 5) -> str:
+    """``3, 9, 12`` for the first offending rows (1-based)."""
+    return ", ".join(str(int(r)) for r in row_numbers(mask, row_offset)[:limit])
+
+
+def _is_missing(series: pd.Series) -> np.ndarray:
+    missing = np.array(series.isna().to_numpy(), dtype=bool)  # a writable copy (pandas copy-on-write)
+    if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
+        missing |= series.astype(str).str.strip().isin(MISSING_TOKENS).to_numpy()
+    return missing
+
+
+def parse_numeric(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
+    """Finite float32-range numbers as float64 (missing -> NaN); text, infinity and overflow are errors naming the rows."""
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return series.astype(float).to_numpy()
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        values = series.to_numpy(dtype=float, na_value=np.nan)
+    else:
+        missing = _is_missing(series)
+        values = pd.to_numeric(series.where(~missing), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        bad = np.isnan(values) & ~missing  # text "inf" / "1e400" parses to inf: refused below as infinite
+        if bad.any():
+            example = series.iloc[int(np.flatnonzero(bad)[0])]
+            raise InputError(
+                f"{source}: column {series.name!r} should be numeric but has {int(bad.sum())} non-numeric value(s), "
+                f"first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
+            )
+    present = values[~np.isnan(values)] if values.size else values
+    found = non_finite_problem(np.where(np.isnan(values), 0.0, values)) if present.size else None
+    if found is not None:
+        mask, what = found
+        raise InputError(
+            f"{source}: column {series.name!r} holds {what} at {describe_rows(row_numbers(mask, row_offset))}; every value must be a "
+            f"finite number within float32's range (|x| <= {FLOAT32_MAX:.2g}); an empty cell is a missing value (imputed)"
+        )
+    return values
+
+
+def parse_boolean(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
+    """0/1 as float64 (missing -> NaN)."""
+    if pd.api.types.is_bool_dtype(series.dtype) or pd.api.types.is_numeric_dtype(series.dtype):
+        values = series.to_numpy(dtype=float, na_value=np.nan)
+        bad = ~np.isnan(values) & ~np.isin(values, (0.0, 1.0))
+    else:
+        missing = _is_missing(series)
+        text = series.astype(str).str.strip().str.lower()
+        values = np.where(text.isin(TRUE_TOKENS), 1.0, np.where(text.isin(FALSE_TOKENS), 0.0, np.nan))
+        values[missing] = np.nan
+        bad = np.isnan(values) & ~missing
+    if bad.any():
+        example = series.iloc[int(np.flatnonzero(bad)[0])]
+        raise InputError(
+            f"{source}: column {series.name!r} should be boolean (true/false, 1/0, yes/no) but has {int(bad.sum())} other "
+            f"value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
+        )
+    return values
+
+
+def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0) -> pd.Series:
+    """Datetimes in UTC (naive values are taken as they are); unparseable text is an error."""
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+    missing = _is_missing(series)
+    parsed = pd.to_datetime(series.where(~missing), errors="coerce", utc=True)
+    bad = parsed.isna().to_numpy() & ~missing
+    if bad.any():
+        example = series.iloc[int(np.flatnonzero(bad)[0])]
+        raise InputError(
+            f"{source}: column {series.name!r} should hold timestamps (e.g. 2024-05-01 13:45:00) but has {int(bad.sum())} "
+            f"unparseable value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
+        )
+    return parsed
+
+
+def category_text(series: pd.Series) -> np.ndarray:
+    """Category values as strings (missing -> ``<missing>``, integral floats without ``.0``)."""
+    if pd.api.types.is_float_dtype(series.dtype):
+        values = series.to_numpy()
+        return np.array([MISSING if np.isnan(v) else (str(int(v)) if float(v).is_integer() else str(v)) for v in values], dtype=object)
+    missing = _is_missing(series)
+    text = np.array(series.astype(str).str.strip().to_numpy(dtype=object), dtype=object)
+    text[missing] = MISSING
+    return text
+
+
+def label_text(value: Any) -> str:
+    """Normalise one label value for comparison with ``label_classes`` (``1``, ``1.0``, ``"1"`` and ``True`` agree)."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def parse_labels(series: pd.Series, classes: list[Any], source: str, row_offset: RowPositions = 0) -> np.ndarray:
+    """0 (normal) / 1 (fraud) as float32; a missing label or a value outside the two classes is an error
+    naming the value (with the closest class), its count and its first rows."""
+    if len(classes) != 2 or label_text(classes[0]) == label_text(classes[1]):
+        raise InputError(f"--data.label_classes must be two different values [normal, fraud], got {classes!r}")
+    normal, fraud = (label_text(c) for c in classes)
+    text = np.array([label_text(v) if not pd.isna(v) else MISSING for v in series.to_numpy(dtype=object)], dtype=object)
+    text[_is_missing(series)] = MISSING
+    labels = np.where(text == fraud, 1.0, 0.0).astype(np.float32)
+    bad = (text != fraud) & (text != normal)
+    if bad.any():
+        counts = Counter(text[bad].tolist())
+        first = {value: _rows(bad & (text == value), row_offset, limit=3) for value in counts}
+        try:
+            check_labels(counts, f"{source}: label column {series.name!r}", declared=[normal, fraud], option="--data.label_classes")
+        except InputError as error:
+            where = "; ".join(f"{value!r} first at data row(s) {first[value]}" for value in list(counts)[:5])
+            raise InputError(f"{error} ({normal!r} = normal, {fraud!r} = fraud; a label may not be missing); {where}") from None
+    return labels

@@ -1,0 +1,255 @@
+"""Finance: every bad input a user may give is refused (exit 2) with one paragraph naming the file,
+row, column or option, before anything is written (tests/bad_inputs.py).
+
+Training inputs go through the table-driven harness. Scoring files need a trained run: one tiny
+run per module, then each bad scoring file must leave that run folder byte for byte as it was (no
+predictions file added, no config or provenance rewritten). Cases the harness does not fit (a
+scoring file, an extreme but finite value) are plain tests below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch  # noqa: F401  (imported at collection: its log handler must not bind to one test's captured stderr)
+import numpy as np
+import pandas as pd
+import pytest
+
+from domains.finance.synthetic import make_card_transactions
+from tests.bad_inputs import BadInput, check_refused, params
+from tests.conftest import only_run, run_pipeline
+
+TINY = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.batch_size=64", "--model.hidden_dims=[8]", "--model.latent_dim=2")
+TRAIN = ("--data.path", "{tmp}/t.csv", *TINY)
+
+
+def table(edit: Callable[[pd.DataFrame], pd.DataFrame | None] | None = None, name: str = "t.csv", rows: int = 300) -> Callable[[Path], None]:
+    """A ``make`` that writes the synthetic transactions (as text cells), edited, to ``name`` (CSV or Parquet)."""
+
+    def make(folder: Path) -> None:
+        frame = make_card_transactions(rows, fraud_rate=0.05, seed=0)
+        if name.endswith(".csv"):
+            frame = frame.astype(str)
+        if edit is not None:
+            edited = edit(frame)
+            frame = frame if edited is None else edited
+        path = folder / name
+        frame.to_csv(path, index=False) if name.endswith(".csv") else frame.to_parquet(path, index=False)
+
+    return make
+
+
+def cell(column: str, row: int, value: object) -> Callable[[pd.DataFrame], None]:
+    """Set one cell; ``row`` is the 1-based data row the error must name."""
+
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        frame[column] = frame[column].astype(object)
+        frame.loc[row - 1, column] = value
+        return frame
+
+    return edit
+
+
+def assign(**columns: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    return lambda frame: frame.assign(**columns)
+
+
+def text(content: str, name: str = "t.csv") -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_text(content)
+
+
+def npz(**arrays: object) -> Callable[[Path], None]:
+    return lambda folder: np.savez(folder / "a.npz", **arrays)
+
+
+def adbench(edit: Callable[[np.ndarray, np.ndarray], None]) -> Callable[[Path], None]:
+    def make(folder: Path) -> None:
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(200, 4)), (np.arange(200) < 20).astype(np.int64)
+        edit(x, y)
+        np.savez(folder / "a.npz", X=x, y=y)
+
+    return make
+
+
+def duplicate_amount(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.columns = [c if c != "channel" else "amount" for c in frame.columns]
+    return frame
+
+
+def duplicate_parquet(folder: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = make_card_transactions(300, fraud_rate=0.05, seed=0)
+    columns = [pa.array(frame[c]) for c in frame.columns]
+    names = [c if c != "channel" else "amount" for c in frame.columns]
+    pq.write_table(pa.table(columns, names=names), folder / "t.parquet")
+
+
+NPZ = ("--data.path", "{tmp}/a.npz", *TINY)
+CASES = [
+    # values
+    BadInput("inf-in-amount", TRAIN, ("t.csv", "'amount'", "inf", "row 7", "finite"), table(cell("amount", 7, "inf"))),
+    BadInput("minus-inf", TRAIN, ("'distance_from_home_km'", "inf", "row 3"), table(cell("distance_from_home_km", 3, "-inf"))),
+    BadInput("1e300", TRAIN, ("'customer_age'", "float32", "row 12"), table(cell("customer_age", 12, "1e300"))),
+    BadInput("1e400-overflows-to-inf", TRAIN, ("'amount'", "inf", "row 2"), table(cell("amount", 2, "1e400"))),
+    BadInput("inf-in-parquet", ("--data.path", "{tmp}/t.parquet", *TINY), ("t.parquet", "'customer_age'", "inf", "row 5"),
+             table(cell("customer_age", 5, np.inf), name="t.parquet")),  # fmt: skip
+    BadInput("text-in-numeric", TRAIN, ("'amount'", "non-numeric", "row(s) 5", "'12,50'"), table(cell("amount", 5, "12,50"))),
+    BadInput("all-missing-numeric", TRAIN, ("'customer_age'", "empty"), table(assign(customer_age=""))),
+    BadInput("boolean-garbage", TRAIN, ("'card_present'", "boolean", "row(s) 4"), table(cell("card_present", 4, "sometimes"))),
+    BadInput("timestamp-garbage", TRAIN, ("'timestamp'", "timestamps", "row(s) 9"), table(cell("timestamp", 9, "yesterday-ish"))),
+    # columns
+    BadInput("duplicate-header-csv", TRAIN, ("t.csv", "'amount' 2 times", "unique"), table(duplicate_amount)),
+    BadInput("duplicate-header-parquet", ("--data.path", "{tmp}/t.parquet", *TINY), ("t.parquet", "'amount' 2 times"), duplicate_parquet),
+    BadInput("column-without-role", TRAIN, ("'note'", "no role", "--data.ignore_columns"), table(assign(note="x"))),
+    BadInput("ignored-column-absent", (*TRAIN, "--data.ignore_columns=[memo]"), ("--data.ignore_columns", "'memo'"), table()),
+    BadInput("configured-column-missing", TRAIN, ("'country'", "categorical_columns", "missing"), table(lambda f: f.drop(columns=["country"]))),
+    BadInput("column-in-two-roles", (*TRAIN, "--data.numeric_columns=[amount]"), ("'amount'", "both"), table()),
+    BadInput("ragged-csv-line", TRAIN, ("t.csv", "cannot read as csv"), text("amount,channel\n1,pos\n2,pos,extra\n")),
+    # labels
+    BadInput("label-column-missing", TRAIN, ("--data.label_column 'is_fraud' is missing", "unsupervised"), table(lambda f: f.drop(columns=["is_fraud"]))),
+    BadInput("all-fraud", TRAIN, ("only the fraud class", "no row is labelled normal", "--data.label_classes"), table(assign(is_fraud="1"))),
+    BadInput("single-class", TRAIN, ("only the normal class", "auroc", "--data.mode unsupervised"), table(assign(is_fraud="0"))),
+    BadInput("label-value-2", TRAIN, ("'is_fraud'", "'2'", "--data.label_classes", "row(s) 30"), table(cell("is_fraud", 30, "2"))),
+    BadInput("label-missing-value", TRAIN, ("'is_fraud'", "'<missing>'", "row(s) 8"), table(cell("is_fraud", 8, ""))),
+    BadInput("label-typo", (*TRAIN, "--data.label_classes=[legit,fraud]"), ("'Fraud'", "did you mean 'fraud'", "row(s) 11"),
+             table(lambda f: cell("is_fraud", 11, "Fraud")(f.assign(is_fraud=f.is_fraud.map({"0": "legit", "1": "fraud"}))))),  # fmt: skip
+    BadInput("one-fraud-row", TRAIN, ("val split gets no fraud row", "1 fraud rows"), table(lambda f: f.assign(is_fraud=["1"] + ["0"] * (len(f) - 1)))),
+    # files
+    BadInput("empty-file", TRAIN, ("t.csv", "is empty"), text("")),
+    BadInput("header-only", TRAIN, ("t.csv", "no rows"), table(lambda f: f.head(0))),
+    BadInput("missing-file", ("--data.path", "{tmp}/nope.csv", *TINY), ("--data.path", "nope.csv", "not found")),
+    BadInput("folder-as-file", ("--data.path", "{tmp}", *TINY), ("--data.path", "not found", "folder")),
+    BadInput("wrong-suffix", ("--data.path", "{tmp}/t.txt", *TINY), ("t.txt", ".csv or .parquet"), text("a,b\n1,2\n", "t.txt")),
+    # ADBench .npz
+    BadInput("npz-wrong-keys", NPZ, ("a.npz", "'X'", "'y'", "found ['features', 'labels']"), npz(features=np.zeros((5, 2)), labels=np.zeros(5))),
+    BadInput("npz-nan", NPZ, ("a.npz", "'x2'", "nan", "row 5"), adbench(lambda x, y: x.__setitem__((4, 2), np.nan))),
+    BadInput("npz-inf", NPZ, ("a.npz", "'x0'", "inf", "row 1"), adbench(lambda x, y: x.__setitem__((0, 0), -np.inf))),
+    BadInput("npz-label-2", NPZ, ("a.npz", "y must hold 0", "row 7"), adbench(lambda x, y: y.__setitem__(6, 2))),
+    BadInput("npz-not-an-archive", NPZ, ("a.npz", "cannot read as .npz"), text("not a zip", "a.npz")),
+    BadInput("npz-all-anomalies", NPZ, ("only the fraud class",), adbench(lambda x, y: y.__setitem__(slice(None), 1))),
+    # options
+    BadInput("lr-zero", (*TRAIN, "--model.lr=0"), ("--model.lr 0", "0 < lr <= 1"), table()),
+    BadInput("lr-negative", (*TRAIN, "--model.lr=-0.01"), ("--model.lr -0.01",), table()),
+    BadInput("lr-1e6", (*TRAIN, "--model.lr=1e6"), ("--model.lr 1000000.0", "0 < lr <= 1"), table()),
+    BadInput("lr-nan", (*TRAIN, "--model.lr=nan"), ("model.lr", "nan"), table()),
+    BadInput("alert-rate-zero", (*TRAIN, "--model.target_alert_rate=0"), ("--model.target_alert_rate",), table()),
+    BadInput("fractions", (*TRAIN, "--data.val_fraction=0.6", "--data.test_fraction=0.5"), ("--data.val_fraction", "sum below 1"), table()),
+]
+
+
+def flat(text: str) -> str:
+    """The paragraph as one line, lower case: its wrapping may fall inside an expected phrase."""
+    return " ".join(text.split()).lower()
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_bad_training_input_is_refused(case, tmp_path, capsys):
+    message = flat(check_refused("finance", dataclasses.replace(case, expect=()), tmp_path, capsys))
+    missing = [expected for expected in case.expect if expected.lower() not in message]
+    assert not missing, f"{missing} not in the error message:\n{message}"
+
+
+# ----- scoring files: a trained run's folder must stay byte for byte as it was ------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """One tiny run on a CSV table: (its folder, a folder for scoring files, the predict arguments)."""
+    folder = tmp_path_factory.mktemp("finance-scoring")
+    make_card_transactions(400, fraud_rate=0.05, seed=0).to_csv(folder / "train.csv", index=False)
+    runs = folder / "runs"
+    run_pipeline("finance", "fit", "--data.path", str(folder / "train.csv"), *TINY, "--runs_dir", str(runs))
+    run = only_run(runs, "finance")
+    predict = ["finance", "predict", "--runs_dir", str(runs), "--run_id", run.name, "--ckpt_path", "best", "--data.predict_chunk_rows=100"]
+    return run, folder, predict
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def scoring_file(folder: Path, name: str, rows: int = 1000, edit: Callable[[pd.DataFrame], object] | None = None) -> Path:
+    frame = make_card_transactions(rows, fraud_rate=0.05, seed=7).drop(columns=["is_fraud"]).astype(str)
+    if edit is not None:
+        edit(frame)
+    path = folder / name
+    frame.to_csv(path, index=False) if name.endswith(".csv") else frame.to_parquet(path, index=False)
+    return path
+
+
+def refuse_scoring(trained, path: Path, expect: tuple[str, ...], capsys) -> None:
+    from pipelines.run import main
+
+    run, _, predict = trained
+    before = digests(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*predict, "--data.predict_path", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-3000:]
+    assert "Traceback" not in err and "error:" in err, err[-3000:]
+    message = flat(err[err.index("error:") :])
+    for expected in expect:
+        assert expected.lower() in message, f"{expected!r} not in {message}"
+    assert digests(run) == before, "a refused scoring file changed the run folder"
+
+
+def setter(column: str, row: int, value: str) -> Callable[[pd.DataFrame], None]:
+    return lambda frame: frame.__setitem__(column, [value if i == row - 1 else v for i, v in enumerate(frame[column])])
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "expect"),
+    [
+        ("late-1e300.csv", setter("amount", 951, "1e300"), ("late-1e300.csv", "'amount'", "float32", "row 951")),
+        ("late-inf.parquet", setter("customer_age", 977, "inf"), ("late-inf.parquet", "'customer_age'", "inf", "row 977")),
+        ("late-text.csv", setter("distance_from_home_km", 1000, "far"), ("'distance_from_home_km'", "non-numeric", "row(s) 1000")),
+        ("late-boolean.csv", setter("card_present", 812, "maybe"), ("'card_present'", "boolean", "row(s) 812")),
+        ("extra-column.csv", lambda f: f.__setitem__("note", "x"), ("--data.predict_path", "unexpected ['note']")),
+        ("duplicate.csv", lambda f: f.rename(columns={"channel": "amount"}, inplace=True), ("duplicate.csv", "'amount' 2 times")),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_bad_scoring_file_is_refused_and_the_run_folder_is_untouched(trained, name, edit, expect, capsys):
+    run, folder, predict = trained
+    refuse_scoring(trained, scoring_file(folder, name, edit=edit), expect, capsys)  # no file added, none changed
+
+
+def test_scoring_refusals_keep_earlier_predictions_and_empty_files_are_refused(trained, capsys):
+    run, folder, predict = trained
+    # no W&B run: its background writer may still be flushing into the run folder when the next command starts
+    run_pipeline(*predict, "--data.predict_path", str(scoring_file(folder, "good.csv", rows=150)), "--trainer.logger=false")
+    assert (run / "predictions.csv").is_file()
+    (folder / "empty.csv").write_text("")
+    refuse_scoring(trained, folder / "empty.csv", ("empty.csv", "is empty"), capsys)
+    scoring_file(folder, "header.csv", rows=20, edit=lambda f: f.drop(f.index, inplace=True))
+    refuse_scoring(trained, folder / "header.csv", ("header.csv", "no rows"), capsys)
+    label_typo = scoring_file(folder, "typo.csv", rows=300, edit=lambda f: f.__setitem__("is_fraud", ["0"] * 250 + ["fraud"] + ["1"] * 49))
+    refuse_scoring(trained, label_typo, ("'is_fraud'", "'fraud'", "row(s) 251"), capsys)
+    assert sorted(p.name for p in run.glob("*predictions*")) == ["predictions.csv"]
+
+
+def test_extreme_finite_and_missing_values_are_scored_never_nan_and_always_alerted(trained):
+    """1e30 fits in float32 (not refused): it is clipped, scored finite, named in out_of_range and alerted.
+    A missing value is imputed (a finite score, not an alert by itself)."""
+    run, folder, predict = trained
+
+    def edit(frame: pd.DataFrame) -> None:
+        setter("distance_from_home_km", 3, "1e30")(frame)
+        setter("amount", 5, "-1e30")(frame)
+        setter("customer_age", 7, "")(frame)
+
+    run_pipeline(*predict, "--data.predict_path", str(scoring_file(folder, "extreme.csv", rows=40, edit=edit)), "--output", "extreme.csv")
+    out = pd.read_csv(run / "extreme.csv", keep_default_na=False)
+    assert np.isfinite(out["score"]).all() and len(out) == 40
+    assert out.loc[2, "out_of_range"] == "distance_from_home_km" and bool(out.loc[2, "is_alert"])
+    assert "amount" in out.loc[4, "out_of_range"] and bool(out.loc[4, "is_alert"])
+    assert out.loc[6, "customer_age"] == "" and "customer_age" not in out.loc[6, "out_of_range"]
+    threshold = float(__import__("torch").load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]["threshold"])
+    in_range = out["out_of_range"] == ""
+    assert (out.loc[in_range, "is_alert"] == (out.loc[in_range, "score"] >= threshold)).all()
