@@ -24,7 +24,8 @@ import pytest
 
 from pipelines.export import export_checkpoint
 from pipelines.registry import get_domain
-from tests.test_serve import TINY_DIFFUSION_SERVED, Server, request, start_server
+from tests.test_export import tiny_diffusion
+from tests.test_serve import Server, request, start_server
 
 MAX_ITEMS = 6
 DRAIN_DELAY = 1.0
@@ -55,18 +56,8 @@ def raw_request(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
 @pytest.fixture(scope="module")
 def diffusion(tmp_path_factory) -> tuple[Server, Path]:
     """A diffusion bundle served one request at a time, with a small --max-items and a drain delay."""
-    import torch
-
-    from domains.media.model import Diffusion
-    from tests.test_media import save_checkpoint
-
     folder = tmp_path_factory.mktemp("ops")
-    torch.manual_seed(0)
-    model = Diffusion(**TINY_DIFFUSION_SERVED).eval()
-    with torch.no_grad():
-        for p in model.ema_unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ckpt = save_checkpoint(model, folder / "d.ckpt")
+    _, ckpt = tiny_diffusion(folder)
     bundle = export_checkpoint(get_domain("media"), ckpt, "onnx", folder / "bundle")
     served = start_server(
         "media", bundle, folder / "server.log", "--max-batch-size", "1", "--max-items", str(MAX_ITEMS),
