@@ -9,13 +9,14 @@ Example::
     from runtime import Bundle            # inside the bundle folder
     bundle = Bundle("path/to/bundle")
     outputs = bundle.run(image=images)    # dict of numpy arrays, named as in metadata.json
+    images = bundle.generate(count=4, seed=0, steps=50)   # diffusion bundles: the whole DDIM loop, (4, C, H, W) in [0, 1]
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -88,3 +89,91 @@ class Bundle:
             result = result if isinstance(result, (tuple, list)) else (result,)
             outputs = [r.numpy() for r in result]
         return dict(zip(self.output_names, outputs))
+
+    def generate(
+        self, count: int = 1, seed: int = 0, steps: int | None = None, labels: Any = None, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Images ``(count, C, H, W)`` in [0, 1] from a diffusion bundle: the whole DDIM loop (eta 0), numpy only.
+
+        The bundle's model is one denoising step; the schedule is ``domain_metadata.scheduler``.
+
+        Args:
+            count: number of images (ignored when ``noise`` is given).
+            seed: image ``i`` starts from ``np.random.Generator(np.random.PCG64(seed + i)).standard_normal(shape,
+                dtype=np.float32)``, as the server's ``{"seed": .., "count": ..}`` form.
+            steps: DDIM steps, ``1 .. num_train_timesteps`` (default: the bundle's ``sampling_steps``).
+            labels: class indices ``(count,)`` (or one index) for a class-conditional bundle; default
+                ``(seed + i) % num_classes``, as the server.
+            noise: the starting noise ``(N, C, H, W)`` instead of the seeded one.
+        """
+        schedule = self.metadata.get("domain_metadata", {}).get("scheduler")
+        if schedule is None or not {"noisy", "timestep"} <= set(self.inputs):
+            raise ValueError(f"{self.path}: not a diffusion bundle (no domain_metadata.scheduler, or inputs {sorted(self.inputs)})")
+        if noise is None:
+            shape = tuple(self.inputs["noisy"]["shape"][1:])
+            noise = np.stack([np.random.Generator(np.random.PCG64(seed + i)).standard_normal(shape, dtype=np.float32) for i in range(count)])
+        noise = np.asarray(noise, dtype=np.float32)
+        if "labels" in self.inputs:
+            classes = int(self.metadata["domain_metadata"].get("num_classes", 0))
+            default = (seed + np.arange(len(noise))) % max(classes, 1)
+            labels = np.broadcast_to(np.asarray(default if labels is None else labels, dtype=np.int64), (len(noise),))
+        elif labels is not None:
+            raise ValueError(f"{self.path}: this model is not class-conditional; leave labels out")
+        steps = int(schedule["sampling_steps"]) if steps is None else int(steps)
+        sample = ddim_sample(lambda x: self.run(**x)["noise"], noise, ddim_schedule(schedule, steps), labels)
+        return (sample + 1.0) / 2.0
+
+
+def ddim_schedule(schedule: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A bundle's DDIM schedule set to ``steps`` steps, as MONAI's ``DDIMScheduler.set_timesteps(steps)`` (``steps_offset`` 0).
+
+    MONAI's timesteps are ``torch.linspace(T - 1, 0, steps).round()`` in float32. Torch's linspace
+    takes a float32 step, fills the first half from the start and the second half from the end, and
+    rounds each value once to float32; that is reproduced here, so every timestep is the same integer.
+    """
+    total = int(schedule["num_train_timesteps"])
+    if not 1 <= steps <= total:
+        raise ValueError(f"steps must be in 1..{total}, got {steps}")
+    start = np.float32(total - 1)
+    delta = np.float64(-start / np.float32(max(steps - 1, 1)))
+    index = np.arange(steps)
+    values = np.where(index < steps // 2, np.float64(start) + index * delta, -(steps - 1 - index) * delta).astype(np.float32)
+    timesteps = [total - 1] if steps == 1 else np.rint(values).astype(int).tolist()
+    return {**schedule, "sampling_steps": steps, "timesteps": timesteps, "step_stride": total // steps}
+
+
+def ddim_sample(
+    step: Callable[[dict[str, np.ndarray]], np.ndarray], noise: np.ndarray, schedule: dict[str, Any], labels: np.ndarray | None = None
+) -> np.ndarray:
+    """MONAI's DDIM loop (eta 0; epsilon or v prediction, from ``schedule``) in numpy: images ``(N, C, H, W)`` in [-1, 1].
+
+    Args:
+        step: calls the denoiser on ``{"noisy", "timestep"[, "labels"]}`` and returns its output
+            (the predicted noise, or the velocity for ``prediction_type: v_prediction``).
+        noise: the starting noise, ``(N, C, H, W)`` float32.
+        schedule: a diffusion bundle's ``domain_metadata.scheduler``, set to the wanted steps (:func:`ddim_schedule`).
+        labels: ``(N,)`` class indices for a conditional model.
+    """
+    prediction = schedule.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"ddim_sample handles epsilon and v_prediction, not {prediction!r}")
+    alphas = np.asarray(schedule["alphas_cumprod"], dtype=np.float64)
+    final, stride = float(schedule["final_alpha_cumprod"]), int(schedule["step_stride"])
+    low, high = schedule["clip_sample_values"]
+    sample = noise.astype(np.float32)
+    for t in schedule["timesteps"]:
+        inputs = {"noisy": sample, "timestep": np.full(len(sample), t, dtype=np.float32)}
+        if labels is not None:
+            inputs["labels"] = labels.astype(np.int64)
+        output = np.asarray(step(inputs), dtype=np.float32)
+        alpha_t = np.float32(alphas[t])
+        alpha_prev = np.float32(alphas[t - stride] if t - stride >= 0 else final)
+        if prediction == "epsilon":
+            eps, original = output, (sample - np.sqrt(1 - alpha_t) * output) / np.sqrt(alpha_t)
+        else:  # v = sqrt(a) * noise - sqrt(1 - a) * x0
+            eps = np.sqrt(alpha_t) * output + np.sqrt(1 - alpha_t) * sample
+            original = np.sqrt(alpha_t) * sample - np.sqrt(1 - alpha_t) * output
+        if schedule.get("clip_sample", True):
+            original = np.clip(original, low, high)
+        sample = (np.sqrt(alpha_prev) * original + np.sqrt(1 - alpha_prev) * eps).astype(np.float32)
+    return np.clip(sample, -1.0, 1.0)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
-from pipelines.registry import DomainSpec, _import_dotted
+from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
 from pipelines.runs import git_commit, package_versions, resolve_run
 
 FORMATS = ("onnx", "torchscript")
@@ -48,6 +50,12 @@ def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module,
     hparams = dict(ckpt["hyper_parameters"])
     class_path = hparams.pop("_class_path", None)
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    origin = checkpoint_domain(ckpt, class_path)
+    if origin is not None and origin != spec.name:
+        raise ValueError(
+            f"{ckpt_path}: a checkpoint of domain {origin!r} ({class_path or get_domain(origin).model_class}), not of domain {spec.name!r}; "
+            f"export it with `python -m pipelines.run {origin} export --ckpt_path {ckpt_path}`"
+        )
     base = spec.load_model_class()
     cls = _import_dotted(class_path) if class_path else base
     if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -57,6 +65,16 @@ def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module,
     task.eval()
     datamodule_state = ckpt.get(spec.load_datamodule_class().__qualname__)
     return task, datamodule_state, ckpt
+
+
+def checkpoint_domain(ckpt: dict[str, Any], class_path: str | None) -> str | None:
+    """The registered domain a checkpoint comes from, by its model class path or its data module's state key; ``None`` if unknown."""
+    for name in available_domains():
+        other = get_domain(name)
+        same_module = class_path is not None and class_path.rpartition(".")[0] == other.model_class.rpartition(".")[0]
+        if same_module or other.datamodule_class.rpartition(".")[2] in ckpt:
+            return name
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -94,10 +112,28 @@ def _parity_inputs(export) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([x, x[:1]]) for x in export.example_inputs)
 
 
+def runtime_versions(fmt: str) -> dict[str, str]:
+    """The versions a bundle of this format was exported and checked with: Python and the packages ``runtime.py`` imports."""
+    names = ("numpy", "onnx", "onnxruntime") if fmt == "onnx" else ("numpy", "torch")
+    return {"python": platform.python_version(), **{name: importlib.metadata.version(name) for name in names}}
+
+
+def make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644 (``tempfile.mkdtemp`` makes a 0700 folder: a server running as another user could not read it)."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def export_checkpoint(
-    spec: DomainSpec, ckpt_path: str | Path, fmt: str, output: str | Path, atol: float = 1e-4, extra_metadata: dict | None = None
+    spec: DomainSpec, ckpt_path: str | Path, fmt: str, output: str | Path, atol: float = 1e-4, extra_metadata: dict | None = None,
+    model_name: str | None = None, model_version: str | None = None,
 ) -> Path:
-    """Export a checkpoint to a bundle folder (written atomically: a complete bundle or nothing)."""
+    """Export a checkpoint to a bundle folder (written atomically: a complete bundle or nothing).
+
+    ``model_name``/``model_version`` are recorded in ``metadata.json`` and shown by the server
+    (``/info``, ``X-Model-Version``, metrics); without them the server shows the domain and the
+    checkpoint's sha256.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     ckpt_path = Path(ckpt_path)
@@ -124,6 +160,9 @@ def export_checkpoint(
             "metrics": json.loads(summary_file.read_text()).get("test", {}) if summary_file.is_file() else {},
             "git_commit": git_commit(),
             "packages": package_versions(),
+            "runtime": runtime_versions(fmt),
+            **({"model_name": model_name} if model_name else {}),
+            **({"model_version": model_version} if model_version else {}),
             **(extra_metadata or {}),
         }
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
@@ -134,6 +173,7 @@ def export_checkpoint(
             raise RuntimeError(f"exported {fmt} model differs from the checkpoint by {worst:.3g} > atol {atol}; bundle not written")
         metadata["parity"] = {"max_abs_diff": worst, "atol": atol, "batch": int(export.example_inputs[0].shape[0]) + 1}
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        make_readable(staging)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -150,6 +190,8 @@ def main(spec: DomainSpec, argv: list[str]) -> Path:
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", default=None, help="bundle folder (default: <run folder>/export/<format>)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from the checkpoint")
+    parser.add_argument("--model_name", default=None, help="the model's name, shown by the server (default: the domain)")
+    parser.add_argument("--model_version", default=None, help="the model's version, shown by the server (default: sha256-<checkpoint sha256 prefix>)")
     args = parser.parse_args(argv)
     try:
         run = resolve_run(spec.name, args.runs_dir, args.run_id, args.ckpt_path)
@@ -158,6 +200,6 @@ def main(spec: DomainSpec, argv: list[str]) -> Path:
     if run.ckpt_path is None:
         parser.error(f"--ckpt_path {args.ckpt_path}: no checkpoint found")
     output = Path(args.output) if args.output else Path(run.ckpt_path).parent.parent / "export" / args.format
-    bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol)
+    bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol, model_name=args.model_name, model_version=args.model_version)
     print(f"[pipelines] {spec.name} {args.format} bundle written to {bundle}")
     return bundle

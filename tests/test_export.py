@@ -114,3 +114,74 @@ def test_checkpoint_naming_a_foreign_class_is_refused(trained, tmp_path):
     torch.save(ckpt, tmp_path / "evil.ckpt")
     with pytest.raises(ValueError, match="is not a ImageClassifier of domain 'healthcare'"):
         load_task(get_domain("healthcare"), tmp_path / "evil.ckpt")
+
+
+def test_checkpoint_of_another_domain_is_refused_naming_both(trained, tmp_path):
+    ckpt = trained("healthcare") / "checkpoints" / "best.ckpt"  # as the runner writes it (no class path, the data module's state)
+    with pytest.raises(ValueError, match=r"a checkpoint of domain 'healthcare' \(domains\.healthcare\.model\.ImageClassifier\), not of domain 'finance'; "
+                       r"export it with `python -m pipelines.run healthcare export --ckpt_path "):  # fmt: skip
+        export_checkpoint(get_domain("finance"), ckpt, "onnx", tmp_path / "b")
+    _, diffusion_ckpt = tiny_diffusion(tmp_path)  # a subclass of media's model class, named in the checkpoint
+    with pytest.raises(ValueError, match=r"a checkpoint of domain 'media' \(domains\.media\.model\.Diffusion\), not of domain 'healthcare'"):
+        export_checkpoint(get_domain("healthcare"), diffusion_ckpt, "onnx", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+# ----- diffusion bundles: readable by anyone, their versions recorded, the whole DDIM loop in runtime.py --------------
+TINY_DIFFUSION = {
+    "unet_widths": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8, "num_head_channels": 16, "num_train_timesteps": 100,
+    "sampling_steps": 4, "in_channels": 3, "image_size": 8, "num_classes": 2, "class_names": ["a", "b"],
+}  # fmt: skip
+
+
+def tiny_diffusion(folder):
+    """An untrained class-conditional diffusion model (8x8 RGB, non-trivial weights) and its checkpoint: no training needed."""
+    from domains.media.model import Diffusion
+    from tests.test_media import save_checkpoint
+
+    torch.manual_seed(0)
+    model = Diffusion(**TINY_DIFFUSION).eval()
+    with torch.no_grad():  # untrained, MONAI's output convolution is zero: give the EMA UNet non-trivial weights
+        for p in model.ema_unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, save_checkpoint(model, folder / "diffusion.ckpt")
+
+
+def test_diffusion_bundle_generates_with_numpy_and_onnxruntime_only(tmp_path):
+    """``Bundle.generate`` runs the whole DDIM loop from the bundle alone; its images are the checkpoint's sampler's."""
+    import os
+    import platform
+    import stat
+
+    model, ckpt = tiny_diffusion(tmp_path)
+    bundle = export_checkpoint(get_domain("media"), ckpt, "onnx", tmp_path / "bundle")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [bundle, *bundle.iterdir()]}
+    assert modes == {"bundle": 0o755, "model.onnx": 0o644, "metadata.json": 0o644, "runtime.py": 0o644}, modes
+    runtime = json.loads((bundle / "metadata.json").read_text())["runtime"]
+    assert set(runtime) == {"python", "numpy", "onnx", "onnxruntime"} and runtime["python"] == platform.python_version()
+    assert runtime["onnxruntime"] == __import__("onnxruntime").__version__ and runtime["numpy"] == np.__version__
+
+    code = f"""
+import sys, json, numpy as np
+sys.path.insert(0, {str(bundle)!r})
+from runtime import Bundle
+bundle = Bundle({str(bundle)!r})
+np.savez({str(tmp_path / 'out.npz')!r}, seeded=bundle.generate(count=3, seed=5, steps=7), default=bundle.generate(seed=1, labels=0))
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'monai', 'pipelines', 'domains'))
+print(json.dumps(heavy))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [], "the bundle runtime must not import torch or project code"
+    got = np.load(tmp_path / "out.npz")
+
+    def sampled(seeds: list[int], labels: list[int], steps: int) -> np.ndarray:
+        noise = np.stack([np.random.Generator(np.random.PCG64(s)).standard_normal((3, 8, 8), dtype=np.float32) for s in seeds])
+        with torch.no_grad():
+            images = model.sample(torch.from_numpy(noise), torch.tensor(labels), steps=steps, sampler="ddim")
+        return ((images.clamp(-1, 1) + 1) / 2).numpy()
+
+    want = sampled([5, 6, 7], [1, 0, 1], 7)  # labels default to (seed + i) % num_classes
+    assert got["seeded"].shape == (3, 3, 8, 8) and np.abs(want - 0.5).max() > 0.1, "the images must not be flat"
+    np.testing.assert_allclose(got["seeded"], want, atol=2e-3)
+    np.testing.assert_allclose(got["default"], sampled([1], [0], 4), atol=2e-3)  # the bundle's sampling_steps

@@ -271,7 +271,7 @@ def malformed_requests(metadata: dict[str, Any]) -> list[tuple[str, bytes, str, 
     ]
     if "float" in spec["dtype"]:
         nan_body = json.dumps({"inputs": {name: nan.tolist(), **others}}).encode()  # Python writes NaN, which the server parses
-        cases.append(("NaN", nan_body, "application/json", 422, f"inputs.{name}: contains NaN"))
+        cases.append(("NaN", nan_body, "application/json", 422, f"inputs.{name}: expected finite numbers; got NaN at"))
     return cases
 
 
