@@ -91,6 +91,10 @@ class ObservationsAdapter(RequestAdapter):
     def accepts(self, request: dict[str, Any]) -> bool:
         return self.key in request
 
+    def count_items(self, request: dict[str, Any]) -> int | None:
+        """Sequences in the request (``--max-items``), read before any is decoded."""
+        return len(request[self.key]) if self.key == "sequences" and isinstance(request.get(self.key), list) else 1
+
     # ----- request -> model inputs and context ---------------------------------------------------
     def sequences(self, request: dict[str, Any]) -> list[tuple[Any, str]]:
         """The request's sequences with the field that names each in errors."""

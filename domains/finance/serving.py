@@ -64,6 +64,11 @@ class TransactionRowsAdapter(RequestAdapter):
     def accepts(self, request: dict[str, Any]) -> bool:
         return self.key in request
 
+    def count_items(self, request: dict[str, Any]) -> int | None:
+        """Rows in the request, read before any is parsed (``--max-items`` refuses large ones at once)."""
+        rows = request.get(self.key)
+        return len(rows) if isinstance(rows, list) else 1
+
     # ----- request -> model inputs ----------------------------------------------------------------
     def _rows(self, request: dict[str, Any]) -> tuple[list[Any], Callable[[int], str]]:
         """The request's rows and how to name row ``i`` in an error."""
@@ -101,6 +106,8 @@ class TransactionRowsAdapter(RequestAdapter):
                     reject(f"{where(i)}.{column}", f"expected a single value (number, text or null); got {type(value).__name__}")
                 if isinstance(value, bool) and self.role_of[column] in ("numeric_columns", "amount_columns"):
                     reject(f"{where(i)}.{column}", f"expected a number ({self.role_of[column]}); got {str(value).lower()}")
+                if isinstance(value, float) and not math.isfinite(value):  # as in training files: missing is null, never NaN
+                    reject(f"{where(i)}.{column}", f"expected a finite number or null (missing); got {value}")
         data: dict[str, pd.Series] = {}
         for column, role in self.role_of.items():
             values = [row[column] for row in rows]

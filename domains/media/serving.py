@@ -138,6 +138,11 @@ class SeedGenerationAdapter(RequestAdapter):
     def accepts(self, request: dict[str, Any]) -> bool:
         return self.key in request
 
+    def count_items(self, request: dict[str, Any]) -> int | None:
+        """Images the request asks for (``--max-items``)."""
+        count = request.get("count", 1)
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
     @staticmethod
     def _integer(request: dict[str, Any], field: str, low: int, high: int) -> int:
         value = request[field]
