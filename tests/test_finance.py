@@ -15,7 +15,7 @@ import torch
 
 from domains.finance.data import SYNTHETIC_ROLES, ScoringStream, TransactionDataModule
 from domains.finance.model import best_f1_threshold, budget_threshold
-from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor
+from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor, robust_scale
 from domains.finance.synthetic import make_card_transactions
 from tests.conftest import ROOT, child_env, only_run, run_pipeline, shared_file
 
@@ -57,8 +57,9 @@ def test_preprocessing_roles_unknown_slot_and_weights_only_round_trip(tmp_path):
     encoded = pre.transform(frame, "train.csv")
     amount = encoded["numeric"][:, pre.numeric_feature_names.index("amount")]
     logged = np.log1p(frame.amount.to_numpy())
-    q25, q75 = np.percentile(logged, [25, 75])
-    assert np.allclose(amount, (logged - np.median(logged)) / ((q75 - q25) / 1.349), atol=1e-4)  # log-scaled, robustly scaled
+    center, scale = robust_scale(logged)
+    assert scale > 0.5 * logged.std()  # not silenced: comparable to the plain standard deviation
+    assert np.allclose(amount, (logged - center) / scale, atol=1e-4)  # log-scaled, robustly scaled
 
     new = frame.head(3).copy()
     new["merchant_category"] = ["spaceship_dealer", "grocery", None]
@@ -444,7 +445,7 @@ def test_rows_form_over_http(exported, tmp_path):
 # ----- issue 15: no silent wrong results -----------------------------------------------------------
 def test_one_extreme_training_value_does_not_silence_its_column():
     """A standard deviation with two 1e30 in it is ~1e28: every other row's feature would be 0. The robust
-    scale (IQR) ignores them; the extreme rows are compressed beyond CLIP_UNITS and the fit says so in notes."""
+    scale (winsorised) ignores them; the extreme rows are compressed beyond CLIP_UNITS and the fit says so in notes."""
     from domains.finance.preprocessing import CLIP_UNITS
 
     frame = make_card_transactions(400, 0.05, seed=1)
