@@ -114,8 +114,8 @@ def test_nifti_volumes_and_resize(tmp_path):
         rows.append({"path": path.name, "label": "a" if i % 2 else "b", "split": ("train", "val", "test", "train")[i % 4]})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(ValueError, match=r"has size .* set --data.image_size"):
-        MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv")).setup()
-    dm = MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv"), image_size=8)
+        MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv"), positive_class="a").setup()
+    dm = MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv"), image_size=8, positive_class="a")
     assert dm.spatial_dims == 3 and dm.image_shape == (1, 8, 8, 8)
     dm.setup()
     assert dm.datasets["train"].images.shape[1:] == (1, 8, 8, 8)
@@ -173,7 +173,7 @@ def test_unreadable_image_names_the_file(tmp_path):
 
 def test_label_not_in_class_list(tmp_path):
     csv = image_table(tmp_path)
-    with pytest.raises(ValueError, match=r"row 3 .*label 'malignant' is not in the class list \['benign', 'normal'\]"):
+    with pytest.raises(ValueError, match=r"label 'malignant' \(12 rows\) is not one of the declared classes \['benign', 'normal'\].*first at row 3 "):
         MedicalImageDataModule(labels_csv=str(csv), class_names=["benign", "normal"]).num_classes
 
 
@@ -200,10 +200,10 @@ def test_npz_without_the_expected_keys(tmp_path):
 
 def test_mismatched_image_sizes_and_channels(tmp_path):
     csv = image_table(tmp_path)
-    write_png(tmp_path / "images" / "case004.png", np.zeros((20, 20), dtype=np.uint8))
+    write_png(tmp_path / "images" / "case004.png", np.indices((20, 20)).sum(0).astype(np.uint8))
     with pytest.raises(ValueError, match=r"row 6: image .*case004.png has size \(20, 20\) but .* has \(16, 16\)"):
         MedicalImageDataModule(labels_csv=str(csv)).setup()
-    write_png(tmp_path / "images" / "case004.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    write_png(tmp_path / "images" / "case004.png", np.indices((16, 16, 3)).sum(0).astype(np.uint8))
     with pytest.raises(ValueError, match=r"row 6: image .*case004.png has 3 channel\(s\)"):
         MedicalImageDataModule(labels_csv=str(csv)).setup()
 
