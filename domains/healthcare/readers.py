@@ -15,6 +15,7 @@ Sources:
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -274,7 +275,8 @@ def read_image_table(
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"labels_csv {csv_path}: not a readable CSV ({str(error).strip()})") from None
-    check_unique_columns(list(table.columns), str(csv_path))
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as handle:  # pandas renames a repeated header x -> x.1
+        check_unique_columns([c.strip() for c in next(csv.reader(handle), [])], str(csv_path))
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise InputError(f"{csv_path}: missing column(s) {missing}; expected columns path,label[,split], found {list(table.columns)}")
