@@ -39,12 +39,9 @@ def images(n: int = 8, size: int = 8, dtype=np.float32, bad: tuple[int, float] |
 
 def truncated(folder: Path) -> None:
     pngs(folder, 4)
-    full = (folder / "0.png").read_bytes()
-    big = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
-    Image.fromarray(big).save(folder / "cut.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)).save(folder / "cut.png")
     data = (folder / "cut.png").read_bytes()
     (folder / "cut.png").write_bytes(data[: len(data) // 2])
-    assert full
 
 
 DIR = ("--data.image_dir", "{tmp}")
