@@ -77,24 +77,91 @@ def test_3d_volume_trains_end_to_end(tmp_path, runs_dir):
     assert "test/auroc" in summary["test"]
 
 
-def test_png_folder_with_csv_trains_and_predicts_a_folder(tmp_path, runs_dir):
-    csv = image_table(tmp_path)
+def write_png16(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array).astype(np.uint16)).save(path)
+    return path
+
+
+def mixed_depths(path, array):
+    """8-bit PNG, 16-bit PNG or 16-bit DICOM by the file number: one data set of mixed bit depths."""
+    number = int(path.stem[-3:])
+    if number % 3 == 1:
+        return write_png16(path, array.astype(np.uint16) * 257)
+    if number % 3 == 2:
+        return write_dicom(path.with_suffix(".dcm"), array.astype(np.uint16) * 257)
+    return write_png(path, array)
+
+
+def test_mixed_bit_depth_folder_trains_and_predicts_the_same_picture_alike(tmp_path, runs_dir):
+    """One intensity rule (pipelines/images.py): a data set mixing 8-bit PNG, 16-bit PNG and 16-bit DICOM
+    trains; the same picture in the three forms gives pixels within 1/255 and the same prediction."""
+    csv = image_table(tmp_path, writer=mixed_depths)
+    dm = MedicalImageDataModule(labels_csv=str(csv))
+    dm.setup()
+    assert dm.datasets["train"].images.dtype == np.float32  # 8- and 16-bit files in one float array in [0, 1]
+    blobs, _ = blob_images(24, 16)
+    for row, index in enumerate(dm.datasets["train"].indices):
+        assert np.abs(dm.datasets["train"].images[row, 0] - blobs[index] / 255.0).max() < 1e-6
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 40000, (3, 16, 16)).astype(np.uint16)  # real 16-bit content
+    truth[:2, 5:11, 5:11] = 56000  # two with the bright square of the positive class
+    folder = tmp_path / "incoming"
+    for i, image in enumerate(truth):
+        write_png(folder / f"p{i}_8bit.png", np.rint(image / 257.0).astype(np.uint8))
+        write_png16(folder / f"p{i}_16bit.png", image)
+        write_dicom(folder / f"p{i}_16bit.dcm", image)
+    from pipelines.images import read_image, unit_float
+
+    for i in range(3):
+        values = [unit_float(read_image(folder / f"p{i}_{kind}")) for kind in ("8bit.png", "16bit.png", "16bit.dcm")]
+        assert np.abs(values[0] - values[1]).max() <= 1 / 255 and np.array_equal(values[1], values[2])
+        assert abs(float(values[0].mean()) - float(truth[i].mean()) / 65535) < 1 / 255
     # two real loader worker processes: what a GPU machine gets by default (pipelines.data.default_workers)
     run_pipeline("healthcare", *FAST, "--data.labels_csv", str(csv), "--data.num_workers=2", "--runs_dir", str(runs_dir))
     run = only_run(runs_dir, "healthcare")
     for plot in ("test_confusion_matrix.png", "test_roc_curve.png", "test_sample_predictions.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
-    new_cases = tmp_path / "incoming"
-    for i, image in enumerate(blob_images(3, 16, seed=9)[0]):
-        write_png(new_cases / f"new{i}.png", image)
     run_pipeline(
-        "healthcare", "predict", *FAST, "--data.labels_csv", str(csv), "--data.predict_dir", str(new_cases),
+        "healthcare", "predict", *FAST, "--data.labels_csv", str(csv), "--data.predict_dir", str(folder),
         "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(runs_dir),
     )  # fmt: skip
-    predictions = pd.read_csv(run / "predictions.csv")
-    assert len(predictions) == 3 and predictions["item"].str.endswith(".png").all()
-    assert set(predictions["prediction"]) <= {"benign", "malignant"} and "prob_malignant" in predictions
+    predictions = pd.read_csv(run / "predictions.csv").set_index("item")
+    assert len(predictions) == 9 and set(predictions["prediction"]) <= {"benign", "malignant"}
     assert predictions["prob_malignant"].between(0, 1).all()
+    for i in range(3):
+        rows = predictions.loc[[str(folder / f"p{i}_{kind}") for kind in ("8bit.png", "16bit.png", "16bit.dcm")]]
+        assert rows["prediction"].nunique() == 1, rows
+        assert rows["prob_malignant"].max() - rows["prob_malignant"].min() < 0.02, rows
+    summary = json.loads((run / "summary.json").read_text())
+    assert "test/prevalence_malignant" in summary["test"]  # the positive class, named in the run's metrics
+    ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["positive_class"] == ckpt["MedicalImageDataModule"]["positive_class"] == "malignant"
+
+
+def test_dicom_in_hounsfield_units_needs_a_range_and_is_never_clipped_silently(tmp_path):
+    import pydicom
+
+    from pipelines.errors import InputError
+    from pipelines.images import Intensity, read_image
+
+    stored = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)  # 12-bit CT: HU = stored - 1024
+    path = write_dicom(tmp_path / "ct.dcm", stored)
+    ds = pydicom.dcmread(path)
+    ds.RescaleIntercept, ds.RescaleSlope, ds.BitsStored, ds.HighBit = -1024, 1, 12, 11
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.save_as(path)
+    with pytest.raises(InputError, match=r"physical units \(RescaleSlope 1, RescaleIntercept -1024.*--data.intensity_range"):
+        read_image(path)
+    full = read_image(path, Intensity("range", (-1024, 3071)))
+    assert np.allclose(full[0], stored / 4095.0, atol=1e-6)  # the whole HU range, nothing clipped
+    window = read_image(path, Intensity("dicom_window"))[0]
+    hu = stored.astype(float) - 1024
+    assert window[hu <= 40 - 200].max() == 0 and window[hu >= 40 + 200].min() == 1  # the file's soft-tissue window
+    inside = (hu > -150) & (hu < 230)
+    assert np.allclose(window[inside], np.clip((hu[inside] - 39.5) / 399 + 0.5, 0, 1), atol=1e-6)
 
 
 def test_dicom_files_are_read_and_scaled(tmp_path):
@@ -102,7 +169,9 @@ def test_dicom_files_are_read_and_scaled(tmp_path):
     dm = MedicalImageDataModule(labels_csv=str(csv))
     dm.setup()
     images = dm.datasets["train"].images
-    assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 1 and images.shape[1:] == (1, 16, 16)
+    assert images.dtype == np.float32 and images.shape[1:] == (1, 16, 16)
+    blobs, _ = blob_images(24, 16)  # by bit depth (BitsStored 16): stored / 65535, never the image's own min-max
+    assert np.allclose(images[:, 0], blobs[dm.datasets["train"].indices].astype(np.float64) * 16 / 65535, atol=1e-7)
 
 
 def test_nifti_volumes_and_resize(tmp_path):
@@ -114,8 +183,8 @@ def test_nifti_volumes_and_resize(tmp_path):
         rows.append({"path": path.name, "label": "a" if i % 2 else "b", "split": ("train", "val", "test", "train")[i % 4]})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(ValueError, match=r"has size .* set --data.image_size"):
-        MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv")).setup()
-    dm = MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv"), image_size=8)
+        MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv"), positive_class="a").setup()
+    dm = MedicalImageDataModule(labels_csv=str(tmp_path / "labels.csv"), image_size=8, positive_class="a")
     assert dm.spatial_dims == 3 and dm.image_shape == (1, 8, 8, 8)
     dm.setup()
     assert dm.datasets["train"].images.shape[1:] == (1, 8, 8, 8)
@@ -173,7 +242,7 @@ def test_unreadable_image_names_the_file(tmp_path):
 
 def test_label_not_in_class_list(tmp_path):
     csv = image_table(tmp_path)
-    with pytest.raises(ValueError, match=r"row 3 .*label 'malignant' is not in the class list \['benign', 'normal'\]"):
+    with pytest.raises(ValueError, match=r"label 'malignant' \(12 rows\) is not one of the declared classes \['benign', 'normal'\].*first at row 3 "):
         MedicalImageDataModule(labels_csv=str(csv), class_names=["benign", "normal"]).num_classes
 
 
@@ -200,10 +269,10 @@ def test_npz_without_the_expected_keys(tmp_path):
 
 def test_mismatched_image_sizes_and_channels(tmp_path):
     csv = image_table(tmp_path)
-    write_png(tmp_path / "images" / "case004.png", np.zeros((20, 20), dtype=np.uint8))
+    write_png(tmp_path / "images" / "case004.png", np.indices((20, 20)).sum(0).astype(np.uint8))
     with pytest.raises(ValueError, match=r"row 6: image .*case004.png has size \(20, 20\) but .* has \(16, 16\)"):
         MedicalImageDataModule(labels_csv=str(csv)).setup()
-    write_png(tmp_path / "images" / "case004.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    write_png(tmp_path / "images" / "case004.png", np.indices((16, 16, 3)).sum(0).astype(np.uint8))
     with pytest.raises(ValueError, match=r"row 6: image .*case004.png has 3 channel\(s\)"):
         MedicalImageDataModule(labels_csv=str(csv)).setup()
 
@@ -215,11 +284,16 @@ def test_bad_augmentation_is_rejected_at_construction():
         build_albumentations([{"HorizontalFlip": {"probability": 0.5}}])
 
 
-def test_network_that_cannot_take_the_image_size_fails_before_training(tmp_path, runs_dir):
+def test_network_that_cannot_take_the_image_size_fails_before_training(tmp_path, runs_dir, capsys):
     path = write_medmnist_npz(tmp_path / "tiny.npz", (8, 8))
-    with pytest.raises(ValueError, match=r"network 'densenet121' cannot take inputs of shape \(1, 8, 8\)"):
+    with pytest.raises(SystemExit) as exit_info:  # bad input: exit 2 before the run folder exists
         run_pipeline("healthcare", *FAST, "--model.network=densenet121", "--model.width=1", "--data.npz_path", str(path), "--runs_dir", str(runs_dir))
-    assert not list(runs_dir.glob("healthcare/*/checkpoints/*.ckpt"))
+    message = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "network 'densenet121' cannot take inputs of shape (1, 8, 8)" in message and "at least 32" in message
+    assert not runs_dir.exists()
+    model = ImageClassifier(network="resnet18", input_shape=[1, 8, 8])  # a small-stem ResNet takes 8 pixels
+    with pytest.raises(ValueError, match=r"needs at least 8 pixels; set --data.image_size 8"):
+        model.check_input_shape((1, 4, 4))  # a 4x4 image would run (adaptive pooling) on padding alone
 
 
 # ----- networks and checkpoints -------------------------------------------------------------------

@@ -91,6 +91,39 @@ def test_mnist_style_npz_keeps_its_split(tmp_path):
     assert dm.source.pixels.shape == (40, 16, 16, 1)
 
 
+def test_medmnist_style_npz_keeps_its_official_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"{split}_images": rng.integers(0, 256, (n, 16, 16), dtype=np.uint8) for split, n in (("train", 20), ("val", 6), ("test", 8))}
+    arrays.update({f"{split}_labels": (np.arange(n) % 2).reshape(n, 1) for split, n in (("train", 20), ("val", 6), ("test", 8))})
+    np.savez(tmp_path / "med.npz", **arrays)
+    dm = MediaDataModule(npz_path=str(tmp_path / "med.npz"), image_size=16)
+    assert {k: len(v) for k, v in dm.split_indices.items()} == {"train": 20, "val": 6, "test": 8}
+    assert np.array_equal(dm.source.pixels[dm.split_indices["val"], ..., 0], arrays["val_images"])
+    assert dm.num_classes == 2
+
+
+def test_16_bit_png_is_scaled_by_bit_depth_not_clipped(tmp_path):
+    """PIL's convert("L") clips 16-bit values to 255 (a mid-grey gradient read as white): the bit-depth
+    rule of pipelines/images.py reads value / 65535, the same picture as 8 bits within one level."""
+    gradient = np.tile(np.linspace(0, 65535, 32), (32, 1)).astype(np.uint16)
+    folder = tmp_path / "sixteen"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.roll(gradient, 8 * i, axis=1)).save(folder / f"g{i}.png")
+    Image.fromarray(np.zeros((32, 32), np.uint16)).save(folder / "black.png")
+    dm = MediaDataModule(image_dir=str(folder), image_size=32)
+    pixels = dict(zip([Path(n).name for n in dm.source.names], dm.source.pixels))
+    assert dm.in_channels == 1 and abs(float(pixels["g0.png"].mean()) - 127.5) < 1
+    assert pixels["black.png"].max() == 0  # a constant 16-bit image is a valid (black) picture, not clipped to white
+    eight = np.rint(gradient / 257.0).astype(np.uint8)
+    assert np.abs(pixels["g0.png"][..., 0].astype(int) - eight).max() <= 1
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8) + 9).save(folder / "colour.png")
+    rgb = MediaDataModule(image_dir=str(folder), image_size=32)
+    assert rgb.in_channels == 3
+    g0 = dict(zip([Path(n).name for n in rgb.source.names], rgb.source.pixels))["g0.png"]
+    assert np.array_equal(g0[..., 0], g0[..., 2]) and abs(float(g0.mean()) - 127.5) < 1
+
+
 def test_real_mnist_npz():
     path = shared_file("media/mnist.npz")
     dm = MediaDataModule(npz_path=str(path), image_size=28, max_train_images=500, max_eval_images=100)
@@ -151,10 +184,11 @@ def test_image_size_the_network_cannot_take(build, message):
         build()
 
 
-def test_image_size_error_comes_before_training_through_the_cli(tmp_path):
-    with pytest.raises(ValueError, match="image size 18 does not suit the DCGAN"):
+def test_image_size_error_comes_before_training_through_the_cli(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # bad input: exit 2, one paragraph, nothing written
         run_pipeline("media", "--data.synthetic_samples=30", "--data.image_size=18", "--runs_dir", str(tmp_path), "--trainer.logger=false")
-    assert not list(tmp_path.glob("media/*/checkpoints/*.ckpt"))
+    assert exit_info.value.code == 2 and "image size 18 does not suit the DCGAN" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "media").exists()
 
 
 def test_unknown_augmentation_is_an_error():

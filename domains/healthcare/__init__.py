@@ -1,7 +1,8 @@
 """Healthcare: medical image classification (binary, multi-class, multi-label; 2-D and 3-D).
 
 Data: the embedded synthetic lesion set (default), MedMNIST ``.npz`` files, or a folder of
-PNG/JPEG/DICOM/NIfTI images with a ``path,label[,split]`` CSV. Networks: MONAI's ResNets,
+PNG/JPEG/DICOM/NIfTI images with a ``path,label[,split]`` CSV (README.md: formats, validation rules,
+the intensity rule). Networks: MONAI's ResNets,
 DenseNet121 and EfficientNet-B0. Importing this package imports nothing heavy.
 """
 
@@ -21,6 +22,8 @@ SPEC = DomainSpec(
         ("task", "task"),
         ("class_names", "class_names"),
         ("class_weights", "class_weights"),
+        ("positive_class", "positive_class"),
+        ("image_shape", "input_shape"),
     ),
     monitor="val/auroc",
     mode="max",

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
+from pipelines.errors import InputError
+from pipelines.images import Intensity, IntensityMode, check_finite_pixels, unit_float
 from domains.healthcare.readers import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -92,10 +95,20 @@ class MedicalImageDataModule(pl.LightningDataModule):
         labels_csv: a CSV with ``path``, ``label`` and optional ``split`` columns (``a|b`` = multi-label).
         image_dir: folder the CSV's paths are relative to (default: the CSV's folder).
         predict_dir: a folder of unlabelled images to classify with ``predict`` (default: the test split).
-        class_names: the class list, in label-index order (default: from the data).
+        class_names: the class list, in label-index order (default: from the data). Labels spelt alike
+            or classes with fewer than 2 items are refused unless listed here; labels outside it are refused.
+        positive_class: the positive class of a binary task (``prob_<name>``, AUROC and F1 are about it).
+            Default: the other name when one means "no finding" (normal, negative, benign, ``0``...),
+            else the second of ``class_names``; otherwise the data is refused (``domains/healthcare/labels.py``).
+        intensity: how stored pixel values become [0, 1] (``pipelines/images.py``): ``bit_depth``
+            (integers / (2**bits - 1); floats must be in [0, 1]), ``dicom_window`` (each DICOM's
+            WindowCenter/WindowWidth), ``range`` (``intensity_range``) or ``minmax`` (per image).
+        intensity_range: ``[LOW, HIGH]`` mapped to [0, 1] and clipped, after the DICOM Modality LUT
+            (Hounsfield units for CT: ``[-1024, 3071]`` keeps the whole range); selects ``range``.
         task: ``binary``, ``multiclass`` or ``multilabel`` (default: inferred from the labels).
         image_size: resize every image to this size per spatial axis (MONAI ``Resize``); required when
-            the files differ in size.
+            the files differ in size. At least 1 here; the model refuses sizes below what its
+            network needs (8 for a small-stem ResNet, 32 for the others).
         split: ``official`` uses the source's split when it has one; ``stratified`` always re-splits.
         val_fraction: validation share of a stratified split.
         test_fraction: test share of a stratified split.
@@ -119,6 +132,9 @@ class MedicalImageDataModule(pl.LightningDataModule):
         image_dir: str | None = None,
         predict_dir: str | None = None,
         class_names: list[str] | None = None,
+        positive_class: str | None = None,
+        intensity: IntensityMode | None = None,
+        intensity_range: tuple[float, float] | None = None,
         task: Literal["binary", "multiclass", "multilabel"] | None = None,
         image_size: int | None = None,
         split: Literal["official", "stratified"] = "official",
@@ -137,9 +153,16 @@ class MedicalImageDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if npz_path and labels_csv:
-            raise ValueError("give either npz_path or labels_csv, not both")
+            raise InputError("give either --data.npz_path or --data.labels_csv, not both")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"--data.batch_size must be >= 1, got {batch_size}")
+        if image_size is not None and image_size < 1:
+            raise InputError(f"--data.image_size must be a positive number of pixels per side, got {image_size}")
+        if class_names is not None and len(set(class_names)) != len(class_names):
+            raise InputError(f"--data.class_names lists a class twice: {class_names}")
+        self.intensity = Intensity.from_options(intensity, intensity_range)
+        if self.intensity.mode != "bit_depth" and not labels_csv and not predict_dir:
+            raise InputError(f"--data.intensity {self.intensity.mode} applies to image files (--data.labels_csv, --data.predict_dir); .npz and synthetic pixels are read by bit depth")
         self.save_hyperparameters(logger=False)  # the full config is logged by the runner; avoids key clashes
         self.augment = build_albumentations(augment)  # validated now, before any training
         self.datasets: dict[str, ImageDataset] = {}
@@ -151,14 +174,18 @@ class MedicalImageDataModule(pl.LightningDataModule):
     def source(self) -> LabeledImages:
         hp = self.hparams
         if hp.npz_path:
-            data = read_medmnist_npz(hp.npz_path, hp.class_names)
+            data = read_medmnist_npz(hp.npz_path, hp.class_names, hp.positive_class)
         elif hp.labels_csv:
-            data = read_image_table(hp.labels_csv, hp.image_dir, hp.class_names)
+            data = read_image_table(hp.labels_csv, hp.image_dir, hp.class_names, hp.positive_class, self.intensity)
         else:
             data = synthetic_lesions(hp.synthetic_samples, hp.synthetic_image_size, hp.synthetic_seed)
+        if hp.positive_class is not None and data.task != "binary":
+            raise InputError(f"--data.positive_class {hp.positive_class!r} is for binary tasks; this data is {data.task} with classes {data.class_names}")
+        if data.task == "binary":
+            print(f"[healthcare] binary task: positive class {data.class_names[1]!r} ({data.positive_reason}); prob_{data.class_names[1]}, AUROC and F1 are about it", file=sys.stderr)
         if hp.task is not None and hp.task != data.task:
             if {hp.task, data.task} != {"binary", "multiclass"} or (hp.task == "binary" and len(data.class_names) != 2):
-                raise ValueError(f"task={hp.task!r} does not fit the labels, which look {data.task!r}")
+                raise InputError(f"--data.task {hp.task!r} does not fit the labels, which look {data.task!r}")
             data.task = hp.task
         return data
 
@@ -171,7 +198,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
             assignment = source.split
         for name in SPLITS:
             if not (assignment == name).any():
-                raise ValueError(f"split {name!r} is empty: no item assigned to it (check the split column or fractions)")
+                raise InputError(f"split {name!r} is empty: no item assigned to it (check the split column or fractions)")
         return assignment
 
     @property
@@ -185,6 +212,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
     @property
     def task(self) -> str:
         return self.source.task
+
+    @property
+    def positive_class(self) -> str | None:
+        """The positive class of a binary task (index 1), else ``None``."""
+        return self.class_names[1] if self.task == "binary" else None
 
     @property
     def in_channels(self) -> int:
@@ -240,26 +272,33 @@ class MedicalImageDataModule(pl.LightningDataModule):
             self.datasets["predict"] = self._unlabelled(Path(self.hparams.predict_dir), resize)
         if self.channel_mean is None:
             train = self.datasets["train"].images
+            if train.dtype.kind == "f":
+                check_finite_pixels(train, "the training images after resizing")
             scale = 255.0 if train.dtype == np.uint8 else 1.0
             axes = (0, *range(2, train.ndim))
             self.channel_mean = (train.mean(axis=axes) / scale).astype(float).tolist()
             self.channel_std = np.maximum(train.std(axis=axes) / scale, 1e-6).astype(float).tolist()
 
     def _unlabelled(self, folder: Path, resize: Any) -> ImageDataset:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        if not folder.is_dir():
+            raise InputError(f"--data.predict_dir {folder}: not a folder")
+        everything = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in everything if p.name.lower().endswith(IMAGE_SUFFIXES)]
         if not files:
-            raise ValueError(f"predict_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise InputError(f"--data.predict_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) among its {len(everything)} file(s)")
+        skipped = len(everything) - len(files)
+        if skipped:
+            print(f"[healthcare] predict_dir {folder}: {skipped} file(s) without an image suffix skipped", file=sys.stderr)
         self.predict_files = [str(p) for p in files]
         arrays = []
         for path in files:
             try:
-                array = read_image_file(path)
-            except Exception as error:
-                raise ValueError(f"predict_dir: cannot read image {path}: {error}") from None
-            array = resized(array, resize)
+                array = resized(read_image_file(path, self.intensity), resize)
+            except InputError as error:
+                raise InputError(f"--data.predict_dir: {error}") from None
             if tuple(array.shape) != self.image_shape:
-                raise ValueError(f"predict_dir: image {path} has shape {tuple(array.shape)}, the model takes {self.image_shape}; set --data.image_size")
-            arrays.append(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32))
+                raise InputError(f"--data.predict_dir: image {path} has shape {tuple(array.shape)}, the model takes {self.image_shape}; set --data.image_size")
+            arrays.append(unit_float(array))
         indices = np.arange(len(files))
         return ImageDataset(np.stack(arrays), np.full(len(files), -1), indices)
 
@@ -304,6 +343,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         return {
             "class_names": self.class_names,
+            "positive_class": self.positive_class,
             "task": self.task,
             "image_shape": list(self.image_shape),
             "channel_mean": self.channel_mean,

@@ -16,7 +16,8 @@ from torch import nn
 from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights
+from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights, min_input_size
+from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.plots import image_grid
 from pipelines.task import BaseTask
@@ -41,6 +42,11 @@ class ImageClassifier(BaseTask):
         task: ``binary``, ``multiclass`` or ``multilabel``; linked from the data.
         class_names: class names in label order; linked from the data and saved in the checkpoint.
         class_weights: loss weights fitted on the training split; linked from the data.
+        positive_class: the positive class of a binary task (class index 1); linked from the data,
+            saved in the checkpoint and named in the metrics (``val/prevalence_<name>``).
+        input_shape: channel-first shape of one input; linked from the data. The network is checked
+            against it when the model is built (before any run folder exists): every spatial side
+            must be at least :func:`min_input_size` and a forward pass must succeed.
         sample_grid_size: images in the logged grid of sample predictions (0 disables it).
         channels_last: on a GPU, keep 2-D images and weights in channels-last memory format (faster
             convolutions with mixed precision); ignored on CPU and for volumes.
@@ -62,6 +68,8 @@ class ImageClassifier(BaseTask):
         task: str = "multiclass",
         class_names: list[str] | None = None,
         class_weights: list[float] | None = None,
+        positive_class: str | None = None,
+        input_shape: list[int] | None = None,
         sample_grid_size: int = 16,
         channels_last: bool = True,
     ) -> None:
@@ -85,6 +93,38 @@ class ImageClassifier(BaseTask):
         if hp.pretrained_weights:
             skipped = load_pretrained_weights(self.network, hp.pretrained_weights)
             print(f"[healthcare] loaded {hp.pretrained_weights}; {len(skipped)} tensor(s) kept at initialisation")
+        if hp.input_shape is not None:
+            self.check_input_shape(tuple(hp.input_shape))
+
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """Refuse an input shape the network cannot take (InputError naming the sizes and what to change).
+
+        ResNets, DenseNet and EfficientNet end in adaptive pooling, so they run on any size without an
+        error (a 1x1 image "trains"); below their total downsampling (8 for a small-stem ResNet, 32 for
+        the others) the deepest layers see nothing but padding, which is refused too.
+        """
+        hp = self.hparams
+        need = min_input_size(hp.network, hp.small_input_stem)
+        spatial = tuple(int(s) for s in shape[1:])
+        stem = f" with small_input_stem={hp.small_input_stem}" if hp.network.startswith("resnet") else ""
+        if min(spatial) < need:
+            raise InputError(
+                f"network {hp.network!r}{stem} cannot take inputs of shape {tuple(shape)} (channels first): it downsamples "
+                f"by {need}, so every side needs at least {need} pixels; set --data.image_size {need} or more"
+                + ("" if hp.network.startswith("resnet") and hp.small_input_stem else ", or use a ResNet with --model.small_input_stem true (8 pixels)")
+            )
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                self.network(torch.zeros(1, *shape))
+        except RuntimeError as error:
+            raise InputError(
+                f"network {hp.network!r} cannot take inputs of shape {tuple(shape)} (channels first): "
+                f"{str(error).splitlines()[0]}; use a larger --data.image_size or a ResNet with small_input_stem"
+            ) from None
+        finally:
+            self.network.train(was_training)
 
     def configure_losses(self) -> None:
         weights = torch.tensor(self.hparams.class_weights, dtype=torch.float32) if self.hparams.class_weights else None
@@ -131,23 +171,11 @@ class ImageClassifier(BaseTask):
             self.network.to(memory_format=torch.channels_last)
 
     def setup(self, stage: str) -> None:
-        """Check the network takes the data's image size before any training starts."""
+        """Check the network takes the data's image size (when no ``input_shape`` was linked) before training."""
         super().setup(stage)
         shape = getattr(getattr(self.trainer, "datamodule", None), "image_shape", None)
-        if shape is None:
-            return
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.no_grad():
-                self.network(torch.zeros(1, *shape))
-        except RuntimeError as error:
-            raise ValueError(
-                f"network {self.hparams.network!r} cannot take inputs of shape {tuple(shape)} (channels first): "
-                f"{str(error).splitlines()[0]}; use a larger --data.image_size or a ResNet with small_input_stem"
-            ) from None
-        finally:
-            self.network.train(was_training)
+        if shape is not None and self.hparams.input_shape is None:
+            self.check_input_shape(tuple(shape))
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.hparams.task == "binary":
@@ -177,6 +205,8 @@ class ImageClassifier(BaseTask):
         loss, probs, target = self._step(batch)
         metrics.update(probs, target)
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(target), sync_dist=True)
+        if self.hparams.task == "binary":  # names the positive class in every summary: the share of it among the labels
+            self.log(f"{stage}/prevalence_{self.class_labels[1]}", target.float().mean(), on_epoch=True, batch_size=len(target), sync_dist=True)
         if self._grid_batch is None and self.hparams.sample_grid_size:
             keep = self.hparams.sample_grid_size
             self._grid_batch = {"image": batch["image"][:keep].cpu(), "label": target[:keep].cpu(), "probs": probs[:keep].cpu()}
@@ -268,7 +298,8 @@ class ImageClassifier(BaseTask):
                 "task": hp.task,
                 "class_names": self.class_labels,
                 "image_shape": shape,
-                "input": "float32 images, channels first, intensities scaled to [0, 1] (uint8 / 255; DICOM/NIfTI min-max)",
+                "input": "float32 images, channels first, intensities in [0, 1] by bit depth (value / (2**bits - 1): 8-bit / 255, 16-bit / 65535; pipelines/images.py)",
+                "positive_class": self.class_labels[1] if hp.task == "binary" else None,
                 "output": "probabilities, one column per class (independent per label for multilabel)",
                 "decision_threshold": 0.5 if hp.task != "multiclass" else None,
             },

@@ -56,6 +56,17 @@ def build_network(
     raise ValueError(f"network {name!r} is not one of {[*_RESNETS, 'densenet121', 'efficientnet-b0']}")
 
 
+def min_input_size(name: str, small_input_stem: bool = True) -> int:
+    """The smallest side (pixels) the network takes: its total downsampling, so the deepest layer sees
+    at least one pixel of the image rather than padding (8 for a small-stem ResNet, else 32).
+
+    Example:
+        >>> min_input_size("resnet18"), min_input_size("resnet18", small_input_stem=False), min_input_size("densenet121")
+        (8, 32, 32)
+    """
+    return 8 if name in _RESNETS and small_input_stem else 32
+
+
 def load_pretrained_weights(network: torch.nn.Module, path: str | Path) -> list[str]:
     """Load a local state dict (``.safetensors``, or a weights-only ``torch.load``) into ``network``.
 

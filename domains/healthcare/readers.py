@@ -8,22 +8,29 @@ Sources:
 - :func:`read_medmnist_npz`: the official MedMNIST key layout (``train_images``, ``train_labels``,
   ``val_*``, ``test_*``), 2-D gray or RGB, or 3-D volumes.
 - :func:`read_image_table`: a CSV with ``path`` and ``label`` columns (``split`` optional; several
-  labels separated by ``|`` make a multi-label task) and PNG/JPEG/DICOM/NIfTI files read by MONAI.
+  labels separated by ``|`` make a multi-label task) and PNG/JPEG/BMP/TIFF/DICOM/NIfTI files read by
+  :mod:`pipelines.images` (one intensity rule: integers by bit depth, see that module).
 - :func:`synthetic_lesions`: the embedded default.
 """
 
 from __future__ import annotations
 
+import csv
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from domains.healthcare.labels import check_label_counts, order_binary
 from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
+from pipelines.errors import InputError
+from pipelines.images import Intensity, check_finite_pixels, read_image, scale_integers, unit_float
+from pipelines.validation import check_unique_columns, describe_rows
 
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel")
@@ -49,6 +56,7 @@ class LabeledImages:
     sample_shape: tuple[int, ...]
     load: Callable[[np.ndarray, Resize | None], np.ndarray]
     names: list[str]
+    positive_reason: str | None = None
 
     @property
     def in_channels(self) -> int:
@@ -69,8 +77,7 @@ def resized(array: np.ndarray, resize: Resize | None) -> np.ndarray:
     """Apply a MONAI ``Resize`` to one channel-first image (uint8 scaled to [0, 1] first); no-op without one."""
     if resize is None:
         return array
-    scaled = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array
-    return np.asarray(resize(scaled), dtype=np.float32)
+    return np.asarray(resize(unit_float(array)), dtype=np.float32)
 
 
 def _in_memory(pixels: np.ndarray) -> Callable[[np.ndarray, Resize | None], np.ndarray]:
@@ -89,59 +96,98 @@ def _channels_first(images: np.ndarray, source: str) -> np.ndarray:
         return np.moveaxis(images, -1, 1)
     if images.ndim == 4:  # (N, D, H, W) gray 3-D
         return images[:, None]
-    raise ValueError(f"{source}: images have shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,D,H,W)")
+    raise InputError(f"{source}: images have shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,D,H,W)")
 
 
-def read_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None) -> LabeledImages:
+def _npz_pixels(images: np.ndarray, where: str) -> np.ndarray:
+    """The bit-depth rule on an ``.npz`` array: uint8 kept (``v / 255``), uint16 / 65535, floats checked and in [0, 1]."""
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype.kind == "f":
+        check_finite_pixels(images, where)
+        low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 1.0)
+        if low < 0 or high > 1:
+            raise InputError(f"{where}: floating-point pixels span [{low:g}, {high:g}]; floats are read as intensities in [0, 1] (nothing is clipped): rescale them, or store uint8/uint16")
+        return images.astype(np.float32)
+    if images.dtype == np.uint16:
+        return scale_integers(images, 16)
+    raise InputError(f"{where}: pixels of dtype {images.dtype}; expected uint8, uint16 or floats in [0, 1]")
+
+
+def read_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None, positive_class: str | None = None) -> LabeledImages:
     """Read a MedMNIST ``.npz`` with its official splits.
 
     Raises:
-        ValueError: missing keys, mismatched image/label counts, labels outside the class list.
+        InputError: missing keys, mismatched image/label counts, non-finite pixels (named by split and
+            item), labels outside the class list, a class with fewer than 2 items.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"npz_path {path}: file not found")
-    with np.load(path, allow_pickle=False) as npz:
+        raise InputError(f"npz_path {path}: file not found")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise InputError(f"npz_path {path}: not a readable .npz file ({error})") from None
+    with npz:
         expected = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
         missing = [key for key in expected if key not in npz.files]
         if missing:
-            raise ValueError(f"{path}: missing key(s) {missing}; a MedMNIST .npz has {expected}, found {sorted(npz.files)}")
+            raise InputError(f"{path}: missing key(s) {missing}; a MedMNIST .npz has {expected}, found {sorted(npz.files)}")
         images, labels, split = [], [], []
         for name in SPLITS:
             x, y = npz[f"{name}_images"], npz[f"{name}_labels"]
             if len(x) != len(y):
-                raise ValueError(f"{path}: {name}_images has {len(x)} items but {name}_labels has {len(y)}")
-            images.append(_channels_first(x, f"{path}:{name}_images"))
+                raise InputError(f"{path}: {name}_images has {len(x)} items but {name}_labels has {len(y)}")
+            if len(x) == 0:
+                raise InputError(f"{path}: {name}_images is empty; every split needs items")
+            check_finite_pixels(y.reshape(len(y), -1).astype(np.float64) if y.dtype.kind == "f" else y, f"{path}: array '{name}_labels'")
+            images.append(_npz_pixels(_channels_first(x, f"{path}: {name}_images"), f"{path}: array '{name}_images'"))
             labels.append(y.reshape(len(y), -1))
             split += [name] * len(x)
     shapes = {im.shape[1:] for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"{path}: splits have different image shapes {sorted(shapes)}")
-    pixels = np.concatenate(images)
-    label_array = np.concatenate(labels).astype(np.int64)
+        raise InputError(f"{path}: splits have different image shapes {sorted(shapes)}")
+    dtypes = {im.dtype for im in images}
+    pixels = np.concatenate(images if len(dtypes) == 1 else [unit_float(im) for im in images])
+    raw = np.concatenate(labels)
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
+        raise InputError(f"{path}: labels must be integers, found {raw[raw != np.round(raw)][0]!r}")
+    label_array = raw.astype(np.int64)
+    if label_array.min() < 0:
+        raise InputError(f"{path}: labels must be non-negative, found {int(label_array.min())}")
     multilabel = label_array.shape[1] > 1
     num_classes = label_array.shape[1] if multilabel else int(label_array.max()) + 1
     if class_names is not None:
         if not multilabel and label_array.max() >= len(class_names):
             row = int(np.argmax(label_array[:, 0] >= len(class_names)))
-            raise ValueError(
+            raise InputError(
                 f"{path}: item {row} ({split[row]}) has label {int(label_array[row, 0])}, not in the "
                 f"{len(class_names)} class_names {list(class_names)}"
             )
         num_classes = len(class_names)
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    if not multilabel:
+    if multilabel:
+        if label_array.max() > 1:
+            raise InputError(f"{path}: multi-label columns must hold 0 or 1, found {int(label_array.max())}")
+        counts = Counter({name: int(label_array[:, i].sum()) for i, name in enumerate(names)})
+    else:
         label_array = label_array[:, 0]
-    if label_array.min() < 0:
-        raise ValueError(f"{path}: labels must be non-negative, found {int(label_array.min())}")
+        counts = Counter({name: int((label_array == i).sum()) for i, name in enumerate(names)})
+    if class_names is None:
+        check_label_counts(counts, str(path), None)
+    task = infer_task(label_array, num_classes)
+    why = None
+    if task == "binary":
+        label_array, names, why = order_binary(label_array, names, positive_class, class_names, str(path))
     return LabeledImages(
         labels=label_array,
         class_names=names,
-        task=infer_task(label_array, num_classes),
+        task=task,
         split=np.asarray(split),
         sample_shape=tuple(pixels.shape[1:]),
         load=_in_memory(pixels),
         names=[f"{s}/{i}" for s, i in zip(split, range(len(split)))],
+        positive_reason=why,
     )
 
 
@@ -159,54 +205,34 @@ def synthetic_lesions(count: int, size: int, seed: int) -> LabeledImages:
     )
 
 
-class ImageFileReader:
-    """MONAI ``LoadImage`` with the reader chosen by file suffix (DICOM, NIfTI or PIL formats).
-
-    Pixels keep the file's row order and dtype (uint8 PNGs stay uint8); MONAI is imported lazily
-    because only the image-table path needs it.
-    """
-
-    def __init__(self) -> None:
-        from monai.data import NibabelReader, PILReader, PydicomReader
-        from monai.transforms import LoadImage
-
-        def load(reader):
-            return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)
-
-        self.dicom = load(PydicomReader(swap_ij=False))
-        self.nifti = load(NibabelReader())
-        self.pil = load(PILReader(reverse_indexing=False))
-
-    def __call__(self, path: Path) -> np.ndarray:
-        name = path.name.lower()
-        loader = self.dicom if name.endswith(".dcm") else self.nifti if name.endswith((".nii", ".nii.gz")) else self.pil
-        return np.asarray(loader(str(path)))
-
-
-def read_image_file(path: Path, reader: ImageFileReader | None = None) -> np.ndarray:
-    """Read one PNG/JPEG/DICOM/NIfTI file as a channel-first array (uint8 kept, else float32 in [0, 1])."""
-    array = (reader or ImageFileReader())(Path(path))
-    if array.ndim == 4 and array.shape[-1] == 1:  # a 2-D NIfTI/DICOM slice stored as (C, H, W, 1)
-        array = array[..., 0]
-    if array.dtype == np.uint8:
-        return array
-    array = array.astype(np.float32)
-    low, high = float(array.min()), float(array.max())
-    return (array - low) / (high - low) if high > low else np.zeros_like(array)
+def read_image_file(path: Path, intensity: Intensity = Intensity()) -> np.ndarray:
+    """Read one PNG/JPEG/BMP/TIFF/DICOM/NIfTI file channel-first by the intensity rule of
+    :mod:`pipelines.images` (uint8 = ``v / 255``, else float32 in [0, 1]); a blank image is refused."""
+    array = read_image(path, intensity)
+    if array.size and array.min() == array.max() and intensity.mode != "minmax":
+        value = float(unit_float(array.reshape(-1)[:1])[0])
+        raise InputError(
+            f"image {path}: every pixel holds the same value ({value:g} of [0, 1]): a blank image (failed export?) carries "
+            "no finding to learn or predict; remove it from the data"
+        )
+    return array
 
 
 def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str], bool]:
     raw = table["label"].astype(str).str.strip()
     multilabel = raw.str.contains(MULTILABEL_SEPARATOR, regex=False).any()
     tokens = [[t.strip() for t in value.split(MULTILABEL_SEPARATOR) if t.strip()] for value in raw]
-    names = list(class_names) if class_names is not None else sorted({t for row in tokens for t in row})
-    lookup = {name: i for i, name in enumerate(names)}
+    empty = [row + 2 for row, labels in enumerate(tokens) if not labels]
+    if empty:
+        raise InputError(f"{csv_path}: {describe_rows(empty)} ({table['path'].iloc[empty[0] - 2]}): empty label; every image needs a label")
+    counts: Counter = Counter(t for row in tokens for t in row)
+    first_row = {}
     for row, labels in enumerate(tokens):
-        unknown = [t for t in labels if t not in lookup]
-        if unknown or not labels:
-            raise ValueError(
-                f"{csv_path}: row {row + 2} ({table['path'].iloc[row]}): label {raw.iloc[row]!r} is not in the class list {names}"
-            )
+        for t in labels:
+            first_row.setdefault(t, f"row {row + 2} ({table['path'].iloc[row]})")
+    check_label_counts(counts, str(csv_path), class_names, first_row)
+    names = list(class_names) if class_names is not None else sorted(counts)
+    lookup = {name: i for i, name in enumerate(names)}
     if multilabel:
         encoded = np.zeros((len(tokens), len(names)), dtype=np.int64)
         for row, labels in enumerate(tokens):
@@ -215,67 +241,90 @@ def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str
     return np.array([lookup[row[0]] for row in tokens], dtype=np.int64), names, False
 
 
-def read_image_table(labels_csv: str | Path, image_dir: str | Path | None = None, class_names: Sequence[str] | None = None) -> LabeledImages:
+def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, first: Path, csv_path: Path) -> None:
+    if array.ndim != reference.ndim:
+        kind = lambda a: f"a {a.ndim - 1}-D {'volume' if a.ndim == 4 else 'image'} of shape {tuple(a.shape[1:])}"  # noqa: E731
+        raise InputError(f"{csv_path}: row {row}: {path} is {kind(array)} but {first} is {kind(reference)}; a data set is all 2-D images or all 3-D volumes")
+    if array.shape[0] != reference.shape[0]:
+        raise InputError(
+            f"{csv_path}: row {row}: image {path} has {array.shape[0]} channel(s) but {first} has "
+            f"{reference.shape[0]}; all images of a data set need the same channel count (gray or RGB)"
+        )
+    if array.shape != reference.shape:
+        raise InputError(f"{csv_path}: row {row}: image {path} has size {array.shape[1:]} but {first} has {reference.shape[1:]}; set --data.image_size to resize them to one size")
+
+
+def read_image_table(
+    labels_csv: str | Path,
+    image_dir: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    positive_class: str | None = None,
+    intensity: Intensity = Intensity(),
+) -> LabeledImages:
     """Read a ``path,label[,split]`` CSV; image paths are relative to ``image_dir`` (default: the CSV's folder).
 
     Raises:
-        ValueError: missing columns, unknown labels or split names, missing files; unreadable files and
-            mismatched sizes are reported by :meth:`LabeledImages.load`.
+        InputError: missing columns, unknown or confusable labels, rare classes, split names, missing
+            files; unreadable, non-finite, blank and mismatched images are reported by
+            :meth:`LabeledImages.load` with the CSV row.
     """
     csv_path = Path(labels_csv)
     if not csv_path.is_file():
-        raise ValueError(f"labels_csv {csv_path}: file not found")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        raise InputError(f"labels_csv {csv_path}: file not found")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"labels_csv {csv_path}: not a readable CSV ({str(error).strip()})") from None
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as handle:  # pandas renames a repeated header x -> x.1
+        check_unique_columns([c.strip() for c in next(csv.reader(handle), [])], str(csv_path))
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {missing}; expected columns path,label[,split], found {list(table.columns)}")
+        raise InputError(f"{csv_path}: missing column(s) {missing}; expected columns path,label[,split], found {list(table.columns)}")
     if table.empty:
-        raise ValueError(f"{csv_path}: no rows")
+        raise InputError(f"{csv_path}: no rows")
     root = Path(image_dir) if image_dir else csv_path.parent
     files = [root / p for p in table["path"]]
     absent = [(row + 2, str(f)) for row, f in enumerate(files) if not f.is_file()]
     if absent:
-        raise ValueError(f"{csv_path}: {len(absent)} image(s) not found, first: row {absent[0][0]}: {absent[0][1]}")
+        raise InputError(f"{csv_path}: {len(absent)} image(s) not found, first: row {absent[0][0]}: {absent[0][1]}")
     labels, names, multilabel = _parse_labels(table, csv_path, class_names)
     split = None
     if "split" in table.columns:
         split = table["split"].str.strip().str.lower().to_numpy()
         bad = [(row + 2, s) for row, s in enumerate(split) if s not in SPLITS]
         if bad:
-            raise ValueError(f"{csv_path}: row {bad[0][0]}: split {bad[0][1]!r} is not one of {list(SPLITS)}")
-    loader = ImageFileReader()
-    try:
-        first = read_image_file(files[0], loader)
-    except Exception as error:
-        raise ValueError(f"{csv_path}: row 2: cannot read image {files[0]}: {error}") from None
+            raise InputError(f"{csv_path}: row {bad[0][0]}: split {bad[0][1]!r} is not one of {list(SPLITS)}")
+    task = "multilabel" if multilabel else infer_task(labels, len(names))
+    why = None
+    if task == "binary":
+        labels, names, why = order_binary(labels, names, positive_class, class_names, str(csv_path))
+
+    def read(i: int) -> np.ndarray:
+        try:
+            return read_image_file(files[i], intensity)
+        except InputError as error:
+            raise InputError(f"{csv_path}: row {i + 2}: {error}") from None
+
+    first = read(0)
 
     def load(indices: np.ndarray, resize: Resize | None = None) -> np.ndarray:
-        arrays = []
         reference = resized(first, resize)
+        arrays = []
         for i in indices:
-            try:
-                array = resized(read_image_file(files[i], loader), resize)
-            except Exception as error:  # MONAI wraps reader errors in several types
-                raise ValueError(f"{csv_path}: row {i + 2}: cannot read image {files[i]}: {error}") from None
-            if array.shape[0] != reference.shape[0]:
-                raise ValueError(
-                    f"{csv_path}: row {i + 2}: image {files[i]} has {array.shape[0]} channel(s) but {files[0]} has "
-                    f"{reference.shape[0]}; all images of a data set need the same channel count (gray or RGB)"
-                )
-            if array.shape != reference.shape:
-                raise ValueError(
-                    f"{csv_path}: row {i + 2}: image {files[i]} has size {array.shape[1:]} but {files[0]} has "
-                    f"{reference.shape[1:]}; set --data.image_size to resize them to one size"
-                )
-            arrays.append(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 and reference.dtype != np.uint8 else array)
+            array = resized(read(i), resize)
+            _same_kind(array, reference, i + 2, files[i], files[0], csv_path)
+            arrays.append(array)
+        if len({a.dtype for a in arrays}) > 1:  # 8-bit and 16-bit files mixed: one float32 array in [0, 1]
+            arrays = [unit_float(a) for a in arrays]
         return np.stack(arrays)
 
     return LabeledImages(
         labels=labels,
         class_names=names,
-        task="multilabel" if multilabel else infer_task(labels, len(names)),
+        task=task,
         split=split,
         sample_shape=tuple(first.shape),
         load=load,
         names=[str(p) for p in table["path"]],
+        positive_reason=why,
     )

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
+from pipelines.errors import InputError
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
 SPLITS = ("train", "val", "test")
@@ -79,8 +80,9 @@ class MediaDataModule(pl.LightningDataModule):
 
     Args:
         image_dir: a folder of PNG/JPEG files; images in sub-folders take the sub-folder name as class.
-        npz_path: an ``.npz`` holding an image array (``x_train``, ``images``, ... or ``npz_key``); an
-            MNIST-style ``x_train/x_test`` pair keeps its split (``x_test`` becomes validation + test).
+        npz_path: an ``.npz`` holding an image array (``x_train``, ``images``, ... or ``npz_key``); official
+            splits are kept: ``x_train/x_val/x_test`` or MedMNIST's ``train_images/val_images/test_images``
+            (without a validation array, the test array becomes validation + test).
         npz_key: the name of the image array in ``npz_path`` (default: the first known name).
         image_size: side of the square images the model sees (shorter side resized, centre crop).
         channels: ``1`` (gray) or ``3`` (RGB) to require that count (a file with another count is an
@@ -133,17 +135,17 @@ class MediaDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if image_dir and npz_path:
-            raise ValueError("give either image_dir or npz_path, not both")
+            raise InputError("give either image_dir or npz_path, not both")
         if image_size < 8:
-            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+            raise InputError(f"--data.image_size must be at least 8 pixels, got {image_size}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+            raise InputError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
         if generate_steps is not None and generate_steps < 1:
-            raise ValueError(f"generate_steps must be >= 1, got {generate_steps}")
+            raise InputError(f"generate_steps must be >= 1, got {generate_steps}")
         if num_generate < 1:
-            raise ValueError(f"num_generate must be >= 1, got {num_generate}")
+            raise InputError(f"num_generate must be >= 1, got {num_generate}")
         self.save_hyperparameters(logger=False)
         self.augment = build_albumentations(augment)
         self.datasets: dict[str, Dataset] = {}
@@ -167,7 +169,9 @@ class MediaDataModule(pl.LightningDataModule):
         hp, source = self.hparams, self.source
         rng = np.random.default_rng(hp.split_seed)
         count = len(source.pixels)
-        if source.split is not None:
+        if source.split is not None and (source.split == "val").any():  # official train/val/test arrays
+            splits = {name: rng.permutation(np.flatnonzero(source.split == name)) for name in SPLITS}
+        elif source.split is not None:
             train = rng.permutation(np.flatnonzero(source.split == "train"))
             held_out = rng.permutation(np.flatnonzero(source.split != "train"))
             half = len(held_out) // 2
@@ -179,7 +183,7 @@ class MediaDataModule(pl.LightningDataModule):
         where = hp.image_dir or hp.npz_path or "the synthetic set"
         for name in SPLITS:
             if len(splits[name]) == 0:
-                raise ValueError(f"{where}: {count} image(s) leave the {name} split empty; at least 3 images are needed")
+                raise InputError(f"{where}: {count} image(s) leave the {name} split empty; at least 3 images are needed")
         if hp.max_train_images:
             splits["train"] = splits["train"][: hp.max_train_images]
         if hp.max_eval_images:
@@ -248,7 +252,7 @@ class MediaDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("class_names") or []
         if saved and self.class_names and saved != self.class_names:
-            raise ValueError(
+            raise InputError(
                 f"the checkpoint was trained on classes {saved} but the data has {self.class_names}; "
                 "class-conditional generation needs the same class list (or --data.use_labels false)"
             )

@@ -19,12 +19,14 @@ import numpy as np
 
 from domains.media.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.media.synthetic import make_shape_images
+from pipelines.errors import InputError
+from pipelines.images import GRAY_MODES, check_finite_pixels, read_pil, scale_integers, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: keys tried, in order, for the image array of an ``.npz`` when ``npz_key`` is not given
 NPZ_IMAGE_KEYS = ("x_train", "images", "train_images", "x", "X", "imgs", "data", "arr_0")
-#: PIL modes read as one channel; every other mode is read as RGB (alpha is dropped)
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+#: the held-out arrays looked for beside a training array (``x_train`` -> ``x_val``, ``x_test``)
+HELD_OUT = (("val", ("val", "valid", "validation")), ("test", ("test",)))
 
 
 @dataclass
@@ -54,18 +56,20 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
+    """uint8 kept; uint16 by bit depth (``v / 65535``, :mod:`pipelines.images`); floats in [0, 1] or [0, 255]."""
     if array.dtype == np.uint8:
         return array
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{source}: image array has dtype {array.dtype}; expected uint8 or floats")
+    if array.dtype == np.uint16:
+        return to_uint8(scale_integers(array, 16))
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{source}: image array has dtype {array.dtype}; expected uint8, uint16 or floats")
+    check_finite_pixels(array, source)
     values = array.astype(np.float32)
-    if not np.isfinite(values).all():
-        raise ValueError(f"{source}: image array contains NaN or infinite values")
     low, high = float(values.min()), float(values.max())
     if low >= 0 and high <= 1.0:
         values = values * 255.0
     elif low < 0 or high > 255:
-        raise ValueError(f"{source}: pixel values span [{low:g}, {high:g}]; expected [0, 1] floats or [0, 255]")
+        raise InputError(f"{source}: pixel values span [{low:g}, {high:g}]; expected [0, 1] floats or [0, 255] (nothing is clipped)")
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
@@ -76,7 +80,7 @@ def _channels_last(images: np.ndarray, source: str) -> np.ndarray:
         return images
     if images.ndim == 4 and images.shape[1] in (1, 3):  # (N, C, H, W)
         return np.moveaxis(images, 1, -1)
-    raise ValueError(f"{source}: images have shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3")
+    raise InputError(f"{source}: images have shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3")
 
 
 def match_channels(pixels: np.ndarray, channels: int | None, source: str) -> np.ndarray:
@@ -84,13 +88,13 @@ def match_channels(pixels: np.ndarray, channels: int | None, source: str) -> np.
     have = pixels.shape[-1]
     if channels is None or channels == have:
         return pixels
-    raise ValueError(f"{source}: images have {have} channel(s) but channels={channels} is configured; set --data.channels to {have} or null (convert automatically)")
+    raise InputError(f"{source}: images have {have} channel(s) but channels={channels} is configured; set --data.channels to {have} or null (convert automatically)")
 
 
 def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tuple[str, np.ndarray]:
     if key is not None:
         if key not in npz.files:
-            raise ValueError(f"{path}: no array {key!r} (npz_key); the file holds {sorted(npz.files)}")
+            raise InputError(f"{path}: no array {key!r} (npz_key); the file holds {sorted(npz.files)}")
         return key, npz[key]
     for candidate in NPZ_IMAGE_KEYS:
         if candidate in npz.files:
@@ -98,40 +102,47 @@ def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tupl
             if array.ndim in (3, 4):
                 return candidate, array
     described = {name: tuple(npz[name].shape) for name in npz.files}
-    raise ValueError(
+    raise InputError(
         f"{path}: no image array found; expected an (N,H,W[,C]) array under one of {list(NPZ_IMAGE_KEYS)} "
         f"or named by --data.npz_key, found {described}"
     )
 
 
 def read_npz(path: str | Path, image_size: int, channels: int | None, key: str | None = None, use_labels: bool = True) -> ImageSet:
-    """Read an ``.npz`` with an image array (MNIST layout ``x_train, y_train, x_test, y_test`` keeps its split).
+    """Read an ``.npz`` with an image array; official splits are kept: MNIST's ``x_train, y_train, x_test,
+    y_test`` (``x_val`` too when present) and MedMNIST's ``train_images``, ``val_images``, ``test_images``.
 
     Labels come from ``y_*`` / ``labels`` beside the images when present and ``use_labels`` is set.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"npz_path {path}: file not found")
+        raise InputError(f"npz_path {path}: file not found")
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as error:
-        raise ValueError(f"npz_path {path}: not a readable .npz file ({error})") from None
+        raise InputError(f"npz_path {path}: not a readable .npz file ({error})") from None
     with npz:
         image_key, first = _image_array(npz, path, key)
         parts: list[tuple[str, np.ndarray, np.ndarray | None]] = []
         pairs = [(image_key, "train")]
-        if image_key.endswith("_train") and image_key.replace("_train", "_test") in npz.files:
-            pairs.append((image_key.replace("_train", "_test"), "test"))
+        if "train" in image_key:  # official held-out arrays: x_train -> x_val, x_test; train_images -> val_images, test_images
+            for split, words in HELD_OUT:
+                found = next((image_key.replace("train", w) for w in words if image_key.replace("train", w) in npz.files), None)
+                if found is not None:
+                    pairs.append((found, split))
         for name, split in pairs:
             images = npz[name]
             label_key = next((k for k in (name.replace("x_", "y_").replace("images", "labels"), "labels", "y") if k != name and k in npz.files), None)
             labels = npz[label_key].reshape(-1) if (use_labels and label_key) else None
             if labels is not None and len(labels) != len(images):
-                raise ValueError(f"{path}: {name} has {len(images)} images but {label_key} has {len(labels)} labels")
+                raise InputError(f"{path}: {name} has {len(images)} images but {label_key} has {len(labels)} labels")
             parts.append((split, _channels_last(images, f"{path}:{name}"), labels))
+    shapes = {images.shape[1:] for _, images, _ in parts}
+    if len(shapes) > 1:
+        raise InputError(f"{path}: the split arrays {[name for name, _ in pairs]} hold images of different shapes {sorted(shapes)}")
     if any(len(images) == 0 for _, images, _ in parts):
-        raise ValueError(f"{path}: the image array {image_key!r} is empty")
-    pixels = np.concatenate([_to_uint8(images, f"{path}") for _, images, _ in parts])
+        raise InputError(f"{path}: the image array {image_key!r} is empty")
+    pixels = np.concatenate([_to_uint8(images, f"{path}: array {name!r}") for (name, _), (_, images, _) in zip(pairs, parts)])
     pixels = match_channels(pixels, channels, str(path))
     if pixels.shape[1] != image_size or pixels.shape[2] != image_size:
         pixels = np.stack([resize_square(image, image_size) for image in pixels])
@@ -140,7 +151,7 @@ def read_npz(path: str | Path, image_size: int, channels: int | None, key: str |
     if all(part is not None for part in label_parts):
         labels = np.concatenate(label_parts).astype(np.int64)
         if labels.min() < 0:
-            raise ValueError(f"{path}: labels must be non-negative integers, found {int(labels.min())}")
+            raise InputError(f"{path}: labels must be non-negative integers, found {int(labels.min())}")
     split = np.concatenate([np.full(len(images), split) for split, images, _ in parts]) if len(parts) > 1 else None
     names = [f"{path.name}:{i}" for i in range(len(pixels))]
     class_names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
@@ -155,17 +166,17 @@ def list_image_folder(folder: str | Path) -> tuple[list[Path], np.ndarray | None
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"image_dir {folder}: not a folder")
+        raise InputError(f"image_dir {folder}: not a folder")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"image_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found, the folder is empty of images")
+        raise InputError(f"image_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found, the folder is empty of images")
     tops = [p.relative_to(folder).parts for p in files]
     in_sub = [len(parts) > 1 for parts in tops]
     if not any(in_sub):
         return files, None, []
     if not all(in_sub):
         loose = next(p for p, sub in zip(files, in_sub) if not sub)
-        raise ValueError(
+        raise InputError(
             f"image_dir {folder}: {loose.name} lies at the top level while other images are in class sub-folders; "
             "put every image in a class sub-folder, or none"
         )
@@ -182,22 +193,24 @@ def probe_channels(path: Path) -> int:
         with Image.open(path) as image:
             return 1 if image.mode in GRAY_MODES else 3
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+        raise InputError(f"cannot read image {path}: {error}") from None
 
 
 def read_image_file(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode one PNG/JPEG fully (truncated files fail here), as ``(size, size, channels)`` uint8."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode one PNG/JPEG fully (truncated files fail here), as ``(size, size, channels)`` uint8.
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            converted = image.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path} (unreadable or truncated): {error}") from None
-    array = np.asarray(converted)
-    array = array[..., None] if array.ndim == 2 else array
-    return resize_square(array, image_size)
+    Values follow :mod:`pipelines.images`' bit-depth rule (a 16-bit ``v`` is ``v / 65535``, then
+    quantised to 8 bits), so a 16-bit file is never clipped the way PIL's ``convert("L")`` clips it.
+    """
+    from PIL import Image
+
+    hwc = np.moveaxis(to_uint8(read_pil(path)), 0, -1)
+    if hwc.shape[-1] != channels:
+        if channels == 3:
+            hwc = np.repeat(hwc, 3, axis=-1)
+        else:  # RGB -> gray with PIL's ITU-R 601-2 luma, as convert("L") computes it
+            hwc = np.asarray(Image.fromarray(np.ascontiguousarray(hwc)).convert("L"))[..., None]
+    return resize_square(np.ascontiguousarray(hwc), image_size)
 
 
 def read_image_folder(folder: str | Path, image_size: int, channels: int | None, use_labels: bool = True) -> ImageSet:
@@ -214,7 +227,7 @@ def read_image_folder(folder: str | Path, image_size: int, channels: int | None,
         wanted = channels
         for path, count in zip(files, counts):
             if count != channels:
-                raise ValueError(
+                raise InputError(
                     f"image_dir {folder}: {path} has {count} channel(s) but channels={channels} is configured "
                     "(mixed channel counts); convert the file or set --data.channels null to convert automatically"
                 )

@@ -1,0 +1,183 @@
+"""Healthcare: what a user may get wrong, each refused by the real runner with exit 2 before a run folder exists.
+
+Every case writes tiny real files (PNG, 16-bit PNG, DICOM, NIfTI, ``.npz``, CSV) and runs
+``python -m pipelines.run healthcare`` in this process (``tests/bad_inputs.py``). The last test
+trains one tiny model and checks that ``predict`` with a bad file in ``--data.predict_dir`` leaves
+the run folder as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import lightning.pytorch  # noqa: F401  (imported at collection: its log handler must bind the session's stderr, not a closed capsys stream)
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.bad_inputs import BadInput, check_refused, params
+from tests.conftest import only_run, run_pipeline
+from tests.medical_files import blob_images, write_dicom, write_nifti, write_png
+
+FAST = (
+    "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1", "--data.batch_size=4", "--model.network=resnet10", "--model.width=0.25",
+    "--model.sample_grid_size=0",
+)  # fmt: skip
+
+
+def table(folder: Path, labels: list[str] | None = None, splits: list[str] | None = None, count: int = 8, size: int = 8, **override) -> Path:
+    """``count`` gray PNGs (benign/malignant blobs) and ``labels.csv``; ``override`` maps a row index to a writer."""
+    images, classes = blob_images(count, size)
+    rows = []
+    for i, image in enumerate(images):
+        path = folder / f"case{i}.png"
+        override.get(f"r{i}", write_png)(path, image)
+        rows.append({"path": path.name, "label": labels[i] if labels else ("benign", "malignant")[classes[i]], "split": (splits or ["train", "train", "val", "test"] * (count // 4 + 1))[i]})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder / "labels.csv"
+
+
+def medmnist(folder: Path, bad: str | None = None, value: float = np.nan, dtype=np.float32) -> Path:
+    arrays = {}
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = np.random.default_rng(0).random((n, 8, 8)).astype(dtype)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    if bad:
+        key, item = bad.split("@")
+        arrays[key][int(item), 2, 3] = value
+    np.savez(folder / "set.npz", **arrays)
+    return folder / "set.npz"
+
+
+def corrupt(path: Path, image: np.ndarray) -> None:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not a real PNG")
+
+
+def png16(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image.astype(np.uint16) * 257).save(path)
+
+
+def ct_dicom(path: Path, image: np.ndarray) -> None:
+    write_dicom(path, image.astype(np.uint16) * 16)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.RescaleIntercept, ds.RescaleSlope, ds.BitsStored, ds.HighBit = -1024, 1, 12, 11
+    ds.save_as(path)
+
+
+def csv_file(text: str):
+    return lambda folder: (folder / "labels.csv").write_text(text)
+
+
+def volume_among_images(folder: Path) -> None:
+    table(folder)
+    write_nifti(folder / "case2.nii.gz", np.random.default_rng(0).random((8, 8, 8)))
+    rename(folder, "case2.png", "case2.nii.gz")
+
+
+def rename(folder: Path, old: str, new: str) -> None:
+    frame = pd.read_csv(folder / "labels.csv")
+    frame["path"] = frame["path"].replace(old, new)
+    frame.to_csv(folder / "labels.csv", index=False)
+    (folder / old).unlink(missing_ok=True)
+
+
+def nifti_table(folder: Path, bad: int | None = None, scale: float = 1.0) -> None:
+    rows = []
+    for i in range(8):
+        volume = np.random.default_rng(i).random((8, 8, 8)) * scale
+        if i == bad:
+            volume[1, 2, 3] = np.nan
+        write_nifti(folder / f"vol{i}.nii.gz", volume)
+        rows.append({"path": f"vol{i}.nii.gz", "label": "ab"[i % 2], "split": ("train", "val", "test", "train")[i % 4]})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+
+
+CSV = ("--data.labels_csv", "{tmp}/labels.csv")
+NPZ = ("--data.npz_path", "{tmp}/set.npz")
+CASES = [
+    # non-finite pixels: named by file, split array and item
+    BadInput("npz_nan", NPZ, ("set.npz", "'train_images'", "NaN", "item 5"), lambda f: medmnist(f, "train_images@5")),
+    BadInput("npz_inf_in_test", NPZ, ("'test_images'", "inf", "item 2"), lambda f: medmnist(f, "test_images@2", np.inf)),
+    BadInput("npz_float32_overflow", NPZ, ("'val_images'", "float32's range", "item 1"), lambda f: medmnist(f, "val_images@1", 1e39, np.float64)),
+    BadInput("npz_floats_outside_unit_range", NPZ, ("'train_images'", "span [0", "1000]"), lambda f: medmnist(f, "train_images@0", 1000.0)),
+    BadInput("npz_without_medmnist_keys", NPZ, ("missing key(s)", "train_images"), lambda f: np.savez(f / "set.npz", images=np.zeros((4, 8, 8)), labels=np.zeros(4))),
+    BadInput("nifti_nan", (*CSV, "--data.positive_class=b"), ("vol1.nii.gz", "row 3", "NaN"), lambda f: nifti_table(f, bad=1)),
+    BadInput("nifti_floats_outside_unit_range", (*CSV, "--data.positive_class=b"), ("vol0.nii.gz", "span", "--data.intensity_range"), lambda f: nifti_table(f, scale=1000)),
+    # labels
+    BadInput("label_typo", CSV, ("'COVID-19'", "'covid'", "spelt two ways", "--data.class_names"), lambda f: table(f, ["COVID-19", "normal"] * 3 + ["covid", "normal"])),
+    BadInput("rare_class", CSV, ("'cyst' (1 row)", "fewer than 2 rows", "--data.class_names"), lambda f: table(f, ["benign", "malignant"] * 3 + ["cyst", "benign"])),
+    BadInput("label_outside_class_names", (*CSV, "--data.class_names=[benign,malignant]"), ("'malignent'", "did you mean 'malignant'", "row 9"), lambda f: table(f, ["benign", "malignant"] * 3 + ["benign", "malignent"])),
+    BadInput("empty_label", CSV, ("row 4", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
+    BadInput("binary_without_a_positive_class", CSV, ("['covid', 'flu']", "--data.positive_class"), lambda f: table(f, ["covid", "flu"] * 4)),
+    BadInput("positive_class_not_a_class", (*CSV, "--data.positive_class=malignent"), ("'malignent'", "did you mean 'malignant'"), table),
+    BadInput("positive_class_for_multiclass", (*CSV, "--data.positive_class=b"), ("for binary tasks", "multiclass"), lambda f: table(f, ["a", "b", "c", "a", "b", "c", "a", "b"], count=8)),
+    BadInput("class_names_twice", (*CSV, "--data.class_names=[benign,benign]"), ("lists a class twice",), table),
+    # files and table
+    BadInput("missing_image", CSV, ("not found", "row 5", "case3.png"), lambda f: (table(f), (f / "case3.png").unlink())),
+    BadInput("corrupt_png", CSV, ("row 4", "cannot read image", "case2.png"), lambda f: table(f, r2=corrupt)),
+    BadInput("csv_without_path_label", CSV, ("missing column(s) ['path', 'label']", "found ['file', 'diagnosis']"), csv_file("file,diagnosis\na.png,x\n")),
+    BadInput("csv_header_twice", CSV, ("column 'label' 2 times",), csv_file("path,label,label\na.png,x,y\n")),
+    BadInput("empty_split", CSV, ("split 'val' is empty",), lambda f: table(f, splits=["train", "test"] * 4)),
+    BadInput("unknown_split_name", CSV, ("row 2", "split 'training'"), lambda f: table(f, splits=["training"] + ["train", "val", "test"] * 3)),
+    BadInput("mixed_sizes_without_image_size", CSV, ("row 3", "size (12, 12)", "--data.image_size"), lambda f: table(f, r1=lambda p, a: write_png(p, np.resize(a, (12, 12))))),
+    BadInput("mixed_channels", CSV, ("row 5", "3 channel(s)", "same channel count"), lambda f: table(f, r3=lambda p, a: write_png(p, np.stack([a] * 3, -1)))),
+    BadInput("volume_among_images", CSV, ("row 4", "3-D volume", "2-D image"), volume_among_images),
+    BadInput("blank_16bit_png", CSV, ("row 6", "case4.png", "blank image"), lambda f: table(f, r4=lambda p, a: png16(p, np.zeros_like(a)))),
+    BadInput("ct_dicom_in_hounsfield_units", CSV, ("case1.dcm", "RescaleIntercept -1024", "--data.intensity_range"), lambda f: (table(f, r1=lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)), rename(f, "case1.png", "case1.dcm"))),
+    BadInput("dicom_window_without_window", (*CSV, "--data.intensity=dicom_window"), ("WindowCenter",), lambda f: (table(f, r0=lambda p, a: write_dicom(p.with_suffix(".dcm"), a)), rename(f, "case0.png", "case0.dcm"))),
+    BadInput("intensity_range_reversed", (*CSV, "--data.intensity_range=[3071,-1024]"), ("LOW < HIGH",), table),
+    # options
+    BadInput("image_size_1", (*NPZ, "--data.image_size=1"), ("(1, 1, 1)", "at least 8 pixels", "--data.image_size"), medmnist),
+    BadInput("image_size_0", (*NPZ, "--data.image_size=0"), ("--data.image_size", "positive", "got 0"), medmnist),
+    BadInput("image_size_negative", (*NPZ, "--data.image_size=-4"), ("--data.image_size", "got -4"), medmnist),
+    BadInput("native_size_too_small_for_densenet", (*NPZ, "--model.network=densenet121", "--model.width=1"), ("'densenet121'", "(1, 8, 8)", "at least 32"), medmnist),
+    BadInput("unknown_augmentation", (*NPZ, "--data.augment=[{HorizontalFlipp: {p: 0.5}}]"), ("HorizontalFlipp",), medmnist),
+]
+
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_bad_input_is_refused(case, tmp_path, capsys):
+    message = " ".join(check_refused("healthcare", replace(case, expect=()), tmp_path, capsys).split())
+    for expected in case.expect:  # against the unwrapped paragraph: the runner wraps it at 100 columns
+        assert expected.lower() in message.lower(), f"{expected!r} is not in the error message:\n{message}"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_dir_with_a_bad_file_leaves_the_run_as_it_was(tmp_path, capsys):
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    data.mkdir()
+    csv = table(data, count=16)
+    run_pipeline("healthcare", *FAST, "--data.labels_csv", str(csv), "--runs_dir", str(runs))
+    run = only_run(runs, "healthcare")
+    before = _digests(run)
+    incoming = tmp_path / "incoming"
+    for i, image in enumerate(blob_images(3, 8, seed=4)[0]):
+        write_png(incoming / f"new{i}.png", image)
+    cases = {
+        "corrupt": (lambda: corrupt(incoming / "new1.png", None), ("new1.png", "cannot read image")),
+        "wrong size": (lambda: write_png(incoming / "new1.png", blob_images(1, 12)[0][0]), ("new1.png", "(1, 12, 12)", "--data.image_size")),
+        "blank 16-bit": (lambda: png16(incoming / "new1.png", np.zeros((8, 8))), ("new1.png", "blank image")),
+        "no images": (lambda: [p.unlink() for p in incoming.glob("*.png")] and (incoming / "notes.txt").write_text("x"), ("no image files",)),
+    }
+    for name, (spoil, expected) in cases.items():
+        spoil()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_pipeline("healthcare", "predict", "--data.predict_dir", str(incoming), "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(runs))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, f"{name}: exit {exit_info.value.code}\n{err[-2000:]}"
+        message = " ".join(err[err.index("error:") :].split())
+        assert "Traceback" not in err and all(e.lower() in message.lower() for e in expected), f"{name}: {message}"
+        assert _digests(run) == before, f"{name}: the run folder changed"
+        assert not list(run.glob("predictions*.csv"))
