@@ -31,12 +31,28 @@ def configure_wandb_mode(environ: dict[str, str] | os._Environ = os.environ) -> 
 
 
 class FiniteWandbLogger(WandbLogger):
-    """``WandbLogger`` that leaves NaN and inf out of what it sends (W&B refuses them as JSON and the
-    run crashed after training); ``metrics.jsonl`` and ``summary.json`` keep them as ``"nan"``/``"inf"``."""
+    """``WandbLogger`` that survives non-finite values.
+
+    A NaN or inf monitored metric gives the checkpoint a score of inf (``ModelCheckpoint``), and W&B
+    refuses it in the model artifact's metadata (``ValueError: Out of range float values are not JSON
+    compliant``) when the checkpoints are uploaded at the end of ``fit``: the run crashed after
+    training. Such an upload is skipped with a message instead (the checkpoints stay in the run
+    folder). NaN and inf metrics are left out of the W&B history; ``metrics.jsonl`` and
+    ``summary.json`` keep them as ``"nan"``/``"inf"``.
+    """
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         finite = {k: v for k, v in metrics.items() if not (isinstance(v, (int, float)) and not math.isfinite(float(v)))}
         super().log_metrics(finite, step)
+
+    def finalize(self, status: str) -> None:
+        try:
+            super().finalize(status)
+        except ValueError as error:
+            if "JSON" not in str(error):
+                raise
+            print(f"[pipelines] W&B: checkpoints not uploaded as model artifacts, their score is not finite ({error}); "
+                  "they are in the run folder's checkpoints/", file=sys.stderr)  # fmt: skip
 
 
 def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = ()) -> WandbLogger:

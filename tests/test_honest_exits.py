@@ -123,3 +123,42 @@ def test_debug_shows_the_traceback(capsys):
     assert exit_code("finance", "fit", "--model.lrr", "1") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "did you mean '--model.lr'" in err
+
+
+def test_a_nan_monitored_metric_does_not_crash_the_wandb_upload_after_training(tmp_path):
+    """A NaN validation score becomes a checkpoint score of inf, which W&B refused in the model
+    artifact's metadata at the end of fit ('Out of range float values are not JSON compliant')."""
+    import lightning.pytorch as pl
+    import wandb
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from pipelines.runs import RunFolder
+    from pipelines.tracking import make_wandb_logger
+    from tests.wandb_offline import history, run_file
+
+    class Task(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/score", float("nan"))
+            self.log("val/auroc", 0.75)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)), batch_size=4)
+    logger = make_wandb_logger(RunFolder("finance", "nan-run", tmp_path / "nan-run", None))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/score", mode="min")
+    trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False)
+    try:
+        trainer.fit(Task(), data, data)
+    finally:
+        wandb.finish()
+    assert checkpoint.best_model_path and trainer.state.finished
+    rows = history(run_file(tmp_path / "nan-run"))
+    assert [row["val/auroc"] for row in rows if "val/auroc" in row] == [0.75] and not any("val/score" in row for row in rows)
