@@ -178,5 +178,6 @@ def check_option_names(space: list[Parameter], config: dict[str, Any], where: st
     known = _leaves({k: config[k] for k in SECTIONS if k in config})
     for parameter in space:
         if parameter.option not in known:
-            hint = did_you_mean(parameter.option, sorted(known)) or f"; `python -m pipelines.run {domain} --help` lists every option"
+            alike = sorted(k for k in known if k.count(".") == parameter.option.count("."))
+            hint = did_you_mean(parameter.option, alike) or f"; `python -m pipelines.run {domain} --help` lists every option"
             raise InputError(f"{where}: {parameter.option} is not an option of {domain}{hint}")
