@@ -97,7 +97,7 @@ class Sweep:
 
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is reported by after_trial
         # heartbeats and retries are marked experimental by Optuna (since 2.8/2.9); they are what a resumable sweep needs
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -236,7 +236,7 @@ class Sweep:
         optuna.storages.fail_stale_trials(study)
         counts = self.counts()
         value = "" if trial.value is None else f" {self.spec.monitor}={trial.value:.6g}"
-        error = f" ({trial.user_attrs.get('error', '')})" if trial.state == optuna.trial.TrialState.FAIL else ""
+        error = f" ({trial.user_attrs.get('error') or trial.user_attrs.get('outcome', 'lost')})" if trial.state == optuna.trial.TrialState.FAIL else ""
         print_progress(f"trial {trial.number} {trial.state.name}{value}{error}; {counts['finished']}/{self.options.trials} finished")
         with self.lock:
             write_best_config(study, self.folder, self.spec.monitor)
@@ -247,7 +247,6 @@ class Sweep:
     def run(self) -> int:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         started = time.time()
         print_progress(f"study {self.name!r} ({self.options.sampler}, pruner {self.options.pruner}, {self.spec.monitor} {self.spec.mode}) in {self.storage_url}")
         waited = False
