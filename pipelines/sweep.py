@@ -1,0 +1,328 @@
+"""``python -m pipelines.sweep DOMAIN --space space.yaml --trials N [--workers W] [runner options]``.
+
+A hyper-parameter sweep on Optuna: TPE by default (``--sampler random|grid``), a search space in
+YAML over any runner option (:mod:`pipelines.sweep_space`), median or Hyperband pruning
+(``--pruner``) through a Lightning callback in each trial (:mod:`pipelines.sweep_trial`).
+
+- Each trial is a real ``python -m pipelines.run DOMAIN`` child process with the sampled options
+  added to the sweep's fixed runner options (``--data.*``, ``--trainer.*``, ``--config``): a normal
+  run folder ``<runs_dir>/<domain>/<name>-t<NNNN>`` (fit, then test), in the W&B group ``<name>``.
+  Its objective is the domain's own ``monitor``/``mode`` (``best_score`` in the run's
+  ``summary.json``); nothing here is domain-specific.
+- A trial that exits non-zero (2: a value the runner refuses; 1: a crash or a diverged run) is
+  recorded as FAIL with its exit code and error line, never as the best; the sweep goes on.
+- The study lives in ``<sweeps_dir>/<domain>/<name>/study.db`` (SQLite) or in any RDB URL given
+  with ``--storage`` (PostgreSQL, MySQL): several sweep commands, on one machine or many (a SLURM
+  array, a Kubernetes indexed Job: ``deploy/``), share one study and stop when it has N trials.
+- Killed and started again with the same command, a sweep resumes its study: a trial whose worker
+  died stops sending heartbeats, is marked FAIL and retried with the same parameters.
+- The sweep folder holds ``best.yaml`` (the best trial's config, for ``pipelines.run`` and
+  ``pipelines.retrain`` ``--config``), ``trials.csv``, ``plots/`` and ``logs/trial-NNNN.log``; the
+  plots and the trials table also go to a W&B run of job type ``sweep`` in the sweep's group.
+
+Exit status: 0 the study has N finished trials and at least one completed; 1 none completed, or a
+crash; 2 a bad space file or option, refused before any trial runs; 143/130 stopped by
+SIGTERM/SIGINT (running trials are stopped and retried when the same command runs again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, EXIT_SIGTERM, InputError, crash_message, debug_requested, paragraph
+from pipelines.registry import get_domain
+from pipelines.sweep_report import error_line, log_to_wandb, plot_study, print_progress, write_best_config, write_trials_csv
+from pipelines.sweep_space import Parameter, check_option_names, load_space, option_value, resolve_runner_config
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")  # pipelines.sweep_trial.PRUNERS, without importing Lightning to print --help
+SWEEP_GROUP_ENV = "PIPELINES_WANDB_GROUP"
+#: What a finished trial was, in its ``outcome`` user attribute (a trial without one was lost with its worker).
+COUNTED = ("complete", "pruned", "failed")
+
+
+class UsageError(InputError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UsageError(f"{message}; `python -m pipelines.sweep --help` lists the options")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m pipelines.sweep", allow_abbrev=False,
+        usage="python -m pipelines.sweep DOMAIN --space SPACE.yaml --trials N [--workers W] [options] [runner options: --config, --data.X, --model.X, --trainer.X]",
+        description="Hyper-parameter sweep of a domain on Optuna; every other option goes to each trial's runner.",
+    )  # fmt: skip
+    parser.add_argument("domain")
+    parser.add_argument("--space", required=True, help="YAML file: runner option -> {low, high[, log][, step]} or {choices: [...]}.")
+    parser.add_argument("--trials", type=int, required=True, help="Finished trials the study should have (complete, pruned or failed; shared by all workers).")
+    parser.add_argument("--workers", type=int, default=1, help="Trials run at once by this command (each a child process).")
+    parser.add_argument("--name", default=None, help="Study name (default: the space file's name); the same name resumes the study.")
+    parser.add_argument("--storage", default=None, help="Optuna RDB URL shared by all workers (default: sqlite:///<sweep folder>/study.db).")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="tpe (default), random, or grid (every combination of `choices`).")
+    parser.add_argument("--pruner", choices=PRUNERS, default="median", help="Stop unpromising trials after a validation run.")
+    parser.add_argument("--seed", type=int, default=None, help="Sampler seed (leave unset when several workers share a study).")
+    parser.add_argument("--sweeps_dir", default="sweeps", help="Sweep folders go to SWEEPS_DIR/DOMAIN/NAME/.")
+    parser.add_argument("--runs_dir", default="runs", help="Trials' run folders go to RUNS_DIR/DOMAIN/.")
+    parser.add_argument("--heartbeat_interval", type=int, default=60, help="Seconds between a running trial's heartbeats; a trial silent for twice that is failed and retried.")
+    parser.add_argument("--no_wandb", action="store_true", help="Do not write the sweep's own W&B run (trials still log theirs).")
+    return parser
+
+
+class TrialFailed(Exception):
+    """A trial's runner exited non-zero or left no finite score: recorded as FAIL, the sweep goes on."""
+
+
+class TrialStopped(TrialFailed):
+    """The sweep was stopped by a signal while this trial ran: it is retried when the sweep resumes."""
+
+
+class Sweep:
+    def __init__(self, options: argparse.Namespace, runner_args: list[str]) -> None:
+        import warnings
+
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is reported by after_trial
+        # heartbeats and retries are marked experimental by Optuna (since 2.8/2.9); they are what a resumable sweep needs
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+        self.options, self.runner_args = options, runner_args
+        self.spec = get_domain(options.domain)
+        self.space: list[Parameter] = load_space(options.space)
+        for name, value in (("--trials", options.trials), ("--workers", options.workers), ("--heartbeat_interval", options.heartbeat_interval)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+        for i, arg in enumerate(runner_args):
+            if not arg.startswith("--") and (i == 0 or not runner_args[i - 1].startswith("--") or "=" in runner_args[i - 1]):
+                raise UsageError(f"unexpected argument {arg!r}: a sweep runs `fit` (then `test`); give runner options only")
+            if arg.split("=")[0] in ("--run_id", "--ckpt_path", "--trainer.logger"):
+                raise UsageError(f"{arg.split('=')[0]} is set by the sweep for each trial")
+        if options.sampler == "grid" and any(p.choices is None for p in self.space):
+            raise UsageError(f"--sampler grid needs `choices` for every option of {options.space}")
+        self.name = options.name or Path(options.space).stem
+        self.folder = Path(options.sweeps_dir) / self.spec.name / self.name
+        self.runs_dir = Path(options.runs_dir).resolve()
+        config = resolve_runner_config(self.spec.name, [*runner_args, f"--runs_dir={self.runs_dir}"])
+        check_option_names(self.space, config, options.space, self.spec.name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.storage_url = options.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
+        from pipelines.sweep_trial import make_pruner, open_storage
+
+        self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval)
+        direction = "maximize" if self.spec.mode == "max" else "minimize"
+        self.study = optuna.create_study(
+            study_name=self.name, storage=self.storage, load_if_exists=True, direction=direction,
+            sampler=self._sampler(optuna), pruner=make_pruner(options.pruner),
+        )  # fmt: skip
+        self._check_same_study(direction)
+        self.stopped_by: str | None = None
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def _sampler(self, optuna: Any) -> Any:
+        if self.options.sampler == "grid":
+            from pipelines.sweep_space import choice_label
+
+            return optuna.samplers.GridSampler({p.option: [choice_label(c) for c in p.choices] for p in self.space}, seed=self.options.seed)
+        if self.options.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=self.options.seed)
+        return optuna.samplers.TPESampler(seed=self.options.seed)
+
+    def _check_same_study(self, direction: str) -> None:
+        """A resumed study must search the same space for the same domain, in the same direction."""
+        recorded = {"domain": self.spec.name, "monitor": self.spec.monitor, "space": {p.option: p.describe() for p in self.space},
+                    "fixed_options": self.runner_args}  # fmt: skip
+        attrs = self.study.user_attrs
+        for key, value in recorded.items():
+            if key in attrs and json.dumps(attrs[key], sort_keys=True) != json.dumps(value, sort_keys=True):
+                raise UsageError(
+                    f"study {self.name!r} in {self.storage_url} was started with {key} {attrs[key]!r}, this command has {value!r}; "
+                    f"give --name another study name, or the same {key} to resume it"
+                )
+            if key not in attrs:
+                self.study.set_user_attr(key, value)
+        if self.study.direction.name.lower() != direction:
+            raise UsageError(f"study {self.name!r} was created to {self.study.direction.name.lower()}, {self.spec.monitor} needs {direction}")
+
+    # ----- counting ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        import optuna
+
+        trials = self.study.get_trials(deepcopy=False)
+        counts = {outcome: sum(t.user_attrs.get("outcome") == outcome and t.state.is_finished() for t in trials) for outcome in COUNTED}
+        counts["running"] = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        counts["lost"] = sum(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("outcome") not in COUNTED for t in trials)
+        counts["finished"] = sum(counts[o] for o in COUNTED)
+        return counts
+
+    # ----- one trial ---------------------------------------------------------------------------
+    def objective(self, trial: Any) -> float:
+        import optuna
+
+        params = {p.option: p.suggest(trial) for p in self.space}
+        run_id = f"{self.name}-t{trial.number:04d}"
+        run_dir = self.runs_dir / self.spec.name / run_id
+        log = self.folder / "logs" / f"trial-{trial.number:04d}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
+        if run_dir.exists():
+            return self._failed(trial, None, f"run folder {run_dir} already exists (another study with this name used this runs_dir)")
+        command = [sys.executable, "-m", "pipelines.sweep_trial", self.spec.name, *self.runner_args,
+                   *[f"--{option}={option_value(value)}" for option, value in params.items()],
+                   f"--runs_dir={self.runs_dir}", f"--run_id={run_id}"]  # fmt: skip
+        if self.options.pruner != "none":
+            command += ["--trainer.callbacks+=pipelines.sweep_trial.OptunaPruning", f"--trainer.callbacks.storage={self.storage_url}",
+                        f"--trainer.callbacks.study={self.name}", f"--trainer.callbacks.trial_id={trial._trial_id}",
+                        f"--trainer.callbacks.monitor={self.spec.monitor}", f"--trainer.callbacks.pruner={self.options.pruner}"]  # fmt: skip
+        env = {**os.environ, SWEEP_GROUP_ENV: self.name, "PIPELINES_JOB_TYPE": "sweep-trial", "PIPELINES_SWEEP_PARENT": str(os.getpid())}
+        env.pop("PIPELINES_RUN_ID", None)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        print_progress(f"trial {trial.number} started: {shown} -> {run_dir}")
+        with open(log, "w") as output:
+            child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            with self.lock:
+                self.children.add(child)
+            try:
+                code = child.wait()
+            finally:
+                with self.lock:
+                    self.children.discard(child)
+        trial.set_user_attr("exit_code", code)
+        if self.stopped_by is not None and code != 0:
+            trial.set_user_attr("outcome", "stopped")
+            raise TrialStopped(f"stopped by {self.stopped_by} (exit {code}); retried when the sweep resumes")
+        if code != 0:
+            return self._failed(trial, code, error_line(log) or f"see {log}")
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        score = summary.get("best_score")
+        if not isinstance(score, (int, float)) or not math.isfinite(score):
+            return self._failed(trial, code, f"no finite {self.spec.monitor} best_score in {summary_path} (got {score!r})")
+        test = summary.get("test") or {}
+        trial.set_user_attr("test", {k: v for k, v in test.items() if isinstance(v, (int, float))})
+        if "pruned_at" in self.storage.get_trial(trial._trial_id).user_attrs:
+            trial.set_user_attr("outcome", "pruned")
+            raise optuna.TrialPruned(f"pruned after validation run {self.storage.get_trial(trial._trial_id).user_attrs['pruned_at']}")
+        trial.set_user_attr("outcome", "complete")
+        return float(score)
+
+    def _failed(self, trial: Any, code: int | None, why: str) -> float:
+        trial.set_user_attr("outcome", "failed")
+        trial.set_user_attr("error", why)
+        raise TrialFailed(f"exit {code}: {why}" if code is not None else why)
+
+    def after_trial(self, study: Any, trial: Any) -> None:
+        """After each trial: retry one stopped by a signal, fail stale ones, report, stop when done."""
+        import optuna
+
+        if trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get("outcome") == "stopped":
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
+        optuna.storages.fail_stale_trials(study)
+        counts = self.counts()
+        value = "" if trial.value is None else f" {self.spec.monitor}={trial.value:.6g}"
+        error = f" ({trial.user_attrs.get('error') or trial.user_attrs.get('outcome', 'lost')})" if trial.state == optuna.trial.TrialState.FAIL else ""
+        print_progress(f"trial {trial.number} {trial.state.name}{value}{error}; {counts['finished']}/{self.options.trials} finished")
+        with self.lock:
+            write_best_config(study, self.folder, self.spec.monitor)
+        if self.stopped_by is not None or counts["finished"] + counts["running"] >= self.options.trials:
+            study.stop()
+
+    # ----- the whole sweep ---------------------------------------------------------------------
+    def run(self) -> int:
+        import optuna
+
+        started = time.time()
+        print_progress(f"study {self.name!r} ({self.options.sampler}, pruner {self.options.pruner}, {self.spec.monitor} {self.spec.mode}) in {self.storage_url}")
+        waited = False
+        while self.stopped_by is None:
+            optuna.storages.fail_stale_trials(self.study)
+            counts = self.counts()
+            if counts["finished"] >= self.options.trials:
+                break
+            if counts["finished"] + counts["running"] >= self.options.trials:
+                if not waited:
+                    print_progress(f"{counts['running']} trial(s) still running elsewhere: waiting for them (or their heartbeat to stop)")
+                waited = True
+                time.sleep(min(self.options.heartbeat_interval, 10))
+                continue
+            self.study.optimize(self.objective, n_jobs=self.options.workers, catch=(TrialFailed,), callbacks=[self.after_trial], gc_after_trial=False)
+        return self.report(time.time() - started)
+
+    def report(self, seconds: float) -> int:
+        import optuna
+
+        counts = self.counts()
+        with self.lock:
+            best = write_best_config(self.study, self.folder, self.spec.monitor)
+            trials_csv = write_trials_csv(self.study, self.folder)
+            plots, skipped = plot_study(self.study, self.folder, self.spec.monitor)
+        for reason in skipped:
+            print_progress(f"plot skipped: {reason}")
+        if not self.options.no_wandb and (os.environ.get("WANDB_MODE") != "disabled"):
+            log_to_wandb(self.study, self.folder, self.spec.name, plots, best, counts)
+        summary = ", ".join(f"{counts[k]} {k}" for k in ("complete", "pruned", "failed", "lost"))
+        print_progress(f"study {self.name!r}: {summary} ({seconds:.0f} s in this command); trials: {trials_csv}; plots: {self.folder / 'plots'}")
+        if self.stopped_by is not None:
+            code = EXIT_SIGTERM if self.stopped_by == "SIGTERM" else EXIT_SIGINT
+            print(paragraph(f"sweep {self.name!r} stopped by {self.stopped_by} after {counts['finished']}/{self.options.trials} trials; "
+                            "the same command continues it"), file=sys.stderr)  # fmt: skip
+            return code
+        if best is None:
+            print(paragraph(f"sweep {self.name!r}: no trial completed ({summary}); the errors are in {trials_csv} and {self.folder / 'logs'}"), file=sys.stderr)
+            return EXIT_CRASH
+        trial = self.study.best_trial
+        values = {p.option: p.suggest(optuna.trial.FixedTrial(trial.params)) for p in self.space}
+        print(f"best trial {trial.number}: {self.spec.monitor} = {trial.value:.6g} with {json.dumps(values)}\nbest config: {best}")
+        return 0
+
+    def stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: stop the running trials (they write last.ckpt and exit) and start no new one."""
+        self.stopped_by = signal.Signals(signum).name
+        print_progress(f"{self.stopped_by}: stopping the running trials")
+        with self.lock:
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        options, runner_args = build_parser().parse_known_args(argv)
+        sweep = Sweep(options, runner_args)  # everything is checked here, before any trial runs
+    except (InputError, ValueError) as error:  # ValueError: an unknown domain, a bad --storage URL
+        if debug:
+            raise
+        print(paragraph(str(error)), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        signal.signal(signal.SIGTERM, sweep.stop)
+        signal.signal(signal.SIGINT, sweep.stop)
+        return sweep.run()
+    except Exception as error:
+        if debug:
+            raise
+        print(paragraph(crash_message(error, "sweep")), file=sys.stderr)
+        return EXIT_CRASH
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""What runs inside one trial's process of a sweep (:mod:`pipelines.sweep`).
+
+``python -m pipelines.sweep_trial DOMAIN [runner options]`` is ``python -m pipelines.run DOMAIN
+[runner options]`` that also dies with the sweep process that started it (Linux
+``PR_SET_PDEATHSIG``): a SIGKILLed sweep leaves no orphaned training behind, and its running trial
+is failed by Optuna's heartbeat and retried when the sweep is started again.
+
+:class:`OptunaPruning` is the Lightning callback the sweep adds to a trial's runner command
+(``--trainer.callbacks+=pipelines.sweep_trial.OptunaPruning --trainer.callbacks.storage=...``): it
+opens the study by its storage URL, reports the domain's monitored metric after every validation
+run (step = number of validation runs, so trials with different batch sizes compare at the same
+step) and, when the study's pruner says so, stops training gracefully (``trainer.should_stop``)
+and records ``pruned_at`` on the trial. The run then ends like any early-stopped run (exit 0, a
+complete run folder) and the sweep records the trial as PRUNED. Under DDP rank zero asks the
+study and broadcasts the decision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+
+#: Pruners a sweep can use (``--pruner``); ``none`` reports nothing and prunes nothing.
+PRUNERS = ("median", "hyperband", "none")
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
+    """Optuna's RDB storage for ``url`` (SQLite, PostgreSQL, MySQL...). SQLite waits up to 60 s for
+    a lock held by another worker instead of failing at once."""
+    import optuna
+
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        heartbeat_stale_trial_callback=retry,
+    )  # fmt: skip
+
+
+def make_pruner(name: str) -> Any:
+    """The study's pruner: the same settings in the sweep and in every trial's process.
+
+    - ``median``: stop a trial whose value after a validation run is worse than the median of
+      earlier trials at that step (not during the first 2 trials, nor before step 2).
+    - ``hyperband``: successive halving over brackets; the resource is the number of validation runs.
+    """
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
+
+
+class OptunaPruning(pl.Callback):
+    """Report the monitored metric to an Optuna trial after every validation run; stop when pruned.
+
+    Args:
+        storage: the study's storage URL (``sqlite:////abs/study.db``, ``postgresql://...``).
+        study: the study's name.
+        trial_id: the trial's storage id (not its number).
+        monitor: the metric to report (the domain's ``monitor``, e.g. ``val/loss``).
+        pruner: one of :data:`PRUNERS`, as the sweep uses.
+    """
+
+    def __init__(self, storage: str, study: str, trial_id: int, monitor: str, pruner: str = "median") -> None:
+        self.storage_url, self.study_name, self.trial_id = storage, study, trial_id
+        self.monitor, self.pruner = monitor, pruner
+        self._trial: Any = None
+        self._validations = 0
+
+    def _open(self) -> Any:
+        if self._trial is None:
+            import optuna
+
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url), pruner=make_pruner(self.pruner))
+            self._trial = optuna.trial.Trial(study, self.trial_id)
+        return self._trial
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        prune = False
+        if trainer.is_global_zero:
+            value = trainer.callback_metrics.get(self.monitor)
+            value = float(value) if value is not None else math.nan
+            if math.isfinite(value):  # a NaN run is stopped by the runner's own guard, not here
+                trial = self._open()
+                trial.report(value, step=self._validations)
+                prune = trial.should_prune()
+                if prune:
+                    trial.set_user_attr("pruned_at", self._validations)
+                    print(f"[sweep] trial pruned after validation run {self._validations} ({self.monitor} = {value:.6g})", file=sys.stderr)
+        prune = bool(trainer.strategy.broadcast(prune, src=0))
+        if prune:
+            trainer.should_stop = True
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it ends (a killed sweep)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the sweep died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the runner on ``argv`` (its arguments after ``python -m pipelines.run``)."""
+    parent = int(os.environ.get("PIPELINES_SWEEP_PARENT", os.getppid()))
+    _die_with_parent(parent)
+    from pipelines.run import main as run_main
+
+    run_main(argv)
+
+
+if __name__ == "__main__":
+    main()

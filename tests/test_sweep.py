@@ -1,0 +1,217 @@
+"""Sweeps (``python -m pipelines.sweep``) with real Optuna studies, real runner processes and real files.
+
+Every trial is a tiny finance run in its own child process. Two sweep commands share one SQLite study
+at once; a sweep with two in-process workers records a trial the runner refuses (exit 2) as failed and
+goes on; a sweep is SIGKILLed mid-trial (its trials' processes die with it) and the same command then
+finishes the study, retrying the lost trials with their parameters. Bad space files are refused with
+exit 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")
+
+from pipelines.registry import get_domain  # noqa: E402
+from pipelines.sweep import build_parser, main as sweep_main  # noqa: E402
+from tests.conftest import ROOT, child_env  # noqa: E402
+
+SPEC = get_domain("finance")
+TINY = [*SPEC.test_args, "--trainer.max_epochs=2"]
+DEPLOY = ROOT / "deploy"
+
+
+def write_space(folder: Path, name: str, space: dict) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def sweep_command(tmp: Path, space: Path, trials: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.sweep", "finance", f"--space={space}", f"--trials={trials}",
+            f"--sweeps_dir={tmp / 'sweeps'}", f"--runs_dir={tmp / 'runs'}", *extra, *TINY]  # fmt: skip
+
+
+def run_sweep(command: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def load(tmp: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / 'sweeps' / 'finance' / name / 'study.db'}")
+
+
+def by_outcome(study: optuna.Study) -> dict[str, list]:
+    outcomes: dict[str, list] = {}
+    for trial in study.get_trials():
+        outcomes.setdefault(trial.user_attrs.get("outcome", "lost"), []).append(trial)
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        ("model.lr: {low: 0.1, hi: 1}", "model.lr: unknown key 'hi' (did you mean 'high'?)"),
+        ("model.lr: {low: 1, high: 0.1}", "low (1) must be smaller than high (0.1)"),
+        ("model.lr: {low: 0, high: 1, log: true}", "a log scale needs low > 0"),
+        ("model.lr: {choices: []}", "choices must be a non-empty list"),
+        ("lr: {low: 0.1, high: 1}", "a sweep searches runner options under model.*, data.*, trainer.*"),
+        ("run_id: {choices: [a]}", "a sweep searches runner options"),
+        ("model.lr: [0.1, 1", "not valid YAML (line 2"),
+        ("model.lrr: {low: 0.001, high: 0.1}", "model.lrr is not an option of finance (did you mean 'model.lr'"),
+    ],
+)
+def test_bad_space_files_are_refused_before_anything_runs(tmp_path, capsys, space, expected):
+    path = tmp_path / "space.yaml"
+    path.write_text(space + "\n")
+    code = sweep_main(["finance", f"--space={path}", "--trials=3", f"--sweeps_dir={tmp_path / 'sweeps'}", f"--runs_dir={tmp_path / 'runs'}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and expected in " ".join(err.split()), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "runs").exists()
+
+
+def test_bad_sweep_options_are_refused(tmp_path, capsys):
+    space = write_space(tmp_path, "space", {"model.lr": {"low": 0.001, "high": 0.01}})
+    assert sweep_main(["finance", f"--space={space}", "--trials=0"]) == 2
+    assert "--trials must be at least 1" in capsys.readouterr().err
+    assert sweep_main(["finance", f"--space={space}", "--trials=2", "--run_id=x"]) == 2
+    assert "--run_id is set by the sweep" in capsys.readouterr().err
+    assert sweep_main(["finance", f"--space={space}", "--trials=2", "--sampler=grid"]) == 2
+    assert "--sampler grid needs `choices`" in capsys.readouterr().err
+
+
+def test_two_sweep_processes_share_one_study_and_best_yaml_is_a_runner_config(tmp_path):
+    """Two `pipelines.sweep` commands at once on one SQLite study: 2 trials in all, run at the same time."""
+    from tests.wandb_offline import records, run_file
+
+    space = write_space(tmp_path, "shared", {"model.lr": {"low": 0.0005, "high": 0.005, "log": True}, "model.latent_dim": {"low": 4, "high": 12, "step": 4}})
+    command = sweep_command(tmp_path, space, 2, "--pruner=none", "--no_wandb")
+    workers = [subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(w.wait(timeout=400), *w.communicate()) for w in workers]
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    study = load(tmp_path, "shared")
+    complete = by_outcome(study)["complete"]
+    assert len(study.get_trials()) == 2 and len(complete) == 2
+    assert len({t.user_attrs["worker"] for t in complete}) == 2, "each command should have run one trial"
+    first, second = sorted(complete, key=lambda t: t.datetime_start)
+    assert second.datetime_start < first.datetime_complete, "the two trials did not run at the same time"
+    for trial in complete:  # each trial is a normal run folder, in the sweep's W&B group
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert (run_dir / "checkpoints" / "best.ckpt").is_file() and "test" in yaml.safe_load((run_dir / "summary.json").read_text())
+        run = next(r.run for r in records(run_file(run_dir)) if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "shared"
+    best = tmp_path / "sweeps" / "finance" / "shared" / "best.yaml"
+    out = io.StringIO()
+    from pipelines.run import main as run_main
+
+    with contextlib.redirect_stdout(out):
+        with pytest.raises(SystemExit) as stop:
+            run_main(["finance", "--config", str(best), "--print_config"])
+    assert stop.value.code in (0, None)
+    resolved = yaml.safe_load(out.getvalue())
+    assert resolved["model"]["lr"] == pytest.approx(study.best_params["model.lr"])
+    assert resolved["model"]["latent_dim"] == study.best_params["model.latent_dim"]
+    assert resolved.get("run_id") is None and resolved["trainer"]["callbacks"] is None
+    assert f"best trial {study.best_trial.number}" in "".join(r[1] for r in results)
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """Grid over two learning rates, one the runner refuses (exit 2)."""
+    space = write_space(tmp_path, "grid", {"model.lr": {"choices": [0.002, -1.0]}, "model.hidden_dims": {"choices": [[32, 16]]}})
+    result = run_sweep(sweep_command(tmp_path, space, 2, "--sampler=grid", "--pruner=median"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path, "grid")
+    outcomes = by_outcome(study)
+    [failed], [complete] = outcomes["failed"], outcomes["complete"]
+    assert failed.state == optuna.trial.TrialState.FAIL and failed.params["model.lr"] == -1.0
+    assert failed.user_attrs["exit_code"] == 2 and "lr" in failed.user_attrs["error"]
+    assert study.best_trial.number == complete.number and complete.params["model.hidden_dims"] == "[32, 16]"
+    assert len(complete.intermediate_values) == 2, "the pruning callback reports after each validation run"
+    folder = tmp_path / "sweeps" / "finance" / "grid"
+    assert {p.name for p in (folder / "plots").glob("*.png")} >= {"optimization_history.png", "intermediate_values.png"}
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    assert best["model"]["hidden_dims"] == [32, 16] and best["model"]["lr"] == 0.002
+    assert list((folder / "wandb").glob("offline-run-*-grid-study"))
+    assert f"trial {failed.number} FAIL" in result.stderr and "1 complete, 0 pruned, 1 failed" in result.stderr
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return (Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z") if Path(f"/proc/{pid}").exists() else True
+
+
+def test_killed_sweep_resumes_and_loses_no_trial(tmp_path):
+    space = write_space(tmp_path, "resume", {"model.lr": {"low": 0.0005, "high": 0.005, "log": True}})
+    slow = ["--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=2"]
+    command = sweep_command(tmp_path, space, 2, "--workers=2", "--heartbeat_interval=1", "--pruner=none", "--no_wandb", *slow)
+    sweep = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "finance"
+    deadline = time.time() + 300
+    while time.time() < deadline and sweep.poll() is None and len([p for p in runs.glob("resume-t*/.lock") if p.read_text().strip()]) < 2:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert sweep.poll() is None, f"the sweep ended before it could be killed: {sweep.stderr.read()[-2000:]}"
+    trainers = [int(lock.read_text().split()[1]) for lock in runs.glob("resume-t*/.lock") if lock.read_text().strip()]
+    assert trainers, "no trial was training"
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    time.sleep(3)
+    assert not [pid for pid in trainers if _pid_alive(pid)], "a trial's runner outlived the killed sweep"
+    killed = load(tmp_path, "resume").get_trials()
+    assert [t.state for t in killed] and all(t.state == optuna.trial.TrialState.RUNNING for t in killed)
+
+    result = run_sweep(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path, "resume")
+    outcomes = by_outcome(study)
+    assert len(outcomes["complete"]) == 2 and not outcomes.get("failed")
+    lost = {t.number: t for t in outcomes["lost"]}
+    assert set(lost) == {t.number for t in killed} and all(t.state == optuna.trial.TrialState.FAIL for t in lost.values())
+    for trial in outcomes["complete"]:  # every lost trial was retried with its own parameters
+        origin = trial.system_attrs.get("failed_trial")
+        if origin is not None:
+            assert trial.params == lost[origin].params
+    assert {t.system_attrs.get("failed_trial") for t in outcomes["complete"]} >= set(lost)
+
+
+def test_deploy_examples_run_the_sweep_on_a_shared_storage():
+    sbatch = DEPLOY / "sweep-slurm-array.sbatch"
+    subprocess.run(["bash", "-n", str(sbatch)], check=True)
+    assert os.access(sbatch, os.X_OK)
+    text = sbatch.read_text()
+    assert "#SBATCH --array=" in text and "#SBATCH --requeue" in text
+    assert '-m pipelines.sweep "$DOMAIN"' in text and '--storage "$SWEEP_STORAGE"' in text
+    assert "\n  2) " in text and "exit 2" in text
+    documents = list(yaml.safe_load_all((DEPLOY / "k8s-sweep-indexed-job.yaml").read_text()))
+    kinds = {doc["kind"]: doc for doc in documents}
+    job, claim = kinds["Job"]["spec"], kinds["PersistentVolumeClaim"]
+    assert job["completionMode"] == "Indexed" and job["parallelism"] > 1
+    pod = job["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "pipelines.sweep"]
+    options, runner_args = build_parser().parse_known_args(container["args"])
+    assert options.domain in ("healthcare", "autonomous", "finance", "media") and options.storage == "$(OPTUNA_STORAGE)"
+    assert any(e["name"] == "OPTUNA_STORAGE" for e in container["env"]) and all(a.startswith("--") for a in runner_args)
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert options.runs_dir.startswith(mount) and options.sweeps_dir.startswith(mount)
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert job["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for document in documents:
+        kubernetes_validate.validate(document, "1.31", strict=True)
