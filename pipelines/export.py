@@ -57,6 +57,8 @@ def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module,
             f"export it with `python -m pipelines.run {origin} export --ckpt_path {ckpt_path}`"
         )
     base = spec.load_model_class()
+    if class_path and not class_path.startswith(domain_package(spec) + "."):  # never import a name read from a file outside the domain
+        raise ValueError(f"{ckpt_path}: model class {class_path!r} is not in domain {spec.name!r}'s package {domain_package(spec)!r}")
     cls = _import_dotted(class_path) if class_path else base
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ValueError(f"{ckpt_path}: model class {class_path!r} is not a {base.__qualname__} of domain {spec.name!r}")
@@ -67,12 +69,17 @@ def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module,
     return task, datamodule_state, ckpt
 
 
+def domain_package(spec: DomainSpec) -> str:
+    """The package a domain's classes live in (``domains.media`` for ``domains.media.model.GenerativeTask``)."""
+    return spec.model_class.rpartition(".")[0].rpartition(".")[0]
+
+
 def checkpoint_domain(ckpt: dict[str, Any], class_path: str | None) -> str | None:
     """The registered domain a checkpoint comes from, by its model class path or its data module's state key; ``None`` if unknown."""
     for name in available_domains():
         other = get_domain(name)
-        same_module = class_path is not None and class_path.rpartition(".")[0] == other.model_class.rpartition(".")[0]
-        if same_module or other.datamodule_class.rpartition(".")[2] in ckpt:
+        same_package = class_path is not None and class_path.startswith(domain_package(other) + ".")
+        if same_package or other.datamodule_class.rpartition(".")[2] in ckpt:
             return name
     return None
 
