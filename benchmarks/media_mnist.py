@@ -84,21 +84,12 @@ class TrainingClock:
 
 
 def fid_kid(extractor: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[float, float]:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
+    """FID and KID (seeded subsets of up to 100) of ``fake`` against ``real`` in the extractor's features."""
+    from domains.media.metrics import features_of, fid, kid, reference_statistics
 
-    from domains.media.networks import FrozenFeatures
-
-    frozen = FrozenFeatures(extractor)
-    fid = FrechetInceptionDistance(feature=frozen)
-    kid = KernelInceptionDistance(feature=frozen, subset_size=min(100, len(real), len(fake)))
-    for start in range(0, len(real), 256):
-        fid.update(real[start : start + 256], real=True)
-        kid.update(real[start : start + 256], real=True)
-    for start in range(0, len(fake), 256):
-        fid.update(fake[start : start + 256], real=False)
-        kid.update(fake[start : start + 256], real=False)
-    return float(fid.compute()), float(kid.compute()[0])
+    reference = reference_statistics(features_of(extractor, real))
+    features = features_of(extractor, fake)
+    return fid(reference, features), kid(reference, features, subset_size=100)[0]
 
 
 def timed_generation(model, seeds: list[int], labels: torch.Tensor, **kwargs) -> tuple[torch.Tensor, float]:
@@ -149,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     extractor = train_feature_cnn(train_x, train_y, steps=args.extractor_steps, width=16, seed=args.seed)
     test_x, test_y = dm.split_tensors("test")
     extractor_accuracy = accuracy(extractor, test_x, test_y)
-    extractor_path = save_extractor(extractor, args.out / "media_mnist_extractor", {"task": "classes", "test_accuracy": round(extractor_accuracy, 4)})
+    extractor_path = save_extractor(extractor, args.out / "media_mnist_extractor" / "feature_extractor.safetensors", {"task": "classes", "test_accuracy": round(extractor_accuracy, 4)})
     print(f"[bench] feature extractor: digit accuracy {extractor_accuracy:.3f} on test images, trained in {time.perf_counter() - started:.0f}s")
 
     families = {
@@ -178,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         fake, speed = timed_generation(model, seeds, labels, **kwargs)
         fid, kid = fid_kid(extractor, real, fake)
         with torch.no_grad():
-            class_accuracy = float((extractor.logits(fake).argmax(1) == labels).float().mean())
+            class_accuracy = float((extractor.logits(fake)[:, : extractor.task_outputs].argmax(1) == labels).float().mean())
         save_grid(fake, labels, args.out / f"media_mnist_{name}.png")
         results[name] = {
             "train_seconds": round(clock.seconds, 1),

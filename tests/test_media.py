@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from domains.media.data import MediaDataModule
-from domains.media.features import load_extractor
 from domains.media.model import GAN, Diffusion, NonFiniteLossError
 from domains.media.networks import Discriminator, Generator, build_diffusion_unet
 from domains.media.synthetic import make_shape_images
@@ -291,7 +290,7 @@ def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
     assert "test/fid_cnn" in trainer.callback_metrics
 
 
-def test_diffusion_through_the_cli_with_predict(runs_dir):
+def test_diffusion_through_the_cli_with_predict(runs_dir, capsys):
     args = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in TINY_DIFFUSION.items()]]
     data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=5", "--trainer.logger=false"]
     limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
@@ -303,6 +302,21 @@ def test_diffusion_through_the_cli_with_predict(runs_dir):
     files = sorted((run / "generated").glob("*.png"))
     assert [p.name for p in files] == [f"{i:05d}.png" for i in range(5)]
     assert np.asarray(Image.open(files[0])).shape == (16, 16, 3)
+    ddim = [p.read_bytes() for p in files]
+
+    # the sampler is a data option: predict --ckpt_path replaces model options with the checkpoint's
+    import pandas as pd
+
+    with pytest.raises(SystemExit) as refused:  # the old model option is gone: refused, not silently dropped
+        run_pipeline("media", "predict", *args, *data, "--model.init_args.sampler=ddpm", "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--run_id", run.name)
+    assert refused.value.code == 2 and 'Parser key "model"' in capsys.readouterr().err
+    ddpm_dir = runs_dir / "ddpm"
+    run_pipeline("media", "predict", *args, *data, "--data.generate_sampler=ddpm", f"--data.generate_dir={ddpm_dir}", "--output=ddpm.csv",
+                 "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--run_id", run.name)  # fmt: skip
+    rows = pd.read_csv(run / "ddpm.csv")
+    assert set(rows["sampler"]) == {"ddpm"} and set(rows["steps"]) == {TINY_DIFFUSION["num_train_timesteps"]}
+    assert set(pd.read_csv(run / "predictions.csv")["sampler"]) == {"ddim"}
+    assert [p.read_bytes() for p in sorted(ddpm_dir.glob("*.png"))] != ddim  # other images from the same seeds
 
 
 def test_predict_writes_the_same_seeded_images_twice(runs_dir, tmp_path):
@@ -372,30 +386,6 @@ def test_feature_extractor_trains_inside_an_evaluation_loop(context):
     with context():
         net = train_feature_cnn(images, torch.as_tensor(labels), steps=3, width=8)
     assert net.task == "classes" and all(p.requires_grad for p in net.parameters())
-
-
-def test_saved_feature_extractor_is_reused_and_checked(tmp_path):
-    dm = shapes_module()
-    model = GAN(**TINY_GAN, **linked(dm))
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path, **QUIET)
-    trainer.fit(model, datamodule=dm)
-    path = tmp_path / "feature_extractor.safetensors"
-    details = json.loads((tmp_path / "feature_extractor.json").read_text())
-    assert details["name"] == "cnn" and details["task"] == "classes" and len(details["sha256"]) == 64
-    reused = GAN(**TINY_GAN, **linked(dm), feature_extractor_weights=str(path))
-    assert bool(reused.extractor_ready)
-    assert all(torch.equal(a, b) for a, b in zip(reused.extractor.state_dict().values(), model.extractor.state_dict().values()))
-    assert details["pooling"] == "max" and load_extractor(path, channels=3).pooling == "max"
-    with pytest.raises(ValueError, match="made for 3-channel images, the data has 1"):
-        load_extractor(path, channels=1)
-    from safetensors.torch import load_file, save_file
-
-    older = tmp_path / "older.safetensors"  # saved before the pooling choice existed: average pooling
-    save_file(load_file(str(path)), str(older), metadata={"channels": "3", "num_outputs": "3", "width": "8"})
-    assert load_extractor(older, channels=3).pooling == "avg"
-    (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a feature extractor saved by the media domain"):
-        load_extractor(tmp_path / "junk.safetensors", channels=3)
 
 
 def test_inception_metrics_need_torch_fidelity_and_say_so():

@@ -29,6 +29,7 @@ from pipelines.errors import InputError
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
 SPLITS = ("train", "val", "test")
+SAMPLERS = (None, "ddim", "ddpm")  # generate_sampler as a number a DataLoader can batch
 
 
 def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -62,17 +63,18 @@ class ImageDataset(Dataset):
 
 class GenerationRequests(Dataset):
     """``predict`` items: which image to generate (``index``), from which ``seed``, of which class (-1: none),
-    with how many sampling steps (0: the model's ``sampling_steps``)."""
+    with how many sampling steps (0: the model's ``sampling_steps``) and which sampler (an index into
+    :data:`SAMPLERS`; 0: the model's default)."""
 
-    def __init__(self, count: int, seed: int, num_classes: int, steps: int = 0) -> None:
-        self.count, self.seed, self.num_classes, self.steps = count, seed, num_classes, steps
+    def __init__(self, count: int, seed: int, num_classes: int, steps: int = 0, sampler: int = 0) -> None:
+        self.count, self.seed, self.num_classes, self.steps, self.sampler = count, seed, num_classes, steps, sampler
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, item: int) -> dict[str, int]:
         label = item % self.num_classes if self.num_classes else -1
-        return {"index": item, "seed": self.seed + item, "label": label, "steps": self.steps}
+        return {"index": item, "seed": self.seed + item, "label": label, "steps": self.steps, "sampler": self.sampler}
 
 
 class MediaDataModule(pl.LightningDataModule):
@@ -107,6 +109,8 @@ class MediaDataModule(pl.LightningDataModule):
         generate_steps: DDIM steps of diffusion models for ``predict`` (default: the model's
             ``sampling_steps``). Generation options are data options because ``predict --ckpt_path``
             takes the model's options from the checkpoint.
+        generate_sampler: sampler of diffusion models for ``predict``: ``ddim`` (``generate_steps``
+            steps, the default) or ``ddpm`` (all ``num_train_timesteps`` steps); refused for GANs.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class MediaDataModule(pl.LightningDataModule):
         generate_seed: int = 0,
         generate_dir: str | None = None,
         generate_steps: int | None = None,
+        generate_sampler: Literal["ddim", "ddpm"] | None = None,
     ) -> None:
         super().__init__()
         if image_dir and npz_path:
@@ -225,7 +230,8 @@ class MediaDataModule(pl.LightningDataModule):
             indices = self.split_indices[name]
             augment = self.augment if name == "train" else None
             self.datasets[name] = ImageDataset(self.source.pixels[indices], self.labels_of(indices), indices, augment)
-        self.datasets["predict"] = GenerationRequests(self.hparams.num_generate, self.hparams.generate_seed, self.num_classes, self.hparams.generate_steps or 0)
+        hp = self.hparams
+        self.datasets["predict"] = GenerationRequests(hp.num_generate, hp.generate_seed, self.num_classes, hp.generate_steps or 0, SAMPLERS.index(hp.generate_sampler))
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams

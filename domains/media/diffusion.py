@@ -10,8 +10,30 @@ import torch
 from torch import nn
 
 from domains.media.networks import InferenceDenoiser, build_diffusion_unet, ema_update
-from domains.media.task import GenerativeTask, ddim_schedule, seeded_noise
+from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.export_spec import ExportSpec
+
+
+def ddim_schedule(scheduler: Any, steps: int) -> dict[str, Any]:
+    """The facts a client needs to run MONAI's DDIM loop (eta 0) without torch, as JSON-ready lists.
+
+    ``timesteps`` are those of ``scheduler.set_timesteps(steps)`` (descending); each step goes from
+    ``t`` to ``t - step_stride`` and uses ``final_alpha_cumprod`` when that is negative.
+    """
+    scheduler.set_timesteps(steps)
+    return {
+        "kind": "ddim",
+        "num_train_timesteps": int(scheduler.num_train_timesteps),
+        "sampling_steps": int(steps),
+        "timesteps": [int(t) for t in scheduler.timesteps.tolist()],
+        "step_stride": int(scheduler.num_train_timesteps // steps),
+        "alphas_cumprod": [float(a) for a in scheduler.alphas_cumprod.double().tolist()],
+        "final_alpha_cumprod": float(scheduler.final_alpha_cumprod),
+        "prediction_type": str(scheduler.prediction_type),
+        "clip_sample": bool(scheduler.clip_sample),
+        "clip_sample_values": [float(v) for v in scheduler.clip_sample_values],
+        "eta": 0.0,
+    }
 
 
 class Diffusion(GenerativeTask):
@@ -41,8 +63,10 @@ class Diffusion(GenerativeTask):
         snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss is weighted
             so that its image-space weight is ``min(SNR, gamma)`` instead of SNR, which stops the
             nearly noise-free timesteps from dominating training; ``null``: unweighted (plain DDPM).
-        sampler: ``ddim`` (deterministic, few steps) or ``ddpm`` (all ``num_train_timesteps`` steps).
-        sampling_steps: DDIM steps for ``predict``.
+        sampling_steps: DDIM steps for ``predict`` (``--data.generate_steps`` overrides it; the sampler
+            is ``--data.generate_sampler``: a data option, since ``predict --ckpt_path`` replaces the
+            model's options with the checkpoint's, which silently dropped the former
+            ``--model.init_args.sampler``).
         eval_steps: DDIM steps for the per-epoch grid and FID/KID (cheaper than ``sampling_steps``).
         ema_decay: decay of the EMA weights (warm-up ``min(decay, (1+n)/(10+n))``).
         lr: AdamW learning rate.
@@ -62,7 +86,6 @@ class Diffusion(GenerativeTask):
         schedule: str = "cosine",
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         snr_gamma: float | None = 5.0,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
         sampling_steps: int = 50,
         eval_steps: int = 20,
         ema_decay: float = 0.999,
@@ -77,7 +100,15 @@ class Diffusion(GenerativeTask):
             raise ValueError(f"snr_gamma must be > 0 (or null for no weighting), got {snr_gamma}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if "sampler" in kwargs:  # a checkpoint from before generate_sampler (the CLI refuses the unknown option)
+            raise ValueError("sampler is not a model option (predict --ckpt_path replaces model options with the checkpoint's): use --data.generate_sampler ddim|ddpm")
         super().__init__(**kwargs)
+
+    samplers = ("ddim", "ddpm")
+
+    def sampling_plan(self, steps: int | None, sampler: str | None) -> tuple[int | None, str | None]:
+        sampler = sampler or "ddim"
+        return (self.hparams.num_train_timesteps if sampler == "ddpm" else steps or self.hparams.sampling_steps), sampler
 
     def build_networks(self) -> None:
         from monai.inferers import DiffusionInferer
@@ -107,7 +138,8 @@ class Diffusion(GenerativeTask):
         return self.unet(noisy, timesteps, class_labels=labels)
 
     def sample(self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
-        sampler = sampler or self.hparams.sampler
+        if sampler not in (None, *self.samplers):
+            raise ValueError(f"sampler must be one of {self.samplers}, got {sampler!r}")
         if sampler == "ddpm":
             scheduler = self.ddpm
             scheduler.set_timesteps(self.hparams.num_train_timesteps)

@@ -4,11 +4,10 @@ The standard extractor is torchmetrics' Inception-v3, whose weights are download
 (and need ``torch-fidelity``): ``inception_metrics=true`` keeps that path for online users. Offline,
 the project trains its own extractor, :class:`~domains.media.networks.FeatureCNN`: a small
 classifier of the data's classes (or, for unlabelled data, of four rotations, a self-supervised
-task) trained on the training split before the generator, frozen, stored in every checkpoint and
-saved with the run as ``feature_extractor.safetensors``. Its name is part of every metric key
-(``val/fid_cnn`` vs ``val/fid_inception``) so numbers from different extractors are never compared;
-FIDs of two runs are comparable only when they share the extractor file
-(``--model.init_args.feature_extractor_weights``); its SHA-256 is written beside it.
+task) and of :data:`CORRUPTIONS` of real images (noise, colour blobs, shuffled patches, blur), so
+that "not a real image" is a direction of its feature space. It is trained once per data set and
+cached (:mod:`domains.media.metrics`); its name is part of every metric key (``val/fid_cnn`` vs
+``val/fid_inception``); :func:`extractor_digest` identifies it (weights and sorted metadata).
 
 Example:
     >>> net = train_feature_cnn(torch.rand(24, 1, 16, 16) * 2 - 1, torch.arange(24) % 2, steps=2, width=8)
@@ -31,11 +30,43 @@ OFFLINE_EXTRACTOR = "cnn"
 INCEPTION = "inception"
 
 
+RECIPE = "task+corruptions-v1"  # what the extractor learns; part of the cache key: change it when training changes
+CORRUPTIONS = ("noise", "smooth_noise", "shuffled_patches", "blurred")
+
+
 def rotation_task(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-supervised labels for unlabelled images: each image rotated by 0/90/180/270 degrees."""
     rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
     labels = torch.arange(4, device=images.device).repeat_interleave(len(images))
     return rotated, labels
+
+
+def corrupt(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] that are not real: what an untrained generator draws, built from real ones.
+
+    ``noise``: uniform pixel noise; ``smooth_noise``: colour blobs (noise at 2-8 pixels, upsampled);
+    ``shuffled_patches``: the 4x4 grid of patches of a real image permuted (local statistics right,
+    layout wrong); ``blurred``: a real image box-blurred (5x5).
+    """
+    count, channels, height, width = images.shape
+    device = images.device
+    if kind == "noise":
+        return torch.rand(images.shape, generator=generator, device=device) * 2 - 1
+    if kind == "smooth_noise":
+        side = int(torch.randint(2, 9, (1,), generator=generator, device=device))
+        coarse = torch.rand((count, channels, side, side), generator=generator, device=device) * 2 - 1
+        return nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    if kind == "shuffled_patches":
+        ph, pw = height // 4, width // 4
+        out = images.clone()
+        grid = images[:, :, : 4 * ph, : 4 * pw].reshape(count, channels, 4, ph, 4, pw).permute(0, 2, 4, 1, 3, 5).reshape(count, 16, channels, ph, pw)
+        order = torch.argsort(torch.rand((count, 16), generator=generator, device=device), dim=1)
+        grid = grid[torch.arange(count, device=device)[:, None], order]
+        out[:, :, : 4 * ph, : 4 * pw] = grid.reshape(count, 4, 4, channels, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(count, channels, 4 * ph, 4 * pw)
+        return out
+    if kind == "blurred":
+        return nn.functional.avg_pool2d(images, 5, stride=1, padding=2, count_include_pad=False)
+    raise ValueError(f"unknown corruption {kind!r}; known: {CORRUPTIONS}")
 
 
 def train_feature_cnn(
@@ -47,7 +78,13 @@ def train_feature_cnn(
     lr: float = 2e-3,
     seed: int = 0,
 ) -> FeatureCNN:
-    """Train a :class:`FeatureCNN` on images in [-1, 1] for ``steps`` batches: the classes when labelled (>= 2), else rotations.
+    """Train a :class:`FeatureCNN` on images in [-1, 1] for ``steps`` batches.
+
+    The task: the data's classes when labelled (>= 2), else the four rotations, plus one class per
+    :data:`CORRUPTIONS` kind (a third of every batch is corrupted real images or noise). Without the
+    corruption classes, features of a classifier of shapes did not tell a one-epoch GAN's colour
+    blobs from real images well (see the media README); with them "not a real image" is a
+    direction of the feature space.
 
     Trains on the device ``images`` are on, with its own random generators, so the run's global
     random state (CPU and GPU) is left untouched. Gradients are on whatever the caller's context
@@ -62,54 +99,90 @@ def _train_feature_cnn(images: torch.Tensor, labels: torch.Tensor | None, steps:
     labelled = labels is not None and bool((labels >= 0).all()) and int(labels.max()) >= 1
     if labelled:
         inputs, targets = images, labels.long()
-        outputs = int(labels.max()) + 1
+        task_outputs = int(labels.max()) + 1
     else:
         inputs, targets = rotation_task(images)
-        outputs = 4
+        task_outputs = 4
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # CPU only: the weights are initialised on the CPU
-        net = FeatureCNN(images.shape[1], outputs, width).to(inputs.device)
+        net = FeatureCNN(images.shape[1], task_outputs + len(CORRUPTIONS), width).to(inputs.device)
     sampler = torch.Generator(device=inputs.device).manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
     net.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(inputs), (min(batch_size, len(inputs)),), device=inputs.device, generator=sampler)
-        loss = loss_fn(net.logits(inputs[batch]), targets[batch])
+    size = min(batch_size, len(inputs))
+    for step in range(steps):
+        batch = torch.randint(0, len(inputs), (size,), device=inputs.device, generator=sampler)
+        real, real_targets = inputs[batch], targets[batch]
+        kind = step % len(CORRUPTIONS)
+        fake = corrupt(real[: max(size // 2, 1)], CORRUPTIONS[kind], sampler)
+        batch_images = torch.cat([real, fake])
+        batch_targets = torch.cat([real_targets, torch.full((len(fake),), task_outputs + kind, device=inputs.device)])
+        loss = loss_fn(net.logits(batch_images), batch_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
     net.eval()
-    net.task = "classes" if labelled else "rotation"  # type: ignore[attr-defined]
+    describe(net, "classes" if labelled else "rotation", task_outputs)
     return net
+
+
+def describe(net: FeatureCNN, task: str, task_outputs: int, recipe: str = RECIPE) -> FeatureCNN:
+    """Attach what the extractor learnt: ``task`` (classes/rotation), ``task_outputs`` (its first logits), ``recipe``."""
+    net.task, net.task_outputs, net.recipe = task, task_outputs, recipe  # type: ignore[attr-defined]
+    return net
+
+
+def extractor_metadata(net: FeatureCNN) -> dict[str, str]:
+    """What rebuilds the network, as strings (safetensors metadata)."""
+    return {
+        "channels": str(net.body[0].in_channels), "num_outputs": str(net.classifier.out_features), "width": str(net.body[0].out_channels),
+        "pooling": net.pooling, "task": str(getattr(net, "task", "classes")),
+        "task_outputs": str(getattr(net, "task_outputs", net.classifier.out_features)), "recipe": str(getattr(net, "recipe", "")),
+    }  # fmt: skip
+
+
+def extractor_digest(net: FeatureCNN) -> str:
+    """Deterministic SHA-256 of an extractor: its tensors (sorted names, dtype, shape, bytes) and canonical metadata.
+
+    Two extractors with equal weights and metadata have the same digest whatever the order of keys
+    (the SHA-256 of the file itself depends on how its header was serialised).
+    """
+    digest = hashlib.sha256()
+    state = net.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
+    digest.update(json.dumps(extractor_metadata(net), sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
 def accuracy(net: FeatureCNN, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 256) -> float:
-    """Accuracy of the extractor's own task on held-out images (``labels=None``: the rotation task)."""
+    """Accuracy of the extractor's own task on held-out images (``labels=None``: the rotation task), over its task's logits."""
     if labels is None:
         images, labels = rotation_task(images)
+    outputs = int(getattr(net, "task_outputs", net.classifier.out_features))
     correct = 0
     for start in range(0, len(images), batch_size):
-        correct += int((net.logits(images[start : start + batch_size]).argmax(1) == labels[start : start + batch_size]).sum())
+        correct += int((net.logits(images[start : start + batch_size])[:, :outputs].argmax(1) == labels[start : start + batch_size]).sum())
     return correct / max(len(images), 1)
 
 
-def save_extractor(net: FeatureCNN, folder: Path, details: dict) -> Path:
-    """Write ``feature_extractor.safetensors`` and ``feature_extractor.json`` (SHA-256, task, accuracy)."""
+def save_extractor(net: FeatureCNN, path: Path, details: dict) -> Path:
+    """Write ``path`` (safetensors) and ``path`` with ``.json`` (digest, task, accuracy), each atomically."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "feature_extractor.safetensors"
+    from domains.media.metrics import atomic_write
+
+    path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={
-        "channels": str(net.body[0].in_channels), "num_outputs": str(net.classifier.out_features), "width": str(net.body[0].out_channels),
-        "pooling": net.pooling,
-    })  # fmt: skip
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    (folder / "feature_extractor.json").write_text(json.dumps({"name": OFFLINE_EXTRACTOR, "sha256": digest, "pooling": net.pooling, **details}, indent=2) + "\n")
+    atomic_write(path, lambda temporary: save_file(state, str(temporary), metadata=extractor_metadata(net)))
+    record = {"name": OFFLINE_EXTRACTOR, "sha256": extractor_digest(net), **extractor_metadata(net), **details}
+    atomic_write(path.with_suffix(".json"), lambda temporary: temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     return path
 
 
@@ -130,6 +203,7 @@ def load_extractor(path: str | Path, channels: int) -> FeatureCNN:
         raise ValueError(f"feature_extractor_weights {path}: not a feature extractor saved by the media domain ({error})") from None
     if int(meta["channels"]) != channels:
         raise ValueError(f"feature_extractor_weights {path}: made for {meta['channels']}-channel images, the data has {channels}")
+    describe(net, meta.get("task", "classes"), int(meta.get("task_outputs", meta["num_outputs"])), meta.get("recipe", ""))
     net.eval()
     return net
 

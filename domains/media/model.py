@@ -5,8 +5,8 @@ The classes live in :mod:`domains.media.task` (:class:`GenerativeTask`, what bot
 and checkpoints (``class_path: domains.media.model.GAN`` / ``domains.media.model.Diffusion``).
 """
 
-from domains.media.diffusion import Diffusion
+from domains.media.diffusion import Diffusion, ddim_schedule
 from domains.media.gan import GAN
-from domains.media.task import GenerativeTask, NonFiniteLossError, ddim_schedule, seeded_noise
+from domains.media.task import GenerativeTask, NonFiniteLossError, seeded_noise
 
 __all__ = ["GAN", "Diffusion", "GenerativeTask", "NonFiniteLossError", "ddim_schedule", "seeded_noise"]

@@ -1,8 +1,8 @@
 """The base of the media models (:class:`GenerativeTask`) and what GAN and diffusion share.
 
-:class:`GenerativeTask` holds the offline FID/KID feature extractor (trained at the start of
-``fit``, see :mod:`domains.media.features`), validation and test FID/KID against the real split
-(``val/fid_cnn``, the checkpoint monitor, and ``val/kid_cnn``), for conditional models whether the
+:class:`GenerativeTask` holds the offline FID/KID feature extractor (one per data set, trained once
+and cached with the real splits' reference statistics: :mod:`domains.media.metrics`), validation and
+test FID/KID (``val/fid_cnn``, the checkpoint monitor, and ``val/kid_cnn``), for conditional models whether the
 samples show their class (``val/class_acc_cnn``), a sample grid every epoch
 (``plots/val_samples.png``, one copy per epoch under ``plots/samples/``, and W&B), seeded
 generation for ``predict`` (PNG files plus prediction rows), and the non-finite loss guard (the run
@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
-from domains.media.features import INCEPTION, OFFLINE_EXTRACTOR, accuracy, inception_metrics, load_extractor, save_extractor, train_feature_cnn
-from domains.media.networks import FeatureCNN, FrozenFeatures
+from domains.media.features import (
+    CORRUPTIONS, OFFLINE_EXTRACTOR, accuracy, describe, extractor_digest, inception_metrics, load_extractor, save_extractor, train_feature_cnn,
+)  # fmt: skip
+from domains.media.metrics import extractor_key, inception_scores, features_of, fid, kid, resolve_extractor, resolve_reference
+from domains.media.networks import FeatureCNN
+from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
 from pipelines.plots import image_grid
@@ -31,35 +33,13 @@ from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
 
-__all__ = ["GenerativeTask", "NonFiniteLossError", "ddim_schedule", "seeded_noise"]
+__all__ = ["GenerativeTask", "NonFiniteLossError", "seeded_noise"]
 
 
 def seeded_noise(seeds: torch.Tensor | list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """One standard-normal tensor of ``shape`` per seed: image ``i`` depends only on its own seed."""
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
     return torch.stack(rows).to(device)
-
-
-def ddim_schedule(scheduler: Any, steps: int) -> dict[str, Any]:
-    """The facts a client needs to run MONAI's DDIM loop (eta 0) without torch, as JSON-ready lists.
-
-    ``timesteps`` are those of ``scheduler.set_timesteps(steps)`` (descending); each step goes from
-    ``t`` to ``t - step_stride`` and uses ``final_alpha_cumprod`` when that is negative.
-    """
-    scheduler.set_timesteps(steps)
-    return {
-        "kind": "ddim",
-        "num_train_timesteps": int(scheduler.num_train_timesteps),
-        "sampling_steps": int(steps),
-        "timesteps": [int(t) for t in scheduler.timesteps.tolist()],
-        "step_stride": int(scheduler.num_train_timesteps // steps),
-        "alphas_cumprod": [float(a) for a in scheduler.alphas_cumprod.double().tolist()],
-        "final_alpha_cumprod": float(scheduler.final_alpha_cumprod),
-        "prediction_type": str(scheduler.prediction_type),
-        "clip_sample": bool(scheduler.clip_sample),
-        "clip_sample_values": [float(v) for v in scheduler.clip_sample_values],
-        "eta": 0.0,
-    }
 
 
 class GenerativeTask(BaseTask):
@@ -79,11 +59,14 @@ class GenerativeTask(BaseTask):
         fid_samples: at most this many generated (and real) images for FID/KID per evaluation.
         kid_subset_size: KID subset size (capped by the number of samples).
         grid_samples: images in the sample grid logged every epoch (0: none).
-        extractor_steps: training batches (of 128) of the offline feature extractor.
+        extractor_steps: training batches (128 real images + 64 corrupted) of the offline feature extractor.
         extractor_width: width of the offline feature extractor (features = 4 x width).
         extractor_max_images: training images used to train the feature extractor.
-        feature_extractor_weights: a saved ``feature_extractor.safetensors`` to use instead of training
-            one (makes FIDs of different runs comparable).
+        feature_extractor_weights: a saved ``feature_extractor.safetensors`` to use instead of the data
+            set's cached one.
+        extractor_cache: folder of the per-data-set extractors and reference statistics (default:
+            ``runs/.feature_extractors`` for run folders ``runs/media/<id>``): the
+            first run on a data set trains the extractor there, every later run and test reuses it.
         inception_metrics: also compute Inception FID/KID (online users: needs torch-fidelity and the
             weights download).
         cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see
@@ -101,15 +84,15 @@ class GenerativeTask(BaseTask):
         fid_samples: int = 500,
         kid_subset_size: int = 100,
         grid_samples: int = 24,
-        extractor_steps: int = 200,
+        extractor_steps: int = 300,
         extractor_width: int = 16,
         extractor_max_images: int = 5000,
         feature_extractor_weights: str | None = None,
+        extractor_cache: str | None = None,
         inception_metrics: bool = False,
         cpu_threads: int | None = 1,
     ) -> None:
         super().__init__()
-        self._real_labels: list[torch.Tensor] = []
         self._batch_idx = 0
 
     def configure_models(self) -> None:
@@ -157,8 +140,15 @@ class GenerativeTask(BaseTask):
         """Images in [-1, 1] from ``noise`` (and class ``labels`` for conditional models)."""
         raise NotImplementedError
 
+    #: samplers ``--data.generate_sampler`` may name (none: one generator pass)
+    samplers: tuple[str, ...] = ()
+
     def eval_sampling_steps(self) -> int | None:
         return None
+
+    def sampling_plan(self, steps: int | None, sampler: str | None) -> tuple[int | None, str | None]:
+        """The steps and sampler ``predict`` really uses (what ``predictions.csv`` records)."""
+        return steps, sampler
 
     @torch.no_grad()
     def generate(self, seeds: list[int] | torch.Tensor, labels: torch.Tensor | None = None, steps: int | None = None, sampler: str | None = None, batch_size: int = 256) -> torch.Tensor:
@@ -202,86 +192,115 @@ class GenerativeTask(BaseTask):
         hp = self.hparams
         if hp.feature_extractor_weights:
             extractor = load_extractor(hp.feature_extractor_weights, hp.in_channels)
-            ready = True
         else:
             outputs = hp.num_classes if hp.num_classes >= 2 else 4
-            extractor = FeatureCNN(hp.in_channels, outputs, hp.extractor_width)
-            ready = False
+            extractor = FeatureCNN(hp.in_channels, outputs + len(CORRUPTIONS), hp.extractor_width)
         self.extractor = extractor.requires_grad_(False)
-        self.register_buffer("extractor_ready", torch.tensor(ready))
-        frozen = FrozenFeatures(self.extractor)
-        self.fid = FrechetInceptionDistance(feature=frozen, reset_real_features=True)
-        self.kid = KernelInceptionDistance(feature=frozen, subset_size=hp.kid_subset_size, reset_real_features=True)
+        self.register_buffer("extractor_ready", torch.tensor(False))
+        self._references: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         self.inception = nn.ModuleList(inception_metrics(hp.kid_subset_size)) if hp.inception_metrics else None
 
-    def _ensure_extractor(self) -> None:
-        if bool(self.extractor_ready):
-            return
+    def extractor_cache_dir(self) -> Path:
+        """``extractor_cache``, else ``.feature_extractors/`` two levels above the run folder: ``runs/.feature_extractors``
+        for the runner's ``runs/media/<id>`` (outside ``runs/media``, where every folder is a run)."""
+        folder = self.hparams.extractor_cache
+        return Path(folder) if folder else Path(self.trainer.default_root_dir).resolve().parents[1] / ".feature_extractors"
+
+    def _resolve_extractor(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Rank zero: the data set's extractor (given, cached or trained now and cached) as a state dict and facts."""
         hp = self.hparams
         datamodule = self.trainer.datamodule
-        images, labels = datamodule.split_tensors("train", hp.extractor_max_images)
-        net = train_feature_cnn(images.to(self.device), labels.to(self.device), steps=hp.extractor_steps, width=hp.extractor_width)
-        state = self.trainer.strategy.broadcast({k: v.cpu() for k, v in net.state_dict().items()})
+        if hp.feature_extractor_weights:
+            net, path, trained = load_extractor(hp.feature_extractor_weights, hp.in_channels), str(hp.feature_extractor_weights), False
+        else:
+            images, labels = datamodule.split_tensors("train", hp.extractor_max_images)
+            key = extractor_key(images, labels, {"steps": hp.extractor_steps, "width": hp.extractor_width})
+
+            def train() -> tuple[FeatureCNN, dict]:
+                net = train_feature_cnn(images.to(self.device), labels.to(self.device), steps=hp.extractor_steps, width=hp.extractor_width).cpu()
+                val_images, val_labels = datamodule.split_tensors("val", 2000)
+                score = accuracy(net, val_images, val_labels if net.task == "classes" else None)  # type: ignore[attr-defined]
+                return net, {"val_accuracy": round(score, 4), "train_images": len(images), "steps": hp.extractor_steps}
+
+            net, path, trained = resolve_extractor(self.extractor_cache_dir(), key, hp.in_channels, train)
+        facts = {"path": path, "trained": trained, "digest": extractor_digest(net), "task": net.task, "task_outputs": net.task_outputs, "recipe": net.recipe}  # type: ignore[attr-defined]
+        return {k: v.cpu() for k, v in net.state_dict().items()}, facts
+
+    def _ensure_extractor(self) -> None:
+        """Load the data set's extractor once per process (it replaces one from a checkpoint: the extractor
+        belongs to the data set, so champion and challenger are scored with the same one)."""
+        if getattr(self, "extractor_sha256", None):
+            return
+        state, facts = self.trainer.strategy.broadcast(self._resolve_extractor() if self.trainer.is_global_zero else None)
         self.extractor.load_state_dict(state)
-        self.extractor.eval()
+        describe(self.extractor, facts["task"], facts["task_outputs"], facts["recipe"])
+        self.extractor.to(self.device).eval()
         self.extractor_ready.fill_(True)
+        self.extractor_sha256 = facts["digest"]
         if self.trainer.is_global_zero:
-            val_images, val_labels = datamodule.split_tensors("val", 2000)
-            task = net.task  # type: ignore[attr-defined]
-            score = accuracy(self.extractor, val_images.to(self.device), val_labels.to(self.device) if task == "classes" else None)
-            details = {"task": task, "val_accuracy": round(score, 4), "train_images": len(images), "steps": hp.extractor_steps}
-            path = save_extractor(self.extractor, Path(self.trainer.default_root_dir), details)
-            print(f"[media] feature extractor '{OFFLINE_EXTRACTOR}' ({task}, val accuracy {score:.3f}) saved to {path}")
+            copy = save_extractor(self.extractor, Path(self.trainer.default_root_dir) / "feature_extractor.safetensors", {"source": facts["path"]})
+            how = "trained now and stored in" if facts["trained"] else "reused from"
+            print(f"[media] feature extractor '{OFFLINE_EXTRACTOR}' sha256 {facts['digest'][:16]} ({facts['task']}, {facts['recipe'] or 'no recipe'}) {how} {facts['path']}; copy: {copy}")
+
+    def _reference(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Reference statistics of the real ``split`` (computed once per extractor and split, cached) and its labels."""
+        if split not in self._references:
+            found = None
+            if self.trainer.is_global_zero:
+                images, labels = self.trainer.datamodule.split_tensors(split)
+                stats, path, computed = resolve_reference(self.extractor_cache_dir(), self.extractor, split, images.to(self.device))
+                found = (stats, labels)
+                print(f"[media] reference statistics of the {split} split ({len(labels)} images) {'computed and stored in' if computed else 'reused from'} {path}")
+            self._references[split] = self.trainer.strategy.broadcast(found)
+        return self._references[split]
 
     def on_fit_start(self) -> None:
         self._ensure_extractor()
 
-    def on_validation_start(self) -> None:
-        self._ensure_extractor()
-
-    def on_test_start(self) -> None:
-        self._ensure_extractor()
-
-    def _metrics(self) -> list[tuple[str, nn.Module, nn.Module]]:
-        metrics = [(OFFLINE_EXTRACTOR, self.fid, self.kid)]
-        if self.inception is not None:
-            metrics.append((INCEPTION, self.inception[0], self.inception[1]))
-        return metrics
+    on_validation_start = on_test_start = on_fit_start
 
     def _update_real(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        for name, fid, kid in self._metrics():
-            batch = (images + 1) / 2 if name == INCEPTION else images
-            fid.update(batch, real=True)
-            kid.update(batch, real=True)
-        self._real_labels.append(labels.detach())
+        """Real images for the online Inception metrics only; the offline ones use the cached reference."""
+        if self.inception is not None:
+            for metric in self.inception:
+                metric.update((images + 1) / 2, real=True)
 
     def _evaluate_samples(self, stage: str) -> None:
-        labels = torch.cat(self._real_labels) if self._real_labels else torch.empty(0, dtype=torch.long)
-        self._real_labels = []
-        count = min(len(labels), self.hparams.fid_samples)
-        if self.trainer.sanity_checking or count < 2:
-            for _, fid, kid in self._metrics():
-                fid.reset()
-                kid.reset()
+        """FID/KID of ``fid_samples`` seeded samples (seeds 10000..., the labels of the real split) against the
+        split's cached reference statistics; computed on rank zero and broadcast."""
+        if self.trainer.sanity_checking:
+            for metric in self.inception or []:
+                metric.reset()
             return
-        seed = 10_000 * (1 + self.global_rank)  # the same noise every epoch: epochs are compared on equal terms
-        fake = self.generate(list(range(seed, seed + count)), labels[:count], steps=self.eval_sampling_steps())
-        for name, fid, kid in self._metrics():
-            batch = (fake + 1) / 2 if name == INCEPTION else fake
-            fid.update(batch, real=False)
-            kid.update(batch, real=False)
-            kid.subset_size = min(self.hparams.kid_subset_size, count)
-            kid_mean, kid_std = kid.compute()
-            self.log(f"{stage}/fid_{name}", fid.compute(), sync_dist=False)
-            self.log(f"{stage}/kid_{name}", kid_mean, sync_dist=False)
-            self.log(f"{stage}/kid_{name}_std", kid_std, sync_dist=False)
-            fid.reset()
-            kid.reset()
-        if self.condition_classes and self.extractor.classifier.out_features == self.condition_classes:
-            with torch.no_grad():
-                predicted = self.extractor.logits(fake).argmax(1)
-            obeyed = (predicted == labels[:count].to(self.device)).float().mean()
-            self.log(f"{stage}/class_acc_{OFFLINE_EXTRACTOR}", obeyed, sync_dist=True)
+        reference, labels = self._reference("val" if stage == "val" else "test")
+        count = min(len(labels), self.hparams.fid_samples)
+        if count < 2:
+            return
+        fake, scores = None, None
+        if self.trainer.is_global_zero:  # the same noise every epoch: epochs are compared on equal terms
+            fake = self.generate(list(range(10_000, 10_000 + count)), labels[:count], steps=self.eval_sampling_steps())
+            scores = self._scores(stage, reference, fake, labels[:count])
+        scores = self.trainer.strategy.broadcast(scores)
+        if self.inception is not None:  # every rank: torchmetrics gathers the real images of all ranks
+            scores.update(inception_scores(self.inception, stage, fake, min(self.hparams.kid_subset_size, count)))
+        for name, value in scores.items():
+            self.log(name, value, sync_dist=False)
+
+    @torch.no_grad()
+    def _scores(self, stage: str, reference: dict[str, torch.Tensor], fake: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Offline scores of generated images: FID, KID (seeded subsets), the share the extractor takes for
+        real (no corruption class wins) and, for conditional models, the share of the requested class."""
+        features = features_of(self.extractor, fake)
+        kid_mean, kid_std = kid(reference, features, self.hparams.kid_subset_size)
+        name = OFFLINE_EXTRACTOR
+        scores = {f"{stage}/fid_{name}": fid(reference, features), f"{stage}/kid_{name}": kid_mean, f"{stage}/kid_{name}_std": kid_std}
+        outputs = int(getattr(self.extractor, "task_outputs", self.extractor.classifier.out_features))
+        logits = torch.cat([self.extractor.logits(fake[i : i + 256]) for i in range(0, len(fake), 256)])
+        if outputs < logits.shape[1]:
+            scores[f"{stage}/real_share_{name}"] = float((logits.argmax(1) < outputs).float().mean())
+        if self.condition_classes and getattr(self.extractor, "task", "classes") == "classes" and outputs == self.condition_classes:
+            scores[f"{stage}/class_acc_{name}"] = float((logits[:, :outputs].argmax(1).cpu() == labels.cpu()).float().mean())
+        return scores
 
     def _log_grid(self, stage: str) -> None:
         count = self.hparams.grid_samples
@@ -317,10 +336,14 @@ class GenerativeTask(BaseTask):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         from PIL import Image
 
-        from domains.media.data import to_uint8
+        from domains.media.data import SAMPLERS, to_uint8
 
         steps = int(batch["steps"][0]) if "steps" in batch and int(batch["steps"][0]) > 0 else None
-        images = to_uint8(self.generate(batch["seed"].tolist(), batch["label"], steps=steps))
+        sampler = SAMPLERS[int(batch["sampler"][0])] if "sampler" in batch else None
+        if sampler is not None and sampler not in self.samplers:
+            raise InputError(f"--data.generate_sampler {sampler}: {type(self).__name__} samples with {', '.join(self.samplers) or 'one generator pass'} only")
+        steps, sampler = self.sampling_plan(steps, sampler)
+        images = to_uint8(self.generate(batch["seed"].tolist(), batch["label"], steps=steps, sampler=sampler))
         folder = self.output_dir()
         folder.mkdir(parents=True, exist_ok=True)
         files = []
@@ -333,6 +356,8 @@ class GenerativeTask(BaseTask):
             "file": files,
             "seed": batch["seed"].cpu().numpy(),
             "class": [self.class_label(int(label)) for label in labels] if labels is not None else ["-"] * len(files),
+            "sampler": [sampler or "generator"] * len(files),
+            "steps": [steps or 1] * len(files),
         }
 
     # ----- the non-finite guard ---------------------------------------------------------------------
