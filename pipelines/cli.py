@@ -209,7 +209,7 @@ class PipelineCLI(LightningCLI):
 
         options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
         lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-        first = lines[0] if lines else message
+        first = (lines[0] if lines else message).rstrip(":")
         hints = []
         for unknown in re.findall(r"(--[\w.\-]+)", first if "nrecognized" in first else ""):
             alike = [o for o in options if o.count(".") == unknown.count(".")]
@@ -218,6 +218,9 @@ class PipelineCLI(LightningCLI):
             key = "".join(key)
             suggestion = did_you_mean("--" + key, options).replace("'--", "'")
             hints.append(f"config key {key!r}{suggestion or ' is not an option'}")
+        for class_path, option in re.findall(r"class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message):
+            name = class_path.rpartition(".")[2]
+            hints.append(f"option {option!r} is not accepted by {class_path} (its options: `python -m pipelines.run {self.spec.name} --model.help {name}`)")
         detail = "; ".join(dict.fromkeys(hints))
         detail = f" {detail}." if detail else ("; " + " ".join(lines[1:3]) if len(lines) > 1 else "")
         return f"{first}.{detail} `python -m pipelines.run {self.spec.name} --help` lists every option."
