@@ -156,7 +156,7 @@ class Diffusion(GenerativeTask):
         The sampling loop is left to the client: ``domain_metadata.scheduler`` holds the DDPM
         ``alphas_cumprod`` (one per training timestep) and the DDIM timesteps for ``sampling_steps``,
         exactly as MONAI's ``DDIMScheduler`` (eta 0, ``clip_sample`` on, ``set_alpha_to_one`` on,
-        ``steps_offset`` 0) uses them; :func:`domains.media.serving.ddim_sample` is a numpy version.
+        ``steps_offset`` 0) uses them; :func:`pipelines.bundle_runtime.ddim_sample` is a numpy version.
         """
         hp = self.hparams
         module = InferenceDenoiser(self.ema_unet, bool(self.condition_classes))

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from pipelines.bundle_runtime import ddim_sample, ddim_schedule
 from pipelines.serve import ModelCall, RequestAdapter, reject
 
 MAX_COUNT = 64
@@ -61,59 +61,9 @@ def to_png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def ddim_schedule_for(schedule: dict[str, Any], steps: int) -> dict[str, Any]:
-    """A bundle's DDIM schedule set to ``steps`` steps, as MONAI's ``DDIMScheduler.set_timesteps(steps)`` (``steps_offset`` 0).
-
-    MONAI's timesteps are ``torch.linspace(T - 1, 0, steps).round()`` in float32. Torch's linspace
-    takes a float32 step, fills the first half from the start and the second half from the end, and
-    rounds each value once to float32; that is reproduced here, so every timestep is the same integer.
-    """
-    total = int(schedule["num_train_timesteps"])
-    if not 1 <= steps <= total:
-        raise ValueError(f"steps must be in 1..{total}, got {steps}")
-    start = np.float32(total - 1)
-    delta = np.float64(-start / np.float32(max(steps - 1, 1)))
-    index = np.arange(steps)
-    values = np.where(index < steps // 2, np.float64(start) + index * delta, -(steps - 1 - index) * delta).astype(np.float32)
-    timesteps = [total - 1] if steps == 1 else np.rint(values).astype(int).tolist()
-    return {**schedule, "sampling_steps": steps, "timesteps": timesteps, "step_stride": total // steps}
-
-
-def ddim_sample(
-    step: Callable[[dict[str, np.ndarray]], np.ndarray], noise: np.ndarray, schedule: dict[str, Any], labels: np.ndarray | None = None
-) -> np.ndarray:
-    """MONAI's DDIM loop (eta 0; epsilon or v prediction, from ``schedule``) in numpy: images ``(N, C, H, W)`` in [-1, 1].
-
-    Args:
-        step: calls the bundle's denoiser on ``{"noisy", "timestep"[, "labels"]}`` and returns its
-            output (the predicted noise, or the velocity for ``prediction_type: v_prediction``).
-        noise: the starting noise, ``(N, C, H, W)`` float32.
-        schedule: a diffusion bundle's ``domain_metadata.scheduler``.
-        labels: ``(N,)`` class indices for a conditional model.
-    """
-    prediction = schedule.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
-        raise ValueError(f"ddim_sample handles epsilon and v_prediction, not {prediction!r}")
-    alphas = np.asarray(schedule["alphas_cumprod"], dtype=np.float64)
-    final, stride = float(schedule["final_alpha_cumprod"]), int(schedule["step_stride"])
-    low, high = schedule["clip_sample_values"]
-    sample = noise.astype(np.float32)
-    for t in schedule["timesteps"]:
-        inputs = {"noisy": sample, "timestep": np.full(len(sample), t, dtype=np.float32)}
-        if labels is not None:
-            inputs["labels"] = labels.astype(np.int64)
-        output = np.asarray(step(inputs), dtype=np.float32)
-        alpha_t = np.float32(alphas[t])
-        alpha_prev = np.float32(alphas[t - stride] if t - stride >= 0 else final)
-        if prediction == "epsilon":
-            eps, original = output, (sample - np.sqrt(1 - alpha_t) * output) / np.sqrt(alpha_t)
-        else:  # v = sqrt(a) * noise - sqrt(1 - a) * x0
-            eps = np.sqrt(alpha_t) * output + np.sqrt(1 - alpha_t) * sample
-            original = np.sqrt(alpha_t) * sample - np.sqrt(1 - alpha_t) * output
-        if schedule.get("clip_sample", True):
-            original = np.clip(original, low, high)
-        sample = (np.sqrt(alpha_prev) * original + np.sqrt(1 - alpha_prev) * eps).astype(np.float32)
-    return np.clip(sample, -1.0, 1.0)
+#: MONAI's DDIM loop in numpy and its schedule, from the bundle runtime (a client with only numpy and
+#: onnxruntime runs the same code through ``Bundle.generate``)
+ddim_schedule_for = ddim_schedule
 
 
 class SeedGenerationAdapter(RequestAdapter):
