@@ -40,6 +40,42 @@ from pipelines.tuning import check_lr_findable, find_learning_rate
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
 
 
+def check_checkpoint(path: str) -> None:
+    """Refuse a ``--ckpt_path`` that is not a Lightning checkpoint readable weights-only (a text file,
+    a truncated download, a pickle with code in it), before anything is written."""
+    import torch
+
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # large checkpoints: not read whole
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # an older (non-zip) serialisation
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Weights only load failed" in reason:  # torch then suggests weights_only=False: never, for a file from elsewhere
+            reason = "it is not a file of tensors: not a checkpoint, or one holding pickled objects, which are never loaded"
+        raise InputError(f"--ckpt_path {path}: not a Lightning checkpoint that loads weights-only ({reason[:200]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise InputError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
+
+
+def broken_yaml(args: Any) -> str | None:
+    """The first ``--config FILE`` of ``args`` that is not valid YAML, as an error naming the file and line."""
+    files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")] if isinstance(args, list) else []
+    files += [arg.split("=", 1)[1] for arg in args if isinstance(arg, str) and arg.startswith("--config=")] if isinstance(args, list) else []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            return f"--config {path}: not valid YAML: {' '.join(str(error).split())}"
+    return None
+
+
 class PipelineCLI(LightningCLI):
     """LightningCLI for one domain.
 
@@ -174,6 +210,8 @@ class PipelineCLI(LightningCLI):
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
             raise InputError(str(error)) from None
+        if self.run.ckpt_path:
+            check_checkpoint(self.run.ckpt_path)
         reused = saved_config_sections(self.run, sub)
         if reused is not None:
             path, sections = reused
@@ -201,7 +239,8 @@ class PipelineCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:
-            raise InputError(self._explain(str(error))) from None
+            broken = broken_yaml(args)
+            raise InputError(broken or self._explain(str(error))) from None
 
     def _explain(self, message: str) -> str:
         """jsonargparse's message, first line only, with "did you mean" for unknown options and keys."""

@@ -109,6 +109,8 @@ CASES = [
              table_file("fleet.tsv", setter(5, "x", -np.inf))),  # fmt: skip
     BadInput("float32-overflow-parquet", ("--data.path={tmp}/fleet.parquet", *BASE), ("fleet.parquet", "'y'", "float32", "row 7"),
              table_file("fleet.parquet", setter(7, "y", 1e39))),  # fmt: skip
+    # an empty id crashed in the split (TypeError comparing float and str) with exit 1
+    BadInput("missing-sequence-id", CSV, ("fleet.csv", "row 21", "'sequence'", "missing"), table_file("fleet.csv", setter(21, "sequence", None))),
     BadInput("inf-time", CSV, ("fleet.csv", "'time'", "inf", "row 10"), table_file("fleet.csv", setter(10, "time", np.inf))),
     BadInput("inf-regression-target", (*CSV, "--data.task=regression", "--data.target_column=score"), ("fleet.csv", "'score'", "inf", "row 12"),
              table_file("fleet.csv", setter(12, "score", np.inf))),  # fmt: skip

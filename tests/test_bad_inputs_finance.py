@@ -103,6 +103,9 @@ CASES = [
     BadInput("text-in-numeric", TRAIN, ("'amount'", "non-numeric", "row(s) 5", "'12,50'"), table(cell("amount", 5, "12,50"))),
     BadInput("all-missing-numeric", TRAIN, ("'customer_age'", "empty"), table(assign(customer_age=""))),
     BadInput("boolean-garbage", TRAIN, ("'card_present'", "boolean", "row(s) 4"), table(cell("card_present", 4, "sometimes"))),
+    # every day <= 12: a guessing parser read these month-first and trained with wrong weekdays, exit 0
+    BadInput("timestamp-day-first", TRAIN, ("'timestamp'", "ISO 8601", "row(s) 1", "ambiguous"),
+             table(lambda f: f.assign(timestamp=[f"{1 + i % 12:02d}/01/2024 10:00" for i in range(len(f))]))),
     BadInput("timestamp-garbage", TRAIN, ("'timestamp'", "timestamps", "row(s) 9"), table(cell("timestamp", 9, "yesterday-ish"))),
     # columns
     BadInput("duplicate-header-csv", TRAIN, ("t.csv", "'amount' 2 times", "unique"), table(duplicate_amount)),

@@ -52,6 +52,14 @@ def medmnist(folder: Path, bad: str | None = None, value: float = np.nan, dtype=
     return folder / "set.npz"
 
 
+def duplicate_row(folder: Path, index: int) -> None:
+    """The labels table with data row 6 pointing at the image of data row ``index + 1``."""
+    csv = table(folder)
+    frame = pd.read_csv(csv)
+    frame.loc[5, "path"] = frame.loc[index, "path"]
+    frame.to_csv(csv, index=False)
+
+
 def corrupt(path: Path, image: np.ndarray) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n this is not a real PNG")
 
@@ -108,28 +116,29 @@ CASES = [
     BadInput("npz_float32_overflow", NPZ, ("'val_images'", "float32's range", "item 1"), lambda f: medmnist(f, "val_images@1", 1e39, np.float64)),
     BadInput("npz_floats_outside_unit_range", NPZ, ("'train_images'", "span [0", "1000]"), lambda f: medmnist(f, "train_images@0", 1000.0)),
     BadInput("npz_without_medmnist_keys", NPZ, ("missing key(s)", "train_images"), lambda f: np.savez(f / "set.npz", images=np.zeros((4, 8, 8)), labels=np.zeros(4))),
-    BadInput("nifti_nan", (*CSV, "--data.positive_class=b"), ("vol1.nii.gz", "row 3", "NaN"), lambda f: nifti_table(f, bad=1)),
+    BadInput("nifti_nan", (*CSV, "--data.positive_class=b"), ("vol1.nii.gz", "row 2", "NaN"), lambda f: nifti_table(f, bad=1)),
     BadInput("nifti_floats_outside_unit_range", (*CSV, "--data.positive_class=b"), ("vol0.nii.gz", "span", "--data.intensity_range"), lambda f: nifti_table(f, scale=1000)),
     # labels
     BadInput("label_typo", CSV, ("'COVID-19'", "'covid'", "spelt two ways", "--data.class_names"), lambda f: table(f, ["COVID-19", "normal"] * 3 + ["covid", "normal"])),
     BadInput("rare_class", CSV, ("'cyst' (1 row)", "fewer than 2 rows", "--data.class_names"), lambda f: table(f, ["benign", "malignant"] * 3 + ["cyst", "benign"])),
-    BadInput("label_outside_class_names", (*CSV, "--data.class_names=[benign,malignant]"), ("'malignent'", "did you mean 'malignant'", "row 9"), lambda f: table(f, ["benign", "malignant"] * 3 + ["benign", "malignent"])),
-    BadInput("empty_label", CSV, ("row 4", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
+    BadInput("label_outside_class_names", (*CSV, "--data.class_names=[benign,malignant]"), ("'malignent'", "did you mean 'malignant'", "row 8"), lambda f: table(f, ["benign", "malignant"] * 3 + ["benign", "malignent"])),
+    BadInput("empty_label", CSV, ("row 3", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
     BadInput("binary_without_a_positive_class", CSV, ("['covid', 'flu']", "--data.positive_class"), lambda f: table(f, ["covid", "flu"] * 4)),
     BadInput("positive_class_not_a_class", (*CSV, "--data.positive_class=malignent"), ("'malignent'", "did you mean 'malignant'"), table),
     BadInput("positive_class_for_multiclass", (*CSV, "--data.positive_class=b"), ("for binary tasks", "multiclass"), lambda f: table(f, ["a", "b", "c", "a", "b", "c", "a", "b"], count=8)),
     BadInput("class_names_twice", (*CSV, "--data.class_names=[benign,benign]"), ("lists a class twice",), table),
     # files and table
-    BadInput("missing_image", CSV, ("not found", "row 5", "case3.png"), lambda f: (table(f), (f / "case3.png").unlink())),
-    BadInput("corrupt_png", CSV, ("row 4", "cannot read image", "case2.png"), lambda f: table(f, r2=corrupt)),
+    BadInput("image_listed_twice", CSV, ("row 6", "listed again", "first at row 2", "case1.png"), lambda f: duplicate_row(f, 1)),
+    BadInput("missing_image", CSV, ("not found", "row 4", "case3.png"), lambda f: (table(f), (f / "case3.png").unlink())),
+    BadInput("corrupt_png", CSV, ("row 3", "cannot read image", "case2.png"), lambda f: table(f, r2=corrupt)),
     BadInput("csv_without_path_label", CSV, ("missing column(s) ['path', 'label']", "found ['file', 'diagnosis']"), csv_file("file,diagnosis\na.png,x\n")),
     BadInput("csv_header_twice", CSV, ("column 'label' 2 times",), csv_file("path,label,label\na.png,x,y\n")),
     BadInput("empty_split", CSV, ("split 'val' is empty",), lambda f: table(f, splits=["train", "test"] * 4)),
-    BadInput("unknown_split_name", CSV, ("row 2", "split 'training'"), lambda f: table(f, splits=["training"] + ["train", "val", "test"] * 3)),
-    BadInput("mixed_sizes_without_image_size", CSV, ("row 3", "size (12, 12)", "--data.image_size"), lambda f: table(f, r1=lambda p, a: write_png(p, np.resize(a, (12, 12))))),
-    BadInput("mixed_channels", CSV, ("row 5", "3 channel(s)", "same channel count"), lambda f: table(f, r3=lambda p, a: write_png(p, np.stack([a] * 3, -1)))),
-    BadInput("volume_among_images", CSV, ("row 4", "3-D volume", "2-D image"), volume_among_images),
-    BadInput("blank_16bit_png", CSV, ("row 6", "case4.png", "blank image"), lambda f: table(f, r4=lambda p, a: png16(p, np.zeros_like(a)))),
+    BadInput("unknown_split_name", CSV, ("row 1", "split 'training'"), lambda f: table(f, splits=["training"] + ["train", "val", "test"] * 3)),
+    BadInput("mixed_sizes_without_image_size", CSV, ("row 2", "size (12, 12)", "--data.image_size"), lambda f: table(f, r1=lambda p, a: write_png(p, np.resize(a, (12, 12))))),
+    BadInput("mixed_channels", CSV, ("row 4", "3 channel(s)", "same channel count"), lambda f: table(f, r3=lambda p, a: write_png(p, np.stack([a] * 3, -1)))),
+    BadInput("volume_among_images", CSV, ("row 3", "3-D volume", "2-D image"), volume_among_images),
+    BadInput("blank_16bit_png", CSV, ("row 5", "case4.png", "blank image"), lambda f: table(f, r4=lambda p, a: png16(p, np.zeros_like(a)))),
     BadInput("ct_dicom_in_hounsfield_units", CSV, ("case1.dcm", "RescaleIntercept -1024", "--data.intensity_range"), lambda f: (table(f, r1=lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)), rename(f, "case1.png", "case1.dcm"))),
     BadInput("dicom_window_without_window", (*CSV, "--data.intensity=dicom_window"), ("WindowCenter",), lambda f: (table(f, r0=lambda p, a: write_dicom(p.with_suffix(".dcm"), a)), rename(f, "case0.png", "case0.dcm"))),
     BadInput("intensity_range_reversed", (*CSV, "--data.intensity_range=[3071,-1024]"), ("LOW < HIGH",), table),

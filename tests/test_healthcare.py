@@ -228,7 +228,7 @@ def test_real_breastmnist_loads_with_official_splits():
 def test_missing_image_names_the_row(tmp_path):
     csv = image_table(tmp_path)
     (tmp_path / "images" / "case005.png").unlink()
-    with pytest.raises(ValueError, match=r"row 7: .*case005.png"):
+    with pytest.raises(ValueError, match=r"row 6: .*case005.png"):
         MedicalImageDataModule(labels_csv=str(csv)).num_classes
 
 
@@ -236,13 +236,13 @@ def test_unreadable_image_names_the_file(tmp_path):
     csv = image_table(tmp_path)
     (tmp_path / "images" / "case003.png").write_bytes(b"not a png at all")
     dm = MedicalImageDataModule(labels_csv=str(csv))
-    with pytest.raises(ValueError, match=r"row 5: cannot read image .*case003.png"):
+    with pytest.raises(ValueError, match=r"row 4: cannot read image .*case003.png"):
         dm.setup()
 
 
 def test_label_not_in_class_list(tmp_path):
     csv = image_table(tmp_path)
-    with pytest.raises(ValueError, match=r"label 'malignant' \(12 rows\) is not one of the declared classes \['benign', 'normal'\].*first at row 3 "):
+    with pytest.raises(ValueError, match=r"label 'malignant' \(12 rows\) is not one of the declared classes \['benign', 'normal'\].*first at row 2 "):
         MedicalImageDataModule(labels_csv=str(csv), class_names=["benign", "normal"]).num_classes
 
 
@@ -270,10 +270,10 @@ def test_npz_without_the_expected_keys(tmp_path):
 def test_mismatched_image_sizes_and_channels(tmp_path):
     csv = image_table(tmp_path)
     write_png(tmp_path / "images" / "case004.png", np.indices((20, 20)).sum(0).astype(np.uint8))
-    with pytest.raises(ValueError, match=r"row 6: image .*case004.png has size \(20, 20\) but .* has \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"row 5: image .*case004.png has size \(20, 20\) but .* has \(16, 16\)"):
         MedicalImageDataModule(labels_csv=str(csv)).setup()
     write_png(tmp_path / "images" / "case004.png", np.indices((16, 16, 3)).sum(0).astype(np.uint8))
-    with pytest.raises(ValueError, match=r"row 6: image .*case004.png has 3 channel\(s\)"):
+    with pytest.raises(ValueError, match=r"row 5: image .*case004.png has 3 channel\(s\)"):
         MedicalImageDataModule(labels_csv=str(csv)).setup()
 
 

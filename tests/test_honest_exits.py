@@ -162,3 +162,17 @@ def test_a_nan_monitored_metric_does_not_crash_the_wandb_upload_after_training(t
     assert checkpoint.best_model_path and trainer.state.finished
     rows = history(run_file(tmp_path / "nan-run"))
     assert [row["val/auroc"] for row in rows if "val/auroc" in row] == [0.75] and not any("val/score" in row for row in rows)
+
+
+def test_a_file_that_is_not_a_checkpoint_and_a_broken_yaml_are_refused_naming_them(tmp_path, capsys):
+    fake = tmp_path / "model.ckpt"
+    fake.write_text("not a checkpoint\n")
+    assert exit_code("finance", "test", "--ckpt_path", str(fake), "--runs_dir", str(tmp_path / "runs")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--ckpt_path {fake}: not a Lightning checkpoint" in err and "weights_only=False" not in err, err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  lr: 0.1\n hidden: 3\n")
+    assert exit_code("finance", "--config", str(broken), "--runs_dir", str(tmp_path / "runs")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--config {broken}: not valid YAML" in err and "line 3" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -56,6 +56,7 @@ from domains.autonomous.readers import (
     Tracks,
     build_tracks,
     check_columns,
+    check_present,
     log,
     read_eth_ucy,
     read_table,
@@ -262,6 +263,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def _split(self, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
         hp = self.hparams
         check_columns(table, self.columns)  # missing columns are named before anything else
+        check_present(table, self.columns)  # a row without a sequence id or time cannot be split
         if hp.split_column:
             if hp.split_column not in table.columns:
                 columns = [c for c in table.columns if not str(c).startswith("_")]

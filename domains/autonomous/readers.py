@@ -186,7 +186,7 @@ def check_values(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = Tr
     naming the file, its rows and the column. NaN values of the channels and targets are left to
     the NaN rule. ``table`` may hold any rows of any files (e.g. one split of them)."""
     check_columns(table, spec, require_label)
-    _check_present(table, spec)
+    check_present(table, spec)
     numeric = [spec.time, *spec.targets, *spec.channels]
     if spec.label is not None and spec.label_numeric and spec.label in table.columns:
         numeric.append(spec.label)
@@ -202,7 +202,7 @@ def check_values(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = Tr
         check_finite_columns(pd.DataFrame(by_row, columns=values.columns), str(file), list(values.columns), first_row=first)
 
 
-def _check_present(table: pd.DataFrame, spec: ColumnSpec) -> None:
+def check_present(table: pd.DataFrame, spec: ColumnSpec) -> None:
     for column in (spec.sequence, spec.time):
         missing = np.flatnonzero(table[column].isna().to_numpy())
         if len(missing):

@@ -106,17 +106,21 @@ def parse_boolean(series: pd.Series, source: str, row_offset: RowPositions = 0) 
 
 
 def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0) -> pd.Series:
-    """Datetimes in UTC (naive values are taken as they are); unparseable text is an error."""
+    """Datetimes in UTC (naive values are taken as they are). Text must be ISO 8601
+    (``2024-05-01 13:45:00``, ``2024-05-01T13:45:00+02:00``): ``03/01/2024`` is 3 January in one
+    country and 1 March in another, and a guess read a day-first file month-first whenever every
+    day was 12 or less (silently wrong weekdays), so any other layout is refused."""
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
         return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
     missing = _is_missing(series)
-    parsed = pd.to_datetime(series.where(~missing), errors="coerce", utc=True)
+    parsed = pd.to_datetime(series.where(~missing), errors="coerce", utc=True, format="ISO8601")
     bad = parsed.isna().to_numpy() & ~missing
     if bad.any():
         example = series.iloc[int(np.flatnonzero(bad)[0])]
         raise InputError(
-            f"{source}: column {series.name!r} should hold timestamps (e.g. 2024-05-01 13:45:00) but has {int(bad.sum())} "
-            f"unparseable value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r})"
+            f"{source}: column {series.name!r} should hold ISO 8601 timestamps (e.g. 2024-05-01 13:45:00) but has {int(bad.sum())} "
+            f"other value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r}); dates such as 03/01/2024 are "
+            "ambiguous (day or month first): write the column as ISO 8601 (or as a Parquet timestamp column)"
         )
     return parsed
 

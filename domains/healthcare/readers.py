@@ -222,14 +222,14 @@ def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str
     raw = table["label"].astype(str).str.strip()
     multilabel = raw.str.contains(MULTILABEL_SEPARATOR, regex=False).any()
     tokens = [[t.strip() for t in value.split(MULTILABEL_SEPARATOR) if t.strip()] for value in raw]
-    empty = [row + 2 for row, labels in enumerate(tokens) if not labels]
+    empty = [row + 1 for row, labels in enumerate(tokens) if not labels]
     if empty:
         raise InputError(f"{csv_path}: {describe_rows(empty)} ({table['path'].iloc[empty[0] - 2]}): empty label; every image needs a label")
     counts: Counter = Counter(t for row in tokens for t in row)
     first_row = {}
     for row, labels in enumerate(tokens):
         for t in labels:
-            first_row.setdefault(t, f"row {row + 2} ({table['path'].iloc[row]})")
+            first_row.setdefault(t, f"row {row + 1} ({table['path'].iloc[row]})")
     check_label_counts(counts, str(csv_path), class_names, first_row)
     names = list(class_names) if class_names is not None else sorted(counts)
     lookup = {name: i for i, name in enumerate(names)}
@@ -284,14 +284,19 @@ def read_image_table(
         raise InputError(f"{csv_path}: no rows")
     root = Path(image_dir) if image_dir else csv_path.parent
     files = [root / p for p in table["path"]]
-    absent = [(row + 2, str(f)) for row, f in enumerate(files) if not f.is_file()]
+    absent = [(row + 1, str(f)) for row, f in enumerate(files) if not f.is_file()]
     if absent:
         raise InputError(f"{csv_path}: {len(absent)} image(s) not found, first: row {absent[0][0]}: {absent[0][1]}")
+    first_seen: dict[Path, int] = {}
+    for row, f in enumerate(files, start=1):
+        earlier = first_seen.setdefault(f.resolve(), row)
+        if earlier != row:  # a copy in train and one in test would inflate every test metric
+            raise InputError(f"{csv_path}: row {row}: {f} is listed again (first at row {earlier}); each image must appear once, or the same image can land in two splits")
     labels, names, multilabel = _parse_labels(table, csv_path, class_names)
     split = None
     if "split" in table.columns:
         split = table["split"].str.strip().str.lower().to_numpy()
-        bad = [(row + 2, s) for row, s in enumerate(split) if s not in SPLITS]
+        bad = [(row + 1, s) for row, s in enumerate(split) if s not in SPLITS]
         if bad:
             raise InputError(f"{csv_path}: row {bad[0][0]}: split {bad[0][1]!r} is not one of {list(SPLITS)}")
     task = "multilabel" if multilabel else infer_task(labels, len(names))
@@ -303,7 +308,7 @@ def read_image_table(
         try:
             return read_image_file(files[i], intensity)
         except InputError as error:
-            raise InputError(f"{csv_path}: row {i + 2}: {error}") from None
+            raise InputError(f"{csv_path}: row {i + 1}: {error}") from None
 
     first = read(0)
 
@@ -312,7 +317,7 @@ def read_image_table(
         arrays = []
         for i in indices:
             array = resized(read(i), resize)
-            _same_kind(array, reference, i + 2, files[i], files[0], csv_path)
+            _same_kind(array, reference, i + 1, files[i], files[0], csv_path)
             arrays.append(array)
         if len({a.dtype for a in arrays}) > 1:  # 8-bit and 16-bit files mixed: one float32 array in [0, 1]
             arrays = [unit_float(a) for a in arrays]
