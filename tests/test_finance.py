@@ -284,7 +284,7 @@ def test_bad_input_unparseable_timestamp_and_boolean_rows(tmp_path):
     frame = make_card_transactions(300, 0.05)
     frame.loc[11, "timestamp"] = "yesterday-ish"
     message = _fit_error(tmp_path, frame)
-    assert "'timestamp'" in message and "1 unparseable" in message and "row(s) 12 " in message
+    assert "'timestamp'" in message and "1 other value" in message and "ISO 8601" in message and "row(s) 12 " in message
     frame = make_card_transactions(300, 0.05)
     frame["card_present"] = frame["card_present"].astype(object)
     frame.loc[[2, 3], "card_present"] = "sometimes"
