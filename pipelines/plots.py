@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -31,3 +34,15 @@ def image_grid(images: torch.Tensor | np.ndarray, titles: Sequence[str] | None =
             ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def save_figure_atomic(figure: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG, complete or absent: written to a name of this process, then
+    renamed (two processes writing the same plot, e.g. two sweep workers, never collide)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+    try:
+        figure.savefig(partial, dpi=110, bbox_inches="tight")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

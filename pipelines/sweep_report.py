@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.plots import save_figure_atomic
 from pipelines.runs import write_text_atomic
 
 PRUNING_CALLBACK = "pipelines.sweep_trial.OptunaPruning"
@@ -65,9 +66,7 @@ def _save(axes: Any, path: Path) -> Path:
 
     figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
     figure.set_size_inches(8, 5)
-    partial = path.with_name(f".{path.stem}.partial.png")
-    figure.savefig(partial, dpi=110, bbox_inches="tight")
-    os.replace(partial, path)
+    save_figure_atomic(figure, path)
     plt.close(figure)
     return path
 

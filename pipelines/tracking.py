@@ -20,6 +20,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from pipelines.guards import non_finite_metrics
+from pipelines.plots import save_figure_atomic
 from pipelines.runs import RunFolder, write_json_atomic
 
 
@@ -211,9 +212,7 @@ def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
     if trainer.is_global_zero:
         path = Path(trainer.default_root_dir) / "plots" / (key.replace("/", "_") + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.stem}.partial.png")  # complete or absent: a kill never leaves half a PNG
-        figure.savefig(partial, dpi=110, bbox_inches="tight")
-        os.replace(partial, path)
+        save_figure_atomic(figure, path)
         for logger in wandb_loggers(trainer):
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
     plt.close(figure)
