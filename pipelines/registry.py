@@ -51,8 +51,8 @@ class DomainSpec:
             evaluation reports is used (e.g. AUPRC where labels exist, else the loss). Empty: the
             ``monitor``'s test name.
         sanity_floors: floors every promoted model passes, even the first (``test/loss<inf`` = finite,
-            ``test/auroc>0.5`` = better than chance); a floor whose metric the evaluation does not
-            report is skipped.
+            ``test/auroc>0.5`` = better than chance, ``test/loss<baseline`` = better than the same
+            network untrained); a floor whose metric the evaluation does not report is skipped.
         model_subclasses: the config picks one of several LightningModule subclasses of ``model_class``
             with ``model.class_path`` (LightningCLI's subclass mode, e.g. GAN or diffusion); otherwise
             ``--help`` lists every model option directly.

@@ -51,7 +51,7 @@ from typing import Any
 from pipelines import evaluation_set
 from pipelines.model_registry import REGISTRY_ENV, ModelRegistry, RegistryError, RegistryLocked, default_registry
 from pipelines.retrain_steps import STEP_ENV, ExitCode, RetrainError, _cuda_devices, absolute_paths, fingerprint, resolve_config, run_step
-from pipelines.selection import Selection, parse_floor
+from pipelines.selection import Selection, floor_text, parse_floor
 
 __all__ = ["ExitCode", "RetrainError", "main"]
 RESERVED_RUNNER_OPTIONS = ("--run_id", "--ckpt_path")
@@ -82,7 +82,7 @@ class Attempt:
         self.started = time.time()
         self.row: dict[str, Any] = {
             "attempt": self.attempt_id, "domain": self.spec.name, "metric": selection.preference[0], "margin": options.margin,
-            "floors": [f"{k}{op}{v:g}" for k, op, v in selection.sanity + selection.floors], "argv": sys.argv,
+            "floors": [floor_text(f) for f in selection.sanity + selection.floors], "argv": sys.argv,
         }  # fmt: skip
 
     def run(self) -> ExitCode:
@@ -134,8 +134,16 @@ class Attempt:
                 self.row["champion"] = {"version": champion, **result}
             finally:
                 with_champion.unlink(missing_ok=True)
+        baseline = None
+        if self.selection.needs_baseline:  # a trivial baseline every domain has: the same network, untrained
+            untrained = self._untrained_checkpoint(best, run_dir / "untrained.ckpt")
+            try:
+                baseline = self._score(untrained, config, runs_dir, run_dir, "untrained", evaluation)["metrics"]
+            finally:
+                untrained.unlink(missing_ok=True)
+            self.row["baseline"] = baseline
         try:
-            decision, reason, metric, mode = self.selection.decide(challenger["metrics"], self.row["champion"] if champion else None, self.options.margin)
+            decision, reason, metric, mode = self.selection.decide(challenger["metrics"], self.row["champion"] if champion else None, self.options.margin, baseline)
         except LookupError as error:
             raise RetrainError(ExitCode.FAILED, str(error)) from None
         self.row.update(reason=reason, metric=metric, mode=mode)
@@ -177,6 +185,22 @@ class Attempt:
             },
             datamodule_key,
         )  # fmt: skip
+
+    def _untrained_checkpoint(self, best: Path, path: Path) -> Path:
+        """``best`` with the weights of a freshly initialised model (same class, hyper-parameters,
+        seed and fitted preprocessing): the untrained baseline of the ``baseline`` floors."""
+        import torch
+
+        from pipelines.model_registry import TRAINING_STATE_KEYS
+        from pipelines.registry import _import_dotted
+
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        class_path = self.config["model"].get("class_path") if isinstance(self.config["model"], dict) else None
+        model_class = _import_dotted(class_path or self.spec.model_class)  # from this attempt's own resolved config
+        torch.manual_seed(int(self.config.get("seed_everything") or 0))
+        model = model_class(**{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")})
+        torch.save({**{k: v for k, v in checkpoint.items() if k not in TRAINING_STATE_KEYS}, "state_dict": model.state_dict()}, path)
+        return path
 
     def _already_decided(self, digest: str, champion: str | None, champion_meta: dict[str, Any] | None) -> str | None:
         """Why this fingerprint is nothing new: it is the champion's, or a challenger with it was

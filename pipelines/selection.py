@@ -28,19 +28,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-Floor = tuple[str, str, float]
+Floor = tuple[str, str, "float | str"]
+#: a floor value that means "the same metric of the untrained model" (a trivial baseline every domain has)
+BASELINE = "baseline"
 
 
 def parse_floor(text: str) -> Floor:
-    """``"test/auroc>=0.7"`` -> ``("test/auroc", ">=", 0.7)``; ``inf`` is a value (``test/loss<inf``)."""
+    """``"test/auroc>=0.7"`` -> ``("test/auroc", ">=", 0.7)``; ``inf`` is a value (``test/loss<inf``:
+    finite) and so is ``baseline`` (``test/loss<baseline``: better than the same network untrained)."""
     for symbol in (">=", "<=", ">", "<"):
         if symbol in text:
             key, _, value = text.partition(symbol)
+            if value.strip() == BASELINE:
+                return key.strip(), symbol, BASELINE
             try:
                 return key.strip(), symbol, float(value)
             except ValueError:
                 break
-    raise argparse.ArgumentTypeError(f"--floor {text!r}: expected METRIC>=VALUE (or <=, >, <), e.g. 'test/auroc>=0.7'")
+    raise argparse.ArgumentTypeError(f"--floor {text!r}: expected METRIC>=VALUE (or <=, >, <; VALUE a number, inf or baseline), e.g. 'test/auroc>=0.7'")
+
+
+def floor_text(floor: Floor) -> str:
+    key, symbol, value = floor
+    return f"{key}{symbol}{value if isinstance(value, str) else format(value, 'g')}"
 
 
 def evaluation_metric_key(monitor: str) -> str:
@@ -93,10 +103,15 @@ class Selection:
                 raise ValueError(f"--metric {metric}: {spec.name} logs no such test metric (known: {known})")
             if not rules.direction(metric):
                 raise ValueError(f"--metric {metric}: not a quality metric (no better direction); choose one of {', '.join(k for k, v in directions.items() if v)}")
-        for key, symbol, value in floors:
-            if rules.direction(key) is None:
-                raise ValueError(f"--floor {key}{symbol}{value:g}: {spec.name} logs no test metric {key!r} (known: {known})")
+        for floor in floors:
+            if rules.direction(floor[0]) is None:
+                raise ValueError(f"--floor {floor_text(floor)}: {spec.name} logs no test metric {floor[0]!r} (known: {known})")
         return rules
+
+    @property
+    def needs_baseline(self) -> bool:
+        """Whether a floor compares with the untrained model (one more evaluation per attempt)."""
+        return any(value == BASELINE for _, _, value in self.sanity + self.floors)
 
     def direction(self, name: str) -> str | None:
         """``"max"``/``"min"``/``""`` for a declared metric, ``None`` for an unknown name."""
@@ -112,30 +127,38 @@ class Selection:
                 return name, self.direction(name) or "max"
         raise LookupError(f"the evaluation reports none of the selection metrics {self.preference} (it has {sorted(metrics)})")
 
-    def failed_floors(self, metrics: dict[str, float]) -> list[str]:
+    def failed_floors(self, metrics: dict[str, float], baseline: dict[str, float] | None = None) -> list[str]:
         """Why ``metrics`` fail the sanity and ``--floor`` floors (empty: they pass). A sanity floor on a
-        metric the evaluation does not report is skipped; a ``--floor`` on one fails. A non-finite
-        selection metric always fails: this never relies on the runner catching a divergence."""
+        metric the evaluation does not report is skipped; a ``--floor`` on one fails. A ``baseline``
+        floor compares with ``baseline`` (the untrained model's metrics) and is skipped without it.
+        A non-finite selection metric always fails: this never relies on the runner catching a divergence."""
         failed = []
         for (key, symbol, value), kind in [*((f, "sanity") for f in self.sanity), *((f, "floor") for f in self.floors)]:
             if key not in metrics:
                 if kind == "floor":
                     failed.append(f"{key} not reported by the evaluation (has {sorted(metrics)})")
                 continue
+            if value == BASELINE:
+                if baseline is None or key not in baseline:
+                    continue
+                value, shown = float(baseline[key]), f"{symbol}{_fmt(float(baseline[key]))} (untrained)"
+            else:
+                shown = f"{symbol}{value:g}"
             actual = float(metrics[key])
             if not _OPERATORS[symbol](actual, value) or math.isnan(actual):
-                failed.append(f"{key}={_fmt(actual)} fails {symbol}{value:g}" + (" (sanity)" if kind == "sanity" else ""))
+                failed.append(f"{key}={_fmt(actual)} fails {shown}" + (" (sanity)" if kind == "sanity" else ""))
         with_selection = [name for name in self.preference if name in metrics][:1]
         for name in with_selection:
             if not math.isfinite(float(metrics[name])) and not any(f.startswith(f"{name}=") for f in failed):
                 failed.append(f"{name}={_fmt(float(metrics[name]))} is not finite")
         return failed
 
-    def decide(self, challenger: dict[str, float], champion: dict[str, Any] | None, margin: float) -> tuple[bool, str, str, str]:
+    def decide(self, challenger: dict[str, float], champion: dict[str, Any] | None, margin: float, baseline: dict[str, float] | None = None) -> tuple[bool, str, str, str]:
         """(promote?, reason, metric, direction) for a challenger's test metrics against the
-        champion's ``{"version", "metrics"}`` on the same evaluation set (``None``: first model)."""
+        champion's ``{"version", "metrics"}`` on the same evaluation set (``None``: first model) and
+        the untrained model's metrics ``baseline``."""
         metric, mode = self.choose(challenger)
-        failed = self.failed_floors(challenger)
+        failed = self.failed_floors(challenger, baseline)
         if failed:
             return False, "rejected: " + "; ".join(failed), metric, mode
         score = float(challenger[metric])
