@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -127,8 +128,6 @@ class Soak:
         self.data = work / "latest.npz"
         self.rows: list[dict[str, Any]] = []
         (work / "home").mkdir(parents=True, exist_ok=True)
-        for folder in (work, work / "home"):
-            folder.chmod(0o777)  # the read-only night runs as another user
 
     def command(self, fault: str) -> list[str]:
         options = [*OPTIONS[self.domain], str(self.data)]
@@ -198,14 +197,18 @@ class Soak:
         return code, landed
 
     def _read_only(self, kwargs: dict[str, Any]) -> int:
-        """The registry folder is read-only to the retrain (another user when we are root)."""
+        """The registry is read-only to the retrain: a read-only bind mount in a private mount
+        namespace when we are root (root writes through permission bits), else permission bits."""
+        command = self.command("none")
+        if os.geteuid() == 0:
+            mount = f"mount --bind -o ro {shlex.quote(str(self.registry_root))} {shlex.quote(str(self.registry_root))}"
+            return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mount} && exec {shlex.join(command)}"], **kwargs, timeout=300).returncode
         folders = [p for p in [self.registry_root, *self.registry_root.rglob("*")] if p.is_dir()]
         modes = {p: p.stat().st_mode for p in folders}
         for p in folders:
             p.chmod(0o555)
-        user = {"user": 65534, "group": 65534} if os.geteuid() == 0 else {}
         try:
-            return subprocess.run(self.command("none"), **kwargs, timeout=300, **user).returncode
+            return subprocess.run(command, **kwargs, timeout=300).returncode
         finally:
             for p, mode in modes.items():
                 p.chmod(mode)
