@@ -72,8 +72,6 @@ TMP_PREFIX = ".tmp-"
 CHAMPION = "champion"
 #: checkpoint keys that are training state, not model: left out of the registry
 TRAINING_STATE_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")
-#: free space a write needs beyond twice the largest version (a full disk is refused before training)
-MIN_FREE_BYTES = 64 << 20
 
 
 class RegistryLocked(RegistryError):
@@ -138,28 +136,7 @@ class ModelRegistry(LoadingMixin):
         self.path = self.root / domain
         self.versions_dir = self.path / "versions"
 
-    # ----- locking and preflight -----------------------------------------------------------
-    def check_writable(self, need_bytes: int = 0) -> None:
-        """Raise :class:`RegistryError` (one line) unless the registry can take a new version now:
-        its folders are writable (a real probe file, so read-only mounts are caught too) and the
-        disk has room for ``need_bytes`` plus twice the largest version plus :data:`MIN_FREE_BYTES`."""
-        existing = self.root
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        targets = [p for p in (self.path, self.versions_dir) if p.is_dir()] or [existing]
-        for folder in targets:
-            probe = folder / f".write-probe-{os.getpid()}"
-            try:
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as error:
-                raise RegistryError(f"registry {folder} is not writable ({error.strerror}): fix its permissions or mount before retraining") from None
-        largest = max((sum(f.stat().st_size for f in (self.versions_dir / v).iterdir()) for v in self.versions()), default=0)
-        free = shutil.disk_usage(existing if not self.path.is_dir() else self.path).free
-        needed = need_bytes + 2 * largest + MIN_FREE_BYTES
-        if free < needed:
-            raise RegistryError(f"registry {self.root} has {free >> 20} MiB free, a new version needs about {needed >> 20} MiB: free space (e.g. `registry {self.domain} gc --keep N`)")
-
+    # ----- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the (registry, domain) write lock; raise :class:`RegistryLocked` at once if taken.

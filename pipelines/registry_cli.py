@@ -221,6 +221,7 @@ def _run(args: argparse.Namespace, rest: list[str], registry: ModelRegistry) -> 
 
 def _repin(args: argparse.Namespace, rest: list[str], registry: ModelRegistry, who: dict[str, Any]) -> int:
     from pipelines.evaluation_set import repin
+    from pipelines.registry_upkeep import check_writable
     from pipelines.retrain_steps import RetrainError, resolve_config
 
     if args.eval_config is not None and not args.eval_config.is_file():
@@ -228,7 +229,7 @@ def _repin(args: argparse.Namespace, rest: list[str], registry: ModelRegistry, w
         return 2
     try:
         with registry.lock():
-            registry.check_writable()
+            check_writable(registry)
             config = resolve_config(args.domain, [*(["--config", str(args.eval_config)] if args.eval_config else []), *rest])
             row = repin(registry, config, args.reason)
             print(f"evaluation set: {str(row['evaluation']['old'])[:12]} -> {row['evaluation']['new'][:12]} ({args.reason})")

@@ -6,6 +6,7 @@
   the next call finishes the job: it promotes the orphan when the attempt had decided to and the
   champion is still the one it beat, and records the attempt either way. The same data is then
   "nothing new" instead of being retrained.
+- **Preflight** (:func:`check_writable`): a read-only or full registry is refused before training.
 - **Retention** (``--keep N`` / ``registry gc --keep N``): keeps the newest ``N`` versions, the
   champion, its whole rollback chain and every aliased version; removes the other versions, the
   run folders of attempts other than the newest ``N`` and those of kept versions, and evaluation
@@ -23,6 +24,30 @@ from typing import Any
 from pipelines.model_registry import TMP_PREFIX, ModelRegistry, RegistryError
 
 ATTEMPT_PREFIX = "retrain-"
+#: free space a write needs beyond twice the largest version (a full disk is refused before training)
+MIN_FREE_BYTES = 64 << 20
+
+
+def check_writable(registry: ModelRegistry, need_bytes: int = 0) -> None:
+    """Raise :class:`RegistryError` (one line) unless the registry can take a new version now:
+    its folders are writable (a real probe file, so read-only mounts are caught too) and the
+    disk has room for ``need_bytes`` plus twice the largest version plus :data:`MIN_FREE_BYTES`."""
+    existing = registry.root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    targets = [p for p in (registry.path, registry.versions_dir) if p.is_dir()] or [existing]
+    for folder in targets:
+        probe = folder / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise RegistryError(f"registry {folder} is not writable ({error.strerror}): fix its permissions or mount before retraining") from None
+    largest = max((sum(f.stat().st_size for f in (registry.versions_dir / v).iterdir()) for v in registry.versions()), default=0)
+    free = shutil.disk_usage(existing if not registry.path.is_dir() else registry.path).free
+    needed = need_bytes + 2 * largest + MIN_FREE_BYTES
+    if free < needed:
+        raise RegistryError(f"registry {registry.root} has {free >> 20} MiB free, a new version needs about {needed >> 20} MiB: free space (e.g. `registry {registry.domain} gc --keep N`)")
 
 
 def recorded_versions(registry: ModelRegistry) -> set[str]:

@@ -50,6 +50,7 @@ from typing import Any
 
 from pipelines import evaluation_set
 from pipelines.model_registry import REGISTRY_ENV, ModelRegistry, RegistryError, RegistryLocked, default_registry
+from pipelines.registry_upkeep import check_writable
 from pipelines.retrain_steps import STEP_ENV, ExitCode, RetrainError, _cuda_devices, absolute_paths, fingerprint, resolve_config, run_step
 from pipelines.selection import Selection, floor_text, parse_floor
 
@@ -114,7 +115,7 @@ class Attempt:
         self.row["run_dir"] = str(run_dir)
         train_args = [self.spec.name, "fit", *self.runner_args, "--run_id", self.attempt_id]
         if (run_dir / "checkpoints" / "last.ckpt").is_file():  # the same attempt, requeued after preemption
-            train_args += ["--ckpt_path", "last"]
+            train_args += ["--ckpt_path", "last", "--trainer.callbacks+=pipelines.wandb_replay.ReplayMetrics"]  # the killed segment's epochs reach W&B
         if self.options.warm_start and champion:
             weights = self.registry.version_dir(champion) / "model.safetensors"
             train_args += ["--trainer.callbacks+=pipelines.warm_start.WarmStart", f"--trainer.callbacks.weights={weights}"]
@@ -310,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE
     registry = ModelRegistry(options.registry, options.domain)
     try:
-        registry.check_writable()
+        check_writable(registry)
         with registry.lock():
-            registry.check_writable()  # again under the lock: an earlier holder may have filled the disk
+            check_writable(registry)  # again under the lock: an earlier holder may have filled the disk
             previous = signal.signal(signal.SIGTERM, _terminated)  # a SIGTERM is recorded as a failed attempt
             try:
                 return _attempt(options, runner_args, selection)

@@ -206,3 +206,31 @@ def test_aliases_and_retention_keep_the_champion_chain(nights, tmp_path):
     assert registry.verify() == [] and registry.history()[-1]["decision"] == "pruned" and registry.history()[-1]["removed"] == ["v0001"]
     assert registry.next_version() == "v0004"
     assert registry_main(["finance", "alias", "rm", "staging", *cli]) == 0 and registry.aliases() == {}
+
+
+def test_a_killed_runs_epochs_reach_wandb_once_after_resume(tmp_path):
+    """SIGKILL a real training after its first checkpoint; the resumed run, with ReplayMetrics,
+    holds every epoch in W&B exactly once (the killed segment's file may be cut to its header)."""
+    from pipelines.wandb_replay import logged_epochs
+    from tests.conftest import kill_at_first_checkpoint, only_run, read_jsonl, run_pipeline_process
+
+    runs = tmp_path / "runs"
+    args = ["finance", "fit", "--data.synthetic_rows=1200", "--data.batch_size=64", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+            "--runs_dir", str(runs), "--trainer.max_epochs=4", "--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.3"]  # fmt: skip
+    kill_at_first_checkpoint(args, "finance/*/checkpoints/last.ckpt", runs, settle=0.2)
+    run = only_run(runs, "finance")
+    killed = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["stage"] == "fit"]
+    assert 1 <= len(killed) < 4
+    done = run_pipeline_process(*args, "--ckpt_path", "last", "--trainer.callbacks+=pipelines.wandb_replay.ReplayMetrics")
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    assert len(files) == 2
+    from tests.wandb_offline import history
+
+    rows = [row for f in files for row in history(f) if "val/loss" in row]
+    assert sorted(row["epoch"] for row in rows) == [0, 1, 2, 3], "every epoch's validation in W&B, once"
+    replayed = [row for row in rows if row.get("replayed")]
+    assert replayed and {row["epoch"] for row in replayed} == set(range(len(killed))) - logged_epochs(files[0])
+    native = [row for row in rows if not row.get("replayed")]
+    assert {row["trainer/global_step"] - row["epoch"] * 3 for row in rows} == {2}, "replayed rows sit where Lightning logs epoch ends"
+    assert native

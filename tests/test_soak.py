@@ -2,7 +2,8 @@
 30-night form on finance and healthcare marked ``slow`` (also ``python -m benchmarks.soak_retrain``).
 
 Every night is a real ``python -m pipelines.retrain`` child on a rolling ``latest.npz``; faults are
-real (a corrupt file, SIGKILL while the challenger is evaluated, a second call while one runs) and
+real (here SIGKILL while the challenger is evaluated and a second call while one runs; the
+corrupt file, the diverging run and the read-only registry are in tests/test_retrain_policy.py) and
 after each night the soak asserts the registry verifies, the lock is free, the champion passes the
 floors, the exit code is one the fault allows and no history or needed version was lost.
 """
@@ -14,14 +15,14 @@ import pytest
 from benchmarks.soak_retrain import SCHEDULE, soak
 
 
-def test_short_soak_survives_a_corrupt_file_a_kill_in_evaluation_and_a_concurrent_call(tmp_path):
-    result = soak(["finance"], nights=4, work=tmp_path, keep=2, schedule={2: "corrupt", 3: "kill_eval", 4: "concurrent"}, echo=False)
+def test_short_soak_survives_a_kill_in_evaluation_and_a_concurrent_call(tmp_path):
+    result = soak(["finance"], nights=3, work=tmp_path, keep=2, schedule={2: "kill_eval", 3: "concurrent"}, echo=False)
     rows = result["rows"]
-    assert [r["fault"] for r in rows][:2] == ["none", "corrupt"] and [r["exit"] for r in rows][:2] == [0, 1]
-    assert rows[3]["fault"] == "concurrent" and rows[3]["landed"] == "second call exit 5"
+    assert rows[0]["fault"] == "none" and rows[0]["exit"] == 0
+    assert rows[2]["fault"] == "concurrent" and rows[2]["landed"] == "second call exit 5"
     assert all(r["champion"] != "-" for r in rows), "the first night's champion stays in place through every fault"
     summary = result["summary"]["finance"]
-    assert summary["final_exit"] in (0, 3, 4) and summary["faults"] >= 2
+    assert summary["final_exit"] in (0, 3, 4) and summary["faults"] >= 1
 
 
 @pytest.mark.slow
