@@ -1,7 +1,7 @@
 """Soak test of scheduled retraining: N simulated nights with a rolling data file, drift and faults.
 
     python -m benchmarks.soak_retrain                       # 30 nights, finance + healthcare
-    python -m benchmarks.soak_retrain --nights 8 --domains finance --json soak.json
+    python -m benchmarks.soak_retrain --nights 8 --domains finance --json soak.json --shared_data ../shared/data
 
 Each night overwrites ``latest.npz`` (finance: a window sliding through ADBench campaign with a
 gradual shift of its features; healthcare: a fresh draw of BreastMNIST images that slowly
@@ -59,6 +59,8 @@ ALLOWED = {
 
 
 def shared(relative: str) -> Path | None:
+    """A real data set under the shared data folder (``--shared_data``, else ../shared/data beside
+    the project or beside its folder), or ``None``."""
     return next((base / relative for base in SHARED_CANDIDATES if (base / relative).exists()), None)
 
 
@@ -282,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, deleted afterwards)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and summary here")
+    parser.add_argument("--shared_data", type=Path, default=None, help="folder of the real data sets (default: ../shared/data beside the project or its folder)")
     args = parser.parse_args(argv)
+    if args.shared_data is not None:
+        if not args.shared_data.is_dir():
+            parser.error(f"--shared_data {args.shared_data}: no such folder")
+        SHARED_CANDIDATES.insert(0, args.shared_data)
     work = args.work or Path(tempfile.mkdtemp(prefix="soak-"))
     started = time.time()
     print("| " + " | ".join(COLUMNS) + " |")

@@ -3,7 +3,7 @@
 Policy (``docs/retraining.md``): a model is scored by the runner's own ``test`` on the *test split*
 of a pinned data config. When pinned, every file or folder that config names (an ``.npz``, a CSV,
 an image folder) is **copied into the registry**, content-addressed
-(``REGISTRY/<domain>/evaluation/<sha256>/<name>``), and the pinned config points at the copies.
+(``REGISTRY/<domain>/evaluation/<sha256>-<name>/<name>``), and the pinned config points at the copies.
 The nightly job can then overwrite ``latest.npz`` as often as it likes: the evaluation set stays the
 same bytes, and both champion and challenger are scored on exactly those items, every night.
 
@@ -51,7 +51,7 @@ def snapshot(registry: ModelRegistry, data: dict[str, Any]) -> dict[str, Any]:
     mapping = {}
     for path in sorted(set(path_values(source))):
         digest = hash_path(Path(path))
-        target_dir = registry.path / SNAPSHOT_DIR / digest
+        target_dir = registry.path / SNAPSHOT_DIR / f"{digest}-{Path(path).name}"  # content and name: never shared
         target = target_dir / Path(path).name
         if not target.exists():
             tmp = registry.path / SNAPSHOT_DIR / f".tmp-{digest}-{os.getpid()}"
@@ -61,7 +61,7 @@ def snapshot(registry: ModelRegistry, data: dict[str, Any]) -> dict[str, Any]:
             if hash_path(tmp / Path(path).name) != digest:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise RetrainError(ExitCode.FAILED, f"evaluation file {path} changed while it was copied into {target_dir}: retry")
-            shutil.rmtree(target_dir, ignore_errors=True)
+            shutil.rmtree(target_dir, ignore_errors=True)  # only a damaged copy of these same bytes can be there
             os.rename(tmp, target_dir)
             fsync_dir(target_dir.parent)
         mapping[path] = str(target.resolve())

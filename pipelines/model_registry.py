@@ -249,7 +249,7 @@ class ModelRegistry(LoadingMixin):
         folder = self.version_dir(version)
         manifest = folder / MANIFEST_FILE
         if not manifest.is_file():
-            raise RegistryError(f"{manifest} is missing: the version cannot be verified")
+            return self._verify_legacy(version)
         for line in manifest.read_text().splitlines():
             expected, _, name = line.partition("  ")
             path = folder / name
@@ -260,6 +260,17 @@ class ModelRegistry(LoadingMixin):
         if f"  {METADATA_FILE}" not in manifest.read_text():
             raise RegistryError(f"{manifest} does not cover {METADATA_FILE}")
         return self.metadata(version)
+
+    def _verify_legacy(self, version: str) -> dict[str, Any]:
+        """A version written before ``SHA256SUMS`` existed: its files against the sha256 in its
+        metadata (which nothing covers; loading never trusts a class name from it anyway)."""
+        folder, metadata = self.version_dir(version), self.metadata(version)
+        if not metadata.get("files"):
+            raise RegistryError(f"{folder / MANIFEST_FILE} is missing: the version cannot be verified")
+        for name, expected in metadata["files"].items():
+            if "/" in name or not (folder / name).is_file() or sha256_file(folder / name) != expected:
+                raise RegistryError(f"{folder / name} is missing or does not match its sha256 in {folder / METADATA_FILE}")
+        return metadata
 
     def verify(self) -> list[str]:
         """Problems with the registry (an empty list when it is valid): every pointer names a
@@ -275,7 +286,7 @@ class ModelRegistry(LoadingMixin):
             except RegistryError as error:
                 problems.append(f"{name}: {error}")
         for version in self.versions():
-            if not (self.versions_dir / version / MANIFEST_FILE).is_file():
+            if not (self.versions_dir / version / MANIFEST_FILE).is_file() and not self.metadata(version).get("files"):
                 problems.append(f"{self.versions_dir / version} has no {MANIFEST_FILE}")
         path = self.path / HISTORY_FILE
         if path.is_file():
