@@ -175,7 +175,7 @@ class Soak:
                     process.send_signal(signal.SIGKILL if fault == "kill_train" else signal.SIGTERM)
                     landed = "training"
             elif fault == "kill_eval":
-                if wait_for(lambda: any(self.runs.glob(f"{self.domain}/retrain-*-eval-challenger")), process, poll=0.02):
+                if wait_for(lambda: any(p not in before for p in self.runs.glob(f"{self.domain}/retrain-*-eval-challenger")), process, poll=0.02):
                     time.sleep(self.random.uniform(0.0, 0.8))
                     process.send_signal(signal.SIGKILL)
                     landed = "evaluation"
