@@ -153,6 +153,8 @@ class Attempt:
             self.row["champion"]["score"] = self.row["champion"]["metrics"].get(metric)
         print(f"[retrain] {reason}", file=sys.stderr)
 
+        if SIGNALS:  # a SIGTERM that some library code swallowed (or a runner that finished regardless)
+            raise RetrainError(ExitCode.FAILED, f"terminated ({', '.join(SIGNALS)}) during the attempt: nothing is registered")
         if decision and not pinned:  # the evaluation set is pinned with the first champion, never by a failed attempt
             self.registry.pin_evaluation(evaluation)
             print(f"[retrain] pinned the evaluation set (a snapshot in {self.registry.path / 'evaluation'})", file=sys.stderr)
@@ -327,8 +329,18 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILED
 
 
+class Terminated(BaseException):
+    """SIGTERM ends the attempt as failed. A ``BaseException``, so that no library's ``except
+    Exception`` swallows it; :data:`SIGNALS` keeps the fact even if something does."""
+
+
+#: signals received during this process's attempt (checked again before anything is promoted)
+SIGNALS: list[str] = []
+
+
 def _terminated(signum: int, frame: Any) -> None:
-    raise RetrainError(ExitCode.FAILED, "terminated (SIGTERM)")
+    SIGNALS.append("SIGTERM")
+    raise Terminated("terminated (SIGTERM)")
 
 
 def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Selection) -> ExitCode:
@@ -340,6 +352,10 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         print(f"[retrain] {'usage' if code == ExitCode.USAGE else 'failed'}: {error}", file=sys.stderr)
         attempt.record(code, str(error))
         return code
+    except Terminated as error:
+        print(f"[retrain] failed: {error}", file=sys.stderr)
+        attempt.record(ExitCode.FAILED, str(error))
+        return ExitCode.FAILED
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure is recorded in the history
         traceback.print_exc()
         attempt.record(ExitCode.FAILED, f"{type(error).__name__}: {error}")
