@@ -115,7 +115,7 @@ class Attempt:
         self.row["run_dir"] = str(run_dir)
         train_args = [self.spec.name, "fit", *self.runner_args, "--run_id", self.attempt_id]
         if (run_dir / "checkpoints" / "last.ckpt").is_file():  # the same attempt, requeued after preemption
-            train_args += ["--ckpt_path", "last", "--trainer.callbacks+=pipelines.wandb_replay.ReplayMetrics"]  # the killed segment's epochs reach W&B
+            train_args += ["--ckpt_path", "last"]  # the runner replays the killed segment's epochs to W&B (ReplayMetrics)
         if self.options.warm_start and champion:
             weights = self.registry.version_dir(champion) / "model.safetensors"
             train_args += ["--trainer.callbacks+=pipelines.warm_start.WarmStart", f"--trainer.callbacks.weights={weights}"]

@@ -57,7 +57,7 @@ def nights(tmp_path_factory: pytest.TempPathFactory) -> dict:
     steps["corrupt"] = retrain(root)
     steps["pinned_after_corrupt"] = registry.evaluation()
     write_night(root / "latest.npz", 1)
-    steps["diverged"] = retrain(root, "--model.lr=3")
+    steps["diverged"] = retrain(root, "--model.lr=1")  # the largest lr finance takes: test loss ~5e10, still ranks above chance
     steps["after_diverged"] = (registry.champion(), registry.evaluation())
     steps["good"] = retrain(root)
     steps["pinned"] = registry.evaluation()
@@ -221,7 +221,7 @@ def test_a_killed_runs_epochs_reach_wandb_once_after_resume(tmp_path):
     run = only_run(runs, "finance")
     killed = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["stage"] == "fit"]
     assert 1 <= len(killed) < 4
-    done = run_pipeline_process(*args, "--ckpt_path", "last", "--trainer.callbacks+=pipelines.wandb_replay.ReplayMetrics")
+    done = run_pipeline_process(*args, "--ckpt_path", "last")  # the runner adds ReplayMetrics to every resume
     assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
     assert len(files) == 2
