@@ -35,6 +35,7 @@ from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, 
 from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 from pipelines.tuning import check_lr_findable, find_learning_rate
+from pipelines.wandb_replay import ReplayMetrics
 
 #: Errors that mean bad input or options when raised while the command is read and its data checked.
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
@@ -336,6 +337,8 @@ class PipelineCLI(LightningCLI):
         if patience is not None:
             callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
         callbacks.append(RunSummary(run_dir, self.spec.monitor, self.spec.mode))
+        if self.subcommand == "fit" and self.run.ckpt_path and trainer_cfg.get("logger") in (None, True):
+            callbacks.append(ReplayMetrics(str(run_dir)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
         if predictions is not None:
             callbacks.append(CsvPredictionWriter(predictions))
         overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}

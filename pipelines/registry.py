@@ -40,8 +40,19 @@ class DomainSpec:
         config: the default YAML config shipped beside the domain's code.
         links: ``(data attribute, model argument)`` pairs: values known only from the data (number of
             classes, channels, features, fitted state) that reach the model without being typed.
-        monitor: the primary validation metric, used for checkpoint selection and model promotion.
+        monitor: the primary validation metric, used for checkpoint selection (and, unless
+            ``selection`` says otherwise, model promotion as its ``test/`` name).
         mode: ``"max"`` when a larger ``monitor`` is better, ``"min"`` otherwise.
+        test_metrics: ``(name, direction)`` of every metric the domain's ``test`` can log
+            (direction ``"max"``, ``"min"`` or ``""`` when it is not a quality); names may be globs
+            (``test/f1_*``). Retraining checks ``--metric`` and ``--floor`` names against it before
+            training. Empty: only the ``monitor``'s test name is known.
+        selection: the metrics that pick the champion, in order of preference: the first one the
+            evaluation reports is used (e.g. AUPRC where labels exist, else the loss). Empty: the
+            ``monitor``'s test name.
+        sanity_floors: floors every promoted model passes, even the first (``test/loss<inf`` = finite,
+            ``test/auroc>0.5`` = better than chance, ``test/loss<baseline`` = better than the same
+            network untrained); a floor whose metric the evaluation does not report is skipped.
         model_subclasses: the config picks one of several LightningModule subclasses of ``model_class``
             with ``model.class_path`` (LightningCLI's subclass mode, e.g. GAN or diffusion); otherwise
             ``--help`` lists every model option directly.
@@ -56,6 +67,9 @@ class DomainSpec:
     links: tuple[tuple[str, str], ...] = ()
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
+    test_metrics: tuple[tuple[str, str], ...] = ()
+    selection: tuple[str, ...] = ()
+    sanity_floors: tuple[str, ...] = ()
     model_subclasses: bool = False
     tags: tuple[str, ...] = ()
     test_args: tuple[str, ...] = field(default=())
@@ -103,9 +117,9 @@ def get_domain(name: str) -> DomainSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.registry DOMAIN {list,show [VERSION],promote VERSION,rollback} [--registry DIR]``:
-    the model registry's command line (:mod:`pipelines.model_registry`)."""
-    from pipelines.model_registry import main as registry_main
+    """``python -m pipelines.registry DOMAIN {list,show,promote,rollback,alias,repin,gc,verify} [--registry DIR]``:
+    the model registry's command line (:mod:`pipelines.registry_cli`)."""
+    from pipelines.registry_cli import main as registry_main
 
     return registry_main(argv)
 

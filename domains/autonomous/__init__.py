@@ -29,6 +29,9 @@ SPEC = DomainSpec(
     ),
     monitor="val/score",
     mode="min",
+    test_metrics=(("test/score", "min"), ("test/loss", "min"), ("test/ade", "min"), ("test/fde", "min"), ("test/min_ade", "min"),
+                  ("test/min_fde", "min"), ("test/rmse", "min"), ("test/mae", "min"), ("test/accuracy", "max"), ("test/f1", "max")),  # fmt: skip
+    sanity_floors=("test/loss<inf", "test/score<inf"),
     tags=("time-series", "trajectory-forecasting", "sensors"),
     test_args=(
         "--data.sim_vehicles=60",

@@ -27,6 +27,8 @@ SPEC = DomainSpec(
     ),
     monitor="val/auroc",
     mode="max",
+    test_metrics=(("test/auroc", "max"), ("test/accuracy", "max"), ("test/f1", "max"), ("test/f1_*", "max"), ("test/loss", "min")),
+    sanity_floors=("test/loss<inf", "test/auroc>0.5"),
     tags=("image", "classification", "monai"),
     test_args=(
         "--data.synthetic_samples=96",

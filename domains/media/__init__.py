@@ -32,6 +32,8 @@ SPEC = DomainSpec(
     ),
     monitor="val/fid_cnn",
     mode="min",
+    test_metrics=(("test/fid_*", "min"), ("test/kid_*_std", ""), ("test/kid_*", "min"), ("test/class_acc_*", "max")),
+    sanity_floors=("test/fid_cnn<inf",),
     model_subclasses=True,
     tags=("image", "generative", "gan", "diffusion", "monai"),
     test_args=(
