@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -123,12 +124,19 @@ class Sweep:
         self.storage_url = options.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
         from pipelines.sweep_trial import make_pruner, open_storage
 
-        self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval)
         direction = "maximize" if self.spec.mode == "max" else "minimize"
-        self.study = optuna.create_study(
-            study_name=self.name, storage=self.storage, load_if_exists=True, direction=direction,
-            sampler=self._sampler(optuna), pruner=make_pruner(options.pruner),
-        )  # fmt: skip
+        for attempt in range(6):  # workers starting together race to create the same new study's tables
+            try:
+                self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval)
+                self.study = optuna.create_study(
+                    study_name=self.name, storage=self.storage, load_if_exists=True, direction=direction,
+                    sampler=self._sampler(optuna), pruner=make_pruner(options.pruner),
+                )  # fmt: skip
+                break
+            except Exception as error:  # sqlalchemy's IntegrityError/OperationalError (e.g. UNIQUE alembic_version)
+                if attempt == 5 or type(error).__module__.split(".")[0] not in ("sqlalchemy", "optuna"):
+                    raise
+                time.sleep(0.5 + random.random())
         self._check_same_study(direction)
         self.stopped_by: str | None = None
         self.children: set[subprocess.Popen] = set()

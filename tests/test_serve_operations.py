@@ -178,7 +178,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(diffusion):
     """Requests in flight when SIGTERM comes are all answered; /readyz turns 503 while requests are still
     served for --drain-delay; then new connections are refused; the process exits 0."""
     served, _ = diffusion
-    bodies = [{"seed": 10 * i, "count": 4, "steps": 100} for i in range(10)]  # served one at a time (--max-batch-size 1): seconds of work after SIGTERM
+    bodies = [{"seed": 10 * i, "count": 4, "steps": 100} for i in range(40)]  # served one at a time (--max-batch-size 1): seconds of work after SIGTERM
     answers: dict[int, tuple[int, Any, float]] = {}
 
     def client(i: int) -> None:
