@@ -41,9 +41,10 @@ from pipelines.wandb_replay import ReplayMetrics
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
 
 
-def check_checkpoint(path: str) -> None:
-    """Refuse a ``--ckpt_path`` that is not a Lightning checkpoint readable weights-only (a text file,
-    a truncated download, a pickle with code in it), before anything is written."""
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A ``--ckpt_path`` loaded weights-only (memory-mapped); one that is not a Lightning checkpoint
+    readable that way (a text file, a truncated download, a pickle with code in it) is refused before
+    anything is written."""
     import torch
 
     try:
@@ -60,6 +61,7 @@ def check_checkpoint(path: str) -> None:
         raise InputError(f"--ckpt_path {path}: not a Lightning checkpoint that loads weights-only ({reason[:200]})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise InputError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
 
 
 def broken_yaml(args: Any) -> str | None:
@@ -92,6 +94,7 @@ class PipelineCLI(LightningCLI):
         self.run: RunFolder | None = None
         self._subcommand_parsers_seen: list[LightningArgumentParser] = []
         self._lock: RunLock | None = None
+        self._checkpoint: dict[str, Any] | None = None
         self.signal_checkpoint: SignalCheckpoint | None = None
         configure_wandb_mode()
         defaults = {"default_config_files": [str(spec.config)], "exit_on_error": False}
@@ -212,7 +215,7 @@ class PipelineCLI(LightningCLI):
         except ValueError as error:
             raise InputError(str(error)) from None
         if self.run.ckpt_path:
-            check_checkpoint(self.run.ckpt_path)
+            self._checkpoint = load_checkpoint(self.run.ckpt_path)  # its data module state is used before setup
         reused = saved_config_sections(self.run, sub)
         if reused is not None:
             path, sections = reused
@@ -281,24 +284,15 @@ class PipelineCLI(LightningCLI):
             check_lr_findable(self.model)
         if self.datamodule is None:
             return
-        if self.run is not None and self.run.ckpt_path:
-            self._restore_datamodule_state(self.run.ckpt_path)
+        if self._checkpoint is not None:
+            # What the checkpoint saved (fitted statistics, classes, time step) before ``setup``, so that
+            # data that does not fit it is refused before anything is written (Lightning restores it
+            # again after ``setup``; every domain's ``load_state_dict`` may be called twice).
+            state = self._checkpoint.get(type(self.datamodule).__qualname__)
+            self._checkpoint = None  # loaded once, in parse_arguments; Lightning loads it again for the run
+            if state:
+                self.datamodule.load_state_dict(state)
         self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
-
-    def _restore_datamodule_state(self, ckpt_path: str) -> None:
-        """Give the data module what its checkpoint saved (fitted statistics, classes, time step)
-        before ``setup``, so that data that does not fit the checkpoint is refused before anything is
-        written (Lightning restores it again after ``setup``; every domain's ``load_state_dict`` may be
-        called twice). Weights-only loading: a checkpoint is untrusted input."""
-        import torch
-
-        try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:
-            raise InputError(f"--ckpt_path {ckpt_path}: not a readable weights-only checkpoint ({type(error).__name__}: {error})") from None
-        state = checkpoint.get(type(self.datamodule).__qualname__)
-        if state:
-            self.datamodule.load_state_dict(state)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         assert self.run is not None

@@ -98,6 +98,17 @@ class Intensity:
         return cls(mode)  # type: ignore[arg-type]
 
 
+def open_npz(path: Path, option: str = "npz_path") -> Any:
+    """An ``.npz`` opened without pickles (``with open_npz(path) as npz``); a missing or unreadable
+    file is an :class:`InputError` naming ``option`` and the path."""
+    if not path.is_file():
+        raise InputError(f"{option} {path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as error:
+        raise InputError(f"{option} {path}: not a readable .npz file ({error})") from None
+
+
 def scale_integers(array: np.ndarray, bits: int) -> np.ndarray:
     """``value / (2**bits - 1)`` as float32: the bit-depth rule."""
     return (array.astype(np.float64) / float(2**bits - 1)).astype(np.float32)

@@ -29,7 +29,7 @@ from domains.healthcare.labels import check_label_counts, order_binary
 from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
 from pipelines.errors import InputError
-from pipelines.images import Intensity, check_finite_pixels, read_image, scale_integers, unit_float
+from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float
 from pipelines.validation import check_unique_columns, describe_rows
 
 SPLITS = ("train", "val", "test")
@@ -122,13 +122,7 @@ def read_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None
             item), labels outside the class list, a class with fewer than 2 items.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"npz_path {path}: file not found")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise InputError(f"npz_path {path}: not a readable .npz file ({error})") from None
-    with npz:
+    with open_npz(path) as npz:
         expected = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
         missing = [key for key in expected if key not in npz.files]
         if missing:

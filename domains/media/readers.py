@@ -20,7 +20,7 @@ import numpy as np
 from domains.media.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.media.synthetic import make_shape_images
 from pipelines.errors import InputError
-from pipelines.images import GRAY_MODES, check_finite_pixels, read_pil, scale_integers, to_uint8
+from pipelines.images import GRAY_MODES, check_finite_pixels, open_npz, read_pil, scale_integers, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: keys tried, in order, for the image array of an ``.npz`` when ``npz_key`` is not given
@@ -115,13 +115,7 @@ def read_npz(path: str | Path, image_size: int, channels: int | None, key: str |
     Labels come from ``y_*`` / ``labels`` beside the images when present and ``use_labels`` is set.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"npz_path {path}: file not found")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as error:
-        raise InputError(f"npz_path {path}: not a readable .npz file ({error})") from None
-    with npz:
+    with open_npz(path) as npz:
         image_key, first = _image_array(npz, path, key)
         parts: list[tuple[str, np.ndarray, np.ndarray | None]] = []
         pairs = [(image_key, "train")]
