@@ -67,6 +67,13 @@ CASES = [
     BadInput("truncated_png", DIR, ("cut.png", "unreadable or truncated"), truncated),
     BadInput("mixed_channels_with_fixed_count", (*DIR, "--data.channels=1"), ("0.png has 3 channel(s)", "channels=1"), lambda f: (pngs(f, 3), pngs(f, 1, "RGB", sub="."))),
     BadInput("loose_file_beside_class_folders", DIR, ("top level", "class sub-folder"), lambda f: (pngs(f, 3, sub="cats"), pngs(f, 1))),
+    BadInput("class_folders_differ_by_case", DIR, ("'cat'", "'Cat'", "spelt two ways", "--data.class_names"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 3, sub="Cat"))),
+    BadInput("class_folders_singular_and_plural", DIR, ("'cats'", "'cat'", "spelt two ways"), lambda f: (pngs(f, 4, sub="cats"), pngs(f, 3, sub="cat"), pngs(f, 3, sub="dog"))),
+    BadInput("class_folder_of_one_image", DIR, ("'bird' (1 row)", "fewer than 2"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 4, sub="dog"), pngs(f, 1, sub="bird"))),
+    BadInput("class_folder_typo_against_class_names", (*DIR, "--data.class_names=[cat,dog]"), ("'dgo'", "did you mean 'dog'", "--data.class_names"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 4, sub="dgo"))),
+    BadInput("declared_class_without_folder", (*DIR, "--data.class_names=[cat,dog,bird]"), ("['bird']", "no sub-folder"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 4, sub="dog"))),
+    BadInput("class_names_repeated", (*DIR, "--data.class_names=[cat,cat]"), ("--data.class_names", "each class once"), lambda f: pngs(f, 4, sub="cat")),
+    BadInput("npz_label_past_class_names", (*NPZ, "--data.class_names=[zero,one]"), ("label 2", "0..1", "--data.class_names"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) % 3)),
     BadInput("too_few_images", DIR, ("split empty", "at least 3 images"), lambda f: pngs(f, 2)),
     BadInput("image_dir_is_a_file", ("--data.image_dir", "{tmp}/notes.txt"), ("not a folder",), lambda f: (f / "notes.txt").write_text("x")),
     BadInput("image_dir_and_npz_path", (*DIR, *NPZ), ("not both",), lambda f: npz(f, x_train=images())),
@@ -83,3 +90,16 @@ def test_bad_input_is_refused(case, tmp_path, capsys):
     message = " ".join(check_refused("media", replace(case, expect=()), tmp_path, capsys).split())
     for expected in case.expect:  # against the unwrapped paragraph: the runner wraps it at 100 columns
         assert expected.lower() in message.lower(), f"{expected!r} is not in the error message:\n{message}"
+
+
+def test_declared_class_names_order_the_folders_and_allow_names_spelt_alike(tmp_path):
+    """With --data.class_names the folders take the declared order, and names spelt alike are allowed when listed."""
+    from domains.media.data import MediaDataModule
+
+    pngs(tmp_path, 3, sub="cat")
+    pngs(tmp_path, 4, sub="Cat")
+    pngs(tmp_path, 5, sub="dog")
+    data = MediaDataModule(image_dir=str(tmp_path), image_size=12, class_names=["dog", "cat", "Cat"])
+    assert data.class_names == ["dog", "cat", "Cat"] and data.num_classes == 3
+    counts = np.bincount(data.source.labels, minlength=3).tolist()
+    assert counts == [5, 3, 4], counts

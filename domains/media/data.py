@@ -91,6 +91,10 @@ class MediaDataModule(pl.LightningDataModule):
             error that names it); ``null`` to infer it (gray if every image is gray, else RGB).
         use_labels: use class labels (sub-folders, ``y_*`` arrays, synthetic shapes) for
             class-conditional models; ``false`` trains unconditionally.
+        class_names: the classes, in label-index order (default: the sub-folder names, sorted, or
+            ``0..K-1`` for ``.npz`` labels). Without it, sub-folders spelt alike (``Cat``/``cat``,
+            ``cats``/``cat``) or holding one image are refused; with it, a sub-folder not listed is
+            refused with the closest listed name (``pipelines.validation.check_labels``).
         val_fraction: validation share when the source has no split.
         test_fraction: test share when the source has no split.
         split_seed: seed of the split and of the subsampling below.
@@ -121,6 +125,7 @@ class MediaDataModule(pl.LightningDataModule):
         image_size: int = 32,
         channels: Literal[1, 3] | None = None,
         use_labels: bool = True,
+        class_names: list[str] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
@@ -141,6 +146,8 @@ class MediaDataModule(pl.LightningDataModule):
         super().__init__()
         if image_dir and npz_path:
             raise InputError("give either image_dir or npz_path, not both")
+        if class_names is not None and (not class_names or len(set(class_names)) != len(class_names)):
+            raise InputError(f"--data.class_names must list each class once, got {class_names}")
         if image_size < 8:
             raise InputError(f"--data.image_size must be at least 8 pixels, got {image_size}")
         if batch_size < 1:
@@ -160,9 +167,9 @@ class MediaDataModule(pl.LightningDataModule):
     def source(self) -> ImageSet:
         hp = self.hparams
         if hp.image_dir:
-            data = read_image_folder(hp.image_dir, hp.image_size, hp.channels, hp.use_labels)
+            data = read_image_folder(hp.image_dir, hp.image_size, hp.channels, hp.use_labels, hp.class_names)
         elif hp.npz_path:
-            data = read_npz(hp.npz_path, hp.image_size, hp.channels, hp.npz_key, hp.use_labels)
+            data = read_npz(hp.npz_path, hp.image_size, hp.channels, hp.npz_key, hp.use_labels, hp.class_names)
         else:
             data = synthetic_images(hp.synthetic_samples, hp.image_size, hp.synthetic_seed, hp.channels)
         if not hp.use_labels:

@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from domains.media.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.media.synthetic import make_shape_images
 from pipelines.errors import InputError
 from pipelines.images import GRAY_MODES, check_finite_pixels, open_npz, read_pil, scale_integers, to_uint8
+from pipelines.validation import check_labels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: keys tried, in order, for the image array of an ``.npz`` when ``npz_key`` is not given
@@ -108,11 +111,15 @@ def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tupl
     )
 
 
-def read_npz(path: str | Path, image_size: int, channels: int | None, key: str | None = None, use_labels: bool = True) -> ImageSet:
+def read_npz(
+    path: str | Path, image_size: int, channels: int | None, key: str | None = None, use_labels: bool = True, class_names: Sequence[str] | None = None
+) -> ImageSet:
     """Read an ``.npz`` with an image array; official splits are kept: MNIST's ``x_train, y_train, x_test,
     y_test`` (``x_val`` too when present) and MedMNIST's ``train_images``, ``val_images``, ``test_images``.
 
-    Labels come from ``y_*`` / ``labels`` beside the images when present and ``use_labels`` is set.
+    Labels come from ``y_*`` / ``labels`` beside the images when present and ``use_labels`` is set;
+    they are class indices, named by ``class_names`` when given (a label past its end is refused),
+    else ``"0"``, ``"1"``, ...
     """
     path = Path(path)
     with open_npz(path) as npz:
@@ -146,17 +153,31 @@ def read_npz(path: str | Path, image_size: int, channels: int | None, key: str |
         labels = np.concatenate(label_parts).astype(np.int64)
         if labels.min() < 0:
             raise InputError(f"{path}: labels must be non-negative integers, found {int(labels.min())}")
+        if class_names is not None and labels.max() >= len(class_names):
+            item = int(np.argmax(labels >= len(class_names)))
+            raise InputError(
+                f"{path}: label {int(labels[item])} (item {item}) has no name: --data.class_names lists {len(class_names)} "
+                f"classes {list(class_names)}, so labels must be 0..{len(class_names) - 1}"
+            )
     split = np.concatenate([np.full(len(images), split) for split, images, _ in parts]) if len(parts) > 1 else None
     names = [f"{path.name}:{i}" for i in range(len(pixels))]
-    class_names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
+    if labels is None:
+        class_names = []
+    else:
+        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(int(labels.max()) + 1)]
     return ImageSet(pixels=pixels, labels=labels, class_names=class_names, names=names, split=split)
 
 
-def list_image_folder(folder: str | Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
+def list_image_folder(folder: str | Path, class_names: Sequence[str] | None = None, labelled: bool = True) -> tuple[list[Path], np.ndarray | None, list[str]]:
     """Image files under ``folder``; images in sub-folders take the sub-folder name as class label.
 
     Returns ``(files, labels or None, class_names)``. Labels are used only when every image sits in a
-    sub-folder (images mixed at the top level and in sub-folders are an error).
+    sub-folder (images mixed at the top level and in sub-folders are an error). The folder names go
+    through :func:`pipelines.validation.check_labels`: without ``class_names``, two names spelt alike
+    (``Cat`` / ``cat``, ``cats`` / ``cat``) or a class of one image are refused; with it, a folder
+    that is not a declared class is refused with the closest declared name, a declared class without
+    a folder is refused, and the classes take the declared order. ``labelled=False``: the folders
+    are not classes (no labels, nothing checked).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -174,9 +195,18 @@ def list_image_folder(folder: str | Path) -> tuple[list[Path], np.ndarray | None
             f"image_dir {folder}: {loose.name} lies at the top level while other images are in class sub-folders; "
             "put every image in a class sub-folder, or none"
         )
-    class_names = sorted({parts[0] for parts in tops})
-    lookup = {name: i for i, name in enumerate(class_names)}
-    return files, np.array([lookup[parts[0]] for parts in tops], dtype=np.int64), class_names
+    if not labelled:
+        return files, None, []
+    counts = Counter(parts[0] for parts in tops)
+    where = f"image_dir {folder}: class sub-folders"
+    check_labels(counts, where, declared=list(class_names) if class_names is not None else None, min_rows=2)
+    if class_names is not None:
+        empty = [name for name in class_names if name not in counts]
+        if empty:
+            raise InputError(f"{where}: declared class(es) {empty} (--data.class_names) have no sub-folder of images; found {sorted(counts)}")
+    names = list(class_names) if class_names is not None else sorted(counts)
+    lookup = {name: i for i, name in enumerate(names)}
+    return files, np.array([lookup[parts[0]] for parts in tops], dtype=np.int64), names
 
 
 def probe_channels(path: Path) -> int:
@@ -207,13 +237,15 @@ def read_image_file(path: Path, image_size: int, channels: int) -> np.ndarray:
     return resize_square(np.ascontiguousarray(hwc), image_size)
 
 
-def read_image_folder(folder: str | Path, image_size: int, channels: int | None, use_labels: bool = True) -> ImageSet:
-    """Read every PNG/JPEG under ``folder`` at ``image_size``.
+def read_image_folder(
+    folder: str | Path, image_size: int, channels: int | None, use_labels: bool = True, class_names: Sequence[str] | None = None
+) -> ImageSet:
+    """Read every PNG/JPEG under ``folder`` at ``image_size`` (class sub-folders: :func:`list_image_folder`).
 
     ``channels=None`` reads gray files as gray when all are gray, and everything as RGB otherwise;
     a fixed ``channels`` makes any file with another count an error that names it.
     """
-    files, labels, class_names = list_image_folder(folder)
+    files, labels, class_names = list_image_folder(folder, class_names, labelled=use_labels)
     counts = [probe_channels(p) for p in files]
     if channels is None:
         wanted = 1 if all(c == 1 for c in counts) else 3
