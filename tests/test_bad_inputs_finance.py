@@ -256,3 +256,41 @@ def test_extreme_finite_and_missing_values_are_scored_never_nan_and_always_alert
     threshold = float(__import__("torch").load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]["threshold"])
     in_range = out["out_of_range"] == ""
     assert (out.loc[in_range, "is_alert"] == (out.loc[in_range, "score"] >= threshold)).all()
+
+
+def test_serving_answers_rows_as_predict_does_out_of_range_alerted_and_1e300_refused(trained, tmp_path):
+    """The same rows through ``predict`` and the served bundle: same out_of_range columns and alerts
+    (a 1e30 amount is alerted by both), and 1e300 is refused by both, naming the row and column."""
+    from fastapi import HTTPException
+
+    from pipelines.bundle_runtime import Bundle
+    from pipelines.export import export_checkpoint
+    from pipelines.registry import get_domain
+    from pipelines.serving_requests import load_adapters
+
+    run, folder, predict = trained
+
+    def edit(frame: pd.DataFrame) -> None:
+        setter("amount", 2, "1e30")(frame)
+        setter("distance_from_home_km", 4, "-5e20")(frame)
+
+    path = scoring_file(folder, "serve-same.csv", rows=12, edit=edit)
+    run_pipeline(*predict, "--data.predict_path", str(path), "--output", "serve-same.csv", "--trainer.logger=false")
+    written = pd.read_csv(run / "serve-same.csv", keep_default_na=False)
+    bundle = export_checkpoint(get_domain("finance"), run / "checkpoints" / "best.ckpt", "onnx", tmp_path / "bundle")
+    loaded = Bundle(bundle)
+    adapter = load_adapters(loaded.metadata)[0]
+    rows = [{k: (None if v == "" else v) for k, v in row.items()} for row in pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")]
+    for row in rows:
+        row["amount"] = float(row["amount"])
+        row["distance_from_home_km"] = float(row["distance_from_home_km"])
+    answer = adapter.encode(adapter.infer(adapter.decode({"rows": rows}), loaded.run))["predictions"]
+    assert [a["out_of_range"] for a in answer] == [c.split(";") if c else [] for c in written["out_of_range"]]
+    assert answer[1]["out_of_range"] == ["amount"] and answer[1]["is_alert"] is True
+    assert answer[3]["out_of_range"] == ["distance_from_home_km"] and answer[3]["is_alert"] is True
+    assert [a["is_alert"] for a in answer] == [str(v).lower() == "true" for v in written["is_alert"]]
+    np.testing.assert_allclose([a["score"] for a in answer], written["score"], rtol=1e-4)
+    rows[5]["amount"] = 1e300
+    with pytest.raises(HTTPException) as refused:
+        adapter.decode({"rows": rows})
+    assert refused.value.status_code == 422 and "rows[5]" in refused.value.detail and "float32" in refused.value.detail, refused.value.detail

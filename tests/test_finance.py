@@ -351,7 +351,7 @@ def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_th
     else:
         assert inputs["numeric"][3, saved.numeric_feature_names.index(f"merchant_category={UNKNOWN}")] == 1.0
 
-    outputs = bundle.run(**inputs)
+    outputs = adapter.infer(inputs, bundle.run)  # the model call; out_of_range rides along as request context
     with torch.no_grad():
         score, contributions = task.score({k: torch.from_numpy(v) for k, v in training.items()})
     np.testing.assert_allclose(outputs["score"], score.numpy(), rtol=1e-5, atol=1e-5)
@@ -363,7 +363,7 @@ def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_th
     top = contributions.topk(task.hparams.top_features, dim=1).indices
     assert [[f["feature"] for f in p["top_features"]] for p in answer["predictions"]] == [[saved.group_names[j] for j in row] for row in top.tolist()]
     single = TransactionRowAdapter(bundle.metadata)
-    one = single.encode(bundle.run(**single.decode({"row": json_rows(frame)[3]})))
+    one = single.encode(single.infer(single.decode({"row": json_rows(frame)[3]}), bundle.run))
     assert one["score"] == pytest.approx(answer["predictions"][3]["score"], rel=1e-5) and one["is_alert"] == answer["predictions"][3]["is_alert"]
 
 
@@ -424,7 +424,7 @@ def test_rows_form_over_http(exported, tmp_path):
     bundle = Bundle(bundle_path)
     rows = json_rows(make_card_transactions(30, 0.1, seed=6).drop(columns=["is_fraud"]))[:4]
     expected = TransactionRowsAdapter(bundle.metadata)
-    want = expected.encode(bundle.run(**expected.decode({"rows": rows})))
+    want = expected.encode(expected.infer(expected.decode({"rows": rows}), bundle.run))
     server = start_server("finance", bundle_path, tmp_path / "server.log", "--max-batch-size", "8")
     try:
         status, info = request(server.url + "/info")

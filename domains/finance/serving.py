@@ -3,9 +3,9 @@
 Transaction rows with the training table's columns, as a client has them::
 
     {"rows": [{"amount": 12.5, "timestamp": "2024-03-04 13:45:00", "merchant_category": "grocery", ...}, ...]}
-        -> {"predictions": [{"score": 3.1, "is_alert": false, "top_features": [{"feature": "amount", "contribution": 1.2}, ...]}, ...],
+        -> {"predictions": [{"score": 3.1, "is_alert": false, "out_of_range": [], "top_features": [{"feature": "amount", "contribution": 1.2}, ...]}, ...],
             "threshold": 9.8}
-    {"row": {...}}  ->  {"score": 3.1, "is_alert": false, "top_features": [...], "threshold": 9.8}
+    {"row": {...}}  ->  {"score": 3.1, "is_alert": false, "out_of_range": [], "top_features": [...], "threshold": 9.8}
 
 Rows are prepared with the checkpoint's fitted preprocessing, read from the bundle's
 ``domain_metadata.preprocessing_state`` into the domain's own
@@ -15,6 +15,11 @@ so serving cannot drift from them). Every feature column must be present in ever
 in training goes to the ``<unknown>`` slot. Id columns and the label column may be sent and are
 ignored; any other column is refused. Errors are 422s naming the row and column, e.g.
 ``rows[2].amount: expected a number ...``. Imports numpy, pandas and ``pipelines.serve``.
+
+A row is answered as ``predict`` scores it: a value ``predict`` refuses (inf, a magnitude beyond
+float32's range such as ``1e300``) is refused here (422), and a numeric or amount value outside the
+range seen in training is named in ``out_of_range`` and alerted (``is_alert`` true) whatever its
+score, as in ``predict``'s file.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pandas as pd
 
 from domains.finance.preprocessing import TablePreprocessor, parse_boolean, parse_numeric, parse_timestamp
 from pipelines.serve import RequestAdapter, reject
+from pipelines.validation import FLOAT32_MAX
 
 SOURCE = "request"
 
@@ -84,7 +90,7 @@ class TransactionRowsAdapter(RequestAdapter):
         rows, where = self._rows(request)
         frame = self.frame(rows, where)
         encoded = self.transform(frame, where)
-        arrays = {"numeric": encoded["numeric"]}
+        arrays = {"numeric": encoded["numeric"], "out_of_range": encoded["out_of_range"]}  # out_of_range: request context, not a model input
         if self.embedded:
             arrays["categorical"] = encoded["categorical"]
         return arrays
@@ -147,6 +153,8 @@ class TransactionRowsAdapter(RequestAdapter):
             try:
                 parse(pd.Series([value], name=series.name))
             except ValueError:
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(float(value)) > FLOAT32_MAX:
+                    reject(f"{where(i)}.{series.name}", f"expected a finite number within float32's range (|x| <= {FLOAT32_MAX:.2g}) or null (missing), as predict does ({role}); got {value!r}")
                 reject(f"{where(i)}.{series.name}", f"expected {wanted} ({role}); got {value!r}")
         # every value parses alone (e.g. timestamps written in different formats): transform() goes row by row
 
@@ -162,16 +170,20 @@ class TransactionRowsAdapter(RequestAdapter):
                 parts.append(self.preprocessor.transform(frame.iloc[[i]].reset_index(drop=True), SOURCE))
             except ValueError as error:
                 reject(where(i), str(error).removeprefix(f"{SOURCE}: "))
-        return {key: np.concatenate([p[key] for p in parts]) for key in ("numeric", "categorical")}
+        return {key: np.concatenate([p[key] for p in parts]) for key in ("numeric", "categorical", "out_of_range")}
 
     # ----- model outputs -> answer ----------------------------------------------------------------
     def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        """One ``{"score", "is_alert", "top_features"}`` per row (top columns as in ``predict``'s ``top_feature_k``)."""
+        """One ``{"score", "is_alert", "out_of_range", "top_features"}`` per row, as ``predict`` writes them:
+        a row with a value outside the training range is alerted and names those columns."""
         answers = []
-        for score, alert, contributions in zip(outputs["score"], outputs["is_alert"], outputs["contributions"]):
+        ranged = self.preprocessor.range_columns
+        outside_rows = outputs.get("out_of_range", np.zeros((len(outputs["score"]), 0), dtype=bool))
+        for score, alert, contributions, outside in zip(outputs["score"], outputs["is_alert"], outputs["contributions"], outside_rows):
             order = np.argsort(-contributions, kind="stable")[: self.top_k]
             top = [{"feature": self.contribution_names[j], "contribution": _number(contributions[j])} for j in order]
-            answers.append({"score": _number(score), "is_alert": bool(alert), "top_features": top})
+            columns = [ranged[j] for j in np.flatnonzero(outside)]
+            answers.append({"score": _number(score), "is_alert": bool(alert) or bool(columns), "out_of_range": columns, "top_features": top})
         return answers
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
