@@ -13,14 +13,18 @@ Rules, for every domain:
   or a class with fewer than ``min_rows`` rows is refused unless the user lists the classes
   (``class_names``); a label outside a declared list is refused with the closest declared name.
 - **Columns**: duplicated headers are refused (pandas would silently rename the second to ``x.1``).
+- **Text files** (CSV/TSV) must be UTF-8 (a byte-order mark is allowed): :func:`check_utf8` names the
+  line, data row, column and byte of the first byte that is not UTF-8 (e.g. a Latin-1 ``é``).
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,3 +187,64 @@ def check_labels(
     if rare:
         parts = ", ".join(f"{str(label)!r} ({rows(label)})" for label in rare)
         raise InputError(f"{where}: class {parts} has fewer than {min_rows} rows, too few to train and evaluate; fix the labels, or list every class with {option} if it is meant")
+
+
+def _first_non_utf8(path: Path, block_size: int = 1 << 20) -> tuple[int, int, bytes] | None:
+    """``(byte offset, 1-based line, the bad bytes)`` of the first byte of ``path`` that is not UTF-8, or ``None``."""
+    offset, line, carry = 0, 1, b""
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(block_size)
+            data = carry + block
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as error:
+                if block and error.reason == "unexpected end of data":  # a character cut by the block's end
+                    good = error.start
+                else:
+                    return offset + error.start, line + data.count(b"\n", 0, error.start), data[error.start : error.end]
+            line += data.count(b"\n", 0, good)
+            offset += good
+            carry = data[good:]
+            if not block:
+                return None
+
+
+def check_utf8(path: str | Path, delimiter: str = ",") -> None:
+    """Refuse a text table that is not UTF-8, naming the line, data row, column and byte.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "tx.csv"
+        >>> _ = path.write_bytes("amount,merchant\\n1,Caf\\u00e9 Rouge\\n".encode("latin-1"))
+        >>> try:
+        ...     check_utf8(path)
+        ... except InputError as error:
+        ...     print(str(error).removeprefix(f"{path}: "))
+        line 2 (data row 1), column 'merchant', byte offset 21 (0xe9) is not UTF-8 text; expected a UTF-8 file (the byte reads as 'é' in Latin-1/cp1252): re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)
+    """
+    path = Path(path)
+    found = _first_non_utf8(path)
+    if found is None:
+        return
+    offset, line, bad = found
+    with open(path, "rb") as handle:
+        head = handle.read(offset + 1)
+    start = head.rfind(b"\n", 0, offset) + 1
+    prefix = head[start:offset].decode("latin-1")
+    field = len(next(csv.reader([prefix], delimiter=delimiter), [""])) - (1 if prefix else 0) if prefix else 0
+    column = f"field {field + 1}"
+    if line > 1:
+        header_line = head[: head.find(b"\n")].decode("utf-8-sig", errors="replace").rstrip("\r")
+        names = next(csv.reader([header_line], delimiter=delimiter), [])
+        if field < len(names):
+            column = f"column {names[field]!r}"
+    row = f" (data row {line - 1})" if line > 1 else " (the header)"
+    shown = " ".join(f"0x{b:02x}" for b in bad)
+    raise InputError(
+        f"{path}: line {line}{row}, {column}, byte offset {offset} ({shown}) is not UTF-8 text; expected a UTF-8 file "
+        f"(the byte reads as {bad.decode('cp1252', errors='replace')!r} in Latin-1/cp1252): re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )

@@ -81,6 +81,17 @@ def duplicate_amount(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def latin1(row: int) -> Callable[[Path], None]:
+    """The table saved as Latin-1 with a merchant category 'café' at data row ``row`` (its byte 0xe9 is not UTF-8)."""
+
+    def make(folder: Path) -> None:
+        frame = make_card_transactions(300, fraud_rate=0.05, seed=0).astype(str)
+        frame.loc[row - 1, "merchant_category"] = "café"
+        (folder / "t.csv").write_bytes(frame.to_csv(index=False).encode("latin-1"))
+
+    return make
+
+
 def duplicate_parquet(folder: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -114,6 +125,8 @@ CASES = [
     BadInput("ignored-column-absent", (*TRAIN, "--data.ignore_columns=[memo]"), ("--data.ignore_columns", "'memo'"), table()),
     BadInput("configured-column-missing", TRAIN, ("'country'", "categorical_columns", "missing"), table(lambda f: f.drop(columns=["country"]))),
     BadInput("column-in-two-roles", (*TRAIN, "--data.numeric_columns=[amount]"), ("'amount'", "both"), table()),
+    BadInput("latin-1-deep-in-file", TRAIN, ("t.csv", "line 251 (data row 250)", "'merchant_category'", "0xe9", "not utf-8", "expected a utf-8 file"), latin1(250)),
+    BadInput("latin-1-first-row", TRAIN, ("t.csv", "line 2 (data row 1)", "'merchant_category'", "'é'"), latin1(1)),
     BadInput("ragged-csv-line", TRAIN, ("t.csv", "cannot read as csv"), text("amount,channel\n1,pos\n2,pos,extra\n")),
     # labels
     BadInput("label-column-missing", TRAIN, ("--data.label_column 'is_fraud' is missing", "unsupervised"), table(lambda f: f.drop(columns=["is_fraud"]))),

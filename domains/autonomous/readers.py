@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_finite_columns, check_unique_columns
+from pipelines.validation import check_finite_columns, check_unique_columns, check_utf8
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
 
 SPLITS = ("train", "val", "test")
@@ -97,8 +97,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
             header = [str(c) for c in table.columns]
         else:
             sep = "\t" if suffix == ".tsv" else ","
+            check_utf8(path, sep)
             header = [str(c) for c in pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0]]
             table = pd.read_csv(path, sep=sep)
+    except InputError:
+        raise
     except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
         raise InputError(f"{path}: cannot read the table: {error}") from None
     check_unique_columns(header, str(path))
