@@ -87,6 +87,11 @@ def swapped(table: pd.DataFrame) -> None:
     table.loc[[10, 11], "time"] = [1.1, 1.0]
 
 
+def stamped(table: pd.DataFrame) -> None:
+    """The time column as ISO 8601 text (2024-05-01T13:45:00.100, ...), as a CSV export of a datetime column."""
+    table["time"] = (pd.Timestamp("2024-05-01 13:45") + pd.to_timedelta(np.round(table["time"] * 1000), unit="ms")).dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
 def write_eth(folder: Path, bad: bool = True) -> None:
     """An ETH/UCY layout (scene ``alpha`` held out): rows ``frame ped x y``, frame step 10."""
     for split, peds in (("train", 4), ("val", 2), ("test", 2)):
@@ -123,6 +128,10 @@ CASES = [
              table_file("fleet.csv", milliseconds)),  # fmt: skip
     BadInput("step-neither-regular-nor-gap", CSV, ("fleet.csv", "track 'trip1'", "a step of 0.15", "row 35", "--data.max_gap"),
              table_file("fleet.csv", late_step)),  # fmt: skip
+    BadInput("iso-time-with-a-garbled-row", CSV, ("fleet.csv row 30", "'time'", "'2024-05-01T13:45:0x'", "iso 8601"),
+             table_file("fleet.csv", lambda t: (stamped(t), setter(30, "time", "2024-05-01T13:45:0x")(t)))),  # fmt: skip
+    BadInput("iso-time-mixed-with-numbers", CSV, ("fleet.csv row 2", "'time'", "'0.1'", "every time as a number", "or every time as iso 8601"),
+             table_file("fleet.csv", lambda t: (stamped(t), setter(2, "time", "0.1")(t)))),  # fmt: skip
     BadInput("time-step-negative", (*CSV, "--data.time_step=-0.1"), ("--data.time_step must be a positive number",), table_file("fleet.csv")),
     BadInput("time-jitter-too-large", (*CSV, "--data.time_jitter=0.7"), ("--data.time_jitter must be in [0, 0.5)",), table_file("fleet.csv")),
     # columns, values, rows
@@ -179,6 +188,36 @@ def test_small_jitter_is_one_time_step_for_every_split_and_gaps_split_tracks(tmp
     assert len(set(steps.values())) == 1 and abs(dm.time_step - DT) < 0.002, steps
     assert sum(tracks.report["gaps"] for tracks in dm.tracks.values()) == 1
     assert all(len(dataset) for dataset in dm.datasets.values())
+
+
+def test_datetime_time_columns_are_seconds_in_parquet_and_iso_csv_alike(tmp_path):
+    """A Parquet datetime column (microseconds, or zoned) and its CSV export as ISO 8601 text give the
+    times in seconds: the 0.1 s step (declared or inferred) and the windows of the numeric-seconds file."""
+    numeric = fleet()
+    write(numeric, tmp_path / "seconds.csv")
+    text = fleet()
+    stamped(text)
+    write(text, tmp_path / "iso.csv")
+    dated = numeric.assign(time=pd.to_datetime(text["time"]).astype("datetime64[us]"))
+    write(dated, tmp_path / "dated.parquet")
+    write(dated.assign(time=dated["time"].dt.tz_localize("Europe/Paris")), tmp_path / "zoned.parquet")
+    options = {"channels": ["speed"], "target_channels": ["x", "y"], "observe": 4, "predict": 4}
+    reference = SensorSequenceDataModule(path=str(tmp_path / "seconds.csv"), **options)
+    reference.setup("fit")
+    for name in ("iso.csv", "dated.parquet", "zoned.parquet"):
+        for declared in (None, 0.1):
+            dm = SensorSequenceDataModule(path=str(tmp_path / name), time_step=declared, **options)
+            dm.setup("fit")
+            assert dm.time_step == pytest.approx(DT, abs=1e-6), (name, dm.time_step)
+            for split, tracks in dm.tracks.items():
+                base = reference.tracks[split]
+                assert tracks.names == base.names and tracks.lengths.tolist() == base.lengths.tolist(), (name, split)
+                np.testing.assert_allclose(np.diff(tracks.time), np.diff(base.time), atol=1e-6)
+                np.testing.assert_array_equal(tracks.targets, base.targets)
+                assert len(dm.datasets[split]) == len(reference.datasets[split])
+    start = pd.Timestamp("2024-05-01 13:45", tz="UTC").timestamp()
+    dm = SensorSequenceDataModule(path=str(tmp_path / "dated.parquet"), **options)
+    assert dm.tracks["train"].time.min() >= start and dm.tracks["train"].time.max() < start + 3  # seconds since 1970 (UTC)
 
 
 # ----- predict files: scored with a trained run, refused before anything is written --------------

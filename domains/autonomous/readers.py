@@ -4,7 +4,8 @@ A long table has one row per (sequence, time): a sequence id column, a time or f
 any number of sensor channels. :func:`read_table` reads CSV/TSV or Parquet; :func:`read_eth_ucy`
 reads the ETH/UCY pedestrian benchmark in its Social-GAN layout (``<scene>/{train,val,test}/*.txt``,
 rows ``frame ped x y``) into the same long form. :func:`build_tracks` checks a table (missing
-columns, non-numeric values, duplicate or unsorted times, each named by file, column and row),
+columns, non-numeric values, duplicate or unsorted times, each named by file, column and row;
+timestamps, Parquet datetimes or ISO 8601 text, are read as seconds: :func:`time_seconds`),
 applies the NaN rule, and cuts every sequence at its time gaps into gap-free segments (gaps are
 never bridged), after the sampling-rate rules of :mod:`domains.autonomous.sampling`.
 :func:`check_values` refuses inf and float32 overflow in every used numeric column (NaN is the NaN
@@ -169,6 +170,43 @@ def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
     return numbers.to_numpy(dtype=np.float64)
 
 
+def time_seconds(table: pd.DataFrame, column: str) -> np.ndarray:
+    """The time column as float64: numbers as they are (seconds or frames); timestamps in seconds.
+
+    A datetime column (Parquet ``timestamp``, any precision or time zone) and ISO 8601 text (a CSV's
+    ``2024-05-01T13:45:00.100``, with or without a zone) become seconds since 1970-01-01 UTC (a
+    time without a zone is read as UTC), so that a Parquet file and its CSV export give the same
+    times, steps (``--data.time_step`` in seconds) and windows. Text mixing numbers and timestamps,
+    or timestamps that are not ISO 8601, is refused naming the first row.
+    """
+    values = table[column]
+    if pd.api.types.is_datetime64_any_dtype(values):
+        stamps = values.dt.tz_convert("UTC") if getattr(values.dt, "tz", None) is not None else values
+        return _epoch_seconds(pd.Series(stamps))
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return _numeric(table, column)
+    present = values.notna().to_numpy()
+    numbers = pd.to_numeric(values, errors="coerce")
+    text = values.astype(str).str.strip()
+    if not (numbers.notna().to_numpy() | ~present).all() and text[present].str.match(r"^\d{4}-\d{2}-\d{2}").any():
+        parsed = pd.to_datetime(values.where(present), format="ISO8601", utc=True, errors="coerce")
+        bad = np.flatnonzero(parsed.isna().to_numpy() & present)
+        if len(bad):
+            raise InputError(
+                f"{where(table, bad[0])}, column {column!r}: value {values.iloc[bad[0]]!r} is not an ISO 8601 timestamp ({len(bad)} such row(s)); "
+                "expected every time as a number (seconds or frames) or every time as ISO 8601 text (e.g. 2024-05-01T13:45:00.100)"
+            )
+        return _epoch_seconds(parsed)
+    return _numeric(table, column)
+
+
+def _epoch_seconds(stamps: pd.Series) -> np.ndarray:
+    """Seconds since 1970-01-01 (UTC for aware times) as float64; NaT -> NaN."""
+    nanoseconds = stamps.dt.tz_localize(None) if getattr(stamps.dt, "tz", None) is not None else stamps
+    ns = nanoseconds.astype("datetime64[ns]").to_numpy().astype("int64").astype(np.float64)
+    return np.where(stamps.isna().to_numpy(), np.nan, ns / 1e9)
+
+
 def check_columns(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = True) -> None:
     """Raise ``ValueError`` naming the file and the missing column(s) and their role."""
     file = table[FILE].iloc[0] if len(table) else "the table"
@@ -194,7 +232,7 @@ def check_values(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = Tr
     if spec.label is not None and spec.label_numeric and spec.label in table.columns:
         numeric.append(spec.label)
     for file, part in table.groupby(FILE, sort=False):
-        values = pd.DataFrame({column: _numeric(part, column) for column in dict.fromkeys(numeric)})
+        values = pd.DataFrame({column: time_seconds(part, column) if column == spec.time else _numeric(part, column) for column in dict.fromkeys(numeric)})
         nan_allowed = [c for c in values.columns if c != spec.time]
         values[nan_allowed] = values[nan_allowed].fillna(0.0)  # NaN rows: handled by data.nan_policy
         # laid out by data row (rows of other splits are 0), so that the message names file rows
@@ -249,7 +287,7 @@ def build_tracks(
         raise InputError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     check_values(table, spec, require_label)
     label_column = spec.label if spec.label is not None and spec.label in table.columns else None
-    time = _numeric(table, spec.time)
+    time = time_seconds(table, spec.time)
     targets = np.stack([_numeric(table, c) for c in spec.targets], 1) if spec.targets else np.zeros((len(table), 0))
     channels = np.stack([_numeric(table, c) for c in spec.channels], 1) if spec.channels else np.zeros((len(table), 0))
     label = None
