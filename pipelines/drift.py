@@ -6,7 +6,8 @@
 - KS: ``scipy.stats.ks_2samp`` (statistic: the largest gap between the two empirical CDFs, and its p-value).
 
 A feature drifts when its PSI is at least ``psi_threshold`` or its KS p-value is below
-``ks_alpha``. Missing values are left out of both statistics and counted. Example::
+``ks_alpha``. Missing values (NaN, an empty CSV cell) are left out of both statistics and counted;
+a value that is not a number, or +-inf, is refused naming the table, column and rows. Example::
 
     >>> import numpy as np, pandas as pd
     >>> rng = np.random.default_rng(0)
@@ -22,6 +23,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pipelines.errors import InputError, did_you_mean
+from pipelines.validation import describe_rows
 
 EPSILON = 1e-4
 PSI_THRESHOLD = 0.2
@@ -58,27 +62,49 @@ def numeric_columns(frame: pd.DataFrame) -> list[str]:
     return [str(c) for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
 
 
+def _check_numbers(frame: pd.DataFrame, column: str, name: str) -> None:
+    """Refuse a column of ``frame`` that is absent, not numeric (naming the first row that is not a
+    number, 1-based, the header not counted) or holds +-inf (a missing value is NaN / an empty cell)."""
+    if column not in frame.columns:
+        raise InputError(f"{name}: column {column!r} is missing{did_you_mean(column, map(str, frame.columns))}; its columns are {list(map(str, frame.columns))}")
+    values = frame[column]
+    if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+        numbers = pd.to_numeric(values, errors="coerce") if not pd.api.types.is_bool_dtype(values) else pd.Series(np.nan, index=values.index)
+        bad = np.flatnonzero(numbers.isna().to_numpy() & values.notna().to_numpy())
+        example = f": {describe_rows(bad + 1)} hold{'s' if len(bad) == 1 else ''} {values.iloc[bad[0]]!r}" if len(bad) else ""
+        raise InputError(f"{name}: column {column!r} should hold numbers (a missing value is an empty cell) but has dtype {values.dtype}{example}")
+    infinite = np.flatnonzero(np.isinf(values.to_numpy(dtype=float)))
+    if len(infinite):
+        raise InputError(f"{name}: column {column!r} holds inf at {describe_rows(infinite + 1)}; expected finite numbers (a missing value is an empty cell or NaN)")
+
+
 def compare(
     reference: pd.DataFrame, window: pd.DataFrame, columns: list[str] | None = None, psi_threshold: float = PSI_THRESHOLD,
-    ks_alpha: float = KS_ALPHA, bins: int = 10,
+    ks_alpha: float = KS_ALPHA, bins: int = 10, names: tuple[str, str] = ("the reference", "the window"),
 ) -> list[FeatureDrift]:
-    """PSI and KS per feature (default: every numeric column of the reference); ``ValueError`` naming a bad column."""
+    """PSI and KS per feature (default: every numeric column of the reference).
+
+    Raises :class:`pipelines.errors.InputError` (a ``ValueError``) naming the table (``names``: e.g.
+    the files), the column and the rows: a column missing from either table, a value that is not a
+    number, +-inf, or fewer than 2 values left once missing values (NaN) are left out.
+    """
     from scipy.stats import ks_2samp
 
     columns = numeric_columns(reference) if columns is None else columns
     if not columns:
-        raise ValueError(f"no numeric columns to compare; the reference has {list(map(str, reference.columns))}")
+        raise InputError(f"{names[0]}: no numeric columns to compare; its columns are {list(map(str, reference.columns))} (name them with --columns)")
     results = []
     for column in columns:
-        for name, frame in (("reference", reference), ("window", window)):
-            if column not in frame.columns:
-                raise ValueError(f"column {column!r}: missing from the {name} (its columns: {list(map(str, frame.columns))})")
-            if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
-                raise ValueError(f"column {column!r}: expected numbers in the {name}; got dtype {frame[column].dtype}")
+        for name, frame in zip(names, (reference, window)):
+            _check_numbers(frame, column, name)
         ref, win = (frame[column].to_numpy(dtype=float) for frame in (reference, window))
         ref_ok, win_ok = ref[np.isfinite(ref)], win[np.isfinite(win)]
-        if len(ref_ok) < 2 or len(win_ok) < 2:
-            raise ValueError(f"column {column!r}: expected at least 2 finite values in each table; got {len(ref_ok)} and {len(win_ok)}")
+        for name, values, kept in zip(names, (ref, win), (ref_ok, win_ok)):
+            if len(kept) < 2:
+                raise InputError(
+                    f"{name}: column {column!r} has {len(kept)} value(s) once the {len(values) - len(kept)} missing one(s) are left out "
+                    f"({len(values)} rows); expected at least 2 numbers"
+                )
         value = psi(ref_ok, win_ok, bins)
         ks = ks_2samp(ref_ok, win_ok)
         results.append(FeatureDrift(

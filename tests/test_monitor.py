@@ -6,8 +6,11 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from tests.conftest import ROOT, child_env
 
@@ -48,15 +51,89 @@ def test_a_shift_of_0_3_is_flagged_and_a_fresh_sample_is_not(tmp_path):
 
 
 def test_bad_input_exits_2_naming_it(tmp_path):
+    """The real process: a missing file and an unknown option, each one paragraph and exit status 2."""
     table(0).to_parquet(tmp_path / "reference.parquet")
     cases = [
         ([str(tmp_path / "reference.parquet"), str(tmp_path / "missing.csv")], "missing.csv: no such file"),
-        ([str(tmp_path / "reference.parquet"), str(tmp_path / "reference.parquet"), "--columns", "amount,ammount"],
-         "column 'ammount': missing from the reference"),
-        ([str(tmp_path / "reference.parquet"), str(tmp_path / "reference.parquet"), "--columns", "merchant"],
-         "column 'merchant': expected numbers in the reference; got dtype"),
-        ([str(tmp_path / "reference.parquet"), str(tmp_path / "x.txt")], "x.txt: expected a .parquet, .pq, .csv file"),
+        ([str(tmp_path / "reference.parquet"), str(tmp_path / "reference.parquet"), "--psi-treshold", "0.3"], "did you mean '--psi-threshold'"),
     ]  # fmt: skip
     for args, message in cases:
         result = monitor(*args)
-        assert result.returncode == 2 and message in result.stderr, (args, result.returncode, result.stderr[-1000:])
+        assert result.returncode == 2 and message in " ".join(result.stderr.split()), (args, result.returncode, result.stderr[-1000:])
+        assert "usage:" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def write_csv(name: str, edit=None, text: str | None = None, encoding: str = "utf-8"):
+    """A ``make(folder)`` writing the window table ``name`` (``table(1)`` edited), or ``text`` as it is."""
+
+    def make(folder: Path) -> None:
+        if text is not None:
+            (folder / name).write_text(text)
+            return
+        frame = table(1, n=50)
+        if edit is not None:
+            frame = edit(frame)
+        if name.endswith(".parquet"):
+            frame.to_parquet(folder / name)
+        else:
+            (folder / name).write_bytes(frame.to_csv(index=False).encode(encoding))
+
+    return make
+
+
+def cell(column: str, row: int, value):
+    """Set 1-based data ``row`` of ``column`` (as text when ``value`` is text)."""
+
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        frame[column] = frame[column].astype(object) if isinstance(value, str) else frame[column]
+        frame.loc[row - 1, column] = value
+        return frame
+
+    return edit
+
+
+BAD = [
+    ("missing-column", write_csv("w.csv", lambda f: f.drop(columns="latency")), [], ("w.csv", "column 'latency' is missing", "its columns are")),
+    ("column-typo", write_csv("w.csv"), ["--columns", "amount,ammount"], ("column 'ammount' is missing", "did you mean 'amount'")),
+    ("all-missing", write_csv("w.csv", lambda f: f.assign(score=np.nan)), [], ("w.csv", "'score' has 0 value(s)", "50 missing", "at least 2")),
+    ("text-in-numeric", write_csv("w.csv", cell("latency", 5, "fast")), [], ("w.csv", "'latency' should hold numbers", "row 5", "'fast'")),
+    ("inf", write_csv("w.csv", cell("amount", 3, np.inf)), [], ("w.csv", "'amount' holds inf at row 3", "finite")),
+    ("inf-parquet", write_csv("w.parquet", cell("score", 7, -np.inf)), [], ("w.parquet", "'score' holds inf at row 7")),
+    ("empty-file", write_csv("w.csv", text=""), [], ("w.csv", "empty (0 bytes)")),
+    ("header-only", write_csv("w.csv", text="amount,latency,score,merchant\n"), [], ("w.csv", "no data rows")),
+    ("duplicate-header", write_csv("w.csv", lambda f: f.rename(columns={"score": "amount"})), [], ("w.csv", "'amount' 2 times")),
+    ("latin-1", write_csv("w.csv", cell("merchant", 9, "café"), encoding="latin-1"), [], ("w.csv", "line 10 (data row 9)", "'merchant'", "not utf-8")),
+    ("not-parquet", write_csv("w.parquet", text="not parquet"), [], ("w.parquet", "not a readable .parquet")),
+    ("wrong-suffix", write_csv("w.txt", text="a\n1\n"), [], ("w.txt", "expected a .parquet, .pq, .csv file")),
+    ("non-numeric-columns-option", write_csv("w.csv"), ["--columns", "merchant"], ("reference.parquet", "'merchant' should hold numbers")),
+    ("empty-columns-option", write_csv("w.csv"), ["--columns", ","], ("--columns", "names no column")),
+    ("ks-alpha-out-of-range", write_csv("w.csv"), ["--ks-alpha", "2"], ("--ks-alpha in (0, 1)", "got 0.2, 2.0")),
+    ("psi-threshold-nan", write_csv("w.csv"), ["--psi-threshold", "nan"], ("--psi-threshold must be > 0",)),
+    ("json-folder-missing", write_csv("w.csv"), ["--json", "{tmp}/no/such/report.json"], ("--json", "does not exist")),
+    ("misspelt-option", write_csv("w.csv"), ["--kss-alpha", "0.01"], ("unrecognized arguments", "did you mean '--ks-alpha'")),
+]
+
+
+@pytest.mark.parametrize(("make", "options", "expect"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_window_or_option_is_refused_with_one_paragraph_and_nothing_written(tmp_path, capsys, make, options, expect):
+    from pipelines.monitor import main
+
+    table(0, n=200).to_parquet(tmp_path / "reference.parquet")
+    make(tmp_path)
+    window = next(p for p in tmp_path.iterdir() if p.name.startswith("w."))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    json_out = tmp_path / "report.json"
+    args = [str(tmp_path / "reference.parquet"), str(window), *options] + ([] if "--json" in options else ["--json", str(json_out)])
+    capsys.readouterr()
+    try:
+        status = main(args)
+    except SystemExit as stop:
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and "usage:" not in err and "Traceback" not in err, err
+    flat = " ".join(err.split()).lower()
+    for expected in expect:
+        assert expected.lower() in flat, f"{expected!r} not in {err}"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "a refused command wrote a file"
