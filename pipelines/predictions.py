@@ -26,11 +26,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 def batch_to_frame(columns: Mapping[str, Any]) -> pd.DataFrame:
-    """Flatten a mapping of batch-first columns into a DataFrame."""
+    """Flatten a mapping of batch-first columns into a DataFrame (float64 columns are kept float64)."""
     data: dict[str, Any] = {}
     for name, values in columns.items():
         if isinstance(values, torch.Tensor):
-            values = values.detach().float().cpu().numpy() if values.is_floating_point() else values.cpu().numpy()
+            if values.is_floating_point() and values.dtype not in (torch.float32, torch.float64):
+                values = values.float()  # half precision: numpy cannot hold bfloat16; float64 stays float64 (times, UTM positions)
+            values = values.detach().cpu().numpy()
         if isinstance(values, np.ndarray) and values.ndim == 2:
             data.update({f"{name}_{i}": values[:, i] for i in range(values.shape[1])})
         elif isinstance(values, np.ndarray) and values.ndim > 2:

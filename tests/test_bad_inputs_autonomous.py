@@ -284,3 +284,41 @@ def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, 
     kept = {name: digest for name, digest in before.items() if name not in ("provenance.json", ".lock")}
     assert {name: after.get(name) for name in kept} == kept, "the run's checkpoints or config changed"
     assert not list(run.glob("predictions*")), sorted(set(after) - set(before))
+
+
+def test_utm_sized_positions_forecast_as_the_same_data_at_the_origin(trained, tmp_path):
+    """Positions near (500 000 m, 5 000 000 m), as UTM writes them, are centred in float64 before the
+    float32 cast: the checkpoint forecasts them as the same trips at the origin, shifted, to the
+    millimetre, in ``predict`` and in the served bundle (in float32 they would move in 0.5 m steps)."""
+    from pipelines.bundle_runtime import Bundle
+    from pipelines.export import export_checkpoint
+    from pipelines.registry import get_domain
+    from pipelines.serving_requests import load_adapters
+
+    folder, runs, run = trained
+    shift = {"x": 500_000.0, "y": 5_000_000.0}
+    plain, far = fleet(), fleet()
+    for column, offset in shift.items():
+        far[column] = far[column] + offset
+    write(plain, tmp_path / "plain.csv")
+    write(far, tmp_path / "utm.csv")
+    for name in ("plain", "utm"):
+        run_pipeline("autonomous", "predict", "--run_id", run.name, "--ckpt_path", "best", f"--data.predict_path={tmp_path / name}.csv",
+                     "--output", f"{name}.csv", "--runs_dir", str(runs), "--trainer.logger=false")  # fmt: skip
+    near, utm = pd.read_csv(run / "plain.csv"), pd.read_csv(run / "utm.csv")
+    forecast = [c for c in near.columns if c.startswith(("pred_", "true_"))]
+    assert forecast and len(near) == len(utm)
+    for column in forecast:
+        offset = shift[column.split("_")[1]]
+        np.testing.assert_allclose(utm[column] - offset, near[column], atol=1e-3, err_msg=column)
+
+    bundle = Bundle(export_checkpoint(get_domain("autonomous"), run / "checkpoints" / "best.ckpt", "onnx", tmp_path / "bundle"))
+    adapter = load_adapters(bundle.metadata)[0]
+    observe = int(bundle.metadata["domain_metadata"]["observe"])
+
+    def served(table: pd.DataFrame) -> list[dict]:
+        rows = [{"x": float(r.x), "y": float(r.y), "speed": float(r.speed)} for r in table.head(observe).itertuples()]
+        return adapter.encode(adapter.infer(adapter.decode({"observations": rows}), bundle.run))["forecast"]
+
+    for at_origin, at_utm in zip(served(plain), served(far)):
+        assert at_utm["x"] - shift["x"] == pytest.approx(at_origin["x"], abs=1e-3) and at_utm["y"] - shift["y"] == pytest.approx(at_origin["y"], abs=1e-3)

@@ -337,11 +337,14 @@ class SensorSequenceModel(BaseTask):
         datamodule = self.trainer.datamodule
         columns: dict[str, Any] = {"sequence": [datamodule.window_name(int(i)) for i in batch["index"]], "time": batch["time"]}
         if hp.task == "forecasting":
-            single = self._positions(self(batch["inputs"]), batch)[:, 0]
+            # positions are centred on each window's last observation (float32); its origin is added back in float64
+            origin = batch["origin"][:, None].double() if "origin" in batch else 0.0
+            single = self._positions(self(batch["inputs"]), batch)[:, 0].double() + origin
             names = hp.target_names or [str(i) for i in range(hp.target_dim)]
             columns |= {f"pred_{name}": single[..., i] for i, name in enumerate(names)}
             if "future" in batch:
-                columns |= {f"true_{name}": batch["future"][..., i] for i, name in enumerate(names)}
+                future = batch["future"].double() + origin
+                columns |= {f"true_{name}": future[..., i] for i, name in enumerate(names)}
             return columns
         out = self.network(batch["inputs"])
         if hp.task == "regression":

@@ -356,7 +356,9 @@ def build_tracks(
     report["sequences"] = len(seq_names)
     report["segments"] = len(starts)
     report["time_step"] = time_step  # type: ignore[assignment]
-    return Tracks(names, starts, lengths, time, targets.astype(np.float32), channels.astype(np.float32), label, report)
+    # positions stay float64: windows are centred on their last observed position before the float32 cast
+    # (domains.autonomous.windows.window_tensors), so UTM-sized coordinates keep their centimetres
+    return Tracks(names, starts, lengths, time, targets.astype(np.float64), channels.astype(np.float32), label, report)
 
 
 def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:

@@ -101,14 +101,19 @@ class ObservationsAdapter(RequestAdapter):
         return [(request[self.key], self.key)]
 
     def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
-        """``past`` and ``channels`` of the last ``observe`` observations; ``last_time`` and ``time_step`` (NaN when unknown)."""
+        """``past`` (centred on the last observed position) and ``channels`` of the last ``observe`` observations;
+        ``origin`` (that position, float64), ``last_time`` and ``time_step`` (NaN when unknown)."""
         unexpected = sorted(set(request) - {self.key})
         if unexpected:
             reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
         parsed = [self.sequence(rows, where) for rows, where in self.sequences(request)]
         values = np.stack([p[0] for p in parsed])
+        # centred on the last observed position in float64 before the float32 cast, as in training (UTM-sized
+        # coordinates keep their precision); the origin is added back to the forecast in float64
+        origin = values[:, -1, : self.position_dim].copy()
         return {
-            "past": np.ascontiguousarray(values[..., : self.position_dim], dtype=np.float32),
+            "past": np.ascontiguousarray(values[..., : self.position_dim] - origin[:, None], dtype=np.float32),
+            "origin": origin,
             "channels": np.ascontiguousarray(values[..., self.position_dim :], dtype=np.float32),
             "last_time": np.array([p[1] for p in parsed], dtype=np.float64),
             "time_step": np.array([p[2] for p in parsed], dtype=np.float64),
@@ -179,7 +184,9 @@ class ObservationsAdapter(RequestAdapter):
         if self.task == "regression":
             return [{"prediction": json_ready(value), "target": self.target_names[0] if self.target_names else None} for value in out]
         answers = []
-        for positions, last, step in zip(out, outputs["last_time"], outputs["time_step"]):
+        origins = outputs.get("origin", np.zeros((len(out), out.shape[-1])))
+        for positions, origin, last, step in zip(out, origins, outputs["last_time"], outputs["time_step"]):
+            positions = positions.astype(np.float64) + origin
             forecast = []
             for k, point in enumerate(json_ready(positions), 1):
                 timing: dict[str, float] = {} if math.isnan(step) else {AHEAD: _decimal(k * step)}
