@@ -34,6 +34,7 @@ import torch
 from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
 from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
 from pipelines.runs import git_commit, package_versions, resolve_run
+from pipelines.validation import check_model_label
 
 FORMATS = ("onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -201,6 +202,8 @@ def main(spec: DomainSpec, argv: list[str]) -> Path:
     parser.add_argument("--model_version", default=None, help="the model's version, shown by the server (default: sha256-<checkpoint sha256 prefix>)")
     args = parser.parse_args(argv)
     try:
+        check_model_label(args.model_name, "--model_name")
+        check_model_label(args.model_version, "--model_version")
         run = resolve_run(spec.name, args.runs_dir, args.run_id, args.ckpt_path)
     except ValueError as error:
         parser.error(str(error))

@@ -63,6 +63,7 @@ from fastapi.responses import JSONResponse
 from pipelines import serving_metrics
 from pipelines.bundle_runtime import Bundle
 from pipelines.registry import available_domains, get_domain
+from pipelines.validation import check_model_label
 from pipelines.serving_server import DrainingServer, add_operational_routes, install_signal_handlers, stop_children
 from pipelines.serving_requests import (
     ADAPTERS_ATTRIBUTE, SERVING_MODULE, GenericAdapter, ModelCall, RequestAdapter, as_input_array, domain_adapter_classes,
@@ -317,6 +318,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--bundle {args.bundle}: {error}")
     if bundle.metadata.get("domain") != args.domain:
         parser.error(f"--bundle {args.bundle} was exported by domain {bundle.metadata.get('domain')!r}, not {args.domain!r}")
+    try:
+        check_model_label(args.model_name, "--model-name")
+        check_model_label(args.model_version, "--model-version")
+        for key in ("model_name", "model_version"):  # a bundle written by hand or by an older export
+            check_model_label(bundle.metadata.get(key), f"--bundle {args.bundle}: metadata.json {key}")
+    except ValueError as error:
+        parser.error(str(error))
     identity = model_identity(bundle.metadata, args.model_name, args.model_version)
     info = describe(bundle, load_adapters(bundle.metadata), identity)
     del bundle

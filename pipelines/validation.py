@@ -189,6 +189,26 @@ def check_labels(
         raise InputError(f"{where}: class {parts} has fewer than {min_rows} rows, too few to train and evaluate; fix the labels, or list every class with {option} if it is meant")
 
 
+def check_delimiter(header: Sequence[str], where: str, delimiter: str = ",") -> None:
+    """Refuse a header read as one column that another delimiter would split (a ``;``- or tab-separated
+    export read as comma-separated), naming the delimiter found and the one expected.
+
+    Example:
+        >>> check_delimiter(["amount;merchant;is_fraud"], "tx.csv")
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: tx.csv: the header is one column 'amount;merchant;is_fraud': the file looks ';'-separated; expected ','-separated values (re-save it with ',' between fields)
+    """
+    if len(header) != 1:
+        return
+    found = [d for d in (";", "\t", "|", ",") if d != delimiter and d in str(header[0])]
+    if found:
+        raise InputError(
+            f"{where}: the header is one column {str(header[0])!r}: the file looks {found[0]!r}-separated; "
+            f"expected {delimiter!r}-separated values (re-save it with {delimiter!r} between fields)"
+        )
+
+
 def _first_non_utf8(path: Path, block_size: int = 1 << 20) -> tuple[int, int, bytes] | None:
     """``(byte offset, 1-based line, the bad bytes)`` of the first byte of ``path`` that is not UTF-8, or ``None``."""
     offset, line, carry = 0, 1, b""
@@ -248,3 +268,26 @@ def check_utf8(path: str | Path, delimiter: str = ",") -> None:
         f"{path}: line {line}{row}, {column}, byte offset {offset} ({shown}) is not UTF-8 text; expected a UTF-8 file "
         f"(the byte reads as {bad.decode('cp1252', errors='replace')!r} in Latin-1/cp1252): re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
     )
+
+
+def check_model_label(value: str | None, option: str) -> None:
+    """Refuse a model name or version the server cannot show: it goes into HTTP headers
+    (``X-Model-Name``/``X-Model-Version``, latin-1 without line breaks) and a metrics label.
+
+    ``None`` (not given) passes; otherwise 1 to 128 printable ASCII characters, no spaces at either end.
+
+    Example:
+        >>> check_model_label("fraud-detector", "--model-name")
+        >>> check_model_label("v1\\nX-Admin: yes", "--model-version")
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: --model-version 'v1\\nX-Admin: yes': expected 1 to 128 printable ASCII characters (letters, digits, . _ - + : @ /, inner spaces), no control characters or line breaks: it is sent in HTTP headers and metrics labels
+    """
+    if value is None:
+        return
+    text = str(value)
+    if not (1 <= len(text) <= 128) or text != text.strip() or any(not (0x20 <= ord(ch) <= 0x7E) for ch in text):
+        raise InputError(
+            f"{option} {text!r}: expected 1 to 128 printable ASCII characters (letters, digits, . _ - + : @ /, inner spaces), "
+            "no control characters or line breaks: it is sent in HTTP headers and metrics labels"
+        )

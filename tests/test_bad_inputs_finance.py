@@ -127,6 +127,8 @@ CASES = [
     BadInput("column-in-two-roles", (*TRAIN, "--data.numeric_columns=[amount]"), ("'amount'", "both"), table()),
     BadInput("latin-1-deep-in-file", TRAIN, ("t.csv", "line 251 (data row 250)", "'merchant_category'", "0xe9", "not utf-8", "expected a utf-8 file"), latin1(250)),
     BadInput("latin-1-first-row", TRAIN, ("t.csv", "line 2 (data row 1)", "'merchant_category'", "'é'"), latin1(1)),
+    BadInput("semicolon-separated", TRAIN, ("t.csv", "looks ';'-separated", "expected ','-separated"), lambda f: make_card_transactions(300, fraud_rate=0.05, seed=0).to_csv(f / "t.csv", index=False, sep=";")),
+    BadInput("tab-separated-as-csv", TRAIN, ("t.csv", "looks '\\t'-separated"), lambda f: make_card_transactions(300, fraud_rate=0.05, seed=0).to_csv(f / "t.csv", index=False, sep="\t")),
     BadInput("ragged-csv-line", TRAIN, ("t.csv", "cannot read as csv"), text("amount,channel\n1,pos\n2,pos,extra\n")),
     # labels
     BadInput("label-column-missing", TRAIN, ("--data.label_column 'is_fraud' is missing", "unsupervised"), table(lambda f: f.drop(columns=["is_fraud"]))),
@@ -307,3 +309,13 @@ def test_serving_answers_rows_as_predict_does_out_of_range_alerted_and_1e300_ref
     with pytest.raises(HTTPException) as refused:
         adapter.decode({"rows": rows})
     assert refused.value.status_code == 422 and "rows[5]" in refused.value.detail and "float32" in refused.value.detail, refused.value.detail
+
+
+def test_a_constant_feature_column_is_reported_not_silently_kept():
+    """A numeric column with one value in every training row carries nothing: the fit says so (the
+    runner prints the preprocessing's notes), naming the column and the value."""
+    from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
+
+    frame = pd.DataFrame({"age": ["42"] * 50, "amount": [str(v) for v in np.random.default_rng(0).lognormal(3, 1, 50)]})
+    fitted = TablePreprocessor(ColumnRoles(numeric_columns=["age"], amount_columns=["amount"])).fit(frame, "t.csv")
+    assert len(fitted.notes) == 1 and "column 'age' has one value ('42')" in fitted.notes[0] and "--data.ignore_columns" in fitted.notes[0], fitted.notes

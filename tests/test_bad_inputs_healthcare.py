@@ -60,6 +60,20 @@ def duplicate_row(folder: Path, index: int) -> None:
     frame.to_csv(csv, index=False)
 
 
+def set_path(csv: Path, index: int, path: str) -> None:
+    frame = pd.read_csv(csv)
+    frame.loc[index, "path"] = path
+    frame.to_csv(csv, index=False)
+
+
+def path_outside(folder: Path) -> None:
+    """Data row 4 names an image that exists, but beside the CSV's folder (``../outside/x.png``)."""
+    csv = table(folder)
+    (folder.parent / "outside").mkdir()
+    (folder / "case3.png").rename(folder.parent / "outside" / "x.png")
+    set_path(csv, 3, "../outside/x.png")
+
+
 def corrupt(path: Path, image: np.ndarray) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n this is not a real PNG")
 
@@ -132,6 +146,11 @@ CASES = [
     BadInput("missing_image", CSV, ("not found", "row 4", "case3.png"), lambda f: (table(f), (f / "case3.png").unlink())),
     BadInput("corrupt_png", CSV, ("row 3", "cannot read image", "case2.png"), lambda f: table(f, r2=corrupt)),
     BadInput("csv_without_path_label", CSV, ("missing column(s) ['path', 'label']", "found ['file', 'diagnosis']"), csv_file("file,diagnosis\na.png,x\n")),
+    BadInput("path_outside_the_image_folder", CSV, ("row 4", "'../outside/x.png'", "points outside the image folder", "--data.image_dir"), path_outside),
+    BadInput("absolute_path_elsewhere", CSV, ("row 3", "'/etc/passwd'", "points outside"), lambda f: set_path(table(f), 2, "/etc/passwd")),
+    BadInput("semicolon_separated_csv", CSV, ("labels.csv", "looks ';'-separated"), lambda f: pd.read_csv(table(f)).to_csv(f / "labels.csv", index=False, sep=";")),
+    BadInput("latin_1_label", CSV, ("labels.csv", "data row 2", "column 'label'", "not utf-8"),
+             lambda f: (f / "labels.csv").write_bytes(pd.read_csv(table(f)).assign(label=["benign", "maliné"] * 4).to_csv(index=False).encode("latin-1"))),  # fmt: skip
     BadInput("csv_header_twice", CSV, ("column 'label' 2 times",), csv_file("path,label,label\na.png,x,y\n")),
     BadInput("empty_split", CSV, ("split 'val' is empty",), lambda f: table(f, splits=["train", "test"] * 4)),
     BadInput("unknown_split_name", CSV, ("row 1", "split 'training'"), lambda f: table(f, splits=["training"] + ["train", "val", "test"] * 3)),

@@ -103,3 +103,16 @@ def test_declared_class_names_order_the_folders_and_allow_names_spelt_alike(tmp_
     assert data.class_names == ["dog", "cat", "Cat"] and data.num_classes == 3
     counts = np.bincount(data.source.labels, minlength=3).tolist()
     assert counts == [5, 3, 4], counts
+
+
+def test_hidden_folders_are_neither_images_nor_classes(tmp_path, capsys):
+    """A Jupyter ``.ipynb_checkpoints`` folder beside the class folders is left out, and the log says so."""
+    from domains.media.data import MediaDataModule
+
+    pngs(tmp_path, 3, sub="cat")
+    pngs(tmp_path, 3, sub="dog")
+    pngs(tmp_path, 2, sub=".ipynb_checkpoints")
+    pngs(tmp_path, 1, sub="dog/.thumbnails")
+    data = MediaDataModule(image_dir=str(tmp_path), image_size=12)
+    assert data.class_names == ["cat", "dog"] and len(data.source.pixels) == 6
+    assert "3 image file(s) under hidden names" in capsys.readouterr().err

@@ -277,6 +277,12 @@ class TablePreprocessor:
             center, scale = robust_scale(present)
             self.medians[column], self.centers[column], self.scales[column] = float(np.median(present)), center, scale
             self.lows[column], self.highs[column] = float(present.min()), float(present.max())
+            if present.min() == present.max():
+                self.notes.append(
+                    f"column {column!r} has one value ({frame[column].iloc[int(np.flatnonzero(~np.isnan(values))[0])]!r}) in all {len(present)} "
+                    "non-missing training values: it carries no information (a different value when scoring is out of range and alerted); "
+                    "remove it from the feature columns or list it in --data.ignore_columns if that is not meant"
+                )
             compressed = int((np.abs(present - center) / scale > self.clip).sum())
             if compressed:
                 self.notes.append(

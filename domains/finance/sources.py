@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_finite_columns, check_unique_columns, check_utf8, describe_rows
+from pipelines.validation import check_finite_columns, check_delimiter, check_unique_columns, check_utf8, describe_rows
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -45,6 +45,7 @@ def _csv_header(path: Path) -> list[str]:
             raise InputError(f"{path}: cannot read the header as CSV text: {error}") from None
     if not first or not any(cell.strip() for cell in first):
         raise InputError(f"{path}: the file is empty; expected a header line naming the columns, then one line per transaction")
+    check_delimiter(first, str(path))
     return first
 
 

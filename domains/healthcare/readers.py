@@ -16,6 +16,7 @@ Sources:
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
 from pipelines.errors import InputError
 from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float
-from pipelines.validation import check_unique_columns, check_utf8, describe_rows
+from pipelines.validation import check_delimiter, check_unique_columns, check_utf8, describe_rows
 
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel")
@@ -271,13 +272,23 @@ def read_image_table(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise InputError(f"labels_csv {csv_path}: not a readable CSV ({str(error).strip()})") from None
     with open(csv_path, newline="", encoding="utf-8", errors="replace") as handle:  # pandas renames a repeated header x -> x.1
-        check_unique_columns([c.strip() for c in next(csv.reader(handle), [])], str(csv_path))
+        header = [c.strip() for c in next(csv.reader(handle), [])]
+    check_delimiter(header, str(csv_path))
+    check_unique_columns(header, str(csv_path))
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise InputError(f"{csv_path}: missing column(s) {missing}; expected columns path,label[,split], found {list(table.columns)}")
     if table.empty:
         raise InputError(f"{csv_path}: no rows")
     root = Path(image_dir) if image_dir else csv_path.parent
+    inside = os.path.normpath(os.path.abspath(root))
+    for row, relative in enumerate(table["path"], start=1):  # lexical: a symlinked folder inside the root is fine
+        target = os.path.normpath(os.path.abspath(root / relative))
+        if os.path.commonpath([inside, target]) != inside:
+            raise InputError(
+                f"{csv_path}: row {row}: path {relative!r} points outside the image folder {root} (to {target}); expected a path "
+                f"relative to --data.image_dir (default: the CSV's folder): set --data.image_dir to a folder that holds every image"
+            )
     files = [root / p for p in table["path"]]
     absent = [(row + 1, str(f)) for row, f in enumerate(files) if not f.is_file()]
     if absent:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,7 +183,11 @@ def list_image_folder(folder: str | Path, class_names: Sequence[str] | None = No
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"image_dir {folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden files and folders (.ipynb_checkpoints, ._x.png from macOS) are not images of the set, nor classes
+    files = [p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    if len(files) < len(found):
+        print(f"[media] image_dir {folder}: {len(found) - len(files)} image file(s) under hidden names (starting with '.') left out", file=sys.stderr)
     if not files:
         raise InputError(f"image_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found, the folder is empty of images")
     tops = [p.relative_to(folder).parts for p in files]
