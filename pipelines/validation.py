@@ -155,12 +155,14 @@ def check_labels(
     declared: Sequence[Any] | None = None,
     min_rows: int = 2,
     option: str = "--data.class_names",
+    unit: str = "row",
 ) -> None:
     """Check a label set (label -> number of rows) before it defines the classes of a model.
 
     With ``declared`` class names, every label must be one of them (the closest is suggested).
     Without, a label spelt like another one or a class with fewer than ``min_rows`` rows is refused:
-    list the classes with ``option`` when they are really meant.
+    list the classes with ``option`` when they are really meant. ``unit`` names what is counted
+    (``row``; ``image`` for a folder per class).
 
     Example:
         >>> check_labels({"normal": 40, "pneumonia": 38, "pnuemonia": 1}, "labels.csv")
@@ -172,10 +174,10 @@ def check_labels(
         known = [str(name) for name in declared]
         unknown = [label for label in counts if str(label) not in known]
         if unknown:
-            parts = [f"{str(label)!r} ({counts[label]} row{'s' if counts[label] != 1 else ''}){did_you_mean(str(label), known)}" for label in unknown]
+            parts = [f"{str(label)!r} ({counts[label]} {unit}{'s' if counts[label] != 1 else ''}){did_you_mean(str(label), known)}" for label in unknown]
             raise InputError(f"{where}: label {', '.join(parts)} is not one of the declared classes {known} ({option})")
         return
-    rows = lambda label: f"{counts[label]} row{'s' if counts[label] != 1 else ''}"  # noqa: E731
+    rows = lambda label: f"{counts[label]} {unit}{'s' if counts[label] != 1 else ''}"  # noqa: E731
     by_name = {str(label): label for label in counts}
     for a, b in confusable_labels(by_name):
         first, second = sorted((by_name[a], by_name[b]), key=lambda label: -counts[label])
@@ -186,7 +188,7 @@ def check_labels(
     rare = [label for label in counts if counts[label] < min_rows]
     if rare:
         parts = ", ".join(f"{str(label)!r} ({rows(label)})" for label in rare)
-        raise InputError(f"{where}: class {parts} has fewer than {min_rows} rows, too few to train and evaluate; fix the labels, or list every class with {option} if it is meant")
+        raise InputError(f"{where}: class {parts} has fewer than {min_rows} {unit}s, too few to train and evaluate; fix the labels, or list every class with {option} if it is meant")
 
 
 def check_delimiter(header: Sequence[str], where: str, delimiter: str = ",") -> None:

@@ -204,7 +204,7 @@ def list_image_folder(folder: str | Path, class_names: Sequence[str] | None = No
         return files, None, []
     counts = Counter(parts[0] for parts in tops)
     where = f"image_dir {folder}: class sub-folders"
-    check_labels(counts, where, declared=list(class_names) if class_names is not None else None, min_rows=2)
+    check_labels(counts, where, declared=list(class_names) if class_names is not None else None, min_rows=2, unit="image")
     if class_names is not None:
         empty = [name for name in class_names if name not in counts]
         if empty:
