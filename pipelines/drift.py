@@ -6,7 +6,9 @@
 - KS: ``scipy.stats.ks_2samp`` (statistic: the largest gap between the two empirical CDFs, and its p-value).
 
 A feature drifts when its PSI is at least ``psi_threshold`` or its KS p-value is below
-``ks_alpha``. Missing values are left out of both statistics and counted. Example::
+``ks_alpha`` divided by the number of features compared (Bonferroni: on data that did not move,
+the chance that any feature is flagged by KS stays below ``ks_alpha``, however many features
+there are). Missing values are left out of both statistics and counted. Example::
 
     >>> import numpy as np, pandas as pd
     >>> rng = np.random.default_rng(0)
@@ -69,6 +71,7 @@ def compare(
     if not columns:
         raise ValueError(f"no numeric columns to compare; the reference has {list(map(str, reference.columns))}")
     results = []
+    per_feature_alpha = ks_alpha / len(columns)
     for column in columns:
         for name, frame in (("reference", reference), ("window", window)):
             if column not in frame.columns:
@@ -85,6 +88,6 @@ def compare(
             feature=column, psi=value, ks_statistic=float(ks.statistic), ks_pvalue=float(ks.pvalue),
             reference_count=len(ref_ok), window_count=len(win_ok),
             reference_missing=len(ref) - len(ref_ok), window_missing=len(win) - len(win_ok),
-            drifted=bool(value >= psi_threshold or ks.pvalue < ks_alpha),
+            drifted=bool(value >= psi_threshold or ks.pvalue < per_feature_alpha),
         ))  # fmt: skip
     return results

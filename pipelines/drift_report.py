@@ -24,10 +24,10 @@ SHOWN_FEATURES = 4
 
 
 def drift_figure(results: list[FeatureDrift], reference: pd.DataFrame, window: pd.DataFrame, psi_threshold: float) -> Any:
-    """PSI per feature (bars, drifted ones red) and the CDFs of the ``SHOWN_FEATURES`` features of highest PSI."""
+    """PSI per feature (bars, drifted ones red) and the CDFs of ``SHOWN_FEATURES`` features: the drifted first, by PSI."""
     from matplotlib.figure import Figure
 
-    shown = sorted(results, key=lambda r: -r.psi)[:SHOWN_FEATURES]
+    shown = sorted(results, key=lambda r: (not r.drifted, -r.psi))[:SHOWN_FEATURES]
     figure = Figure(figsize=(11, 1.2 + 0.9 * max(len(shown), 2) + 0.12 * len(results)))
     grid = figure.add_gridspec(len(shown), 2, width_ratios=[1, 1.3])
     bars = figure.add_subplot(grid[:, 0])
@@ -63,7 +63,7 @@ def markdown(results: list[FeatureDrift], facts: dict[str, Any]) -> str:
         "",
         f"- reference: `{facts['reference']}` ({facts.get('reference_source') or 'a table'})",
         f"- window: `{facts['window']}` ({facts['window_rows']} rows" + (f", versions {', '.join(facts['versions'])}" if facts.get("versions") else "") + ")",
-        f"- thresholds: PSI >= {facts['psi_threshold']:g} or KS p-value < {facts['ks_alpha']:g} flags a feature",
+        f"- thresholds: PSI >= {facts['psi_threshold']:g} or KS p-value < {facts['ks_alpha']:g} / {len(results)} features (Bonferroni) flags a feature",
         f"- written {facts['written_at']}; exit status {facts['exit_code']}",
         "",
         f"**{len(drifted)} of {len(results)} feature(s) drifted**" + (": " + ", ".join(f"`{r.feature}`" for r in drifted) if drifted else "."),

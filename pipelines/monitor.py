@@ -12,7 +12,7 @@ WINDOW: a table, or the server's request log (``.jsonl``, with its rotated files
 one model version answered.
 
 Exit status: 0 no feature drifted; 3 at least one feature drifted (PSI >= ``--psi-threshold`` or
-KS p-value < ``--ks-alpha``); 2 bad input (a missing or unreadable file, an unknown or
+KS p-value < ``--ks-alpha`` / number of features); 2 bad input (a missing or unreadable file, an unknown or
 non-numeric column, an option out of range); 1 a crash.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -48,12 +49,19 @@ def read_table(path: str) -> pd.DataFrame:
         raise ValueError(f"{path}: not a readable {file.suffix} table ({type(error).__name__}: {error})") from None
 
 
-def read_reference(path: str) -> tuple[pd.DataFrame, str | None]:
-    """A reference table, or the pseudo-sample of the reference statistics a bundle or checkpoint holds (and their source)."""
+def read_reference(path: str) -> tuple[pd.DataFrame, dict | None]:
+    """A reference table, or the pseudo-sample of the reference statistics a bundle or checkpoint holds (and those statistics)."""
     if Path(path).is_dir() or path.endswith(".ckpt"):
         stats = load_reference(path)
-        return reference_frame(stats), f"reference statistics of {stats['source']}"
+        return reference_frame(stats), stats
     return read_table(path), None
+
+
+def with_reference_counts(results: list, stats: dict | None) -> list:
+    """Results whose reference counts are the training split's (not the pseudo-sample's) when the reference is statistics."""
+    if stats is None:
+        return results
+    return [replace(r, reference_count=stats["features"][r.feature]["count"], reference_missing=stats["features"][r.feature]["missing"]) for r in results]
 
 
 def read_window(path: str, last: int | None, version: str | None) -> tuple[pd.DataFrame, str]:
@@ -79,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", default=None, help="write a report folder (report.md, drift.png, drift.json) under this folder")
     parser.add_argument("--columns", default=None, help="comma-separated features (default: every numeric column of the reference)")
     parser.add_argument("--psi-threshold", type=float, default=PSI_THRESHOLD, help="a PSI at least this flags drift")
-    parser.add_argument("--ks-alpha", type=float, default=KS_ALPHA, help="a KS p-value below this flags drift")
+    parser.add_argument("--ks-alpha", type=float, default=KS_ALPHA, help="a KS p-value below this divided by the number of features flags drift (Bonferroni)")
     parser.add_argument("--bins", type=int, default=10, help="quantile bins of the reference for PSI")
     parser.add_argument("--json", default=None, help="write the report here as JSON")
     return parser
@@ -94,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--psi-threshold must be > 0, --ks-alpha in (0, 1), --bins >= 2; got {args.psi_threshold}, {args.ks_alpha}, {args.bins}")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
-        (reference, source), (window, note) = read_reference(args.reference), read_window(args.window, args.last, args.model_version)
-        results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins)
+        (reference, stats), (window, note) = read_reference(args.reference), read_window(args.window, args.last, args.model_version)
+        results = with_reference_counts(compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins), stats)
     except ValueError as error:
         parser.error(str(error))
     for r in results:
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[pipelines] {len(drifted)} of {len(results)} feature(s) drifted" + (f": {', '.join(drifted)}" if drifted else ""))
     code = EXIT_DRIFT if drifted else 0
     facts = {
-        "reference": args.reference, "reference_source": source, "window": args.window + (f" ({note})" if note else ""), "window_rows": len(window),
+        "reference": args.reference, "reference_source": f"reference statistics of {stats['source']}" if stats else None, "window": args.window + (f" ({note})" if note else ""), "window_rows": len(window),
         "versions": sorted(set(window["version"].astype(str))) if "version" in window else [], "psi_threshold": args.psi_threshold,
         "ks_alpha": args.ks_alpha, "drifted": drifted, "verdict": "drift" if drifted else "no drift", "exit_code": code,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

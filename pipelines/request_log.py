@@ -94,7 +94,7 @@ class RequestLog:
             if size and size + len(data) > self.max_bytes:
                 self._rotate()
                 size = 0
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut by a kill: keep it apart from ours
                     data = b"\n" + data
