@@ -374,7 +374,7 @@ def _serve(args: argparse.Namespace, current_info: Callable[[], dict[str, Any]],
         pass
     finally:
         stop_children()
-    if server.cut:
+    if server.cut or serving_metrics.total("requests_cut_total"):
         print(f"[pipelines] server stopped; the drain timed out (--drain-timeout {args.drain_timeout} s) and requests in flight were cut", flush=True)
         return EXIT_DRAIN_CUT
     print("[pipelines] server stopped", flush=True)

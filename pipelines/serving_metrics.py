@@ -11,6 +11,7 @@ a fresh temporary folder per server, removed when it stops) and ``GET /metrics``
     pipelines_serve_request_items                   items (samples, rows, sequences, images) per decoded request (histogram)
     pipelines_serve_in_flight_requests              POST /predict requests received and not yet answered (gauge)
     pipelines_serve_model_info{domain,name,version,format,checkpoint_sha256}   1 while a worker serves it, 0 after a swap
+    pipelines_serve_requests_cut_total              requests cancelled unanswered when the drain timed out (--drain-timeout)
     pipelines_serve_model_reloads_total{result}     hot reloads of a registry alias: loaded, failed (a worker could not load), export_failed
 
 :func:`enable_multiprocess` must run before any metric exists in the serving process.
@@ -18,6 +19,7 @@ a fresh temporary folder per server, removed when it stops) and ``GET /metrics``
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import time
@@ -51,6 +53,7 @@ class ServingMetrics:
     model_info: Any
     in_flight: Any
     reloads: Any
+    cut: Any
 
 
 @functools.cache
@@ -70,6 +73,7 @@ def metrics() -> ServingMetrics:
         ),  # fmt: skip
         in_flight=Gauge(PREFIX + "in_flight_requests", "POST /predict requests received and not yet answered", multiprocess_mode="livesum"),
         reloads=Counter(PREFIX + "model_reloads_total", "hot reloads of the served model by the inference workers", ["result"]),
+        cut=Counter(PREFIX + "requests_cut_total", "POST /predict requests cancelled unanswered when the drain timed out"),
     )
 
 
@@ -77,6 +81,16 @@ def set_model_info(loaded: Any, served: bool = True) -> None:
     """``pipelines_serve_model_info`` of a loaded model (:class:`pipelines.serving_registry.Loaded`): 1 while served, 0 after."""
     meta = loaded.bundle.metadata
     metrics().model_info.labels(domain=meta["domain"], format=meta["format"], **loaded.identity).set(1 if served else 0)
+
+
+def total(name: str) -> float:
+    """The sum over every process of the samples of metric ``PREFIX + name`` (e.g. ``requests_cut_total``)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return sum(s.value for family in registry.collect() for s in family.samples if s.name == PREFIX + name)
 
 
 def render() -> tuple[bytes, str]:
@@ -124,6 +138,9 @@ class PredictMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:  # uvicorn cancels what is still running when --drain-timeout passes
+            found.cut.inc()
+            raise
         finally:
             found.in_flight.dec()
             code = str(status[0])
