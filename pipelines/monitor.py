@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{'DRIFT' if r.drifted else 'ok   '} {r.feature}: psi {r.psi:.4f}  ks {r.ks_statistic:.4f} (p {r.ks_pvalue:.3g})  "
               f"n {r.reference_count}/{r.window_count}  missing {r.reference_missing}/{r.window_missing}")  # fmt: skip
+    small = [r.feature for r in results if min(r.reference_count, r.window_count) < 20 * args.bins]
+    if small:
+        print(f"[pipelines] warning: fewer than {20 * args.bins} values on one side for {', '.join(small)}: PSI is noisy there "
+              f"(about {args.bins - 1} / n of it is sampling noise); KS accounts for the sizes")  # fmt: skip
     drifted = [r.feature for r in results if r.drifted]
     print(f"[pipelines] {len(drifted)} of {len(results)} feature(s) drifted" + (f": {', '.join(drifted)}" if drifted else ""))
     code = EXIT_DRIFT if drifted else 0

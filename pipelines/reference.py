@@ -55,12 +55,30 @@ def fit_reference(frame: pd.DataFrame, columns: list[str] | None = None, source:
     return {"format": FORMAT, "source": source, "rows": int(len(frame)), "input": input_name, "columns": [str(c) for c in columns], "features": features}
 
 
+def fit_image_reference(images: np.ndarray, input_name: str, source: str, chunk: int = 256) -> dict[str, Any]:
+    """Per-image intensity summary of ``images`` (``(N, C, ...)``; uint8/uint16 scaled to [0, 1] by bit depth): the
+    ``<input>.mean`` and ``<input>.std`` over each image's pixels, the columns the request log writes for an image input."""
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(images.dtype, 1.0)
+    means, stds = [], []
+    for start in range(0, len(images), chunk):
+        flat = images[start : start + chunk].reshape(min(chunk, len(images) - start), -1).astype(np.float64) / scale
+        means.append(flat.mean(axis=1))
+        stds.append(flat.std(axis=1))
+    frame = pd.DataFrame({f"{input_name}.mean": np.concatenate(means), f"{input_name}.std": np.concatenate(stds)})
+    return fit_reference(frame, source=source)
+
+
 def reference_frame(stats: dict[str, Any], size: int = PSEUDO_SAMPLE) -> pd.DataFrame:
-    """A pseudo-sample of ``size`` rows per feature: the reference's quantile function at probabilities ``(i + 0.5) / size``."""
+    """A pseudo-sample per feature: the reference's quantile function at probabilities ``(i + 0.5) / n``, ``n`` the
+    feature's real count up to ``size`` (a KS test must not believe the reference larger than it was), NaN-padded to ``size``."""
     check(stats, "reference statistics")
     probabilities = np.linspace(0.0, 1.0, QUANTILE_POINTS)
-    at = (np.arange(size) + 0.5) / size
-    return pd.DataFrame({name: np.interp(at, probabilities, np.asarray(f["quantiles"], dtype=float)) for name, f in stats["features"].items()})
+    columns = {}
+    for name, feature in stats["features"].items():
+        n = max(2, min(size, int(feature["count"])))
+        values = np.interp((np.arange(n) + 0.5) / n, probabilities, np.asarray(feature["quantiles"], dtype=float))
+        columns[name] = np.concatenate([values, np.full(size - n, np.nan)]) if n < size else values
+    return pd.DataFrame(columns)
 
 
 def check(stats: Any, where: str) -> dict[str, Any]:

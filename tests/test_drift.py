@@ -167,3 +167,41 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
     finally:
         if served.process.poll() is None:
             served.stop(signal.SIGKILL)
+
+
+def test_healthcare_intensity_reference_flags_darkened_images(tmp_path):
+    """Healthcare fits per-image intensity statistics on its training split (checkpoint and bundle); the request
+    log's ``image.mean``/``image.std`` of new images of the same kind pass, the same images darkened are flagged."""
+    import torch
+
+    from domains.healthcare.data import MedicalImageDataModule
+    from pipelines.request_log import item_features
+
+    spec = get_domain("healthcare")
+    tiny = [*spec.test_args, "--data.synthetic_samples=600", "--model.network=resnet10", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--data.augment=null"]
+    run_pipeline("healthcare", "fit", "--runs_dir", str(tmp_path / "runs"), "--run_id", "tiny", *tiny)
+    ckpt = tmp_path / "runs" / "healthcare" / "tiny" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    stats = find_in_checkpoint(checkpoint)
+    assert sorted(stats["features"]) == ["image.mean", "image.std"] and "training split" in stats["source"]
+    hparams = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    data = MedicalImageDataModule(**hparams)
+    data.setup("fit")
+    train = data.datasets["train"].images.astype(np.float64) / (255.0 if data.datasets["train"].images.dtype == np.uint8 else 1.0)
+    assert stats["features"]["image.mean"]["count"] == len(train)
+    np.testing.assert_allclose(stats["features"]["image.mean"]["mean"], train.reshape(len(train), -1).mean(axis=1).mean(), rtol=1e-6)
+    bundle = export_checkpoint(spec, ckpt, "onnx", tmp_path / "bundle")
+    assert load_reference(bundle) == stats
+
+    fresh = MedicalImageDataModule(**{**hparams, "synthetic_seed": 1})
+    fresh.setup("fit")
+    images = np.concatenate([fresh.datasets[name].images for name in ("train", "val", "test")])
+    images = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)  # what a client sends: [0, 1]
+    for name, batch in (("calm", images), ("dark", images * 0.6)):
+        log = RequestLog(tmp_path / f"{name}.jsonl")
+        log.append([{"time": "t", "model": "healthcare", "version": "v", "form": "image", "features": item_features({"image": batch}, i, stats),
+                     "outputs": {}} for i in range(len(batch))])  # fmt: skip
+    calm = monitor(str(bundle), str(tmp_path / "calm.jsonl"), "--json", str(tmp_path / "calm.json"))
+    dark = monitor(str(ckpt), str(tmp_path / "dark.jsonl"), "--json", str(tmp_path / "dark.json"))
+    assert calm.returncode == 0, calm.stdout + calm.stderr
+    assert dark.returncode == 3 and "image.mean" in json.loads((tmp_path / "dark.json").read_text())["drifted"], dark.stdout
