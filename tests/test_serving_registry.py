@@ -27,7 +27,7 @@ from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from tests.conftest import ROOT, child_env
 from tests.test_retrain_policy import FAST, write_night
-from tests.test_serve import Server, free_port, request
+from tests.test_serve import Server, free_port, request, start_server
 from tests.test_serve_operations import metric_samples
 
 START_TIMEOUT = 240  # the first export runs before the server listens
@@ -54,24 +54,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start(registry: Path, log: Path, *extra: str) -> Server:
-    port = free_port()
-    handle = open(log, "wb")
-    command = [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry / "registry"), "--port", str(port), *extra]
-    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT)
-    handle.close()
-    server = Server("finance", f"http://127.0.0.1:{port}", port, registry, process, log)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"server exited with {process.returncode}:\n{server.output()}"
-        try:
-            with urllib.request.urlopen(server.url + "/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    server.stop(signal.SIGKILL)
-    raise AssertionError(f"server not ready within {START_TIMEOUT}s:\n{server.output()}")
+    """A server following the finance champion of ``registry/registry`` (the first export runs before it listens)."""
+    return start_server("finance", registry, log, *extra, source=["--registry", str(registry / "registry")], start_timeout=START_TIMEOUT)
 
 
 def predict(url: str, body: dict) -> tuple[int, dict[str, str], dict]:
