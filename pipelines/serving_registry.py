@@ -98,7 +98,7 @@ def export_version(root: Path, domain: str, version: str, output: Path, fmt: str
     with tempfile.TemporaryDirectory(prefix="pipelines-serve-export-") as tmp:
         ckpt = registry.write_checkpoint(version, Path(tmp) / f"{version}.ckpt")
         source = {"name": str(registry.version_dir(version) / "model.safetensors"), "sha256": sha256}
-        origin = {"root": str(Path(root).resolve()), "domain": domain, "version": version, "alias": alias}
+        origin = {"root": str(Path(root).resolve()), "domain": domain, "version": version, "exported_for_alias": alias}
         return export_checkpoint(
             get_domain(domain), ckpt, fmt, output, model_version=version, extra_metadata={"source_checkpoint": source, "registry": origin}
         )
@@ -162,6 +162,7 @@ class RegistryWatcher:
     def publish(self, version: str, bundle: Path, info: dict[str, Any]) -> None:
         """Point ``current.json`` at ``bundle`` with its ``/info`` (atomic replace); remove cached bundles other than this one and the one before."""
         before = read_pointer(self.cache)
+        info = {**info, "registry": {**(info.get("registry") or {}), "alias": self.alias}}  # a cached bundle may have been exported for another alias
         identity = {key: info[key] for key in ("name", "version", "checkpoint_sha256")}
         write_json_atomic(self.cache / POINTER_FILE, {
             "version": version, "alias": self.alias, "bundle": str(bundle), "identity": identity, "info": info,

@@ -81,7 +81,7 @@ def test_unknown_alias_is_refused_before_serving(registry, tmp_path):
 
 
 def test_promotion_under_load_switches_version_without_a_failed_request(registry, tmp_path):
-    cache = tmp_path / "bundles"
+    cache = registry / "bundle-cache"  # shared with the SIGHUP test, which reuses its bundles
     served = start(registry, tmp_path / "server.log", "--reload-interval", "0.5", "--bundle-cache", str(cache), "--max-batch-size", "4")
     try:
         status, info = request(served.url + "/info")
@@ -160,6 +160,40 @@ def test_promotion_under_load_switches_version_without_a_failed_request(registry
             (reg.path / "champion.json").write_text(json.dumps(record))
         assert served.stop() == 0, served.output()
         assert "Traceback" not in served.output(), served.output()
+    finally:
+        if served.process.poll() is None:
+            served.stop(signal.SIGKILL)
+
+
+def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path):
+    """With a reload interval of an hour, an alias moved by ``registry alias set`` is served after SIGHUP (not before);
+    bundles already in ``--bundle-cache`` for the same weights are reused instead of exported again."""
+    cache = registry / "bundle-cache"
+    cli = ["--registry", str(registry / "registry")]
+    assert registry_main(["finance", "alias", "set", "staging", "v0001", *cli]) == 0
+    served = start(registry, tmp_path / "server.log", "--alias", "staging", "--reload-interval", "3600", "--bundle-cache", str(cache))
+    try:
+        body = {"inputs": {"numeric": [0.0] * request(served.url + "/info")[1]["model"]["inputs"][0]["shape"][1]}}
+        assert predict(served.url, body)[1]["x-model-version"] == "v0001"
+        assert registry_main(["finance", "alias", "set", "staging", "v0002", *cli]) == 0
+        time.sleep(3)
+        assert predict(served.url, body)[1]["x-model-version"] == "v0001", "no look at the registry before the interval or a SIGHUP"
+        served.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 180
+        while predict(served.url, body)[1]["x-model-version"] != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert predict(served.url, body)[1]["x-model-version"] == "v0002", served.output()
+        assert request(served.url + "/info")[1]["model"]["registry"]["alias"] == "staging"
+        assert served.stop() == 0, served.output()
+    finally:
+        if served.process.poll() is None:
+            served.stop(signal.SIGKILL)
+    assert "Traceback" not in served.output(), served.output()
+    served = start(registry, tmp_path / "again.log", "--alias", "staging", "--bundle-cache", str(cache))
+    try:
+        assert predict(served.url, body)[1]["x-model-version"] == "v0002"
+        assert "exported finance" not in served.output(), "the cached v0002 bundle (same weights sha256) is reused"
+        assert served.stop() == 0
     finally:
         if served.process.poll() is None:
             served.stop(signal.SIGKILL)
