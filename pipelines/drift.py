@@ -6,7 +6,9 @@
 - KS: ``scipy.stats.ks_2samp`` (statistic: the largest gap between the two empirical CDFs, and its p-value).
 
 A feature drifts when its PSI is at least ``psi_threshold`` or its KS p-value is below
-``ks_alpha``. Missing values (NaN, an empty CSV cell) are left out of both statistics and counted;
+``ks_alpha`` divided by the number of features compared (Bonferroni: on data that did not move,
+the chance that any feature is flagged by KS stays below ``ks_alpha``, however many features
+there are). Missing values (NaN, an empty CSV cell) are left out of both statistics and counted;
 a value that is not a number, or +-inf, is refused naming the table, column and rows. Example::
 
     >>> import numpy as np, pandas as pd
@@ -94,6 +96,7 @@ def compare(
     if not columns:
         raise InputError(f"{names[0]}: no numeric columns to compare; its columns are {list(map(str, reference.columns))} (name them with --columns)")
     results = []
+    per_feature_alpha = ks_alpha / len(columns)
     for column in columns:
         for name, frame in zip(names, (reference, window)):
             _check_numbers(frame, column, name)
@@ -111,6 +114,6 @@ def compare(
             feature=column, psi=value, ks_statistic=float(ks.statistic), ks_pvalue=float(ks.pvalue),
             reference_count=len(ref_ok), window_count=len(win_ok),
             reference_missing=len(ref) - len(ref_ok), window_missing=len(win) - len(win_ok),
-            drifted=bool(value >= psi_threshold or ks.pvalue < ks_alpha),
+            drifted=bool(value >= psi_threshold or ks.pvalue < per_feature_alpha),
         ))  # fmt: skip
     return results

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
+from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
 from pipelines.runs import git_commit, package_versions, resolve_run
 from pipelines.validation import check_model_label
@@ -169,6 +170,7 @@ def export_checkpoint(
             "git_commit": git_commit(),
             "packages": package_versions(),
             "runtime": runtime_versions(fmt),
+            **({REFERENCE_KEY: datamodule_state[REFERENCE_KEY]} if isinstance(datamodule_state, dict) and REFERENCE_KEY in datamodule_state else {}),
             **({"model_name": model_name} if model_name else {}),
             **({"model_version": model_version} if model_version else {}),
             **(extra_metadata or {}),

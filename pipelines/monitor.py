@@ -1,11 +1,18 @@
-"""``python -m pipelines.monitor REFERENCE WINDOW [--columns a,b] [--psi-threshold 0.2] [--ks-alpha 0.001] [--json OUT]``.
+"""``python -m pipelines.monitor REFERENCE WINDOW [--columns a,b] [--psi-threshold 0.2] [--ks-alpha 0.001] [--json OUT] [--report DIR]``.
 
-Compares two tables (Parquet ``.parquet``/``.pq`` or CSV ``.csv``) feature by feature with
-:func:`pipelines.drift.compare` (PSI and two-sample KS per numeric column), prints one line per
-feature and writes the report as JSON with ``--json``.
+Compares a window of data with a reference feature by feature with :func:`pipelines.drift.compare`
+(PSI and two-sample KS per numeric column), prints one line per feature, writes the results as JSON
+with ``--json`` and a report folder (Markdown, PNG, JSON: :mod:`pipelines.drift_report`) with ``--report``.
+
+REFERENCE: a table (Parquet ``.parquet``/``.pq`` or CSV ``.csv``, e.g. the training data), or the
+reference statistics fitted on the training split and saved in a checkpoint (``.ckpt``) or an
+exported bundle folder (:mod:`pipelines.reference`): no training files needed.
+WINDOW: a table, or the server's request log (``.jsonl``, with its rotated files:
+:mod:`pipelines.request_log`); ``--last N`` keeps its newest N records, ``--model-version V`` those
+one model version answered.
 
 Exit status: 0 no feature drifted; 3 at least one feature drifted (PSI >= ``--psi-threshold`` or
-KS p-value < ``--ks-alpha``); 2 bad input (a missing, empty or unreadable file, a header with no
+KS p-value < ``--ks-alpha`` / number of features); 2 bad input (a missing, empty or unreadable file, a bundle or checkpoint without reference statistics, a header with no
 rows or a repeated column, a CSV that is not UTF-8, a missing column, a value that is not a number
 or is inf, fewer than 2 values, an unknown option or one out of range), refused with one paragraph
 naming the file, column and rows before anything is written; 1 a crash. Missing values (NaN, empty
@@ -15,9 +22,9 @@ cells) are left out of the statistics and counted.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +32,9 @@ import pandas as pd
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD, compare
 from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.validation import check_delimiter, check_unique_columns, check_utf8
+from pipelines.reference import load_reference, reference_frame
+from pipelines.request_log import read_log
+from pipelines.runs import write_json_atomic
 
 EXIT_DRIFT = 3
 SUFFIXES = (".parquet", ".pq", ".csv")
@@ -75,28 +85,55 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def read_reference(path: str) -> tuple[pd.DataFrame, dict | None]:
+    """A reference table, or the pseudo-sample of the reference statistics a bundle or checkpoint holds (and those statistics)."""
+    if Path(path).is_dir() or path.endswith(".ckpt"):
+        stats = load_reference(path)
+        return reference_frame(stats), stats
+    return read_table(path), None
+
+
+def with_reference_counts(results: list, stats: dict | None) -> list:
+    """Results whose reference counts are the training split's (not the pseudo-sample's) when the reference is statistics."""
+    if stats is None:
+        return results
+    return [replace(r, reference_count=stats["features"][r.feature]["count"], reference_missing=stats["features"][r.feature]["missing"]) for r in results]
+
+
+def read_window(path: str, last: int | None, version: str | None) -> tuple[pd.DataFrame, str]:
+    """The window table or request log (its newest ``last`` records of model ``version``) and a note on what was read."""
+    if not path.endswith(".jsonl"):
+        return read_table(path), ""
+    frame, skipped = read_log(path)
+    if version is not None:
+        if version not in set(frame["version"]):
+            raise ValueError(f"{path}: no records of model version {version!r} (versions: {sorted(set(frame['version'].astype(str)))})")
+        frame = frame[frame["version"] == version]
+    if last is not None:
+        frame = frame.tail(last)
+    return frame.reset_index(drop=True), f"request log, {skipped} cut line(s) skipped" if skipped else "request log"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipelines.monitor", description=__doc__.splitlines()[0].strip("`. "))
-    parser.add_argument("reference", help="the reference table (e.g. the training data), .parquet or .csv")
-    parser.add_argument("window", help="the table to check (e.g. recent requests), .parquet or .csv")
+    parser.add_argument("reference", help="the reference: a .parquet/.csv table, or a bundle folder or .ckpt holding reference statistics")
+    parser.add_argument("window", help="the data to check: a .parquet/.csv table or the server's request log (.jsonl)")
+    parser.add_argument("--last", type=int, default=None, help="request log: only its newest N records")
+    parser.add_argument("--model-version", default=None, help="request log: only the records this model version answered")
+    parser.add_argument("--report", default=None, help="write a report folder (report.md, drift.png, drift.json) under this folder")
     parser.add_argument("--columns", default=None, help="comma-separated features (default: every numeric column of the reference)")
     parser.add_argument("--psi-threshold", type=float, default=PSI_THRESHOLD, help="a PSI at least this flags drift")
-    parser.add_argument("--ks-alpha", type=float, default=KS_ALPHA, help="a KS p-value below this flags drift")
+    parser.add_argument("--ks-alpha", type=float, default=KS_ALPHA, help="a KS p-value below this divided by the number of features flags drift (Bonferroni)")
     parser.add_argument("--bins", type=int, default=10, help="quantile bins of the reference for PSI")
     parser.add_argument("--json", default=None, help="write the report here as JSON (written whole, or not at all)")
     return parser
 
 
-def write_json(path: Path, report: dict) -> None:
-    """The report, complete or absent: written to a partial file, then renamed."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.last is not None and args.last < 2:
+        parser.error(f"--last must be >= 2, got {args.last}")
     if not args.psi_threshold > 0 or not 0 < args.ks_alpha < 1 or args.bins < 2:
         parser.error(f"--psi-threshold must be > 0, --ks-alpha in (0, 1), --bins >= 2; got {args.psi_threshold}, {args.ks_alpha}, {args.bins}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
@@ -105,23 +142,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.columns is not None and not columns:
         parser.error(f"--columns {args.columns!r} names no column; expected comma-separated column names")
     try:
-        reference, window = read_table(args.reference), read_table(args.window)
+        (reference, stats), (window, note) = read_reference(args.reference), read_window(args.window, args.last, args.model_version)
         results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins, names=(args.reference, args.window))
+        results = with_reference_counts(results, stats)
     except ValueError as error:  # InputError and the checks' ValueErrors: bad input, nothing written
         print(paragraph(str(error)), file=sys.stderr)
         return EXIT_BAD_INPUT
     for r in results:
         print(f"{'DRIFT' if r.drifted else 'ok   '} {r.feature}: psi {r.psi:.4f}  ks {r.ks_statistic:.4f} (p {r.ks_pvalue:.3g})  "
               f"n {r.reference_count}/{r.window_count}  missing {r.reference_missing}/{r.window_missing}")  # fmt: skip
+    small = [r.feature for r in results if min(r.reference_count, r.window_count) < 20 * args.bins]
+    if small:
+        print(f"[pipelines] warning: fewer than {20 * args.bins} values on one side for {', '.join(small)}: PSI is noisy there "
+              f"(about {args.bins - 1} / n of it is sampling noise); KS accounts for the sizes")  # fmt: skip
     drifted = [r.feature for r in results if r.drifted]
     print(f"[pipelines] {len(drifted)} of {len(results)} feature(s) drifted" + (f": {', '.join(drifted)}" if drifted else ""))
+    code = EXIT_DRIFT if drifted else 0
+    facts = {
+        "reference": args.reference, "reference_source": f"reference statistics of {stats['source']}" if stats else None, "window": args.window + (f" ({note})" if note else ""), "window_rows": len(window),
+        "versions": sorted(set(window["version"].astype(str))) if "version" in window else [], "psi_threshold": args.psi_threshold,
+        "ks_alpha": args.ks_alpha, "drifted": drifted, "verdict": "drift" if drifted else "no drift", "exit_code": code,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
     if args.json:
-        report = {
-            "reference": args.reference, "window": args.window, "psi_threshold": args.psi_threshold, "ks_alpha": args.ks_alpha,
-            "drifted": drifted, "features": [r.as_dict() for r in results],
-        }  # fmt: skip
-        write_json(Path(args.json), report)
-    return EXIT_DRIFT if drifted else 0
+        write_json_atomic(Path(args.json), {**facts, "features": [r.as_dict() for r in results]})
+    if args.report:
+        from pipelines.drift_report import write_report
+
+        folder = write_report(Path(args.report), results, reference, window, facts)
+        print(f"[pipelines] report: {folder / 'report.md'}")
+    return code
 
 
 if __name__ == "__main__":

@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         print("exit codes: " + ", ".join(f"{int(code)} {code.name.lower().replace('_', ' ')}" for code in ExitCode))
         return 0 if argv else ExitCode.USAGE
+    from pipelines.retrain_gate import gate  # --when drift: retrain only when the data moved (pipelines/retrain_gate.py)
+
+    skipped, argv = gate(argv)
+    if skipped is not None:
+        return skipped
     options, runner_args = parse_args(argv)
     from pipelines.registry import get_domain
 

@@ -9,16 +9,21 @@ a fresh temporary folder per server, removed when it stops) and ``GET /metrics``
     pipelines_serve_request_duration_seconds        POST /predict latency (histogram), arrival to last byte
     pipelines_serve_batch_size                      requests per inference batch (histogram)
     pipelines_serve_request_items                   items (samples, rows, sequences, images) per decoded request (histogram)
-    pipelines_serve_model_info{domain,name,version,format,checkpoint_sha256}   1
+    pipelines_serve_in_flight_requests              POST /predict requests received and not yet answered (gauge)
+    pipelines_serve_model_info{domain,name,version,format,checkpoint_sha256}   1 while a worker serves it, 0 after a swap
+    pipelines_serve_requests_cut_total              requests cancelled unanswered when the drain timed out (--drain-timeout)
+    pipelines_serve_model_reloads_total{result}     hot reloads of a registry alias: loaded, failed (a worker could not load), export_failed
 
 :func:`enable_multiprocess` must run before any metric exists in the serving process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,9 @@ class ServingMetrics:
     batch_size: Any
     items: Any
     model_info: Any
+    in_flight: Any
+    reloads: Any
+    cut: Any
 
 
 @functools.cache
@@ -63,7 +71,26 @@ def metrics() -> ServingMetrics:
             PREFIX + "model_info", "the served model (value 1)", ["domain", "name", "version", "format", "checkpoint_sha256"],
             multiprocess_mode="max",
         ),  # fmt: skip
+        in_flight=Gauge(PREFIX + "in_flight_requests", "POST /predict requests received and not yet answered", multiprocess_mode="livesum"),
+        reloads=Counter(PREFIX + "model_reloads_total", "hot reloads of the served model by the inference workers", ["result"]),
+        cut=Counter(PREFIX + "requests_cut_total", "POST /predict requests cancelled unanswered when the drain timed out"),
     )
+
+
+def set_model_info(loaded: Any, served: bool = True) -> None:
+    """``pipelines_serve_model_info`` of a loaded model (:class:`pipelines.serving_registry.Loaded`): 1 while served, 0 after."""
+    meta = loaded.bundle.metadata
+    metrics().model_info.labels(domain=meta["domain"], format=meta["format"], **loaded.identity).set(1 if served else 0)
+
+
+def total(name: str) -> float:
+    """The sum over every process of the samples of metric ``PREFIX + name`` (e.g. ``requests_cut_total``)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return sum(s.value for family in registry.collect() for s in family.samples if s.name == PREFIX + name)
 
 
 def render() -> tuple[bytes, str]:
@@ -83,10 +110,14 @@ class PredictMetricsMiddleware:
     unhandled exceptions too.
     """
 
-    def __init__(self, app: Any, path: str, headers: dict[str, str]) -> None:
+    def __init__(self, app: Any, path: str, headers: Callable[[], dict[str, str]]) -> None:
         self.app = app
         self.path = path
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self._headers = headers
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The model headers of the published model (answers made outside the inference workers: 413, 422 of the body)."""
+        return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._headers().items()]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -94,17 +125,24 @@ class PredictMetricsMiddleware:
             return
         started = time.perf_counter()
         status = [500]
+        found = metrics()
+        found.in_flight.inc()
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
-                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.headers() if k not in present]  # the worker's answer names the model that made it
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:  # uvicorn cancels what is still running when --drain-timeout passes
+            found.cut.inc()
+            raise
         finally:
-            found = metrics()
+            found.in_flight.dec()
             code = str(status[0])
             found.requests.labels(code=code).inc()
             if status[0] >= 400:

@@ -15,15 +15,21 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import litserve as ls
-from fastapi.responses import PlainTextResponse, Response
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from litserve.utils import WorkerSetupStatus
 
 from pipelines import serving_metrics
 
 logger = logging.getLogger("pipelines.serve")
+
+PREDICT_PATH = "/predict"
 
 
 class DrainingServer(ls.LitServer):
@@ -41,6 +47,7 @@ class DrainingServer(ls.LitServer):
         self.draining = multiprocessing.get_context("fork").Value("b", 0, lock=False)  # shared with the forked HTTP processes
         self._listening: list[socket.socket] = []
         self._stopping = False
+        self.cut: list[int] = []  # HTTP processes killed with requests in flight (the drain timed out)
 
     def _start_server(self, port: int, num_uvicorn_servers: int, log_level: str, sockets: list[socket.socket], *args: Any, **kwargs: Any) -> dict:
         self._listening = list(sockets)  # this process's copy of the listening socket, closed to stop accepting
@@ -72,6 +79,7 @@ class DrainingServer(ls.LitServer):
             if worker.is_alive():
                 cut.append(worker.pid)
                 worker.kill()
+        self.cut = cut
         if cut:
             logger.warning("HTTP process(es) %s still had requests in flight after --drain-timeout %s s; killed", cut, self.uvicorn_graceful_timeout)
         self._transport.close(send_sentinel=False)  # a sentinel would wait on the manager connection the signal interrupted
@@ -84,8 +92,11 @@ class DrainingServer(ls.LitServer):
         logger.info("drained in %.1f s", time.monotonic() - started)
 
 
-def add_operational_routes(server: DrainingServer, identity: dict[str, str], predict_path: str) -> None:
-    """``/livez``, ``/readyz``, ``/metrics``, and the metrics and model headers on ``POST /predict``."""
+def add_operational_routes(server: DrainingServer, current_info: Callable[[], dict[str, Any]]) -> None:
+    """``/livez``, ``/readyz``, ``/metrics``, ``/info`` of the model served now, and the metrics and model headers on ``POST /predict``.
+
+    ``current_info``: the served model's :func:`describe` (re-read per call: a registry alias moves).
+    """
 
     async def livez() -> Response:
         return PlainTextResponse("ok")
@@ -99,16 +110,86 @@ def add_operational_routes(server: DrainingServer, identity: dict[str, str], pre
         body, content_type = serving_metrics.render()
         return Response(body, media_type=content_type)
 
-    for path, endpoint in (("/livez", livez), ("/readyz", readyz), ("/metrics", metrics)):
+    async def info() -> Response:
+        settings = {"workers_per_device": server.workers_per_device, "timeout": server.timeout, "max_payload_size": server.max_payload_size}
+        return JSONResponse({"model": current_info(), "server": settings})
+
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/info"]  # LitServe's: fixed at start
+    for path, endpoint in (("/livez", livez), ("/readyz", readyz), ("/metrics", metrics), ("/info", info)):
         server.app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)
-    headers = {"X-Model-Name": identity["name"], "X-Model-Version": identity["version"], "X-Model-Checkpoint-Sha256": identity["checkpoint_sha256"]}
-    server.app.add_middleware(serving_metrics.PredictMetricsMiddleware, path=predict_path, headers=headers)
+
+    def headers() -> dict[str, str]:
+        model = current_info()
+        return {"X-Model-Name": model["name"], "X-Model-Version": model["version"], "X-Model-Checkpoint-Sha256": model["checkpoint_sha256"]}
+
+    server.app.add_middleware(serving_metrics.PredictMetricsMiddleware, path=PREDICT_PATH, headers=headers)
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGINT start the drain (as Ctrl+C does in LitServe); a second one is ignored; forked helpers keep default handling."""
+def model_identity(metadata: dict[str, Any], name: str | None = None, version: str | None = None) -> dict[str, str]:
+    """The served model's name, version and checkpoint sha256 (``/info``, response headers, ``pipelines_serve_model_info``).
+
+    Name and version: the command's ``--model-name``/``--model-version``, else the bundle's
+    ``model_name``/``model_version`` (``export --model_name/--model_version``), else the domain and
+    ``sha256-`` with the first 12 hex digits of the source checkpoint's sha256.
+    """
+    sha256 = str((metadata.get("source_checkpoint") or {}).get("sha256") or "unknown")
+    return {
+        "name": name or metadata.get("model_name") or metadata["domain"],
+        "version": version or metadata.get("model_version") or (f"sha256-{sha256[:12]}" if sha256 != "unknown" else "unknown"),
+        "checkpoint_sha256": sha256,
+    }
+
+
+def describe(meta: dict[str, Any], bundle: Path, forms: dict[str, str], identity: dict[str, str]) -> dict[str, Any]:
+    """What ``GET /info`` shows about the model: its identity, bundle metadata (and registry origin) and accepted request forms."""
+    keys = ("domain", "format", "bundle_format", "created_at", "inputs", "outputs", "domain_metadata", "metrics", "git_commit", "registry")
+    return {
+        **identity,
+        **{k: meta.get(k) for k in keys},
+        "bundle": bundle.name,
+        "endpoint": PREDICT_PATH,
+        "request_forms": forms,
+    }
+
+
+def describe_bundle(metadata: dict[str, Any], bundle: Path, name: str | None, version: str | None) -> dict[str, Any]:
+    """:func:`describe` of a bundle, with the request forms of its domain's adapters."""
+    from pipelines.serving_requests import load_adapters
+
+    forms = {a.name: a.example for a in load_adapters(metadata)}
+    return describe(metadata, bundle, forms, model_identity(metadata, name, version))
+
+
+def body_error_handler(forms: str) -> Callable[[Request, RequestValidationError], Awaitable[JSONResponse]]:
+    """FastAPI's answer to a body that is not a JSON object, with a one-line ``detail`` like every other error.
+
+    Invalid JSON gets a 400, valid JSON that is not an object (or no body) a 422.
+    """
+
+    async def handle(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        content_type = request.headers.get("content-type") or "none"
+        if any(p.get("type") == "json_invalid" for p in problems):
+            reason = (problems[0].get("ctx") or {}).get("error", "decode error")
+            return JSONResponse(status_code=400, content={"detail": f"body: not valid JSON ({reason})"})
+        hint = "" if "json" in content_type else f" with Content-Type: application/json (got {content_type})"
+        got = "no body" if any(p.get("type") == "missing" for p in problems) else f"got {type(problems[0].get('input')).__name__}"
+        return JSONResponse(status_code=422, content={"detail": f"body: expected a JSON object{hint}, one of the forms {forms}; {got}"})
+
+    return handle
+
+
+def install_signal_handlers(on_hangup: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT start the drain (as Ctrl+C does in LitServe); a second one is ignored; forked helpers keep default handling.
+
+    SIGHUP calls ``on_hangup`` (look at the registry now) in the main process; other processes ignore it.
+    """
     owner = os.getpid()
     received: list[int] = []
+
+    def hangup(signum: int, frame: Any) -> None:
+        if os.getpid() == owner and on_hangup is not None:
+            on_hangup()
 
     def stop(signum: int, frame: Any) -> None:
         if os.getpid() != owner:  # a forked helper inherited this handler
@@ -123,6 +204,7 @@ def install_signal_handlers() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hangup)
 
 
 def stop_children(timeout: float = 5.0) -> None:

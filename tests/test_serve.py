@@ -105,16 +105,17 @@ class Server:
             raise AssertionError(f"server did not stop within {timeout}s of signal {signum}:\n{self.output()}") from None
 
 
-def start_server(domain: str, bundle: Path, log: Path, *extra: str) -> Server:
+def start_server(domain: str, bundle: Path, log: Path, *extra: str, source: list[str] | None = None, start_timeout: float = START_TIMEOUT) -> Server:
+    """Start ``pipelines.serve`` serving ``bundle`` (or ``source``, e.g. ``["--registry", DIR]``) and wait for ``/health``."""
     port = free_port()
     handle = open(log, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.serve", domain, "--bundle", str(bundle), "--port", str(port), *extra],
+        [sys.executable, "-m", "pipelines.serve", domain, *(source or ["--bundle", str(bundle)]), "--port", str(port), *extra],
         cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
     )  # fmt: skip
     handle.close()
     server = Server(domain, f"http://127.0.0.1:{port}", port, bundle, process, log)
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"server exited with {process.returncode} before answering /health:\n{server.output()}")
@@ -126,7 +127,7 @@ def start_server(domain: str, bundle: Path, log: Path, *extra: str) -> Server:
             pass
         time.sleep(0.25)
     server.stop(signal.SIGKILL)
-    raise AssertionError(f"server not healthy within {START_TIMEOUT}s:\n{server.output()}")
+    raise AssertionError(f"server not healthy within {start_timeout}s:\n{server.output()}")
 
 
 def child_pids(pid: int) -> set[int]:

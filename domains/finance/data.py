@@ -55,6 +55,7 @@ from domains.finance.sources import iter_chunks, read_adbench_npz, read_header, 
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
+from pipelines.reference import KEY as REFERENCE_KEY, fit_reference
 from pipelines.validation import check_unique_columns
 
 SPLITS = ("train", "val", "test")
@@ -399,9 +400,20 @@ class TransactionDataModule(pl.LightningDataModule):
 
     # ----- fitted state in the checkpoint ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"preprocessor": self.fitted.state_dict()}
+        return {"preprocessor": self.fitted.state_dict(), REFERENCE_KEY: self.reference_statistics}
+
+    @property
+    def reference_statistics(self) -> dict[str, Any]:
+        """Drift reference (:mod:`pipelines.reference`) of the training split's preprocessed numeric features, the bundle's
+        ``numeric`` input (what the server logs); PSI and KS are unchanged by the monotone scaling. The checkpoint's when restored."""
+        if getattr(self, "_reference", None) is None:
+            train = self._split("train")
+            frame = pd.DataFrame(train.numeric.numpy(), columns=self.fitted.numeric_feature_names)
+            self._reference = fit_reference(frame, source=f"{self.source_name} training split ({len(frame)} rows)", input_name="numeric")
+        return self._reference
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._reference = state_dict.get(REFERENCE_KEY)  # absent in checkpoints written before it existed: fitted again on demand
         restored = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
         current = self.fitted
         if restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names):

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError
+from pipelines.reference import KEY as REFERENCE_KEY, fit_image_reference
 from pipelines.images import Intensity, IntensityMode, check_finite_pixels, unit_float
 from domains.healthcare.readers import (
     IMAGE_SUFFIXES,
@@ -167,6 +168,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         self.augment = build_albumentations(augment)  # validated now, before any training
         self.datasets: dict[str, ImageDataset] = {}
         self.channel_mean: list[float] | None = None
+        self.reference: dict[str, Any] | None = None  # drift reference statistics (pipelines.reference), fitted in setup
         self.channel_std: list[float] | None = None
 
     # ----- what the model needs to know, read before training -------------------------------
@@ -278,6 +280,12 @@ class MedicalImageDataModule(pl.LightningDataModule):
             axes = (0, *range(2, train.ndim))
             self.channel_mean = (train.mean(axis=axes) / scale).astype(float).tolist()
             self.channel_std = np.maximum(train.std(axis=axes) / scale, 1e-6).astype(float).tolist()
+        if self.reference is None:  # drift reference (pipelines.reference): the training split's intensities
+            self.reference = fit_image_reference(self.datasets["train"].images, "image", f"{self._source_label()} training split")
+
+    def _source_label(self) -> str:
+        hp = self.hparams
+        return str(hp.get("npz_path") or hp.get("labels_csv") or hp.get("image_dir") or "synthetic images")
 
     def _unlabelled(self, folder: Path, resize: Any) -> ImageDataset:
         if not folder.is_dir():
@@ -348,6 +356,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
             "image_shape": list(self.image_shape),
             "channel_mean": self.channel_mean,
             "channel_std": self.channel_std,
+            REFERENCE_KEY: self.reference,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -358,3 +367,4 @@ class MedicalImageDataModule(pl.LightningDataModule):
             )
         self.channel_mean = state_dict["channel_mean"]
         self.channel_std = state_dict["channel_std"]
+        self.reference = state_dict.get(REFERENCE_KEY)  # absent in checkpoints written before it existed

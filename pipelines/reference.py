@@ -1,0 +1,128 @@
+"""Reference statistics of the training data: what drift is measured against once the training files are gone.
+
+A data module fits them on its **training split** (the rows the model learned from) and returns
+them under ``"reference_statistics"`` in its ``state_dict``, so Lightning saves them in every
+checkpoint; the exporter copies them into the bundle's ``metadata.json``
+(``reference_statistics``); ``python -m pipelines.monitor`` reads them from either. Per numeric
+feature: count, missing count, mean, standard deviation, min, max and ``QUANTILE_POINTS`` evenly
+spaced quantiles (0 %, 0.5 %, ..., 100 %), a few KB per feature whatever the data's size.
+
+:func:`reference_frame` turns them back into a pseudo-sample (the quantile function at evenly spaced
+probabilities), on which :func:`pipelines.drift.compare` computes PSI on the reference's deciles
+(exact, up to the 0.5 % resolution) and the two-sample KS test. Example::
+
+    >>> import numpy as np, pandas as pd
+    >>> stats = fit_reference(pd.DataFrame({"amount": np.arange(1000.0)}), source="example")
+    >>> stats["features"]["amount"]["quantiles"][100], len(reference_frame(stats))
+    (499.5, 1000)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FORMAT = 1
+KEY = "reference_statistics"
+QUANTILE_POINTS = 201
+PSEUDO_SAMPLE = 1000
+
+
+def fit_reference(frame: pd.DataFrame, columns: list[str] | None = None, source: str = "training split", input_name: str | None = None) -> dict[str, Any]:
+    """Per-feature statistics of ``frame`` (default: every numeric, non-boolean column); non-finite values count as missing.
+
+    ``input_name``: the bundle input whose columns these are, in order (the server's request log names
+    that input's columns after them).
+    """
+    from pipelines.drift import numeric_columns
+
+    columns = numeric_columns(frame) if columns is None else columns
+    probabilities = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+    features = {}
+    for column in columns:
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+        finite = values[np.isfinite(values)]
+        if len(finite) == 0:
+            continue
+        features[str(column)] = {
+            "count": int(len(finite)), "missing": int(len(values) - len(finite)),
+            "mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()), "max": float(finite.max()),
+            "quantiles": [float(q) for q in np.quantile(finite, probabilities)],
+        }  # fmt: skip
+    return {"format": FORMAT, "source": source, "rows": int(len(frame)), "input": input_name, "columns": [str(c) for c in columns], "features": features}
+
+
+def fit_image_reference(images: np.ndarray, input_name: str, source: str, chunk: int = 256) -> dict[str, Any]:
+    """Per-image intensity summary of ``images`` (``(N, C, ...)``; uint8/uint16 scaled to [0, 1] by bit depth): the
+    ``<input>.mean`` and ``<input>.std`` over each image's pixels, the columns the request log writes for an image input."""
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(images.dtype, 1.0)
+    means, stds = [], []
+    for start in range(0, len(images), chunk):
+        flat = images[start : start + chunk].reshape(min(chunk, len(images) - start), -1).astype(np.float64) / scale
+        means.append(flat.mean(axis=1))
+        stds.append(flat.std(axis=1))
+    frame = pd.DataFrame({f"{input_name}.mean": np.concatenate(means), f"{input_name}.std": np.concatenate(stds)})
+    return fit_reference(frame, source=source)
+
+
+def reference_frame(stats: dict[str, Any], size: int = PSEUDO_SAMPLE) -> pd.DataFrame:
+    """A pseudo-sample per feature: the reference's quantile function at probabilities ``(i + 0.5) / n``, ``n`` the
+    feature's real count up to ``size`` (a KS test must not believe the reference larger than it was), NaN-padded to ``size``."""
+    check(stats, "reference statistics")
+    probabilities = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+    columns = {}
+    for name, feature in stats["features"].items():
+        n = max(2, min(size, int(feature["count"])))
+        values = np.interp((np.arange(n) + 0.5) / n, probabilities, np.asarray(feature["quantiles"], dtype=float))
+        columns[name] = np.concatenate([values, np.full(size - n, np.nan)]) if n < size else values
+    return pd.DataFrame(columns)
+
+
+def check(stats: Any, where: str) -> dict[str, Any]:
+    """``stats`` if it is a reference this code reads; ``ValueError`` naming ``where`` otherwise."""
+    if not isinstance(stats, dict) or stats.get("format") != FORMAT or not isinstance(stats.get("features"), dict) or not stats["features"]:
+        raise ValueError(f"{where}: not reference statistics of format {FORMAT} with at least one feature")
+    for name, feature in stats["features"].items():
+        if len(feature.get("quantiles", [])) != QUANTILE_POINTS:
+            raise ValueError(f"{where}: feature {name!r} has {len(feature.get('quantiles', []))} quantiles; expected {QUANTILE_POINTS}")
+    return stats
+
+
+def load_reference(path: str | Path) -> dict[str, Any]:
+    """Reference statistics from a bundle folder (``metadata.json``) or a Lightning checkpoint (``.ckpt``, read weights-only).
+
+    ``ValueError`` naming the file when it has none (a model trained before they existed, or a domain that does not fit them).
+    """
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        metadata_file = path / "metadata.json"
+        if not metadata_file.is_file():
+            raise ValueError(f"{path}: not a bundle (no metadata.json)")
+        found = json.loads(metadata_file.read_text()).get(KEY)
+    elif path.suffix == ".ckpt" and path.is_file():
+        import torch
+
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - not a weights-only checkpoint
+            raise ValueError(f"{path}: not a weights-only checkpoint ({error})") from None
+        found = find_in_checkpoint(checkpoint)
+    else:
+        raise ValueError(f"{path}: expected a bundle folder or a .ckpt checkpoint")
+    if found is None:
+        raise ValueError(f"{path}: holds no {KEY} (exported or trained before they were saved, or its domain does not fit them); "
+                         "give the training table as the reference instead")  # fmt: skip
+    return check(found, str(path))
+
+
+def find_in_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The reference statistics of a checkpoint's data module state (whatever the data module's class name)."""
+    for value in checkpoint.values():
+        if isinstance(value, dict) and KEY in value:
+            return value[KEY]
+    return None

@@ -1,0 +1,199 @@
+"""``python -m pipelines.serve DOMAIN --registry DIR --alias champion``: the champion served, followed through a promotion.
+
+A real finance registry is made by two real ``pipelines.retrain`` runs (two nights of data: two
+versions), a real server follows its champion, and while clients send requests without pause a real
+``pipelines.registry promote`` moves the champion: no request fails, the answers switch from one
+version to the other (headers, ``/info``, metrics, and the scores themselves), and a champion whose
+files are damaged is refused while the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.bundle_runtime import Bundle
+from pipelines.model_registry import ModelRegistry, sha256_file
+from pipelines.registry_cli import main as registry_main
+from pipelines.retrain import main as retrain_main
+from tests.conftest import ROOT, child_env
+from tests.test_retrain_policy import FAST, write_night
+from tests.test_serve import Server, free_port, request, start_server
+from tests.test_serve_operations import metric_samples
+
+START_TIMEOUT = 240  # the first export runs before the server listens
+
+
+def retrain(root: Path, *args: str) -> int:
+    return retrain_main(["finance", "--registry", str(root / "registry"), "--runs_dir", str(root / "runs"), *FAST, "--data.path", str(root / "latest.npz"), *args])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finance registry with two versions (real retrains on two nights), v0001 the champion."""
+    root = tmp_path_factory.mktemp("served")
+    write_night(root / "latest.npz", 1)
+    assert retrain(root) == 0
+    write_night(root / "latest.npz", 5)
+    assert retrain(root, "--force") in (0, 3)
+    reg = ModelRegistry(root / "registry", "finance")
+    assert reg.versions() == ["v0001", "v0002"]
+    if reg.champion() == "v0002":
+        assert registry_main(["finance", "rollback", "--registry", str(root / "registry")]) == 0
+    assert reg.champion() == "v0001"
+    return root
+
+
+def start(registry: Path, log: Path, *extra: str) -> Server:
+    """A server following the finance champion of ``registry/registry`` (the first export runs before it listens)."""
+    return start_server("finance", registry, log, *extra, source=["--registry", str(registry / "registry")], start_timeout=START_TIMEOUT)
+
+
+def predict(url: str, body: dict) -> tuple[int, dict[str, str], dict]:
+    req = urllib.request.Request(url + "/predict", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read() or b"{}")
+
+
+def weights_sha(root: Path, version: str) -> str:
+    return sha256_file(ModelRegistry(root / "registry", "finance").version_dir(version) / "model.safetensors")
+
+
+def test_unknown_alias_is_refused_before_serving(registry, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry / "registry"), "--alias", "nightly", "--port", str(free_port())],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--alias nightly" in done.stderr and "no version 'nightly'" in done.stderr and "v0001, v0002" in done.stderr, done.stderr
+
+
+def test_promotion_under_load_switches_version_without_a_failed_request(registry, tmp_path):
+    cache = registry / "bundle-cache"  # shared with the SIGHUP test, which reuses its bundles
+    served = start(registry, tmp_path / "server.log", "--reload-interval", "0.5", "--bundle-cache", str(cache), "--max-batch-size", "4")
+    try:
+        status, info = request(served.url + "/info")
+        model = info["model"]
+        assert status == 200 and (model["name"], model["version"], model["checkpoint_sha256"]) == ("finance", "v0001", weights_sha(registry, "v0001"))
+        assert model["registry"]["alias"] == "champion" and model["registry"]["version"] == "v0001"
+        spec = model["inputs"][0]
+        rows = np.random.default_rng(0).normal(size=(8, spec["shape"][1])).round(3).tolist()
+        body = {"inputs": {spec["name"]: rows[0]}}
+
+        answers: list[list[tuple[float, int, str, dict]]] = [[], []]
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            while not stop.is_set():
+                status, headers, answer = predict(served.url, body)
+                answers[k].append((time.monotonic(), status, headers.get("x-model-version", ""), answer))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+        for thread in threads:
+            thread.start()
+        while min(len(a) for a in answers) < 5:
+            time.sleep(0.05)
+        assert registry_main(["finance", "promote", "v0002", "--registry", str(registry / "registry")]) == 0
+        promoted = time.monotonic()
+        deadline = promoted + 180
+        while not all(a and a[-1][2] == "v0002" for a in answers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+        flat = [row for a in answers for row in a]
+        assert [s for _, s, _, _ in flat] == [200] * len(flat), [(s, a) for _, s, _, a in flat if s != 200][:3]
+        for sequence in answers:  # each client's answers: v0001, then v0002 only (a worker never goes back)
+            versions = [v for _, _, v, _ in sequence]
+            switch = versions.index("v0002")
+            assert set(versions[:switch]) == {"v0001"} and set(versions[switch:]) == {"v0002"}, versions
+        first_new = min(t for t, _, v, _ in flat if v == "v0002")
+        print(f"{len(flat)} requests, none failed; v0002 answered {first_new - promoted:.1f} s after the promotion")
+        outputs = {v: a["outputs"] for _, _, v, a in flat}
+        assert outputs["v0001"] != outputs["v0002"], "the new version's model answers, not only its name"
+        expected = Bundle(cache / "v0002-onnx").run(**{spec["name"]: np.asarray([rows[0]], dtype=spec["dtype"])})
+        name = next(iter(outputs["v0002"]))
+        np.testing.assert_allclose(np.asarray(outputs["v0002"][name]), expected[name], rtol=1e-5, atol=1e-6)
+
+        status, info = request(served.url + "/info")
+        assert (info["model"]["version"], info["model"]["checkpoint_sha256"]) == ("v0002", weights_sha(registry, "v0002"))
+        samples = metric_samples(served.url)
+        labels = 'checkpoint_sha256="{}",domain="finance",format="onnx",name="finance",version="{}"'
+        assert samples[f"pipelines_serve_model_info{{{labels.format(weights_sha(registry, 'v0002'), 'v0002')}}}"] == 1
+        assert samples[f"pipelines_serve_model_info{{{labels.format(weights_sha(registry, 'v0001'), 'v0001')}}}"] == 0
+        assert samples['pipelines_serve_model_reloads_total{result="loaded"}'] == 1
+        assert samples["pipelines_serve_in_flight_requests"] == 0
+
+        # a champion whose weights were damaged after promotion: refused (checksums), the old model keeps serving
+        reg = ModelRegistry(registry / "registry", "finance")
+        weights = reg.version_dir("v0001") / "model.safetensors"
+        original = weights.read_bytes()
+        try:
+            weights.write_bytes(original[:-8] + b"\0" * 8)
+            assert registry_main(["finance", "rollback", "--registry", str(registry / "registry")]) == 1, "rollback verifies the version"
+            record = json.loads((reg.path / "champion.json").read_text())
+            (reg.path / "champion.json").write_text(json.dumps({**record, "version": "v0001"}))  # what a hand edit or a bad copy does
+            served.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while metric_samples(served.url).get('pipelines_serve_model_reloads_total{result="export_failed"}', 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert metric_samples(served.url)['pipelines_serve_model_reloads_total{result="export_failed"}'] >= 1, served.output()
+            status, headers, _ = predict(served.url, body)
+            assert (status, headers["x-model-version"]) == (200, "v0002")
+            assert "does not match its sha256" in served.output() and "still serving v0002" in served.output()
+        finally:
+            weights.write_bytes(original)
+            (reg.path / "champion.json").write_text(json.dumps(record))
+        assert served.stop() == 0, served.output()
+        assert "Traceback" not in served.output(), served.output()
+    finally:
+        if served.process.poll() is None:
+            served.stop(signal.SIGKILL)
+
+
+def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path):
+    """With a reload interval of an hour, an alias moved by ``registry alias set`` is served after SIGHUP (not before);
+    bundles already in ``--bundle-cache`` for the same weights are reused instead of exported again."""
+    cache = registry / "bundle-cache"
+    cli = ["--registry", str(registry / "registry")]
+    assert registry_main(["finance", "alias", "set", "staging", "v0001", *cli]) == 0
+    served = start(registry, tmp_path / "server.log", "--alias", "staging", "--reload-interval", "3600", "--bundle-cache", str(cache))
+    try:
+        body = {"inputs": {"numeric": [0.0] * request(served.url + "/info")[1]["model"]["inputs"][0]["shape"][1]}}
+        assert predict(served.url, body)[1]["x-model-version"] == "v0001"
+        assert registry_main(["finance", "alias", "set", "staging", "v0002", *cli]) == 0
+        time.sleep(3)
+        assert predict(served.url, body)[1]["x-model-version"] == "v0001", "no look at the registry before the interval or a SIGHUP"
+        served.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 180
+        while predict(served.url, body)[1]["x-model-version"] != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert predict(served.url, body)[1]["x-model-version"] == "v0002", served.output()
+        assert request(served.url + "/info")[1]["model"]["registry"]["alias"] == "staging"
+        assert served.stop() == 0, served.output()
+    finally:
+        if served.process.poll() is None:
+            served.stop(signal.SIGKILL)
+    assert "Traceback" not in served.output(), served.output()
+    served = start(registry, tmp_path / "again.log", "--alias", "staging", "--bundle-cache", str(cache))
+    try:
+        assert predict(served.url, body)[1]["x-model-version"] == "v0002"
+        assert "exported finance" not in served.output(), "the cached v0002 bundle (same weights sha256) is reused"
+        assert served.stop() == 0
+    finally:
+        if served.process.poll() is None:
+            served.stop(signal.SIGKILL)
