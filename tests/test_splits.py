@@ -215,3 +215,33 @@ def test_split_rule_is_saved_in_the_checkpoint_and_used_by_test(tmp_path, transa
         run_pipeline("finance", "test", *data, "--run_id", "other", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "--data.split_seed=3")
     message = flat(capsys.readouterr().err)
     assert refused.value.code == 2 and "trained with the split --data.split_by hash" in message and "seed 3" in message
+
+
+def test_retrain_scores_a_stable_split_on_the_grown_files_test_split_and_refuses_another_rule(tmp_path, transactions):
+    """``pipelines.evaluation_set.for_attempt`` with a real registry and real files (no training: the
+    scoring itself is the runner's ``test``, tested elsewhere)."""
+    from pipelines.evaluation_set import for_attempt, snapshot
+    from pipelines.model_registry import ModelRegistry
+    from pipelines.retrain_steps import ExitCode, RetrainError, resolve_config
+
+    latest = tmp_path / "latest.csv"
+    transactions.iloc[:1000].to_csv(latest, index=False)
+    hashed = ["--data.path", str(latest), "--data.split_by=hash", "--data.split_key=customer_id"]
+    data = resolve_config("finance", hashed)["data"]
+    registry = ModelRegistry(tmp_path / "registry", "finance")
+    registry.pin_evaluation(snapshot(registry, data))  # what the first promotion pins
+    pinned = registry.evaluation()
+    night1_test = finance(pinned["data"]["path"], split_by="hash", split_key="customer_id").split_assignment == "test"
+
+    transactions.to_csv(latest, index=False)  # the next night: the file grew
+    record = for_attempt(registry, pinned, resolve_config("finance", hashed)["data"])
+    assert record["fingerprint"] != pinned["fingerprint"] and registry.evaluation() == pinned  # scored on tonight's data, pin kept
+    night2_test = finance(record["data"]["path"], split_by="hash", split_key="customer_id").split_assignment == "test"
+    assert night2_test[:1000].tolist() == night1_test.tolist() and night2_test[1000:].any()  # earlier test rows stay, new ones join
+
+    with pytest.raises(RetrainError) as refused:  # the default random split could train on the held-back rows
+        for_attempt(registry, pinned, resolve_config("finance", ["--data.path", str(latest)])["data"])
+    assert refused.value.code == ExitCode.USAGE and "repin" in str(refused.value)
+    # a random split's pin stays the frozen snapshot, as before
+    random_pin = snapshot(registry, resolve_config("finance", ["--data.path", str(latest)])["data"])
+    assert for_attempt(registry, random_pin, resolve_config("finance", ["--data.path", str(latest)])["data"]) is random_pin
