@@ -95,7 +95,7 @@ def test_bad_split_options_are_refused_naming_the_column_row_or_rule(tmp_path, t
     assert "bad.csv row 7, column 'timestamp'" in flat(refused.value) and "'yesterday'" in str(refused.value)
     with pytest.raises(InputError) as refused:
         finance(tmp_path / "t.csv", split_by="time", time_column="timestamp", test_after="2099-01-01").split_assignment
-    assert re.search(r"the test split is empty under --data.split_by time --data.time_column timestamp --data.test_after 2099-01-01 .*'test': 0", flat(refused.value))
+    assert re.search(r"split 'test' is empty under --data.split_by time --data.time_column timestamp --data.test_after 2099-01-01 .*'test': 0", flat(refused.value))
     for options, expected in (
         ({"split_key": "customer_id"}, "is used by --data.split_by hash"),
         ({"split_by": "hash"}, "needs --data.split_key"),
