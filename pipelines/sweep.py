@@ -208,6 +208,9 @@ class Sweep:
         run_dir = self.runs_dir / self.spec.name / run_id
         log = self.folder / "logs" / f"trial-{trial.number:04d}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        for inherited in ("outcome", "error", "exit_code", "pruned_at"):  # a retry starts with a copy of the stopped trial's attributes
+            if trial.user_attrs.get(inherited) is not None:
+                trial.set_user_attr(inherited, None)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
         if run_dir.exists():
@@ -249,9 +252,10 @@ class Sweep:
             return self._failed(trial, code, f"no finite {self.spec.monitor} best_score in {summary_path} (got {score!r})")
         test = summary.get("test") or {}
         trial.set_user_attr("test", {k: v for k, v in test.items() if isinstance(v, (int, float))})
-        if "pruned_at" in self.storage.get_trial(trial._trial_id).user_attrs:
+        pruned_at = self.storage.get_trial(trial._trial_id).user_attrs.get("pruned_at")
+        if pruned_at is not None:
             trial.set_user_attr("outcome", "pruned")
-            raise optuna.TrialPruned(f"pruned after validation run {self.storage.get_trial(trial._trial_id).user_attrs['pruned_at']}")
+            raise optuna.TrialPruned(f"pruned after validation run {pruned_at}")
         trial.set_user_attr("outcome", "complete")
         return float(score)
 
