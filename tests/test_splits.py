@@ -148,6 +148,8 @@ def test_autonomous_split_column_value_is_refused_with_its_row(tmp_path):
     with pytest.raises(InputError) as refused:
         autonomous(tmp_path / "t.csv", split_column="split").tables
     assert "t.csv row 5, column 'split'" in flat(refused.value) and "'holdout'" in str(refused.value)
+    with pytest.raises(InputError, match="leave-one-scene-out"):  # ETH/UCY's split is its own: a rule is refused, not ignored
+        SensorSequenceDataModule(eth_ucy_root=str(tmp_path), channels=[], target_channels=["x", "y"], split_by="hash")
 
 
 def write_image_csv(folder, patients: int, per_patient: int = 3, split=None):

@@ -206,6 +206,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         check_time_options(time_step, time_jitter, max_gap)
         key = (split_key or sequence_column) if split_by == "hash" else split_key
         self.split_rule = SplitRule.from_options(split_by, key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
+        if eth_ucy_root and self.split_rule.by != "random":
+            raise InputError(f"--data.eth_ucy_root keeps ETH/UCY's own leave-one-scene-out split; {self.split_rule.describe()} applies to --data.path tables")
         self.save_hyperparameters(logger=False)
         self.datasets: dict[str, WindowDataset] = {}
         self.stats: dict[str, Any] | None = None
