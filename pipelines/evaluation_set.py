@@ -17,6 +17,13 @@ same bytes, and both champion and challenger are scored on exactly those items, 
 
 Only files the data config names are copied: a file that itself refers to other files by path
 (e.g. a labels CSV naming images elsewhere) keeps those references.
+
+With a **stable split rule** (``--data.split_by hash|time|column``, :mod:`pipelines.splits`) pinned
+from the training data itself (:func:`for_attempt`): every attempt must split by the same rule
+(another rule is refused: the pinned test rows could be in its training split), and both models
+are scored on the test split of *this attempt's* data, snapshotted the same way: the rule keeps
+every earlier row where it was, so that split holds no row any model trained on, and it grows
+with the data instead of freezing the first night's rows.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 from pipelines.model_registry import ModelRegistry, now
 from pipelines.retrain_steps import ExitCode, RetrainError, absolute_paths, fingerprint, hash_path, path_values, run_step, write_yaml
 from pipelines.runs import fsync_dir
+from pipelines.splits import is_stable_config, rule_of_config
 
 SNAPSHOT_DIR = "evaluation"
 
@@ -81,6 +89,25 @@ def check(registry: ModelRegistry, record: dict[str, Any]) -> None:
                 f"(sha256 {expected[:12]} expected, found {actual[:12]}): replace it with "
                 f"`python -m pipelines.registry {registry.domain} repin --reason ... [--eval_config FILE]`",
             )
+
+
+def for_attempt(registry: ModelRegistry, pinned: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation record of an attempt training on ``data`` when ``pinned`` is pinned: ``pinned``
+    itself, unless it was pinned from training data split by a stable rule (see the module
+    docstring): then a snapshot of ``data``, which must split by the same rule (else ``RetrainError``, exit 2)."""
+    source = pinned.get("source", pinned["data"])
+    if not is_stable_config(source) or sorted(path_values(source)) != sorted(path_values(absolute_paths(data))):
+        return pinned  # a random split's frozen snapshot, or another file (--eval_config): that holdout stays
+    if rule_of_config(source) != rule_of_config(data):
+        raise RetrainError(
+            ExitCode.USAGE,
+            f"the evaluation set pinned in {registry.path / 'evaluation.json'} is held back by the split {rule_of_config(source)}; this "
+            f"attempt splits by {rule_of_config(data)}, so rows held back from earlier models could be in its training split. Use "
+            f"the pinned split options, or pin anew: `python -m pipelines.registry {registry.domain} repin --reason ... [data options]`",
+        )
+    record = snapshot(registry, data)
+    print(f"[retrain] stable split {rule_of_config(data)}: both models are scored on this attempt's test split (snapshot {record['fingerprint'][:12]})", file=sys.stderr)
+    return record
 
 
 def score(

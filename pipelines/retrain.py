@@ -225,7 +225,7 @@ class Attempt:
         if requested is not None and absolute_paths(requested) != pinned.get("source", pinned["data"]):
             raise RetrainError(ExitCode.USAGE, f"--eval_config {self.options.eval_config} differs from the evaluation set pinned in {self.registry.path / 'evaluation.json'}; replace it with `python -m pipelines.registry {self.spec.name} repin --reason ... --eval_config {self.options.eval_config}`")
         evaluation_set.check(self.registry, pinned)
-        return pinned, True
+        return evaluation_set.for_attempt(self.registry, pinned, config["data"]), True
 
     def _distributed_training(self) -> bool:
         """Whether training ran in several processes (a launcher, or devices x num_nodes > 1): then each

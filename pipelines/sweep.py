@@ -53,6 +53,18 @@ SWEEP_GROUP_ENV = "PIPELINES_WANDB_GROUP"
 COUNTED = ("complete", "pruned", "failed")
 
 
+def grace_period(heartbeat_interval: int) -> int:
+    """Seconds without a heartbeat before a running trial is failed and retried: twice the interval
+    (Optuna's default), and at least the interval plus 10 s, so that a heartbeat delayed on a busy
+    machine (a SQLite lock held by another worker) does not fail a live trial.
+
+    Example:
+        >>> grace_period(1), grace_period(60)
+        (11, 120)
+    """
+    return max(2 * heartbeat_interval, heartbeat_interval + 10)
+
+
 class UsageError(InputError):
     pass
 
@@ -79,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="Sampler seed (leave unset when several workers share a study).")
     parser.add_argument("--sweeps_dir", default="sweeps", help="Sweep folders go to SWEEPS_DIR/DOMAIN/NAME/.")
     parser.add_argument("--runs_dir", default="runs", help="Trials' run folders go to RUNS_DIR/DOMAIN/.")
-    parser.add_argument("--heartbeat_interval", type=int, default=60, help="Seconds between a running trial's heartbeats; a trial silent for twice that is failed and retried.")
+    parser.add_argument("--heartbeat_interval", type=int, default=60, help="Seconds between a running trial's heartbeats; a trial silent for twice that (at least that plus 10 s) is failed and retried.")
     parser.add_argument("--no_wandb", action="store_true", help="Do not write the sweep's own W&B run (trials still log theirs).")
     return parser
 
@@ -90,6 +102,15 @@ class TrialFailed(Exception):
 
 class TrialStopped(TrialFailed):
     """The sweep was stopped by a signal while this trial ran: it is retried when the sweep resumes."""
+
+
+class TrialAlreadyRecorded(TrialFailed):
+    """The trial was recorded as failed while its runner still ran (its heartbeat was silent for longer
+    than the grace period, e.g. SQLite busy on a loaded machine) and a retry with the same parameters
+    was queued: its result is not recorded again."""
+
+    def __init__(self, number: int, code: int) -> None:
+        super().__init__(f"trial {number} ended (exit {code}) after it had been recorded as failed for a silent heartbeat; its retry runs the same parameters")
 
 
 class Sweep:
@@ -127,7 +148,7 @@ class Sweep:
         direction = "maximize" if self.spec.mode == "max" else "minimize"
         for attempt in range(6):  # workers starting together race to create the same new study's tables
             try:
-                self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval)
+                self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval, grace_period=grace_period(options.heartbeat_interval))
                 self.study = optuna.create_study(
                     study_name=self.name, storage=self.storage, load_if_exists=True, direction=direction,
                     sampler=self._sampler(optuna), pruner=make_pruner(options.pruner),
@@ -187,6 +208,9 @@ class Sweep:
         run_dir = self.runs_dir / self.spec.name / run_id
         log = self.folder / "logs" / f"trial-{trial.number:04d}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        for inherited in ("outcome", "error", "exit_code", "pruned_at"):  # a retry starts with a copy of the stopped trial's attributes
+            if trial.user_attrs.get(inherited) is not None:
+                trial.set_user_attr(inherited, None)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
         if run_dir.exists():
@@ -211,6 +235,10 @@ class Sweep:
             finally:
                 with self.lock:
                     self.children.discard(child)
+        if self.storage.get_trial(trial._trial_id).state.is_finished():  # failed for a silent heartbeat meanwhile
+            already = TrialAlreadyRecorded(trial.number, code)
+            print_progress(str(already))
+            raise already
         trial.set_user_attr("exit_code", code)
         if self.stopped_by is not None and code != 0:
             trial.set_user_attr("outcome", "stopped")
@@ -224,9 +252,10 @@ class Sweep:
             return self._failed(trial, code, f"no finite {self.spec.monitor} best_score in {summary_path} (got {score!r})")
         test = summary.get("test") or {}
         trial.set_user_attr("test", {k: v for k, v in test.items() if isinstance(v, (int, float))})
-        if "pruned_at" in self.storage.get_trial(trial._trial_id).user_attrs:
+        pruned_at = self.storage.get_trial(trial._trial_id).user_attrs.get("pruned_at")
+        if pruned_at is not None:
             trial.set_user_attr("outcome", "pruned")
-            raise optuna.TrialPruned(f"pruned after validation run {self.storage.get_trial(trial._trial_id).user_attrs['pruned_at']}")
+            raise optuna.TrialPruned(f"pruned after validation run {pruned_at}")
         trial.set_user_attr("outcome", "complete")
         return float(score)
 
@@ -269,7 +298,12 @@ class Sweep:
                 waited = True
                 time.sleep(min(self.options.heartbeat_interval, 10))
                 continue
-            self.study.optimize(self.objective, n_jobs=self.options.workers, catch=(TrialFailed,), callbacks=[self.after_trial], gc_after_trial=False)
+            try:
+                self.study.optimize(self.objective, n_jobs=self.options.workers, catch=(TrialFailed,), callbacks=[self.after_trial], gc_after_trial=False)
+            except ValueError as error:  # Optuna's "Cannot tell a FAIL trial": see TrialAlreadyRecorded
+                if not str(error).startswith("Cannot tell a"):
+                    raise
+                print_progress(f"a trial was already recorded ({error}); going on")
         return self.report(time.time() - started)
 
     def report(self, seconds: float) -> int:

@@ -156,24 +156,28 @@ def _pid_alive(pid: int) -> bool:
     return (Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z") if Path(f"/proc/{pid}").exists() else True
 
 
-# Out of the default run: it raced on a quiet machine (2026-11-30). The SIGKILLed sweep's trial gets its
-# death signal, stops gracefully (last.ckpt) and still holds its run folder's lock when the resumed
-# sweep retries that trial in the same folder; the retry fails on the lock and the sweep then crashed
-# ("Cannot tell a FAIL trial"). Open in issue 21; run it with `pytest -m slow tests/test_sweep.py`.
+def training_trials(runs: Path, prefix: str, count: int, process: subprocess.Popen, timeout: float = 300) -> list[int]:
+    """Wait until ``count`` trials' runners hold their run folder's lock (they are training); their pids."""
+    deadline = time.time() + timeout
+    locks: list[Path] = []
+    while time.time() < deadline and process.poll() is None:
+        locks = [p for p in runs.glob(f"{prefix}-t*/.lock") if p.read_text().strip()]
+        if len(locks) >= count:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None and len(locks) >= count, f"no {count} trial(s) training: {process.stderr.read()[-2000:] if process.stderr else ''}"
+    return [int(lock.read_text().split()[1]) for lock in locks]
+
+
+# Slow: 389 s on the shared 2-core machine under load ~14 (two sweep starts, four trial processes).
 @pytest.mark.slow
 def test_killed_sweep_resumes_and_loses_no_trial(tmp_path):
     space = write_space(tmp_path, "resume", {"model.lr": {"low": 0.0005, "high": 0.005, "log": True}})
-    slow = ["--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=2"]
+    slow = ["--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=1"]
     command = sweep_command(tmp_path, space, 2, "--workers=2", "--heartbeat_interval=1", "--pruner=none", "--no_wandb", *slow)
     sweep = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "runs" / "finance"
-    deadline = time.time() + 300
-    while time.time() < deadline and sweep.poll() is None and len([p for p in runs.glob("resume-t*/.lock") if p.read_text().strip()]) < 2:
-        time.sleep(0.2)
-    time.sleep(1)
-    assert sweep.poll() is None, f"the sweep ended before it could be killed: {sweep.stderr.read()[-2000:]}"
-    trainers = [int(lock.read_text().split()[1]) for lock in runs.glob("resume-t*/.lock") if lock.read_text().strip()]
-    assert trainers, "no trial was training"
+    trainers = training_trials(runs, "resume", 2, sweep)
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
     time.sleep(3)
@@ -193,6 +197,62 @@ def test_killed_sweep_resumes_and_loses_no_trial(tmp_path):
         if origin is not None:
             assert trial.params == lost[origin].params
     assert {t.system_attrs.get("failed_trial") for t in outcomes["complete"]} >= set(lost)
+
+
+# Slow: 357 s on the shared 2-core machine under load ~14 (two sweeps, three trial processes).
+@pytest.mark.slow
+def test_a_trial_failed_for_a_silent_heartbeat_while_it_ran_is_not_told_again(tmp_path):
+    """Sweep A is frozen (SIGSTOP) while its trial trains, so its heartbeat falls silent; sweep B on the
+    same study fails that trial as stale and finishes the study, retrying its parameters. A, woken
+    up, finds its trial's result already recorded as failed: it says so and exits 0 (Optuna's
+    "Cannot tell a FAIL trial" crashed it before)."""
+    space = write_space(tmp_path, "stale", {"model.lr": {"low": 0.0005, "high": 0.005, "log": True}})
+    slow = ["--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.5"]
+    command = sweep_command(tmp_path, space, 2, "--heartbeat_interval=1", "--pruner=none", "--no_wandb", *slow)
+    first = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        training_trials(tmp_path / "runs" / "finance", "stale", 1, first)
+        first.send_signal(signal.SIGSTOP)
+        second = run_sweep([*command[:-len(TINY)], "--workers=2", *TINY])
+        assert second.returncode == 0, second.stderr[-3000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert "trial 0 ended (exit 0) after it had been recorded as failed" in " ".join(err.split())
+    outcomes = by_outcome(load(tmp_path, "stale"))
+    shown = "; ".join(f"{t.number} {t.state.name} {t.user_attrs.get('outcome')} {t.user_attrs.get('error')}" for t in load(tmp_path, "stale").trials)
+    assert [t.number for t in outcomes["lost"]] == [0] and len(outcomes.get("complete", [])) >= 1, shown
+    assert len(outcomes.get("complete", [])) + len(outcomes.get("failed", [])) == 2, shown
+
+
+# Slow: 268 s on the shared 2-core machine under load ~14 (two sweep starts, two trials with 2 s batches).
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_honestly_and_the_same_command_resumes_it(tmp_path):
+    """SIGTERM: exit 143, the study and the running trial's last.ckpt are kept, the trial is retried."""
+    space = write_space(tmp_path, "term", {"model.lr": {"low": 0.0005, "high": 0.005, "log": True}})
+    slow = ["--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=2"]
+    command = sweep_command(tmp_path, space, 1, "--pruner=none", "--no_wandb", *slow)
+    sweep = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training_trials(tmp_path / "runs" / "finance", "term", 1, sweep)
+    log = tmp_path / "sweeps" / "finance" / "term" / "logs" / "trial-0000.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and sweep.poll() is None and "Trainable params" not in log.read_text():  # the fit has started
+        time.sleep(0.2)
+    time.sleep(3)  # inside the first training batches (2 s each)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM after 0/1 trials; the same command continues it" in " ".join(err.split())
+    stopped = load(tmp_path, "term").get_trials()
+    assert [t.state for t in stopped] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING] and stopped[0].user_attrs["outcome"] == "stopped"
+    assert (Path(stopped[0].user_attrs["run_dir"]) / "checkpoints" / "last.ckpt").is_file()
+
+    result = run_sweep(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (complete,) = by_outcome(load(tmp_path, "term"))["complete"]
+    assert complete.number == 1 and complete.params == stopped[0].params and complete.user_attrs["exit_code"] == 0
+    assert Path(complete.user_attrs["run_dir"]) != Path(stopped[0].user_attrs["run_dir"])  # the retry has its own run folder
 
 
 def test_deploy_examples_run_the_sweep_on_a_shared_storage():

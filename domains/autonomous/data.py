@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from pipelines.data import make_loader
 from pipelines.errors import InputError
+from pipelines.splits import SplitBy, SplitRule, adopt, assign, check_filled
 from pipelines.validation import check_labels
 from domains.autonomous.readers import (
     FILE,
@@ -61,7 +62,6 @@ from domains.autonomous.readers import (
     read_eth_ucy,
     read_table,
     sequence_split,
-    where,
     with_origin,
 )
 from domains.autonomous.sampling import EPS, check_time_options
@@ -71,6 +71,8 @@ from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows
 
 Task = Literal["forecasting", "regression", "classification"]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
+DEFAULT_SPLIT = SplitRule()
 
 
 def resolve_path(path: str) -> Path:
@@ -115,12 +117,19 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             (e.g. alternating 0.07/0.13 s steps in 0.1 s data) is refused as irregular.
         nan_policy: rows with a NaN in a used column: ``drop``, ``ffill`` (last value, per sequence)
             or ``interpolate`` (linear, per sequence); unfillable rows are dropped.
+        split_by: ``random`` (default: a seeded split of whole sequences with ``val_fraction`` and
+            ``test_fraction``), ``hash`` (of ``split_key``, default the sequence column: stable when
+            rows are added, a key's rows together), ``time`` (rows of ``time_column`` after
+            ``test_after`` are test, after ``val_after`` val; or the latest fractions: nothing
+            later trains; a sequence crossing a cutoff is cut there) or ``column``: :mod:`pipelines.splits`.
+        split_key: the key column of ``split_by hash`` (default: ``sequence_column``; e.g. a vehicle id).
         split_column: a column with ``train``/``val``/``test`` per row (case and spaces ignored; any
-            other value is refused) (default: a random split of
-            whole sequences with ``val_fraction`` and ``test_fraction``).
-        val_fraction: validation share of sequences in a random split.
-        test_fraction: test share of sequences in a random split.
-        split_seed: seed of the random split.
+            other value is refused); selects ``split_by column``.
+        test_after: ``split_by time``: rows with a later time are test.
+        val_after: ``split_by time``: rows with a later time, up to ``test_after``, are val.
+        val_fraction: validation share of sequences in a random or hash split (of rows in a time split).
+        test_fraction: test share, likewise.
+        split_seed: seed of the random split (the hash salt of ``split_by hash``).
         canonical_heading: express each window's displacements in its own heading frame (the
             observed heading, first to last observed position, along +x), so that the model is
             rotation invariant; predictions are rotated back (2 target channels only).
@@ -160,6 +169,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        split_by: SplitBy = "random",
+        split_key: str | None = None,
+        test_after: str | None = None,
+        val_after: str | None = None,
         canonical_heading: bool = False,
         augment_rotation: bool = False,
         sim_vehicles: int = 400,
@@ -191,6 +204,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         if (augment_rotation or canonical_heading) and len(target_channels or []) != 2:
             raise InputError(f"--data.augment_rotation and --data.canonical_heading need exactly 2 --data.target_channels (x, y), got {target_channels}")
         check_time_options(time_step, time_jitter, max_gap)
+        key = (split_key or sequence_column) if split_by == "hash" else split_key
+        self.split_rule = SplitRule.from_options(split_by, key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
+        if eth_ucy_root and self.split_rule.by != "random":
+            raise InputError(f"--data.eth_ucy_root keeps ETH/UCY's own leave-one-scene-out split; {self.split_rule.describe()} applies to --data.path tables")
         self.save_hyperparameters(logger=False)
         self.datasets: dict[str, WindowDataset] = {}
         self.stats: dict[str, Any] | None = None
@@ -264,22 +281,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         hp = self.hparams
         check_columns(table, self.columns)  # missing columns are named before anything else
         check_present(table, self.columns)  # a row without a sequence id or time cannot be split
-        if hp.split_column:
-            if hp.split_column not in table.columns:
-                columns = [c for c in table.columns if not str(c).startswith("_")]
-                raise InputError(f"{table[FILE].iloc[0]}: split column {hp.split_column!r} (--data.split_column) not found; the file has columns {columns}")
-            split = table[hp.split_column].astype(str).str.strip().str.lower()
-            bad = np.flatnonzero(~split.isin(SPLITS).to_numpy())
-            if len(bad):
-                values = sorted({str(v) for v in table[hp.split_column].iloc[bad]})
-                raise InputError(
-                    f"{where(table, bad[0])}, column {hp.split_column!r} (--data.split_column): value {table[hp.split_column].iloc[bad[0]]!r}; "
-                    f"expected train, val or test ({len(bad)} row(s) with other values: {values[:5]})"
-                )
+        if self.split_rule.stable:
+            split = assign(self.split_rule, table, str(table[FILE].iloc[0]))
+            check_filled(split, self.split_rule, str(table[FILE].iloc[0]))
         else:
             assignment = sequence_split(table[hp.sequence_column].astype(str).tolist(), hp.val_fraction, hp.test_fraction, hp.split_seed)
-            split = table[hp.sequence_column].astype(str).map(assignment)
-        return {name: table[split.to_numpy() == name].reset_index(drop=True) for name in SPLITS}
+            split = table[hp.sequence_column].astype(str).map(assignment).to_numpy()
+        return {name: table[split == name].reset_index(drop=True) for name in SPLITS}
 
     @cached_property
     def tracks(self) -> dict[str, Tracks]:
@@ -424,7 +432,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         """The statistics fitted on the training split (stored in every checkpoint)."""
         if self.stats is None:
             self.stats = self.fit_statistics()
-        return dict(self.stats)
+        return {**self.stats, "split_rule": self.split_rule.as_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Use a checkpoint's statistics; the class list and target names must match this data's.
@@ -434,6 +442,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         those two are taken from this data's configuration (``target_channels`` and the training
         split's time step), so that checkpoints written after a resume, and their exports, have them.
         """
+        rule = adopt(self.split_rule, state_dict.get("split_rule"), DEFAULT_SPLIT)
+        if rule != self.split_rule:  # the checkpoint's split: the tables are cut again by it
+            log(f"the checkpoint's split: {rule.describe()}")
+            self.split_rule = rule
+            for cached in ("tables", "tracks", "class_names", "windows"):
+                self.__dict__.pop(cached, None)
+            self.datasets = {}
         if self.task == "classification" and state_dict.get("class_names") != self.class_names:
             raise InputError(
                 f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
@@ -447,7 +462,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
                 f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {self.time_step:g} "
                 f"(--data.time_step, or the median step of the training tracks): its displacements would be misread; use data at the checkpoint's rate"
             )
-        self.stats = dict(state_dict)
+        self.stats = {k: v for k, v in state_dict.items() if k != "split_rule"}
         self.stats.setdefault("position_names", self.position_names)
         if "time_step" not in self.stats:  # (reads the training split only for such old checkpoints)
             self.stats["time_step"] = self.time_step

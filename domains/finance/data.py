@@ -56,6 +56,7 @@ from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY, fit_reference
+from pipelines.splits import SplitBy, SplitRule, adopt, assign, check_filled
 from pipelines.validation import check_unique_columns
 
 SPLITS = ("train", "val", "test")
@@ -70,6 +71,10 @@ SYNTHETIC_ROLES: dict[str, Any] = {
     "categorical_columns": ["merchant_category", "channel", "country"],
     "label_column": "is_fraud",
 }
+
+
+#: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
+DEFAULT_SPLIT = SplitRule(val_fraction=0.15, test_fraction=0.25)
 
 
 class TransactionDataModule(pl.LightningDataModule):
@@ -97,7 +102,18 @@ class TransactionDataModule(pl.LightningDataModule):
         mode: ``semi_supervised`` (train on normal rows only) or ``unsupervised`` (train on all rows).
         val_fraction: validation share (see the module docstring for how each mode uses it).
         test_fraction: test share.
-        split_seed: seed of the split.
+        split_seed: seed of the split (and the hash salt of ``split_by hash``).
+        split_by: ``random`` (default, above), ``hash`` (of ``split_key``: an account's rows stay
+            together, appended rows never move earlier ones), ``time`` (``time_column`` after
+            ``test_after`` is test; no future row trains) or ``column`` (``split_column``):
+            :mod:`pipelines.splits`. Under a rule other than ``random`` fraud rows follow the rule;
+            in ``semi_supervised`` mode those in train are not trained on.
+        split_key: the key column of ``split_by hash`` (e.g. an account id).
+        split_column: a column naming ``train``/``val``/``test`` per row (selects ``split_by column``).
+        time_column: the time column of ``split_by time`` (numbers or ISO 8601 times).
+        test_after: rows with a later time are test (default: the latest ``test_fraction`` of rows).
+        val_after: rows with a later time, up to ``test_after``, are val (default: the latest
+            ``val_fraction`` of the rows before ``test_after``).
         synthetic_rows: size of the synthetic set (used when ``path`` is not given).
         synthetic_fraud_rate: share of fraud in the synthetic set.
         synthetic_seed: seed of the synthetic generator.
@@ -126,6 +142,12 @@ class TransactionDataModule(pl.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.25,
         split_seed: int = 0,
+        split_by: SplitBy = "random",
+        split_key: str | None = None,
+        split_column: str | None = None,
+        time_column: str | None = None,
+        test_after: str | None = None,
+        val_after: str | None = None,
         synthetic_rows: int = 20000,
         synthetic_fraud_rate: float = 0.02,
         synthetic_seed: int = 0,
@@ -134,8 +156,7 @@ class TransactionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise InputError(f"--data.val_fraction ({val_fraction}) and --data.test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+        self.split_rule = SplitRule.from_options(split_by, split_key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
         if batch_size < 1 or predict_chunk_rows < 1:
             raise InputError(f"--data.batch_size and --data.predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
         if max_categories < 1 or min_category_count < 1:
@@ -226,9 +247,11 @@ class TransactionDataModule(pl.LightningDataModule):
         rng = np.random.default_rng(hp.split_seed)
         split = np.full(n, "train", dtype=object)
         val, test = hp.val_fraction, hp.test_fraction
-        if hp.mode == "semi_supervised":
-            if labels is None:
-                raise InputError("--data.mode semi_supervised trains on rows labelled normal: set --data.label_column, or use --data.mode unsupervised")
+        if hp.mode == "semi_supervised" and labels is None:
+            raise InputError("--data.mode semi_supervised trains on rows labelled normal: set --data.label_column, or use --data.mode unsupervised")
+        if self.split_rule.stable:
+            split = assign(self.split_rule, self.table, self.source_name).astype(object)
+        elif hp.mode == "semi_supervised":
             normal = rng.permutation(np.flatnonzero(labels == 0))
             n_val, n_test = round(len(normal) * val), round(len(normal) * test)
             split[normal[:n_val]], split[normal[n_val : n_val + n_test]] = "val", "test"
@@ -241,16 +264,16 @@ class TransactionDataModule(pl.LightningDataModule):
                 members = rng.permutation(np.flatnonzero(strata == value))
                 n_val, n_test = round(len(members) * val), round(len(members) * test)
                 split[members[:n_val]], split[members[n_val : n_val + n_test]] = "val", "test"
-        for name in SPLITS:
-            if not (split == name).any():
-                raise InputError(f"{self.source_name}: split {name!r} is empty ({n} rows; check --data.val_fraction/--data.test_fraction)")
+        check_filled(split, self.split_rule, self.source_name)
+        if self.split_rule.stable and hp.mode == "semi_supervised" and not (labels[split == "train"] == 0).any():
+            raise InputError(f"{self.source_name}: the train split has no normal row under {self.split_rule.describe()} (semi_supervised trains on normal rows)")
         if labels is not None:
             for name in ("val", "test"):
                 members = labels[split == name]
                 if members.min() == members.max():
                     raise InputError(
                         f"{self.source_name}: the {name} split gets no {'fraud' if members.max() == 0 else 'normal'} row "
-                        f"({int(labels.sum())} fraud rows of {n}, split {hp.val_fraction}/{hp.test_fraction} between val and test): "
+                        f"({int(labels.sum())} fraud rows of {n}, split by {self.split_rule.describe()}): "
                         "AUROC, AUPRC and the threshold need both classes in val and test; add labelled rows or change the fractions"
                     )
         return split.astype(str)
@@ -260,7 +283,7 @@ class TransactionDataModule(pl.LightningDataModule):
         if self.is_npz:
             return
         roles = self.roles
-        known = {column for column, _ in roles.required()} | set(roles.ignore_columns) | ({roles.label_column} if roles.label_column else set())
+        known = {column for column, _ in roles.required()} | set(roles.ignore_columns) | {c for c in (roles.label_column, self.split_rule.column) if c}
         unused = [c for c in self.table.columns if c not in known]
         if unused:
             raise InputError(
@@ -274,7 +297,10 @@ class TransactionDataModule(pl.LightningDataModule):
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
-        rows = np.flatnonzero(self.split_assignment == "train")
+        train = self.split_assignment == "train"
+        if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing
+            train &= self.labels == 0
+        rows = np.flatnonzero(train)
         self.check_columns()
         preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
         preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
@@ -326,7 +352,7 @@ class TransactionDataModule(pl.LightningDataModule):
     def check_scoring_columns(self, path: Path) -> list[str]:
         """A scoring file must have the training table's columns (the label column and ignored columns are optional)."""
         columns = read_header(path)
-        optional = {self.roles.label_column, *self.roles.ignore_columns}
+        optional = {self.roles.label_column, *self.roles.ignore_columns, self.split_rule.column}
         expected = [c for c in self.table.columns if c not in optional] if not self.is_npz else list(self.roles.numeric_columns)
         missing = [c for c in expected if c not in columns]
         extra = [c for c in columns if c not in expected and c not in optional]
@@ -400,7 +426,7 @@ class TransactionDataModule(pl.LightningDataModule):
 
     # ----- fitted state in the checkpoint ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"preprocessor": self.fitted.state_dict(), REFERENCE_KEY: self.reference_statistics}
+        return {"preprocessor": self.fitted.state_dict(), "split_rule": self.split_rule.as_dict(), REFERENCE_KEY: self.reference_statistics}
 
     @property
     def reference_statistics(self) -> dict[str, Any]:
@@ -413,7 +439,16 @@ class TransactionDataModule(pl.LightningDataModule):
         return self._reference
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The checkpoint's preprocessing, its drift reference, and its split rule when this command gave none (``pipelines.splits.adopt``)."""
         self._reference = state_dict.get(REFERENCE_KEY)  # absent in checkpoints written before it existed: fitted again on demand
+        rule = adopt(self.split_rule, state_dict.get("split_rule"), DEFAULT_SPLIT)
+        if rule != self.split_rule:
+            rank_zero_info(f"[finance] the checkpoint's split: {rule.describe()}")
+            self.split_rule = rule
+            for cached in ("split_assignment",):
+                self.__dict__.pop(cached, None)
+            self._encoded.clear()
+            self.preprocessor = None
         restored = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
         current = self.fitted
         if restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names):

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY, fit_image_reference
+from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
 from pipelines.images import Intensity, IntensityMode, check_finite_pixels, unit_float
 from domains.healthcare.readers import (
     IMAGE_SUFFIXES,
@@ -113,7 +114,13 @@ class MedicalImageDataModule(pl.LightningDataModule):
         split: ``official`` uses the source's split when it has one; ``stratified`` always re-splits.
         val_fraction: validation share of a stratified split.
         test_fraction: test share of a stratified split.
-        split_seed: seed of the stratified split.
+        split_seed: seed of the stratified split (the hash salt of ``split_by hash``).
+        split_by: ``random`` (default: ``split`` above) or ``hash``: each value of ``split_key`` (a
+            labels CSV column, e.g. ``patient_id``) goes to a split by a hash of it, so all images
+            of one patient stay together and added rows never move earlier ones (:mod:`pipelines.splits`).
+        split_key: the labels CSV column ``split_by hash`` hashes.
+        group_column: a labels CSV column (e.g. ``patient_id``) whose values must not cross splits:
+            any split (official, stratified or hashed) with a patient in two splits is refused.
         synthetic_samples: size of the embedded synthetic set (used when no path is given).
         synthetic_image_size: side of the synthetic images.
         synthetic_seed: seed of the synthetic generator.
@@ -142,6 +149,9 @@ class MedicalImageDataModule(pl.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        split_by: Literal["random", "hash"] = "random",
+        split_key: str | None = None,
+        group_column: str | None = None,
         synthetic_samples: int = 900,
         synthetic_image_size: int = 32,
         synthetic_seed: int = 0,
@@ -161,6 +171,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
             raise InputError(f"--data.image_size must be a positive number of pixels per side, got {image_size}")
         if class_names is not None and len(set(class_names)) != len(class_names):
             raise InputError(f"--data.class_names lists a class twice: {class_names}")
+        if split_by not in ("random", "hash"):
+            raise InputError(f"--data.split_by {split_by!r}: healthcare splits by random or hash (the labels CSV's split column is used by --data.split official)")
+        self.split_rule = SplitRule.from_options(split_by, split_key, None, None, None, None, val_fraction, test_fraction, split_seed)
+        if (split_key or group_column) and not labels_csv:
+            raise InputError("--data.split_key and --data.group_column name a column of --data.labels_csv; .npz and synthetic data have none")
         self.intensity = Intensity.from_options(intensity, intensity_range)
         if self.intensity.mode != "bit_depth" and not labels_csv and not predict_dir:
             raise InputError(f"--data.intensity {self.intensity.mode} applies to image files (--data.labels_csv, --data.predict_dir); .npz and synthetic pixels are read by bit depth")
@@ -191,16 +206,35 @@ class MedicalImageDataModule(pl.LightningDataModule):
             data.task = hp.task
         return data
 
+    def csv_column(self, column: str, option: str) -> np.ndarray:
+        """One column of the labels CSV, one value per item (the reader keeps the CSV's row order)."""
+        import pandas as pd
+
+        table = pd.read_csv(self.hparams.labels_csv, dtype=str, keep_default_na=False)
+        check_column(list(table.columns), column, option, str(self.hparams.labels_csv))
+        if len(table) != len(self.source.labels):
+            raise InputError(f"{self.hparams.labels_csv}: {len(table)} rows but {len(self.source.labels)} items were read; --data.{option} needs one row per image")
+        return table[column].to_numpy()
+
     @cached_property
     def split_assignment(self) -> np.ndarray:
-        hp, source = self.hparams, self.source
-        if source.split is None or hp.split == "stratified":
+        hp, source, rule = self.hparams, self.source, self.split_rule
+        where = str(hp.labels_csv or hp.npz_path or "the synthetic set")
+        if rule.stable:
+            if not hp.labels_csv:
+                raise InputError(f"{rule.describe()} hashes a column of --data.labels_csv; {where} has none")
+            keys = self.csv_column(rule.key, "split_key")
+            empty = np.flatnonzero(np.char.str_len(keys.astype(str)) == 0)
+            if len(empty):
+                raise InputError(f"{where} row {empty[0] + 1}, column {rule.key!r} (--data.split_key): no key value; every row needs one")
+            assignment = hash_split(keys, rule.val_fraction, rule.test_fraction, rule.seed)
+        elif source.split is None or hp.split == "stratified":
             assignment = stratified_split(source.labels, hp.val_fraction, hp.test_fraction, hp.split_seed)
         else:
             assignment = source.split
-        for name in SPLITS:
-            if not (assignment == name).any():
-                raise InputError(f"split {name!r} is empty: no item assigned to it (check the split column or fractions)")
+        check_filled(assignment, rule if rule.stable or source.split is None or hp.split == "stratified" else SplitRule("column", column="split"), where)
+        if hp.group_column:
+            check_groups(self.csv_column(hp.group_column, "group_column"), assignment, hp.group_column, where)
         return assignment
 
     @property
@@ -357,9 +391,16 @@ class MedicalImageDataModule(pl.LightningDataModule):
             "channel_mean": self.channel_mean,
             "channel_std": self.channel_std,
             REFERENCE_KEY: self.reference,
+            "split_rule": self.split_rule.as_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rule = adopt(self.split_rule, state_dict.get("split_rule"), SplitRule())
+        if rule != self.split_rule:  # the checkpoint's split rule: the items are split again by it
+            print(f"[healthcare] the checkpoint's split: {rule.describe()}", file=sys.stderr)
+            self.split_rule = rule
+            self.__dict__.pop("split_assignment", None)
+            self.datasets = {}
         if state_dict.get("class_names") != self.class_names:
             raise ValueError(
                 f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "

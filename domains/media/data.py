@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError
+from pipelines.splits import SplitRule, adopt, check_filled, hash_split, hash_unit
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
 SPLITS = ("train", "val", "test")
@@ -97,7 +99,10 @@ class MediaDataModule(pl.LightningDataModule):
             refused with the closest listed name (``pipelines.validation.check_labels``).
         val_fraction: validation share when the source has no split.
         test_fraction: test share when the source has no split.
-        split_seed: seed of the split and of the subsampling below.
+        split_seed: seed of the split and of the subsampling below (the hash salt of ``split_by hash``).
+        split_by: ``random`` (default; the source's split when it has one) or ``hash`` (``image_dir``
+            only): each image goes to a split by a hash of its file name stem (``cat_001.png`` and
+            ``cat_001.jpg`` together), so added images never move earlier ones (:mod:`pipelines.splits`).
         max_train_images: use at most this many training images (``null``: all).
         max_eval_images: use at most this many validation and test images each (the FID reference sets).
         synthetic_samples: size of the embedded shapes set (used when no path is given).
@@ -129,6 +134,7 @@ class MediaDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        split_by: Literal["random", "hash"] = "random",
         max_train_images: int | None = None,
         max_eval_images: int | None = 1000,
         synthetic_samples: int = 1536,
@@ -152,8 +158,11 @@ class MediaDataModule(pl.LightningDataModule):
             raise InputError(f"--data.image_size must be at least 8 pixels, got {image_size}")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise InputError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+        if split_by not in ("random", "hash"):
+            raise InputError(f"--data.split_by {split_by!r}: media splits by random or hash (of the file name stem)")
+        if split_by == "hash" and not image_dir:
+            raise InputError("--data.split_by hash splits the files of --data.image_dir by name; .npz and synthetic images have no file names")
+        self.split_rule = SplitRule.from_options(split_by, "file name stem" if split_by == "hash" else None, None, None, None, None, val_fraction, test_fraction, split_seed)
         if generate_steps is not None and generate_steps < 1:
             raise InputError(f"generate_steps must be >= 1, got {generate_steps}")
         if num_generate < 1:
@@ -181,7 +190,14 @@ class MediaDataModule(pl.LightningDataModule):
         hp, source = self.hparams, self.source
         rng = np.random.default_rng(hp.split_seed)
         count = len(source.pixels)
-        if source.split is not None and (source.split == "val").any():  # official train/val/test arrays
+        if self.split_rule.stable:  # ordered by hash, so that subsampling below is stable too
+            rule = self.split_rule
+            stems = [Path(name).stem for name in source.names]
+            assignment, unit = hash_split(stems, rule.val_fraction, rule.test_fraction, rule.seed), hash_unit(stems, rule.seed)
+            check_filled(assignment, rule, str(hp.image_dir))
+            order = np.argsort(unit, kind="stable")
+            splits = {name: order[assignment[order] == name] for name in SPLITS}
+        elif source.split is not None and (source.split == "val").any():  # official train/val/test arrays
             splits = {name: rng.permutation(np.flatnonzero(source.split == name)) for name in SPLITS}
         elif source.split is not None:
             train = rng.permutation(np.flatnonzero(source.split == "train"))
@@ -260,9 +276,14 @@ class MediaDataModule(pl.LightningDataModule):
         return self._loader("predict")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"class_names": self.class_names, "in_channels": self.in_channels, "image_size": self.image_size}
+        return {"class_names": self.class_names, "in_channels": self.in_channels, "image_size": self.image_size, "split_rule": self.split_rule.as_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rule = adopt(self.split_rule, state_dict.get("split_rule"), SplitRule(val_fraction=0.1, test_fraction=0.1))
+        if rule != self.split_rule:  # the checkpoint's split rule: the images are split again by it
+            self.split_rule = rule
+            self.__dict__.pop("split_indices", None)
+            self.datasets = {}
         saved = state_dict.get("class_names") or []
         if saved and self.class_names and saved != self.class_names:
             raise InputError(
