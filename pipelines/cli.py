@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
 from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
@@ -313,7 +314,7 @@ class PipelineCLI(LightningCLI):
             callbacks += [self.signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             callbacks.append(
-                ModelCheckpoint(
+                TieBreakingCheckpoint(  # a tie on the monitor is decided by val/loss (pipelines/checkpointing.py)
                     dirpath=self.run.checkpoint_dir,
                     filename=BEST_CHECKPOINT.removesuffix(".ckpt"),
                     monitor=self.spec.monitor,
