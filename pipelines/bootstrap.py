@@ -76,5 +76,5 @@ def format_interval(value: float | None, interval: dict[str, Any] | None) -> str
         return str(value)
     text = f"{value:.4g}"
     if interval and interval.get("low") is not None:
-        text += f" ({interval['level']:.0%} CI {interval['low']:.4g} to {interval['high']:.4g})"
+        text += f" ({interval['level']:.0%} CI {interval['low']:.3g} to {interval['high']:.3g})"
     return text

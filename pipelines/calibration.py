@@ -233,3 +233,39 @@ class ProbabilityCalibration(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return probabilities(logits, self.temperature)
+
+
+class PlattScaling(nn.Module):
+    """``P(positive | score) = sigmoid(slope * score + intercept)`` (:func:`fit_platt`) as buffers in the
+    checkpoint; NaN (no mapping) until fitted on labelled validation scores, and when loading a
+    checkpoint written before it existed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("slope", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("intercept", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(self._fill_missing)
+
+    @staticmethod
+    def _fill_missing(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in ("slope", "intercept"):
+            state_dict.setdefault(prefix + name, torch.tensor(float("nan"), dtype=torch.float64))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(torch.isfinite(self.slope)) and bool(torch.isfinite(self.intercept))
+
+    def fit(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        slope, intercept = fit_platt(scores, labels)
+        self.slope.fill_(slope)
+        self.intercept.fill_(intercept)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.slope * scores.double() + self.intercept)
+
+    def describe(self) -> dict[str, Any] | None:
+        """JSON facts for a bundle's metadata (``None`` when not fitted)."""
+        if not self.fitted:
+            return None
+        return {"method": "platt", "slope": float(self.slope), "intercept": float(self.intercept),
+                "formula": "probability = 1 / (1 + exp(-(slope * score + intercept))), in float64; fitted on the labelled validation split"}  # fmt: skip

@@ -32,6 +32,7 @@ from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheck
 from pipelines.hardware import plan_hardware
 from pipelines.predictions import CsvPredictionWriter, prediction_file
 from pipelines.registry import DomainSpec
+from pipelines.report import RunReport
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections, write_text_atomic
 from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
@@ -332,6 +333,7 @@ class PipelineCLI(LightningCLI):
         if patience is not None:
             callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
         callbacks.append(RunSummary(run_dir, self.spec.monitor, self.spec.mode))
+        callbacks.append(RunReport(run_dir, self.spec.name))  # report.html, after the summary it reads (pipelines/report.py)
         if self.subcommand == "fit" and self.run.ckpt_path and trainer_cfg.get("logger") in (None, True):
             callbacks.append(ReplayMetrics(str(run_dir)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
         if predictions is not None:

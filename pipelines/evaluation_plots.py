@@ -41,7 +41,8 @@ def reliability_figure(curves: dict[str, torch.Tensor], labels: torch.Tensor, ti
     top.set_title(title)
     top.legend(loc="upper left", fontsize=8)
     bottom.set_xlabel("predicted probability of the positive class" if binary else "confidence (probability of the predicted class)")
-    bottom.set_ylabel("predictions")
+    bottom.set_ylabel("predictions (log)")
+    bottom.set_yscale("log")
     figure.tight_layout()
     return figure
 
