@@ -285,6 +285,8 @@ class ImageClassifier(BaseTask):
 
         probs = self._probabilities(logits)
         args = self._metric_args()
+        if int(target.unique().numel()) < self.hparams.num_classes:  # AUROC is undefined without every class (torchmetrics would say 0)
+            auroc = lambda *_, **__: torch.tensor(float("nan"))  # noqa: E731
         if args["task"] == "binary":
             loss = self.loss_fn(logits[:, 0], target.float())
             probs = decision_centred(probs, self.calibration.threshold)
