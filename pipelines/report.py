@@ -84,7 +84,7 @@ def limits(summary: dict[str, Any], data: dict[str, Any]) -> list[str]:
     notes = []
     for split in ("test", "val", "train"):
         counts = data.get("class_balance", {}).get(split, {})
-        few = {name: count for name, count in counts.items() if count < FEW_EXAMPLES}
+        few = {name: count for name, count in counts.items() if count < FEW_EXAMPLES and (count or split != "train")}  # none in train: by design (semi-supervised)
         if few:
             listed = ", ".join(f"{name} ({count})" for name, count in few.items())
             notes.append(f"{split} split: classes with fewer than {FEW_EXAMPLES} examples: {listed}; their metrics move a lot with one example")
