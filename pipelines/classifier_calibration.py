@@ -149,6 +149,8 @@ class ClassifierCalibration(nn.Module):
             return {**values, **(metric_values(logits[rows], targets[rows]) if metric_values else {})}
 
         metrics = {**calibration_values(logits, targets), "test/ece_uncalibrated": expected_calibration_error(raw, targets)}
+        # a rate undefined on this test set (sensitivity without positives) is left out: a logged NaN means a broken model
+        metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
         metrics["test/temperature"] = self.temperature
         if self.binary:
             metrics["test/threshold"] = self.threshold

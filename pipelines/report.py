@@ -79,6 +79,11 @@ def _data_fingerprint(config: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
 
 
+def _number(value: Any) -> str:
+    """A metric as text: 4 significant digits, or as stored (``"nan"``, ``"inf"``)."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
 def limits(summary: dict[str, Any], data: dict[str, Any]) -> list[str]:
     """Plain-language warnings: classes with few examples, wide intervals, the operating point, missing test metrics."""
     notes = []
@@ -94,8 +99,8 @@ def limits(summary: dict[str, Any], data: dict[str, Any]) -> list[str]:
     if wide:
         notes.append(f"95% intervals wider than {WIDE_INTERVAL}: {', '.join(wide)}; the test set is too small to pin these metrics down")
     if "test/threshold" in test:
-        notes.append(f"decisions use the operating threshold {test['test/threshold']:.4g} chosen on validation "
-                     f"(sensitivity {test.get('test/sensitivity', float('nan')):.3g}, specificity {test.get('test/specificity', float('nan')):.3g} on test)")  # fmt: skip
+        rates = ", ".join(f"{name} {_number(test[f'test/{name}'])} on test" for name in ("sensitivity", "specificity") if f"test/{name}" in test)
+        notes.append(f"decisions use the operating threshold {_number(test['test/threshold'])} chosen on validation" + (f" ({rates})" if rates else ""))
     if not test:
         notes.append("no test metrics: the run was not tested (python -m pipelines.run DOMAIN test --run_id RUN --ckpt_path best)")
     return notes

@@ -38,6 +38,7 @@ def test_limits_name_rare_classes_wide_intervals_and_the_operating_point():
     assert any("malignant (7)" in n and "benign" not in n for n in notes)
     assert any("test/accuracy (0.7 to 0.98)" in n for n in notes)
     assert any("operating threshold 0.3" in n for n in notes)
+    assert any("threshold 0.5" in n for n in limits({"test": {"test/threshold": 0.5, "test/sensitivity": "nan"}}, {}))  # as summary.json stores NaN
     assert limits({}, {}) == ["no test metrics: the run was not tested (python -m pipelines.run DOMAIN test --run_id RUN --ckpt_path best)"]
 
 
