@@ -77,7 +77,9 @@ def test_test_metrics_have_intervals_and_calibration_plots(binary_run):
         assert intervals[name]["low"] <= test[name] + 1e-6 and test[name] - 1e-6 <= intervals[name]["high"], name
     for name in ("test/accuracy", "test/loss", "test/ece", "test/brier"):  # 48 rows: a real spread (rates may sit at 1.0)
         assert intervals[name]["low"] < intervals[name]["high"], name
-    assert test["test/threshold"] == pytest.approx(summary["test"]["test/threshold"]) and 0 <= test["test/ece"] < 0.5
+    ckpt = torch.load(summary["best_checkpoint"], weights_only=True)  # the tested checkpoint's own operating point and temperature
+    assert test["test/threshold"] == pytest.approx(float(ckpt["state_dict"]["calibration.state.threshold"]))
+    assert test["test/temperature"] == pytest.approx(float(ckpt["state_dict"]["calibration.state.temperature"])) and 0 <= test["test/ece"] < 0.5
     for plot in ("test_reliability_diagram.png", "test_confusion_matrix.png", "test_roc_curve.png"):
         assert (run / "plots" / plot).stat().st_size > 5000
 
