@@ -26,11 +26,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
 from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
 from pipelines.predictions import CsvPredictionWriter, prediction_file
 from pipelines.registry import DomainSpec
+from pipelines.report import RunReport
 from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections, write_text_atomic
 from pipelines.task import compile_networks
 from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
@@ -313,7 +315,7 @@ class PipelineCLI(LightningCLI):
             callbacks += [self.signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
             callbacks.append(
-                ModelCheckpoint(
+                TieBreakingCheckpoint(  # a tie on the monitor is decided by val/loss (pipelines/checkpointing.py)
                     dirpath=self.run.checkpoint_dir,
                     filename=BEST_CHECKPOINT.removesuffix(".ckpt"),
                     monitor=self.spec.monitor,
@@ -331,6 +333,7 @@ class PipelineCLI(LightningCLI):
         if patience is not None:
             callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
         callbacks.append(RunSummary(run_dir, self.spec.monitor, self.spec.mode))
+        callbacks.append(RunReport(run_dir, self.spec.name))  # report.html, after the summary it reads (pipelines/report.py)
         if self.subcommand == "fit" and self.run.ckpt_path and trainer_cfg.get("logger") in (None, True):
             callbacks.append(ReplayMetrics(str(run_dir)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
         if predictions is not None:

@@ -79,6 +79,8 @@ class BaseTask(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self._saved_threads: int | None = None
+        #: bootstrap intervals of the test metrics, set by a task at the end of ``test`` (pipelines/bootstrap.py)
+        self.metric_intervals: dict[str, dict[str, Any]] = {}
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.configure_models()
         self.configure_losses()

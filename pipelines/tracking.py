@@ -165,7 +165,10 @@ class RunSummary(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = self._append(trainer, "test")
-        self._update_summary(trainer, test={k: v for k, v in metrics.items() if k.startswith("test/")})
+        test = {k: v for k, v in metrics.items() if k.startswith("test/")}
+        # bootstrap intervals a task computed on its test rows (pipelines/bootstrap.py), beside the metrics
+        intervals = {k: v for k, v in (getattr(pl_module, "metric_intervals", None) or {}).items() if k in test}
+        self._update_summary(trainer, test=test, test_intervals=intervals)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":

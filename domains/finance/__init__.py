@@ -23,7 +23,8 @@ SPEC = DomainSpec(
     monitor="val/loss",
     mode="min",
     test_metrics=(("test/auprc", "max"), ("test/auroc", "max"), ("test/f1", "max"), ("test/precision", "max"), ("test/recall", "max"),
-                  ("test/precision_at_budget", "max"), ("test/recall_at_budget", "max"), ("test/loss", "min"), ("test/alert_rate", "")),  # fmt: skip
+                  ("test/precision_at_budget", "max"), ("test/recall_at_budget", "max"), ("test/loss", "min"), ("test/alert_rate", ""),
+                  ("test/ece", "min"), ("test/brier", "min")),  # fmt: skip
     selection=("test/auprc", "test/loss"),  # AUPRC where labels exist, else the reconstruction loss
     sanity_floors=("test/loss<inf", "test/loss<baseline", "test/auroc>0.5"),  # baseline: the untrained network
     tags=("tabular", "anomaly-detection", "fraud"),

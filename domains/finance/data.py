@@ -424,6 +424,14 @@ class TransactionDataModule(pl.LightningDataModule):
             stream = ScoringStream(self.table.iloc[rows].reset_index(drop=True), self.source_name, self.fitted, hp.predict_chunk_rows, rows)
         return make_loader(stream, None, hp.num_workers)
 
+    def describe_data(self) -> dict[str, Any]:
+        """Split sizes and, when labelled, normal/fraud rows per split (``report.html``, pipelines/report.py)."""
+        split, labels = self.split_assignment, self.labels
+        facts: dict[str, Any] = {"source": self.source_name, "splits": {name: int((split == name).sum()) for name in SPLITS}}
+        if labels is not None:
+            facts["class_balance"] = {name: {"normal": int(((split == name) & (labels == 0)).sum()), "fraud": int(((split == name) & (labels == 1)).sum())} for name in SPLITS}
+        return facts
+
     # ----- fitted state in the checkpoint ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"preprocessor": self.fitted.state_dict(), "split_rule": self.split_rule.as_dict(), REFERENCE_KEY: self.reference_statistics}

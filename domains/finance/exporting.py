@@ -61,6 +61,9 @@ def export_spec(task: FraudAutoencoder, datamodule_state: dict[str, Any] | None)
             "threshold": threshold if math.isfinite(threshold) else None,
             "budget_threshold": budget if math.isfinite(budget) else None,
             "threshold_method": hp.threshold_method,
+            "operating_point": {"threshold_target": hp.threshold_target, "cost_fn": hp.cost_fn, "cost_fp": hp.cost_fp}
+            if hp.threshold_method in ("cost", "sensitivity", "specificity") else None,
+            "probability": task.probability.describe(),
             "target_alert_rate": hp.target_alert_rate,
             "top_features": hp.top_features,
             "columns": [column for column, _ in roles.required() if column not in roles.id_columns],

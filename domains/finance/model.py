@@ -37,6 +37,9 @@ from torchmetrics.functional.classification import (
 
 from domains.finance.figures import pr_curve, score_histogram, unit_interval
 from domains.finance.networks import RowErrors, TabularAutoencoder, group_matrix, score_rows
+from pipelines.bootstrap import bootstrap_intervals
+from pipelines.calibration import PlattScaling, brier_score, check_threshold_options, expected_calibration_error, operating_threshold
+from pipelines.evaluation_plots import reliability_figure
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
@@ -102,7 +105,12 @@ class FraudAutoencoder(BaseTask):
         weight_decay: AdamW weight decay.
         lr_schedule: ``cosine``, ``step`` or ``constant``.
         threshold_method: ``auto`` (best F1 when validation labels exist, else the alert budget),
-            ``best_f1`` or ``alert_rate``.
+            ``best_f1``, ``alert_rate``, ``cost`` (least ``cost_fn`` x missed frauds + ``cost_fp`` x false
+            alerts on validation), ``sensitivity`` or ``specificity`` (reach ``threshold_target`` on
+            validation); the last three need validation labels (else the alert budget, with a warning).
+        threshold_target: the recall (sensitivity) or specificity wanted (``threshold_method`` ``sensitivity``/``specificity``).
+        cost_fn: cost of one missed fraud (``threshold_method: cost``).
+        cost_fp: cost of one false alert (``threshold_method: cost``).
         target_alert_rate: the alert budget: share of transactions flagged (e.g. 0.005 = 0.5 %).
         top_features: contributing columns reported per scored row.
         cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see BaseTask).
@@ -126,8 +134,11 @@ class FraudAutoencoder(BaseTask):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: str = "cosine",
-        threshold_method: Literal["auto", "best_f1", "alert_rate"] = "auto",
+        threshold_method: Literal["auto", "best_f1", "alert_rate", "cost", "sensitivity", "specificity"] = "auto",
         target_alert_rate: float = 0.005,
+        threshold_target: float = 0.9,
+        cost_fn: float = 100.0,
+        cost_fp: float = 1.0,
         top_features: int = 3,
         cpu_threads: int | None = 1,
         num_numeric: int = 1,
@@ -141,6 +152,7 @@ class FraudAutoencoder(BaseTask):
         numeric_groups = numeric_feature_groups if numeric_feature_groups is not None else list(range(num_numeric))
         if len(numeric_groups) != num_numeric or any(not 0 <= g < len(groups) for g in numeric_groups):
             raise InputError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
+        check_threshold_options(threshold_method if threshold_method in ("cost", "sensitivity", "specificity") else "fixed", threshold_target, cost_fn, cost_fp)
         super().__init__()
         self._warned_no_labels = False
         self._out_of_range_rows = 0
@@ -167,6 +179,7 @@ class FraudAutoencoder(BaseTask):
         # calibrated on validation; saved in every checkpoint
         self.register_buffer("threshold", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("budget_threshold", torch.tensor(float("nan"), dtype=torch.float64))
+        self.probability = PlattScaling()  # score -> fraud probability, fitted on labelled validation rows
 
     def configure_metrics(self) -> None:
         # nan_strategy "disable": a NaN score must reach the checks below (the default drops it silently,
@@ -232,11 +245,15 @@ class FraudAutoencoder(BaseTask):
         budget = budget_threshold(scores, hp.target_alert_rate)
         chosen = budget
         if hp.threshold_method != "alert_rate":
-            if self._labelled(labels):
+            if self._labelled(labels) and hp.threshold_method in ("cost", "sensitivity", "specificity"):
+                chosen = operating_threshold(scores, labels, hp.threshold_method, hp.threshold_target, hp.cost_fn, hp.cost_fp)
+            elif self._labelled(labels):
                 chosen, _ = best_f1_threshold(scores, labels)
-            elif hp.threshold_method == "best_f1" and not self._warned_no_labels:
+            elif hp.threshold_method != "auto" and not self._warned_no_labels:
                 self._warned_no_labels = True
-                warnings.warn("threshold_method best_f1 needs both classes in the validation labels; using the alert budget instead")
+                warnings.warn(f"threshold_method {hp.threshold_method} needs both classes in the validation labels; using the alert budget instead")
+        if self._labelled(labels):
+            self.probability.fit(scores, labels)
         self.budget_threshold.fill_(budget)
         self.threshold.fill_(chosen)
 
@@ -282,11 +299,29 @@ class FraudAutoencoder(BaseTask):
         labelled = self._labelled(labels)
         if labelled:
             metrics.update(self._ranking_metrics("test", scores, labels))
-        self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
+            metrics.update(self._probability_metrics(scores, labels))
+            self.metric_intervals = bootstrap_intervals(len(scores), lambda rows: self._test_values(scores[rows], labels[rows]))
+        self.log_dict({k: torch.as_tensor(v).float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
+        if self.trainer.is_global_zero and labelled and self.probability.fitted:
+            log_figure(self.trainer, reliability_figure({"Platt scaling": self.probability(scores).cpu()}, labels.cpu(), "Fraud probability reliability, test"), "test/reliability_diagram")
         if self.trainer.is_global_zero:
             log_figure(self.trainer, score_histogram(scores, labels if labelled else None, self._thresholds()), "test/score_histogram")
             if labelled:
                 log_figure(self.trainer, pr_curve(scores, labels, self._thresholds()), "test/pr_curve")
+
+    def _probability_metrics(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """ECE and Brier of the fraud probability (when a Platt mapping was fitted on validation)."""
+        if not self.probability.fitted:
+            return {}
+        probs = self.probability(scores).cpu()
+        return {"test/ece": expected_calibration_error(probs, labels.cpu()), "test/brier": brier_score(probs, labels.cpu())}
+
+    def _test_values(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """The labelled test metrics on a subset of rows (bootstrap intervals); NaN where one class is missing."""
+        if not self._labelled(labels):
+            return {}
+        values = {**self._ranking_metrics("test", scores, labels), **self._probability_metrics(scores, labels)}
+        return {**values, "test/alert_rate": (scores >= self.threshold).double().mean()}
 
     def _thresholds(self) -> dict[str, float]:
         return {"threshold": float(self.threshold), "alert budget": float(self.budget_threshold)}
@@ -309,6 +344,8 @@ class FraudAutoencoder(BaseTask):
         columns: dict[str, Any] = {str(c): raw[c].to_numpy() for c in raw.columns} if raw is not None else {}
         columns["source_row"] = batch["row"]
         columns["score"] = scores
+        if self.probability.fitted:  # the Platt mapping fitted on labelled validation rows (as the server's fraud_probability)
+            columns["fraud_probability"] = self.probability(scores)
         outside = batch["out_of_range"].cpu().numpy() if "out_of_range" in batch else np.zeros((len(scores), 0), dtype=bool)
         names = self.range_columns
         if torch.isfinite(self.threshold):

@@ -66,6 +66,7 @@ class TransactionRowsAdapter(RequestAdapter):
         threshold = domain.get("threshold")
         self.threshold: float | None = None if threshold is None else float(threshold)
         self.embedded = "categorical" in self.input_specs
+        self.probability: dict[str, Any] | None = domain.get("probability")  # Platt scaling fitted on validation, or None
 
     def accepts(self, request: dict[str, Any]) -> bool:
         return self.key in request
@@ -183,7 +184,11 @@ class TransactionRowsAdapter(RequestAdapter):
             order = np.argsort(-contributions, kind="stable")[: self.top_k]
             top = [{"feature": self.contribution_names[j], "contribution": _number(contributions[j])} for j in order]
             columns = [ranged[j] for j in np.flatnonzero(outside)]
-            answers.append({"score": _number(score), "is_alert": bool(alert) or bool(columns), "out_of_range": columns, "top_features": top})
+            answer = {"score": _number(score), "is_alert": bool(alert) or bool(columns), "out_of_range": columns, "top_features": top}
+            if self.probability:  # as predict's fraud_probability: sigmoid(slope * score + intercept) in float64
+                z = self.probability["slope"] * float(score) + self.probability["intercept"]
+                answer["fraud_probability"] = _number(1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z)))
+            answers.append(answer)
         return answers
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:

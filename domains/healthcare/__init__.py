@@ -27,7 +27,8 @@ SPEC = DomainSpec(
     ),
     monitor="val/auroc",
     mode="max",
-    test_metrics=(("test/auroc", "max"), ("test/accuracy", "max"), ("test/f1", "max"), ("test/f1_*", "max"), ("test/loss", "min")),
+    test_metrics=(("test/auroc", "max"), ("test/accuracy", "max"), ("test/f1", "max"), ("test/f1_*", "max"), ("test/loss", "min"),
+                  ("test/ece", "min"), ("test/brier", "min"), ("test/sensitivity", "max"), ("test/specificity", "max")),  # fmt: skip
     sanity_floors=("test/loss<inf", "test/auroc>0.5"),
     tags=("image", "classification", "monai"),
     test_args=(

@@ -17,7 +17,10 @@ from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricC
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights, min_input_size
+from pipelines.calibration import ThresholdMethod
+from pipelines.classifier_calibration import ClassifierCalibration, decision_centred
 from pipelines.errors import InputError
+from pipelines.evaluation_plots import confusion_figure, roc_figure
 from pipelines.export_spec import ExportSpec
 from pipelines.plots import image_grid
 from pipelines.task import BaseTask
@@ -50,6 +53,16 @@ class ImageClassifier(BaseTask):
         sample_grid_size: images in the logged grid of sample predictions (0 disables it).
         channels_last: on a GPU, keep 2-D images and weights in channels-last memory format (faster
             convolutions with mixed precision); ignored on CPU and for volumes.
+        calibrate: fit a temperature on the validation logits after every validation epoch (binary and
+            multi-class; ``pipelines/classifier_calibration.py``); predictions, exports and the server
+            give the calibrated probability.
+        threshold_method: the binary operating point, chosen on validation: ``fixed`` (0.5),
+            ``sensitivity`` or ``specificity`` (reach ``threshold_target``), ``cost`` (least
+            ``cost_fn`` x missed positives + ``cost_fp`` x false alarms). Saved in the checkpoint and
+            applied in predict, export and serving.
+        threshold_target: the sensitivity or specificity wanted (``threshold_method`` ``sensitivity``/``specificity``).
+        cost_fn: cost of one missed positive (``threshold_method: cost``).
+        cost_fp: cost of one false alarm (``threshold_method: cost``).
     """
 
     def __init__(
@@ -72,6 +85,11 @@ class ImageClassifier(BaseTask):
         input_shape: list[int] | None = None,
         sample_grid_size: int = 16,
         channels_last: bool = True,
+        calibrate: bool = True,
+        threshold_method: ThresholdMethod = "fixed",
+        threshold_target: float = 0.9,
+        cost_fn: float = 1.0,
+        cost_fp: float = 1.0,
     ) -> None:
         if task not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"task must be binary, multiclass or multilabel, got {task!r}")
@@ -157,6 +175,10 @@ class ImageClassifier(BaseTask):
         self.test_metrics = collection.clone(prefix="test/")
         self.test_confusion = ConfusionMatrix(**args)
         self.test_roc = ROC(**args)
+        hp = self.hparams
+        self.calibration = None if hp.task == "multilabel" else ClassifierCalibration(
+            hp.task == "binary", hp.calibrate, hp.threshold_method, hp.threshold_target, hp.cost_fn, hp.cost_fp
+        )  # fmt: skip
 
     def _use_channels_last(self, image: torch.Tensor) -> bool:
         return bool(self.hparams.channels_last) and image.is_cuda and image.ndim == 4
@@ -178,11 +200,11 @@ class ImageClassifier(BaseTask):
             self.check_input_shape(tuple(shape))
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.hparams.task == "binary":
-            return torch.sigmoid(logits[:, 0])
-        return torch.softmax(logits, 1) if self.hparams.task == "multiclass" else torch.sigmoid(logits)
+        """Calibrated probabilities: P(positive) ``(N,)`` for binary, ``(N, C)`` otherwise (multi-label: uncalibrated sigmoids)."""
+        return self.calibration.probabilities(logits) if self.calibration is not None else torch.sigmoid(logits)
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, logits, calibrated probabilities and targets of a batch."""
         logits = self(batch["image"])
         target = batch["label"]
         if self.hparams.task == "multiclass":
@@ -191,10 +213,10 @@ class ImageClassifier(BaseTask):
             loss = self.loss_fn(logits[:, 0], target.float())
         else:
             loss = self.loss_fn(logits, target.float())
-        return loss, self._probabilities(logits.detach()), target.long()
+        return loss, logits.detach(), self._probabilities(logits.detach()), target.long()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, probs, target = self._step(batch)
+        loss, _, probs, target = self._step(batch)
         self.train_accuracy(probs, target)
         batch_size = len(target)
         self.log_train_loss(loss, batch_size)
@@ -202,8 +224,11 @@ class ImageClassifier(BaseTask):
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
-        loss, probs, target = self._step(batch)
-        metrics.update(probs, target)
+        loss, logits, probs, target = self._step(batch)
+        if self.calibration is not None:
+            self.calibration.update(stage, logits, target)
+        # binary: accuracy and F1 at the operating threshold (torchmetrics decides at 0.5), AUROC unchanged
+        metrics.update(decision_centred(probs, self.calibration.threshold) if self.hparams.task == "binary" else probs, target)
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(target), sync_dist=True)
         if self.hparams.task == "binary":  # names the positive class in every summary: the share of it among the labels
             self.log(f"{stage}/prevalence_{self.class_labels[1]}", target.float().mean(), on_epoch=True, batch_size=len(target), sync_dist=True)
@@ -217,7 +242,7 @@ class ImageClassifier(BaseTask):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         probs = self._evaluate(batch, "test", self.test_metrics)
-        self.test_confusion.update(probs, batch["label"].long())
+        self.test_confusion.update(self._predicted_labels(probs) if self.hparams.task != "multilabel" else probs, batch["label"].long())
         self.test_roc.update(probs, batch["label"].long())
 
     def _log_collection(self, metrics: MetricCollection) -> None:
@@ -243,25 +268,57 @@ class ImageClassifier(BaseTask):
         log_figure(self.trainer, image_grid(image, titles), f"{stage}/sample_predictions")
 
     def _predicted_labels(self, probs: torch.Tensor) -> torch.Tensor:
-        if self.hparams.task == "multiclass":
-            return probs.argmax(1)
-        return (probs > 0.5).long()
+        """Binary: P(positive) at or above the operating threshold; multi-class: the most probable class."""
+        return self.calibration.decide(probs) if self.calibration is not None else (probs > 0.5).long()
 
     def on_validation_epoch_end(self) -> None:
         self._log_collection(self.val_metrics)
         self._log_sample_grid("val")
+        if self.calibration is not None:
+            fitted = {} if self.trainer.sanity_checking else self.calibration.fit()  # a few sanity batches fit nothing
+            self.calibration.collect("val")  # (empty after fit) the sanity check's logits are dropped
+            self.log_dict({k: float(v) for k, v in fitted.items()}, sync_dist=True)
+
+    def _test_metric_values(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The test metrics on a subset of test rows (bootstrap intervals), computed as the logged ones."""
+        from torchmetrics.functional.classification import auroc, accuracy, f1_score
+
+        probs = self._probabilities(logits)
+        args = self._metric_args()
+        if int(target.unique().numel()) < self.hparams.num_classes:  # AUROC is undefined without every class (torchmetrics would say 0)
+            auroc = lambda *_, **__: torch.tensor(float("nan"))  # noqa: E731
+        if args["task"] == "binary":
+            loss = self.loss_fn(logits[:, 0], target.float())
+            probs = decision_centred(probs, self.calibration.threshold)
+            return {"test/auroc": auroc(probs, target, **args), "test/accuracy": accuracy(probs, target, **args),
+                    "test/f1": f1_score(probs, target, **args), "test/loss": loss}  # fmt: skip
+        per_class = f1_score(probs, target, **args, average="none")
+        return {"test/auroc": auroc(probs, target, **args, average="macro"), "test/accuracy": accuracy(probs, target, **args),
+                "test/f1": f1_score(probs, target, **args, average="macro"), "test/loss": self.loss_fn(logits, target),
+                **{f"test/f1_{name}": per_class[i] for i, name in enumerate(self.class_labels)}}  # fmt: skip
 
     def on_test_epoch_end(self) -> None:
         self._log_collection(self.test_metrics)
         self._log_sample_grid("test")
-        names = self.class_labels if self.hparams.task != "binary" else None
+        task = self.hparams.task
         confusion = self.test_confusion.compute()
         roc = self.test_roc.compute()
+        calibration_metrics, figures, self.metric_intervals = self.calibration.evaluate_test(self._test_metric_values) if self.calibration else ({}, {}, {})
+        self.log_dict({k: float(v) for k, v in calibration_metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
-            fig, _ = self.test_confusion.plot(confusion, labels=names)
-            log_figure(self.trainer, fig, "test/confusion_matrix")
-            fig, _ = self.test_roc.plot(roc, score=True, labels=names) if names else self.test_roc.plot(roc, score=True)
+            if task == "multilabel":
+                fig, _ = self.test_confusion.plot(confusion, labels=self.class_labels)
+                log_figure(self.trainer, fig, "test/confusion_matrix")
+                fig, _ = self.test_roc.plot(roc, score=True, labels=self.class_labels)
+            else:
+                title = f"Confusion matrix, test (threshold {self.calibration.threshold:.3g})" if task == "binary" else "Confusion matrix, test"
+                log_figure(self.trainer, confusion_figure(confusion, self.class_labels, title), "test/confusion_matrix")
+                curves = {self.class_labels[1]: roc[:2]} if task == "binary" else {n: (f, t) for n, f, t in zip(self.class_labels, roc[0], roc[1])}
+                fig = roc_figure(curves, {n: float(torch.trapezoid(t, f)) for n, (f, t) in curves.items()},
+                                 "ROC curve, test" + (f" (positive class {self.class_labels[1]})" if task == "binary" else " (one class against the rest)"))  # fmt: skip
             log_figure(self.trainer, fig, "test/roc_curve")
+            for key, figure in figures.items():
+                log_figure(self.trainer, figure, key)
         self.test_confusion.reset()
         self.test_roc.reset()
 
@@ -285,8 +342,9 @@ class ImageClassifier(BaseTask):
             raise ValueError("the checkpoint holds no MedicalImageDataModule state (normalisation statistics); export a checkpoint written by `pipelines.run healthcare`")
         hp = self.hparams
         shape = list(datamodule_state["image_shape"])
+        temperature = self.calibration.temperature if self.calibration is not None else 1.0
         module = InferenceClassifier(
-            copy.deepcopy(self.network), datamodule_state["channel_mean"], datamodule_state["channel_std"], hp.task, hp.spatial_dims
+            copy.deepcopy(self.network), datamodule_state["channel_mean"], datamodule_state["channel_std"], hp.task, hp.spatial_dims, temperature
         ).eval()
         return ExportSpec(
             module=module,
@@ -301,6 +359,12 @@ class ImageClassifier(BaseTask):
                 "input": "float32 images, channels first, intensities in [0, 1] by bit depth (value / (2**bits - 1): 8-bit / 255, 16-bit / 65535; pipelines/images.py)",
                 "positive_class": self.class_labels[1] if hp.task == "binary" else None,
                 "output": "probabilities, one column per class (independent per label for multilabel)",
-                "decision_threshold": 0.5 if hp.task != "multiclass" else None,
+                "decision_threshold": (self.calibration.threshold if hp.task == "binary" else 0.5) if hp.task != "multiclass" else None,
+                "calibration": {
+                    "temperature": temperature,
+                    "method": "temperature scaling fitted on the validation split (inside the exported graph)" if hp.task != "multilabel" else "none",
+                    "threshold_method": hp.threshold_method,
+                    "decision": "positive when probabilities[:, 1] >= decision_threshold" if hp.task == "binary" else None,
+                },
             },
         )

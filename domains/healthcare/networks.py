@@ -100,8 +100,9 @@ class InferenceClassifier(torch.nn.Module):
     has one column per class; multi-label tasks return one independent probability per label.
     """
 
-    def __init__(self, network: torch.nn.Module, mean: list[float], std: list[float], task: str, spatial_dims: int) -> None:
+    def __init__(self, network: torch.nn.Module, mean: list[float], std: list[float], task: str, spatial_dims: int, temperature: float = 1.0) -> None:
         super().__init__()
+        self.register_buffer("temperature", torch.tensor(float(temperature)))  # fitted on validation (calibration); 1: none
         self.network = network
         shape = (1, -1) + (1,) * spatial_dims
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
@@ -109,7 +110,7 @@ class InferenceClassifier(torch.nn.Module):
         self.task = task
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits = self.network((image - self.mean) / self.std)
+        logits = self.network((image - self.mean) / self.std) / self.temperature
         if self.task == "binary":
             positive = torch.sigmoid(logits[:, :1])
             return torch.cat([1 - positive, positive], dim=1)

@@ -35,7 +35,8 @@ class ImageUploadAdapter(RequestAdapter):
         self.image_shape: list[int] = list(domain.get("image_shape", []))
         self.class_names: list[str] = list(domain.get("class_names", []))
         self.task: str = domain.get("task", "multiclass")
-        self.threshold: float = domain.get("decision_threshold") or 0.5
+        threshold = domain.get("decision_threshold")
+        self.threshold: float = 0.5 if threshold is None else float(threshold)
         (self.input_name,) = self.input_specs  # healthcare bundles have one input, the image
 
     def accepts(self, request: dict[str, Any]) -> bool:
@@ -79,6 +80,8 @@ class ImageUploadAdapter(RequestAdapter):
         names = self.class_names or [str(i) for i in range(len(probabilities))]
         if self.task == "multilabel":
             prediction: Any = [n for n, p in zip(names, probabilities) if p > self.threshold]
+        elif self.task == "binary":  # the operating point chosen on validation (metadata decision_threshold), as predict
+            prediction = names[1] if probabilities[1] >= self.threshold else names[0]
         else:
             prediction = names[int(np.argmax(probabilities))]
         return {"prediction": prediction, "probabilities": {n: float(p) for n, p in zip(names, probabilities)}, "task": self.task}
