@@ -226,6 +226,8 @@ class BundleAPI(ls.LitAPI):
         if isinstance(output, Answered):
             try:
                 return output.adapter.encode(output.outputs)
+            except HTTPException as error:  # a request refused by its adapter's batch step (e.g. a value that does not parse)
+                output = Rejected(error.status_code, str(error.detail))
             except Exception:
                 logger.exception("encoding an answer failed")
                 output = Rejected(500, "internal error while encoding the answer")
