@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipelines.registry import available_domains, get_domain
 from tests.conftest import only_run, read_jsonl, run_pipeline
@@ -76,6 +77,8 @@ def test_predict_and_test_need_only_the_checkpoint_and_the_new_data(domain, tmp_
     run_pipeline(domain, "predict", *common, *write(new, "score", 1))
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) > 0
+    # batches go to the file as they come; Lightning keeps none of them (flat memory: benchmarks/scaling.py)
+    assert yaml.safe_load((run / "config-predict.yaml").read_text())["return_predictions"] is False
 
     run_pipeline(domain, "test", *common, *write(new, "eval", 2), "--trainer.limit_test_batches=2")
     tested = [row for row in read_jsonl(run / "metrics.jsonl") if row["stage"] == "test"]
