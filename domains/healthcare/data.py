@@ -372,9 +372,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
         reads the data (the runner, ``--ckpt_path``), they make the source unnecessary for ``predict``
         on ``predict_dir``; evaluation data is then read against the checkpoint's classes. Loaded after
         (Lightning, after ``setup``), the data's classes must be the checkpoint's."""
-        if "source" in self.__dict__ and state_dict.get("class_names") != list(self.source.class_names):
+        given = self.hparams.class_names
+        data_classes = list(self.source.class_names) if "source" in self.__dict__ else (list(given) if given else None)
+        if data_classes is not None and state_dict.get("class_names") != data_classes:
             raise ValueError(
-                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {list(self.source.class_names)}; "
+                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {data_classes}; "
                 "pass --data.class_names to use the checkpoint's class order"
             )
         if self.restored is None and "source" not in self.__dict__ and "image_shape" in state_dict:
