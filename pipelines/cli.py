@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,7 +198,27 @@ class PipelineCLI(LightningCLI):
         )  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
-            parser.link_arguments(f"data.{source}", f"{model_args}.{target}", apply_on="instantiate")
+            parser.link_arguments("data", f"{model_args}.{target}", compute_fn=partial(self._data_value, source), apply_on="instantiate")
+
+    # ----- the checkpoint's fitted state reaches the data module before anything reads the data -----
+    def _data_value(self, name: str, datamodule: Any) -> Any:
+        """A value linked from the data module to the model, read after the data module took the
+        checkpoint's fitted state (:meth:`_restore_data`)."""
+        self._restore_data(datamodule)
+        return getattr(datamodule, name)
+
+    def _restore_data(self, datamodule: Any) -> None:
+        """With ``--ckpt_path``, what the checkpoint saved of the data module (fitted statistics, classes,
+        time step) is loaded right after it is built, before the links to the model or ``setup`` read
+        anything: ``test`` and ``predict`` then read only the data they evaluate or score, never the
+        training source (which may have moved). Lightning restores the same state again after ``setup``;
+        every domain's ``load_state_dict`` may be called twice."""
+        if self._checkpoint is None or datamodule is None:
+            return
+        state = self._checkpoint.get(type(datamodule).__qualname__)
+        self._checkpoint = None  # loaded once, in parse_arguments
+        if state:
+            datamodule.load_state_dict(state)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse once; the run folder comes from that parse (CLI, ``--config`` files, ``PIPELINES_*``
@@ -238,6 +259,8 @@ class PipelineCLI(LightningCLI):
             print(f"[pipelines] no last.ckpt under {self.run.path.parent} yet: starting a fresh run", file=sys.stderr)
         cfg.ckpt_path = self.run.ckpt_path
         cfg.run_id = self.run.run_id
+        if sub == "predict" and cfg.get("return_predictions") is None:
+            cfg.return_predictions = False  # batches go to the predictions file as they come: memory stays flat
         # DDP workers are launched as copies of this command: they must land in the same run folder.
         os.environ[RUN_ID_ENV] = self.run.run_id
 
@@ -286,14 +309,7 @@ class PipelineCLI(LightningCLI):
             check_lr_findable(self.model)
         if self.datamodule is None:
             return
-        if self._checkpoint is not None:
-            # What the checkpoint saved (fitted statistics, classes, time step) before ``setup``, so that
-            # data that does not fit it is refused before anything is written (Lightning restores it
-            # again after ``setup``; every domain's ``load_state_dict`` may be called twice).
-            state = self._checkpoint.get(type(self.datamodule).__qualname__)
-            self._checkpoint = None  # loaded once, in parse_arguments; Lightning loads it again for the run
-            if state:
-                self.datamodule.load_state_dict(state)
+        self._restore_data(self.datamodule)  # (done already when a link read the data module)
         self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -77,9 +77,14 @@ class NonFiniteLossGuard(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
+        step = trainer.global_step
+        if trainer.world_size == 1 and loss.device.type == "cpu":  # reading it costs no synchronisation: check now, in one call
+            if not bool(torch.isfinite(loss.detach()).all()):
+                self._bad = torch.tensor(True)
+                self._check(trainer, f"by global step {step}")
+            return
         bad = ~torch.isfinite(loss.detach()).all()
         self._bad = bad if self._bad is None else self._bad | bad
-        step = trainer.global_step
         due = pl_module.device.type == "cpu" or step % max(1, trainer.log_every_n_steps) == 0
         if self.every_n_steps and step % self.every_n_steps == 0:
             due = True

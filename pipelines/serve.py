@@ -99,6 +99,8 @@ logger = logging.getLogger("pipelines.serve")
 API_PATH = PREDICT_PATH
 #: exit status when the drain timed out and requests in flight were cut
 EXIT_DRAIN_CUT = 3
+#: infer outputs that are not answers: the model inputs an adapter prepared in infer (logged as features), a per-row refusal
+LOGGED_INPUT, REFUSAL = "input.", "refusal"
 
 
 @dataclass
@@ -250,12 +252,16 @@ class BundleAPI(ls.LitAPI):
         try:
             stamp, records = log_time(), []
             for item, result in zip(items, results):
-                if isinstance(result, Answered) and self.request_log.wanted():
+                refused = result.outputs.get(REFUSAL) if isinstance(result, Answered) else None
+                if isinstance(result, Answered) and (refused is None or refused[0] is None) and self.request_log.wanted():
                     identity, reference = result.model.identity, result.model.bundle.metadata.get("reference_statistics")
                     inputs = {n: a for n, a in item.arrays.items() if n in result.model.bundle.inputs}
+                    # an adapter that prepares its model inputs in infer (finance rows) hands them back as "input.NAME"
+                    inputs.update({n.removeprefix(LOGGED_INPUT): a for n, a in result.outputs.items() if n.startswith(LOGGED_INPUT)})
+                    outputs = {n: a for n, a in result.outputs.items() if not n.startswith(LOGGED_INPUT) and n != REFUSAL}
                     for i in range(item.rows):
                         records.append({"time": stamp, "model": identity["name"], "version": identity["version"], "form": item.adapter.name,
-                                        "features": item_features(inputs, i, reference), "outputs": item_outputs(result.outputs, i)})  # fmt: skip
+                                        "features": item_features(inputs, i, reference), "outputs": item_outputs(outputs, i)})  # fmt: skip
             self.request_log.append(records)
         except Exception:  # noqa: BLE001 - the answers matter more than their log
             logger.exception("writing the request log failed")
@@ -288,6 +294,8 @@ class BundleAPI(ls.LitAPI):
         if isinstance(output, Answered):
             try:
                 return JSONResponse(content=output.adapter.encode(output.outputs), headers=output.model.headers)
+            except HTTPException as error:  # a request refused by its adapter's batch step (e.g. a value that does not parse)
+                output = Rejected(error.status_code, str(error.detail), output.model)
             except Exception:
                 logger.exception("encoding an answer failed")
                 output = Rejected(500, "internal error while encoding the answer", output.model)

@@ -178,7 +178,10 @@ class RequestAdapter:
         return run_once(inputs, run, self.input_specs)
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The JSON answer from the outputs (and request context) of this request's ``n`` rows (leading axis ``n``)."""
+        """The JSON answer from the outputs (and request context) of this request's ``n`` rows (leading axis ``n``).
+
+        :func:`reject` here refuses this request alone (e.g. one whose values :meth:`infer` parsed for
+        the whole batch and found bad)."""
         raise NotImplementedError
 
     @property

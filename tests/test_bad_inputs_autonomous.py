@@ -267,8 +267,9 @@ def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(trained, tmp_
 
 
 def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, tmp_path, capsys):
-    """The checkpoint holds the step (fitted state); scoring data at another rate is refused even when
-    its own training table agrees with it (here: the same trips every 0.2 s), with exit status 2."""
+    """The checkpoint holds the step (fitted state); scoring data at another rate is refused against it
+    even when the configured training table agrees with the scoring data (here: the same trips every
+    0.2 s; ``predict`` does not read it), with exit status 2."""
     folder, runs, run = trained
     state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["SensorSequenceDataModule"]
     assert state["time_step"] == pytest.approx(DT)
@@ -280,7 +281,9 @@ def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, 
                      f"--data.predict_path={tmp_path / 'slow.csv'}", "--runs_dir", str(runs))  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err[-3000:]
-    assert contains(err, "sampled every 0.1 (its time step)") and contains(err, "time step is 0.2")
+    # the scoring file is checked against the checkpoint's step (the training table is not read for predict)
+    assert contains(err, "slow.csv: track 'trip0'") and contains(err, "is sampled every 0.2") and contains(err, "time step is 0.1"), err[-1500:]
+    assert contains(err, "saved in the checkpoint"), err[-1500:]
     after = _digests(run)
     # refused when Lightning loads the checkpoint: the invocation is already in provenance.json and the
     # lock file (the runner hands the checkpoint's state to the data module only then); the rest is intact

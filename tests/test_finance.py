@@ -299,6 +299,31 @@ def json_rows(frame: pd.DataFrame) -> list[dict]:
     return json.loads(json.dumps(text.where(text.notna(), None).to_dict("records")))
 
 
+def serve_batch(adapter, requests: list[dict], run) -> tuple[list, dict[str, np.ndarray]]:
+    """What the server does with one batch of requests of one form: decode each, one ``infer`` on the
+    concatenated arrays, ``encode`` each request's share (an answer, or the HTTPException refusing it);
+    also the model inputs that ``run`` was given."""
+    from fastapi import HTTPException
+
+    decoded = [adapter.decode(request) for request in requests]
+    seen: dict[str, np.ndarray] = {}
+
+    def recording(**inputs):
+        seen.update(inputs)
+        return run(**inputs)
+
+    outputs = adapter.infer({name: np.concatenate([d[name] for d in decoded]) for name in decoded[0]}, recording)
+    answers, start = [], 0
+    for d in decoded:
+        rows = len(next(iter(d.values())))
+        try:
+            answers.append(adapter.encode({name: values[start : start + rows] for name, values in outputs.items()}))
+        except HTTPException as error:
+            answers.append(error)
+        start += rows
+    return answers, seen
+
+
 @pytest.fixture(scope="module", params=[("autoencoder", "onehot"), ("vae", "embedding")], ids=["ae-onehot", "vae-embedding"])
 def exported(request, tmp_path_factory):
     """A tiny model trained on a CSV table, its checkpoint and its ONNX bundle."""
@@ -341,7 +366,7 @@ def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_th
 
     frame, csv_text = scoring_rows(tmp_path)
     adapter = TransactionRowsAdapter(bundle.metadata)
-    inputs = adapter.decode({"rows": json_rows(frame)})
+    (answer,), inputs = serve_batch(adapter, [{"rows": json_rows(frame)}], bundle.run)
     training = saved.transform(csv_text, "score.csv")  # what `predict` encodes from the same rows in a CSV file
     np.testing.assert_array_equal(inputs["numeric"], training["numeric"])
     assert ("categorical" in inputs) == (saved.categorical_encoding == "embedding")
@@ -359,12 +384,15 @@ def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_th
     clear = np.abs(score.double().numpy() - float(task.threshold)) > 1e-4 * max(1.0, abs(float(task.threshold)))
     np.testing.assert_array_equal(outputs["is_alert"][clear], (score.double() >= task.threshold).numpy()[clear])
 
-    answer = adapter.encode(outputs)
     top = contributions.topk(task.hparams.top_features, dim=1).indices
     assert [[f["feature"] for f in p["top_features"]] for p in answer["predictions"]] == [[saved.group_names[j] for j in row] for row in top.tolist()]
+    assert [p["score"] for p in answer["predictions"]] == pytest.approx(outputs["score"].tolist(), rel=1e-6)
+    # a batch of single-row requests is prepared in one pass and answers each exactly as alone
     single = TransactionRowAdapter(bundle.metadata)
-    one = single.encode(single.infer(single.decode({"row": json_rows(frame)[3]}), bundle.run))
-    assert one["score"] == pytest.approx(answer["predictions"][3]["score"], rel=1e-5) and one["is_alert"] == answer["predictions"][3]["is_alert"]
+    ones, batched = serve_batch(single, [{"row": row} for row in json_rows(frame)], bundle.run)
+    np.testing.assert_array_equal(batched["numeric"], training["numeric"])
+    for one, reference in zip(ones, answer["predictions"]):
+        assert one["score"] == pytest.approx(reference["score"], rel=1e-5) and one["is_alert"] == reference["is_alert"]
 
 
 def test_served_rows_are_validated_naming_row_and_column(exported):
@@ -397,17 +425,21 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
         ({"rows": good, "threshold": 1}, "threshold: unexpected field"),
         ({"row": {**good[0], "amount": "12,5"}}, "row.amount: expected a number"),
     ]
-    for request, message in cases:
+    bundle = Bundle(exported[1])
+    for request, message in cases:  # refused by decode (structure) or, alone in its batch, by encode (values)
         adapter = row if "row" in request else rows
         with pytest.raises(HTTPException) as caught:
-            adapter.decode(request)
+            answers, _ = serve_batch(adapter, [{"row": good[0]} if adapter is row else {"rows": good}, request], bundle.run)
+            assert not isinstance(answers[0], HTTPException), answers[0]  # the good request of the batch is answered
+            raise answers[1]
         assert caught.value.status_code == 422 and message in caught.value.detail, (message, caught.value.detail)
 
     # ids and the label may be sent; null is a missing value (imputed as in training); timestamps in mixed formats parse
     mixed = edited(0, is_fraud=1, amount=None, timestamp="2024-03-05T10:00:00Z")
-    numeric = rows.decode({"rows": mixed})["numeric"]
+    _, inputs = serve_batch(rows, [{"rows": mixed}], bundle.run)
+    numeric = inputs["numeric"]
     assert numeric.shape == (3, len(metadata["domain_metadata"]["feature_names"])) and np.isfinite(numeric).all()
-    np.testing.assert_array_equal(numeric[1:], rows.decode({"rows": good[1:]})["numeric"])
+    np.testing.assert_array_equal(numeric[1:], serve_batch(rows, [{"rows": good[1:]}], bundle.run)[1]["numeric"])
 
 
 def test_rows_form_over_http(exported, tmp_path):
@@ -423,8 +455,7 @@ def test_rows_form_over_http(exported, tmp_path):
         pytest.skip("one server start is enough: the VAE bundle with embedded categoricals")
     bundle = Bundle(bundle_path)
     rows = json_rows(make_card_transactions(30, 0.1, seed=6).drop(columns=["is_fraud"]))[:4]
-    expected = TransactionRowsAdapter(bundle.metadata)
-    want = expected.encode(expected.infer(expected.decode({"rows": rows}), bundle.run))
+    (want,), _ = serve_batch(TransactionRowsAdapter(bundle.metadata), [{"rows": rows}], bundle.run)
     server = start_server("finance", bundle_path, tmp_path / "server.log", "--max-batch-size", "8")
     try:
         status, info = request(server.url + "/info")

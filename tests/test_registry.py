@@ -65,7 +65,7 @@ def test_fit_test_predict_on_tiny_config(domain, runs_dir):
     assert "torch" in invocation["packages"] and invocation["git_commit"]
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["stage"] for r in rows].count("fit") == 2 and rows[-1]["stage"] == "test"
-    assert spec.monitor in rows[0] and "train/loss" in rows[0]
+    assert spec.monitor in rows[0] and "train/loss_epoch" in rows[0]
 
     # the W&B offline run holds the same metrics, under consistent names
     logged = history(run_file(run))

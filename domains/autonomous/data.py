@@ -251,7 +251,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     @property
     def time_step(self) -> float:
         """The sampling interval in the time column's units, one for the whole data set: ``data.time_step``,
-        or the median step of the training tracks (the simulator's ``sim_dt``; 10 frames for ETH/UCY)."""
+        or the median step of the training tracks (the simulator's ``sim_dt``; 10 frames for ETH/UCY); a
+        checkpoint's, once restored (every split is then checked against it)."""
+        if self.stats and self.stats.get("time_step"):
+            return float(self.stats["time_step"])
         return float(self.tracks["train"].report["time_step"])
 
     @property
@@ -293,7 +296,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def tracks(self) -> dict[str, Tracks]:
         """Validated, NaN-handled, gap-split segments of each split (the NaN and gap counts are logged)."""
         hp, out = self.hparams, {}
-        step = hp.time_step  # None: inferred from the training tracks, then used for every split
+        step = hp.time_step if hp.time_step is not None else (self.stats or {}).get("time_step")  # None: inferred from the training tracks, then used for every split
         for name, table in self.tables.items():  # train first
             if len(table) == 0:
                 raise InputError(f"split {name!r} is empty: no rows assigned to it (check --data.split_column or the fractions)")
@@ -312,6 +315,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def class_names(self) -> list[str]:
         if self.task != "classification":
             return []
+        if self.stats and self.stats.get("class_names"):  # a checkpoint's: the data is read against them
+            return list(self.stats["class_names"])
         column = self.hparams.target_column
         labels = pd.concat([table[column] for table in self.tables.values()]).dropna().astype(str)
         files = ", ".join(sorted({str(f) for table in self.tables.values() for f in table[FILE].unique()})[:3])
@@ -362,7 +367,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        """Windows of every split, checked before the loop starts; ``predict`` on ``predict_path`` with a
+        checkpoint's statistics reads only that file, never the source."""
+        if stage == "predict" and self.hparams.predict_path and self.stats is not None:
+            if "predict" not in self.datasets:
+                self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
+            return
+        if all(name in self.datasets for name in SPLITS):
             return
         if self.stats is None:
             self.stats = self.fit_statistics()
@@ -371,7 +382,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             names = [tracks.names[s] for s in windows.segment]
             self.datasets[name] = WindowDataset(self._tensors(tracks, windows, name), names)
         log(", ".join(f"{name}: {len(ds)} windows" for name, ds in self.datasets.items()))
-        if self.hparams.predict_path:
+        if self.hparams.predict_path and "predict" not in self.datasets:
             self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
 
     def _predict_dataset(self, path: str) -> WindowDataset:
@@ -449,7 +460,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             for cached in ("tables", "tracks", "class_names", "windows"):
                 self.__dict__.pop(cached, None)
             self.datasets = {}
-        if self.task == "classification" and state_dict.get("class_names") != self.class_names:
+        read = "tracks" in self.__dict__  # the data was read (Lightning's restore after setup): it must agree
+        if self.task == "classification" and read and state_dict.get("class_names") != self.class_names:
             raise InputError(
                 f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
                 "pass --data.class_names to use the checkpoint's class order"
@@ -457,9 +469,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         if state_dict.get("target_names") != self.target_names:
             raise InputError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {self.target_names}")
         saved = state_dict.get("time_step")
-        if saved is not None and abs(float(saved) - self.time_step) > EPS * float(saved):
+        data_step = self.hparams.time_step if self.hparams.time_step is not None else (self.tracks["train"].report["time_step"] if read else None)
+        if saved is not None and data_step is not None and abs(float(saved) - float(data_step)) > EPS * float(saved):
             raise InputError(
-                f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {self.time_step:g} "
+                f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {float(data_step):g} "
                 f"(--data.time_step, or the median step of the training tracks): its displacements would be misread; use data at the checkpoint's rate"
             )
         self.stats = {k: v for k, v in state_dict.items() if k != "split_rule"}

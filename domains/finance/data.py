@@ -162,7 +162,7 @@ class TransactionDataModule(pl.LightningDataModule):
         if max_categories < 1 or min_category_count < 1:
             raise InputError(f"--data.max_categories and --data.min_category_count must be >= 1, got {max_categories} and {min_category_count}")
         for name, value in (("path", path), ("predict_path", predict_path)):
-            if value is not None and not Path(value).is_file():
+            if name == "predict_path" and value is not None and not Path(value).is_file():  # ``path``: when it is read
                 raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
             if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
                 raise InputError(f"--data.{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
@@ -183,6 +183,8 @@ class TransactionDataModule(pl.LightningDataModule):
     @cached_property
     def roles(self) -> ColumnRoles:
         hp = self.hparams
+        if self.preprocessor is not None:  # restored from a checkpoint: the source need not be read
+            return self.preprocessor.roles
         if self.is_npz:
             columns = [c for c in self.table.columns if c != "label"]
             return ColumnRoles(numeric_columns=columns, label_column="label")
@@ -196,6 +198,8 @@ class TransactionDataModule(pl.LightningDataModule):
     @cached_property
     def table(self) -> pd.DataFrame:
         hp = self.hparams
+        if hp.path and not Path(hp.path).is_file():
+            raise InputError(f"--data.path {hp.path}: file not found" + (" (a folder)" if Path(hp.path).is_dir() else ""))
         if self.is_npz:
             return read_adbench_npz(Path(hp.path))
         if hp.path:
@@ -339,21 +343,30 @@ class TransactionDataModule(pl.LightningDataModule):
 
     # ----- datasets ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Read, fit and check every row before the loop starts (splits are re-encoded if a checkpoint's
-        preprocessing is restored afterwards); for ``predict``, read and check the whole scoring file
-        too. Idempotent: the runner calls it before the run folder exists, Lightning again later."""
-        if "table" not in self._checked:
-            self._encoded_table()  # every row of every split is checked now, before any training
-            self._checked.add("table")
-        if self.hparams.predict_path and stage in (None, "predict") and "predict" not in self._checked:
+        """Read, fit and check the rows the stage uses before the loop starts (every split for ``fit``;
+        the test split for ``test``; for ``predict``, the whole scoring file, and without one the test
+        split). With a checkpoint's preprocessing restored, ``predict`` on a scoring file never reads
+        the source and ``test`` encodes only its split. Idempotent: the runner calls it before the run
+        folder exists, Lightning again later (splits are re-encoded if a checkpoint's preprocessing is
+        restored afterwards)."""
+        scoring_file = bool(self.hparams.predict_path)
+        used = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "predict": () if scoring_file else ("test",)}.get(stage or "", SPLITS)
+        if used and "columns" not in self._checked:
+            self.check_columns()  # (on the checkpoint's roles when restored)
+            self._checked.add("columns")
+        for name in used:
+            if name not in self._checked:
+                self._split(name)  # every row of the split is checked now, before the loop
+                self._checked.add(name)
+        if scoring_file and stage in (None, "predict") and "predict" not in self._checked:
             self.check_scoring_file(Path(self.hparams.predict_path))
             self._checked.add("predict")
 
     def check_scoring_columns(self, path: Path) -> list[str]:
         """A scoring file must have the training table's columns (the label column and ignored columns are optional)."""
         columns = read_header(path)
-        optional = {self.roles.label_column, *self.roles.ignore_columns, self.split_rule.column}
-        expected = [c for c in self.table.columns if c not in optional] if not self.is_npz else list(self.roles.numeric_columns)
+        optional = {self.roles.label_column, *self.roles.ignore_columns, self.split_rule.column, self.split_rule.key}
+        expected = [column for column, _ in self.roles.required()]  # every other training column (check_columns)
         missing = [c for c in expected if c not in columns]
         extra = [c for c in columns if c not in expected and c not in optional]
         if missing or extra:
@@ -376,22 +389,14 @@ class TransactionDataModule(pl.LightningDataModule):
         if rows == 0:
             raise InputError(f"--data.predict_path {path}: the file has no rows (only a header); expected one row per transaction to score")
 
-    def _encoded_table(self) -> dict[str, np.ndarray]:
-        """The whole source encoded with the preprocessing in force (re-encoded after a checkpoint restore)."""
-        preprocessor = self.fitted
-        cached = self._encoded.get("table")
-        if cached is None or cached[0] is not preprocessor:
-            arrays = preprocessor.transform(self.table, self.source_name)  # raises naming column and rows
-            cached = self._encoded["table"] = (preprocessor, arrays)
-        return cached[1]
-
     def _split(self, name: str) -> EncodedRows:
+        """The rows of one split encoded with the preprocessing in force (re-encoded after a checkpoint restore)."""
         preprocessor = self.fitted
         cached = self._encoded.get(name)
         if cached is not None and cached[0] is preprocessor:
             return cached[1]
         rows = np.flatnonzero(self.split_assignment == name)
-        arrays = {key: value[rows] for key, value in self._encoded_table().items()}
+        arrays = preprocessor.transform(self.table.iloc[rows], self.source_name, rows)  # raises naming column and rows
         labels = arrays["label"]
         fit_rows = labels == 0 if self.hparams.mode == "semi_supervised" else np.ones(len(rows), dtype=bool)
         dataset = EncodedRows(arrays, rows, fit_rows)
@@ -458,8 +463,8 @@ class TransactionDataModule(pl.LightningDataModule):
             self._encoded.clear()
             self.preprocessor = None
         restored = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
-        current = self.fitted
-        if restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names):
+        current = self.preprocessor  # None when restored before anything was read (the runner, --ckpt_path)
+        if current is not None and (restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names)):
             raise InputError(
                 f"the checkpoint's preprocessing (columns {restored.group_names}, {len(restored.numeric_feature_names)} features) "
                 f"does not match this data's ({current.group_names}, {len(current.numeric_feature_names)} features); "

@@ -185,15 +185,19 @@ class MedicalImageDataModule(pl.LightningDataModule):
         self.channel_mean: list[float] | None = None
         self.reference: dict[str, Any] | None = None  # drift reference statistics (pipelines.reference), fitted in setup
         self.channel_std: list[float] | None = None
+        self.restored: dict[str, Any] | None = None  # a checkpoint's state: what the model knows, without reading the source
 
     # ----- what the model needs to know, read before training -------------------------------
     @cached_property
     def source(self) -> LabeledImages:
         hp = self.hparams
+        # a checkpoint's classes, in its order: evaluation data is read against the classes the model knows
+        class_names = hp.class_names or (self.restored["class_names"] if self.restored else None)
+        positive_class = hp.positive_class or (self.restored.get("positive_class") if self.restored else None)
         if hp.npz_path:
-            data = read_medmnist_npz(hp.npz_path, hp.class_names, hp.positive_class)
+            data = read_medmnist_npz(hp.npz_path, class_names, positive_class)
         elif hp.labels_csv:
-            data = read_image_table(hp.labels_csv, hp.image_dir, hp.class_names, hp.positive_class, self.intensity)
+            data = read_image_table(hp.labels_csv, hp.image_dir, class_names, positive_class, self.intensity)
         else:
             data = synthetic_lesions(hp.synthetic_samples, hp.synthetic_image_size, hp.synthetic_seed)
         if hp.positive_class is not None and data.task != "binary":
@@ -239,15 +243,15 @@ class MedicalImageDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.source.class_names)
+        return len(self.class_names)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.source.class_names)
+        return list(self.restored["class_names"]) if self.restored else list(self.source.class_names)
 
     @property
     def task(self) -> str:
-        return self.source.task
+        return self.restored["task"] if self.restored else self.source.task
 
     @property
     def positive_class(self) -> str | None:
@@ -256,15 +260,17 @@ class MedicalImageDataModule(pl.LightningDataModule):
 
     @property
     def in_channels(self) -> int:
-        return self.source.in_channels
+        return self.image_shape[0] if self.restored else self.source.in_channels
 
     @property
     def spatial_dims(self) -> int:
-        return self.source.spatial_dims
+        return len(self.image_shape) - 1 if self.restored else self.source.spatial_dims
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         """Channel-first shape of one model input."""
+        if self.restored:
+            return tuple(self.restored["image_shape"])
         size = self.hparams.image_size
         spatial = (size,) * self.spatial_dims if size else self.source.sample_shape[1:]
         return (self.in_channels, *spatial)
@@ -275,6 +281,8 @@ class MedicalImageDataModule(pl.LightningDataModule):
         ``negatives / positives`` (per label) for binary and multi-label tasks."""
         if self.hparams.balance != "class_weights":
             return None
+        if self.restored and "class_weights" in self.restored:
+            return self.restored["class_weights"]
         labels = self.source.labels[self.split_assignment == "train"]
         if self.task == "multiclass":
             counts = np.bincount(labels, minlength=self.num_classes).astype(float)
@@ -290,9 +298,17 @@ class MedicalImageDataModule(pl.LightningDataModule):
 
         return Resize(spatial_size=self.image_shape[1:], mode="area")
 
+    def _splits_for(self, stage: str | None) -> tuple[str, ...]:
+        """The splits a stage reads: ``predict`` on ``predict_dir`` and anything run from a checkpoint's
+        statistics read no training images."""
+        return {"predict": () if self.hparams.predict_dir else ("test",), "test": ("test",), "validate": ("val",)}.get(stage or "", SPLITS)
+
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
+        """Decode the pixels of the splits the stage uses (once per split); the normalisation statistics
+        come from the training split, or from the checkpoint without reading it."""
+        wanted = [name for name in self._splits_for(stage) if name not in self.datasets]
+        if self.channel_mean is None and "train" not in wanted and "train" not in self.datasets:
+            wanted.insert(0, "train")  # statistics to fit (no checkpoint)
         resize, volume = self._resize(), self.spatial_dims == 3
         if volume:
             augment = build_volume_augmentation() if self.hparams.volume_augment else None
@@ -300,11 +316,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
             augment = self.augment
             if augment is not None:  # albumentations 2 has its own generator: seed it from the run's seed
                 augment.set_random_seed(torch.initial_seed() % 2**32)
-        for name in SPLITS:
+        for name in wanted:
             indices = np.flatnonzero(self.split_assignment == name)
             images = self.source.load(indices, resize)
             self.datasets[name] = ImageDataset(images, self.source.labels[indices], indices, augment if name == "train" else None, volume)
-        if self.hparams.predict_dir:
+        if self.hparams.predict_dir and stage in (None, "predict") and "predict" not in self.datasets:
             self.datasets["predict"] = self._unlabelled(Path(self.hparams.predict_dir), resize)
         if self.channel_mean is None:
             train = self.datasets["train"].images
@@ -392,20 +408,29 @@ class MedicalImageDataModule(pl.LightningDataModule):
             "channel_std": self.channel_std,
             REFERENCE_KEY: self.reference,
             "split_rule": self.split_rule.as_dict(),
+            "class_weights": self.class_weights,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take a checkpoint's classes, input shape, normalisation statistics and split rule. Loaded before anything
+        reads the data (the runner, ``--ckpt_path``), they make the source unnecessary for ``predict``
+        on ``predict_dir``; evaluation data is then read against the checkpoint's classes. Loaded after
+        (Lightning, after ``setup``), the data's classes must be the checkpoint's."""
         rule = adopt(self.split_rule, state_dict.get("split_rule"), SplitRule())
         if rule != self.split_rule:  # the checkpoint's split rule: the items are split again by it
             print(f"[healthcare] the checkpoint's split: {rule.describe()}", file=sys.stderr)
             self.split_rule = rule
             self.__dict__.pop("split_assignment", None)
             self.datasets = {}
-        if state_dict.get("class_names") != self.class_names:
+        given = self.hparams.class_names
+        data_classes = list(self.source.class_names) if "source" in self.__dict__ else (list(given) if given else None)
+        if data_classes is not None and state_dict.get("class_names") != data_classes:
             raise ValueError(
-                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
+                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {data_classes}; "
                 "pass --data.class_names to use the checkpoint's class order"
             )
+        if self.restored is None and "source" not in self.__dict__ and "image_shape" in state_dict:
+            self.restored = dict(state_dict)
         self.channel_mean = state_dict["channel_mean"]
         self.channel_std = state_dict["channel_std"]
         self.reference = state_dict.get(REFERENCE_KEY)  # absent in checkpoints written before it existed

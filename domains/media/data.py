@@ -170,19 +170,27 @@ class MediaDataModule(pl.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.augment = build_albumentations(augment)
         self.datasets: dict[str, Dataset] = {}
+        self.restored: dict[str, Any] | None = None  # a checkpoint's state: what the model knows, without reading the source
 
     # ----- read and checked before training: what the model must know -------------------------
     @cached_property
     def source(self) -> ImageSet:
         hp = self.hparams
+        channels = hp.channels or (self.restored.get("in_channels") if self.restored else None)  # a checkpoint's channel count
         if hp.image_dir:
-            data = read_image_folder(hp.image_dir, hp.image_size, hp.channels, hp.use_labels, hp.class_names)
+            data = read_image_folder(hp.image_dir, hp.image_size, channels, hp.use_labels, hp.class_names)
         elif hp.npz_path:
-            data = read_npz(hp.npz_path, hp.image_size, hp.channels, hp.npz_key, hp.use_labels, hp.class_names)
+            data = read_npz(hp.npz_path, hp.image_size, channels, hp.npz_key, hp.use_labels, hp.class_names)
         else:
-            data = synthetic_images(hp.synthetic_samples, hp.image_size, hp.synthetic_seed, hp.channels)
+            data = synthetic_images(hp.synthetic_samples, hp.image_size, hp.synthetic_seed, channels)
         if not hp.use_labels:
             data.labels, data.class_names = None, []
+        saved = (self.restored or {}).get("class_names") or []
+        if saved and data.labels is not None and list(data.class_names) != list(saved):
+            raise InputError(
+                f"the checkpoint was trained on classes {saved} but the data has {list(data.class_names)}; "
+                "class-conditional generation needs the same class list (or --data.use_labels false)"
+            )
         return data
 
     @cached_property
@@ -220,7 +228,7 @@ class MediaDataModule(pl.LightningDataModule):
 
     @property
     def in_channels(self) -> int:
-        return self.source.channels
+        return int(self.restored["in_channels"]) if self.restored else self.source.channels
 
     @property
     def image_size(self) -> int:
@@ -228,6 +236,8 @@ class MediaDataModule(pl.LightningDataModule):
 
     @property
     def class_names(self) -> list[str]:
+        if self.restored:
+            return list(self.restored.get("class_names") or [])
         return list(self.source.class_names) if self.source.labels is not None else []
 
     @property
@@ -247,14 +257,15 @@ class MediaDataModule(pl.LightningDataModule):
 
     # ----- loaders -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        for name in SPLITS:
+        """The splits the stage uses (``predict`` generates: it reads no images)."""
+        wanted = {"predict": (), "test": ("test",), "validate": ("val",)}.get(stage or "", SPLITS)
+        for name in (name for name in wanted if name not in self.datasets):
             indices = self.split_indices[name]
             augment = self.augment if name == "train" else None
             self.datasets[name] = ImageDataset(self.source.pixels[indices], self.labels_of(indices), indices, augment)
         hp = self.hparams
-        self.datasets["predict"] = GenerationRequests(hp.num_generate, hp.generate_seed, self.num_classes, hp.generate_steps or 0, SAMPLERS.index(hp.generate_sampler))
+        if "predict" not in self.datasets:
+            self.datasets["predict"] = GenerationRequests(hp.num_generate, hp.generate_seed, self.num_classes, hp.generate_steps or 0, SAMPLERS.index(hp.generate_sampler))
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
@@ -284,6 +295,12 @@ class MediaDataModule(pl.LightningDataModule):
             self.split_rule = rule
             self.__dict__.pop("split_indices", None)
             self.datasets = {}
+        """Loaded before anything reads the data (the runner, ``--ckpt_path``), the checkpoint's classes
+        and channels stand in for the source's (``predict`` then reads no image); loaded after, they
+        must agree with the data's."""
+        if "source" not in self.__dict__ and self.restored is None and "in_channels" in state_dict:
+            self.restored = dict(state_dict)
+            return
         saved = state_dict.get("class_names") or []
         if saved and self.class_names and saved != self.class_names:
             raise InputError(

@@ -1,0 +1,126 @@
+"""Growth curves: each domain at 1x, 4x and 16x its default data, fit and predict.
+
+    python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
+
+For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
+
+- ``fit``: ``--trainer.max_epochs`` epochs on the domain's synthetic generator grown ``scale`` times
+  (finance ``synthetic_rows``, autonomous ``sim_vehicles``, healthcare and media ``synthetic_samples``);
+  training samples/s over the training batches (``benchmarks.common.TrainingThroughput``, validation
+  excluded), wall time of the whole command and its peak resident memory;
+- ``predict`` with ``--ckpt_path best`` on that run: finance scores a separate synthetic file of
+  ``scale`` x its default rows (``--data.predict_path``, streamed in chunks); autonomous and
+  healthcare predict their test split (it grows with the data); media generates ``scale`` x 64
+  images. Wall time, rows written per second and peak resident memory.
+
+Time should grow linearly with the data and predict memory stay flat (the fitted state comes from
+the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS is
+read through a small intermediary process (``benchmarks.performance._PEAK_RSS_OF``: a process forked
+from this one would report at least this one's size). Prints a table; writes
+``benchmarks/results/scaling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT, child_env, print_table, write_results
+from benchmarks.performance import _PEAK_RSS_OF
+from pipelines.registry import available_domains
+
+#: the data option each domain grows and its default value (the domains' config.yaml / __init__ defaults)
+SIZE_OPTIONS: dict[str, tuple[str, int]] = {
+    "finance": ("synthetic_rows", 20000),
+    "autonomous": ("sim_vehicles", 400),
+    "healthcare": ("synthetic_samples", 900),
+    "media": ("synthetic_samples", 1536),
+}
+FINANCE_SCORING_ROWS = 20000
+
+
+def timed(command: list[str]) -> dict[str, float]:
+    """Wall time and peak RSS (MiB) of a ``pipelines.run`` command in a new process; raises on failure."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF, sys.executable, "-m", "pipelines.run", *command],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"pipelines.run {' '.join(command)} exited with {done.returncode}: {done.stderr[-2000:]}")
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
+
+
+def scoring_file(folder: Path, rows: int) -> Path:
+    """A synthetic finance table of ``rows`` rows without labels, to score."""
+    from domains.finance.synthetic import make_card_transactions
+
+    path = folder / f"score-{rows}.csv"
+    if not path.exists():
+        make_card_transactions(rows, seed=7).drop(columns=["is_fraud"]).to_csv(path, index=False)
+    return path
+
+
+def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
+    if domain == "finance":
+        return ["--data.predict_path", str(scoring_file(folder, FINANCE_SCORING_ROWS * scale))]
+    if domain == "media":
+        return [f"--data.num_generate={64 * scale}"]
+    return []
+
+
+def measure(domain: str, scale: int, epochs: int, folder: Path) -> dict[str, Any]:
+    option, default = SIZE_OPTIONS[domain]
+    runs, run_id = folder / "runs", f"{domain}-x{scale}"
+    throughput = folder / f"throughput-{run_id}.json"
+    common = ["--runs_dir", str(runs), "--run_id", run_id, "--trainer.enable_progress_bar=false"]
+    fit = timed([
+        domain, "fit", *common, f"--data.{option}={default * scale}", f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
+        "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
+    ])  # fmt: skip
+    epochs_seen = json.loads(throughput.read_text())
+    samples = sum(e["samples"] for e in epochs_seen)
+    seconds = sum(e["seconds"] for e in epochs_seen)
+    run = runs / domain / run_id
+    predict = timed([domain, "predict", *common, "--ckpt_path", "best", *predict_options(domain, scale, folder)])
+    written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
+    return {
+        "domain": domain, "scale": scale, option: default * scale, "train_samples": samples,
+        "fit_wall_s": fit["wall_s"], "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"],
+        "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_rows_per_s": written / predict["wall_s"],
+        "predict_peak_rss_mib": predict["peak_rss_mib"],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", nargs="*", default=available_domains())
+    parser.add_argument("--scales", nargs="*", type=int, default=[1, 4, 16])
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
+    if unknown:
+        parser.error(f"no size option known for {unknown}; known: {sorted(SIZE_OPTIONS)}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
+        for domain in args.domains:
+            for scale in args.scales:
+                results.append(measure(domain, scale, args.epochs, Path(tmp)))
+                print(f"[scaling] {domain} x{scale}: {json.dumps(results[-1])}", flush=True)
+    rows = [
+        [r["domain"], f"{r['scale']}x", r["train_samples"], f"{r['fit_wall_s']:.1f}", f"{r['fit_samples_per_s']:.0f}", f"{r['fit_peak_rss_mib']:.0f}",
+         r["predict_rows"], f"{r['predict_wall_s']:.1f}", f"{r['predict_rows_per_s']:.0f}", f"{r['predict_peak_rss_mib']:.0f}"]
+        for r in results
+    ]  # fmt: skip
+    headers = ["domain", "data", "train samples", "fit wall s", "fit samples/s", "fit peak RSS MiB",
+               "predict rows", "predict wall s", "predict rows/s", "predict peak RSS MiB"]  # fmt: skip
+    table = print_table(headers, rows)
+    write_results("scaling", {"args": vars(args), "results": results, "table": table, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+if __name__ == "__main__":
+    main()
