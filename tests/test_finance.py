@@ -376,7 +376,7 @@ def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_th
     else:
         assert inputs["numeric"][3, saved.numeric_feature_names.index(f"merchant_category={UNKNOWN}")] == 1.0
 
-    outputs = adapter.infer(inputs, bundle.run)  # the model call; out_of_range rides along as request context
+    outputs = bundle.run(**inputs)
     with torch.no_grad():
         score, contributions = task.score({k: torch.from_numpy(v) for k, v in training.items()})
     np.testing.assert_allclose(outputs["score"], score.numpy(), rtol=1e-5, atol=1e-5)
