@@ -10,7 +10,7 @@ registered domain with no domain code (``docs/retraining.md`` has the whole desi
 1. **Lock** ``REGISTRY/<domain>/.lock`` (``fcntl.flock``, released by the kernel if the process
    dies); held elsewhere: exit 5 at once. Then reconcile orphan versions of killed attempts
    (:mod:`pipelines.registry_upkeep`).
-2. **Fingerprint** the training data (:func:`pipelines.retrain_steps.fingerprint`); equal to the
+2. **Fingerprint** the training data (:func:`pipelines.fingerprint.fingerprint`); equal to the
    champion's, or already rejected against the same champion: exit 4 (``--force`` trains anyway).
 3. **Train** a challenger with the runner (``pipelines.run DOMAIN fit``) in ``runs/<domain>/<id>/``;
    ``--warm_start`` loads the champion's weights first (:mod:`pipelines.warm_start`).
@@ -27,9 +27,11 @@ Exit codes (:class:`ExitCode`): 0 promoted, 3 kept champion (challenger rejected
 model fails the floors), 4 nothing new, 5 locked, 1 failed, 2 bad command line. Any non-zero exit
 of the runner is a failed attempt: nothing is pinned or promoted.
 
-Multi-GPU: the runner's own DDP works here (Lightning re-launches this command for each worker
-rank; a worker sees ``PIPELINES_RETRAIN_STEP`` and only runs its step). Evaluations run on one
-device in one process; after a distributed training in a fresh child. On SLURM run this command in
+Training runs the runner as a child process (``python -m pipelines.run DOMAIN fit ...``, W&B group
+and job type on its command line), so its own DDP works here: Lightning re-launches that child's
+command for each worker rank. A SIGTERM to this command reaches the child, which keeps its
+``last.ckpt``; if this command is killed, Linux kills the child too. Evaluations run on one device
+in this process; after a distributed training in a fresh child. On SLURM run this command in
 the batch step with ``--launcher srun`` (``deploy/retrain.sbatch``); a requeued job is the same
 attempt (``retrain-slurm-<job id>``) and resumes its training from ``last.ckpt``.
 """
@@ -49,9 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import evaluation_set
+from pipelines.fingerprint import absolute_paths, fingerprint
 from pipelines.model_registry import REGISTRY_ENV, ModelRegistry, RegistryError, RegistryLocked, default_registry
 from pipelines.registry_upkeep import check_writable
-from pipelines.retrain_steps import STEP_ENV, ExitCode, RetrainError, _cuda_devices, absolute_paths, fingerprint, resolve_config, run_step
+from pipelines.retrain_steps import ExitCode, RetrainError, cuda_devices, resolve_config, run_step
 from pipelines.selection import Selection, floor_text, parse_floor
 
 __all__ = ["ExitCode", "RetrainError", "main"]
@@ -59,24 +62,16 @@ RESERVED_RUNNER_OPTIONS = ("--run_id", "--ckpt_path")
 USAGE = "usage: python -m pipelines.retrain DOMAIN [--registry DIR] [--metric test/X] [--margin M] [--floor 'test/X>=V'] [--warm_start] [--keep N] [runner options: --config, --data.X, --model.X, --trainer.X, --runs_dir]"
 
 
-def __getattr__(name: str) -> Any:
-    """``pipelines.retrain.WarmStart`` still names the callback (now :mod:`pipelines.warm_start`)."""
-    if name == "WarmStart":
-        from pipelines import warm_start
-
-        return warm_start.WarmStart
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class Attempt:
     """One retraining attempt of one domain (the caller holds the registry lock)."""
 
     def __init__(self, options: argparse.Namespace, runner_args: list[str], selection: Selection) -> None:
-        from pipelines.registry import get_domain
+        from pipelines.domain_registry import get_domain
 
         self.options, self.runner_args, self.selection = options, runner_args, selection
         self.spec = get_domain(options.domain)
         self.registry = ModelRegistry(options.registry, self.spec.name)
+        self.group = options.wandb_group or f"retrain-{self.spec.name}"  # every W&B run of the attempt, and its artifact
         # a requeued SLURM job is the same attempt: it resumes its run folder from last.ckpt
         slurm_job = os.environ.get("SLURM_JOB_ID") if os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive") else None
         self.attempt_id = f"retrain-slurm-{slurm_job}" if slurm_job else "retrain-" + time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -120,7 +115,7 @@ class Attempt:
             weights = self.registry.version_dir(champion) / "model.safetensors"
             train_args += ["--trainer.callbacks+=pipelines.warm_start.WarmStart", f"--trainer.callbacks.weights={weights}"]
             self.row["warm_start"] = champion
-        run_step(train_args, self.options.launcher)
+        run_step(train_args, self.options.launcher, child=True, group=self.group)  # DDP workers re-run the child's command line
         best = run_dir / "checkpoints" / "best.ckpt"
         if not best.is_file():
             raise RetrainError(ExitCode.FAILED, f"training finished without {best} (no validation ran? check --trainer.limit_val_batches)")
@@ -165,8 +160,7 @@ class Attempt:
         self.row["decision"] = "promoted" if decision else "rejected"
         from pipelines.registry_cli import publish_to_wandb
 
-        group = os.environ.get("PIPELINES_WANDB_GROUP") or f"retrain-{self.spec.name}"
-        self.row["wandb"] = publish_to_wandb(self.registry, version, ["candidate", *(["champion"] if decision else [])], group)
+        self.row["wandb"] = publish_to_wandb(self.registry, version, ["candidate", *(["champion"] if decision else [])], self.group)
         return ExitCode.PROMOTED if decision else ExitCode.KEPT_CHAMPION
 
     def _add_version(self, best: Path, print_: dict, challenger: dict, evaluation: dict, decision: bool, reason: str, champion: str | None) -> str:
@@ -194,14 +188,14 @@ class Attempt:
         seed and fitted preprocessing): the untrained baseline of the ``baseline`` floors."""
         import torch
 
+        from pipelines.checkpoints import model_class, read_checkpoint
         from pipelines.model_registry import TRAINING_STATE_KEYS
-        from pipelines.registry import _import_dotted
 
-        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(best)
         class_path = self.config["model"].get("class_path") if isinstance(self.config["model"], dict) else None
-        model_class = _import_dotted(class_path or self.spec.model_class)  # from this attempt's own resolved config
+        model_type = model_class(self.spec, class_path, str(best))  # from this attempt's own resolved config
         torch.manual_seed(int(self.config.get("seed_everything") or 0))
-        model = model_class(**{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")})
+        model = model_type(**{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")})
         torch.save({**{k: v for k, v in checkpoint.items() if k not in TRAINING_STATE_KEYS}, "state_dict": model.state_dict()}, path)
         return path
 
@@ -230,12 +224,12 @@ class Attempt:
     def _distributed_training(self) -> bool:
         """Whether training ran in several processes (a launcher, or devices x num_nodes > 1): then each
         evaluation runs in a fresh single-process child, free of the training's process group."""
-        from pipelines.hardware import _count_devices
+        from pipelines.hardware import count_devices
 
         trainer = self.config["trainer"]
         accelerator = trainer.get("accelerator") or "auto"
-        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _cuda_devices())
-        devices = _count_devices(trainer.get("devices") or "auto", 1 if on_cpu else _cuda_devices())
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not cuda_devices())
+        devices = count_devices(trainer.get("devices") or "auto", 1 if on_cpu else cuda_devices())
         return bool(self.options.launcher) or devices * int(trainer.get("num_nodes") or 1) > 1
 
     def _version_config(self, version: str) -> dict[str, Any]:
@@ -246,7 +240,7 @@ class Attempt:
     def _score(self, checkpoint: Path, model_config: dict, runs_dir: Path, run_dir: Path, label: str, evaluation: dict) -> dict[str, Any]:
         result = evaluation_set.score(
             self.spec.name, evaluation, checkpoint, model_config, self.config, runs_dir, f"{self.attempt_id}-eval-{label}",
-            run_dir / f"evaluation-{label}.yaml", fresh_process=self._distributed_training(),
+            run_dir / f"evaluation-{label}.yaml", child=self._distributed_training(), group=self.group,
         )  # fmt: skip
         shown = {k: round(v, 4) for k, v in result["metrics"].items() if k in self.selection.preference}
         print(f"[retrain] {label} on the evaluation set: {json.dumps(shown)}", file=sys.stderr)
@@ -276,6 +270,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--eval_config", type=Path, default=None, help="YAML whose data section is the evaluation set, snapshotted into the registry with the first champion (default: the data of that attempt)")
     parser.add_argument("--keep", type=int, default=None, help="retention: keep the N newest versions and attempt run folders (never the champion, its rollback chain or an aliased version)")
     parser.add_argument("--launcher", type=shlex.split, default=None, help="command prefix that starts the training step as a child process on every task, e.g. 'srun' on SLURM")
+    parser.add_argument("--wandb_group", default=None, help="W&B group of the attempt's runs and of the model artifact (default: retrain-DOMAIN)")
     parser.add_argument("--force", action="store_true", help="train even when the fingerprint equals the champion's")
     options, runner_args = parser.parse_known_args(argv)
     for arg in runner_args:
@@ -294,17 +289,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run one retraining attempt; return its :class:`ExitCode`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get(STEP_ENV):  # a DDP worker Lightning launched from a retrain step: run that step only
-        from pipelines.run import main as run_main
-
-        run_main(json.loads(os.environ[STEP_ENV]))
-        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("exit codes: " + ", ".join(f"{int(code)} {code.name.lower().replace('_', ' ')}" for code in ExitCode))
         return 0 if argv else ExitCode.USAGE
     options, runner_args = parse_args(argv)
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
 
     try:
         selection = Selection.for_domain(get_domain(options.domain), options.metric, options.floor)

@@ -62,7 +62,7 @@ from fastapi.responses import JSONResponse
 
 from pipelines import serving_metrics
 from pipelines.bundle_runtime import Bundle
-from pipelines.registry import available_domains, get_domain
+from pipelines.domain_registry import available_domains, get_domain
 from pipelines.serving_server import DrainingServer, add_operational_routes, install_signal_handlers, stop_children
 from pipelines.serving_requests import (
     ADAPTERS_ATTRIBUTE, SERVING_MODULE, GenericAdapter, ModelCall, RequestAdapter, as_input_array, domain_adapter_classes,

@@ -1,8 +1,8 @@
 """What runs inside one trial's process of a sweep (:mod:`pipelines.sweep`).
 
-``python -m pipelines.sweep_trial DOMAIN [runner options]`` is ``python -m pipelines.run DOMAIN
-[runner options]`` that also dies with the sweep process that started it (Linux
-``PR_SET_PDEATHSIG``): a SIGKILLed sweep leaves no orphaned training behind, and its running trial
+``python -m pipelines.sweep_trial --parent=PID DOMAIN [runner options]`` is ``python -m pipelines.run
+DOMAIN [runner options]`` that also dies with the sweep process ``PID`` that started it (Linux
+``PR_SET_PDEATHSIG``; a DDP worker rank dies with its rank-zero process): a SIGKILLed sweep leaves no orphaned training behind, and its running trial
 is failed by Optuna's heartbeat and retried when the sweep is started again.
 
 :class:`OptunaPruning` is the Lightning callback the sweep adds to a trial's runner command
@@ -120,8 +120,13 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the runner on ``argv`` (its arguments after ``python -m pipelines.run``)."""
-    parent = int(os.environ.get("PIPELINES_SWEEP_PARENT", os.getppid()))
+    """Run the runner on ``argv`` (``--parent=PID``, then its arguments after ``python -m pipelines.run``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parent = os.getppid()
+    if argv and argv[0].startswith("--parent="):
+        given = int(argv.pop(0).partition("=")[2])
+        # Lightning re-launches this command line for DDP worker ranks: they die with rank zero instead
+        parent = given if os.environ.get("LOCAL_RANK", "0") == "0" else parent
     _die_with_parent(parent)
     from pipelines.run import main as run_main
 

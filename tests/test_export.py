@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.domain_registry import available_domains, get_domain
 from pipelines.export import export_checkpoint, load_task
-from pipelines.registry import available_domains, get_domain
 from tests.conftest import only_run, run_pipeline
 
 DOMAINS = available_domains()
