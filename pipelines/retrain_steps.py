@@ -76,17 +76,6 @@ def cuda_devices() -> int:
 STOP_GRACE_S = 60
 
 
-def _die_with_parent() -> None:
-    """In a child, before it runs: Linux sends it SIGKILL if this process dies (a killed attempt
-    leaves no training behind)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 def run_step(args: list[str], launcher: list[str] | None = None, job_type: str = "retrain", child: bool = False, group: str | None = None) -> None:
     """Run one runner command, ``python -m pipelines.run ARGS --wandb_group G --wandb_job_type T``.
 
@@ -102,8 +91,10 @@ def run_step(args: list[str], launcher: list[str] | None = None, job_type: str =
         child_env = dict(os.environ)
         for name in LAUNCH_VARIABLES if not launcher else ():
             child_env.pop(name, None)
-        command = [*(launcher or []), sys.executable, "-m", "pipelines.run", *args]
-        process = subprocess.Popen(command, env=child_env, preexec_fn=_die_with_parent)
+        # without a launcher the child dies with this process (pipelines.child_run); a launcher owns its tasks
+        entry = ["pipelines.run"] if launcher else ["pipelines.child_run", f"--parent={os.getpid()}"]
+        command = [*(launcher or []), sys.executable, "-m", *entry, *args]
+        process = subprocess.Popen(command, env=child_env)
         try:
             code = process.wait()
         except BaseException:  # this attempt is stopping: the child stops too, keeping its last checkpoint

@@ -186,7 +186,7 @@ class Sweep:
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
         if run_dir.exists():
             return self._failed(trial, None, f"run folder {run_dir} already exists (another study with this name used this runs_dir)")
-        command = [sys.executable, "-m", "pipelines.sweep_trial", f"--parent={os.getpid()}", self.spec.name, *self.runner_args,
+        command = [sys.executable, "-m", "pipelines.child_run", f"--parent={os.getpid()}", self.spec.name, *self.runner_args,
                    *[f"--{option}={option_value(value)}" for option, value in params.items()],
                    f"--runs_dir={self.runs_dir}", f"--run_id={run_id}", f"--wandb_group={self.name}", "--wandb_job_type=sweep-trial"]  # fmt: skip
         if self.options.pruner != "none":

@@ -18,7 +18,7 @@ from pipelines.plots import save_figure_atomic
 
 PRUNING_CALLBACK = "pipelines.sweep_trial.OptunaPruning"
 #: Keys of a trial's config.yaml that belong to that one run, not to the recipe.
-RUN_ONLY_KEYS = ("run_id", "runs_dir", "ckpt_path")
+RUN_ONLY_KEYS = ("run_id", "runs_dir", "ckpt_path", "wandb_group", "wandb_job_type")
 
 
 def best_config(run_dir: Path) -> dict[str, Any]:
