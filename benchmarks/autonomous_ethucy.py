@@ -97,7 +97,7 @@ def constant_velocity(root: Path, scene: str) -> tuple[float, float, int]:
 def train_and_test(root: Path, scene: str, architecture: str, epochs: int, batch_size: int, runs_dir: Path, extra: list[str]) -> dict[str, Any]:
     """One leave-one-scene-out run through the runner; returns test metrics and timings."""
     from pipelines.cli import PipelineCLI
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
 
     args = [
         "fit", "--config", str(CONFIG), f"--data.eth_ucy_root={root}", f"--data.eth_ucy_scene={scene}",

@@ -47,8 +47,8 @@ import torch
 import yaml
 
 from benchmarks.common import ROOT, batch_size_of, child_env, print_table, write_results
+from pipelines.domain_registry import DomainSpec, import_dotted, available_domains, get_domain
 from pipelines.hardware import plan_hardware
-from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
 
 class FirstStepTimer(pl.Callback):
     """Write the wall-clock time of the first training batch to a file (time to first step)."""
@@ -68,7 +68,7 @@ def build_defaults(spec: DomainSpec, batch_size: int | None = None) -> tuple[pl.
     datamodule = spec.load_datamodule_class()(**data_config)
     model_config = dict(config.get("model", {}))
     if spec.model_subclasses:
-        cls, kwargs = _import_dotted(model_config["class_path"]), dict(model_config.get("init_args", {}))
+        cls, kwargs = import_dotted(model_config["class_path"]), dict(model_config.get("init_args", {}))
     else:
         cls, kwargs = spec.load_model_class(), model_config
     kwargs.update({target: getattr(datamodule, source) for source, target in spec.links})
@@ -176,7 +176,7 @@ def startup(domain: str, runs_dir: Path, repeats: int) -> dict[str, Any]:
     )  # fmt: skip
     spec = get_domain(domain)
     code = (
-        "import sys; from pipelines.registry import get_domain; s = get_domain(%r); s.load_model_class(); s.load_datamodule_class(); "
+        "import sys; from pipelines.domain_registry import get_domain; s = get_domain(%r); s.load_model_class(); s.load_datamodule_class(); "
         "print(sorted(m for m in ('monai', 'transformers', 'albumentations') if m in sys.modules))" % spec.name
     )
     heavy = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True).stdout.strip()

@@ -33,7 +33,7 @@ from typing import Any
 
 from benchmarks.common import ROOT, child_env, print_table, write_results
 from benchmarks.performance import _PEAK_RSS_OF
-from pipelines.registry import available_domains
+from pipelines.domain_registry import available_domains
 
 #: the data option each domain grows and its default value (the domains' config.yaml / __init__ defaults)
 SIZE_OPTIONS: dict[str, tuple[str, int]] = {

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import print_table, write_results
-from pipelines.registry import available_domains, get_domain
+from pipelines.domain_registry import available_domains, get_domain
 
 ROOT = Path(__file__).resolve().parents[1]
 DIFFUSION = "media-diffusion"  # the media domain with a Diffusion model (its default config trains a GAN)

@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.serving import ROOT, free_port, percentiles
 from pipelines.model_registry import ModelRegistry
-from pipelines.registry import get_domain
+from pipelines.domain_registry import get_domain
 
 
 def run(*command: str) -> int:

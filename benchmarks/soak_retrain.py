@@ -216,7 +216,7 @@ class Soak:
                 p.chmod(mode)
 
     def check(self, registry: Any, fault: str, code: int, history_before: int, chain_before: set[str]) -> dict[str, Any]:
-        from pipelines.registry import get_domain
+        from pipelines.domain_registry import get_domain
         from pipelines.selection import Selection
 
         assert code in ALLOWED[fault], f"night with {fault}: exit {code}, allowed {sorted(ALLOWED[fault])}; log: {(self.work / 'night.log').read_text()[-2000:]}"

@@ -1,1 +1,1 @@
-"""Domain packages. Each registers a :class:`pipelines.registry.DomainSpec` in ``pyproject.toml``."""
+"""Domain packages. Each registers a :class:`pipelines.domain_registry.DomainSpec` in ``pyproject.toml``."""

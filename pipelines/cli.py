@@ -9,6 +9,7 @@ can also come from an environment variable (``PIPELINES_FIT__TRAINER__MAX_EPOCHS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -28,58 +29,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipelines.checkpointing import TieBreakingCheckpoint
-from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
+from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
+from pipelines.domain_registry import DomainSpec
+from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped
+from pipelines.files import write_text_atomic
 from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
+from pipelines.parse_errors import broken_yaml, explain
 from pipelines.predictions import CsvPredictionWriter, prediction_file
-from pipelines.registry import DomainSpec
 from pipelines.report import RunReport
-from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections, write_text_atomic
-from pipelines.task import compile_networks
+from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections
+from pipelines.task import compile_networks, eager_fallback
 from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
 from pipelines.tuning import check_lr_findable, find_learning_rate
 from pipelines.wandb_replay import ReplayMetrics
 
 #: Errors that mean bad input or options when raised while the command is read and its data checked.
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """A ``--ckpt_path`` loaded weights-only (memory-mapped); one that is not a Lightning checkpoint
-    readable that way (a text file, a truncated download, a pickle with code in it) is refused before
-    anything is written."""
-    import torch
-
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # large checkpoints: not read whole
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # an older (non-zip) serialisation
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "Weights only load failed" in reason:  # torch then suggests weights_only=False: never, for a file from elsewhere
-            reason = "it is not a file of tensors: not a checkpoint, or one holding pickled objects, which are never loaded"
-        raise InputError(f"--ckpt_path {path}: not a Lightning checkpoint that loads weights-only ({reason[:200]})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise InputError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
-def broken_yaml(args: Any) -> str | None:
-    """The first ``--config FILE`` of ``args`` that is not valid YAML, as an error naming the file and line."""
-    files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")] if isinstance(args, list) else []
-    files += [arg.split("=", 1)[1] for arg in args if isinstance(arg, str) and arg.startswith("--config=")] if isinstance(args, list) else []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            continue
-        try:
-            yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            return f"--config {path}: not valid YAML: {' '.join(str(error).split())}"
-    return None
 
 
 class PipelineCLI(LightningCLI):
@@ -99,6 +65,7 @@ class PipelineCLI(LightningCLI):
         self._lock: RunLock | None = None
         self._checkpoint: dict[str, Any] | None = None
         self.signal_checkpoint: SignalCheckpoint | None = None
+        self._scopes = contextlib.ExitStack()  # process-wide settings this command changes, restored when it ends
         configure_wandb_mode()
         defaults = {"default_config_files": [str(spec.config)], "exit_on_error": False}
         inherited_run_id = os.environ.get(RUN_ID_ENV)
@@ -117,6 +84,7 @@ class PipelineCLI(LightningCLI):
         except NonFiniteLossError as error:
             raise RunStopped(f"{spec.name} fit: {error} ({self.run.path if self.run else ''})") from None
         finally:  # a later run in this process (tests, retraining) gets its own run folder and W&B run
+            self._scopes.close()
             if self._lock is not None:
                 self._lock.release()
             if sigint_handler is not None:  # Lightning ignores Ctrl+C for good after an interrupt
@@ -183,6 +151,8 @@ class PipelineCLI(LightningCLI):
             "--wandb_watch", type=Literal["none", "gradients", "parameters", "all"], default="none",
             help="Log histograms of the model's gradients and/or parameters to W&B every log_every_n_steps.",
         )  # fmt: skip
+        parser.add_argument("--wandb_group", type=str | None, default=None, help="W&B run group (retraining and sweeps group their runs by it).")
+        parser.add_argument("--wandb_job_type", type=str, default="train", help="W&B job type of the run (retraining: retrain, retrain-eval; sweeps: sweep-trial).")
         parser.add_argument(
             "--checkpoint_every_n_steps", type=int | None, default=None,
             help="Also write checkpoints/last.ckpt every N training steps (long epochs: a killed run resumes from there).",
@@ -238,7 +208,10 @@ class PipelineCLI(LightningCLI):
         except ValueError as error:
             raise InputError(str(error)) from None
         if self.run.ckpt_path:
-            self._checkpoint = load_checkpoint(self.run.ckpt_path)  # its data module state is used before setup
+            label = f"--ckpt_path {self.run.ckpt_path}"
+            self._checkpoint = read_checkpoint(self.run.ckpt_path, label)  # its data module state is used before setup
+            # the class it names is checked before LightningCLI reads it from the checkpoint's hyper-parameters
+            model_class(self.spec, recorded_class_path(self._checkpoint), label)
         reused = saved_config_sections(self.run, sub)
         if reused is not None:
             path, sections = reused
@@ -261,7 +234,10 @@ class PipelineCLI(LightningCLI):
         cfg.run_id = self.run.run_id
         if sub == "predict" and cfg.get("return_predictions") is None:
             cfg.return_predictions = False  # batches go to the predictions file as they come: memory stays flat
-        # DDP workers are launched as copies of this command: they must land in the same run folder.
+        # DDP workers are launched by Lightning as copies of this command (``sys.argv``, this process's
+        # environment): they must land in the same run folder, and a variable is the only way to tell
+        # them (Lightning offers no hook to add arguments to their command line). Removed again when
+        # this command ends (``__init__``'s ``finally``).
         os.environ[RUN_ID_ENV] = self.run.run_id
 
     def _parse(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -269,29 +245,8 @@ class PipelineCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:
             broken = broken_yaml(args)
-            raise InputError(broken or self._explain(str(error))) from None
-
-    def _explain(self, message: str) -> str:
-        """jsonargparse's message, first line only, with "did you mean" for unknown options and keys."""
-        import re
-
-        options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
-        lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-        first = (lines[0] if lines else message).rstrip(":")
-        hints = []
-        for unknown in re.findall(r"(--[\w.\-]+)", first if "nrecognized" in first else ""):
-            alike = [o for o in options if o.count(".") == unknown.count(".")]
-            hints.append(f"{unknown}{did_you_mean(unknown, alike) or ' is not an option'}")
-        for key in re.findall(r'Key "([\w.\-]+)" is not expected|does not accept option \'([\w.\-]+)\'', message):
-            key = "".join(key)
-            suggestion = did_you_mean("--" + key, options).replace("'--", "'")
-            hints.append(f"config key {key!r}{suggestion or ' is not an option'}")
-        for class_path, option in re.findall(r"class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted", message):
-            name = class_path.rpartition(".")[2]
-            hints.append(f"option {option!r} is not accepted by {class_path} (its options: `python -m pipelines.run {self.spec.name} --model.help {name}`)")
-        detail = "; ".join(dict.fromkeys(hints))
-        detail = f" {detail}." if detail else ("; " + " ".join(lines[1:3]) if len(lines) > 1 else "")
-        return f"{first}.{detail} `python -m pipelines.run {self.spec.name} --help` lists every option."
+            options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
+            raise InputError(broken or explain(str(error), options, self.spec.name)) from None
 
     def instantiate_classes(self) -> None:
         """Data module, model, data check, then the trainer: bad input stops here, before any file is written."""
@@ -356,7 +311,7 @@ class PipelineCLI(LightningCLI):
             callbacks.append(CsvPredictionWriter(predictions))
         overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
         if trainer_cfg.get("logger") in (None, True):
-            overrides["logger"] = make_wandb_logger(self.run, tags=self.spec.tags)
+            overrides["logger"] = make_wandb_logger(self.run, self.spec.tags, options.get("wandb_group"), options.get("wandb_job_type") or "train")
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
             watch = options.get("wandb_watch", "none")
             if watch != "none":
@@ -375,6 +330,7 @@ class PipelineCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         if self.config[self.subcommand].get("compile"):
+            self._scopes.enter_context(eager_fallback())  # closed when the command ends
             compiled = compile_networks(self.model)
             print(f"[pipelines] torch.compile: {', '.join(compiled) or 'no network found'}", file=sys.stderr)
 

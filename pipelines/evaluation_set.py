@@ -36,9 +36,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipelines.files import fsync_dir
+from pipelines.fingerprint import absolute_paths, fingerprint, hash_path, path_values
 from pipelines.model_registry import ModelRegistry, now
-from pipelines.retrain_steps import ExitCode, RetrainError, absolute_paths, fingerprint, hash_path, path_values, run_step, write_yaml
-from pipelines.runs import fsync_dir
+from pipelines.retrain_steps import ExitCode, RetrainError, run_step, write_yaml
 from pipelines.splits import is_stable_config, rule_of_config
 
 SNAPSHOT_DIR = "evaluation"
@@ -119,7 +120,8 @@ def score(
     runs_dir: Path,
     eval_id: str,
     config_path: Path,
-    fresh_process: bool = False,
+    child: bool = False,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """Test ``checkpoint`` (with ``model_config``'s model section) on the evaluation set ``record``
     with the trainer settings of ``base_config`` on one device in one process; return
@@ -130,7 +132,7 @@ def score(
     eval_config = {"seed_everything": base_config.get("seed_everything"), "trainer": trainer, "model": model_config["model"], "data": record["data"]}
     write_yaml(config_path, eval_config)
     args = [domain, "test", "--config", str(config_path), "--runs_dir", str(runs_dir), "--run_id", eval_id, "--ckpt_path", str(checkpoint)]
-    run_step(args, job_type="retrain-eval", fresh_process=fresh_process)
+    run_step(args, job_type="retrain-eval", child=child, group=group)
     summary_path = runs_dir / domain / eval_id / "summary.json"
     try:
         metrics = json.loads(summary_path.read_text())["test"]

@@ -8,8 +8,8 @@ Writes a self-contained bundle folder::
                             fingerprint, git commit, package versions, parity with the checkpoint
     runtime.py              a loader that needs only numpy + onnxruntime (or torch for TorchScript)
 
-The checkpoint is read with ``torch.load(weights_only=True)``; its model class must be the domain's
-model class or a subclass of it (a checkpoint cannot make the exporter import arbitrary code).
+The checkpoint is read by :mod:`pipelines.checkpoints` (weights only; its model class must be the
+domain's model class or a subclass of it: a checkpoint cannot make the exporter import arbitrary code).
 Every export is checked: the exported model and the checkpoint's module must agree on the example
 inputs within ``--atol``, or no bundle is written.
 """
@@ -17,7 +17,6 @@ inputs within ``--atol``, or no bundle is written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -32,8 +31,10 @@ import numpy as np
 import torch
 
 from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
+from pipelines.checkpoints import build_model, check_domain, datamodule_state, read_checkpoint
 from pipelines.reference import KEY as REFERENCE_KEY
-from pipelines.registry import DomainSpec, _import_dotted, available_domains, get_domain
+from pipelines.domain_registry import DomainSpec
+from pipelines.files import sha256_file
 from pipelines.runs import git_commit, package_versions, resolve_run
 from pipelines.validation import check_model_label
 
@@ -42,56 +43,13 @@ MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
 
 def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any]]:
-    """Rebuild a domain's LightningModule from a checkpoint, weights only.
-
-    Returns the module (eval mode), the data module state saved in the checkpoint, and the checkpoint.
-    """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict/hyper_parameters)")
-    hparams = dict(ckpt["hyper_parameters"])
-    class_path = hparams.pop("_class_path", None)
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    origin = checkpoint_domain(ckpt, class_path)
-    if origin is not None and origin != spec.name:
-        raise ValueError(
-            f"{ckpt_path}: a checkpoint of domain {origin!r} ({class_path or get_domain(origin).model_class}), not of domain {spec.name!r}; "
-            f"export it with `python -m pipelines.run {origin} export --ckpt_path {ckpt_path}`"
-        )
-    base = spec.load_model_class()
-    if class_path and not class_path.startswith(domain_package(spec) + "."):  # never import a name read from a file outside the domain
-        raise ValueError(f"{ckpt_path}: model class {class_path!r} is not in domain {spec.name!r}'s package {domain_package(spec)!r}")
-    cls = _import_dotted(class_path) if class_path else base
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"{ckpt_path}: model class {class_path!r} is not a {base.__qualname__} of domain {spec.name!r}")
-    task = cls(**hparams)
-    task.load_state_dict(ckpt["state_dict"])
-    task.eval()
-    datamodule_state = ckpt.get(spec.load_datamodule_class().__qualname__)
-    return task, datamodule_state, ckpt
-
-
-def domain_package(spec: DomainSpec) -> str:
-    """The package a domain's classes live in (``domains.media`` for ``domains.media.model.GenerativeTask``)."""
-    return spec.model_class.rpartition(".")[0].rpartition(".")[0]
-
-
-def checkpoint_domain(ckpt: dict[str, Any], class_path: str | None) -> str | None:
-    """The registered domain a checkpoint comes from, by its model class path or its data module's state key; ``None`` if unknown."""
-    for name in available_domains():
-        other = get_domain(name)
-        same_package = class_path is not None and class_path.startswith(domain_package(other) + ".")
-        if same_package or other.datamodule_class.rpartition(".")[2] in ckpt:
-            return name
-    return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Rebuild a domain's LightningModule from a checkpoint (:mod:`pipelines.checkpoints`: weights
+    only, the domain's own class). Returns the module (eval mode), the data module state saved in
+    the checkpoint, and the checkpoint."""
+    ckpt = read_checkpoint(ckpt_path)
+    check_domain(spec, ckpt, str(ckpt_path), fix=f"; export it with `python -m pipelines.run {{domain}} export --ckpt_path {ckpt_path}`")
+    task = build_model(spec, ckpt, str(ckpt_path))
+    return task, datamodule_state(spec, ckpt), ckpt
 
 
 def _tensor_spec(name: str, tensor: torch.Tensor, dynamic: dict[int, str]) -> dict[str, Any]:
@@ -162,7 +120,7 @@ def export_checkpoint(
             "format": fmt,
             "model_file": MODEL_FILES[fmt],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source_checkpoint": {"name": ckpt_path.name, "sha256": _sha256(ckpt_path)},
+            "source_checkpoint": {"name": ckpt_path.name, "sha256": sha256_file(ckpt_path)},
             "inputs": [_tensor_spec(n, t, export.dynamic_axes.get(n, {})) for n, t in zip(export.input_names, export.example_inputs)],
             "outputs": [{"name": n, "dynamic_axes": export.dynamic_axes.get(n, {})} for n in export.output_names],
             "domain_metadata": export.metadata,

@@ -35,7 +35,7 @@ class HardwarePlan:
     summary: str = ""
 
 
-def _count_devices(devices: Any, available: int) -> int:
+def count_devices(devices: Any, available: int) -> int:
     if devices in ("auto", -1, "-1", None):
         return max(available, 1)
     if isinstance(devices, (list, tuple)):
@@ -77,7 +77,7 @@ def plan_hardware(trainer_config: Mapping[str, Any], environ: Mapping[str, str] 
     if accelerator == "auto":
         accelerator = "gpu" if gpus else "cpu"
     on_gpu = accelerator in ("gpu", "cuda")
-    devices = _count_devices(cfg["devices"], gpus if on_gpu else 1)
+    devices = count_devices(cfg["devices"], gpus if on_gpu else 1)
     processes = devices * int(cfg["num_nodes"] or 1)
     preflight_launch(processes, environ)
 

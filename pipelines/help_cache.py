@@ -18,7 +18,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from pipelines.runs import write_text_atomic
+from pipelines.files import write_text_atomic
 
 HELP_FLAGS = ("-h", "--help")
 

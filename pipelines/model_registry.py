@@ -33,7 +33,7 @@ Safety:
 - Loading never unpickles objects and never imports a class named in a file: weights are
   safetensors, the extras are read with ``torch.load(weights_only=True)``, every file (metadata
   included) is checked against ``SHA256SUMS`` first, and the model class is the registered
-  domain's own (:func:`pipelines.registry.get_domain`).
+  domain's own (:func:`pipelines.domain_registry.get_domain`).
 - Writers hold an ``fcntl.flock`` on ``.lock``; the kernel releases it when the process dies.
 """
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -53,23 +52,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.registry_loading import EXTRAS_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError
-from pipelines.runs import fsync_dir, write_json_atomic
+from pipelines.files import fsync_dir, sha256_file, write_json_atomic
+from pipelines.registry_loading import CHAMPION, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError
 
 DEFAULT_REGISTRY = "registry"
 REGISTRY_ENV = "PIPELINES_REGISTRY"
 PREPROCESSING_FILE = "preprocessing.json"
 CONFIG_FILE = "config.yaml"
-METADATA_FILE = "metadata.json"
-MANIFEST_FILE = "SHA256SUMS"
 CHAMPION_FILE = "champion.json"
 ALIASES_FILE = "aliases.json"
 EVALUATION_FILE = "evaluation.json"
-HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
-#: the champion pointer's name; other aliases are free-form lowercase names
-CHAMPION = "champion"
 #: checkpoint keys that are training state, not model: left out of the registry
 TRAINING_STATE_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")
 
@@ -81,15 +75,6 @@ class RegistryLocked(RegistryError):
 def default_registry() -> Path:
     """``$PIPELINES_REGISTRY`` or ``./registry``."""
     return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def now() -> str:
@@ -242,61 +227,6 @@ class ModelRegistry(LoadingMixin):
     def evaluation(self) -> dict[str, Any] | None:
         """The pinned evaluation set (``evaluation.json``), or ``None`` before the first promotion."""
         return self._read_json(EVALUATION_FILE)
-
-    # ----- verification and loading --------------------------------------------------------
-    def verify_version(self, version: str) -> dict[str, Any]:
-        """Check every file of a version (metadata included) against ``SHA256SUMS``; return the metadata."""
-        folder = self.version_dir(version)
-        manifest = folder / MANIFEST_FILE
-        if not manifest.is_file():
-            return self._verify_legacy(version)
-        for line in manifest.read_text().splitlines():
-            expected, _, name = line.partition("  ")
-            path = folder / name
-            if "/" in name or not path.is_file():
-                raise RegistryError(f"{path} is missing (listed in {manifest})")
-            if sha256_file(path) != expected:
-                raise RegistryError(f"{path} does not match its sha256 in {manifest}: the file changed or is corrupt")
-        if f"  {METADATA_FILE}" not in manifest.read_text():
-            raise RegistryError(f"{manifest} does not cover {METADATA_FILE}")
-        return self.metadata(version)
-
-    def _verify_legacy(self, version: str) -> dict[str, Any]:
-        """A version written before ``SHA256SUMS`` existed: its files against the sha256 in its
-        metadata (which nothing covers; loading never trusts a class name from it anyway)."""
-        folder, metadata = self.version_dir(version), self.metadata(version)
-        if not metadata.get("files"):
-            raise RegistryError(f"{folder / MANIFEST_FILE} is missing: the version cannot be verified")
-        for name, expected in metadata["files"].items():
-            if "/" in name or not (folder / name).is_file() or sha256_file(folder / name) != expected:
-                raise RegistryError(f"{folder / name} is missing or does not match its sha256 in {folder / METADATA_FILE}")
-        return metadata
-
-    def verify(self) -> list[str]:
-        """Problems with the registry (an empty list when it is valid): every pointer names a
-        complete version whose files match their checksums, the history parses."""
-        problems = []
-        pointers = {CHAMPION: None, **self.aliases()}
-        with contextlib.suppress(RegistryError):
-            pointers[CHAMPION] = self.champion()
-        for name, version in pointers.items():
-            try:
-                if version is not None:
-                    self.verify_version(version)
-            except RegistryError as error:
-                problems.append(f"{name}: {error}")
-        for version in self.versions():
-            if not (self.versions_dir / version / MANIFEST_FILE).is_file() and not self.metadata(version).get("files"):
-                problems.append(f"{self.versions_dir / version} has no {MANIFEST_FILE}")
-        path = self.path / HISTORY_FILE
-        if path.is_file():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            for number, line in enumerate(lines[:-1], 1):  # the last line may be cut by a kill; earlier ones never
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError:
-                    problems.append(f"{path}: line {number} is not JSON")
-        return problems
 
     def _version_or_champion(self, version: str | None) -> str:
         if version is not None:

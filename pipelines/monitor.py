@@ -34,7 +34,7 @@ from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.validation import check_delimiter, check_unique_columns, check_utf8
 from pipelines.reference import load_reference, reference_frame
 from pipelines.request_log import read_log
-from pipelines.runs import write_json_atomic
+from pipelines.files import write_json_atomic
 
 EXIT_DRIFT = 3
 SUFFIXES = (".parquet", ".pq", ".csv")

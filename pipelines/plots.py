@@ -1,4 +1,9 @@
-"""Small matplotlib figures shared by the domains (the Agg backend: no display needed)."""
+"""Small matplotlib figures shared by the domains.
+
+Figures are built with matplotlib's object API (:func:`new_figure`: a ``matplotlib.figure.Figure``
+on an Agg canvas, never registered with ``pyplot``), so drawing one needs no display, switches no
+backend and leaves nothing open: library code changes no process-wide matplotlib state.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
-def image_grid(images: torch.Tensor | np.ndarray, titles: Sequence[str] | None = None, columns: int = 8) -> plt.Figure:
+def new_figure(rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (6.4, 4.8), squeeze: bool = True) -> tuple[Figure, Any]:
+    """``(figure, axes)`` like ``pyplot.subplots``, on an Agg canvas of its own (no pyplot, no backend switch).
+
+    Example:
+        >>> figure, axes = new_figure(2, 3, squeeze=False)
+        >>> axes.shape, type(figure.canvas).__name__
+        ((2, 3), 'FigureCanvasAgg')
+    """
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def image_grid(images: torch.Tensor | np.ndarray, titles: Sequence[str] | None = None, columns: int = 8) -> Figure:
     """A grid of ``(N, C, H, W)`` images (C = 1 or 3), each min-max scaled for display, with titles."""
     array = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=float)
     count = len(array)
     rows = max(1, -(-count // columns))
     cols = min(columns, max(count, 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= count:

@@ -1,4 +1,4 @@
-"""Loading a registry version without trusting its files (mixed into :class:`pipelines.model_registry.ModelRegistry`).
+"""Verifying and loading a registry version without trusting its files (mixed into :class:`pipelines.model_registry.ModelRegistry`).
 
 Weights come from safetensors, the rest of the checkpoint from ``torch.load(weights_only=True)``,
 after :meth:`verify_version` checked every file against ``SHA256SUMS``; the model class is the
@@ -7,11 +7,20 @@ registered domain's own, never one imported from a name written in a file.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.files import sha256_file
+
 WEIGHTS_FILE = "model.safetensors"
 EXTRAS_FILE = "checkpoint_extras.pt"
+METADATA_FILE = "metadata.json"
+MANIFEST_FILE = "SHA256SUMS"
+HISTORY_FILE = "history.jsonl"
+#: the champion pointer's name; other aliases are free-form lowercase names
+CHAMPION = "champion"
 
 
 class RegistryError(RuntimeError):
@@ -19,9 +28,66 @@ class RegistryError(RuntimeError):
 
 
 class LoadingMixin:
-    """``load_weights``, ``load_checkpoint``, ``write_checkpoint``, ``model_class``, ``load_model``."""
+    """``verify_version``, ``verify``, ``load_weights``, ``load_checkpoint``, ``write_checkpoint``, ``load_model``."""
 
     domain: str
+    path: Path
+    versions_dir: Path
+
+    def verify_version(self, version: str) -> dict[str, Any]:
+        """Check every file of a version (metadata included) against ``SHA256SUMS``; return the metadata."""
+        folder = self.version_dir(version)
+        manifest = folder / MANIFEST_FILE
+        if not manifest.is_file():
+            return self._verify_legacy(version)
+        for line in manifest.read_text().splitlines():
+            expected, _, name = line.partition("  ")
+            path = folder / name
+            if "/" in name or not path.is_file():
+                raise RegistryError(f"{path} is missing (listed in {manifest})")
+            if sha256_file(path) != expected:
+                raise RegistryError(f"{path} does not match its sha256 in {manifest}: the file changed or is corrupt")
+        if f"  {METADATA_FILE}" not in manifest.read_text():
+            raise RegistryError(f"{manifest} does not cover {METADATA_FILE}")
+        return self.metadata(version)
+
+    def _verify_legacy(self, version: str) -> dict[str, Any]:
+        """A version written before ``SHA256SUMS`` existed: its files against the sha256 in its
+        metadata (which nothing covers; loading never trusts a class name from it anyway)."""
+        folder, metadata = self.version_dir(version), self.metadata(version)
+        if not metadata.get("files"):
+            raise RegistryError(f"{folder / MANIFEST_FILE} is missing: the version cannot be verified")
+        for name, expected in metadata["files"].items():
+            if "/" in name or not (folder / name).is_file() or sha256_file(folder / name) != expected:
+                raise RegistryError(f"{folder / name} is missing or does not match its sha256 in {folder / METADATA_FILE}")
+        return metadata
+
+    def verify(self) -> list[str]:
+        """Problems with the registry (an empty list when it is valid): every pointer names a
+        complete version whose files match their checksums, the history parses."""
+        problems = []
+        pointers = {CHAMPION: None, **self.aliases()}
+        with contextlib.suppress(RegistryError):
+            pointers[CHAMPION] = self.champion()
+        for name, version in pointers.items():
+            try:
+                if version is not None:
+                    self.verify_version(version)
+            except RegistryError as error:
+                problems.append(f"{name}: {error}")
+        for version in self.versions():
+            if not (self.versions_dir / version / MANIFEST_FILE).is_file() and not self.metadata(version).get("files"):
+                problems.append(f"{self.versions_dir / version} has no {MANIFEST_FILE}")
+        path = self.path / HISTORY_FILE
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(lines[:-1], 1):  # the last line may be cut by a kill; earlier ones never
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError:
+                    problems.append(f"{path}: line {number} is not JSON")
+        return problems
+
 
     def load_weights(self, version: str | None = None) -> dict[str, Any]:
         """The LightningModule ``state_dict`` of a version (default: the champion), from safetensors."""
@@ -50,32 +116,19 @@ class LoadingMixin:
         torch.save(self.load_checkpoint(version), path)
         return path
 
-    def model_class(self, version: str) -> type:
-        """The LightningModule class of a version: the registered domain's ``model_class``, or (for a
-        domain with ``model_subclasses``) the subclass of it whose dotted name the metadata records,
-        looked up among the already-imported subclasses. Nothing named in a file is imported."""
-        from pipelines.registry import get_domain
-
-        spec = get_domain(self.domain)
-        base = spec.load_model_class()
-        wanted = self.metadata(version).get("model_class") or spec.model_class
-        found, todo = {f"{base.__module__}.{base.__qualname__}": base}, [base]
-        while todo:
-            for sub in todo.pop().__subclasses__():
-                found[f"{sub.__module__}.{sub.__qualname__}"] = sub
-                todo.append(sub)
-        if wanted not in found:
-            raise RegistryError(f"{self.version_dir(version) / 'metadata.json'}: model class {wanted!r} is not {spec.model_class} of domain {self.domain!r} or a subclass of it; refusing to load")
-        return found[wanted]
-
     def load_model(self, version: str | None = None) -> Any:
         """Build the version's LightningModule from its saved hyper-parameters and load its weights
-        (strict), in eval mode. The class is the registered domain's (:meth:`model_class`)."""
-        version = self.resolve(version)
-        checkpoint = self.load_checkpoint(version)
-        model_class = self.model_class(version)
-        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        model = model_class(**hparams)
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
-        return model.eval()
+        (strict), in eval mode, through the one checkpoint loader (:func:`pipelines.checkpoints.build_model`):
+        the class is the registered domain's model class or the subclass of it that the (verified)
+        metadata names; a class outside the domain is refused, never imported."""
+        from pipelines.checkpoints import CheckpointRefused, build_model
+        from pipelines.domain_registry import get_domain
 
+        version = self.resolve(version)
+        checkpoint = self.load_checkpoint(version)  # verifies every file first, metadata included
+        spec = get_domain(self.domain)
+        label = str(self.version_dir(version) / "metadata.json")
+        try:
+            return build_model(spec, checkpoint, label, class_path=self.metadata(version).get("model_class"))
+        except CheckpointRefused as error:
+            raise RegistryError(str(error)) from None

@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from pipelines.bootstrap import format_interval
-from pipelines.runs import write_text_atomic
+from pipelines.files import write_text_atomic
 
 REPORT = "report.html"
 FEW_EXAMPLES = 30  # a class with fewer test examples than this gets a warning in "Limits"
@@ -71,7 +71,7 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 def _data_fingerprint(config: dict[str, Any] | None) -> dict[str, Any] | None:
     if not config:
         return None
-    from pipelines.retrain_steps import fingerprint  # content hashes of the data files the config names
+    from pipelines.fingerprint import fingerprint  # content hashes of the data files the config names
 
     try:
         return fingerprint(config)

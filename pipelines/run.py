@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import sys
 
+from pipelines.domain_registry import available_domains, get_domain
 from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, InputError, RunStopped, crash_message, debug_requested, paragraph
 from pipelines.help_cache import cached_help, is_help_request
-from pipelines.registry import available_domains, get_domain
 from pipelines.runs import SUBCOMMANDS
 USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict|export] [--config FILE.yaml] [--help] [options]"
 

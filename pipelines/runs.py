@@ -37,6 +37,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipelines.files import write_json_atomic
+
 RUN_ID_ENV = "PIPELINES_RUN_ID"
 #: The runner's sub-commands (LightningCLI's); each works in one run folder.
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -172,41 +174,6 @@ def record_provenance(run: RunFolder, subcommand: str, seed: Any, hardware: str)
     )
     write_json_atomic(path, record)
     return record
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a rename into it, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
-    """Write a file so that readers see the old file or the new one, never half of one.
-
-    Args:
-        path: the file to replace (its folder is created).
-        text: the new content.
-        durable: also fsync the temporary file before ``os.replace`` and the folder after it, so
-            the new file survives a power loss (the model registry's pointers), not only a kill.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
-    """Write JSON atomically (:func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n", durable)
 
 
 #: Sections of a run's saved config that a later command on the run takes over.

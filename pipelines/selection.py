@@ -1,6 +1,6 @@
 """Which model wins: the selection metric, the floors and the comparison, checked before training.
 
-A domain declares (:class:`pipelines.registry.DomainSpec`) the test metrics it can log with their
+A domain declares (:class:`pipelines.domain_registry.DomainSpec`) the test metrics it can log with their
 directions, the metrics that select the champion in order of preference (finance: ``test/auprc``
 where the evaluation set has labels, else ``test/loss``) and sanity floors every promoted model
 must pass, even the first one (finite loss, AUROC better than chance). ``--metric`` overrides the
@@ -8,7 +8,7 @@ selection; ``--floor`` adds floors. Every name is checked against the declared m
 anything is trained, so a typo costs a second, not a training run.
 
 Example:
-    >>> from pipelines.registry import get_domain
+    >>> from pipelines.domain_registry import get_domain
     >>> rules = Selection.for_domain(get_domain("finance"), metric=None, floors=[parse_floor("test/f1>=0.2")])
     >>> rules.choose({"test/loss": 0.3, "test/auprc": 0.6, "test/auroc": 0.8, "test/f1": 0.4})
     ('test/auprc', 'max')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.validation import check_model_label
-from pipelines.registry import available_domains, get_domain
+from pipelines.domain_registry import available_domains, get_domain
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.runs import write_json_atomic
+from pipelines.files import write_json_atomic
 
 logger = logging.getLogger("pipelines.serve")
 
@@ -90,7 +90,7 @@ def export_version(root: Path, domain: str, version: str, output: Path, fmt: str
     """Export a verified registry version to a bundle folder (complete or absent: :func:`pipelines.export.export_checkpoint`)."""
     from pipelines.export import export_checkpoint
     from pipelines.model_registry import ModelRegistry
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
 
     registry = ModelRegistry(root, domain)
     registry.verify_version(version)

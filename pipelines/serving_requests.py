@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import numpy as np
 from fastapi import HTTPException
 
-from pipelines.registry import ENTRY_POINT_GROUP
+from pipelines.domain_registry import ENTRY_POINT_GROUP
 
 SERVING_MODULE = "serving"  # domains/<name>/serving.py
 ADAPTERS_ATTRIBUTE = "ADAPTERS"

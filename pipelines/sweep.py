@@ -38,17 +38,18 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+from pipelines.domain_registry import get_domain
 from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, EXIT_SIGTERM, InputError, crash_message, debug_requested, paragraph
-from pipelines.registry import get_domain
+from pipelines.runs import RUN_ID_ENV
 from pipelines.sweep_report import error_line, log_to_wandb, plot_study, print_progress, write_best_config, write_trials_csv
 from pipelines.sweep_space import Parameter, check_option_names, load_space, option_value, resolve_runner_config
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")  # pipelines.sweep_trial.PRUNERS, without importing Lightning to print --help
-SWEEP_GROUP_ENV = "PIPELINES_WANDB_GROUP"
 #: What a finished trial was, in its ``outcome`` user attribute (a trial without one was lost with its worker).
 COUNTED = ("complete", "pruned", "failed")
 
@@ -115,13 +116,7 @@ class TrialAlreadyRecorded(TrialFailed):
 
 class Sweep:
     def __init__(self, options: argparse.Namespace, runner_args: list[str]) -> None:
-        import warnings
-
         import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is reported by after_trial
-        # heartbeats and retries are marked experimental by Optuna (since 2.8/2.9); they are what a resumable sweep needs
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
         self.options, self.runner_args = options, runner_args
         self.spec = get_domain(options.domain)
@@ -215,15 +210,15 @@ class Sweep:
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
         if run_dir.exists():
             return self._failed(trial, None, f"run folder {run_dir} already exists (another study with this name used this runs_dir)")
-        command = [sys.executable, "-m", "pipelines.sweep_trial", self.spec.name, *self.runner_args,
+        command = [sys.executable, "-m", "pipelines.child_run", f"--parent={os.getpid()}", self.spec.name, *self.runner_args,
                    *[f"--{option}={option_value(value)}" for option, value in params.items()],
-                   f"--runs_dir={self.runs_dir}", f"--run_id={run_id}"]  # fmt: skip
+                   f"--runs_dir={self.runs_dir}", f"--run_id={run_id}", f"--wandb_group={self.name}", "--wandb_job_type=sweep-trial"]  # fmt: skip
         if self.options.pruner != "none":
             command += ["--trainer.callbacks+=pipelines.sweep_trial.OptunaPruning", f"--trainer.callbacks.storage={self.storage_url}",
                         f"--trainer.callbacks.study={self.name}", f"--trainer.callbacks.trial_id={trial._trial_id}",
                         f"--trainer.callbacks.monitor={self.spec.monitor}", f"--trainer.callbacks.pruner={self.options.pruner}"]  # fmt: skip
-        env = {**os.environ, SWEEP_GROUP_ENV: self.name, "PIPELINES_JOB_TYPE": "sweep-trial", "PIPELINES_SWEEP_PARENT": str(os.getpid())}
-        env.pop("PIPELINES_RUN_ID", None)
+        env = {**os.environ}
+        env.pop(RUN_ID_ENV, None)  # each trial is its own run, never that of a run this sweep was started from
         shown = ", ".join(f"{k}={v}" for k, v in params.items())
         print_progress(f"trial {trial.number} started: {shown} -> {run_dir}")
         with open(log, "w") as output:
@@ -344,7 +339,23 @@ class Sweep:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.sweep``; returns the exit code. Optuna's own messages are quietened and its
+    experimental-feature warnings ignored for the duration of the command only."""
+    import optuna
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is reported by after_trial
+    try:
+        with warnings.catch_warnings():
+            # heartbeats and retries are marked experimental by Optuna (since 2.8/2.9); they are what a resumable sweep needs
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            return _main(argv)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _main(argv: list[str]) -> int:
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != "--debug"]
     try:

@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
+from pipelines.files import write_text_atomic
 from pipelines.plots import save_figure_atomic
-from pipelines.runs import write_text_atomic
 
 PRUNING_CALLBACK = "pipelines.sweep_trial.OptunaPruning"
 #: Keys of a trial's config.yaml that belong to that one run, not to the recipe.
-RUN_ONLY_KEYS = ("run_id", "runs_dir", "ckpt_path")
+RUN_ONLY_KEYS = ("run_id", "runs_dir", "ckpt_path", "wandb_group", "wandb_job_type")
 
 
 def best_config(run_dir: Path) -> dict[str, Any]:
@@ -76,9 +76,8 @@ def plot_study(study: Any, sweep_dir: Path, monitor: str) -> tuple[dict[str, Pat
     ``plots/``. Returns the plots written and, for those that could not be drawn, why."""
     import warnings
 
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # Optuna draws through pyplot (no backend is forced here: pyplot picks Agg where there is no
+    # display, and these figures are only saved, then closed, never shown)
     import optuna
     from optuna.visualization import matplotlib as plots
 

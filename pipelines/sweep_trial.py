@@ -1,9 +1,9 @@
 """What runs inside one trial's process of a sweep (:mod:`pipelines.sweep`).
 
-``python -m pipelines.sweep_trial DOMAIN [runner options]`` is ``python -m pipelines.run DOMAIN
-[runner options]`` that also dies with the sweep process that started it (Linux
-``PR_SET_PDEATHSIG``): a SIGKILLed sweep leaves no orphaned training behind, and its running trial
-is failed by Optuna's heartbeat and retried when the sweep is started again.
+A trial runs as ``python -m pipelines.child_run --parent=PID DOMAIN [runner options]``
+(:mod:`pipelines.child_run`): it dies with the sweep process that started it, so a SIGKILLed sweep
+leaves no orphaned training behind, and its running trial is failed by Optuna's heartbeat and
+retried when the sweep is started again.
 
 :class:`OptunaPruning` is the Lightning callback the sweep adds to a trial's runner command
 (``--trainer.callbacks+=pipelines.sweep_trial.OptunaPruning --trainer.callbacks.storage=...``): it
@@ -18,8 +18,6 @@ study and broadcasts the decision.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import sys
 from typing import Any
 
@@ -105,28 +103,3 @@ class OptunaPruning(pl.Callback):
         prune = bool(trainer.strategy.broadcast(prune, src=0))
         if prune:
             trainer.should_stop = True
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when the thread that started it ends (a killed sweep)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the sweep died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the runner on ``argv`` (its arguments after ``python -m pipelines.run``)."""
-    parent = int(os.environ.get("PIPELINES_SWEEP_PARENT", os.getppid()))
-    _die_with_parent(parent)
-    from pipelines.run import main as run_main
-
-    run_main(argv)
-
-
-if __name__ == "__main__":
-    main()

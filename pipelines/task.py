@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,8 +32,8 @@ def compile_networks(model: torch.nn.Module) -> list[str]:
     The networks are the task's direct children that have parameters and are not metrics (members
     of a ``ModuleDict``/``ModuleList`` count one by one). Only they are compiled, not the
     LightningModule: its steps log and update metrics, which would recompile at every step, and
-    in-place compilation (``nn.Module.compile``) keeps the checkpoint's keys unchanged. A graph that
-    fails to compile runs eagerly instead of failing the run. Only a network's forward call is
+    in-place compilation (``nn.Module.compile``) keeps the checkpoint's keys unchanged. Under
+    :func:`eager_fallback` a graph that fails to compile runs eagerly instead of failing the run. Only a network's forward call is
     compiled, and Dynamo skips torch's own modules used bare as a network (an ``nn.Sequential`` or
     ``nn.Linear``; pytorch#150915): networks are their own classes, as in every domain's ``networks.py``.
 
@@ -48,10 +50,8 @@ def compile_networks(model: torch.nn.Module) -> list[str]:
         >>> compile_networks(Task())
         ['encoder', 'decoder']
     """
-    import torch._dynamo
     from torchmetrics import Metric, MetricCollection
 
-    torch._dynamo.config.suppress_errors = True
     compiled = []
     for name, child in model.named_children():
         members = child.named_children() if isinstance(child, (torch.nn.ModuleDict, torch.nn.ModuleList)) else [("", child)]
@@ -61,6 +61,18 @@ def compile_networks(model: torch.nn.Module) -> list[str]:
             module.compile()
             compiled.append(f"{name}.{member}" if member else name)
     return compiled
+
+
+@contextlib.contextmanager
+def eager_fallback() -> Iterator[None]:
+    """While open, a graph that ``torch.compile`` fails to compile runs eagerly instead of raising.
+
+    Compilation happens at a network's first call, so the runner holds this open for the whole
+    command (``--compile``); torch's setting is restored when it closes."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(suppress_errors=True):
+        yield
 
 
 class BaseTask(pl.LightningModule):

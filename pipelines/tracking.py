@@ -19,9 +19,10 @@ import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from pipelines.files import write_json_atomic
 from pipelines.guards import non_finite_metrics
 from pipelines.plots import save_figure_atomic
-from pipelines.runs import RunFolder, write_json_atomic
+from pipelines.runs import RunFolder
 
 
 def configure_wandb_mode(environ: dict[str, str] | os._Environ = os.environ) -> str:
@@ -56,8 +57,9 @@ class FiniteWandbLogger(WandbLogger):
                   "they are in the run folder's checkpoints/", file=sys.stderr)  # fmt: skip
 
 
-def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = ()) -> WandbLogger:
-    """One W&B project per domain; run id = run folder id; checkpoints logged as model artifacts."""
+def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = (), group: str | None = None, job_type: str = "train") -> WandbLogger:
+    """One W&B project per domain; run id = run folder id; checkpoints logged as model artifacts;
+    ``group`` and ``job_type`` come from the runner's ``--wandb_group`` / ``--wandb_job_type``."""
     run.path.mkdir(parents=True, exist_ok=True)
     return FiniteWandbLogger(
         project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{run.domain}"),
@@ -67,8 +69,8 @@ def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = ()) -> WandbLogger
         save_dir=str(run.path),
         log_model=True,
         tags=list(tags),
-        job_type=os.environ.get("PIPELINES_JOB_TYPE", "train"),
-        group=os.environ.get("PIPELINES_WANDB_GROUP") or None,
+        job_type=job_type,
+        group=group or None,
     )
 
 
@@ -209,8 +211,6 @@ def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
 
     ``key`` is a metric-style name such as ``"test/confusion_matrix"``.
     """
-    import matplotlib.pyplot as plt
-
     path = None
     if trainer.is_global_zero:
         path = Path(trainer.default_root_dir) / "plots" / (key.replace("/", "_") + ".png")
@@ -218,5 +218,7 @@ def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
         save_figure_atomic(figure, path)
         for logger in wandb_loggers(trainer):
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
-    plt.close(figure)
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:  # a figure a library drew through pyplot (torchmetrics, Lightning's Tuner) is released
+        pyplot.close(figure)
     return path

@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 
+from pipelines.plots import new_figure
 from pipelines.tracking import log_figure
 
 
@@ -82,7 +83,8 @@ def find_learning_rate(trainer: pl.Trainer, model: pl.LightningModule, datamodul
     suggestion, reason = trainer.strategy.broadcast(
         suggest_learning_rate(finder.results["lr"], finder.results["loss"], planned=finder.num_training), src=0
     )
-    figure = finder.plot(suggest=False)
+    figure, axes = new_figure()
+    finder.plot(suggest=False, ax=axes)
     if suggestion is not None:
         figure.axes[0].axvline(suggestion, color="red", linestyle="--", label=f"suggested {suggestion:.3g}")
         figure.axes[0].legend()

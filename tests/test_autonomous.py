@@ -362,7 +362,7 @@ def test_export_module_matches_the_prediction_path_at_two_lengths(tmp_path, velo
     does, and the ONNX graph keeps batch and time dynamic."""
     import onnxruntime
 
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
 
     spec = get_domain("autonomous")
     dm = SensorSequenceDataModule(sim_vehicles=24, channels=SENSORS, target_channels=["x", "y"], batch_size=8, canonical_heading=True)

@@ -298,7 +298,7 @@ def test_utm_sized_positions_forecast_as_the_same_data_at_the_origin(trained, tm
     millimetre, in ``predict`` and in the served bundle (in float32 they would move in 0.5 m steps)."""
     from pipelines.bundle_runtime import Bundle
     from pipelines.export import export_checkpoint
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
     from pipelines.serving_requests import load_adapters
 
     folder, runs, run = trained

@@ -280,7 +280,7 @@ def test_serving_answers_rows_as_predict_does_out_of_range_alerted_and_1e300_ref
 
     from pipelines.bundle_runtime import Bundle
     from pipelines.export import export_checkpoint
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
     from pipelines.serving_requests import load_adapters
 
     run, folder, predict = trained

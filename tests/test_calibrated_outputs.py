@@ -15,7 +15,7 @@ from domains.healthcare.data import MedicalImageDataModule
 from pipelines.bundle_runtime import Bundle
 from pipelines.calibration import operating_threshold, probabilities
 from pipelines.export import load_task
-from pipelines.registry import get_domain
+from pipelines.domain_registry import get_domain
 from tests.conftest import only_run, run_pipeline
 from tests.medical_files import blob_images
 

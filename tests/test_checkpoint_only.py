@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.registry import available_domains, get_domain
+from pipelines.domain_registry import available_domains, get_domain
 from tests.conftest import only_run, read_jsonl, run_pipeline
 from tests.medical_files import blob_images, write_png
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.domain_registry import available_domains
 from pipelines.model_registry import ModelRegistry, RegistryLocked
-from pipelines.registry import available_domains
 from pipelines.retrain_steps import ExitCode
 from tests.conftest import ROOT, child_env
 

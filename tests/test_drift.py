@@ -22,7 +22,7 @@ import pytest
 
 from pipelines.export import export_checkpoint
 from pipelines.reference import QUANTILE_POINTS, find_in_checkpoint, load_reference
-from pipelines.registry import get_domain
+from pipelines.domain_registry import get_domain
 from pipelines.request_log import RequestLog, log_files, read_log
 from tests.conftest import ROOT, child_env, run_pipeline
 from tests.test_retrain_policy import FAST, write_night

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.domain_registry import available_domains, get_domain
 from pipelines.export import export_checkpoint, load_task
-from pipelines.registry import available_domains, get_domain
+from pipelines.run import main as run_main
 from tests.conftest import only_run, run_pipeline
 
 DOMAINS = available_domains()
@@ -114,6 +116,33 @@ def test_checkpoint_naming_a_foreign_class_is_refused(trained, tmp_path):
     torch.save(ckpt, tmp_path / "evil.ckpt")
     with pytest.raises(ValueError, match=r"'subprocess.Popen' is not in domain 'healthcare'"):  # refused before anything is imported
         load_task(get_domain("healthcare"), tmp_path / "evil.ckpt")
+
+
+@pytest.mark.parametrize("class_path", ["subprocess.Popen", "domains.healthcare.networks.build_network"], ids=["outside", "not-a-subclass"])
+def test_registry_runner_and_export_refuse_the_same_foreign_class(trained, tmp_path, capsys, class_path):
+    """One loader (pipelines.checkpoints): a class named in a file that is not the domain's model class
+    (or a subclass of it) is refused by the registry, the runner and export alike, nothing imported from outside the domain."""
+    from pipelines.model_registry import ModelRegistry, RegistryError
+
+    best = trained("healthcare") / "checkpoints" / "best.ckpt"
+    registry = ModelRegistry(tmp_path / "registry", "healthcare")
+    with registry.lock():
+        good = registry.add_version(best, "{}", {"model_class": "domains.healthcare.model.ImageClassifier"}, "MedicalImageDataModule")
+        evil = registry.add_version(best, "{}", {"model_class": class_path}, "MedicalImageDataModule")
+    assert type(registry.load_model(good)).__name__ == "ImageClassifier"
+    refused = r"is not in domain 'healthcare'|is not a ImageClassifier of domain 'healthcare'"
+    with pytest.raises(RegistryError, match=rf"metadata.json: model class '{class_path}' ({refused}).*refusing to load"):
+        registry.load_model(evil)
+
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = class_path
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match=rf"model class '{class_path}' ({refused})"):
+        load_task(get_domain("healthcare"), tmp_path / "evil.ckpt")
+    with pytest.raises(SystemExit) as stop:  # the runner refuses it at parse, before LightningCLI reads the class from the file
+        run_main(["healthcare", "test", "--ckpt_path", str(tmp_path / "evil.ckpt"), "--runs_dir", str(tmp_path / "runs")])
+    assert stop.value.code == 2 and re.search(rf"--ckpt_path \S*evil.ckpt: model class '{class_path}' ({refused})", " ".join(capsys.readouterr().err.split()))
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
 
 
 def test_checkpoint_of_another_domain_is_refused_naming_both(trained, tmp_path):

@@ -327,8 +327,8 @@ def serve_batch(adapter, requests: list[dict], run) -> tuple[list, dict[str, np.
 @pytest.fixture(scope="module", params=[("autoencoder", "onehot"), ("vae", "embedding")], ids=["ae-onehot", "vae-embedding"])
 def exported(request, tmp_path_factory):
     """A tiny model trained on a CSV table, its checkpoint and its ONNX bundle."""
+    from pipelines.domain_registry import get_domain
     from pipelines.export import export_checkpoint
-    from pipelines.registry import get_domain
 
     architecture, encoding = request.param
     folder = tmp_path_factory.mktemp(f"finance-{architecture}")
@@ -353,8 +353,8 @@ def scoring_rows(tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_served_rows_are_prepared_and_scored_exactly_as_the_checkpoint_scores_them(exported, tmp_path):
     from domains.finance.serving import TransactionRowAdapter, TransactionRowsAdapter
     from pipelines.bundle_runtime import Bundle
+    from pipelines.domain_registry import get_domain
     from pipelines.export import load_task
-    from pipelines.registry import get_domain
 
     ckpt, bundle_path = exported
     bundle = Bundle(bundle_path)

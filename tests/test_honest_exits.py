@@ -72,7 +72,7 @@ def test_a_non_finite_loss_stops_fit_with_exit_1_and_keeps_the_last_finite_check
 
 
 def test_a_nan_test_metric_is_recorded_and_exits_1(runs_dir, capsys):
-    from pipelines.registry import get_domain
+    from pipelines.domain_registry import get_domain
 
     code = exit_code("autonomous", *get_domain("autonomous").test_args, "--trainer.max_epochs=1", "--runs_dir", str(runs_dir),
                      "--trainer.callbacks+=tests.helpers.PoisonWeights", "--trainer.callbacks.step=-1")  # fmt: skip

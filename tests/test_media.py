@@ -414,8 +414,8 @@ def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path, predicti
     from domains.media.serving import DiffusionGenerationAdapter, SeedGenerationAdapter, ddim_sample
 
     from pipelines.bundle_runtime import Bundle
+    from pipelines.domain_registry import get_domain
     from pipelines.export import export_checkpoint
-    from pipelines.registry import get_domain
 
     torch.manual_seed(0)
     model = Diffusion(**{**TINY_DIFFUSION, "prediction_type": prediction_type}, **GEOMETRY).eval()
@@ -447,8 +447,8 @@ def gan_server(tmp_path_factory):
     """An (untrained, randomly initialised) conditional GAN exported to ONNX and served on a loopback port."""
     import signal
 
+    from pipelines.domain_registry import get_domain
     from pipelines.export import export_checkpoint
-    from pipelines.registry import get_domain
     from tests.test_serve import start_server
 
     folder = tmp_path_factory.mktemp("media-serve")

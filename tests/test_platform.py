@@ -207,9 +207,11 @@ SMALL_RESNET = (
 
 
 def test_compile_compiles_the_networks_in_place_and_keeps_checkpoint_keys(runs_dir, capsys):
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
     counters.clear()
+    suppress_errors = torch._dynamo.config.suppress_errors
     run_pipeline("healthcare", "fit", "--compile=true", *SMALL_RESNET, "--data.batch_size=16", "--trainer.limit_train_batches=2", "--runs_dir", str(runs_dir))
     assert "torch.compile: network" in capsys.readouterr().err
     # graphs were captured and compiled by inductor, with no frame falling back to eager
@@ -217,6 +219,7 @@ def test_compile_compiles_the_networks_in_place_and_keeps_checkpoint_keys(runs_d
     assert counters["inductor"], "nothing reached the inductor backend"
     state = torch.load(only_run(runs_dir, "healthcare") / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "network.conv1.weight" in state and not any("_orig_mod" in key for key in state)
+    assert torch._dynamo.config.suppress_errors == suppress_errors, "the eager fallback outlived the command"
 
 
 def test_batch_size_finder_runs_and_its_result_becomes_the_runs_config(runs_dir, capsys):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from pipelines.registry import available_domains, get_domain
+from pipelines.domain_registry import available_domains, get_domain
 from tests.conftest import ROOT, kill_at_first_checkpoint, only_run, read_jsonl, run_pipeline, run_pipeline_process
 from tests.wandb_offline import history, run_file
 
@@ -23,7 +23,7 @@ def test_registry_lists_the_shipped_domains():
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_spec_loads_without_heavy_imports(domain):
     code = (
-        "import sys; from pipelines.registry import get_domain; get_domain(%r); "
+        "import sys; from pipelines.domain_registry import get_domain; get_domain(%r); "
         "heavy = [m for m in ('monai', 'transformers', 'lightning', 'torch') if m in sys.modules]; print(heavy)" % domain
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

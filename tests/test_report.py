@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from pipelines.registry import available_domains, get_domain
+from pipelines.domain_registry import available_domains, get_domain
 from pipelines.report import REPORT, build_report, limits
 from tests.conftest import only_run, run_pipeline
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.domain_registry import available_domains, get_domain
+from pipelines.fingerprint import fingerprint
 from pipelines.model_registry import TMP_PREFIX, ModelRegistry, RegistryLocked
-from pipelines.registry import available_domains, get_domain
 from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
-from pipelines.retrain_steps import ExitCode, fingerprint, resolve_config
+from pipelines.retrain_steps import ExitCode, resolve_config
 from pipelines.selection import Selection, evaluation_metric_key
 from tests.conftest import ROOT, child_env
 

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.model_registry import ModelRegistry, RegistryError, sha256_file
+from pipelines.files import sha256_file
+from pipelines.fingerprint import fingerprint
+from pipelines.model_registry import ModelRegistry, RegistryError
 from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
-from pipelines.retrain_steps import ExitCode, fingerprint, resolve_config
+from pipelines.retrain_steps import ExitCode, resolve_config
 from tests.conftest import ROOT, child_env
 
 FAST = ["--data.batch_size=64", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.logger=false"]

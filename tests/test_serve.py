@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipelines.domain_registry import available_domains, get_domain
 from pipelines.export import export_checkpoint
-from pipelines.registry import available_domains, get_domain
 from pipelines.task import BaseTask
 from tests.conftest import ROOT, child_env, only_run, run_pipeline
 

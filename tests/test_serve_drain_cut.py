@@ -11,7 +11,7 @@ import threading
 import time
 
 from pipelines.export import export_checkpoint
-from pipelines.registry import get_domain
+from pipelines.domain_registry import get_domain
 from tests.test_export import tiny_diffusion
 from tests.test_serve import request, start_server
 from tests.test_serve_operations import metric_samples

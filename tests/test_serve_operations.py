@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipelines.domain_registry import get_domain
 from pipelines.export import export_checkpoint
-from pipelines.registry import get_domain
 from tests.test_export import tiny_diffusion
 from tests.test_serve import Server, request, start_server
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from pipelines.bundle_runtime import Bundle
-from pipelines.model_registry import ModelRegistry, sha256_file
+from pipelines.files import sha256_file
+from pipelines.model_registry import ModelRegistry
 from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from tests.conftest import ROOT, child_env

@@ -23,7 +23,7 @@ from domains.finance.synthetic import make_card_transactions
 from domains.healthcare.data import MedicalImageDataModule
 from domains.media.data import MediaDataModule
 from pipelines.errors import InputError
-from pipelines.registry import get_domain
+from pipelines.domain_registry import get_domain
 from pipelines.splits import SplitRule, hash_split
 from tests.conftest import only_run, run_pipeline
 from tests.medical_files import blob_images, write_png

@@ -23,7 +23,7 @@ import yaml
 
 optuna = pytest.importorskip("optuna")
 
-from pipelines.registry import get_domain  # noqa: E402
+from pipelines.domain_registry import get_domain  # noqa: E402
 from pipelines.sweep import build_parser, main as sweep_main  # noqa: E402
 from tests.conftest import ROOT, child_env  # noqa: E402
 

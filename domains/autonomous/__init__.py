@@ -10,7 +10,7 @@ Importing this package imports nothing heavy.
 
 from pathlib import Path
 
-from pipelines.registry import DomainSpec
+from pipelines.domain_registry import DomainSpec
 
 SPEC = DomainSpec(
     name="autonomous",

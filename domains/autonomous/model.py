@@ -32,8 +32,6 @@ stochastic forecasters, ``ade`` otherwise), regression RMSE, classification erro
 
 from __future__ import annotations
 
-import copy
-
 from typing import Any, Literal
 
 import torch
@@ -41,8 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
 
+from domains.autonomous.figures import confusion_figure, scatter_figure, trajectory_figure
 from domains.autonomous.metrics import DisplacementError
-from domains.autonomous.networks import InferenceSequenceModel, CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
 from pipelines.export_spec import ExportSpec
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
@@ -366,26 +365,14 @@ class SensorSequenceModel(BaseTask):
 
     # ----- figures ---------------------------------------------------------------------------
     def _log_plots(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         hp = self.hparams
         if hp.task == "classification":
-            fig, _ = self.test_confusion.plot(labels=list(hp.class_names or []))
-            log_figure(self.trainer, fig, "test/confusion_matrix")
+            log_figure(self.trainer, confusion_figure(self.test_confusion, list(hp.class_names or [])), "test/confusion_matrix")
             return
         if hp.task == "regression":
             if not self._scatter:
                 return
-            pairs = torch.cat(self._scatter).numpy()
-            fig, ax = plt.subplots(figsize=(4, 4))
-            ax.scatter(pairs[:, 0], pairs[:, 1], s=6, alpha=0.5)
-            low, high = pairs.min(), pairs.max()
-            ax.plot([low, high], [low, high], "k--", lw=1)
-            name = (hp.target_names or ["target"])[0]
-            ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title="test: predicted vs true")
+            fig = scatter_figure(torch.cat(self._scatter).numpy(), (hp.target_names or ["target"])[0])
             log_figure(self.trainer, fig, "test/predicted_vs_true")
             return
         if not self._plot_items:
@@ -394,84 +381,8 @@ class SensorSequenceModel(BaseTask):
         log_figure(self.trainer, trajectory_figure(batch, hp.plot_samples, hp.target_names), "test/trajectories")
 
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
-        """Raw ``past`` positions and ``channels`` -> forecast positions / value / class probabilities.
+        """Raw ``past`` positions and ``channels`` -> forecast positions / value / class probabilities
+        (:func:`domains.autonomous.exporting.export_spec`)."""
+        from domains.autonomous.exporting import export_spec
 
-        Batch and time are dynamic for the recurrent families; PatchTST is built for ``observe`` steps,
-        so its time axis is fixed. The metadata names the inputs' channels (``position_names``,
-        ``channel_names``) and the data's sampling interval (``time_step``) for the server's request
-        forms (``serving.py``); a checkpoint written before those two were recorded exports them as
-        ``null``, and the server falls back as its docstring says.
-        """
-        if not datamodule_state or "displacement_scale" not in datamodule_state:
-            raise ValueError("the checkpoint holds no SensorSequenceDataModule statistics; export a checkpoint written by `pipelines.run autonomous`")
-        hp = self.hparams
-        module = InferenceSequenceModel(
-            copy.deepcopy(self.network), hp.task, self.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state
-        ).eval()
-        observe = int(datamodule_state.get("observe", hp.observe))
-        channels = len(datamodule_state["channel_mean"])
-        time_axis = {} if hp.architecture == "transformer" else {1: "time"}
-        past = torch.cumsum(torch.randn(2, observe, hp.target_dim), 1)
-        output = {"forecasting": "positions", "regression": "value", "classification": "probabilities"}[hp.task]
-        return ExportSpec(
-            module=module,
-            example_inputs=(past, torch.randn(2, observe, channels)),
-            input_names=["past", "channels"],
-            output_names=[output],
-            dynamic_axes={"past": {0: "batch", **time_axis}, "channels": {0: "batch", **time_axis}, output: {0: "batch"}},
-            metadata={
-                "task": hp.task,
-                "architecture": hp.architecture,
-                "target_names": datamodule_state.get("target_names"),
-                "channel_names": datamodule_state.get("channel_names"),
-                "position_names": datamodule_state.get("position_names"),
-                "time_step": datamodule_state.get("time_step"),
-                "class_names": datamodule_state.get("class_names"),
-                "observe": observe,
-                "predict": hp.get("predict"),
-                "input": "past: target positions (N, T, D) and channels (N, T, C) in the data's units, oldest first, time_step apart",
-                "output": f"{output} in the data's units (forecast: future positions (N, predict, D))",
-                "normalisation": {k: datamodule_state[k] for k in ("displacement_scale", "channel_mean", "channel_std", "target_mean", "target_std")},
-            },
-        )
-
-
-def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[str] | None = None) -> Any:
-    """Observed (blue), true future (green), predicted (red) and sampled (grey) trajectories of ``count`` windows.
-
-    With two or more channels the first two are drawn against each other (a map view); with one,
-    the channel is drawn against the step.
-    """
-    import matplotlib.pyplot as plt
-
-    count = min(count, len(batch["past"]))
-    cols = min(3, count)
-    rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
-    names = names or ["x", "y"]
-    for i, ax in enumerate(axes.flat):
-        if i >= count:
-            ax.axis("off")
-            continue
-        past, future, single = batch["past"][i], batch["future"][i], batch["single"][i]
-        obs = len(past)
-
-        def draw(points: torch.Tensor, start: int = 0, **style: Any) -> None:
-            if points.shape[-1] >= 2:
-                ax.plot(points[:, 0], points[:, 1], **style)
-            else:
-                ax.plot(range(start, start + len(points)), points[:, 0], **style)
-
-        for sample in batch.get("samples", torch.zeros(0, 0, 0, 0))[i][:20] if "samples" in batch else []:
-            draw(torch.cat([past[-1:], sample]), obs - 1, color="0.6", lw=0.6, alpha=0.6)
-        draw(past, 0, color="tab:blue", marker="o", ms=2, label="observed")
-        draw(torch.cat([past[-1:], future]), obs - 1, color="tab:green", marker="o", ms=2, label="true")
-        draw(torch.cat([past[-1:], single]), obs - 1, color="tab:red", marker="x", ms=3, label="predicted")
-        if past.shape[-1] >= 2:
-            ax.set(xlabel=names[0], ylabel=names[1])
-        else:
-            ax.set(xlabel="step", ylabel=names[0])
-        if i == 0:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        return export_spec(self, datamodule_state)

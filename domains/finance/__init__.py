@@ -6,7 +6,7 @@ column roles set in the config, or an ADBench ``.npz``. Importing this package i
 
 from pathlib import Path
 
-from pipelines.registry import DomainSpec
+from pipelines.domain_registry import DomainSpec
 
 SPEC = DomainSpec(
     name="finance",

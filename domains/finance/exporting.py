@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from domains.finance.networks import FraudScorer
 from domains.finance.preprocessing import UNKNOWN, TablePreprocessor
 from pipelines.export_spec import ExportSpec
-
-if TYPE_CHECKING:
-    from domains.finance.model import FraudAutoencoder
+from pipelines.task import BaseTask
 
 
-def export_spec(task: FraudAutoencoder, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> ExportSpec:
     """Preprocessed rows -> ``score``, ``is_alert`` (the calibrated threshold) and per-column ``contributions``.
 
     The bundle's model takes the preprocessed feature matrix (and the categorical indices when
     categoricals are embedded); the fitted preprocessing travels in ``metadata.json`` as plain
     JSON (``preprocessing_state``) so that a client, or ``domains/finance/serving.py``, prepares
     raw transaction rows exactly as training did.
+
+    ``task`` is the :class:`~domains.finance.model.FraudAutoencoder` whose ``export_spec`` calls this
+    (its network, column groups and thresholds; typed by its base so this module does not import the model).
     """
     if not datamodule_state or "preprocessor" not in datamodule_state:
         raise ValueError(

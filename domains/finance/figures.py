@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_average_precision, binary_precision, binary_precision_recall_curve, binary_recall
 
+from pipelines.plots import new_figure
+
 
 def unit_interval(scores: torch.Tensor) -> torch.Tensor:
     """Map non-negative scores monotonically into [0, 1) (``s / (1 + s)`` in float64).
@@ -22,13 +24,8 @@ def unit_interval(scores: torch.Tensor) -> torch.Tensor:
 
 def score_histogram(scores: torch.Tensor, labels: torch.Tensor | None, thresholds: dict[str, float]) -> Any:
     """Histogram of log10 scores, normal vs fraud when labelled, with the thresholds as vertical lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = torch.log10(scores.clamp_min(1e-6)).cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = new_figure(figsize=(6, 3.6))
     bins = np.histogram_bin_edges(values, bins=60)  # shared by both classes
     if labels is None:
         ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="all rows")
@@ -48,14 +45,9 @@ def score_histogram(scores: torch.Tensor, labels: torch.Tensor | None, threshold
 
 def pr_curve(scores: torch.Tensor, labels: torch.Tensor, thresholds: dict[str, float]) -> Any:
     """Precision-recall curve (scores mapped by ``unit_interval``) with the thresholds' operating points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     precision, recall, _ = binary_precision_recall_curve(unit_interval(scores), labels.long())
     ap = float(binary_average_precision(unit_interval(scores), labels.long()))
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = new_figure(figsize=(4.5, 4))
     ax.plot(recall.cpu().numpy(), precision.cpu().numpy(), color="tab:red", label=f"AP {ap:.3f}")
     ax.axhline(float(labels.mean()), color="gray", linestyle=":", label=f"fraud rate {float(labels.mean()):.3f}")
     for (name, value), marker in zip(thresholds.items(), ("o", "s")):

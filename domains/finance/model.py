@@ -366,7 +366,10 @@ class FraudAutoencoder(BaseTask):
     @property
     def range_columns(self) -> list[str]:
         """The columns ``out_of_range`` names (the data's numeric and amount columns, in order)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer (a model built outside a run)
+            datamodule = None
         return list(datamodule.fitted.range_columns) if datamodule is not None and hasattr(datamodule, "fitted") else []
 
     def on_predict_start(self) -> None:

@@ -8,7 +8,7 @@ DenseNet121 and EfficientNet-B0. Importing this package imports nothing heavy.
 
 from pathlib import Path
 
-from pipelines.registry import DomainSpec
+from pipelines.domain_registry import DomainSpec
 
 SPEC = DomainSpec(
     name="healthcare",

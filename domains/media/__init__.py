@@ -17,7 +17,7 @@ Examples::
 
 from pathlib import Path
 
-from pipelines.registry import DomainSpec
+from pipelines.domain_registry import DomainSpec
 
 SPEC = DomainSpec(
     name="media",

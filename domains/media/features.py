@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from domains.media.networks import FeatureCNN
+from pipelines.files import atomic_write
 
 OFFLINE_EXTRACTOR = "cnn"
 INCEPTION = "inception"
@@ -175,8 +176,6 @@ def accuracy(net: FeatureCNN, images: torch.Tensor, labels: torch.Tensor | None,
 def save_extractor(net: FeatureCNN, path: Path, details: dict) -> Path:
     """Write ``path`` (safetensors) and ``path`` with ``.json`` (digest, task, accuracy), each atomically."""
     from safetensors.torch import save_file
-
-    from domains.media.metrics import atomic_write
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}

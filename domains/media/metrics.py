@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +31,7 @@ from torchmetrics.image.kid import poly_mmd
 
 from domains.media.features import RECIPE, extractor_digest, load_extractor, save_extractor
 from domains.media.networks import FeatureCNN
+from pipelines.files import atomic_write
 
 KID_SEED = 0
 
@@ -51,19 +50,6 @@ def extractor_key(images: torch.Tensor, labels: torch.Tensor, settings: dict) ->
     """Cache key of the extractor trained on ``images``/``labels`` with ``settings`` (and this module's :data:`RECIPE`)."""
     canonical = json.dumps({"data": tensor_hash(images, labels), "recipe": RECIPE, **settings}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary path)`` in ``path``'s folder, then ``os.replace``: complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def resolve_extractor(cache: Path, key: str, channels: int, train: Callable[[], tuple[FeatureCNN, dict]]) -> tuple[FeatureCNN, str, bool]:

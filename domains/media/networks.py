@@ -267,10 +267,18 @@ class FrozenFeatures(nn.Module):
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
+    """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied.
+
+    The update is torch's own (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`, built per call
+    because the decay warms up step by step); the EMA stays a plain copy of the network, so its
+    checkpoint keys and its export are those of the network itself.
+    """
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    ema_params = list(ema.parameters())
     model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    if ema_params:
+        get_ema_multi_avg_fn(decay)(ema_params, model_params, None)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)
 

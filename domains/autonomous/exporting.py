@@ -1,0 +1,57 @@
+"""The autonomous model's export: an :class:`~domains.autonomous.networks.InferenceSequenceModel` with the data's normalisation."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from domains.autonomous.networks import InferenceSequenceModel
+from pipelines.export_spec import ExportSpec
+from pipelines.task import BaseTask
+
+
+def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> ExportSpec:
+    """Raw ``past`` positions and ``channels`` -> forecast positions / value / class probabilities.
+
+    Batch and time are dynamic for the recurrent families; PatchTST is built for ``observe`` steps,
+    so its time axis is fixed. The metadata names the inputs' channels (``position_names``,
+    ``channel_names``) and the data's sampling interval (``time_step``) for the server's request
+    forms (``serving.py``); a checkpoint written before those two were recorded exports them as
+    ``null``, and the server falls back as its docstring says.
+
+    ``task`` is the :class:`~domains.autonomous.model.SensorSequenceModel` whose ``export_spec`` calls this.
+    """
+    if not datamodule_state or "displacement_scale" not in datamodule_state:
+        raise ValueError("the checkpoint holds no SensorSequenceDataModule statistics; export a checkpoint written by `pipelines.run autonomous`")
+    hp = task.hparams
+    module = InferenceSequenceModel(
+        copy.deepcopy(task.network), hp.task, task.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state
+    ).eval()
+    observe = int(datamodule_state.get("observe", hp.observe))
+    channels = len(datamodule_state["channel_mean"])
+    time_axis = {} if hp.architecture == "transformer" else {1: "time"}
+    past = torch.cumsum(torch.randn(2, observe, hp.target_dim), 1)
+    output = {"forecasting": "positions", "regression": "value", "classification": "probabilities"}[hp.task]
+    return ExportSpec(
+        module=module,
+        example_inputs=(past, torch.randn(2, observe, channels)),
+        input_names=["past", "channels"],
+        output_names=[output],
+        dynamic_axes={"past": {0: "batch", **time_axis}, "channels": {0: "batch", **time_axis}, output: {0: "batch"}},
+        metadata={
+            "task": hp.task,
+            "architecture": hp.architecture,
+            "target_names": datamodule_state.get("target_names"),
+            "channel_names": datamodule_state.get("channel_names"),
+            "position_names": datamodule_state.get("position_names"),
+            "time_step": datamodule_state.get("time_step"),
+            "class_names": datamodule_state.get("class_names"),
+            "observe": observe,
+            "predict": hp.get("predict"),
+            "input": "past: target positions (N, T, D) and channels (N, T, C) in the data's units, oldest first, time_step apart",
+            "output": f"{output} in the data's units (forecast: future positions (N, predict, D))",
+            "normalisation": {k: datamodule_state[k] for k in ("displacement_scale", "channel_mean", "channel_std", "target_mean", "target_std")},
+        },
+    )

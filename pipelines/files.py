@@ -1,0 +1,73 @@
+"""Files that are complete or absent: written under a temporary name, then renamed (``os.replace``).
+
+The lowest layer of ``pipelines``: imports nothing of the project, so every module (and every
+domain) can write its outputs through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """Write a file so that readers see the old file or the new one, never half of one.
+
+    Args:
+        path: the file to replace (its folder is created).
+        text: the new content.
+        durable: also fsync the temporary file before ``os.replace`` and the folder after it, so
+            the new file survives a power loss (the model registry's pointers), not only a kill.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, payload: Any, durable: bool = False) -> None:
+    """Write JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n", durable)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary path)`` in ``path``'s folder, then ``os.replace``: complete or absent
+    (for writers that take a path: safetensors, numpy, a figure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
