@@ -24,8 +24,7 @@ import pytest
 
 from pipelines.export import export_checkpoint
 from pipelines.registry import get_domain
-from tests.test_export import tiny_diffusion
-from tests.test_serve import Server, request, start_server
+from tests.helpers import Server, request, start_server, tiny_diffusion
 
 MAX_ITEMS = 6
 DRAIN_DELAY = 1.0
