@@ -12,26 +12,17 @@ import torch
 
 from pipelines.export import export_checkpoint, load_task
 from pipelines.registry import available_domains, get_domain
-from tests.conftest import only_run, run_pipeline
+from tests.conftest import run_pipeline
 from tests.helpers import tiny_diffusion
 
 DOMAINS = available_domains()
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained run per domain, shared by this module's tests."""
-    runs: dict[str, object] = {}
-
-    def get(domain: str):
-        if domain not in runs:
-            runs_dir = tmp_path_factory.mktemp(domain) / "runs"
-            run_pipeline(domain, *get_domain(domain).test_args, "--runs_dir", str(runs_dir))
-            runs[domain] = only_run(runs_dir, domain)
-        return runs[domain]
-
-    return get
+@pytest.fixture
+def trained(tiny_run):
+    """Each domain's tiny run (tests/conftest.py: trained once per session); export only reads it."""
+    return tiny_run
 
 
 def reference_outputs(domain: str, ckpt, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,9 +1,9 @@
 """``python -m pipelines.serve``: the real server in a child process on 127.0.0.1, real HTTP requests.
 
-For every registered domain whose model implements ``export_spec``: a tiny model is trained and
-exported (ONNX), the server is started on a free loopback port, and good requests (answers equal
-to ``Bundle.run`` on the same inputs), malformed requests (4xx naming the field), concurrent
-requests (batched, a malformed one never failing the others), the health/info endpoints and a
+For every registered domain whose model implements ``export_spec``: the domain's tiny run (trained
+once per session, tests/conftest.py) is exported (ONNX), the server is started on a free loopback
+port, and good requests (answers equal to ``Bundle.run`` on the same inputs), malformed requests
+(4xx naming the field), concurrent requests (batched, a malformed one never failing the others), the health/info endpoints and a
 clean SIGTERM shutdown are checked. Healthcare also gets its image-upload form, a TorchScript
 bundle and a SIGINT shutdown. Autonomous gets its observations/sequences forms (forecasts timed by
 the bundle's time step and, with classification and regression models of their own, class
@@ -42,7 +42,7 @@ from tests.helpers import REQUEST_TIMEOUT, decode_pngs, free_port, request, star
 
 DOMAINS = available_domains()
 ATOL = 1e-5  # the server runs the same bundle; only batch composition may change the last bits
-# a tiny run: the domain's own test options, then one batch of each stage and no test stage
+# the classification and regression forecasters' own tiny runs: the domain's test options, one batch of each stage, no test stage
 FAST = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
 
 
@@ -115,18 +115,9 @@ def assert_matches_bundle(answer: dict[str, Any], expected: dict[str, np.ndarray
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained checkpoint per domain, shared by this module's tests."""
-    checkpoints: dict[str, Path] = {}
-
-    def get(domain: str) -> Path:
-        if domain not in checkpoints:
-            runs_dir = tmp_path_factory.mktemp(f"{domain}-runs")
-            run_pipeline(domain, "fit", *get_domain(domain).test_args, *FAST, "--runs_dir", str(runs_dir))
-            checkpoints[domain] = only_run(runs_dir, domain) / "checkpoints" / "last.ckpt"
-        return checkpoints[domain]
-
-    return get
+def trained(tiny_run):
+    """``trained(domain)``: the last checkpoint of the domain's tiny run (tests/conftest.py: trained once per session)."""
+    return lambda domain: tiny_run(domain) / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module", params=DOMAINS)
