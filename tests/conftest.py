@@ -132,5 +132,5 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
 def copy_run(run: Path, runs_dir: Path) -> Path:
     """A copy of the run folder ``run`` in ``runs_dir/<domain>/<run id>`` (same id), for a test that writes into it."""
     copy = runs_dir / run.parent.name / run.name
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(run, copy)
     return copy
