@@ -1,9 +1,16 @@
-"""Shared fixtures: every run goes to a temporary runs folder, W&B offline and quiet."""
+"""Shared fixtures: every run goes to a temporary runs folder, W&B offline and quiet.
+
+``tiny_run(domain)`` is each domain's tiny run (``python -m pipelines.run DOMAIN`` with the spec's
+``test_args``: fit, then test), trained once per session on first use and shared by every test file
+that needs a trained run (export, serving, the registry suite, bad scoring files). Treat it as
+read-only: a test that writes into a run folder (predict, resume) works on ``copy_run(...)``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,3 +110,27 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_run(domain)``: the run folder of the domain's tiny run, trained the first time it is asked for."""
+    from pipelines.domain_registry import get_domain
+
+    runs: dict[str, Path] = {}
+
+    def get(domain: str) -> Path:
+        if domain not in runs:
+            runs_dir = tmp_path_factory.mktemp(f"{domain}-tiny-run") / "runs"
+            run_pipeline(domain, *get_domain(domain).test_args, "--runs_dir", str(runs_dir))
+            runs[domain] = only_run(runs_dir, domain)
+        return runs[domain]
+
+    return get
+
+
+def copy_run(run: Path, runs_dir: Path) -> Path:
+    """A copy of the run folder ``run`` in ``runs_dir/<domain>/<run id>`` (same id), for a test that writes into it."""
+    copy = runs_dir / run.parent.name / run.name
+    shutil.copytree(run, copy)
+    return copy

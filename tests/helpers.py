@@ -1,10 +1,36 @@
-"""Callbacks a user could pass with ``--trainer.callbacks``; the resume test uses one to slow training down."""
+"""What several test files share, so that no test file imports another.
 
+- Callbacks a user could pass with ``--trainer.callbacks`` (child processes import them by class
+  path: this module imports nothing heavy at the top).
+- A real ``python -m pipelines.serve`` child process on a free loopback port (serving a bundle, or the
+  finance champion of a model registry), HTTP requests to it and its ``/metrics``.
+- Nights of finance data for the retraining, registry-serving and drift tests.
+- Checkpoints written without training (an untrained diffusion model, any LightningModule) and the
+  tiny media settings the media test files train with.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 
 
+# ----- callbacks --------------------------------------------------------------------------------------
 class PauseEachBatch(pl.Callback):
     """Sleep after every training batch so that a test can kill the run mid-training."""
 
@@ -37,3 +63,190 @@ class PoisonWeights(pl.Callback):
     def on_test_start(self, trainer, pl_module) -> None:
         if self.step < 0:
             self._poison(pl_module)
+
+
+# ----- a real server process --------------------------------------------------------------------------
+START_TIMEOUT = 120.0
+REQUEST_TIMEOUT = 60.0
+REGISTRY_START_TIMEOUT = 240.0  # serving a registry: the first export runs before the server listens
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url: str, body: Any = None, raw: bytes | None = None, content_type: str = "application/json") -> tuple[int, Any]:
+    """One HTTP request (POST when there is a body); returns (status, decoded JSON or text)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+@dataclass
+class Server:
+    """A running ``pipelines.serve`` child process."""
+
+    domain: str
+    url: str
+    port: int
+    bundle: Path
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"server did not stop within {timeout}s of signal {signum}:\n{self.output()}") from None
+
+
+def start_server(domain: str, bundle: Path, log: Path, *extra: str, source: list[str] | None = None, start_timeout: float = START_TIMEOUT) -> Server:
+    """``python -m pipelines.serve DOMAIN --bundle BUNDLE EXTRA`` (or ``source`` instead of ``--bundle BUNDLE``, e.g.
+    ``["--registry", DIR]``) on a free loopback port, once ``/health`` answers."""
+    from tests.conftest import ROOT, child_env  # not at the top: child processes import this module for its callbacks
+
+    port = free_port()
+    handle = open(log, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.serve", domain, *(source or ["--bundle", str(bundle)]), "--port", str(port), *extra],
+        cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    handle.close()
+    server = Server(domain, f"http://127.0.0.1:{port}", port, bundle, process, log)
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode} before answering /health:\n{server.output()}")
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    server.stop(signal.SIGKILL)
+    raise AssertionError(f"server not healthy within {start_timeout}s:\n{server.output()}")
+
+
+def start_champion_server(root: Path, log: Path, *extra: str) -> Server:
+    """A server following the finance champion of the model registry ``root/registry`` (the first export runs before it listens)."""
+    return start_server("finance", root, log, *extra, source=["--registry", str(root / "registry")], start_timeout=REGISTRY_START_TIMEOUT)
+
+
+def predict_with_headers(url: str, body: dict) -> tuple[int, dict[str, str], dict]:
+    """``POST /predict``; returns (status, response headers, decoded JSON)."""
+    req = urllib.request.Request(url + "/predict", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read() or b"{}")
+
+
+def metric_samples(url: str) -> dict[str, float]:
+    """``GET /metrics`` as {"name{labels}": value} (the text exposition format)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def decode_pngs(answer: dict) -> np.ndarray:
+    """The images of a seed-generation answer (base64 PNGs) as one (N, H, W, 3) uint8 array."""
+    from PIL import Image
+
+    assert answer["format"] == "png"
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")) for text in answer["images"]])
+
+
+# ----- nights of finance data (retraining, serving a registry, drift) ------------------------------------
+#: a finance retraining attempt in seconds: 3 batches of one epoch, no logger
+FAST = ["--data.batch_size=64", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.logger=false"]
+
+
+def write_night(path: Path, night: int, rows: int = 1500) -> None:
+    """An ADBench-style file (``X``, ``y``): normal rows around a centre that drifts a little each night,
+    10 % anomalies shifted on a third of the features. Written atomically, as a data export job would."""
+    rng = np.random.default_rng(night)
+    normal = rng.normal(0.05 * night, 1.0, size=(rows, 12))
+    anomalies = rng.normal(0.05 * night, 1.0, size=(rows // 10, 12))
+    anomalies[:, :4] += 1.5
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, X=np.concatenate([normal, anomalies]).astype("float32"), y=np.r_[np.zeros(rows), np.ones(rows // 10)])
+    os.replace(tmp, path)
+
+
+# ----- checkpoints without training, tiny media settings ---------------------------------------------
+#: media models small enough to train a few steps in a second on a CPU (16x16 images)
+TINY_GAN = {"latent_dim": 16, "width": 8, "fid_samples": 16, "grid_samples": 6, "extractor_steps": 2, "extractor_width": 8}
+TINY_DIFFUSION = {
+    "unet_widths": [16, 16], "attention_levels": [False, True], "norm_num_groups": 8, "num_head_channels": 16,
+    "num_train_timesteps": 40, "sampling_steps": 4, "eval_steps": 2, "fid_samples": 16, "grid_samples": 6,
+    "extractor_steps": 2, "extractor_width": 8,
+}  # fmt: skip
+#: a Trainer that writes no logs and prints nothing
+QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+#: an untrained class-conditional diffusion model on 8x8 RGB images (exported and served, never trained)
+SERVED_DIFFUSION = {
+    "unet_widths": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8, "num_head_channels": 16, "num_train_timesteps": 100,
+    "sampling_steps": 4, "in_channels": 3, "image_size": 8, "num_classes": 2, "class_names": ["a", "b"],
+}  # fmt: skip
+
+
+def linked(dm) -> dict:
+    """What the runner links from a media data module to the model."""
+    return {"in_channels": dm.in_channels, "image_size": dm.image_size, "num_classes": dm.num_classes, "class_names": dm.class_names}
+
+
+def shapes_module(**kwargs):
+    """The media data module on 80 synthetic 16x16 shapes (three classes), batches of 16."""
+    from domains.media.data import MediaDataModule
+
+    return MediaDataModule(**{"synthetic_samples": 80, "image_size": 16, "batch_size": 16, "num_generate": 6, **kwargs})
+
+
+def save_checkpoint(model: pl.LightningModule, path: Path) -> Path:
+    """A checkpoint as the runner writes it for ``load_task``: weights, hyper-parameters and the model class."""
+    import torch
+
+    hparams = {**dict(model.hparams), "_class_path": f"{type(model).__module__}.{type(model).__qualname__}"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
+    return path
+
+
+def tiny_diffusion(folder: Path):
+    """An untrained class-conditional diffusion model (8x8 RGB, non-trivial weights) and its checkpoint: no training needed."""
+    import torch
+
+    from domains.media.model import Diffusion
+
+    torch.manual_seed(0)
+    model = Diffusion(**SERVED_DIFFUSION).eval()
+    with torch.no_grad():  # untrained, MONAI's output convolution is zero: give the EMA UNet non-trivial weights
+        for p in model.ema_unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, save_checkpoint(model, folder / "diffusion.ckpt")

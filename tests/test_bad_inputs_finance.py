@@ -1,9 +1,9 @@
 """Finance: every bad input a user may give is refused (exit 2) with one paragraph naming the file,
 row, column or option, before anything is written (tests/bad_inputs.py).
 
-Training inputs go through the table-driven harness. Scoring files need a trained run: one tiny
-run per module, then each bad scoring file must leave that run folder byte for byte as it was (no
-predictions file added, no config or provenance rewritten). Cases the harness does not fit (a
+Training inputs go through the table-driven harness. Scoring files need a trained run: a copy of
+the domain's tiny run (tests/conftest.py), then each bad scoring file must leave that run folder
+byte for byte as it was (no predictions file added, no config or provenance rewritten). Cases the harness does not fit (a
 scoring file, an extreme but finite value) are plain tests below it.
 """
 
@@ -21,7 +21,7 @@ import pytest
 
 from domains.finance.synthetic import make_card_transactions
 from tests.bad_inputs import BadInput, check_refused, params
-from tests.conftest import only_run, run_pipeline
+from tests.conftest import copy_run, run_pipeline
 
 TINY = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.batch_size=64", "--model.hidden_dims=[8]", "--model.latent_dim=2")
 TRAIN = ("--data.path", "{tmp}/t.csv", *TINY)
@@ -176,13 +176,12 @@ def test_bad_training_input_is_refused(case, tmp_path, capsys):
 
 # ----- scoring files: a trained run's folder must stay byte for byte as it was ------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, list[str]]:
-    """One tiny run on a CSV table: (its folder, a folder for scoring files, the predict arguments)."""
+def trained(tiny_run, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A copy of the domain's tiny run (tests/conftest.py; synthetic transactions, the columns of the
+    scoring files): (its folder, a folder for scoring files, the predict arguments)."""
     folder = tmp_path_factory.mktemp("finance-scoring")
-    make_card_transactions(400, fraud_rate=0.05, seed=0).to_csv(folder / "train.csv", index=False)
     runs = folder / "runs"
-    run_pipeline("finance", "fit", "--data.path", str(folder / "train.csv"), *TINY, "--runs_dir", str(runs))
-    run = only_run(runs, "finance")
+    run = copy_run(tiny_run("finance"), runs)
     predict = ["finance", "predict", "--runs_dir", str(runs), "--run_id", run.name, "--ckpt_path", "best", "--data.predict_chunk_rows=100"]
     return run, folder, predict
 

@@ -2,8 +2,8 @@
 
 Every case writes tiny real files (PNG, 16-bit PNG, DICOM, NIfTI, ``.npz``, CSV) and runs
 ``python -m pipelines.run healthcare`` in this process (``tests/bad_inputs.py``). The last test
-trains one tiny model and checks that ``predict`` with a bad file in ``--data.predict_dir`` leaves
-the run folder as it was.
+takes the domain's tiny run (trained once per session, tests/conftest.py) and checks that
+``predict`` with a bad file in ``--data.predict_dir`` leaves the run folder as it was.
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ import pandas as pd
 import pytest
 
 from tests.bad_inputs import BadInput, check_refused, params
-from tests.conftest import only_run, run_pipeline
+from tests.conftest import copy_run, run_pipeline
 from tests.medical_files import blob_images, write_dicom, write_nifti, write_png
-
-FAST = (
-    "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
-    "--trainer.limit_test_batches=1", "--data.batch_size=4", "--model.network=resnet10", "--model.width=0.25",
-    "--model.sample_grid_size=0",
-)  # fmt: skip
 
 
 def table(folder: Path, labels: list[str] | None = None, splits: list[str] | None = None, count: int = 8, size: int = 8, **override) -> Path:
@@ -182,15 +176,13 @@ def _digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_predict_dir_with_a_bad_file_leaves_the_run_as_it_was(tmp_path, capsys):
-    data, runs = tmp_path / "data", tmp_path / "runs"
-    data.mkdir()
-    csv = table(data, count=16)
-    run_pipeline("healthcare", *FAST, "--data.labels_csv", str(csv), "--runs_dir", str(runs))
-    run = only_run(runs, "healthcare")
+def test_predict_dir_with_a_bad_file_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):
+    """On a copy of the domain's tiny run (tests/conftest.py): 32x32 gray synthetic images."""
+    runs = tmp_path / "runs"
+    run = copy_run(tiny_run("healthcare"), runs)
     before = _digests(run)
     incoming = tmp_path / "incoming"
-    for i, image in enumerate(blob_images(3, 8, seed=4)[0]):
+    for i, image in enumerate(blob_images(3, 32, seed=4)[0]):
         write_png(incoming / f"new{i}.png", image)
     cases = {
         "corrupt": (lambda: corrupt(incoming / "new1.png", None), ("new1.png", "cannot read image")),

@@ -25,8 +25,7 @@ from pipelines.reference import QUANTILE_POINTS, find_in_checkpoint, load_refere
 from pipelines.domain_registry import get_domain
 from pipelines.request_log import RequestLog, log_files, read_log
 from tests.conftest import ROOT, child_env, run_pipeline
-from tests.test_retrain_policy import FAST, write_night
-from tests.test_serve import request, start_server
+from tests.helpers import FAST, predict_with_headers, request, start_champion_server, start_server, write_night
 
 SHIFTED = ["x0", "x1", "x2", "x3"]
 
@@ -135,7 +134,6 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
     """The loop: serve the champion, log its traffic; --when drift skips calm traffic (4) and retrains on moved traffic."""
     from pipelines.model_registry import ModelRegistry
     from pipelines.retrain import main as retrain_main
-    from tests.test_serving_registry import predict, start
 
     (tmp_path / "runs").mkdir()
     write_night(tmp_path / "latest.npz", 1)
@@ -146,7 +144,7 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
     gate = ["--when", "drift", "--drift_window", str(log), "--drift_last", "1500"]
     assert retrain_main(["finance", "--when", "drift", *options]) == 2, "--when drift needs a window"
 
-    served = start(tmp_path, tmp_path / "server.log", "--reload-interval", "0.5", "--request-log", str(log))
+    served = start_champion_server(tmp_path, tmp_path / "server.log", "--reload-interval", "0.5", "--request-log", str(log))
     try:
         send(served.url, range(15))
         assert retrain_main(["finance", *options, *gate]) == 4, "calm traffic: nothing trained"
@@ -160,9 +158,9 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
         expected = registry.champion()
         assert expected == ("v0002" if code == 0 else "v0001")
         deadline = time.monotonic() + 180
-        while predict(served.url, {"rows": rows_of(0, 1)})[1]["x-model-version"] != expected and time.monotonic() < deadline:
+        while predict_with_headers(served.url, {"rows": rows_of(0, 1)})[1]["x-model-version"] != expected and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert predict(served.url, {"rows": rows_of(0, 1)})[1]["x-model-version"] == expected, served.output()
+        assert predict_with_headers(served.url, {"rows": rows_of(0, 1)})[1]["x-model-version"] == expected, served.output()
         assert served.stop() == 0, served.output()
     finally:
         if served.process.poll() is None:

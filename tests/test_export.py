@@ -14,25 +14,17 @@ import torch
 from pipelines.domain_registry import available_domains, get_domain
 from pipelines.export import export_checkpoint, load_task
 from pipelines.run import main as run_main
-from tests.conftest import only_run, run_pipeline
+from tests.conftest import run_pipeline
+from tests.helpers import tiny_diffusion
 
 DOMAINS = available_domains()
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained run per domain, shared by this module's tests."""
-    runs: dict[str, object] = {}
-
-    def get(domain: str):
-        if domain not in runs:
-            runs_dir = tmp_path_factory.mktemp(domain) / "runs"
-            run_pipeline(domain, *get_domain(domain).test_args, "--runs_dir", str(runs_dir))
-            runs[domain] = only_run(runs_dir, domain)
-        return runs[domain]
-
-    return get
+@pytest.fixture
+def trained(tiny_run):
+    """Each domain's tiny run (tests/conftest.py: trained once per session); export only reads it."""
+    return tiny_run
 
 
 def reference_outputs(domain: str, ckpt, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -157,25 +149,6 @@ def test_checkpoint_of_another_domain_is_refused_naming_both(trained, tmp_path):
 
 
 # ----- diffusion bundles: readable by anyone, their versions recorded, the whole DDIM loop in runtime.py --------------
-TINY_DIFFUSION = {
-    "unet_widths": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8, "num_head_channels": 16, "num_train_timesteps": 100,
-    "sampling_steps": 4, "in_channels": 3, "image_size": 8, "num_classes": 2, "class_names": ["a", "b"],
-}  # fmt: skip
-
-
-def tiny_diffusion(folder):
-    """An untrained class-conditional diffusion model (8x8 RGB, non-trivial weights) and its checkpoint: no training needed."""
-    from domains.media.model import Diffusion
-    from tests.test_media import save_checkpoint
-
-    torch.manual_seed(0)
-    model = Diffusion(**TINY_DIFFUSION).eval()
-    with torch.no_grad():  # untrained, MONAI's output convolution is zero: give the EMA UNet non-trivial weights
-        for p in model.ema_unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model, save_checkpoint(model, folder / "diffusion.ckpt")
-
-
 def test_diffusion_bundle_generates_with_numpy_and_onnxruntime_only(tmp_path):
     """``Bundle.generate`` runs the whole DDIM loop from the bundle alone; its images are the checkpoint's sampler's."""
     import os

@@ -448,7 +448,7 @@ def test_rows_form_over_http(exported, tmp_path):
 
     from domains.finance.serving import TransactionRowsAdapter
     from pipelines.bundle_runtime import Bundle
-    from tests.test_serve import request, start_server
+    from tests.helpers import request, start_server
 
     ckpt, bundle_path = exported
     if "vae" not in str(ckpt):

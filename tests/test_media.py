@@ -16,20 +16,7 @@ from domains.media.model import GAN, Diffusion, NonFiniteLossError
 from domains.media.networks import Discriminator, Generator, build_diffusion_unet
 from domains.media.synthetic import make_shape_images
 from tests.conftest import only_run, read_jsonl, run_pipeline, shared_file
-
-TINY_GAN = {"latent_dim": 16, "width": 8, "fid_samples": 16, "grid_samples": 6, "extractor_steps": 2, "extractor_width": 8}
-TINY_DIFFUSION = {
-    "unet_widths": [16, 16], "attention_levels": [False, True], "norm_num_groups": 8, "num_head_channels": 16,
-    "num_train_timesteps": 40, "sampling_steps": 4, "eval_steps": 2, "fid_samples": 16, "grid_samples": 6,
-    "extractor_steps": 2, "extractor_width": 8,
-}  # fmt: skip
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
-
-
-def linked(dm: MediaDataModule) -> dict:
-    """What the runner links from the data to the model."""
-    return {"in_channels": dm.in_channels, "image_size": dm.image_size, "num_classes": dm.num_classes, "class_names": dm.class_names}
-
+from tests.helpers import QUIET, TINY_DIFFUSION, TINY_GAN, decode_pngs, linked, request, save_checkpoint, shapes_module, start_server
 
 def write_png(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
@@ -37,10 +24,6 @@ def write_png(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
     return path
-
-
-def shapes_module(**kwargs) -> MediaDataModule:
-    return MediaDataModule(**{"synthetic_samples": 80, "image_size": 16, "batch_size": 16, "num_generate": 6, **kwargs})
 
 
 # ----- data ---------------------------------------------------------------------------------------
@@ -402,13 +385,6 @@ CLASSES = ["circle", "square", "triangle"]
 GEOMETRY = {"in_channels": 3, "image_size": 16, "num_classes": 3, "class_names": CLASSES}
 
 
-def save_checkpoint(model: pl.LightningModule, path: Path) -> Path:
-    """A checkpoint as the runner writes it for ``load_task``: weights, hyper-parameters and the model class."""
-    hparams = {**dict(model.hparams), "_class_path": f"{type(model).__module__}.{type(model).__qualname__}"}
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
-    return path
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path, prediction_type):
     from domains.media.serving import DiffusionGenerationAdapter, SeedGenerationAdapter, ddim_sample
@@ -449,7 +425,6 @@ def gan_server(tmp_path_factory):
 
     from pipelines.domain_registry import get_domain
     from pipelines.export import export_checkpoint
-    from tests.test_serve import start_server
 
     folder = tmp_path_factory.mktemp("media-serve")
     torch.manual_seed(0)
@@ -458,14 +433,6 @@ def gan_server(tmp_path_factory):
     server = start_server("media", bundle, folder / "server.log", "--max-batch-size", "8", "--batch-timeout", "0.02")
     yield server, model
     server.stop(signal.SIGTERM)
-
-
-def decode_pngs(answer: dict) -> np.ndarray:
-    import base64
-    import io
-
-    assert answer["format"] == "png"
-    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB")) for text in answer["images"]])
 
 
 def test_gan_bundle_is_the_generator_in_zero_one(gan_server):
@@ -487,8 +454,6 @@ def test_gan_bundle_is_the_generator_in_zero_one(gan_server):
 def test_seed_requests_over_http_give_deterministic_pngs(gan_server):
     from domains.media.serving import seeded_noise_numpy
     from pipelines.bundle_runtime import Bundle
-    from tests.test_serve import request
-
     server, _ = gan_server
     status, first = request(server.url + "/predict", {"seed": 0, "count": 4})
     assert status == 200, first
@@ -516,8 +481,6 @@ def test_seed_requests_over_http_give_deterministic_pngs(gan_server):
     ],
 )  # fmt: skip
 def test_bad_seed_requests_get_422_naming_the_field(gan_server, body, field):
-    from tests.test_serve import request
-
     server, _ = gan_server
     status, answer = request(server.url + "/predict", body)
     assert status == 422 and answer["detail"].startswith(f"{field}: "), (body, status, answer)

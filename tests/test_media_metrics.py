@@ -13,7 +13,7 @@ from domains.media.data import MediaDataModule
 from domains.media.features import load_extractor
 from domains.media.model import GAN
 from tests.conftest import kill_at_first_checkpoint
-from tests.test_media import QUIET, TINY_GAN, linked, shapes_module
+from tests.helpers import QUIET, TINY_GAN, linked, shapes_module
 
 
 def test_one_extractor_per_data_set_cached_with_its_reference_statistics(tmp_path, capsys):

@@ -170,10 +170,12 @@ def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
 
 
 # ----- real DDP on CPU (gloo) ---------------------------------------------------------------------
-def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run(runs_dir):
+def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run_and_learns(runs_dir):
+    # 200 synthetic images, 3 epochs of 5 steps per rank: enough to learn, measured on the whole test split (30 images)
     result = run_pipeline_process(
-        "healthcare", *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.width=0.25",
-        "--runs_dir", str(runs_dir),
+        "healthcare", "--data.synthetic_samples=200", "--data.batch_size=16", "--data.augment=null", "--trainer.max_epochs=3",
+        "--trainer.limit_val_batches=1", "--model.network=resnet10", "--model.width=0.25",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--runs_dir", str(runs_dir),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     run = only_run(runs_dir, "healthcare")
@@ -181,7 +183,9 @@ def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run(runs_dir):
     provenance = json.loads((run / "provenance.json").read_text())
     assert len(provenance["invocations"]) == 1 and "strategy=ddp" in provenance["invocations"][0]["hardware"]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["test"]["test/auroc"] >= 0
+    # it learned: chance is 0.5 (the default 6-epoch run reaches 0.98; this one measured 0.84), computed over both ranks' shards
+    assert summary["test"]["test/auroc"] >= 0.75, summary["test"]
+    assert summary["global_step"] == 15, "each rank trains on its half of the 9 batches an epoch"
     assert any("val/auroc" in row for row in history(run_file(run)))
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
 
@@ -288,8 +292,7 @@ def test_checkpoint_every_n_steps_lets_a_run_killed_mid_epoch_resume(runs_dir):
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert saved["global_step"] == 3 and saved["epoch"] == 0  # mid-epoch: the epoch has 8 steps
 
-    result = run_pipeline_process(*args, "--ckpt_path", "last")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_pipeline(*args, "--ckpt_path", "last")  # in this process: only the killed run needs its own
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 8
 
 

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipelines.files import sha256_file
@@ -30,21 +29,7 @@ from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from pipelines.retrain_steps import ExitCode, resolve_config
 from tests.conftest import ROOT, child_env
-
-FAST = ["--data.batch_size=64", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.logger=false"]
-
-
-def write_night(path: Path, night: int, rows: int = 1500) -> None:
-    """An ADBench-style file (``X``, ``y``): normal rows around a centre that drifts a little each night,
-    10 % anomalies shifted on a third of the features. Written atomically, as a data export job would."""
-    rng = np.random.default_rng(night)
-    normal = rng.normal(0.05 * night, 1.0, size=(rows, 12))
-    anomalies = rng.normal(0.05 * night, 1.0, size=(rows // 10, 12))
-    anomalies[:, :4] += 1.5
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, X=np.concatenate([normal, anomalies]).astype("float32"), y=np.r_[np.zeros(rows), np.ones(rows // 10)])
-    os.replace(tmp, path)
-
+from tests.helpers import FAST, write_night
 
 def retrain(root: Path, *args: str) -> int:
     return retrain_main(["finance", "--registry", str(root / "registry"), "--runs_dir", str(root / "runs"), *FAST, "--data.path", str(root / "latest.npz"), *args])

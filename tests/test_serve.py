@@ -1,9 +1,9 @@
 """``python -m pipelines.serve``: the real server in a child process on 127.0.0.1, real HTTP requests.
 
-For every registered domain whose model implements ``export_spec``: a tiny model is trained and
-exported (ONNX), the server is started on a free loopback port, and good requests (answers equal
-to ``Bundle.run`` on the same inputs), malformed requests (4xx naming the field), concurrent
-requests (batched, a malformed one never failing the others), the health/info endpoints and a
+For every registered domain whose model implements ``export_spec``: the domain's tiny run (trained
+once per session, tests/conftest.py) is exported (ONNX), the server is started on a free loopback
+port, and good requests (answers equal to ``Bundle.run`` on the same inputs), malformed requests
+(4xx naming the field), concurrent requests (batched, a malformed one never failing the others), the health/info endpoints and a
 clean SIGTERM shutdown are checked. Healthcare also gets its image-upload form, a TorchScript
 bundle and a SIGINT shutdown. Autonomous gets its observations/sequences forms (forecasts timed by
 the bundle's time step and, with classification and regression models of their own, class
@@ -28,9 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +38,11 @@ from pipelines.domain_registry import available_domains, get_domain
 from pipelines.export import export_checkpoint
 from pipelines.task import BaseTask
 from tests.conftest import ROOT, child_env, only_run, run_pipeline
+from tests.helpers import REQUEST_TIMEOUT, decode_pngs, free_port, request, start_server, tiny_diffusion
 
 DOMAINS = available_domains()
 ATOL = 1e-5  # the server runs the same bundle; only batch composition may change the last bits
-START_TIMEOUT = 120.0
-REQUEST_TIMEOUT = 60.0
-# a tiny run: the domain's own test options, then one batch of each stage and no test stage
+# the classification and regression forecasters' own tiny runs: the domain's test options, one batch of each stage, no test stage
 FAST = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
 
 
@@ -55,79 +51,6 @@ def require_export_spec(domain: str) -> None:
     model_class = get_domain(domain).load_model_class()
     if model_class.export_spec is BaseTask.export_spec:
         pytest.skip(f"{domain}: {model_class.__qualname__} does not implement export_spec() yet, so it has no bundle to serve")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def request(url: str, body: Any = None, raw: bytes | None = None, content_type: str = "application/json") -> tuple[int, Any]:
-    """One HTTP request (POST when there is a body); returns (status, decoded JSON or text)."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if data is not None:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        status, text = error.code, error.read().decode()
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
-
-
-@dataclass
-class Server:
-    """A running ``pipelines.serve`` child process."""
-
-    domain: str
-    url: str
-    port: int
-    bundle: Path
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            raise AssertionError(f"server did not stop within {timeout}s of signal {signum}:\n{self.output()}") from None
-
-
-def start_server(domain: str, bundle: Path, log: Path, *extra: str, source: list[str] | None = None, start_timeout: float = START_TIMEOUT) -> Server:
-    """Start ``pipelines.serve`` serving ``bundle`` (or ``source``, e.g. ``["--registry", DIR]``) and wait for ``/health``."""
-    port = free_port()
-    handle = open(log, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.serve", domain, *(source or ["--bundle", str(bundle)]), "--port", str(port), *extra],
-        cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    handle.close()
-    server = Server(domain, f"http://127.0.0.1:{port}", port, bundle, process, log)
-    deadline = time.monotonic() + start_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode} before answering /health:\n{server.output()}")
-        try:
-            with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    server.stop(signal.SIGKILL)
-    raise AssertionError(f"server not healthy within {start_timeout}s:\n{server.output()}")
 
 
 def child_pids(pid: int) -> set[int]:
@@ -192,18 +115,9 @@ def assert_matches_bundle(answer: dict[str, Any], expected: dict[str, np.ndarray
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained checkpoint per domain, shared by this module's tests."""
-    checkpoints: dict[str, Path] = {}
-
-    def get(domain: str) -> Path:
-        if domain not in checkpoints:
-            runs_dir = tmp_path_factory.mktemp(f"{domain}-runs")
-            run_pipeline(domain, "fit", *get_domain(domain).test_args, *FAST, "--runs_dir", str(runs_dir))
-            checkpoints[domain] = only_run(runs_dir, domain) / "checkpoints" / "last.ckpt"
-        return checkpoints[domain]
-
-    return get
+def trained(tiny_run):
+    """``trained(domain)``: the last checkpoint of the domain's tiny run (tests/conftest.py: trained once per session)."""
+    return lambda domain: tiny_run(domain) / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module", params=DOMAINS)
@@ -608,26 +522,14 @@ def test_autonomous_classes_and_values_match_the_checkpoint(target, tmp_path_fac
 
 
 # ----- media: diffusion bundles sampled by the server ------------------------------------------
-TINY_DIFFUSION_SERVED = {
-    "unet_widths": [16, 16], "attention_levels": [False, False], "norm_num_groups": 8, "num_head_channels": 16, "num_train_timesteps": 100,
-    "sampling_steps": 4, "in_channels": 3, "image_size": 8, "num_classes": 2, "class_names": ["a", "b"],
-}  # fmt: skip
-
-
 def test_diffusion_seed_requests_run_the_ddim_loop(tmp_path):
     """``{"seed", "count", "steps"}`` on a one-step diffusion bundle gives DDIM-sampled images equal (to 1/255) to the checkpoint's own sampler."""
     import torch
 
-    from domains.media.model import Diffusion
     from domains.media.serving import seeded_noise_numpy
-    from tests.test_media import decode_pngs, save_checkpoint
 
-    torch.manual_seed(0)
-    model = Diffusion(**TINY_DIFFUSION_SERVED).eval()
-    with torch.no_grad():  # untrained, MONAI's output convolution is zero: give the EMA UNet non-trivial weights
-        for p in model.ema_unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    bundle = export_checkpoint(get_domain("media"), save_checkpoint(model, tmp_path / "d.ckpt"), "onnx", tmp_path / "bundle")
+    model, checkpoint = tiny_diffusion(tmp_path)
+    bundle = export_checkpoint(get_domain("media"), checkpoint, "onnx", tmp_path / "bundle")
     served = start_server("media", bundle, tmp_path / "server.log", "--batch-timeout", "0.05", "--log-level", "debug")
     try:
 

@@ -12,9 +12,7 @@ import time
 
 from pipelines.export import export_checkpoint
 from pipelines.domain_registry import get_domain
-from tests.test_export import tiny_diffusion
-from tests.test_serve import request, start_server
-from tests.test_serve_operations import metric_samples
+from tests.helpers import metric_samples, request, start_server, tiny_diffusion
 
 
 def test_drain_timeout_cuts_requests_and_exits_3(tmp_path):

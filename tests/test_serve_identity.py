@@ -19,7 +19,7 @@ import pytest
 
 from domains.finance.synthetic import make_card_transactions
 from tests.conftest import only_run, run_pipeline
-from tests.test_serve import REQUEST_TIMEOUT, start_server
+from tests.helpers import REQUEST_TIMEOUT, start_server
 
 TINY = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.batch_size=64", "--model.hidden_dims=[8]", "--model.latent_dim=2")
 BAD_LABELS = [("empty", ""), ("line-break", "v1\r\nX-Admin: yes"), ("non-ascii", "modèle-α"), ("too-long", "v" * 129), ("padded", " v1")]

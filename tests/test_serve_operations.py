@@ -24,24 +24,10 @@ import pytest
 
 from pipelines.domain_registry import get_domain
 from pipelines.export import export_checkpoint
-from tests.test_export import tiny_diffusion
-from tests.test_serve import Server, request, start_server
+from tests.helpers import Server, metric_samples, request, start_server, tiny_diffusion
 
 MAX_ITEMS = 6
 DRAIN_DELAY = 1.0
-
-
-def metric_samples(url: str) -> dict[str, float]:
-    """``GET /metrics`` as {"name{labels}": value} (the text exposition format)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def raw_request(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:

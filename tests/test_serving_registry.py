@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,7 @@ from pipelines.model_registry import ModelRegistry
 from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from tests.conftest import ROOT, child_env
-from tests.test_retrain_policy import FAST, write_night
-from tests.test_serve import Server, free_port, request, start_server
-from tests.test_serve_operations import metric_samples
-
-START_TIMEOUT = 240  # the first export runs before the server listens
+from tests.helpers import FAST, free_port, metric_samples, predict_with_headers, request, start_champion_server, write_night
 
 
 def retrain(root: Path, *args: str) -> int:
@@ -54,20 +49,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def start(registry: Path, log: Path, *extra: str) -> Server:
-    """A server following the finance champion of ``registry/registry`` (the first export runs before it listens)."""
-    return start_server("finance", registry, log, *extra, source=["--registry", str(registry / "registry")], start_timeout=START_TIMEOUT)
-
-
-def predict(url: str, body: dict) -> tuple[int, dict[str, str], dict]:
-    req = urllib.request.Request(url + "/predict", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read() or b"{}")
-
-
 def weights_sha(root: Path, version: str) -> str:
     return sha256_file(ModelRegistry(root / "registry", "finance").version_dir(version) / "model.safetensors")
 
@@ -83,7 +64,7 @@ def test_unknown_alias_is_refused_before_serving(registry, tmp_path):
 
 def test_promotion_under_load_switches_version_without_a_failed_request(registry, tmp_path):
     cache = registry / "bundle-cache"  # shared with the SIGHUP test, which reuses its bundles
-    served = start(registry, tmp_path / "server.log", "--reload-interval", "0.5", "--bundle-cache", str(cache), "--max-batch-size", "4")
+    served = start_champion_server(registry, tmp_path / "server.log", "--reload-interval", "0.5", "--bundle-cache", str(cache), "--max-batch-size", "4")
     try:
         status, info = request(served.url + "/info")
         model = info["model"]
@@ -98,7 +79,7 @@ def test_promotion_under_load_switches_version_without_a_failed_request(registry
 
         def client(k: int) -> None:
             while not stop.is_set():
-                status, headers, answer = predict(served.url, body)
+                status, headers, answer = predict_with_headers(served.url, body)
                 answers[k].append((time.monotonic(), status, headers.get("x-model-version", ""), answer))
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
@@ -153,7 +134,7 @@ def test_promotion_under_load_switches_version_without_a_failed_request(registry
             while metric_samples(served.url).get('pipelines_serve_model_reloads_total{result="export_failed"}', 0) < 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert metric_samples(served.url)['pipelines_serve_model_reloads_total{result="export_failed"}'] >= 1, served.output()
-            status, headers, _ = predict(served.url, body)
+            status, headers, _ = predict_with_headers(served.url, body)
             assert (status, headers["x-model-version"]) == (200, "v0002")
             assert "does not match its sha256" in served.output() and "still serving v0002" in served.output()
         finally:
@@ -172,27 +153,27 @@ def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path
     cache = registry / "bundle-cache"
     cli = ["--registry", str(registry / "registry")]
     assert registry_main(["finance", "alias", "set", "staging", "v0001", *cli]) == 0
-    served = start(registry, tmp_path / "server.log", "--alias", "staging", "--reload-interval", "3600", "--bundle-cache", str(cache))
+    served = start_champion_server(registry, tmp_path / "server.log", "--alias", "staging", "--reload-interval", "3600", "--bundle-cache", str(cache))
     try:
         body = {"inputs": {"numeric": [0.0] * request(served.url + "/info")[1]["model"]["inputs"][0]["shape"][1]}}
-        assert predict(served.url, body)[1]["x-model-version"] == "v0001"
+        assert predict_with_headers(served.url, body)[1]["x-model-version"] == "v0001"
         assert registry_main(["finance", "alias", "set", "staging", "v0002", *cli]) == 0
         time.sleep(3)
-        assert predict(served.url, body)[1]["x-model-version"] == "v0001", "no look at the registry before the interval or a SIGHUP"
+        assert predict_with_headers(served.url, body)[1]["x-model-version"] == "v0001", "no look at the registry before the interval or a SIGHUP"
         served.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 180
-        while predict(served.url, body)[1]["x-model-version"] != "v0002" and time.monotonic() < deadline:
+        while predict_with_headers(served.url, body)[1]["x-model-version"] != "v0002" and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert predict(served.url, body)[1]["x-model-version"] == "v0002", served.output()
+        assert predict_with_headers(served.url, body)[1]["x-model-version"] == "v0002", served.output()
         assert request(served.url + "/info")[1]["model"]["registry"]["alias"] == "staging"
         assert served.stop() == 0, served.output()
     finally:
         if served.process.poll() is None:
             served.stop(signal.SIGKILL)
     assert "Traceback" not in served.output(), served.output()
-    served = start(registry, tmp_path / "again.log", "--alias", "staging", "--bundle-cache", str(cache))
+    served = start_champion_server(registry, tmp_path / "again.log", "--alias", "staging", "--bundle-cache", str(cache))
     try:
-        assert predict(served.url, body)[1]["x-model-version"] == "v0002"
+        assert predict_with_headers(served.url, body)[1]["x-model-version"] == "v0002"
         assert "exported finance" not in served.output(), "the cached v0002 bundle (same weights sha256) is reused"
         assert served.stop() == 0
     finally:
