@@ -37,51 +37,27 @@ Example:
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from pipelines.data import make_loader
 from pipelines.errors import InputError
-from pipelines.splits import SplitBy, SplitRule, adopt, assign, check_filled
+from pipelines.splits import SplitBy, SplitRule, adopt
 from pipelines.validation import check_labels
-from domains.autonomous.readers import (
-    FILE,
-    SPLITS,
-    ColumnSpec,
-    Tracks,
-    build_tracks,
-    check_columns,
-    check_present,
-    log,
-    read_eth_ucy,
-    read_table,
-    sequence_split,
-    with_origin,
-)
-from domains.autonomous.sampling import EPS, check_time_options
+from domains.autonomous.fitted_state import check_checkpoint_state, fit_input_statistics
+from domains.autonomous.readers import FILE, SPLITS, ColumnSpec, Tracks, build_tracks, log, read_table
+from domains.autonomous.sampling import check_time_options
 from domains.autonomous.inputs import model_inputs
-from domains.autonomous.simulator import simulate_vehicles
+from domains.autonomous.sources import resolve_path, source_tables, split_tracks
 from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, cut_windows, window_tensors
 
 Task = Literal["forecasting", "regression", "classification"]
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
 DEFAULT_SPLIT = SplitRule()
-
-
-def resolve_path(path: str) -> Path:
-    """``path`` as given when it exists, else relative to the project root (so that the shipped
-    ``../shared/data/...`` defaults work from any working directory)."""
-    given = Path(path).expanduser()
-    if given.exists() or given.is_absolute() or not (PROJECT_ROOT / given).exists():
-        return given
-    return PROJECT_ROOT / given
 
 
 class SensorSequenceDataModule(pl.LightningDataModule):
@@ -268,48 +244,14 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     @cached_property
     def tables(self) -> dict[str, pd.DataFrame]:
         """The source as one long table per split (validated later, in :attr:`tracks`)."""
-        hp = self.hparams
-        if hp.eth_ucy_root:
-            if hp.sequence_column != "sequence" or hp.time_column != "time":
-                raise InputError("ETH/UCY tables have the columns sequence, time, x, y: leave --data.sequence_column/--data.time_column at their defaults")
-            return read_eth_ucy(resolve_path(hp.eth_ucy_root), hp.eth_ucy_scene)
-        if hp.path:
-            table = read_table(resolve_path(hp.path))
-        else:
-            simulated = simulate_vehicles(hp.sim_vehicles, hp.sim_steps, hp.sim_dt, hp.sim_seed, hp.sim_dropout)
-            table = with_origin(simulated, "<simulator>", 0)
-        return self._split(table)
-
-    def _split(self, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-        hp = self.hparams
-        check_columns(table, self.columns)  # missing columns are named before anything else
-        check_present(table, self.columns)  # a row without a sequence id or time cannot be split
-        if self.split_rule.stable:
-            split = assign(self.split_rule, table, str(table[FILE].iloc[0]))
-            check_filled(split, self.split_rule, str(table[FILE].iloc[0]))
-        else:
-            assignment = sequence_split(table[hp.sequence_column].astype(str).tolist(), hp.val_fraction, hp.test_fraction, hp.split_seed)
-            split = table[hp.sequence_column].astype(str).map(assignment).to_numpy()
-        return {name: table[split == name].reset_index(drop=True) for name in SPLITS}
+        return source_tables(self.hparams, self.columns, self.split_rule)
 
     @cached_property
     def tracks(self) -> dict[str, Tracks]:
         """Validated, NaN-handled, gap-split segments of each split (the NaN and gap counts are logged)."""
-        hp, out = self.hparams, {}
+        hp = self.hparams
         step = hp.time_step if hp.time_step is not None else (self.stats or {}).get("time_step")  # None: inferred from the training tracks, then used for every split
-        for name, table in self.tables.items():  # train first
-            if len(table) == 0:
-                raise InputError(f"split {name!r} is empty: no rows assigned to it (check --data.split_column or the fractions)")
-            tracks = build_tracks(table, self.columns, hp.nan_policy, step, hp.max_gap, name, time_jitter=hp.time_jitter)
-            step = tracks.report["time_step"]
-            report = tracks.report
-            log(
-                f"{name}: {report['rows']} rows, {report['sequences']} sequences, {report['nan_rows']} rows with NaN "
-                f"({report['filled_rows']} filled by {hp.nan_policy!r}, {report['dropped_rows']} dropped), "
-                f"{report['gaps']} time gaps (> {hp.max_gap:g} x step {report['time_step']:g}) -> {report['segments']} segments"
-            )
-            out[name] = tracks
-        return out
+        return split_tracks(self.tables, self.columns, hp, step)
 
     @cached_property
     def class_names(self) -> list[str]:
@@ -335,20 +277,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     # ----- statistics fitted on the training split ------------------------------------------
     def fit_statistics(self) -> dict[str, Any]:
-        tracks, windows = self.tracks["train"], self.windows["train"]
-        rows = np.unique(windows.rows[:, : self.observe])
-        channels = tracks.channels[rows]
-        same = np.zeros(len(tracks.time) - 1, bool)
-        for start, length in zip(tracks.starts, tracks.lengths):
-            same[start : start + length - 1] = True
-        steps = np.diff(tracks.targets, axis=0)[same] if self.target_dim else np.zeros((0, 0))
-        scale = float(np.sqrt((steps**2).sum(1).mean())) if steps.size else 1.0
-        stats: dict[str, Any] = {
-            "channel_mean": channels.mean(0).astype(float).tolist(),
-            "channel_std": np.maximum(channels.std(0), 1e-6).astype(float).tolist(),
-            "displacement_scale": max(scale, 1e-6),
-            "target_mean": 0.0,
-            "target_std": 1.0,
+        fitted = fit_input_statistics(self.tracks["train"], self.windows["train"], self.observe, self.target_dim, self.task == "regression")
+        return {
+            **fitted,
             "class_names": self.class_names,
             "target_names": self.target_names,
             # how inputs are built, for exported models (see export_spec in model.py)
@@ -358,10 +289,6 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             "canonical_heading": bool(self.hparams.canonical_heading),
             "observe": self.observe,
         }
-        if self.task == "regression":
-            labels = tracks.label[windows.rows[:, self.observe - 1]].astype(float)
-            stats["target_mean"], stats["target_std"] = float(labels.mean()), float(max(labels.std(), 1e-6))
-        return stats
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
         return window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
@@ -461,20 +388,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
                 self.__dict__.pop(cached, None)
             self.datasets = {}
         read = "tracks" in self.__dict__  # the data was read (Lightning's restore after setup): it must agree
-        if self.task == "classification" and read and state_dict.get("class_names") != self.class_names:
-            raise InputError(
-                f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {self.class_names}; "
-                "pass --data.class_names to use the checkpoint's class order"
-            )
-        if state_dict.get("target_names") != self.target_names:
-            raise InputError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {self.target_names}")
-        saved = state_dict.get("time_step")
         data_step = self.hparams.time_step if self.hparams.time_step is not None else (self.tracks["train"].report["time_step"] if read else None)
-        if saved is not None and data_step is not None and abs(float(saved) - float(data_step)) > EPS * float(saved):
-            raise InputError(
-                f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {float(data_step):g} "
-                f"(--data.time_step, or the median step of the training tracks): its displacements would be misread; use data at the checkpoint's rate"
-            )
+        check_checkpoint_state(state_dict, self.class_names if self.task == "classification" and read else None, self.target_names, data_step)
         self.stats = {k: v for k, v in state_dict.items() if k != "split_rule"}
         self.stats.setdefault("position_names", self.position_names)
         if "time_step" not in self.stats:  # (reads the training split only for such old checkpoints)

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -46,18 +45,18 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 from domains.finance.datasets import EncodedRows, ScoringStream, identity
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
-from domains.finance.sources import iter_chunks, read_adbench_npz, read_header, read_table
+from domains.finance.source_checks import check_both_classes, check_roles_cover, check_scoring_file
+from domains.finance.sources import read_adbench_npz, read_table
+from domains.finance.splitting import split_rows
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY, fit_reference
-from pipelines.splits import SplitBy, SplitRule, adopt, assign, check_filled
-from pipelines.validation import check_unique_columns
+from pipelines.splits import SplitBy, SplitRule, adopt
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -222,21 +221,7 @@ class TransactionDataModule(pl.LightningDataModule):
                 "(without labels: --data.mode unsupervised --data.label_column null)"
             )
         labels = parse_labels(self.table[roles.label_column], self._label_classes, self.source_name)
-        normal, fraud = (repr(str(c)) for c in self._label_classes)
-        n_fraud = int(labels.sum())
-        if n_fraud == 0:
-            raise InputError(
-                f"{self.source_name}: label column {roles.label_column!r} holds only the normal class {normal} ({len(labels)} rows), no fraud "
-                f"({fraud}): AUROC, AUPRC and the best-F1 threshold cannot be computed. Check --data.label_classes [normal, fraud], "
-                "or train without labels: --data.mode unsupervised --data.label_column null --data.ignore_columns "
-                f"[{roles.label_column}] (the threshold is then the alert budget)"
-            )
-        if n_fraud == len(labels):
-            raise InputError(
-                f"{self.source_name}: label column {roles.label_column!r} holds only the fraud class {fraud} ({len(labels)} rows): no row is "
-                f"labelled normal ({normal}), and the model learns what normal transactions look like from them. Check --data.label_classes "
-                "[normal, fraud] (in that order)"
-            )
+        check_both_classes(labels, roles.label_column, self._label_classes, self.source_name)
         return labels
 
     @property
@@ -245,59 +230,14 @@ class TransactionDataModule(pl.LightningDataModule):
 
     @cached_property
     def split_assignment(self) -> np.ndarray:
-        """``train``/``val``/``test`` per row of the source."""
-        hp, labels = self.hparams, self.labels
-        n = len(self.table)
-        rng = np.random.default_rng(hp.split_seed)
-        split = np.full(n, "train", dtype=object)
-        val, test = hp.val_fraction, hp.test_fraction
-        if hp.mode == "semi_supervised" and labels is None:
-            raise InputError("--data.mode semi_supervised trains on rows labelled normal: set --data.label_column, or use --data.mode unsupervised")
-        if self.split_rule.stable:
-            split = assign(self.split_rule, self.table, self.source_name).astype(object)
-        elif hp.mode == "semi_supervised":
-            normal = rng.permutation(np.flatnonzero(labels == 0))
-            n_val, n_test = round(len(normal) * val), round(len(normal) * test)
-            split[normal[:n_val]], split[normal[n_val : n_val + n_test]] = "val", "test"
-            fraud = rng.permutation(np.flatnonzero(labels == 1))
-            n_fraud_val = round(len(fraud) * val / (val + test))
-            split[fraud[:n_fraud_val]], split[fraud[n_fraud_val:]] = "val", "test"
-        else:
-            strata = labels if labels is not None else np.zeros(n)
-            for value in np.unique(strata):
-                members = rng.permutation(np.flatnonzero(strata == value))
-                n_val, n_test = round(len(members) * val), round(len(members) * test)
-                split[members[:n_val]], split[members[n_val : n_val + n_test]] = "val", "test"
-        check_filled(split, self.split_rule, self.source_name)
-        if self.split_rule.stable and hp.mode == "semi_supervised" and not (labels[split == "train"] == 0).any():
-            raise InputError(f"{self.source_name}: the train split has no normal row under {self.split_rule.describe()} (semi_supervised trains on normal rows)")
-        if labels is not None:
-            for name in ("val", "test"):
-                members = labels[split == name]
-                if members.min() == members.max():
-                    raise InputError(
-                        f"{self.source_name}: the {name} split gets no {'fraud' if members.max() == 0 else 'normal'} row "
-                        f"({int(labels.sum())} fraud rows of {n}, split by {self.split_rule.describe()}): "
-                        "AUROC, AUPRC and the threshold need both classes in val and test; add labelled rows or change the fractions"
-                    )
-        return split.astype(str)
+        """``train``/``val``/``test`` per row of the source (:func:`domains.finance.splitting.split_rows`)."""
+        hp = self.hparams
+        return split_rows(self.table, self.labels, self.split_rule, hp.mode, self.source_name, hp.val_fraction, hp.test_fraction, hp.split_seed)
 
     def check_columns(self) -> None:
         """Every column of the training table has a role, is the label, or is listed in ``ignore_columns``."""
-        if self.is_npz:
-            return
-        roles = self.roles
-        known = {column for column, _ in roles.required()} | set(roles.ignore_columns) | {c for c in (roles.label_column, self.split_rule.column) if c}
-        unused = [c for c in self.table.columns if c not in known]
-        if unused:
-            raise InputError(
-                f"{self.source_name}: column(s) {unused} have no role, so the model would silently leave them out; give each a role "
-                "(--data.numeric_columns, amount_columns, boolean_columns, timestamp_columns, categorical_columns, id_columns, label_column) "
-                f"or list them in --data.ignore_columns (e.g. --data.ignore_columns '{unused}')"
-            )
-        absent = [c for c in roles.ignore_columns if c not in self.table.columns]
-        if absent:
-            raise InputError(f"{self.source_name}: --data.ignore_columns lists {absent}, which the file does not have; its columns are {list(self.table.columns)}")
+        if not self.is_npz:
+            check_roles_cover(self.table, self.roles, self.split_rule, self.source_name)
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
@@ -362,32 +302,9 @@ class TransactionDataModule(pl.LightningDataModule):
             self.check_scoring_file(Path(self.hparams.predict_path))
             self._checked.add("predict")
 
-    def check_scoring_columns(self, path: Path) -> list[str]:
-        """A scoring file must have the training table's columns (the label column and ignored columns are optional)."""
-        columns = read_header(path)
-        optional = {self.roles.label_column, *self.roles.ignore_columns, self.split_rule.column, self.split_rule.key}
-        expected = [column for column, _ in self.roles.required()]  # every other training column (check_columns)
-        missing = [c for c in expected if c not in columns]
-        extra = [c for c in columns if c not in expected and c not in optional]
-        if missing or extra:
-            raise InputError(
-                f"--data.predict_path {path}: the columns differ from training ({self.source_name}): "
-                + "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part)
-            )
-        return columns
-
     def check_scoring_file(self, path: Path) -> None:
-        """Columns, then every value of every chunk (streamed, as ``predict`` will read it): a bad value
-        anywhere refuses the file, naming its row, before anything is written."""
-        self.check_scoring_columns(path)
-        checker = TablePreprocessor(self.roles, label_classes=self._label_classes)  # parsing needs no fitted state
-        rows = 0
-        for offset, chunk in iter_chunks(path, self.hparams.predict_chunk_rows):
-            check_unique_columns([str(c) for c in chunk.columns], str(path))
-            checker.check_values(chunk, str(path), offset)
-            rows = offset + len(chunk)
-        if rows == 0:
-            raise InputError(f"--data.predict_path {path}: the file has no rows (only a header); expected one row per transaction to score")
+        """The scoring file's columns, then every value of every chunk (:func:`domains.finance.column_checks.check_scoring_file`)."""
+        check_scoring_file(path, self.roles, self.split_rule, self.source_name, self._label_classes, self.hparams.predict_chunk_rows)
 
     def _split(self, name: str) -> EncodedRows:
         """The rows of one split encoded with the preprocessing in force (re-encoded after a checkpoint restore)."""

@@ -37,6 +37,7 @@ from torchmetrics.functional.classification import (
 
 from domains.finance.figures import pr_curve, score_histogram, unit_interval
 from domains.finance.networks import RowErrors, TabularAutoencoder, group_matrix, score_rows
+from domains.finance.thresholds import best_f1_threshold, budget_threshold
 from pipelines.bootstrap import bootstrap_intervals
 from pipelines.calibration import PlattScaling, brier_score, check_threshold_options, expected_calibration_error, operating_threshold
 from pipelines.evaluation_plots import reliability_figure
@@ -45,27 +46,6 @@ from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
-
-
-def budget_threshold(scores: torch.Tensor, alert_rate: float) -> float:
-    """The score at or above which ``alert_rate`` of ``scores`` fall (at least one row)."""
-    ordered = scores.double().sort(descending=True).values
-    k = min(len(ordered), max(1, math.ceil(alert_rate * len(ordered))))
-    return float(ordered[k - 1])
-
-
-def best_f1_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """The threshold (flag ``score >= t``) with the best F1 on labelled rows, and that F1."""
-    ordered, order = scores.double().sort(descending=True)
-    hits = labels[order].double()
-    tp = hits.cumsum(0)
-    flagged = torch.arange(1, len(hits) + 1, dtype=torch.float64, device=hits.device)
-    f1 = 2 * tp / (flagged + hits.sum())
-    cut = torch.ones_like(f1, dtype=torch.bool)
-    cut[:-1] = ordered[:-1] != ordered[1:]  # only cut between different scores
-    f1 = torch.where(cut, f1, torch.full_like(f1, -1.0))
-    best = int(f1.argmax())
-    return float(ordered[best]), float(f1[best])
 
 
 def check_options(**options: float) -> None:

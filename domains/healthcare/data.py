@@ -22,13 +22,15 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY, fit_image_reference
 from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
 from pipelines.images import Intensity, IntensityMode, check_finite_pixels, unit_float
+from domains.healthcare.datasets import ImageDataset, build_volume_augmentation
+from domains.healthcare.splitting import stratified_split
 from domains.healthcare.readers import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -39,54 +41,6 @@ from domains.healthcare.readers import (
     resized,
     synthetic_lesions,
 )
-
-
-def build_volume_augmentation() -> Any:
-    """Random flips on every axis and mild noise for 3-D volumes (MONAI transforms)."""
-    from monai.transforms import Compose, RandFlip, RandGaussianNoise
-
-    return Compose([RandFlip(prob=0.5, spatial_axis=axis) for axis in range(3)] + [RandGaussianNoise(prob=0.3, std=0.02)])
-
-
-class ImageDataset(Dataset):
-    """Items ``{"image": float32 (C, *spatial) in [0, 1], "label": ..., "index": int}`` as plain tensors."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, augment: Any = None, volume: bool = False) -> None:
-        self.images, self.labels, self.indices = images, labels, indices
-        self.augment, self.volume = augment, volume
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _augmented(self, image: np.ndarray) -> np.ndarray:
-        if self.volume:
-            return np.asarray(self.augment(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image))
-        hwc = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-        out = self.augment(image=hwc)["image"]
-        return out[None] if out.ndim == 2 else np.moveaxis(out, -1, 0)
-
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        image = self.images[item]
-        if self.augment is not None:
-            image = self._augmented(image)
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
-        tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
-        return {"image": tensor, "label": torch.as_tensor(self.labels[item]), "index": int(self.indices[item])}
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Assign train/val/test per item, keeping class proportions (first label for multi-label)."""
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
-    strata = labels.argmax(1) if labels.ndim == 2 else labels
-    rng = np.random.default_rng(seed)
-    split = np.full(len(labels), "train", dtype=object)
-    for value in np.unique(strata):
-        members = rng.permutation(np.flatnonzero(strata == value))
-        n_val, n_test = round(len(members) * val_fraction), round(len(members) * test_fraction)
-        split[members[:n_val]] = "val"
-        split[members[n_val : n_val + n_test]] = "test"
-    return split.astype(str)
 
 
 class MedicalImageDataModule(pl.LightningDataModule):

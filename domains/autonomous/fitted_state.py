@@ -1,0 +1,59 @@
+"""The state a ``SensorSequenceDataModule`` fits on the training split and saves in every checkpoint.
+
+:func:`fit_input_statistics` fits how model inputs are scaled (per-channel z-scores, one isotropic
+displacement scale, the regression target's mean and spread); :func:`check_checkpoint_state`
+refuses a checkpoint whose classes, predicted channels or time step differ from this data's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import InputError
+from domains.autonomous.readers import Tracks
+from domains.autonomous.sampling import EPS
+from domains.autonomous.windows import Windows
+
+
+def fit_input_statistics(tracks: Tracks, windows: Windows, observe: int, target_dim: int, regression: bool) -> dict[str, Any]:
+    """Scaling statistics of the training split's windows: ``channel_mean``/``channel_std`` of the observed
+    rows, ``displacement_scale`` (the RMS step length of the position channels within segments), and for
+    ``regression`` the ``target_mean``/``target_std`` of the label at each window's last observed row (else 0 and 1)."""
+    rows = np.unique(windows.rows[:, :observe])
+    channels = tracks.channels[rows]
+    same = np.zeros(len(tracks.time) - 1, bool)
+    for start, length in zip(tracks.starts, tracks.lengths):
+        same[start : start + length - 1] = True
+    steps = np.diff(tracks.targets, axis=0)[same] if target_dim else np.zeros((0, 0))
+    scale = float(np.sqrt((steps**2).sum(1).mean())) if steps.size else 1.0
+    stats: dict[str, Any] = {
+        "channel_mean": channels.mean(0).astype(float).tolist(),
+        "channel_std": np.maximum(channels.std(0), 1e-6).astype(float).tolist(),
+        "displacement_scale": max(scale, 1e-6),
+        "target_mean": 0.0,
+        "target_std": 1.0,
+    }
+    if regression:
+        labels = tracks.label[windows.rows[:, observe - 1]].astype(float)
+        stats["target_mean"], stats["target_std"] = float(labels.mean()), float(max(labels.std(), 1e-6))
+    return stats
+
+
+def check_checkpoint_state(state_dict: dict[str, Any], class_names: list[str] | None, target_names: list[str], data_step: float | None) -> None:
+    """Refuse a checkpoint trained on other classes (``class_names``: this data's, None when not read or
+    not classification), other predicted channels, or another time step (``data_step``: None when not known yet)."""
+    if class_names is not None and state_dict.get("class_names") != class_names:
+        raise InputError(
+            f"the checkpoint was trained on classes {state_dict.get('class_names')} but the data has {class_names}; "
+            "pass --data.class_names to use the checkpoint's class order"
+        )
+    if state_dict.get("target_names") != target_names:
+        raise InputError(f"the checkpoint predicts {state_dict.get('target_names')} but the data is configured for {target_names}")
+    saved = state_dict.get("time_step")
+    if saved is not None and data_step is not None and abs(float(saved) - float(data_step)) > EPS * float(saved):
+        raise InputError(
+            f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {float(data_step):g} "
+            f"(--data.time_step, or the median step of the training tracks): its displacements would be misread; use data at the checkpoint's rate"
+        )

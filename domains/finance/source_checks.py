@@ -1,0 +1,84 @@
+"""Checks of the finance data's files: the training table's columns against the column roles, its
+label column (both classes present), and a scoring file (``--data.predict_path``) against the
+training columns, value by value.
+
+Every check raises :class:`pipelines.errors.InputError` naming the file, the columns and, for a
+value, its row, before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
+from domains.finance.sources import iter_chunks, read_header
+from pipelines.errors import InputError
+from pipelines.splits import SplitRule
+from pipelines.validation import check_unique_columns
+
+
+def check_roles_cover(table: pd.DataFrame, roles: ColumnRoles, rule: SplitRule, source_name: str) -> None:
+    """Every column of the training table has a role, is the label or the split column, or is listed in ``ignore_columns``."""
+    known = {column for column, _ in roles.required()} | set(roles.ignore_columns) | {c for c in (roles.label_column, rule.column) if c}
+    unused = [c for c in table.columns if c not in known]
+    if unused:
+        raise InputError(
+            f"{source_name}: column(s) {unused} have no role, so the model would silently leave them out; give each a role "
+            "(--data.numeric_columns, amount_columns, boolean_columns, timestamp_columns, categorical_columns, id_columns, label_column) "
+            f"or list them in --data.ignore_columns (e.g. --data.ignore_columns '{unused}')"
+        )
+    absent = [c for c in roles.ignore_columns if c not in table.columns]
+    if absent:
+        raise InputError(f"{source_name}: --data.ignore_columns lists {absent}, which the file does not have; its columns are {list(table.columns)}")
+
+
+def check_both_classes(labels: np.ndarray, label_column: str, label_classes: list[Any], source_name: str) -> None:
+    """The parsed 0/1 labels hold both classes: the model learns normal rows, and AUROC, AUPRC and the best-F1 threshold need fraud."""
+    normal, fraud = (repr(str(c)) for c in label_classes)
+    n_fraud = int(labels.sum())
+    if n_fraud == 0:
+        raise InputError(
+            f"{source_name}: label column {label_column!r} holds only the normal class {normal} ({len(labels)} rows), no fraud "
+            f"({fraud}): AUROC, AUPRC and the best-F1 threshold cannot be computed. Check --data.label_classes [normal, fraud], "
+            "or train without labels: --data.mode unsupervised --data.label_column null --data.ignore_columns "
+            f"[{label_column}] (the threshold is then the alert budget)"
+        )
+    if n_fraud == len(labels):
+        raise InputError(
+            f"{source_name}: label column {label_column!r} holds only the fraud class {fraud} ({len(labels)} rows): no row is "
+            f"labelled normal ({normal}), and the model learns what normal transactions look like from them. Check --data.label_classes "
+            "[normal, fraud] (in that order)"
+        )
+
+
+def check_scoring_columns(path: Path, roles: ColumnRoles, rule: SplitRule, source_name: str) -> list[str]:
+    """A scoring file must have the training table's columns (the label column and ignored columns are optional)."""
+    columns = read_header(path)
+    optional = {roles.label_column, *roles.ignore_columns, rule.column, rule.key}
+    expected = [column for column, _ in roles.required()]  # every other training column (check_roles_cover)
+    missing = [c for c in expected if c not in columns]
+    extra = [c for c in columns if c not in expected and c not in optional]
+    if missing or extra:
+        raise InputError(
+            f"--data.predict_path {path}: the columns differ from training ({source_name}): "
+            + "; ".join(part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part)
+        )
+    return columns
+
+
+def check_scoring_file(path: Path, roles: ColumnRoles, rule: SplitRule, source_name: str, label_classes: list[Any], chunk_rows: int) -> None:
+    """Columns, then every value of every chunk (streamed, as ``predict`` will read it): a bad value
+    anywhere refuses the file, naming its row, before anything is written."""
+    check_scoring_columns(path, roles, rule, source_name)
+    checker = TablePreprocessor(roles, label_classes=label_classes)  # parsing needs no fitted state
+    rows = 0
+    for offset, chunk in iter_chunks(path, chunk_rows):
+        check_unique_columns([str(c) for c in chunk.columns], str(path))
+        checker.check_values(chunk, str(path), offset)
+        rows = offset + len(chunk)
+    if rows == 0:
+        raise InputError(f"--data.predict_path {path}: the file has no rows (only a header); expected one row per transaction to score")
