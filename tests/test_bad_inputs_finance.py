@@ -305,8 +305,8 @@ def test_serving_answers_rows_as_predict_does_out_of_range_alerted_and_1e300_ref
     assert [a["is_alert"] for a in answer] == [str(v).lower() == "true" for v in written["is_alert"]]
     np.testing.assert_allclose([a["score"] for a in answer], written["score"], rtol=1e-4)
     rows[5]["amount"] = 1e300
-    with pytest.raises(HTTPException) as refused:
-        adapter.decode({"rows": rows})
+    with pytest.raises(HTTPException) as refused:  # values are parsed for the whole server batch (infer), refused per request (encode)
+        adapter.encode(adapter.infer(adapter.decode({"rows": rows}), loaded.run))
     assert refused.value.status_code == 422 and "rows[5]" in refused.value.detail and "float32" in refused.value.detail, refused.value.detail
 
 

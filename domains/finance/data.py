@@ -161,6 +161,8 @@ class TransactionDataModule(pl.LightningDataModule):
         if max_categories < 1 or min_category_count < 1:
             raise InputError(f"--data.max_categories and --data.min_category_count must be >= 1, got {max_categories} and {min_category_count}")
         for name, value in (("path", path), ("predict_path", predict_path)):
+            if value is not None and Path(value).is_dir():
+                raise InputError(f"--data.{name} {value}: file not found (a folder); expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
             if name == "predict_path" and value is not None and not Path(value).is_file():  # ``path``: when it is read
                 raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
             if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
