@@ -31,7 +31,7 @@ import pandas as pd
 
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD, compare
 from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
-from pipelines.validation import check_delimiter, check_unique_columns, check_utf8
+from pipelines.validation import check_delimiter, check_field_counts, check_unique_columns, check_utf8
 from pipelines.reference import load_reference, reference_frame
 from pipelines.request_log import read_log
 from pipelines.files import write_json_atomic
@@ -68,6 +68,7 @@ def read_table(path: str) -> pd.DataFrame:
         raise InputError(f"{path}: not a readable {suffix} table ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
     if suffix == ".csv":
         check_delimiter(header, path)
+        check_field_counts(file)
     check_unique_columns(header, path)
     if len(frame) == 0:
         raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per request or record")

@@ -84,6 +84,7 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     from pipelines.monitor import read_window
     from pipelines.reference import check, find_in_checkpoint, reference_frame
 
+    window, _ = read_window(options.drift_window, options.drift_last, None)  # checked first: a missing window is bad input, champion or not
     registry = ModelRegistry(root, domain)
     if not registry.path.is_dir() or registry.champion() is None:
         return None
@@ -92,7 +93,6 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     if stats is None:
         raise ValueError(f"champion {version} in {registry.path} holds no reference statistics (trained before they were saved); retrain without --when drift once")
     check(stats, f"champion {version}")
-    window, _ = read_window(options.drift_window, options.drift_last, None)
     results = compare(reference_frame(stats), window, None, options.drift_psi_threshold, options.drift_ks_alpha)
     for r in results:
         print(f"[retrain] drift {'DRIFT' if r.drifted else 'ok   '} {r.feature}: psi {r.psi:.4f} ks {r.ks_statistic:.4f} (p {r.ks_pvalue:.3g})")

@@ -272,6 +272,42 @@ def check_utf8(path: str | Path, delimiter: str = ",") -> None:
     )
 
 
+
+def check_field_counts(path: str | Path, delimiter: str = ",") -> None:
+    """Refuse a text table whose rows do not all have one value per header column, naming the line.
+
+    pandas fills a short row with missing values and trains on it: a file cut short (a truncated
+    copy, an interrupted write) would pass as data with gaps. Blank lines are skipped, as pandas does.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "tx.csv"
+        >>> _ = path.write_text("amount,merchant,country\\n1,cafe,FR\\n2,bak")
+        >>> try:
+        ...     check_field_counts(path)
+        ... except InputError as error:
+        ...     print(str(error).removeprefix(f"{path}: "))
+        line 3 (data row 2) has 2 values but the header has 3 columns ('amount', 'merchant', 'country'); expected one value per column (missing values as empty fields, e.g. '1,,FR'): the file may be cut short (a truncated copy or an interrupted write), or a value holds an unquoted ','
+    """
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        width, row = len(header), 0
+        for fields in reader:
+            if not fields:
+                continue
+            row += 1
+            if len(fields) != width:
+                shown = ", ".join(repr(name) for name in header[:8]) + (", ..." if width > 8 else "")
+                raise InputError(
+                    f"{path}: line {reader.line_num} (data row {row}) has {len(fields)} values but the header has {width} columns ({shown}); "
+                    f"expected one value per column (missing values as empty fields, e.g. '1,,FR'): the file may be cut short "
+                    f"(a truncated copy or an interrupted write), or a value holds an unquoted {delimiter!r}"
+                )
+
 def check_model_label(value: str | None, option: str) -> None:
     """Refuse a model name or version the server cannot show: it goes into HTTP headers
     (``X-Model-Name``/``X-Model-Version``, latin-1 without line breaks) and a metrics label.

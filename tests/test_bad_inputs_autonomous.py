@@ -151,6 +151,8 @@ CASES = [
     BadInput("semicolon-separated", CSV, ("fleet.csv", "looks ';'-separated", "expected ','-separated"), lambda f: fleet().to_csv(f / "fleet.csv", index=False, sep=";")),
     BadInput("latin-1-label", CSV, ("fleet.csv", "line 32 (data row 31)", "'manoeuvre'", "not utf-8"),
              lambda f: (f / "fleet.csv").write_bytes(fleet().assign(manoeuvre=lambda t: np.where(t.index == 30, "freiné", t["manoeuvre"])).to_csv(index=False).encode("latin-1"))),  # fmt: skip
+    BadInput("cut-short", CSV, ("fleet.csv", "has 4 values but the header has 7 columns", "cut short"),
+             lambda f: (f / "fleet.csv").write_text(fleet().to_csv(index=False).rstrip("\n").rsplit(",", 3)[0])),  # the last line cut after 4 values
     BadInput("empty-file", CSV, ("fleet.csv", "empty (0 bytes)"), lambda f: (f / "fleet.csv").write_bytes(b"")),
     BadInput("header-only", CSV, ("fleet.csv", "no data rows"), lambda f: (f / "fleet.csv").write_text("sequence,time,x,y,speed\n")),
     BadInput("unknown-extension", ("--data.path={tmp}/fleet.xlsx", *BASE), ("fleet.xlsx", "unsupported table format '.xlsx'"),

@@ -81,6 +81,13 @@ def duplicate_amount(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def cut_short(folder: Path) -> None:
+    """The table with its last line cut after 5 values (a truncated copy): pandas would read the rest as missing."""
+    table()(folder)
+    lines = (folder / "t.csv").read_text().rstrip("\n").split("\n")
+    (folder / "t.csv").write_text("\n".join([*lines[:-1], ",".join(lines[-1].split(",")[:5])]))
+
+
 def latin1(row: int) -> Callable[[Path], None]:
     """The table saved as Latin-1 with a merchant category 'café' at data row ``row`` (its byte 0xe9 is not UTF-8)."""
 
@@ -126,10 +133,11 @@ CASES = [
     BadInput("configured-column-missing", TRAIN, ("'country'", "categorical_columns", "missing"), table(lambda f: f.drop(columns=["country"]))),
     BadInput("column-in-two-roles", (*TRAIN, "--data.numeric_columns=[amount]"), ("'amount'", "both"), table()),
     BadInput("latin-1-deep-in-file", TRAIN, ("t.csv", "line 251 (data row 250)", "'merchant_category'", "0xe9", "not utf-8", "expected a utf-8 file"), latin1(250)),
+    BadInput("cut-short", TRAIN, ("t.csv", "line 301 (data row 300)", "has 5 values", "cut short"), cut_short),
     BadInput("latin-1-first-row", TRAIN, ("t.csv", "line 2 (data row 1)", "'merchant_category'", "'é'"), latin1(1)),
     BadInput("semicolon-separated", TRAIN, ("t.csv", "looks ';'-separated", "expected ','-separated"), lambda f: make_card_transactions(300, fraud_rate=0.05, seed=0).to_csv(f / "t.csv", index=False, sep=";")),
     BadInput("tab-separated-as-csv", TRAIN, ("t.csv", "looks '\\t'-separated"), lambda f: make_card_transactions(300, fraud_rate=0.05, seed=0).to_csv(f / "t.csv", index=False, sep="\t")),
-    BadInput("ragged-csv-line", TRAIN, ("t.csv", "cannot read as csv"), text("amount,channel\n1,pos\n2,pos,extra\n")),
+    BadInput("ragged-csv-line", TRAIN, ("t.csv", "line 3 (data row 2)", "has 3 values but the header has 2 columns"), text("amount,channel\n1,pos\n2,pos,extra\n")),
     # labels
     BadInput("label-column-missing", TRAIN, ("--data.label_column 'is_fraud' is missing", "unsupervised"), table(lambda f: f.drop(columns=["is_fraud"]))),
     BadInput("all-fraud", TRAIN, ("only the fraud class", "no row is labelled normal", "--data.label_classes"), table(assign(is_fraud="1"))),

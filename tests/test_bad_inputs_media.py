@@ -72,6 +72,7 @@ CASES = [
     BadInput("class_folder_of_one_image", DIR, ("'bird' (1 image)", "fewer than 2 images"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 4, sub="dog"), pngs(f, 1, sub="bird"))),
     BadInput("class_folder_typo_against_class_names", (*DIR, "--data.class_names=[cat,dog]"), ("'dgo'", "did you mean 'dog'", "--data.class_names"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 4, sub="dgo"))),
     BadInput("declared_class_without_folder", (*DIR, "--data.class_names=[cat,dog,bird]"), ("['bird']", "no sub-folder"), lambda f: (pngs(f, 4, sub="cat"), pngs(f, 4, sub="dog"))),
+    BadInput("class_names_typo_on_the_built_in_set", ("--data.class_names=[circle,sqare,triangle]",), ("'sqare'", "did you mean 'square'", "built-in synthetic set"), lambda f: None),
     BadInput("class_names_repeated", (*DIR, "--data.class_names=[cat,cat]"), ("--data.class_names", "each class once"), lambda f: pngs(f, 4, sub="cat")),
     BadInput("npz_label_past_class_names", (*NPZ, "--data.class_names=[zero,one]"), ("label 2", "0..1", "--data.class_names"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) % 3)),
     BadInput("too_few_images", DIR, ("split empty", "at least 3 images"), lambda f: pngs(f, 2)),

@@ -203,3 +203,14 @@ def test_healthcare_intensity_reference_flags_darkened_images(tmp_path):
     dark = monitor(str(ckpt), str(tmp_path / "dark.jsonl"), "--json", str(tmp_path / "dark.json"))
     assert calm.returncode == 0, calm.stdout + calm.stderr
     assert dark.returncode == 3 and "image.mean" in json.loads((tmp_path / "dark.json").read_text())["drifted"], dark.stdout
+
+
+def test_when_drift_with_a_missing_window_is_refused_even_before_the_first_champion(tmp_path, capsys):
+    """An empty registry would train the first model: a window that does not exist is still bad input (exit 2), and nothing is trained or written."""
+    from pipelines.retrain import main as retrain_main
+
+    registry = tmp_path / "registry"
+    code = retrain_main(["finance", "--when", "drift", "--drift_window", str(tmp_path / "nope.jsonl"), "--registry", str(registry), "--runs_dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (registry / "finance" / "history.jsonl").exists()

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_delimiter, check_finite_columns, check_unique_columns, check_utf8
+from pipelines.validation import check_delimiter, check_field_counts, check_finite_columns, check_unique_columns, check_utf8
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
 
 SPLITS = ("train", "val", "test")
@@ -107,6 +107,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: cannot read the table: {error}") from None
     if suffix not in (".parquet", ".pq"):
         check_delimiter(header, str(path), sep)
+        check_field_counts(path, sep)  # a short row (a file cut short) is refused, not read with missing channels
     check_unique_columns(header, str(path))
     if len(table) == 0:
         raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_finite_columns, check_delimiter, check_unique_columns, check_utf8, describe_rows
+from pipelines.validation import check_finite_columns, check_delimiter, check_field_counts, check_unique_columns, check_utf8, describe_rows
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -46,6 +46,7 @@ def _csv_header(path: Path) -> list[str]:
     if not first or not any(cell.strip() for cell in first):
         raise InputError(f"{path}: the file is empty; expected a header line naming the columns, then one line per transaction")
     check_delimiter(first, str(path))
+    check_field_counts(path)  # a short row (a file cut short) is refused, not trained on with its gaps imputed
     return first
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
-from pipelines.errors import InputError
+from pipelines.errors import InputError, did_you_mean
 from pipelines.splits import SplitRule, adopt, check_filled, hash_split, hash_unit
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
@@ -183,6 +183,13 @@ class MediaDataModule(pl.LightningDataModule):
             data = read_npz(hp.npz_path, hp.image_size, channels, hp.npz_key, hp.use_labels, hp.class_names)
         else:
             data = synthetic_images(hp.synthetic_samples, hp.image_size, hp.synthetic_seed, channels)
+            if hp.class_names is not None and list(hp.class_names) != list(data.class_names):  # the built-in set's classes are fixed
+                wrong = [name for name in hp.class_names if name not in data.class_names]
+                hints = "".join(did_you_mean(name, data.class_names) for name in wrong)
+                raise InputError(
+                    f"--data.class_names {list(hp.class_names)}: the built-in synthetic set has the classes {list(data.class_names)}, in this order"
+                    f"{hints}; give those (or leave the option out), or point --data.image_dir or --data.npz_path at your own images"
+                )
         if not hp.use_labels:
             data.labels, data.class_names = None, []
         saved = (self.restored or {}).get("class_names") or []
