@@ -46,6 +46,8 @@ from pipelines.wandb_replay import ReplayMetrics
 
 #: Errors that mean bad input or options when raised while the command is read and its data checked.
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
+#: how jsonargparse words an exception raised by a link's ``compute_fn`` (the data module read by a link to the model)
+LINK_FAILED = "Call to compute_fn of link"
 
 
 class PipelineCLI(LightningCLI):
@@ -255,7 +257,12 @@ class PipelineCLI(LightningCLI):
         except (InputError, RunStopped):
             raise
         except INPUT_ERRORS as error:
-            raise InputError(str(error)) from error
+            cause: BaseException = error
+            while isinstance(cause, ValueError) and LINK_FAILED in str(cause) and cause.__cause__ is not None:
+                cause = cause.__cause__  # jsonargparse wraps what a link's compute_fn (reading the data) raised: show that alone
+            if isinstance(cause, (InputError, RunStopped)):
+                raise cause from None
+            raise InputError(str(cause)) from cause
 
     def _check_data(self) -> None:
         """Read and validate the data of this sub-command before the run folder or the W&B run exist

@@ -68,6 +68,7 @@ def check_refused(domain: str, case: BadInput, tmp_path: Path, capsys: pytest.Ca
     assert exit_info.value.code == case.code, f"exit status {exit_info.value.code}, expected {case.code}; stderr:\n{err[-3000:]}"
     assert "Traceback" not in err, f"a traceback was printed without --debug:\n{err[-3000:]}"
     assert "error:" in err, f"no 'error:' paragraph on stderr:\n{err[-3000:]}"
+    assert "compute_fn" not in err and "object at 0x" not in err, f"the message carries parser internals, not one clear paragraph:\n{err[-3000:]}"
     message = err[err.index("error:") :]
     flat = " ".join(message.split()).lower()  # the paragraph is wrapped: compare with whitespace folded
     for expected in case.expect:
