@@ -60,6 +60,10 @@ class PipelineCLI(LightningCLI):
     def __init__(self, spec: DomainSpec, args: list[str], test_after_fit: bool = False) -> None:
         self.spec = spec
         self.test_after_fit = test_after_fit
+        # The one place the sub-command is read before the parse, and only to choose which parser to build
+        # (:meth:`subcommands`): the dispatcher (pipelines/run.py) puts it first. The parse itself stays
+        # jsonargparse's and still decides what ``args`` mean.
+        self.requested: str | None = args[0] if args and args[0] in SUBCOMMANDS else None
         self.run: RunFolder | None = None
         self._subcommand_parsers_seen: list[LightningArgumentParser] = []
         self._lock: RunLock | None = None
@@ -110,7 +114,7 @@ class PipelineCLI(LightningCLI):
         return parser
 
     def _run_cli(self, spec: DomainSpec, defaults: dict[str, Any], args: list[str]) -> None:
-        subcommand = args[0] if args else "fit"
+        subcommand = self.requested or "fit"
         super().__init__(
             model_class=spec.load_model_class(),
             datamodule_class=spec.load_datamodule_class(),
@@ -123,12 +127,19 @@ class PipelineCLI(LightningCLI):
                 "exit_on_error": False,
                 "default_env": True,
                 "env_prefix": "PIPELINES",
-                **{sub: defaults for sub in SUBCOMMANDS},
+                **{sub: defaults for sub in self.subcommands()},
             },
             seed_everything_default=42,
             auto_configure_optimizers=False,  # each task owns configure_optimizers (BaseTask)
             args=args,
         )
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning calls it as self.subcommands()
+        """The sub-command being run is the only one that gets a parser: building the parsers of all four
+        took about three quarters of each command's parse time. Without a sub-command in front (a bare
+        ``--help``) every parser is built, so the help lists them all."""
+        every = LightningCLI.subcommands()
+        return {self.requested: every[self.requested]} if self.requested in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_id", type=str | None, default=None, help="Run folder id (resume/continue a run).")
