@@ -127,7 +127,7 @@ class PipelineCLI(LightningCLI):
                 "exit_on_error": False,
                 "default_env": True,
                 "env_prefix": "PIPELINES",
-                **{sub: defaults for sub in self.subcommands()},
+                **{sub: dict(defaults) for sub in self.subcommands()},  # a dict each: Lightning writes each one's description into it
             },
             seed_everything_default=42,
             auto_configure_optimizers=False,  # each task owns configure_optimizers (BaseTask)
