@@ -60,14 +60,14 @@ class PipelineCLI(LightningCLI):
     def __init__(self, spec: DomainSpec, args: list[str], test_after_fit: bool = False) -> None:
         self.spec = spec
         self.test_after_fit = test_after_fit
-        # The one place the sub-command is read before the parse, and only to choose which parser to build
-        # (:meth:`subcommands`): the dispatcher (pipelines/run.py) puts it first. The parse itself stays
-        # jsonargparse's and still decides what ``args`` mean.
+        # the one look at the sub-command before the parse (pipelines/run.py puts it first), only to choose
+        # which parser to build (:meth:`subcommands`); jsonargparse's parse still decides what ``args`` mean
         self.requested: str | None = args[0] if args and args[0] in SUBCOMMANDS else None
         self.run: RunFolder | None = None
         self._subcommand_parsers_seen: list[LightningArgumentParser] = []
         self._lock: RunLock | None = None
         self._checkpoint: dict[str, Any] | None = None
+        self._link_error: Exception | None = None  # what a link from the data module to the model raised
         self.signal_checkpoint: SignalCheckpoint | None = None
         self._scopes = contextlib.ExitStack()  # process-wide settings this command changes, restored when it ends
         configure_wandb_mode()
@@ -135,9 +135,8 @@ class PipelineCLI(LightningCLI):
         )
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning calls it as self.subcommands()
-        """The sub-command being run is the only one that gets a parser: building the parsers of all four
-        took about three quarters of each command's parse time. Without a sub-command in front (a bare
-        ``--help``) every parser is built, so the help lists them all."""
+        """Only the sub-command being run gets a parser (building all four was ~3/4 of a command's parse
+        time); without a sub-command in front (a bare ``--help``) all are built and listed."""
         every = LightningCLI.subcommands()
         return {self.requested: every[self.requested]} if self.requested in every else every
 
@@ -185,8 +184,12 @@ class PipelineCLI(LightningCLI):
     def _data_value(self, name: str, datamodule: Any) -> Any:
         """A value linked from the data module to the model, read after the data module took the
         checkpoint's fitted state (:meth:`_restore_data`)."""
-        self._restore_data(datamodule)
-        return getattr(datamodule, name)
+        try:
+            self._restore_data(datamodule)
+            return getattr(datamodule, name)
+        except Exception as error:  # jsonargparse wraps it in "Call to compute_fn of link ... failed: ..."
+            self._link_error = error
+            raise
 
     def _restore_data(self, datamodule: Any) -> None:
         """With ``--ckpt_path``, what the checkpoint saved of the data module (fitted statistics, classes,
@@ -266,7 +269,7 @@ class PipelineCLI(LightningCLI):
         except (InputError, RunStopped):
             raise
         except INPUT_ERRORS as error:
-            raise InputError(str(error)) from error
+            raise InputError(str(self._link_error or error)) from error  # a link's error without jsonargparse's wrapping
 
     def _check_data(self) -> None:
         """Read and validate the data of this sub-command before the run folder or the W&B run exist
