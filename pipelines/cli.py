@@ -62,6 +62,9 @@ class PipelineCLI(LightningCLI):
     def __init__(self, spec: DomainSpec, args: list[str], test_after_fit: bool = False) -> None:
         self.spec = spec
         self.test_after_fit = test_after_fit
+        # the one look at the sub-command before the parse (pipelines/run.py puts it first), only to choose
+        # which parser to build (:meth:`subcommands`); jsonargparse's parse still decides what ``args`` mean
+        self.requested: str | None = args[0] if args and args[0] in SUBCOMMANDS else None
         self.run: RunFolder | None = None
         self._subcommand_parsers_seen: list[LightningArgumentParser] = []
         self._lock: RunLock | None = None
@@ -112,7 +115,7 @@ class PipelineCLI(LightningCLI):
         return parser
 
     def _run_cli(self, spec: DomainSpec, defaults: dict[str, Any], args: list[str]) -> None:
-        subcommand = args[0] if args else "fit"
+        subcommand = self.requested or "fit"
         super().__init__(
             model_class=spec.load_model_class(),
             datamodule_class=spec.load_datamodule_class(),
@@ -125,12 +128,18 @@ class PipelineCLI(LightningCLI):
                 "exit_on_error": False,
                 "default_env": True,
                 "env_prefix": "PIPELINES",
-                **{sub: defaults for sub in SUBCOMMANDS},
+                **{sub: dict(defaults) for sub in self.subcommands()},  # a dict each: Lightning writes each one's description into it
             },
             seed_everything_default=42,
             auto_configure_optimizers=False,  # each task owns configure_optimizers (BaseTask)
             args=args,
         )
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning calls it as self.subcommands()
+        """Only the sub-command being run gets a parser (building all four was ~3/4 of a command's parse
+        time); without a sub-command in front (a bare ``--help``) all are built and listed."""
+        every = LightningCLI.subcommands()
+        return {self.requested: every[self.requested]} if self.requested in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_id", type=str | None, default=None, help="Run folder id (resume/continue a run).")
@@ -260,8 +269,8 @@ class PipelineCLI(LightningCLI):
             cause: BaseException = error
             while isinstance(cause, ValueError) and LINK_FAILED in str(cause) and cause.__cause__ is not None:
                 cause = cause.__cause__  # jsonargparse wraps what a link's compute_fn (reading the data) raised: show that alone
-            if isinstance(cause, (InputError, RunStopped)):
-                raise cause from None
+            if isinstance(cause, (InputError, RunStopped)) or not isinstance(cause, INPUT_ERRORS):
+                raise cause from None  # bad input as it was worded, or a crash (exit 1) as the crash it is
             raise InputError(str(cause)) from cause
 
     def _check_data(self) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 
 from pipelines.domain_registry import available_domains, get_domain
-from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, InputError, RunStopped, crash_message, debug_requested, paragraph
+from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, InputError, RunStopped, crash_message, debug_requested, did_you_mean, paragraph
 from pipelines.help_cache import cached_help, is_help_request
 from pipelines.runs import SUBCOMMANDS
 USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict|export] [--config FILE.yaml] [--help] [options]"
@@ -35,6 +35,9 @@ def split_command(argv: list[str]) -> tuple[str, list[str], bool]:
     domain, rest = argv[0], list(argv[1:])
     if rest and rest[0] in SUBCOMMANDS:
         return domain, rest, False
+    if rest and not rest[0].startswith("-"):  # no sub-command takes a positional argument: a misspelt sub-command
+        known = [*SUBCOMMANDS, "export"]
+        raise InputError(f"unknown sub-command {rest[0]!r}{did_you_mean(rest[0], known)} (one of {', '.join(known)}).\n{USAGE}")
     informational = any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in rest)
     return domain, ["fit", *rest], not informational
 
