@@ -125,6 +125,12 @@ def test_debug_shows_the_traceback(capsys):
     assert "Traceback" not in err and "did you mean '--model.lr'" in err
 
 
+def test_a_misspelt_sub_command_is_refused_with_did_you_mean(capsys):
+    assert exit_code("finance", "fitt") == 2
+    err = capsys.readouterr().err
+    assert "unknown sub-command 'fitt'" in err and "did you mean 'fit'" in err and "Traceback" not in err
+
+
 def test_a_nan_monitored_metric_does_not_crash_the_wandb_upload_after_training(tmp_path):
     """A NaN validation score becomes a checkpoint score of inf, which W&B refused in the model
     artifact's metadata at the end of fit ('Out of range float values are not JSON compliant')."""
