@@ -29,7 +29,6 @@ from tests.conftest import ROOT, child_env
 from tests.helpers import FAST, free_port, metric_samples, predict_with_headers, request, start_champion_server, write_night
 
 
-
 def our_tracebacks(output: str) -> list[int]:
     """Lines where a traceback starts, except litserve's own "Monitoring worker crashed" at shutdown (a race
     in litserve's monitor thread when its manager process stops after the drain; seen once in a loaded full
