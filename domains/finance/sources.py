@@ -51,7 +51,8 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def read_header(path: Path) -> list[str]:
-    """Column names as written in a CSV or Parquet file (without reading its rows), each named once."""
+    """Column names as written in a CSV or Parquet file, each named once. A CSV's rows are scanned (not
+    parsed into a frame): it must be UTF-8 and every line must have one value per column."""
     if path.suffix.lower() == ".csv":
         columns = _csv_header(path)
     else:
