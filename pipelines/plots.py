@@ -8,6 +8,7 @@ backend and leaves nothing open: library code changes no process-wide matplotlib
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,33 @@ def save_figure_atomic(figure: Any, path: Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def metric_figure(metric: Any, value: Any, panels: int = 1, **options: Any) -> Figure:
+    """A torchmetrics metric's own drawing (``metric.plot(value, ax=...)``) on a figure of ours.
+
+    Without ``ax`` torchmetrics asks pyplot for a figure (global state, left open); here it draws on
+    :func:`new_figure`. ``panels``: one axis per class for a multilabel confusion matrix (torchmetrics
+    draws ``[N, 2, 2]`` as N panels), else 1. ``options`` go to ``plot`` (``labels``, ``score``...).
+
+    Example:
+        >>> from torchmetrics.classification import BinaryConfusionMatrix
+        >>> metric = BinaryConfusionMatrix()
+        >>> metric.update(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]))
+        >>> type(metric_figure(metric, metric.compute(), labels=["benign", "malignant"]).canvas).__name__
+        'FigureCanvasAgg'
+    """
+    columns = int(np.ceil(np.sqrt(panels)))
+    rows = -(-panels // columns)
+    figure, axes = new_figure(rows, columns, figsize=(3.2 * columns + 0.8, 3.2 * rows + 0.6), squeeze=panels == 1)
+    metric.plot(value, ax=axes, **options)
+    figure.tight_layout()
+    return figure
+
+
+def release_pyplot_figure(figure: Any) -> None:
+    """Close a figure a library drew through pyplot (Optuna, Lightning's Tuner) so that pyplot lets it go;
+    nothing to do for a figure of :func:`new_figure` (pyplot never held it) or when pyplot was never imported."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(figure)
