@@ -27,8 +27,9 @@ def broken_yaml(args: Any) -> str | None:
     return None
 
 
-def explain(message: str, options: list[str], domain: str) -> str:
-    """jsonargparse's message, first line only, with "did you mean" for unknown options and keys."""
+def explain(message: str, options: list[str], domain: str, command: str = "") -> str:
+    """jsonargparse's message, first line only, with "did you mean" for unknown options and keys
+    (``command``: the runner's sub-command whose ``--help`` lists the options, e.g. ``export``)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     first = (lines[0] if lines else message).rstrip(":")
     hints = []
@@ -44,4 +45,4 @@ def explain(message: str, options: list[str], domain: str) -> str:
         hints.append(f"option {option!r} is not accepted by {class_path} (its options: `python -m pipelines.run {domain} --model.help {name}`)")
     detail = "; ".join(dict.fromkeys(hints))
     detail = f" {detail}." if detail else ("; " + " ".join(lines[1:3]) if len(lines) > 1 else "")
-    return f"{first}.{detail} `python -m pipelines.run {domain} --help` lists every option."
+    return f"{first}.{detail} `python -m pipelines.run {' '.join(filter(None, (domain, command)))} --help` lists every option."
