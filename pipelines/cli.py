@@ -70,7 +70,6 @@ def run_domain(spec: DomainSpec, args: list[str]) -> PipelineCLI:
     return PipelineCLI(spec, args, test_after_fit=test_after_fit)
 
 
-
 class PipelineCLI(LightningCLI):
     """LightningCLI for one domain.
 

@@ -89,17 +89,9 @@ def reference_short_row(text: str, delimiter: str) -> tuple[int, int, int] | Non
     """What the former ``check_field_counts`` found (the ``csv`` module over the whole text), the header
     being the first line that is not blank: (line, data row, number of values) of the first short row."""
     reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""), delimiter=delimiter)
-    header, row = None, 0
-    for fields in reader:
-        if not fields:
-            continue
-        if header is None:
-            header = fields
-            continue
-        row += 1
-        if len(fields) != len(header):
-            return reader.line_num, row, len(fields)
-    return None
+    filled = [(fields, reader.line_num) for fields in reader if fields]
+    widths = [(line, row, len(fields)) for row, (fields, line) in enumerate(filled)]
+    return next(((line, row, width) for line, row, width in widths[1:] if width != widths[0][2]), None)
 
 
 def random_table(rng: random.Random, delimiter: str) -> str:
@@ -172,7 +164,7 @@ def test_a_multilabel_torchmetrics_plot_is_drawn_without_pyplot(tmp_path):
     confusion, roc = MultilabelConfusionMatrix(num_labels=5), MultilabelROC(num_labels=5)
     confusion.update(probabilities, target)
     roc.update(probabilities, target)
-    figures = {"confusion": metric_figure(confusion, confusion.compute(), panels=5, labels=labels),
+    figures = {"confusion": metric_figure(confusion, confusion.compute(), panels=labels),
                "roc": metric_figure(roc, roc.compute(), score=True, labels=labels)}  # fmt: skip
     assert len([a for a in figures["confusion"].axes if a.get_title()]) == 5 and figures["confusion"].axes[0].get_title() == "Label effusion"
     for name, figure in figures.items():

@@ -307,7 +307,7 @@ class ImageClassifier(BaseTask):
         self.log_dict({k: float(v) for k, v in calibration_metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
             if task == "multilabel":
-                fig = metric_figure(self.test_confusion, confusion, panels=len(self.class_labels), labels=self.class_labels)
+                fig = metric_figure(self.test_confusion, confusion, panels=self.class_labels)
                 log_figure(self.trainer, fig, "test/confusion_matrix")
                 fig = metric_figure(self.test_roc, roc, score=True, labels=self.class_labels)
             else:
