@@ -25,6 +25,8 @@ import sys
 
 #: The loggers whose records :func:`show_messages` shows (the project's two packages).
 LOGGERS = ("pipelines", "domains")
+#: The name of the handler :func:`show_messages` adds (found again by name: added once per logger).
+HANDLER = "pipelines.messages"
 
 
 class _CurrentStderr(logging.Handler):
@@ -57,8 +59,9 @@ def show_messages(level: int = logging.INFO) -> None:
     """Show the project's log records of ``level`` and above on stderr (a command's ``main`` calls it; calling it again changes nothing)."""
     for name in LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(handler, _CurrentStderr) for handler in logger.handlers):
+        if not any(handler.get_name() == HANDLER for handler in logger.handlers):
             handler = _CurrentStderr()
+            handler.set_name(HANDLER)
             handler.setFormatter(_Labelled())
             handler.addFilter(_on_rank_zero)
             logger.addHandler(handler)

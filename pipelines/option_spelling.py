@@ -29,9 +29,12 @@ def respell(args: Sequence[str], known: set[str], prog: str) -> list[str]:
     when only that one is an option of the command (``known``); each replacement is warned about.
 
     Example:
-        >>> respell(["--max-batch-size=8", "--port", "8000"], {"--max_batch_size", "--port"}, "serve")
-        [pipelines] warning: serve: --max-batch-size is deprecated, spell it --max_batch_size
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     respell(["--max-batch-size=8", "--port", "8000"], {"--max_batch_size", "--port"}, "serve")
         ['--max_batch_size=8', '--port', '8000']
+        >>> print(err.getvalue(), end="")
+        [pipelines] warning: serve: --max-batch-size is deprecated, spell it --max_batch_size
     """
     spelt = []
     for position, arg in enumerate(args):

@@ -36,7 +36,7 @@ def explain(message: str, options: list[str], domain: str, command: str = "") ->
     for unknown in re.findall(r"(--[\w.\-]+)", first if "nrecognized" in first else ""):
         alike = [o for o in options if o.count(".") == unknown.count(".")]
         hints.append(f"{unknown}{did_you_mean(unknown, alike) or ' is not an option'}")
-    for key in re.findall(r'Key "([\w.\-]+)" is not expected|does not accept option \'([\w.\-]+)\'', message):
+    for key in re.findall(r'Key "([\w.\-]+)" is not expected|does not accept option \'([\w.\-]+)\'|^Option \'([\w.\-]+)\' is not accepted', message):
         key = "".join(key)
         suggestion = did_you_mean("--" + key, options).replace("'--", "'")
         hints.append(f"config key {key!r}{suggestion or ' is not an option'}")

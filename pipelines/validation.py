@@ -303,15 +303,15 @@ def _first_short_row(chunks: Iterator[bytes], delimiter: str) -> tuple[list[str]
     for chunk in chunks:
         if first:
             chunk, first = chunk.removeprefix(codecs.BOM_UTF8), False
-        if b'"' in chunk or chunk.count(b"\r") != chunk.count(b"\r\n"):
+        if b'"' in chunk or (b"\r" in chunk and chunk.count(b"\r") != chunk.count(b"\r\n")):
             return _first_short_row_by_csv(itertools.chain([chunk], chunks), delimiter, header, line, row)
         data = np.frombuffer(chunk, np.uint8)
         ends = np.flatnonzero(data == 10)
         if not chunk.endswith(b"\n"):
             ends = np.append(ends, len(chunk))  # the file's last line, without a line break
         starts = np.concatenate(([0], ends[:-1] + 1))
-        separators = np.concatenate(([0], np.cumsum(data == ord(delimiter), dtype=np.int64)))
-        values = separators[ends] - separators[starts] + 1
+        separators = np.flatnonzero(data == ord(delimiter))
+        values = np.searchsorted(separators, ends) - np.searchsorted(separators, starts) + 1  # separators in [start, end)
         lengths = ends - starts - (data[np.maximum(ends - 1, 0)] == 13)  # a line's length without \r\n
         filled = np.flatnonzero(lengths > 0)
         if header is None and filled.size:
@@ -329,7 +329,8 @@ def _first_short_row(chunks: Iterator[bytes], delimiter: str) -> tuple[list[str]
 
 def _first_short_row_by_csv(chunks: Iterator[bytes], delimiter: str, header: list[str] | None, line: int, row: int) -> tuple[list[str] | None, tuple[int, int, int] | None]:
     """:func:`_first_short_row` with the ``csv`` module (quoted fields), from a line boundary outside any quoted field."""
-    reader = csv.reader((text for chunk in chunks for text in io.StringIO(chunk.decode("utf-8"), newline="")), delimiter=delimiter)
+    lines = itertools.chain.from_iterable(io.StringIO(chunk.decode("utf-8"), newline="") for chunk in chunks)  # split as open(newline="") does
+    reader = csv.reader(lines, delimiter=delimiter)
     for fields in reader:
         if not fields:
             continue
