@@ -11,7 +11,7 @@ bundle and measured these ways, all on this machine's CPU:
   included, ``--torch-threads`` threads), one sample per call in a Python loop;
 - ``bundle loop``: ``Bundle.run`` (onnxruntime) on one sample per call, in-process, no HTTP;
 - ``server batch<=N``: ``python -m pipelines.serve`` on 127.0.0.1, ``--requests`` JSON requests
-  (the generic form) from ``--concurrency`` client threads, with ``--max-batch-size N``;
+  (the generic form) from ``--concurrency`` client threads, with ``--max_batch_size N``;
 - ``server batch<=1``: the same without batching;
 - ``server batch<=N, <form> form``: the same samples in the domain's own request form (an image
   upload, a transaction row, a sequence of observations, a seed), decoding and answer included.
@@ -205,7 +205,7 @@ def server_load(domain: str, bundle_path: Path, bodies: list[bytes], concurrency
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "pipelines.serve", domain, "--bundle", str(bundle_path), "--port", str(port),
-               "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout), "--log-level", "warning"]  # fmt: skip
+               "--max_batch_size", str(max_batch_size), "--batch_timeout", str(batch_timeout), "--log_level", "warning"]  # fmt: skip
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", action="append", default=[], metavar="DOMAIN=CKPT", help="checkpoint to export (default: a tiny trained one)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--batch_timeout", type=float, default=0.01)
     parser.add_argument("--diffusion-steps", type=int, default=50, help=f"DDIM steps per image of {DIFFUSION}")
     parser.add_argument("--diffusion-requests", type=int, default=48, help=f"images (one per request) of {DIFFUSION}")
     parser.add_argument(

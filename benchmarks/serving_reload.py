@@ -4,7 +4,7 @@
 
 Two real ``pipelines.retrain finance`` runs (the synthetic card table, tiny training: two versions,
 the second forced) make a registry; ``v0001`` is made the champion; the server follows it
-(``--registry DIR --reload-interval 0.5``) while ``--clients`` threads send generic-form requests
+(``--registry DIR --reload_interval 0.5``) while ``--clients`` threads send generic-form requests
 without pause; after ``--before`` seconds ``python -m pipelines.registry finance promote v0002``
 runs, and the clients go on until ``--after`` seconds after the first answer from ``v0002``.
 Reported: requests, failed requests, requests/s and p50/p99 latency before the promotion, during
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     registry = make_registry(work)
     port, log = free_port(), work / "server.log"
-    command = [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry), "--reload-interval", "0.5", "--port", str(port), "--log-level", "warning"]
+    command = [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry), "--reload_interval", "0.5", "--port", str(port), "--log_level", "warning"]
     with open(log, "wb") as handle:
         server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
-import sys
 import tempfile
 import threading
 import warnings
@@ -23,31 +23,51 @@ from typing import Any, Literal
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
 from pipelines.domain_registry import DomainSpec
-from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped
-from pipelines.files import write_text_atomic
-from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheckpoint, non_finite_metrics
+from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
+from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
 from pipelines.parse_errors import broken_yaml, explain
-from pipelines.predictions import CsvPredictionWriter, prediction_file
-from pipelines.report import RunReport
-from pipelines.runs import BEST_CHECKPOINT, RUN_ID_ENV, SUBCOMMANDS, RunFolder, RunFolderBusy, RunLock, record_provenance, resolve_run, saved_config_sections
+from pipelines.predictions import prediction_file
+from pipelines.run_callbacks import run_trainer_settings
+from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
 from pipelines.task import compile_networks, eager_fallback
-from pipelines.tracking import RunSummary, UploadConfigToWandb, WatchModel, configure_wandb_mode, finish_wandb_run, make_wandb_logger
+from pipelines.tracking import UploadConfigToWandb, finish_wandb_run
 from pipelines.tuning import check_lr_findable, find_learning_rate
-from pipelines.wandb_replay import ReplayMetrics
 
 #: Errors that mean bad input or options when raised while the command is read and its data checked.
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
 #: how jsonargparse words an exception raised by a link's ``compute_fn`` (the data module read by a link to the model)
 LINK_FAILED = "Call to compute_fn of link"
+log = logging.getLogger(__name__)
+#: The runner's sub-commands (LightningCLI's); each works in one run folder. ``export`` is not one of
+#: them: :mod:`pipelines.run` hands it to :mod:`pipelines.export` before this module is imported.
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def command_arguments(domain: str, args: list[str]) -> tuple[list[str], bool]:
+    """The runner's arguments after the domain name as LightningCLI takes them, and whether to test the
+    best checkpoint after fitting: without a sub-command, ``fit`` followed by ``test`` (a bare ``--help``
+    or ``--print_config`` only shows fit's options or config)."""
+    if args and args[0] in SUBCOMMANDS:
+        return list(args), False
+    if args and not args[0].startswith("-"):  # no sub-command takes a positional argument: a misspelt sub-command
+        known = [*SUBCOMMANDS, "export"]
+        usage = f"usage: python -m pipelines.run {domain} [{'|'.join(known)}] [--config FILE.yaml] [--help] [options]"
+        raise InputError(f"unknown sub-command {args[0]!r}{did_you_mean(args[0], known)} (one of {', '.join(known)}).\n{usage}")
+    informational = any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in args)
+    return ["fit", *args], not informational
+
+
+def run_domain(spec: DomainSpec, args: list[str]) -> PipelineCLI:
+    """``python -m pipelines.run DOMAIN ARGS...`` once the dispatcher found the domain (:func:`command_arguments`)."""
+    args, test_after_fit = command_arguments(spec.name, args)
+    return PipelineCLI(spec, args, test_after_fit=test_after_fit)
 
 
 class PipelineCLI(LightningCLI):
@@ -71,7 +91,6 @@ class PipelineCLI(LightningCLI):
         self._checkpoint: dict[str, Any] | None = None
         self.signal_checkpoint: SignalCheckpoint | None = None
         self._scopes = contextlib.ExitStack()  # process-wide settings this command changes, restored when it ends
-        configure_wandb_mode()
         defaults = {"default_config_files": [str(spec.config)], "exit_on_error": False}
         inherited_run_id = os.environ.get(RUN_ID_ENV)
         on_main_thread = threading.current_thread() is threading.main_thread()
@@ -205,7 +224,7 @@ class PipelineCLI(LightningCLI):
         """Parse once; the run folder comes from that parse (CLI, ``--config`` files, ``PIPELINES_*``
         variables alike). A command on an existing run then takes the run's saved ``config.yaml`` as a
         layer of the same parse: above the domain's defaults, below ``--config`` files, variables and
-        options (:func:`pipelines.runs.saved_config_sections`)."""
+        options (:func:`pipelines.run_folder.saved_config_sections`)."""
         self._parse(parser, args)
         sub = self.config.subcommand
         cfg = self.config[sub]
@@ -238,9 +257,9 @@ class PipelineCLI(LightningCLI):
                         sub_parser.default_config_files = [str(self.spec.config)]
             cfg = self.config[sub]
             if rank_zero_only.rank == 0:
-                print(f"[pipelines] {sub}: using {', '.join(sections)} from {path}", file=sys.stderr)
+                log.info(f"{sub}: using {', '.join(sections)} from {path}")
         if cfg.get("ckpt_path") == "last" and self.run.ckpt_path is None and rank_zero_only.rank == 0:
-            print(f"[pipelines] no last.ckpt under {self.run.path.parent} yet: starting a fresh run", file=sys.stderr)
+            log.info(f"no last.ckpt under {self.run.path.parent} yet: starting a fresh run")
         cfg.ckpt_path = self.run.ckpt_path
         cfg.run_id = self.run.run_id
         if sub == "predict" and cfg.get("return_predictions") is None:
@@ -295,45 +314,10 @@ class PipelineCLI(LightningCLI):
                 self._lock = RunLock(self.run.path, self.subcommand)
             except RunFolderBusy as error:
                 raise InputError(str(error)) from None
-        run_dir = self.run.path
-        callbacks = list(trainer_cfg.get("callbacks") or [])
-        if self.subcommand == "fit":
-            self.signal_checkpoint = SignalCheckpoint(self.run.checkpoint_dir)
-            callbacks += [self.signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))]
-        if trainer_cfg.get("enable_checkpointing", True) is not False:
-            callbacks.append(
-                TieBreakingCheckpoint(  # a tie on the monitor is decided by val/loss (pipelines/checkpointing.py)
-                    dirpath=self.run.checkpoint_dir,
-                    filename=BEST_CHECKPOINT.removesuffix(".ckpt"),
-                    monitor=self.spec.monitor,
-                    mode=self.spec.mode,
-                    save_last=True,
-                    save_top_k=1,
-                    auto_insert_metric_name=False,
-                    enable_version_counter=False,
-                )
-            )
-            if (every := options.get("checkpoint_every_n_steps")) is not None:
-                # only last.ckpt (save_top_k=0): best.ckpt stays chosen on the monitored metric at validation
-                callbacks.append(ModelCheckpoint(dirpath=self.run.checkpoint_dir, every_n_train_steps=every, save_top_k=0, save_last=True))
-        patience = options.get("early_stopping_patience")
-        if patience is not None:
-            callbacks.append(EarlyStopping(monitor=self.spec.monitor, mode=self.spec.mode, patience=patience, verbose=True))
-        callbacks.append(RunSummary(run_dir, self.spec.monitor, self.spec.mode))
-        callbacks.append(RunReport(run_dir, self.spec.name))  # report.html, after the summary it reads (pipelines/report.py)
-        if self.subcommand == "fit" and self.run.ckpt_path and trainer_cfg.get("logger") in (None, True):
-            callbacks.append(ReplayMetrics(str(run_dir)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
-        if predictions is not None:
-            callbacks.append(CsvPredictionWriter(predictions))
-        overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
-        if trainer_cfg.get("logger") in (None, True):
-            overrides["logger"] = make_wandb_logger(self.run, self.spec.tags, options.get("wandb_group"), options.get("wandb_job_type") or "train")
-            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-            watch = options.get("wandb_watch", "none")
-            if watch != "none":
-                callbacks.append(WatchModel(watch))
+        settings = run_trainer_settings(self.spec, self.run, self.subcommand, options, trainer_cfg, predictions)
+        self.signal_checkpoint = settings.signal_checkpoint
         self._announce(plan.summary)
-        return super().instantiate_trainer(**{**overrides, **kwargs})
+        return super().instantiate_trainer(**{**plan.settings, **settings.overrides, **kwargs})
 
     @rank_zero_only
     def _announce(self, hardware: str) -> None:
@@ -341,14 +325,14 @@ class PipelineCLI(LightningCLI):
         seed = self.config[self.subcommand].get("seed_everything")
         record_provenance(self.run, self.subcommand, seed, hardware)
         resumed = f", from {self.run.ckpt_path}" if self.run.ckpt_path else ""
-        print(f"[pipelines] {self.spec.name} {self.subcommand}: run folder {self.run.path}{resumed}", file=sys.stderr)
-        print(f"[pipelines] {hardware}", file=sys.stderr)
+        log.info(f"{self.spec.name} {self.subcommand}: run folder {self.run.path}{resumed}")
+        log.info(hardware)
 
     def after_instantiate_classes(self) -> None:
         if self.config[self.subcommand].get("compile"):
             self._scopes.enter_context(eager_fallback())  # closed when the command ends
             compiled = compile_networks(self.model)
-            print(f"[pipelines] torch.compile: {', '.join(compiled) or 'no network found'}", file=sys.stderr)
+            log.info(f"torch.compile: {', '.join(compiled) or 'no network found'}")
 
     def before_fit(self) -> None:
         """``--scale_batch_size`` and ``--lr_find``: Lightning's Tuner, before the first fit of a run."""
@@ -357,7 +341,7 @@ class PipelineCLI(LightningCLI):
         assert self.run is not None
         if self.run.ckpt_path and (mode != "none" or config.get("lr_find")):
             if self.trainer.is_global_zero:  # the checkpoint's optimizer state and the run's config hold the values found
-                print("[pipelines] resuming from a checkpoint: --scale_batch_size and --lr_find are skipped", file=sys.stderr)
+                log.info("resuming from a checkpoint: --scale_batch_size and --lr_find are skipped")
             return
         if mode != "none":
             from lightning.pytorch.tuner import Tuner
@@ -373,7 +357,7 @@ class PipelineCLI(LightningCLI):
         suggestion, reason, plot = find_learning_rate(self.trainer, self.model, self.datamodule)
         if suggestion is None:
             if self.trainer.is_global_zero:
-                print(f"[pipelines] lr_find: {reason}; keeping lr {self.model.hparams.lr} (curve: {plot})", file=sys.stderr)
+                log.info(f"lr_find: {reason}; keeping lr {self.model.hparams.lr} (curve: {plot})")
             self._record_tuned({("lr_find",): False}, "lr_find: false")
             return
         self.model.hparams.lr = suggestion
@@ -385,15 +369,8 @@ class PipelineCLI(LightningCLI):
         """Write what the Tuner found into the run's config.yaml, so that a resumed run, ``test`` and
         ``predict`` use it instead of the configured value (and a resume does not search again)."""
         assert self.run is not None
-        path = self.run.path / "config.yaml"
-        config = yaml.safe_load(path.read_text())
-        for keys, value in values.items():
-            section = config
-            for key in keys[:-1]:
-                section = section[key]
-            section[keys[-1]] = value
-        write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
-        print(f"[pipelines] {what} recorded in {path}", file=sys.stderr)
+        path = record_in_config(self.run, values)
+        log.info(f"{what} recorded in {path}")
 
     def after_fit(self) -> None:
         if not self.test_after_fit or self.trainer.interrupted:

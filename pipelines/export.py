@@ -1,4 +1,4 @@
-"""``python -m pipelines.run DOMAIN export --ckpt_path CKPT --format onnx|torchscript [--output DIR]``.
+"""``python -m pipelines.run DOMAIN export --ckpt_path CKPT --format onnx|torchscript [--output DIR] [--config FILE.yaml]``.
 
 Writes a self-contained bundle folder::
 
@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
 from pipelines.checkpoints import build_model, check_domain, datamodule_state, read_checkpoint
 from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.domain_registry import DomainSpec
+from pipelines.errors import InputError
 from pipelines.files import sha256_file
-from pipelines.runs import git_commit, package_versions, resolve_run
+from pipelines.parse_errors import explain
+from pipelines.run_folder import git_commit, package_versions, resolve_run
 from pipelines.validation import check_model_label
 
 FORMATS = ("onnx", "torchscript")
@@ -150,25 +152,40 @@ def export_checkpoint(
     return output
 
 
-def main(spec: DomainSpec, argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(prog=f"python -m pipelines.run {spec.name} export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint file, or best/last (with --run_id, else the newest run)")
-    parser.add_argument("--run_id", default=None)
-    parser.add_argument("--runs_dir", default="runs")
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
-    parser.add_argument("--output", default=None, help="bundle folder (default: <run folder>/export/<format>)")
+def build_parser(spec: DomainSpec) -> Any:
+    """The export command's parser: like the runner's, options also come from ``--config FILE.yaml``
+    (keys ``ckpt_path``, ``format``, ...) and from ``PIPELINES_EXPORT__<OPTION>`` variables."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=f"python -m pipelines.run {spec.name} export", description=__doc__.splitlines()[0], exit_on_error=False, default_env=True, env_prefix="PIPELINES_EXPORT_",
+    )  # fmt: skip
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="checkpoint file, or best/last (with --run_id, else the newest run)")
+    parser.add_argument("--run_id", type=str | None, default=None, help="the run folder of --ckpt_path best/last")
+    parser.add_argument("--runs_dir", type=str, default="runs", help="root folder of run folders")
+    parser.add_argument("--format", type=Literal["onnx", "torchscript"], default="onnx", help="the bundle's model format")
+    parser.add_argument("--output", type=str | None, default=None, help="bundle folder (default: <run folder>/export/<format>)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from the checkpoint")
-    parser.add_argument("--model_name", default=None, help="the model's name, shown by the server (default: the domain)")
-    parser.add_argument("--model_version", default=None, help="the model's version, shown by the server (default: sha256-<checkpoint sha256 prefix>)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model_name", type=str | None, default=None, help="the model's name, shown by the server (default: the domain)")
+    parser.add_argument("--model_version", type=str | None, default=None, help="the model's version, shown by the server (default: sha256-<checkpoint sha256 prefix>)")
+    return parser
+
+
+def main(spec: DomainSpec, argv: list[str]) -> Path:
+    """``python -m pipelines.run DOMAIN export ...``: bad options are refused (:class:`InputError`, exit 2) before anything is written."""
+    parser = build_parser(spec)
     try:
+        args = parser.parse_args(argv)
         check_model_label(args.model_name, "--model_name")
         check_model_label(args.model_version, "--model_version")
         run = resolve_run(spec.name, args.runs_dir, args.run_id, args.ckpt_path)
+    except argparse.ArgumentError as error:
+        raise InputError(f"{spec.name} export: {explain(str(error), [o for a in parser._actions for o in a.option_strings], spec.name, 'export')}") from None
     except ValueError as error:
-        parser.error(str(error))
+        raise InputError(f"{spec.name} export: {error}") from None
     if run.ckpt_path is None:
-        parser.error(f"--ckpt_path {args.ckpt_path}: no checkpoint found")
+        raise InputError(f"{spec.name} export: --ckpt_path {args.ckpt_path}: no checkpoint found")
     output = Path(args.output) if args.output else Path(run.ckpt_path).parent.parent / "export" / args.format
     bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol, model_name=args.model_name, model_version=args.model_version)
     print(f"[pipelines] {spec.name} {args.format} bundle written to {bundle}")

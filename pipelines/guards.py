@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pipelines.runs import LAST_CHECKPOINT
+from pipelines.run_folder import LAST_CHECKPOINT
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,4 +1,4 @@
-"""``python -m pipelines.monitor REFERENCE WINDOW [--columns a,b] [--psi-threshold 0.2] [--ks-alpha 0.001] [--json OUT] [--report DIR]``.
+"""``python -m pipelines.monitor REFERENCE WINDOW [--columns a,b] [--psi_threshold 0.2] [--ks_alpha 0.001] [--json OUT] [--report DIR]``.
 
 Compares a window of data with a reference feature by feature with :func:`pipelines.drift.compare`
 (PSI and two-sample KS per numeric column), prints one line per feature, writes the results as JSON
@@ -8,11 +8,11 @@ REFERENCE: a table (Parquet ``.parquet``/``.pq`` or CSV ``.csv``, e.g. the train
 reference statistics fitted on the training split and saved in a checkpoint (``.ckpt``) or an
 exported bundle folder (:mod:`pipelines.reference`): no training files needed.
 WINDOW: a table, or the server's request log (``.jsonl``, with its rotated files:
-:mod:`pipelines.request_log`); ``--last N`` keeps its newest N records, ``--model-version V`` those
+:mod:`pipelines.request_log`); ``--last N`` keeps its newest N records, ``--model_version V`` those
 one model version answered.
 
-Exit status: 0 no feature drifted; 3 at least one feature drifted (PSI >= ``--psi-threshold`` or
-KS p-value < ``--ks-alpha`` / number of features); 2 bad input (a missing, empty or unreadable file, a bundle or checkpoint without reference statistics, a header with no
+Exit status: 0 no feature drifted; 3 at least one feature drifted (PSI >= ``--psi_threshold`` or
+KS p-value < ``--ks_alpha`` / number of features); 2 bad input (a missing, empty or unreadable file, a bundle or checkpoint without reference statistics, a header with no
 rows or a repeated column, a CSV that is not UTF-8, a missing column, a value that is not a number
 or is inf, fewer than 2 values, an unknown option or one out of range), refused with one paragraph
 naming the file, column and rows before anything is written; 1 a crash. Missing values (NaN, empty
@@ -31,7 +31,8 @@ import pandas as pd
 
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD, compare
 from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
-from pipelines.validation import check_delimiter, check_field_counts, check_unique_columns, check_utf8
+from pipelines.option_spelling import OptionParser
+from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns
 from pipelines.reference import load_reference, reference_frame
 from pipelines.request_log import read_log
 from pipelines.files import write_json_atomic
@@ -56,7 +57,7 @@ def read_table(path: str) -> pd.DataFrame:
         raise InputError(f"{path}: the file is empty (0 bytes); expected a header and one row per request or record")
     try:
         if suffix == ".csv":
-            check_utf8(file)
+            check_csv_text(file)  # UTF-8 and one value per column, in one pass
             frame = pd.read_csv(file)
             header = list(pd.read_csv(file, header=None, nrows=1, dtype=str).iloc[0].astype(str))
         else:
@@ -68,14 +69,13 @@ def read_table(path: str) -> pd.DataFrame:
         raise InputError(f"{path}: not a readable {suffix} table ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
     if suffix == ".csv":
         check_delimiter(header, path)
-        check_field_counts(file)
     check_unique_columns(header, path)
     if len(frame) == 0:
         raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per request or record")
     return frame
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OptionParser):
     """Usage errors as one paragraph with a "did you mean" (no usage dump), exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -120,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("reference", help="the reference: a .parquet/.csv table, or a bundle folder or .ckpt holding reference statistics")
     parser.add_argument("window", help="the data to check: a .parquet/.csv table or the server's request log (.jsonl)")
     parser.add_argument("--last", type=int, default=None, help="request log: only its newest N records")
-    parser.add_argument("--model-version", default=None, help="request log: only the records this model version answered")
+    parser.add_argument("--model_version", default=None, help="request log: only the records this model version answered")
     parser.add_argument("--report", default=None, help="write a report folder (report.md, drift.png, drift.json) under this folder")
     parser.add_argument("--columns", default=None, help="comma-separated features (default: every numeric column of the reference)")
-    parser.add_argument("--psi-threshold", type=float, default=PSI_THRESHOLD, help="a PSI at least this flags drift")
-    parser.add_argument("--ks-alpha", type=float, default=KS_ALPHA, help="a KS p-value below this divided by the number of features flags drift (Bonferroni)")
+    parser.add_argument("--psi_threshold", type=float, default=PSI_THRESHOLD, help="a PSI at least this flags drift")
+    parser.add_argument("--ks_alpha", type=float, default=KS_ALPHA, help="a KS p-value below this divided by the number of features flags drift (Bonferroni)")
     parser.add_argument("--bins", type=int, default=10, help="quantile bins of the reference for PSI")
     parser.add_argument("--json", default=None, help="write the report here as JSON (written whole, or not at all)")
     return parser
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.last is not None and args.last < 2:
         parser.error(f"--last must be >= 2, got {args.last}")
     if not args.psi_threshold > 0 or not 0 < args.ks_alpha < 1 or args.bins < 2:
-        parser.error(f"--psi-threshold must be > 0, --ks-alpha in (0, 1), --bins >= 2; got {args.psi_threshold}, {args.ks_alpha}, {args.bins}")
+        parser.error(f"--psi_threshold must be > 0, --ks_alpha in (0, 1), --bins >= 2; got {args.psi_threshold}, {args.ks_alpha}, {args.bins}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

@@ -27,15 +27,16 @@ def broken_yaml(args: Any) -> str | None:
     return None
 
 
-def explain(message: str, options: list[str], domain: str) -> str:
-    """jsonargparse's message, first line only, with "did you mean" for unknown options and keys."""
+def explain(message: str, options: list[str], domain: str, command: str = "") -> str:
+    """jsonargparse's message, first line only, with "did you mean" for unknown options and keys
+    (``command``: the runner's sub-command whose ``--help`` lists the options, e.g. ``export``)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     first = (lines[0] if lines else message).rstrip(":")
     hints = []
     for unknown in re.findall(r"(--[\w.\-]+)", first if "nrecognized" in first else ""):
         alike = [o for o in options if o.count(".") == unknown.count(".")]
         hints.append(f"{unknown}{did_you_mean(unknown, alike) or ' is not an option'}")
-    for key in re.findall(r'Key "([\w.\-]+)" is not expected|does not accept option \'([\w.\-]+)\'', message):
+    for key in re.findall(r'Key "([\w.\-]+)" is not expected|does not accept option \'([\w.\-]+)\'|^Option \'([\w.\-]+)\' is not accepted', message):
         key = "".join(key)
         suggestion = did_you_mean("--" + key, options).replace("'--", "'")
         hints.append(f"config key {key!r}{suggestion or ' is not an option'}")
@@ -44,4 +45,4 @@ def explain(message: str, options: list[str], domain: str) -> str:
         hints.append(f"option {option!r} is not accepted by {class_path} (its options: `python -m pipelines.run {domain} --model.help {name}`)")
     detail = "; ".join(dict.fromkeys(hints))
     detail = f" {detail}." if detail else ("; " + " ".join(lines[1:3]) if len(lines) > 1 else "")
-    return f"{first}.{detail} `python -m pipelines.run {domain} --help` lists every option."
+    return f"{first}.{detail} `python -m pipelines.run {' '.join(filter(None, (domain, command)))} --help` lists every option."

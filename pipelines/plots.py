@@ -8,6 +8,7 @@ backend and leaves nothing open: library code changes no process-wide matplotlib
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,43 @@ def save_figure_atomic(figure: Any, path: Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def metric_figure(metric: Any, value: Any, panels: Sequence[str] | None = None, **options: Any) -> Figure:
+    """A torchmetrics metric's own drawing (``metric.plot(value, ax=...)``) on a figure of ours.
+
+    Without ``ax`` torchmetrics asks pyplot for a figure (global state, left open); here it draws on
+    :func:`new_figure`. ``panels``: ``value`` holds one result per name (a multilabel confusion
+    matrix, ``[N, 2, 2]``), each drawn on its own axis titled ``Label <name>``. ``options`` go to
+    ``plot`` (``labels``, ``score``...).
+
+    Example:
+        >>> from torchmetrics.classification import MultilabelConfusionMatrix
+        >>> metric = MultilabelConfusionMatrix(num_labels=3)
+        >>> metric.update(torch.tensor([[0.9, 0.2, 0.7], [0.1, 0.8, 0.4]]), torch.tensor([[1, 0, 0], [0, 1, 1]]))
+        >>> figure = metric_figure(metric, metric.compute(), panels=["effusion", "nodule", "mass"])
+        >>> [axis.get_title() for axis in figure.axes if axis.get_title()], type(figure.canvas).__name__
+        (['Label effusion', 'Label nodule', 'Label mass'], 'FigureCanvasAgg')
+    """
+    if panels is None:
+        figure, axis = new_figure(figsize=(5.5, 4.5))
+        metric.plot(value, ax=axis, **options)
+        return figure
+    columns = int(np.ceil(np.sqrt(len(panels))))
+    rows = -(-len(panels) // columns)
+    figure, axes = new_figure(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False)
+    for axis, part, name in zip(axes.flat, value, panels):
+        metric.plot(part, ax=axis, **options)
+        axis.set_title(f"Label {name}")
+    for axis in axes.flat[len(panels) :]:
+        axis.remove()
+    figure.tight_layout()
+    return figure
+
+
+def release_pyplot_figure(figure: Any) -> None:
+    """Close a figure a library drew through pyplot (Optuna, Lightning's Tuner) so that pyplot lets it go;
+    nothing to do for a figure of :func:`new_figure` (pyplot never held it) or when pyplot was never imported."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(figure)

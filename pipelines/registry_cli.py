@@ -28,6 +28,7 @@ from typing import Any
 from pipelines.model_registry import (
     CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked, now,
 )  # fmt: skip
+from pipelines.option_spelling import OptionParser
 
 LOCKED = 5  # the same code as pipelines.retrain_steps.ExitCode.LOCKED
 
@@ -36,13 +37,13 @@ LOCKED = 5  # the same code as pipelines.retrain_steps.ExitCode.LOCKED
 def publish_to_wandb(registry: ModelRegistry, version: str, aliases: list[str], group: str) -> str:
     """Log a version as a W&B model artifact (``<domain>-model``) with ``aliases``; return what happened.
 
-    Only when W&B is online (``WANDB_MODE`` online or an API key; :func:`pipelines.tracking.configure_wandb_mode`);
+    Only when W&B is online (``WANDB_MODE`` online or an API key; :func:`pipelines.tracking.wandb_mode`);
     called after the registry folder has been updated, and every error is caught and reported, so
     an offline or unreachable W&B never blocks or undoes a promotion.
     """
-    from pipelines.tracking import configure_wandb_mode
+    from pipelines.tracking import wandb_mode
 
-    mode = configure_wandb_mode()
+    mode = wandb_mode()
     if mode in ("offline", "disabled", "dryrun"):
         return f"skipped (WANDB_MODE={mode})"
     try:
@@ -56,6 +57,7 @@ def publish_to_wandb(registry: ModelRegistry, version: str, aliases: list[str], 
             name=f"registry-{version}",
             settings=wandb.Settings(init_timeout=30),
             reinit="finish_previous",
+            mode=mode,
         )
         artifact = wandb.Artifact(f"{registry.domain}-model", type="model", metadata=registry.metadata(version))
         for name in (WEIGHTS_FILE, EXTRAS_FILE, PREPROCESSING_FILE, CONFIG_FILE, METADATA_FILE):
@@ -70,9 +72,9 @@ def publish_to_wandb(registry: ModelRegistry, version: str, aliases: list[str], 
 
 def move_wandb_alias(registry: ModelRegistry, version: str, alias: str = "champion") -> str:
     """Move a W&B alias to the artifact of ``version`` (manual promote/rollback); best effort, online only."""
-    from pipelines.tracking import configure_wandb_mode
+    from pipelines.tracking import wandb_mode
 
-    mode = configure_wandb_mode()
+    mode = wandb_mode()
     if mode in ("offline", "disabled", "dryrun"):
         return f"skipped (WANDB_MODE={mode})"
     try:
@@ -120,9 +122,9 @@ def format_history(rows: list[dict[str, Any]], champion: str | None = None) -> s
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OptionParser(add_help=False)
     common.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help=f"registry folder (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})")
-    parser = argparse.ArgumentParser(prog="python -m pipelines.registry", description="Read and change a domain's model registry.", parents=[common])
+    parser = OptionParser(prog="python -m pipelines.registry", description="Read and change a domain's model registry.", parents=[common])
     parser.add_argument("domain")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the history table, the versions and the aliases", parents=[common])

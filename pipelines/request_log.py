@@ -1,4 +1,4 @@
-"""The server's request log (``python -m pipelines.serve ... --request-log PATH``): what the model saw and answered.
+"""The server's request log (``python -m pipelines.serve ... --request_log PATH``): what the model saw and answered.
 
 One JSON line per answered item (a row, a sequence, an image, a sample)::
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.model_registry import REGISTRY_ENV, ModelRegistry, RegistryError, RegistryLocked, default_registry
+from pipelines.option_spelling import OptionParser
 from pipelines.registry_upkeep import check_writable
 from pipelines.retrain_attempt import SIGNALS, Attempt
 from pipelines.retrain_steps import ExitCode, RetrainError
@@ -60,7 +61,7 @@ USAGE = "usage: python -m pipelines.retrain DOMAIN [--registry DIR] [--metric te
 # ----- command line ----------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split retrain options from the runner options (everything else, passed on unchanged)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", usage=USAGE.removeprefix("usage: "), allow_abbrev=False, description=__doc__.split("\n\n")[1],
+    parser = OptionParser(prog="python -m pipelines.retrain", usage=USAGE.removeprefix("usage: "), allow_abbrev=False, description=__doc__.split("\n\n")[1],
         epilog="exit codes: " + ", ".join(f"{int(code)} {code.name.lower().replace('_', ' ')}" for code in ExitCode)
         + ". Every other option goes to the runner (python -m pipelines.run DOMAIN --help lists them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -44,7 +44,7 @@ class Attempt:
 
     def run(self) -> ExitCode:
         from pipelines.registry_upkeep import reconcile_orphans
-        from pipelines.runs import git_commit
+        from pipelines.run_folder import git_commit
 
         self.row["git_commit"] = git_commit()
         removed = self.registry.remove_partial_versions()

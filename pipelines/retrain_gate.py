@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD
+from pipelines.option_spelling import OptionParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never take a runner option for one of these
+    parser = OptionParser(add_help=False, allow_abbrev=False)  # never take a runner option for one of these
     parser.add_argument("--when", choices=["always", "drift"], default="always")
     parser.add_argument("--drift_window", default=None)
     parser.add_argument("--drift_last", type=int, default=None)

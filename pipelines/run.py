@@ -1,8 +1,9 @@
 """``python -m pipelines.run DOMAIN [fit|validate|test|predict] [options]``.
 
 A domain dispatcher in front of LightningCLI: it reads the domain name, finds its spec in the
-registry, assumes ``fit`` (followed by a test of the best checkpoint) when no sub-command is
-given, and hands everything else to :class:`pipelines.cli.PipelineCLI`.
+registry, serves ``--help`` from a cache (:mod:`pipelines.help_cache`) and hands ``export`` to
+:mod:`pipelines.export`, everything else to :func:`pipelines.cli.run_domain` (which assumes ``fit``,
+followed by a test of the best checkpoint, when no sub-command is given).
 
 Examples::
 
@@ -24,28 +25,18 @@ from __future__ import annotations
 import sys
 
 from pipelines.domain_registry import available_domains, get_domain
-from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, InputError, RunStopped, crash_message, debug_requested, did_you_mean, paragraph
+from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, InputError, RunStopped, crash_message, debug_requested, paragraph
 from pipelines.help_cache import cached_help, is_help_request
-from pipelines.runs import SUBCOMMANDS
+from pipelines.messages import show_messages
+
 USAGE = "usage: python -m pipelines.run DOMAIN [fit|validate|test|predict|export] [--config FILE.yaml] [--help] [options]"
-
-
-def split_command(argv: list[str]) -> tuple[str, list[str], bool]:
-    """Return (domain, arguments for LightningCLI, whether to test after fitting)."""
-    domain, rest = argv[0], list(argv[1:])
-    if rest and rest[0] in SUBCOMMANDS:
-        return domain, rest, False
-    if rest and not rest[0].startswith("-"):  # no sub-command takes a positional argument: a misspelt sub-command
-        known = [*SUBCOMMANDS, "export"]
-        raise InputError(f"unknown sub-command {rest[0]!r}{did_you_mean(rest[0], known)} (one of {', '.join(known)}).\n{USAGE}")
-    informational = any(arg in ("-h", "--help") or arg.startswith("--print_config") for arg in rest)
-    return domain, ["fit", *rest], not informational
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != "--debug"]
+    show_messages()  # what the run's code logs reaches stderr as [pipelines] ... / [<domain>] ... (pipelines/messages.py)
     command = " ".join(argv[:2]) if argv[1:2] and not argv[1].startswith("-") else " ".join(argv[:1] + ["fit"])
     try:
         dispatch(argv)
@@ -67,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def dispatch(argv: list[str]) -> None:
-    """Find the domain and hand the rest to its export command or to :class:`pipelines.cli.PipelineCLI`."""
+    """Find the domain and hand the rest to its export command or to :func:`pipelines.cli.run_domain`."""
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("domains: " + ", ".join(available_domains()))
@@ -81,15 +72,15 @@ def dispatch(argv: list[str]) -> None:
 
         export(spec, argv[2:])
         return
-    domain, args, test_after_fit = split_command(argv)
+    args = argv[1:]
 
     def start() -> None:
-        from pipelines.cli import PipelineCLI  # heavy: torch, Lightning and the domain's libraries
+        from pipelines.cli import run_domain  # heavy: torch, Lightning and the domain's libraries
 
-        PipelineCLI(spec, args, test_after_fit=test_after_fit)
+        run_domain(spec, args)
 
     if is_help_request(args):
-        cached_help(domain, spec.config.parent, args, start)
+        cached_help(spec.name, spec.config.parent, args, start)
     else:
         start()
 

@@ -1,12 +1,12 @@
-"""``python -m pipelines.serve DOMAIN (--bundle PATH | --registry DIR [--alias champion]) [--port 8000] [--max-batch-size 16] ...``.
+"""``python -m pipelines.serve DOMAIN (--bundle PATH | --registry DIR [--alias champion]) [--port 8000] [--max_batch_size 16] ...``.
 
 Serves an exported bundle (``python -m pipelines.run DOMAIN export ...``) over JSON/HTTP with
 LitServe, through :class:`pipelines.bundle_runtime.Bundle` (onnxruntime or TorchScript; no
 Lightning, MONAI or training code is loaded in the serving processes).
 
 With ``--registry DIR`` it serves the version an alias of the model registry names (``champion``
-by default) and follows it: every ``--reload-interval`` seconds, and at once on SIGHUP, the alias is
-resolved; a new version is exported to a bundle (in a child process, into ``--bundle-cache``) and
+by default) and follows it: every ``--reload_interval`` seconds, and at once on SIGHUP, the alias is
+resolved; a new version is exported to a bundle (in a child process, into ``--bundle_cache``) and
 swapped in by the inference workers without dropping a request: requests decoded before the swap
 are answered by the old model, later ones by the new (:mod:`pipelines.serving_registry`). A version
 that fails to export or load is logged and counted, and the old model keeps serving. The headers
@@ -36,19 +36,19 @@ An adapter whose requests need several model calls (a sampling loop) overrides :
 
 Errors: 422 when a field is missing, unknown or of the wrong shape/type/range (the message names the
 field and what was expected), 400 when a field's content cannot be decoded (bad base64, not an
-image), 413 when the body exceeds ``--max-payload-mb`` or the request has more than ``--max-items``
+image), 413 when the body exceeds ``--max_payload_mb`` or the request has more than ``--max_items``
 items, 504 when a request waits longer than ``--timeout``, 500 for a server fault. Error bodies are
 ``{"detail": "..."}``, like FastAPI's.
 
-Batching: requests that arrive within ``--batch-timeout`` seconds of each other, up to
-``--max-batch-size``, run as one batch; inputs of different shapes (e.g. sequences of different
+Batching: requests that arrive within ``--batch_timeout`` seconds of each other, up to
+``--max_batch_size``, run as one batch; inputs of different shapes (e.g. sequences of different
 lengths) run as separate sub-batches, and so do the requests of each adapter that overrides
 :meth:`RequestAdapter.infer` (one ``infer`` call per sub-batch). A malformed request in a batch is
 answered with its own 4xx and never fails the other requests of that batch.
 
 Drain: on SIGTERM or SIGINT ``/readyz`` answers 503 at once and requests are still served for
-``--drain-delay`` seconds (time for a load balancer to stop sending); then the server stops
-accepting connections, finishes the requests in flight (at most ``--drain-timeout`` seconds), stops
+``--drain_delay`` seconds (time for a load balancer to stop sending); then the server stops
+accepting connections, finishes the requests in flight (at most ``--drain_timeout`` seconds), stops
 its inference workers and exits. A second signal during the drain is ignored.
 
 Exit status: 0 stopped after a complete drain; 3 (:data:`EXIT_DRAIN_CUT`) the drain timed out and
@@ -176,7 +176,7 @@ def _serve(args: argparse.Namespace, current_info: Callable[[], dict[str, Any]],
     finally:
         stop_children()
     if server.cut or serving_metrics.total("requests_cut_total"):
-        print(f"[pipelines] server stopped; the drain timed out (--drain-timeout {args.drain_timeout} s) and requests in flight were cut", flush=True)
+        print(f"[pipelines] server stopped; the drain timed out (--drain_timeout {args.drain_timeout} s) and requests in flight were cut", flush=True)
         return EXIT_DRAIN_CUT
     print("[pipelines] server stopped", flush=True)
     return 0

@@ -150,10 +150,10 @@ class BundleAPI(ls.LitAPI):
             return Rejected(500, "internal error while decoding the request", model)
 
     def _check_items(self, adapter: RequestAdapter, count: int | None) -> None:
-        """Refuse (413) a request of more than ``--max-items`` items: one huge request must not starve the others."""
+        """Refuse (413) a request of more than ``--max_items`` items: one huge request must not starve the others."""
         if count is not None and count > self.max_items:
             reject(adapter.name, f"{count} items in one request; this server takes at most {self.max_items} per request "
-                   f"(--max-items {self.max_items}): send them in several requests", status_code=413)  # fmt: skip
+                   f"(--max_items {self.max_items}): send them in several requests", status_code=413)  # fmt: skip
 
     def predict(self, x: Any) -> Any:
         """Run the decoded requests in groups of equal array names and shapes (one :meth:`RequestAdapter.infer` per group).
@@ -182,7 +182,7 @@ class BundleAPI(ls.LitAPI):
         return results if isinstance(x, list) else results[0]
 
     def _log_requests(self, items: list, results: list) -> None:
-        """Append the answered items to the request log (a ``--request-log-sample`` share of the requests); never fails the batch."""
+        """Append the answered items to the request log (a ``--request_log_sample`` share of the requests); never fails the batch."""
         try:
             stamp, records = log_time(), []
             for item, result in zip(items, results):

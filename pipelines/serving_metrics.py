@@ -11,7 +11,7 @@ a fresh temporary folder per server, removed when it stops) and ``GET /metrics``
     pipelines_serve_request_items                   items (samples, rows, sequences, images) per decoded request (histogram)
     pipelines_serve_in_flight_requests              POST /predict requests received and not yet answered (gauge)
     pipelines_serve_model_info{domain,name,version,format,checkpoint_sha256}   1 while a worker serves it, 0 after a swap
-    pipelines_serve_requests_cut_total              requests cancelled unanswered when the drain timed out (--drain-timeout)
+    pipelines_serve_requests_cut_total              requests cancelled unanswered when the drain timed out (--drain_timeout)
     pipelines_serve_model_reloads_total{result}     hot reloads of a registry alias: loaded, failed (a worker could not load), export_failed
 
 :func:`enable_multiprocess` must run before any metric exists in the serving process.
@@ -138,7 +138,7 @@ class PredictMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
-        except asyncio.CancelledError:  # uvicorn cancels what is still running when --drain-timeout passes
+        except asyncio.CancelledError:  # uvicorn cancels what is still running when --drain_timeout passes
             found.cut.inc()
             raise
         finally:

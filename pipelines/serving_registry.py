@@ -3,7 +3,7 @@
 Three parts, in three kinds of process:
 
 - :class:`RegistryWatcher` (the server's main process, a thread): resolves the alias in the model
-  registry every ``--reload-interval`` seconds and at once on SIGHUP; when it names another version,
+  registry every ``--reload_interval`` seconds and at once on SIGHUP; when it names another version,
   exports that version to a bundle in the bundle cache (a child process running
   ``python -m pipelines.serving_registry``: torch, Lightning and the domain's code never enter the
   server's processes) and then publishes it by replacing ``current.json`` in the cache atomically.
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import write_json_atomic
+from pipelines.option_spelling import OptionParser
 
 logger = logging.getLogger("pipelines.serve")
 
@@ -287,7 +288,7 @@ class ModelSlot:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.serving_registry ROOT DOMAIN VERSION OUTPUT [--format onnx]``: export one registry version (the watcher's child)."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serving_registry", description="export a registry version to a bundle")
+    parser = OptionParser(prog="python -m pipelines.serving_registry", description="export a registry version to a bundle")
     parser.add_argument("root", type=Path)
     parser.add_argument("domain")
     parser.add_argument("version")

@@ -151,7 +151,7 @@ class RequestAdapter:
     def count_items(self, request: dict[str, Any]) -> int | None:
         """How many items (rows, sequences, images) this request asks for, read cheaply before :meth:`decode`.
 
-        The server refuses a request of more than ``--max-items`` items with a 413 before decoding
+        The server refuses a request of more than ``--max_items`` items with a 413 before decoding
         it when this returns a number; otherwise (the default, ``None``) it counts the decoded rows.
         """
         return None

@@ -1,6 +1,6 @@
 """The server side of ``python -m pipelines.serve``: drain on SIGTERM, liveness/readiness/metrics endpoints, signals.
 
-:class:`DrainingServer` is a ``LitServer`` whose shutdown drains (``/readyz`` 503, ``--drain-delay``
+:class:`DrainingServer` is a ``LitServer`` whose shutdown drains (``/readyz`` 503, ``--drain_delay``
 of service, stop accepting, finish the requests in flight, stop the inference workers);
 :func:`add_operational_routes` adds ``/livez``, ``/readyz``, ``/metrics`` and the model headers of
 ``POST /predict``.
@@ -65,7 +65,7 @@ class DrainingServer(ls.LitServer):
         started = time.monotonic()
         http = [w for w in uvicorn_workers.values() if w.is_alive()]
         if http and self.drain_delay > 0:
-            logger.info("draining: /readyz answers 503; serving requests for %.1f s more (--drain-delay)", self.drain_delay)
+            logger.info("draining: /readyz answers 503; serving requests for %.1f s more (--drain_delay)", self.drain_delay)
             time.sleep(self.drain_delay)
         for worker in http:
             worker.terminate()  # uvicorn: stop listening, finish the requests in flight, exit
@@ -81,7 +81,7 @@ class DrainingServer(ls.LitServer):
                 worker.kill()
         self.cut = cut
         if cut:
-            logger.warning("HTTP process(es) %s still had requests in flight after --drain-timeout %s s; killed", cut, self.uvicorn_graceful_timeout)
+            logger.warning("HTTP process(es) %s still had requests in flight after --drain_timeout %s s; killed", cut, self.uvicorn_graceful_timeout)
         self._transport.close(send_sentinel=False)  # a sentinel would wait on the manager connection the signal interrupted
         for worker in self.inference_workers:
             worker.terminate()
@@ -128,7 +128,7 @@ def add_operational_routes(server: DrainingServer, current_info: Callable[[], di
 def model_identity(metadata: dict[str, Any], name: str | None = None, version: str | None = None) -> dict[str, str]:
     """The served model's name, version and checkpoint sha256 (``/info``, response headers, ``pipelines_serve_model_info``).
 
-    Name and version: the command's ``--model-name``/``--model-version``, else the bundle's
+    Name and version: the command's ``--model_name``/``--model_version``, else the bundle's
     ``model_name``/``model_version`` (``export --model_name/--model_version``), else the domain and
     ``sha256-`` with the first 12 hex digits of the source checkpoint's sha256.
     """

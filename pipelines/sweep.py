@@ -44,7 +44,8 @@ from typing import Any
 
 from pipelines.domain_registry import get_domain
 from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, EXIT_SIGTERM, InputError, crash_message, debug_requested, paragraph
-from pipelines.runs import RUN_ID_ENV
+from pipelines.option_spelling import OptionParser
+from pipelines.run_folder import RUN_ID_ENV
 from pipelines.sweep_report import error_line, log_to_wandb, plot_study, print_progress, write_best_config, write_trials_csv
 from pipelines.sweep_space import Parameter, check_option_names, load_space, option_value, resolve_runner_config
 
@@ -70,7 +71,7 @@ class UsageError(InputError):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OptionParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         raise UsageError(f"{message}; `python -m pipelines.sweep --help` lists the options")
 

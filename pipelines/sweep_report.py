@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pipelines.files import write_text_atomic
-from pipelines.plots import save_figure_atomic
+from pipelines.plots import release_pyplot_figure, save_figure_atomic
 
 PRUNING_CALLBACK = "pipelines.sweep_trial.OptunaPruning"
 #: Keys of a trial's config.yaml that belong to that one run, not to the recipe.
@@ -62,12 +62,10 @@ def write_trials_csv(study: Any, sweep_dir: Path) -> Path:
 
 
 def _save(axes: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
     figure.set_size_inches(8, 5)
     save_figure_atomic(figure, path)
-    plt.close(figure)
+    release_pyplot_figure(figure)  # Optuna drew it through pyplot
     return path
 
 
@@ -111,13 +109,12 @@ def log_to_wandb(study: Any, sweep_dir: Path, domain: str, plots: dict[str, Path
     plots, a table of the trials, the best value and parameters, ``best.yaml`` as an artifact."""
     import wandb
 
-    from pipelines.tracking import configure_wandb_mode
+    from pipelines.tracking import wandb_mode
 
-    configure_wandb_mode()
     run_id = re.sub(r"[^A-Za-z0-9_-]", "-", f"{study.study_name}-study")[:64]
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{domain}"), id=run_id, name=run_id, group=study.study_name,
-        job_type="sweep", dir=str(sweep_dir), resume="allow", config={"space": study.user_attrs.get("space"), "domain": domain},
+        job_type="sweep", dir=str(sweep_dir), resume="allow", config={"space": study.user_attrs.get("space"), "domain": domain}, mode=wandb_mode(),
     )  # fmt: skip
     try:
         frame = study.trials_dataframe(attrs=("number", "value", "state", "params"))

@@ -1,6 +1,7 @@
 """Experiment tracking: the W&B logger, the local metrics file, config upload and figure logging.
 
-W&B runs are offline unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says otherwise; the W&B run id is
+W&B runs are offline unless ``WANDB_API_KEY`` or ``WANDB_MODE`` says otherwise (:func:`wandb_mode`,
+passed to ``wandb.init``; the environment is left as it is); the W&B run id is
 the run folder's id, so resuming a run folder resumes its W&B run (``resume="allow"``, Lightning
 #4935). Only ``WandbLogger`` talks to W&B, and only on rank zero (Lightning #11380).
 """
@@ -8,9 +9,11 @@ the run folder's id, so resuming a run folder resumes its W&B run (``resume="all
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +24,25 @@ from lightning.pytorch.loggers import WandbLogger
 
 from pipelines.files import write_json_atomic
 from pipelines.guards import non_finite_metrics
-from pipelines.plots import save_figure_atomic
-from pipelines.runs import RunFolder
+from pipelines.plots import release_pyplot_figure, save_figure_atomic
+from pipelines.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
 
 
-def configure_wandb_mode(environ: dict[str, str] | os._Environ = os.environ) -> str:
-    """Default W&B to offline unless the user configured it; return the mode in force."""
-    if not environ.get("WANDB_MODE") and not environ.get("WANDB_API_KEY"):
-        environ["WANDB_MODE"] = "offline"
-    return environ.get("WANDB_MODE", "online")
+def wandb_mode(environ: Mapping[str, str] | None = None) -> str:
+    """The W&B mode a run of this project uses: ``WANDB_MODE`` when the user set it, else ``online``
+    when ``WANDB_API_KEY`` is set, else ``offline``. It is passed to ``wandb.init(mode=...)`` (through
+    ``WandbLogger``) by every caller; the process environment is never changed.
+
+    Example:
+        >>> wandb_mode({}), wandb_mode({"WANDB_API_KEY": "k"}), wandb_mode({"WANDB_API_KEY": "k", "WANDB_MODE": "disabled"})
+        ('offline', 'online', 'disabled')
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
 
 
 class FiniteWandbLogger(WandbLogger):
@@ -53,8 +66,7 @@ class FiniteWandbLogger(WandbLogger):
         except ValueError as error:
             if "JSON" not in str(error):
                 raise
-            print(f"[pipelines] W&B: checkpoints not uploaded as model artifacts, their score is not finite ({error}); "
-                  "they are in the run folder's checkpoints/", file=sys.stderr)  # fmt: skip
+            log.warning(f"W&B: checkpoints not uploaded as model artifacts, their score is not finite ({error}); they are in the run folder's checkpoints/")
 
 
 def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = (), group: str | None = None, job_type: str = "train") -> WandbLogger:
@@ -71,6 +83,7 @@ def make_wandb_logger(run: RunFolder, tags: tuple[str, ...] = (), group: str | N
         tags=list(tags),
         job_type=job_type,
         group=group or None,
+        mode=wandb_mode(),  # to wandb.init: offline unless the user configured W&B
     )
 
 
@@ -218,7 +231,5 @@ def log_figure(trainer: pl.Trainer, figure: Any, key: str) -> Path | None:
         save_figure_atomic(figure, path)
         for logger in wandb_loggers(trainer):
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
-    pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:  # a figure a library drew through pyplot (torchmetrics, Lightning's Tuner) is released
-        pyplot.close(figure)
+    release_pyplot_figure(figure)  # a figure drawn through pyplot (a task's own plotting) is let go
     return path

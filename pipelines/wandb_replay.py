@@ -16,6 +16,7 @@ adds it when an attempt resumes); it does nothing on a fresh run or without a W&
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 STEP_KEY = "trainer/global_step"
+log = logging.getLogger(__name__)
 _BLOCK, _HEADER = 32768, 7
 
 
@@ -102,7 +104,7 @@ class ReplayMetrics(pl.Callback):
                 run.log({**values, STEP_KEY: max(int(row["step"]) - 1, 0), "replayed": 1})
                 replayed += 1
             if replayed:
-                print(f"[pipelines] W&B: replayed {replayed} epoch(s) of the interrupted segment from {metrics_file}", flush=True)
+                log.info(f"W&B: replayed {replayed} epoch(s) of the interrupted segment from {metrics_file}")
 
     @staticmethod
     def _seen(run: Any, run_dir: Path) -> set[int]:

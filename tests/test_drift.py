@@ -82,7 +82,7 @@ def send(url: str, seeds: range, shift: float = 0.0) -> None:
 
 def test_request_log_and_monitor_flag_a_shift_against_the_bundle(trained, tmp_path):
     log, reports = tmp_path / "requests.jsonl", tmp_path / "reports"
-    served = start_server("finance", trained["bundle"], tmp_path / "server.log", "--request-log", str(log), "--request-log-max-mb", "0.25", "--request-log-keep", "20")
+    served = start_server("finance", trained["bundle"], tmp_path / "server.log", "--request_log", str(log), "--request_log_max_mb", "0.25", "--request_log_keep", "20")
     try:
         send(served.url, range(15))
         trained["data"].unlink()  # from here on drift is measured without the training files
@@ -144,7 +144,7 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
     gate = ["--when", "drift", "--drift_window", str(log), "--drift_last", "1500"]
     assert retrain_main(["finance", "--when", "drift", *options]) == 2, "--when drift needs a window"
 
-    served = start_champion_server(tmp_path, tmp_path / "server.log", "--reload-interval", "0.5", "--request-log", str(log))
+    served = start_champion_server(tmp_path, tmp_path / "server.log", "--reload_interval", "0.5", "--request_log", str(log))
     try:
         send(served.url, range(15))
         assert retrain_main(["finance", *options, *gate]) == 4, "calm traffic: nothing trained"

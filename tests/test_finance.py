@@ -456,7 +456,7 @@ def test_rows_form_over_http(exported, tmp_path):
     bundle = Bundle(bundle_path)
     rows = json_rows(make_card_transactions(30, 0.1, seed=6).drop(columns=["is_fraud"]))[:4]
     (want,), _ = serve_batch(TransactionRowsAdapter(bundle.metadata), [{"rows": rows}], bundle.run)
-    server = start_server("finance", bundle_path, tmp_path / "server.log", "--max-batch-size", "8")
+    server = start_server("finance", bundle_path, tmp_path / "server.log", "--max_batch_size", "8")
     try:
         status, info = request(server.url + "/info")
         assert status == 200 and {"rows", "row", "generic"} <= set(info["model"]["request_forms"])

@@ -138,7 +138,7 @@ def test_a_nan_monitored_metric_does_not_crash_the_wandb_upload_after_training(t
     import wandb
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from pipelines.runs import RunFolder
+    from pipelines.run_folder import RunFolder
     from pipelines.tracking import make_wandb_logger
     from tests.wandb_offline import history, run_file
 

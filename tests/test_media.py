@@ -430,7 +430,7 @@ def gan_server(tmp_path_factory):
     torch.manual_seed(0)
     model = GAN(**TINY_GAN, **GEOMETRY).eval()
     bundle = export_checkpoint(get_domain("media"), save_checkpoint(model, folder / "g.ckpt"), "onnx", folder / "bundle")
-    server = start_server("media", bundle, folder / "server.log", "--max-batch-size", "8", "--batch-timeout", "0.02")
+    server = start_server("media", bundle, folder / "server.log", "--max_batch_size", "8", "--batch_timeout", "0.02")
     yield server, model
     server.stop(signal.SIGTERM)
 

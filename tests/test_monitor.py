@@ -55,7 +55,7 @@ def test_bad_input_exits_2_naming_it(tmp_path):
     table(0).to_parquet(tmp_path / "reference.parquet")
     cases = [
         ([str(tmp_path / "reference.parquet"), str(tmp_path / "missing.csv")], "missing.csv: no such file"),
-        ([str(tmp_path / "reference.parquet"), str(tmp_path / "reference.parquet"), "--psi-treshold", "0.3"], "did you mean '--psi-threshold'"),
+        ([str(tmp_path / "reference.parquet"), str(tmp_path / "reference.parquet"), "--psi-treshold", "0.3"], "did you mean '--psi_threshold'"),
     ]  # fmt: skip
     for args, message in cases:
         result = monitor(*args)
@@ -107,10 +107,10 @@ BAD = [
     ("wrong-suffix", write_csv("w.txt", text="a\n1\n"), [], ("w.txt", "expected a .parquet, .pq, .csv file")),
     ("non-numeric-columns-option", write_csv("w.csv"), ["--columns", "merchant"], ("reference.parquet", "'merchant' should hold numbers")),
     ("empty-columns-option", write_csv("w.csv"), ["--columns", ","], ("--columns", "names no column")),
-    ("ks-alpha-out-of-range", write_csv("w.csv"), ["--ks-alpha", "2"], ("--ks-alpha in (0, 1)", "got 0.2, 2.0")),
-    ("psi-threshold-nan", write_csv("w.csv"), ["--psi-threshold", "nan"], ("--psi-threshold must be > 0",)),
+    ("ks-alpha-out-of-range", write_csv("w.csv"), ["--ks_alpha", "2"], ("--ks_alpha in (0, 1)", "got 0.2, 2.0")),
+    ("psi-threshold-nan", write_csv("w.csv"), ["--psi_threshold", "nan"], ("--psi_threshold must be > 0",)),
     ("json-folder-missing", write_csv("w.csv"), ["--json", "{tmp}/no/such/report.json"], ("--json", "does not exist")),
-    ("misspelt-option", write_csv("w.csv"), ["--kss-alpha", "0.01"], ("unrecognized arguments", "did you mean '--ks-alpha'")),
+    ("misspelt-option", write_csv("w.csv"), ["--kss-alpha", "0.01"], ("unrecognized arguments", "did you mean '--ks_alpha'")),
 ]
 
 

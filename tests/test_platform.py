@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from pipelines.hardware import plan_hardware
-from pipelines.runs import new_run_id, resolve_run
+from pipelines.run_folder import new_run_id, resolve_run
 from tests.conftest import kill_at_first_checkpoint, only_run, run_pipeline, run_pipeline_process
 from tests.wandb_offline import history, run_file
 

@@ -127,7 +127,7 @@ def server(request, trained, tmp_path_factory):
     require_export_spec(domain)
     folder = tmp_path_factory.mktemp(f"{domain}-serve")
     bundle = export_checkpoint(get_domain(domain), trained(domain), "onnx", folder / "bundle")
-    served = start_server(domain, bundle, folder / "server.log", "--max-batch-size", "16", "--batch-timeout", "0.05", "--log-level", "debug", "--max-payload-mb", "1")
+    served = start_server(domain, bundle, folder / "server.log", "--max_batch_size", "16", "--batch_timeout", "0.05", "--log_level", "debug", "--max_payload_mb", "1")
     children = child_pids(served.process.pid)
     yield served
     if served.process.poll() is None:  # a test failed before the shutdown test: stop it, and any orphan
@@ -181,7 +181,7 @@ def malformed_requests(metadata: dict[str, Any]) -> list[tuple[str, bytes, str, 
         ("unexpected top-level field", body({name: good.tolist(), **others}, debug=True), "application/json", 422, "debug: unexpected field"),
         ("wrong rank", body({name: wrong_rank.tolist(), **others}), "application/json", 422, f"inputs.{name}: expected a {spec['dtype']} array of shape"),
         ("strings", body({name: np.full(good.shape, "x").tolist(), **others}), "application/json", 422, f"inputs.{name}: expected"),
-        ("over --max-payload-mb", body({name: good.tolist(), **others}) + b" " * 2**20, "application/json", 413, "Payload too large"),
+        ("over --max_payload_mb", body({name: good.tolist(), **others}) + b" " * 2**20, "application/json", 413, "Payload too large"),
         ("ragged lists", body({name: [[1.0], [1.0, 2.0]], **others}), "application/json", 422, f"inputs.{name}: expected"),
     ]
     if "float" in spec["dtype"]:
@@ -439,7 +439,7 @@ def torchscript_bundle(trained, tmp_path_factory) -> Path:
 
 def test_torchscript_bundle_and_sigint(torchscript_bundle, tmp_path):
     domain, bundle = "healthcare", torchscript_bundle
-    served = start_server(domain, bundle, tmp_path / "server.log", "--max-batch-size", "1")
+    served = start_server(domain, bundle, tmp_path / "server.log", "--max_batch_size", "1")
     try:
         metadata = json.loads((bundle / "metadata.json").read_text())
         inputs = {spec["name"]: random_sample(spec, np.random.default_rng(7)) for spec in metadata["inputs"]}
@@ -530,7 +530,7 @@ def test_diffusion_seed_requests_run_the_ddim_loop(tmp_path):
 
     model, checkpoint = tiny_diffusion(tmp_path)
     bundle = export_checkpoint(get_domain("media"), checkpoint, "onnx", tmp_path / "bundle")
-    served = start_server("media", bundle, tmp_path / "server.log", "--batch-timeout", "0.05", "--log-level", "debug")
+    served = start_server("media", bundle, tmp_path / "server.log", "--batch_timeout", "0.05", "--log_level", "debug")
     try:
 
         def expected(seed: int, count: int, steps: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A drain that times out is an honest stop: ``python -m pipelines.serve`` exits 3 and says requests were cut.
 
 A real server (a tiny untrained diffusion bundle, slow seed requests served one at a time) gets a
-real SIGTERM while requests are in flight and ``--drain-timeout 0.5`` cannot answer them all.
+real SIGTERM while requests are in flight and ``--drain_timeout 0.5`` cannot answer them all.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.helpers import metric_samples, request, start_server, tiny_diffusion
 def test_drain_timeout_cuts_requests_and_exits_3(tmp_path):
     _, ckpt = tiny_diffusion(tmp_path)
     bundle = export_checkpoint(get_domain("media"), ckpt, "onnx", tmp_path / "bundle")
-    served = start_server("media", bundle, tmp_path / "server.log", "--max-batch-size", "1", "--drain-timeout", "0.5")
+    served = start_server("media", bundle, tmp_path / "server.log", "--max_batch_size", "1", "--drain_timeout", "0.5")
     try:
         answers: list[int] = []
 
@@ -43,5 +43,5 @@ def test_drain_timeout_cuts_requests_and_exits_3(tmp_path):
             served.stop(signal.SIGKILL)
     log = served.output()
     assert code == 3, log
-    assert "requests in flight were cut" in log and "--drain-timeout 0.5" in log, log
+    assert "requests in flight were cut" in log and "--drain_timeout 0.5" in log, log
     assert any(status != 200 for status in answers), answers

@@ -1,4 +1,4 @@
-"""``export --model_name/--model_version`` and ``serve --model-name/--model-version``: the served
+"""``export --model_name/--model_version`` and ``serve --model_name/--model_version``: the served
 model's name and version, from a real tiny run exported and served by the real commands.
 
 The happy path: the bundle records the names, ``/info`` and every answer's ``X-Model-*`` headers show
@@ -43,7 +43,7 @@ def test_export_records_the_name_and_serve_shows_it_or_its_override(exported, tm
     runs, run, bundle = exported
     metadata = json.loads((bundle / "metadata.json").read_text())
     assert (metadata["model_name"], metadata["model_version"]) == ("fraud-detector", "2026.11.30-rc1")
-    server = start_server("finance", bundle, tmp_path / "server.log", "--model-version", "canary-7")
+    server = start_server("finance", bundle, tmp_path / "server.log", "--model_version", "canary-7")
     try:
         with urllib.request.urlopen(server.url + "/info", timeout=REQUEST_TIMEOUT) as response:
             info = json.loads(response.read())["model"]
@@ -59,8 +59,8 @@ def test_export_records_the_name_and_serve_shows_it_or_its_override(exported, tm
         assert server.stop(signal.SIGTERM) == 0, server.output()
 
 
-@pytest.mark.parametrize(("option", "value"), [(o, v) for o in ("--model-name", "--model-version") for _, v in BAD_LABELS],
-                         ids=[f"{o[2:]}-{i}" for o in ("--model-name", "--model-version") for i, _ in BAD_LABELS])  # fmt: skip
+@pytest.mark.parametrize(("option", "value"), [(o, v) for o in ("--model_name", "--model_version") for _, v in BAD_LABELS],
+                         ids=[f"{o[2:]}-{i}" for o in ("--model_name", "--model_version") for i, _ in BAD_LABELS])  # fmt: skip
 def test_serve_refuses_a_label_it_cannot_send(exported, option, value, capsys):
     from pipelines.serve import main
 

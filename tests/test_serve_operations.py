@@ -41,13 +41,13 @@ def raw_request(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture(scope="module")
 def diffusion(tmp_path_factory) -> tuple[Server, Path]:
-    """A diffusion bundle served one request at a time, with a small --max-items and a drain delay."""
+    """A diffusion bundle served one request at a time, with a small --max_items and a drain delay."""
     folder = tmp_path_factory.mktemp("ops")
     _, ckpt = tiny_diffusion(folder)
     bundle = export_checkpoint(get_domain("media"), ckpt, "onnx", folder / "bundle")
     served = start_server(
-        "media", bundle, folder / "server.log", "--max-batch-size", "1", "--max-items", str(MAX_ITEMS),
-        "--drain-delay", str(DRAIN_DELAY), "--model-name", "shapes-diffusion", "--model-version", "v7",
+        "media", bundle, folder / "server.log", "--max_batch_size", "1", "--max_items", str(MAX_ITEMS),
+        "--drain_delay", str(DRAIN_DELAY), "--model_name", "shapes-diffusion", "--model_version", "v7",
     )  # fmt: skip
     yield served, ckpt
     if served.process.poll() is None:
@@ -94,7 +94,7 @@ def test_max_items_refuses_with_413_naming_the_option(diffusion):
     status, answer = request(served.url + "/predict", {"seed": 0, "count": MAX_ITEMS + 1, "steps": 1})
     assert status == 413 and answer["detail"] == (
         f"seed: {MAX_ITEMS + 1} items in one request; this server takes at most {MAX_ITEMS} per request "
-        f"(--max-items {MAX_ITEMS}): send them in several requests"
+        f"(--max_items {MAX_ITEMS}): send them in several requests"
     ), answer
     status, answer = request(served.url + "/predict", {"seed": 0, "count": MAX_ITEMS, "steps": 1})
     assert status == 200 and len(answer["images"]) == MAX_ITEMS, answer
@@ -162,9 +162,9 @@ def test_read_image_refuses_oversized_images_from_the_header():
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(diffusion):
     """Requests in flight when SIGTERM comes are all answered; /readyz turns 503 while requests are still
-    served for --drain-delay; then new connections are refused; the process exits 0."""
+    served for --drain_delay; then new connections are refused; the process exits 0."""
     served, _ = diffusion
-    bodies = [{"seed": 10 * i, "count": 4, "steps": 100} for i in range(40)]  # served one at a time (--max-batch-size 1): seconds of work after SIGTERM
+    bodies = [{"seed": 10 * i, "count": 4, "steps": 100} for i in range(40)]  # served one at a time (--max_batch_size 1): seconds of work after SIGTERM
     answers: dict[int, tuple[int, Any, float]] = {}
 
     def client(i: int) -> None:
@@ -195,7 +195,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(diffusion):
             time.sleep(0.05)
         except OSError:
             refused_at = time.monotonic()
-    assert refused_at is not None and refused_at >= signalled + DRAIN_DELAY - 0.05, "new connections must be refused after --drain-delay"
+    assert refused_at is not None and refused_at >= signalled + DRAIN_DELAY - 0.05, "new connections must be refused after --drain_delay"
     for thread in threads:
         thread.join(120)
     assert [answers[i][0] for i in range(len(bodies))] == [200] * len(bodies), [answers[i][:2] for i in sorted(answers)]

@@ -71,7 +71,7 @@ def test_unknown_alias_is_refused_before_serving(registry, tmp_path):
 
 def test_promotion_under_load_switches_version_without_a_failed_request(registry, tmp_path):
     cache = registry / "bundle-cache"  # shared with the SIGHUP test, which reuses its bundles
-    served = start_champion_server(registry, tmp_path / "server.log", "--reload-interval", "0.5", "--bundle-cache", str(cache), "--max-batch-size", "4")
+    served = start_champion_server(registry, tmp_path / "server.log", "--reload_interval", "0.5", "--bundle_cache", str(cache), "--max_batch_size", "4")
     try:
         status, info = request(served.url + "/info")
         model = info["model"]
@@ -156,11 +156,11 @@ def test_promotion_under_load_switches_version_without_a_failed_request(registry
 
 def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path):
     """With a reload interval of an hour, an alias moved by ``registry alias set`` is served after SIGHUP (not before);
-    bundles already in ``--bundle-cache`` for the same weights are reused instead of exported again."""
+    bundles already in ``--bundle_cache`` for the same weights are reused instead of exported again."""
     cache = registry / "bundle-cache"
     cli = ["--registry", str(registry / "registry")]
     assert registry_main(["finance", "alias", "set", "staging", "v0001", *cli]) == 0
-    served = start_champion_server(registry, tmp_path / "server.log", "--alias", "staging", "--reload-interval", "3600", "--bundle-cache", str(cache))
+    served = start_champion_server(registry, tmp_path / "server.log", "--alias", "staging", "--reload_interval", "3600", "--bundle_cache", str(cache))
     try:
         body = {"inputs": {"numeric": [0.0] * request(served.url + "/info")[1]["model"]["inputs"][0]["shape"][1]}}
         assert predict_with_headers(served.url, body)[1]["x-model-version"] == "v0001"
@@ -178,7 +178,7 @@ def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path
         if served.process.poll() is None:
             served.stop(signal.SIGKILL)
     assert not our_tracebacks(served.output()), served.output()
-    served = start_champion_server(registry, tmp_path / "again.log", "--alias", "staging", "--bundle-cache", str(cache))
+    served = start_champion_server(registry, tmp_path / "again.log", "--alias", "staging", "--bundle_cache", str(cache))
     try:
         assert predict_with_headers(served.url, body)[1]["x-model-version"] == "v0002"
         assert "exported finance" not in served.output(), "the cached v0002 bundle (same weights sha256) is reused"

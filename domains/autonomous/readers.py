@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_delimiter, check_field_counts, check_finite_columns, check_unique_columns, check_utf8
+from pipelines.validation import check_csv_text, check_delimiter, check_finite_columns, check_unique_columns
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
 
 SPLITS = ("train", "val", "test")
@@ -98,7 +98,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             header = [str(c) for c in table.columns]
         else:
             sep = "\t" if suffix == ".tsv" else ","
-            check_utf8(path, sep)
+            check_csv_text(path, sep)  # UTF-8, and a short row (a file cut short) refused, not read with missing channels
             header = [str(c) for c in pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0]]
             table = pd.read_csv(path, sep=sep)
     except InputError:
@@ -107,7 +107,6 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: cannot read the table: {error}") from None
     if suffix not in (".parquet", ".pq"):
         check_delimiter(header, str(path), sep)
-        check_field_counts(path, sep)  # a short row (a file cut short) is refused, not read with missing channels
     check_unique_columns(header, str(path))
     if len(table) == 0:
         raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")

@@ -92,7 +92,7 @@ class ObservationsAdapter(RequestAdapter):
         return self.key in request
 
     def count_items(self, request: dict[str, Any]) -> int | None:
-        """Sequences in the request (``--max-items``), read before any is decoded."""
+        """Sequences in the request (``--max_items``), read before any is decoded."""
         return len(request[self.key]) if self.key == "sequences" and isinstance(request.get(self.key), list) else 1
 
     # ----- request -> model inputs and context ---------------------------------------------------

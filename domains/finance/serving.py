@@ -78,7 +78,7 @@ class TransactionRowsAdapter(RequestAdapter):
         return self.key in request
 
     def count_items(self, request: dict[str, Any]) -> int | None:
-        """Rows in the request, read before any is parsed (``--max-items`` refuses large ones at once)."""
+        """Rows in the request, read before any is parsed (``--max_items`` refuses large ones at once)."""
         rows = request.get(self.key)
         return len(rows) if isinstance(rows, list) else 1
 

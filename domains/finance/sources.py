@@ -6,7 +6,7 @@ Every reader checks what it reads before anything uses it and raises
 - the header as written in the file (a CSV's first line, a Parquet schema) must name every column
   once (:func:`pipelines.validation.check_unique_columns`; pandas would rename a repeated ``amount``
   to ``amount.1`` and it would go unused);
-- a CSV must be UTF-8 text (:func:`pipelines.validation.check_utf8` names the line, column and byte
+- a CSV must be UTF-8 text (:func:`pipelines.validation.check_csv_text` names the line, column and byte
   of the first byte that is not, e.g. a Latin-1 ``é``);
 - an empty file, or a file that cannot be parsed as CSV/Parquet/npz, is refused with the file's name;
 - an ADBench ``.npz`` needs ``X`` (rows x features, finite numbers within float32's range) and ``y``
@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_finite_columns, check_delimiter, check_field_counts, check_unique_columns, check_utf8, describe_rows
+from pipelines.validation import check_csv_text, check_delimiter, check_finite_columns, check_unique_columns, describe_rows
 
 
 def _csv_header(path: Path) -> list[str]:
-    check_utf8(path)  # a Latin-1 byte anywhere: refused naming its line, column and byte, not as a header problem
+    check_csv_text(path)  # a Latin-1 byte anywhere, or a short row (a file cut short): refused naming line and column
     with open(path, newline="", encoding="utf-8-sig") as handle:
         try:
             first = next(csv.reader(handle), None)
@@ -46,7 +46,6 @@ def _csv_header(path: Path) -> list[str]:
     if not first or not any(cell.strip() for cell in first):
         raise InputError(f"{path}: the file is empty; expected a header line naming the columns, then one line per transaction")
     check_delimiter(first, str(path))
-    check_field_counts(path)  # a short row (a file cut short) is refused, not trained on with its gaps imputed
     return first
 
 

@@ -22,7 +22,7 @@ from pipelines.classifier_calibration import ClassifierCalibration, decision_cen
 from pipelines.errors import InputError
 from pipelines.evaluation_plots import confusion_figure, roc_figure
 from pipelines.export_spec import ExportSpec
-from pipelines.plots import image_grid
+from pipelines.plots import image_grid, metric_figure
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -307,9 +307,9 @@ class ImageClassifier(BaseTask):
         self.log_dict({k: float(v) for k, v in calibration_metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
             if task == "multilabel":
-                fig, _ = self.test_confusion.plot(confusion, labels=self.class_labels)
+                fig = metric_figure(self.test_confusion, confusion, panels=self.class_labels)
                 log_figure(self.trainer, fig, "test/confusion_matrix")
-                fig, _ = self.test_roc.plot(roc, score=True, labels=self.class_labels)
+                fig = metric_figure(self.test_roc, roc, score=True, labels=self.class_labels)
             else:
                 title = f"Confusion matrix, test (threshold {self.calibration.threshold:.3g})" if task == "binary" else "Confusion matrix, test"
                 log_figure(self.trainer, confusion_figure(confusion, self.class_labels, title), "test/confusion_matrix")

@@ -31,7 +31,7 @@ from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
 from pipelines.errors import InputError
 from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float
-from pipelines.validation import check_delimiter, check_field_counts, check_unique_columns, check_utf8, describe_rows
+from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns, describe_rows
 
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel")
@@ -266,8 +266,7 @@ def read_image_table(
     csv_path = Path(labels_csv)
     if not csv_path.is_file():
         raise InputError(f"labels_csv {csv_path}: file not found")
-    check_utf8(csv_path)
-    check_field_counts(csv_path)
+    check_csv_text(csv_path)
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:

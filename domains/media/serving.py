@@ -89,7 +89,7 @@ class SeedGenerationAdapter(RequestAdapter):
         return self.key in request
 
     def count_items(self, request: dict[str, Any]) -> int | None:
-        """Images the request asks for (``--max-items``)."""
+        """Images the request asks for (``--max_items``)."""
         count = request.get("count", 1)
         return count if isinstance(count, int) and not isinstance(count, bool) else None
 

@@ -15,7 +15,7 @@ Layout::
 Commands on an existing run reuse what it was fitted with: ``test``/``validate``/``predict`` with
 ``--run_id`` (or a checkpoint inside the run folder) take the run's ``model`` and ``data`` config,
 and ``fit --ckpt_path last`` (resuming) takes its whole config, so nobody has to retype the data
-options of a run; options on the command line still win (see :func:`fitted_config`).
+options of a run; options on the command line still win (see :func:`saved_config_sections`).
 
 The run id is shared by every process of a run: it comes from ``--run_id``, else from the
 ``PIPELINES_RUN_ID`` variable (set by rank zero so that DDP workers launched as sub-processes
@@ -37,11 +37,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipelines.files import write_json_atomic
+from pipelines.files import write_json_atomic, write_text_atomic
 
 RUN_ID_ENV = "PIPELINES_RUN_ID"
-#: The runner's sub-commands (LightningCLI's); each works in one run folder.
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 BEST_CHECKPOINT = "best.ckpt"
@@ -204,6 +202,23 @@ def saved_config_sections(run: RunFolder, subcommand: str) -> tuple[Path, dict[s
     return path, {key: saved[key] for key in keep if key in saved}
 
 
+def record_in_config(run: RunFolder, values: dict[tuple[str, ...], Any]) -> Path:
+    """Set values of the run's saved ``config.yaml`` (keys as paths: ``("data", "batch_size")``), written
+    atomically; a value found while fitting (the Tuner's batch size or learning rate) is then what a
+    resumed run, ``test`` and ``predict`` use. Returns the file's path."""
+    import yaml
+
+    path = run.path / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    for keys, value in values.items():
+        section = config
+        for key in keys[:-1]:
+            section = section[key]
+        section[keys[-1]] = value
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 class RunFolderBusy(RuntimeError):
     """Another command holds the run folder's lock."""
 
@@ -222,7 +237,7 @@ class RunLock:
         >>> RunLock(folder, "test")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         ...
-        pipelines.runs.RunFolderBusy: run folder ... is in use by pid ...
+        pipelines.run_folder.RunFolderBusy: run folder ... is in use by pid ...
         >>> first.release(); RunLock(folder, "test").release()
     """
 
