@@ -1,4 +1,4 @@
-"""Test-time figures of the autonomous model: predicted against true values, and trajectories."""
+"""Test-time figures of the autonomous model: predicted against true values, and trajectories (with intervals)."""
 
 from __future__ import annotations
 
@@ -9,34 +9,47 @@ import torch
 from pipelines.plots import new_figure
 
 
-def confusion_figure(confusion: Any, labels: list[str]) -> Any:
-    """The confusion matrix of a torchmetrics ``ConfusionMatrix`` (drawn by torchmetrics on a figure of our own)."""
-    fig, ax = new_figure(figsize=(5, 5))
-    confusion.plot(ax=ax, labels=labels)
-    return fig
+def scatter_figure(pairs: Any, name: str, quantiles: list[float] | None = None) -> Any:
+    """Predicted against true values with the diagonal. ``pairs``: ``(N, 2 + Q)``: true, predicted and, for a
+    quantile model, its Q quantiles (the widest central interval is drawn as a vertical bar per point)."""
+    from pipelines.quantiles import central_intervals
 
-
-def scatter_figure(pairs: Any, name: str) -> Any:
-    """Predicted against true values (``pairs``: ``(N, 2)`` true, predicted) with the diagonal."""
-    fig, ax = new_figure(figsize=(4, 4))
-    ax.scatter(pairs[:, 0], pairs[:, 1], s=6, alpha=0.5)
-    low, high = pairs.min(), pairs.max()
+    fig, ax = new_figure(figsize=(4.4, 4.4))
+    intervals = central_intervals(list(quantiles or []))
+    title = "test: predicted vs true"
+    if intervals:
+        low, high, level = intervals[0]
+        lower, upper = pairs[:, 2 + low], pairs[:, 2 + high]
+        inside = float(((pairs[:, 0] >= lower) & (pairs[:, 0] <= upper)).mean())
+        ax.vlines(pairs[:, 0], lower, upper, color="tab:orange", lw=0.6, alpha=0.35, label=f"{level:.0%} interval (covers {inside:.0%})")
+        title += f"\n{level:.0%} intervals: {inside:.0%} of true values inside"
+    ax.scatter(pairs[:, 0], pairs[:, 1], s=6, alpha=0.5, label="median" if intervals else None)
+    low, high = pairs[:, :2].min(), pairs[:, :2].max()
     ax.plot([low, high], [low, high], "k--", lw=1)
-    ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title="test: predicted vs true")
+    ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=title)
+    if intervals:
+        ax.legend(fontsize=7, loc="upper left")
     return fig
 
 
-def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[str] | None = None) -> Any:
+def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[str] | None = None, quantiles: list[float] | None = None) -> Any:
     """Observed (blue), true future (green), predicted (red) and sampled (grey) trajectories of ``count`` windows.
 
-    With two or more channels the first two are drawn against each other (a map view); with one,
-    the channel is drawn against the step.
+    With two or more channels the first two are drawn against each other (a map view, equal aspect:
+    a metre is as long across as up, so a straight road looks straight); with one, the channel is
+    drawn against the step. A quantile model's widest central interval is drawn per step, as a box
+    (map view: each coordinate's interval) or a band.
     """
+    from matplotlib.patches import Rectangle
+
+    from pipelines.quantiles import central_intervals
+
     count = min(count, len(batch["past"]))
     cols = min(3, count)
     rows = -(-count // cols)
-    fig, axes = new_figure(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
     names = names or ["x", "y"]
+    intervals = central_intervals(list(quantiles or [])) if "quantiles" in batch else []
     for i, ax in enumerate(axes.flat):
         if i >= count:
             ax.axis("off")
@@ -52,11 +65,22 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
 
         for sample in batch.get("samples", torch.zeros(0, 0, 0, 0))[i][:20] if "samples" in batch else []:
             draw(torch.cat([past[-1:], sample]), obs - 1, color="0.6", lw=0.6, alpha=0.6)
+        if intervals:
+            low, high, level = intervals[0]
+            lower, upper = batch["quantiles"][i, low], batch["quantiles"][i, high]
+            label = f"{level:.0%} interval"
+            if past.shape[-1] >= 2:
+                for t in range(len(lower)):
+                    ax.add_patch(Rectangle((float(lower[t, 0]), float(lower[t, 1])), float(upper[t, 0] - lower[t, 0]), float(upper[t, 1] - lower[t, 1]),
+                                           color="tab:red", alpha=0.08, lw=0, label=label if t == 0 else None))  # fmt: skip
+            else:
+                ax.fill_between(range(obs, obs + len(lower)), lower[:, 0], upper[:, 0], color="tab:red", alpha=0.15, lw=0, label=label)
         draw(past, 0, color="tab:blue", marker="o", ms=2, label="observed")
         draw(torch.cat([past[-1:], future]), obs - 1, color="tab:green", marker="o", ms=2, label="true")
-        draw(torch.cat([past[-1:], single]), obs - 1, color="tab:red", marker="x", ms=3, label="predicted")
+        draw(torch.cat([past[-1:], single]), obs - 1, color="tab:red", marker="x", ms=3, label="predicted (median)" if intervals else "predicted")
         if past.shape[-1] >= 2:
             ax.set(xlabel=names[0], ylabel=names[1])
+            ax.set_aspect("equal", adjustable="datalim")
         else:
             ax.set(xlabel="step", ylabel=names[0])
         if i == 0:
