@@ -98,7 +98,7 @@ def pinball_loss(prediction: torch.Tensor, target: torch.Tensor, quantiles: torc
     (``prediction`` without that dimension): ``max(q (y - p), (q - 1) (y - p))``.
 
     Example:
-        >>> pinball_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([2.0]), [0.1, 0.9]).item()  # (0.1 * 2 + 0.9 * 1) / 2
+        >>> round(pinball_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([2.0]), [0.1, 0.9]).item(), 4)  # (0.1 * 2 + 0.9 * 1) / 2
         0.55
     """
     levels = torch.as_tensor(quantiles, dtype=prediction.dtype, device=prediction.device)

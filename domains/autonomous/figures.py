@@ -87,3 +87,24 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def step_figure(errors: list[float], time_step: float | None, coverage: dict[str, list[float]] | None = None) -> Any:
+    """The mean displacement error per horizon step and, for quantile models, each central interval's
+    coverage per step beside its nominal level (a dashed line)."""
+    steps = list(range(1, len(errors) + 1))
+    fig, axes = new_figure(1, 2 if coverage else 1, figsize=(9.0 if coverage else 4.6, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, errors, marker="o", color="tab:red")
+    ahead = f" ({time_step:g} time units each)" if time_step else ""
+    ax.set(xlabel=f"forecast step{ahead}", ylabel="mean displacement error (data units)", title="test: error by horizon step")
+    ax.set_ylim(bottom=0)
+    for (label, values), color in zip((coverage or {}).items(), ("tab:orange", "tab:purple", "tab:brown", "tab:olive")):
+        level = float(label.split("_")[-1]) / 100
+        axes[0, 1].plot(steps, values, marker="o", color=color, label=f"{level:.0%} interval")
+        axes[0, 1].axhline(level, color=color, linestyle="--", lw=1)
+    if coverage:
+        axes[0, 1].set(xlabel="forecast step", ylabel="share of true positions inside", title="test: interval coverage by step (dashed: nominal)", ylim=(0, 1.02))
+        axes[0, 1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -45,7 +45,7 @@ from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, 
 from domains.autonomous.attributions import ChannelAttribution
 from domains.autonomous.metrics import DisplacementError, StepDisplacementError
 from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
-from domains.autonomous.test_outputs import check_model_options, log_test_outputs, occlusion
+from domains.autonomous.evaluation import check_model_options, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.export_spec import ExportSpec
 from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss

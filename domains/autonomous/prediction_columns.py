@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from domains.autonomous.attributions import input_names
-from domains.autonomous.test_outputs import occlusion
+from domains.autonomous.evaluation import occlusion
 from pipelines.quantiles import quantile_label
 
 

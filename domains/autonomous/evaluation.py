@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from domains.autonomous.attributions import attribution_figure, input_names, occlusion_attributions
-from domains.autonomous.figures import scatter_figure, trajectory_figure
+from domains.autonomous.figures import scatter_figure, step_figure, trajectory_figure
 from pipelines.errors import InputError
 from pipelines.evaluation_plots import confusion_figure
-from pipelines.quantiles import check_quantiles
+from pipelines.quantiles import central_intervals, check_quantiles, interval_label
 from pipelines.tracking import log_figure
 
 
@@ -82,6 +82,12 @@ def log_test_outputs(model: Any) -> None:
     if model.quantile_levels:
         values |= {f"test/{name}": value for name, value in model.test_coverage.compute().items()}
         model.test_coverage.reset()
+    if hp.task == "forecasting":
+        errors = [values[f"test/de_step_{k}"] for k in range(1, hp.predict + 1)]
+        coverage = {label: [values[f"test/{label}_step_{k}"] for k in range(1, hp.predict + 1)]
+                    for _, _, level in central_intervals(model.quantile_levels) for label in [interval_label(level)]}  # fmt: skip
+        stats = getattr(getattr(trainer, "datamodule", None), "stats", None) or {}
+        figures["test/error_by_step"] = step_figure(errors, stats.get("time_step"), coverage)
     windows = int(model.test_attribution.count)
     attributions = model.test_attribution.compute()
     model.test_attribution.reset()
