@@ -88,7 +88,8 @@ class SensorSequenceModel(BaseTask):
             their coverage. ``None``: the point model.
         calibrate: classification: fit a temperature on the validation logits after every validation
             epoch; predictions, exports and the server give the calibrated probabilities.
-        explain: ``predict`` also writes each window's per-channel attributions (``attribution_<channel>``).
+        explain: ``predict`` also writes each window's per-channel attributions (``attribution_<channel>``);
+            not saved with the model, so that ``predict --model.explain true`` applies to any checkpoint.
         task: ``forecasting``, ``regression`` or ``classification``; linked from the data.
         input_size: features per observed step; linked from the data.
         target_dim: forecast channels; linked from the data.
@@ -98,6 +99,9 @@ class SensorSequenceModel(BaseTask):
         class_names: class names in index order; linked from the data.
         target_names: forecast channel names or the target column; linked from the data.
     """
+
+    #: ``explain`` is given per command (``predict --model.explain true``); a checkpoint's hyper-parameters would override it
+    hparams_ignore = ("explain",)
 
     def __init__(
         self,
@@ -144,6 +148,7 @@ class SensorSequenceModel(BaseTask):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.quantile_levels = check_model_options(quantiles, architecture, task)
         super().__init__()
+        self.explain = bool(explain)  # a switch of this command, not of the model: kept out of the checkpoint's hyper-parameters
         self._plot_items: list[dict[str, torch.Tensor]] = []
         self._plot_sequences: set[str] = set()
         self._scatter: list[torch.Tensor] = []

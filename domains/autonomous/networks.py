@@ -95,7 +95,7 @@ class RecurrentDecoder(nn.Module):
             previous = displacement[:, self.feedback] if self.outputs > 1 else displacement
             if truth is not None and teacher_forcing > 0 and self.training:
                 use_truth = (torch.rand(len(last), 1, device=last.device) < teacher_forcing).to(last.dtype)
-                previous = use_truth * truth[:, t] + (1 - use_truth) * displacement
+                previous = use_truth * truth[:, t] + (1 - use_truth) * previous
         return torch.stack(outputs, 1)
 
 

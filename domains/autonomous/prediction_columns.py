@@ -62,7 +62,7 @@ def prediction_columns(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, 
         columns |= {f"prob_{name}": probs[:, i] for i, name in enumerate(names)}
         if "label" in batch:
             columns["label"] = [names[i] for i in batch["label"].tolist()]
-    if hp.get("explain"):
+    if model.explain:
         attributions = occlusion(model, batch)
         columns |= {f"attribution_{name}": attributions[:, f] for f, name in enumerate(input_names(datamodule, hp.input_size))}
     return columns
