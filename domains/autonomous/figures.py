@@ -47,7 +47,7 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
     count = min(count, len(batch["past"]))
     cols = min(3, count)
     rows = -(-count // cols)
-    fig, axes = new_figure(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.8 * cols, 2.6 * rows), squeeze=False)
     names = names or ["x", "y"]
     intervals = central_intervals(list(quantiles or [])) if "quantiles" in batch else []
     for i, ax in enumerate(axes.flat):
@@ -72,7 +72,7 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
             if past.shape[-1] >= 2:
                 for t in range(len(lower)):
                     ax.add_patch(Rectangle((float(lower[t, 0]), float(lower[t, 1])), float(upper[t, 0] - lower[t, 0]), float(upper[t, 1] - lower[t, 1]),
-                                           color="tab:red", alpha=0.08, lw=0, label=label if t == 0 else None))  # fmt: skip
+                                           facecolor="tab:red", edgecolor="tab:red", alpha=0.12, lw=0.6, label=label if t == 0 else None))  # fmt: skip
             else:
                 ax.fill_between(range(obs, obs + len(lower)), lower[:, 0], upper[:, 0], color="tab:red", alpha=0.15, lw=0, label=label)
         draw(past, 0, color="tab:blue", marker="o", ms=2, label="observed")
@@ -80,7 +80,7 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
         draw(torch.cat([past[-1:], single]), obs - 1, color="tab:red", marker="x", ms=3, label="predicted (median)" if intervals else "predicted")
         if past.shape[-1] >= 2:
             ax.set(xlabel=names[0], ylabel=names[1])
-            ax.set_aspect("equal", adjustable="datalim")
+            _equal_aspect(ax, [past, future, single, *([batch["quantiles"][i].flatten(0, 1)] if intervals else [])])
         else:
             ax.set(xlabel="step", ylabel=names[0])
         if i == 0:
@@ -108,3 +108,15 @@ def step_figure(errors: list[float], time_step: float | None, coverage: dict[str
         axes[0, 1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+def _equal_aspect(ax: Any, points: list[torch.Tensor], least: float = 0.3) -> None:
+    """Equal aspect (a unit across is as long as a unit up) around ``points``; the shorter side spans at least
+    ``least`` of the longer one, so that a straight drive of 50 m still gets a readable strip."""
+    stacked = torch.cat([p[:, :2].reshape(-1, 2) for p in points]).float()
+    low, high = stacked.min(0).values, stacked.max(0).values
+    centre, half = (low + high) / 2, (high - low) / 2 * 1.08
+    half = torch.maximum(half, half.max() * least).clamp(min=1e-6)
+    ax.set_xlim(float(centre[0] - half[0]), float(centre[0] + half[0]))
+    ax.set_ylim(float(centre[1] - half[1]), float(centre[1] + half[1]))
+    ax.set_aspect("equal", adjustable="box")
