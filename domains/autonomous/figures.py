@@ -47,7 +47,7 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
     count = min(count, len(batch["past"]))
     cols = min(3, count)
     rows = -(-count // cols)
-    fig, axes = new_figure(rows, cols, figsize=(3.8 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.8 * cols, 2.1 * rows), squeeze=False)
     names = names or ["x", "y"]
     intervals = central_intervals(list(quantiles or [])) if "quantiles" in batch else []
     for i, ax in enumerate(axes.flat):
