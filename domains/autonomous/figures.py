@@ -83,9 +83,9 @@ def trajectory_figure(batch: dict[str, torch.Tensor], count: int, names: list[st
             _equal_aspect(ax, [past, future, single, *([batch["quantiles"][i].flatten(0, 1)] if intervals else [])])
         else:
             ax.set(xlabel="step", ylabel=names[0])
-        if i == 0:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)  # above the panels, over no data
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     return fig
 
 
