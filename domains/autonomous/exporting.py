@@ -19,15 +19,18 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
     so its time axis is fixed. The metadata names the inputs' channels (``position_names``,
     ``channel_names``) and the data's sampling interval (``time_step``) for the server's request
     forms (``serving.py``); a checkpoint written before those two were recorded exports them as
-    ``null``, and the server falls back as its docstring says.
+    ``null``, and the server falls back as its docstring says. A quantile model exports its median
+    (the point prediction); a classifier its calibrated probabilities.
 
     ``task`` is the :class:`~domains.autonomous.model.SensorSequenceModel` whose ``export_spec`` calls this.
     """
     if not datamodule_state or "displacement_scale" not in datamodule_state:
         raise ValueError("the checkpoint holds no SensorSequenceDataModule statistics; export a checkpoint written by `pipelines.run autonomous`")
     hp = task.hparams
+    temperature = task.calibration.temperature if hp.task == "classification" else 1.0
     module = InferenceSequenceModel(
-        copy.deepcopy(task.network), hp.task, task.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state
+        copy.deepcopy(task.network), hp.task, task.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state,
+        point=task.point_index, temperature=temperature,
     ).eval()
     observe = int(datamodule_state.get("observe", hp.observe))
     channels = len(datamodule_state["channel_mean"])
@@ -52,6 +55,10 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
             "predict": hp.get("predict"),
             "input": "past: target positions (N, T, D) and channels (N, T, C) in the data's units, oldest first, time_step apart",
             "output": f"{output} in the data's units (forecast: future positions (N, predict, D))",
+            "quantiles": task.quantile_levels or None,
+            "point_prediction": "the median of the quantile levels (the intervals are in predict's output only)" if task.quantile_levels else None,
+            "calibration": {"temperature": temperature, "method": "temperature scaling fitted on the validation split (inside the exported graph)"}
+            if hp.task == "classification" else None,
             "normalisation": {k: datamodule_state[k] for k in ("displacement_scale", "channel_mean", "channel_std", "target_mean", "target_std")},
         },
     )

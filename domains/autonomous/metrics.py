@@ -44,3 +44,32 @@ class DisplacementError(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp(min=1)).float()
+
+
+class StepDisplacementError(Metric):
+    """Mean displacement error at each horizon step: ``compute()`` is ``(steps,)``; its last value is the FDE.
+
+    ``update(pred, target)``: ``pred`` and ``target`` ``(B, steps, D)`` (single predictions).
+
+    Example:
+        >>> metric = StepDisplacementError(steps=3)
+        >>> metric.update(torch.tensor([[[0.0], [1.0], [3.0]]]), torch.zeros(1, 3, 1))
+        >>> metric.compute().tolist()
+        [0.0, 1.0, 3.0]
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros(steps, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.total += (pred - target).norm(dim=-1).double().sum(0)
+        self.count += len(target)
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()

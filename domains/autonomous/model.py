@@ -22,7 +22,10 @@ Metrics (torchmetrics, DDP-synchronised): forecasting ``ade``, ``fde`` (single p
 CVAE decodes its prior mean, the mixture takes its most probable mode), ``min_ade``, ``min_fde``
 (best of ``num_samples`` futures, stochastic forecasters only),
 ``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
-classification ``accuracy``, ``f1`` (macro).
+classification ``accuracy``, ``f1`` (macro). Test adds the displacement error per horizon step
+(``de_step_<k>``), per-channel occlusion attributions (``attributions.py``) and, with ``quantiles``,
+the coverage of the predicted quantiles and intervals (``pipelines/quantiles.py``); classification
+probabilities are temperature-calibrated on validation (``pipelines/classifier_calibration.py``).
 
 The primary metric: the domain has one monitor, so every task logs ``val/score``, lower is better,
 defined per task as the number the literature ranks by: forecasting ADE (``min_ade`` for the
@@ -39,12 +42,14 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from domains.autonomous.figures import confusion_figure, scatter_figure, trajectory_figure
-from domains.autonomous.metrics import DisplacementError
+from domains.autonomous.attributions import ChannelAttribution
+from domains.autonomous.metrics import DisplacementError, StepDisplacementError
 from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from domains.autonomous.evaluation import check_model_options, log_test_outputs, occlusion
+from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.export_spec import ExportSpec
+from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss
 from pipelines.task import BaseTask
-from pipelines.tracking import log_figure
 
 
 class SensorSequenceModel(BaseTask):
@@ -77,6 +82,14 @@ class SensorSequenceModel(BaseTask):
         cpu_threads: torch intra-op threads while this model runs on CPU (restored afterwards);
             small recurrent networks run fastest on 1, and several threads spin badly on a busy
             machine; ``None`` keeps torch's setting.
+        quantiles: regression and forecasting (``rnn``, ``transformer``): predict these quantile levels
+            (increasing, in (0, 1), with 0.5: the median is the point prediction) with the pinball loss
+            instead of one value with the MSE; ``predict`` writes a column per level, ``test`` logs
+            their coverage. ``None``: the point model.
+        calibrate: classification: fit a temperature on the validation logits after every validation
+            epoch; predictions, exports and the server give the calibrated probabilities.
+        explain: ``predict`` also writes each window's per-channel attributions (``attribution_<channel>``);
+            not saved with the model, so that ``predict --model.explain true`` applies to any checkpoint.
         task: ``forecasting``, ``regression`` or ``classification``; linked from the data.
         input_size: features per observed step; linked from the data.
         target_dim: forecast channels; linked from the data.
@@ -86,6 +99,9 @@ class SensorSequenceModel(BaseTask):
         class_names: class names in index order; linked from the data.
         target_names: forecast channel names or the target column; linked from the data.
     """
+
+    #: ``explain`` is given per command (``predict --model.explain true``); a checkpoint's hyper-parameters would override it
+    hparams_ignore = ("explain",)
 
     def __init__(
         self,
@@ -110,6 +126,9 @@ class SensorSequenceModel(BaseTask):
         plot_samples: int = 6,
         velocity_residual: bool = True,
         cpu_threads: int | None = 1,
+        quantiles: list[float] | None = None,
+        calibrate: bool = True,
+        explain: bool = False,
         task: str = "forecasting",
         input_size: int = 2,
         target_dim: int = 2,
@@ -127,7 +146,9 @@ class SensorSequenceModel(BaseTask):
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.quantile_levels = check_model_options(quantiles, architecture, task)
         super().__init__()
+        self.explain = bool(explain)  # a switch of this command, not of the model: kept out of the checkpoint's hyper-parameters
         self._plot_items: list[dict[str, torch.Tensor]] = []
         self._plot_sequences: set[str] = set()
         self._scatter: list[torch.Tensor] = []
@@ -136,13 +157,19 @@ class SensorSequenceModel(BaseTask):
     def stochastic(self) -> bool:
         return self.hparams.architecture in ("cvae", "mixture")
 
+    @property
+    def point_index(self) -> int:
+        """The output that is the point prediction: the median of a quantile model, else the only one."""
+        return median_index(self.quantile_levels) if self.quantile_levels else 0
+
     def configure_models(self) -> None:
         hp = self.hparams
+        outputs = max(len(self.quantile_levels), 1)
         if hp.task == "forecasting":
             common = {"input_size": hp.input_size, "target_dim": hp.target_dim, "predict": hp.predict}
             if hp.architecture == "rnn":
-                self.network: nn.Module = Seq2SeqForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size,
-                                                            num_layers=hp.num_layers, cell=hp.cell, dropout=hp.dropout)  # fmt: skip
+                self.network: nn.Module = Seq2SeqForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, num_layers=hp.num_layers,
+                                                            cell=hp.cell, dropout=hp.dropout, outputs=outputs, feedback=self.point_index)  # fmt: skip
             elif hp.architecture == "cvae":
                 self.network = CVAEForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, latent_size=hp.latent_size,
                                               num_layers=hp.num_layers, cell=hp.cell, dropout=hp.dropout)  # fmt: skip
@@ -151,9 +178,9 @@ class SensorSequenceModel(BaseTask):
                                                  cell=hp.cell, dropout=hp.dropout, modes=hp.modes)  # fmt: skip
             else:
                 self.network = PatchTSTForecaster(**common, observe=hp.observe, d_model=hp.hidden_size, num_heads=hp.num_heads,
-                                                  num_layers=hp.num_layers, patch_length=hp.patch_length, dropout=hp.dropout)  # fmt: skip
+                                                  num_layers=hp.num_layers, patch_length=hp.patch_length, dropout=hp.dropout, outputs=outputs)  # fmt: skip
         else:
-            outputs = 1 if hp.task == "regression" else hp.num_classes
+            outputs = outputs if hp.task == "regression" else hp.num_classes
             encoder = "patchtst" if hp.architecture == "transformer" else hp.cell
             self.network = SequenceRegressor(hp.input_size, outputs, hp.observe, encoder, hp.hidden_size, hp.embed_size,
                                              hp.num_layers, hp.num_heads, hp.patch_length, hp.dropout)  # fmt: skip
@@ -166,6 +193,7 @@ class SensorSequenceModel(BaseTask):
             if self.stochastic:
                 metrics |= {"min_ade": DisplacementError(), "min_fde": DisplacementError(final=True)}
             self.score_key = "min_ade" if self.stochastic else "ade"
+            self.test_steps = StepDisplacementError(self.hparams.predict)
         elif task == "regression":
             metrics = {"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()}
             self.score_key = "rmse"
@@ -174,6 +202,10 @@ class SensorSequenceModel(BaseTask):
             metrics = {"accuracy": Accuracy(task="multiclass", num_classes=n), "f1": F1Score(task="multiclass", num_classes=n, average="macro")}
             self.score_key = "accuracy"
             self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=n)
+            self.calibration = ClassifierCalibration(binary=False, calibrate=bool(self.hparams.calibrate))
+        if self.quantile_levels:
+            self.test_coverage = QuantileCoverage(self.quantile_levels, steps=self.hparams.predict if task == "forecasting" else 0)
+        self.test_attribution = ChannelAttribution(self.hparams.input_size)
         collection = MetricCollection(metrics)
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
@@ -232,12 +264,16 @@ class SensorSequenceModel(BaseTask):
             pred = self.network(batch["inputs"], truth=truth, teacher_forcing=tf)
         else:
             pred = self.network(batch["inputs"])
+        if self.quantile_levels:  # the quantiles of each future position (relative to the last observed one)
+            return pinball_loss(pred.cumsum(2), truth.cumsum(1), self.quantile_levels, dim=1)
         return F.mse_loss(pred[:, 0].cumsum(1), truth.cumsum(1))
 
     def _outputs_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.network(batch["inputs"])
         if self.hparams.task == "regression":
             normalised = (batch["target"] - batch["target_mean"]) / batch["target_std"]
+            if self.quantile_levels:
+                return pinball_loss(out, normalised, self.quantile_levels, dim=1), out
             return F.mse_loss(out[:, 0], normalised), out
         return F.cross_entropy(out, batch["label"]), out
 
@@ -254,8 +290,12 @@ class SensorSequenceModel(BaseTask):
             self.log("train/teacher_forcing", self.teacher_forcing_ratio, on_epoch=True, on_step=False)
 
     def _predictions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forecasting: ``single`` (B, T, D) and, for the CVAE, ``samples`` (B, K, T, D) positions in data units."""
-        out = {"single": self._positions(self(batch["inputs"]), batch)[:, 0]}
+        """Forecasting: ``single`` (B, T, D), for quantile models ``quantiles`` (B, Q, T, D, sorted: no crossing) and,
+        for the CVAE and the mixture, ``samples`` (B, K, T, D) positions in data units."""
+        positions = self._positions(self(batch["inputs"]), batch)
+        if self.quantile_levels:
+            positions = positions.sort(1).values
+        out = {"single": positions[:, self.point_index]} | ({"quantiles": positions} if self.quantile_levels else {})
         if self.stochastic:
             samples = self.network(batch["inputs"], num_samples=self.hparams.num_samples) + self._last_step(batch["inputs"])[:, None, None]
             out["samples"] = self._positions(samples, batch)
@@ -277,18 +317,32 @@ class SensorSequenceModel(BaseTask):
                     metric.update(pred["single"].flatten(), future.flatten())
             if stage == "test":
                 self._keep_for_plot(batch, pred)
+                self.test_steps.update(pred["single"], future)
+                if self.quantile_levels:
+                    self.test_coverage.update(pred["quantiles"], future)
         else:
             loss, out = self._outputs_loss(batch)
             if self.hparams.task == "regression":
-                value = out[:, 0] * batch["target_std"] + batch["target_mean"]
+                values = self.regression_values(out, batch["target_mean"], batch["target_std"])
+                value = values[:, self.point_index]
                 metrics.update(value, batch["target"])
                 if stage == "test":
-                    self._scatter.append(torch.stack([batch["target"], value], 1).detach().cpu())
+                    self._scatter.append(torch.cat([batch["target"][:, None], value[:, None], values], 1).detach().cpu())
+                    if self.quantile_levels:
+                        self.test_coverage.update(values, batch["target"])
             else:
                 metrics.update(out.softmax(-1), batch["label"])
+                self.calibration.update(stage, out, batch["label"])
                 if stage == "test":
                     self.test_confusion.update(out.argmax(-1), batch["label"])
+        if stage == "test":
+            self.test_attribution.update(occlusion(self, batch))
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def regression_values(self, out: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float) -> torch.Tensor:
+        """Regression outputs ``(B, Q)`` in the target's units (quantiles sorted: no crossing)."""
+        values = out * torch.as_tensor(std, dtype=out.dtype, device=out.device).reshape(-1, 1) + torch.as_tensor(mean, dtype=out.dtype, device=out.device).reshape(-1, 1)
+        return values.sort(1).values if values.shape[1] > 1 else values
 
     def _keep_for_plot(self, batch: dict[str, torch.Tensor], pred: dict[str, torch.Tensor]) -> None:
         """Keep the first test window of each of the first ``plot_samples`` sequences (consecutive windows look alike)."""
@@ -319,66 +373,21 @@ class SensorSequenceModel(BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
+        if self.hparams.task == "classification":
+            fitted = {} if self.trainer.sanity_checking else self.calibration.fit()  # a few sanity batches fit nothing
+            self.calibration.collect("val")  # (empty after fit) the sanity check's logits are dropped
+            self.log_dict({k: float(v) for k, v in fitted.items()}, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
-        if self.hparams.plot_samples and self.trainer.is_global_zero:
-            self._log_plots()
+        log_test_outputs(self)  # per-step errors, coverage, attributions, calibration and the plots
         self._plot_items, self._plot_sequences, self._scatter = [], set(), []
-        if self.hparams.task == "classification":
-            self.test_confusion.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        """Columns: ``sequence``, ``time`` (last observed), then per task: forecasting ``pred_<channel>_<step>``
-        (and ``true_<channel>_<step>`` when the future is known); regression ``prediction`` (and ``target``);
-        classification ``prediction``, ``prob_<class>`` (and ``label``)."""
-        hp = self.hparams
-        datamodule = self.trainer.datamodule
-        columns: dict[str, Any] = {"sequence": [datamodule.window_name(int(i)) for i in batch["index"]], "time": batch["time"]}
-        if hp.task == "forecasting":
-            # positions are centred on each window's last observation (float32); its origin is added back in float64
-            origin = batch["origin"][:, None].double() if "origin" in batch else 0.0
-            single = self._positions(self(batch["inputs"]), batch)[:, 0].double() + origin
-            names = hp.target_names or [str(i) for i in range(hp.target_dim)]
-            columns |= {f"pred_{name}": single[..., i] for i, name in enumerate(names)}
-            if "future" in batch:
-                future = batch["future"].double() + origin
-                columns |= {f"true_{name}": future[..., i] for i, name in enumerate(names)}
-            return columns
-        out = self.network(batch["inputs"])
-        if hp.task == "regression":
-            columns["prediction"] = out[:, 0] * batch["target_std"] + batch["target_mean"] if "target_std" in batch else self._denormalise(out[:, 0])
-            if "target" in batch:
-                columns["target"] = batch["target"]
-            return columns
-        names = list(hp.class_names or [str(i) for i in range(hp.num_classes)])
-        probs = out.softmax(-1)
-        columns["prediction"] = [names[i] for i in probs.argmax(-1).tolist()]
-        columns |= {f"prob_{name}": probs[:, i] for i, name in enumerate(names)}
-        if "label" in batch:
-            columns["label"] = [names[i] for i in batch["label"].tolist()]
-        return columns
+        """The columns of ``predictions.csv`` (:func:`domains.autonomous.prediction_columns.prediction_columns`)."""
+        from domains.autonomous.prediction_columns import prediction_columns
 
-    def _denormalise(self, value: torch.Tensor) -> torch.Tensor:
-        stats = self.trainer.datamodule.stats
-        return value * float(stats["target_std"]) + float(stats["target_mean"])
-
-    # ----- figures ---------------------------------------------------------------------------
-    def _log_plots(self) -> None:
-        hp = self.hparams
-        if hp.task == "classification":
-            log_figure(self.trainer, confusion_figure(self.test_confusion, list(hp.class_names or [])), "test/confusion_matrix")
-            return
-        if hp.task == "regression":
-            if not self._scatter:
-                return
-            fig = scatter_figure(torch.cat(self._scatter).numpy(), (hp.target_names or ["target"])[0])
-            log_figure(self.trainer, fig, "test/predicted_vs_true")
-            return
-        if not self._plot_items:
-            return
-        batch = {key: torch.stack([item[key] for item in self._plot_items]) for key in self._plot_items[0]}
-        log_figure(self.trainer, trajectory_figure(batch, hp.plot_samples, hp.target_names), "test/trajectories")
+        return prediction_columns(self, batch)
 
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
         """Raw ``past`` positions and ``channels`` -> forecast positions / value / class probabilities

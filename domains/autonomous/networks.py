@@ -61,11 +61,15 @@ class SequenceEncoder(nn.Module):
 class RecurrentDecoder(nn.Module):
     """Autoregressive decoder of displacements: input = embedding of the previous displacement (+ a context)."""
 
-    def __init__(self, target_dim: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, context_size: int = 0) -> None:
+    def __init__(
+        self, target_dim: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, context_size: int = 0,
+        outputs: int = 1, feedback: int = 0,
+    ) -> None:  # fmt: skip
         super().__init__()
+        self.target_dim, self.outputs, self.feedback = target_dim, outputs, feedback
         self.embed = nn.Sequential(nn.Linear(target_dim, embed_size), nn.ReLU())
         self.rnn = _rnn(cell, embed_size + context_size, hidden_size, num_layers, dropout)
-        self.out = nn.Linear(hidden_size, target_dim)
+        self.out = nn.Linear(hidden_size, target_dim * outputs)
 
     def forward(
         self,
@@ -76,7 +80,8 @@ class RecurrentDecoder(nn.Module):
         truth: torch.Tensor | None = None,
         teacher_forcing: float = 0.0,
     ) -> torch.Tensor:
-        """Decode ``steps`` displacements ``(B, steps, D)`` starting from the last observed one ``(B, D)``."""
+        """Decode ``steps`` displacements ``(B, steps, D)`` starting from the last observed one ``(B, D)``;
+        with ``outputs`` > 1 (quantiles) ``(B, steps, outputs, D)``, the ``feedback``-th fed back."""
         outputs, previous = [], last
         for t in range(steps):
             step_input = self.embed(previous)
@@ -84,11 +89,13 @@ class RecurrentDecoder(nn.Module):
                 step_input = torch.cat([step_input, context], -1)
             out, state = self.rnn(step_input[:, None], state)
             displacement = self.out(out[:, 0])
+            if self.outputs > 1:
+                displacement = displacement.view(len(displacement), self.outputs, self.target_dim)
             outputs.append(displacement)
-            previous = displacement
+            previous = displacement[:, self.feedback] if self.outputs > 1 else displacement
             if truth is not None and teacher_forcing > 0 and self.training:
                 use_truth = (torch.rand(len(last), 1, device=last.device) < teacher_forcing).to(last.dtype)
-                previous = use_truth * truth[:, t] + (1 - use_truth) * displacement
+                previous = use_truth * truth[:, t] + (1 - use_truth) * previous
         return torch.stack(outputs, 1)
 
 
@@ -104,21 +111,24 @@ class Seq2SeqForecaster(nn.Module):
         num_layers: stacked RNN layers.
         cell: ``lstm`` or ``gru``.
         dropout: between stacked layers.
+        outputs: sequences per window (K): 1, or one per quantile level (``(B, K, predict, D)``).
+        feedback: the output sequence fed back to the decoder when ``outputs`` > 1 (the median).
     """
 
     def __init__(
         self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
-        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0,
+        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0, outputs: int = 1, feedback: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict = target_dim, predict
         self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
-        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout)
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, outputs=outputs, feedback=feedback)
 
     def forward(self, inputs: torch.Tensor, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0) -> torch.Tensor:
         state = self.encoder(inputs)
         last = inputs[:, -1, : self.target_dim]
-        return self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing)[:, None]
+        out = self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing)
+        return out.transpose(1, 2) if out.ndim == 4 else out[:, None]
 
 
 class CVAEForecaster(nn.Module):
@@ -262,21 +272,23 @@ def patchtst_config(
 class PatchTSTForecaster(nn.Module):
     """PatchTST (``transformers.PatchTSTForPrediction``) forecasting every input channel; the first D are kept.
 
-    PatchTST is channel-independent: each channel's future comes from that channel's past.
+    PatchTST is channel-independent: each channel's future comes from that channel's past. With
+    ``outputs`` K > 1 (quantiles) its linear head predicts ``K * predict`` steps, read as K sequences.
     """
 
     def __init__(
         self, input_size: int, target_dim: int, observe: int, predict: int, d_model: int = 32, num_heads: int = 4,
-        num_layers: int = 2, patch_length: int = 2, dropout: float = 0.0,
+        num_layers: int = 2, patch_length: int = 2, dropout: float = 0.0, outputs: int = 1,
     ) -> None:  # fmt: skip
         super().__init__()
         from transformers import PatchTSTForPrediction
 
-        self.target_dim = target_dim
-        self.model = PatchTSTForPrediction(patchtst_config(input_size, observe, predict, d_model, num_heads, num_layers, patch_length, dropout))
+        self.target_dim, self.outputs, self.predict = target_dim, outputs, predict
+        self.model = PatchTSTForPrediction(patchtst_config(input_size, observe, predict * outputs, d_model, num_heads, num_layers, patch_length, dropout))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(past_values=inputs).prediction_outputs[:, None, :, : self.target_dim]
+        out = self.model(past_values=inputs).prediction_outputs[..., : self.target_dim]
+        return out.view(len(out), self.outputs, self.predict, self.target_dim)
 
 
 class SequenceRegressor(nn.Module):
@@ -329,12 +341,17 @@ class InferenceSequenceModel(nn.Module):
     ``(N, T, C)``. Outputs: forecasting -> future positions ``(N, predict, D)`` (the deterministic
     forecast: the CVAE's prior mean or the mixture's most likely mode); regression -> values ``(N,)``;
     classification -> class probabilities ``(N, classes)``. Mirrors the data module's
-    ``on_after_batch_transfer`` and the task's ``forward``/``_positions``.
+    ``on_after_batch_transfer`` and the task's ``forward``/``_positions``. A quantile network's
+    outputs are sorted (no crossing) and its ``point``-th, the median, is returned; class
+    probabilities are ``softmax(logits / temperature)`` (the calibration fitted on validation).
     """
 
-    def __init__(self, network: nn.Module, task: str, stochastic: bool, velocity_residual: bool, target_dim: int, stats: dict) -> None:
+    def __init__(
+        self, network: nn.Module, task: str, stochastic: bool, velocity_residual: bool, target_dim: int, stats: dict, point: int = 0,
+        temperature: float = 1.0,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.network = network
+        self.network, self.point, self.temperature = network, point, float(temperature)
         self.task, self.stochastic, self.velocity_residual, self.target_dim = task, stochastic, velocity_residual, target_dim
         self.canonical_heading = bool(stats.get("canonical_heading", False))
         self.displacement_scale = float(stats["displacement_scale"])
@@ -353,12 +370,15 @@ class InferenceSequenceModel(nn.Module):
             steps = steps @ frame
         inputs = torch.cat([steps, (channels - self.channel_mean) / self.channel_std], -1)
         if self.task == "regression":
-            return self.network(inputs)[:, 0] * self.target_std + self.target_mean
+            out = self.network(inputs)
+            out = torch.sort(out, 1).values if out.shape[1] > 1 else out
+            return out[:, self.point] * self.target_std + self.target_mean
         if self.task == "classification":
-            return torch.softmax(self.network(inputs), dim=1)
+            return torch.softmax(self.network(inputs) / self.temperature, dim=1)
         out = self.network(inputs, mean=True) if self.stochastic else self.network(inputs)
         if self.velocity_residual:
             out = out + inputs[:, -1, : self.target_dim][:, None, None]
         if frame is not None:
             out = out @ frame.transpose(1, 2)[:, None]
-        return (past[:, -1][:, None, None] + torch.cumsum(out * self.displacement_scale, 2))[:, 0]
+        positions = past[:, -1][:, None, None] + torch.cumsum(out * self.displacement_scale, 2)
+        return (torch.sort(positions, 1).values if positions.shape[1] > 1 else positions)[:, self.point]
