@@ -119,6 +119,8 @@ def align_scoring_options(checkpoint: Path, like: Path, names: tuple[str, ...]) 
 
     from pipelines.files import atomic_write
 
+    if not names:
+        return {}
     target = torch.load(checkpoint, map_location="cpu", weights_only=True)
     reference = torch.load(like, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     options = target.get("hyper_parameters", {})
