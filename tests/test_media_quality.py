@@ -128,7 +128,7 @@ def inception_like(folder, **shapes) -> None:
 WEIGHTS = ("--data.synthetic_samples=60", "--data.image_size=16", "--model.init_args.inception_weights", "{tmp}/inception.pth")
 CASES = [
     BadInput("inception_weights_missing", WEIGHTS, ("--model.init_args.inception_weights", "inception.pth", "file not found"), None),
-    BadInput("inception_weights_pickled_object", WEIGHTS, ("inception.pth", "not a weights-only file", "nothing in it was run"),
+    BadInput("inception_weights_pickled_object", WEIGHTS, ("inception.pth", "not a weights-only file", "nothing in it was run", "argparse.Namespace"),
              lambda f: torch.save({"fc.weight": torch.zeros(2), "options": argparse.Namespace(x=1)}, f / "inception.pth")),  # fmt: skip
     BadInput("inception_weights_not_a_torch_file", WEIGHTS, ("inception.pth", "not a weights-only file"), lambda f: (f / "inception.pth").write_text("weights")),
     BadInput("inception_weights_a_list", WEIGHTS, ("inception.pth", "expected a state dict", "list"), lambda f: torch.save([torch.zeros(2)], f / "inception.pth")),
@@ -139,7 +139,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", params(CASES))
 def test_inception_weights_file_is_checked_before_anything_is_written(case, tmp_path, capsys):
-    check_refused("media", case, tmp_path, capsys)
+    message = check_refused("media", case, tmp_path, capsys)
+    assert "Union subtypes" not in message and "Given value" not in message, message  # the model's own words, not jsonargparse's wrapping
 
 
 def torch_fidelity_works() -> bool:

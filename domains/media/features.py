@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -220,12 +221,19 @@ def check_inception_weights(path: str | Path) -> Path:
     with ``weights_only=False``: it only gets a file that has passed ``weights_only=True`` here."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--model.init_args.inception_weights {path}: file not found (a .pth state dict of torch-fidelity's FID Inception, e.g. weights-inception-2015-12-05-6726825d.pth)")
+        raise InputError(
+            f"--model.init_args.inception_weights {path}: file not found (a .pth state dict of torch-fidelity's FID Inception, "
+            "e.g. weights-inception-2015-12-05-6726825d.pth)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise InputError(f"--model.init_args.inception_weights {path}: not a weights-only file (it holds pickled objects other than tensors, or is no torch file at all); refused, nothing in it was run: {cause}") from None
+        found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)|Unsupported[^\n]*", str(error))  # torch names the global or opcode it refused
+        cause = found.group(0) if found else (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"--model.init_args.inception_weights {path}: not a weights-only file (it holds pickled objects other than tensors, "
+            f"or is no torch file at all); refused, nothing in it was run ({cause})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"--model.init_args.inception_weights {path}: expected a state dict (names to tensors), found {type(state).__name__}")
     wrong = {name: tuple(state[name].shape) if name in state else "missing" for name, shape in INCEPTION_SIGNATURE.items() if name not in state or tuple(state[name].shape) != shape}
