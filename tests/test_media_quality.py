@@ -13,7 +13,7 @@ import torch
 
 from domains.media.data import MediaDataModule
 from domains.media.model import GAN
-from domains.media.quality import memorisation, offline_scores, precision_recall, TrainingNeighbours
+from domains.media.quality import TrainingNeighbours, memorisation, offline_scores, precision_recall
 from tests.bad_inputs import BadInput, check_refused, params
 from tests.helpers import QUIET, TINY_GAN, linked
 
