@@ -18,8 +18,18 @@ from tests.bad_inputs import BadInput, check_refused, params
 from tests.helpers import QUIET, TINY_GAN, linked
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the media models run (``cpu_threads``): on a shared 2-core machine two contended
+    threads made the extractor's training here 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(tmp_path_factory, one_thread):
     """640 synthetic 16x16 shapes (384 train, 128 val, 128 test) and their extractor, trained once and saved."""
     from domains.media.features import accuracy, save_extractor, train_feature_cnn
 
