@@ -267,10 +267,14 @@ def inception_metrics(kid_subset_size: int, weights: str | Path | None = None) -
 
         fid_metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights) if weights else None)
     except (ImportError, OSError, RuntimeError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        cause = text if len(text) <= 300 else text[:300] + " ..."  # the start of a long list of missing tensors is enough
+        if weights and not isinstance(error, ImportError):  # e.g. a tensor missing beyond the signature checked above
+            raise InputError(f"--model.init_args.inception_weights {weights}: torch-fidelity's Inception did not load it ({cause})") from None
         asked = f"--model.init_args.inception_weights {weights}" if weights else "inception_metrics=true"
         where = "" if weights else " and the Inception weights (downloaded on first use; no internet here? --model.init_args.inception_weights FILE takes a local copy)"
         raise InputError(
             f"{asked} needs torch-fidelity (`pip install torch-fidelity`, which needs a torchvision built for this torch){where}. "
-            f"Cause: {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}. The offline metrics (val/fid_cnn) need neither."
+            f"Cause: {cause.rstrip('.')}. The offline metrics (val/fid_cnn) need neither."
         ) from None
     return fid_metric, KernelInceptionDistance(feature=Uint8Images(fid_metric.inception), normalize=True, subset_size=kid_subset_size)
