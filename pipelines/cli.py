@@ -44,6 +44,7 @@ from pipelines.tuning import check_lr_findable, find_learning_rate
 INPUT_ERRORS = (ValueError, OSError, KeyError, MisconfigurationException)
 #: how jsonargparse words an exception raised by a link's ``compute_fn`` (the data module read by a link to the model)
 LINK_FAILED = "Call to compute_fn of link"
+UNION_FAILED = "Does not validate against any of the Union subtypes"  # a subclass-mode model's __init__ refused its options
 log = logging.getLogger(__name__)
 #: The runner's sub-commands (LightningCLI's); each works in one run folder. ``export`` is not one of
 #: them: :mod:`pipelines.run` hands it to :mod:`pipelines.export` before this module is imported.
@@ -286,8 +287,8 @@ class PipelineCLI(LightningCLI):
             raise
         except INPUT_ERRORS as error:
             cause: BaseException = error
-            while isinstance(cause, ValueError) and LINK_FAILED in str(cause) and cause.__cause__ is not None:
-                cause = cause.__cause__  # jsonargparse wraps what a link's compute_fn (reading the data) raised: show that alone
+            while isinstance(cause, ValueError) and (LINK_FAILED in str(cause) or UNION_FAILED in str(cause)) and cause.__cause__ is not None:
+                cause = cause.__cause__  # jsonargparse wraps what a link's compute_fn (reading the data) or a model's __init__ raised: show that alone
             if isinstance(cause, (InputError, RunStopped)) or not isinstance(cause, INPUT_ERRORS):
                 raise cause from None  # bad input as it was worded, or a crash (exit 1) as the crash it is
             raise InputError(str(cause)) from cause

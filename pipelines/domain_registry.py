@@ -53,6 +53,10 @@ class DomainSpec:
         sanity_floors: floors every promoted model passes, even the first (``test/loss<inf`` = finite,
             ``test/auroc>0.5`` = better than chance, ``test/loss<baseline`` = better than the same
             network untrained); a floor whose metric the evaluation does not report is skipped.
+        scoring_options: model options that set how a model is measured, not what it is (media: the FID
+            feature extractor's settings and cache, sample counts, Inception weights). A checkpoint brings
+            its own options to ``test``; retraining scores the champion with the challenger's values of
+            these, so both are measured with the same instrument (:func:`pipelines.evaluation_set.align_scoring_options`).
         model_subclasses: the config picks one of several LightningModule subclasses of ``model_class``
             with ``model.class_path`` (LightningCLI's subclass mode, e.g. GAN or diffusion); otherwise
             ``--help`` lists every model option directly.
@@ -70,6 +74,7 @@ class DomainSpec:
     test_metrics: tuple[tuple[str, str], ...] = ()
     selection: tuple[str, ...] = ()
     sanity_floors: tuple[str, ...] = ()
+    scoring_options: tuple[str, ...] = ()
     model_subclasses: bool = False
     tags: tuple[str, ...] = ()
     test_args: tuple[str, ...] = field(default=())

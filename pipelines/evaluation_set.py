@@ -111,6 +111,26 @@ def for_attempt(registry: ModelRegistry, pinned: dict[str, Any], data: dict[str,
     return record
 
 
+def align_scoring_options(checkpoint: Path, like: Path, names: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """Give ``checkpoint`` (a scratch copy: rewritten in place, atomically) the values ``like`` has of the model
+    options ``names`` (the domain's ``scoring_options``), so that ``test`` measures both checkpoints alike;
+    return what changed, ``{name: (old, new)}``. Both are read weights-only."""
+    import torch
+
+    from pipelines.files import atomic_write
+
+    if not names:
+        return {}
+    target = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    reference = torch.load(like, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    options = target.get("hyper_parameters", {})
+    changed = {name: (options.get(name), reference.get(name)) for name in names if name in reference and options.get(name) != reference.get(name)}
+    if changed:
+        options.update({name: new for name, (_, new) in changed.items()})
+        atomic_write(checkpoint, lambda temporary: torch.save({**target, "hyper_parameters": options}, temporary))
+    return changed
+
+
 def score(
     domain: str,
     record: dict[str, Any],

@@ -86,6 +86,10 @@ class Attempt:
         if champion:
             with_champion = run_dir / f"champion-{champion}.ckpt"
             self.registry.write_checkpoint(champion, with_champion)
+            aligned = evaluation_set.align_scoring_options(with_champion, best, self.spec.scoring_options)
+            if aligned:
+                changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in aligned.items())
+                print(f"[retrain] champion {champion} is scored with this attempt's scoring options, like the challenger: {changes}", file=sys.stderr)
             try:
                 result = self._score(with_champion, self._version_config(champion), runs_dir, run_dir, f"champion-{champion}", evaluation)
                 self.row["champion"] = {"version": champion, **result}

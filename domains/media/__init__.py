@@ -4,7 +4,8 @@ Data: the embedded coloured-shapes set (default), a folder of PNG/JPEG images (s
 labels) or an ``.npz`` image array such as MNIST. Models: a spectral-norm hinge-loss DCGAN
 (``domains.media.model.GAN``, manual optimisation) or a MONAI diffusion UNet with EMA and DDIM
 sampling (``domains.media.model.Diffusion``), switched by ``model.class_path``. Quality: FID/KID
-with an offline feature extractor trained on the data (``val/fid_cnn``) or Inception (online).
+with an offline feature extractor trained on the data (``val/fid_cnn``) or Inception (a local weights
+file, or downloaded), improved precision/recall and a memorisation check (``domains/media/quality.py``).
 Importing this package imports nothing heavy.
 
 Examples::
@@ -32,8 +33,16 @@ SPEC = DomainSpec(
     ),
     monitor="val/fid_cnn",
     mode="min",
-    test_metrics=(("test/fid_*", "min"), ("test/kid_*_std", ""), ("test/kid_*", "min"), ("test/class_acc_*", "max")),
+    test_metrics=(
+        ("test/fid_*", "min"), ("test/kid_*_std", ""), ("test/kid_*", "min"), ("test/class_acc_*", "max"), ("test/real_share_*", "max"),
+        ("test/precision_*", "max"), ("test/recall_*", "max"), ("test/memorised_share_*", "min"), ("test/train_distance_ratio_*", ""),
+    ),  # fmt: skip
     sanity_floors=("test/fid_cnn<inf",),
+    # how samples are measured: retraining scores the champion with the challenger's values (the same extractor)
+    scoring_options=(
+        "fid_samples", "kid_subset_size", "extractor_steps", "extractor_width", "extractor_max_images", "feature_extractor_weights",
+        "extractor_cache", "inception_metrics", "inception_weights",
+    ),  # fmt: skip
     model_subclasses=True,
     tags=("image", "generative", "gan", "diffusion", "monai"),
     test_args=(

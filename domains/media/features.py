@@ -1,7 +1,8 @@
 """Feature extractors for FID and KID.
 
-The standard extractor is torchmetrics' Inception-v3, whose weights are downloaded on first use
-(and need ``torch-fidelity``): ``inception_metrics=true`` keeps that path for online users. Offline,
+The standard extractor is torchmetrics' Inception-v3 (needs ``torch-fidelity``): from a local weights
+file (``inception_weights``, checked weights-only first: :func:`check_inception_weights`) or
+downloaded on first use (``inception_metrics=true``, online users). Offline,
 the project trains its own extractor, :class:`~domains.media.networks.FeatureCNN`: a small
 classifier of the data's classes (or, for unlabelled data, of four rotations, a self-supervised
 task) and of :data:`CORRUPTIONS` of real images (noise, colour blobs, shuffled patches, blur), so
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from domains.media.networks import FeatureCNN
+from pipelines.errors import InputError
 from pipelines.files import atomic_write
 
 OFFLINE_EXTRACTOR = "cnn"
@@ -207,18 +210,71 @@ def load_extractor(path: str | Path, channels: int) -> FeatureCNN:
     return net
 
 
-def inception_metrics(kid_subset_size: int) -> tuple[nn.Module, nn.Module]:
-    """torchmetrics' Inception FID/KID (needs ``torch-fidelity`` and, on first use, internet for the weights)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
+#: tensors that tell torch-fidelity's FID Inception (the TF-2015 graph: 1008 logits) from other Inception-v3 weights
+INCEPTION_SIGNATURE = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048)}
 
-    try:
-        return (
-            FrechetInceptionDistance(feature=2048, normalize=True),
-            KernelInceptionDistance(feature=2048, normalize=True, subset_size=kid_subset_size),
+
+def check_inception_weights(path: str | Path) -> Path:
+    """Refuse (``InputError`` naming the file) what torchmetrics/torch-fidelity would not load as the FID Inception:
+    a missing file, a file that is not weights-only (``torch.load(weights_only=True)`` refuses pickled code or
+    objects), not a ``{name: tensor}`` state dict, or another network's weights. The library itself loads the file
+    with ``weights_only=False``: it only gets a file that has passed ``weights_only=True`` here."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"--model.init_args.inception_weights {path}: file not found (a .pth state dict of torch-fidelity's FID Inception, "
+            "e.g. weights-inception-2015-12-05-6726825d.pth)"
         )
-    except (ModuleNotFoundError, OSError, RuntimeError) as error:
-        raise ValueError(
-            f"inception_metrics=true needs torch-fidelity (`pip install torchmetrics[image]`) and the Inception "
-            f"weights (downloaded on first use; no internet here?). Cause: {error} The offline metrics (val/fid_cnn) need neither."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)|Unsupported[^\n]*", str(error))  # torch names the global or opcode it refused
+        cause = found.group(0) if found else (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"--model.init_args.inception_weights {path}: not a weights-only file (it holds pickled objects other than tensors, "
+            f"or is no torch file at all); refused, nothing in it was run ({cause})"
         ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InputError(f"--model.init_args.inception_weights {path}: expected a state dict (names to tensors), found {type(state).__name__}")
+    wrong = {name: tuple(state[name].shape) if name in state else "missing" for name, shape in INCEPTION_SIGNATURE.items() if name not in state or tuple(state[name].shape) != shape}
+    if wrong:
+        expected = ", ".join(f"{name} {shape}" for name, shape in INCEPTION_SIGNATURE.items())
+        raise InputError(f"--model.init_args.inception_weights {path}: not torch-fidelity's FID Inception weights (expected {expected}; found {wrong}). "
+                         "torchvision's ImageNet inception_v3 (1000 classes) is another network")  # fmt: skip
+    return path
+
+
+class Uint8Images(nn.Module):
+    """Images in [0, 1] to the uint8 images torch-fidelity's Inception takes (KID with a given network, shared with FID)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network((images * 255).byte())
+
+
+def inception_metrics(kid_subset_size: int, weights: str | Path | None = None) -> tuple[nn.Module, nn.Module]:
+    """torchmetrics' Inception FID/KID (needs ``torch-fidelity``), from the local ``weights`` file (checked by
+    :func:`check_inception_weights` first) or, without it, the weights downloaded on first use (online users).
+    One network serves both."""
+    if weights is not None:
+        weights = check_inception_weights(weights)
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        fid_metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights) if weights else None)
+    except (ImportError, OSError, RuntimeError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        cause = text if len(text) <= 300 else text[:300] + " ..."  # the start of a long list of missing tensors is enough
+        if weights and not isinstance(error, ImportError):  # e.g. a tensor missing beyond the signature checked above
+            raise InputError(f"--model.init_args.inception_weights {weights}: torch-fidelity's Inception did not load it ({cause})") from None
+        asked = f"--model.init_args.inception_weights {weights}" if weights else "inception_metrics=true"
+        where = "" if weights else " and the Inception weights (downloaded on first use; no internet here? --model.init_args.inception_weights FILE takes a local copy)"
+        raise InputError(
+            f"{asked} needs torch-fidelity (`pip install torch-fidelity`, which needs a torchvision built for this torch){where}. "
+            f"Cause: {cause.rstrip('.')}. The offline metrics (val/fid_cnn) need neither."
+        ) from None
+    return fid_metric, KernelInceptionDistance(feature=Uint8Images(fid_metric.inception), normalize=True, subset_size=kid_subset_size)

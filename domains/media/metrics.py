@@ -111,13 +111,19 @@ def kid(reference: dict[str, torch.Tensor], features: torch.Tensor, subset_size:
     return float(scores.mean()), float(scores.std()) if len(scores) > 1 else 0.0
 
 
+def inception_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as the Inception metrics take them: [0, 1], three channels (grey repeated)."""
+    images = (images + 1) / 2
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 def inception_scores(metrics: torch.nn.ModuleList, stage: str, fake: torch.Tensor | None, subset_size: int) -> dict[str, float]:
     """Compute and reset torchmetrics' Inception FID/KID (real images added by the caller; ``fake`` on rank zero
     only, ``None`` elsewhere), KID subsets from a seeded generator. Call on every rank."""
     fid_metric, kid_metric = metrics
     if fake is not None:
-        fid_metric.update((fake + 1) / 2, real=False)
-        kid_metric.update((fake + 1) / 2, real=False)
+        fid_metric.update(inception_range(fake), real=False)
+        kid_metric.update(inception_range(fake), real=False)
     kid_metric.subset_size = subset_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(KID_SEED)

@@ -2,7 +2,8 @@
 
 :class:`GenerativeTask` holds the offline FID/KID feature extractor (one per data set, trained once
 and cached with the real splits' reference statistics: :mod:`domains.media.metrics`), validation and
-test FID/KID (``val/fid_cnn``, the checkpoint monitor, and ``val/kid_cnn``), for conditional models whether the
+test FID/KID (``val/fid_cnn``, the checkpoint monitor, and ``val/kid_cnn``), improved precision and recall and
+the memorisation check (:mod:`domains.media.quality`), for conditional models whether the
 samples show their class (``val/class_acc_cnn``), a sample grid every epoch
 (``plots/val_samples.png``, one copy per epoch under ``plots/samples/``, and W&B), seeded
 generation for ``predict`` (PNG files plus prediction rows), and the non-finite loss guard (the run
@@ -23,8 +24,9 @@ from torch.nn.utils import get_total_norm
 from domains.media.features import (
     CORRUPTIONS, OFFLINE_EXTRACTOR, accuracy, describe, extractor_digest, inception_metrics, load_extractor, save_extractor, train_feature_cnn,
 )  # fmt: skip
-from domains.media.metrics import extractor_key, inception_scores, features_of, fid, kid, resolve_extractor, resolve_reference
+from domains.media.metrics import extractor_key, inception_range, inception_scores, resolve_extractor, resolve_reference
 from domains.media.networks import FeatureCNN
+from domains.media.quality import TrainingNeighbours, offline_scores, training_neighbours
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
@@ -67,8 +69,10 @@ class GenerativeTask(BaseTask):
         extractor_cache: folder of the per-data-set extractors and reference statistics (default:
             ``runs/.feature_extractors`` for run folders ``runs/media/<id>``): the
             first run on a data set trains the extractor there, every later run and test reuses it.
-        inception_metrics: also compute Inception FID/KID (online users: needs torch-fidelity and the
-            weights download).
+        inception_metrics: also compute Inception FID/KID (``val/fid_inception``; needs torch-fidelity and,
+            without ``inception_weights``, the weights download).
+        inception_weights: a local copy of torch-fidelity's FID Inception weights (``.pth`` state dict):
+            Inception FID/KID from it, no download; checked weights-only before anything is written.
         cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see
             BaseTask). One thread: these small networks gain little from a second core, and on a
             shared machine contended threads were measured 30x slower; ``null`` keeps torch's choice.
@@ -90,6 +94,7 @@ class GenerativeTask(BaseTask):
         feature_extractor_weights: str | None = None,
         extractor_cache: str | None = None,
         inception_metrics: bool = False,
+        inception_weights: str | None = None,
         cpu_threads: int | None = 1,
     ) -> None:
         super().__init__()
@@ -198,7 +203,9 @@ class GenerativeTask(BaseTask):
         self.extractor = extractor.requires_grad_(False)
         self.register_buffer("extractor_ready", torch.tensor(False))
         self._references: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
-        self.inception = nn.ModuleList(inception_metrics(hp.kid_subset_size)) if hp.inception_metrics else None
+        self._neighbours_of: dict[str, TrainingNeighbours] = {}
+        wanted = hp.inception_metrics or hp.inception_weights
+        self.inception = nn.ModuleList(inception_metrics(hp.kid_subset_size, hp.inception_weights)) if wanted else None
 
     def extractor_cache_dir(self) -> Path:
         """``extractor_cache``, else ``.feature_extractors/`` two levels above the run folder: ``runs/.feature_extractors``
@@ -257,13 +264,21 @@ class GenerativeTask(BaseTask):
     def on_fit_start(self) -> None:
         self._ensure_extractor()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The measuring networks are the data set's and the weights file's, not the checkpoint's (another width, or
+        Inception switched on or off, still loads): the extractor is replaced at fit/test start anyway."""
+        state = checkpoint["state_dict"]
+        for prefix, module in (("extractor.", self.extractor), ("inception.", self.inception)):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)} | {prefix + k: v for k, v in (module.state_dict() if module is not None else {}).items()}
+        checkpoint["state_dict"] = state
+
     on_validation_start = on_test_start = on_fit_start
 
     def _update_real(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Real images for the online Inception metrics only; the offline ones use the cached reference."""
         if self.inception is not None:
             for metric in self.inception:
-                metric.update((images + 1) / 2, real=True)
+                metric.update(inception_range(images), real=True)
 
     def _evaluate_samples(self, stage: str) -> None:
         """FID/KID of ``fid_samples`` seeded samples (seeds 10000..., the labels of the real split) against the
@@ -279,28 +294,14 @@ class GenerativeTask(BaseTask):
         fake, scores = None, None
         if self.trainer.is_global_zero:  # the same noise every epoch: epochs are compared on equal terms
             fake = self.generate(list(range(10_000, 10_000 + count)), labels[:count], steps=self.eval_sampling_steps())
-            scores = self._scores(stage, reference, fake, labels[:count])
+            if stage not in self._neighbours_of:  # the training split's features, cached like a reference
+                self._neighbours_of[stage] = training_neighbours(self.extractor_cache_dir(), self.extractor, self.trainer.datamodule, reference["features"])
+            scores = offline_scores(self.extractor, stage, reference, fake, labels[:count], self.hparams.kid_subset_size, self.condition_classes, self._neighbours_of[stage])
         scores = self.trainer.strategy.broadcast(scores)
         if self.inception is not None:  # every rank: torchmetrics gathers the real images of all ranks
             scores.update(inception_scores(self.inception, stage, fake, min(self.hparams.kid_subset_size, count)))
         for name, value in scores.items():
             self.log(name, value, sync_dist=False)
-
-    @torch.no_grad()
-    def _scores(self, stage: str, reference: dict[str, torch.Tensor], fake: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Offline scores of generated images: FID, KID (seeded subsets), the share the extractor takes for
-        real (no corruption class wins) and, for conditional models, the share of the requested class."""
-        features = features_of(self.extractor, fake)
-        kid_mean, kid_std = kid(reference, features, self.hparams.kid_subset_size)
-        name = OFFLINE_EXTRACTOR
-        scores = {f"{stage}/fid_{name}": fid(reference, features), f"{stage}/kid_{name}": kid_mean, f"{stage}/kid_{name}_std": kid_std}
-        outputs = int(getattr(self.extractor, "task_outputs", self.extractor.classifier.out_features))
-        logits = torch.cat([self.extractor.logits(fake[i : i + 256]) for i in range(0, len(fake), 256)])
-        if outputs < logits.shape[1]:
-            scores[f"{stage}/real_share_{name}"] = float((logits.argmax(1) < outputs).float().mean())
-        if self.condition_classes and getattr(self.extractor, "task", "classes") == "classes" and outputs == self.condition_classes:
-            scores[f"{stage}/class_acc_{name}"] = float((logits[:, :outputs].argmax(1).cpu() == labels.cpu()).float().mean())
-        return scores
 
     def _log_grid(self, stage: str) -> None:
         count = self.hparams.grid_samples
