@@ -32,6 +32,7 @@ from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped
+from pipelines.explain import explanation_writer
 from pipelines.files import write_text_atomic
 from pipelines.guards import NonFiniteLossError, NonFiniteLossGuard, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
@@ -177,6 +178,11 @@ class PipelineCLI(LightningCLI):
             help="predict: name of the predictions file in the run folder (refused if it exists). "
             "Default: predictions.csv, or predictions-2.csv, ... when earlier ones exist (never overwritten).",
         )  # fmt: skip
+        parser.add_argument(
+            "--explain", type=bool, default=False,
+            help="predict: also explain each prediction, in files beside the predictions file (healthcare: a Grad-CAM heat map "
+            "per image in <predictions>.heatmaps/, named in a heatmap column); refused for models that give none.",
+        )  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments("data", f"{model_args}.{target}", compute_fn=partial(self._data_value, source), apply_on="instantiate")
@@ -214,6 +220,8 @@ class PipelineCLI(LightningCLI):
                 raise InputError(f"--{option} must be at least 1 ({unit}), got {cfg.get(option)}")
         if cfg.get("output") is not None and sub != "predict":
             raise InputError(f"--output names the file of `predict`; {sub} writes no predictions")
+        if cfg.get("explain") and sub != "predict":
+            raise InputError(f"--explain writes explanations beside the predictions of `predict`; {sub} writes no predictions")
         try:
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
@@ -290,6 +298,7 @@ class PipelineCLI(LightningCLI):
         plan = plan_hardware(trainer_cfg)
         options = self.config[self.subcommand]
         predictions = prediction_file(self.run.path, options.get("output")) if self.subcommand == "predict" else None
+        explanations = explanation_writer(self.model, predictions) if predictions is not None and options.get("explain") else None
         if rank_zero_only.rank == 0:  # DDP workers are copies of this command, inside the same run
             try:
                 self._lock = RunLock(self.run.path, self.subcommand)
@@ -323,6 +332,8 @@ class PipelineCLI(LightningCLI):
         callbacks.append(RunReport(run_dir, self.spec.name))  # report.html, after the summary it reads (pipelines/report.py)
         if self.subcommand == "fit" and self.run.ckpt_path and trainer_cfg.get("logger") in (None, True):
             callbacks.append(ReplayMetrics(str(run_dir)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
+        if explanations is not None:
+            callbacks.append(explanations)  # before the predictions writer: it may add a column naming its files
         if predictions is not None:
             callbacks.append(CsvPredictionWriter(predictions))
         overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
