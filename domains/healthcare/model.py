@@ -19,8 +19,8 @@ from torch import nn
 from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights, min_input_size
 from domains.healthcare.explain import GRADCAM_LAYERS, GradCamWriter, explain_batch, explainable_copy, gradcam_layer
+from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights, min_input_size
 from pipelines.calibration import ThresholdMethod
 from pipelines.classifier_calibration import ClassifierCalibration, decision_centred
 from pipelines.errors import InputError
@@ -267,7 +267,7 @@ class ImageClassifier(BaseTask):
         predicted, names, titles = self._predicted_labels(probs), self.class_labels, []
         for truth, guess, p in zip(label, predicted, probs):
             if self.hparams.task == "binary":
-                said = f"{names[int(guess)]}, P({names[1]}) {float(p):.2f}"
+                said = f"{names[int(guess)]}\nP({names[1]}) {float(p):.2f}"
             elif self.hparams.task == "multiclass":
                 said = f"{names[int(guess)]} {float(p[int(guess)]):.2f}"
             else:
