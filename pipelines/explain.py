@@ -90,18 +90,20 @@ def heatmap_plane(heatmap: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def overlay_grid(images: torch.Tensor | np.ndarray, heatmaps: torch.Tensor | np.ndarray, titles: Sequence[str], columns: int = 8) -> Figure:
     """A grid of channel-first images with their heat maps over them (one title each) and a colour bar."""
-    from pipelines.plots import new_figure
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from pipelines.plots import new_figure, title_lines
 
     count = len(images)
     rows, cols = max(1, -(-count // columns)), min(columns, max(count, 1))
-    figure, axes = new_figure(rows, cols, figsize=(1.6 * cols + 0.6, 1.9 * rows), squeeze=False)
+    figure, axes = new_figure(rows, cols, figsize=(1.6 * cols + 0.6, (1.6 + 0.2 * title_lines(titles)) * rows + 0.3), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < count:
             ax.imshow(overlay_rgb(display_plane(images[i]), heatmap_plane(heatmaps[i])))
             ax.set_title(titles[i], fontsize=7)
-    mappable = axes.flat[0].imshow(np.zeros((1, 1)), cmap="jet", vmin=0, vmax=1, visible=False)
-    bar = figure.colorbar(mappable, ax=list(axes.flat), fraction=0.03, pad=0.02)
+    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=list(axes.flat), fraction=0.03, pad=0.02)
     bar.set_label("heat map (1 = the image's strongest)", fontsize=7)
     bar.ax.tick_params(labelsize=6)
     return figure

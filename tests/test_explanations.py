@@ -103,7 +103,7 @@ def test_the_test_grid_has_heat_maps_and_predict_explain_writes_one_per_image(ti
     args = ("healthcare", "predict", "--run_id", run.name, "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--trainer.limit_predict_batches=2")
     run_pipeline(*args, "--explain", "true")
     predictions = pd.read_csv(run / "predictions.csv")
-    assert len(predictions) > 16 and predictions["heatmap"].str.startswith("predictions.heatmaps/").all()
+    assert len(predictions) >= 10 and predictions["heatmap"].str.startswith("predictions.heatmaps/").all()
     folder = run / "predictions.heatmaps"
     assert sorted(p.name for p in folder.iterdir()) == sorted([*predictions["heatmap"].str.split("/").str[1],
                                                                *predictions["heatmap"].str.split("/").str[1].str.replace(".png", ".npy")])  # fmt: skip
