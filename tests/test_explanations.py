@@ -143,27 +143,32 @@ def test_the_vae_names_a_feature_pushed_to_an_extreme_as_the_top_reason_in_predi
     from pipelines.export import export_checkpoint
 
     runs = tmp_path / "runs"
-    train = make_card_transactions(800, fraud_rate=0.05, seed=0)
-    train.to_csv(tmp_path / "train.csv", index=False)
+    make_card_transactions(800, fraud_rate=0.05, seed=0).to_csv(tmp_path / "train.csv", index=False)
     common = ["--data.path", str(tmp_path / "train.csv"), "--model.architecture=vae", "--model.hidden_dims=[16]", "--model.latent_dim=4", "--data.batch_size=64"]
     run_pipeline("finance", "fit", *common, "--trainer.max_epochs=3", "--runs_dir", str(runs))
     run = only_run(runs, "finance")
 
+    from domains.finance.preprocessing import TablePreprocessor
+
+    fitted = TablePreprocessor.from_state_dict(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["TransactionDataModule"]["preprocessor"])
     normal = make_card_transactions(400, fraud_rate=0.0, seed=5).drop(columns=["is_fraud"]).head(60).reset_index(drop=True)
     pushed = normal.copy()
     columns = ["distance_from_home_km", "transactions_last_hour", "customer_age", "amount"]
     truth = [columns[i % len(columns)] for i in range(len(pushed))]
-    for i, column in enumerate(truth):  # the largest value seen in training: extreme, yet in range (no out_of_range path)
-        pushed.loc[i, column] = train[column].max()
+    for i, column in enumerate(truth):  # the training split's largest value: extreme, yet in range (no out_of_range path)
+        high = fitted.highs[column]
+        pushed.loc[i, column] = np.expm1(high) * 0.999 if column == "amount" else high  # amounts' range is of log1p(amount)
     pd.concat([normal, pushed]).to_csv(tmp_path / "score.csv", index=False)
     run_pipeline("finance", "predict", *common, "--runs_dir", str(runs), "--run_id", run.name, "--ckpt_path", "last", "--data.predict_path", str(tmp_path / "score.csv"))
     out = pd.read_csv(run / "predictions.csv")
     plain, changed = out.iloc[: len(normal)], out.iloc[len(normal) :]
-    assert (changed["out_of_range"].fillna("") == "").all()
+    assert not any(column in str(outside) for column, outside in zip(truth, changed["out_of_range"].fillna("")))  # pushed within range
     named = float((changed["top_feature_1"].to_numpy() == np.array(truth)).mean())
     chance = float((plain["top_feature_1"].to_numpy() == np.array(truth)).mean())  # the same rows before the push
     print(f"top reason = the pushed feature: {named:.2f} of pushed rows, {chance:.2f} of the same rows unpushed")
-    assert named >= 0.9 and chance <= 0.5, (named, chance)
+    # measured 0.93 and 0.17: the misses are mild pushes (customer_age's maximum is ~2 robust deviations out) or rows
+    # already holding a more extreme value of another column, which is then rightly named first
+    assert named >= 0.85 and chance <= 0.4, (named, chance)
     contributions = out.filter(like="top_contribution_").to_numpy()
     assert (out["latent_contribution"] >= 0).all() and (contributions.sum(1) <= out["score"] + 1e-4).all()
 
