@@ -178,11 +178,8 @@ class PipelineCLI(LightningCLI):
             help="predict: name of the predictions file in the run folder (refused if it exists). "
             "Default: predictions.csv, or predictions-2.csv, ... when earlier ones exist (never overwritten).",
         )  # fmt: skip
-        parser.add_argument(
-            "--explain", type=bool, default=False,
-            help="predict: also explain each prediction, in files beside the predictions file (healthcare: a Grad-CAM heat map "
-            "per image in <predictions>.heatmaps/, named in a heatmap column); refused for models that give none.",
-        )  # fmt: skip
+        parser.add_argument("--explain", type=bool, default=False, help="predict: also write each prediction's explanation beside the "
+                            "predictions file (healthcare: Grad-CAM heat maps, pipelines/explain.py); refused for models without one.")  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments("data", f"{model_args}.{target}", compute_fn=partial(self._data_value, source), apply_on="instantiate")
@@ -332,10 +329,8 @@ class PipelineCLI(LightningCLI):
         callbacks.append(RunReport(run_dir, self.spec.name))  # report.html, after the summary it reads (pipelines/report.py)
         if self.subcommand == "fit" and self.run.ckpt_path and trainer_cfg.get("logger") in (None, True):
             callbacks.append(ReplayMetrics(str(run_dir)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
-        if explanations is not None:
-            callbacks.append(explanations)  # before the predictions writer: it may add a column naming its files
-        if predictions is not None:
-            callbacks.append(CsvPredictionWriter(predictions))
+        if predictions is not None:  # explanations first: they may add a column naming their files
+            callbacks += [*([explanations] if explanations else []), CsvPredictionWriter(predictions)]
         overrides: dict[str, Any] = {**plan.settings, "default_root_dir": str(run_dir), "callbacks": callbacks}
         if trainer_cfg.get("logger") in (None, True):
             overrides["logger"] = make_wandb_logger(self.run, self.spec.tags, options.get("wandb_group"), options.get("wandb_job_type") or "train")

@@ -101,6 +101,10 @@ def test_the_test_grid_has_heat_maps_and_predict_explain_writes_one_per_image(ti
 
     run = copy_run(run, runs_dir)
     args = ("healthcare", "predict", "--run_id", run.name, "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--trainer.limit_predict_batches=2")
+    with pytest.raises(SystemExit) as crash:  # after the first batch's heat maps were written
+        run_pipeline(*args, "--explain", "true", "--data.batch_size=8", "--trainer.callbacks+=tests.helpers.FailPredictBatch")
+    assert crash.value.code == 1
+    assert not list(run.glob("predictions*")) and not list(run.glob(".predictions*")), "a failed predict leaves no file and no folder"
     run_pipeline(*args, "--explain", "true")
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) >= 10 and predictions["heatmap"].str.startswith("predictions.heatmaps/").all()
