@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
+from pipelines.explain import explanation_writer
 from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
 from pipelines.parse_errors import broken_yaml, explain
@@ -197,6 +198,8 @@ class PipelineCLI(LightningCLI):
             help="predict: name of the predictions file in the run folder (refused if it exists). "
             "Default: predictions.csv, or predictions-2.csv, ... when earlier ones exist (never overwritten).",
         )  # fmt: skip
+        parser.add_argument("--explain", type=bool, default=False, help="predict: also write each prediction's explanation beside the "
+                            "predictions file (healthcare: Grad-CAM heat maps, pipelines/explain.py); refused for models without one.")  # fmt: skip
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments("data", f"{model_args}.{target}", compute_fn=partial(self._data_value, source), apply_on="instantiate")
@@ -234,6 +237,8 @@ class PipelineCLI(LightningCLI):
                 raise InputError(f"--{option} must be at least 1 ({unit}), got {cfg.get(option)}")
         if cfg.get("output") is not None and sub != "predict":
             raise InputError(f"--output names the file of `predict`; {sub} writes no predictions")
+        if cfg.get("explain") and sub != "predict":
+            raise InputError(f"--explain writes explanations beside the predictions of `predict`; {sub} writes no predictions")
         try:
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
@@ -310,12 +315,13 @@ class PipelineCLI(LightningCLI):
         plan = plan_hardware(trainer_cfg)
         options = self.config[self.subcommand]
         predictions = prediction_file(self.run.path, options.get("output")) if self.subcommand == "predict" else None
+        explanations = explanation_writer(self.model, predictions) if predictions is not None and options.get("explain") else None
         if rank_zero_only.rank == 0:  # DDP workers are copies of this command, inside the same run
             try:
                 self._lock = RunLock(self.run.path, self.subcommand)
             except RunFolderBusy as error:
                 raise InputError(str(error)) from None
-        settings = run_trainer_settings(self.spec, self.run, self.subcommand, options, trainer_cfg, predictions)
+        settings = run_trainer_settings(self.spec, self.run, self.subcommand, options, trainer_cfg, predictions, explanations)
         self.signal_checkpoint = settings.signal_checkpoint
         self._announce(plan.summary)
         return super().instantiate_trainer(**{**plan.settings, **settings.overrides, **kwargs})

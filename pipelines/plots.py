@@ -38,7 +38,7 @@ def image_grid(images: torch.Tensor | np.ndarray, titles: Sequence[str] | None =
     count = len(array)
     rows = max(1, -(-count // columns))
     cols = min(columns, max(count, 1))
-    fig, axes = new_figure(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(1.6 * cols, (1.6 + 0.2 * title_lines(titles)) * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= count:
@@ -51,6 +51,11 @@ def image_grid(images: torch.Tensor | np.ndarray, titles: Sequence[str] | None =
             ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def title_lines(titles: Sequence[str] | None) -> int:
+    """The most lines a title of ``titles`` has (0 without titles): grids leave room for them."""
+    return max((str(t).count("\n") + 1 for t in titles or ()), default=0)
 
 
 def save_figure_atomic(figure: Any, path: Path) -> None:

@@ -31,6 +31,7 @@ from pipelines.files import write_text_atomic
 REPORT = "report.html"
 FEW_EXAMPLES = 30  # a class with fewer test examples than this gets a warning in "Limits"
 WIDE_INTERVAL = 0.1  # an interval wider than this (on a [0, 1] metric) gets a warning
+WIDE_PLOT = 900  # a plot wider than this many pixels (image grids, heat-map grids) is shown at the page's full width
 
 
 def describe_data(datamodule: Any) -> dict[str, Any]:
@@ -159,8 +160,10 @@ def build_report(run_dir: Path, domain: str, data: dict[str, Any] | None = None)
     if plots:
         parts.append("<h2>Plots</h2>")
         for plot in plots:
-            encoded = base64.b64encode(plot.read_bytes()).decode()
-            parts.append(f'<figure><img alt="{html.escape(plot.stem)}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(plot.stem)}</figcaption></figure>')
+            data_bytes = plot.read_bytes()
+            encoded = base64.b64encode(data_bytes).decode()
+            wide = ' class="wide"' if int.from_bytes(data_bytes[16:20], "big") > WIDE_PLOT else ""  # a PNG's width (IHDR): grids of images
+            parts.append(f'<figure{wide}><img alt="{html.escape(plot.stem)}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(plot.stem)}</figcaption></figure>')
 
     parts.append("<h2>Config</h2>")
     parts.append(f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False) if config else 'no config.yaml')}</pre>")
@@ -183,6 +186,8 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-
 th {{ background: #f2f2f2; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 img {{ max-width: 520px; border: 1px solid #ddd; }}
+figure.wide {{ display: block; }}
+figure.wide img {{ max-width: 100%; }}
 pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }}
 h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.5em; }}
 </style></head>

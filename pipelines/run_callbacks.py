@@ -34,7 +34,8 @@ class RunTrainerSettings:
 
 
 def run_trainer_settings(
-    spec: DomainSpec, run: RunFolder, subcommand: str, options: Any, trainer_cfg: Any, predictions: Path | None
+    spec: DomainSpec, run: RunFolder, subcommand: str, options: Any, trainer_cfg: Any, predictions: Path | None,
+    explanations: Callback | None = None,
 ) -> RunTrainerSettings:
     """The callbacks and logger of one command on ``run``.
 
@@ -46,6 +47,7 @@ def run_trainer_settings(
             ``wandb_group``, ``wandb_job_type``, ``wandb_watch``).
         trainer_cfg: the sub-command's ``trainer`` section as LightningCLI instantiated it.
         predictions: the predictions file of ``predict`` (``None`` otherwise).
+        explanations: ``predict --explain``'s writer (runs before the predictions writer: it may add a column).
     """
     callbacks: list[Callback] = list(trainer_cfg.get("callbacks") or [])
     signal_checkpoint = None
@@ -76,6 +78,8 @@ def run_trainer_settings(
     logger_configured = trainer_cfg.get("logger") not in (None, True)
     if subcommand == "fit" and run.ckpt_path and not logger_configured:
         callbacks.append(ReplayMetrics(str(run.path)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
+    if explanations is not None:
+        callbacks.append(explanations)
     if predictions is not None:
         callbacks.append(CsvPredictionWriter(predictions))
     overrides: dict[str, Any] = {"default_root_dir": str(run.path), "callbacks": callbacks}

@@ -65,6 +65,17 @@ class PoisonWeights(pl.Callback):
             self._poison(pl_module)
 
 
+class FailPredictBatch(pl.Callback):
+    """Raise at predict batch ``batch``, as a crash mid-scoring would (earlier batches are written by then)."""
+
+    def __init__(self, batch: int = 1) -> None:
+        self.batch = batch
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.batch:
+            raise RuntimeError(f"FailPredictBatch: a crash at predict batch {batch_idx}")
+
+
 # ----- a real server process --------------------------------------------------------------------------
 START_TIMEOUT = 120.0
 REQUEST_TIMEOUT = 60.0

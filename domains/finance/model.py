@@ -308,7 +308,8 @@ class FraudAutoencoder(BaseTask):
 
     # ----- scoring new rows --------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Every input row (original values) plus ``score``, ``is_alert``, ``out_of_range`` and the top contributing columns.
+        """Every input row (original values) plus ``score``, ``is_alert``, ``out_of_range``, the top contributing
+        columns and, for the VAE, ``latent_contribution`` (the score's KL part, so the contributions and it sum to the score).
 
         ``is_alert``: ``score >= threshold``, or a value outside the range seen in training
         (``out_of_range`` names those columns; such a value is scored compressed, see the preprocessing);
@@ -341,6 +342,8 @@ class FraudAutoencoder(BaseTask):
             for j in range(k):
                 columns[f"top_feature_{j + 1}"] = [names[i] for i in index[:, j].tolist()]
                 columns[f"top_contribution_{j + 1}"] = values[:, j]
+        if self.network.variational:  # the rest of the VAE's score: how unusual the row's code is (KL), no one column's
+            columns["latent_contribution"] = (scores - contributions.sum(1)).clamp_min(0)
         return columns
 
     @property

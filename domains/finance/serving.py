@@ -4,7 +4,7 @@ Transaction rows with the training table's columns, as a client has them::
 
     {"rows": [{"amount": 12.5, "timestamp": "2024-03-04 13:45:00", "merchant_category": "grocery", ...}, ...]}
         -> {"predictions": [{"score": 3.1, "is_alert": false, "out_of_range": [], "top_features": [{"feature": "amount", "contribution": 1.2}, ...]}, ...],
-            "threshold": 9.8}
+            "threshold": 9.8}    (a VAE's answers add "latent_contribution": the score's KL part, no one column's)
     {"row": {...}}  ->  {"score": 3.1, "is_alert": false, "out_of_range": [], "top_features": [...], "threshold": 9.8}
 
 Rows are prepared with the checkpoint's fitted preprocessing, once per server batch: ``decode``
@@ -73,6 +73,7 @@ class TransactionRowsAdapter(RequestAdapter):
         self.threshold: float | None = None if threshold is None else float(threshold)
         self.embedded = "categorical" in self.input_specs
         self.probability: dict[str, Any] | None = domain.get("probability")  # Platt scaling fitted on validation, or None
+        self.variational = domain.get("architecture") == "vae"  # answers carry latent_contribution, as predict's column
 
     def accepts(self, request: dict[str, Any]) -> bool:
         return self.key in request
@@ -237,6 +238,8 @@ class TransactionRowsAdapter(RequestAdapter):
             top = [{"feature": self.contribution_names[j], "contribution": _number(contributions[j])} for j in order]
             columns = [ranged[j] for j in np.flatnonzero(outside)]
             answer = {"score": _number(score), "is_alert": bool(alert) or bool(columns), "out_of_range": columns, "top_features": top}
+            if self.variational:  # the VAE score's KL part: the score minus its per-column contributions
+                answer["latent_contribution"] = _number(max(float(score) - float(np.sum(contributions, dtype=np.float64)), 0.0))
             if self.probability:  # as predict's fraud_probability: sigmoid(slope * score + intercept) in float64
                 z = self.probability["slope"] * float(score) + self.probability["intercept"]
                 answer["fraud_probability"] = _number(1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z)))

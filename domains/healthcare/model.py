@@ -3,12 +3,15 @@
 Binary tasks use one logit and ``BCEWithLogitsLoss`` (class balance as ``pos_weight``); multi-class
 tasks use softmax cross-entropy (class weights); multi-label tasks use one sigmoid per label.
 Metrics (torchmetrics): AUROC, accuracy, macro F1 and F1 per class; at test time a confusion
-matrix, a ROC curve and a grid of sample predictions are saved in the run folder and logged to W&B.
+matrix, a ROC curve, a grid of sample predictions (predicted class and calibrated probability) and
+their Grad-CAM heat maps are saved in the run folder and logged to W&B; ``predict --explain`` writes a
+heat map per image (``domains/healthcare/explain.py``).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,11 +19,13 @@ from torch import nn
 from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from domains.healthcare.explain import GRADCAM_LAYERS, GradCamWriter, explain_batch, explainable_copy, gradcam_layer
 from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights, min_input_size
 from pipelines.calibration import ThresholdMethod
 from pipelines.classifier_calibration import ClassifierCalibration, decision_centred
 from pipelines.errors import InputError
 from pipelines.evaluation_plots import confusion_figure, roc_figure
+from pipelines.explain import overlay_grid
 from pipelines.export_spec import ExportSpec
 from pipelines.plots import image_grid, metric_figure
 from pipelines.task import BaseTask
@@ -50,7 +55,8 @@ class ImageClassifier(BaseTask):
         input_shape: channel-first shape of one input; linked from the data. The network is checked
             against it when the model is built (before any run folder exists): every spatial side
             must be at least :func:`min_input_size` and a forward pass must succeed.
-        sample_grid_size: images in the logged grid of sample predictions (0 disables it).
+        sample_grid_size: images in the logged grid of sample predictions, and at test in the grid of their
+            Grad-CAM heat maps (0 disables both).
         channels_last: on a GPU, keep 2-D images and weights in channels-last memory format (faster
             convolutions with mixed precision); ignored on CPU and for volumes.
         calibrate: fit a temperature on the validation logits after every validation epoch (binary and
@@ -199,7 +205,7 @@ class ImageClassifier(BaseTask):
         if shape is not None and self.hparams.input_shape is None:
             self.check_input_shape(tuple(shape))
 
-    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities: P(positive) ``(N,)`` for binary, ``(N, C)`` otherwise (multi-label: uncalibrated sigmoids)."""
         return self.calibration.probabilities(logits) if self.calibration is not None else torch.sigmoid(logits)
 
@@ -213,7 +219,7 @@ class ImageClassifier(BaseTask):
             loss = self.loss_fn(logits[:, 0], target.float())
         else:
             loss = self.loss_fn(logits, target.float())
-        return loss, logits.detach(), self._probabilities(logits.detach()), target.long()
+        return loss, logits.detach(), self.probabilities(logits.detach()), target.long()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, probs, target = self._step(batch)
@@ -256,16 +262,36 @@ class ImageClassifier(BaseTask):
             return "|".join(names[i] for i in torch.nonzero(values).flatten().tolist()) or "-"
         return names[int(values)]
 
+    def _grid_titles(self, label: torch.Tensor, probs: torch.Tensor) -> list[str]:
+        """True class, predicted class and its calibrated probability (binary: P(positive); multi-label: each predicted label's)."""
+        predicted, names, titles = self._predicted_labels(probs), self.class_labels, []
+        for truth, guess, p in zip(label, predicted, probs):
+            if self.hparams.task == "binary":
+                said = f"{names[int(guess)]}\nP({names[1]}) {float(p):.2f}"
+            elif self.hparams.task == "multiclass":
+                said = f"{names[int(guess)]} {float(p[int(guess)]):.2f}"
+            else:
+                said = ", ".join(f"{names[i]} {float(p[i]):.2f}" for i in torch.nonzero(guess).flatten().tolist()) or "-"
+            titles.append(f"true {self._label_text(truth)}\npred {said}")
+        return titles
+
     def _log_sample_grid(self, stage: str) -> None:
+        """The grid of sample predictions; at test, also their Grad-CAM heat maps (``test/gradcam``, domains/healthcare/explain.py)."""
         grid, self._grid_batch = self._grid_batch, None
-        if grid is None or self.trainer.sanity_checking:
+        if grid is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        predicted = self._predicted_labels(grid["probs"])
-        titles = [f"true {self._label_text(t)}\npred {self._label_text(p)}" for t, p in zip(grid["label"], predicted)]
+        titles = self._grid_titles(grid["label"], grid["probs"])
         image = grid["image"]
-        if image.ndim == 5:  # volumes: show the middle slice
-            image = image[:, :, image.shape[2] // 2]
-        log_figure(self.trainer, image_grid(image, titles), f"{stage}/sample_predictions")
+        log_figure(self.trainer, image_grid(image[:, :, image.shape[2] // 2] if image.ndim == 5 else image, titles), f"{stage}/sample_predictions")
+        if stage == "test" and self.hparams.network in GRADCAM_LAYERS:
+            maps = explain_batch(self, explainable_copy(self), gradcam_layer(self.hparams.network, self.network), image)
+            figure = overlay_grid(image, maps, titles)
+            figure.suptitle("Grad-CAM, test: where the evidence for the predicted class lies" + (f" (binary: for {self.class_labels[1]})" if self.hparams.task == "binary" else ""), fontsize=8)
+            log_figure(self.trainer, figure, "test/gradcam")
+
+    def explanation_writer(self, predictions: Path) -> GradCamWriter:
+        """``predict --explain``: Grad-CAM heat maps beside ``predictions`` (refused when the network has no known target layer)."""
+        return GradCamWriter(predictions, self)
 
     def _predicted_labels(self, probs: torch.Tensor) -> torch.Tensor:
         """Binary: P(positive) at or above the operating threshold; multi-class: the most probable class."""
@@ -283,7 +309,7 @@ class ImageClassifier(BaseTask):
         """The test metrics on a subset of test rows (bootstrap intervals), computed as the logged ones."""
         from torchmetrics.functional.classification import auroc, accuracy, f1_score
 
-        probs = self._probabilities(logits)
+        probs = self.probabilities(logits)
         args = self._metric_args()
         if int(target.unique().numel()) < self.hparams.num_classes:  # AUROC is undefined without every class (torchmetrics would say 0)
             auroc = lambda *_, **__: torch.tensor(float("nan"))  # noqa: E731
@@ -323,7 +349,7 @@ class ImageClassifier(BaseTask):
         self.test_roc.reset()
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        probs = self._probabilities(self(batch["image"]))
+        probs = self.probabilities(self(batch["image"]))
         datamodule = self.trainer.datamodule
         columns: dict[str, Any] = {"item": [datamodule.item_name(int(i)) for i in batch["index"]]}
         names = self.class_labels
