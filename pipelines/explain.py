@@ -46,7 +46,7 @@ def explanation_writer(model: Any, predictions: Path) -> Any:
     if not callable(make):
         raise InputError(
             f"--explain: {type(model).__name__} gives no per-item explanations to write beside the predictions "
-            "(healthcare image classifiers write Grad-CAM heat maps); run predict without --explain"
+            "(healthcare image classifiers write Grad-CAM heat maps, autonomous models per-channel attribution columns); run predict without --explain"
         )
     return make(predictions)
 

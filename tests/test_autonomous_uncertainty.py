@@ -99,8 +99,8 @@ def test_attributions_rank_the_channel_the_target_depends_on(quantile_run, tmp_p
         shares.append(float(mean[4] / mean.sum()))
     assert np.mean(shares) < 0.4, shares
 
-    # per window with --model.explain: c2 first for nearly every window
-    run_pipeline("autonomous", "predict", f"--data.path={path}", *ONE_CHANNEL, "--model.quantiles=[0.1, 0.5, 0.9]", "--model.explain=true", *QUIET,
+    # per window with predict --explain: c2 first for nearly every window
+    run_pipeline("autonomous", "predict", f"--data.path={path}", *ONE_CHANNEL, "--model.quantiles=[0.1, 0.5, 0.9]", "--explain=true", *QUIET,
                  "--run_id", run.name, "--ckpt_path", "best", "--runs_dir", str(runs), "--output", "explained.csv")  # fmt: skip
     explained = pd.read_csv(run / "explained.csv")
     attribution = explained[[f"attribution_{name}" for name in ["dx", "dy", *CHANNELS]]]

@@ -17,7 +17,7 @@ no gradient (so it works for the recurrent networks and PatchTST alike) and cost
 per channel, batched; it measures the effect of removing a channel's information, not of small
 changes to it (gradient methods such as Captum's integrated gradients answer that other question).
 ``test`` logs ``test/attribution_<channel>``, the mean over the test windows, and
-``plots/test_channel_attributions.png``; ``predict`` with ``--model.explain true`` writes
+``plots/test_channel_attributions.png``; ``predict --explain`` (or ``--model.explain true``) writes
 ``attribution_<channel>`` per window.
 
 Example:
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from torchmetrics import Metric
 
 from pipelines.plots import new_figure
@@ -94,3 +95,11 @@ def attribution_figure(values: torch.Tensor, names: list[str], unit: str, window
     ax.set_title(f"Channel attributions, test ({windows} windows)")
     fig.tight_layout()
     return fig
+
+
+class AttributionColumns(Callback):
+    """``predict --explain`` for autonomous models: each window's per-channel attributions become
+    ``attribution_<channel>`` columns of the predictions file itself (the same as ``--model.explain true``)."""
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        pl_module.explain = True

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from domains.autonomous.attributions import ChannelAttribution
+from domains.autonomous.attributions import AttributionColumns, ChannelAttribution
 from domains.autonomous.metrics import DisplacementError, StepDisplacementError
 from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
 from domains.autonomous.evaluation import check_model_options, log_test_outputs, occlusion
@@ -152,6 +152,10 @@ class SensorSequenceModel(BaseTask):
         self._plot_items: list[dict[str, torch.Tensor]] = []
         self._plot_sequences: set[str] = set()
         self._scatter: list[torch.Tensor] = []
+
+    def explanation_writer(self, predictions: Any) -> AttributionColumns:
+        """``predict --explain``: per-channel attributions as columns of the predictions file."""
+        return AttributionColumns()
 
     @property
     def stochastic(self) -> bool:

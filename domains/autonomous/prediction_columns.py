@@ -10,7 +10,7 @@ Always: ``sequence`` (the segment of the window) and ``time`` (its last observed
   ``modes`` have none, and the CVAE's draws are equally likely: no column);
 - regression: ``prediction`` (the median for a quantile model) and ``q<level>`` per level, ``target`` when known;
 - classification: ``prediction``, ``prob_<class>`` (calibrated), ``label`` when known;
-- with ``--model.explain true``: ``attribution_<channel>`` per window (``attributions.py``).
+- with ``--explain`` (or ``--model.explain true``): ``attribution_<channel>`` per window (``attributions.py``).
 """
 
 from __future__ import annotations
