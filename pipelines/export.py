@@ -37,6 +37,7 @@ from pipelines.domain_registry import DomainSpec
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.parse_errors import explain
+from pipelines.stops import sigterm_as_exit
 from pipelines.run_folder import git_commit, package_versions, resolve_run
 from pipelines.validation import check_model_label
 
@@ -187,6 +188,7 @@ def main(spec: DomainSpec, argv: list[str]) -> Path:
     if run.ckpt_path is None:
         raise InputError(f"{spec.name} export: --ckpt_path {args.ckpt_path}: no checkpoint found")
     output = Path(args.output) if args.output else Path(run.ckpt_path).parent.parent / "export" / args.format
-    bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol, model_name=args.model_name, model_version=args.model_version)
+    with sigterm_as_exit("export"):  # a stopped export leaves no staging folder: the bundle is complete or absent
+        bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol, model_name=args.model_name, model_version=args.model_version)
     print(f"[pipelines] {spec.name} {args.format} bundle written to {bundle}")
     return bundle

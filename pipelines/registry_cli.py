@@ -29,6 +29,7 @@ from pipelines.model_registry import (
     CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked, now,
 )  # fmt: skip
 from pipelines.option_spelling import OptionParser
+from pipelines.stops import sigterm_as_exit
 
 LOCKED = 5  # the same code as pipelines.retrain_steps.ExitCode.LOCKED
 
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no registry for {args.domain!r} at {registry.path}", file=sys.stderr)
         return 1
     try:
-        return _run(args, rest, registry)
+        with sigterm_as_exit(f"registry {args.command}"):  # clean-up runs (partial versions, snapshots), exit 143
+            return _run(args, rest, registry)
     except RegistryLocked as error:
         print(f"locked: {error}", file=sys.stderr)
         return LOCKED

@@ -1,0 +1,47 @@
+"""SIGTERM to the commands that are not a Lightning run: the stop is honest (exit 143) and leaves
+no staging folder, and an earlier output at the same place is kept as it was."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipelines.files import sha256_file
+from tests.conftest import ROOT, child_env, copy_run
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier_bundle(tiny_run, tmp_path):
+    run = copy_run(tiny_run("finance"), tmp_path / "runs")
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    bundle = tmp_path / "bundles" / "fraud"
+    command = [sys.executable, "-m", "pipelines.run", "finance", "export", "--ckpt_path", str(checkpoint), "--output", str(bundle)]
+    first = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = files_of(bundle)
+    assert "metadata.json" in before
+
+    second = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, staging = time.time() + 240, []
+        while time.time() < deadline and second.poll() is None:
+            staging = [p for p in bundle.parent.iterdir() if p.name.startswith(f".{bundle.name}.")]
+            if staging:
+                second.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.01)
+        _, stderr = second.communicate(timeout=120)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert staging, f"the export ended before its staging folder was seen: {second.returncode}"
+    assert second.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert [p.name for p in bundle.parent.iterdir()] == [bundle.name], "no staging folder is left behind"
+    assert files_of(bundle) == before, "the earlier bundle is kept as it was"
