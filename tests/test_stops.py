@@ -45,3 +45,16 @@ def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert [p.name for p in bundle.parent.iterdir()] == [bundle.name], "no staging folder is left behind"
     assert files_of(bundle) == before, "the earlier bundle is kept as it was"
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    from pipelines.files import write_text_atomic
+
+    (tmp_path / "report.json").mkdir()  # e.g. --json pointing at an existing folder
+    try:
+        write_text_atomic(tmp_path / "report.json", "{}")
+    except OSError:
+        pass
+    else:
+        raise AssertionError("writing over a folder must fail")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "the temporary file is removed"
