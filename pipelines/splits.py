@@ -208,7 +208,9 @@ def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1
     check_column(list(frame.columns), column, option, source)
     values = frame[column]
     if rule.by == "hash":
-        missing = np.flatnonzero(values.isna().to_numpy())
+        # an empty cell is no key whether the reader made it NaN or kept it as text (finance reads CSVs with keep_default_na=False)
+        blank = values.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(dtype=bool)
+        missing = np.flatnonzero(values.isna().to_numpy() | blank)
         if len(missing):
             raise InputError(f"{source} {describe_rows(missing + first_row)}, column {column!r} (--data.split_key): no key value; every row needs one")
         return hash_split(values.to_numpy(), rule.val_fraction, rule.test_fraction, rule.seed)

@@ -87,6 +87,12 @@ def test_bad_split_options_are_refused_naming_the_column_row_or_rule(tmp_path, t
     transactions.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(InputError, match=r"column 'customer' \(--data.split_key\) not found \(did you mean 'customer_id'"):
         finance(tmp_path / "t.csv", split_by="hash", split_key="customer").split_assignment
+    keyless = transactions.copy()
+    keyless["customer_id"] = keyless["customer_id"].astype(str)
+    keyless.loc[10, "customer_id"] = ""  # an empty cell: the finance reader keeps it as text, not NaN
+    keyless.to_csv(tmp_path / "keyless.csv", index=False)
+    with pytest.raises(InputError, match=r"keyless.csv row 11, column 'customer_id' \(--data.split_key\): no key value"):
+        finance(tmp_path / "keyless.csv", split_by="hash", split_key="customer_id").split_assignment
     bad = transactions.copy()
     bad.loc[6, "timestamp"] = "yesterday"
     bad.to_csv(tmp_path / "bad.csv", index=False)
