@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
 
     warmup = run_media(["validate", *data, "--model=domains.media.model.GAN", *shared, "--run_id", "extractor"], out / f"media_{name}_extractor.log")
-    extractor = json.loads(next((runs_dir / "media" / "extractor").glob("feature_extractor.json")).read_text())
+    extractor = json.loads((runs_dir / "media" / "extractor" / "feature_extractor.json").read_text())
+    extractor = {**json.loads(Path(extractor["source"]).with_suffix(".json").read_text()), **extractor}  # the cache's record has its accuracy
     print(f"[bench] {name}: feature extractor {extractor['sha256'][:16]} (val accuracy {extractor.get('val_accuracy', '?')}) in {warmup['wall_seconds']} s")
 
     results: dict = {}
     for family in args.families.split(","):
         options = family_options(family, args.guidance_scale)
-        model = [f"--model={options['class_path']}", *shared, *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in options["init_args"].items()]]
+        model = [f"--model={options['class_path']}", *shared, *[f"--model.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in options["init_args"].items()]]
         trainer = [f"--trainer.max_time=00:00:{args.budget_seconds // 60:02d}:{args.budget_seconds % 60:02d}", "--trainer.max_epochs=-1",
                    f"--trainer.check_val_every_n_epoch={args.val_every}"]  # fmt: skip
         load = os.getloadavg()[0]
