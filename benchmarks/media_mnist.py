@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=sorted(DATA), default="mnist", help="which shared data set (default: mnist)")
     parser.add_argument("--npz", type=Path, default=None, help="an MNIST/MedMNIST-style .npz instead of --data")
     parser.add_argument("--budget-seconds", type=int, default=300, help="--trainer.max_time of each family (wall clock, validation included)")
-    parser.add_argument("--families", default="gan,diffusion", help="comma-separated: gan, diffusion, diffusion-guided")
+    parser.add_argument("--families", default="gan,diffusion", help="comma-separated: gan, gan-diffaugment, diffusion, diffusion-guided")
     parser.add_argument("--train-images", type=int, default=20000, help="--data.max_train_images")
     parser.add_argument("--eval-images", type=int, default=500, help="--data.max_eval_images and --model.init_args.fid_samples")
     parser.add_argument("--val-every", type=int, default=1, help="--trainer.check_val_every_n_epoch")
@@ -69,11 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def family_options(name: str, guidance_scale: float) -> dict:
+    if name == "gan-diffaugment":
+        base = FAMILIES["gan"]
+        return {**base, "init_args": {**base["init_args"], "diffaugment": "color,translation,cutout"}}
     if name == "diffusion-guided":
         base = FAMILIES["diffusion"]
         return {**base, "init_args": {**base["init_args"], "cond_drop_prob": 0.1, "guidance_scale": guidance_scale}}
     if name not in FAMILIES:
-        raise SystemExit(f"error: --families: unknown family {name!r}; known: gan, diffusion, diffusion-guided")
+        raise SystemExit(f"error: --families: unknown family {name!r}; known: gan, gan-diffaugment, diffusion, diffusion-guided")
     return FAMILIES[name]
 
 
