@@ -161,8 +161,8 @@ def test_predict_honours_sampler_steps_and_guidance_and_refuses_a_dropped_model_
     for name, options, column, value in [
         ("steps1", ["--data.generate_steps=1"], "steps", 1),
         ("ddpm", ["--data.generate_sampler=ddpm"], "sampler", "ddpm"),
-        ("guided", ["--data.generate_guidance_scale=4"], "guidance_scale", 4.0),
         ("null", ["--data.generate_guidance_scale=0"], "guidance_scale", 0.0),
+        ("guided", ["--data.generate_guidance_scale=4"], "guidance_scale", 4.0),  # last: config-predict.yaml is the latest predict's
     ]:
         images, rows = predict(name, *options)
         assert set(rows[column]) == {value}, (name, rows)
