@@ -91,7 +91,8 @@ class Bundle:
         return dict(zip(self.output_names, outputs))
 
     def generate(
-        self, count: int = 1, seed: int = 0, steps: int | None = None, labels: Any = None, noise: np.ndarray | None = None
+        self, count: int = 1, seed: int = 0, steps: int | None = None, labels: Any = None, noise: np.ndarray | None = None,
+        guidance_scale: float | None = None,
     ) -> np.ndarray:
         """Images ``(count, C, H, W)`` in [0, 1] from a diffusion bundle: the whole DDIM loop (eta 0), numpy only.
 
@@ -105,6 +106,8 @@ class Bundle:
             labels: class indices ``(count,)`` (or one index) for a class-conditional bundle; default
                 ``(seed + i) % num_classes``, as the server.
             noise: the starting noise ``(N, C, H, W)`` instead of the seeded one.
+            guidance_scale: classifier-free guidance scale (bundles of models trained with a null class,
+                ``scheduler.guidance`` in the metadata; default its ``guidance_scale``; 1: none).
         """
         schedule = self.metadata.get("domain_metadata", {}).get("scheduler")
         if schedule is None or not {"noisy", "timestep"} <= set(self.inputs):
@@ -120,7 +123,7 @@ class Bundle:
         elif labels is not None:
             raise ValueError(f"{self.path}: this model is not class-conditional; leave labels out")
         steps = int(schedule["sampling_steps"]) if steps is None else int(steps)
-        sample = ddim_sample(lambda x: self.run(**x)["noise"], noise, ddim_schedule(schedule, steps), labels)
+        sample = ddim_sample(lambda x: self.run(**x)["noise"], noise, ddim_schedule(schedule, steps), labels, guidance_scale)
         return (sample + 1.0) / 2.0
 
 
@@ -142,8 +145,39 @@ def ddim_schedule(schedule: dict[str, Any], steps: int) -> dict[str, Any]:
     return {**schedule, "sampling_steps": steps, "timesteps": timesteps, "step_stride": total // steps}
 
 
+def guidance_of(schedule: dict[str, Any], guidance_scale: float | None = None) -> tuple[float, int | None]:
+    """``(scale, null_label)`` of classifier-free guidance for a bundle's ``schedule`` (``scheduler.guidance``):
+    ``guidance_scale`` or the bundle's default; refused (``ValueError``) unless finite and >= 0, and unless
+    the model has a null class when it is not 1."""
+    guidance = schedule.get("guidance") or {}
+    scale = float(guidance.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    if not np.isfinite(scale) or scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+    if scale != 1.0 and "null_label" not in guidance:
+        raise ValueError(f"guidance_scale {scale}: this model was trained without a null class (cond_drop_prob 0); only 1 (no guidance) applies")
+    return scale, guidance.get("null_label")
+
+
+def guided(step: Callable[[dict[str, np.ndarray]], np.ndarray], scale: float, null_label: int | None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """Classifier-free guidance around a one-step denoiser: ``uncond + scale * (cond - uncond)``, both in one batched call."""
+    if scale == 1.0:
+        return step
+
+    def guided_step(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        null = np.full_like(inputs["labels"], null_label)
+        if scale == 0.0:
+            return np.asarray(step({**inputs, "labels": null}), dtype=np.float32)
+        doubled = {name: np.concatenate([value, value]) for name, value in inputs.items()}
+        doubled["labels"] = np.concatenate([inputs["labels"], null])
+        cond, uncond = np.split(np.asarray(step(doubled), dtype=np.float32), 2)
+        return uncond + np.float32(scale) * (cond - uncond)
+
+    return guided_step
+
+
 def ddim_sample(
-    step: Callable[[dict[str, np.ndarray]], np.ndarray], noise: np.ndarray, schedule: dict[str, Any], labels: np.ndarray | None = None
+    step: Callable[[dict[str, np.ndarray]], np.ndarray], noise: np.ndarray, schedule: dict[str, Any], labels: np.ndarray | None = None,
+    guidance_scale: float | None = None,
 ) -> np.ndarray:
     """MONAI's DDIM loop (eta 0; epsilon or v prediction, from ``schedule``) in numpy: images ``(N, C, H, W)`` in [-1, 1].
 
@@ -153,7 +187,13 @@ def ddim_sample(
         noise: the starting noise, ``(N, C, H, W)`` float32.
         schedule: a diffusion bundle's ``domain_metadata.scheduler``, set to the wanted steps (:func:`ddim_schedule`).
         labels: ``(N,)`` class indices for a conditional model.
+        guidance_scale: classifier-free guidance scale (default: the schedule's ``guidance.guidance_scale``, else 1).
     """
+    scale, null_label = guidance_of(schedule, guidance_scale)
+    if scale != 1.0:
+        if labels is None:
+            raise ValueError(f"guidance_scale {scale} needs class labels")
+        step = guided(step, scale, null_label)
     prediction = schedule.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise ValueError(f"ddim_sample handles epsilon and v_prediction, not {prediction!r}")

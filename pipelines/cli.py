@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pipelines.checkpoint_options import check_model_options_kept
 from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
@@ -248,6 +249,8 @@ class PipelineCLI(LightningCLI):
             self._checkpoint = read_checkpoint(self.run.ckpt_path, label)  # its data module state is used before setup
             # the class it names is checked before LightningCLI reads it from the checkpoint's hyper-parameters
             model_class(self.spec, recorded_class_path(self._checkpoint), label)
+            # LightningCLI builds the model from the checkpoint's options: one given here that differs is refused, not ignored
+            check_model_options_kept(args if isinstance(args, (list, tuple)) else [], self._checkpoint.get("hyper_parameters") or {}, label)
         reused = saved_config_sections(self.run, sub)
         if reused is not None:
             path, sections = reused

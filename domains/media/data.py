@@ -65,18 +65,18 @@ class ImageDataset(Dataset):
 
 class GenerationRequests(Dataset):
     """``predict`` items: which image to generate (``index``), from which ``seed``, of which class (-1: none),
-    with how many sampling steps (0: the model's ``sampling_steps``) and which sampler (an index into
-    :data:`SAMPLERS`; 0: the model's default)."""
+    with how many sampling steps (0: the model's ``sampling_steps``), which sampler (an index into
+    :data:`SAMPLERS`; 0: the model's default) and which classifier-free guidance scale (-1: the model's)."""
 
-    def __init__(self, count: int, seed: int, num_classes: int, steps: int = 0, sampler: int = 0) -> None:
-        self.count, self.seed, self.num_classes, self.steps, self.sampler = count, seed, num_classes, steps, sampler
+    def __init__(self, count: int, seed: int, num_classes: int, steps: int = 0, sampler: int = 0, guidance: float = -1.0) -> None:
+        self.count, self.seed, self.num_classes, self.steps, self.sampler, self.guidance = count, seed, num_classes, steps, sampler, guidance
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, item: int) -> dict[str, int]:
+    def __getitem__(self, item: int) -> dict[str, int | float]:
         label = item % self.num_classes if self.num_classes else -1
-        return {"index": item, "seed": self.seed + item, "label": label, "steps": self.steps, "sampler": self.sampler}
+        return {"index": item, "seed": self.seed + item, "label": label, "steps": self.steps, "sampler": self.sampler, "guidance": self.guidance}
 
 
 class MediaDataModule(pl.LightningDataModule):
@@ -120,6 +120,9 @@ class MediaDataModule(pl.LightningDataModule):
             takes the model's options from the checkpoint.
         generate_sampler: sampler of diffusion models for ``predict``: ``ddim`` (``generate_steps``
             steps, the default) or ``ddpm`` (all ``num_train_timesteps`` steps); refused for GANs.
+        generate_guidance_scale: classifier-free guidance scale of diffusion models for ``predict``
+            (default: the model's ``guidance_scale``; anything but 1 needs a model trained with
+            ``cond_drop_prob > 0``); refused for GANs.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class MediaDataModule(pl.LightningDataModule):
         generate_dir: str | None = None,
         generate_steps: int | None = None,
         generate_sampler: Literal["ddim", "ddpm"] | None = None,
+        generate_guidance_scale: float | None = None,
     ) -> None:
         super().__init__()
         if image_dir and npz_path:
@@ -165,6 +169,8 @@ class MediaDataModule(pl.LightningDataModule):
         self.split_rule = SplitRule.from_options(split_by, "file name stem" if split_by == "hash" else None, None, None, None, None, val_fraction, test_fraction, split_seed)
         if generate_steps is not None and generate_steps < 1:
             raise InputError(f"generate_steps must be >= 1, got {generate_steps}")
+        if generate_guidance_scale is not None and not (np.isfinite(generate_guidance_scale) and generate_guidance_scale >= 0):
+            raise InputError(f"--data.generate_guidance_scale must be a finite number >= 0 (1: no guidance), got {generate_guidance_scale}")
         if num_generate < 1:
             raise InputError(f"num_generate must be >= 1, got {num_generate}")
         self.save_hyperparameters(logger=False)
@@ -272,7 +278,9 @@ class MediaDataModule(pl.LightningDataModule):
             self.datasets[name] = ImageDataset(self.source.pixels[indices], self.labels_of(indices), indices, augment)
         hp = self.hparams
         if "predict" not in self.datasets:
-            self.datasets["predict"] = GenerationRequests(hp.num_generate, hp.generate_seed, self.num_classes, hp.generate_steps or 0, SAMPLERS.index(hp.generate_sampler))
+            guidance = -1.0 if hp.generate_guidance_scale is None else float(hp.generate_guidance_scale)
+            sampler = SAMPLERS.index(hp.generate_sampler)
+            self.datasets["predict"] = GenerationRequests(hp.num_generate, hp.generate_seed, self.num_classes, hp.generate_steps or 0, sampler, guidance)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from domains.media.networks import InferenceDenoiser, build_diffusion_unet, ema_update
+from domains.media.networks import GuidedDenoiser, InferenceDenoiser, build_diffusion_unet, ema_update
 from domains.media.task import GenerativeTask, seeded_noise
+from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 
 
@@ -34,6 +36,21 @@ def ddim_schedule(scheduler: Any, steps: int) -> dict[str, Any]:
         "clip_sample_values": [float(v) for v in scheduler.clip_sample_values],
         "eta": 0.0,
     }
+
+
+def check_guidance(cond_drop_prob: float, guidance_scale: float, conditional: bool, option: str) -> None:
+    """Refuse (``InputError``) a condition-dropout probability outside [0, 1) and a guidance scale the model cannot apply."""
+    if not 0.0 <= cond_drop_prob < 1.0:
+        raise InputError(f"--model.init_args.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise InputError(f"{option} must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+    if guidance_scale != 1.0 and not conditional:
+        raise InputError(f"{option} {guidance_scale}: classifier-free guidance needs a class-conditional model (labelled data, conditional: true); use 1")
+    if guidance_scale != 1.0 and cond_drop_prob == 0:
+        raise InputError(
+            f"{option} {guidance_scale}: this model was trained without a null class (cond_drop_prob 0), so it has no unconditional "
+            "prediction to guide with; use 1, or train with --model.init_args.cond_drop_prob 0.1"
+        )
 
 
 class Diffusion(GenerativeTask):
@@ -72,6 +89,15 @@ class Diffusion(GenerativeTask):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         lr_schedule: ``constant``, ``cosine`` or ``step`` (per epoch).
+        cond_drop_prob: classifier-free guidance (Ho & Salimans 2022): during training each image's
+            class is replaced by a learned null class with this probability, so the same UNet also
+            learns the unconditional model (the UNet gets one class embedding more). ``0``: no null
+            class, no guidance (checkpoints from before this option load unchanged).
+        guidance_scale: classifier-free guidance scale ``w`` of the validation/test samples (and the
+            default of ``predict``, ``--data.generate_guidance_scale``, and of exported bundles):
+            the model output is ``uncond + w * (cond - uncond)``; ``1`` is the plain conditional
+            model (one UNet call per step), ``0`` the unconditional one, above 1 stronger class
+            adherence (two UNet calls per step). Anything but 1 needs ``cond_drop_prob > 0``.
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -92,8 +118,12 @@ class Diffusion(GenerativeTask):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
+        cond_drop_prob: float = 0.0,
+        guidance_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        conditional = kwargs.get("conditional", True) and kwargs.get("num_classes", 0) > 0
+        check_guidance(cond_drop_prob, guidance_scale, conditional, "--model.init_args.guidance_scale")
         if not 1 <= sampling_steps <= num_train_timesteps or not 1 <= eval_steps <= num_train_timesteps:
             raise ValueError(f"sampling_steps ({sampling_steps}) and eval_steps ({eval_steps}) must be in [1, num_train_timesteps={num_train_timesteps}]")
         if snr_gamma is not None and snr_gamma <= 0:
@@ -115,8 +145,9 @@ class Diffusion(GenerativeTask):
         from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
         hp = self.hparams
+        classes = self.condition_classes + (1 if self.null_label is not None else 0)  # the null class of guidance is the last
         self.unet = build_diffusion_unet(
-            hp.image_size, hp.in_channels, hp.unet_widths, hp.attention_levels, hp.num_res_blocks, hp.norm_num_groups, hp.num_head_channels, self.condition_classes
+            hp.image_size, hp.in_channels, hp.unet_widths, hp.attention_levels, hp.num_res_blocks, hp.norm_num_groups, hp.num_head_channels, classes
         )
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_unet.eval()
@@ -131,23 +162,58 @@ class Diffusion(GenerativeTask):
     def eval_sampling_steps(self) -> int | None:
         return self.hparams.eval_steps
 
-    def _net(self, network: nn.Module, labels: torch.Tensor | None) -> Any:
-        return partial(network, class_labels=labels) if labels is not None else network
+    @property
+    def null_label(self) -> int | None:
+        """The class index that stands for "no class" (classifier-free guidance), or ``None`` without guidance training."""
+        return self.condition_classes if self.condition_classes and self.hparams.cond_drop_prob > 0 else None
+
+    def _net(self, network: nn.Module, labels: torch.Tensor | None, guidance_scale: float = 1.0) -> Any:
+        if labels is None:
+            return network
+        if guidance_scale != 1.0:
+            return GuidedDenoiser(network, labels, self.null_label, guidance_scale)
+        return partial(network, class_labels=labels)
+
+    def _training_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Labels with each one replaced by the null class with probability ``cond_drop_prob`` (training only)."""
+        if labels is None or self.null_label is None:
+            return labels
+        dropped = torch.rand(labels.shape, device=labels.device) < self.hparams.cond_drop_prob
+        return torch.where(dropped, torch.full_like(labels, self.null_label), labels)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(noisy, timesteps, class_labels=labels)
 
-    def sample(self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
+    def sample(
+        self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None, sampler: str | None = None, guidance_scale: float | None = None
+    ) -> torch.Tensor:
+        """Images in [-1, 1]; ``guidance_scale`` defaults to the one ``predict`` asked for, else the model's."""
         if sampler not in (None, *self.samplers):
             raise ValueError(f"sampler must be one of {self.samplers}, got {sampler!r}")
+        scale = self._guidance_for(guidance_scale)
         if sampler == "ddpm":
             scheduler = self.ddpm
             scheduler.set_timesteps(self.hparams.num_train_timesteps)
         else:
             scheduler = self.ddim
             scheduler.set_timesteps(steps or self.hparams.sampling_steps)
-        network = self.ema_unet
-        return self.inferer.sample(noise, self._net(network, labels), scheduler=scheduler, verbose=False)
+        return self.inferer.sample(noise, self._net(self.ema_unet, labels, scale), scheduler=scheduler, verbose=False)
+
+    def _guidance_for(self, guidance_scale: float | None) -> float:
+        scale = guidance_scale if guidance_scale is not None else getattr(self, "_predict_guidance", None)
+        scale = float(self.hparams.guidance_scale if scale is None else scale)
+        check_guidance(self.hparams.cond_drop_prob, scale, bool(self.condition_classes), "--data.generate_guidance_scale")
+        return scale
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """:meth:`GenerativeTask.predict_step` with ``--data.generate_guidance_scale`` (a data option, as the sampler)."""
+        requested = float(batch["guidance"][0]) if "guidance" in batch and float(batch["guidance"][0]) >= 0 else None
+        self._predict_guidance = scale = self._guidance_for(requested)
+        try:
+            rows = super().predict_step(batch, batch_idx)
+        finally:
+            self._predict_guidance = None
+        return {**rows, "guidance_scale": [scale if self.condition_classes else "-"] * len(rows["file"])}
 
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
         """One step of the EMA denoiser: ``noisy (N, C, H, W), timestep (N,) float32 [, labels (N,) int64] -> noise``
@@ -167,6 +233,8 @@ class Diffusion(GenerativeTask):
         if self.condition_classes:
             inputs, names = (*inputs, torch.arange(count) % self.condition_classes), [*names, "labels"]
         scheduler = ddim_schedule(self.ddim, int(hp.sampling_steps))
+        if self.null_label is not None:  # classifier-free guidance: the sampling loop calls the step with the null class too
+            scheduler["guidance"] = {"null_label": int(self.null_label), "guidance_scale": float(hp.guidance_scale)}
         output = "noise (epsilon)" if hp.prediction_type == "epsilon" else "velocity (v)"
         metadata = {**self.export_metadata(), "value_range": [0.0, 1.0], "output_layout": "NCHW", "model_output": output,
                     "model_value_range": [-1.0, 1.0], "scheduler": scheduler}  # fmt: skip
@@ -190,7 +258,7 @@ class Diffusion(GenerativeTask):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        loss = self._denoising_loss(self.unet, images, self._labels_for(batch["label"], len(images)))
+        loss = self._denoising_loss(self.unet, images, self._training_labels(self._labels_for(batch["label"], len(images))))
         self.log_train_loss(loss, len(images))
         self._step_loss = loss.detach()
         self._batch_idx = batch_idx

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from domains.media.diffaugment import DiffAugment, parse_policy
 from domains.media.networks import Discriminator, Generator, InferenceGenerator
 from domains.media.task import GenerativeTask, seeded_noise
+from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 
 
@@ -34,6 +36,10 @@ class GAN(GenerativeTask):
             discriminator's cross-entropy on real images with their labels, and the generator's on
             its images with the requested labels (0: projection only, which on the shapes set left
             the class ignored: see the media README).
+        diffaugment: DiffAugment policies (Zhao et al. 2020), a comma-separated list of ``color``,
+            ``translation``, ``cutout``: applied to real and generated images alike before every
+            discriminator call, so a small training set is not memorised by the discriminator.
+            Default: none (off; see the media README for what it measured).
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -47,10 +53,12 @@ class GAN(GenerativeTask):
         beta2: float = 0.999,
         class_loss_weight: float = 2.0,
         conditional: bool = True,
+        diffaugment: str | None = None,
         **kwargs: Any,
     ) -> None:
         if class_loss_weight < 0:
             raise ValueError(f"class_loss_weight must be >= 0, got {class_loss_weight}")
+        parse_policy(diffaugment)  # refused (InputError, exit 2) before anything is built or written
         super().__init__(conditional=conditional, **kwargs)
         self.automatic_optimization = False
 
@@ -59,6 +67,7 @@ class GAN(GenerativeTask):
         self.generator = Generator(hp.latent_dim, hp.image_size, hp.in_channels, hp.width, self.condition_classes)
         classifier = bool(self.condition_classes) and hp.class_loss_weight > 0
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)
+        self.augment = DiffAugment(parse_policy(hp.diffaugment))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
@@ -107,7 +116,8 @@ class GAN(GenerativeTask):
             self.toggle_optimizer(opt_d)
         fake = self.generator(z, labels)
         fake = fake if ddp else fake.detach()
-        (d_real, real_logits), (d_fake, _) = self.discriminator(real, labels), self.discriminator(fake, labels)
+        # DiffAugment (when set): reals and fakes alike, fresh parameters per call; the identity otherwise
+        (d_real, real_logits), (d_fake, _) = self.discriminator(self.augment(real), labels), self.discriminator(self.augment(fake), labels)
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         if real_logits is not None:
             d_loss = d_loss + self.hparams.class_loss_weight * F.cross_entropy(real_logits, labels)
@@ -118,7 +128,7 @@ class GAN(GenerativeTask):
         if not ddp:
             self.untoggle_optimizer(opt_d)
             self.toggle_optimizer(opt_g)
-        g_score, fake_logits = self.discriminator(self.generator(z, labels), labels)
+        g_score, fake_logits = self.discriminator(self.augment(self.generator(z, labels)), labels)
         g_loss = -g_score.mean()
         if fake_logits is not None:
             g_loss = g_loss + self.hparams.class_loss_weight * F.cross_entropy(fake_logits, labels)
@@ -138,3 +148,8 @@ class GAN(GenerativeTask):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._update_real(batch["image"], batch["label"])
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        if "guidance" in batch and float(batch["guidance"][0]) >= 0:
+            raise InputError("--data.generate_guidance_scale: a GAN draws in one generator pass; classifier-free guidance is for Diffusion only")
+        return super().predict_step(batch, batch_idx)

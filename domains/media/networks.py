@@ -283,6 +283,30 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         ema_buffer.copy_(buffer)
 
 
+class GuidedDenoiser:
+    """Classifier-free guidance around a class-conditional denoiser (Ho & Salimans 2022), as MONAI's samplers call it.
+
+    ``guided(x, timesteps) = uncond + scale * (cond - uncond)``, ``cond`` the network's output for
+    ``labels`` and ``uncond`` for ``null_label`` (the class the model was trained to treat as "no
+    class"), both from one batched call. Linear in the output, so it holds for epsilon and velocity
+    prediction alike. ``scale`` 0 is the unconditional model (one call), 1 the conditional one.
+    """
+
+    def __init__(self, network: nn.Module, labels: torch.Tensor, null_label: int | None, scale: float) -> None:
+        if null_label is None:
+            raise ValueError("classifier-free guidance needs a model trained with a null class (cond_drop_prob > 0)")
+        self.network, self.labels, self.scale = network, labels, float(scale)
+        self.null = torch.full_like(labels, null_label)
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scale == 0.0:
+            return self.network(x, timesteps, class_labels=self.null)
+        both_t = torch.cat([timesteps, timesteps]) if timesteps.numel() == len(x) > 1 else timesteps
+        both = self.network(torch.cat([x, x]), both_t, class_labels=torch.cat([self.labels, self.null]))
+        cond, uncond = both.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
 class InferenceGenerator(nn.Module):
     """What a GAN bundle holds: ``noise (N, latent) [, labels (N,) int64] -> images (N, C, H, W)`` in [0, 1].
 

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bundle_runtime import ddim_sample, ddim_schedule
+from pipelines.bundle_runtime import ddim_sample, ddim_schedule, guidance_of
 from pipelines.serve import ModelCall, RequestAdapter, reject
 
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 20.0  # largest classifier-free guidance scale a request may ask for
 MAX_EVALUATIONS = 1600  # count x steps of one diffusion request (32 images x 50 steps: ~16 s for the default 32x32 UNet on one CPU core)
 
 
@@ -138,22 +139,30 @@ class SeedGenerationAdapter(RequestAdapter):
 
 
 class DiffusionGenerationAdapter(SeedGenerationAdapter):
-    """``{"seed": S, "count": N, "steps": K[, "label": L]}`` -> N images DDIM-sampled in K steps (diffusion bundles).
+    """``{"seed": S, "count": N, "steps": K[, "label": L][, "guidance_scale": W]}`` -> N images DDIM-sampled in K steps (diffusion bundles).
 
     The bundle holds one denoising step; :meth:`infer` runs :func:`ddim_sample` around it, one model
-    call per step for all the images of a batch of requests with the same ``steps``.
+    call per step for all the images of a batch of requests with the same ``steps`` and guidance.
+    ``guidance_scale`` (bundles of models trained with a null class, ``scheduler.guidance``; default
+    the model's): classifier-free guidance, which doubles the images of each model call.
     """
 
-    fields = ("seed", "count", "label", "steps")
+    fields = ("seed", "count", "label", "steps", "guidance_scale")
 
     def __init__(self, metadata: dict[str, Any]) -> None:
         super().__init__(metadata)
         self.schedule: dict[str, Any] = metadata["domain_metadata"]["scheduler"]
         self.max_steps = int(self.schedule["num_train_timesteps"])
         self.default_steps = int(self.schedule["sampling_steps"])
+        self.default_guidance, self.null_label = guidance_of(self.schedule)
+        guidance = (
+            f'"guidance_scale": {self.default_guidance}, ' if self.null_label is not None else ""
+        )
         self.example = (
-            '{"seed": 0, "count": 4, "steps": 50, "label": "<class name or index, conditional models only>"}  '
-            f"(count 1..{MAX_COUNT}, default 1; steps 1..{self.max_steps}, default {self.default_steps}; count x steps <= {MAX_EVALUATIONS})"
+            '{"seed": 0, "count": 4, "steps": 50, ' + guidance + '"label": "<class name or index, conditional models only>"}  '
+            f"(count 1..{MAX_COUNT}, default 1; steps 1..{self.max_steps}, default {self.default_steps}; "
+            + (f"guidance_scale 0..{MAX_GUIDANCE:g}, default {self.default_guidance:g}, doubles the cost unless 0 or 1; " if guidance else "")
+            + f"count x steps <= {MAX_EVALUATIONS})"
         )
 
     @classmethod
@@ -166,24 +175,38 @@ class DiffusionGenerationAdapter(SeedGenerationAdapter):
         arrays = super().decode(request)
         count = len(arrays["noise"])
         steps = self._integer(request, "steps", 1, self.max_steps) if "steps" in request else self.default_steps
-        if count * steps > MAX_EVALUATIONS:
-            reject("steps", f"count x steps must be at most {MAX_EVALUATIONS} model evaluations per request; got {count} x {steps}: "
+        scale = self._guidance(request.get("guidance_scale"), "labels" in arrays)
+        evaluations = count * steps * (1 if scale in (0.0, 1.0) else 2)
+        if evaluations > MAX_EVALUATIONS:
+            doubled = " x 2 (guidance)" if scale not in (0.0, 1.0) else ""
+            reject("steps", f"count x steps must be at most {MAX_EVALUATIONS} model evaluations per request; got {count} x {steps}{doubled}: "
                    "ask for fewer images or steps per request")  # fmt: skip
-        return {**arrays, "steps": np.full(count, steps, dtype=np.int64)}
+        return {**arrays, "steps": np.full(count, steps, dtype=np.int64), "guidance_scale": np.full(count, scale, dtype=np.float64)}
+
+    def _guidance(self, value: Any, conditional: bool) -> float:
+        if value is None:
+            return self.default_guidance
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_GUIDANCE:
+            reject("guidance_scale", f"expected a number in 0..{MAX_GUIDANCE:g} (1: no guidance); got {value!r}")
+        if float(value) != 1.0 and (self.null_label is None or not conditional):
+            reject("guidance_scale", "this model was trained without a null class (cond_drop_prob 0): only 1 (no guidance) applies; leave it out")
+        return float(value)
 
     def infer(self, inputs: dict[str, np.ndarray], run: ModelCall) -> dict[str, np.ndarray]:
         """Images in [0, 1] (``images``) and their ``steps``: one DDIM loop per distinct ``steps`` in the batch."""
-        noise, steps = inputs["noise"], inputs["steps"]
+        noise, steps, scales = inputs["noise"], inputs["steps"], inputs["guidance_scale"]
         images = np.empty_like(noise)
-        for value in np.unique(steps):
-            rows = steps == value
+        for value, scale in sorted(set(zip(steps.tolist(), scales.tolist()))):
+            rows = (steps == value) & (scales == scale)
             labels = inputs["labels"][rows] if "labels" in inputs else None
-            sample = ddim_sample(lambda x: run(**x)["noise"], noise[rows], ddim_schedule_for(self.schedule, int(value)), labels)
+            schedule = ddim_schedule_for(self.schedule, int(value))
+            sample = ddim_sample(lambda x: run(**x)["noise"], noise[rows], schedule, labels, scale if labels is not None else None)
             images[rows] = (sample + 1.0) / 2.0  # the denoiser works in [-1, 1]
-        return {"images": images, "steps": steps}
+        return {"images": images, "steps": steps, "guidance_scale": scales}
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {**super().encode(outputs), "steps": int(outputs["steps"][0])}
+        answer = {**super().encode(outputs), "steps": int(outputs["steps"][0])}
+        return {**answer, "guidance_scale": float(outputs["guidance_scale"][0])} if self.null_label is not None else answer
 
 
 ADAPTERS = [SeedGenerationAdapter, DiffusionGenerationAdapter]

@@ -25,6 +25,7 @@ from domains.media.features import (
     CORRUPTIONS, OFFLINE_EXTRACTOR, accuracy, describe, extractor_digest, inception_metrics, load_extractor, save_extractor, train_feature_cnn,
 )  # fmt: skip
 from domains.media.metrics import extractor_key, inception_range, inception_scores, resolve_extractor, resolve_reference
+from domains.media.fit_clock import WholeFitClock
 from domains.media.networks import FeatureCNN
 from domains.media.quality import TrainingNeighbours, offline_scores, training_neighbours
 from pipelines.errors import InputError
@@ -44,7 +45,7 @@ def seeded_noise(seeds: torch.Tensor | list[int], shape: tuple[int, ...], device
     return torch.stack(rows).to(device)
 
 
-class GenerativeTask(BaseTask):
+class GenerativeTask(WholeFitClock, BaseTask):  # max_time counts the extractor's training too (fit_clock.py)
     """Base of the media models: metrics, sample grids, generation, the non-finite guard.
 
     Subclasses build their networks in ``build_networks`` and implement :meth:`noise_shape`,
@@ -156,8 +157,8 @@ class GenerativeTask(BaseTask):
         return steps, sampler
 
     @torch.no_grad()
-    def generate(self, seeds: list[int] | torch.Tensor, labels: torch.Tensor | None = None, steps: int | None = None, sampler: str | None = None, batch_size: int = 256) -> torch.Tensor:
-        """Seeded images ``(N, C, H, W)`` in [-1, 1]; the global random state is left untouched."""
+    def generate(self, seeds: list[int] | torch.Tensor, labels: torch.Tensor | None = None, steps: int | None = None, sampler: str | None = None, batch_size: int = 256, **options: Any) -> torch.Tensor:
+        """Seeded images ``(N, C, H, W)`` in [-1, 1] (``options``: the model's own, e.g. ``guidance_scale``); the global random state is left untouched."""
         seeds = [int(s) for s in seeds]
         labels = self._labels_for(labels, len(seeds))
         out = []
@@ -167,7 +168,7 @@ class GenerativeTask(BaseTask):
                 chunk = seeds[start : start + batch_size]
                 noise = seeded_noise(chunk, self.noise_shape(), self.device)
                 chunk_labels = labels[start : start + batch_size] if labels is not None else None
-                out.append(self.sample(noise, chunk_labels, steps, sampler).clamp(-1, 1))
+                out.append(self.sample(noise, chunk_labels, steps, sampler, **options).clamp(-1, 1))
         return torch.cat(out)
 
     # ----- export -----------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""With ``--ckpt_path``, model options given on the command line must not be dropped in silence.
+
+LightningCLI builds the model of ``fit/validate/test/predict --ckpt_path CKPT`` from the
+hyper-parameters saved in the checkpoint, which replace the model options parsed from the command
+line (``LightningCLI`` parses the checkpoint's hyper-parameters over the config). An option such as
+``predict --ckpt_path best --model.init_args.sampling_steps 10`` was therefore accepted and ignored
+(exit 0, the checkpoint's value used). :func:`check_model_options_kept` refuses such an option when
+its value differs from the checkpoint's, naming the option, both values and what to do instead; an
+option equal to the checkpoint's value (scripts that repeat the training options) passes.
+
+Example:
+    >>> check_model_options_kept(["predict", "--model.init_args.width=16"], {"width": 16}, "--ckpt_path best")
+    >>> check_model_options_kept(["predict", "--model.init_args.width", "32"], {"width": 16}, "--ckpt_path best")
+    Traceback (most recent call last):
+    ...
+    pipelines.errors.InputError: --model.init_args.width 32: with --ckpt_path best the model is built from the checkpoint's options (width: 16 there), so this option would be ignored. Leave it out; options that apply when generating or predicting are data options (see --help), and a model with other options needs a new training run
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from pipelines.errors import InputError
+
+#: what a ``--model.X`` option may be that is not a hyper-parameter of the model
+STRUCTURE = ("class_path", "init_args", "dict_kwargs")
+
+
+def model_options(argv: Sequence[str]) -> Iterator[tuple[str, str, str]]:
+    """``(option as written, hyper-parameter name, raw value)`` of every ``--model.NAME[=]VALUE`` in ``argv``."""
+    tokens = list(argv)
+    for index, token in enumerate(tokens):
+        if not token.startswith("--model."):
+            continue
+        option, equals, value = token.partition("=")
+        if not equals:
+            if index + 1 >= len(tokens) or tokens[index + 1].startswith("--"):
+                continue  # no value: the parser has refused or will refuse it
+            value = tokens[index + 1]
+        name = option.removeprefix("--model.")
+        name = name.removeprefix("init_args.").removeprefix("dict_kwargs.")
+        if name.split(".")[0] in STRUCTURE:
+            continue
+        yield option, name, value
+
+
+def _same(given: Any, saved: Any) -> bool:
+    if isinstance(given, (int, float)) and isinstance(saved, (int, float)) and not isinstance(given, bool) and not isinstance(saved, bool):
+        return float(given) == float(saved)
+    if isinstance(given, (list, tuple)) and isinstance(saved, (list, tuple)):
+        return len(given) == len(saved) and all(_same(a, b) for a, b in zip(given, saved))
+    return given == saved
+
+
+def check_model_options_kept(argv: Sequence[str], hparams: Mapping[str, Any], label: str) -> None:
+    """Refuse (``InputError``) a ``--model...`` option in ``argv`` whose value differs from the checkpoint's ``hparams``.
+
+    Nested options (``--model.init_args.optimizer.lr``) are compared as a whole: refused when given at all
+    unless equal. ``label`` names the checkpoint in the message (``--ckpt_path best``).
+    """
+    for option, name, raw in model_options(argv):
+        top, _, rest = name.partition(".")
+        if top not in hparams:
+            continue  # not a saved hyper-parameter (a link target or unknown: the parser's business)
+        try:
+            given = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            given = raw
+        saved = hparams[top]
+        if rest:
+            node = saved
+            for part in rest.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            saved = node
+        if _same(given, saved):
+            continue
+        raise InputError(
+            f"{option} {raw}: with {label} the model is built from the checkpoint's options ({name}: {saved!r} there), so this option "
+            "would be ignored. Leave it out; options that apply when generating or predicting are data options (see --help), "
+            "and a model with other options needs a new training run"
+        )
