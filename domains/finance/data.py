@@ -48,10 +48,12 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from domains.finance.datasets import EncodedRows, ScoringStream, identity
+from domains.finance.mapped_rows import MappedRows
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
 from domains.finance.source_checks import check_both_classes, check_roles_cover, check_scoring_file
-from domains.finance.sources import read_adbench_npz, read_table
+from domains.finance.sources import read_adbench_npz, read_header, read_table
 from domains.finance.splitting import split_rows
+from domains.finance.streaming import StreamedTable, check_streaming_options, streamed_reference
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
@@ -119,6 +121,10 @@ class TransactionDataModule(pl.LightningDataModule):
         batch_size: rows per training/evaluation batch (per process under DDP).
         predict_chunk_rows: rows read, encoded and scored at a time by ``predict``.
         num_workers: DataLoader worker processes (persistent when > 0).
+        streaming: read ``path`` (CSV/Parquet) in chunks of ``predict_chunk_rows`` rows into memory-mapped
+            arrays in ``cache_dir`` instead of holding the table in memory, for files larger than memory
+            (:mod:`domains.finance.streaming`; the same splits, fitted state and batches).
+        cache_dir: the streaming cache folder (default ``~/.cache/domain-pipelines/finance``).
     """
 
     def __init__(
@@ -153,6 +159,8 @@ class TransactionDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         predict_chunk_rows: int = 4096,
         num_workers: int = 0,
+        streaming: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.split_rule = SplitRule.from_options(split_by, split_key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
@@ -167,6 +175,7 @@ class TransactionDataModule(pl.LightningDataModule):
                 raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
             if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
                 raise InputError(f"--data.{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+        check_streaming_options(path, streaming, cache_dir)
         self.save_hyperparameters(logger=False)
         self.preprocessor: TablePreprocessor | None = None
         self._encoded: dict[str, tuple[TablePreprocessor, Any]] = {}  # keyed by the preprocessing in force
@@ -212,11 +221,24 @@ class TransactionDataModule(pl.LightningDataModule):
         return frame
 
     @cached_property
+    def stream(self) -> StreamedTable | None:
+        """The chunked reader of ``--data.streaming true`` (:mod:`domains.finance.streaming`), else None."""
+        hp = self.hparams
+        if not hp.streaming:
+            return None
+        if not Path(hp.path).is_file():
+            raise InputError(f"--data.path {hp.path}: file not found")
+        read_header(Path(hp.path))  # UTF-8, one value per column, every column named once
+        return StreamedTable(Path(hp.path), self.roles, self.split_rule, hp.mode, self._label_classes, hp.predict_chunk_rows, hp.cache_dir, self.source_name)
+
+    @cached_property
     def labels(self) -> np.ndarray | None:
         """0/1 per row, or None without a label column."""
         roles = self.roles
         if roles.label_column is None:
             return None
+        if self.stream is not None:
+            return self.stream.labels
         if roles.label_column not in self.table.columns:
             raise InputError(
                 f"{self.source_name}: --data.label_column {roles.label_column!r} is missing; the file has columns {list(self.table.columns)} "
@@ -234,15 +256,25 @@ class TransactionDataModule(pl.LightningDataModule):
     def split_assignment(self) -> np.ndarray:
         """``train``/``val``/``test`` per row of the source (:func:`domains.finance.splitting.split_rows`)."""
         hp = self.hparams
+        if self.stream is not None:
+            return np.asarray(SPLITS)[self.stream.split]
         return split_rows(self.table, self.labels, self.split_rule, hp.mode, self.source_name, hp.val_fraction, hp.test_fraction, hp.split_seed)
 
     def check_columns(self) -> None:
         """Every column of the training table has a role, is the label, or is listed in ``ignore_columns``."""
-        if not self.is_npz:
+        if self.stream is not None:
+            check_roles_cover(pd.DataFrame(columns=read_header(self.stream.path)), self.roles, self.split_rule, self.source_name)
+        elif not self.is_npz:
             check_roles_cover(self.table, self.roles, self.split_rule, self.source_name)
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
+        if self.stream is not None:
+            self.check_columns()
+            preprocessor = self.stream.fit(hp.categorical_encoding, hp.max_categories, hp.min_category_count)
+            for note in preprocessor.notes:
+                rank_zero_info(f"[finance] {self.source_name}: {note}")
+            return preprocessor
         train = self.split_assignment == "train"
         if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing
             train &= self.labels == 0
@@ -314,6 +346,10 @@ class TransactionDataModule(pl.LightningDataModule):
         cached = self._encoded.get(name)
         if cached is not None and cached[0] is preprocessor:
             return cached[1]
+        if self.stream is not None:
+            mapped = MappedRows(self.stream.folder, self.stream.encoded_folder(preprocessor), name, self.hparams.mode == "semi_supervised")
+            self._encoded[name] = (preprocessor, mapped)
+            return mapped
         rows = np.flatnonzero(self.split_assignment == name)
         arrays = preprocessor.transform(self.table.iloc[rows], self.source_name, rows)  # raises naming column and rows
         labels = arrays["label"]
@@ -343,6 +379,8 @@ class TransactionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.predict_path:
             stream = ScoringStream(Path(hp.predict_path), str(hp.predict_path), self.fitted, hp.predict_chunk_rows)
+        elif self.stream is not None:
+            raise InputError("--data.streaming true scores a file: give it with --data.predict_path (the test split is scored by `test`)")
         else:
             rows = np.flatnonzero(self.split_assignment == "test")
             stream = ScoringStream(self.table.iloc[rows].reset_index(drop=True), self.source_name, self.fitted, hp.predict_chunk_rows, rows)
@@ -365,9 +403,12 @@ class TransactionDataModule(pl.LightningDataModule):
         """Drift reference (:mod:`pipelines.reference`) of the training split's preprocessed numeric features, the bundle's
         ``numeric`` input (what the server logs); PSI and KS are unchanged by the monotone scaling. The checkpoint's when restored."""
         if getattr(self, "_reference", None) is None:
-            train = self._split("train")
-            frame = pd.DataFrame(train.numeric.numpy(), columns=self.fitted.numeric_feature_names)
-            self._reference = fit_reference(frame, source=f"{self.source_name} training split ({len(frame)} rows)", input_name="numeric")
+            train, names = self._split("train"), self.fitted.numeric_feature_names
+            source = f"{self.source_name} training split ({len(train)} rows)"
+            if isinstance(train, MappedRows):  # one feature at a time: the same statistics without the whole split in memory
+                self._reference = streamed_reference(train, names, source)
+            else:
+                self._reference = fit_reference(pd.DataFrame(train.numeric.numpy(), columns=names), source=source, input_name="numeric")
         return self._reference
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
