@@ -53,7 +53,7 @@ from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_
 from domains.finance.source_checks import check_both_classes, check_roles_cover, check_scoring_file
 from domains.finance.sources import read_adbench_npz, read_header, read_table
 from domains.finance.splitting import split_rows
-from domains.finance.streaming import StreamedTable, check_streaming_options, streamed_reference
+from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options, streamed_reference
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
@@ -124,7 +124,7 @@ class TransactionDataModule(pl.LightningDataModule):
         streaming: read ``path`` (CSV/Parquet) in chunks of ``predict_chunk_rows`` rows into memory-mapped
             arrays in ``cache_dir`` instead of holding the table in memory, for files larger than memory
             (:mod:`domains.finance.streaming`; the same splits, fitted state and batches).
-        cache_dir: the streaming cache folder (default ``~/.cache/domain-pipelines/finance``).
+        cache_dir: the streaming cache folder (default ``$XDG_CACHE_HOME/domain-pipelines/finance``, ``~/.cache``).
     """
 
     def __init__(
@@ -324,6 +324,8 @@ class TransactionDataModule(pl.LightningDataModule):
         folder exists, Lightning again later (splits are re-encoded if a checkpoint's preprocessing is
         restored afterwards)."""
         scoring_file = bool(self.hparams.predict_path)
+        if self.hparams.streaming and stage == "predict" and not scoring_file:
+            raise InputError(NO_STREAMED_PREDICT)
         used = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "predict": () if scoring_file else ("test",)}.get(stage or "", SPLITS)
         if used and "columns" not in self._checked:
             self.check_columns()  # (on the checkpoint's roles when restored)
@@ -380,7 +382,7 @@ class TransactionDataModule(pl.LightningDataModule):
         if hp.predict_path:
             stream = ScoringStream(Path(hp.predict_path), str(hp.predict_path), self.fitted, hp.predict_chunk_rows)
         elif self.stream is not None:
-            raise InputError("--data.streaming true scores a file: give it with --data.predict_path (the test split is scored by `test`)")
+            raise InputError(NO_STREAMED_PREDICT)
         else:
             rows = np.flatnonzero(self.split_assignment == "test")
             stream = ScoringStream(self.table.iloc[rows].reset_index(drop=True), self.source_name, self.fitted, hp.predict_chunk_rows, rows)

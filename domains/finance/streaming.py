@@ -15,7 +15,7 @@ chunks, Parquet record batches) twice, never as a whole table:
 3. **encode** (:meth:`StreamedTable.encoded_folder`): each chunk is encoded with the fitted
    preprocessing and appended to ``numeric.f32`` / ``categorical.i64``.
 
-Everything lands in ``--data.cache_dir`` (default ``~/.cache/domain-pipelines/finance``) in a folder
+Everything lands in ``--data.cache_dir`` (default ``$XDG_CACHE_HOME/domain-pipelines/finance``, ``~/.cache``) in a folder
 keyed by the file's SHA-256 and the options that change its content (roles, label classes, split
 rule, mode; the encoded arrays also by the fitted preprocessing): a second run on the same file skips
 the scan, a ``test`` with the checkpoint's preprocessing reuses the encoding. Each folder is written
@@ -50,7 +50,12 @@ from pipelines.errors import InputError
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
 
 FORMAT = 1
-DEFAULT_CACHE = Path.home() / ".cache" / "domain-pipelines" / "finance"
+NO_STREAMED_PREDICT = "--data.streaming true scores a file: give it with --data.predict_path (the test split is scored by `test`)"
+
+
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/domain-pipelines/finance`` (``~/.cache`` by default), beside ``pipelines.help_cache``'s ``help``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "domain-pipelines" / "finance"
 
 
 def file_digest(path: Path, block: int = 1 << 20) -> str:
@@ -103,7 +108,7 @@ class StreamedTable:
     ) -> None:  # fmt: skip
         self.path, self.roles, self.rule, self.mode, self.label_classes = path, roles, rule, mode, label_classes
         self.chunk_rows, self.source_name = chunk_rows, source_name
-        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache()
         self._folder: Path | None = None
 
     # ----- the scan -------------------------------------------------------------------------------
