@@ -17,7 +17,7 @@ import pytest
 from domains.finance.data import SYNTHETIC_ROLES, TransactionDataModule
 from domains.finance.synthetic import make_card_transactions
 from tests.bad_inputs import BadInput, check_refused, params
-from tests.conftest import run_pipeline
+from tests.conftest import only_run, run_pipeline, run_pipeline_process
 from tests.test_bad_inputs_finance import CASES, TINY, flat, table
 
 ROWS = 600
@@ -48,11 +48,12 @@ def both(path: Path, cache: Path, **options) -> tuple[TransactionDataModule, Tra
     return TransactionDataModule(path=str(path), **roles), TransactionDataModule(path=str(path), streaming=True, cache_dir=str(cache), predict_chunk_rows=97, **roles)
 
 
-@pytest.mark.parametrize("name", ["t.csv", "t.parquet"])
-@pytest.mark.parametrize("rule", list(RULES))
+#: every rule on CSV; two on Parquet (its chunks are record batches, the code after them is the same)
+CASES_READ = [("t.csv", rule) for rule in RULES] + [("t.parquet", "random-semi-supervised"), ("t.parquet", "time")]
+
+
+@pytest.mark.parametrize(("name", "rule"), CASES_READ)
 def test_streaming_gives_the_same_splits_fitted_state_reference_and_batches(files, tmp_path, name, rule):
-    if name == "t.parquet" and rule not in ("random-semi-supervised", "time"):
-        pytest.skip("Parquet: two rules are enough (the chunks differ, the code after them does not)")
     memory, streamed = both(files / name, tmp_path / "cache", **RULES[rule])
     assert (memory.split_assignment == streamed.split_assignment).all()
     assert np.array_equal(memory.labels, streamed.labels)
@@ -147,3 +148,19 @@ def test_the_bad_input_table_is_refused_the_same_when_streaming(case, tmp_path, 
     missing = [expected for expected in case.expect if expected.lower() not in message]
     assert not missing, f"{missing} not in the error message:\n{message}"
     assert not list((tmp_path / "cache").glob(".*partial*")), "a refused scan leaves no half-written cache"
+
+
+def test_two_process_ddp_streams_one_cache_and_each_rank_trains_on_its_share(files, tmp_path):
+    """Real DDP (gloo, 2 CPU processes): both ranks build or map the same cache (no half-written folder
+    left), and DistributedSampler gives each rank half the training batches, as in memory."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    result = run_pipeline_process(
+        "finance", "--data.path", str(files / "t.csv"), "--data.ignore_columns=[fold]", "--data.streaming=true", f"--data.cache_dir={cache}",
+        "--trainer.max_epochs=1", "--data.batch_size=32", "--model.hidden_dims=[8]", "--model.latent_dim=2",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--runs_dir", str(runs),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1 and not list(cache.rglob(".*partial*"))
+    train_rows = int((both(files / "t.csv", cache)[1].split_assignment == "train").sum())
+    summary = json.loads((only_run(runs, "finance") / "summary.json").read_text())
+    assert summary["global_step"] == -(-train_rows // 2) // 32, "each rank draws batches from its half of the training rows"

@@ -48,20 +48,18 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from domains.finance.datasets import EncodedRows, ScoringStream, identity
-from domains.finance.mapped_rows import MappedRows
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
-from domains.finance.source_checks import check_both_classes, check_roles_cover, check_scoring_file
-from domains.finance.sources import read_adbench_npz, read_header, read_table
+from domains.finance.source_checks import check_both_classes, check_path_options, check_roles_cover, check_scoring_file
+from domains.finance.sources import read_adbench_npz, read_table
 from domains.finance.splitting import split_rows
-from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options, streamed_reference
+from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options, training_reference
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
-from pipelines.reference import KEY as REFERENCE_KEY, fit_reference
+from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitBy, SplitRule, adopt
 
 SPLITS = ("train", "val", "test")
-TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 #: the column roles of the synthetic set (the defaults in ``config.yaml``)
 SYNTHETIC_ROLES: dict[str, Any] = {
     "id_columns": ["transaction_id", "customer_id"],
@@ -121,10 +119,9 @@ class TransactionDataModule(pl.LightningDataModule):
         batch_size: rows per training/evaluation batch (per process under DDP).
         predict_chunk_rows: rows read, encoded and scored at a time by ``predict``.
         num_workers: DataLoader worker processes (persistent when > 0).
-        streaming: read ``path`` (CSV/Parquet) in chunks of ``predict_chunk_rows`` rows into memory-mapped
-            arrays in ``cache_dir`` instead of holding the table in memory, for files larger than memory
-            (:mod:`domains.finance.streaming`; the same splits, fitted state and batches).
-        cache_dir: the streaming cache folder (default ``$XDG_CACHE_HOME/domain-pipelines/finance``, ``~/.cache``).
+        streaming: read ``path`` in chunks of ``predict_chunk_rows`` rows into memory-mapped arrays in ``cache_dir``,
+            never as a whole table (:mod:`domains.finance.streaming`: the same splits, fitted state and batches).
+        cache_dir: the streaming cache (default ``$XDG_CACHE_HOME/domain-pipelines/finance``, ``~/.cache``).
     """
 
     def __init__(
@@ -168,13 +165,7 @@ class TransactionDataModule(pl.LightningDataModule):
             raise InputError(f"--data.batch_size and --data.predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
         if max_categories < 1 or min_category_count < 1:
             raise InputError(f"--data.max_categories and --data.min_category_count must be >= 1, got {max_categories} and {min_category_count}")
-        for name, value in (("path", path), ("predict_path", predict_path)):
-            if value is not None and Path(value).is_dir():
-                raise InputError(f"--data.{name} {value}: file not found (a folder); expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
-            if name == "predict_path" and value is not None and not Path(value).is_file():  # ``path``: when it is read
-                raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
-            if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
-                raise InputError(f"--data.{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+        check_path_options(path, predict_path)
         check_streaming_options(path, streaming, cache_dir)
         self.save_hyperparameters(logger=False)
         self.preprocessor: TablePreprocessor | None = None
@@ -226,9 +217,6 @@ class TransactionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if not hp.streaming:
             return None
-        if not Path(hp.path).is_file():
-            raise InputError(f"--data.path {hp.path}: file not found")
-        read_header(Path(hp.path))  # UTF-8, one value per column, every column named once
         return StreamedTable(Path(hp.path), self.roles, self.split_rule, hp.mode, self._label_classes, hp.predict_chunk_rows, hp.cache_dir, self.source_name)
 
     @cached_property
@@ -257,32 +245,30 @@ class TransactionDataModule(pl.LightningDataModule):
         """``train``/``val``/``test`` per row of the source (:func:`domains.finance.splitting.split_rows`)."""
         hp = self.hparams
         if self.stream is not None:
-            return np.asarray(SPLITS)[self.stream.split]
+            return np.asarray(SPLITS)[self.stream.split]  # (strings on demand: the stream holds 1-byte codes)
         return split_rows(self.table, self.labels, self.split_rule, hp.mode, self.source_name, hp.val_fraction, hp.test_fraction, hp.split_seed)
 
     def check_columns(self) -> None:
         """Every column of the training table has a role, is the label, or is listed in ``ignore_columns``."""
         if self.stream is not None:
-            check_roles_cover(pd.DataFrame(columns=read_header(self.stream.path)), self.roles, self.split_rule, self.source_name)
+            check_roles_cover(pd.DataFrame(columns=self.stream.header), self.roles, self.split_rule, self.source_name)
         elif not self.is_npz:
             check_roles_cover(self.table, self.roles, self.split_rule, self.source_name)
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
-        if self.stream is not None:
+        if self.stream is not None:  # the columns first: the file is scanned (every value checked) by the fit
             self.check_columns()
             preprocessor = self.stream.fit(hp.categorical_encoding, hp.max_categories, hp.min_category_count)
-            for note in preprocessor.notes:
-                rank_zero_info(f"[finance] {self.source_name}: {note}")
-            return preprocessor
-        train = self.split_assignment == "train"
-        if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing
-            train &= self.labels == 0
-        rows = np.flatnonzero(train)
-        self.check_columns()
-        preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
-        preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
-        preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
+        else:
+            train = self.split_assignment == "train"
+            if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing
+                train &= self.labels == 0
+            rows = np.flatnonzero(train)
+            self.check_columns()
+            preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
+            preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
+            preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
         for note in preprocessor.notes:
             rank_zero_info(f"[finance] {self.source_name}: {note}")
         return preprocessor
@@ -348,10 +334,9 @@ class TransactionDataModule(pl.LightningDataModule):
         cached = self._encoded.get(name)
         if cached is not None and cached[0] is preprocessor:
             return cached[1]
-        if self.stream is not None:
-            mapped = MappedRows(self.stream.folder, self.stream.encoded_folder(preprocessor), name, self.hparams.mode == "semi_supervised")
-            self._encoded[name] = (preprocessor, mapped)
-            return mapped
+        if self.stream is not None:  # memory-mapped cache files (domains/finance/mapped_rows.py)
+            self._encoded[name] = (preprocessor, self.stream.split_rows(name, preprocessor))
+            return self._encoded[name][1]
         rows = np.flatnonzero(self.split_assignment == name)
         arrays = preprocessor.transform(self.table.iloc[rows], self.source_name, rows)  # raises naming column and rows
         labels = arrays["label"]
@@ -381,8 +366,6 @@ class TransactionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.predict_path:
             stream = ScoringStream(Path(hp.predict_path), str(hp.predict_path), self.fitted, hp.predict_chunk_rows)
-        elif self.stream is not None:
-            raise InputError(NO_STREAMED_PREDICT)
         else:
             rows = np.flatnonzero(self.split_assignment == "test")
             stream = ScoringStream(self.table.iloc[rows].reset_index(drop=True), self.source_name, self.fitted, hp.predict_chunk_rows, rows)
@@ -405,12 +388,8 @@ class TransactionDataModule(pl.LightningDataModule):
         """Drift reference (:mod:`pipelines.reference`) of the training split's preprocessed numeric features, the bundle's
         ``numeric`` input (what the server logs); PSI and KS are unchanged by the monotone scaling. The checkpoint's when restored."""
         if getattr(self, "_reference", None) is None:
-            train, names = self._split("train"), self.fitted.numeric_feature_names
-            source = f"{self.source_name} training split ({len(train)} rows)"
-            if isinstance(train, MappedRows):  # one feature at a time: the same statistics without the whole split in memory
-                self._reference = streamed_reference(train, names, source)
-            else:
-                self._reference = fit_reference(pd.DataFrame(train.numeric.numpy(), columns=names), source=source, input_name="numeric")
+            train = self._split("train")
+            self._reference = training_reference(train, self.fitted.numeric_feature_names, f"{self.source_name} training split ({len(train)} rows)")
         return self._reference
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -44,7 +44,8 @@ import pandas as pd
 
 from domains.finance.parsing import category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
-from domains.finance.sources import iter_chunks
+from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
+from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
 from pipelines.errors import InputError
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
@@ -108,6 +109,9 @@ class StreamedTable:
     ) -> None:  # fmt: skip
         self.path, self.roles, self.rule, self.mode, self.label_classes = path, roles, rule, mode, label_classes
         self.chunk_rows, self.source_name = chunk_rows, source_name
+        if not path.is_file():
+            raise InputError(f"--data.path {path}: file not found")
+        self.header = read_header(path)  # UTF-8, one value per column, every column named once
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache()
         self._folder: Path | None = None
 
@@ -175,8 +179,6 @@ class StreamedTable:
             raise InputError(f"{source}: the table has no rows (only a header); expected one row per transaction")
         label = np.concatenate(labels) if labels else None
         if label is not None:
-            from domains.finance.source_checks import check_both_classes
-
             check_both_classes(label, r.label_column, self.label_classes, source)
         check_mode(label, self.mode)
         if rule.by == "time":
@@ -253,6 +255,12 @@ class StreamedTable:
         fitted.fitted = True
         return fitted
 
+    def split_rows(self, name: str, preprocessor: TablePreprocessor) -> Any:
+        """The rows of split ``name`` encoded by ``preprocessor``, served from the cache (:class:`domains.finance.mapped_rows.MappedRows`)."""
+        from domains.finance.mapped_rows import MappedRows
+
+        return MappedRows(self.folder, self.encoded_folder(preprocessor), name, self.mode == "semi_supervised")
+
     # ----- encode ----------------------------------------------------------------------------------
     def encoded_folder(self, preprocessor: TablePreprocessor) -> Path:
         """``numeric.f32`` (rows x features) and ``categorical.i64`` (rows x columns) of every row, encoded by ``preprocessor``."""
@@ -275,17 +283,20 @@ def check_streaming_options(path: str | None, streaming: bool, cache_dir: str | 
         raise InputError(f"--data.cache_dir {cache_dir}: the cache is written by --data.streaming true; add it, or drop --data.cache_dir")
     if not streaming:
         return
-    if not path or not str(path).lower().endswith((".csv", ".parquet", ".pq")):
+    if not path or not str(path).lower().endswith(TABLE_SUFFIXES):
         got = f"--data.path {path}" if path else "no --data.path (the synthetic set, held in memory)"
         raise InputError(f"--data.streaming true reads a CSV or Parquet file in chunks; got {got}. Give --data.path FILE.csv|.parquet, or drop --data.streaming")
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise InputError(f"--data.cache_dir {cache_dir}: is a file; expected a folder (created if absent) for the streaming cache")
 
 
-def streamed_reference(train: Any, names: list[str], source: str) -> dict[str, Any]:
-    """:func:`pipelines.reference.fit_reference` of a mapped training split, one feature at a time (the same statistics)."""
+def training_reference(train: Any, names: list[str], source: str) -> dict[str, Any]:
+    """:func:`pipelines.reference.fit_reference` of the encoded training split's numeric features; a mapped split
+    (``MappedRows``) one feature at a time (the same statistics without the whole split in memory)."""
     from pipelines.reference import fit_reference
 
+    if not hasattr(train, "column"):  # EncodedRows, in memory
+        return fit_reference(pd.DataFrame(train.numeric.numpy(), columns=names), source=source, input_name="numeric")
     reference: dict[str, Any] | None = None
     for j, name in enumerate(names):
         one = fit_reference(pd.DataFrame({name: train.column(j)}), source=source, input_name="numeric")
