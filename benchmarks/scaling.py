@@ -94,7 +94,7 @@ def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
 SOURCES = {"generator": [], "file": ["--data.path", "{file}"], "file, streaming": ["--data.path", "{file}", "--data.streaming=true", "--data.cache_dir={cache}"]}
 
 
-def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None) -> dict[str, Any]:
+def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False) -> dict[str, Any]:
     option, default = SIZE_OPTIONS[domain]
     runs, run_id = folder / "runs", f"{domain}-x{scale}-{source.replace(', ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
@@ -111,13 +111,15 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
     samples = sum(e["samples"] for e in epochs_seen)
     seconds = sum(e["seconds"] for e in epochs_seen)
     run = runs / domain / run_id
+    result = {"domain": domain, "scale": scale, "source": source, option: default * scale, "train_samples": samples, "fit_wall_s": fit["wall_s"],
+              "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
+    if fit_only:
+        return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
     scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows))] if scoring_rows else predict_options(domain, scale, folder)
     predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
-        "domain": domain, "scale": scale, "source": source, option: default * scale, "train_samples": samples,
-        "fit_wall_s": fit["wall_s"], "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"],
-        "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_rows_per_s": written / predict["wall_s"],
+        **result, "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_rows_per_s": written / predict["wall_s"],
         "predict_peak_rss_mib": predict["peak_rss_mib"],
     }  # fmt: skip
 
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", nargs="*", default=available_domains())
     parser.add_argument("--scales", nargs="*", type=int, default=[1, 4, 16])
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--fit-only", action="store_true", help="measure fit only (no predict)")
     parser.add_argument("--finance-files", action="store_true", help="finance also from a CSV file, read whole and streamed")
     parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
     args = parser.parse_args(argv)
@@ -138,14 +141,15 @@ def main(argv: list[str] | None = None) -> None:
         for domain in args.domains:
             for scale in args.scales:
                 for source in ("generator", "file", "file, streaming") if domain == "finance" and args.finance_files else ("generator",):
-                    results.append(measure(domain, scale, args.epochs, Path(tmp), source))
+                    results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
         if args.finance_scoring_rows:
             results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows))
             print(f"[scaling] finance scoring {args.finance_scoring_rows} rows: {json.dumps(results[-1])}", flush=True)
+    shown = (lambda value, digits: "-" if value is None else f"{value:.{digits}f}")  # noqa: E731  (--fit-only: no predict figures)
     rows = [
-        [r["domain"], f"{r['scale']}x {r['source']}", r["train_samples"], f"{r['fit_wall_s']:.1f}", f"{r['fit_samples_per_s']:.0f}", f"{r['fit_peak_rss_mib']:.0f}",
-         r["predict_rows"], f"{r['predict_wall_s']:.1f}", f"{r['predict_rows_per_s']:.0f}", f"{r['predict_peak_rss_mib']:.0f}"]
+        [r["domain"], f"{r['scale']}x {r['source']}", r["train_samples"], shown(r["fit_wall_s"], 1), shown(r["fit_samples_per_s"], 0), shown(r["fit_peak_rss_mib"], 0),
+         r["predict_rows"] or "-", shown(r["predict_wall_s"], 1), shown(r["predict_rows_per_s"], 0), shown(r["predict_peak_rss_mib"], 0)]
         for r in results
     ]  # fmt: skip
     headers = ["domain", "data", "train samples", "fit wall s", "fit samples/s", "fit peak RSS MiB",

@@ -88,8 +88,9 @@ def test_a_second_data_module_reuses_the_cache_and_a_changed_file_gets_its_own(f
 def test_streamed_training_has_the_same_losses_and_a_checkpoint_tests_and_scores(files, tmp_path):
     runs, cache = tmp_path / "runs", tmp_path / "cache"
     common = ["--data.path", str(files / "t.csv"), "--data.ignore_columns=[fold]", *TINY, "--trainer.limit_train_batches=4", "--runs_dir", str(runs)]
-    run_pipeline("finance", *common, "--run_id", "memory")
-    run_pipeline("finance", *common, "--run_id", "streamed", "--data.streaming=true", f"--data.cache_dir={cache}", "--data.predict_chunk_rows=100")
+    split = ["--data.split_by=hash", "--data.split_key=customer_id"]
+    run_pipeline("finance", *common, *split, "--run_id", "memory")
+    run_pipeline("finance", *common, *split, "--run_id", "streamed", "--data.streaming=true", f"--data.cache_dir={cache}", "--data.predict_chunk_rows=100")
 
     def metrics(run: str) -> list[dict]:
         return [json.loads(line) for line in (runs / "finance" / run / "metrics.jsonl").read_text().splitlines()]
@@ -102,9 +103,12 @@ def test_streamed_training_has_the_same_losses_and_a_checkpoint_tests_and_scores
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
     assert any("train/loss_epoch" in row for row in streamed)
 
-    # test and predict from the streamed run's checkpoint; predict scores a file (the test split is scored by `test`)
+    # test from the streamed run's checkpoint without split options: its hash split is adopted, the same test rows scored
     streamed_options = ["--run_id", "streamed", "--ckpt_path", "best", "--data.streaming=true", f"--data.cache_dir={cache}"]
     run_pipeline("finance", "test", *common, *streamed_options)
+    retested = [row for row in metrics("streamed") if row.get("stage") == "test"]
+    assert len(retested) == 2 and retested[1]["test/auroc"] == pytest.approx(retested[0]["test/auroc"], rel=1e-6)
+    # predict scores a file (the test split is scored by `test`)
     scoring = tmp_path / "score.csv"
     make_card_transactions(150, seed=3).drop(columns=["is_fraud"]).to_csv(scoring, index=False)
     run_pipeline("finance", "predict", *common, *streamed_options, "--data.predict_path", str(scoring))

@@ -399,7 +399,7 @@ class TransactionDataModule(pl.LightningDataModule):
         if rule != self.split_rule:
             rank_zero_info(f"[finance] the checkpoint's split: {rule.describe()}")
             self.split_rule = rule
-            for cached in ("split_assignment",):
+            for cached in ("split_assignment", "stream"):
                 self.__dict__.pop(cached, None)
             self._encoded.clear()
             self.preprocessor = None
