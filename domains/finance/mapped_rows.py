@@ -3,9 +3,13 @@
 The same batches as :class:`domains.finance.datasets.EncodedRows` (the same keys, dtypes and rows in
 the same order, so the same sampler draws the same batches), read from the cache files written by
 :class:`domains.finance.streaming.StreamedTable`. Pages of the map a batch touched stay mapped until
-released: every ``release_every`` batches they are handed back (``madvise(MADV_DONTNEED)``; the
+released: every ``release_rows`` rows served they are handed back (``madvise(MADV_DONTNEED)``; the
 kernel's page cache keeps them, a later read is a minor fault), so the process's resident memory
-stays flat however large the file, instead of growing to the part of the cache an epoch touched.
+stays flat however large the file instead of growing to the part of the cache an epoch touched. A
+read maps the 64 KiB around it (the kernel's fault-around), so up to 64 KiB per map per row served
+since the last release: with 256 rows (one default batch), at most ~16 MiB per map. The price,
+measured in-process on 80 000 rows (a loaded 2-core machine): an epoch of 187 batches took 1.2-1.3 s
+instead of 0.7 s without releases (about 2.5 ms a batch).
 """
 
 from __future__ import annotations
@@ -28,16 +32,16 @@ class MappedRows(Dataset):
         encoded: the encoded folder (``numeric.f32``, ``categorical.i64``).
         split: ``train``, ``val`` or ``test``.
         semi_supervised: ``fit_row`` is the normal rows (else every row).
-        release_every: batches between two releases of the mapped pages.
+        release_rows: rows served between two releases of the mapped pages.
     """
 
-    def __init__(self, scan: Path, encoded: Path, split: str, semi_supervised: bool, release_every: int = 64) -> None:
-        self.scan, self.encoded, self.split, self.semi_supervised, self.release_every = scan, encoded, split, semi_supervised, release_every
+    def __init__(self, scan: Path, encoded: Path, split: str, semi_supervised: bool, release_rows: int = 256) -> None:
+        self.scan, self.encoded, self.split, self.semi_supervised, self.release_rows = scan, encoded, split, semi_supervised, release_rows
         layout = json.loads((encoded / "meta.json").read_text())
         self.widths = {"numeric": layout["numeric"], "categorical": layout["categorical"]}
         self._length = (scan / f"rows-{split}.i64").stat().st_size // 8
         self._maps: dict[str, tuple[mmap.mmap | None, np.ndarray]] | None = None
-        self._served = 0
+        self._unreleased = 0  # rows served since the last release
 
     def __getstate__(self) -> dict[str, Any]:  # loader workers open their own maps
         return {**self.__dict__, "_maps": None}
@@ -81,9 +85,10 @@ class MappedRows(Dataset):
             "label": torch.from_numpy(label), "row": torch.from_numpy(rows),
             "fit_row": torch.from_numpy(label == 0 if self.semi_supervised else np.ones(len(rows), dtype=bool)),
         }  # fmt: skip
-        self._served += 1
-        if self._served % self.release_every == 0:
+        self._unreleased += len(rows)
+        if self._unreleased >= self.release_rows:
             self.release()
+            self._unreleased = 0
         return batch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
