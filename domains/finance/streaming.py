@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domains.finance.parsing import category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
-from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
+from domains.finance.parsing import MISSING, category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
+from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor
 from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
@@ -225,19 +225,16 @@ class StreamedTable:
 
     # ----- fit -------------------------------------------------------------------------------------
     def fit(self, categorical_encoding: str, max_categories: int, min_category_count: int) -> TablePreprocessor:
-        """:meth:`TablePreprocessor.fit` one column at a time on the training values (the same state as the whole table's fit)."""
+        """:meth:`TablePreprocessor.fit` one numeric column at a time on the training values, vocabularies from the codes
+        (:meth:`vocabulary`): the same state as the whole table's fit."""
         r, folder, files = self.roles, self.folder, self.feature_files()
         rows = self.fit_rows()
         options = {"categorical_encoding": categorical_encoding, "max_categories": max_categories, "min_category_count": min_category_count}
         fitted = TablePreprocessor(r, label_classes=self.label_classes, **options)
         fitted.notes = []
-        dictionaries = self.meta["dictionaries"]
-        for role in ("numeric_columns", "amount_columns", "boolean_columns", "categorical_columns"):
+        for role in ("numeric_columns", "amount_columns", "boolean_columns"):
             for column in getattr(r, role):
-                if role == "categorical_columns":
-                    values = np.asarray(dictionaries[column], dtype=object)[np.fromfile(folder / files[column], dtype=np.int32)[rows]]
-                else:
-                    values = np.fromfile(folder / files[column], dtype=np.float64)[rows]
+                values = np.fromfile(folder / files[column], dtype=np.float64)[rows]
                 if role == "boolean_columns":  # fit parses text; the parsed values give its share of true directly
                     if np.isnan(values).all():
                         raise InputError(f"{self.source_name}: column {column!r} is empty (all {len(values)} training values are missing)")
@@ -245,13 +242,15 @@ class StreamedTable:
                     continue
                 one = TablePreprocessor(ColumnRoles(**{role: [column]}), label_classes=self.label_classes, **options)
                 one.fit(pd.DataFrame({column: values}), self.source_name, rows)
-                for state in ("medians", "centers", "scales", "lows", "highs", "vocabularies"):
+                for state in ("medians", "centers", "scales", "lows", "highs"):
                     getattr(fitted, state).update(getattr(one, state))
                 fitted.notes += one.notes
         for column in r.timestamp_columns:
             present = np.fromfile(folder / files[column], dtype=np.uint8)[rows]
             if not present.any():
                 raise InputError(f"{self.source_name}: column {column!r} is empty (all {len(present)} training values are missing)")
+        for column in r.categorical_columns:  # (the whole table's fit checks them in this order)
+            fitted.vocabularies[column] = self.vocabulary(column, rows, max_categories, min_category_count)
         fitted.fitted = True
         return fitted
 
@@ -260,6 +259,24 @@ class StreamedTable:
         from domains.finance.mapped_rows import MappedRows
 
         return MappedRows(self.folder, self.encoded_folder(preprocessor), name, self.mode == "semi_supervised")
+
+    def vocabulary(self, column: str, rows: np.ndarray, max_categories: int, min_category_count: int) -> list[str]:
+        """:meth:`TablePreprocessor.fit`'s vocabulary of a categorical column, from its codes (no string per row): the most
+        frequent ``max_categories`` values seen ``min_category_count`` times, ties in order of first appearance (pandas'
+        stable ``value_counts``), with the same refusals."""
+        dictionary = np.asarray(self.meta["dictionaries"][column], dtype=object)
+        codes = np.fromfile(self.folder / self.feature_files()[column], dtype=np.int32)[rows]
+        uniques, first, counts = np.unique(codes, return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))
+        values, counts = dictionary[uniques[order]], counts[order]
+        if (values == MISSING).all():
+            raise InputError(f"{self.source_name}: column {column!r} is empty (all {len(rows)} training values are missing)")
+        if len(values) < 2:
+            raise InputError(
+                f"{self.source_name}: categorical column {column!r} has only one value ({values[0]!r}) in the {len(rows)} "
+                "training rows; it carries no information: remove it from categorical_columns"
+            )
+        return [UNKNOWN, *sorted(str(v) for v in values[counts >= min_category_count][:max_categories])]
 
     # ----- encode ----------------------------------------------------------------------------------
     def encoded_folder(self, preprocessor: TablePreprocessor) -> Path:
