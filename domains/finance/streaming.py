@@ -48,6 +48,7 @@ from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
 from pipelines.errors import InputError
+from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
 
 FORMAT = 1
@@ -57,15 +58,6 @@ NO_STREAMED_PREDICT = "--data.streaming true scores a file: give it with --data.
 def default_cache() -> Path:
     """``$XDG_CACHE_HOME/domain-pipelines/finance`` (``~/.cache`` by default), beside ``pipelines.help_cache``'s ``help``."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "domain-pipelines" / "finance"
-
-
-def file_digest(path: Path, block: int = 1 << 20) -> str:
-    """SHA-256 of a file, read a block at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def digest_of(value: Any) -> str:
@@ -128,7 +120,7 @@ class StreamedTable:
     def folder(self) -> Path:
         """The scan folder (built on first use)."""
         if self._folder is None:
-            key = {"format": FORMAT, "file": file_digest(self.path), "roles": vars(self.roles), "labels": [str(c) for c in self.label_classes],
+            key = {"format": FORMAT, "file": sha256_file(self.path), "roles": vars(self.roles), "labels": [str(c) for c in self.label_classes],
                    "rule": self.rule.as_dict(), "mode": self.mode}  # fmt: skip
             final = self.cache_dir / f"{self.path.stem}-{digest_of(key)}"
             if not (final / "meta.json").is_file():
