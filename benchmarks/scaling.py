@@ -1,6 +1,7 @@
 """Growth curves: each domain at 1x, 4x and 16x its default data, fit and predict.
 
     python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
+                                 [--finance-files] [--finance-scoring-rows 20000000]
 
 For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
 
@@ -12,6 +13,12 @@ For every domain and scale, in new processes (``python -m pipelines.run``, W&B o
   ``scale`` x its default rows (``--data.predict_path``, streamed in chunks); autonomous and
   healthcare predict their test split (it grows with the data); media generates ``scale`` x 64
   images. Wall time, rows written per second and peak resident memory.
+
+``--finance-files``: finance also trains from a CSV file of ``scale`` x 20 000 synthetic rows, once
+read whole (``--data.path``, the pandas table in memory) and once streamed (``--data.streaming true``,
+``domains.finance.streaming``: chunks into a memory-mapped cache, rebuilt for each run), to compare
+their fit peak RSS. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
+with the 1x model.
 
 Time should grow linearly with the data and predict memory stay flat (the fitted state comes from
 the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS is
@@ -55,14 +62,24 @@ def timed(command: list[str]) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - start, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
-def scoring_file(folder: Path, rows: int) -> Path:
-    """A synthetic finance table of ``rows`` rows without labels, to score."""
+def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, block: int = 500_000) -> Path:
+    """A synthetic finance CSV of ``rows`` rows (with or without labels), written ``block`` rows at a time."""
     from domains.finance.synthetic import make_card_transactions
 
-    path = folder / f"score-{rows}.csv"
+    path = folder / f"{'train' if labels else 'score'}-{rows}.csv"
     if not path.exists():
-        make_card_transactions(rows, seed=7).drop(columns=["is_fraud"]).to_csv(path, index=False)
+        partial = path.with_suffix(".partial")
+        for start in range(0, rows, block):
+            frame = make_card_transactions(max(10, min(block, rows - start)), seed=seed + start)
+            frame = frame if labels else frame.drop(columns=["is_fraud"])
+            frame.head(rows - start).to_csv(partial, index=False, mode="a", header=start == 0)
+        partial.replace(path)
     return path
+
+
+def scoring_file(folder: Path, rows: int) -> Path:
+    """A synthetic finance table of ``rows`` rows without labels, to score."""
+    return finance_file(folder, rows, labels=False)
 
 
 def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
@@ -73,25 +90,36 @@ def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
     return []
 
 
-def measure(domain: str, scale: int, epochs: int, folder: Path) -> dict[str, Any]:
+#: how the finance training data is read: the synthetic generator, a CSV read whole, a CSV streamed
+SOURCES = {"generator": [], "file": ["--data.path", "{file}"], "file, streaming": ["--data.path", "{file}", "--data.streaming=true", "--data.cache_dir={cache}"]}
+
+
+def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False) -> dict[str, Any]:
     option, default = SIZE_OPTIONS[domain]
-    runs, run_id = folder / "runs", f"{domain}-x{scale}"
+    runs, run_id = folder / "runs", f"{domain}-x{scale}-{source.replace(', ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
     common = ["--runs_dir", str(runs), "--run_id", run_id, "--trainer.enable_progress_bar=false"]
+    data = [f"--data.{option}={default * scale}"]
+    if source != "generator":
+        cache = folder / f"cache-{run_id}"
+        data = [a.format(file=finance_file(folder, default * scale), cache=cache) for a in SOURCES[source]]
     fit = timed([
-        domain, "fit", *common, f"--data.{option}={default * scale}", f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
+        domain, "fit", *common, *data, f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
     ])  # fmt: skip
     epochs_seen = json.loads(throughput.read_text())
     samples = sum(e["samples"] for e in epochs_seen)
     seconds = sum(e["seconds"] for e in epochs_seen)
     run = runs / domain / run_id
-    predict = timed([domain, "predict", *common, "--ckpt_path", "best", *predict_options(domain, scale, folder)])
+    result = {"domain": domain, "scale": scale, "source": source, option: default * scale, "train_samples": samples, "fit_wall_s": fit["wall_s"],
+              "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
+    if fit_only:
+        return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
+    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows))] if scoring_rows else predict_options(domain, scale, folder)
+    predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
-        "domain": domain, "scale": scale, option: default * scale, "train_samples": samples,
-        "fit_wall_s": fit["wall_s"], "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"],
-        "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_rows_per_s": written / predict["wall_s"],
+        **result, "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_rows_per_s": written / predict["wall_s"],
         "predict_peak_rss_mib": predict["peak_rss_mib"],
     }  # fmt: skip
 
@@ -101,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", nargs="*", default=available_domains())
     parser.add_argument("--scales", nargs="*", type=int, default=[1, 4, 16])
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--fit-only", action="store_true", help="measure fit only (no predict)")
+    parser.add_argument("--finance-files", action="store_true", help="finance also from a CSV file, read whole and streamed")
+    parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
     if unknown:
@@ -109,11 +140,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         for domain in args.domains:
             for scale in args.scales:
-                results.append(measure(domain, scale, args.epochs, Path(tmp)))
-                print(f"[scaling] {domain} x{scale}: {json.dumps(results[-1])}", flush=True)
+                for source in ("generator", "file", "file, streaming") if domain == "finance" and args.finance_files else ("generator",):
+                    results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
+                    print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
+        if args.finance_scoring_rows:
+            results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows))
+            print(f"[scaling] finance scoring {args.finance_scoring_rows} rows: {json.dumps(results[-1])}", flush=True)
+    shown = (lambda value, digits: "-" if value is None else f"{value:.{digits}f}")  # noqa: E731  (--fit-only: no predict figures)
     rows = [
-        [r["domain"], f"{r['scale']}x", r["train_samples"], f"{r['fit_wall_s']:.1f}", f"{r['fit_samples_per_s']:.0f}", f"{r['fit_peak_rss_mib']:.0f}",
-         r["predict_rows"], f"{r['predict_wall_s']:.1f}", f"{r['predict_rows_per_s']:.0f}", f"{r['predict_peak_rss_mib']:.0f}"]
+        [r["domain"], f"{r['scale']}x {r['source']}", r["train_samples"], shown(r["fit_wall_s"], 1), shown(r["fit_samples_per_s"], 0), shown(r["fit_peak_rss_mib"], 0),
+         r["predict_rows"] or "-", shown(r["predict_wall_s"], 1), shown(r["predict_rows_per_s"], 0), shown(r["predict_peak_rss_mib"], 0)]
         for r in results
     ]  # fmt: skip
     headers = ["domain", "data", "train samples", "fit wall s", "fit samples/s", "fit peak RSS MiB",

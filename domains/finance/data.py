@@ -49,17 +49,17 @@ from torch.utils.data import DataLoader
 
 from domains.finance.datasets import EncodedRows, ScoringStream, identity
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
-from domains.finance.source_checks import check_both_classes, check_roles_cover, check_scoring_file
+from domains.finance.source_checks import check_both_classes, check_path_options, check_roles_cover, check_scoring_file
 from domains.finance.sources import read_adbench_npz, read_table
 from domains.finance.splitting import split_rows
+from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options, training_reference
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.errors import InputError
-from pipelines.reference import KEY as REFERENCE_KEY, fit_reference
+from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitBy, SplitRule, adopt
 
 SPLITS = ("train", "val", "test")
-TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 #: the column roles of the synthetic set (the defaults in ``config.yaml``)
 SYNTHETIC_ROLES: dict[str, Any] = {
     "id_columns": ["transaction_id", "customer_id"],
@@ -119,6 +119,9 @@ class TransactionDataModule(pl.LightningDataModule):
         batch_size: rows per training/evaluation batch (per process under DDP).
         predict_chunk_rows: rows read, encoded and scored at a time by ``predict``.
         num_workers: DataLoader worker processes (persistent when > 0).
+        streaming: read ``path`` in chunks of ``predict_chunk_rows`` rows into memory-mapped arrays in ``cache_dir``,
+            never as a whole table (:mod:`domains.finance.streaming`: the same splits, fitted state and batches).
+        cache_dir: the streaming cache (default ``$XDG_CACHE_HOME/domain-pipelines/finance``, ``~/.cache``).
     """
 
     def __init__(
@@ -153,6 +156,8 @@ class TransactionDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         predict_chunk_rows: int = 4096,
         num_workers: int = 0,
+        streaming: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.split_rule = SplitRule.from_options(split_by, split_key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
@@ -160,13 +165,8 @@ class TransactionDataModule(pl.LightningDataModule):
             raise InputError(f"--data.batch_size and --data.predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
         if max_categories < 1 or min_category_count < 1:
             raise InputError(f"--data.max_categories and --data.min_category_count must be >= 1, got {max_categories} and {min_category_count}")
-        for name, value in (("path", path), ("predict_path", predict_path)):
-            if value is not None and Path(value).is_dir():
-                raise InputError(f"--data.{name} {value}: file not found (a folder); expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
-            if name == "predict_path" and value is not None and not Path(value).is_file():  # ``path``: when it is read
-                raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
-            if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
-                raise InputError(f"--data.{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+        check_path_options(path, predict_path)
+        check_streaming_options(path, streaming, cache_dir)
         self.save_hyperparameters(logger=False)
         self.preprocessor: TablePreprocessor | None = None
         self._encoded: dict[str, tuple[TablePreprocessor, Any]] = {}  # keyed by the preprocessing in force
@@ -212,11 +212,21 @@ class TransactionDataModule(pl.LightningDataModule):
         return frame
 
     @cached_property
+    def stream(self) -> StreamedTable | None:
+        """The chunked reader of ``--data.streaming true`` (:mod:`domains.finance.streaming`), else None."""
+        hp = self.hparams
+        if not hp.streaming:
+            return None
+        return StreamedTable(Path(hp.path), self.roles, self.split_rule, hp.mode, self._label_classes, hp.predict_chunk_rows, hp.cache_dir, self.source_name)
+
+    @cached_property
     def labels(self) -> np.ndarray | None:
         """0/1 per row, or None without a label column."""
         roles = self.roles
         if roles.label_column is None:
             return None
+        if self.stream is not None:
+            return self.stream.labels
         if roles.label_column not in self.table.columns:
             raise InputError(
                 f"{self.source_name}: --data.label_column {roles.label_column!r} is missing; the file has columns {list(self.table.columns)} "
@@ -234,23 +244,31 @@ class TransactionDataModule(pl.LightningDataModule):
     def split_assignment(self) -> np.ndarray:
         """``train``/``val``/``test`` per row of the source (:func:`domains.finance.splitting.split_rows`)."""
         hp = self.hparams
+        if self.stream is not None:
+            return np.asarray(SPLITS)[self.stream.split]  # (strings on demand: the stream holds 1-byte codes)
         return split_rows(self.table, self.labels, self.split_rule, hp.mode, self.source_name, hp.val_fraction, hp.test_fraction, hp.split_seed)
 
     def check_columns(self) -> None:
         """Every column of the training table has a role, is the label, or is listed in ``ignore_columns``."""
-        if not self.is_npz:
+        if self.stream is not None:
+            check_roles_cover(pd.DataFrame(columns=self.stream.header), self.roles, self.split_rule, self.source_name)
+        elif not self.is_npz:
             check_roles_cover(self.table, self.roles, self.split_rule, self.source_name)
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
-        train = self.split_assignment == "train"
-        if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing
-            train &= self.labels == 0
-        rows = np.flatnonzero(train)
-        self.check_columns()
-        preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
-        preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
-        preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
+        if self.stream is not None:  # the columns first: the file is scanned (every value checked) by the fit
+            self.check_columns()
+            preprocessor = self.stream.fit(hp.categorical_encoding, hp.max_categories, hp.min_category_count)
+        else:
+            train = self.split_assignment == "train"
+            if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing
+                train &= self.labels == 0
+            rows = np.flatnonzero(train)
+            self.check_columns()
+            preprocessor = TablePreprocessor(self.roles, hp.categorical_encoding, hp.max_categories, hp.min_category_count, self._label_classes)
+            preprocessor.check_values(self.table, self.source_name)  # every row, not only the training ones
+            preprocessor.fit(self.table.iloc[rows], self.source_name, rows)
         for note in preprocessor.notes:
             rank_zero_info(f"[finance] {self.source_name}: {note}")
         return preprocessor
@@ -292,6 +310,8 @@ class TransactionDataModule(pl.LightningDataModule):
         folder exists, Lightning again later (splits are re-encoded if a checkpoint's preprocessing is
         restored afterwards)."""
         scoring_file = bool(self.hparams.predict_path)
+        if self.hparams.streaming and stage == "predict" and not scoring_file:
+            raise InputError(NO_STREAMED_PREDICT)
         used = {"fit": SPLITS, "validate": ("val",), "test": ("test",), "predict": () if scoring_file else ("test",)}.get(stage or "", SPLITS)
         if used and "columns" not in self._checked:
             self.check_columns()  # (on the checkpoint's roles when restored)
@@ -314,6 +334,9 @@ class TransactionDataModule(pl.LightningDataModule):
         cached = self._encoded.get(name)
         if cached is not None and cached[0] is preprocessor:
             return cached[1]
+        if self.stream is not None:  # memory-mapped cache files (domains/finance/mapped_rows.py)
+            self._encoded[name] = (preprocessor, self.stream.split_rows(name, preprocessor))
+            return self._encoded[name][1]
         rows = np.flatnonzero(self.split_assignment == name)
         arrays = preprocessor.transform(self.table.iloc[rows], self.source_name, rows)  # raises naming column and rows
         labels = arrays["label"]
@@ -366,8 +389,7 @@ class TransactionDataModule(pl.LightningDataModule):
         ``numeric`` input (what the server logs); PSI and KS are unchanged by the monotone scaling. The checkpoint's when restored."""
         if getattr(self, "_reference", None) is None:
             train = self._split("train")
-            frame = pd.DataFrame(train.numeric.numpy(), columns=self.fitted.numeric_feature_names)
-            self._reference = fit_reference(frame, source=f"{self.source_name} training split ({len(frame)} rows)", input_name="numeric")
+            self._reference = training_reference(train, self.fitted.numeric_feature_names, f"{self.source_name} training split ({len(train)} rows)")
         return self._reference
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -377,7 +399,7 @@ class TransactionDataModule(pl.LightningDataModule):
         if rule != self.split_rule:
             rank_zero_info(f"[finance] the checkpoint's split: {rule.describe()}")
             self.split_rule = rule
-            for cached in ("split_assignment",):
+            for cached in ("split_assignment", "stream"):
                 self.__dict__.pop(cached, None)
             self._encoded.clear()
             self.preprocessor = None

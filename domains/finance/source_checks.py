@@ -21,6 +21,20 @@ from pipelines.splits import SplitRule
 from pipelines.validation import check_unique_columns
 
 
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def check_path_options(path: str | None, predict_path: str | None) -> None:
+    """``--data.path`` (CSV, Parquet or ADBench ``.npz``; checked for existence when read) and ``--data.predict_path`` (CSV or Parquet)."""
+    for name, value in (("path", path), ("predict_path", predict_path)):
+        if value is not None and Path(value).is_dir():
+            raise InputError(f"--data.{name} {value}: file not found (a folder); expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+        if name == "predict_path" and value is not None and not Path(value).is_file():  # ``path``: when it is read
+            raise InputError(f"--data.{name} {value}: file not found" + (" (a folder)" if Path(value).is_dir() else ""))
+        if value is not None and not value.lower().endswith(TABLE_SUFFIXES + ((".npz",) if name == "path" else ())):
+            raise InputError(f"--data.{name} {value}: expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
+
+
 def check_roles_cover(table: pd.DataFrame, roles: ColumnRoles, rule: SplitRule, source_name: str) -> None:
     """Every column of the training table has a role, is the label or the split column, or is listed in ``ignore_columns``."""
     known = {column for column, _ in roles.required()} | set(roles.ignore_columns) | {c for c in (roles.label_column, rule.column) if c}

@@ -25,13 +25,26 @@ def split_rows(
 ) -> np.ndarray:
     """``train``/``val``/``test`` per row of ``table`` (``labels``: 0/1 per row, or None); ``val``, ``test`` and
     ``seed`` are the data options' fractions and seed of the random split."""
-    n = len(table)
-    rng = np.random.default_rng(seed)
-    split = np.full(n, "train", dtype=object)
+    check_mode(labels, mode)
+    stable = assign(rule, table, source_name) if rule.stable else None
+    return split_of(len(table), labels, stable, rule, mode, source_name, val, test, seed)
+
+
+def check_mode(labels: np.ndarray | None, mode: str) -> None:
     if mode == "semi_supervised" and labels is None:
         raise InputError("--data.mode semi_supervised trains on rows labelled normal: set --data.label_column, or use --data.mode unsupervised")
+
+
+def split_of(
+    n: int, labels: np.ndarray | None, stable: np.ndarray | None, rule: SplitRule, mode: str, source_name: str, val: float, test: float, seed: int,
+) -> np.ndarray:
+    """:func:`split_rows` of ``n`` rows whose stable rule's assignment (``pipelines.splits.assign``, None under
+    ``random``) is already known: a table streamed in chunks (``domains.finance.streaming``) gets the same rows per split."""
+    check_mode(labels, mode)
+    rng = np.random.default_rng(seed)
+    split = np.full(n, "train", dtype=object)
     if rule.stable:
-        split = assign(rule, table, source_name).astype(object)
+        split = np.asarray(stable).astype(object)
     elif mode == "semi_supervised":
         normal = rng.permutation(np.flatnonzero(labels == 0))
         n_val, n_test = round(len(normal) * val), round(len(normal) * test)
