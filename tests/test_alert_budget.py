@@ -107,20 +107,21 @@ def test_a_bundle_is_recalibrated_into_a_new_bundle_and_bad_requests_change_noth
     after = monitor(str(out), str(periods["next"]), "--only", "budget")
     assert after.returncode == 0, after.stdout + after.stderr
 
+    recent = pd.read_csv(periods["recent"])
+    recent.head(500).to_csv(tmp_path / "short.csv", index=False)
+    recent.drop(columns=["score"]).to_csv(tmp_path / "features.csv", index=False)
     cases = [
-        (["--recalibrate-budget", str(out)], "already exists"),  # never over an earlier model
-        (["--recalibrate-budget", str(tmp_path / "b2"), "--last", "500"], "a threshold needs at least 2000 rows"),
-        (["--only", "budget", "--budget-alpha", "2"], "--budget-alpha in (0, 1)"),
+        (periods["recent"], ["--recalibrate-budget", str(out)], "already exists"),  # never over an earlier model
+        (tmp_path / "short.csv", ["--recalibrate-budget", str(tmp_path / "b2")], "a threshold needs at least 2000 rows"),
+        (periods["recent"], ["--only", "budget", "--budget-alpha", "2"], "--budget-alpha and --mmd-alpha in (0, 1)"),
+        (tmp_path / "features.csv", ["--only", "budget"], "has no score column"),
+        (tmp_path / "features.csv", ["--recalibrate-budget", str(tmp_path / "b3")], "has no score column"),
     ]
-    for extra, message in cases:
-        result = monitor(str(bundle), str(periods["recent"]), *extra)
+    for window, extra, message in cases:
+        result = monitor(str(bundle), str(window), *extra)
         assert result.returncode == 2 and message in " ".join(result.stderr.split()), (extra, result.stderr)
         assert "Traceback" not in result.stderr
-    no_scores = tmp_path / "features.csv"
-    pd.read_csv(periods["recent"]).drop(columns=["score"]).to_csv(no_scores, index=False)
-    result = monitor(str(bundle), str(no_scores), "--only", "budget")
-    assert result.returncode == 2 and "has no score column" in " ".join(result.stderr.split()), result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "features.csv", "recalibrated"], "nothing half-written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "features.csv", "recalibrated", "short.csv"], "nothing half-written"
 
 
 def test_the_interval_widens_with_the_fits_own_sampling_error():
