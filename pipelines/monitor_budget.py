@@ -2,7 +2,7 @@
 
 A model with an **alert budget** (finance: ``target_alert_rate``, e.g. 0.5 % of transactions, and the
 ``budget_threshold`` score that flags that share) carries where that threshold was fitted under
-``KEY`` (``"alert_budget"``) in its checkpoint and in its bundle's ``domain_metadata``::
+``KEY`` (``"alert_budget"``) in its checkpoint and in its bundle's ``metadata.json``::
 
     {"fitted_on": "validation rows labelled normal", "rows": 5482, "rate": 0.005, "threshold": 9.8, ...}
 
@@ -10,14 +10,15 @@ At training the threshold is fitted on the validation rows labelled normal (all 
 there are no labels): a semi-supervised validation split holds a large share of the fraud, so fitted on
 all of it the budget flagged far less than its share of real traffic (0.2 % instead of 0.5 %).
 
-- :func:`check_budget`: the window's alert rate (``score >= budget_threshold``) against the budget
-  with a two-sided acceptance interval of the alert count, flagged outside it (``python -m
-  pipelines.monitor`` exits 3, as for drift). The threshold is the ``k``-th highest of the ``m`` rows
-  it was fitted on (``k = ceil(rate m)``), so on traffic like those rows the share a new row exceeds
-  is itself uncertain, ``Beta(k, m - k + 1)``, and the count of ``n`` window rows is beta-binomial:
-  the interval is ``betabinom.interval(1 - alpha, n, k, m - k + 1)``, the binomial interval widened
-  by the fit's own sampling error (a threshold fitted on 450 rows misses its 0.5 % by 0.3 % about
-  one time in three). A model that does not record ``m`` gets the plain ``binom.interval(1 - alpha, n, rate)``.
+- :func:`check_budget`: the window's alert rate (``score >= budget_threshold``) against the budget:
+  if the threshold flagged exactly the budget's share of such traffic, the alert count of ``n`` rows
+  would fall in the binomial interval ``binom.interval(1 - alpha, n, rate)`` with probability at
+  least ``1 - alpha``; a count outside it is flagged (``python -m pipelines.monitor`` exits 3, as for
+  drift). The threshold is a fixed number here: the test is whether *it* meets the budget on this
+  traffic. A threshold fitted on ``m`` rows (the ``k = ceil(rate m)``-th highest score) misses the
+  budget by its own sampling error even on unchanged traffic (its true share is ``Beta(k, m - k + 1)``):
+  ``fit_spread`` reports that range, and a recalibration should use a window at least as large as
+  the windows it is then checked on.
 - :func:`recalibrate`: a copy of the checkpoint or bundle (written to a new path, complete or absent;
   the original is never touched) whose budget threshold is the ``rate`` quantile of the window's scores
   (unlabelled recent traffic the same model scored), with ``fitted_on: "window"``. No retraining.
@@ -100,7 +101,7 @@ def read_budget(path: str | Path) -> Budget | None:
         from pipelines.serving_server import model_identity
 
         alerts = domain.get("threshold_method") == "alert_rate" or domain.get("threshold") == threshold
-        return Budget(str(path), "bundle", float(rate), float(threshold), domain.get(KEY), alerts, model_identity(metadata)["version"])
+        return Budget(str(path), "bundle", float(rate), float(threshold), metadata.get(KEY), alerts, model_identity(metadata)["version"])
     from pipelines.checkpoints import read_checkpoint
 
     checkpoint = read_checkpoint(path)
@@ -135,6 +136,7 @@ class BudgetCheck:
     threshold: float
     fitted_on: str
     fitted_rows: int | None
+    fit_spread: tuple[float, float] | None  # where a threshold fitted on fitted_rows rows lands, 1 - alpha of the time
     rows: int
     missing_scores: int
     alerts: int
@@ -149,21 +151,26 @@ class BudgetCheck:
     def line(self) -> str:
         low, high = self.interval
         verdict = "OUTSIDE the interval" if self.outside else "within the interval"
-        kind = f"beta-binomial interval (threshold fitted on {self.fitted_rows} rows)" if self.fitted_rows else "binomial interval"
+        spread = f"; a threshold fitted on {self.fitted_rows} rows flags {100 * self.fit_spread[0]:.3g}-{100 * self.fit_spread[1]:.3g} % of unchanged traffic" if self.fit_spread else ""
         return (f"alert budget {100 * self.rate:.3g} % (threshold {self.threshold:.6g}, fitted on {self.fitted_on}): live {100 * self.live_rate:.3g} % "
-                f"({self.alerts} of {self.rows} rows); {100 * (1 - self.alpha):g} % {kind} {100 * low:.3g}-{100 * high:.3g} %: {verdict}")  # fmt: skip
+                f"({self.alerts} of {self.rows} rows); {100 * (1 - self.alpha):g} % binomial interval {100 * low:.3g}-{100 * high:.3g} %: {verdict}{spread}")  # fmt: skip
 
 
-def alert_count_interval(rows: int, rate: float, alpha: float, fitted_rows: int | None = None) -> tuple[int, int]:
-    """The alert counts of ``rows`` rows expected with probability ``1 - alpha`` at the budget ``rate`` (module docstring)."""
-    from scipy.stats import betabinom, binom
+def alert_count_interval(rows: int, rate: float, alpha: float) -> tuple[int, int]:
+    """The alert counts of ``rows`` rows expected with probability ``1 - alpha`` when the true share is ``rate``."""
+    from scipy.stats import binom
 
-    if fitted_rows is None:
-        low, high = binom.interval(1 - alpha, rows, rate)
-    else:
-        k = min(fitted_rows, max(1, math.ceil(rate * fitted_rows)))
-        low, high = betabinom.interval(1 - alpha, rows, k, fitted_rows - k + 1)
+    low, high = binom.interval(1 - alpha, rows, rate)
     return int(low), int(high)
+
+
+def fit_spread(fitted_rows: int, rate: float, alpha: float) -> tuple[float, float]:
+    """The share of unchanged traffic a threshold fitted on ``fitted_rows`` rows flags, ``1 - alpha`` of the time: ``Beta(k, m - k + 1)``."""
+    from scipy.stats import beta
+
+    k = min(fitted_rows, max(1, math.ceil(rate * fitted_rows)))
+    low, high = beta.interval(1 - alpha, k, fitted_rows - k + 1)
+    return float(low), float(high)
 
 
 def check_budget(scores: np.ndarray, budget: Budget, threshold: float | None = None, alpha: float = ALPHA, missing: int = 0,
@@ -175,8 +182,9 @@ def check_budget(scores: np.ndarray, budget: Budget, threshold: float | None = N
     threshold = budget.threshold if threshold is None else threshold
     fitted_rows = budget.fitted_rows if fitted_on is None else fitted_rows
     alerts = int(np.count_nonzero(np.asarray(scores) >= threshold))
-    low, high = alert_count_interval(rows, budget.rate, alpha, fitted_rows)
-    return BudgetCheck(budget.rate, threshold, fitted_on or budget.fitted_on, fitted_rows, rows, missing, alerts, alerts / rows,
+    low, high = alert_count_interval(rows, budget.rate, alpha)
+    spread = fit_spread(fitted_rows, budget.rate, alpha) if fitted_rows else None
+    return BudgetCheck(budget.rate, threshold, fitted_on or budget.fitted_on, fitted_rows, spread, rows, missing, alerts, alerts / rows,
                        (low / rows, high / rows), alpha, bool(alerts < low or alerts > high))  # fmt: skip
 
 
@@ -241,7 +249,7 @@ def _write_bundle(source: Path, out: Path, threshold: float, record: dict[str, A
         metadata = json.loads((staging / "metadata.json").read_text())
         version = model_identity(metadata)["version"]
         metadata["domain_metadata"]["budget_threshold"] = threshold
-        metadata["domain_metadata"][KEY] = {**record, "updated": ["budget_threshold"]}
+        metadata[KEY] = {**record, "updated": ["budget_threshold"]}
         metadata["model_version"] = f"{version}+budget-{record['written_at'].replace(':', '').replace('-', '')}"[:128]
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         make_readable(staging)

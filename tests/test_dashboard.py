@@ -27,7 +27,7 @@ def monitor_logged(tiny_run, tmp_path_factory) -> set[str]:
     root = tmp_path_factory.mktemp("dashboard-monitor")
     bundle = export_checkpoint(get_domain("finance"), tiny_run("finance") / "checkpoints" / "last.ckpt", "onnx", root / "bundle")
     stats = load_reference(bundle)
-    features = reference_frame(stats)[stats["columns"]].fillna(0.0).to_numpy(np.float32)
+    features = reference_frame(stats)[stats["columns"]].dropna().to_numpy(np.float32)
     outputs = Bundle(bundle).run(numeric=features)
     RequestLog(root / "requests.jsonl").append([
         {"time": f"2026-11-30T10:{i // 60 % 60:02d}:{i % 60:02d}.000+00:00", "model": "finance", "version": "v1", "form": "rows",

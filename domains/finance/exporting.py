@@ -61,7 +61,6 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
             "contribution_names": task.group_names,
             "threshold": threshold if math.isfinite(threshold) else None,
             "budget_threshold": budget if math.isfinite(budget) else None,
-            "alert_budget": getattr(task, "alert_budget", None),  # what budget_threshold was fitted on (pipelines.monitor_budget)
             "threshold_method": hp.threshold_method,
             "operating_point": {"threshold_target": hp.threshold_target, "cost_fn": hp.cost_fn, "cost_fp": hp.cost_fp}
             if hp.threshold_method in ("cost", "sensitivity", "specificity") else None,
