@@ -7,7 +7,7 @@ with five sections whose panels name only metrics the domain really logs, read f
 - **Training curves**: one line plot per metric logged as ``train/X`` and/or ``val/X`` (``metrics.jsonl``), against ``epoch``;
 - **Test plots**: a bar per run for each declared test metric the run logged (``DomainSpec.test_metrics``), and a media
   panel per test figure (``plots/test_*.png``, logged to W&B under ``test/...``);
-- **Retraining history**: the champion metric of every attempt (the first of ``DomainSpec.selection`` the run logged; the
+- **Retraining history**: the champion metric of every attempt (the first of ``DomainSpec.selection``, else the monitor's ``test/`` name, the run logged; the
   attempts' runs are in the W&B group ``retrain-<domain>``), with a note on promotions and rejections (the registry's
   ``history.jsonl``: ``python -m pipelines.registry DOMAIN history``);
 - **Drift scores** and **Serving metrics**: what ``python -m pipelines.monitor ... --wandb`` logs (:mod:`pipelines.monitor_wandb`):
@@ -62,7 +62,9 @@ def section_panels(spec: DomainSpec, scalars: set[str], figures: set[str], budge
     training = [wr.LinePlot(title=name, x="epoch", y=[f"{stage}/{name}" for stage in ("train", "val") if f"{stage}/{name}" in scalars]) for name in names]
     tests = [wr.BarPlot(title=metric, metrics=[metric]) for metric, _ in spec.test_metrics if metric in scalars]
     tests += [wr.MediaBrowser(title=key, media_keys=[key]) for key in sorted(figures) if key.startswith("test/")]
-    selection = next((metric for metric in spec.selection if metric in scalars), None)
+    from pipelines.selection import evaluation_metric_key
+
+    selection = next((metric for metric in spec.selection or (evaluation_metric_key(spec.monitor),) if metric in scalars), None)
     history = [wr.MarkdownPanel(markdown=(
         f"Attempts of `python -m pipelines.retrain {spec.name}` are the runs of W&B group `retrain-{spec.name}`. "
         f"Promotions and rejections: the registry's `history.jsonl` (`python -m pipelines.registry {spec.name} history`), "
