@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from benchmarks.serving import ROOT, free_port, percentiles, train_tiny
+from benchmarks.serving import ROOT, free_port, percentiles, post, train_tiny
 from pipelines.domain_registry import get_domain
 
 
@@ -49,18 +49,6 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.2)
-
-
-def post(url: str, body: bytes) -> int:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:  # refused, reset, closed mid-answer: not answered
-        return -1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         while not stop.is_set():
             first, began = next(turn) % 2, time.monotonic()
             for attempt in range(args.retries + 1):
-                status = post(urls[(first + attempt) % 2] + "/predict", body)
+                try:
+                    status = post(urls[(first + attempt) % 2] + "/predict", body)
+                except OSError:  # refused, reset, closed mid-answer: not answered
+                    status = -1
                 if status not in (-1, 503):
                     break
                 time.sleep(0.05)

@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.last is not None and args.last < 2:
         parser.error(f"--last must be >= 2, got {args.last}")
-    if not args.psi_threshold > 0 or not 0 < args.ks_alpha < 1 or args.bins < 2 or not 0 < args.budget_alpha < 1 or not 0 < args.mmd_alpha < 1:
-        parser.error(f"--psi-threshold must be > 0, --ks-alpha, --budget-alpha and --mmd-alpha in (0, 1), --bins >= 2; "
-                     f"got {args.psi_threshold}, {args.ks_alpha}, {args.budget_alpha}, {args.mmd_alpha}, {args.bins}")
+    if not args.psi_threshold > 0 or not 0 < args.ks_alpha < 1 or args.bins < 2:
+        parser.error(f"--psi-threshold must be > 0, --ks-alpha in (0, 1), --bins >= 2; got {args.psi_threshold}, {args.ks_alpha}, {args.bins}")
+    if not 0 < args.budget_alpha < 1 or not 0 < args.mmd_alpha < 1:
+        parser.error(f"--budget-alpha and --mmd-alpha must be in (0, 1); got {args.budget_alpha}, {args.mmd_alpha}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

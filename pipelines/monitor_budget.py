@@ -240,7 +240,6 @@ def _write_checkpoint(source: Path, out: Path, threshold: float, record: dict[st
 
 
 def _write_bundle(source: Path, out: Path, threshold: float, record: dict[str, Any]) -> None:
-    from pipelines.export import make_readable
     from pipelines.serving_server import model_identity
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
@@ -252,7 +251,7 @@ def _write_bundle(source: Path, out: Path, threshold: float, record: dict[str, A
         metadata[KEY] = {**record, "updated": ["budget_threshold"]}
         metadata["model_version"] = f"{version}+budget-{record['written_at'].replace(':', '').replace('-', '')}"[:128]
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        make_readable(staging)
+        staging.chmod(0o755)  # mkdtemp makes it 0700; the copied files keep the bundle's modes (export makes them readable)
         os.replace(staging, out)  # out does not exist (checked): a rename, complete or absent
     finally:
         shutil.rmtree(staging, ignore_errors=True)

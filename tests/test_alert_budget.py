@@ -125,6 +125,7 @@ def test_a_bundle_is_recalibrated_into_a_new_bundle_and_bad_requests_change_noth
     old, new = (json.loads((b / "metadata.json").read_text()) for b in (bundle, out))
     assert old[KEY]["fitted_on"] == "validation rows labelled normal" and new[KEY]["fitted_on"] == "window" and new["model_version"].startswith(f"sha256-{old['source_checkpoint']['sha256'][:12]}+budget-")
     assert (out / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
+    assert [oct(p.stat().st_mode & 0o777) for p in (out, out / "metadata.json")] == ["0o755", "0o644"], "readable by a server running as another user"
     after = monitor_here(str(out), str(periods["next"]), "--only", "budget")
     assert after.returncode == 0, after.stdout + after.stderr
 
@@ -134,7 +135,7 @@ def test_a_bundle_is_recalibrated_into_a_new_bundle_and_bad_requests_change_noth
     cases = [
         (periods["recent"], ["--recalibrate-budget", str(out)], "already exists"),  # never over an earlier model
         (tmp_path / "short.csv", ["--recalibrate-budget", str(tmp_path / "b2")], "a threshold needs at least 2000 rows"),
-        (periods["recent"], ["--only", "budget", "--budget-alpha", "2"], "--budget-alpha and --mmd-alpha in (0, 1)"),
+        (periods["recent"], ["--only", "budget", "--budget-alpha", "2"], "--budget-alpha and --mmd-alpha must be in (0, 1)"),
         (tmp_path / "features.csv", ["--only", "budget"], "has no score column"),
         (tmp_path / "features.csv", ["--recalibrate-budget", str(tmp_path / "b3")], "has no score column"),
     ]
