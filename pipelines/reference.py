@@ -102,14 +102,15 @@ def fit_output_image_reference(pixels: np.ndarray, output_name: str, source: str
     return stats
 
 
-def fit_sequence_reference(inputs: dict[str, np.ndarray], channel_names: dict[str, list[str]], source: str) -> dict[str, Any]:
+def fit_sequence_reference(inputs: dict[str, Any], channel_names: dict[str, list[str]], source: str) -> dict[str, Any]:
     """Per sequence channel: the mean over each window's time steps of every channel of the model's sequence inputs
-    (``(N, T, C)``; e.g. ``past`` positions centred on the last observed one, and ``channels``), named ``<input>.<channel>``:
-    the request log's columns for those inputs (``sequence_inputs`` names the channels)."""
-    columns = {f"{name}.{channel}": np.asarray(array, dtype=np.float64)[:, :, j].mean(axis=1)
-               for name, array in inputs.items() for j, channel in enumerate(channel_names[name])}  # fmt: skip
-    stats = fit_reference(pd.DataFrame(columns), source=source)
-    stats["sequence_inputs"] = {name: list(channel_names[name]) for name in inputs if channel_names[name]}
+    named in ``channel_names`` (arrays or tensors ``(N, T, C)`` among ``inputs``; e.g. ``past`` positions centred on the last
+    observed one, and ``channels``), named ``<input>.<channel>``: the request log's columns for those inputs
+    (``sequence_inputs`` names the channels)."""
+    arrays = {name: np.asarray(inputs[name], dtype=np.float64) for name in channel_names}
+    columns = {f"{name}.{channel}": arrays[name][:, :, j].mean(axis=1) for name in arrays for j, channel in enumerate(channel_names[name])}
+    stats = fit_reference(pd.DataFrame(columns), source=f"{source} ({len(next(iter(arrays.values())))} windows)")
+    stats["sequence_inputs"] = {name: list(names) for name, names in channel_names.items() if names}
     return stats
 
 

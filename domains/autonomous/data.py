@@ -289,13 +289,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             "time_step": self.time_step,
             "canonical_heading": bool(self.hparams.canonical_heading),
             "observe": self.observe,
-            REFERENCE_KEY: self.reference_statistics(),  # drift reference per sequence channel (pipelines.reference)
+            REFERENCE_KEY: fit_sequence_reference(  # drift reference per sequence channel of the training windows (pipelines.reference)
+                self._tensors(self.tracks["train"], self.windows["train"], "train"), {"past": self.position_names, "channels": list(self.hparams.channels or [])}, "training split"),
         }
-
-    def reference_statistics(self) -> dict[str, Any]:
-        train = self._tensors(self.tracks["train"], self.windows["train"], "train")
-        inputs, names = {"past": train["past"].numpy(), "channels": train["channels"].numpy()}, {"past": self.position_names, "channels": list(self.hparams.channels or [])}
-        return fit_sequence_reference(inputs, names, source=f"training split ({len(inputs['past'])} windows)")
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
         return window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
