@@ -58,16 +58,24 @@ def drift_figure(results: list[FeatureDrift], reference: pd.DataFrame, window: p
 
 def markdown(results: list[FeatureDrift], facts: dict[str, Any]) -> str:
     drifted = [r for r in results if r.drifted]
+    budget = facts.get("alert_budget")
     lines = [
         f"# Drift report: {facts['verdict']}",
         "",
-        f"- reference: `{facts['reference']}` ({facts.get('reference_source') or 'a table'})",
+        f"- reference: `{facts['reference']}` ({facts.get('reference_source') or ('a model' if not results else 'a table')})",
         f"- window: `{facts['window']}` ({facts['window_rows']} rows" + (f", versions {', '.join(facts['versions'])}" if facts.get("versions") else "") + ")",
         f"- thresholds: PSI >= {facts['psi_threshold']:g} or KS p-value < {facts['ks_alpha']:g} / {len(results)} features (Bonferroni) flags a feature",
         f"- written {facts['written_at']}; exit status {facts['exit_code']}",
         "",
-        f"**{len(drifted)} of {len(results)} feature(s) drifted**" + (": " + ", ".join(f"`{r.feature}`" for r in drifted) if drifted else "."),
+        (f"**{len(drifted)} of {len(results)} feature(s) drifted**" + (": " + ", ".join(f"`{r.feature}`" for r in drifted) if drifted else "."))
+        if results else "Drift not checked (`--only budget`).",
         "",
+    ]
+    if budget:
+        lines += [f"**{'Alert rate outside the budget' if budget['outside'] else 'Alert rate within the budget'}**: {budget_line(budget)}.", ""]
+    if not results:  # --only budget
+        return "\n".join(lines) + "\n"
+    lines += [
         "![PSI per feature and the distributions of the most shifted features](drift.png)",
         "",
         "| feature | PSI | KS | KS p-value | reference n | window n | window missing | drifted |",
@@ -76,6 +84,13 @@ def markdown(results: list[FeatureDrift], facts: dict[str, Any]) -> str:
     for r in sorted(results, key=lambda r: -r.psi):
         lines.append(f"| `{r.feature}` | {r.psi:.4f} | {r.ks_statistic:.4f} | {r.ks_pvalue:.3g} | {r.reference_count} | {r.window_count} | {r.window_missing} | {'**yes**' if r.drifted else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def budget_line(check: dict[str, Any]) -> str:
+    """One line on the window's alert rate against the alert budget (a ``BudgetCheck.as_dict()``)."""
+    low, high = check["interval"]
+    return (f"{100 * check['live_rate']:.3g} % of {check['rows']} rows alerted (score >= {check['threshold']:.6g}) against a {100 * check['rate']:.3g} % "
+            f"budget fitted on {check['fitted_on']}; {100 * (1 - check['alpha']):g} % interval {100 * low:.3g}-{100 * high:.3g} %")  # fmt: skip
 
 
 def write_report(reports: Path, results: list[FeatureDrift], reference: pd.DataFrame, window: pd.DataFrame, facts: dict[str, Any]) -> Path:
@@ -90,7 +105,8 @@ def write_report(reports: Path, results: list[FeatureDrift], reference: pd.DataF
     staging = reports / f".{final.name}.{os.getpid()}.partial"
     staging.mkdir(parents=True)
     try:
-        save_figure_atomic(drift_figure(results, reference, window, facts["psi_threshold"]), staging / "drift.png")
+        if results:  # --only budget: no features compared, no figure
+            save_figure_atomic(drift_figure(results, reference, window, facts["psi_threshold"]), staging / "drift.png")
         (staging / "report.md").write_text(markdown(results, facts))
         (staging / "drift.json").write_text(json.dumps({**facts, "features": [r.as_dict() for r in results]}, indent=2) + "\n")
         os.replace(staging, final)

@@ -33,6 +33,7 @@ import torch
 from pipelines.bundle_runtime import BUNDLE_FORMAT, Bundle
 from pipelines.checkpoints import build_model, check_domain, datamodule_state, read_checkpoint
 from pipelines.reference import KEY as REFERENCE_KEY
+from pipelines.monitor_budget import KEY as BUDGET_KEY
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
@@ -107,7 +108,7 @@ def export_checkpoint(
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     ckpt_path = Path(ckpt_path)
-    task, datamodule_state, _ = load_task(spec, ckpt_path)
+    task, datamodule_state, checkpoint = load_task(spec, ckpt_path)
     export = task.export_spec(datamodule_state)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,7 @@ def export_checkpoint(
             "packages": package_versions(),
             "runtime": runtime_versions(fmt),
             **({REFERENCE_KEY: datamodule_state[REFERENCE_KEY]} if isinstance(datamodule_state, dict) and REFERENCE_KEY in datamodule_state else {}),
+            **({BUDGET_KEY: checkpoint[BUDGET_KEY]} if BUDGET_KEY in checkpoint else {}),  # what an alert budget was fitted on (pipelines.monitor_budget)
             **({"model_name": model_name} if model_name else {}),
             **({"model_version": model_version} if model_version else {}),
             **(extra_metadata or {}),

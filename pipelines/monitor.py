@@ -1,4 +1,4 @@
-"""``python -m pipelines.monitor REFERENCE WINDOW [--columns a,b] [--psi_threshold 0.2] [--ks_alpha 0.001] [--json OUT] [--report DIR]``.
+"""``python -m pipelines.monitor REFERENCE WINDOW [--columns a,b] [--psi_threshold 0.2] [--ks_alpha 0.001] [--json OUT] [--report DIR] [--recalibrate_budget OUT]``.
 
 Compares a window of data with a reference feature by feature with :func:`pipelines.drift.compare`
 (PSI and two-sample KS per numeric column), prints one line per feature, writes the results as JSON
@@ -7,12 +7,25 @@ with ``--json`` and a report folder (Markdown, PNG, JSON: :mod:`pipelines.drift_
 REFERENCE: a table (Parquet ``.parquet``/``.pq`` or CSV ``.csv``, e.g. the training data), or the
 reference statistics fitted on the training split and saved in a checkpoint (``.ckpt``) or an
 exported bundle folder (:mod:`pipelines.reference`): no training files needed.
-WINDOW: a table, or the server's request log (``.jsonl``, with its rotated files:
+WINDOW: a table, or the server's request log (``.jsonl``, with its rotated files, or ``.parquet``, its segments:
 :mod:`pipelines.request_log`); ``--last N`` keeps its newest N records, ``--model_version V`` those
 one model version answered.
 
-Exit status: 0 no feature drifted; 3 at least one feature drifted (PSI >= ``--psi_threshold`` or
-KS p-value < ``--ks_alpha`` / number of features); 2 bad input (a missing, empty or unreadable file, a bundle or checkpoint without reference statistics, a header with no
+Alert budget (a model with one, e.g. finance's ``target_alert_rate``: :mod:`pipelines.monitor_budget`):
+when REFERENCE is such a checkpoint or bundle and the window holds the model's scores (the request
+log's ``output.score``, a table's ``score`` column such as ``predict``'s output), the window's alert
+rate (``score >= budget_threshold``) is reported against the budget with a two-sided binomial
+interval (``--budget_alpha``); a rate outside it is flagged like drift (exit 3). ``--only budget``
+checks the budget alone (a window of scores without the features), ``--only drift`` drift alone.
+``--recalibrate_budget OUT`` refits the budget threshold on the window's scores (the ``rate`` quantile
+of recent traffic the same model scored; ``--model_version V`` picks its records in a request log)
+and writes the checkpoint or bundle with it to OUT, a new path (complete or absent; the model is
+not retrained and the original is never touched); it checks nothing else and exits 0 when written.
+
+Exit status: 0 no feature drifted and the alert rate (when checked) within its interval; 3 at least
+one feature drifted (PSI >= ``--psi_threshold`` or KS p-value < ``--ks_alpha`` / number of features; for a
+reference with a sample of whole rows, generated images: their MMD p-value < ``--mmd_alpha``,
+:mod:`pipelines.monitor_mmd`) or the alert rate is outside its interval; 2 bad input (a missing, empty or unreadable file, a bundle or checkpoint without reference statistics, a header with no
 rows or a repeated column, a CSV that is not UTF-8, a missing column, a value that is not a number
 or is inf, fewer than 2 values, an unknown option or one out of range), refused with one paragraph
 naming the file, column and rows before anything is written; 1 a crash. Missing values (NaN, empty
@@ -34,8 +47,11 @@ from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.option_spelling import OptionParser
 from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns
 from pipelines.reference import load_reference, reference_frame
-from pipelines.request_log import read_log
+from pipelines.request_log import read_log, segment_files
 from pipelines.files import write_json_atomic
+from pipelines.monitor_mmd import MMD_ALPHA, sample_test
+from pipelines.monitor_wandb import log_to_wandb, monitor_metrics
+from pipelines.monitor_budget import ALPHA as BUDGET_ALPHA, Budget, BudgetCheck, check_budget, check_versions, read_budget, recalibrate, window_scores
 
 EXIT_DRIFT = 3
 SUFFIXES = (".parquet", ".pq", ".csv")
@@ -103,7 +119,8 @@ def with_reference_counts(results: list, stats: dict | None) -> list:
 
 def read_window(path: str, last: int | None, version: str | None) -> tuple[pd.DataFrame, str]:
     """The window table or request log (its newest ``last`` records of model ``version``) and a note on what was read."""
-    if not path.endswith(".jsonl"):
+    parquet_log = path.endswith(".parquet") and not Path(path).exists() and bool(segment_files(path))  # --request_log FILE.parquet
+    if not path.endswith(".jsonl") and not parquet_log:
         return read_table(path), ""
     frame, skipped = read_log(path)
     if version is not None:
@@ -127,7 +144,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ks_alpha", type=float, default=KS_ALPHA, help="a KS p-value below this divided by the number of features flags drift (Bonferroni)")
     parser.add_argument("--bins", type=int, default=10, help="quantile bins of the reference for PSI")
     parser.add_argument("--json", default=None, help="write the report here as JSON (written whole, or not at all)")
+    parser.add_argument("--mmd_alpha", type=float, default=MMD_ALPHA, help="a reference with a sample (images): an MMD p-value below this flags drift")
+    parser.add_argument("--only", choices=["drift", "budget"], default=None, help="check only drift, or only the alert rate against the model's alert budget")
+    parser.add_argument("--budget_alpha", type=float, default=BUDGET_ALPHA, help="an alert rate outside the (1 - alpha) binomial interval of the budget is flagged")
+    parser.add_argument("--wandb", action="store_true", help="also log the check's numbers to W&B (offline unless a key is present; pipelines.monitor_wandb)")
+    parser.add_argument("--recalibrate_budget", default=None, metavar="OUT", help="write the model (checkpoint or bundle) with its budget threshold refitted on the window's scores to OUT (a new path)")
     return parser
+
+
+def check_alert_budget(args: argparse.Namespace, window: pd.DataFrame) -> tuple[Budget | None, BudgetCheck | None]:
+    """The model's alert budget and the window's alert rate against it (``None``s where there is none or no scores;
+    ``--only budget`` then refuses)."""
+    model = Path(args.reference).is_dir() or args.reference.endswith(".ckpt")
+    budget = read_budget(args.reference) if model else None
+    found = window_scores(window, args.window) if budget else None
+    if args.only == "budget" and found is None:
+        raise InputError(f"--only budget: {args.reference if budget is None else args.window} has no "
+                         f"{'alert budget (a finance checkpoint or bundle has one)' if budget is None else 'score column (output.score in a request log, score in a table)'}")  # fmt: skip
+    if found is None:
+        return budget, None
+    try:
+        check_versions(budget, window, args.window, args.model_version)
+    except InputError as error:
+        if args.only == "budget":
+            raise
+        print(f"[pipelines] alert rate not checked: {error}")  # drift is about the data, whichever model answered
+        return budget, None
+    scores, missing = found
+    return budget, check_budget(scores, budget, alpha=args.budget_alpha, missing=missing)
+
+
+def model_domain(reference: str) -> str:
+    """The domain of a bundle or checkpoint reference (its W&B project); ``monitor`` for a table or an unknown model."""
+    import json
+
+    from pipelines.checkpoints import checkpoint_domain, read_checkpoint
+
+    if Path(reference).is_dir():
+        return str(json.loads((Path(reference) / "metadata.json").read_text()).get("domain") or "monitor")
+    return (checkpoint_domain(read_checkpoint(reference)) or "monitor") if reference.endswith(".ckpt") else "monitor"
+
+
+def recalibrate_budget(args: argparse.Namespace, window: pd.DataFrame, note: str) -> int:
+    budget, before = check_alert_budget(argparse.Namespace(**{**vars(args), "only": "budget"}), window)
+    print(f"[pipelines] before: {before.line()}")
+    scores, _ = window_scores(window, args.window)
+    out, record = recalibrate(budget, scores, args.recalibrate_budget, args.window + (f" ({note})" if note else ""))
+    after = check_budget(scores, budget, record["threshold"], args.budget_alpha, fitted_rows=len(scores), fitted_on="this window")
+    print(f"[pipelines] after:  {after.line()}")
+    print(f"[pipelines] recalibrated {budget.kind} written to {out} (budget threshold {budget.threshold:.6g} -> {record['threshold']:.6g}; {budget.path} unchanged)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,15 +203,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--last must be >= 2, got {args.last}")
     if not args.psi_threshold > 0 or not 0 < args.ks_alpha < 1 or args.bins < 2:
         parser.error(f"--psi_threshold must be > 0, --ks_alpha in (0, 1), --bins >= 2; got {args.psi_threshold}, {args.ks_alpha}, {args.bins}")
+    if not 0 < args.budget_alpha < 1 or not 0 < args.mmd_alpha < 1:
+        parser.error(f"--budget_alpha and --mmd_alpha must be in (0, 1); got {args.budget_alpha}, {args.mmd_alpha}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     if args.columns is not None and not columns:
         parser.error(f"--columns {args.columns!r} names no column; expected comma-separated column names")
     try:
-        (reference, stats), (window, note) = read_reference(args.reference), read_window(args.window, args.last, args.model_version)
-        results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins, names=(args.reference, args.window))
-        results = with_reference_counts(results, stats)
+        window, note = read_window(args.window, args.last, args.model_version)
+        if args.recalibrate_budget:
+            return recalibrate_budget(args, window, note)
+        results, reference, stats, embedding = [], None, None, None
+        if args.only != "budget":
+            reference, stats = read_reference(args.reference)
+            results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins, names=(args.reference, args.window))
+            results = with_reference_counts(results, stats)
+            embedding = sample_test(stats, window)
+        budget, alert_rate = check_alert_budget(args, window) if args.only != "drift" else (None, None)
     except ValueError as error:  # InputError and the checks' ValueErrors: bad input, nothing written
         print(paragraph(str(error)), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -157,14 +232,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[pipelines] warning: fewer than {20 * args.bins} values on one side for {', '.join(small)}: PSI is noisy there "
               f"(about {args.bins - 1} / n of it is sampling noise); KS accounts for the sizes")  # fmt: skip
     drifted = [r.feature for r in results if r.drifted]
-    print(f"[pipelines] {len(drifted)} of {len(results)} feature(s) drifted" + (f": {', '.join(drifted)}" if drifted else ""))
-    code = EXIT_DRIFT if drifted else 0
+    if embedding is not None:
+        moved = embedding.pvalue < args.mmd_alpha
+        drifted += ["embedding (MMD)"] if moved else []
+        print(f"{'DRIFT' if moved else 'ok   '} embedding (MMD over {embedding.columns} columns, {embedding.reference_rows}/{embedding.window_rows} rows): "
+              f"mmd2 {embedding.mmd2:.4g} (p {embedding.pvalue:.3g}, {embedding.permutations} permutations)")  # fmt: skip
+    if args.only != "budget":
+        print(f"[pipelines] {len(drifted)} of {len(results)} feature(s) drifted" + (f": {', '.join(drifted)}" if drifted else ""))
+    if alert_rate is not None:
+        print(f"[pipelines] {'BUDGET' if alert_rate.outside else 'ok    '} {alert_rate.line()}")
+    elif budget is not None:
+        print(f"[pipelines] the window has no score column: its alert rate was not checked against the {100 * budget.rate:g} % alert budget")
+    outside = alert_rate is not None and alert_rate.outside
+    code = EXIT_DRIFT if drifted or outside else 0
+    verdict = " and ".join([*(["drift"] if drifted else []), *(["alert rate outside the budget"] if outside else [])]) or ("no drift" if args.only != "budget" else "alert rate within the budget")
     facts = {
         "reference": args.reference, "reference_source": f"reference statistics of {stats['source']}" if stats else None, "window": args.window + (f" ({note})" if note else ""), "window_rows": len(window),
         "versions": sorted(set(window["version"].astype(str))) if "version" in window else [], "psi_threshold": args.psi_threshold,
-        "ks_alpha": args.ks_alpha, "drifted": drifted, "verdict": "drift" if drifted else "no drift", "exit_code": code,
+        "ks_alpha": args.ks_alpha, "drifted": drifted, "mmd": embedding.as_dict() if embedding else None, "alert_budget": alert_rate.as_dict() if alert_rate else None, "verdict": verdict, "exit_code": code,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
+    facts["logged"] = monitor_metrics(results, alert_rate, window)
+    if args.wandb:
+        print(f"[pipelines] {log_to_wandb(facts['logged'], model_domain(args.reference), facts)}")
     if args.json:
         write_json_atomic(Path(args.json), {**facts, "features": [r.as_dict() for r in results]})
     if args.report:

@@ -5,7 +5,10 @@ them under ``"reference_statistics"`` in its ``state_dict``, so Lightning saves 
 checkpoint; the exporter copies them into the bundle's ``metadata.json``
 (``reference_statistics``); ``python -m pipelines.monitor`` reads them from either. Per numeric
 feature: count, missing count, mean, standard deviation, min, max and ``QUANTILE_POINTS`` evenly
-spaced quantiles (0 %, 0.5 %, ..., 100 %), a few KB per feature whatever the data's size.
+spaced quantiles (0 %, 0.5 %, ..., 100 %), a few KB per feature whatever the data's size. Sequence
+models (autonomous) fit them per channel of their sequence inputs (:func:`fit_sequence_reference`),
+generators (media) on a per-image summary of their training images, named as the request log names
+the generated images, with a sample of whole summary rows for an MMD test (:func:`fit_output_image_reference`).
 
 :func:`reference_frame` turns them back into a pseudo-sample (the quantile function at evenly spaced
 probabilities), on which :func:`pipelines.drift.compare` computes PSI on the reference's deciles
@@ -66,6 +69,49 @@ def fit_image_reference(images: np.ndarray, input_name: str, source: str, chunk:
         stds.append(flat.std(axis=1))
     frame = pd.DataFrame({f"{input_name}.mean": np.concatenate(means), f"{input_name}.std": np.concatenate(stds)})
     return fit_reference(frame, source=source)
+
+
+POOL = 4  # image embedding: the mean intensity of each cell of a POOL x POOL grid
+SAMPLE_ROWS = 300  # rows of a multivariate reference kept whole, for the MMD test (pipelines.monitor_mmd)
+
+
+def image_summary(images: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """Per-image summary of ``(N, C, H, W)`` images in [0, 1]: ``<name>.mean``, ``<name>.std`` and the ``POOL x POOL``
+    grid of mean intensities (channels averaged) ``<name>.pool[k]``: the request log's columns of an image output."""
+    images = np.asarray(images, dtype=np.float64)
+    flat = images.reshape(len(images), -1)
+    grey = images.mean(axis=1)  # (N, H, W)
+    rows, cols = np.array_split(np.arange(grey.shape[1]), POOL), np.array_split(np.arange(grey.shape[2]), POOL)
+    cells = [grey[:, r[0] : r[-1] + 1, c[0] : c[-1] + 1].mean(axis=(1, 2)) for r in rows for c in cols]
+    return {f"{name}.mean": flat.mean(axis=1), f"{name}.std": flat.std(axis=1), **{f"{name}.pool[{k}]": cell for k, cell in enumerate(cells)}}
+
+
+def fit_output_image_reference(pixels: np.ndarray, output_name: str, source: str, chunk: int = 512, seed: int = 0) -> dict[str, Any]:
+    """The reference of a generator: the summary (:func:`image_summary`) of its training images ``pixels`` (uint8
+    ``(N, H, W, C)``), named as the request log names its output ``output_name`` (``output.<name>.mean``, ...),
+    with ``SAMPLE_ROWS`` of the summary rows kept whole for a multivariate (MMD) test of the generated images."""
+    parts = []
+    for start in range(0, len(pixels), chunk):
+        block = np.moveaxis(np.asarray(pixels[start : start + chunk]), -1, 1).astype(np.float64) / 255.0
+        parts.append(pd.DataFrame(image_summary(block, f"output.{output_name}")))
+    frame = pd.concat(parts, ignore_index=True)
+    stats = fit_reference(frame, source=source)
+    rows = np.random.default_rng(seed).choice(len(frame), size=min(SAMPLE_ROWS, len(frame)), replace=False)
+    stats["output"] = output_name
+    stats["sample"] = {"columns": list(frame.columns), "rows": frame.to_numpy()[np.sort(rows)].round(6).tolist()}
+    return stats
+
+
+def fit_sequence_reference(inputs: dict[str, Any], channel_names: dict[str, list[str]], source: str) -> dict[str, Any]:
+    """Per sequence channel: the mean over each window's time steps of every channel of the model's sequence inputs
+    named in ``channel_names`` (arrays or tensors ``(N, T, C)`` among ``inputs``; e.g. ``past`` positions centred on the last
+    observed one, and ``channels``), named ``<input>.<channel>``: the request log's columns for those inputs
+    (``sequence_inputs`` names the channels)."""
+    arrays = {name: np.asarray(inputs[name], dtype=np.float64) for name in channel_names}
+    columns = {f"{name}.{channel}": arrays[name][:, :, j].mean(axis=1) for name in arrays for j, channel in enumerate(channel_names[name])}
+    stats = fit_reference(pd.DataFrame(columns), source=f"{source} ({len(next(iter(arrays.values())))} windows)")
+    stats["sequence_inputs"] = {name: list(names) for name, names in channel_names.items() if names}
+    return stats
 
 
 def reference_frame(stats: dict[str, Any], size: int = PSEUDO_SAMPLE) -> pd.DataFrame:

@@ -31,7 +31,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--drain_timeout", type=float, default=30.0, help="seconds to wait for the requests in flight once draining")
     parser.add_argument("--model_name", default=None, help="name in /info, X-Model-Name and metrics (default: the bundle's, else the domain)")
     parser.add_argument("--model_version", default=None, help="version (default: the registry version; the bundle's; else sha256-<checkpoint sha256 prefix>)")
-    parser.add_argument("--request_log", default=None, help="append what the model saw and answered to this JSON-lines file (pipelines.request_log)")
+    parser.add_argument("--request_log", default=None, help="append what the model saw and answered to this JSON-lines file, or Parquet segments for a .parquet name (pipelines.request_log)")
     parser.add_argument("--request_log_max_mb", type=float, default=64.0, help="rotate the request log when it would pass this size")
     parser.add_argument("--request_log_keep", type=int, default=5, help="rotated request logs kept (PATH.1 .. PATH.N)")
     parser.add_argument("--request_log_sample", type=float, default=1.0, help="share of requests logged, in (0, 1]")
@@ -56,6 +56,8 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.request_log_max_mb <= 0 or args.request_log_keep < 1 or not 0 < args.request_log_sample <= 1:
         parser.error(f"--request_log_max_mb must be > 0, --request_log_keep >= 1, --request_log_sample in (0, 1]; "
                      f"got {args.request_log_max_mb}, {args.request_log_keep}, {args.request_log_sample}")  # fmt: skip
+    if args.request_log and not args.request_log.endswith((".jsonl", ".parquet")):
+        parser.error(f"--request_log {args.request_log}: expected a .jsonl (JSON lines) or .parquet (Parquet segments) name")
     if args.registry and args.model_version:
         parser.error("--model_version goes with --bundle: with --registry the version is the registry's (it changes on reload)")
     try:

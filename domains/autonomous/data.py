@@ -48,6 +48,7 @@ from pipelines.data import make_loader
 from pipelines.errors import InputError
 from pipelines.splits import SplitBy, SplitRule, adopt
 from pipelines.validation import check_labels
+from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
 from domains.autonomous.fitted_state import check_checkpoint_state, fit_input_statistics
 from domains.autonomous.readers import FILE, SPLITS, ColumnSpec, Tracks, build_tracks, log, read_table
 from domains.autonomous.sampling import check_time_options
@@ -288,6 +289,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             "time_step": self.time_step,
             "canonical_heading": bool(self.hparams.canonical_heading),
             "observe": self.observe,
+            REFERENCE_KEY: fit_sequence_reference(  # drift reference per sequence channel of the training windows (pipelines.reference)
+                self._tensors(self.tracks["train"], self.windows["train"], "train"), {"past": self.position_names, "channels": list(self.hparams.channels or [])}, "training split"),
         }
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:

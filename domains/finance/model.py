@@ -8,7 +8,8 @@ per-column contributions so an analyst sees why a row was flagged.
 Thresholds are calibrated on the validation split at the end of every validation epoch and saved
 as buffers, so every checkpoint carries the threshold that goes with its weights:
 
-- ``budget_threshold``: flags the top ``target_alert_rate`` share of validation rows (the alert budget);
+- ``budget_threshold``: flags the top ``target_alert_rate`` share of the validation rows labelled normal
+  (all of them without labels; what it was fitted on is saved as ``alert_budget``: :func:`~domains.finance.thresholds.fit_budget`);
 - ``threshold`` (used for ``is_alert``): the best-F1 threshold when the validation rows are labelled
   (``threshold_method`` ``auto`` or ``best_f1``), else the budget threshold.
 
@@ -37,13 +38,14 @@ from torchmetrics.functional.classification import (
 
 from domains.finance.figures import pr_curve, score_histogram, unit_interval
 from domains.finance.networks import RowErrors, TabularAutoencoder, group_matrix, score_rows
-from domains.finance.thresholds import best_f1_threshold, budget_threshold
+from domains.finance.thresholds import best_f1_threshold, budget_threshold, fit_budget  # noqa: F401 - budget_threshold: importable from here
 from pipelines.bootstrap import bootstrap_intervals
 from pipelines.calibration import PlattScaling, brier_score, check_threshold_options, expected_calibration_error, operating_threshold
 from pipelines.evaluation_plots import reliability_figure
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
+from pipelines.monitor_budget import KEY as ALERT_BUDGET_KEY
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -135,6 +137,7 @@ class FraudAutoencoder(BaseTask):
         check_threshold_options(threshold_method if threshold_method in ("cost", "sensitivity", "specificity") else "fixed", threshold_target, cost_fn, cost_fp)
         super().__init__()
         self._warned_no_labels = False
+        self.alert_budget: dict[str, Any] | None = None  # what budget_threshold was fitted on (saved in the checkpoint)
         self._out_of_range_rows = 0
 
     @property
@@ -222,7 +225,7 @@ class FraudAutoencoder(BaseTask):
 
     def _calibrate(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
         hp = self.hparams
-        budget = budget_threshold(scores, hp.target_alert_rate)
+        budget, self.alert_budget = fit_budget(scores, labels if self._labelled(labels) else None, hp.target_alert_rate)
         chosen = budget
         if hp.threshold_method != "alert_rate":
             if self._labelled(labels) and hp.threshold_method in ("cost", "sensitivity", "specificity"):
@@ -370,8 +373,13 @@ class FraudAutoencoder(BaseTask):
                 "alerted, with the columns named in out_of_range"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.alert_budget is not None:
+            checkpoint[ALERT_BUDGET_KEY] = self.alert_budget
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the reason, a checkpoint whose input layout differs from this data's."""
+        self.alert_budget = checkpoint.get(ALERT_BUDGET_KEY)
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("architecture", "num_numeric", "categorical_cardinalities", "feature_groups", "hidden_dims", "latent_dim"):
             if key in saved:

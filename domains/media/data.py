@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError, did_you_mean
 from pipelines.splits import SplitRule, adopt, check_filled, hash_split, hash_unit
+from pipelines.reference import KEY as REFERENCE_KEY, fit_output_image_reference
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
 SPLITS = ("train", "val", "test")
@@ -302,9 +303,14 @@ class MediaDataModule(pl.LightningDataModule):
         return self._loader("predict")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"class_names": self.class_names, "in_channels": self.in_channels, "image_size": self.image_size, "split_rule": self.split_rule.as_dict()}
+        if getattr(self, "_reference", None) is None and self.restored is None:  # drift reference of the generated images (pipelines.reference)
+            indices = self.split_indices["train"]
+            self._reference = fit_output_image_reference(self.source.pixels[indices], "images", f"training split ({len(indices)} images)")
+        reference = {REFERENCE_KEY: self._reference} if getattr(self, "_reference", None) is not None else {}
+        return {"class_names": self.class_names, "in_channels": self.in_channels, "image_size": self.image_size, "split_rule": self.split_rule.as_dict(), **reference}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._reference = state_dict.get(REFERENCE_KEY)
         rule = adopt(self.split_rule, state_dict.get("split_rule"), SplitRule(val_fraction=0.1, test_fraction=0.1))
         if rule != self.split_rule:  # the checkpoint's split rule: the images are split again by it
             self.split_rule = rule

@@ -1,0 +1,73 @@
+"""``python -m pipelines.dashboard``: the W&B workspace of every registered domain, built offline with ``wandb-workspaces``;
+every panel names a metric the domain really logs: its tiny run's ``metrics.jsonl`` and figures, and the numbers a real
+``pipelines.monitor --wandb`` check logs (drift, alert budget, serving)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipelines.dashboard import SECTIONS, logged_keys, main, panel_metrics
+from pipelines.domain_registry import available_domains, get_domain
+from tests.conftest import ROOT, child_env
+
+
+@pytest.fixture(scope="module")
+def monitor_logged(tiny_run, tmp_path_factory) -> set[str]:
+    """The keys a real ``pipelines.monitor --wandb`` check logs on a request log the finance tiny run's bundle answered."""
+    from pipelines.bundle_runtime import Bundle
+    from pipelines.export import export_checkpoint
+    from pipelines.reference import load_reference, reference_frame
+    from pipelines.request_log import RequestLog, item_features, item_outputs
+    from pipelines.serving_server import model_identity
+
+    root = tmp_path_factory.mktemp("dashboard-monitor")
+    bundle = export_checkpoint(get_domain("finance"), tiny_run("finance") / "checkpoints" / "last.ckpt", "onnx", root / "bundle")
+    stats = load_reference(bundle)
+    features = reference_frame(stats)[stats["columns"]].dropna().to_numpy(np.float32)
+    outputs = Bundle(bundle).run(numeric=features)
+    version = model_identity(json.loads((bundle / "metadata.json").read_text()))["version"]  # what the server logs
+    RequestLog(root / "requests.jsonl").append([
+        {"time": f"2026-11-30T10:{i // 60 % 60:02d}:{i % 60:02d}.000+00:00", "model": "finance", "version": version, "form": "rows",
+         "features": item_features({"numeric": features}, i, stats), "outputs": item_outputs(outputs, i)}
+        for i in range(len(features))
+    ])  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "pipelines.monitor", str(bundle), str(root / "requests.jsonl"), "--wandb", "--json", str(root / "check.json")],
+                            cwd=ROOT, env=child_env(WANDB_MODE="offline"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode in (0, 3) and "logged to W&B (offline" in result.stdout, result.stdout + result.stderr
+    return set(json.loads((root / "check.json").read_text())["logged"])
+
+
+@pytest.mark.parametrize("domain", available_domains())
+def test_every_panel_names_a_metric_the_domain_logs(domain, tiny_run, monitor_logged, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = tiny_run(domain)
+    scalars, figures = logged_keys(run)
+    out = tmp_path / "dashboard.json"
+    assert main([domain, "--run_dir", str(run), "--out", str(out)]) == 0
+    assert "not published" in capsys.readouterr().out
+    spec = json.loads(out.read_text())
+    named = panel_metrics(spec)
+    assert list(named) == list(SECTIONS) and spec["project"] == f"domain-pipelines-{domain}"
+    for section in SECTIONS[:3]:
+        assert named[section], f"{domain}: section {section} has no metric panel"
+        unknown = sorted(set(named[section]) - scalars - figures)
+        assert not unknown, f"{domain} {section}: panels name {unknown}, which the run never logged ({sorted(scalars)}, figures {sorted(figures)})"
+    for section in SECTIONS[3:]:
+        assert named[section] and not set(named[section]) - monitor_logged, (domain, section, sorted(set(named[section]) - monitor_logged))
+    declared = get_domain(domain)
+    selection = next(m for m in declared.selection or (declared.monitor.replace("val/", "test/", 1),) if m in scalars)
+    assert selection in named["Retraining history"]
+    assert ("alert_budget/live_rate" in named["Drift scores"]) == (domain == "finance")
+    assert any(k.startswith("val/") for k in named["Training curves"]), named["Training curves"]
+
+
+def test_a_run_without_metrics_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["finance", "--run_dir", str(tmp_path / "run"), "--out", str(tmp_path / "d.json")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
+    assert main(["financ", "--run_dir", str(tmp_path / "run")]) == 2
