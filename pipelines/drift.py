@@ -5,10 +5,12 @@
   empty bins counted as ``EPSILON``. Rule of thumb: < 0.1 stable, 0.1-0.2 moderate, > 0.2 major.
 - KS: ``scipy.stats.ks_2samp`` (statistic: the largest gap between the two empirical CDFs, and its p-value).
 
-A feature drifts when its PSI is at least ``psi_threshold`` or its KS p-value is below
-``ks_alpha`` divided by the number of features compared (Bonferroni: on data that did not move,
-the chance that any feature is flagged by KS stays below ``ks_alpha``, however many features
-there are). Missing values (NaN, an empty CSV cell) are left out of both statistics and counted;
+A feature drifts when its PSI is at least ``psi_threshold`` and more than sampling noise, or its
+KS p-value is below ``ks_alpha`` divided by the number of features compared (Bonferroni: on data
+that did not move, the chance that any feature is flagged by KS stays below ``ks_alpha``, however
+many features there are). "More than sampling noise": the G-test of homogeneity on the two
+samples' counts in PSI's bins (``psi_pvalue``) must also be below that per-feature alpha. On large windows this changes nothing (any PSI of 0.2 is significant); on a window of a few
+dozen rows a calm sample's PSI is often above 0.2 by chance alone and is no longer called drift. Missing values (NaN, an empty CSV cell) are left out of both statistics and counted;
 a value that is not a number, or +-inf, is refused naming the table, column and rows. Example::
 
     >>> import numpy as np, pandas as pd
@@ -40,6 +42,7 @@ class FeatureDrift:
     psi: float
     ks_statistic: float
     ks_pvalue: float
+    psi_pvalue: float
     reference_count: int
     window_count: int
     reference_missing: int
@@ -57,6 +60,29 @@ def psi(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
     shares = [np.bincount(np.searchsorted(edges, sample, side="right"), minlength=len(edges) + 1) / len(sample) for sample in (reference, window)]
     ref, win = (np.maximum(s, EPSILON) for s in shares)
     return float(np.sum((win - ref) * np.log(win / ref)))
+
+
+def psi_pvalue(value: float, reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
+    """How likely bin shares as far apart as these are between two samples of one distribution: the
+    G-test of homogeneity (``scipy.stats.chi2_contingency``, log-likelihood) on the counts of the two
+    samples in PSI's own bins. ``value`` (the PSI) is not used by the test itself: PSI counts an empty
+    bin as a share of ``EPSILON``, which makes it large on a small window; the counts do not.
+
+    >>> rng = np.random.default_rng(0)
+    >>> calm = rng.normal(size=30)
+    >>> reference = rng.normal(size=5000)
+    >>> psi(reference, calm) > 0.2, psi_pvalue(psi(reference, calm), reference, calm) > 0.001  # big PSI, small window: noise
+    (True, True)
+    """
+    from scipy.stats import chi2_contingency
+
+    reference, window = np.asarray(reference, dtype=float), np.asarray(window, dtype=float)
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.stack([np.bincount(np.searchsorted(edges, sample, side="right"), minlength=len(edges) + 1) for sample in (reference, window)])
+    counts = counts[:, counts.sum(axis=0) > 0]
+    if counts.shape[1] < 2:
+        return 1.0  # every value in one bin on both sides: nothing to tell apart
+    return float(chi2_contingency(counts, lambda_="log-likelihood").pvalue)
 
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
@@ -109,11 +135,12 @@ def compare(
                     f"({len(values)} rows); expected at least 2 numbers"
                 )
         value = psi(ref_ok, win_ok, bins)
+        value_p = psi_pvalue(value, ref_ok, win_ok, bins)
         ks = ks_2samp(ref_ok, win_ok)
         results.append(FeatureDrift(
-            feature=column, psi=value, ks_statistic=float(ks.statistic), ks_pvalue=float(ks.pvalue),
+            feature=column, psi=value, ks_statistic=float(ks.statistic), ks_pvalue=float(ks.pvalue), psi_pvalue=value_p,
             reference_count=len(ref_ok), window_count=len(win_ok),
             reference_missing=len(ref) - len(ref_ok), window_missing=len(win) - len(win_ok),
-            drifted=bool(value >= psi_threshold or ks.pvalue < per_feature_alpha),
+            drifted=bool((value >= psi_threshold and value_p < per_feature_alpha) or ks.pvalue < per_feature_alpha),
         ))  # fmt: skip
     return results

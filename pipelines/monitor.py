@@ -225,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         print(paragraph(str(error)), file=sys.stderr)
         return EXIT_BAD_INPUT
     for r in results:
-        print(f"{'DRIFT' if r.drifted else 'ok   '} {r.feature}: psi {r.psi:.4f}  ks {r.ks_statistic:.4f} (p {r.ks_pvalue:.3g})  "
+        print(f"{'DRIFT' if r.drifted else 'ok   '} {r.feature}: psi {r.psi:.4f} (p {r.psi_pvalue:.3g})  ks {r.ks_statistic:.4f} (p {r.ks_pvalue:.3g})  "
               f"n {r.reference_count}/{r.window_count}  missing {r.reference_missing}/{r.window_missing}")  # fmt: skip
     small = [r.feature for r in results if min(r.reference_count, r.window_count) < 20 * args.bins]
     if small:
-        print(f"[pipelines] warning: fewer than {20 * args.bins} values on one side for {', '.join(small)}: PSI is noisy there "
-              f"(about {args.bins - 1} / n of it is sampling noise); KS accounts for the sizes")  # fmt: skip
+        print(f"[pipelines] note: fewer than {20 * args.bins} values on one side for {', '.join(small)}: PSI is noisy there "
+              f"(about {args.bins - 1} / n of it is sampling noise), so a PSI over the threshold counts only when its p-value "
+              f"says noise cannot explain it; KS accounts for the sizes too")  # fmt: skip
     drifted = [r.feature for r in results if r.drifted]
     if embedding is not None:
         moved = embedding.pvalue < args.mmd_alpha

@@ -137,3 +137,25 @@ def test_bad_window_or_option_is_refused_with_one_paragraph_and_nothing_written(
     for expected in expect:
         assert expected.lower() in flat, f"{expected!r} not in {err}"
     assert sorted(p.name for p in tmp_path.rglob("*")) == before, "a refused command wrote a file"
+
+
+def test_a_small_calm_window_is_not_called_drift_but_a_small_moved_one_is():
+    """Trial finding: 30 calm rows had 9 of 37 features flagged by PSI alone (KS p 0.1-0.99), and
+    retrain --when drift trained. PSI now also needs its chi-square p-value below the per-feature alpha."""
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.drift import compare, psi
+
+    rng = np.random.default_rng(7)
+    features = [f"f{i}" for i in range(20)]
+    reference = pd.DataFrame(rng.normal(size=(5000, 20)), columns=features)
+    calm = pd.DataFrame(rng.normal(size=(30, 20)), columns=features)
+    assert sum(psi(reference[f].to_numpy(), calm[f].to_numpy()) >= 0.2 for f in features) >= 5, "PSI alone would flag these"
+    assert [r.feature for r in compare(reference, calm) if r.drifted] == []
+    moved = calm.copy()
+    moved["f3"] += 3.0
+    assert [r.feature for r in compare(reference, moved) if r.drifted] == ["f3"]
+    big = pd.DataFrame(rng.normal(size=(20000, 20)), columns=features)
+    big["f5"] = big["f5"] * 1.5  # a wider spread: PSI about 0.1-0.2 on a large window is significant and still judged by the threshold
+    assert all(r.psi_pvalue < 1e-6 for r in compare(reference, big) if r.feature == "f5")
