@@ -137,9 +137,12 @@ class Sweep:
         self.runs_dir = Path(options.runs_dir).resolve()
         config = resolve_runner_config(self.spec.name, [*runner_args, f"--runs_dir={self.runs_dir}"])
         check_option_names(self.space, config, options.space, self.spec.name)
+        from pipelines.sweep_trial import check_storage_url, make_pruner, open_storage
+
+        if options.storage:
+            check_storage_url(options.storage)  # before the sweep folder is made
         self.folder.mkdir(parents=True, exist_ok=True)
         self.storage_url = options.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
-        from pipelines.sweep_trial import make_pruner, open_storage
 
         direction = "maximize" if self.spec.mode == "max" else "minimize"
         for attempt in range(6):  # workers starting together race to create the same new study's tables

@@ -19,12 +19,50 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
 #: Pruners a sweep can use (``--pruner``); ``none`` reports nothing and prunes nothing.
 PRUNERS = ("median", "hyperband", "none")
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a ``--storage`` URL that cannot work before anything is written: not a database URL,
+    an unknown database kind, a driver that is not installed (naming what to install), or an SQLite
+    file whose folder does not exist. Passwords are not repeated in the message.
+
+    >>> check_storage_url("notaurl")
+    Traceback (most recent call last):
+    ...
+    pipelines.errors.InputError: --storage 'notaurl' is not a database URL; expected e.g. sqlite:///path/to/study.db or postgresql://user:password@host/database
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from pipelines.errors import InputError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InputError(
+            f"--storage {url!r} is not a database URL; expected e.g. sqlite:///path/to/study.db or postgresql://user:password@host/database"
+        ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise InputError(f"--storage {shown}: {parsed.drivername!r} is not a database kind SQLAlchemy knows (sqlite, postgresql, mysql, ...)") from None
+    except ImportError as error:
+        raise InputError(
+            f"--storage {shown}: the database driver is not installed ({error}); for PostgreSQL `pip install psycopg2-binary`, "
+            "for MySQL `pip install pymysql` and a mysql+pymysql:// URL"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).resolve().parent
+        if not folder.is_dir():
+            raise InputError(f"--storage {shown}: the folder {folder} of the SQLite file does not exist")
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:

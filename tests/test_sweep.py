@@ -280,3 +280,21 @@ def test_deploy_examples_run_the_sweep_on_a_shared_storage():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for document in documents:
         kubernetes_validate.validate(document, "1.31", strict=True)
+
+
+@pytest.mark.parametrize(
+    "storage, expected",
+    [
+        ("notaurl", "--storage 'notaurl' is not a database URL"),
+        ("sqlite:////no/such/folder/study.db", "the folder /no/such/folder of the SQLite file does not exist"),
+        ("nosuchdb://host/db", "'nosuchdb' is not a database kind"),
+        ("postgresql+nosuchdriver://u:secret@host/db", "is not a database kind"),
+    ],
+)
+def test_a_bad_storage_url_is_refused_before_the_sweep_folder_is_made(tmp_path, capsys, storage, expected):
+    space = write_space(tmp_path, "space", {"model.lr": {"low": 0.001, "high": 0.01}})
+    code = sweep_main(["finance", f"--space={space}", "--trials=2", f"--storage={storage}", f"--sweeps_dir={tmp_path / 'sweeps'}", f"--runs_dir={tmp_path / 'runs'}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in " ".join(err.split()), err
+    assert "Traceback" not in err and "secret" not in err
+    assert not (tmp_path / "sweeps").exists()
