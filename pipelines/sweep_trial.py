@@ -56,8 +56,8 @@ def check_storage_url(url: str) -> None:
         raise InputError(f"--storage {shown}: {parsed.drivername!r} is not a database kind SQLAlchemy knows (sqlite, postgresql, mysql, ...)") from None
     except ImportError as error:
         raise InputError(
-            f"--storage {shown}: the database driver is not installed ({error}); for PostgreSQL `pip install psycopg2-binary`, "
-            "for MySQL `pip install pymysql` and a mysql+pymysql:// URL"
+            f"--storage {shown}: the database driver is not installed ({error}); install the one the URL names "
+            "(postgresql://: `pip install 'psycopg[binary]'`, postgresql+psycopg2://: psycopg2-binary, mysql+pymysql://: pymysql)"
         ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).resolve().parent
