@@ -24,6 +24,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def destination_problem(path: Path, option: str, folder: bool = False) -> str | None:
+    """Why an output at ``path`` (a file, or a ``folder`` to write into) could not be written, or
+    ``None``: the check a command makes before doing any work, so that a bad destination is refused
+    at once instead of after the work (and without a traceback). Nothing is left behind: the
+    nearest existing folder is probed with a temporary file, which is removed.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     print(destination_problem(Path(tmp) / "out.json", "--json"), destination_problem(Path(tmp), "--json") is not None)
+    None True
+    """
+    path = Path(path)
+    if path.exists() and not folder and path.is_dir():
+        return f"{option} {path}: is a folder; expected the name of a file to write"
+    if path.exists() and folder and not path.is_dir():
+        return f"{option} {path}: is a file; expected a folder to write into"
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{option} {path}: {existing} is a file, so nothing can be written under it"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        return f"{option} {path}: cannot write in {existing} ({error.strerror or error})"
+    return None
+
+
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
     """Write a file so that readers see the old file or the new one, never half of one.
 

@@ -45,10 +45,11 @@ import pandas as pd
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD, compare
 from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.option_spelling import OptionParser
+from pipelines.stops import sigterm_as_exit
 from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns
 from pipelines.reference import load_reference, reference_frame
 from pipelines.request_log import read_log, segment_files
-from pipelines.files import write_json_atomic
+from pipelines.files import destination_problem, write_json_atomic
 from pipelines.monitor_mmd import MMD_ALPHA, sample_test
 from pipelines.monitor_wandb import log_to_wandb, monitor_metrics
 from pipelines.monitor_budget import ALPHA as BUDGET_ALPHA, Budget, BudgetCheck, check_budget, check_versions, read_budget, recalibrate, window_scores
@@ -196,6 +197,7 @@ def recalibrate_budget(args: argparse.Namespace, window: pd.DataFrame, note: str
     return 0
 
 
+@sigterm_as_exit("monitor")  # a stopped monitor leaves no partial report folder (its clean-up runs), exit 143
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -207,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget_alpha and --mmd_alpha must be in (0, 1); got {args.budget_alpha}, {args.mmd_alpha}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    for option, destination, is_folder in (("--json", args.json, False), ("--report", args.report, True)):
+        problem = destination_problem(Path(destination), option, folder=is_folder) if destination else None
+        if problem:
+            parser.error(problem)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     if args.columns is not None and not columns:
         parser.error(f"--columns {args.columns!r} names no column; expected comma-separated column names")

@@ -111,6 +111,10 @@ BAD = [
     ("psi-threshold-nan", write_csv("w.csv"), ["--psi_threshold", "nan"], ("--psi_threshold must be > 0",)),
     ("json-folder-missing", write_csv("w.csv"), ["--json", "{tmp}/no/such/report.json"], ("--json", "does not exist")),
     ("misspelt-option", write_csv("w.csv"), ["--kss-alpha", "0.01"], ("unrecognized arguments", "did you mean '--ks_alpha'")),
+    # trial finding: these were tracebacks (exit 1) after the verdict, and --json onto a folder left a temporary file
+    ("json-is-a-folder", write_csv("w.csv"), ["--json", "{tmp}"], ("--json", "is a folder")),
+    ("report-is-a-file", write_csv("w.csv"), ["--report", "{tmp}/reference.parquet"], ("--report", "is a file; expected a folder")),
+    ("report-under-a-file", write_csv("w.csv"), ["--report", "{tmp}/reference.parquet/reports"], ("--report", "is a file, so nothing can be written under it")),
 ]
 
 
