@@ -118,7 +118,7 @@ def newest_run(domain: str, runs_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.domain_registry import available_domains, get_domain
     from pipelines.files import write_json_atomic
-    from pipelines.tracking import configure_wandb_mode
+    from pipelines.tracking import wandb_mode
 
     parser = OptionParser(prog="python -m pipelines.dashboard", description=__doc__.splitlines()[0].strip("`. "))
     parser.add_argument("domain", help=f"one of {', '.join(available_domains())}")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else newest_run(args.domain, Path(args.runs_dir))
         if not run_dir.is_dir():
             raise InputError(f"--run_dir {run_dir}: no such folder")
-        online = not args.offline and configure_wandb_mode() == "online" and bool(os.environ.get("WANDB_API_KEY"))
+        online = not args.offline and wandb_mode() == "online" and bool(os.environ.get("WANDB_API_KEY"))
         entity = args.entity or os.environ.get("WANDB_ENTITY") or (_default_entity() if online else "offline")
         project = args.project or os.environ.get("WANDB_PROJECT", f"domain-pipelines-{args.domain}")
         workspace = build_workspace(spec, run_dir, entity, project)

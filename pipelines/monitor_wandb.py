@@ -2,7 +2,7 @@
 
 One W&B run per check (job type ``monitor``, group ``monitor-<domain>``, the domain's project
 ``domain-pipelines-<domain>`` or ``$WANDB_PROJECT``), offline unless a key is present
-(:func:`pipelines.tracking.configure_wandb_mode`). The same numbers are written under ``"logged"`` in
+(:func:`pipelines.tracking.wandb_mode`, passed to ``wandb.init``). The same numbers are written under ``"logged"`` in
 the monitor's ``--json`` file. The keys (the dashboard's "Drift scores" and "Serving metrics" panels
 name them: :mod:`pipelines.dashboard`):
 
@@ -67,14 +67,14 @@ def monitor_metrics(results: list[FeatureDrift], alert_rate: BudgetCheck | None,
 
 def log_to_wandb(metrics: dict[str, float], domain: str, facts: dict[str, Any]) -> str:
     """Log one check as a W&B run; return its mode and id (a failure is reported, never raised: the report is what counts)."""
-    from pipelines.tracking import configure_wandb_mode
+    from pipelines.tracking import wandb_mode
 
-    mode = configure_wandb_mode()
+    mode = wandb_mode()
     try:
         import wandb
 
         run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{domain}"), job_type="monitor", group=f"monitor-{domain}",
+            project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{domain}"), job_type="monitor", group=f"monitor-{domain}", mode=mode,
             name=f"monitor-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}", config={k: v for k, v in facts.items() if k != "alert_budget"},
             reinit="finish_previous", settings=wandb.Settings(init_timeout=30),
         )  # fmt: skip

@@ -114,6 +114,9 @@ def _equal_aspect(ax: Any, points: list[torch.Tensor], least: float = 0.3) -> No
     """Equal aspect (a unit across is as long as a unit up) around ``points``; the shorter side spans at least
     ``least`` of the longer one, so that a straight drive of 50 m still gets a readable strip."""
     stacked = torch.cat([p[:, :2].reshape(-1, 2) for p in points]).float()
+    stacked = stacked[torch.isfinite(stacked).all(1)]  # a diverged model's NaN forecasts are not drawn and set no limits
+    if not len(stacked):
+        return
     low, high = stacked.min(0).values, stacked.max(0).values
     centre, half = (low + high) / 2, (high - low) / 2 * 1.08
     half = torch.maximum(half, half.max() * least).clamp(min=1e-6)
