@@ -1,5 +1,5 @@
-"""The retraining soak test (``benchmarks/soak_retrain.py``): a short form in the default suite, the
-30-night form on finance and healthcare marked ``slow`` (also ``python -m benchmarks.soak_retrain``).
+"""The retraining soak test (``benchmarks/soak_retrain.py``), marked ``slow`` (``pytest -m slow``; also
+``python -m benchmarks.soak_retrain``): a short form (3 nights) and the 30-night form on finance and healthcare.
 
 Every night is a real ``python -m pipelines.retrain`` child on a rolling ``latest.npz``; faults are
 real (here SIGKILL while the challenger is evaluated and a second call while one runs; the
@@ -15,6 +15,7 @@ import pytest
 from benchmarks.soak_retrain import SCHEDULE, soak
 
 
+@pytest.mark.slow  # 90 s of the default suite's 10 minutes; `python -m benchmarks.soak_retrain` runs the soak with every fault
 def test_short_soak_survives_a_kill_in_evaluation_and_a_concurrent_call(tmp_path):
     result = soak(["finance"], nights=3, work=tmp_path, keep=2, schedule={2: "kill_eval", 3: "concurrent"}, echo=False)
     rows = result["rows"]
