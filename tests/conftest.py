@@ -60,6 +60,19 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+#: the longest files (30-75 s each on 2 cores), run first: each xdist worker takes a whole file
+#: (``--dist loadfile``), so long files started last would leave one worker busy while the other idles
+LONGEST_FIRST = (
+    "test_retrain.py", "test_retrain_policy.py", "test_drift.py", "test_sweep.py", "test_serving_registry.py",
+    "test_platform.py", "test_registry.py", "test_finance_streaming.py", "test_honest_exits.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its order
+
+
 def run_pipeline(*args: str) -> None:
     """Run ``python -m pipelines.run ARGS`` in this process (no interpreter start-up cost)."""
     from pipelines.run import main
