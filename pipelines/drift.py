@@ -53,32 +53,37 @@ class FeatureDrift:
         return asdict(self)
 
 
-def psi(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
-    """Population stability index of ``window`` against ``reference`` on the reference's quantile bins."""
+def bin_counts(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> np.ndarray:
+    """The counts of both samples (rows: reference, window) in the reference's quantile bins (the outer ones open-ended)."""
     reference, window = np.asarray(reference, dtype=float), np.asarray(window, dtype=float)
     edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    shares = [np.bincount(np.searchsorted(edges, sample, side="right"), minlength=len(edges) + 1) / len(sample) for sample in (reference, window)]
-    ref, win = (np.maximum(s, EPSILON) for s in shares)
+    return np.stack([np.bincount(np.searchsorted(edges, sample, side="right"), minlength=len(edges) + 1) for sample in (reference, window)])
+
+
+def psi_of_counts(counts: np.ndarray) -> float:
+    """Population stability index of the window row of :func:`bin_counts` against its reference row."""
+    ref, win = (np.maximum(row / row.sum(), EPSILON) for row in counts)
     return float(np.sum((win - ref) * np.log(win / ref)))
 
 
-def psi_pvalue(value: float, reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
+def psi(reference: np.ndarray, window: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of ``window`` against ``reference`` on the reference's quantile bins."""
+    return psi_of_counts(bin_counts(reference, window, bins))
+
+
+def psi_pvalue(counts: np.ndarray) -> float:
     """How likely bin shares as far apart as these are between two samples of one distribution: the
-    G-test of homogeneity (``scipy.stats.chi2_contingency``, log-likelihood) on the counts of the two
-    samples in PSI's own bins. ``value`` (the PSI) is not used by the test itself: PSI counts an empty
-    bin as a share of ``EPSILON``, which makes it large on a small window; the counts do not.
+    G-test of homogeneity (``scipy.stats.chi2_contingency``, log-likelihood) on :func:`bin_counts`.
+    PSI counts an empty bin as a share of ``EPSILON``, which makes it large on a small window; the
+    counts do not.
 
     >>> rng = np.random.default_rng(0)
-    >>> calm = rng.normal(size=30)
-    >>> reference = rng.normal(size=5000)
-    >>> psi(reference, calm) > 0.2, psi_pvalue(psi(reference, calm), reference, calm) > 0.001  # big PSI, small window: noise
+    >>> counts = bin_counts(rng.normal(size=5000), rng.normal(size=30))
+    >>> psi_of_counts(counts) > 0.2, psi_pvalue(counts) > 0.001  # big PSI, small window: noise
     (True, True)
     """
     from scipy.stats import chi2_contingency
 
-    reference, window = np.asarray(reference, dtype=float), np.asarray(window, dtype=float)
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    counts = np.stack([np.bincount(np.searchsorted(edges, sample, side="right"), minlength=len(edges) + 1) for sample in (reference, window)])
     counts = counts[:, counts.sum(axis=0) > 0]
     if counts.shape[1] < 2:
         return 1.0  # every value in one bin on both sides: nothing to tell apart
@@ -134,8 +139,8 @@ def compare(
                     f"{name}: column {column!r} has {len(kept)} value(s) once the {len(values) - len(kept)} missing one(s) are left out "
                     f"({len(values)} rows); expected at least 2 numbers"
                 )
-        value = psi(ref_ok, win_ok, bins)
-        value_p = psi_pvalue(value, ref_ok, win_ok, bins)
+        counts = bin_counts(ref_ok, win_ok, bins)  # binned once for both the PSI and its noise test
+        value, value_p = psi_of_counts(counts), psi_pvalue(counts)
         ks = ks_2samp(ref_ok, win_ok)
         results.append(FeatureDrift(
             feature=column, psi=value, ks_statistic=float(ks.statistic), ks_pvalue=float(ks.pvalue), psi_pvalue=value_p,

@@ -209,7 +209,8 @@ def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1
     values = frame[column]
     if rule.by == "hash":
         # an empty cell is no key whether the reader made it NaN or kept it as text (finance reads CSVs with keep_default_na=False)
-        blank = values.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(dtype=bool)
+        text = pd.api.types.is_object_dtype(values) or pd.api.types.is_string_dtype(values)
+        blank = values.astype("string").str.strip().eq("").fillna(False).to_numpy(dtype=bool) if text else np.zeros(len(values), dtype=bool)
         missing = np.flatnonzero(values.isna().to_numpy() | blank)
         if len(missing):
             raise InputError(f"{source} {describe_rows(missing + first_row)}, column {column!r} (--data.split_key): no key value; every row needs one")
