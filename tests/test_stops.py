@@ -59,3 +59,34 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     else:
         raise AssertionError("writing over a folder must fail")
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "the temporary file is removed"
+
+
+def test_sigterm_while_monitor_writes_its_report_exits_143_and_leaves_no_partial_folder(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    columns = [f"f{i}" for i in range(200)]  # a tall figure: its drawing takes long enough for the signal to land mid-way
+    pd.DataFrame(rng.normal(size=(5000, 200)), columns=columns).to_parquet(tmp_path / "reference.parquet")
+    pd.DataFrame(rng.normal(size=(5000, 200)) + 0.5, columns=columns).to_parquet(tmp_path / "window.parquet")
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "earlier.md").write_text("an earlier report\n")
+    command = [sys.executable, "-m", "pipelines.monitor", str(tmp_path / "reference.parquet"), str(tmp_path / "window.parquet"), "--report", str(reports)]
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, staging = time.time() + 240, []
+        while time.time() < deadline and process.poll() is None:
+            staging = [p for p in reports.iterdir() if p.name.endswith(".partial")]
+            if staging:
+                process.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.005)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert staging, f"the monitor ended before its report's staging folder was seen: {process.returncode}"
+    assert process.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in reports.iterdir()) == ["earlier.md"], "no partial report is left, the earlier file is kept"
