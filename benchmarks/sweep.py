@@ -1,6 +1,6 @@
 """A hyper-parameter sweep (``pipelines.sweep``) against today's defaults, on BreastMNIST and ADBench campaign.
 
-    python -m benchmarks.sweep [--trials 20] [--workers 1] [--data breastmnist campaign] [--pruner median] [--smoke]
+    python -m benchmarks.sweep [--trials 20] [--workers 1] [--data breastmnist campaign] [--pruner median] [--smoke] [--max_epochs N]
 
 For each data set: one run with the benchmark's defaults (``benchmarks/healthcare_breastmnist.py``,
 ``benchmarks/finance_adbench.py``: the same data, epochs and fixed options), then a sweep of
@@ -12,7 +12,8 @@ validation only), the sweep's wall time and how many trials were pruned or faile
 appended to ``benchmarks/RESULTS.md``; JSON goes to ``benchmarks/results/sweep.json``.
 
 The full size (20 trials x 2 data sets, about 2 h for BreastMNIST and 30 min for campaign on 2
-cores) is for a quiet machine. ``--smoke`` proves the command end to end in minutes: 2 trials of
+cores) is for a quiet machine; ``--max_epochs N`` gives the defaults and every trial one smaller
+epoch budget (the table's heading names it). ``--smoke`` proves the command end to end in minutes: 2 trials of
 1 epoch on a few batches; its table is printed and written to ``results/sweep-smoke.json`` only,
 never to RESULTS.md.
 """
@@ -66,11 +67,14 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def benchmark(name: str, trials: int, workers: int, pruner: str, smoke: bool, folder: Path) -> dict[str, Any]:
+def benchmark(name: str, trials: int, workers: int, pruner: str, smoke: bool, folder: Path, max_epochs: int | None = None) -> dict[str, Any]:
     import optuna
 
     spec = DATASETS[name]
-    fixed = [spec["data_option"], str(require(SHARED_DATA / spec["file"])), *spec["fixed"], "--trainer.enable_progress_bar=false", *(SMOKE if smoke else [])]
+    fixed = [option for option in spec["fixed"] if not (max_epochs and option.startswith("--trainer.max_epochs="))]
+    if max_epochs:  # one smaller epoch budget for the defaults and every trial alike
+        fixed.append(f"--trainer.max_epochs={max_epochs}")
+    fixed = [spec["data_option"], str(require(SHARED_DATA / spec["file"])), *fixed, "--trainer.enable_progress_bar=false", *(SMOKE if smoke else [])]
     runs = folder / "runs"
     defaults_id = f"defaults-{name}"
     default_seconds = run([sys.executable, "-m", "pipelines.run", spec["domain"], *fixed, "--runs_dir", str(runs), "--run_id", defaults_id], folder / "logs" / f"{defaults_id}.log")
@@ -101,10 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     parser.add_argument("--smoke", action="store_true", help="2 trials of 1 epoch on a few batches; not written to RESULTS.md")
+    parser.add_argument("--max_epochs", type=int, help="replaces the data set's fixed epoch count, for the defaults and every trial alike")
     args = parser.parse_args(argv)
+    if args.max_epochs is not None and args.max_epochs < 1:
+        parser.error(f"--max_epochs {args.max_epochs}: expected a whole number of epochs >= 1")
     trials = 2 if args.smoke else args.trials
     folder = RESULTS / ("sweep-smoke" if args.smoke else "sweep") / time.strftime("%Y%m%d-%H%M%S")
-    rows = [benchmark(name, trials, args.workers, args.pruner, args.smoke, folder) for name in args.data]
+    rows = [benchmark(name, trials, args.workers, args.pruner, args.smoke, folder, args.max_epochs) for name in args.data]
     table = print_table(
         ["data set (domain)", "trials (complete/pruned/failed)", "objective", "val: defaults", "val: best trial", "test metric",
          "test: defaults", "test: best trial", "sweep wall min"],
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     write_results("sweep-smoke" if args.smoke else "sweep", {"args": vars(args), "rows": rows, "table": table, "folder": str(folder)})
     if not args.smoke:
         best = "; ".join(f"{r['data']}: {json.dumps(r['best_params'])}" for r in rows)
-        section = (f"\n## Sweep vs defaults (`python -m benchmarks.sweep --trials {trials} --workers {args.workers} --pruner {args.pruner}`, "
+        budget = f" --max_epochs {args.max_epochs}" if args.max_epochs else ""
+        section = (f"\n## Sweep vs defaults (`python -m benchmarks.sweep --data {' '.join(args.data)} --trials {trials} --workers {args.workers} --pruner {args.pruner}{budget}`, "
                    f"{time.strftime('%Y-%m-%d')})\n\n{table}\n\n- Chosen on validation only; each configuration's test score read once. Best: {best}\n")  # fmt: skip
         with open(RESULTS_MD, "a") as out:
             out.write(section)
