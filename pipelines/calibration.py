@@ -103,7 +103,9 @@ def probabilities(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0)
     return torch.softmax(logits / temperature, dim=1)
 
 
-def _confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, what a reliability diagram compares: binary ``P(positive)`` and the 0/1 label;
+    multi-class the top probability and whether its class is the label."""
     probs, labels = probs.detach().double().cpu(), labels.detach().cpu()
     if probs.ndim == 1:  # binary: P(positive) against the share of positives
         return probs.numpy(), labels.double().numpy()
@@ -114,7 +116,7 @@ def _confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[np.n
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict[str, np.ndarray]:
     """Per equal-width bin of predicted probability: ``confidence`` (mean predicted), ``frequency``
     (observed share of positives, or accuracy for multi-class) and ``count``; empty bins are NaN/0."""
-    confidence, correct = _confidence_correct(probs, labels)
+    confidence, correct = confidence_correct(probs, labels)
     index = np.clip((confidence * bins).astype(int), 0, bins - 1)
     count = np.bincount(index, minlength=bins).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -12,7 +12,8 @@ A task (binary or multi-class, one logit per class or one logit for binary) hold
   ``val/threshold``, ``val/ece``;
 - ``evaluate_test(metric_values)`` at the end of ``test``: ECE and Brier (calibrated and not), the
   operating point's sensitivity and specificity (binary), the reliability diagram, and the bootstrap
-  interval of every metric ``metric_values(logits, targets)`` computes.
+  interval of these and of every metric ``metric_values(logits, targets)`` gives for a batch of
+  resamples (it returns a function of a count matrix, :mod:`pipelines.weighted_metrics`).
 
 The calibrated probability ``p`` and the threshold ``t`` are also what ``export`` bundles hold (the
 temperature inside the graph, the threshold in ``metadata.json``), so predict and serve agree.
@@ -25,17 +26,20 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 from torchmetrics import CatMetric
 
-from pipelines.bootstrap import bootstrap_intervals
+from pipelines.bootstrap import bootstrap_count_intervals
 from pipelines.calibration import (
+    BINS,
     ProbabilityCalibration,
     ThresholdMethod,
     brier_score,
     check_threshold_options,
+    confidence_correct,
     expected_calibration_error,
     fit_temperature,
     operating_threshold,
@@ -43,6 +47,7 @@ from pipelines.calibration import (
     rates_at,
 )
 from pipelines.evaluation_plots import reliability_figure
+from pipelines.weighted_metrics import calibration_error, rate, weighted_mean
 
 
 def decision_centred(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -126,34 +131,49 @@ class ClassifierCalibration(nn.Module):
         return metrics
 
     def evaluate_test(
-        self, metric_values: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None
+        self, metric_values: Callable[[torch.Tensor, torch.Tensor], Callable[[np.ndarray], dict[str, np.ndarray]]] | None = None
     ) -> tuple[dict[str, float], dict[str, Figure], dict[str, dict[str, Any]]]:
         """Test metrics (ECE, Brier, operating point), the reliability diagram and bootstrap intervals of
-        these and of ``metric_values(logits, targets)`` (the task's own test metrics, per row subset)."""
+        these and of the task's own test metrics: ``metric_values(logits, targets)`` returns their
+        values for a batch of resamples, a function of a count matrix (:mod:`pipelines.weighted_metrics`)."""
         logits, targets = self.collect("test")
         if len(targets) == 0 or not bool(torch.isfinite(logits).all()):
             return {}, {}, {}
         raw = probabilities(logits)
 
-        def calibration_values(rows_logits: torch.Tensor, rows_targets: torch.Tensor) -> dict[str, float]:
-            probs = self.probabilities(rows_logits)
-            values = {"test/ece": expected_calibration_error(probs, rows_targets), "test/brier": brier_score(probs, rows_targets)}
-            if self.binary:
-                rates = rates_at(probs, rows_targets, self.threshold)
-                values |= {"test/sensitivity": rates["sensitivity"], "test/specificity": rates["specificity"]}
-            return values
-
-        def all_values(rows: Any) -> dict[str, Any]:
-            rows = torch.as_tensor(rows)
-            values = calibration_values(logits[rows], targets[rows])
-            return {**values, **(metric_values(logits[rows], targets[rows]) if metric_values else {})}
-
-        metrics = {**calibration_values(logits, targets), "test/ece_uncalibrated": expected_calibration_error(raw, targets)}
+        probs = self.probabilities(logits)
+        metrics = {"test/ece": expected_calibration_error(probs, targets), "test/brier": brier_score(probs, targets), "test/ece_uncalibrated": expected_calibration_error(raw, targets)}
+        if self.binary:
+            rates = rates_at(probs, targets, self.threshold)
+            metrics |= {"test/sensitivity": rates["sensitivity"], "test/specificity": rates["specificity"]}
         # a rate undefined on this test set (sensitivity without positives) is left out: a logged NaN means a broken model
         metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
         metrics["test/temperature"] = self.temperature
         if self.binary:
             metrics["test/threshold"] = self.threshold
-        figure = reliability_figure({"uncalibrated": raw, f"calibrated (T = {self.temperature:.2f})": self.probabilities(logits)}, targets,
+        figure = reliability_figure({"uncalibrated": raw, f"calibrated (T = {self.temperature:.2f})": probs}, targets,
                                     title=f"Reliability diagram, test ({len(targets)} rows)")  # fmt: skip
-        return metrics, {"test/reliability_diagram": figure}, bootstrap_intervals(len(targets), all_values)
+        resampled = [self.resampled_values(logits, targets), *([metric_values(logits, targets)] if metric_values else [])]
+        intervals = bootstrap_count_intervals(len(targets), lambda counts: {name: v for values in resampled for name, v in values(counts).items()})
+        return metrics, {"test/reliability_diagram": figure}, intervals
+
+    def resampled_values(self, logits: torch.Tensor, targets: torch.Tensor) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        """ECE and Brier (binary: sensitivity and specificity at the threshold too) of a batch of
+        bootstrap resamples ``(b, rows)`` of these test rows, as :meth:`evaluate_test` logs them."""
+        probs = self.probabilities(logits)
+        confidence, correct = confidence_correct(probs, targets)
+        if self.binary:
+            squared = (probs.detach().double().cpu() - targets.detach().cpu().double()).pow(2).numpy()
+        else:
+            onehot = torch.nn.functional.one_hot(targets.long().cpu(), probs.shape[1]).double()
+            squared = (probs.detach().double().cpu() - onehot).pow(2).sum(dim=1).numpy()
+        positive = targets.detach().cpu().numpy().reshape(-1) == 1
+        flagged = probs.detach().double().cpu().numpy().reshape(-1) >= self.threshold if self.binary else None
+
+        def values(counts: np.ndarray) -> dict[str, np.ndarray]:
+            out = {"test/ece": calibration_error(counts, confidence, correct, BINS), "test/brier": weighted_mean(counts, squared)}
+            if flagged is not None:
+                out |= {"test/sensitivity": rate(counts, flagged, positive, np.nan), "test/specificity": rate(counts, ~flagged, ~positive, np.nan)}
+            return out
+
+        return values

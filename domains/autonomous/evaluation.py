@@ -24,6 +24,7 @@ from pipelines.errors import InputError
 from pipelines.evaluation_plots import confusion_figure
 from pipelines.quantiles import central_intervals, check_quantiles, interval_label
 from pipelines.tracking import log_figure
+from pipelines.weighted_metrics import multiclass_classification
 
 
 def check_model_options(quantiles: Any, architecture: str, task: str) -> list[float]:
@@ -61,14 +62,15 @@ def occlusion(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return occlusion_attributions(lambda x: model.calibration.probabilities(model.network(x)), batch["inputs"], lambda a, b: 0.5 * (a - b).abs().sum(-1))
 
 
-def _classification_values(num_classes: int) -> Any:
-    def values(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+def _classification_values(logits: torch.Tensor, targets: torch.Tensor) -> Any:
+    """Accuracy, ``score`` (1 - accuracy) and macro F1 of bootstrap resamples of these rows (a function of a count matrix)."""
+    values = multiclass_classification(logits.detach().double().cpu().numpy(), targets.detach().cpu().numpy(), auroc=False)
 
-        accuracy = multiclass_accuracy(logits, targets, num_classes=num_classes, average="micro")
-        return {"test/accuracy": accuracy, "test/score": 1 - accuracy, "test/f1": multiclass_f1_score(logits, targets, num_classes=num_classes, average="macro")}
+    def resampled(counts: Any) -> dict[str, Any]:
+        out = values(counts)
+        return {"test/accuracy": out["accuracy"], "test/score": 1 - out["accuracy"], "test/f1": out["f1"]}
 
-    return values
+    return resampled
 
 
 def log_test_outputs(model: Any) -> None:
@@ -97,7 +99,7 @@ def log_test_outputs(model: Any) -> None:
         unit = {"forecasting": "data units, mean over steps", "regression": "target units", "classification": "total variation of the probabilities"}[hp.task]
         figures["test/channel_attributions"] = attribution_figure(attributions, names, unit, windows)
     if hp.task == "classification":
-        calibration, extra, model.metric_intervals = model.calibration.evaluate_test(_classification_values(hp.num_classes))
+        calibration, extra, model.metric_intervals = model.calibration.evaluate_test(_classification_values)
         values |= {k: float(v) for k, v in calibration.items()}
         figures |= extra
         figures["test/confusion_matrix"] = confusion_figure(model.test_confusion.compute(), list(hp.class_names or []), "Confusion matrix, test")

@@ -37,9 +37,9 @@ from torchmetrics.functional.classification import (
 )
 
 from domains.finance.figures import pr_curve, score_histogram, unit_interval
+from domains.finance.intervals import labelled_metric_intervals
 from domains.finance.networks import RowErrors, TabularAutoencoder, group_matrix, score_rows
 from domains.finance.thresholds import best_f1_threshold, budget_threshold, fit_budget  # noqa: F401 - budget_threshold: importable from here
-from pipelines.bootstrap import bootstrap_intervals
 from pipelines.calibration import PlattScaling, brier_score, check_threshold_options, expected_calibration_error, operating_threshold
 from pipelines.evaluation_plots import reliability_figure
 from pipelines.errors import InputError
@@ -283,7 +283,8 @@ class FraudAutoencoder(BaseTask):
         if labelled:
             metrics.update(self._ranking_metrics("test", scores, labels))
             metrics.update(self._probability_metrics(scores, labels))
-            self.metric_intervals = bootstrap_intervals(len(scores), lambda rows: self._test_values(scores[rows], labels[rows]))
+            probability = self.probability if self.probability.fitted else None
+            self.metric_intervals = labelled_metric_intervals(scores, labels, float(self.threshold), float(self.budget_threshold), probability)
         self.log_dict({k: torch.as_tensor(v).float() for k, v in metrics.items()}, sync_dist=True)  # identical on every rank (synced metrics)
         if self.trainer.is_global_zero and labelled and self.probability.fitted:
             log_figure(self.trainer, reliability_figure({"Platt scaling": self.probability(scores).cpu()}, labels.cpu(), "Fraud probability reliability, test"), "test/reliability_diagram")
@@ -298,13 +299,6 @@ class FraudAutoencoder(BaseTask):
             return {}
         probs = self.probability(scores).cpu()
         return {"test/ece": expected_calibration_error(probs, labels.cpu()), "test/brier": brier_score(probs, labels.cpu())}
-
-    def _test_values(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        """The labelled test metrics on a subset of rows (bootstrap intervals); NaN where one class is missing."""
-        if not self._labelled(labels):
-            return {}
-        values = {**self._ranking_metrics("test", scores, labels), **self._probability_metrics(scores, labels)}
-        return {**values, "test/alert_rate": (scores >= self.threshold).double().mean()}
 
     def _thresholds(self) -> dict[str, float]:
         return {"threshold": float(self.threshold), "alert budget": float(self.budget_threshold)}

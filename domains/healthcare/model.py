@@ -11,14 +11,17 @@ heat map per image (``domains/healthcare/explain.py``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import AUROC, ROC, Accuracy, ConfusionMatrix, F1Score, MetricCollection
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from domains.healthcare.intervals import resampled_test_values
 from domains.healthcare.explain import GRADCAM_LAYERS, GradCamWriter, explain_batch, explainable_copy, gradcam_layer
 from domains.healthcare.networks import InferenceClassifier, NetworkName, build_network, load_pretrained_weights, min_input_size
 from pipelines.calibration import ThresholdMethod
@@ -305,23 +308,10 @@ class ImageClassifier(BaseTask):
             self.calibration.collect("val")  # (empty after fit) the sanity check's logits are dropped
             self.log_dict({k: float(v) for k, v in fitted.items()}, sync_dist=True)
 
-    def _test_metric_values(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The test metrics on a subset of test rows (bootstrap intervals), computed as the logged ones."""
-        from torchmetrics.functional.classification import auroc, accuracy, f1_score
-
-        probs = self.probabilities(logits)
-        args = self._metric_args()
-        if int(target.unique().numel()) < self.hparams.num_classes:  # AUROC is undefined without every class (torchmetrics would say 0)
-            auroc = lambda *_, **__: torch.tensor(float("nan"))  # noqa: E731
-        if args["task"] == "binary":
-            loss = self.loss_fn(logits[:, 0], target.float())
-            probs = decision_centred(probs, self.calibration.threshold)
-            return {"test/auroc": auroc(probs, target, **args), "test/accuracy": accuracy(probs, target, **args),
-                    "test/f1": f1_score(probs, target, **args), "test/loss": loss}  # fmt: skip
-        per_class = f1_score(probs, target, **args, average="none")
-        return {"test/auroc": auroc(probs, target, **args, average="macro"), "test/accuracy": accuracy(probs, target, **args),
-                "test/f1": f1_score(probs, target, **args, average="macro"), "test/loss": self.loss_fn(logits, target),
-                **{f"test/f1_{name}": per_class[i] for i, name in enumerate(self.class_labels)}}  # fmt: skip
+    def _test_metric_values(self, logits: torch.Tensor, target: torch.Tensor) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        """The logged test metrics of bootstrap resamples of these rows (:func:`resampled_test_values`)."""
+        threshold = self.calibration.threshold if self.hparams.task == "binary" else None
+        return resampled_test_values(logits, target, self.probabilities(logits), threshold, self.loss_fn, self.class_labels)
 
     def on_test_epoch_end(self) -> None:
         self._log_collection(self.test_metrics)
