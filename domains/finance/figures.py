@@ -28,11 +28,11 @@ def score_histogram(scores: torch.Tensor, labels: torch.Tensor | None, threshold
     fig, ax = new_figure(figsize=(6, 3.6))
     bins = np.histogram_bin_edges(values, bins=60)  # shared by both classes
     if labels is None:
-        ax.hist(values, bins=bins, color="tab:blue", alpha=0.7, label="all rows")
+        ax.hist(values, bins=bins, histtype="stepfilled", color="tab:blue", alpha=0.7, label="all rows")
     else:
         mask = labels.cpu().numpy() > 0.5
-        ax.hist(values[~mask], bins=bins, color="tab:blue", alpha=0.6, density=True, label=f"normal ({int((~mask).sum())})")
-        ax.hist(values[mask], bins=bins, color="tab:red", alpha=0.6, density=True, label=f"fraud ({int(mask.sum())})")
+        ax.hist(values[~mask], bins=bins, histtype="stepfilled", color="tab:blue", alpha=0.6, density=True, label=f"normal ({int((~mask).sum())})")
+        ax.hist(values[mask], bins=bins, histtype="stepfilled", color="tab:red", alpha=0.6, density=True, label=f"fraud ({int(mask.sum())})")
     for (name, value), style in zip(thresholds.items(), ("-", "--")):
         if math.isfinite(value):
             ax.axvline(math.log10(max(float(value), 1e-6)), color="black", linestyle=style, label=f"{name} {float(value):.3g}")
