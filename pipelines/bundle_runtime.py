@@ -145,14 +145,18 @@ def ddim_schedule(schedule: dict[str, Any], steps: int) -> dict[str, Any]:
     return {**schedule, "sampling_steps": steps, "timesteps": timesteps, "step_stride": total // steps}
 
 
+#: largest classifier-free guidance scale any command or request takes: far above it, samples saturate to black and white
+MAX_GUIDANCE = 20.0
+
+
 def guidance_of(schedule: dict[str, Any], guidance_scale: float | None = None) -> tuple[float, int | None]:
     """``(scale, null_label)`` of classifier-free guidance for a bundle's ``schedule`` (``scheduler.guidance``):
-    ``guidance_scale`` or the bundle's default; refused (``ValueError``) unless finite and >= 0, and unless
+    ``guidance_scale`` or the bundle's default; refused (``ValueError``) unless in 0..MAX_GUIDANCE, and unless
     the model has a null class when it is not 1."""
     guidance = schedule.get("guidance") or {}
     scale = float(guidance.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
-    if not np.isfinite(scale) or scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+    if not np.isfinite(scale) or not 0 <= scale <= MAX_GUIDANCE:
+        raise ValueError(f"guidance_scale must be a number in 0..{MAX_GUIDANCE:g} (1: no guidance), got {guidance_scale}")
     if scale != 1.0 and "null_label" not in guidance:
         raise ValueError(f"guidance_scale {scale}: this model was trained without a null class (cond_drop_prob 0); only 1 (no guidance) applies")
     return scale, guidance.get("null_label")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.bundle_runtime import MAX_GUIDANCE
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError, did_you_mean
 from pipelines.splits import SplitRule, adopt, check_filled, hash_split, hash_unit
@@ -170,8 +171,8 @@ class MediaDataModule(pl.LightningDataModule):
         self.split_rule = SplitRule.from_options(split_by, "file name stem" if split_by == "hash" else None, None, None, None, None, val_fraction, test_fraction, split_seed)
         if generate_steps is not None and generate_steps < 1:
             raise InputError(f"generate_steps must be >= 1, got {generate_steps}")
-        if generate_guidance_scale is not None and not (np.isfinite(generate_guidance_scale) and generate_guidance_scale >= 0):
-            raise InputError(f"--data.generate_guidance_scale must be a finite number >= 0 (1: no guidance), got {generate_guidance_scale}")
+        if generate_guidance_scale is not None and not (np.isfinite(generate_guidance_scale) and 0 <= generate_guidance_scale <= MAX_GUIDANCE):
+            raise InputError(f"--data.generate_guidance_scale must be a number in 0..{MAX_GUIDANCE:g} (1: no guidance; far above a few, samples saturate), got {generate_guidance_scale}")
         if num_generate < 1:
             raise InputError(f"num_generate must be >= 1, got {num_generate}")
         self.save_hyperparameters(logger=False)

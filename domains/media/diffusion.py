@@ -12,6 +12,7 @@ from torch import nn
 
 from domains.media.networks import GuidedDenoiser, InferenceDenoiser, build_diffusion_unet, ema_update
 from domains.media.task import GenerativeTask, seeded_noise
+from pipelines.bundle_runtime import MAX_GUIDANCE
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 
@@ -42,8 +43,8 @@ def check_guidance(cond_drop_prob: float, guidance_scale: float, conditional: bo
     """Refuse (``InputError``) a condition-dropout probability outside [0, 1) and a guidance scale the model cannot apply."""
     if not 0.0 <= cond_drop_prob < 1.0:
         raise InputError(f"--model.init_args.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise InputError(f"{option} must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+    if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
+        raise InputError(f"{option} must be a number in 0..{MAX_GUIDANCE:g} (1: no guidance; far above a few, samples saturate), got {guidance_scale}")
     if guidance_scale != 1.0 and not conditional:
         raise InputError(f"{option} {guidance_scale}: classifier-free guidance needs a class-conditional model (labelled data, conditional: true); use 1")
     if guidance_scale != 1.0 and cond_drop_prob == 0:

@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bundle_runtime import ddim_sample, ddim_schedule, guidance_of
+from pipelines.bundle_runtime import MAX_GUIDANCE, ddim_sample, ddim_schedule, guidance_of
 from pipelines.serve import ModelCall, RequestAdapter, reject
 
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
-MAX_GUIDANCE = 20.0  # largest classifier-free guidance scale a request may ask for
 MAX_EVALUATIONS = 1600  # count x steps of one diffusion request (32 images x 50 steps: ~16 s for the default 32x32 UNet on one CPU core)
 
 

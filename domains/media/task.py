@@ -26,6 +26,7 @@ from domains.media.features import (
 )  # fmt: skip
 from domains.media.metrics import extractor_key, inception_range, inception_scores, resolve_extractor, resolve_reference
 from domains.media.fit_clock import WholeFitClock
+from domains.media.generated_folder import predict_folder, save_png_atomic
 from domains.media.networks import FeatureCNN
 from domains.media.quality import TrainingNeighbours, offline_scores, training_neighbours
 from pipelines.errors import InputError
@@ -329,11 +330,13 @@ class GenerativeTask(WholeFitClock, BaseTask):  # max_time counts the extractor'
         self._update_real(batch["image"], batch["label"])
 
     # ----- predict: seeded images written to a folder ---------------------------------------------
+    def on_predict_start(self) -> None:
+        self._generated_dir = predict_folder(self.trainer)  # refused here, before anything is generated, when it holds earlier images
+
     def output_dir(self) -> Path:
-        """``data.generate_dir``, else ``<run folder>/generated`` (a data option: on ``predict --ckpt_path``
-        LightningCLI replaces the model's options with the checkpoint's)."""
-        folder = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("generate_dir")
-        return Path(folder) if folder else Path(self.trainer.default_root_dir) / "generated"
+        """The folder this predict writes its images to (``data.generate_dir``, a data option: on
+        ``predict --ckpt_path`` LightningCLI replaces the model's options with the checkpoint's)."""
+        return getattr(self, "_generated_dir", None) or Path(self.trainer.default_root_dir) / "generated"
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         from PIL import Image
@@ -351,7 +354,7 @@ class GenerativeTask(WholeFitClock, BaseTask):  # max_time counts the extractor'
         files = []
         for index, image in zip(batch["index"].tolist(), images):
             path = folder / f"{index:05d}.png"
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+            save_png_atomic(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
             files.append(str(path))
         labels = self._labels_for(batch["label"], len(files))
         return {
