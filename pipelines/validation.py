@@ -344,9 +344,17 @@ def _first_short_row_by_csv(chunks: Iterator[bytes], delimiter: str, header: lis
 
 
 def _not_utf8_error(path: Path, offset: int, line: int, bad: bytes, delimiter: str) -> InputError:
-    """The line, data row, column and byte of the first byte of ``path`` that is not UTF-8."""
+    """The line, data row, column and byte of the first byte of ``path`` that is not UTF-8; a UTF-16
+    or UTF-32 file (its byte-order mark says so) is named as such, with the conversion that fits."""
     with open(path, "rb") as handle:
-        head = handle.read(offset + 1)
+        head = handle.read(max(offset + 1, 4))
+    for mark, encoding in ((b"\xff\xfe\x00\x00", "utf-32le"), (b"\x00\x00\xfe\xff", "utf-32be"), (b"\xff\xfe", "utf-16le"), (b"\xfe\xff", "utf-16be")):
+        if head.startswith(mark):
+            shown = " ".join(f"{b:02X}" for b in mark)
+            return InputError(
+                f"{path} is {encoding.upper()[:6]} text (its byte-order mark {shown}, as Excel's \"Unicode text\" writes), not UTF-8; "
+                f"expected a UTF-8 file: re-save it as UTF-8 (e.g. iconv -f {encoding[:6]} -t utf-8)"
+            )
     start = head.rfind(b"\n", 0, offset) + 1
     prefix = head[start:offset].decode("latin-1")
     field = len(next(csv.reader([prefix], delimiter=delimiter), [""])) - (1 if prefix else 0) if prefix else 0

@@ -133,6 +133,8 @@ CASES = [
     BadInput("configured-column-missing", TRAIN, ("'country'", "categorical_columns", "missing"), table(lambda f: f.drop(columns=["country"]))),
     BadInput("column-in-two-roles", (*TRAIN, "--data.numeric_columns=[amount]"), ("'amount'", "both"), table()),
     BadInput("latin-1-deep-in-file", TRAIN, ("t.csv", "line 251 (data row 250)", "'merchant_category'", "0xe9", "not utf-8", "expected a utf-8 file"), latin1(250)),
+    BadInput("utf-16-excel-unicode-text", TRAIN, ("t.csv", "utf-16 text", "byte-order mark ff fe", "iconv -f utf-16 -t utf-8"),
+             lambda f: (f / "t.csv").write_bytes(make_card_transactions(300, fraud_rate=0.05, seed=0).to_csv(index=False).encode("utf-16"))),
     BadInput("cut-short", TRAIN, ("t.csv", "line 301 (data row 300)", "has 5 values", "cut short"), cut_short),
     BadInput("latin-1-first-row", TRAIN, ("t.csv", "line 2 (data row 1)", "'merchant_category'", "'é'"), latin1(1)),
     BadInput("semicolon-separated", TRAIN, ("t.csv", "looks ';'-separated", "expected ','-separated"), lambda f: make_card_transactions(300, fraud_rate=0.05, seed=0).to_csv(f / "t.csv", index=False, sep=";")),
