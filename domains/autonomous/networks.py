@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from domains.autonomous.categorical import CategoricalEmbedding
+
 Cell = Literal["lstm", "gru"]
 
 
@@ -46,15 +48,19 @@ def _last_hidden(state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 class SequenceEncoder(nn.Module):
-    """Embed each step with a small MLP, run an LSTM/GRU, return its state."""
+    """Embed each step with a small MLP (categorical codes, the last ``len(categories)`` input columns, through
+    ``nn.Embedding``: :mod:`domains.autonomous.categorical`), run an LSTM/GRU, return its state."""
 
-    def __init__(self, input_size: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, categories: tuple[int, ...] = ()
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.embed = nn.Sequential(nn.Linear(input_size, embed_size), nn.ReLU())
+        self.categorical = CategoricalEmbedding(categories)
+        self.embed = nn.Sequential(nn.Linear(self.categorical.output_size(input_size), embed_size), nn.ReLU())
         self.rnn = _rnn(cell, embed_size, hidden_size, num_layers, dropout)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        _, state = self.rnn(self.embed(inputs))
+        _, state = self.rnn(self.embed(self.categorical(inputs)))
         return state
 
 
@@ -63,12 +69,12 @@ class RecurrentDecoder(nn.Module):
 
     def __init__(
         self, target_dim: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, context_size: int = 0,
-        outputs: int = 1, feedback: int = 0,
+        outputs: int = 1, feedback: int = 0, known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.outputs, self.feedback = target_dim, outputs, feedback
         self.embed = nn.Sequential(nn.Linear(target_dim, embed_size), nn.ReLU())
-        self.rnn = _rnn(cell, embed_size + context_size, hidden_size, num_layers, dropout)
+        self.rnn = _rnn(cell, embed_size + context_size + known_size, hidden_size, num_layers, dropout)
         self.out = nn.Linear(hidden_size, target_dim * outputs)
 
     def forward(
@@ -79,14 +85,18 @@ class RecurrentDecoder(nn.Module):
         context: torch.Tensor | None = None,
         truth: torch.Tensor | None = None,
         teacher_forcing: float = 0.0,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode ``steps`` displacements ``(B, steps, D)`` starting from the last observed one ``(B, D)``;
-        with ``outputs`` > 1 (quantiles) ``(B, steps, outputs, D)``, the ``feedback``-th fed back."""
+        with ``outputs`` > 1 (quantiles) ``(B, steps, outputs, D)``, the ``feedback``-th fed back. ``known``
+        ``(B, steps, K)``: the future-known covariates, step ``t``'s fed with step ``t``."""
         outputs, previous = [], last
         for t in range(steps):
             step_input = self.embed(previous)
             if context is not None:
                 step_input = torch.cat([step_input, context], -1)
+            if known is not None:
+                step_input = torch.cat([step_input, known[:, t]], -1)
             out, state = self.rnn(step_input[:, None], state)
             displacement = self.out(out[:, 0])
             if self.outputs > 1:
@@ -113,21 +123,25 @@ class Seq2SeqForecaster(nn.Module):
         dropout: between stacked layers.
         outputs: sequences per window (K): 1, or one per quantile level (``(B, K, predict, D)``).
         feedback: the output sequence fed back to the decoder when ``outputs`` > 1 (the median).
+        categories: codes per categorical channel (the last input columns; embedded).
+        known_size: future-known covariates fed to the decoder at each future step (``known`` ``(B, predict, K)``).
     """
 
     def __init__(
-        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
-        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0, outputs: int = 1, feedback: int = 0,
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, num_layers: int = 1,
+        cell: Cell = "lstm", dropout: float = 0.0, outputs: int = 1, feedback: int = 0, categories: tuple[int, ...] = (), known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict = target_dim, predict
-        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
-        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, outputs=outputs, feedback=feedback)
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout, categories)
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, outputs=outputs, feedback=feedback, known_size=known_size)
 
-    def forward(self, inputs: torch.Tensor, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, known: torch.Tensor | None = None
+    ) -> torch.Tensor:  # fmt: skip
         state = self.encoder(inputs)
         last = inputs[:, -1, : self.target_dim]
-        out = self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing)
+        out = self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing, known=known)
         return out.transpose(1, 2) if out.ndim == 4 else out[:, None]
 
 
@@ -144,26 +158,29 @@ class CVAEForecaster(nn.Module):
         num_layers: stacked RNN layers.
         cell: ``lstm`` or ``gru``.
         dropout: between stacked layers.
+        categories, known_size: as :class:`Seq2SeqForecaster`'s.
     """
 
     def __init__(
-        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
-        latent_size: int = 16, num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0,
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, latent_size: int = 16,
+        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0, categories: tuple[int, ...] = (), known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict, self.latent_size, self.cell = target_dim, predict, latent_size, cell
-        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout, categories)
         self.future_encoder = SequenceEncoder(target_dim, hidden_size, embed_size, 1, "gru", 0.0)
         self.prior = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2 * latent_size))
         self.posterior = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2 * latent_size))
         self.init_state = nn.Linear(hidden_size + latent_size, hidden_size * num_layers)
         self.num_layers, self.hidden_size = num_layers, hidden_size
-        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, context_size=latent_size)
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, context_size=latent_size, known_size=known_size)
 
-    def _decode(self, h: torch.Tensor, z: torch.Tensor, last: torch.Tensor, truth: torch.Tensor | None, teacher_forcing: float) -> torch.Tensor:
+    def _decode(
+        self, h: torch.Tensor, z: torch.Tensor, last: torch.Tensor, truth: torch.Tensor | None, teacher_forcing: float, known: torch.Tensor | None = None
+    ) -> torch.Tensor:  # fmt: skip
         hidden = torch.tanh(self.init_state(torch.cat([h, z], -1))).view(len(h), self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
         state = (hidden, torch.zeros_like(hidden)) if self.cell == "lstm" else hidden
-        return self.decoder(state, last, self.predict, context=z, truth=truth, teacher_forcing=teacher_forcing)
+        return self.decoder(state, last, self.predict, context=z, truth=truth, teacher_forcing=teacher_forcing, known=known)
 
     def distributions(self, inputs: torch.Tensor, future: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Past encoding ``h`` and the prior (and, given the future displacements, posterior) parameters."""
@@ -176,25 +193,29 @@ class CVAEForecaster(nn.Module):
         return out
 
     def forward(
-        self, inputs: torch.Tensor, num_samples: int = 1, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, mean: bool = False
-    ) -> torch.Tensor:
+        self, inputs: torch.Tensor, num_samples: int = 1, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, mean: bool = False,
+        known: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``num_samples`` futures from the prior ``(B, K, predict, D)``; ``mean=True`` decodes the prior mean once."""
         d = self.distributions(inputs)
         last = inputs[:, -1, : self.target_dim]
         if mean:
-            return self._decode(d["h"], d["prior_mu"], last, None, 0.0)[:, None]
+            return self._decode(d["h"], d["prior_mu"], last, None, 0.0, known)[:, None]
         b, k = len(inputs), num_samples
         mu, std = d["prior_mu"].repeat_interleave(k, 0), (0.5 * d["prior_logvar"]).exp().repeat_interleave(k, 0)
         z = mu + std * torch.randn_like(std)
-        out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0)
+        repeated = known.repeat_interleave(k, 0) if known is not None else None
+        out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0, repeated)
         return out.view(b, k, self.predict, self.target_dim)
 
-    def training_forward(self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_forward(
+        self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0, known: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Reconstruction through the posterior ``(B, 1, predict, D)`` and KL(q || p) per sample ``(B,)``."""
         d = self.distributions(inputs, future)
         std = (0.5 * d["post_logvar"]).exp()
         z = d["post_mu"] + std * torch.randn_like(std)
-        recon = self._decode(d["h"], z, inputs[:, -1, : self.target_dim], future, teacher_forcing)
+        recon = self._decode(d["h"], z, inputs[:, -1, : self.target_dim], future, teacher_forcing, known)
         kl = 0.5 * (
             d["prior_logvar"] - d["post_logvar"]
             + (d["post_logvar"].exp() + (d["post_mu"] - d["prior_mu"]) ** 2) / d["prior_logvar"].exp() - 1
@@ -223,26 +244,29 @@ class MixtureForecaster(nn.Module):
         dropout: between stacked layers.
         modes: mixture components.
         sigma: standard deviation of the noise added to drawn futures beyond ``modes`` (normalised units).
+        categories: as :class:`Seq2SeqForecaster`'s.
+        known_size: future-known covariates: all ``predict`` steps of them join the encoding before the heads.
     """
 
     def __init__(
         self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, num_layers: int = 1,
-        cell: Cell = "lstm", dropout: float = 0.0, modes: int = 20, sigma: float = 0.1,
+        cell: Cell = "lstm", dropout: float = 0.0, modes: int = 20, sigma: float = 0.1, categories: tuple[int, ...] = (), known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict, self.modes, self.sigma = target_dim, predict, modes, sigma
-        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
-        self.trunk = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU())
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout, categories)
+        self.trunk = nn.Sequential(nn.Linear(hidden_size + predict * known_size, 2 * hidden_size), nn.ReLU())
         self.means = nn.Linear(2 * hidden_size, modes * predict * target_dim)
         self.logits = nn.Linear(2 * hidden_size, modes)
 
-    def mixture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixture(self, inputs: torch.Tensor, known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every mode's displacements ``(B, M, predict, D)`` and the mode logits ``(B, M)``."""
-        features = self.trunk(_last_hidden(self.encoder(inputs)))
+        encoded = _last_hidden(self.encoder(inputs))
+        features = self.trunk(encoded if known is None else torch.cat([encoded, known.flatten(1)], -1))
         return self.means(features).view(len(inputs), self.modes, self.predict, self.target_dim), self.logits(features)
 
-    def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False) -> torch.Tensor:
-        means, logits = self.mixture(inputs)
+    def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False, known: torch.Tensor | None = None) -> torch.Tensor:
+        means, logits = self.mixture(inputs, known)
         order = logits.argsort(-1, descending=True)
         k = 1 if mean else num_samples
         top = means.gather(1, order[:, : min(k, self.modes), None, None].expand(-1, -1, self.predict, self.target_dim))
@@ -305,11 +329,12 @@ class SequenceRegressor(nn.Module):
         num_heads: attention heads (PatchTST).
         patch_length: PatchTST patch length.
         dropout: dropout in the encoder and the head.
+        categories: codes per categorical channel (the last input columns; embedded; RNN encoders only).
     """
 
     def __init__(
         self, input_size: int, outputs: int, observe: int, encoder: Literal["lstm", "gru", "patchtst"] = "lstm", hidden_size: int = 64,
-        embed_size: int = 32, num_layers: int = 1, num_heads: int = 4, patch_length: int = 2, dropout: float = 0.0,
+        embed_size: int = 32, num_layers: int = 1, num_heads: int = 4, patch_length: int = 2, dropout: float = 0.0, categories: tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         self.kind = encoder
@@ -321,7 +346,7 @@ class SequenceRegressor(nn.Module):
             )
             features = hidden_size * input_size
         else:
-            self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, encoder, dropout)
+            self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, encoder, dropout, categories)
             features = hidden_size
         self.head = nn.Sequential(nn.Linear(features, hidden_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_size, outputs))
 
