@@ -12,8 +12,8 @@ channels first, then the other channels) and return normalised future displaceme
   samples give K futures (evaluated best-of-K).
 - :class:`MixtureForecaster`: K trajectory modes with probabilities (MultiPath-style mixture), trained
   winner-takes-all; its K most probable modes are the K futures.
-- :class:`PatchTSTForecaster`: Hugging Face ``transformers``' PatchTST built from a config object
-  (random initialisation; nothing is downloaded).
+- :class:`PatchTSTForecaster` (:mod:`domains.autonomous.patchtst`): Hugging Face ``transformers``' PatchTST
+  built from a config object (random initialisation; nothing is downloaded).
 - :class:`SequenceRegressor`: an RNN (or PatchTST) encoder with an MLP head, for per-window
   regression (1 output) and classification (logits).
 
@@ -31,6 +31,10 @@ import torch
 from torch import nn
 
 from domains.autonomous.categorical import CategoricalEmbedding
+from domains.autonomous.group_scaling import SCALED, scaling_tables, window_scaling
+from domains.autonomous.patchtst import PatchTSTForecaster, patchtst_config
+
+__all__ = ["CVAEForecaster", "InferenceSequenceModel", "MixtureForecaster", "PatchTSTForecaster", "Seq2SeqForecaster", "SequenceRegressor"]
 
 Cell = Literal["lstm", "gru"]
 
@@ -277,44 +281,6 @@ class MixtureForecaster(nn.Module):
         return torch.cat([top, drawn + self.sigma * torch.randn_like(drawn)], 1)
 
 
-def patchtst_config(
-    input_size: int, observe: int, predict: int, d_model: int, num_heads: int, num_layers: int, patch_length: int, dropout: float, num_targets: int = 1
-) -> object:
-    """A ``transformers.PatchTSTConfig`` (no hub access; inputs are already normalised, so no scaler)."""
-    from transformers import PatchTSTConfig
-
-    if patch_length > observe:
-        raise ValueError(f"patch_length ({patch_length}) must not exceed observe ({observe})")
-    return PatchTSTConfig(
-        num_input_channels=input_size, context_length=observe, prediction_length=max(predict, 1), patch_length=patch_length,
-        patch_stride=patch_length, d_model=d_model, num_attention_heads=num_heads, num_hidden_layers=num_layers,
-        ffn_dim=2 * d_model, dropout=dropout, attention_dropout=dropout, ff_dropout=dropout, head_dropout=dropout,
-        scaling=None, loss="mse", num_targets=num_targets, use_cls_token=True,
-    )  # fmt: skip
-
-
-class PatchTSTForecaster(nn.Module):
-    """PatchTST (``transformers.PatchTSTForPrediction``) forecasting every input channel; the first D are kept.
-
-    PatchTST is channel-independent: each channel's future comes from that channel's past. With
-    ``outputs`` K > 1 (quantiles) its linear head predicts ``K * predict`` steps, read as K sequences.
-    """
-
-    def __init__(
-        self, input_size: int, target_dim: int, observe: int, predict: int, d_model: int = 32, num_heads: int = 4,
-        num_layers: int = 2, patch_length: int = 2, dropout: float = 0.0, outputs: int = 1,
-    ) -> None:  # fmt: skip
-        super().__init__()
-        from transformers import PatchTSTForPrediction
-
-        self.target_dim, self.outputs, self.predict = target_dim, outputs, predict
-        self.model = PatchTSTForPrediction(patchtst_config(input_size, observe, predict * outputs, d_model, num_heads, num_layers, patch_length, dropout))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        out = self.model(past_values=inputs).prediction_outputs[..., : self.target_dim]
-        return out.view(len(out), self.outputs, self.predict, self.target_dim)
-
-
 class SequenceRegressor(nn.Module):
     """Encoder + MLP head: one vector of ``outputs`` per window (regression value or class logits).
 
@@ -369,23 +335,27 @@ class InferenceSequenceModel(nn.Module):
     ``on_after_batch_transfer`` and the task's ``forward``/``_positions``. A quantile network's
     outputs are sorted (no crossing) and its ``point``-th, the median, is returned; class
     probabilities are ``softmax(logits / temperature)`` (the calibration fitted on validation).
+    Covariates follow as further inputs, those named in ``extra_inputs``: ``known`` ``(N, predict, K)``
+    future-known values, ``codes`` ``(N, T, n)`` categorical codes (0: unknown), ``group`` ``(N,)`` the
+    row of the per-group statistics (the last: global).
     """
 
     def __init__(
         self, network: nn.Module, task: str, stochastic: bool, velocity_residual: bool, target_dim: int, stats: dict, point: int = 0,
-        temperature: float = 1.0,
+        temperature: float = 1.0, extra_inputs: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
-        self.network, self.point, self.temperature = network, point, float(temperature)
+        self.network, self.point, self.temperature, self.extra_inputs = network, point, float(temperature), extra_inputs
         self.task, self.stochastic, self.velocity_residual, self.target_dim = task, stochastic, velocity_residual, target_dim
         self.canonical_heading = bool(stats.get("canonical_heading", False))
-        self.displacement_scale = float(stats["displacement_scale"])
-        self.target_mean, self.target_std = float(stats["target_mean"]), float(stats["target_std"])
-        self.register_buffer("channel_mean", torch.tensor(stats["channel_mean"], dtype=torch.float32))
-        self.register_buffer("channel_std", torch.tensor(stats["channel_std"], dtype=torch.float32))
+        for key, table in scaling_tables(stats).items():  # one row per group, the global statistics last
+            self.register_buffer(key, table)
 
-    def forward(self, past: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        steps = torch.cat([torch.zeros_like(past[:, :1]), past[:, 1:] - past[:, :-1]], 1) / self.displacement_scale  # diff, ONNX-safe
+    def forward(self, past: torch.Tensor, channels: torch.Tensor, *covariates: torch.Tensor) -> torch.Tensor:
+        extra = dict(zip(self.extra_inputs, covariates))
+        scaling = window_scaling({key: getattr(self, key) for key in SCALED}, extra.get("group"))
+        scale = scaling["displacement_scale"][:, None, None]
+        steps = torch.cat([torch.zeros_like(past[:, :1]), past[:, 1:] - past[:, :-1]], 1) / scale  # diff, ONNX-safe
         frame = None
         if self.canonical_heading:
             heading = past[:, -1] - past[:, 0]
@@ -393,17 +363,19 @@ class InferenceSequenceModel(nn.Module):
             c, s = torch.cos(angle), torch.sin(angle)
             frame = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
             steps = steps @ frame
-        inputs = torch.cat([steps, (channels - self.channel_mean) / self.channel_std], -1)
+        mean, std = scaling["channel_mean"], scaling["channel_std"]
+        inputs = torch.cat([steps, (channels - mean) / std, *([extra["codes"].to(steps.dtype)] if "codes" in extra else [])], -1)
         if self.task == "regression":
             out = self.network(inputs)
             out = torch.sort(out, 1).values if out.shape[1] > 1 else out
-            return out[:, self.point] * self.target_std + self.target_mean
+            return out[:, self.point] * scaling["target_std"] + scaling["target_mean"]
         if self.task == "classification":
             return torch.softmax(self.network(inputs) / self.temperature, dim=1)
-        out = self.network(inputs, mean=True) if self.stochastic else self.network(inputs)
+        known = {"known": (extra["known"] - mean[..., -extra["known"].shape[-1] :]) / std[..., -extra["known"].shape[-1] :]} if "known" in extra else {}
+        out = self.network(inputs, mean=True, **known) if self.stochastic else self.network(inputs, **known)
         if self.velocity_residual:
             out = out + inputs[:, -1, : self.target_dim][:, None, None]
         if frame is not None:
             out = out @ frame.transpose(1, 2)[:, None]
-        positions = past[:, -1][:, None, None] + torch.cumsum(out * self.displacement_scale, 2)
+        positions = past[:, -1][:, None, None] + torch.cumsum(out * scale[..., None], 2)
         return (torch.sort(positions, 1).values if positions.shape[1] > 1 else positions)[:, self.point]
