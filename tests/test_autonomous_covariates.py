@@ -232,3 +232,39 @@ def test_a_blank_category_follows_the_nan_rule(tmp_path):
     filled = build_tracks(with_origin(table, "t.csv"), spec, "interpolate", 0.1)
     assert dropped.report["dropped_rows"] == 1 and dropped.lengths.tolist() == [4, 5]
     assert filled.report["filled_rows"] == 1 and filled.categories[:, 0].tolist() == ["urban"] * 5 + ["rural"] * 5
+
+
+@pytest.fixture(scope="module")
+def covariate_data(tmp_path_factory):
+    """A data module with every covariate on 30 planned trips, set up for test."""
+    from domains.autonomous.data import SensorSequenceDataModule
+
+    folder = tmp_path_factory.mktemp("autonomous-covariate-data")
+    planned_trips(30).to_csv(folder / "trips.csv", index=False)
+    dm = SensorSequenceDataModule(path=str(folder / "trips.csv"), channels=["speed"], target_channels=["x", "y"], known_future_channels=["plan"],
+                                  categorical_channels=["road"], group_column="vehicle", normalize_by="group", split_column="split",
+                                  observe=OBSERVE, predict=PREDICT, batch_size=16)  # fmt: skip
+    dm.setup("test")
+    return dm
+
+
+@pytest.mark.parametrize("architecture", ["rnn", "cvae", "mixture"])
+def test_every_recurrent_family_reads_covariates_and_its_export_rebuilds_them(architecture, covariate_data):
+    """Untrained networks of each family: the future-known values change the forecast, and the exported module
+    (raw past, channels, known, codes, group; the first window in an unseen group) gives the prediction path's forecast."""
+    from pipelines.domain_registry import get_domain
+
+    dm, spec = covariate_data, get_domain("autonomous")
+    model = spec.load_model_class()(architecture=architecture, hidden_size=8, embed_size=4, modes=3, **{t: getattr(dm, s) for s, t in spec.links}).eval()
+    raw = next(iter(dm.test_dataloader()))
+    raw["group"][0] = len(dm.stats["groups"]["names"])  # the global statistics' row
+    export = model.export_spec(dm.state_dict())
+    inputs = [raw[name].clone() for name in ("past", "channels", "known", "codes", "group")]
+    batch = dm.on_after_batch_transfer(raw, 0)
+    with torch.no_grad():
+        expected = model._predictions(batch)["single"]
+        got = export.module(*inputs)
+        changed = model(batch["inputs"], batch["known"] + 1.0)
+        assert (changed - model(batch["inputs"], batch["known"])).abs().max() > 1e-4  # the decoder reads the future-known values
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert export.input_names == ["past", "channels", "known", "codes", "group"]

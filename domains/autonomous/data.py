@@ -17,7 +17,8 @@ training split only and saved in every checkpoint (:meth:`state_dict`):
 
 - the per-step displacement of each ``target_channels`` column (0 at the first step), divided by
   one isotropic scale (the RMS step length of the training split), so that rotations keep norms;
-- the ``channels`` columns, z-scored per channel.
+- the ``channels`` columns, z-scored per channel (per group with ``normalize_by group``);
+- covariates (:mod:`domains.autonomous.covariates`): future-known channels, categorical codes.
 
 The checkpointed state also records what a served model needs to read named requests and to time
 its answers: the position channels (``position_names``, the ``target_channels``, for every task)
