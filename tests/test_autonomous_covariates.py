@@ -70,7 +70,7 @@ def planned(tmp_path_factory):
 def test_a_future_known_channel_forecasts_much_better_than_the_same_channel_seen_only_in_the_past(planned):
     _, _, runs = planned
     known, past = runs["known"][1], runs["past"][1]
-    # measured: ADE 0.063 with the plan's future, 0.171 with its past only (FDE 0.081 and 0.276)
+    # measured: ADE 0.072 with the plan's future, 0.170 with its past only (FDE 0.077 and 0.253)
     assert known["test/ade"] < 0.5 * past["test/ade"] and known["test/fde"] < 0.5 * past["test/fde"], (known, past)
     assert "test/attribution_plan" in known and "test/attribution_road" in known  # the past of every input column is attributed
 
@@ -96,12 +96,13 @@ def test_group_statistics_and_vocabulary_are_fitted_on_training_rows_and_saved_i
 
 
 def new_trips(folder: Path) -> tuple[Path, pd.DataFrame]:
-    """Six trips to forecast: 10 observed rows, then 6 future rows giving the plan but no position; an unseen
-    vehicle type ('bus') and a road typo ('urbna')."""
+    """Six trips to forecast: 10 observed rows, then 6 future rows giving the plan but no position (s005: only 3);
+    an unseen vehicle type ('bus') and a road typo ('urbna')."""
     table = planned_trips(6, seed=5).drop(columns=["split"])
     table.loc[table["sequence"] == "s000", "vehicle"] = "bus"
     table.loc[table["sequence"] == "s001", "road"] = "urbna"
     table.loc[np.round(table["time"] / 0.1) >= 10, ["x", "y"]] = np.nan
+    table = table[~((table["sequence"] == "s005") & (np.round(table["time"] / 0.1) >= 13))]
     table.to_csv(folder / "new.csv", index=False)
     return folder / "new.csv", table
 
@@ -116,10 +117,13 @@ def test_predict_reads_future_rows_and_warns_about_unseen_groups_and_categories(
     err = capsys.readouterr().err
     assert contains(err, "predict: group(s) of 'vehicle' not seen in training use the global statistics: 'bus'"), err
     assert contains(err, "column 'road': 'urbna'") and contains(err, "closest known: 'urban'"), err
+    assert contains(err, "1 sequence(s) get no forecast from their last observation (fewer than 6 future rows") and "['s005']" in err, err
     predictions = pd.read_csv(run / "new.csv")
-    last = predictions.groupby("sequence").tail(1)
-    assert set(last["sequence"]) == set(table["sequence"]) and np.allclose(last["time"], 0.9)  # the observation ends at the last position
-    assert last[[f"true_x_{k}" for k in range(PREDICT)]].isna().all().all()  # the future was not given: no truth
+    last = predictions.groupby("sequence").tail(1).set_index("sequence")["time"]
+    assert set(last.index) == set(table["sequence"]) and np.allclose(last.drop("s005"), 0.9)  # the observation ends at the last position
+    assert last["s005"] == pytest.approx(0.5)  # the latest window (stride 2) whose 6 future rows are in the file
+    final = predictions.groupby("sequence").tail(1).set_index("sequence").drop("s005")
+    assert final[[f"true_x_{k}" for k in range(PREDICT)]].isna().all().all()  # the future was not given: no truth
     assert predictions[[f"pred_x_{k}" for k in range(PREDICT)]].notna().all().all()
     # the checkpoint's covariates must be the command's
     with pytest.raises(SystemExit) as stop:
@@ -185,7 +189,7 @@ def test_an_embedded_road_type_predicts_the_offset_it_sets(tmp_path):
     for name, options in (("embedded", ("--data.categorical_channels=[road]",)), ("without", ())):
         run_pipeline("autonomous", *common, *options, "--runs_dir", str(tmp_path / name))
         rmse[name] = json.loads((only_run(tmp_path / name, "autonomous") / "summary.json").read_text())["test"]["test/rmse"]
-    spread = float(table.groupby("sequence")["offset"].first().std())  # about 1.3
+    spread = float(table.groupby("sequence")["offset"].first().std())  # 1.27; measured RMSE 0.090 embedded, 1.22 without
     assert rmse["embedded"] < 0.35 * spread and rmse["without"] > 0.7 * spread, (rmse, spread)
 
 

@@ -167,6 +167,12 @@ def known_future_windows(tracks: Tracks, observe: int, predict: int, stride: int
         placeholder[start : start + length] = tracks.time[start : start + length] > last_observed.get(name, np.inf)
     keep = ~placeholder[windows.rows[:, observe - 1]]
     windows = Windows(windows.rows[keep], windows.segment[keep], windows.short_segments, windows.short_rows)
+    latest = {tracks.names[s].rsplit("/", 1)[0] if tracks.names[s] not in last_observed else tracks.names[s]: t
+              for s, t in zip(windows.segment, tracks.time[windows.rows[:, observe - 1]])}  # fmt: skip
+    behind = sorted(name for name, last in last_observed.items() if latest.get(name, -np.inf) < last)
+    if behind:
+        log(f"warning: predict: {len(behind)} sequence(s) get no forecast from their last observation (fewer than {predict} future rows with "
+            f"the known channels after it, or fewer than {observe} observed rows before it): {behind[:5]}")  # fmt: skip
     if len(windows.rows) == 0:
         raise InputError(
             f"{file} (--data.predict_path): no window of observe + predict = {observe + predict} rows with positions in its first "
