@@ -272,3 +272,16 @@ def test_every_recurrent_family_reads_covariates_and_its_export_rebuilds_them(ar
         assert (changed - model(batch["inputs"], batch["known"])).abs().max() > 1e-4  # the decoder reads the future-known values
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert export.input_names == ["past", "channels", "known", "codes", "group"]
+
+
+def test_a_group_with_too_few_training_windows_keeps_the_global_statistics_and_is_not_called_unseen():
+    from domains.autonomous.group_scaling import fit_group_statistics, group_indices
+
+    rows = np.arange(12).reshape(4, 3)  # four windows of three rows: two of 'a', one of 'b'... and one of 'c'
+    groups = np.array(["a", "a", "b", "c"])
+    channels = np.arange(12, dtype=np.float32)[:, None] * np.array([[1.0]], dtype=np.float32)
+    state, small = fit_group_statistics(np.zeros((12, 2)), channels, None, rows, groups, observe=2, column="vehicle")
+    assert state["names"] == ["a"] and small == ["b", "c"] and state["global_only"] == ["b", "c"]
+    assert state["channel_mean"] == [[np.mean([0, 1, 3, 4])]]  # the observed rows (2 of 3) of a's two windows
+    index, unseen = group_indices(np.array(["a", "b", "bus"]), state)
+    assert index.tolist() == [0, 1, 1] and dict(unseen) == {"bus": 1}  # 'b' uses the global row (1) but was seen

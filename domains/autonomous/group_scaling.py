@@ -64,14 +64,16 @@ def fit_group_statistics(
         values = label[windows[:, observe - 1]].astype(float) if label is not None else np.zeros(1)
         fitted["target_mean"].append(float(values.mean()) if label is not None else 0.0)
         fitted["target_std"].append(float(max(values.std(), 1e-6)) if label is not None else 1.0)
-    return {"column": column, "names": names, **fitted}, small
+    return {"column": column, "names": names, **fitted, "global_only": small}, small
 
 
 def group_indices(groups: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, Counter]:
-    """Each window's row of the statistics tables (``len(names)``: the global row) and the unknown groups' window counts."""
+    """Each window's row of the statistics tables (``len(names)``: the global row) and the window counts of the groups
+    not seen in training (not those seen with too few windows: ``global_only``)."""
     index = {name: i for i, name in enumerate(state["names"])}
     rows = np.array([index.get(g, len(index)) for g in groups.tolist()], dtype=np.int64)
-    return rows, Counter(g for g, r in zip(groups.tolist(), rows.tolist()) if r == len(index))
+    seen = set(state.get("global_only") or [])
+    return rows, Counter(g for g, r in zip(groups.tolist(), rows.tolist()) if r == len(index) and g not in seen)
 
 
 def scaling_tables(stats: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ class RequestCovariates:
         self.vocabularies: dict[str, list[str]] = dict(domain.get("vocabularies") or {})
         self.group_column: str | None = domain.get("group_column")
         self.group_names: list[str] = list(domain.get("group_names") or [])
+        self.global_only = set((domain.get("group_normalisation") or {}).get("global_only") or [])  # seen, with too few windows of their own
         self.known: list[str] = list(domain.get("known_future_channels") or [])
         self.predict = int(predict or 0)
         self.text_fields: list[str] = list(dict.fromkeys([*self.categorical, *([self.group_column] if self.group_column else [])]))
@@ -80,8 +81,9 @@ class RequestCovariates:
             name = self.text(rows[-1], self.group_column, f"{where}[{first + len(rows) - 1}]")
             index_of = {g: i for i, g in enumerate(self.group_names)}
             out["group"] = np.array(index_of.get(name, len(self.group_names)), dtype=np.int64)
-            out["unknown_group"] = np.array(int(name not in index_of), dtype=np.int64)
-            if name not in index_of:
+            unseen = name not in index_of and name not in self.global_only
+            out["unknown_group"] = np.array(int(unseen), dtype=np.int64)
+            if unseen:
                 logger.warning("%s: group %r of %r not seen in training: the global statistics were used", where, name, self.group_column)
         if self.known:
             out["known"] = self.future(request, key, index)
