@@ -179,18 +179,17 @@ def test_exported_bundle_serves_the_predictions_with_covariates_and_warnings(pla
 
 
 def test_an_embedded_road_type_predicts_the_offset_it_sets(tmp_path):
-    """Regression of an offset set by the road type alone: embedded, the RMSE is far below the offset's spread; without the category it cannot be."""
+    """Regression of an offset set by the road type alone: embedded, the RMSE is far below the offset's spread, which
+    no model without the category can beat (its other inputs are independent of the offset; measured: 1.22 without it)."""
     table = planned_trips(60)
     table.to_csv(tmp_path / "trips.csv", index=False)
     common = (f"--data.path={tmp_path / 'trips.csv'}", "--data.task=regression", "--data.target_column=offset", "--data.target_channels=[x, y]",
               "--data.channels=[plan]", "--data.split_column=split", "--data.observe=4", "--data.stride=2", "--data.batch_size=32",
               "--model.hidden_size=16", "--model.embed_size=8", "--model.lr=0.01", "--trainer.max_epochs=6", *QUIET)  # fmt: skip
-    rmse = {}
-    for name, options in (("embedded", ("--data.categorical_channels=[road]",)), ("without", ())):
-        run_pipeline("autonomous", *common, *options, "--runs_dir", str(tmp_path / name))
-        rmse[name] = json.loads((only_run(tmp_path / name, "autonomous") / "summary.json").read_text())["test"]["test/rmse"]
-    spread = float(table.groupby("sequence")["offset"].first().std())  # 1.27; measured RMSE 0.090 embedded, 1.22 without
-    assert rmse["embedded"] < 0.35 * spread and rmse["without"] > 0.7 * spread, (rmse, spread)
+    run_pipeline("autonomous", *common, "--data.categorical_channels=[road]", "--runs_dir", str(tmp_path))
+    rmse = json.loads((only_run(tmp_path, "autonomous") / "summary.json").read_text())["test"]["test/rmse"]
+    spread = float(table.groupby("sequence")["offset"].first().std())  # 1.27; measured RMSE 0.090
+    assert rmse < 0.35 * spread, (rmse, spread)
 
 
 def covariate_columns(table: pd.DataFrame) -> None:
@@ -208,11 +207,9 @@ CASES = [
              table_file("fleet.csv", lambda t: (covariate_columns(t), setter(17, "plan", np.inf)(t)))),
     BadInput("normalize-by-group-without-column", (*CSV, "--data.normalize_by=group"), ("--data.normalize_by group needs --data.group_column",), with_covariates),
     BadInput("group-column-without-normalize-by", (*CSV, "--data.group_column=vehicle"), ("--data.group_column 'vehicle'", "add --data.normalize_by group"), with_covariates),
-    BadInput("normalize-by-typo", (*CSV, "--data.normalize_by=groups"), ("normalize_by",), with_covariates),
     BadInput("known-channels-for-regression", (*CSV, "--data.task=regression", "--data.target_column=score", "--data.known_future_channels=[plan]"),
              ("--data.known_future_channels ['plan']", "--data.task regression"), with_covariates),
     BadInput("channel-listed-twice", (*CSV, "--data.known_future_channels=[speed]"), ("'speed' is listed in both --data.channels and --data.known_future_channels",), with_covariates),
-    BadInput("categorical-is-the-sequence-column", (*CSV, "--data.categorical_channels=[sequence]"), ("--data.categorical_channels 'sequence'", "sequence, time or target"), with_covariates),
     BadInput("categories-with-patchtst", (*CSV, "--data.categorical_channels=[road]", "--model.architecture=transformer"),
              ("--data.categorical_channels with --model.architecture transformer", "expected --model.architecture rnn"), with_covariates),
 ]  # fmt: skip
