@@ -26,6 +26,8 @@ SPEC = DomainSpec(
         ("num_classes", "num_classes"),
         ("class_names", "class_names"),
         ("target_names", "target_names"),
+        ("categories", "categories"),
+        ("known_size", "known_size"),
     ),
     monitor="val/score",
     mode="min",

@@ -57,10 +57,10 @@ def occlusion_attributions(
 
 
 def input_names(datamodule: Any, input_size: int) -> list[str]:
-    """``d<position>`` for each position channel's displacement, then the sensor channels (``input_<i>``
-    when the data module cannot say)."""
+    """``d<position>`` for each position channel's displacement, then the sensor channels (the future-known
+    channels' past and the categorical channels last; ``input_<i>`` when the data module cannot say)."""
     positions = list(getattr(datamodule, "position_names", None) or [])
-    channels = list(getattr(getattr(datamodule, "hparams", None), "channels", None) or [])
+    channels = list(getattr(datamodule, "input_channel_names", None) or getattr(getattr(datamodule, "hparams", None), "channels", None) or [])
     names = [f"d{name}" for name in positions] + channels
     return names if len(names) == input_size else [f"input_{i}" for i in range(input_size)]
 

@@ -17,7 +17,8 @@ training split only and saved in every checkpoint (:meth:`state_dict`):
 
 - the per-step displacement of each ``target_channels`` column (0 at the first step), divided by
   one isotropic scale (the RMS step length of the training split), so that rotations keep norms;
-- the ``channels`` columns, z-scored per channel.
+- the ``channels`` columns, z-scored per channel (per group with ``normalize_by group``);
+- covariates (:mod:`domains.autonomous.covariates`): future-known channels, categorical codes.
 
 The checkpointed state also records what a served model needs to read named requests and to time
 its answers: the position channels (``position_names``, the ``target_channels``, for every task)
@@ -47,14 +48,17 @@ from torch.utils.data import DataLoader
 from pipelines.data import make_loader
 from pipelines.errors import InputError
 from pipelines.splits import SplitBy, SplitRule, adopt
-from pipelines.validation import check_labels
 from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
-from domains.autonomous.fitted_state import check_checkpoint_state, fit_input_statistics
-from domains.autonomous.readers import FILE, SPLITS, ColumnSpec, Tracks, build_tracks, log, read_table
-from domains.autonomous.sampling import check_time_options
+from domains.autonomous.fitted_state import check_checkpoint_state, fit_class_names, fit_input_statistics
+from domains.autonomous.options import check_data_options
+from domains.autonomous.covariates import (
+    check_checkpoint_covariates, column_roles, covariate_tensors, fit_covariate_state, fit_vocabularies,
+)  # fmt: skip
+from domains.autonomous.readers import SPLITS, ColumnSpec, Tracks, log
 from domains.autonomous.inputs import model_inputs
-from domains.autonomous.sources import resolve_path, source_tables, split_tracks
-from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, cut_windows, window_tensors
+from domains.autonomous.predict_data import predict_dataset
+from domains.autonomous.sources import source_tables, split_tracks
+from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, window_tensors
 
 Task = Literal["forecasting", "regression", "classification"]
 #: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
@@ -112,6 +116,11 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             rotation invariant; predictions are rotated back (2 target channels only).
         augment_rotation: rotate each training window by a random angle (2 target channels only,
             e.g. x/y positions; the other channels are left as they are).
+        known_future_channels: forecasting: numeric columns known over the horizon (the decoder reads their future):
+            :mod:`domains.autonomous.covariates`.
+        categorical_channels: text columns, embedded (:mod:`domains.autonomous.categorical`).
+        group_column: ``normalize_by group``: statistics per value of this column (:mod:`domains.autonomous.group_scaling`).
+        normalize_by: ``global`` or ``group``.
         sim_vehicles: episodes of the embedded simulator (used when no path is given).
         sim_steps: samples per simulated episode.
         sim_dt: sampling period of the simulator, in seconds.
@@ -152,6 +161,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         val_after: str | None = None,
         canonical_heading: bool = False,
         augment_rotation: bool = False,
+        known_future_channels: list[str] | None = None,
+        categorical_channels: list[str] | None = None,
+        group_column: str | None = None,
+        normalize_by: Literal["global", "group"] = "global",
         sim_vehicles: int = 400,
         sim_steps: int = 40,
         sim_dt: float = 0.25,
@@ -162,30 +175,12 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
-        if path and eth_ucy_root:
-            raise InputError("give either --data.path or --data.eth_ucy_root, not both")
-        if task not in ("forecasting", "regression", "classification"):
-            raise InputError(f"--data.task must be forecasting, regression or classification, got {task!r}")
-        for option, value, least, what in (
-            ("observe", observe, 2, "rows observed per window"),
-            ("predict", predict if task == "forecasting" else 1, 1, "future rows forecast per window"),
-            ("stride", stride, 1, "rows between window starts"),
-            ("batch_size", batch_size, 1, "windows per batch"),
-        ):
-            if value < least:
-                raise InputError(f"--data.{option} must be at least {least} ({what}), got {value}")
-        if task == "forecasting" and not target_channels:
-            raise InputError("--data.task forecasting needs --data.target_channels (the columns to forecast)")
-        if task != "forecasting" and not target_column:
-            raise InputError(f"--data.task {task} needs --data.target_column (the column to predict)")
-        if (augment_rotation or canonical_heading) and len(target_channels or []) != 2:
-            raise InputError(f"--data.augment_rotation and --data.canonical_heading need exactly 2 --data.target_channels (x, y), got {target_channels}")
-        check_time_options(time_step, time_jitter, max_gap)
+        self.save_hyperparameters(logger=False)
+        check_data_options(self.hparams)  # every option's value, before anything is read or written
         key = (split_key or sequence_column) if split_by == "hash" else split_key
         self.split_rule = SplitRule.from_options(split_by, key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
         if eth_ucy_root and self.split_rule.by != "random":
             raise InputError(f"--data.eth_ucy_root keeps ETH/UCY's own leave-one-scene-out split; {self.split_rule.describe()} applies to --data.path tables")
-        self.save_hyperparameters(logger=False)
         self.datasets: dict[str, WindowDataset] = {}
         self.stats: dict[str, Any] | None = None
 
@@ -193,9 +188,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     @property
     def columns(self) -> ColumnSpec:
         hp = self.hparams
+        channels, text, roles = column_roles(hp)
         return ColumnSpec(
-            hp.sequence_column, hp.time_column, list(hp.channels or []), list(hp.target_channels or []),
-            hp.target_column if hp.task != "forecasting" else None, hp.task == "regression",
+            hp.sequence_column, hp.time_column, channels, list(hp.target_channels or []),
+            hp.target_column if hp.task != "forecasting" else None, hp.task == "regression", text, roles,
         )  # fmt: skip
 
     @property
@@ -236,7 +232,24 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     @property
     def input_size(self) -> int:
-        return self.target_dim + len(self.hparams.channels or [])
+        """Columns of the model's ``inputs``: displacements, channels, future-known channels' past, categorical codes."""
+        return self.target_dim + len(self.columns.channels) + len(self.hparams.categorical_channels or [])
+
+    @property
+    def known_size(self) -> int:
+        """Future-known covariates the decoder reads per future step."""
+        return len(self.hparams.known_future_channels or [])
+
+    @property
+    def categories(self) -> list[int]:
+        """Codes per categorical channel: its training vocabulary (the checkpoint's, once restored) + the unknown bucket."""
+        vocabularies = (self.stats or {}).get("vocabularies") or (fit_vocabularies(self.tracks["train"], self.hparams) if self.hparams.categorical_channels else {})
+        return [len(vocabularies[c]) + 1 for c in self.hparams.categorical_channels or []]
+
+    @property
+    def input_channel_names(self) -> list[str]:
+        """Names of the ``inputs`` columns after the displacements (for attributions)."""
+        return [*self.columns.channels, *(self.hparams.categorical_channels or [])]
 
     @property
     def num_classes(self) -> int:
@@ -260,16 +273,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             return []
         if self.stats and self.stats.get("class_names"):  # a checkpoint's: the data is read against them
             return list(self.stats["class_names"])
-        column = self.hparams.target_column
-        labels = pd.concat([table[column] for table in self.tables.values()]).dropna().astype(str)
-        files = ", ".join(sorted({str(f) for table in self.tables.values() for f in table[FILE].unique()})[:3])
-        check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", self.hparams.class_names)
-        if self.hparams.class_names:
-            return list(self.hparams.class_names)
-        names = sorted({str(v) for v in self.tracks["train"].label})
-        if len(names) < 2:
-            raise InputError(f"{files}: target column {column!r} has {len(names)} class(es) in the training split; need at least 2")
-        return names
+        return fit_class_names(self.tables, self.tracks["train"], self.hparams.target_column, self.hparams.class_names)
 
     @cached_property
     def windows(self) -> dict[str, Windows]:
@@ -284,17 +288,20 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             "class_names": self.class_names,
             "target_names": self.target_names,
             # how inputs are built, for exported models (see export_spec in model.py)
-            "channel_names": list(self.hparams.channels or []),
+            "channel_names": list(self.columns.channels),  # channels, then the future-known channels (their past)
             "position_names": self.position_names,
             "time_step": self.time_step,
             "canonical_heading": bool(self.hparams.canonical_heading),
             "observe": self.observe,
             REFERENCE_KEY: fit_sequence_reference(  # drift reference per sequence channel of the training windows (pipelines.reference)
-                self._tensors(self.tracks["train"], self.windows["train"], "train"), {"past": self.position_names, "channels": list(self.hparams.channels or [])}, "training split"),
+                self._tensors(self.tracks["train"], self.windows["train"], "train"), {"past": self.position_names, "channels": list(self.columns.channels)}, "training split"),
+            **fit_covariate_state(self.tracks["train"], self.windows["train"], self.observe, self.hparams, self.task == "regression"),
         }
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
-        return window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
+        """A split's window tensors; with fitted statistics also its ``codes``, ``group`` and ``known`` covariates."""
+        tensors = window_tensors(tracks, windows, self.observe, self.task, self.class_names, self.hparams.target_column, name)
+        return tensors | (covariate_tensors(tracks, windows, self.observe, self.stats, name) if self.stats is not None else {})
 
     def setup(self, stage: str | None = None) -> None:
         """Windows of every split, checked before the loop starts; ``predict`` on ``predict_path`` with a
@@ -316,21 +323,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
 
     def _predict_dataset(self, path: str) -> WindowDataset:
-        """Windows of ``observe`` rows of a new file, checked like the training data against the
-        training data's time step (:attr:`time_step`, the one saved in the checkpoint)."""
-        hp = self.hparams
+        """Windows of a new file (:func:`domains.autonomous.predict_data.predict_dataset`), checked against
+        the training data's time step (:attr:`time_step`, the one saved in the checkpoint)."""
         step = float(self.stats["time_step"]) if self.stats and self.stats.get("time_step") else self.time_step
-        table = read_table(resolve_path(path))
-        tracks = build_tracks(table, self.columns, hp.nan_policy, step, hp.max_gap, "predict", require_label=False, time_jitter=hp.time_jitter)
-        windows = cut_windows(tracks, self.observe, hp.stride)
-        if windows.short_segments:
-            log(f"predict: {windows.short_segments} of {len(tracks.lengths)} segment(s) shorter than observe = {self.observe} rows: skipped")
-        if len(windows.rows) == 0:
-            raise InputError(
-                f"{table[FILE].iat[0]} (--data.predict_path): no track has observe = {self.observe} rows (--data.observe): all {len(tracks.lengths)} "
-                f"gap-free segments are shorter (longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows)"
-            )
-        return WindowDataset(self._tensors(tracks, windows, "predict"), [tracks.names[s] for s in windows.segment])
+        return predict_dataset(path, self.columns, self.hparams, step, self.predict if self.known_size else 0, self._tensors)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
@@ -366,8 +362,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         """
         assert self.stats is not None, "setup() or load_state_dict() must run first"
         trainer = self.trainer
-        rotate = bool(self.hparams.augment_rotation and trainer is not None and trainer.training)
-        return model_inputs(batch, self.stats, bool(self.hparams.canonical_heading), rotate)
+        training = bool(trainer is not None and trainer.training)
+        return model_inputs(batch, self.stats, bool(self.hparams.canonical_heading), bool(self.hparams.augment_rotation and training), training)
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics fitted on the training split (stored in every checkpoint)."""
@@ -393,6 +389,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         read = "tracks" in self.__dict__  # the data was read (Lightning's restore after setup): it must agree
         data_step = self.hparams.time_step if self.hparams.time_step is not None else (self.tracks["train"].report["time_step"] if read else None)
         check_checkpoint_state(state_dict, self.class_names if self.task == "classification" and read else None, self.target_names, data_step)
+        check_checkpoint_covariates(state_dict, self.hparams)
         self.stats = {k: v for k, v in state_dict.items() if k != "split_rule"}
         self.stats.setdefault("position_names", self.position_names)
         if "time_step" not in self.stats:  # (reads the training split only for such old checkpoints)

@@ -27,8 +27,14 @@ from pipelines.tracking import log_figure
 from pipelines.weighted_metrics import multiclass_classification
 
 
-def check_model_options(quantiles: Any, architecture: str, task: str) -> list[float]:
+def check_model_options(quantiles: Any, architecture: str, task: str, categories: list[int] | None = None, known_size: int = 0) -> list[float]:
     """The quantile levels (``[]`` when off), or :class:`InputError` naming the option and what was expected."""
+    if architecture == "transformer" and (categories or known_size):
+        option = "--data.categorical_channels" if categories else "--data.known_future_channels"
+        raise InputError(
+            f"{option} with --model.architecture transformer: PatchTST reads every input channel as numbers over the observed window only "
+            "(no embedding of categories, no decoder for future-known values). Expected --model.architecture rnn, cvae or mixture"
+        )
     if quantiles is None:
         return []
     levels = check_quantiles(quantiles, "--model.quantiles")
@@ -49,8 +55,11 @@ def occlusion(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, F)`` occlusion attributions of every input channel for ``model`` (a ``SensorSequenceModel``) on a batch."""
     hp, point = model.hparams, model.point_index
     if hp.task == "forecasting":
+        known = batch.get("known")
+
         def positions(inputs: torch.Tensor) -> torch.Tensor:  # relative positions, normalised, in the window's frame
-            relative = torch.cumsum(model(inputs), 2)
+            repeated = known.repeat(len(inputs) // len(known), 1, 1) if known is not None else None  # the same future for every occlusion
+            relative = torch.cumsum(model(inputs, repeated), 2)
             return (relative.sort(1).values if relative.shape[1] > 1 else relative)[:, point]
 
         scale = batch["displacement_scale"]
@@ -114,3 +123,17 @@ def log_test_outputs(model: Any) -> None:
         figures["test/trajectories"] = trajectory_figure(batch, hp.plot_samples, hp.target_names, model.quantile_levels)
     for key, figure in figures.items():
         log_figure(trainer, figure, key)
+
+
+def keep_for_plot(model: Any, batch: dict[str, torch.Tensor], pred: dict[str, torch.Tensor]) -> None:
+    """Keep the first test window of each of the first ``plot_samples`` sequences (consecutive windows look alike)."""
+    datamodule = getattr(model.trainer, "datamodule", None)
+    for i in range(len(batch["past"])):
+        if len(model._plot_items) >= model.hparams.plot_samples:
+            return
+        name = datamodule.window_name(int(batch["index"][i])) if datamodule is not None else str(len(model._plot_items))
+        if name.split("/")[0] in model._plot_sequences:
+            continue
+        model._plot_sequences.add(name.split("/")[0])
+        item = {"past": batch["past"][i], "future": batch["future"][i], **{k: v[i] for k, v in pred.items()}}
+        model._plot_items.append({k: v.detach().cpu() for k, v in item.items()})

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from domains.autonomous.covariate_export import covariate_inputs
 from domains.autonomous.networks import InferenceSequenceModel
 from pipelines.export_spec import ExportSpec
 from pipelines.task import BaseTask
@@ -28,21 +29,22 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
         raise ValueError("the checkpoint holds no SensorSequenceDataModule statistics; export a checkpoint written by `pipelines.run autonomous`")
     hp = task.hparams
     temperature = task.calibration.temperature if hp.task == "classification" else 1.0
-    module = InferenceSequenceModel(
-        copy.deepcopy(task.network), hp.task, task.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state,
-        point=task.point_index, temperature=temperature,
-    ).eval()
     observe = int(datamodule_state.get("observe", hp.observe))
     channels = len(datamodule_state["channel_mean"])
     time_axis = {} if hp.architecture == "transformer" else {1: "time"}
+    extra_names, extra_examples, extra_axes, covariates = covariate_inputs(datamodule_state, observe, int(hp.get("predict") or 0), time_axis)
+    module = InferenceSequenceModel(
+        copy.deepcopy(task.network), hp.task, task.stochastic, bool(hp.get("velocity_residual", False)), hp.target_dim, datamodule_state,
+        point=task.point_index, temperature=temperature, extra_inputs=tuple(extra_names),
+    ).eval()
     past = torch.cumsum(torch.randn(2, observe, hp.target_dim), 1)
     output = {"forecasting": "positions", "regression": "value", "classification": "probabilities"}[hp.task]
     return ExportSpec(
         module=module,
-        example_inputs=(past, torch.randn(2, observe, channels)),
-        input_names=["past", "channels"],
+        example_inputs=(past, torch.randn(2, observe, channels), *extra_examples),
+        input_names=["past", "channels", *extra_names],
         output_names=[output],
-        dynamic_axes={"past": {0: "batch", **time_axis}, "channels": {0: "batch", **time_axis}, output: {0: "batch"}},
+        dynamic_axes={"past": {0: "batch", **time_axis}, "channels": {0: "batch", **time_axis}, **extra_axes, output: {0: "batch"}},
         metadata={
             "task": hp.task,
             "architecture": hp.architecture,
@@ -60,5 +62,6 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
             "calibration": {"temperature": temperature, "method": "temperature scaling fitted on the validation split (inside the exported graph)"}
             if hp.task == "classification" else None,
             "normalisation": {k: datamodule_state[k] for k in ("displacement_scale", "channel_mean", "channel_std", "target_mean", "target_std")},
+            **covariates,  # future-known and categorical channels, vocabularies, groups (covariate_export.py)
         },
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipelines.errors import InputError
-from domains.autonomous.readers import Tracks
+from pipelines.validation import check_labels
+from domains.autonomous.readers import FILE, Tracks
 from domains.autonomous.sampling import EPS
 from domains.autonomous.windows import Windows
 
@@ -57,3 +59,17 @@ def check_checkpoint_state(state_dict: dict[str, Any], class_names: list[str] | 
             f"the checkpoint was trained on data sampled every {float(saved):g} (its time step) but this data's time step is {float(data_step):g} "
             f"(--data.time_step, or the median step of the training tracks): its displacements would be misread; use data at the checkpoint's rate"
         )
+
+
+def fit_class_names(tables: dict[str, pd.DataFrame], train: Tracks, column: str, given: list[str] | None) -> list[str]:
+    """The class list: ``given`` (``--data.class_names``), else the sorted labels of the training split; labels that look like
+    one class spelt two ways, or a class with too few rows, are refused (:func:`pipelines.validation.check_labels`)."""
+    labels = pd.concat([table[column] for table in tables.values()]).dropna().astype(str)
+    files = ", ".join(sorted({str(f) for table in tables.values() for f in table[FILE].unique()})[:3])
+    check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", given)
+    if given:
+        return list(given)
+    names = sorted({str(v) for v in train.label})
+    if len(names) < 2:
+        raise InputError(f"{files}: target column {column!r} has {len(names)} class(es) in the training split; need at least 2")
+    return names

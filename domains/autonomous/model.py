@@ -45,7 +45,7 @@ from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, 
 from domains.autonomous.attributions import AttributionColumns, ChannelAttribution
 from domains.autonomous.metrics import DisplacementError, StepDisplacementError
 from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
-from domains.autonomous.evaluation import check_model_options, log_test_outputs, occlusion
+from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.export_spec import ExportSpec
 from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss
@@ -98,6 +98,8 @@ class SensorSequenceModel(BaseTask):
         num_classes: classes (classification); linked from the data.
         class_names: class names in index order; linked from the data.
         target_names: forecast channel names or the target column; linked from the data.
+        categories: codes per categorical channel (embedded; the last ``inputs`` columns); linked from the data.
+        known_size: future-known covariates read by the decoder per future step; linked from the data.
     """
 
     #: ``explain`` is given per command (``predict --model.explain true``); a checkpoint's hyper-parameters would override it
@@ -137,6 +139,8 @@ class SensorSequenceModel(BaseTask):
         num_classes: int = 0,
         class_names: list[str] | None = None,
         target_names: list[str] | None = None,
+        categories: list[int] | None = None,
+        known_size: int = 0,
     ) -> None:
         if task not in ("forecasting", "regression", "classification"):
             raise ValueError(f"task must be forecasting, regression or classification, got {task!r}")
@@ -146,7 +150,7 @@ class SensorSequenceModel(BaseTask):
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        self.quantile_levels = check_model_options(quantiles, architecture, task)
+        self.quantile_levels = check_model_options(quantiles, architecture, task, categories, known_size)
         super().__init__()
         self.explain = bool(explain)  # a switch of this command, not of the model: kept out of the checkpoint's hyper-parameters
         self._plot_items: list[dict[str, torch.Tensor]] = []
@@ -169,8 +173,11 @@ class SensorSequenceModel(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         outputs = max(len(self.quantile_levels), 1)
+        covariates = {"categories": tuple(hp.get("categories") or ()), "known_size": int(hp.get("known_size") or 0)}
         if hp.task == "forecasting":
             common = {"input_size": hp.input_size, "target_dim": hp.target_dim, "predict": hp.predict}
+            if hp.architecture != "transformer":
+                common |= covariates
             if hp.architecture == "rnn":
                 self.network: nn.Module = Seq2SeqForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, num_layers=hp.num_layers,
                                                             cell=hp.cell, dropout=hp.dropout, outputs=outputs, feedback=self.point_index)  # fmt: skip
@@ -187,7 +194,7 @@ class SensorSequenceModel(BaseTask):
             outputs = outputs if hp.task == "regression" else hp.num_classes
             encoder = "patchtst" if hp.architecture == "transformer" else hp.cell
             self.network = SequenceRegressor(hp.input_size, outputs, hp.observe, encoder, hp.hidden_size, hp.embed_size,
-                                             hp.num_layers, hp.num_heads, hp.patch_length, hp.dropout)  # fmt: skip
+                                             hp.num_layers, hp.num_heads, hp.patch_length, hp.dropout, covariates["categories"])  # fmt: skip
 
     def configure_metrics(self) -> None:
         task = self.hparams.task
@@ -215,11 +222,13 @@ class SensorSequenceModel(BaseTask):
         self.test_metrics = collection.clone(prefix="test/")
 
     # ----- forward passes --------------------------------------------------------------------
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Normalised future displacements ``(B, 1, predict, D)`` (forecasting) or outputs ``(B, outputs)``."""
+    def forward(self, inputs: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised future displacements ``(B, 1, predict, D)`` (forecasting; ``known``: the future-known
+        covariates ``(B, predict, K)``) or outputs ``(B, outputs)``."""
         if self.hparams.task != "forecasting":
             return self.network(inputs)
-        out = self.network(inputs, mean=True) if self.stochastic else self.network(inputs)
+        covariates = {"known": known} if known is not None else {}
+        out = self.network(inputs, mean=True, **covariates) if self.stochastic else self.network(inputs, **covariates)
         return out + self._last_step(inputs)[:, None, None]
 
     def _last_step(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -253,8 +262,9 @@ class SensorSequenceModel(BaseTask):
         last = self._last_step(batch["inputs"])[:, None]
         truth = self._true_steps(batch) - last  # what the network predicts (residual to constant velocity)
         tf = self.teacher_forcing_ratio
+        known = {"known": batch["known"]} if "known" in batch else {}
         if self.hparams.architecture == "mixture":
-            means, logits = self.network.mixture(batch["inputs"])
+            means, logits = self.network.mixture(batch["inputs"], **known)
             errors = (means.cumsum(2) - truth.cumsum(1)[:, None]).pow(2).mean((2, 3))  # (B, M)
             best = errors.argmin(1)
             eps = self.hparams.wta_epsilon if means.shape[1] > 1 else 0.0
@@ -262,10 +272,10 @@ class SensorSequenceModel(BaseTask):
             others = (errors.sum(1) - winner) / max(means.shape[1] - 1, 1)
             return ((1 - eps) * winner + eps * others).mean() + F.cross_entropy(logits, best)
         if self.stochastic:
-            recon, kl = self.network.training_forward(batch["inputs"], truth, tf)
+            recon, kl = self.network.training_forward(batch["inputs"], truth, tf, **known)
             return F.mse_loss(recon[:, 0].cumsum(1), truth.cumsum(1)) + self.hparams.kl_weight * kl.mean()
         if self.hparams.architecture == "rnn":
-            pred = self.network(batch["inputs"], truth=truth, teacher_forcing=tf)
+            pred = self.network(batch["inputs"], truth=truth, teacher_forcing=tf, **known)
         else:
             pred = self.network(batch["inputs"])
         if self.quantile_levels:  # the quantiles of each future position (relative to the last observed one)
@@ -296,12 +306,13 @@ class SensorSequenceModel(BaseTask):
     def _predictions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forecasting: ``single`` (B, T, D), for quantile models ``quantiles`` (B, Q, T, D, sorted: no crossing) and,
         for the CVAE and the mixture, ``samples`` (B, K, T, D) positions in data units."""
-        positions = self._positions(self(batch["inputs"]), batch)
+        positions = self._positions(self(batch["inputs"], batch.get("known")), batch)
         if self.quantile_levels:
             positions = positions.sort(1).values
         out = {"single": positions[:, self.point_index]} | ({"quantiles": positions} if self.quantile_levels else {})
         if self.stochastic:
-            samples = self.network(batch["inputs"], num_samples=self.hparams.num_samples) + self._last_step(batch["inputs"])[:, None, None]
+            known = {"known": batch["known"]} if "known" in batch else {}
+            samples = self.network(batch["inputs"], num_samples=self.hparams.num_samples, **known) + self._last_step(batch["inputs"])[:, None, None]
             out["samples"] = self._positions(samples, batch)
         return out
 
@@ -320,7 +331,7 @@ class SensorSequenceModel(BaseTask):
                 else:
                     metric.update(pred["single"].flatten(), future.flatten())
             if stage == "test":
-                self._keep_for_plot(batch, pred)
+                keep_for_plot(self, batch, pred)
                 self.test_steps.update(pred["single"], future)
                 if self.quantile_levels:
                     self.test_coverage.update(pred["quantiles"], future)
@@ -347,19 +358,6 @@ class SensorSequenceModel(BaseTask):
         """Regression outputs ``(B, Q)`` in the target's units (quantiles sorted: no crossing)."""
         values = out * torch.as_tensor(std, dtype=out.dtype, device=out.device).reshape(-1, 1) + torch.as_tensor(mean, dtype=out.dtype, device=out.device).reshape(-1, 1)
         return values.sort(1).values if values.shape[1] > 1 else values
-
-    def _keep_for_plot(self, batch: dict[str, torch.Tensor], pred: dict[str, torch.Tensor]) -> None:
-        """Keep the first test window of each of the first ``plot_samples`` sequences (consecutive windows look alike)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        for i in range(len(batch["past"])):
-            if len(self._plot_items) >= self.hparams.plot_samples:
-                return
-            name = datamodule.window_name(int(batch["index"][i])) if datamodule is not None else str(len(self._plot_items))
-            if name.split("/")[0] in self._plot_sequences:
-                continue
-            self._plot_sequences.add(name.split("/")[0])
-            item = {"past": batch["past"][i], "future": batch["future"][i], **{k: v[i] for k, v in pred.items()}}
-            self._plot_items.append({k: v.detach().cpu() for k, v in item.items()})
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)

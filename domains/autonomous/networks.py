@@ -12,8 +12,8 @@ channels first, then the other channels) and return normalised future displaceme
   samples give K futures (evaluated best-of-K).
 - :class:`MixtureForecaster`: K trajectory modes with probabilities (MultiPath-style mixture), trained
   winner-takes-all; its K most probable modes are the K futures.
-- :class:`PatchTSTForecaster`: Hugging Face ``transformers``' PatchTST built from a config object
-  (random initialisation; nothing is downloaded).
+- :class:`PatchTSTForecaster` (:mod:`domains.autonomous.patchtst`): Hugging Face ``transformers``' PatchTST
+  built from a config object (random initialisation; nothing is downloaded).
 - :class:`SequenceRegressor`: an RNN (or PatchTST) encoder with an MLP head, for per-window
   regression (1 output) and classification (logits).
 
@@ -29,6 +29,12 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from domains.autonomous.categorical import CategoricalEmbedding
+from domains.autonomous.group_scaling import SCALED, scaling_tables, window_scaling
+from domains.autonomous.patchtst import PatchTSTForecaster, patchtst_config
+
+__all__ = ["CVAEForecaster", "InferenceSequenceModel", "MixtureForecaster", "PatchTSTForecaster", "Seq2SeqForecaster", "SequenceRegressor"]
 
 Cell = Literal["lstm", "gru"]
 
@@ -46,15 +52,19 @@ def _last_hidden(state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 class SequenceEncoder(nn.Module):
-    """Embed each step with a small MLP, run an LSTM/GRU, return its state."""
+    """Embed each step with a small MLP (categorical codes, the last ``len(categories)`` input columns, through
+    ``nn.Embedding``: :mod:`domains.autonomous.categorical`), run an LSTM/GRU, return its state."""
 
-    def __init__(self, input_size: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, categories: tuple[int, ...] = ()
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.embed = nn.Sequential(nn.Linear(input_size, embed_size), nn.ReLU())
+        self.categorical = CategoricalEmbedding(categories)
+        self.embed = nn.Sequential(nn.Linear(self.categorical.output_size(input_size), embed_size), nn.ReLU())
         self.rnn = _rnn(cell, embed_size, hidden_size, num_layers, dropout)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        _, state = self.rnn(self.embed(inputs))
+        _, state = self.rnn(self.embed(self.categorical(inputs)))
         return state
 
 
@@ -63,12 +73,12 @@ class RecurrentDecoder(nn.Module):
 
     def __init__(
         self, target_dim: int, hidden_size: int, embed_size: int, num_layers: int, cell: Cell, dropout: float, context_size: int = 0,
-        outputs: int = 1, feedback: int = 0,
+        outputs: int = 1, feedback: int = 0, known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.outputs, self.feedback = target_dim, outputs, feedback
         self.embed = nn.Sequential(nn.Linear(target_dim, embed_size), nn.ReLU())
-        self.rnn = _rnn(cell, embed_size + context_size, hidden_size, num_layers, dropout)
+        self.rnn = _rnn(cell, embed_size + context_size + known_size, hidden_size, num_layers, dropout)
         self.out = nn.Linear(hidden_size, target_dim * outputs)
 
     def forward(
@@ -79,14 +89,18 @@ class RecurrentDecoder(nn.Module):
         context: torch.Tensor | None = None,
         truth: torch.Tensor | None = None,
         teacher_forcing: float = 0.0,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode ``steps`` displacements ``(B, steps, D)`` starting from the last observed one ``(B, D)``;
-        with ``outputs`` > 1 (quantiles) ``(B, steps, outputs, D)``, the ``feedback``-th fed back."""
+        with ``outputs`` > 1 (quantiles) ``(B, steps, outputs, D)``, the ``feedback``-th fed back. ``known``
+        ``(B, steps, K)``: the future-known covariates, step ``t``'s fed with step ``t``."""
         outputs, previous = [], last
         for t in range(steps):
             step_input = self.embed(previous)
             if context is not None:
                 step_input = torch.cat([step_input, context], -1)
+            if known is not None:
+                step_input = torch.cat([step_input, known[:, t]], -1)
             out, state = self.rnn(step_input[:, None], state)
             displacement = self.out(out[:, 0])
             if self.outputs > 1:
@@ -113,21 +127,25 @@ class Seq2SeqForecaster(nn.Module):
         dropout: between stacked layers.
         outputs: sequences per window (K): 1, or one per quantile level (``(B, K, predict, D)``).
         feedback: the output sequence fed back to the decoder when ``outputs`` > 1 (the median).
+        categories: codes per categorical channel (the last input columns; embedded).
+        known_size: future-known covariates fed to the decoder at each future step (``known`` ``(B, predict, K)``).
     """
 
     def __init__(
-        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
-        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0, outputs: int = 1, feedback: int = 0,
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, num_layers: int = 1,
+        cell: Cell = "lstm", dropout: float = 0.0, outputs: int = 1, feedback: int = 0, categories: tuple[int, ...] = (), known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict = target_dim, predict
-        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
-        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, outputs=outputs, feedback=feedback)
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout, categories)
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, outputs=outputs, feedback=feedback, known_size=known_size)
 
-    def forward(self, inputs: torch.Tensor, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, known: torch.Tensor | None = None
+    ) -> torch.Tensor:  # fmt: skip
         state = self.encoder(inputs)
         last = inputs[:, -1, : self.target_dim]
-        out = self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing)
+        out = self.decoder(state, last, self.predict, truth=truth, teacher_forcing=teacher_forcing, known=known)
         return out.transpose(1, 2) if out.ndim == 4 else out[:, None]
 
 
@@ -144,26 +162,29 @@ class CVAEForecaster(nn.Module):
         num_layers: stacked RNN layers.
         cell: ``lstm`` or ``gru``.
         dropout: between stacked layers.
+        categories, known_size: as :class:`Seq2SeqForecaster`'s.
     """
 
     def __init__(
-        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32,
-        latent_size: int = 16, num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0,
+        self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, latent_size: int = 16,
+        num_layers: int = 1, cell: Cell = "lstm", dropout: float = 0.0, categories: tuple[int, ...] = (), known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict, self.latent_size, self.cell = target_dim, predict, latent_size, cell
-        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout, categories)
         self.future_encoder = SequenceEncoder(target_dim, hidden_size, embed_size, 1, "gru", 0.0)
         self.prior = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2 * latent_size))
         self.posterior = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 2 * latent_size))
         self.init_state = nn.Linear(hidden_size + latent_size, hidden_size * num_layers)
         self.num_layers, self.hidden_size = num_layers, hidden_size
-        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, context_size=latent_size)
+        self.decoder = RecurrentDecoder(target_dim, hidden_size, embed_size, num_layers, cell, dropout, context_size=latent_size, known_size=known_size)
 
-    def _decode(self, h: torch.Tensor, z: torch.Tensor, last: torch.Tensor, truth: torch.Tensor | None, teacher_forcing: float) -> torch.Tensor:
+    def _decode(
+        self, h: torch.Tensor, z: torch.Tensor, last: torch.Tensor, truth: torch.Tensor | None, teacher_forcing: float, known: torch.Tensor | None = None
+    ) -> torch.Tensor:  # fmt: skip
         hidden = torch.tanh(self.init_state(torch.cat([h, z], -1))).view(len(h), self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
         state = (hidden, torch.zeros_like(hidden)) if self.cell == "lstm" else hidden
-        return self.decoder(state, last, self.predict, context=z, truth=truth, teacher_forcing=teacher_forcing)
+        return self.decoder(state, last, self.predict, context=z, truth=truth, teacher_forcing=teacher_forcing, known=known)
 
     def distributions(self, inputs: torch.Tensor, future: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Past encoding ``h`` and the prior (and, given the future displacements, posterior) parameters."""
@@ -176,25 +197,29 @@ class CVAEForecaster(nn.Module):
         return out
 
     def forward(
-        self, inputs: torch.Tensor, num_samples: int = 1, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, mean: bool = False
-    ) -> torch.Tensor:
+        self, inputs: torch.Tensor, num_samples: int = 1, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, mean: bool = False,
+        known: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``num_samples`` futures from the prior ``(B, K, predict, D)``; ``mean=True`` decodes the prior mean once."""
         d = self.distributions(inputs)
         last = inputs[:, -1, : self.target_dim]
         if mean:
-            return self._decode(d["h"], d["prior_mu"], last, None, 0.0)[:, None]
+            return self._decode(d["h"], d["prior_mu"], last, None, 0.0, known)[:, None]
         b, k = len(inputs), num_samples
         mu, std = d["prior_mu"].repeat_interleave(k, 0), (0.5 * d["prior_logvar"]).exp().repeat_interleave(k, 0)
         z = mu + std * torch.randn_like(std)
-        out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0)
+        repeated = known.repeat_interleave(k, 0) if known is not None else None
+        out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0, repeated)
         return out.view(b, k, self.predict, self.target_dim)
 
-    def training_forward(self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_forward(
+        self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0, known: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Reconstruction through the posterior ``(B, 1, predict, D)`` and KL(q || p) per sample ``(B,)``."""
         d = self.distributions(inputs, future)
         std = (0.5 * d["post_logvar"]).exp()
         z = d["post_mu"] + std * torch.randn_like(std)
-        recon = self._decode(d["h"], z, inputs[:, -1, : self.target_dim], future, teacher_forcing)
+        recon = self._decode(d["h"], z, inputs[:, -1, : self.target_dim], future, teacher_forcing, known)
         kl = 0.5 * (
             d["prior_logvar"] - d["post_logvar"]
             + (d["post_logvar"].exp() + (d["post_mu"] - d["prior_mu"]) ** 2) / d["prior_logvar"].exp() - 1
@@ -223,26 +248,29 @@ class MixtureForecaster(nn.Module):
         dropout: between stacked layers.
         modes: mixture components.
         sigma: standard deviation of the noise added to drawn futures beyond ``modes`` (normalised units).
+        categories: as :class:`Seq2SeqForecaster`'s.
+        known_size: future-known covariates: all ``predict`` steps of them join the encoding before the heads.
     """
 
     def __init__(
         self, input_size: int, target_dim: int, predict: int, hidden_size: int = 64, embed_size: int = 32, num_layers: int = 1,
-        cell: Cell = "lstm", dropout: float = 0.0, modes: int = 20, sigma: float = 0.1,
+        cell: Cell = "lstm", dropout: float = 0.0, modes: int = 20, sigma: float = 0.1, categories: tuple[int, ...] = (), known_size: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.target_dim, self.predict, self.modes, self.sigma = target_dim, predict, modes, sigma
-        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout)
-        self.trunk = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU())
+        self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, cell, dropout, categories)
+        self.trunk = nn.Sequential(nn.Linear(hidden_size + predict * known_size, 2 * hidden_size), nn.ReLU())
         self.means = nn.Linear(2 * hidden_size, modes * predict * target_dim)
         self.logits = nn.Linear(2 * hidden_size, modes)
 
-    def mixture(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mixture(self, inputs: torch.Tensor, known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every mode's displacements ``(B, M, predict, D)`` and the mode logits ``(B, M)``."""
-        features = self.trunk(_last_hidden(self.encoder(inputs)))
+        encoded = _last_hidden(self.encoder(inputs))
+        features = self.trunk(encoded if known is None else torch.cat([encoded, known.flatten(1)], -1))
         return self.means(features).view(len(inputs), self.modes, self.predict, self.target_dim), self.logits(features)
 
-    def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False) -> torch.Tensor:
-        means, logits = self.mixture(inputs)
+    def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False, known: torch.Tensor | None = None) -> torch.Tensor:
+        means, logits = self.mixture(inputs, known)
         order = logits.argsort(-1, descending=True)
         k = 1 if mean else num_samples
         top = means.gather(1, order[:, : min(k, self.modes), None, None].expand(-1, -1, self.predict, self.target_dim))
@@ -251,44 +279,6 @@ class MixtureForecaster(nn.Module):
         extra = torch.multinomial(logits.softmax(-1), k - self.modes, replacement=True)
         drawn = means.gather(1, extra[:, :, None, None].expand(-1, -1, self.predict, self.target_dim))
         return torch.cat([top, drawn + self.sigma * torch.randn_like(drawn)], 1)
-
-
-def patchtst_config(
-    input_size: int, observe: int, predict: int, d_model: int, num_heads: int, num_layers: int, patch_length: int, dropout: float, num_targets: int = 1
-) -> object:
-    """A ``transformers.PatchTSTConfig`` (no hub access; inputs are already normalised, so no scaler)."""
-    from transformers import PatchTSTConfig
-
-    if patch_length > observe:
-        raise ValueError(f"patch_length ({patch_length}) must not exceed observe ({observe})")
-    return PatchTSTConfig(
-        num_input_channels=input_size, context_length=observe, prediction_length=max(predict, 1), patch_length=patch_length,
-        patch_stride=patch_length, d_model=d_model, num_attention_heads=num_heads, num_hidden_layers=num_layers,
-        ffn_dim=2 * d_model, dropout=dropout, attention_dropout=dropout, ff_dropout=dropout, head_dropout=dropout,
-        scaling=None, loss="mse", num_targets=num_targets, use_cls_token=True,
-    )  # fmt: skip
-
-
-class PatchTSTForecaster(nn.Module):
-    """PatchTST (``transformers.PatchTSTForPrediction``) forecasting every input channel; the first D are kept.
-
-    PatchTST is channel-independent: each channel's future comes from that channel's past. With
-    ``outputs`` K > 1 (quantiles) its linear head predicts ``K * predict`` steps, read as K sequences.
-    """
-
-    def __init__(
-        self, input_size: int, target_dim: int, observe: int, predict: int, d_model: int = 32, num_heads: int = 4,
-        num_layers: int = 2, patch_length: int = 2, dropout: float = 0.0, outputs: int = 1,
-    ) -> None:  # fmt: skip
-        super().__init__()
-        from transformers import PatchTSTForPrediction
-
-        self.target_dim, self.outputs, self.predict = target_dim, outputs, predict
-        self.model = PatchTSTForPrediction(patchtst_config(input_size, observe, predict * outputs, d_model, num_heads, num_layers, patch_length, dropout))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        out = self.model(past_values=inputs).prediction_outputs[..., : self.target_dim]
-        return out.view(len(out), self.outputs, self.predict, self.target_dim)
 
 
 class SequenceRegressor(nn.Module):
@@ -305,11 +295,12 @@ class SequenceRegressor(nn.Module):
         num_heads: attention heads (PatchTST).
         patch_length: PatchTST patch length.
         dropout: dropout in the encoder and the head.
+        categories: codes per categorical channel (the last input columns; embedded; RNN encoders only).
     """
 
     def __init__(
         self, input_size: int, outputs: int, observe: int, encoder: Literal["lstm", "gru", "patchtst"] = "lstm", hidden_size: int = 64,
-        embed_size: int = 32, num_layers: int = 1, num_heads: int = 4, patch_length: int = 2, dropout: float = 0.0,
+        embed_size: int = 32, num_layers: int = 1, num_heads: int = 4, patch_length: int = 2, dropout: float = 0.0, categories: tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         self.kind = encoder
@@ -321,7 +312,7 @@ class SequenceRegressor(nn.Module):
             )
             features = hidden_size * input_size
         else:
-            self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, encoder, dropout)
+            self.encoder = SequenceEncoder(input_size, hidden_size, embed_size, num_layers, encoder, dropout, categories)
             features = hidden_size
         self.head = nn.Sequential(nn.Linear(features, hidden_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_size, outputs))
 
@@ -344,23 +335,27 @@ class InferenceSequenceModel(nn.Module):
     ``on_after_batch_transfer`` and the task's ``forward``/``_positions``. A quantile network's
     outputs are sorted (no crossing) and its ``point``-th, the median, is returned; class
     probabilities are ``softmax(logits / temperature)`` (the calibration fitted on validation).
+    Covariates follow as further inputs, those named in ``extra_inputs``: ``known`` ``(N, predict, K)``
+    future-known values, ``codes`` ``(N, T, n)`` categorical codes (0: unknown), ``group`` ``(N,)`` the
+    row of the per-group statistics (the last: global).
     """
 
     def __init__(
         self, network: nn.Module, task: str, stochastic: bool, velocity_residual: bool, target_dim: int, stats: dict, point: int = 0,
-        temperature: float = 1.0,
+        temperature: float = 1.0, extra_inputs: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
-        self.network, self.point, self.temperature = network, point, float(temperature)
+        self.network, self.point, self.temperature, self.extra_inputs = network, point, float(temperature), extra_inputs
         self.task, self.stochastic, self.velocity_residual, self.target_dim = task, stochastic, velocity_residual, target_dim
         self.canonical_heading = bool(stats.get("canonical_heading", False))
-        self.displacement_scale = float(stats["displacement_scale"])
-        self.target_mean, self.target_std = float(stats["target_mean"]), float(stats["target_std"])
-        self.register_buffer("channel_mean", torch.tensor(stats["channel_mean"], dtype=torch.float32))
-        self.register_buffer("channel_std", torch.tensor(stats["channel_std"], dtype=torch.float32))
+        for key, table in scaling_tables(stats).items():  # one row per group, the global statistics last
+            self.register_buffer(key, table)
 
-    def forward(self, past: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        steps = torch.cat([torch.zeros_like(past[:, :1]), past[:, 1:] - past[:, :-1]], 1) / self.displacement_scale  # diff, ONNX-safe
+    def forward(self, past: torch.Tensor, channels: torch.Tensor, *covariates: torch.Tensor) -> torch.Tensor:
+        extra = dict(zip(self.extra_inputs, covariates))
+        scaling = window_scaling({key: getattr(self, key) for key in SCALED}, extra.get("group"))
+        scale = scaling["displacement_scale"][:, None, None]
+        steps = torch.cat([torch.zeros_like(past[:, :1]), past[:, 1:] - past[:, :-1]], 1) / scale  # diff, ONNX-safe
         frame = None
         if self.canonical_heading:
             heading = past[:, -1] - past[:, 0]
@@ -368,17 +363,19 @@ class InferenceSequenceModel(nn.Module):
             c, s = torch.cos(angle), torch.sin(angle)
             frame = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
             steps = steps @ frame
-        inputs = torch.cat([steps, (channels - self.channel_mean) / self.channel_std], -1)
+        mean, std = scaling["channel_mean"], scaling["channel_std"]
+        inputs = torch.cat([steps, (channels - mean) / std, *([extra["codes"].to(steps.dtype)] if "codes" in extra else [])], -1)
         if self.task == "regression":
             out = self.network(inputs)
             out = torch.sort(out, 1).values if out.shape[1] > 1 else out
-            return out[:, self.point] * self.target_std + self.target_mean
+            return out[:, self.point] * scaling["target_std"] + scaling["target_mean"]
         if self.task == "classification":
             return torch.softmax(self.network(inputs) / self.temperature, dim=1)
-        out = self.network(inputs, mean=True) if self.stochastic else self.network(inputs)
+        known = {"known": (extra["known"] - mean[..., -extra["known"].shape[-1] :]) / std[..., -extra["known"].shape[-1] :]} if "known" in extra else {}
+        out = self.network(inputs, mean=True, **known) if self.stochastic else self.network(inputs, **known)
         if self.velocity_residual:
             out = out + inputs[:, -1, : self.target_dim][:, None, None]
         if frame is not None:
             out = out @ frame.transpose(1, 2)[:, None]
-        positions = past[:, -1][:, None, None] + torch.cumsum(out * self.displacement_scale, 2)
+        positions = past[:, -1][:, None, None] + torch.cumsum(out * scale[..., None], 2)
         return (torch.sort(positions, 1).values if positions.shape[1] > 1 else positions)[:, self.point]

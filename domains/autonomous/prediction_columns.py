@@ -74,7 +74,7 @@ def _samples(model: Any, batch: dict[str, torch.Tensor], samples: torch.Tensor, 
     for k in range(samples.shape[1]):
         columns |= {f"sample{k}_{name}": samples[:, k, :, i] for i, name in enumerate(names)}
     if model.hparams.architecture == "mixture":
-        _, logits = model.network.mixture(batch["inputs"])
+        _, logits = model.network.mixture(batch["inputs"], batch.get("known"))
         probabilities = logits.softmax(-1).sort(-1, descending=True).values  # the order forward() returns the modes in
         for k in range(min(samples.shape[1], probabilities.shape[1])):
             columns[f"sample{k}_probability"] = probabilities[:, k]

@@ -34,6 +34,7 @@ import pandas as pd
 
 from pipelines.errors import InputError
 from pipelines.validation import check_csv_text, check_delimiter, check_finite_columns, check_unique_columns
+from domains.autonomous.categorical import category_text
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +58,10 @@ class ColumnSpec:
     targets: list[str]
     label: str | None = None
     label_numeric: bool = True
+    #: text columns carried as they are (``Tracks.categories``): the group column and categorical channels
+    categorical: tuple[str, ...] = ()
+    #: ``(column, option)`` naming the option of a column in errors (default: ``data.channels``)
+    roles: tuple[tuple[str, str], ...] = ()
 
 
 def with_origin(table: pd.DataFrame, file: str, first_row: int = 1) -> pd.DataFrame:
@@ -159,6 +164,7 @@ class Tracks:
     channels: np.ndarray
     label: np.ndarray | None
     report: dict[str, int] = field(default_factory=dict)
+    categories: np.ndarray | None = None  # (rows, len(ColumnSpec.categorical)) text values, as strings
 
 
 def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
@@ -213,7 +219,9 @@ def check_columns(table: pd.DataFrame, spec: ColumnSpec, require_label: bool = T
     """Raise ``ValueError`` naming the file and the missing column(s) and their role."""
     file = table[FILE].iloc[0] if len(table) else "the table"
     roles = [(spec.sequence, "data.sequence_column"), (spec.time, "data.time_column")]
-    roles += [(c, "data.channels") for c in spec.channels] + [(c, "data.target_channels") for c in spec.targets]
+    named = dict(spec.roles)
+    roles += [(c, named.get(c, "data.channels")) for c in spec.channels] + [(c, "data.target_channels") for c in spec.targets]
+    roles += [(c, named.get(c, "data.categorical_channels")) for c in spec.categorical]
     missing = [(c, r) for c, r in roles if c not in table.columns]
     columns = [c for c in table.columns if c not in (FILE, LINE)]
     if missing:
@@ -295,6 +303,7 @@ def build_tracks(
     label = None
     if label_column is not None:
         label = _numeric(table, label_column) if spec.label_numeric else table[label_column].to_numpy(dtype=object)
+    categories = table[list(spec.categorical)].to_numpy(dtype=object) if spec.categorical else None
     seq_codes, seq_names = pd.factorize(table[spec.sequence].astype(str), sort=False)
     order = np.lexsort((np.arange(len(table)), seq_codes))  # group by sequence, keep file order inside
     codes, time_sorted = seq_codes[order], time[order]
@@ -320,21 +329,26 @@ def build_tracks(
     check_sampling(time_sorted, codes, seq_names, time_step, time_jitter, max_gap, lambda i: origin(table, order[i]), split_name)
     targets, channels, time = targets[order], channels[order], time_sorted
     label = label[order] if label is not None else None
+    categories = categories[order] if categories is not None else None
 
     report = {"rows": len(table), "nan_rows": 0, "filled_rows": 0, "dropped_rows": 0}
     numeric = np.concatenate([targets, channels] + ([label[:, None]] if label is not None and spec.label_numeric else []), 1)
     nan = np.isnan(numeric).any(1)
     if label is not None and not spec.label_numeric:
         nan |= pd.isna(label)
+    if categories is not None:  # a blank category is a missing value: the NaN rule fills (last value) or drops it
+        nan |= pd.isna(categories).any(1)
     report["nan_rows"] = int(nan.sum())
     keep = ~nan
     if nan.any() and nan_policy != "drop":
         filled = _fill(numeric, codes, nan_policy)
+        ok_label = np.ones(len(time), bool)
         if label is not None and not spec.label_numeric:
             label = pd.Series(label).groupby(codes).ffill().to_numpy(dtype=object)
-            ok_label = ~pd.isna(label)
-        else:
-            ok_label = np.ones(len(label) if label is not None else len(time), bool)
+            ok_label &= ~pd.isna(label)
+        if categories is not None:  # text: the last value (per sequence), for every fill policy
+            categories = pd.DataFrame(categories).groupby(codes).ffill().to_numpy(dtype=object)
+            ok_label &= ~pd.isna(categories).any(1)
         keep = ~np.isnan(filled).any(1) & ok_label
         report["filled_rows"] = int((nan & keep).sum())
         d, c = targets.shape[1], channels.shape[1]
@@ -344,6 +358,7 @@ def build_tracks(
     report["dropped_rows"] = int((~keep).sum())
     targets, channels, time, codes = targets[keep], channels[keep], time[keep], codes[keep]
     label = label[keep] if label is not None else None
+    categories = np.vectorize(category_text, otypes=[object])(categories[keep]) if categories is not None else None
 
     gap = gap_mask(time, codes, time_step, max_gap)
     boundary = np.concatenate([[True], (codes[1:] != codes[:-1]) | gap])
@@ -360,7 +375,7 @@ def build_tracks(
     report["time_step"] = time_step  # type: ignore[assignment]
     # positions stay float64: windows are centred on their last observed position before the float32 cast
     # (domains.autonomous.windows.window_tensors), so UTM-sized coordinates keep their centimetres
-    return Tracks(names, starts, lengths, time, targets.astype(np.float64), channels.astype(np.float32), label, report)
+    return Tracks(names, starts, lengths, time, targets.astype(np.float64), channels.astype(np.float32), label, report, categories)
 
 
 def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:

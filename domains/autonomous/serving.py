@@ -31,6 +31,9 @@ those fields: a forecaster's positions are named by its ``target_names``, a clas
 regressor's are read only as a ``position`` list; forecast steps get ``ahead`` and ``time`` only
 from request times (the median observed step), and no time step is checked.
 
+Covariates (categorical channels, the group of per-group normalisation, future-known values in
+``"future"``) are read by :mod:`domains.autonomous.serving_covariates`.
+
 Errors are 422s naming the sequence, observation and channel, e.g. ``observations[3].speed: expected
 a number; got 'fast'``. Imports numpy and ``pipelines.serve``.
 """
@@ -42,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from domains.autonomous.serving_covariates import RequestCovariates
 from pipelines.serve import RequestAdapter, json_ready, reject
 
 TIME = "time"
@@ -76,13 +80,14 @@ class ObservationsAdapter(RequestAdapter):
                 or (self.time_step is not None and not self.time_step > 0)):  # fmt: skip
             raise ValueError(f"bundle metadata names channels {self.channel_names}, positions {self.position_names} and time step {self.time_step} "
                              f"for inputs of shapes {self.input_specs['channels']['shape']} and {self.input_specs['past']['shape']}")  # fmt: skip
+        self.covariates = RequestCovariates(domain, domain.get("predict") or 0, number)  # categories, group, future-known values
         self.named_positions = len(self.position_names) == self.position_dim
         self.fields: list[str] = [*self.position_names, *self.channel_names]
         self.listed_fields: list[str] = [POSITION, *self.channel_names]
         shown = self.fields if self.named_positions else self.listed_fields
         row = "{" + ", ".join([f'"{TIME}": <optional>', *(f'"{f}": {"[..]" if f == POSITION else "<number>"}' for f in shown)]) + "}"
         alternative = f'; or the positions as one list "{POSITION}": [..]' if self.named_positions and self.position_dim else ""
-        self.example = f"{self.wrap(row + ', ...')}  (oldest first, at least {self.observe}{alternative})"
+        self.example = f"{self.wrap(row + ', ...')}  (oldest first, at least {self.observe}{alternative}{self.covariates.example(self.key)})"
 
     def wrap(self, observations: str) -> str:
         """What a request of this form looks like around a sequence's observations (for ``example``)."""
@@ -103,11 +108,14 @@ class ObservationsAdapter(RequestAdapter):
     def decode(self, request: dict[str, Any]) -> dict[str, np.ndarray]:
         """``past`` (centred on the last observed position) and ``channels`` of the last ``observe`` observations;
         ``origin`` (that position, float64), ``last_time`` and ``time_step`` (NaN when unknown)."""
-        unexpected = sorted(set(request) - {self.key})
+        unexpected = sorted(set(request) - {self.key, self.covariates.future_key(self.key)})
         if unexpected:
             reject(unexpected[0], f"unexpected field; the {self.name} form is {self.example}")
-        parsed = [self.sequence(rows, where) for rows, where in self.sequences(request)]
+        sequences = self.sequences(request)
+        parsed = [self.sequence(rows, where) for rows, where in sequences]
         values = np.stack([p[0] for p in parsed])
+        covariates = [self.covariates.read(rows[-self.observe :], len(rows) - self.observe, request, self.key, j if self.key == "sequences" else None, where)
+                      for j, (rows, where) in enumerate(sequences)]  # fmt: skip
         # centred on the last observed position in float64 before the float32 cast, as in training (UTM-sized
         # coordinates keep their precision); the origin is added back to the forecast in float64
         origin = values[:, -1, : self.position_dim].copy()
@@ -117,6 +125,7 @@ class ObservationsAdapter(RequestAdapter):
             "channels": np.ascontiguousarray(values[..., self.position_dim :], dtype=np.float32),
             "last_time": np.array([p[1] for p in parsed], dtype=np.float64),
             "time_step": np.array([p[2] for p in parsed], dtype=np.float64),
+            **{name: np.stack([c[name] for c in covariates]) for name in covariates[0]},  # codes, group, known (serving_covariates.py)
         }
 
     def sequence(self, rows: Any, where: str) -> tuple[np.ndarray, float, float]:
@@ -157,7 +166,7 @@ class ObservationsAdapter(RequestAdapter):
         missing = [f for f in fields if f not in row]
         if missing:
             reject(f"{where}.{missing[0]}", f"missing channel; every observation needs {fields}")
-        unknown = sorted(str(f) for f in row if f not in fields and f != TIME)
+        unknown = sorted(str(f) for f in row if f not in fields and f != TIME and f not in self.covariates.text_fields)
         if unknown:
             reject(f"{where}.{unknown[0]}", f"unknown field; observations have the channels {fields} and optionally {TIME!r}")
         if (TIME in row) != timed:
@@ -197,7 +206,7 @@ class ObservationsAdapter(RequestAdapter):
         return answers
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.answers(outputs)[0]
+        return self.covariates.annotate(self.answers(outputs), outputs)[0]
 
 
 def _decimal(value: float) -> float:
@@ -222,7 +231,7 @@ class SequencesAdapter(ObservationsAdapter):
         return [(rows, f"{self.key}[{j}]") for j, rows in enumerate(sequences)]
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {"predictions": self.answers(outputs)}
+        return {"predictions": self.covariates.annotate(self.answers(outputs), outputs)}
 
 
 def number(value: Any, where: str) -> float:

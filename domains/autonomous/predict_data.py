@@ -1,0 +1,49 @@
+"""The windows of a ``predict --data.predict_path`` file, checked like the training data.
+
+Windows of ``observe`` rows; with future-known covariates (``--data.known_future_channels``) windows
+of ``observe + predict`` rows whose future rows give the known channels, the positions of a
+sequence's rows after its last observed position being blank (:func:`domains.autonomous.covariates.future_rows`).
+The file is checked against the training data's time step (the checkpoint's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.errors import InputError
+from domains.autonomous.covariates import future_rows, known_future_windows
+from domains.autonomous.readers import FILE, ColumnSpec, Tracks, build_tracks, log, read_table
+from domains.autonomous.sources import resolve_path
+from domains.autonomous.windows import WindowDataset, Windows, cut_windows
+
+
+def predict_dataset(
+    path: str, columns: ColumnSpec, hp: Any, step: float, predict: int, tensors: Callable[[Tracks, Windows, str], dict[str, torch.Tensor]]
+) -> WindowDataset:
+    """``tensors(tracks, windows, split name)`` builds a window's tensors (the data module's); ``predict``: future
+    rows per window when the model reads future-known covariates (else 0)."""
+    table = read_table(resolve_path(path))
+    observe, file = hp.observe, str(table[FILE].iat[0])
+    last_observed: dict[str, float] = {}
+    if predict:
+        table, last_observed = future_rows(table, columns, list(columns.targets))
+    tracks = build_tracks(table, columns, hp.nan_policy, step, hp.max_gap, "predict", require_label=False, time_jitter=hp.time_jitter)
+    if predict:
+        windows, placeholder = known_future_windows(tracks, observe, predict, hp.stride, last_observed, file)
+    else:
+        windows, placeholder = cut_windows(tracks, observe, hp.stride), None
+    if windows.short_segments:
+        log(f"predict: {windows.short_segments} of {len(tracks.lengths)} segment(s) shorter than {observe + predict} rows: skipped")
+    if len(windows.rows) == 0:
+        raise InputError(
+            f"{file} (--data.predict_path): no track has observe = {observe} rows (--data.observe): all {len(tracks.lengths)} "
+            f"gap-free segments are shorter (longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows)"
+        )
+    out = tensors(tracks, windows, "predict")
+    if placeholder is not None and "future" in out:  # the future given as blanks is not a truth: empty true_ columns
+        out["future"][torch.from_numpy(np.asarray(placeholder))] = float("nan")
+    return WindowDataset(out, [tracks.names[s] for s in windows.segment])
