@@ -90,7 +90,7 @@ class RecurrentDecoder(nn.Module):
             out, state = self.rnn(step_input[:, None], state)
             displacement = self.out(out[:, 0])
             if self.outputs > 1:
-                displacement = displacement.view(len(displacement), self.outputs, self.target_dim)
+                displacement = displacement.view(-1, self.outputs, self.target_dim)
             outputs.append(displacement)
             previous = displacement[:, self.feedback] if self.outputs > 1 else displacement
             if truth is not None and teacher_forcing > 0 and self.training:
@@ -288,7 +288,7 @@ class PatchTSTForecaster(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(past_values=inputs).prediction_outputs[..., : self.target_dim]
-        return out.view(len(out), self.outputs, self.predict, self.target_dim)
+        return out.view(-1, self.outputs, self.predict, self.target_dim)
 
 
 class SequenceRegressor(nn.Module):
