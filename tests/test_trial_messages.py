@@ -73,3 +73,20 @@ def test_a_waiting_retry_in_trials_csv_shows_nothing_of_the_stopped_trial(tmp_pa
     assert list(rows["state"]) == ["FAIL", "WAITING"]
     assert rows.loc[0, "user_attrs_outcome"] == "stopped" and rows.loc[0, "user_attrs_exit_code"] == 143
     assert rows.loc[1, ["user_attrs_outcome", "user_attrs_exit_code", "user_attrs_run_dir", "user_attrs_error"]].isna().all()
+
+
+def test_a_refused_sweep_resume_leaves_no_empty_sweep_folder(tmp_path, capsys):
+    import optuna
+    import yaml
+
+    from pipelines.sweep import main as sweep_main
+
+    storage = f"sqlite:///{tmp_path / 'finance-study.db'}"
+    study = optuna.create_study(study_name="sig", storage=storage)
+    study.set_user_attr("domain", "finance")  # a finance sweep's study
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"model.lr": {"low": 0.0005, "high": 0.005, "log": True}}))
+    code = sweep_main(["healthcare", f"--space={space}", "--trials=1", "--name=sig", f"--storage={storage}", f"--sweeps_dir={tmp_path / 'sweeps'}",
+                       f"--runs_dir={tmp_path / 'runs'}", "--no_wandb"])  # fmt: skip
+    assert code == 2 and "was started with domain 'finance'" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "sweeps" / "healthcare" / "sig").exists()
