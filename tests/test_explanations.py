@@ -247,3 +247,17 @@ def test_multilabel_gradcam_explains_each_positive_label_on_its_own_shape(tmp_pa
     # each label's map lies on its own shape, not on the other label's (one map shared by both labels would fail one of the two)
     for name in ("spot", "bar"):
         assert np.mean(on_own[name]) > np.nanmean(on_other[name]) + 0.2, (name, on_own, on_other)
+
+
+def test_requested_labels_are_explained_by_name_and_unknown_ones_refused():
+    from domains.healthcare.explain import label_maps
+    from domains.healthcare.model import ImageClassifier
+
+    torch.manual_seed(0)
+    task = ImageClassifier(task="multilabel", network="resnet10", width=0.25, num_classes=3, class_names=["a", "b", "c"], sample_grid_size=0).eval()
+    network = explainable_copy(task)
+    images = torch.randn(3, 1, 16, 16)
+    maps = label_maps(task, network, gradcam_layer("resnet10", network), images, labels=["c", "a"])
+    assert [list(m) for m in maps] == [["c", "a"]] * 3 and all(m["a"].shape == (16, 16) for m in maps)
+    with pytest.raises(InputError, match=r"labels to explain \['d'\].*among its classes \['a', 'b', 'c'\]"):
+        label_maps(task, network, gradcam_layer("resnet10", network), images, labels=["d"])

@@ -39,7 +39,7 @@ regressor's are read only as a ``position`` list; forecast steps get ``ahead`` a
 from request times (the median observed step), and no time step is checked.
 
 Errors are 422s naming the sequence, observation and channel, e.g. ``observations[3].speed: expected
-a number; got 'fast'``. Imports numpy and ``pipelines.serve``.
+a number; got 'fast'``. Imports numpy, ``pipelines.serve`` and ``pipelines.bundle_runtime`` (the intervals).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class ObservationsAdapter(RequestAdapter):
             raise ValueError(f"bundle metadata names channels {self.channel_names}, positions {self.position_names} and time step {self.time_step} "
                              f"for inputs of shapes {self.input_specs['channels']['shape']} and {self.input_specs['past']['shape']}")  # fmt: skip
         self.named_positions = len(self.position_names) == self.position_dim
-        self.quantile_levels = bool(domain.get("quantile_output"))  # None (or absent) in bundles exported before intervals were
+        self.has_quantiles = bool(domain.get("quantile_output"))  # None (or absent) in bundles exported before intervals were
         self.fields: list[str] = [*self.position_names, *self.channel_names]
         self.listed_fields: list[str] = [POSITION, *self.channel_names]
         shown = self.fields if self.named_positions else self.listed_fields
@@ -215,7 +215,7 @@ class ObservationsAdapter(RequestAdapter):
     def spread(self, outputs: dict[str, np.ndarray]) -> Any:
         """``spread(item, shown)``: a quantile model's ``quantiles`` and ``intervals`` of one item, each value given as
         ``shown(item's array)`` makes it (a number, or a step's named positions); ``{}`` for other models."""
-        if not self.quantile_levels:
+        if not self.has_quantiles:
             return lambda item, shown: {}
         levels, intervals = quantiles_of(self.metadata, outputs), intervals_of(self.metadata, outputs)
         return lambda item, shown: {
