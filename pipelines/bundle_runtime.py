@@ -9,6 +9,7 @@ Example::
     from runtime import Bundle            # inside the bundle folder
     bundle = Bundle("path/to/bundle")
     outputs = bundle.run(image=images)    # dict of numpy arrays, named as in metadata.json
+    bundle.intervals(outputs)             # quantile bundles: {"80%": {"lower": .., "median": .., "upper": ..}}
     images = bundle.generate(count=4, seed=0, steps=50)   # diffusion bundles: the whole DDIM loop, (4, C, H, W) in [0, 1]
 """
 
@@ -90,6 +91,14 @@ class Bundle:
             outputs = [r.numpy() for r in result]
         return dict(zip(self.output_names, outputs))
 
+    def quantiles(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A quantile bundle's levels from ``run``'s outputs, named by level: :func:`quantiles_of`."""
+        return quantiles_of(self.metadata, outputs)
+
+    def intervals(self, outputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        """A quantile bundle's central intervals from ``run``'s outputs, named by level: :func:`intervals_of`."""
+        return intervals_of(self.metadata, outputs)
+
     def generate(
         self, count: int = 1, seed: int = 0, steps: int | None = None, labels: Any = None, noise: np.ndarray | None = None,
         guidance_scale: float | None = None,
@@ -125,6 +134,24 @@ class Bundle:
         steps = int(schedule["sampling_steps"]) if steps is None else int(steps)
         sample = ddim_sample(lambda x: self.run(**x)["noise"], noise, ddim_schedule(schedule, steps), labels, guidance_scale)
         return (sample + 1.0) / 2.0
+
+
+def quantiles_of(metadata: dict[str, Any], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A quantile bundle's levels, named by level: ``{"q10": .., "q50": .., "q90": ..}``, each the output
+    without its level axis (``domain_metadata.quantile_output`` of ``metadata`` says which output and axis)."""
+    layout = metadata.get("domain_metadata", {}).get("quantile_output")
+    if not layout:
+        raise ValueError("not a quantile bundle (no domain_metadata.quantile_output): only models trained with quantile levels give intervals")
+    values = np.asarray(outputs[layout["output"]])
+    return {name: np.take(values, i, axis=layout["axis"]) for i, name in enumerate(layout["names"])}
+
+
+def intervals_of(metadata: dict[str, Any], outputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A quantile bundle's central intervals, named by level: ``{"80%": {"lower": q10, "median": q50, "upper": q90}, ...}``
+    (widest first; ``{}`` when no two levels are symmetric about 0.5)."""
+    named = quantiles_of(metadata, outputs)
+    layout = metadata["domain_metadata"]["quantile_output"]
+    return {i["name"]: {"lower": named[i["lower"]], "median": named[layout["median"]], "upper": named[i["upper"]]} for i in layout["intervals"]}
 
 
 def ddim_schedule(schedule: dict[str, Any], steps: int) -> dict[str, Any]:

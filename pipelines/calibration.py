@@ -36,7 +36,8 @@ from torch.nn import functional as F
 ThresholdMethod = Literal["fixed", "sensitivity", "specificity", "cost"]
 THRESHOLD_METHODS = ("fixed", "sensitivity", "specificity", "cost")
 BINS = 15
-
+TEMPERATURE_RANGE = (0.05, 100.0)
+"""The fitted temperature is kept in this range; one at a bound is named in ``report.html``'s limits (:func:`pipelines.report.limits`)."""
 
 def _binary(logits: torch.Tensor) -> bool:
     return logits.ndim == 1 or logits.shape[1] == 1
@@ -50,7 +51,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         labels: ``(N,)`` 0/1 for binary, class indices for multi-class.
 
     Returns ``1.0`` (no change) when there is nothing to fit on: no rows, one class only, or logits
-    that are not finite. ``T`` is kept in ``[0.05, 100]``.
+    that are not finite. ``T`` is kept in :data:`TEMPERATURE_RANGE` (``[0.05, 100]``).
     """
     logits, labels = logits.detach().double().cpu(), labels.detach().cpu()
     binary = _binary(logits)
@@ -70,7 +71,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     optimizer.step(nll)
     temperature = float(log_t.detach().exp())
-    return min(max(temperature, 0.05), 100.0) if math.isfinite(temperature) else 1.0
+    return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]) if math.isfinite(temperature) else 1.0
 
 
 def fit_platt(scores: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> tuple[float, float]:

@@ -18,7 +18,7 @@ import threading
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -34,10 +34,11 @@ from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, 
 from pipelines.explain import explanation_writer
 from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
-from pipelines.parse_errors import broken_yaml, explain
+from pipelines.parse_errors import broken_yaml, explain, foreign_config
 from pipelines.predictions import prediction_file
 from pipelines.run_callbacks import run_trainer_settings
 from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
+from pipelines.run_options import add_run_options, check_run_options
 from pipelines.task import compile_networks, eager_fallback
 from pipelines.tracking import UploadConfigToWandb, finish_wandb_run
 from pipelines.tuning import check_lr_findable, find_learning_rate
@@ -164,43 +165,7 @@ class PipelineCLI(LightningCLI):
         return {self.requested: every[self.requested]} if self.requested in every else every
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_id", type=str | None, default=None, help="Run folder id (resume/continue a run).")
-        parser.add_argument("--runs_dir", type=str, default="runs", help="Root folder of run folders.")
-        parser.add_argument(
-            "--compile", type=bool, default=False,
-            help="torch.compile the model's networks; graphs that fail to compile fall back to eager execution.",
-        )  # fmt: skip
-        parser.add_argument(
-            "--scale_batch_size", type=Literal["none", "power", "binsearch"], default="none",
-            help="Before fit, find the largest batch size that fits (Lightning's Tuner; single device).",
-        )  # fmt: skip
-        parser.add_argument(
-            "--lr_find", type=bool, default=False,
-            help="Before fit, run Lightning's learning-rate range test and train with a tenth of the learning rate "
-            "at the lowest loss (models with one learning rate `lr`; ~110 training steps or more; under DDP rank zero's curve decides). "
-            "The curve goes to plots/tuner_lr_find.png.",
-        )  # fmt: skip
-        parser.add_argument(
-            "--wandb_watch", type=Literal["none", "gradients", "parameters", "all"], default="none",
-            help="Log histograms of the model's gradients and/or parameters to W&B every log_every_n_steps.",
-        )  # fmt: skip
-        parser.add_argument("--wandb_group", type=str | None, default=None, help="W&B run group (retraining and sweeps group their runs by it).")
-        parser.add_argument("--wandb_job_type", type=str, default="train", help="W&B job type of the run (retraining: retrain, retrain-eval; sweeps: sweep-trial).")
-        parser.add_argument(
-            "--checkpoint_every_n_steps", type=int | None, default=None,
-            help="Also write checkpoints/last.ckpt every N training steps (long epochs: a killed run resumes from there).",
-        )  # fmt: skip
-        parser.add_argument(
-            "--early_stopping_patience", type=int | None, default=None,
-            help="Stop fitting when the domain's monitored metric has not improved for this many validation runs.",
-        )  # fmt: skip
-        parser.add_argument(
-            "--output", type=str | None, default=None,
-            help="predict: name of the predictions file in the run folder (refused if it exists). "
-            "Default: predictions.csv, or predictions-2.csv, ... when earlier ones exist (never overwritten).",
-        )  # fmt: skip
-        parser.add_argument("--explain", type=bool, default=False, help="predict: also write each prediction's explanation beside the "
-                            "predictions file (healthcare: Grad-CAM heat maps, pipelines/explain.py); refused for models without one.")  # fmt: skip
+        add_run_options(parser)
         model_args = "model.init_args" if self.spec.model_subclasses else "model"
         for source, target in self.spec.links:
             parser.link_arguments("data", f"{model_args}.{target}", compute_fn=partial(self._data_value, source), apply_on="instantiate")
@@ -233,13 +198,7 @@ class PipelineCLI(LightningCLI):
         self._parse(parser, args)
         sub = self.config.subcommand
         cfg = self.config[sub]
-        for option, unit in (("early_stopping_patience", "validation runs"), ("checkpoint_every_n_steps", "training steps")):
-            if cfg.get(option) is not None and cfg.get(option) < 1:
-                raise InputError(f"--{option} must be at least 1 ({unit}), got {cfg.get(option)}")
-        if cfg.get("output") is not None and sub != "predict":
-            raise InputError(f"--output names the file of `predict`; {sub} writes no predictions")
-        if cfg.get("explain") and sub != "predict":
-            raise InputError(f"--explain writes explanations beside the predictions of `predict`; {sub} writes no predictions")
+        check_run_options(sub, cfg)
         try:
             self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
         except ValueError as error:
@@ -285,7 +244,7 @@ class PipelineCLI(LightningCLI):
         except argparse.ArgumentError as error:
             broken = broken_yaml(args)
             options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
-            raise InputError(broken or explain(str(error), options, self.spec.name)) from None
+            raise InputError(broken or foreign_config(args, self.spec.name) or explain(str(error), options, self.spec.name)) from None
 
     def instantiate_classes(self) -> None:
         """Data module, model, data check, then the trainer: bad input stops here, before any file is written."""

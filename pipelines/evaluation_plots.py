@@ -47,6 +47,21 @@ def reliability_figure(curves: dict[str, torch.Tensor], labels: torch.Tensor, ti
     return figure
 
 
+def threshold_text(threshold: float) -> str:
+    """A decision threshold as text with the digits it needs to be read as itself (within 5e-5): an operating
+    threshold of 0.4995 is not shown as the default 0.5.
+
+    Example:
+        >>> [threshold_text(t) for t in (0.5, 0.4995, 0.73, 0.123456)]
+        ['0.5', '0.4995', '0.73', '0.1235']
+    """
+    for digits in range(3, 9):
+        text = f"{threshold:.{digits}g}"
+        if abs(float(text) - threshold) <= 5e-5:
+            return text
+    return f"{threshold:.9g}"
+
+
 def confusion_figure(matrix: torch.Tensor | np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix") -> Figure:
     """Counts with the true class down the side and the predicted class along the bottom, both named."""
     counts = matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)

@@ -38,12 +38,31 @@ from pipelines.domain_registry import DomainSpec
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.parse_errors import explain
+from pipelines.quantiles import central_intervals, median_index, quantile_label
 from pipelines.stops import sigterm_as_exit
 from pipelines.run_folder import git_commit, package_versions, resolve_run
 from pipelines.validation import check_model_label
 
 FORMATS = ("onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+def quantile_output(levels: list[float], output: str = "quantiles", axis: int = 1) -> dict[str, Any]:
+    """How a bundle's quantile output reads, for ``domain_metadata.quantile_output``: ``output`` holds the
+    levels along ``axis`` (sorted, no crossing), each named by its level (``q10``); ``median`` names the
+    point prediction and ``intervals`` the central intervals (``80%``: from ``q10`` to ``q90``) that
+    :meth:`pipelines.bundle_runtime.Bundle.intervals` and the server return.
+
+    Example:
+        >>> quantile_output([0.1, 0.5, 0.9])["intervals"]
+        [{'name': '80%', 'level': 0.8, 'lower': 'q10', 'upper': 'q90'}]
+    """
+    names = [quantile_label(level) for level in levels]
+    return {
+        "output": output, "axis": axis, "levels": list(levels), "names": names, "median": names[median_index(levels)],
+        "intervals": [{"name": f"{round(100 * level, 6):g}%", "level": level, "lower": names[low], "upper": names[high]}
+                      for low, high, level in central_intervals(levels)],
+    }  # fmt: skip
 
 
 def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any]]:

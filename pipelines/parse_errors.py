@@ -1,5 +1,6 @@
-"""Command-line errors as one paragraph a user can act on: a ``--config`` file that is not YAML, and
-jsonargparse's messages with "did you mean" for unknown options and keys (:class:`pipelines.cli.PipelineCLI`)."""
+"""Command-line errors as one paragraph a user can act on: a ``--config`` file that is not YAML or was
+written for another domain, and jsonargparse's messages with "did you mean" for unknown options, keys
+and choices (:class:`pipelines.cli.PipelineCLI`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,7 @@ from pipelines.errors import did_you_mean
 
 def broken_yaml(args: Any) -> str | None:
     """The first ``--config FILE`` of ``args`` that is not valid YAML, as an error naming the file and line."""
-    files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")] if isinstance(args, list) else []
-    files += [arg.split("=", 1)[1] for arg in args if isinstance(arg, str) and arg.startswith("--config=")] if isinstance(args, list) else []
-    for name in files:
-        path = Path(name)
+    for path in config_files(args):
         if not path.is_file():
             continue
         try:
@@ -27,9 +25,61 @@ def broken_yaml(args: Any) -> str | None:
     return None
 
 
+DOMAIN_COMMENT = re.compile(r"^#\s*domain:\s*([\w-]+)\s*$", re.MULTILINE)
+"""The line a sweep's ``best.yaml`` names its domain with (``# domain: finance``)."""
+
+
+def config_files(args: Any) -> list[Path]:
+    """The ``--config FILE`` paths of a command line (both spellings), in order."""
+    if not isinstance(args, list):
+        return []
+    files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]
+    return [Path(f) for f in files + [arg.split("=", 1)[1] for arg in args if isinstance(arg, str) and arg.startswith("--config=")]]
+
+
+def foreign_config(args: Any, domain: str) -> str | None:
+    """A ``--config`` file written for another domain (a sweep's ``best.yaml`` names it in a ``# domain:`` line, a
+    run's or sweep's file lies under ``runs/<domain>/`` or ``sweeps/<domain>/``), as an error naming that domain."""
+    from pipelines.domain_registry import available_domains
+
+    domains = available_domains()
+    for path in config_files(args):
+        try:
+            found = DOMAIN_COMMENT.search(path.read_text(errors="replace")[:4000])
+        except OSError:
+            continue
+        owner = found.group(1) if found else next((b for a, b in zip(path.resolve().parts, path.resolve().parts[1:]) if a in ("runs", "sweeps") and b in domains), None)
+        if owner and owner != domain:
+            return (f"--config {path}: this config was written for the {owner} domain (its model and data options are {owner}'s), "
+                    f"not {domain}; run `python -m pipelines.run {owner} --config {path}`, or give a {domain} config")  # fmt: skip
+    return None
+
+
+def _value_hint(message: str) -> str | None:
+    """jsonargparse's refusal of a value (``Parser key "K": Expected a typing.Literal[...]. Got value: V``) as
+    ``--K V: expected one of ...`` with a did-you-mean, or ``expected a finite number`` for nan/inf."""
+    key = re.search(r'Parser key "([\w.\-]+)"', message)
+    got = re.search(r"Got value: (.*)$", message, re.MULTILINE)
+    if key is None or got is None:
+        return None
+    option, value = f"--{key.group(1)}", got.group(1).strip()
+    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\.", message, re.DOTALL)
+    if literal:
+        choices = re.findall(r"'([^']*)'", literal.group(1))
+        return f"{option} {value}: expected one of {', '.join(choices)}{did_you_mean(value, choices)}"
+    kind = re.search(r"Expected a <class '(\w+)'>", message)
+    if kind and kind.group(1) in ("float", "int"):
+        number = "a finite number" if value.lower().lstrip("+-") in ("nan", "inf", "infinity") else f"a number ({kind.group(1)})"
+        return f"{option} {value}: expected {number}"
+    return None
+
+
 def explain(message: str, options: list[str], domain: str, command: str = "") -> str:
-    """jsonargparse's message, first line only, with "did you mean" for unknown options and keys
+    """jsonargparse's message, first line only, with "did you mean" for unknown options, keys and choices
     (``command``: the runner's sub-command whose ``--help`` lists the options, e.g. ``export``)."""
+    value = _value_hint(message)
+    if value:
+        return f"{value}. `python -m pipelines.run {' '.join(filter(None, (domain, command)))} --help` lists every option."
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     first = (lines[0] if lines else message).rstrip(":")
     hints = []

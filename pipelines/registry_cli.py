@@ -10,7 +10,8 @@
     gc --keep N [--runs_dir DIR]      retention: remove old versions and attempt run folders
     verify                            check every pointer and checksum; exit 1 on a problem
 
-Exit codes: 0 done, 1 error (the message names the path), 2 bad command line, 5 locked. Every
+Exit codes: 0 done, 1 error (the message names the path), 2 bad command line or input (an unknown
+domain, command, version or alias, with a did-you-mean), 5 locked. Every
 change holds the registry lock and is recorded in the history. The W&B mirror
 (:func:`publish_to_wandb`, :func:`move_wandb_alias`) runs after the folder changed, best effort.
 """
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import InputError, did_you_mean
 from pipelines.model_registry import (
     CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked, now,
 )  # fmt: skip
@@ -148,9 +150,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("list", "show", "promote", "rollback", "alias", "repin", "gc", "verify")
+
+
+def unknown_words(argv: list[str]) -> str | None:
+    """An unknown domain or command among the first two words of ``argv`` (``--registry DIR`` skipped), with a did-you-mean."""
+    from pipelines.domain_registry import available_domains
+
+    words, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("-"):
+            skip = arg == "--registry"
+            continue
+        words.append(arg)
+    domains = available_domains()
+    if words and words[0] not in domains:
+        return f"unknown domain {words[0]!r}{did_you_mean(words[0], domains)}; the domains are {', '.join(domains)}"
+    if len(words) > 1 and words[1] not in COMMANDS:
+        return f"unknown command {words[1]!r}{did_you_mean(words[1], COMMANDS)}; the commands are {', '.join(COMMANDS)}"
+    return None
+
+
+def named_version(registry: ModelRegistry, name: str | None) -> str:
+    """The version a command line names (a version, an alias, ``champion`` or nothing: the champion), or
+    :class:`InputError` naming the versions and aliases (with a did-you-mean) when there is no such one."""
+    version = registry.resolve(name)
+    if name is not None and version not in registry.versions():
+        known = [*registry.versions(), *registry.aliases()]
+        raise InputError(f"no version or alias {name!r} in {registry.path}{did_you_mean(name, known)} (versions: {', '.join(registry.versions()) or 'none'}; "
+                         f"aliases: {', '.join(registry.aliases()) or 'none'})")  # fmt: skip
+    return version
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line (module docstring); returns the exit code."""
     parser = _parser()
+    unknown = unknown_words(sys.argv[1:] if argv is None else argv)
+    if unknown:
+        print(f"error: {unknown}. `python -m pipelines.registry --help` shows the usage.", file=sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "repin":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -168,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryLocked as error:
         print(f"locked: {error}", file=sys.stderr)
         return LOCKED
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -187,7 +228,7 @@ def _run(args: argparse.Namespace, rest: list[str], registry: ModelRegistry) -> 
         aliases = ", ".join(f"{k}={v}" for k, v in registry.aliases().items()) or "none"
         print(f"\nchampion: {champion or 'none'}   aliases: {aliases}   versions: {', '.join(registry.versions()) or 'none'}   (* = current champion)")
     elif args.command == "show":
-        version = registry.resolve(args.version)
+        version = named_version(registry, args.version)
         metadata = registry.verify_version(version)
         names = [k for k, v in registry.aliases().items() if v == version]
         print(json.dumps({**metadata, "champion": version == registry.champion(), "aliases": names}, indent=2, default=str))
@@ -198,8 +239,9 @@ def _run(args: argparse.Namespace, rest: list[str], registry: ModelRegistry) -> 
     elif args.command == "alias" and args.action == "list":
         print(json.dumps({"champion": registry.champion(), **registry.aliases()}, indent=2))
     elif args.command == "alias":
+        check_alias(registry, args.name, removing=args.action == "rm")
         with registry.lock():
-            version = registry.resolve(args.version) if args.action == "set" else None
+            version = named_version(registry, args.version) if args.action == "set" else None
             before = registry.set_alias(args.name, version)
             registry.append_history({"decision": f"alias-{args.action}", "domain": args.domain, "alias": args.name, "challenger": {"version": version}, "champion": {"version": before}, **who})
         note = move_wandb_alias(registry, version, args.name) if version else "skipped (removal)"
@@ -216,11 +258,18 @@ def _run(args: argparse.Namespace, rest: list[str], registry: ModelRegistry) -> 
     else:
         with registry.lock():
             before = registry.champion()
-            record = registry.set_champion(registry.resolve(args.version), "manual promote") if args.command == "promote" else registry.rollback()
+            record = registry.set_champion(named_version(registry, args.version), "manual promote") if args.command == "promote" else registry.rollback()
             registry.append_history({"decision": f"manual-{args.command}", "domain": args.domain, "challenger": {"version": record["version"]}, "champion": {"version": before}, **who})
         wandb_note = move_wandb_alias(registry, record["version"])
         print(f"champion: {before or 'none'} -> {record['version']}  (W&B: {wandb_note})")
     return 0
+
+
+def check_alias(registry: ModelRegistry, name: str, removing: bool) -> None:
+    """:class:`InputError` for an alias to remove that the registry does not have (with a did-you-mean)."""
+    aliases = registry.aliases()
+    if removing and name not in aliases:
+        raise InputError(f"no alias {name!r} in {registry.path}{did_you_mean(name, aliases)} (aliases: {', '.join(aliases) or 'none'})")
 
 
 def _repin(args: argparse.Namespace, rest: list[str], registry: ModelRegistry, who: dict[str, Any]) -> int:

@@ -26,6 +26,8 @@ import numpy as np
 import yaml
 
 from pipelines.bootstrap import format_interval
+from pipelines.calibration import TEMPERATURE_RANGE
+from pipelines.evaluation_plots import threshold_text
 from pipelines.files import write_text_atomic
 
 REPORT = "report.html"
@@ -86,7 +88,8 @@ def _number(value: Any) -> str:
 
 
 def limits(summary: dict[str, Any], data: dict[str, Any]) -> list[str]:
-    """Plain-language warnings: classes with few examples, wide intervals, the operating point, missing test metrics."""
+    """Plain-language warnings: classes with few examples, wide intervals, a calibration temperature at its bound, the
+    operating point, missing test metrics."""
     notes = []
     for split in ("test", "val", "train"):
         counts = data.get("class_balance", {}).get(split, {})
@@ -99,9 +102,22 @@ def limits(summary: dict[str, Any], data: dict[str, Any]) -> list[str]:
             if interval.get("low") is not None and 0 <= interval["low"] <= interval["high"] <= 1 and interval["high"] - interval["low"] > WIDE_INTERVAL]  # fmt: skip
     if wide:
         notes.append(f"95% intervals wider than {WIDE_INTERVAL}: {', '.join(wide)}; the test set is too small to pin these metrics down")
+    temperature = test.get("test/temperature")
+    if isinstance(temperature, (int, float)) and not TEMPERATURE_RANGE[0] < temperature < TEMPERATURE_RANGE[1]:
+        squeezed = temperature >= TEMPERATURE_RANGE[1]
+        notes.append(
+            f"the calibration temperature {_number(temperature)} fitted on validation is at its {'upper' if squeezed else 'lower'} bound "
+            f"({_number(TEMPERATURE_RANGE[0])} to {_number(TEMPERATURE_RANGE[1])}): "
+            + ("the validation logits carried no usable signal, so every calibrated probability is squeezed towards "
+               + ("0.5" if "test/threshold" in test else "an even split") + " and the probabilities and operating threshold say little"
+               if squeezed else "the fit wanted still sharper probabilities than allowed; they may be overconfident")
+            + "; train longer or on more data, or check the validation split"
+        )  # fmt: skip
     if "test/threshold" in test:
         rates = ", ".join(f"{name} {_number(test[f'test/{name}'])} on test" for name in ("sensitivity", "specificity") if f"test/{name}" in test)
-        notes.append(f"decisions use the operating threshold {_number(test['test/threshold'])} chosen on validation" + (f" ({rates})" if rates else ""))
+        threshold = test["test/threshold"]
+        shown = threshold_text(threshold) if isinstance(threshold, (int, float)) else _number(threshold)
+        notes.append(f"decisions use the operating threshold {shown} chosen on validation" + (f" ({rates})" if rates else ""))
     if not test:
         notes.append("no test metrics: the run was not tested (python -m pipelines.run DOMAIN test --run_id RUN --ckpt_path best)")
     return notes

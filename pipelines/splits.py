@@ -228,7 +228,7 @@ def check_filled(assignment: np.ndarray, rule: SplitRule, source: str) -> None:
     if empty:
         hint = {"hash": "more distinct keys, or other fractions", "time": "other cutoffs (rows after test_after are test)",
                 "column": "rows of every split in the column", "random": "more rows, or other fractions"}[rule.by]  # fmt: skip
-        raise InputError(f"{source}: split {' and '.join(map(repr, empty))} {'is' if len(empty) == 1 else 'are'} empty under {rule.describe()}: {counts} rows; give {hint}")
+        raise InputError(f"{source}: {'split' if len(empty) == 1 else 'splits'} {' and '.join(map(repr, empty))} {'is' if len(empty) == 1 else 'are'} empty under {rule.describe()}: {counts} rows; give {hint}")
 
 
 def check_groups(keys: Sequence[Any], assignment: np.ndarray, column: str, source: str) -> None:

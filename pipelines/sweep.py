@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,11 +138,26 @@ class Sweep:
         self.runs_dir = Path(options.runs_dir).resolve()
         config = resolve_runner_config(self.spec.name, [*runner_args, f"--runs_dir={self.runs_dir}"])
         check_option_names(self.space, config, options.space, self.spec.name)
-        from pipelines.sweep_trial import check_storage_url, make_pruner, open_storage
+        from pipelines.sweep_trial import check_storage_url
 
         if options.storage:
             check_storage_url(options.storage)  # before the sweep folder is made
+        created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open_study(optuna, options)
+        except UsageError:
+            if created:  # a refused resume leaves no empty sweep folder behind
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        self.stopped_by: str | None = None
+        self.children: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def _open_study(self, optuna: Any, options: argparse.Namespace) -> None:
+        """Create or load the study (its storage: ``--storage`` or ``study.db`` in the sweep folder) and check that a resumed one is the same."""
+        from pipelines.sweep_trial import make_pruner, open_storage
+
         self.storage_url = options.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
 
         direction = "maximize" if self.spec.mode == "max" else "minimize"
@@ -158,9 +174,6 @@ class Sweep:
                     raise
                 time.sleep(0.5 + random.random())
         self._check_same_study(direction)
-        self.stopped_by: str | None = None
-        self.children: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
 
     def _sampler(self, optuna: Any) -> Any:
         if self.options.sampler == "grid":
@@ -194,7 +207,8 @@ class Sweep:
         trials = self.study.get_trials(deepcopy=False)
         counts = {outcome: sum(t.user_attrs.get("outcome") == outcome and t.state.is_finished() for t in trials) for outcome in COUNTED}
         counts["running"] = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-        counts["lost"] = sum(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("outcome") not in COUNTED for t in trials)
+        counts["stopped"] = sum(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("outcome") == "stopped" for t in trials)  # retried
+        counts["lost"] = sum(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("outcome") not in (*COUNTED, "stopped") for t in trials)
         counts["finished"] = sum(counts[o] for o in COUNTED)
         return counts
 
@@ -275,7 +289,7 @@ class Sweep:
         error = f" ({trial.user_attrs.get('error') or trial.user_attrs.get('outcome', 'lost')})" if trial.state == optuna.trial.TrialState.FAIL else ""
         print_progress(f"trial {trial.number} {trial.state.name}{value}{error}; {counts['finished']}/{self.options.trials} finished")
         with self.lock:
-            write_best_config(study, self.folder, self.spec.monitor)
+            write_best_config(study, self.folder, self.spec.monitor, self.spec.name)
         if self.stopped_by is not None or counts["finished"] + counts["running"] >= self.options.trials:
             study.stop()
 
@@ -310,14 +324,14 @@ class Sweep:
 
         counts = self.counts()
         with self.lock:
-            best = write_best_config(self.study, self.folder, self.spec.monitor)
+            best = write_best_config(self.study, self.folder, self.spec.monitor, self.spec.name)
             trials_csv = write_trials_csv(self.study, self.folder)
-            plots, skipped = plot_study(self.study, self.folder, self.spec.monitor)
+            plots, skipped = plot_study(self.study, self.folder, self.spec.monitor, self.options.pruner)
         for reason in skipped:
             print_progress(f"plot skipped: {reason}")
         if not self.options.no_wandb and (os.environ.get("WANDB_MODE") != "disabled"):
             log_to_wandb(self.study, self.folder, self.spec.name, plots, best, counts)
-        summary = ", ".join(f"{counts[k]} {k}" for k in ("complete", "pruned", "failed", "lost"))
+        summary = ", ".join(f"{counts[k]} {k}" for k in ("complete", "pruned", "failed", "stopped", "lost") if counts[k] or k != "stopped")
         print_progress(f"study {self.name!r}: {summary} ({seconds:.0f} s in this command); trials: {trials_csv}; plots: {self.folder / 'plots'}")
         if self.stopped_by is not None:
             code = EXIT_SIGTERM if self.stopped_by == "SIGTERM" else EXIT_SIGINT

@@ -34,8 +34,9 @@ def best_config(run_dir: Path) -> dict[str, Any]:
     return config
 
 
-def write_best_config(study: Any, sweep_dir: Path, monitor: str) -> Path | None:
-    """``best.yaml``: the config of the best COMPLETE trial (a pruned or failed trial is never the best)."""
+def write_best_config(study: Any, sweep_dir: Path, monitor: str, domain: str) -> Path | None:
+    """``best.yaml``: the config of the best COMPLETE trial (a pruned or failed trial is never the best); its
+    ``# domain:`` line lets the runner name the domain when the file is given to another one."""
     import optuna
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
@@ -45,17 +46,28 @@ def write_best_config(study: Any, sweep_dir: Path, monitor: str) -> Path | None:
     run_dir = Path(best.user_attrs["run_dir"])
     config = best_config(run_dir)
     params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+    path = sweep_dir / "best.yaml"
     header = (
         f"# Best trial of sweep {study.study_name!r}: trial {best.number}, {monitor} = {best.value:.6g} (run folder {run_dir})\n"
-        f"# searched: {params}\n# use: python -m pipelines.run DOMAIN --config best.yaml   (or pipelines.retrain ... --config best.yaml)\n"
+        f"# domain: {domain}\n# searched: {params}\n"
+        f"# use: python -m pipelines.run {domain} --config {path}   (or python -m pipelines.retrain {domain} ... --config {path})\n"
     )
-    path = sweep_dir / "best.yaml"
     write_text_atomic(path, header + yaml.safe_dump(config, sort_keys=False))
     return path
 
 
+INHERITED = ("outcome", "error", "exit_code", "pruned_at", "run_dir", "worker")
+"""The attributes a retried trial's WAITING copy inherits from the stopped trial until it runs (shown empty in ``trials.csv``)."""
+
+
 def write_trials_csv(study: Any, sweep_dir: Path) -> Path:
+    """``trials.csv``: one row per trial; a retry that has not run yet shows none of the stopped trial's outcome, exit code or run folder."""
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "datetime_start", "datetime_complete", "duration"))
+    waiting = frame["state"] == "WAITING" if "state" in frame else None
+    if waiting is not None and waiting.any():
+        for column in (f"user_attrs_{name}" for name in INHERITED):
+            if column in frame:
+                frame[column] = frame[column].astype(object).where(~waiting, None)
     path = sweep_dir / "trials.csv"
     write_text_atomic(path, frame.to_csv(index=False))
     return path
@@ -69,7 +81,7 @@ def _save(axes: Any, path: Path) -> Path:
     return path
 
 
-def plot_study(study: Any, sweep_dir: Path, monitor: str) -> tuple[dict[str, Path], list[str]]:
+def plot_study(study: Any, sweep_dir: Path, monitor: str, pruner: str | None = None) -> tuple[dict[str, Path], list[str]]:
     """Optimisation history, parameter importances (fANOVA) and intermediate values, as PNGs in
     ``plots/``. Returns the plots written and, for those that could not be drawn, why."""
     import warnings
@@ -93,7 +105,8 @@ def plot_study(study: Any, sweep_dir: Path, monitor: str) -> tuple[dict[str, Pat
             skipped.append(f"{name}: needs 2 complete trials, has {len(complete)}")
             continue
         if name == "intermediate_values" and not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
-            skipped.append(f"{name}: no trial reported a value during training (--pruner none)")
+            why = "--pruner none: trials report none" if pruner == "none" else "no trial reached its first validation epoch"
+            skipped.append(f"{name}: no trial reported a value during training ({why})")
             continue
         try:
             with warnings.catch_warnings():

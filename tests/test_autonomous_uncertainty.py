@@ -132,7 +132,7 @@ def test_quantile_forecasters_write_sorted_intervals_and_per_step_metrics(tmp_pa
         assert (run / "plots" / "test_trajectories.png").stat().st_size > 1000
 
 
-def test_quantile_export_gives_the_median(tmp_path):
+def test_quantile_export_gives_the_median_and_every_level(tmp_path):
     from domains.autonomous.model import SensorSequenceModel
 
     dm = SensorSequenceDataModule(sim_vehicles=24, channels=["speed", "yaw_rate"], target_channels=["x", "y"], batch_size=8)
@@ -142,8 +142,11 @@ def test_quantile_export_gives_the_median(tmp_path):
     model = SensorSequenceModel(input_size=4, target_dim=2, observe=8, predict=12, hidden_size=8, embed_size=4, quantiles=[0.1, 0.5, 0.9]).eval()
     export = model.export_spec(dm.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(export.module(batch["past"], batch["channels"]), model._predictions(batch)["single"], atol=1e-5, rtol=1e-5)
-    assert export.metadata["quantiles"] == [0.1, 0.5, 0.9]
+        median, quantiles = export.module(batch["past"], batch["channels"])
+        expected = model._predictions(batch)
+    torch.testing.assert_close(median, expected["single"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(quantiles, expected["quantiles"], atol=1e-5, rtol=1e-5)  # every level, as predict writes them
+    assert export.output_names == ["positions", "quantiles"] and export.metadata["quantiles"] == [0.1, 0.5, 0.9]
 
 
 @pytest.mark.parametrize(("architecture", "extra"), [("mixture", ["--model.modes=4"]), ("cvae", [])])

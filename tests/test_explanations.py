@@ -183,3 +183,81 @@ def test_the_vae_names_a_feature_pushed_to_an_extreme_as_the_top_reason_in_predi
     served = [p["top_features"][0]["feature"] for p in answer["predictions"]]
     assert served == changed["top_feature_1"].tolist()
     np.testing.assert_allclose([p["latent_contribution"] for p in answer["predictions"]], changed["latent_contribution"], rtol=1e-3, atol=1e-3)
+
+
+# ----- healthcare: multi-label Grad-CAM, one map per positive label --------------------------------
+def spots_and_bars(folder, count: int, size: int = 32, seed: int = 0):
+    """PNG images with a bright 5x5 square ("spot"), a dark 2x14 line ("bar") or both, at random places,
+    on a grey noisy background; ``labels.csv`` (``spot``, ``bar``, ``spot|bar``; split by row) and the shapes' masks per file."""
+    from tests.medical_files import write_png
+
+    rng = np.random.default_rng(seed)
+    rows, masks = [], {}
+    for i in range(count):
+        has = [[True, False], [False, True], [True, True]][i % 3]
+        image = np.clip(rng.normal(128, 25, (size, size)), 0, 255)
+        mask = np.zeros((2, size, size), bool)
+        if has[0]:
+            r, c = rng.integers(2, size - 7, 2)
+            mask[0, r : r + 5, c : c + 5] = True
+        if has[1]:
+            r, c = rng.integers(2, size - 16, 2)
+            mask[1, r : r + 2, c : c + 14] = True
+        image[mask[0]], image[mask[1]] = 255, 0
+        path = write_png(folder / "images" / f"img{i:03d}.png", image.astype(np.uint8))
+        masks[path.name] = mask
+        rows.append({"path": str(path.relative_to(folder)), "label": "|".join(n for n, h in zip(["spot", "bar"], has) if h),
+                     "split": "test" if i >= count - 30 else ("val" if i % 10 == 0 else "train")})  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder / "labels.csv", masks
+
+
+def test_multilabel_gradcam_explains_each_positive_label_on_its_own_shape(tmp_path):
+    csv, masks = spots_and_bars(tmp_path, 330)
+    runs = tmp_path / "runs"
+    args = (f"--data.labels_csv={csv}", "--data.batch_size=32", "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--runs_dir", str(runs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small network: one thread is much faster than two contended ones on a busy 2-core machine
+    try:
+        run_pipeline("healthcare", "fit", *args, "--model.network=resnet10", "--model.width=0.25", "--model.lr=0.003", "--trainer.max_epochs=4")
+        run = only_run(runs, "healthcare")
+        run_pipeline("healthcare", "predict", *args, "--run_id", run.name, "--ckpt_path", "last", "--explain", "true")
+    finally:
+        torch.set_num_threads(threads)
+    predictions = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    assert "heatmap" not in predictions.columns and {"heatmap_spot", "heatmap_bar"} <= set(predictions.columns)
+    for name in ("spot", "bar"):  # a map for every label predicted positive, and only for those (an image with none: its most probable)
+        positive = predictions[f"prob_{name}"] > 0.5
+        top = predictions[["prob_spot", "prob_bar"]].idxmax(axis=1) == f"prob_{name}"
+        assert ((predictions[f"heatmap_{name}"] != "") == (positive | (~positive & top & (predictions[["prob_spot", "prob_bar"]].max(axis=1) <= 0.5)))).all()
+        assert predictions[f"heatmap_{name}"][positive].str.endswith(f"_{name}.png").all()
+    folder = run / "predictions.heatmaps"
+    assert len(list(folder.glob("*.png"))) == len(list(folder.glob("*.npy"))) == int((predictions[["heatmap_spot", "heatmap_bar"]] != "").sum().sum())
+
+    both = predictions[(predictions["heatmap_spot"] != "") & (predictions["heatmap_bar"] != "")]
+    assert len(both) >= 6, predictions[["item", "prob_spot", "prob_bar"]]  # the model learned both shapes: the test says something
+    on_own, on_other = {"spot": [], "bar": []}, {"spot": [], "bar": []}
+    for _, row in both.iterrows():
+        mask = masks[row["item"].split("/")[-1]]
+        for k, name in enumerate(("spot", "bar")):
+            heatmap = np.load(run / (row[f"heatmap_{name}"].removesuffix(".png") + ".npy")).astype(np.float32)
+            on_own[name].append(float(heatmap[mask[k]].mean()))
+            on_other[name].append(float(heatmap[mask[1 - k]].mean()) if mask[1 - k].any() else np.nan)
+    print({name: (np.mean(on_own[name]), np.nanmean(on_other[name])) for name in on_own})
+    # each label's map lies on its own shape, not on the other label's (one map shared by both labels would fail one of the two)
+    for name in ("spot", "bar"):
+        assert np.mean(on_own[name]) > np.nanmean(on_other[name]) + 0.2, (name, on_own, on_other)
+
+
+def test_requested_labels_are_explained_by_name_and_unknown_ones_refused():
+    from domains.healthcare.explain import label_maps
+    from domains.healthcare.model import ImageClassifier
+
+    torch.manual_seed(0)
+    task = ImageClassifier(task="multilabel", network="resnet10", width=0.25, num_classes=3, class_names=["a", "b", "c"], sample_grid_size=0).eval()
+    network = explainable_copy(task)
+    images = torch.randn(3, 1, 16, 16)
+    maps = label_maps(task, network, gradcam_layer("resnet10", network), images, labels=["c", "a"])
+    assert [list(m) for m in maps] == [["c", "a"]] * 3 and all(m["a"].shape == (16, 16) for m in maps)
+    with pytest.raises(InputError, match=r"labels to explain \['d'\].*among its classes \['a', 'b', 'c'\]"):
+        label_maps(task, network, gradcam_layer("resnet10", network), images, labels=["d"])

@@ -42,6 +42,26 @@ def test_limits_name_rare_classes_wide_intervals_and_the_operating_point():
     assert limits({}, {}) == ["no test metrics: the run was not tested (python -m pipelines.run DOMAIN test --run_id RUN --ckpt_path best)"]
 
 
+def test_limits_name_a_calibration_temperature_at_its_bound():
+    import torch
+
+    from pipelines.calibration import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(4000, generator=generator)
+    labels = torch.bernoulli(torch.sigmoid(z), generator=generator)
+    noise = torch.bernoulli(torch.full((4000,), 0.5), generator=generator)  # labels the logits say nothing about
+    fitted, unfitted = fit_temperature(3 * z, labels), fit_temperature(3 * z, noise)
+    assert 2.5 < fitted < 3.5 and unfitted == 100.0, (fitted, unfitted)
+    for temperature, named in ((fitted, False), (unfitted, True), (0.05, True)):
+        notes = limits({"test": {"test/temperature": temperature, "test/threshold": 0.4995}}, {})
+        at_bound = [n for n in notes if "calibration temperature" in n]
+        assert bool(at_bound) == named, notes
+    assert "upper bound (0.05 to 100)" in limits({"test": {"test/temperature": 100.0, "test/threshold": 0.4995}}, {})[0]
+    assert "squeezed towards 0.5" in limits({"test": {"test/temperature": 100.0, "test/threshold": 0.4995}}, {})[0]
+    assert "lower bound" in limits({"test": {"test/temperature": 0.05}}, {})[0]
+
+
 def test_a_report_escapes_what_it_shows(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"test": {"test/<script>": 1.0}}))
     text = build_report(tmp_path, "finance")

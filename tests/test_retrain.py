@@ -166,7 +166,7 @@ def test_rollback_restores_the_previous_champion(lifecycle, tmp_path, capsys):
     assert "no previous champion" in capsys.readouterr().err
     assert registry_main(["healthcare", "promote", "v0003", "--registry", str(copy)]) == 0
     assert registry.champion() == "v0003"
-    assert registry_main(["healthcare", "promote", "v0009", "--registry", str(copy)]) == 1
+    assert registry_main(["healthcare", "promote", "v0009", "--registry", str(copy)]) == 2, "an unknown version is bad input"
     assert [row["decision"] for row in registry.history()[-2:]] == ["manual-rollback", "manual-promote"]
 
 

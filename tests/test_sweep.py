@@ -126,6 +126,7 @@ def test_two_sweep_processes_share_one_study_and_best_yaml_is_a_runner_config(tm
     assert resolved["model"]["latent_dim"] == study.best_params["model.latent_dim"]
     assert resolved.get("run_id") is None and resolved["trainer"]["callbacks"] is None
     assert f"best trial {study.best_trial.number}" in "".join(r[1] for r in results)
+    assert "# domain: finance\n" in best.read_text()  # another domain's runner names it (tests/test_trial_messages.py)
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -244,6 +245,7 @@ def test_sigterm_stops_the_sweep_honestly_and_the_same_command_resumes_it(tmp_pa
     out, err = sweep.communicate(timeout=120)
     assert sweep.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM after 0/1 trials; the same command continues it" in " ".join(err.split())
+    assert "0 failed, 1 stopped, 0 lost" in err  # the stopped trial is retried, not lost
     stopped = load(tmp_path, "term").get_trials()
     assert [t.state for t in stopped] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING] and stopped[0].user_attrs["outcome"] == "stopped"
     assert (Path(stopped[0].user_attrs["run_dir"]) / "checkpoints" / "last.ckpt").is_file()

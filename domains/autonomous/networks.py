@@ -104,7 +104,7 @@ class RecurrentDecoder(nn.Module):
             out, state = self.rnn(step_input[:, None], state)
             displacement = self.out(out[:, 0])
             if self.outputs > 1:
-                displacement = displacement.view(len(displacement), self.outputs, self.target_dim)
+                displacement = displacement.view(-1, self.outputs, self.target_dim)
             outputs.append(displacement)
             previous = displacement[:, self.feedback] if self.outputs > 1 else displacement
             if truth is not None and teacher_forcing > 0 and self.training:

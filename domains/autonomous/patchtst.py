@@ -45,4 +45,4 @@ class PatchTSTForecaster(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(past_values=inputs).prediction_outputs[..., : self.target_dim]
-        return out.view(len(out), self.outputs, self.predict, self.target_dim)
+        return out.view(-1, self.outputs, self.predict, self.target_dim)  # -1, not len(out): an export keeps the batch axis dynamic

@@ -15,6 +15,13 @@ The answer, by the bundle's task::
     classification  {"prediction": "lane_change_left", "probabilities": {"<class>": 0.8, ...}}
     regression      {"prediction": 0.42, "target": "aggressiveness"}
 
+A quantile model's answer (bundles with ``domain_metadata.quantile_output``) also gives every level,
+named by level, and each central interval, named by its level (the median is the prediction)::
+
+    forecasting     each step: ..., "quantiles": {"q10": {"x": .., "y": ..}, ...},
+                                    "intervals": {"80%": {"lower": {"x": .., "y": ..}, "median": {..}, "upper": {..}}}
+    regression      ..., "quantiles": {"q10": 0.2, "q50": 0.42, "q90": 0.7}, "intervals": {"80%": {"lower": 0.2, "median": 0.42, "upper": 0.7}}
+
 Forecast positions are in the data's units (the bundle de-normalises them). Step ``k`` is ``k``
 sampling intervals after the last observation: ``ahead`` is ``k`` times the training data's time
 step (``domain_metadata.time_step``, in the time column's units: seconds for the simulator, frames
@@ -35,7 +42,7 @@ Covariates (categorical channels, the group of per-group normalisation, future-k
 ``"future"``) are read by :mod:`domains.autonomous.serving_covariates`.
 
 Errors are 422s naming the sequence, observation and channel, e.g. ``observations[3].speed: expected
-a number; got 'fast'``. Imports numpy and ``pipelines.serve``.
+a number; got 'fast'``. Imports numpy, ``pipelines.serve`` and ``pipelines.bundle_runtime`` (the intervals).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from domains.autonomous.serving_covariates import RequestCovariates
+from pipelines.bundle_runtime import intervals_of, quantiles_of
 from pipelines.serve import RequestAdapter, json_ready, reject
 
 TIME = "time"
@@ -82,6 +90,7 @@ class ObservationsAdapter(RequestAdapter):
                              f"for inputs of shapes {self.input_specs['channels']['shape']} and {self.input_specs['past']['shape']}")  # fmt: skip
         self.covariates = RequestCovariates(domain, domain.get("predict") or 0, number)  # categories, group, future-known values
         self.named_positions = len(self.position_names) == self.position_dim
+        self.has_quantiles = bool(domain.get("quantile_output"))  # None (or absent) in bundles exported before intervals were
         self.fields: list[str] = [*self.position_names, *self.channel_names]
         self.listed_fields: list[str] = [POSITION, *self.channel_names]
         shown = self.fields if self.named_positions else self.listed_fields
@@ -190,20 +199,38 @@ class ObservationsAdapter(RequestAdapter):
         if self.task == "classification":
             names = self.class_names or [str(i) for i in range(out.shape[1])]
             return [{"prediction": names[int(np.argmax(p))], "probabilities": dict(zip(names, json_ready(p)))} for p in out]
+        spread = self.spread(outputs)
         if self.task == "regression":
-            return [{"prediction": json_ready(value), "target": self.target_names[0] if self.target_names else None} for value in out]
+            answers = [{"prediction": json_ready(value), "target": self.target_names[0] if self.target_names else None} for value in out]
+            return [answer | spread(i, json_ready) for i, answer in enumerate(answers)]
         answers = []
         origins = outputs.get("origin", np.zeros((len(out), out.shape[-1])))
-        for positions, origin, last, step in zip(out, origins, outputs["last_time"], outputs["time_step"]):
+        for i, (positions, origin, last, step) in enumerate(zip(out, origins, outputs["last_time"], outputs["time_step"])):
             positions = positions.astype(np.float64) + origin
             forecast = []
             for k, point in enumerate(json_ready(positions), 1):
                 timing: dict[str, float] = {} if math.isnan(step) else {AHEAD: _decimal(k * step)}
                 if not math.isnan(last):
                     timing[TIME] = _decimal(last + k * step)
-                forecast.append({"step": k, **timing, **dict(zip(self.position_names, point))})
+                at_step = self.positions_at(k - 1, origin)
+                forecast.append({"step": k, **timing, **dict(zip(self.position_names, point)), **spread(i, at_step)})
             answers.append({"forecast": forecast})
         return answers
+
+    def positions_at(self, step: int, origin: np.ndarray) -> Any:
+        """An item's quantile positions ``(predict, D)`` -> step ``step``'s named positions in the data's units."""
+        return lambda values: dict(zip(self.position_names, json_ready(values[step].astype(np.float64) + origin)))
+
+    def spread(self, outputs: dict[str, np.ndarray]) -> Any:
+        """``spread(item, shown)``: a quantile model's ``quantiles`` and ``intervals`` of one item, each value given as
+        ``shown(item's array)`` makes it (a number, or a step's named positions); ``{}`` for other models."""
+        if not self.has_quantiles:
+            return lambda item, shown: {}
+        levels, intervals = quantiles_of(self.metadata, outputs), intervals_of(self.metadata, outputs)
+        return lambda item, shown: {
+            "quantiles": {name: shown(values[item]) for name, values in levels.items()},
+            "intervals": {name: {bound: shown(values[item]) for bound, values in bounds.items()} for name, bounds in intervals.items()},
+        }
 
     def encode(self, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         return self.covariates.annotate(self.answers(outputs), outputs)[0]

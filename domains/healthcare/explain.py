@@ -3,9 +3,11 @@
 A heat map shows where in the image the evidence for a class lies: the target layer's activations
 weighted by the gradient of that class's logit, summed over channels, kept where positive,
 upsampled to the image and scaled so each image's strongest point is 1 (0 everywhere when nothing
-speaks for the class). The class explained is the one the image is predicted as (multi-label: the
-most probable label); a binary model has one logit, so its maps always show the evidence for the
-positive class.
+speaks for the class). The class explained is the one the image is predicted as; a binary model
+has one logit, so its maps always show the evidence for the positive class. A multi-label model's
+image gets one map per label predicted positive (probability above 0.5, the model's decision), or
+per label asked for (``labels``), each named by its class; an image with no positive label is
+explained for its most probable label (the test grid shows that one map per image).
 
 The target layer is the last convolutional stage, whose output the classifier pools, per MONAI network:
 
@@ -85,6 +87,42 @@ def explained_classes(task: str, probs: torch.Tensor) -> torch.Tensor:
     return probs.argmax(1)
 
 
+def explained_labels(probs: torch.Tensor, labels: list[int] | None = None) -> list[list[int]]:
+    """A multi-label model's labels to explain per image: ``labels`` when given, else every label predicted
+    positive (probability above 0.5), else (none positive) the most probable one.
+
+    Example:
+        >>> explained_labels(torch.tensor([[0.9, 0.2, 0.7], [0.1, 0.3, 0.2]]))
+        [[0, 2], [1]]
+    """
+    if labels is not None:
+        return [list(labels) for _ in range(len(probs))]
+    return [torch.nonzero(p > 0.5).flatten().tolist() or [int(p.argmax())] for p in probs]
+
+
+def label_maps(task: Any, network: torch.nn.Module, layer: str, images: torch.Tensor, labels: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Per image, ``{class name: Grad-CAM map}``: a multi-label model's every positive label (or each of
+    ``labels``, class names; see :func:`explained_labels`), other models' one explained class."""
+    names = list(task.class_labels)
+    unknown = sorted(set(labels or []) - set(names))
+    if unknown or (labels and task.hparams.task != "multilabel"):
+        raise InputError(f"labels to explain {labels}: only a multi-label model's maps can be asked for by label, among its classes {names}")
+    with torch.no_grad():
+        probs = task.probabilities(network(images.to(task.device)))
+    if task.hparams.task != "multilabel":
+        classes = explained_classes(task.hparams.task, probs)
+        maps = gradcam_maps(network, layer, images, classes)
+        return [{names[1] if task.hparams.task == "binary" else names[int(c)]: heatmap} for c, heatmap in zip(classes, maps)]
+    chosen = explained_labels(probs, None if labels is None else [names.index(label) for label in labels])
+    rows = torch.tensor([i for i, image_labels in enumerate(chosen) for _ in image_labels], dtype=torch.long)
+    classes = torch.tensor([c for image_labels in chosen for c in image_labels], dtype=torch.long)
+    maps = gradcam_maps(network, layer, images[rows.to(images.device)], classes)  # one map per (image, label) pair
+    per_image: list[dict[str, torch.Tensor]] = [{} for _ in chosen]
+    for row, label, heatmap in zip(rows.tolist(), classes.tolist(), maps):
+        per_image[row][names[label]] = heatmap
+    return per_image
+
+
 def gradcam_maps(network: torch.nn.Module, layer: str, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Grad-CAM maps ``(N, *spatial)`` in [0, 1] of ``images`` (normalised, channels first) for ``classes``.
 
@@ -128,8 +166,11 @@ class GradCamWriter(pl.Callback):
     For ``predictions.csv``, the folder ``predictions.heatmaps/`` holds, per row, ``<row>_<item>.png``
     (the image beside the image with its map over it; a volume's middle slice) and ``<row>_<item>.npy``
     (the map itself, float16, the input's spatial shape: every slice of a volume), and the predictions
-    file gets a ``heatmap`` column naming the PNG. Complete or absent (:class:`pipelines.explain.ExplanationFolder`).
-    This callback runs before the predictions writer, so the column it adds to each batch's rows is written.
+    file gets a ``heatmap`` column naming the PNG. A multi-label model gets one map per explained label
+    (:func:`label_maps`: each positive label), ``<row>_<item>_<class>.png``/``.npy``, and a column
+    ``heatmap_<class>`` per class (empty where that label was not explained). Complete or absent
+    (:class:`pipelines.explain.ExplanationFolder`). This callback runs before the predictions writer,
+    so the columns it adds to each batch's rows are written.
     """
 
     def __init__(self, predictions: Path, task: Any) -> None:
@@ -144,15 +185,19 @@ class GradCamWriter(pl.Callback):
 
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         assert self.network is not None
-        maps = explain_batch(pl_module, self.network, self.layer, batch["image"])
-        names = []
-        for image, heatmap, item in zip(batch["image"], maps, outputs["item"]):
-            stem = item_file_stem(self.row, item)
-            self.folder.write_png(f"{stem}.png", side_by_side(display_plane(image), heatmap_plane(heatmap)))
-            self.folder.write_array(f"{stem}.npy", heatmap.numpy().astype(np.float16))
-            names.append(self.folder.relative(f"{stem}.png"))
+        multilabel = pl_module.hparams.task == "multilabel"
+        columns: dict[str, list[str]] = {f"heatmap_{name}": [] for name in pl_module.class_labels} if multilabel else {"heatmap": []}
+        for image, maps, item in zip(batch["image"], label_maps(pl_module, self.network, self.layer, batch["image"]), outputs["item"]):
+            plane, written = display_plane(image), {}
+            for name, heatmap in maps.items():
+                stem = item_file_stem(self.row, f"{item} {name}" if multilabel else item)
+                self.folder.write_png(f"{stem}.png", side_by_side(plane, heatmap_plane(heatmap)))
+                self.folder.write_array(f"{stem}.npy", heatmap.numpy().astype(np.float16))
+                written[f"heatmap_{name}" if multilabel else "heatmap"] = self.folder.relative(f"{stem}.png")
+            for column, paths in columns.items():
+                paths.append(written.get(column, ""))
             self.row += 1
-        outputs["heatmap"] = names
+        outputs.update(columns)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = self.folder.finish()

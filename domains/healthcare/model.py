@@ -27,7 +27,7 @@ from domains.healthcare.networks import InferenceClassifier, NetworkName, build_
 from pipelines.calibration import ThresholdMethod
 from pipelines.classifier_calibration import ClassifierCalibration, decision_centred
 from pipelines.errors import InputError
-from pipelines.evaluation_plots import confusion_figure, roc_figure
+from pipelines.evaluation_plots import confusion_figure, roc_figure, threshold_text
 from pipelines.explain import overlay_grid
 from pipelines.export_spec import ExportSpec
 from pipelines.plots import image_grid, metric_figure
@@ -327,7 +327,8 @@ class ImageClassifier(BaseTask):
                 log_figure(self.trainer, fig, "test/confusion_matrix")
                 fig = metric_figure(self.test_roc, roc, score=True, labels=self.class_labels)
             else:
-                title = f"Confusion matrix, test (threshold {self.calibration.threshold:.3g})" if task == "binary" else "Confusion matrix, test"
+                # binary: drawn at the operating threshold (_predicted_labels), shown with the digits that tell it from 0.5
+                title = f"Confusion matrix, test (operating threshold {threshold_text(self.calibration.threshold)})" if task == "binary" else "Confusion matrix, test"
                 log_figure(self.trainer, confusion_figure(confusion, self.class_labels, title), "test/confusion_matrix")
                 curves = {self.class_labels[1]: roc[:2]} if task == "binary" else {n: (f, t) for n, f, t in zip(self.class_labels, roc[0], roc[1])}
                 fig = roc_figure(curves, {n: float(torch.trapezoid(t, f)) for n, (f, t) in curves.items()},
