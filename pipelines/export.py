@@ -129,6 +129,8 @@ def export_checkpoint(
     ckpt_path = Path(ckpt_path)
     task, datamodule_state, checkpoint = load_task(spec, ckpt_path)
     export = task.export_spec(datamodule_state)
+    if fmt in export.unsupported_formats:
+        raise InputError(f"--format {fmt}: {export.unsupported_formats[fmt]}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

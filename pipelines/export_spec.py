@@ -25,6 +25,8 @@ class ExportSpec:
         dynamic_axes: per input/output name, the axes that vary (``{0: "batch"}`` at least).
         metadata: JSON-serialisable facts a client needs (class names, image size, thresholds,
             feature names, de-normalisation) written to the bundle's ``metadata.json``.
+        unsupported_formats: ``{format: why}`` for formats this model cannot be exported to; such an
+            export is refused (exit 2) with the reason, before anything is written.
     """
 
     module: torch.nn.Module
@@ -33,6 +35,7 @@ class ExportSpec:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     metadata: dict[str, Any] = field(default_factory=dict)
+    unsupported_formats: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.example_inputs) != len(self.input_names):

@@ -305,6 +305,18 @@ def test_forecasting_model_families(tmp_path, architecture, extra):
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     state = checkpoint["SensorSequenceDataModule"]
     assert state["target_names"] == ["x", "y"] and len(state["channel_mean"]) == 4
+    if architecture in ("cvae", "mixture", "transformer"):  # the bundle keeps its batch axis dynamic: export checks other batch sizes
+        from pipelines.domain_registry import get_domain
+        from pipelines.export import export_checkpoint
+
+        bundle = export_checkpoint(get_domain("autonomous"), run / "checkpoints" / "best.ckpt", "torchscript" if architecture == "transformer" else "onnx", tmp_path / "bundle")
+        assert (bundle / "metadata.json").is_file()
+        if architecture == "transformer":  # PatchTST fails ONNX shape inference: refused with the reason, nothing written
+            from pipelines.errors import InputError
+
+            with pytest.raises(InputError, match="use --format torchscript"):
+                export_checkpoint(get_domain("autonomous"), run / "checkpoints" / "best.ckpt", "onnx", tmp_path / "onnx")
+            assert not (tmp_path / "onnx").exists()
 
 
 def test_forecasting_learns_on_the_simulator(tmp_path):

@@ -53,6 +53,8 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
         output_names=[output, "quantiles"] if levels else [output],
         dynamic_axes={"past": {0: "batch", **time_axis}, "channels": {0: "batch", **time_axis}, **extra_axes, output: {0: "batch"},
                       **({"quantiles": {0: "batch"}} if levels else {})},
+        unsupported_formats={"onnx": "PatchTST (--model.architecture transformer) does not export to ONNX: its positional encoding fails "
+                                     "ONNX shape inference; use --format torchscript"} if hp.architecture == "transformer" else {},
         metadata={
             "task": hp.task,
             "architecture": hp.architecture,

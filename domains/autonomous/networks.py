@@ -182,7 +182,7 @@ class CVAEForecaster(nn.Module):
     def _decode(
         self, h: torch.Tensor, z: torch.Tensor, last: torch.Tensor, truth: torch.Tensor | None, teacher_forcing: float, known: torch.Tensor | None = None
     ) -> torch.Tensor:  # fmt: skip
-        hidden = torch.tanh(self.init_state(torch.cat([h, z], -1))).view(len(h), self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
+        hidden = torch.tanh(self.init_state(torch.cat([h, z], -1))).view(-1, self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
         state = (hidden, torch.zeros_like(hidden)) if self.cell == "lstm" else hidden
         return self.decoder(state, last, self.predict, context=z, truth=truth, teacher_forcing=teacher_forcing, known=known)
 
@@ -205,12 +205,12 @@ class CVAEForecaster(nn.Module):
         last = inputs[:, -1, : self.target_dim]
         if mean:
             return self._decode(d["h"], d["prior_mu"], last, None, 0.0, known)[:, None]
-        b, k = len(inputs), num_samples
+        k = num_samples
         mu, std = d["prior_mu"].repeat_interleave(k, 0), (0.5 * d["prior_logvar"]).exp().repeat_interleave(k, 0)
         z = mu + std * torch.randn_like(std)
         repeated = known.repeat_interleave(k, 0) if known is not None else None
         out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0, repeated)
-        return out.view(b, k, self.predict, self.target_dim)
+        return out.view(-1, k, self.predict, self.target_dim)  # -1, not len(inputs): an export keeps the batch axis dynamic
 
     def training_forward(
         self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0, known: torch.Tensor | None = None
@@ -267,7 +267,7 @@ class MixtureForecaster(nn.Module):
         """Every mode's displacements ``(B, M, predict, D)`` and the mode logits ``(B, M)``."""
         encoded = _last_hidden(self.encoder(inputs))
         features = self.trunk(encoded if known is None else torch.cat([encoded, known.flatten(1)], -1))
-        return self.means(features).view(len(inputs), self.modes, self.predict, self.target_dim), self.logits(features)
+        return self.means(features).view(-1, self.modes, self.predict, self.target_dim), self.logits(features)
 
     def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False, known: torch.Tensor | None = None) -> torch.Tensor:
         means, logits = self.mixture(inputs, known)
