@@ -34,7 +34,7 @@ from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, 
 from pipelines.explain import explanation_writer
 from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
-from pipelines.parse_errors import broken_yaml, explain, foreign_config
+from pipelines.parse_errors import config_file_problem, explain, foreign_config
 from pipelines.predictions import prediction_file
 from pipelines.run_callbacks import run_trainer_settings
 from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
@@ -239,12 +239,14 @@ class PipelineCLI(LightningCLI):
         os.environ[RUN_ID_ENV] = self.run.run_id
 
     def _parse(self, parser: LightningArgumentParser, args: Any) -> None:
+        problem = config_file_problem(args)  # before jsonargparse reads them: a UTF-16 file would crash it, a key twice would pass
+        if problem:
+            raise InputError(problem)
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:
-            broken = broken_yaml(args)
             options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
-            raise InputError(broken or foreign_config(args, self.spec.name) or explain(str(error), options, self.spec.name)) from None
+            raise InputError(foreign_config(args, self.spec.name) or explain(str(error), options, self.spec.name)) from None
 
     def instantiate_classes(self) -> None:
         """Data module, model, data check, then the trainer: bad input stops here, before any file is written."""

@@ -13,15 +13,42 @@ import yaml
 from pipelines.errors import did_you_mean
 
 
-def broken_yaml(args: Any) -> str | None:
-    """The first ``--config FILE`` of ``args`` that is not valid YAML, as an error naming the file and line."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (YAML itself lets the last one win)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}): which one is meant?", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def config_file_problem(args: Any) -> str | None:
+    """The first ``--config FILE`` of ``args`` that cannot be a config, named with what is wrong: not UTF-8
+    text (a UTF-16 byte-order mark said so), empty, not valid YAML, a key given twice, or not a mapping."""
     for path in config_files(args):
         if not path.is_file():
             continue
+        raw = path.read_bytes()
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return f"--config {path}: UTF-16 text (its byte-order mark), not UTF-8; re-save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
         try:
-            yaml.safe_load(path.read_text())
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            return f"--config {path}: byte offset {error.start} (0x{raw[error.start]:02x}) is not UTF-8 text; re-save the file as UTF-8"
+        if not text.strip():
+            return f"--config {path}: the file is empty; expected YAML sections such as 'trainer:', 'model:', 'data:'"
+        try:
+            content = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as error:
             return f"--config {path}: not valid YAML: {' '.join(str(error).split())}"
+        if content is not None and not isinstance(content, dict):
+            return f"--config {path}: holds a YAML {type(content).__name__}; expected a mapping of sections such as 'trainer:', 'model:', 'data:'"
     return None
 
 

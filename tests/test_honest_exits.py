@@ -181,4 +181,13 @@ def test_a_file_that_is_not_a_checkpoint_and_a_broken_yaml_are_refused_naming_th
     assert exit_code("finance", "--config", str(broken), "--runs_dir", str(tmp_path / "runs")) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"--config {broken}: not valid YAML" in err and "line 3" in err, err
+    # a UTF-16 file (it crashed the parser, exit 1), an empty one, a key given twice (silently last-wins), a list
+    for name, content, expected in [("utf16.yaml", "trainer:\n  max_epochs: 1\n".encode("utf-16"), "utf-16 text"),
+                                    ("empty.yaml", b"", "the file is empty"),
+                                    ("twice.yaml", b"trainer:\n  max_epochs: 1\n  max_epochs: 5\n", "key 'max_epochs' appears twice (lines 2 and 3)"),
+                                    ("list.yaml", b"- a\n- b\n", "holds a yaml list; expected a mapping")]:  # fmt: skip
+        (tmp_path / name).write_bytes(content)
+        assert exit_code("finance", "--config", str(tmp_path / name), "--runs_dir", str(tmp_path / "runs")) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--config {tmp_path / name}: " in err and expected in err.lower(), err
     assert not (tmp_path / "runs").exists()
