@@ -47,6 +47,25 @@ def model_options(argv: Sequence[str]) -> Iterator[tuple[str, str, str]]:
         yield option, name, value
 
 
+def refused_before_the_checkpoint(argv: Sequence[str], error: str) -> str | None:
+    """With ``--ckpt_path``, a ``--model...`` option the parser refused (it knows only the domain's default
+    model class until the run's config is read, e.g. a Diffusion option against the GAN default) as the
+    message :func:`check_model_options_kept` gives: the model comes from the checkpoint, leave it out."""
+    tokens = list(argv)
+    if not any(t == "--ckpt_path" or t.startswith("--ckpt_path=") for t in tokens) or 'Parser key "model"' not in error:
+        return None
+    given = [option for option, _, _ in model_options(tokens)]
+    named = [option for option in given if f"'{option.rsplit('.', 1)[-1]}'" in error]  # the option(s) the parser named
+    given = named or given
+    if not given:
+        return None
+    return (
+        f"{', '.join(given)}: with --ckpt_path the model and its options come from the checkpoint, so a --model option cannot be "
+        "given or changed here. Leave it out; options that apply when generating or predicting are data options (see --help), "
+        "and a model with other options needs a new training run"
+    )
+
+
 def _same(given: Any, saved: Any) -> bool:
     if isinstance(given, (int, float)) and isinstance(saved, (int, float)) and not isinstance(given, bool) and not isinstance(saved, bool):
         return float(given) == float(saved)

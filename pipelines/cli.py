@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pipelines.checkpoint_options import check_model_options_kept
+from pipelines.checkpoint_options import check_model_options_kept, refused_before_the_checkpoint
 from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
@@ -246,7 +246,7 @@ class PipelineCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:
             options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
-            raise InputError(foreign_config(args, self.spec.name) or explain(str(error), options, self.spec.name)) from None
+            raise InputError(foreign_config(args, self.spec.name) or refused_before_the_checkpoint(args if isinstance(args, list) else [], str(error)) or explain(str(error), options, self.spec.name)) from None
 
     def instantiate_classes(self) -> None:
         """Data module, model, data check, then the trainer: bad input stops here, before any file is written."""
