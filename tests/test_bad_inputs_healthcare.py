@@ -130,7 +130,7 @@ CASES = [
     BadInput("label_typo", CSV, ("'COVID-19'", "'covid'", "spelt two ways", "--data.class_names"), lambda f: table(f, ["COVID-19", "normal"] * 3 + ["covid", "normal"])),
     BadInput("rare_class", CSV, ("'cyst' (1 row)", "fewer than 2 rows", "--data.class_names"), lambda f: table(f, ["benign", "malignant"] * 3 + ["cyst", "benign"])),
     BadInput("label_outside_class_names", (*CSV, "--data.class_names=[benign,malignant]"), ("'malignent'", "did you mean 'malignant'", "row 8"), lambda f: table(f, ["benign", "malignant"] * 3 + ["benign", "malignent"])),
-    BadInput("empty_label", CSV, ("row 3", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
+    BadInput("empty_label", CSV, ("row 3 (case2.png)", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
     BadInput("binary_without_a_positive_class", CSV, ("['covid', 'flu']", "--data.positive_class"), lambda f: table(f, ["covid", "flu"] * 4)),
     BadInput("positive_class_not_a_class", (*CSV, "--data.positive_class=malignent"), ("'malignent'", "did you mean 'malignant'"), table),
     BadInput("positive_class_for_multiclass", (*CSV, "--data.positive_class=b"), ("for binary tasks", "multiclass"), lambda f: table(f, ["a", "b", "c", "a", "b", "c", "a", "b"], count=8)),

@@ -219,7 +219,7 @@ def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str
     tokens = [[t.strip() for t in value.split(MULTILABEL_SEPARATOR) if t.strip()] for value in raw]
     empty = [row + 1 for row, labels in enumerate(tokens) if not labels]
     if empty:
-        raise InputError(f"{csv_path}: {describe_rows(empty)} ({table['path'].iloc[empty[0] - 2]}): empty label; every image needs a label")
+        raise InputError(f"{csv_path}: {describe_rows(empty)} ({table['path'].iloc[empty[0] - 1]}): empty label; every image needs a label")
     counts: Counter = Counter(t for row in tokens for t in row)
     first_row = {}
     for row, labels in enumerate(tokens):
