@@ -229,10 +229,10 @@ def check_inception_weights(path: str | Path) -> Path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \w+)|Unsupported[^\n]*", str(error))  # torch names the global or opcode it refused
-        cause = found.group(0) if found else (str(error).strip().splitlines() or [type(error).__name__])[0]
+        cause = f" ({found.group(0)})" if found else ""  # torch's other text (and its advice to load with weights_only=False) is not shown
         raise InputError(
             f"--model.init_args.inception_weights {path}: not a weights-only file (it holds pickled objects other than tensors, "
-            f"or is no torch file at all); refused, nothing in it was run ({cause})"
+            f"or is no torch file at all); refused, nothing in it was run{cause}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"--model.init_args.inception_weights {path}: expected a state dict (names to tensors), found {type(state).__name__}")
