@@ -344,7 +344,12 @@ class PipelineCLI(LightningCLI):
         log.info(f"{what} recorded in {path}")
 
     def after_fit(self) -> None:
-        if not self.test_after_fit or self.trainer.interrupted:
+        if self.trainer.interrupted:
+            return
+        if self.trainer.global_step == 0:  # e.g. fewer training rows than one batch with drop_last: nothing was learned
+            raise RunStopped(f"{self.spec.name} fit ran no training step (no training batches?), so there is no trained model to test or keep "
+                             "as a result; check the training split's size against --data.batch_size")
+        if not self.test_after_fit:
             return
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""

@@ -61,3 +61,10 @@ def check_run_options(sub: str, cfg: Any) -> None:
         raise InputError(f"--output names the file of `predict`; {sub} writes no predictions")
     if cfg.get("explain") and sub != "predict":
         raise InputError(f"--explain writes explanations beside the predictions of `predict`; {sub} writes no predictions")
+    trainer = cfg.get("trainer") or {}
+    if sub == "fit":  # a fit that trains nothing would still be tested and reported as a result
+        for option in ("limit_train_batches", "max_epochs", "max_steps"):
+            value = trainer.get(option)
+            if value is not None and not isinstance(value, bool) and value == 0:
+                raise InputError(f"--trainer.{option} {value}: this fit would run no training step, and the untrained model would be "
+                                 "tested and reported as the run's result; give at least one batch, epoch or step")

@@ -191,3 +191,13 @@ def test_a_file_that_is_not_a_checkpoint_and_a_broken_yaml_are_refused_naming_th
         err = " ".join(capsys.readouterr().err.split())
         assert f"--config {tmp_path / name}: " in err and expected in err.lower(), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_fit_that_trains_nothing_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--trainer.limit_train_batches 0 used to skip training, test the untrained network and report its AUROC with exit 0."""
+    runs = tmp_path / "runs"
+    for option in ("--trainer.limit_train_batches=0", "--trainer.max_epochs=0", "--trainer.max_steps=0"):
+        assert exit_code("finance", *FINANCE, option, "--runs_dir", str(runs)) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--trainer.{option.split('.')[1].split('=')[0]} 0" in err and "no training step" in err, err
+    assert not runs.exists()
