@@ -7,9 +7,9 @@ with five sections whose panels name only metrics the domain really logs, read f
 - **Training curves**: one line plot per metric logged as ``train/X`` and/or ``val/X`` (``metrics.jsonl``), against ``epoch``;
 - **Test plots**: a bar per run for each declared test metric the run logged (``DomainSpec.test_metrics``), and a media
   panel per test figure (``plots/test_*.png``, logged to W&B under ``test/...``);
-- **Retraining history**: the champion metric of every attempt (the first of ``DomainSpec.selection``, else the monitor's ``test/`` name, the run logged; the
-  attempts' runs are in the W&B group ``retrain-<domain>``), with a note on promotions and rejections (the registry's
-  ``history.jsonl``: ``python -m pipelines.registry DOMAIN history``);
+- **Retraining history**: what each retraining decision run logs (:mod:`pipelines.retrain_wandb`): challenger and champion
+  scores on the evaluation set, promoted/rejected/failed and the registered version per attempt; and the challenger's own
+  test metric (the first of ``DomainSpec.selection``, else the monitor's ``test/`` name, the run logged);
 - **Drift scores** and **Serving metrics**: what ``python -m pipelines.monitor ... --wandb`` logs (:mod:`pipelines.monitor_wandb`):
   drift scores, the alert rate against the budget (a model with one), the window's request rate, mean score and alert share.
 
@@ -31,6 +31,7 @@ from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_BAD_INPUT, InputError, paragraph
 from pipelines.monitor_wandb import BUDGET_KEYS, DRIFT_KEYS, SERVING_KEYS
 from pipelines.option_spelling import OptionParser
+from pipelines.retrain_wandb import JOB_TYPE as DECISION_JOB_TYPE, OUTCOME_KEYS, SCORE_KEYS, VERSION_KEY
 
 SECTIONS = ("Training curves", "Test plots", "Retraining history", "Drift scores", "Serving metrics")
 ROW_FIELDS = {"stage", "step"}  # metrics.jsonl bookkeeping, not metrics ("epoch" is logged to W&B by Lightning)
@@ -65,12 +66,19 @@ def section_panels(spec: DomainSpec, scalars: set[str], figures: set[str], budge
     from pipelines.selection import evaluation_metric_key
 
     selection = next((metric for metric in spec.selection or (evaluation_metric_key(spec.monitor),) if metric in scalars), None)
-    history = [wr.MarkdownPanel(markdown=(
-        f"Attempts of `python -m pipelines.retrain {spec.name}` are the runs of W&B group `retrain-{spec.name}`. "
-        f"Promotions and rejections: the registry's `history.jsonl` (`python -m pipelines.registry {spec.name} history`), "
-        f"and the `{spec.name}-model` artifact's `champion` alias when W&B is online."))]  # fmt: skip
+    history = [
+        wr.BarPlot(title="evaluation-set score per attempt: challenger and champion", metrics=list(SCORE_KEYS)),
+        wr.BarPlot(title="decision per attempt (1 = yes)", metrics=list(OUTCOME_KEYS)),
+        wr.BarPlot(title="registered version per attempt", metrics=[VERSION_KEY]),
+        wr.MarkdownPanel(markdown=(
+            f"Each attempt of `python -m pipelines.retrain {spec.name}` that trained a challenger is a W&B run of group `retrain-{spec.name}`, "
+            f"job type `{DECISION_JOB_TYPE}` (`pipelines.retrain_wandb`): its scores on the registry's evaluation set, its decision, and in its "
+            f"summary the reason (`retrain/reason`), the metric and the version. The registry's `history.jsonl` is the source of truth "
+            f"(`python -m pipelines.registry {spec.name} history`)."
+        )),
+    ]  # fmt: skip
     if selection:
-        history.insert(0, wr.BarPlot(title=f"champion metric per attempt: {selection}", metrics=[selection]))
+        history.insert(0, wr.BarPlot(title=f"{selection} per run (the attempts' evaluation runs, job type retrain-eval)", metrics=[selection]))
     drift = [wr.BarPlot(title=key, metrics=[key]) for key in DRIFT_KEYS]
     if budget:
         drift.append(wr.BarPlot(title="alert rate against the budget (interval low/high)", metrics=list(BUDGET_KEYS[:4])))
