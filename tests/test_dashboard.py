@@ -74,3 +74,21 @@ def test_a_run_without_metrics_is_refused(tmp_path, capsys):
     assert main(["finance", "--run_dir", str(tmp_path / "run"), "--out", str(tmp_path / "d.json")]) == 2
     assert "no metrics.jsonl" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "d.json").exists()  # a paragraph wraps long paths
     assert main(["financ", "--run_dir", str(tmp_path / "run")]) == 2
+
+
+def test_raw_transactions_against_the_models_preprocessed_reference_are_refused(tiny_run, tmp_path, capsys):
+    """The finance tiny run's bundle holds statistics of its preprocessed features (log-scaled, standardised amounts,
+    one-hot categories): the raw transactions it was trained on are refused (exit 2) naming the missing features, and
+    their raw amounts are refused as other units, not reported as drift (exit 3)."""
+    from domains.finance.synthetic import make_card_transactions
+    from pipelines.export import export_checkpoint
+    from pipelines.monitor import main as monitor_main
+
+    bundle = export_checkpoint(get_domain("finance"), tiny_run("finance") / "checkpoints" / "last.ckpt", "onnx", tmp_path / "bundle")
+    make_card_transactions(1200).to_csv(tmp_path / "raw.csv", index=False)
+    assert monitor_main([str(bundle), str(tmp_path / "raw.csv")]) == 2
+    refused = " ".join(capsys.readouterr().err.split())
+    assert "raw.csv: 31 of the 37 features of" in refused and "'timestamp.hour_sin'" in refused and "model's input 'numeric'" in refused, refused
+    assert monitor_main([str(bundle), str(tmp_path / "raw.csv"), "--columns", "amount,customer_age"]) == 2
+    refused = " ".join(capsys.readouterr().err.split())
+    assert "not in the units of" in refused and "'amount': median" in refused and "request log" in refused, refused
