@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +20,22 @@ from tests.conftest import ROOT, child_env
 
 
 @pytest.fixture(scope="module")
-def monitor_logged(tiny_run, tmp_path_factory) -> set[str]:
+def finance_bundle(tiny_run, tmp_path_factory) -> Path:
+    """The finance tiny run's bundle."""
+    from pipelines.export import export_checkpoint
+
+    return export_checkpoint(get_domain("finance"), tiny_run("finance") / "checkpoints" / "last.ckpt", "onnx", tmp_path_factory.mktemp("finance-bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def monitor_logged(finance_bundle, tmp_path_factory) -> set[str]:
     """The keys a real ``pipelines.monitor --wandb`` check logs on a request log the finance tiny run's bundle answered."""
     from pipelines.bundle_runtime import Bundle
-    from pipelines.export import export_checkpoint
     from pipelines.reference import load_reference, reference_frame
     from pipelines.request_log import RequestLog, item_features, item_outputs
     from pipelines.serving_server import model_identity
 
-    root = tmp_path_factory.mktemp("dashboard-monitor")
-    bundle = export_checkpoint(get_domain("finance"), tiny_run("finance") / "checkpoints" / "last.ckpt", "onnx", root / "bundle")
+    root, bundle = tmp_path_factory.mktemp("dashboard-monitor"), finance_bundle
     stats = load_reference(bundle)
     features = reference_frame(stats)[stats["columns"]].dropna().to_numpy(np.float32)
     outputs = Bundle(bundle).run(numeric=features)
@@ -76,15 +83,14 @@ def test_a_run_without_metrics_is_refused(tmp_path, capsys):
     assert main(["financ", "--run_dir", str(tmp_path / "run")]) == 2
 
 
-def test_raw_transactions_against_the_models_preprocessed_reference_are_refused(tiny_run, tmp_path, capsys):
+def test_raw_transactions_against_the_models_preprocessed_reference_are_refused(finance_bundle, tmp_path, capsys):
     """The finance tiny run's bundle holds statistics of its preprocessed features (log-scaled, standardised amounts,
     one-hot categories): the raw transactions it was trained on are refused (exit 2) naming the missing features, and
     their raw amounts are refused as other units, not reported as drift (exit 3)."""
     from domains.finance.synthetic import make_card_transactions
-    from pipelines.export import export_checkpoint
     from pipelines.monitor import main as monitor_main
 
-    bundle = export_checkpoint(get_domain("finance"), tiny_run("finance") / "checkpoints" / "last.ckpt", "onnx", tmp_path / "bundle")
+    bundle = finance_bundle
     make_card_transactions(1200).to_csv(tmp_path / "raw.csv", index=False)
     assert monitor_main([str(bundle), str(tmp_path / "raw.csv")]) == 2
     refused = " ".join(capsys.readouterr().err.split())
