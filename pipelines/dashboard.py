@@ -11,7 +11,9 @@ with five sections whose panels name only metrics the domain really logs, read f
   scores on the evaluation set, promoted/rejected/failed and the registered version per attempt; and the challenger's own
   test metric (the first of ``DomainSpec.selection``, else the monitor's ``test/`` name, the run logged);
 - **Drift scores** and **Serving metrics**: what ``python -m pipelines.monitor ... --wandb`` logs (:mod:`pipelines.monitor_wandb`):
-  drift scores, the alert rate against the budget (a model with one), the window's request rate, mean score and alert share.
+  drift scores, the alert rate against the budget (a model with one), the window's request rate, mean score and alert share;
+  and what ``python -m pipelines.monitor_live URL --wandb`` logs from a running server's ``/metrics`` (:mod:`pipelines.monitor_live`):
+  request rate, error share, latency quantiles, requests in flight.
 
 With a W&B key (``WANDB_API_KEY``) the workspace is saved to W&B (``--entity``, default ``$WANDB_ENTITY`` or the key's
 default entity) and its URL printed; without one (or with ``--offline``) nothing is sent. The spec (the workspace as W&B
@@ -29,6 +31,7 @@ from typing import Any
 
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_BAD_INPUT, InputError, paragraph
+from pipelines.monitor_live import LIVE_KEYS
 from pipelines.monitor_wandb import BUDGET_KEYS, DRIFT_KEYS, SERVING_KEYS
 from pipelines.option_spelling import OptionParser
 from pipelines.retrain_wandb import JOB_TYPE as DECISION_JOB_TYPE, OUTCOME_KEYS, SCORE_KEYS, VERSION_KEY
@@ -84,8 +87,12 @@ def section_panels(spec: DomainSpec, scalars: set[str], figures: set[str], budge
         drift.append(wr.BarPlot(title="alert rate against the budget (interval low/high)", metrics=list(BUDGET_KEYS[:4])))
         drift.append(wr.BarPlot(title="alert rate outside the budget (1 = yes)", metrics=[BUDGET_KEYS[4]]))
     serving = [wr.BarPlot(title=key, metrics=[key]) for key in SERVING_KEYS if budget or key not in ("serving/score_mean", "serving/alert_share")]
-    serving.append(wr.MarkdownPanel(markdown="Live serving metrics (requests, latency, batch sizes, errors, model version) are on the server's "
-                                             "Prometheus `/metrics`; these panels are the request log's windows as `pipelines.monitor --wandb` logs them."))  # fmt: skip
+    serving.append(wr.BarPlot(title="live: requests per second and error share", metrics=list(LIVE_KEYS[:2])))
+    serving.append(wr.BarPlot(title="live: latency quantiles (s)", metrics=list(LIVE_KEYS[2:5])))
+    serving.append(wr.BarPlot(title="live: requests in flight", metrics=[LIVE_KEYS[5]]))
+    serving.append(wr.MarkdownPanel(markdown="`serving/window_rows` and the other window panels: the request log's windows as `pipelines.monitor --wandb` "
+                                             "logs them. The `live:` panels: the server's Prometheus `/metrics` between two reads, as "
+                                             "`python -m pipelines.monitor_live URL --wandb` logs them."))  # fmt: skip
     return dict(zip(SECTIONS, (training, tests, history, drift, serving)))
 
 
