@@ -18,7 +18,8 @@ with five sections whose panels name only metrics the domain really logs, read f
 With a W&B key (``WANDB_API_KEY``) the workspace is saved to W&B (``--entity``, default ``$WANDB_ENTITY`` or the key's
 default entity) and its URL printed; without one (or with ``--offline``) nothing is sent. The spec (the workspace as W&B
 stores it, JSON) is always written, complete or absent, to ``--out`` (default ``<run folder>/dashboard.json``).
-Exit status: 0 written (and published when a key is present); 2 bad input (an unknown domain, no run folder, a run without metrics); 1 a failed publication.
+Exit status: 0 written (and published when a key is present); 2 bad input (an unknown domain, no run folder, a run without metrics); 1 a failed publication;
+143 stopped by SIGTERM (nothing half-written).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pipelines.monitor_live import LIVE_KEYS
 from pipelines.monitor_wandb import BUDGET_KEYS, DRIFT_KEYS, SERVING_KEYS
 from pipelines.option_spelling import OptionParser
 from pipelines.retrain_wandb import JOB_TYPE as DECISION_JOB_TYPE, OUTCOME_KEYS, SCORE_KEYS, VERSION_KEY
+from pipelines.stops import sigterm_as_exit
 
 SECTIONS = ("Training curves", "Test plots", "Retraining history", "Drift scores", "Serving metrics")
 ROW_FIELDS = {"stage", "step"}  # metrics.jsonl bookkeeping, not metrics ("epoch" is logged to W&B by Lightning)
@@ -130,6 +132,7 @@ def newest_run(domain: str, runs_dir: Path) -> Path:
     return runs[-1]
 
 
+@sigterm_as_exit("dashboard")  # a stopped dashboard leaves no temporary file beside --out, and an earlier spec as it was; exit 143
 def main(argv: list[str] | None = None) -> int:
     from pipelines.domain_registry import available_domains, get_domain
     from pipelines.files import write_json_atomic

@@ -100,3 +100,28 @@ def test_raw_transactions_against_the_models_preprocessed_reference_are_refused(
     assert monitor_main([str(bundle), str(tmp_path / "raw.csv"), "--columns", "amount,customer_age"]) == 2
     refused = " ".join(capsys.readouterr().err.split())
     assert "not in the units of" in refused and "'amount': median" in refused and "request log" in refused, refused
+
+
+def test_sigterm_stops_the_dashboard_honestly_and_keeps_an_earlier_spec(tiny_run, tmp_path):
+    """A real SIGTERM to ``python -m pipelines.dashboard`` at two moments of its run: each time a non-zero exit (143 once
+    main's handler is in place, -15 during the interpreter's imports), the earlier spec byte for byte and no temporary
+    file beside it; or, had it finished first, exit 0 and a complete new spec."""
+    import signal
+    import time
+
+    out = tmp_path / "dashboard.json"
+    outcomes = []
+    for delay in (1.0, 6.0):
+        out.write_text('{"earlier": true}\n')
+        process = subprocess.Popen([sys.executable, "-m", "pipelines.dashboard", "finance", "--run_dir", str(tiny_run("finance")), "--out", str(out)],
+                                   cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        outcomes.append(process.returncode)
+        assert [p.name for p in tmp_path.iterdir()] == ["dashboard.json"], "no temporary file"
+        if process.returncode in (143, -signal.SIGTERM) and out.read_text() == '{"earlier": true}\n':
+            assert process.returncode == -signal.SIGTERM or "stopped by SIGTERM" in output, output
+        else:  # it finished before the signal came
+            assert process.returncode == 0 and "panelBankConfig" in out.read_text(), (process.returncode, output)
+    print(f"exit codes after SIGTERM at 1 s and 6 s: {outcomes}")
