@@ -43,7 +43,7 @@ from typing import Any
 
 from pipelines.files import write_json_atomic
 from pipelines.option_spelling import OptionParser
-from pipelines.stops import sigterm_as_exit
+from pipelines.stops import sigterm_as_exit, stop_process
 
 logger = logging.getLogger("pipelines.serve")
 
@@ -174,13 +174,8 @@ class RegistryWatcher:
         """Stop the export child (it removes its staging folder on SIGTERM) and remove what a killed one left: the cache
         then holds complete bundles only."""
         child, self._child = self._child, None
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.communicate(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.communicate()
+        if child is not None:
+            stop_process(child, STOP_GRACE_S)
         for staging in output.parent.glob(f".{output.name}.*"):  # export_checkpoint's staging folder (tempfile.mkdtemp)
             shutil.rmtree(staging, ignore_errors=True)
 
