@@ -7,16 +7,19 @@ with five sections whose panels name only metrics the domain really logs, read f
 - **Training curves**: one line plot per metric logged as ``train/X`` and/or ``val/X`` (``metrics.jsonl``), against ``epoch``;
 - **Test plots**: a bar per run for each declared test metric the run logged (``DomainSpec.test_metrics``), and a media
   panel per test figure (``plots/test_*.png``, logged to W&B under ``test/...``);
-- **Retraining history**: the champion metric of every attempt (the first of ``DomainSpec.selection``, else the monitor's ``test/`` name, the run logged; the
-  attempts' runs are in the W&B group ``retrain-<domain>``), with a note on promotions and rejections (the registry's
-  ``history.jsonl``: ``python -m pipelines.registry DOMAIN history``);
+- **Retraining history**: what each retraining decision run logs (:mod:`pipelines.retrain_wandb`): challenger and champion
+  scores on the evaluation set, promoted/rejected/failed and the registered version per attempt; and the challenger's own
+  test metric (the first of ``DomainSpec.selection``, else the monitor's ``test/`` name, the run logged);
 - **Drift scores** and **Serving metrics**: what ``python -m pipelines.monitor ... --wandb`` logs (:mod:`pipelines.monitor_wandb`):
-  drift scores, the alert rate against the budget (a model with one), the window's request rate, mean score and alert share.
+  drift scores, the alert rate against the budget (a model with one), the window's request rate, mean score and alert share;
+  and what ``python -m pipelines.monitor_live URL --wandb`` logs from a running server's ``/metrics`` (:mod:`pipelines.monitor_live`):
+  request rate, error share, latency quantiles, requests in flight.
 
 With a W&B key (``WANDB_API_KEY``) the workspace is saved to W&B (``--entity``, default ``$WANDB_ENTITY`` or the key's
 default entity) and its URL printed; without one (or with ``--offline``) nothing is sent. The spec (the workspace as W&B
 stores it, JSON) is always written, complete or absent, to ``--out`` (default ``<run folder>/dashboard.json``).
-Exit status: 0 written (and published when a key is present); 2 bad input (an unknown domain, no run folder, a run without metrics); 1 a failed publication.
+Exit status: 0 written (and published when a key is present); 2 bad input (an unknown domain, no run folder, a run without metrics); 1 a failed publication;
+143 stopped by SIGTERM (nothing half-written).
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from typing import Any
 
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_BAD_INPUT, InputError, paragraph
+from pipelines.monitor_live import LIVE_KEYS
 from pipelines.monitor_wandb import BUDGET_KEYS, DRIFT_KEYS, SERVING_KEYS
 from pipelines.option_spelling import OptionParser
+from pipelines.retrain_wandb import JOB_TYPE as DECISION_JOB_TYPE, OUTCOME_KEYS, SCORE_KEYS, VERSION_KEY
+from pipelines.stops import sigterm_as_exit
 
 SECTIONS = ("Training curves", "Test plots", "Retraining history", "Drift scores", "Serving metrics")
 ROW_FIELDS = {"stage", "step"}  # metrics.jsonl bookkeeping, not metrics ("epoch" is logged to W&B by Lightning)
@@ -65,19 +71,30 @@ def section_panels(spec: DomainSpec, scalars: set[str], figures: set[str], budge
     from pipelines.selection import evaluation_metric_key
 
     selection = next((metric for metric in spec.selection or (evaluation_metric_key(spec.monitor),) if metric in scalars), None)
-    history = [wr.MarkdownPanel(markdown=(
-        f"Attempts of `python -m pipelines.retrain {spec.name}` are the runs of W&B group `retrain-{spec.name}`. "
-        f"Promotions and rejections: the registry's `history.jsonl` (`python -m pipelines.registry {spec.name} history`), "
-        f"and the `{spec.name}-model` artifact's `champion` alias when W&B is online."))]  # fmt: skip
+    history = [
+        wr.BarPlot(title="evaluation-set score per attempt: challenger and champion", metrics=list(SCORE_KEYS)),
+        wr.BarPlot(title="decision per attempt (1 = yes)", metrics=list(OUTCOME_KEYS)),
+        wr.BarPlot(title="registered version per attempt", metrics=[VERSION_KEY]),
+        wr.MarkdownPanel(markdown=(
+            f"Each attempt of `python -m pipelines.retrain {spec.name}` that trained a challenger is a W&B run of group `retrain-{spec.name}`, "
+            f"job type `{DECISION_JOB_TYPE}` (`pipelines.retrain_wandb`): its scores on the registry's evaluation set, its decision, and in its "
+            f"summary the reason (`retrain/reason`), the metric and the version. The registry's `history.jsonl` is the source of truth "
+            f"(`python -m pipelines.registry {spec.name} history`)."
+        )),
+    ]  # fmt: skip
     if selection:
-        history.insert(0, wr.BarPlot(title=f"champion metric per attempt: {selection}", metrics=[selection]))
+        history.insert(0, wr.BarPlot(title=f"{selection} per run (the attempts' evaluation runs, job type retrain-eval)", metrics=[selection]))
     drift = [wr.BarPlot(title=key, metrics=[key]) for key in DRIFT_KEYS]
     if budget:
         drift.append(wr.BarPlot(title="alert rate against the budget (interval low/high)", metrics=list(BUDGET_KEYS[:4])))
         drift.append(wr.BarPlot(title="alert rate outside the budget (1 = yes)", metrics=[BUDGET_KEYS[4]]))
     serving = [wr.BarPlot(title=key, metrics=[key]) for key in SERVING_KEYS if budget or key not in ("serving/score_mean", "serving/alert_share")]
-    serving.append(wr.MarkdownPanel(markdown="Live serving metrics (requests, latency, batch sizes, errors, model version) are on the server's "
-                                             "Prometheus `/metrics`; these panels are the request log's windows as `pipelines.monitor --wandb` logs them."))  # fmt: skip
+    serving.append(wr.BarPlot(title="live: requests per second and error share", metrics=list(LIVE_KEYS[:2])))
+    serving.append(wr.BarPlot(title="live: latency quantiles (s)", metrics=list(LIVE_KEYS[2:5])))
+    serving.append(wr.BarPlot(title="live: requests in flight", metrics=[LIVE_KEYS[5]]))
+    serving.append(wr.MarkdownPanel(markdown="`serving/window_rows` and the other window panels: the request log's windows as `pipelines.monitor --wandb` "
+                                             "logs them. The `live:` panels: the server's Prometheus `/metrics` between two reads, as "
+                                             "`python -m pipelines.monitor_live URL --wandb` logs them."))  # fmt: skip
     return dict(zip(SECTIONS, (training, tests, history, drift, serving)))
 
 
@@ -115,6 +132,7 @@ def newest_run(domain: str, runs_dir: Path) -> Path:
     return runs[-1]
 
 
+@sigterm_as_exit("dashboard")  # a stopped dashboard leaves no temporary file beside --out, and an earlier spec as it was; exit 143
 def main(argv: list[str] | None = None) -> int:
     from pipelines.domain_registry import available_domains, get_domain
     from pipelines.files import write_json_atomic

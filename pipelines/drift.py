@@ -113,21 +113,29 @@ def _check_numbers(frame: pd.DataFrame, column: str, name: str) -> None:
 
 def compare(
     reference: pd.DataFrame, window: pd.DataFrame, columns: list[str] | None = None, psi_threshold: float = PSI_THRESHOLD,
-    ks_alpha: float = KS_ALPHA, bins: int = 10, names: tuple[str, str] = ("the reference", "the window"),
+    ks_alpha: float = KS_ALPHA, bins: int = 10, names: tuple[str, str] = ("the reference", "the window"), units_note: str | None = None,
 ) -> list[FeatureDrift]:
     """PSI and KS per feature (default: every numeric column of the reference).
 
     Raises :class:`pipelines.errors.InputError` (a ``ValueError``) naming the table (``names``: e.g.
-    the files), the column and the rows: a column missing from either table, a value that is not a
-    number, +-inf, or fewer than 2 values left once missing values (NaN) are left out.
+    the files), the column and the rows: columns missing from the window (all of them named), a value
+    that is not a number, +-inf, fewer than 2 values left once missing values (NaN) are left out, or
+    a window in other units than the reference (:mod:`pipelines.drift_units`; ``units_note`` says
+    what the reference's units are, e.g. a model's preprocessed input).
     """
     from scipy.stats import ks_2samp
+
+    from pipelines.drift_units import units_mismatch, units_refusal
 
     columns = numeric_columns(reference) if columns is None else columns
     if not columns:
         raise InputError(f"{names[0]}: no numeric columns to compare; its columns are {list(map(str, reference.columns))} (name them with --columns)")
-    results = []
-    per_feature_alpha = ks_alpha / len(columns)
+    absent = [c for c in columns if c in reference.columns and c not in window.columns]
+    if len(absent) > 1:
+        shown = ", ".join(map(repr, absent[:8])) + (f" and {len(absent) - 8} more" if len(absent) > 8 else "")
+        raise InputError(f"{names[1]}: {len(absent)} of the {len(columns)} features of {names[0]} are missing: {shown}; its columns are "
+                         f"{list(map(str, window.columns))[:20]}. {units_note or ''}".strip())  # fmt: skip
+    samples, problems = [], []
     for column in columns:
         for name, frame in zip(names, (reference, window)):
             _check_numbers(frame, column, name)
@@ -139,6 +147,13 @@ def compare(
                     f"{name}: column {column!r} has {len(kept)} value(s) once the {len(values) - len(kept)} missing one(s) are left out "
                     f"({len(values)} rows); expected at least 2 numbers"
                 )
+        samples.append((column, ref, win, ref_ok, win_ok))
+        problems += [problem] if (problem := units_mismatch(column, ref_ok, win_ok)) else []
+    if problems:
+        raise InputError(units_refusal(problems, len(columns), names, units_note))
+    results = []
+    per_feature_alpha = ks_alpha / len(columns)
+    for column, ref, win, ref_ok, win_ok in samples:
         counts = bin_counts(ref_ok, win_ok, bins)  # binned once for both the PSI and its noise test
         value, value_p = psi_of_counts(counts), psi_pvalue(counts)
         ks = ks_2samp(ref_ok, win_ok)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,13 +88,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temporary path)`` in ``path``'s folder, then ``os.replace``: complete or absent
     (for writers that take a path: safetensors, numpy, a figure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    # named before it exists (mkstemp's way, 0600, exclusive): a SIGTERM (SystemExit) that lands inside ``mkstemp``, after
+    # it made the file and before it returned the name, left the file behind (monitor --recalibrate_budget's stop test)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        write(Path(temporary))
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another writer's name (48 random bits): not ours to remove
+        raise
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    try:
+        os.close(descriptor)
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

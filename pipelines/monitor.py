@@ -27,7 +27,8 @@ one feature drifted (PSI >= ``--psi_threshold`` or KS p-value < ``--ks_alpha`` /
 reference with a sample of whole rows, generated images: their MMD p-value < ``--mmd_alpha``,
 :mod:`pipelines.monitor_mmd`) or the alert rate is outside its interval; 2 bad input (a missing, empty or unreadable file, a bundle or checkpoint without reference statistics, a header with no
 rows or a repeated column, a CSV that is not UTF-8, a missing column, a value that is not a number
-or is inf, fewer than 2 values, an unknown option or one out of range), refused with one paragraph
+or is inf, fewer than 2 values, a window in other units than the reference such as raw amounts against a
+model's preprocessed features (:mod:`pipelines.drift_units`), an unknown option or one out of range), refused with one paragraph
 naming the file, column and rows before anything is written; 1 a crash. Missing values (NaN, empty
 cells) are left out of the statistics and counted.
 """
@@ -47,7 +48,7 @@ from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.option_spelling import OptionParser
 from pipelines.stops import sigterm_as_exit
 from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns
-from pipelines.reference import load_reference, reference_frame
+from pipelines.reference import load_reference, reference_frame, units_note
 from pipelines.request_log import read_log, segment_files
 from pipelines.files import destination_problem, write_json_atomic
 from pipelines.monitor_mmd import MMD_ALPHA, sample_test
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         results, reference, stats, embedding = [], None, None, None
         if args.only != "budget":
             reference, stats = read_reference(args.reference)
-            results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins, names=(args.reference, args.window))
+            results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins, names=(args.reference, args.window), units_note=units_note(stats))
             results = with_reference_counts(results, stats)
             embedding = sample_test(stats, window)
         budget, alert_rate = check_alert_budget(args, window) if args.only != "drift" else (None, None)

@@ -34,8 +34,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,7 +242,13 @@ def _write_checkpoint(source: Path, out: Path, threshold: float, record: dict[st
 def _write_bundle(source: Path, out: Path, threshold: float, record: dict[str, Any]) -> None:
     from pipelines.serving_server import model_identity
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    staging = out.resolve().parent / f".{out.name}.{secrets.token_hex(6)}"  # named before it exists: a SIGTERM inside mkdtemp left it
+    try:
+        staging.mkdir(mode=0o700)  # FileExistsError: another writer's (48 random bits), and the finally below is not reached
+    except BaseException as error:
+        if not isinstance(error, FileExistsError):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         metadata = json.loads((staging / "metadata.json").read_text())

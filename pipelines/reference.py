@@ -127,6 +127,15 @@ def reference_frame(stats: dict[str, Any], size: int = PSEUDO_SAMPLE) -> pd.Data
     return pd.DataFrame(columns)
 
 
+def units_note(stats: dict[str, Any] | None) -> str | None:
+    """What units a window must be in to be compared with ``stats`` (a refused window's message, :mod:`pipelines.drift_units`)."""
+    if not stats or not stats.get("input"):
+        return None
+    return (f"These reference statistics are of the model's input {stats['input']!r}, its columns after the model's fitted preprocessing "
+            "(what the server's request log records): give the server's request log (pipelines.serve --request_log), not raw data "
+            "such as amounts in currency units.")  # fmt: skip
+
+
 def check(stats: Any, where: str) -> dict[str, Any]:
     """``stats`` if it is a reference this code reads; ``ValueError`` naming ``where`` otherwise."""
     if not isinstance(stats, dict) or stats.get("format") != FORMAT or not isinstance(stats.get("features"), dict) or not stats["features"]:

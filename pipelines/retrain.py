@@ -21,7 +21,9 @@ registered domain with no domain code (``docs/retraining.md`` has the whole desi
 5. **Decide** on the domain's selection metric (or ``--metric``): the challenger must pass the
    domain's sanity floors and every ``--floor``, and beat the champion by more than ``--margin``.
 6. **Record**: the version (with the decision, so an interrupted promotion can be finished), the
-   champion pointer, the history row; then ``--keep N`` retention.
+   champion pointer, the history row; then the decision as a W&B run (champion and challenger
+   scores, decision, reason, version: :mod:`pipelines.retrain_wandb`; a W&B failure is a warning,
+   never a changed decision) and ``--keep N`` retention.
 
 Exit codes (:class:`ExitCode`): 0 promoted, 3 kept champion (challenger rejected, also when a first
 model fails the floors), 4 nothing new, 5 locked, 1 failed, 2 bad command line. Any non-zero exit
@@ -147,20 +149,34 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         code = getattr(error, "code", ExitCode.FAILED)
         print(f"[retrain] {'usage' if code == ExitCode.USAGE else 'failed'}: {error}", file=sys.stderr)
         attempt.record(code, str(error))
+        _log_decision(attempt)
         return code
     except Terminated as error:
         print(f"[retrain] failed: {error}", file=sys.stderr)
         attempt.record(ExitCode.FAILED, str(error))
-        return ExitCode.FAILED
+        return ExitCode.FAILED  # stopping: no W&B run is started now
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure is recorded in the history
         traceback.print_exc()
         attempt.record(ExitCode.FAILED, f"{type(error).__name__}: {error}")
+        if isinstance(error, Exception):  # Ctrl+C: stopping, no W&B run is started now
+            _log_decision(attempt)
         return ExitCode.FAILED
     attempt.record(code)
     print(f"[retrain] {attempt.row['decision']} (exit {int(code)})", file=sys.stderr)
+    _log_decision(attempt)
     if options.keep:
         _retention(attempt, options.keep)
     return code
+
+
+def _log_decision(attempt: Attempt) -> None:
+    """The recorded decision to W&B (:mod:`pipelines.retrain_wandb`); it never changes the attempt's exit code."""
+    from pipelines.retrain_wandb import log_decision
+
+    try:
+        print(f"[retrain] {log_decision(attempt.row, attempt.group)}", file=sys.stderr)
+    except Terminated:
+        print("[retrain] stopped (SIGTERM) while logging the decision to W&B; the decision is recorded in the registry's history", file=sys.stderr)
 
 
 def _retention(attempt: Attempt, keep: int) -> None:

@@ -6,7 +6,8 @@ Before anything else of the attempt, the window (the server's request log ``.jso
 needed), as ``python -m pipelines.monitor`` does. No feature drifted: exit ``4`` (nothing new,
 nothing trained). Drift: the attempt runs as without ``--when drift`` and exits with its own code.
 No champion yet: the attempt runs (there is nothing to compare with). A champion without reference
-statistics, or an unreadable window: exit ``2`` naming it. ``--when always`` (the default) skips the check.
+statistics, an unreadable window, or a window in other units than the reference (raw data against the
+model's preprocessed features: :mod:`pipelines.drift_units`): exit ``2`` naming it. ``--when always`` (the default) skips the check.
 
 A scheduler that wants the decision without retraining runs ``python -m pipelines.monitor`` and
 branches on its exit code (0 no drift, 3 drift).
@@ -83,7 +84,7 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     from pipelines.drift import compare
     from pipelines.model_registry import ModelRegistry
     from pipelines.monitor import read_window
-    from pipelines.reference import check, find_in_checkpoint, reference_frame
+    from pipelines.reference import check, find_in_checkpoint, reference_frame, units_note
 
     window, _ = read_window(options.drift_window, options.drift_last, None)  # checked first: a missing window is bad input, champion or not
     registry = ModelRegistry(root, domain)
@@ -94,7 +95,8 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     if stats is None:
         raise ValueError(f"champion {version} in {registry.path} holds no reference statistics (trained before they were saved); retrain without --when drift once")
     check(stats, f"champion {version}")
-    results = compare(reference_frame(stats), window, None, options.drift_psi_threshold, options.drift_ks_alpha)
+    results = compare(reference_frame(stats), window, None, options.drift_psi_threshold, options.drift_ks_alpha,
+                      names=(f"champion {version}", options.drift_window), units_note=units_note(stats))  # fmt: skip
     for r in results:
         print(f"[retrain] drift {'DRIFT' if r.drifted else 'ok   '} {r.feature}: psi {r.psi:.4f} ks {r.ks_statistic:.4f} (p {r.ks_pvalue:.3g})")
     if options.drift_report:

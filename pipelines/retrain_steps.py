@@ -98,12 +98,9 @@ def run_step(args: list[str], launcher: list[str] | None = None, job_type: str =
         try:
             code = process.wait()
         except BaseException:  # this attempt is stopping: the child stops too, keeping its last checkpoint
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            from pipelines.stops import stop_process
+
+            stop_process(process, STOP_GRACE_S)
             raise
         if code != 0:
             raise RetrainError(ExitCode.FAILED, f"{shlex.join(command)} exited with {code}")

@@ -8,7 +8,10 @@ Three parts, in three kinds of process:
   ``python -m pipelines.serving_registry``: torch, Lightning and the domain's code never enter the
   server's processes) and then publishes it by replacing ``current.json`` in the cache atomically.
   A failed export is logged and counted (``pipelines_serve_model_reloads_total{result="export_failed"}``);
-  the server keeps serving the version it has.
+  the server keeps serving the version it has. A SIGTERM during the first export (before the server
+  listens) stops the export child, which removes its staging folder, and exits 143: the cache holds
+  complete bundles or nothing, and the server's own temporary folders are removed. The export child
+  dies with the server (``PR_SET_PDEATHSIG``) if the server is killed.
 - :class:`ModelSlot` (each inference worker): the model that answers. In registry mode a thread
   polls ``current.json`` and loads the new bundle beside the old one, then swaps the reference: no
   request waits for a load, and every request is predicted by the model that decoded it, so
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -39,11 +43,13 @@ from typing import Any
 
 from pipelines.files import write_json_atomic
 from pipelines.option_spelling import OptionParser
+from pipelines.stops import sigterm_as_exit, stop_process
 
 logger = logging.getLogger("pipelines.serve")
 
 POINTER_FILE = "current.json"
 EXPORT_TIMEOUT = 600.0
+STOP_GRACE_S = 30.0  # seconds an export child gets to remove its staging folder after SIGTERM
 
 
 def read_pointer(cache: Path) -> dict[str, Any] | None:
@@ -145,7 +151,8 @@ class RegistryWatcher:
                 return output
         except (OSError, KeyError, TypeError, json.JSONDecodeError):
             pass
-        command = [sys.executable, "-m", "pipelines.serving_registry", str(self.root), self.domain, version, str(output), "--format", self.fmt, "--alias", self.alias]
+        command = [sys.executable, "-m", "pipelines.serving_registry", str(self.root), self.domain, version, str(output), "--format", self.fmt,
+                   "--alias", self.alias, f"--parent={os.getpid()}"]  # fmt: skip
         started = time.monotonic()
         self._child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -153,12 +160,24 @@ class RegistryWatcher:
         except subprocess.TimeoutExpired:
             self._child.kill()
             out, _ = self._child.communicate()
+        except BaseException:  # this server is stopping (SIGTERM during the first export: SystemExit): the export stops too
+            self._stop_child(output)
+            raise
         code, self._child = self._child.returncode, None
         if code != 0 or not (output / "metadata.json").is_file():
             tail = "\n".join(out.strip().splitlines()[-5:])
             raise RuntimeError(f"exporting {self.domain} {version} from {self.root} failed (exit {code}): {tail}")
         logger.info("exported %s %s to %s in %.1f s", self.domain, version, output, time.monotonic() - started)
         return output
+
+    def _stop_child(self, output: Path) -> None:
+        """Stop the export child (it removes its staging folder on SIGTERM) and remove what a killed one left: the cache
+        then holds complete bundles only."""
+        child, self._child = self._child, None
+        if child is not None:
+            stop_process(child, STOP_GRACE_S)
+        for staging in output.parent.glob(f".{output.name}.*"):  # export_checkpoint's staging folder (tempfile.mkdtemp)
+            shutil.rmtree(staging, ignore_errors=True)
 
     def publish(self, version: str, bundle: Path, info: dict[str, Any]) -> None:
         """Point ``current.json`` at ``bundle`` with its ``/info`` (atomic replace); remove cached bundles other than this one and the one before."""
@@ -209,8 +228,9 @@ class RegistryWatcher:
             version = self.resolve()
         except RegistryError as error:
             raise ValueError(str(error)) from None
-        bundle = self.export(version)
-        self.publish(version, bundle, describe(json.loads((bundle / "metadata.json").read_text()), bundle))
+        with sigterm_as_exit("serve --registry (first export)"):  # SystemExit(143): the export stops, the caller's clean-up runs
+            bundle = self.export(version)
+            self.publish(version, bundle, describe(json.loads((bundle / "metadata.json").read_text()), bundle))
         return version
 
     def start(self, describe: Callable[[dict[str, Any], Path], dict[str, Any]]) -> None:
@@ -295,11 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path)
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     parser.add_argument("--alias", default=None)
+    parser.add_argument("--parent", type=int, default=None, help="die with this process (the server), which stops no export otherwise")
     args = parser.parse_args(argv)
+    from pipelines.child_run import die_with_parent
     from pipelines.registry_loading import RegistryError
 
+    if args.parent is not None:
+        die_with_parent(args.parent)
     try:
-        bundle = export_version(args.root, args.domain, args.version, args.output, args.format, args.alias)
+        with sigterm_as_exit("serve --registry export"):  # a stopped export leaves no staging folder in the cache
+            bundle = export_version(args.root, args.domain, args.version, args.output, args.format, args.alias)
     except (RegistryError, ValueError) as error:  # a damaged or foreign version: one line, no traceback
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

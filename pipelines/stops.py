@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -48,3 +49,15 @@ def sigterm_as_exit(command: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a child that is still running, wait ``grace`` seconds for its own clean-up, then SIGKILL it."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()

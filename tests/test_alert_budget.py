@@ -146,6 +146,33 @@ def test_a_bundle_is_recalibrated_into_a_new_bundle_and_bad_requests_change_noth
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "features.csv", "recalibrated", "short.csv"], "nothing half-written"
 
 
+def test_sigterm_during_recalibration_leaves_the_new_checkpoint_complete_or_absent(periods, tmp_path):
+    """A real SIGTERM the moment the recalibrated checkpoint's temporary file appears: exit 143, no new checkpoint and no
+    temporary file (or, had the write finished first, exit 0 and a complete one); the original is never touched."""
+    import signal
+    import time
+
+    import torch
+
+    original, out = sha256_file(periods["ckpt"]), tmp_path / "recalibrated.ckpt"
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.monitor", str(periods["ckpt"]), str(periods["recent"]), "--recalibrate_budget", str(out)],
+                               cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".recalibrated.ckpt.*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    caught = bool(list(tmp_path.glob(".recalibrated.ckpt.*"))) and process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    print(f"signal during the write: {caught}, exit {process.returncode}")
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["recalibrated.ckpt"]), (process.returncode, output[-3000:])
+    assert sha256_file(periods["ckpt"]) == original
+    if process.returncode == 143:
+        assert not out.exists() and "stopped by SIGTERM" in output, output
+    else:  # the write finished before the signal came (-15: it came after main returned, with everything written)
+        assert process.returncode in (0, -signal.SIGTERM), (process.returncode, output)
+        assert float(torch.load(out, map_location="cpu", weights_only=True)["state_dict"]["budget_threshold"]) > 0
+
+
 def test_the_interval_holds_a_threshold_that_meets_the_budget_and_flags_one_that_does_not():
     """The binomial interval measures what its name says: a threshold whose true share is the budget is flagged in about
     alpha of fresh windows; one that flags 0.3 % instead of 0.5 % in nearly every window of 20000 rows."""

@@ -163,3 +163,28 @@ def test_a_small_calm_window_is_not_called_drift_but_a_small_moved_one_is():
     big = pd.DataFrame(rng.normal(size=(20000, 20)), columns=features)
     big["f5"] = big["f5"] * 1.5  # a wider spread: PSI about 0.1-0.2 on a large window is significant and still judged by the threshold
     assert all(r.psi_pvalue < 1e-6 for r in compare(reference, big) if r.feature == "f5")
+
+
+def test_a_window_in_other_units_is_refused_but_a_large_real_shift_is_still_drift(tmp_path, capsys):
+    """Amounts in cents against a reference in units, and a window whose features were renamed away, exit 2 naming the
+    columns and writing nothing; the same data moved by 3 standard deviations (or spread 3x wider) exits 3."""
+    from pipelines.monitor import main
+
+    table(0).to_parquet(tmp_path / "reference.parquet")
+    cents = table(1)
+    cents["amount"] *= 100
+    cents.to_csv(tmp_path / "cents.csv", index=False)
+    table(1).rename(columns={"amount": "amt", "latency": "lat"}).to_csv(tmp_path / "renamed.csv", index=False)
+    moved = table(2, shift=3.0)
+    moved["latency"] *= 3
+    moved.to_csv(tmp_path / "moved.csv", index=False)
+    reference, out = str(tmp_path / "reference.parquet"), tmp_path / "out.json"
+
+    assert main([reference, str(tmp_path / "cents.csv"), "--json", str(out)]) == 2
+    refused = " ".join(capsys.readouterr().err.split())
+    assert "cents.csv: 1 of 3 feature(s) are not in the units of" in refused and "'amount': median" in refused and "not drift" in refused, refused
+    assert main([reference, str(tmp_path / "renamed.csv"), "--json", str(out)]) == 2
+    assert "renamed.csv: 2 of the 3 features of" in " ".join(capsys.readouterr().err.split())
+    assert not out.exists(), "a refused window writes nothing"
+    assert main([reference, str(tmp_path / "moved.csv"), "--json", str(out)]) == 3
+    assert json.loads(out.read_text())["drifted"] == ["amount", "latency"]

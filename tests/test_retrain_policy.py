@@ -11,6 +11,8 @@ again instead of failing on a changed file). Other tests work on copies of it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -46,7 +48,12 @@ def nights(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_night(root / "latest.npz", 1)
     steps["diverged"] = retrain(root, "--model.lr=1")  # the largest lr finance takes: test loss ~5e10, still ranks above chance
     steps["after_diverged"] = (registry.champion(), registry.evaluation())
-    steps["good"] = retrain(root)
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stderr(io.StringIO()) as stderr:  # W&B refuses this night's key
+        env.delenv("WANDB_MODE", raising=False)  # FAST has no W&B logger: the decision run is the only W&B client
+        env.setenv("WANDB_API_KEY", "rejected")
+        steps["good"] = retrain(root)
+    steps["good_stderr"] = stderr.getvalue()
+    sys.stderr.write(steps["good_stderr"])
     steps["pinned"] = registry.evaluation()
     write_night(root / "latest.npz", 2)
     steps["refreshed"] = retrain(root, "--metric", "test/auroc")
@@ -79,6 +86,42 @@ def test_the_evaluation_set_is_a_snapshot_so_a_refreshed_file_trains_again(night
     assert row["metric"] == "test/auroc" and row["champion"]["version"] == "v0002", "--metric overrides the domain's selection"
     good = registry.history()[2]
     assert good["metric"] == "test/auprc" and good["mode"] == "max", "finance selects on AUPRC where labels exist"
+
+
+def test_each_trained_attempt_logs_its_decision_to_wandb_and_a_wandb_failure_keeps_the_decision(nights, tmp_path, capsys, monkeypatch):
+    """The decision runs (pipelines.retrain_wandb) hold each attempt's scores, decision, reason and version, and the
+    dashboard's retraining panels name only what they logged; W&B refusing the good night's key changed nothing."""
+    from pipelines.dashboard import main as dashboard_main, panel_metrics
+    from tests.wandb_offline import history as wandb_history, run_config, run_record
+
+    registry = ModelRegistry(nights["root"] / "registry", "finance")
+    rows = registry.history()
+    assert [row["decision"] for row in rows] == ["failed", "rejected", "promoted", rows[3]["decision"]]
+    good = rows[2]
+    assert nights["good"] == ExitCode.PROMOTED and registry.champion_record()["version"] in ("v0002", "v0003")
+    assert f"[retrain] warning: decision not logged to W&B: W&B failed (AuthenticationError" in nights["good_stderr"], nights["good_stderr"][-3000:]
+    assert "[retrain] promoted (exit 0)" in nights["good_stderr"] and not list(Path(good["run_dir"]).glob("decision/wandb/offline-run-*"))
+    logged: set[str] = set()
+    for row in (rows[0], rows[1], rows[3]):  # corrupt file (failed in training), diverged (rejected, no champion yet), refreshed (against v0002)
+        files = list(Path(row["run_dir"]).glob("decision/wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files
+        run, (numbers,), config = run_record(files[0]), wandb_history(files[0]), run_config(files[0])
+        assert (run.run_group, run.job_type, run.run_id) == ("retrain-finance", "retrain-decision", f"{row['attempt']}-decision")
+        assert {k: numbers[f"retrain/{k}"] for k in ("promoted", "rejected", "failed")} == {k: int(row["decision"] == k) for k in ("promoted", "rejected", "failed")}
+        challenger, champion = row.get("challenger", {}), row["champion"]
+        assert numbers.get("retrain/challenger_score") == (pytest.approx(challenger["score"]) if challenger else None)
+        assert numbers.get("retrain/version") == (int(challenger["version"][1:]) if challenger else None)
+        assert numbers.get("retrain/champion_score") == (pytest.approx(champion["score"]) if champion.get("score") is not None else None)
+        assert config["retrain/reason"] == row.get("reason", row.get("error")) and config["retrain/decision"] == row["decision"] and config["retrain/metric"] == row["metric"]
+        logged |= {k for k in numbers if not k.startswith("_")}
+    assert "retrain/champion_score" in logged
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "dashboard.json"
+    assert dashboard_main(["finance", "--run_dir", rows[3]["run_dir"], "--out", str(out)]) == 0
+    named = set(panel_metrics(json.loads(out.read_text()))["Retraining history"])
+    scalars = {key for line in (Path(rows[3]["run_dir"]) / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
+    assert {k for k in named if k.startswith("retrain/")} and not named - logged - scalars, sorted(named - logged - scalars)
 
 
 def test_names_and_registry_are_checked_before_anything_is_written(tmp_path):

@@ -8,6 +8,7 @@ last test drains it with a real SIGTERM. The image-header guard is checked on re
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import signal
 import socket
@@ -24,6 +25,7 @@ import pytest
 
 from pipelines.domain_registry import get_domain
 from pipelines.export import export_checkpoint
+from pipelines.serving_metrics import LATENCY_BUCKETS
 from tests.helpers import Server, metric_samples, request, start_server, tiny_diffusion
 
 MAX_ITEMS = 6
@@ -158,6 +160,52 @@ def test_read_image_refuses_oversized_images_from_the_header():
         with pytest.raises(HTTPException) as refused:
             read_image(raw, "image_base64", **options)
         assert refused.value.status_code == status and refused.value.detail.startswith(detail), (detail, refused.value.detail)
+
+
+def test_live_metrics_are_read_from_the_servers_prometheus_endpoint_and_logged_to_wandb(diffusion, tmp_path, monkeypatch, capsys):
+    """pipelines.monitor_live on the real server: the interval's request rate, error share and latency quantiles match what
+    was sent; the CLI logs exactly the names the dashboard's live panels use (LIVE_KEYS) to an offline W&B run."""
+    from pipelines.monitor_live import LIVE_KEYS, live_metrics, main as live_main, read
+    from tests.helpers import free_port
+    from tests.wandb_offline import history
+
+    served, _ = diffusion
+    before = read(served.url)
+    slowest = 0.0
+    statuses = []
+    for body in [b'{"seed": 0, "steps": 1}'] * 3 + [b'{"seed": -1}']:
+        started = time.monotonic()
+        statuses.append(raw_request(served.url + "/predict", body)[0])
+        slowest = max(slowest, time.monotonic() - started)
+    after = read(served.url)
+    numbers = live_metrics(before, after)
+    assert statuses == [200, 200, 200, 422] and numbers["serving/error_rate"] == 0.25 and numbers["serving/in_flight"] == 0
+    assert numbers["serving/request_rate"] == pytest.approx(4 / (after.at - before.at))
+    bound = min(b for b in (*LATENCY_BUCKETS, float("inf")) if b >= slowest)  # the server's latency is at most the client's
+    assert 0 < numbers["serving/latency_p50"] <= numbers["serving/latency_p95"] <= numbers["serving/latency_p99"] <= bound, (numbers, slowest)
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # W&B's own setting: the offline run goes here, not into the checkout
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            raw_request(served.url + "/predict", b'{"seed": 0, "steps": 1}')
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        code = live_main([served.url, "--interval", "2", "--wandb", "--json", str(tmp_path / "live.json")])
+    finally:
+        stop.set()
+        thread.join(60)
+    out = capsys.readouterr().out
+    assert code == 0 and "logged to W&B (offline" in out, out
+    logged = json.loads((tmp_path / "live.json").read_text())
+    assert logged["domain"] == "media" and logged["logged"]["serving/request_rate"] > 0 and logged["logged"]["serving/error_rate"] == 0
+    (run,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert {k for row in history(run) for k in row if not k.startswith("_")} == set(LIVE_KEYS)
+    assert live_main([f"http://127.0.0.1:{free_port()}", "--interval", "0.1"]) == 2
+    assert "no answer" in capsys.readouterr().err
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(diffusion):

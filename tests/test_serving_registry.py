@@ -186,3 +186,32 @@ def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path
     finally:
         if served.process.poll() is None:
             served.stop(signal.SIGKILL)
+
+
+def test_sigterm_during_the_first_export_leaves_complete_bundles_only_and_no_temporary_folders(registry, tmp_path):
+    """A real SIGTERM while the server's export child writes its staging folder into the cache: exit 143, no staging
+    folder, no published pointer, no metrics or checkpoint temporary folder, no export child left running."""
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
+    tmp.mkdir()
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry / "registry"), "--bundle_cache", str(cache), "--port", str(free_port())],
+            cwd=ROOT, env=child_env(TMPDIR=str(tmp)), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list(cache.glob(".v0001-onnx.*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(cache.glob(".v0001-onnx.*")), "the export's staging folder never appeared: " + (tmp_path / "server.log").read_text()[-2000:]
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = (tmp_path / "server.log").read_text()
+    assert code == 143 and "stopped by SIGTERM" in output, output[-3000:]
+    left = sorted(p.name for p in cache.iterdir())
+    assert left in ([], ["v0001-onnx"]) and (not left or (cache / "v0001-onnx" / "metadata.json").is_file()), left
+    assert list(tmp.iterdir()) == [], "the metrics folder and the export's checkpoint copy are removed"
+    exports = [p for p in Path("/proc").glob("[0-9]*") if str(cache).encode() in (p / "cmdline").read_bytes()] if Path("/proc/self/cmdline").exists() else []
+    assert exports == [], "no export child left running"

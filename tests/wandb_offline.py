@@ -55,3 +55,12 @@ def run_file(run_dir: Path) -> Path:
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run under {run_dir}/wandb"
     return files[-1]
+
+
+def run_record(path: Path):
+    """The run record (id, group, job type, tags, config) of an offline run file."""
+    return next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")
+
+
+def run_config(path: Path) -> dict:
+    return {item.key: json.loads(item.value_json) for item in run_record(path).config.update if not item.key.startswith("_")}
