@@ -265,6 +265,13 @@ class FrozenFeatures(nn.Module):
         return self.network(x)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay after ``step`` optimizer steps: ``min(decay, (1 + step) / (10 + step))`` (a warm-up, so the average
+    of a short run is not dominated by the random initial weights). It depends on the step alone, so a resumed run
+    (whose step is restored) continues with the decay an uninterrupted run has."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied.
