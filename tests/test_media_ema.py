@@ -54,7 +54,9 @@ def test_ema_generator_samples_exports_and_resumes_like_an_uninterrupted_run(tmp
     assert any(not torch.equal(v, first.generator.state_dict()[k]) for k, v in ema_saved.items() if v.is_floating_point() and "weight" in k)
 
     resumed = GAN(**settings)
-    pl.Trainer(**{**FAST, "max_epochs": 3}, callbacks=[SeedEachBatch()], default_root_dir=tmp_path / "b").fit(resumed, datamodule=dm, ckpt_path=checkpoint)
+    trainer = pl.Trainer(**{**FAST, "max_epochs": 3}, callbacks=[SeedEachBatch()], default_root_dir=tmp_path / "b")
+    trainer.fit(resumed, datamodule=dm, ckpt_path=checkpoint)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
     # one more generator step: EMA = d * saved EMA + (1 - d) * the new raw weights, d at generator step 3 (not restarted at 1)
     decay = ema_decay_at(0.999, 3)
     raw = states(resumed.generator)
@@ -76,6 +78,12 @@ def test_ema_generator_samples_exports_and_resumes_like_an_uninterrupted_run(tmp
         assert (samples - resumed.generator.eval()(noise, labels).clamp(-1, 1)).abs().max() > 1e-3
         exported = resumed.export_spec(None).module
         torch.testing.assert_close(exported(noise, labels), ((samples + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
+        # its batch-norm statistics are recomputed from its own weights alone: the checkpoint (saved before any sampling,
+        # with the raw generator's statistics) samples the same images, and they differ from those raw statistics'
+        loaded = GAN.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu", weights_only=True).eval()
+        torch.testing.assert_close(loaded.generate(seeds, labels), samples, rtol=0, atol=1e-6)
+        stale = GAN.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu", weights_only=True).eval()
+        assert (stale.ema_generator(noise, labels).clamp(-1, 1) - samples).abs().max() > 1e-3
 
 
 def test_gan_checkpoint_without_an_ema_generator_loads_with_the_generator_as_its_ema(tmp_path, capsys):

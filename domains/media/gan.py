@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from domains.media.diffaugment import DiffAugment, parse_policy
-from domains.media.networks import Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update
+from domains.media.networks import Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update, refresh_batch_norm_statistics
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
@@ -46,8 +46,10 @@ class GAN(GenerativeTask):
             a short run averages over about its last ``n / 9`` steps instead of starting from the random
             initial weights. The EMA generator draws every validation/test sample (FID, class accuracy,
             grids), ``predict``'s images and the exported/served generator; the raw generator only trains.
-            Batch-norm statistics are copied from the raw generator. ``0``: no averaging (the EMA copy is
-            the raw generator).
+            Its batch-norm statistics are recomputed from its own outputs before it samples or exports
+            (:func:`~domains.media.networks.refresh_batch_norm_statistics`; the raw generator's running
+            statistics do not match the averaged weights). ``0``: no averaging (the EMA copy has the raw
+            generator's weights).
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -94,10 +96,17 @@ class GAN(GenerativeTask):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The EMA generator's images (what samples, exports and serves)."""
-        return self.ema_generator(z, labels)
+        return self.sampling_generator()(z, labels)
 
     def sample(self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
-        return self.ema_generator(noise, labels)
+        return self.sampling_generator()(noise, labels)
+
+    def sampling_generator(self) -> Generator:
+        """The EMA generator, its batch-norm statistics recomputed once after each change of its weights."""
+        if not getattr(self, "_ema_statistics_fresh", False):
+            refresh_batch_norm_statistics(self.ema_generator)
+            self._ema_statistics_fresh = True
+        return self.ema_generator
 
     def train(self, mode: bool = True) -> "GAN":
         super().train(mode)
@@ -112,15 +121,17 @@ class GAN(GenerativeTask):
             state.update({"ema_generator." + k[len("generator.") :]: v.clone() for k, v in state.items() if k.startswith("generator.")})
             print("[media] this GAN checkpoint has no EMA generator (it predates ema_decay): the EMA starts as a copy of its generator")
         super().on_load_checkpoint(checkpoint)
+        self._ema_statistics_fresh = False
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One EMA update per generator step; ``global_step`` counts both optimizers' steps and is restored on resume."""
         generator_steps = self.trainer.global_step // 2
         ema_update(self.ema_generator, self.generator, ema_decay_at(self.hparams.ema_decay, generator_steps))
+        self._ema_statistics_fresh = False
 
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
         """The EMA generator with de-normalisation: ``noise (N, latent) [, labels (N,) int64] -> images (N, C, H, W)`` in [0, 1]."""
-        module = InferenceGenerator(self.ema_generator)
+        module = InferenceGenerator(self.sampling_generator())
         noise = seeded_noise([0, 1, 2, 3], self.noise_shape())
         inputs, names = (noise,), ["noise"]
         if self.condition_classes:
