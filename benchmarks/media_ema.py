@@ -5,7 +5,8 @@
 Loads ``RUN_FOLDER/checkpoints/<checkpoint>`` (weights only), rebuilds the run's data module from its
 ``config.yaml``, and scores the same seeded samples (seeds 10000..., the split's labels: what the run's
 ``test`` draws) of the EMA generator and of the raw generator with ``RUN_FOLDER/feature_extractor.safetensors``:
-FID, KID, precision/recall and class accuracy (``domains.media.quality.offline_scores``). Prints one JSON line.
+(EMA and raw weights, each with the batch-norm statistics from training and with statistics recomputed from
+its own outputs), FID, KID, precision/recall and class accuracy (``domains.media.quality.offline_scores``). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -43,10 +44,16 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         reference = reference_statistics(features_of(extractor, images))
         results = {"checkpoint": str(path), "global_step": torch.load(path, map_location="cpu", weights_only=True)["global_step"], "split": args.split, "images": count}
-        ema = model.generate(seeds, labels)
-        model.ema_generator.load_state_dict(model.generator.state_dict())  # the raw generator, sampled the same way
-        raw = model.generate(seeds, labels)
-        for name, samples in (("ema", ema), ("raw", raw)):
+        variants = {}
+        # the EMA generator with the batch-norm statistics it carries in the checkpoint (the raw generator's), then
+        # with its own (what it samples with), and the raw generator with its running statistics and with its own
+        for name, weights, recompute in (("ema_raw_statistics", "ema", False), ("ema", "ema", True), ("raw", "raw", False), ("raw_own_statistics", "raw", True)):
+            fresh = GAN.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+            if weights == "raw":
+                fresh.ema_generator.load_state_dict(fresh.generator.state_dict())
+            fresh._ema_statistics_fresh = not recompute
+            variants[name] = fresh.generate(seeds, labels)
+        for name, samples in variants.items():
             scores = offline_scores(extractor, args.split, reference, samples, labels, model.hparams.kid_subset_size, model.condition_classes)
             results[name] = {k.split("/")[1]: round(v, 4) for k, v in scores.items()}
     print(json.dumps(results))
