@@ -14,7 +14,9 @@ import yaml
 
 from domains.media.data import MediaDataModule
 from domains.media.diffaugment import DiffAugment, parse_policy
+from domains.media.metrics import features_of, reference_statistics
 from domains.media.model import GAN, Diffusion
+from domains.media.quality import offline_scores
 from pipelines.errors import InputError
 from tests.bad_inputs import BadInput, check_refused, params
 from tests.conftest import only_run, run_pipeline
@@ -129,15 +131,17 @@ def test_guided_sampling_draws_the_requested_class(tmp_path):
     trainer = pl.Trainer(max_epochs=8, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
     trainer.fit(model, datamodule=dm)
     model.eval()
-    labels = torch.arange(64) % 2
-    accuracy = {}
+    real, labels = dm.split_tensors("test")
+    reference = reference_statistics(features_of(model.extractor, real))
+    accuracy, balanced = {}, {}
     for scale in (0.0, 1.0, 3.0):
-        images = model.generate(list(range(64)), labels, steps=10, guidance_scale=scale)
-        with torch.no_grad():
-            predicted = model.extractor.logits(images)[:, :2].argmax(1)
-        accuracy[scale] = float((predicted == labels).float().mean())
-    assert accuracy[3.0] >= 0.7, accuracy
-    assert abs(accuracy[0.0] - 0.5) <= 0.15, f"the null class ignores the label, so it should not match it: {accuracy}"
+        images = model.generate(list(range(len(labels))), labels, steps=10, guidance_scale=scale)
+        with torch.no_grad():  # what test/class_acc_cnn and test/class_balanced_acc_cnn log
+            scores = offline_scores(model.extractor, "test", reference, images, labels, 16, model.condition_classes)
+        accuracy[scale], balanced[scale] = scores["test/class_acc_cnn"], scores["test/class_balanced_acc_cnn"]
+    assert scores["test/real_class_acc_cnn"] >= 0.95 and scores["test/real_class_balanced_acc_cnn"] >= 0.95  # the ceiling: real images
+    assert accuracy[3.0] >= 0.7 and balanced[3.0] >= 0.7, (accuracy, balanced)
+    assert abs(balanced[0.0] - 0.5) <= 0.15, f"the null class ignores the label, so it should not match it: {balanced}"
 
 
 # ----- predict: sampler, steps and guidance are honoured, and recorded ---------------------------------------

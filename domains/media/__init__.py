@@ -34,7 +34,8 @@ SPEC = DomainSpec(
     monitor="val/fid_cnn",
     mode="min",
     test_metrics=(
-        ("test/fid_*", "min"), ("test/kid_*_std", ""), ("test/kid_*", "min"), ("test/class_acc_*", "max"), ("test/real_share_*", "max"),
+        ("test/fid_*", "min"), ("test/kid_*_std", ""), ("test/kid_*", "min"), ("test/class_acc_*", "max"), ("test/class_balanced_acc_*", "max"),
+        ("test/real_class_*", ""), ("test/real_share_*", "max"),
         ("test/precision_*", "max"), ("test/recall_*", "max"), ("test/memorised_share_*", "min"), ("test/train_distance_ratio_*", ""),
     ),  # fmt: skip
     sanity_floors=("test/fid_cnn<inf",),

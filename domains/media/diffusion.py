@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from domains.media.networks import GuidedDenoiser, InferenceDenoiser, build_diffusion_unet, ema_update
+from domains.media.networks import GuidedDenoiser, InferenceDenoiser, build_diffusion_unet, ema_decay_at, ema_update
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.bundle_runtime import MAX_GUIDANCE
 from pipelines.errors import InputError
@@ -269,9 +269,7 @@ class Diffusion(GenerativeTask):
         self.check_finite("diffusion", self._step_loss, self.unet, self._batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.trainer.global_step
-        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        ema_update(self.ema_unet, self.unet, decay)
+        ema_update(self.ema_unet, self.unet, ema_decay_at(self.hparams.ema_decay, self.trainer.global_step))
 
     def train(self, mode: bool = True) -> "Diffusion":
         super().train(mode)

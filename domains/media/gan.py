@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from domains.media.diffaugment import DiffAugment, parse_policy
-from domains.media.networks import Discriminator, Generator, InferenceGenerator
+from domains.media.networks import Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update, refresh_batch_norm_statistics
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
@@ -40,6 +41,15 @@ class GAN(GenerativeTask):
             ``translation``, ``cutout``: applied to real and generated images alike before every
             discriminator call, so a small training set is not memorised by the discriminator.
             Default: none (off; see the media README for what it measured).
+        ema_decay: decay of the exponential moving average of the generator's weights (StyleGAN2-ADA's
+            "G_ema"), with the warm-up ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` generator steps, so
+            a short run averages over about its last ``n / 9`` steps instead of starting from the random
+            initial weights. The EMA generator draws every validation/test sample (FID, class accuracy,
+            grids), ``predict``'s images and the exported/served generator; the raw generator only trains.
+            Its batch-norm statistics are recomputed from its own outputs before it samples or exports
+            (:func:`~domains.media.networks.refresh_batch_norm_statistics`; the raw generator's running
+            statistics do not match the averaged weights). ``0``: no averaging (the EMA copy has the raw
+            generator's weights).
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -54,8 +64,11 @@ class GAN(GenerativeTask):
         class_loss_weight: float = 2.0,
         conditional: bool = True,
         diffaugment: str | None = None,
+        ema_decay: float = 0.999,
         **kwargs: Any,
     ) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if class_loss_weight < 0:
             raise ValueError(f"class_loss_weight must be >= 0, got {class_loss_weight}")
         parse_policy(diffaugment)  # refused (InputError, exit 2) before anything is built or written
@@ -65,6 +78,7 @@ class GAN(GenerativeTask):
     def build_networks(self) -> None:
         hp = self.hparams
         self.generator = Generator(hp.latent_dim, hp.image_size, hp.in_channels, hp.width, self.condition_classes)
+        self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
         classifier = bool(self.condition_classes) and hp.class_loss_weight > 0
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)
         self.augment = DiffAugment(parse_policy(hp.diffaugment))
@@ -81,19 +95,43 @@ class GAN(GenerativeTask):
         return (self.hparams.latent_dim,)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.generator(z, labels)
+        """The EMA generator's images (what samples, exports and serves)."""
+        return self.sampling_generator()(z, labels)
 
     def sample(self, noise: torch.Tensor, labels: torch.Tensor | None, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            return self.generator(noise, labels)
-        finally:
-            self.generator.train(was_training)
+        return self.sampling_generator()(noise, labels)
+
+    def sampling_generator(self) -> Generator:
+        """The EMA generator, its batch-norm statistics recomputed once after each change of its weights."""
+        if not getattr(self, "_ema_statistics_fresh", False):
+            refresh_batch_norm_statistics(self.ema_generator)
+            self._ema_statistics_fresh = True
+        return self.ema_generator
+
+    def train(self, mode: bool = True) -> "GAN":
+        super().train(mode)
+        if hasattr(self, "ema_generator"):
+            self.ema_generator.eval()  # the EMA copy only ever samples: batch norm with its running statistics
+        return self
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before the EMA generator: its EMA starts as a copy of its generator (said once)."""
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("ema_generator.") for k in state):
+            state.update({"ema_generator." + k[len("generator.") :]: v.clone() for k, v in state.items() if k.startswith("generator.")})
+            print("[media] this GAN checkpoint has no EMA generator (it predates ema_decay): the EMA starts as a copy of its generator")
+        super().on_load_checkpoint(checkpoint)
+        self._ema_statistics_fresh = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """One EMA update per generator step; ``global_step`` counts both optimizers' steps and is restored on resume."""
+        generator_steps = self.trainer.global_step // 2
+        ema_update(self.ema_generator, self.generator, ema_decay_at(self.hparams.ema_decay, generator_steps))
+        self._ema_statistics_fresh = False
 
     def export_spec(self, datamodule_state: dict[str, Any] | None) -> ExportSpec:
-        """The generator with de-normalisation: ``noise (N, latent) [, labels (N,) int64] -> images (N, C, H, W)`` in [0, 1]."""
-        module = InferenceGenerator(self.generator)
+        """The EMA generator with de-normalisation: ``noise (N, latent) [, labels (N,) int64] -> images (N, C, H, W)`` in [0, 1]."""
+        module = InferenceGenerator(self.sampling_generator())
         noise = seeded_noise([0, 1, 2, 3], self.noise_shape())
         inputs, names = (noise,), ["noise"]
         if self.condition_classes:

@@ -265,6 +265,44 @@ class FrozenFeatures(nn.Module):
         return self.network(x)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay after ``step`` optimizer steps: ``min(decay, (1 + step) / (10 + step))`` (a warm-up, so the average
+    of a short run is not dominated by the random initial weights). It depends on the step alone, so a resumed run
+    (whose step is restored) continues with the decay an uninterrupted run has."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def refresh_batch_norm_statistics(generator: "Generator", batches: int = 16, batch_size: int = 64, seed: int = 0) -> None:
+    """Recompute the running statistics of ``generator``'s batch norms from its own outputs ("standing statistics",
+    Brock et al. 2019, BigGAN), leaving it in eval mode.
+
+    An EMA generator's weights are an average, but the running statistics it would otherwise carry are those of the
+    raw generator's batches, which do not match the averaged weights' activations. Here they are the exact mean
+    and variance over ``batches`` batches of seeded noise (classes in turn), so the result depends on the weights
+    alone: the same weights always give the same statistics and samples.
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    generator.train()
+    device = next(generator.parameters()).device
+    noise = torch.Generator().manual_seed(seed)
+    try:
+        for index in range(batches):
+            z = torch.randn(batch_size, generator.latent_dim, generator=noise).to(device)
+            labels = (torch.arange(batch_size) + index * batch_size) % generator.num_classes if generator.num_classes else None
+            generator(z, labels.to(device) if labels is not None else None)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        generator.eval()
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model`` for parameters; buffers are copied.

@@ -128,7 +128,10 @@ def offline_scores(
       sizes, and the same labels the samples were generated for);
     - ``memorised_share``, ``train_distance_ratio`` (given the training split's ``neighbours``);
     - ``real_share``: the share the extractor takes for real (none of its corruption classes wins);
-    - ``class_acc``: for conditional models, the share classified as the class requested.
+    - ``class_acc``: for conditional models, the share classified as the class requested, and ``class_balanced_acc``
+      its mean over the classes (chance ``1 / classes`` whatever the label balance: :func:`balanced_accuracy`);
+    - ``real_class_acc`` and ``real_class_balanced_acc``: the same for the split's real images (the extractor's
+      own accuracy: the ceiling of the two above).
     """
     features = features_of(extractor, fake)
     kid_mean, kid_std = kid(reference, features, kid_subset_size)
@@ -145,5 +148,28 @@ def offline_scores(
     if outputs < logits.shape[1]:
         scores[f"{stage}/real_share_{name}"] = float((logits.argmax(1) < outputs).float().mean())
     if condition_classes and getattr(extractor, "task", "classes") == "classes" and outputs == condition_classes:
-        scores[f"{stage}/class_acc_{name}"] = float((logits[:, :outputs].argmax(1).cpu() == labels.cpu()).float().mean())
+        labels = labels.cpu()
+        predicted = logits[:, :outputs].argmax(1).cpu()
+        scores[f"{stage}/class_acc_{name}"] = float((predicted == labels).float().mean())
+        scores[f"{stage}/class_balanced_acc_{name}"] = balanced_accuracy(predicted, labels)
+        # the ceiling: the extractor's own accuracy on the real images of the same labels (logits from the stored features)
+        with torch.no_grad():
+            real_logits = extractor.classifier(real[: len(labels)].to(logits.device, logits.dtype))
+        real_predicted = real_logits[:, :outputs].argmax(1).cpu()
+        scores[f"{stage}/real_class_acc_{name}"] = float((real_predicted == labels[: len(real_predicted)]).float().mean())
+        scores[f"{stage}/real_class_balanced_acc_{name}"] = balanced_accuracy(real_predicted, labels[: len(real_predicted)])
     return scores
+
+
+def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over the classes present in ``labels`` of the share of their items ``predicted`` as that class.
+
+    With imbalanced labels plain accuracy rewards ignoring the label: a generator that draws only the majority class
+    scores that class's share (BreastMNIST: 0.73); balanced, it scores ``1 / classes`` like any label-blind one.
+
+    Example:
+        >>> balanced_accuracy(torch.tensor([1, 1, 1, 1]), torch.tensor([0, 1, 1, 1]))
+        0.5
+    """
+    shares = [float((predicted[labels == c] == c).float().mean()) for c in labels.unique().tolist()]
+    return sum(shares) / len(shares)
