@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.cache_folders import map_array, release
@@ -101,7 +102,8 @@ class LazyPixels:
     def blocks(self, size: int) -> Iterator[np.ndarray]:
         """Every item once, in order, ``size`` at a time (decoded by ``workers`` processes); the first refusal is raised.
         Fixes :attr:`dtype` when it was unknown."""
-        loader = DataLoader(_Decoding(self.read, self.indices), batch_size=size, num_workers=self.workers, collate_fn=_listed)
+        # its own generator: the global one, which shuffles the training batches later, is left as it was
+        loader = DataLoader(_Decoding(self.read, self.indices), batch_size=size, num_workers=self.workers, collate_fn=_listed, generator=torch.Generator())
         kinds: set[np.dtype] = set()
         for arrays in loader:
             refused = next((a for a in arrays if isinstance(a, str)), None)

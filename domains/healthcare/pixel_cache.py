@@ -57,8 +57,8 @@ class PixelCache:
             meta = json.loads((self.folder / COMPLETE).read_text())
             expected = meta["count"] * int(np.prod(meta["sample_shape"])) * np.dtype(meta["dtype"]).itemsize
             size = (self.folder / "pixels.bin").stat().st_size
-        except FileNotFoundError:
-            return "absent"
+        except FileNotFoundError as error:
+            return "absent" if not self.folder.exists() else f"{Path(error.filename).name} is missing"
         except (OSError, ValueError, KeyError, TypeError) as error:
             return f"unreadable meta.json ({error})"
         if meta.get("format") != FORMAT:
@@ -78,7 +78,7 @@ class PixelCache:
         problem = self.problem()
         if problem is None:
             return
-        if problem != "absent":
+        if self.folder.exists():  # a folder without a readable meta.json was not completed by building(): damaged too
             print(f"[healthcare] pixel cache {self.folder} is damaged ({problem}): removed and rebuilt", file=sys.stderr)
             discard(self.folder)
         with building(self.folder) as partial:
