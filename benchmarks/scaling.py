@@ -118,14 +118,16 @@ def lesion_pngs(folder: Path, count: int, size: int, block: int = 5000) -> Path:
     return labels
 
 
-def measure_images(count: int, size: int, epochs: int, folder: Path, source: str) -> dict[str, Any]:
-    """One ``fit`` of healthcare on ``count`` PNGs read ``source``'s way: wall time, training samples/s, peak RSS."""
+def measure_images(count: int, size: int, epochs: int, folder: Path, source: str, batches: int | None = None) -> dict[str, Any]:
+    """One ``fit`` of healthcare on ``count`` PNGs read ``source``'s way: wall time, training samples/s, peak RSS. ``batches``
+    limits the training and validation batches (setup still reads, checks or caches every image)."""
     run_id = f"healthcare-{count}-{source.replace(', ', '-').replace(' ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
     data = [a.format(cache=folder / f"cache-{run_id}") for a in IMAGE_SOURCES[source]]
     fit = timed([
         "healthcare", "fit", "--runs_dir", str(folder / "runs"), "--run_id", run_id, "--trainer.enable_progress_bar=false",
         "--data.labels_csv", str(lesion_pngs(folder, count, size)), *data, *HEALTHCARE_MODEL, f"--trainer.max_epochs={epochs}",
+        *([f"--trainer.limit_train_batches={batches}", f"--trainer.limit_val_batches={batches}"] if batches else []),
         "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
     ])  # fmt: skip
     epochs_seen = json.loads(throughput.read_text())
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
     parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
     parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
+    parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
     if unknown:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows))
             print(f"[scaling] finance scoring {args.finance_scoring_rows} rows: {json.dumps(results[-1])}", flush=True)
         for source in IMAGE_SOURCES if args.healthcare_images else ():
-            results.append(measure_images(args.healthcare_images, args.healthcare_image_size, args.epochs, Path(tmp), source))
+            results.append(measure_images(args.healthcare_images, args.healthcare_image_size, args.epochs, Path(tmp), source, args.healthcare_batches))
             print(f"[scaling] healthcare {args.healthcare_images} images ({source}): {json.dumps(results[-1])}", flush=True)
     shown = (lambda value, digits: "-" if value is None else f"{value:.{digits}f}")  # noqa: E731  (--fit-only: no predict figures)
     rows = [
