@@ -62,7 +62,25 @@ def _listed(items: list[Any]) -> list[Any]:
     return items
 
 
-class LazyPixels:
+class ItemArray:
+    """What :class:`LazyPixels` and :class:`MappedPixels` share with an array: ``len``, ``shape``, ``ndim``."""
+
+    indices: np.ndarray
+    sample_shape: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.sample_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.sample_shape)
+
+
+class LazyPixels(ItemArray):
     """Items ``indices`` of a source, each read by ``read(index)`` when asked for.
 
     Args:
@@ -77,17 +95,6 @@ class LazyPixels:
     def __init__(self, read: Callable[[int], np.ndarray], indices: np.ndarray, sample_shape: tuple[int, ...], dtype: Any = None, workers: int = 0) -> None:
         self.read, self.indices, self.sample_shape, self.workers = read, np.asarray(indices), tuple(sample_shape), workers
         self.dtype = np.dtype(dtype) if dtype is not None else None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.sample_shape)
-
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.sample_shape)
 
     def _served(self, array: np.ndarray) -> np.ndarray:
         if self.dtype is None:
@@ -115,7 +122,7 @@ class LazyPixels:
             self.dtype = np.dtype(np.uint8) if kinds <= {np.dtype(np.uint8)} else np.dtype(np.float32)
 
 
-class MappedPixels:
+class MappedPixels(ItemArray):
     """Items ``indices`` of a pixel cache's ``pixels.bin`` (``count x sample_shape`` of ``dtype``), memory-mapped.
 
     Pages a read touched are handed back every ``release_items`` items served (the kernel's page cache keeps
@@ -130,17 +137,6 @@ class MappedPixels:
 
     def __getstate__(self) -> dict[str, Any]:  # loader workers open their own map
         return {**self.__dict__, "_map": None}
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.sample_shape)
-
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.sample_shape)
 
     @property
     def pixels(self) -> np.ndarray:
