@@ -86,8 +86,8 @@ class MedicalImageDataModule(pl.LightningDataModule):
             check it and fits the statistics in that pass (:mod:`domains.healthcare.lazy_pixels`).
             ``.npz`` and synthetic pixels stay in memory as read; their resized copies are not made.
         cache_dir: with ``streaming``, keep the decoded pixels in a memory-mapped cache in this folder, keyed by
-            the files' content and the transform (:mod:`domains.healthcare.pixel_cache`): later runs read
-            no image file. Default: no cache.
+            the files' content and the transform (:mod:`domains.healthcare.pixel_cache`): later runs decode
+            no image (each file's bytes are hashed to find the cache). Default: no cache.
     """
 
     def __init__(
