@@ -2,6 +2,7 @@
 
     python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
                                  [--finance-files] [--finance-scoring-rows 20000000]
+                                 [--healthcare-images 50000 [--healthcare-image-size 28]]
 
 For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
 
@@ -19,6 +20,11 @@ read whole (``--data.path``, the pandas table in memory) and once streamed (``--
 ``domains.finance.streaming``: chunks into a memory-mapped cache, rebuilt for each run), to compare
 their fit peak RSS. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
 with the 1x model.
+
+``--healthcare-images N``: healthcare trains one epoch on N synthetic lesion PNGs (``--healthcare-image-size``
+pixels a side, a labels CSV, stratified split) three ways: decoded into memory at setup, read per item
+(``--data.streaming true``) and from a fresh pixel cache (``--data.cache_dir``, built inside the fit), with
+a small network (``HEALTHCARE_MODEL``) so that the data, not the model, is what is measured.
 
 Time should grow linearly with the data and predict memory stay flat (the fitted state comes from
 the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS is
@@ -82,6 +88,55 @@ def scoring_file(folder: Path, rows: int) -> Path:
     return finance_file(folder, rows, labels=False)
 
 
+#: the network of the ``--healthcare-images`` rows: small, so an epoch of 50 000 images fits a benchmark run on 2 cores
+HEALTHCARE_MODEL = ["--model.network=resnet10", "--model.width=0.25", "--data.batch_size=256"]
+#: how the healthcare images are read: decoded into memory at setup, per item, from the pixel cache
+IMAGE_SOURCES = {"in memory": [], "streaming": ["--data.streaming=true"], "streaming, cache": ["--data.streaming=true", "--data.cache_dir={cache}"]}
+
+
+def lesion_pngs(folder: Path, count: int, size: int, block: int = 5000) -> Path:
+    """``count`` synthetic lesion PNGs (``domains.healthcare.synthetic``) and their ``labels.csv``, ``block`` images generated at a time."""
+    import pandas as pd
+    from PIL import Image
+
+    from domains.healthcare.synthetic import CLASS_NAMES, make_lesion_images
+
+    root = folder / f"lesions-{count}-{size}"
+    labels = root / "labels.csv"
+    if labels.exists():
+        return labels
+    rows = []
+    for start in range(0, count, block):
+        images, classes = make_lesion_images(min(block, count - start), size, seed=start)
+        for i, (image, label) in enumerate(zip(images, classes)):
+            name = f"{(start + i) // 1000:03d}/{start + i:06d}.png"
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / name)
+            rows.append((name, CLASS_NAMES[label]))
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(labels.with_suffix(".partial"), index=False)
+    labels.with_suffix(".partial").replace(labels)
+    return labels
+
+
+def measure_images(count: int, size: int, epochs: int, folder: Path, source: str, batches: int | None = None) -> dict[str, Any]:
+    """One ``fit`` of healthcare on ``count`` PNGs read ``source``'s way: wall time, training samples/s, peak RSS. ``batches``
+    limits the training and validation batches (setup still reads, checks or caches every image)."""
+    run_id = f"healthcare-{count}-{source.replace(', ', '-').replace(' ', '-')}"
+    throughput = folder / f"throughput-{run_id}.json"
+    data = [a.format(cache=folder / f"cache-{run_id}") for a in IMAGE_SOURCES[source]]
+    fit = timed([
+        "healthcare", "fit", "--runs_dir", str(folder / "runs"), "--run_id", run_id, "--trainer.enable_progress_bar=false",
+        "--data.labels_csv", str(lesion_pngs(folder, count, size)), *data, *HEALTHCARE_MODEL, f"--trainer.max_epochs={epochs}",
+        *([f"--trainer.limit_train_batches={batches}", f"--trainer.limit_val_batches={batches}"] if batches else []),
+        "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
+    ])  # fmt: skip
+    epochs_seen = json.loads(throughput.read_text())
+    samples, seconds = sum(e["samples"] for e in epochs_seen), sum(e["seconds"] for e in epochs_seen)
+    return {"domain": "healthcare", "scale": f"{count} images {size}px", "source": source, "train_samples": samples, "fit_wall_s": fit["wall_s"],
+            "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"], "predict_rows": None,
+            "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}  # fmt: skip
+
+
 def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
     if domain == "finance":
         return ["--data.predict_path", str(scoring_file(folder, FINANCE_SCORING_ROWS * scale))]
@@ -132,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fit-only", action="store_true", help="measure fit only (no predict)")
     parser.add_argument("--finance-files", action="store_true", help="finance also from a CSV file, read whole and streamed")
     parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
+    parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
+    parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
+    parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
     if unknown:
@@ -146,9 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.finance_scoring_rows:
             results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows))
             print(f"[scaling] finance scoring {args.finance_scoring_rows} rows: {json.dumps(results[-1])}", flush=True)
+        for source in IMAGE_SOURCES if args.healthcare_images else ():
+            results.append(measure_images(args.healthcare_images, args.healthcare_image_size, args.epochs, Path(tmp), source, args.healthcare_batches))
+            print(f"[scaling] healthcare {args.healthcare_images} images ({source}): {json.dumps(results[-1])}", flush=True)
     shown = (lambda value, digits: "-" if value is None else f"{value:.{digits}f}")  # noqa: E731  (--fit-only: no predict figures)
     rows = [
-        [r["domain"], f"{r['scale']}x {r['source']}", r["train_samples"], shown(r["fit_wall_s"], 1), shown(r["fit_samples_per_s"], 0), shown(r["fit_peak_rss_mib"], 0),
+        [r["domain"], f"{r['scale']}x {r['source']}" if isinstance(r["scale"], int) else f"{r['scale']}, {r['source']}", r["train_samples"], shown(r["fit_wall_s"], 1), shown(r["fit_samples_per_s"], 0), shown(r["fit_peak_rss_mib"], 0),
          r["predict_rows"] or "-", shown(r["predict_wall_s"], 1), shown(r["predict_rows_per_s"], 0), shown(r["predict_peak_rss_mib"], 0)]
         for r in results
     ]  # fmt: skip

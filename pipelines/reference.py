@@ -58,17 +58,23 @@ def fit_reference(frame: pd.DataFrame, columns: list[str] | None = None, source:
     return {"format": FORMAT, "source": source, "rows": int(len(frame)), "input": input_name, "columns": [str(c) for c in columns], "features": features}
 
 
+def image_intensities(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and std over each image's pixels of ``images`` (``(N, C, ...)``; uint8/uint16 scaled to [0, 1] by bit depth)."""
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(images.dtype, 1.0)
+    flat = images.reshape(len(images), -1).astype(np.float64) / scale
+    return flat.mean(axis=1), flat.std(axis=1)
+
+
+def image_reference(means: np.ndarray, stds: np.ndarray, input_name: str, source: str) -> dict[str, Any]:
+    """The reference of per-image intensities (:func:`image_intensities`, gathered over any number of blocks)."""
+    return fit_reference(pd.DataFrame({f"{input_name}.mean": means, f"{input_name}.std": stds}), source=source)
+
+
 def fit_image_reference(images: np.ndarray, input_name: str, source: str, chunk: int = 256) -> dict[str, Any]:
     """Per-image intensity summary of ``images`` (``(N, C, ...)``; uint8/uint16 scaled to [0, 1] by bit depth): the
     ``<input>.mean`` and ``<input>.std`` over each image's pixels, the columns the request log writes for an image input."""
-    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(images.dtype, 1.0)
-    means, stds = [], []
-    for start in range(0, len(images), chunk):
-        flat = images[start : start + chunk].reshape(min(chunk, len(images) - start), -1).astype(np.float64) / scale
-        means.append(flat.mean(axis=1))
-        stds.append(flat.std(axis=1))
-    frame = pd.DataFrame({f"{input_name}.mean": np.concatenate(means), f"{input_name}.std": np.concatenate(stds)})
-    return fit_reference(frame, source=source)
+    parts = [image_intensities(images[start : start + chunk]) for start in range(0, len(images), chunk)]
+    return image_reference(np.concatenate([m for m, _ in parts]), np.concatenate([s for _, s in parts]), input_name, source)
 
 
 POOL = 4  # image embedding: the mean intensity of each cell of a POOL x POOL grid

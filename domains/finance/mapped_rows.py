@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipelines.cache_folders import map_array, release
+
 
 class MappedRows(Dataset):
     """Rows ``rows-<split>.i64`` of the encoded arrays in ``encoded`` (a subfolder of the scan folder ``scan``).
@@ -46,31 +48,20 @@ class MappedRows(Dataset):
     def __getstate__(self) -> dict[str, Any]:  # loader workers open their own maps
         return {**self.__dict__, "_maps": None}
 
-    def _open(self, path: Path, dtype: type, width: int | None) -> tuple[mmap.mmap | None, np.ndarray]:
-        size = path.stat().st_size
-        if size == 0:  # an empty file cannot be mapped (no categorical columns: 0 columns)
-            return None, np.zeros((0, width) if width is not None else 0, dtype=dtype)
-        with open(path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        array = np.frombuffer(mapped, dtype=dtype)
-        return mapped, array.reshape(-1, width) if width is not None else array
-
     @property
     def maps(self) -> dict[str, tuple[mmap.mmap | None, np.ndarray]]:
         if self._maps is None:
             self._maps = {
-                "rows": self._open(self.scan / f"rows-{self.split}.i64", np.int64, None),
-                "label": self._open(self.scan / "label.f32", np.float32, None),
-                "numeric": self._open(self.encoded / "numeric.f32", np.float32, self.widths["numeric"]),
-                "categorical": self._open(self.encoded / "categorical.i64", np.int64, self.widths["categorical"]),
+                "rows": map_array(self.scan / f"rows-{self.split}.i64", np.int64),
+                "label": map_array(self.scan / "label.f32", np.float32),
+                "numeric": map_array(self.encoded / "numeric.f32", np.float32, (self.widths["numeric"],)),
+                "categorical": map_array(self.encoded / "categorical.i64", np.int64, (self.widths["categorical"],)),
             }
         return self._maps
 
     def release(self) -> None:
         """Hand the mapped pages back to the page cache (resident memory drops; the data stays valid)."""
-        for mapped, _ in (self._maps or {}).values():
-            if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+        release(mapped for mapped, _ in (self._maps or {}).values())
 
     def __len__(self) -> int:
         return self._length

@@ -19,8 +19,8 @@ Everything lands in ``--data.cache_dir`` (default ``$XDG_CACHE_HOME/domain-pipel
 keyed by the file's SHA-256 and the options that change its content (roles, label classes, split
 rule, mode; the encoded arrays also by the fitted preprocessing): a second run on the same file skips
 the scan, a ``test`` with the checkpoint's preprocessing reuses the encoding. Each folder is written
-under a temporary name and renamed when complete (a crash leaves no half cache; two DDP ranks
-building the same cache race harmlessly). Batches come from :class:`domains.finance.mapped_rows.MappedRows`.
+under a temporary name and renamed when complete (:func:`pipelines.cache_folders.building`: a crash leaves no
+half cache; two DDP ranks building the same cache race harmlessly). Batches come from :class:`domains.finance.mapped_rows.MappedRows`.
 
 Memory: held per row are the labels (4 bytes) and the split (1 byte) while scanning; the fit holds
 one column of the training rows at a time (8 bytes a row, a few times that inside ``np.percentile``),
@@ -29,13 +29,8 @@ the random split a permutation (8 bytes a row). The pandas table (hundreds of by
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +42,7 @@ from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocesso
 from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
+from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
@@ -55,41 +51,12 @@ FORMAT = 1
 NO_STREAMED_PREDICT = "--data.streaming true scores a file: give it with --data.predict_path (the test split is scored by `test`)"
 
 
-def default_cache() -> Path:
-    """``$XDG_CACHE_HOME/domain-pipelines/finance`` (``~/.cache`` by default), beside ``pipelines.help_cache``'s ``help``."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "domain-pipelines" / "finance"
-
-
-def digest_of(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def split_codes(split: np.ndarray) -> np.ndarray:
     """``train``/``val``/``test`` as int8 codes 0/1/2."""
     codes = np.zeros(len(split), dtype=np.int8)
     for code, name in enumerate(SPLITS):
         codes[split == name] = code
     return codes
-
-
-@contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """A temporary folder renamed to ``final`` when the block completes; removed on any error. When
-    another process completed ``final`` meanwhile, its copy is kept."""
-    partial = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        partial.mkdir(parents=True)
-    except OSError as error:
-        raise InputError(f"--data.cache_dir {final.parent}: cannot create the streaming cache there: {error.strerror}") from None
-    try:
-        yield partial
-        try:
-            os.replace(partial, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 class StreamedTable:
@@ -104,7 +71,7 @@ class StreamedTable:
         if not path.is_file():
             raise InputError(f"--data.path {path}: file not found")
         self.header = read_header(path)  # UTF-8, one value per column, every column named once
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache()
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache("finance")
         self._folder: Path | None = None
 
     # ----- the scan -------------------------------------------------------------------------------
@@ -288,15 +255,12 @@ class StreamedTable:
 
 def check_streaming_options(path: str | None, streaming: bool, cache_dir: str | None) -> None:
     """``--data.streaming`` / ``--data.cache_dir``, refused (:class:`InputError`) before anything is read or written."""
-    if cache_dir is not None and not streaming:
-        raise InputError(f"--data.cache_dir {cache_dir}: the cache is written by --data.streaming true; add it, or drop --data.cache_dir")
+    check_cache_dir(cache_dir, streaming)
     if not streaming:
         return
     if not path or not str(path).lower().endswith(TABLE_SUFFIXES):
         got = f"--data.path {path}" if path else "no --data.path (the synthetic set, held in memory)"
         raise InputError(f"--data.streaming true reads a CSV or Parquet file in chunks; got {got}. Give --data.path FILE.csv|.parquet, or drop --data.streaming")
-    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise InputError(f"--data.cache_dir {cache_dir}: is a file; expected a folder (created if absent) for the streaming cache")
 
 
 def training_reference(train: Any, names: list[str], source: str) -> dict[str, Any]:

@@ -4,7 +4,9 @@ Everything the model must know about the data (classes, channels, 2-D or 3-D, ta
 weights) is read from the source when the data module is built, before any training, and linked to
 the model by the runner. Pixels are read and checked in :meth:`setup`; every problem is raised as a
 ``ValueError`` that names the file, row or option. Normalisation statistics are fitted on the
-training split and saved in the checkpoint (:meth:`state_dict`).
+training split and saved in the checkpoint (:meth:`state_dict`). With ``streaming`` the pixels are
+never all in memory: each image is read when the loader asks for it, or from a memory-mapped pixel
+cache (:mod:`domains.healthcare.lazy_pixels`, :mod:`domains.healthcare.pixel_cache`).
 
 Example:
     >>> dm = MedicalImageDataModule(synthetic_samples=60, batch_size=8)
@@ -24,23 +26,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from pipelines.cache_folders import check_cache_dir
 from pipelines.data import AugmentSpec, build_albumentations, make_loader
 from pipelines.errors import InputError
-from pipelines.reference import KEY as REFERENCE_KEY, fit_image_reference
+from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
-from pipelines.images import Intensity, IntensityMode, check_finite_pixels, unit_float
+from pipelines.images import Intensity, IntensityMode
 from domains.healthcare.datasets import ImageDataset, build_volume_augmentation
+from domains.healthcare.lazy_pixels import TrainingStatistics, block_items, blocks_of
+from domains.healthcare.pixel_reading import TRAINING_PIXELS, SplitPixels
 from domains.healthcare.splitting import stratified_split
-from domains.healthcare.readers import (
-    IMAGE_SUFFIXES,
-    SPLITS,
-    LabeledImages,
-    read_image_file,
-    read_image_table,
-    read_medmnist_npz,
-    resized,
-    synthetic_lesions,
-)
+from domains.healthcare.readers import SPLITS, LabeledImages, read_image_table, read_medmnist_npz, synthetic_lesions
 
 
 class MedicalImageDataModule(pl.LightningDataModule):
@@ -85,6 +81,13 @@ class MedicalImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (persistent when > 0); unset: 0 without CUDA, else
             one per spare CPU core per GPU, at most 8 (``pipelines.data.default_workers``).
         pin_memory: pin host memory for GPU copies (default: when CUDA is available).
+        streaming: images larger than memory: each is read (decoded, checked, resized) when the loader asks
+            for it, by its workers in parallel; setup reads every image of the stage's splits once to
+            check it and fits the statistics in that pass (:mod:`domains.healthcare.lazy_pixels`).
+            ``.npz`` and synthetic pixels stay in memory as read; their resized copies are not made.
+        cache_dir: with ``streaming``, keep the decoded pixels in a memory-mapped cache in this folder, keyed by
+            the files' content and the transform (:mod:`domains.healthcare.pixel_cache`): later runs decode
+            no image (each file's bytes are hashed to find the cache). Default: no cache.
     """
 
     def __init__(
@@ -115,8 +118,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
+        streaming: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        check_cache_dir(cache_dir, streaming)
         if npz_path and labels_csv:
             raise InputError("give either --data.npz_path or --data.labels_csv, not both")
         if batch_size < 1:
@@ -258,61 +264,46 @@ class MedicalImageDataModule(pl.LightningDataModule):
         return {"predict": () if self.hparams.predict_dir else ("test",), "test": ("test",), "validate": ("val",)}.get(stage or "", SPLITS)
 
     def setup(self, stage: str | None = None) -> None:
-        """Decode the pixels of the splits the stage uses (once per split); the normalisation statistics
-        come from the training split, or from the checkpoint without reading it."""
+        """Read the pixels of the splits the stage uses (once per split; decoded into memory, or checked and
+        served lazily with ``streaming``); the normalisation statistics come from the training split, or
+        from the checkpoint without reading it."""
         wanted = [name for name in self._splits_for(stage) if name not in self.datasets]
         if self.channel_mean is None and "train" not in wanted and "train" not in self.datasets:
             wanted.insert(0, "train")  # statistics to fit (no checkpoint)
-        resize, volume = self._resize(), self.spatial_dims == 3
+        volume = self.spatial_dims == 3
         if volume:
             augment = build_volume_augmentation() if self.hparams.volume_augment else None
         else:
             augment = self.augment
             if augment is not None:  # albumentations 2 has its own generator: seed it from the run's seed
                 augment.set_random_seed(torch.initial_seed() % 2**32)
+        statistics = TrainingStatistics() if self.channel_mean is None or self.reference is None else None
         for name in wanted:
             indices = np.flatnonzero(self.split_assignment == name)
-            images = self.source.load(indices, resize)
+            images = self.pixels.split(indices, statistics if name == "train" else None)
             self.datasets[name] = ImageDataset(images, self.source.labels[indices], indices, augment if name == "train" else None, volume)
         if self.hparams.predict_dir and stage in (None, "predict") and "predict" not in self.datasets:
-            self.datasets["predict"] = self._unlabelled(Path(self.hparams.predict_dir), resize)
-        if self.channel_mean is None:
-            train = self.datasets["train"].images
-            if train.dtype.kind == "f":
-                check_finite_pixels(train, "the training images after resizing")
-            scale = 255.0 if train.dtype == np.uint8 else 1.0
-            axes = (0, *range(2, train.ndim))
-            self.channel_mean = (train.mean(axis=axes) / scale).astype(float).tolist()
-            self.channel_std = np.maximum(train.std(axis=axes) / scale, 1e-6).astype(float).tolist()
-        if self.reference is None:  # drift reference (pipelines.reference): the training split's intensities
-            self.reference = fit_image_reference(self.datasets["train"].images, "image", f"{self._source_label()} training split")
+            files, images = self.pixels.unlabelled(Path(self.hparams.predict_dir))
+            self.predict_files = [str(p) for p in files]
+            self.datasets["predict"] = ImageDataset(images, np.full(len(files), -1), np.arange(len(files)))
+        if statistics is not None and "train" in self.datasets:
+            if not statistics.images:  # not fitted while the split was read: one pass over it
+                for block in blocks_of(self.datasets["train"].images, block_items(self.image_shape)):
+                    statistics.add(block, TRAINING_PIXELS)
+            if self.channel_mean is None:
+                self.channel_mean, self.channel_std = statistics.channels()
+            if self.reference is None:  # drift reference (pipelines.reference): the training split's intensities
+                self.reference = statistics.reference("image", f"{self._source_label()} training split")
 
     def _source_label(self) -> str:
         hp = self.hparams
         return str(hp.get("npz_path") or hp.get("labels_csv") or hp.get("image_dir") or "synthetic images")
 
-    def _unlabelled(self, folder: Path, resize: Any) -> ImageDataset:
-        if not folder.is_dir():
-            raise InputError(f"--data.predict_dir {folder}: not a folder")
-        everything = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        files = [p for p in everything if p.name.lower().endswith(IMAGE_SUFFIXES)]
-        if not files:
-            raise InputError(f"--data.predict_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) among its {len(everything)} file(s)")
-        skipped = len(everything) - len(files)
-        if skipped:
-            print(f"[healthcare] predict_dir {folder}: {skipped} file(s) without an image suffix skipped", file=sys.stderr)
-        self.predict_files = [str(p) for p in files]
-        arrays = []
-        for path in files:
-            try:
-                array = resized(read_image_file(path, self.intensity), resize)
-            except InputError as error:
-                raise InputError(f"--data.predict_dir: {error}") from None
-            if tuple(array.shape) != self.image_shape:
-                raise InputError(f"--data.predict_dir: image {path} has shape {tuple(array.shape)}, the model takes {self.image_shape}; set --data.image_size")
-            arrays.append(unit_float(array))
-        indices = np.arange(len(files))
-        return ImageDataset(np.stack(arrays), np.full(len(files), -1), indices)
+    @cached_property
+    def pixels(self) -> SplitPixels:
+        """Where the splits' pixels come from (:mod:`domains.healthcare.pixel_reading`)."""
+        hp = self.hparams
+        return SplitPixels(lambda: self.source, self.image_shape, self._resize(), self.intensity, hp.streaming, hp.cache_dir, hp.num_workers, self._source_label())
 
     def _loader(self, name: str, shuffle: bool = False, sampler: Any = None) -> DataLoader:
         hp = self.hparams

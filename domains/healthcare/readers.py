@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ import pandas as pd
 from domains.healthcare.labels import check_label_counts, order_binary
 from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
+from pipelines.cache_folders import digest_of
 from pipelines.errors import InputError
+from pipelines.files import sha256_file
 from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float
 from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns, describe_rows
 
@@ -48,6 +51,8 @@ class LabeledImages:
     ``split`` holds ``train``/``val``/``test`` per item, or ``None`` when the source has no official split.
     ``load(indices, resize)`` returns ``(len(indices), C, *spatial)`` arrays (uint8, or float32 in
     [0, 1]); ``resize`` (a MONAI ``Resize``) is applied to each channel-first image first.
+    ``item(index, resize)`` reads and checks one image (what ``load`` stacks; read lazily with
+    ``--data.streaming true``), ``content()`` is a digest of the pixels' files (a pixel cache's key).
     """
 
     labels: np.ndarray
@@ -57,6 +62,8 @@ class LabeledImages:
     sample_shape: tuple[int, ...]
     load: Callable[[np.ndarray, Resize | None], np.ndarray]
     names: list[str]
+    item: Callable[[int, Resize | None], np.ndarray]
+    content: Callable[[], str]
     positive_reason: str | None = None
 
     @property
@@ -81,12 +88,24 @@ def resized(array: np.ndarray, resize: Resize | None) -> np.ndarray:
     return np.asarray(resize(unit_float(array)), dtype=np.float32)
 
 
-def _in_memory(pixels: np.ndarray) -> Callable[[np.ndarray, Resize | None], np.ndarray]:
+def stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    """Images as one array; 8-bit and deeper files mixed become one float32 array in [0, 1]."""
+    if len({a.dtype for a in arrays}) > 1:
+        arrays = [unit_float(a) for a in arrays]
+    return np.stack(arrays)
+
+
+def _in_memory(pixels: np.ndarray, content: Callable[[], Any]) -> dict[str, Any]:
+    """``load``, ``item`` and ``content`` of pixels held in memory (an ``.npz``, the synthetic set)."""
+
     def load(indices: np.ndarray, resize: Resize | None = None) -> np.ndarray:
         selected = pixels[indices]
         return selected if resize is None else np.stack([resized(image, resize) for image in selected])
 
-    return load
+    def item(index: int, resize: Resize | None = None) -> np.ndarray:
+        return resized(pixels[index], resize)
+
+    return {"load": load, "item": item, "content": lambda: digest_of(content())}
 
 
 def _channels_first(images: np.ndarray, source: str) -> np.ndarray:
@@ -180,8 +199,8 @@ def read_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None
         task=task,
         split=np.asarray(split),
         sample_shape=tuple(pixels.shape[1:]),
-        load=_in_memory(pixels),
         names=[f"{s}/{i}" for s, i in zip(split, range(len(split)))],
+        **_in_memory(pixels, lambda: {"npz": sha256_file(path)}),
         positive_reason=why,
     )
 
@@ -195,8 +214,8 @@ def synthetic_lesions(count: int, size: int, seed: int) -> LabeledImages:
         task="multiclass",
         split=None,
         sample_shape=tuple(pixels.shape[1:]),
-        load=_in_memory(pixels),
         names=[f"synthetic/{i}" for i in range(count)],
+        **_in_memory(pixels, lambda: {"synthetic": [count, size, seed]}),
     )
 
 
@@ -211,6 +230,20 @@ def read_image_file(path: Path, intensity: Intensity = Intensity()) -> np.ndarra
             "no finding to learn or predict; remove it from the data"
         )
     return array
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (by suffix, sorted; hidden files skipped), for ``--data.predict_dir``."""
+    if not folder.is_dir():
+        raise InputError(f"--data.predict_dir {folder}: not a folder")
+    everything = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [p for p in everything if p.name.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise InputError(f"--data.predict_dir {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) among its {len(everything)} file(s)")
+    skipped = len(everything) - len(files)
+    if skipped:
+        print(f"[healthcare] predict_dir {folder}: {skipped} file(s) without an image suffix skipped", file=sys.stderr)
+    return files
 
 
 def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str], bool]:
@@ -236,7 +269,8 @@ def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str
     return np.array([lookup[row[0]] for row in tokens], dtype=np.int64), names, False
 
 
-def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, first: Path, csv_path: Path) -> None:
+def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, first: Path, csv_path: Path, resizing: bool) -> None:
+    """``array`` (as read) is the kind of image ``reference`` (the first file) is: dimensions, channels, and size unless resized."""
     if array.ndim != reference.ndim:
         kind = lambda a: f"a {a.ndim - 1}-D {'volume' if a.ndim == 4 else 'image'} of shape {tuple(a.shape[1:])}"  # noqa: E731
         raise InputError(f"{csv_path}: row {row}: {path} is {kind(array)} but {first} is {kind(reference)}; a data set is all 2-D images or all 3-D volumes")
@@ -245,7 +279,7 @@ def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, f
             f"{csv_path}: row {row}: image {path} has {array.shape[0]} channel(s) but {first} has "
             f"{reference.shape[0]}; all images of a data set need the same channel count (gray or RGB)"
         )
-    if array.shape != reference.shape:
+    if array.shape != reference.shape and not resizing:
         raise InputError(f"{csv_path}: row {row}: image {path} has size {array.shape[1:]} but {first} has {reference.shape[1:]}; set --data.image_size to resize them to one size")
 
 
@@ -318,16 +352,13 @@ def read_image_table(
 
     first = read(0)
 
+    def item(index: int, resize: Resize | None = None) -> np.ndarray:
+        array = read(index)
+        _same_kind(array, first, index + 1, files[index], files[0], csv_path, resize is not None)
+        return resized(array, resize)
+
     def load(indices: np.ndarray, resize: Resize | None = None) -> np.ndarray:
-        reference = resized(first, resize)
-        arrays = []
-        for i in indices:
-            array = resized(read(i), resize)
-            _same_kind(array, reference, i + 1, files[i], files[0], csv_path)
-            arrays.append(array)
-        if len({a.dtype for a in arrays}) > 1:  # 8-bit and 16-bit files mixed: one float32 array in [0, 1]
-            arrays = [unit_float(a) for a in arrays]
-        return np.stack(arrays)
+        return stacked([item(i, resize) for i in indices])
 
     return LabeledImages(
         labels=labels,
@@ -337,5 +368,7 @@ def read_image_table(
         sample_shape=tuple(first.shape),
         load=load,
         names=[str(p) for p in table["path"]],
+        item=item,
+        content=lambda: digest_of([sha256_file(f) for f in files]),
         positive_reason=why,
     )

@@ -1,0 +1,104 @@
+"""Cache folders for data larger than memory, shared by every domain's ``--data.streaming true``.
+
+- :func:`default_cache`: ``$XDG_CACHE_HOME/domain-pipelines/<domain>`` (``~/.cache`` by default).
+- :func:`digest_of`: a short stable digest of a JSON-able key (what a cache folder is named by).
+- :func:`building`: a folder written under a temporary name and renamed when complete, so a cache is
+  complete or absent; two processes (DDP ranks) building the same folder race harmlessly (each builds
+  its own temporary folder; the first rename wins, the other's copy is dropped).
+- :func:`check_cache_dir`: ``--data.cache_dir`` refused before anything is read or written.
+- :func:`map_array` / :func:`release`: read-only memory maps of cache files whose resident pages can
+  be handed back to the kernel's page cache (``madvise(MADV_DONTNEED)``), so serving batches from a
+  file larger than memory keeps the process's resident memory flat.
+
+Imports nothing heavy (numpy only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import InputError
+
+#: the file a completed cache folder holds (written last, inside the temporary folder)
+COMPLETE = "meta.json"
+
+
+def default_cache(domain: str) -> Path:
+    """``$XDG_CACHE_HOME/domain-pipelines/<domain>`` (``~/.cache`` by default), beside ``pipelines.help_cache``'s ``help``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "domain-pipelines" / domain
+
+
+def digest_of(value: Any) -> str:
+    """20 hex digits of the SHA-256 of ``value`` as canonical JSON.
+
+    >>> digest_of({"b": 1, "a": [2]}) == digest_of({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@contextmanager
+def building(final: Path, option: str = "--data.cache_dir") -> Iterator[Path]:
+    """A temporary folder beside ``final``, renamed to ``final`` when the block completes; removed on any
+    error (a kill leaves a ``.partial-`` folder, never a half ``final``). When another process completed
+    ``final`` meanwhile, its copy is kept."""
+    partial = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as error:
+        raise InputError(f"{option} {final.parent}: cannot create the cache there: {error.strerror}") from None
+    try:
+        yield partial
+        try:
+            os.replace(partial, final)
+        except OSError:
+            if not (final / COMPLETE).is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def discard(folder: Path) -> None:
+    """Remove a damaged cache folder: renamed out of the way first (readers never see it half-removed)."""
+    doomed = folder.with_name(f".{folder.name}.damaged-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        return  # gone already (another process discarded it)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def check_cache_dir(cache_dir: str | None, streaming: bool) -> None:
+    """``--data.cache_dir`` without ``--data.streaming true``, or naming a file: :class:`InputError`."""
+    if cache_dir is not None and not streaming:
+        raise InputError(f"--data.cache_dir {cache_dir}: the cache is written by --data.streaming true; add it, or drop --data.cache_dir")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise InputError(f"--data.cache_dir {cache_dir}: is a file; expected a folder (created if absent) for the streaming cache")
+
+
+def map_array(path: Path, dtype: Any, tail: tuple[int, ...] = ()) -> tuple[mmap.mmap | None, np.ndarray]:
+    """A read-only map of ``path`` as an array of ``dtype`` shaped ``(-1, *tail)`` and the map itself (``None`` for an
+    empty file, which cannot be mapped: an empty array is returned)."""
+    if path.stat().st_size == 0:
+        return None, np.zeros((0, *tail), dtype=dtype)
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    return mapped, np.frombuffer(mapped, dtype=dtype).reshape(-1, *tail)
+
+
+def release(maps: Iterable[mmap.mmap | None]) -> None:
+    """Hand the resident pages of ``maps`` back to the page cache (the data stays valid; a later read is a minor fault)."""
+    for mapped in maps:
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
