@@ -5,6 +5,8 @@
 - :func:`building`: a folder written under a temporary name and renamed when complete, so a cache is
   complete or absent; two processes (DDP ranks) building the same folder race harmlessly (each builds
   its own temporary folder; the first rename wins, the other's copy is dropped).
+- :func:`file_manifest` / :func:`manifest_problem`: every cache file's size and SHA-256, written with the
+  cache and checked whenever it is opened: a damaged cache is named, removed and rebuilt, never used.
 - :func:`check_cache_dir`: ``--data.cache_dir`` refused before anything is read or written.
 - :func:`map_array` / :func:`release`: read-only memory maps of cache files whose resident pages can
   be handed back to the kernel's page cache (``madvise(MADV_DONTNEED)``), so serving batches from a
@@ -77,6 +79,32 @@ def discard(folder: Path) -> None:
     except OSError:
         return  # gone already (another process discarded it)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file directly in ``folder`` but ``meta.json`` (written into the meta when the
+    cache is built, checked by :func:`manifest_problem` whenever it is opened)."""
+    from pipelines.files import sha256_file
+
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE}
+
+
+def manifest_problem(folder: Path, manifest: dict[str, dict[str, Any]] | None) -> str | None:
+    """What is wrong with the files of a cache folder against its manifest: missing, cut short or grown, or changed
+    (another tool writing there, a copy cut short, a disk error); None when every file is as it was written."""
+    from pipelines.files import sha256_file
+
+    if not manifest:
+        return "its meta.json lists no files to check"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} holds {path.stat().st_size} bytes, expected {expected['bytes']}"
+        if sha256_file(path) != expected["sha256"]:
+            return f"{name} changed since it was written (its SHA-256 differs)"
+    return None
 
 
 def check_cache_dir(cache_dir: str | None, streaming: bool) -> None:

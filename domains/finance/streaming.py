@@ -20,7 +20,11 @@ keyed by the file's SHA-256 and the options that change its content (roles, labe
 rule, mode; the encoded arrays also by the fitted preprocessing): a second run on the same file skips
 the scan, a ``test`` with the checkpoint's preprocessing reuses the encoding. Each folder is written
 under a temporary name and renamed when complete (:func:`pipelines.cache_folders.building`: a crash leaves no
-half cache; two DDP ranks building the same cache race harmlessly). Batches come from :class:`domains.finance.mapped_rows.MappedRows`.
+half cache; two DDP ranks building the same cache race harmlessly). Its ``meta.json``, written last,
+lists every file's size and SHA-256; a cache is checked against it whenever it is opened, and a
+damaged one (a file cut short, overwritten, missing) is named, removed and rebuilt, never read. The
+log names the cache folder, whether it was built or reused, and its size. Batches come from
+:class:`domains.finance.mapped_rows.MappedRows`.
 
 Memory: held per row are the labels (4 bytes) and the split (1 byte) while scanning; the fit holds
 one column of the training rows at a time (8 bytes a row, a few times that inside ``np.percentile``),
@@ -30,6 +34,7 @@ the random split a permutation (8 bytes a row). The pandas table (hundreds of by
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -42,12 +47,14 @@ from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocesso
 from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
-from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of
+from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, discard, file_manifest, manifest_problem
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+FORMAT = 2  # 2: meta.json lists every file's size and SHA-256, checked when the cache is opened
 NO_STREAMED_PREDICT = "--data.streaming true scores a file: give it with --data.predict_path (the test split is scored by `test`)"
 
 
@@ -73,6 +80,7 @@ class StreamedTable:
         self.header = read_header(path)  # UTF-8, one value per column, every column named once
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache("finance")
         self._folder: Path | None = None
+        self._checked: set[Path] = set()  # encoded folders checked (or built) by this process
 
     # ----- the scan -------------------------------------------------------------------------------
     def feature_files(self) -> dict[str, str]:
@@ -90,9 +98,11 @@ class StreamedTable:
             key = {"format": FORMAT, "file": sha256_file(self.path), "roles": vars(self.roles), "labels": [str(c) for c in self.label_classes],
                    "rule": self.rule.as_dict(), "mode": self.mode}  # fmt: skip
             final = self.cache_dir / f"{self.path.stem}-{digest_of(key)}"
-            if not (final / "meta.json").is_file():
+            reused = _usable(final)
+            if not reused:
                 with building(final) as partial:
                     self._scan(partial)
+            log.info(f"streaming cache {final} ({'reused' if reused else 'built'}, {_mib(final)} MiB)")
             self._folder = final
         return self._folder
 
@@ -154,7 +164,8 @@ class StreamedTable:
         (label if label is not None else np.full(n, -1.0, np.float32)).astype(np.float32).tofile(into / "label.f32")
         for code, name in enumerate(SPLITS):
             np.flatnonzero(split == code).astype(np.int64).tofile(into / f"rows-{name}.i64")
-        meta = {"format": FORMAT, "rows": n, "labelled": label is not None, "dictionaries": {c: list(d) for c, d in dictionaries.items()}}
+        meta = {"format": FORMAT, "rows": n, "labelled": label is not None, "dictionaries": {c: list(d) for c, d in dictionaries.items()},
+                "files": file_manifest(into)}  # fmt: skip
         (into / "meta.json").write_text(json.dumps(meta))
 
     # ----- what the scan holds ----------------------------------------------------------------------
@@ -242,15 +253,38 @@ class StreamedTable:
         """``numeric.f32`` (rows x features) and ``categorical.i64`` (rows x columns) of every row, encoded by ``preprocessor``."""
         state = preprocessor.state_dict()
         final = self.folder / f"encoded-{digest_of(state)}"
-        if not (final / "meta.json").is_file():
-            with building(final) as partial, open(partial / "numeric.f32", "wb") as numeric, open(partial / "categorical.i64", "wb") as categorical:
-                for offset, chunk in iter_chunks(self.path, self.chunk_rows):
-                    encoded = preprocessor.transform(chunk, self.source_name, offset)
-                    numeric.write(np.ascontiguousarray(encoded["numeric"], dtype=np.float32).tobytes())
-                    categorical.write(np.ascontiguousarray(encoded["categorical"], dtype=np.int64).tobytes())
+        if final not in self._checked and not _usable(final):
+            with building(final) as partial:
+                with open(partial / "numeric.f32", "wb") as numeric, open(partial / "categorical.i64", "wb") as categorical:
+                    for offset, chunk in iter_chunks(self.path, self.chunk_rows):
+                        encoded = preprocessor.transform(chunk, self.source_name, offset)
+                        numeric.write(np.ascontiguousarray(encoded["numeric"], dtype=np.float32).tobytes())
+                        categorical.write(np.ascontiguousarray(encoded["categorical"], dtype=np.int64).tobytes())
                 layout = {"numeric": len(preprocessor.numeric_feature_names), "categorical": len(preprocessor.categorical_cardinalities)}
-                (partial / "meta.json").write_text(json.dumps(layout))
+                (partial / "meta.json").write_text(json.dumps({**layout, "files": file_manifest(partial)}))  # written last, with its manifest
+        self._checked.add(final)
         return final
+
+
+def _usable(folder: Path) -> bool:
+    """Whether a cache folder is complete and every file is as its manifest says; a damaged one is named, removed
+    (to be rebuilt) and reported as not usable, never read."""
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        problem = manifest_problem(folder, json.loads(meta.read_text()).get("files"))
+    except (OSError, ValueError) as error:
+        problem = f"unreadable meta.json ({error})"
+    if problem is None:
+        return True
+    log.warning(f"streaming cache {folder} is damaged ({problem}): removed and rebuilt")
+    discard(folder)
+    return False
+
+
+def _mib(folder: Path) -> int:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20)
 
 
 def check_streaming_options(path: str | None, streaming: bool, cache_dir: str | None) -> None:
