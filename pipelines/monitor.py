@@ -36,6 +36,7 @@ cells) are left out of the statistics and counted.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -134,6 +135,29 @@ def read_window(path: str, last: int | None, version: str | None) -> tuple[pd.Da
     return frame.reset_index(drop=True), f"request log, {skipped} cut line(s) skipped" if skipped else "request log"
 
 
+def check_window_versions(window: pd.DataFrame, reference: str, chosen: str | None, name: str) -> None:
+    """A request log's features are in the preprocessing units of the model that answered them, so drift against a
+    reference is measured only on the records of one model: the reference's (a bundle names its served version).
+    Refused (``InputError``): several versions without ``--model_version``, or a bundle's log of another version."""
+    if "version" not in window.columns or chosen is not None or not len(window):
+        return
+    versions = sorted(set(window["version"].astype(str)))
+    if len(versions) > 1:
+        raise InputError(f"{name}: the window holds the records of several model versions {versions}, each in its own model's feature "
+                         f"units; pick those of the model {reference} is with --model_version")  # fmt: skip
+    served = None
+    if Path(reference).is_dir() and (Path(reference) / "metadata.json").is_file():
+        from pipelines.serving_server import model_identity
+
+        served = model_identity(json.loads((Path(reference) / "metadata.json").read_text()))["version"]
+    if served is not None and versions != [served]:
+        raise InputError(
+            f"{name}: its records were answered by model version {versions[0]!r}, not by {reference} (version {served!r}); their features "
+            "are in that model's preprocessing units, so a drift test against this reference would measure the change of model, not of "
+            "the data. Compare them with the reference of the model that answered them, or pick this model's records with --model_version"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipelines.monitor", description=__doc__.splitlines()[0].strip("`. "))
     parser.add_argument("reference", help="the reference: a .parquet/.csv table, or a bundle folder or .ckpt holding reference statistics")
@@ -223,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return recalibrate_budget(args, window, note)
         results, reference, stats, embedding = [], None, None, None
         if args.only != "budget":
+            check_window_versions(window, args.reference, args.model_version, args.window)
             reference, stats = read_reference(args.reference)
             results = compare(reference, window, columns, args.psi_threshold, args.ks_alpha, args.bins, names=(args.reference, args.window), units_note=units_note(stats))
             results = with_reference_counts(results, stats)

@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD
 from pipelines.option_spelling import OptionParser
@@ -79,6 +80,23 @@ def _registry_of(argv: list[str]) -> Path:
     return Path(found) if found else default_registry()
 
 
+def champion_records(window: Any, version: str, name: str) -> Any:
+    """The records of a request log that the champion answered: each model logs features in its own preprocessing
+    units, so records of other versions (before a promotion) are left out, and a log with none of the champion's is
+    refused rather than compared (its drift would be the change of model, not of the data). A table without versions is kept."""
+    if "version" not in window.columns:
+        return window
+    versions = sorted(set(window["version"].astype(str)))
+    mine = window[window["version"].astype(str) == version]
+    if not len(mine):
+        raise ValueError(f"{name}: no records answered by champion {version} (versions in the window: {versions}); their features are in "
+                         f"another model's units. Serve the champion with python -m pipelines.serve DOMAIN --registry (its records carry "
+                         f"{version!r}), or give a table of recent data")  # fmt: skip
+    if len(mine) < len(window):
+        print(f"[retrain] drift window: {len(mine)} of {len(window)} records answered by champion {version}; the others ({[v for v in versions if v != version]}) are left out")
+    return mine.reset_index(drop=True)
+
+
 def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[str] | None:
     """The drifted features (empty: none), or ``None`` when the registry has no champion; ``ValueError`` naming a problem."""
     from pipelines.drift import compare
@@ -86,7 +104,7 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     from pipelines.monitor import read_window
     from pipelines.reference import check, find_in_checkpoint, reference_frame, units_note
 
-    window, _ = read_window(options.drift_window, options.drift_last, None)  # checked first: a missing window is bad input, champion or not
+    window, _ = read_window(options.drift_window, None, None)  # checked first: a missing window is bad input, champion or not
     registry = ModelRegistry(root, domain)
     if not registry.path.is_dir() or registry.champion() is None:
         return None
@@ -95,6 +113,9 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     if stats is None:
         raise ValueError(f"champion {version} in {registry.path} holds no reference statistics (trained before they were saved); retrain without --when drift once")
     check(stats, f"champion {version}")
+    window = champion_records(window, version, options.drift_window)
+    if options.drift_last is not None and "version" in window.columns:  # a request log: its newest records of the champion
+        window = window.tail(options.drift_last).reset_index(drop=True)
     results = compare(reference_frame(stats), window, None, options.drift_psi_threshold, options.drift_ks_alpha,
                       names=(f"champion {version}", options.drift_window), units_note=units_note(stats))  # fmt: skip
     for r in results:

@@ -80,7 +80,7 @@ def send(url: str, seeds: range, shift: float = 0.0) -> None:
         assert status == 200, answer
 
 
-def test_request_log_and_monitor_flag_a_shift_against_the_bundle(trained, tmp_path):
+def test_request_log_and_monitor_flag_a_shift_against_the_bundle(trained, tmp_path, capsys):
     log, reports = tmp_path / "requests.jsonl", tmp_path / "reports"
     served = start_server("finance", trained["bundle"], tmp_path / "server.log", "--request_log", str(log), "--request_log_max_mb", "0.25", "--request_log_keep", "20")
     try:
@@ -116,6 +116,20 @@ def test_request_log_and_monitor_flag_a_shift_against_the_bundle(trained, tmp_pa
     assert calm_md.startswith("# Drift report: no drift") and moved_md.startswith("# Drift report: drift")
     assert all(f"`{name}`" in moved_md.split("\n")[7] for name in SHIFTED), moved_md
     assert (folders[1] / "drift.png").stat().st_size > 10_000 and not list(reports.glob(".*"))
+
+    # features are in the units of the model that answered: another version's records are not compared with this bundle (trial 4)
+    from pipelines.monitor import main as monitor_main
+
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.endswith("}")]
+    other, mixed = tmp_path / "other.jsonl", tmp_path / "mixed.jsonl"
+    other.write_text("".join(json.dumps({**r, "version": "v0009"}) + "\n" for r in records))
+    mixed.write_text("".join(json.dumps({**r, "version": "v0009"} if i % 2 else r) + "\n" for i, r in enumerate(records)))
+    capsys.readouterr()
+    assert monitor_main([str(trained["bundle"]), str(other), "--only", "drift"]) == 2
+    assert "answered by model version 'v0009', not by" in " ".join(capsys.readouterr().err.split())
+    assert monitor_main([str(trained["bundle"]), str(mixed), "--only", "drift"]) == 2
+    assert "several model versions" in " ".join(capsys.readouterr().err.split())
+    assert monitor_main([str(trained["bundle"]), str(mixed), "--only", "drift", "--model_version", f"sha256-{sha[:12]}"]) == 3
 
 
 def test_request_log_rotation_keeps_whole_lines(tmp_path):
