@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.domain_registry import DomainSpec
-from pipelines.errors import EXIT_BAD_INPUT, InputError, paragraph
+from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.monitor_live import LIVE_KEYS
 from pipelines.monitor_wandb import BUDGET_KEYS, DRIFT_KEYS, SERVING_KEYS
 from pipelines.option_spelling import OptionParser
@@ -149,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.domain not in available_domains():
-            raise InputError(f"unknown domain {args.domain!r}; expected one of {available_domains()}")
+            raise InputError(f"unknown domain {args.domain!r}{did_you_mean(args.domain, available_domains())}; expected one of {available_domains()}")
         spec = get_domain(args.domain)
         run_dir = Path(args.run_dir) if args.run_dir else newest_run(args.domain, Path(args.runs_dir))
         if not run_dir.is_dir():
             raise InputError(f"--run_dir {run_dir}: no such folder")
+        owner = json.loads((run_dir / "provenance.json").read_text()).get("domain") if (run_dir / "provenance.json").is_file() else None
+        if owner and owner != args.domain:  # its panels would name the other domain's metrics, in this domain's project
+            raise InputError(f"--run_dir {run_dir}: a {owner} run, not {args.domain}; give a {args.domain} run, or build the {owner} dashboard")
         online = not args.offline and wandb_mode() == "online" and bool(os.environ.get("WANDB_API_KEY"))
         entity = args.entity or os.environ.get("WANDB_ENTITY") or (_default_entity() if online else "offline")
         project = args.project or os.environ.get("WANDB_PROJECT", f"domain-pipelines-{args.domain}")

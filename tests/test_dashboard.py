@@ -83,6 +83,11 @@ def test_a_run_without_metrics_is_refused(tmp_path, capsys):
     assert main(["finance", "--run_dir", str(tmp_path / "run"), "--out", str(tmp_path / "d.json")]) == 2
     assert "no metrics.jsonl" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "d.json").exists()  # a paragraph wraps long paths
     assert main(["financ", "--run_dir", str(tmp_path / "run")]) == 2
+    assert "did you mean 'finance'" in " ".join(capsys.readouterr().err.split())
+    # another domain's run (trial 4): its panels would name healthcare's metrics in the finance project
+    (tmp_path / "run" / "provenance.json").write_text(json.dumps({"domain": "healthcare", "run_id": "run"}))
+    assert main(["finance", "--run_dir", str(tmp_path / "run"), "--out", str(tmp_path / "d.json")]) == 2
+    assert "a healthcare run, not finance" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "d.json").exists()
 
 
 def test_raw_transactions_against_the_models_preprocessed_reference_are_refused(finance_bundle, tmp_path, capsys):
