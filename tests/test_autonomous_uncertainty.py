@@ -202,6 +202,7 @@ BAD_OPTIONS = [
     BadInput("quantiles-without-median", (*BASE, "--model.quantiles=[0.1, 0.9]"), ("--model.quantiles", "0.5 is missing"), _fleet_file),
     BadInput("quantile-out-of-range", (*BASE, "--model.quantiles=[0.0, 0.5, 1.0]"), ("--model.quantiles", "0.0 is not a level strictly between 0 and 1"), _fleet_file),
     BadInput("quantiles-empty", (*BASE, "--model.quantiles=[]"), ("--model.quantiles is empty",), _fleet_file),
+    BadInput("quantiles-a-single-number", (*BASE, "--model.quantiles=0.5"), ("--model.quantiles 0.5: expected a list", "e.g. [0.1, 0.5, 0.9]"), _fleet_file),
     BadInput("quantiles-with-mixture", (*BASE, "--model.architecture=mixture", "--model.quantiles=[0.1, 0.5, 0.9]"),
              ("--model.quantiles", "--model.architecture mixture", "expected --model.architecture rnn or transformer"), _fleet_file),  # fmt: skip
     BadInput("quantiles-with-classification", (*BASE, "--data.task=classification", "--data.target_column=manoeuvre", "--data.observe=8",

@@ -128,7 +128,7 @@ class SensorSequenceModel(BaseTask):
         plot_samples: int = 6,
         velocity_residual: bool = True,
         cpu_threads: int | None = 1,
-        quantiles: list[float] | None = None,
+        quantiles: list[float] | float | None = None,  # a single number is parsed, then refused by check_quantiles with its own message
         calibrate: bool = True,
         explain: bool = False,
         task: str = "forecasting",
