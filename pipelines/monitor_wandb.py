@@ -77,6 +77,7 @@ def log_to_wandb(metrics: dict[str, float], domain: str, facts: dict[str, Any]) 
             project=os.environ.get("WANDB_PROJECT", f"domain-pipelines-{domain}"), job_type="monitor", group=f"monitor-{domain}", mode=mode,
             name=f"monitor-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}", config={k: v for k, v in facts.items() if k != "alert_budget"},
             reinit="finish_previous", settings=wandb.Settings(init_timeout=30),
+            dir=os.environ.get("WANDB_DIR") or None,  # read at each call: W&B's process-wide settings keep the first run's folder
         )  # fmt: skip
         run.log(metrics)
         run_id = run.id

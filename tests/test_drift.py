@@ -209,9 +209,12 @@ def test_healthcare_intensity_reference_flags_darkened_images(tmp_path):
     fresh.setup("fit")
     images = np.concatenate([fresh.datasets[name].images for name in ("train", "val", "test")])
     images = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)  # what a client sends: [0, 1]
+    from pipelines.serving_server import model_identity
+
+    served = model_identity(json.loads((bundle / "metadata.json").read_text()))["version"]  # what the bundle's server logs
     for name, batch in (("calm", images), ("dark", images * 0.6)):
         log = RequestLog(tmp_path / f"{name}.jsonl")
-        log.append([{"time": "t", "model": "healthcare", "version": "v", "form": "image", "features": item_features({"image": batch}, i, stats),
+        log.append([{"time": "t", "model": "healthcare", "version": served, "form": "image", "features": item_features({"image": batch}, i, stats),
                      "outputs": {}} for i in range(len(batch))])  # fmt: skip
     calm = monitor(str(bundle), str(tmp_path / "calm.jsonl"), "--json", str(tmp_path / "calm.json"))
     dark = monitor(str(ckpt), str(tmp_path / "dark.jsonl"), "--json", str(tmp_path / "dark.json"))

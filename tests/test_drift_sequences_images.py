@@ -26,10 +26,17 @@ def monitor(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.monitor", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
-def write_log(path, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], reference) -> None:
+def write_log(path, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], reference, version: str = "v1") -> None:
+    """A request log as a server of model ``version`` writes it (a bundle's log carries the bundle's served version)."""
     count = len(next(iter({**inputs, **outputs}.values())))
-    RequestLog(path).append([{"time": "2026-11-30T10:00:00.000+00:00", "model": model, "version": "v1", "form": "test",
+    RequestLog(path).append([{"time": "2026-11-30T10:00:00.000+00:00", "model": model, "version": version, "form": "test",
                               "features": item_features(inputs, i, reference), "outputs": item_outputs(outputs, i)} for i in range(count)])  # fmt: skip
+
+
+def served_version(bundle) -> str:
+    from pipelines.serving_server import model_identity
+
+    return model_identity(json.loads((bundle / "metadata.json").read_text()))["version"]
 
 
 def datamodule_of(checkpoint: dict, cls):
@@ -55,7 +62,7 @@ def test_autonomous_reference_per_sequence_channel_flags_faster_traffic(tiny_run
     calm = {name: train[name].numpy() for name in ("past", "channels")}  # the training windows, through the request log's path
     fast = {**calm, "past": calm["past"] * 1.5}  # the same traffic 50 % faster
     for name, inputs in (("calm", calm), ("fast", fast)):
-        write_log(tmp_path / f"{name}.jsonl", "autonomous", inputs, {}, stats)
+        write_log(tmp_path / f"{name}.jsonl", "autonomous", inputs, {}, stats, served_version(bundle))
     calm_run = monitor(str(bundle), str(tmp_path / "calm.jsonl"), "--json", str(tmp_path / "calm.json"))
     fast_run = monitor(str(ckpt), str(tmp_path / "fast.jsonl"), "--json", str(tmp_path / "fast.json"))
     assert calm_run.returncode == 0, calm_run.stdout + calm_run.stderr

@@ -29,7 +29,9 @@ def exit_code(*args: str) -> int:
 def start_slow_fit(runs_dir: Path, run_id: str) -> subprocess.Popen:
     args = ["finance", "fit", *FINANCE, "--trainer.max_epochs=50", "--runs_dir", str(runs_dir), "--run_id", run_id,
             "--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.15"]  # fmt: skip
-    return subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background (`pytest &`) hands its children SIGINT ignored
+    return subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:

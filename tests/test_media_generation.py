@@ -69,7 +69,7 @@ REFUSED = [
     BadInput("diffaugment_typo", ("--model.init_args.diffaugment=color,translaton",), ("--model.init_args.diffaugment", "'translaton'", "did you mean 'translation'")),
     BadInput("guidance_without_null_class", ("--model=domains.media.model.Diffusion", "--model.init_args.guidance_scale=3"), ("guidance_scale 3", "cond_drop_prob")),
     BadInput("cond_drop_prob_out_of_range", ("--model=domains.media.model.Diffusion", "--model.init_args.cond_drop_prob=1.5"), ("cond_drop_prob", "[0, 1)")),
-    BadInput("negative_generate_guidance", ("--data.generate_guidance_scale=-1",), ("--data.generate_guidance_scale", ">= 0")),
+    BadInput("negative_generate_guidance", ("--data.generate_guidance_scale=-1",), ("--data.generate_guidance_scale", "a number in 0..20")),
 ]
 
 
