@@ -25,9 +25,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_CONSOLE", "off")
-# two xdist workers on two cores: one torch/OpenMP thread each, in the workers and in every process they start
-# (healthcare's default is torch's, one thread per core: two workers of two threads each fight over two cores)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class _CurrentStderr:
