@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
-from torchmetrics import Metric
 
 from pipelines.plots import new_figure
 
@@ -63,25 +62,6 @@ def input_names(datamodule: Any, input_size: int) -> list[str]:
     channels = list(getattr(datamodule, "input_channel_names", None) or getattr(getattr(datamodule, "hparams", None), "channels", None) or [])
     names = [f"d{name}" for name in positions] + channels
     return names if len(names) == input_size else [f"input_{i}" for i in range(input_size)]
-
-
-class ChannelAttribution(Metric):
-    """Mean attribution per channel over the windows seen (sum and count states: DDP-synchronised)."""
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.zeros(features, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, attributions: torch.Tensor) -> None:
-        self.total += attributions.detach().double().sum(0)
-        self.count += float(len(attributions))
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
 
 
 def attribution_figure(values: torch.Tensor, names: list[str], unit: str, windows: int) -> Any:

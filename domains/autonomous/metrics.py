@@ -46,7 +46,28 @@ class DisplacementError(Metric):
         return (self.total / self.count.clamp(min=1)).float()
 
 
-class StepDisplacementError(Metric):
+class VectorMean(Metric):
+    """Mean of per-row vectors ``(B, size)`` over every row seen (sum and count states: DDP-synchronised);
+    the test's mean channel attributions (:mod:`domains.autonomous.attributions`) and the base of
+    :class:`StepDisplacementError`."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, rows: torch.Tensor) -> None:
+        self.total += rows.detach().double().sum(0)
+        self.count += float(len(rows))
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class StepDisplacementError(VectorMean):
     """Mean displacement error at each horizon step: ``compute()`` is ``(steps,)``; its last value is the FDE.
 
     ``update(pred, target)``: ``pred`` and ``target`` ``(B, steps, D)`` (single predictions).
@@ -58,18 +79,10 @@ class StepDisplacementError(Metric):
         [0.0, 1.0, 3.0]
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.zeros(steps, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        super().__init__(steps)
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.total += (pred - target).norm(dim=-1).double().sum(0)
-        self.count += len(target)
-
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        super().update((pred - target).norm(dim=-1))

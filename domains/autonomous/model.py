@@ -42,8 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from domains.autonomous.attributions import AttributionColumns, ChannelAttribution
-from domains.autonomous.metrics import DisplacementError, StepDisplacementError
+from domains.autonomous.attributions import AttributionColumns
+from domains.autonomous.metrics import DisplacementError, StepDisplacementError, VectorMean
 from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
 from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
@@ -216,7 +216,7 @@ class SensorSequenceModel(BaseTask):
             self.calibration = ClassifierCalibration(binary=False, calibrate=bool(self.hparams.calibrate))
         if self.quantile_levels:
             self.test_coverage = QuantileCoverage(self.quantile_levels, steps=self.hparams.predict if task == "forecasting" else 0)
-        self.test_attribution = ChannelAttribution(self.hparams.input_size)
+        self.test_attribution = VectorMean(self.hparams.input_size)  # mean attribution per channel
         collection = MetricCollection(metrics)
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
