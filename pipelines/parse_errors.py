@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from pipelines.errors import did_you_mean
+from pipelines.validation import byte_order_mark
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -35,8 +36,10 @@ def config_file_problem(args: Any) -> str | None:
         if not path.is_file():
             continue
         raw = path.read_bytes()
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            return f"--config {path}: UTF-16 text (its byte-order mark), not UTF-8; re-save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
+        marked = byte_order_mark(raw)
+        if marked:
+            encoding, shown = marked
+            return f"--config {path}: {encoding.upper()} text (its byte-order mark {shown}), not UTF-8; re-save it as UTF-8 (e.g. iconv -f {encoding} -t utf-8)"
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:

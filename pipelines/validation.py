@@ -343,18 +343,35 @@ def _first_short_row_by_csv(chunks: Iterator[bytes], delimiter: str, header: lis
     return header, None
 
 
+#: byte-order marks of the encodings a "not UTF-8" text file most often is (UTF-32's little-endian mark starts
+#: with UTF-16's: it is looked for first)
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def byte_order_mark(head: bytes) -> tuple[str, str] | None:
+    """``(encoding, the mark as hex bytes)`` when ``head`` starts with a UTF-16/32 byte-order mark.
+
+    >>> byte_order_mark(b"\\xff\\xfe" + "amount".encode("utf-16-le")), byte_order_mark(b"amount")
+    (('utf-16', 'FF FE'), None)
+    """
+    for mark, encoding in BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return encoding, " ".join(f"{b:02X}" for b in mark)
+    return None
+
+
 def _not_utf8_error(path: Path, offset: int, line: int, bad: bytes, delimiter: str) -> InputError:
     """The line, data row, column and byte of the first byte of ``path`` that is not UTF-8; a UTF-16
     or UTF-32 file (its byte-order mark says so) is named as such, with the conversion that fits."""
     with open(path, "rb") as handle:
         head = handle.read(max(offset + 1, 4))
-    for mark, encoding in ((b"\xff\xfe\x00\x00", "utf-32le"), (b"\x00\x00\xfe\xff", "utf-32be"), (b"\xff\xfe", "utf-16le"), (b"\xfe\xff", "utf-16be")):
-        if head.startswith(mark):
-            shown = " ".join(f"{b:02X}" for b in mark)
-            return InputError(
-                f"{path} is {encoding.upper()[:6]} text (its byte-order mark {shown}, as Excel's \"Unicode text\" writes), not UTF-8; "
-                f"expected a UTF-8 file: re-save it as UTF-8 (e.g. iconv -f {encoding[:6]} -t utf-8)"
-            )
+    marked = byte_order_mark(head)
+    if marked:
+        encoding, shown = marked
+        return InputError(
+            f"{path} is {encoding.upper()} text (its byte-order mark {shown}, as Excel's \"Unicode text\" writes), not UTF-8; "
+            f"expected a UTF-8 file: re-save it as UTF-8 (e.g. iconv -f {encoding} -t utf-8)"
+        )
     start = head.rfind(b"\n", 0, offset) + 1
     prefix = head[start:offset].decode("latin-1")
     field = len(next(csv.reader([prefix], delimiter=delimiter), [""])) - (1 if prefix else 0) if prefix else 0
