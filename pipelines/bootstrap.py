@@ -63,7 +63,7 @@ def bootstrap_intervals(
     every_row = np.arange(rows)
 
     def one_at_a_time(counts: np.ndarray) -> dict[str, np.ndarray]:  # the same seeded resamples as the count form
-        found = [{name: _float(v) for name, v in metrics(np.repeat(every_row, drawn)).items()} for drawn in counts]
+        found = [{name: _float(v) for name, v in metrics(np.repeat(every_row, drawn.astype(np.int64))).items()} for drawn in counts]
         names = {name for values in found for name in values}
         return {name: np.array([values.get(name, np.nan) for values in found]) for name in names}  # absent: NaN, left out
 
@@ -99,6 +99,7 @@ def bootstrap_count_intervals(
         return {}
     values: dict[str, list[np.ndarray]] = {}
     for counts in resample_counts(rows, resamples, seed):
+        counts = counts.astype(np.float64)  # once per batch: every weighted sum over it is a float matrix product
         for name, value in metrics(counts).items():
             values.setdefault(name, []).append(np.asarray(value, dtype=np.float64).reshape(len(counts)))
     return _percentile_intervals({name: np.concatenate(parts) for name, parts in values.items()}, rows, resamples, level, seed)

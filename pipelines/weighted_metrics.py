@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 
 def as_float(counts: np.ndarray) -> np.ndarray:
+    """A count matrix as float64: no copy when it already is (``bootstrap_count_intervals`` converts each batch once)."""
     return np.asarray(counts, dtype=np.float64)
 
 
