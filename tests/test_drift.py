@@ -144,7 +144,7 @@ def test_request_log_rotation_keeps_whole_lines(tmp_path):
     assert skipped == 0 and list(frame["a"]) == [float(i) for i in range(100 - len(frame), 100)], "the newest records, in order"
 
 
-def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_follows(tmp_path):
+def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_follows(tmp_path, capsys):
     """The loop: serve the champion, log its traffic; --when drift skips calm traffic (4) and retrains on moved traffic."""
     from pipelines.model_registry import ModelRegistry
     from pipelines.retrain import main as retrain_main
@@ -179,6 +179,14 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
     finally:
         if served.process.poll() is None:
             served.stop(signal.SIGKILL)
+    # a log that none of the champion's answers are in (another model's units) is refused, nothing trained
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**json.loads(line), "version": "v0009"}) + "\n" for line in log.read_text().splitlines() if line.endswith("}")))
+    versions = registry.versions()
+    capsys.readouterr()
+    assert retrain_main(["finance", *options, "--when", "drift", "--drift_window", str(other)]) == 2
+    assert f"no records answered by champion {registry.champion()}" in " ".join(capsys.readouterr().err.split())
+    assert registry.versions() == versions
 
 
 def test_healthcare_intensity_reference_flags_darkened_images(tmp_path):
