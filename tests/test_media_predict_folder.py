@@ -30,6 +30,11 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     assert refused.value.code == 2 and "already holds 3 image(s) of an earlier predict" in err, err
     assert not (run / "predictions-3.csv").exists() and {p: open(p, "rb").read() for p in first["file"]} == earlier
 
+    with pytest.raises(SystemExit) as refused:  # a file where the folder should be
+        predict(run, f"--data.generate_dir={run / 'predictions.csv'}")
+    assert refused.value.code == 2 and "not a folder" in " ".join(capsys.readouterr().err.split())
+    assert {p: open(p, "rb").read() for p in first["file"]} == earlier
+
     with pytest.raises(SystemExit) as refused:
         predict(run, "--data.generate_guidance_scale=1e9")
     assert refused.value.code == 2 and "must be a number in 0..20" in " ".join(capsys.readouterr().err.split())
