@@ -50,7 +50,7 @@ from pipelines.option_spelling import OptionParser
 from pipelines.stops import sigterm_as_exit
 from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns
 from pipelines.reference import load_reference, reference_frame, units_note
-from pipelines.request_log import read_log, segment_files
+from pipelines.request_log import read_log, segment_files, version_problem
 from pipelines.files import destination_problem, write_json_atomic
 from pipelines.monitor_mmd import MMD_ALPHA, sample_test
 from pipelines.monitor_wandb import log_to_wandb, monitor_metrics
@@ -139,23 +139,23 @@ def check_window_versions(window: pd.DataFrame, reference: str, chosen: str | No
     """A request log's features are in the preprocessing units of the model that answered them, so drift against a
     reference is measured only on the records of one model: the reference's (a bundle names its served version).
     Refused (``InputError``): several versions without ``--model_version``, or a bundle's log of another version."""
-    if "version" not in window.columns or chosen is not None or not len(window):
-        return
-    versions = sorted(set(window["version"].astype(str)))
-    if len(versions) > 1:
-        raise InputError(f"{name}: the window holds the records of several model versions {versions}, each in its own model's feature "
-                         f"units; pick those of the model {reference} is with --model_version")  # fmt: skip
     served = None
-    if Path(reference).is_dir() and (Path(reference) / "metadata.json").is_file():
+    if "version" in window.columns and Path(reference).is_dir() and (Path(reference) / "metadata.json").is_file():
         from pipelines.serving_server import model_identity
 
         served = model_identity(json.loads((Path(reference) / "metadata.json").read_text()))["version"]
-    if served is not None and versions != [served]:
-        raise InputError(
-            f"{name}: its records were answered by model version {versions[0]!r}, not by {reference} (version {served!r}); their features "
-            "are in that model's preprocessing units, so a drift test against this reference would measure the change of model, not of "
-            "the data. Compare them with the reference of the model that answered them, or pick this model's records with --model_version"
-        )
+    problem = version_problem(window, served, chosen)
+    if problem is None:
+        return
+    kind, versions = problem
+    if kind == "several":
+        raise InputError(f"{name}: the window holds the records of several model versions {versions}, each in its own model's feature "
+                         f"units; pick those of the model {reference} is with --model_version")  # fmt: skip
+    raise InputError(
+        f"{name}: its records were answered by model version {versions[0]!r}, not by {reference} (version {served!r}); their features "
+        "are in that model's preprocessing units, so a drift test against this reference would measure the change of model, not of "
+        "the data. Compare them with the reference of the model that answered them, or pick this model's records with --model_version"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
+from pipelines.request_log import version_problem
 
 KEY = "alert_budget"
 ALPHA = 0.01
@@ -191,14 +192,14 @@ def check_budget(scores: np.ndarray, budget: Budget, threshold: float | None = N
 def check_versions(budget: Budget, window: pd.DataFrame, name: str, chosen: str | None) -> None:
     """Refuse a request-log window whose scores are not (all) this model's: several versions without ``--model_version``,
     or, for a bundle, none of its served version."""
-    if "version" not in window.columns:
+    problem = version_problem(window, budget.version, chosen)
+    if problem is None:
         return
-    versions = sorted(set(window["version"].astype(str)))
-    if len(versions) > 1 and chosen is None:
+    kind, versions = problem
+    if kind == "several":
         raise InputError(f"{name}: the window holds the scores of several model versions {versions}; pick the one {budget.path} is with --model_version")
-    if budget.version is not None and chosen is None and versions != [budget.version]:
-        raise InputError(f"{name}: the window's scores come from model version {versions}, not from {budget.path} (version {budget.version!r}); "
-                         "recalibrate the model that scored them, or pick its records with --model_version")  # fmt: skip
+    raise InputError(f"{name}: the window's scores come from model version {versions}, not from {budget.path} (version {budget.version!r}); "
+                     "recalibrate the model that scored them, or pick its records with --model_version")  # fmt: skip
 
 
 def recalibrate(budget: Budget, scores: np.ndarray, out: str | Path, source: str) -> tuple[Path, dict[str, Any]]:

@@ -215,3 +215,22 @@ def read_log(path: str | Path) -> tuple[pd.DataFrame, int]:
     if not rows:
         raise ValueError(f"{path}: no complete request records ({skipped} unreadable line(s))")
     return pd.DataFrame(rows), skipped
+
+
+def window_versions(window: pd.DataFrame) -> list[str]:
+    """The model versions that answered a window's records, sorted (empty: a table without a ``version`` column)."""
+    return sorted(set(window["version"].astype(str))) if "version" in window.columns else []
+
+
+def version_problem(window: pd.DataFrame, served: str | None, chosen: str | None) -> tuple[str, list[str]] | None:
+    """Why a request-log window is not one model's records, for the caller to word: ``("several", versions)``
+    when it holds several versions and none was chosen (``--model_version``); ``("other", versions)`` when it
+    holds one version that is not ``served`` (the model it is compared with, where known); else ``None``."""
+    versions = window_versions(window)
+    if chosen is not None or not versions:
+        return None
+    if len(versions) > 1:
+        return "several", versions
+    if served is not None and versions != [served]:
+        return "other", versions
+    return None

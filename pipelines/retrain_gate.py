@@ -84,9 +84,11 @@ def champion_records(window: Any, version: str, name: str) -> Any:
     """The records of a request log that the champion answered: each model logs features in its own preprocessing
     units, so records of other versions (before a promotion) are left out, and a log with none of the champion's is
     refused rather than compared (its drift would be the change of model, not of the data). A table without versions is kept."""
-    if "version" not in window.columns:
+    from pipelines.request_log import window_versions
+
+    versions = window_versions(window)
+    if not versions:
         return window
-    versions = sorted(set(window["version"].astype(str)))
     mine = window[window["version"].astype(str) == version]
     if not len(mine):
         raise ValueError(f"{name}: no records answered by champion {version} (versions in the window: {versions}); their features are in "
