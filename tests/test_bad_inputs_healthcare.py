@@ -16,6 +16,7 @@ import lightning.pytorch  # noqa: F401  (imported at collection: its log handler
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tests.bad_inputs import BadInput, check_refused, params
 from tests.conftest import copy_run, run_pipeline
@@ -131,6 +132,7 @@ CASES = [
     BadInput("rare_class", CSV, ("'cyst' (1 row)", "fewer than 2 rows", "--data.class_names"), lambda f: table(f, ["benign", "malignant"] * 3 + ["cyst", "benign"])),
     BadInput("label_outside_class_names", (*CSV, "--data.class_names=[benign,malignant]"), ("'malignent'", "did you mean 'malignant'", "row 8"), lambda f: table(f, ["benign", "malignant"] * 3 + ["benign", "malignent"])),
     BadInput("empty_label", CSV, ("row 3 (case2.png)", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
+    BadInput("empty_csv", CSV, ("labels.csv", "the file is empty", "'path,label[,split]'"), lambda f: (f / "labels.csv").write_text("\n")),
     BadInput("binary_without_a_positive_class", CSV, ("['covid', 'flu']", "--data.positive_class"), lambda f: table(f, ["covid", "flu"] * 4)),
     BadInput("positive_class_not_a_class", (*CSV, "--data.positive_class=malignent"), ("'malignent'", "did you mean 'malignant'"), table),
     BadInput("positive_class_for_multiclass", (*CSV, "--data.positive_class=b"), ("for binary tasks", "multiclass"), lambda f: table(f, ["a", "b", "c", "a", "b", "c", "a", "b"], count=8)),
@@ -149,7 +151,9 @@ CASES = [
     BadInput("empty_split", CSV, ("split 'val' is empty",), lambda f: table(f, splits=["train", "test"] * 4)),
     BadInput("unknown_split_name", CSV, ("row 1", "split 'training'"), lambda f: table(f, splits=["training"] + ["train", "val", "test"] * 3)),
     BadInput("mixed_sizes_without_image_size", CSV, ("row 2", "size (12, 12)", "--data.image_size"), lambda f: table(f, r1=lambda p, a: write_png(p, np.resize(a, (12, 12))))),
-    BadInput("mixed_channels", CSV, ("row 4", "3 channel(s)", "same channel count"), lambda f: table(f, r3=lambda p, a: write_png(p, np.stack([a] * 3, -1)))),
+    BadInput("mixed_channels", CSV, ("row 4", "3 channel(s) (PNG mode 'RGB': RGB)", "1 (PNG mode 'L': gray)", "same channel count"), lambda f: table(f, r3=lambda p, a: write_png(p, np.stack([a] * 3, -1)))),
+    # a palette PNG looks gray in a viewer; it is read as RGB, and the refusal says why
+    BadInput("palette_png_among_gray", CSV, ("row 4", "3 channel(s) (PNG mode 'P': a palette image)"), lambda f: table(f, r3=lambda p, a: Image.fromarray(a.astype(np.uint8)).convert("P").save(p))),
     BadInput("volume_among_images", CSV, ("row 3", "3-D volume", "2-D image"), volume_among_images),
     BadInput("blank_16bit_png", CSV, ("row 5", "case4.png", "blank image"), lambda f: table(f, r4=lambda p, a: png16(p, np.zeros_like(a)))),
     BadInput("ct_dicom_in_hounsfield_units", CSV, ("case1.dcm", "RescaleIntercept -1024", "--data.intensity_range"), lambda f: (table(f, r1=lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)), rename(f, "case1.png", "case1.dcm"))),

@@ -269,6 +269,22 @@ def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str
     return np.array([lookup[row[0]] for row in tokens], dtype=np.int64), names, False
 
 
+#: how Pillow's image modes read, for a channel-count refusal: a palette or alpha PNG can look gray in a viewer
+_MODES = {"1": "1-bit", "L": "gray", "LA": "gray with alpha", "P": "a palette image", "PA": "a palette image with alpha", "RGB": "RGB",
+          "RGBA": "RGB with alpha", "CMYK": "CMYK", "I": "32-bit gray", "I;16": "16-bit gray", "F": "float gray"}  # fmt: skip
+
+
+def _file_mode(path: Path) -> str:
+    """`` (PNG mode 'P': a palette image)`` for a file Pillow reads; empty for others (DICOM, NIfTI) or when unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return f" ({image.format} mode {image.mode!r}: {_MODES.get(image.mode, 'see Pillow')})"
+    except (OSError, UnidentifiedImageError, ValueError):
+        return ""
+
+
 def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, first: Path, csv_path: Path, resizing: bool) -> None:
     """``array`` (as read) is the kind of image ``reference`` (the first file) is: dimensions, channels, and size unless resized."""
     if array.ndim != reference.ndim:
@@ -276,8 +292,8 @@ def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, f
         raise InputError(f"{csv_path}: row {row}: {path} is {kind(array)} but {first} is {kind(reference)}; a data set is all 2-D images or all 3-D volumes")
     if array.shape[0] != reference.shape[0]:
         raise InputError(
-            f"{csv_path}: row {row}: image {path} has {array.shape[0]} channel(s) but {first} has "
-            f"{reference.shape[0]}; all images of a data set need the same channel count (gray or RGB)"
+            f"{csv_path}: row {row}: image {path} has {array.shape[0]} channel(s){_file_mode(path)} but {first} has "
+            f"{reference.shape[0]}{_file_mode(first)}; all images of a data set need the same channel count (gray or RGB)"
         )
     if array.shape != reference.shape and not resizing:
         raise InputError(f"{csv_path}: row {row}: image {path} has size {array.shape[1:]} but {first} has {reference.shape[1:]}; set --data.image_size to resize them to one size")
@@ -301,6 +317,10 @@ def read_image_table(
     if not csv_path.is_file():
         raise InputError(f"labels_csv {csv_path}: file not found")
     check_csv_text(csv_path)
+    with open(csv_path, "rb") as handle:
+        blank = not handle.read(1 << 16).strip() and not handle.read(1)
+    if blank:
+        raise InputError(f"labels_csv {csv_path}: the file is empty; expected a header line 'path,label[,split]', then one line per image")
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
