@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipelines.errors import InputError
-from tests.conftest import ROOT, child_env, only_run, run_pipeline
+from tests.conftest import ROOT, child_env, only_run, read_jsonl, run_pipeline
 
 FINANCE = ("--data.synthetic_rows=1200", "--data.batch_size=64", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2")
 
@@ -56,9 +56,19 @@ def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] > 8, "last.ckpt must hold the step training stopped at, not the last validation"
     assert not list(last.parent.glob(".*.tmp"))
+    run = only_run(runs_dir, "finance")
+    assert len(read_jsonl(run / "metrics.jsonl")) < 3, "stopped in epoch 1"
     run_pipeline("finance", "fit", "--runs_dir", str(runs_dir), "--run_id", "stopped", "--ckpt_path", "last", "--trainer.max_epochs=3")
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 24, (resumed["epoch"], resumed["global_step"])
+    # the resume continued the same run folder and W&B run (finance's case of tests/test_registry.py's killed-run test)
+    assert only_run(runs_dir, "finance") == run, "resume must continue the same run folder"
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["stage"] == "fit"]
+    assert sorted({r["epoch"] for r in rows}) == [0, 1, 2] and rows[-1]["epoch"] == 2 and rows[-1]["step"] == 3 * rows[0]["step"] == 24
+    invocations = json.loads((run / "provenance.json").read_text())["invocations"]
+    assert len(invocations) == 2 and invocations[1]["ckpt_path"].endswith("last.ckpt")
+    assert len(list(run.glob("wandb/offline-run-*"))) == 2  # the same W&B run id, resumed
+    assert all(p.name.endswith(run.name) for p in run.glob("wandb/offline-run-*"))
 
 
 def test_a_non_finite_loss_stops_fit_with_exit_1_and_keeps_the_last_finite_checkpoint(runs_dir, capsys):
