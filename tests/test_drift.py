@@ -10,10 +10,11 @@ features moved by +0.3 standard deviations is flagged on exactly those (exit 3),
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipelines.export import export_checkpoint
 from pipelines.reference import QUANTILE_POINTS, find_in_checkpoint, load_reference
 from pipelines.domain_registry import get_domain
 from pipelines.request_log import RequestLog, log_files, read_log
-from tests.conftest import ROOT, child_env, run_pipeline
+from tests.conftest import run_pipeline
 from tests.helpers import FAST, predict_with_headers, request, start_champion_server, start_server, write_night
 
 SHIFTED = ["x0", "x1", "x2", "x3"]
@@ -38,7 +39,17 @@ def rows_of(seed: int, count: int, shift: float = 0.0) -> list[dict[str, float]]
 
 
 def monitor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.monitor", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    """``python -m pipelines.monitor ARGS`` run in this process (its exit status as a real process is
+    tested in tests/test_monitor.py; here another interpreter would only repeat the imports)."""
+    from pipelines.monitor import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # a usage error
+            code = stop.code
+    return subprocess.CompletedProcess(["python", "-m", "pipelines.monitor", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

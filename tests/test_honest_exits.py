@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipelines.errors import InputError
-from tests.conftest import ROOT, child_env, only_run, run_pipeline
+from tests.conftest import ROOT, child_env, only_run, read_jsonl, run_pipeline
 
 FINANCE = ("--data.synthetic_rows=1200", "--data.batch_size=64", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2")
 
@@ -43,10 +43,20 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes(runs_dir, sig, code):
+def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes(runs_dir, sig, code, capsys):
     process = start_slow_fit(runs_dir, "stopped")
     last = runs_dir / "finance" / "stopped" / "checkpoints" / "last.ckpt"
     wait_for(last, process)  # epoch 0 validated: 8 steps
+    if sig == signal.SIGTERM:  # while it trains, the run folder is in use: a second command on it is refused
+        process.send_signal(signal.SIGSTOP)  # frozen (holding its lock) for as long as the second command takes
+        try:
+            check_a_second_command_is_refused(runs_dir / "finance" / "stopped", runs_dir, capsys)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            process.send_signal(signal.SIGCONT)
     time.sleep(0.6)  # a few steps into epoch 1
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
@@ -56,9 +66,19 @@ def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] > 8, "last.ckpt must hold the step training stopped at, not the last validation"
     assert not list(last.parent.glob(".*.tmp"))
+    run = only_run(runs_dir, "finance")
+    assert len(read_jsonl(run / "metrics.jsonl")) < 3, "stopped in epoch 1"
     run_pipeline("finance", "fit", "--runs_dir", str(runs_dir), "--run_id", "stopped", "--ckpt_path", "last", "--trainer.max_epochs=3")
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["global_step"] == 24, (resumed["epoch"], resumed["global_step"])
+    # the resume continued the same run folder and W&B run (finance's case of tests/test_registry.py's killed-run test)
+    assert only_run(runs_dir, "finance") == run, "resume must continue the same run folder"
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["stage"] == "fit"]
+    assert sorted({r["epoch"] for r in rows}) == [0, 1, 2] and rows[-1]["epoch"] == 2 and rows[-1]["step"] == 3 * rows[0]["step"] == 24
+    invocations = json.loads((run / "provenance.json").read_text())["invocations"]
+    assert len(invocations) == 2 and invocations[1]["ckpt_path"].endswith("last.ckpt")
+    assert len(list(run.glob("wandb/offline-run-*"))) == 2  # the same W&B run id, resumed
+    assert all(p.name.endswith(run.name) for p in run.glob("wandb/offline-run-*"))
 
 
 def test_a_non_finite_loss_stops_fit_with_exit_1_and_keeps_the_last_finite_checkpoint(runs_dir, capsys):
@@ -84,20 +104,16 @@ def test_a_nan_test_metric_is_recorded_and_exits_1(runs_dir, capsys):
     assert summary["test"]["test/loss"] == "nan"
 
 
-def test_a_second_command_on_a_run_folder_in_use_is_refused(runs_dir, capsys):
-    process = start_slow_fit(runs_dir, "busy")
-    try:
-        run = runs_dir / "finance" / "busy"
-        wait_for(run / "checkpoints" / "last.ckpt", process)
-        before = {name: (run / name).read_bytes() for name in ("config.yaml", "provenance.json")}
-        assert exit_code("finance", "fit", *FINANCE, "--runs_dir", str(runs_dir), "--run_id", "busy") == 2
-        err = " ".join(capsys.readouterr().err.split())
-        assert "is in use by pid" in err and "fit since" in err, err[-2000:]
-        assert len(list((run / "wandb").glob("offline-run-*"))) == 1
-        assert {name: (run / name).read_bytes() for name in before} == before
-    finally:
-        process.kill()
-        process.wait()
+def check_a_second_command_is_refused(run: Path, runs_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A second command on the run folder of a training fit (``run``, in use) is refused, changing nothing
+    (called by the signal test above, on its training process: one slow fit serves both)."""
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "provenance.json")}
+    capsys.readouterr()
+    assert exit_code("finance", "fit", *FINANCE, "--runs_dir", str(runs_dir), "--run_id", run.name) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is in use by pid" in err and "fit since" in err, err[-2000:]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_predict_never_overwrites_and_runs_dir_comes_from_a_config_file(runs_dir, tmp_path, capsys):

@@ -82,7 +82,13 @@ def test_fit_test_predict_on_tiny_config(domain, tiny_run, runs_dir):
     assert len(pd.read_csv(predictions)) > 0
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+#: finance is left out: its stopped runs resume in tests/test_honest_exits.py (SIGTERM and SIGINT, with these same
+#: checks of the run folder, metrics, provenance and W&B run) and test_platform.py's SIGKILL mid-epoch; the same shared
+#: code (pipelines/) resumes every domain, so a third killed finance process would check nothing new
+KILLED_RUN_DOMAINS = [domain for domain in DOMAINS if domain != "finance"]
+
+
+@pytest.mark.parametrize("domain", KILLED_RUN_DOMAINS)
 def test_killed_run_resumes_from_last_checkpoint(domain, runs_dir):
     """Kill a real training process mid-run; `--ckpt_path last` finishes it in the same folder and W&B run."""
     spec = get_domain(domain)
