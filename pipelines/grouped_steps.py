@@ -181,7 +181,9 @@ def group_size(module: Any) -> int:
     trainer = module._trainer  # LightningModule.trainer raises when detached; None is the answer here
     if wanted == 1 or trainer is None:
         return 1
-    why = _plain_loop_reason(trainer)
+    if any(isinstance(callback, (LearningRateFinder, BatchSizeFinder)) for callback in trainer.callbacks):
+        module.tuning = True  # until the Tuner's fit tears down: its callback swaps the trainer's callbacks while it runs
+    why = TUNER if getattr(module, "tuning", False) else _plain_loop_reason(trainer)
     if why:
         if getattr(module, "_grouping_refused", None) != why:
             module._grouping_refused = why
@@ -201,9 +203,10 @@ def _plain_loop_reason(trainer: Any) -> str:
         return f"--trainer.val_check_interval {trainer.val_check_interval} would count steps of several mini-batches"
     if len(trainer.checkpoint_callbacks) > 1:
         return "a second checkpoint callback (--checkpoint_every_n_steps) would count steps of several mini-batches"
-    if any(isinstance(callback, (LearningRateFinder, BatchSizeFinder)) for callback in trainer.callbacks):
-        return "Lightning's Tuner (--lr_find, --scale_batch_size) runs one mini-batch per step"
     return ""
+
+
+TUNER = "Lightning's Tuner (--lr_find, --scale_batch_size) runs one mini-batch per step"
 
 
 def max_train_batches(trainer: Any) -> int | None:
@@ -216,6 +219,8 @@ class GroupedSteps:
     """Mixed into a task before :class:`~pipelines.task.BaseTask`: Lightning's ``automatic_optimization``
     is off exactly when the training loader hands out groups (:func:`group_size` > 1)."""
 
+    groups_mini_batches = True  # BaseTask.log_train_loss writes train/loss_step to the loggers itself
+    tuning = False  # True from a Tuner's first look until its fit tears down (group_size)
     stepping_in_group = False  # True while _train_group takes a group's steps
     last_of_group = False  # True while it takes the group's last mini-batch
 
@@ -226,6 +231,10 @@ class GroupedSteps:
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value
+
+    def teardown(self, stage: str) -> None:
+        self.tuning = False
+        super().teardown(stage)  # type: ignore[misc]
 
 
 def grouped_training_step(step: Callable[..., torch.Tensor]) -> Callable[..., Any]:
@@ -248,7 +257,7 @@ def _train_group(module: Any, step: Callable[..., torch.Tensor], group: BatchGro
     if any(config.reduce_on_plateau for config in configs):
         raise ValueError("batches_per_step > 1 cannot step a ReduceLROnPlateau scheduler (it reads validation metrics); use batches_per_step 1")
     first = batch_idx * group_size(module)  # the epoch's groups before this one were full
-    module.stepping_in_group = True  # log_train_loss writes train/loss_step itself (pipelines/task.py)
+    module.stepping_in_group = True  # log_train_loss: train/loss_epoch at the group's last mini-batch (pipelines/task.py)
     try:
         return _steps(module, step, group, batch_idx, first, optimizer, configs)
     finally:
