@@ -101,16 +101,18 @@ class GroupedBatchSampler(BatchSampler):
         self.batches_per_group = batches_per_group
         self.max_batches = max_batches
 
-    def _batches(self) -> int:
+    @property
+    def batches(self) -> int:
+        """Mini-batches per epoch (this rank's)."""
         batches = super().__len__()
         return batches if self.max_batches is None else min(batches, self.max_batches)
 
     def __len__(self) -> int:
-        return math.ceil(self._batches() / self.batches_per_group)
+        return math.ceil(self.batches / self.batches_per_group)
 
     def __iter__(self) -> Iterator[list[int]]:
         group: list[int] = []
-        taken, limit = 0, self._batches()
+        taken, limit = 0, self.batches
         for batch in super().__iter__():
             if taken == limit:
                 break
@@ -270,8 +272,11 @@ def _steps(module: Any, step: Callable[..., torch.Tensor], group: BatchGroup, ba
     losses = []
     taken = 0
     size = len(group)
+    # an epoch resumed mid-way restarts the loader and Lightning counts the groups done: its mini-batches end where the plain loop's do
+    sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    size = min(size, sampler.batches - first) if isinstance(sampler, GroupedBatchSampler) else size
     for offset, batch in enumerate(group):
-        if 0 < trainer.max_steps <= trainer.global_step:
+        if offset == size or 0 < trainer.max_steps <= trainer.global_step:
             break
         module.last_of_group = offset == size - 1
         loss = step(module, batch, first + offset)

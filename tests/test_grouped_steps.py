@@ -124,3 +124,31 @@ def test_grouped_sampler_gives_the_plain_batches_in_groups():
     assert [index for group in groups for index in group] == [index for batch in batches for index in batch] and len(groups) == 2
     group = BatchGroup({"x": torch.arange(10)}, batch_size=4)
     assert [b["x"].tolist() for b in group] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(group) == 3
+
+
+class SaveAtStep(pl.Callback):
+    """Save a checkpoint at the end of the training step that reaches ``step`` (as a signal's stop does)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_run_resumed_mid_epoch_takes_the_mini_batches_of_the_plain_loop(tmp_path):
+    """Stopped after 16 steps of a 27-batch epoch (two groups of 8), resumed to the end of epoch 2: the
+    resumed epoch restarts the loader and ends after 11 more mini-batches, not 2 more groups of 8."""
+    runs = []
+    for k in (1, 8):
+        checkpoint = tmp_path / f"stopped{k}.ckpt"
+        _fit(tmp_path / f"first{k}", "finance", k, callbacks=[SaveAtStep(16, checkpoint)], max_steps=20)
+        pl.seed_everything(5, verbose=False)
+        dm, model = _build("finance", k)
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+        trainer.fit(model, datamodule=dm, ckpt_path=checkpoint)
+        runs.append((trainer, model))
+    assert runs[0][0].global_step == runs[1][0].global_step == 27 * 2
+    for key, value in runs[0][1].state_dict().items():
+        assert torch.equal(value, runs[1][1].state_dict()[key]), key
