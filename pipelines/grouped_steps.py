@@ -256,6 +256,8 @@ def _train_group(module: Any, step: Callable[..., torch.Tensor], group: BatchGro
     trainer = module.trainer
     optimizer = module.optimizers()
     configs = trainer.lr_scheduler_configs
+    if isinstance(optimizer, list):
+        raise ValueError(f"batches_per_step > 1 steps one optimizer; {type(module).__name__} has {len(optimizer)}: use batches_per_step 1")
     if any(config.reduce_on_plateau for config in configs):
         raise ValueError("batches_per_step > 1 cannot step a ReduceLROnPlateau scheduler (it reads validation metrics); use batches_per_step 1")
     first = batch_idx * group_size(module)  # the epoch's groups before this one were full
