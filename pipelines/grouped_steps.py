@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -233,6 +234,11 @@ class GroupedSteps:
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and group_size(self) > 1:  # Lightning compares log_every_n_steps with its steps, groups here; the loss is logged per optimizer step
+            warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+        super().setup(stage)  # type: ignore[misc]
 
     def teardown(self, stage: str) -> None:
         self.tuning = False
