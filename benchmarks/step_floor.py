@@ -103,7 +103,7 @@ def main() -> None:
                 ms[f"runner K={k}"] += runner_ms(args.domain, args.batch_size, args.epochs, scratch, k)
     median = {side: statistics.median(values) for side, values in ms.items()}
     for side, values in ms.items():
-        print(f"{side:12s} CPU ms/step median {median[side]:.3f}  epochs: {' '.join(f'{v:.2f}' for v in values)}")
+        print(f"{side:12s} CPU ms/step median {median[side]:.3f} min {min(values):.3f}  epochs: {' '.join(f'{v:.2f}' for v in values)}")
     print(f"Lightning's floor (bare - plain): {median['bare'] - median['plain']:+.3f} ms/step, plain/bare {median['plain'] / median['bare']:.3f}")
     print(f"the runner's own (runner - bare): {median['runner'] - median['bare']:+.3f} ms/step, plain/runner {median['plain'] / median['runner']:.3f}")
     for k in args.batches_per_step:
