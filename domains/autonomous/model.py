@@ -20,8 +20,7 @@ forcing starts at ``teacher_forcing`` and decays linearly to 0 over ``teacher_fo
 
 Metrics (torchmetrics, DDP-synchronised): forecasting ``ade``, ``fde`` (single prediction; the
 CVAE decodes its prior mean, the mixture takes its most probable mode), ``min_ade``, ``min_fde``
-(best of ``num_samples`` futures, stochastic forecasters only),
-``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
+(best of ``num_samples`` futures, stochastic forecasters only), ``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
 classification ``accuracy``, ``f1`` (macro). Test adds the displacement error per horizon step
 (``de_step_<k>``), per-channel occlusion attributions (``attributions.py``) and, with ``quantiles``,
 the coverage of the predicted quantiles and intervals (``pipelines/quantiles.py``); classification
@@ -48,8 +47,8 @@ from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, Patch
 from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.export_spec import ExportSpec
-from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss
 from pipelines.grouped_steps import GroupedSteps, check_batches_per_step, grouped_training_step
+from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss
 from pipelines.task import BaseTask
 
 
@@ -80,8 +79,7 @@ class SensorSequenceModel(GroupedSteps, BaseTask):
         plot_samples: windows drawn in the test trajectory plot (0 disables plots).
         velocity_residual: forecasters predict each future displacement as a change from the last
             observed one (a constant-velocity prior that the network corrects).
-        batches_per_step: mini-batches trained per Lightning step, one optimizer step each, with the
-            numerics of one per step (:mod:`pipelines.grouped_steps`: Lightning's per-step cost paid once per group).
+        batches_per_step: mini-batches per Lightning step, one optimizer step each, same numerics (:mod:`pipelines.grouped_steps`).
         cpu_threads: torch intra-op threads while this model runs on CPU (restored afterwards);
             small recurrent networks run fastest on 1, and several threads spin badly on a busy
             machine; ``None`` keeps torch's setting.

@@ -96,8 +96,7 @@ class FraudAutoencoder(GroupedSteps, BaseTask):
         cost_fp: cost of one false alert (``threshold_method: cost``).
         target_alert_rate: the alert budget: share of transactions flagged (e.g. 0.005 = 0.5 %).
         top_features: contributing columns reported per scored row.
-        batches_per_step: mini-batches trained per Lightning step, one optimizer step each, with the
-            numerics of one per step (:mod:`pipelines.grouped_steps`: Lightning's per-step cost paid once per group).
+        batches_per_step: mini-batches per Lightning step, one optimizer step each, same numerics (:mod:`pipelines.grouped_steps`).
         cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see BaseTask).
             These networks are small: one thread is as fast as several on an idle machine and far faster
             on a busy one, where spinning worker threads starve. ``null`` keeps torch's default.
