@@ -181,8 +181,11 @@ def group_size(module: Any) -> int:
     settings: 1 (the plain loop) when a setting counts Lightning steps or needs automatic
     optimisation, with the reason said once; 1 without a trainer."""
     wanted = int(module.hparams.get("batches_per_step", 1) or 1)
-    trainer = module._trainer  # LightningModule.trainer raises when detached; None is the answer here
-    if wanted == 1 or trainer is None:
+    if wanted == 1:
+        return 1
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer
         return 1
     if any(isinstance(callback, (LearningRateFinder, BatchSizeFinder)) for callback in trainer.callbacks):
         module.tuning = True  # until the Tuner's fit tears down: its callback swaps the trainer's callbacks while it runs
@@ -202,7 +205,7 @@ def _plain_loop_reason(trainer: Any) -> str:
         return f"--trainer.gradient_clip_val {trainer.gradient_clip_val} needs Lightning's automatic optimisation"
     if isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches != 1.0:
         return f"--trainer.limit_train_batches {trainer.limit_train_batches} (a fraction) would count steps of several mini-batches"
-    if trainer.val_check_interval != 1.0:
+    if isinstance(trainer.val_check_interval, int) or trainer.val_check_interval != 1.0:  # an int counts batches
         return f"--trainer.val_check_interval {trainer.val_check_interval} would count steps of several mini-batches"
     if len(trainer.checkpoint_callbacks) > 1:
         return "a second checkpoint callback (--checkpoint_every_n_steps) would count steps of several mini-batches"
