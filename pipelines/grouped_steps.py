@@ -226,13 +226,23 @@ class GroupedSteps:
     is off exactly when the training loader hands out groups (:func:`group_size` > 1)."""
 
     groups_mini_batches = True  # BaseTask.log_train_loss writes train/loss_step to the loggers itself
+    _automatic_for: tuple[Any, bool] | None = None  # (trainer key, automatic_optimization) last worked out
     tuning = False  # True from a Tuner's first look until its fit tears down (group_size)
     stepping_in_group = False  # True while _train_group takes a group's steps
     last_of_group = False  # True while it takes the group's last mini-batch
 
     @property
-    def automatic_optimization(self) -> bool:
-        return bool(self._automatic_optimization) and group_size(self) == 1
+    def automatic_optimization(self) -> bool:  # Lightning reads it ~40 times per step: the answer is kept per trainer and callback list
+        if not self._automatic_optimization:
+            return False
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        key = (id(trainer), self.tuning, len(trainer.callbacks) if trainer is not None else 0)
+        if self._automatic_for is None or self._automatic_for[0] != key:
+            self._automatic_for = (key, group_size(self) == 1)
+        return self._automatic_for[1]
 
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
