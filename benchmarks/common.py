@@ -27,7 +27,9 @@ def child_env(root: Path = ROOT) -> dict[str, str]:
 
 
 def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor (dict, tuple or tensor batches)."""
+    """Samples in a batch: the length of its first tensor (dict, tuple or tensor batches; a group of
+    mini-batches, ``pipelines.grouped_steps.BatchGroup``, counts all of them)."""
+    batch = getattr(batch, "rows", batch)
     while isinstance(batch, (dict, list, tuple)):
         batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
     return len(batch)

@@ -165,14 +165,14 @@ def loader_and_compute_rates(model, datamodule, optimizer, device) -> dict[str, 
     return {"loader_samples_per_s": loader_rate, "compute_samples_per_s": compute_rate, "loader_over_compute": loader_rate / compute_rate}
 
 
-def pipeline_epochs(domain: str, epochs: int, runs_dir: Path, batch_size: int | None) -> list[dict[str, float]]:
+def pipeline_epochs(domain: str, epochs: int, runs_dir: Path, batch_size: int | None, extra: tuple[str, ...] = ()) -> list[dict[str, float]]:
     """``pipelines.run DOMAIN fit`` in this process; per epoch: samples/s and the share of time between steps."""
     from pipelines.run import main as run
 
     output, cpu_output = runs_dir / f"throughput-{time.time_ns()}.json", runs_dir / f"cpu-{time.time_ns()}.json"
     run([
         domain, "fit", f"--trainer.max_epochs={epochs}", "--runs_dir", str(runs_dir), "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", *([f"--data.batch_size={batch_size}"] if batch_size else []),
+        "--trainer.enable_model_summary=false", *([f"--data.batch_size={batch_size}"] if batch_size else []), *extra,
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={output}",
         "--trainer.callbacks+=benchmarks.performance.TrainingCpuTime", f"--trainer.callbacks.output={cpu_output}",
     ])  # fmt: skip
@@ -227,7 +227,9 @@ def default_run(domain: str, runs_dir: Path) -> dict[str, float]:
     return {"default_run_s": time.perf_counter() - t, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
-def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batch_size: int | None = None, skip_startup: bool = False) -> dict[str, Any]:
+def measure(
+    domain: str, repeats: int, epochs: int, skip_default_run: bool, batch_size: int | None = None, skip_startup: bool = False, batches_per_step: int | None = None,
+) -> dict[str, Any]:
     spec = get_domain(domain)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict[str, Any] = {"domain": domain, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": torch.get_num_threads()}
@@ -240,7 +242,8 @@ def measure(domain: str, repeats: int, epochs: int, skip_default_run: bool, batc
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            measured = pipeline_epochs(domain, epochs, runs_dir, batch_size)[1:]  # the first epoch warms up
+            extra = (f"--model.batches_per_step={batches_per_step}",) if batches_per_step else ()
+            measured = pipeline_epochs(domain, epochs, runs_dir, batch_size, extra)[1:]  # the first epoch warms up
             if device.type == "cuda":
                 gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**20)
             return measured
@@ -303,9 +306,10 @@ def main() -> None:
     parser.add_argument("--skip-default-run", action="store_true")
     parser.add_argument("--skip-startup", action="store_true", help="no --help, first-step or import measurements")
     parser.add_argument("--batch-size", type=int, help="replaces each domain's configured batch size (e.g. GPU-sized batches)")
+    parser.add_argument("--batches-per-step", type=int, help="the runner's --model.batches_per_step (finance, autonomous; pipelines/grouped_steps.py)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
-    results = [measure(d, args.repeats, args.epochs, args.skip_default_run, args.batch_size, args.skip_startup) for d in args.domains]
+    results = [measure(d, args.repeats, args.epochs, args.skip_default_run, args.batch_size, args.skip_startup, args.batches_per_step) for d in args.domains]
 
     def cell(r: dict, key: str, fmt: str = "{:.1f}") -> str:
         return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "-"

@@ -1,13 +1,15 @@
 """How much of the runner's per-step cost is Lightning's own loop, and how much is ours?
 
-    python -m benchmarks.step_floor [--domain finance] [--batch-size 256] [--repeats 2] [--epochs 3]
+    python -m benchmarks.step_floor [--domain finance] [--batch-size 256] [--repeats 2] [--epochs 3] [--batches-per-step 1 4 8 16]
 
 In one process, alternating in every repeat: the plain loop of :mod:`benchmarks.performance`, a bare
 ``Trainer`` (no logger, no checkpointing, no progress bar or summary, validation off) and the runner
 (``pipelines.run DOMAIN fit``), each timed over the training batches of every epoch after the first
 in **CPU time of this process** (``time.process_time``: other jobs on a shared machine disturb it far
 less than wall time). Prints CPU ms per step of each and the differences: bare - plain is
-Lightning's floor, runner - bare is ours.
+Lightning's floor, runner - bare is ours. ``--batches-per-step`` runs the runner once per value of
+``--model.batches_per_step`` in every repeat (pipelines/grouped_steps.py: K mini-batches per Lightning
+step); its ms are per mini-batch.
 """
 
 from __future__ import annotations
@@ -63,13 +65,14 @@ def bare_ms(spec, batch_size: int | None, epochs: int, seed: int, scratch: str) 
     return [1000 * seconds / trainer.num_training_batches for seconds in timer.epochs[1:]]
 
 
-def runner_ms(domain: str, batch_size: int | None, epochs: int, scratch: str) -> list[float]:
+def runner_ms(domain: str, batch_size: int | None, epochs: int, scratch: str, batches_per_step: int | None = None) -> list[float]:
     from pipelines.run import main as run
 
     output = f"{scratch}/runner-{time.time_ns()}.json"
     run([
         domain, "fit", f"--trainer.max_epochs={epochs}", "--runs_dir", scratch, "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", *([f"--data.batch_size={batch_size}"] if batch_size else []),
+        *([f"--model.batches_per_step={batches_per_step}"] if batches_per_step else []),
         "--trainer.callbacks+=benchmarks.performance.TrainingCpuTime", f"--trainer.callbacks.output={output}",
     ])  # fmt: skip
     _, dm = build_defaults(get_domain(domain), batch_size)
@@ -84,22 +87,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: the domain's config.yaml")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    parser.add_argument("--batches-per-step", type=int, nargs="*", default=[], help="runner runs with these --model.batches_per_step values")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     warnings.simplefilter("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     spec = get_domain(args.domain)
-    ms: dict[str, list[float]] = {"plain": [], "bare": [], "runner": []}
+    ms: dict[str, list[float]] = {"plain": [], "bare": [], "runner": [], **{f"runner K={k}": [] for k in args.batches_per_step}}
     with tempfile.TemporaryDirectory() as scratch:
         for seed in range(args.repeats):
             ms["plain"] += plain_ms(spec, args.batch_size, args.epochs, seed)
             ms["bare"] += bare_ms(spec, args.batch_size, args.epochs, seed, scratch)
             ms["runner"] += runner_ms(args.domain, args.batch_size, args.epochs, scratch)
+            for k in args.batches_per_step:
+                ms[f"runner K={k}"] += runner_ms(args.domain, args.batch_size, args.epochs, scratch, k)
     median = {side: statistics.median(values) for side, values in ms.items()}
     for side, values in ms.items():
-        print(f"{side:7s} CPU ms/step median {median[side]:.3f}  epochs: {' '.join(f'{v:.2f}' for v in values)}")
+        print(f"{side:12s} CPU ms/step median {median[side]:.3f} min {min(values):.3f}  epochs: {' '.join(f'{v:.2f}' for v in values)}")
     print(f"Lightning's floor (bare - plain): {median['bare'] - median['plain']:+.3f} ms/step, plain/bare {median['plain'] / median['bare']:.3f}")
     print(f"the runner's own (runner - bare): {median['runner'] - median['bare']:+.3f} ms/step, plain/runner {median['plain'] / median['runner']:.3f}")
+    for k in args.batches_per_step:
+        side = f"runner K={k}"
+        print(f"{side}: {median[side] - median['plain']:+.3f} ms/step over plain, plain/runner {median['plain'] / median[side]:.3f}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines.data import make_loader
+from pipelines.grouped_steps import BatchGroup, training_loader
 from pipelines.errors import InputError
 from pipelines.splits import SplitBy, SplitRule, adopt
 from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
@@ -333,7 +334,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        hp = self.hparams  # several batches per step when the task asks (pipelines/grouped_steps.py)
+        return training_loader(self.trainer, self.datasets["train"], hp.batch_size, hp.num_workers, hp.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -361,6 +363,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         the data's frame.
         """
         assert self.stats is not None, "setup() or load_state_dict() must run first"
+        if isinstance(batch, BatchGroup):  # prepared one mini-batch at a time, as the task takes it
+            return batch.prepared_by(lambda single: self.on_after_batch_transfer(single, dataloader_idx))
         trainer = self.trainer
         training = bool(trainer is not None and trainer.training)
         return model_inputs(batch, self.stats, bool(self.hparams.canonical_heading), bool(self.hparams.augment_rotation and training), training)

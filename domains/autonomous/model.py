@@ -20,8 +20,7 @@ forcing starts at ``teacher_forcing`` and decays linearly to 0 over ``teacher_fo
 
 Metrics (torchmetrics, DDP-synchronised): forecasting ``ade``, ``fde`` (single prediction; the
 CVAE decodes its prior mean, the mixture takes its most probable mode), ``min_ade``, ``min_fde``
-(best of ``num_samples`` futures, stochastic forecasters only),
-``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
+(best of ``num_samples`` futures, stochastic forecasters only), ``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
 classification ``accuracy``, ``f1`` (macro). Test adds the displacement error per horizon step
 (``de_step_<k>``), per-channel occlusion attributions (``attributions.py``) and, with ``quantiles``,
 the coverage of the predicted quantiles and intervals (``pipelines/quantiles.py``); classification
@@ -48,11 +47,12 @@ from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, Patch
 from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.export_spec import ExportSpec
+from pipelines.grouped_steps import GroupedSteps, check_batches_per_step, grouped_training_step
 from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss
 from pipelines.task import BaseTask
 
 
-class SensorSequenceModel(BaseTask):
+class SensorSequenceModel(GroupedSteps, BaseTask):
     """Forecast, regress or classify windows of sensor sequences.
 
     Args:
@@ -79,6 +79,7 @@ class SensorSequenceModel(BaseTask):
         plot_samples: windows drawn in the test trajectory plot (0 disables plots).
         velocity_residual: forecasters predict each future displacement as a change from the last
             observed one (a constant-velocity prior that the network corrects).
+        batches_per_step: mini-batches per Lightning step, one optimizer step each, same numerics (:mod:`pipelines.grouped_steps`).
         cpu_threads: torch intra-op threads while this model runs on CPU (restored afterwards);
             small recurrent networks run fastest on 1, and several threads spin badly on a busy
             machine; ``None`` keeps torch's setting.
@@ -127,6 +128,7 @@ class SensorSequenceModel(BaseTask):
         lr_schedule: str = "cosine",
         plot_samples: int = 6,
         velocity_residual: bool = True,
+        batches_per_step: int = 1,
         cpu_threads: int | None = 1,
         quantiles: list[float] | float | None = None,  # a single number is parsed, then refused by check_quantiles with its own message
         calibrate: bool = True,
@@ -151,6 +153,7 @@ class SensorSequenceModel(BaseTask):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.quantile_levels = check_model_options(quantiles, architecture, task, categories, known_size)
+        check_batches_per_step(batches_per_step)
         super().__init__()
         self.explain = bool(explain)  # a switch of this command, not of the model: kept out of the checkpoint's hyper-parameters
         self._plot_items: list[dict[str, torch.Tensor]] = []
@@ -291,6 +294,7 @@ class SensorSequenceModel(BaseTask):
             return F.mse_loss(out[:, 0], normalised), out
         return F.cross_entropy(out, batch["label"]), out
 
+    @grouped_training_step
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.hparams.task == "forecasting":
             loss = self._forecast_loss(batch)

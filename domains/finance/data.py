@@ -55,6 +55,7 @@ from domains.finance.splitting import split_rows
 from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options, training_reference
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
+from pipelines.grouped_steps import training_loader
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitBy, SplitRule, adopt
@@ -353,7 +354,8 @@ class TransactionDataModule(pl.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        train, hp = self._split("train"), self.hparams  # several batches per step when the task asks (pipelines/grouped_steps.py)
+        return training_loader(self.trainer, train, hp.batch_size, hp.num_workers, drop_last=len(train) > hp.batch_size, collate_fn=identity)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

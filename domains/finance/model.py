@@ -46,6 +46,7 @@ from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
 from pipelines.guards import NonFiniteLossError
 from pipelines.monitor_budget import KEY as ALERT_BUDGET_KEY
+from pipelines.grouped_steps import GroupedSteps, check_batches_per_step, grouped_training_step
 from pipelines.task import BaseTask
 from pipelines.tracking import log_figure
 
@@ -73,7 +74,7 @@ def check_options(**options: float) -> None:
             raise InputError(f"--model.{name} {value}: expected {expected}")
 
 
-class FraudAutoencoder(BaseTask):
+class FraudAutoencoder(GroupedSteps, BaseTask):
     """Score transactions by how badly an autoencoder reconstructs them.
 
     Args:
@@ -95,6 +96,7 @@ class FraudAutoencoder(BaseTask):
         cost_fp: cost of one false alert (``threshold_method: cost``).
         target_alert_rate: the alert budget: share of transactions flagged (e.g. 0.005 = 0.5 %).
         top_features: contributing columns reported per scored row.
+        batches_per_step: mini-batches per Lightning step, one optimizer step each, same numerics (:mod:`pipelines.grouped_steps`).
         cpu_threads: torch intra-op threads while the model runs on CPU (restored afterwards; see BaseTask).
             These networks are small: one thread is as fast as several on an idle machine and far faster
             on a busy one, where spinning worker threads starve. ``null`` keeps torch's default.
@@ -122,6 +124,7 @@ class FraudAutoencoder(BaseTask):
         cost_fn: float = 100.0,
         cost_fp: float = 1.0,
         top_features: int = 3,
+        batches_per_step: int = 1,
         cpu_threads: int | None = 1,
         num_numeric: int = 1,
         categorical_cardinalities: list[int] | None = None,
@@ -134,6 +137,7 @@ class FraudAutoencoder(BaseTask):
         numeric_groups = numeric_feature_groups if numeric_feature_groups is not None else list(range(num_numeric))
         if len(numeric_groups) != num_numeric or any(not 0 <= g < len(groups) for g in numeric_groups):
             raise InputError(f"numeric_feature_groups must give a group in [0, {len(groups)}) for each of the {num_numeric} numeric features")
+        check_batches_per_step(batches_per_step)
         check_threshold_options(threshold_method if threshold_method in ("cost", "sensitivity", "specificity") else "fixed", threshold_target, cost_fn, cost_fp)
         super().__init__()
         self._warned_no_labels = False
@@ -189,6 +193,7 @@ class FraudAutoencoder(BaseTask):
     def forward(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
         return self.network(numeric, categorical)
 
+    @grouped_training_step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         errors = self.errors(batch, sample=True)
         loss = (errors.numeric.sum(1) + errors.categorical.sum(1) + self.hparams.kl_weight * errors.kl).mean()
