@@ -31,8 +31,9 @@ def fit_input_statistics(tracks: Tracks, windows: Windows, observe: int, target_
     steps = np.diff(tracks.targets, axis=0)[same] if target_dim else np.zeros((0, 0))
     scale = float(np.sqrt((steps**2).sum(1).mean())) if steps.size else 1.0
     stats: dict[str, Any] = {
-        "channel_mean": channels.mean(0).astype(float).tolist(),
-        "channel_std": np.maximum(channels.std(0), 1e-6).astype(float).tolist(),
+        # summed in float64, kept at float32 precision: what bounded passes over a mapped split (domains.autonomous.streamed_state) give too
+        "channel_mean": channels.mean(0, dtype=np.float64).astype(np.float32).astype(float).tolist(),
+        "channel_std": np.maximum(channels.std(0, dtype=np.float64).astype(np.float32), 1e-6).astype(float).tolist(),
         "displacement_scale": max(scale, 1e-6),
         "target_mean": 0.0,
         "target_std": 1.0,

@@ -84,12 +84,25 @@ def where(table: pd.DataFrame, position: int) -> str:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV (``,``), TSV (``\\t``) or Parquet long table, with origin columns.
+    """Read a CSV (``,``), TSV (``\t``) or Parquet long table, with origin columns.
 
     Refused: a missing file, another extension, an empty file or one with a header and no rows, a
     header naming a column twice, and a file the reader cannot parse.
     """
     path = Path(path)
+    sep, header = open_table(path)
+    try:
+        table = pd.read_parquet(path) if sep is None else pd.read_csv(path, sep=sep)
+    except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
+        raise InputError(f"{path}: cannot read the table: {error}") from None
+    if len(table) == 0:
+        raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")
+    return with_origin(table, str(path), 1)
+
+
+def open_table(path: Path) -> tuple[str | None, list[str]]:
+    """A long table's separator (``None`` for Parquet) and header, after the checks of :func:`read_table` that need
+    no parsing: the file exists, its extension, not empty, UTF-8 CSV text with whole rows, each column named once."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
@@ -97,25 +110,23 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: unsupported table format {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes); expected a header and one row per (sequence, time)")
+    sep = None if suffix in (".parquet", ".pq") else ("\t" if suffix == ".tsv" else ",")
     try:
-        if suffix in (".parquet", ".pq"):
-            table = pd.read_parquet(path)
-            header = [str(c) for c in table.columns]
+        if sep is None:
+            import pyarrow.parquet as pq
+
+            header = [str(c) for c in pq.read_schema(path).names if not str(c).startswith("__index_level_")]
         else:
-            sep = "\t" if suffix == ".tsv" else ","
             check_csv_text(path, sep)  # UTF-8, and a short row (a file cut short) refused, not read with missing channels
             header = [str(c) for c in pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0]]
-            table = pd.read_csv(path, sep=sep)
     except InputError:
         raise
     except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
         raise InputError(f"{path}: cannot read the table: {error}") from None
-    if suffix not in (".parquet", ".pq"):
+    if sep is not None:
         check_delimiter(header, str(path), sep)
     check_unique_columns(header, str(path))
-    if len(table) == 0:
-        raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")
-    return with_origin(table, str(path), 1)
+    return sep, header
 
 
 def read_eth_ucy(root: str | Path, scene: str) -> dict[str, pd.DataFrame]:
