@@ -20,7 +20,9 @@ read whole (``--data.path``, the pandas table in memory) and once streamed (``--
 ``domains.finance.streaming``: chunks into a memory-mapped cache, rebuilt for each run), to compare
 their fit peak RSS. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
 with the 1x model; ``--finance-scoring-format parquet`` writes that file as Parquet with pyarrow, a row group
-per 100 000 rows (a 20M-row CSV through pandas takes hours on a busy machine), and scoring streams its row groups.
+per 100 000 rows (a 20M-row CSV through pandas takes hours on a busy machine), and scoring streams its row groups;
+``--finance-scoring-distinct-blocks K`` generates only K blocks of 500 000 rows and writes them in turn (the generator,
+not the writer, is what takes an hour for 20M rows on a busy machine).
 
 ``--healthcare-images N``: healthcare trains one epoch on N synthetic lesion PNGs (``--healthcare-image-size``
 pixels a side, a labels CSV, stratified split) three ways: decoded into memory at setup, read per item
@@ -69,27 +71,39 @@ def timed(command: list[str]) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - start, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
-def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, block: int = 500_000, file_format: str = "csv") -> Path:
+def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, block: int = 500_000, file_format: str = "csv",
+                 distinct_blocks: int | None = None) -> Path:  # fmt: skip
     """A synthetic finance CSV or Parquet file of ``rows`` rows (with or without labels), generated and written
-    ``block`` rows at a time (Parquet: one pyarrow row group per block, so neither the writer nor the
-    scoring reader holds more than a block)."""
+    ``block`` rows at a time (Parquet: 100 000-row row groups, so neither the writer nor the scoring reader holds
+    more than a block). ``distinct_blocks`` (Parquet): only that many blocks are generated (the generator takes
+    minutes a block on a busy machine), then written again in turn with their ``transaction_id`` prefixed ``c<copy>-``."""
     from domains.finance.synthetic import make_card_transactions
 
     path = folder / f"{'train' if labels else 'score'}-{rows}.{file_format}"
     if path.exists():
         return path
-    partial, writer = path.with_suffix(".partial"), None
+    partial, writer, generated = path.with_suffix(".partial"), None, {}
     try:
-        for start in range(0, rows, block):
-            frame = make_card_transactions(max(10, min(block, rows - start)), seed=seed + start)
-            frame = (frame if labels else frame.drop(columns=["is_fraud"])).head(rows - start)
+        for number, start in enumerate(range(0, rows, block)):
             if file_format == "csv":
+                frame = make_card_transactions(max(10, min(block, rows - start)), seed=seed + start)
+                frame = (frame if labels else frame.drop(columns=["is_fraud"])).head(rows - start)
                 frame.to_csv(partial, index=False, mode="a", header=start == 0)
                 continue
             import pyarrow as pa
+            import pyarrow.compute as pc
             import pyarrow.parquet as pq
 
-            table = pa.Table.from_pandas(frame, preserve_index=False)
+            source = number % distinct_blocks if distinct_blocks else number
+            if source not in generated:
+                frame = make_card_transactions(block, seed=seed + source * block)
+                table = pa.Table.from_pandas(frame if labels else frame.drop(columns=["is_fraud"]), preserve_index=False)
+                if not distinct_blocks:
+                    generated.clear()
+                generated[source] = table
+            table = generated[source].slice(0, rows - start)
+            if number >= (distinct_blocks or rows):
+                table = table.set_column(0, "transaction_id", pc.binary_join_element_wise(pa.scalar(f"c{number}-", pa.large_string()), table["transaction_id"], pa.scalar("", pa.large_string())))
             writer = writer or pq.ParquetWriter(partial, table.schema)
             writer.write_table(table.cast(writer.schema), row_group_size=100_000)
     finally:
@@ -99,9 +113,9 @@ def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, bl
     return path
 
 
-def scoring_file(folder: Path, rows: int, file_format: str = "csv") -> Path:
+def scoring_file(folder: Path, rows: int, file_format: str = "csv", distinct_blocks: int | None = None) -> Path:
     """A synthetic finance table of ``rows`` rows without labels, to score."""
-    return finance_file(folder, rows, labels=False, file_format=file_format)
+    return finance_file(folder, rows, labels=False, file_format=file_format, distinct_blocks=distinct_blocks)
 
 
 #: the network of the ``--healthcare-images`` rows: small, so an epoch of 50 000 images fits a benchmark run on 2 cores
@@ -166,7 +180,7 @@ SOURCES = {"generator": [], "file": ["--data.path", "{file}"], "file, streaming"
 
 
 def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False,
-            scoring_format: str = "csv") -> dict[str, Any]:  # fmt: skip
+            scoring_format: str = "csv", distinct_blocks: int | None = None) -> dict[str, Any]:  # fmt: skip
     option, default = SIZE_OPTIONS[domain]
     runs, run_id = folder / "runs", f"{domain}-x{scale}-{source.replace(', ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
@@ -187,7 +201,7 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
               "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
         return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
-    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows, scoring_format))] if scoring_rows else predict_options(domain, scale, folder)
+    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))] if scoring_rows else predict_options(domain, scale, folder)
     predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
@@ -206,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
     parser.add_argument("--finance-scoring-format", choices=["csv", "parquet"], default="csv",
                         help="file format of the --finance-scoring-rows file (parquet: written and scored in row groups)")
+    parser.add_argument("--finance-scoring-distinct-blocks", type=int, default=None,
+                        help="parquet: generate only this many 500 000-row blocks and write them in turn (ids made unique)")
     parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
     parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
     parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
@@ -222,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
         if args.finance_scoring_rows:
             results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows,
-                                   scoring_format=args.finance_scoring_format))  # fmt: skip
+                                   scoring_format=args.finance_scoring_format, distinct_blocks=args.finance_scoring_distinct_blocks))  # fmt: skip
             print(f"[scaling] finance scoring {args.finance_scoring_rows} rows ({args.finance_scoring_format}): {json.dumps(results[-1])}", flush=True)
         for source in IMAGE_SOURCES if args.healthcare_images else ():
             results.append(measure_images(args.healthcare_images, args.healthcare_image_size, args.epochs, Path(tmp), source, args.healthcare_batches))

@@ -119,10 +119,17 @@ def sequence_groups(chunks: Iterator[pd.DataFrame], spec: ColumnSpec, require_la
     rows come back after another sequence's is refused, naming the row (the rows must be grouped by sequence)."""
     carry: pd.DataFrame | None = None
     finished: set[str] = set()
+    kinds: list[str] = []
     for number, chunk in enumerate(chunks):
         if number == 0:
             check_columns(chunk, spec, require_label)
         check_present(chunk, spec)
+        kinds.append(time_kind(chunk[spec.time]))
+        if kinds[-1] != kinds[0]:  # each chunk's times are read as one kind: the whole table must be one kind too
+            raise InputError(
+                f"{where(chunk, 0)}, column {spec.time!r}: the times of the rows read from here are {kinds[-1]} but earlier rows' are {kinds[0]}; "
+                "expected every time as a number (seconds or frames) or every time as ISO 8601 text (e.g. 2024-05-01T13:45:00.100)"
+            )
         frame = chunk if carry is None else pd.concat([carry, chunk], ignore_index=True)
         ids = frame[spec.sequence].astype(str).to_numpy()
         runs = np.concatenate([[0], np.flatnonzero(ids[1:] != ids[:-1]) + 1])
@@ -142,6 +149,16 @@ def sequence_groups(chunks: Iterator[pd.DataFrame], spec: ColumnSpec, require_la
         carry = frame.iloc[runs[-1] :]
     if carry is not None and len(carry):
         yield carry
+
+
+def time_kind(values: pd.Series) -> str:
+    """``timestamps`` (a datetime column, or text with ISO 8601 dates) or ``numbers``, as
+    :func:`domains.autonomous.readers.time_seconds` reads a time column."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return "timestamps"
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return "numbers"
+    return "timestamps" if values.astype(str).str.strip().str.match(r"^\d{4}-\d{2}-\d{2}").any() else "numbers"
 
 
 class StreamedTable:
