@@ -108,6 +108,8 @@ def table_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
                 raise InputError(f"{path}: cannot read the table after data row {offset}: {error}") from None
             if chunk is None:
                 break
+            if len(chunk) == 0:
+                continue
             yield with_origin(chunk.reset_index(drop=True), str(path), offset + 1)
             offset += len(chunk)
     if offset == 0:
