@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from domains.autonomous.data import SensorSequenceDataModule
 from domains.autonomous.simulator import simulate_vehicles
@@ -125,10 +126,13 @@ def test_streamed_training_has_the_same_losses_tests_and_predictions(files, tmp_
     score = tmp_path / "score.parquet"
     simulate_vehicles(8, 30, 0.25, 5, 0.0).to_parquet(score, index=False, row_group_size=64)
     checkpoint = ["--run_id", "streamed", "--ckpt_path", "best", "--data.predict_path", str(score)]
-    run_pipeline("autonomous", "predict", *common, *checkpoint)
-    in_memory = pd.read_csv(runs / "autonomous" / "streamed" / "predictions.csv")
+    run = runs / "autonomous" / "streamed"
+    run_pipeline("autonomous", "predict", *common, *checkpoint, "--data.streaming=false", "--data.cache_dir=null")  # (the run's config streams)
+    assert yaml.safe_load((run / "config-predict.yaml").read_text())["data"]["streaming"] is False
+    in_memory = pd.read_csv(run / "predictions.csv")
     run_pipeline("autonomous", "predict", *common, *streaming, *checkpoint)
-    chunked = pd.read_csv(runs / "autonomous" / "streamed" / "predictions.csv")
+    assert yaml.safe_load((run / "config-predict.yaml").read_text())["data"]["streaming"] is True
+    chunked = pd.read_csv(run / "predictions.csv")
     assert len(chunked) > 0
     pd.testing.assert_frame_equal(chunked, in_memory)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2, "one cache for the training file, one for the scored file"
