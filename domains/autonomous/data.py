@@ -48,17 +48,15 @@ from torch.utils.data import DataLoader
 from pipelines.data import make_loader
 from pipelines.errors import InputError
 from pipelines.splits import SplitBy, SplitRule, adopt
-from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
-from domains.autonomous.fitted_state import check_checkpoint_state, fit_class_names, fit_input_statistics
+from domains.autonomous.fitted_state import check_checkpoint_state, fit_class_names, fit_data_statistics
 from domains.autonomous.options import check_data_options
 from domains.autonomous.covariates import (
-    check_checkpoint_covariates, column_roles, covariate_tensors, fit_covariate_state, fit_vocabularies,
+    check_checkpoint_covariates, column_roles, covariate_tensors, fit_vocabularies,
 )  # fmt: skip
 from domains.autonomous.readers import SPLITS, ColumnSpec, Tracks, log
 from domains.autonomous.inputs import model_inputs
 from domains.autonomous.predict_data import predict_dataset, streamed_predict_dataset
 from domains.autonomous.sources import resolve_path, source_tables, split_tracks
-from domains.autonomous.streamed_state import fit_streamed_statistics, streamed_reference
 from domains.autonomous.streaming import MappedWindows, StreamedTable, check_streaming_options
 from domains.autonomous.windows import WindowDataset, Windows, check_split_windows, cut_split_windows, window_starts, window_tensors
 
@@ -302,26 +300,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     # ----- statistics fitted on the training split ------------------------------------------
     def fit_statistics(self) -> dict[str, Any]:
-        train, windows, sequences = self.tracks["train"], self.windows["train"], {"past": self.position_names, "channels": list(self.columns.channels)}
-        if self.hparams.streaming:  # bounded passes over the mapped training split
-            fitted = fit_streamed_statistics(train, windows, self.observe, self.target_dim, self.task == "regression")
-            reference = streamed_reference(train, windows, self._tensors, sequences, "training split")
-        else:  # drift reference per sequence channel of the training windows (pipelines.reference)
-            fitted = fit_input_statistics(train, windows, self.observe, self.target_dim, self.task == "regression")
-            reference = fit_sequence_reference(self._tensors(train, windows, "train"), sequences, "training split")
-        return {
-            **fitted,
-            "class_names": self.class_names,
-            "target_names": self.target_names,
-            # how inputs are built, for exported models (see export_spec in model.py)
-            "channel_names": list(self.columns.channels),  # channels, then the future-known channels (their past)
-            "position_names": self.position_names,
-            "time_step": self.time_step,
-            "canonical_heading": bool(self.hparams.canonical_heading),
-            "observe": self.observe,
-            REFERENCE_KEY: reference,
-            **fit_covariate_state(train, windows, self.observe, self.hparams, self.task == "regression"),
-        }
+        """The state fitted on the training split (:func:`domains.autonomous.fitted_state.fit_data_statistics`)."""
+        return fit_data_statistics(self)
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
         """A split's window tensors; with fitted statistics also its ``codes``, ``group`` and ``known`` covariates."""

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,22 +386,6 @@ def build_tracks(
     # positions stay float64: windows are centred on their last observed position before the float32 cast
     # (domains.autonomous.windows.window_tensors), so UTM-sized coordinates keep their centimetres
     return Tracks(names, starts, lengths, time, targets.astype(np.float64), channels.astype(np.float32), label, report, categories)
-
-
-def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each sequence id to train/val/test at random (whole sequences: no leakage between splits)."""
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise InputError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
-    unique = sorted(set(names))
-    rng = np.random.default_rng(seed)
-    permuted = [unique[i] for i in rng.permutation(len(unique))]
-    n_val, n_test = max(1, round(len(unique) * val_fraction)), max(1, round(len(unique) * test_fraction))
-    if n_val + n_test >= len(unique):
-        raise InputError(f"{len(unique)} sequence(s) cannot fill train, val and test splits; give more sequences or a split column")
-    out = {name: "train" for name in permuted[n_val + n_test :]}
-    out.update({name: "val" for name in permuted[:n_val]})
-    out.update({name: "test" for name in permuted[n_val : n_val + n_test]})
-    return out
 
 
 def log(message: str) -> None:

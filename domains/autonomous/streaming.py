@@ -51,9 +51,10 @@ from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SplitRule, assign
 from domains.autonomous.readers import (
-    LINE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, open_table, sequence_split, time_seconds, where, with_origin,
+    LINE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, open_table, time_seconds, where, with_origin,
 )  # fmt: skip
 from domains.autonomous.sampling import infer_time_step
+from domains.autonomous.sources import sequence_split
 from domains.autonomous.windows import Windows, WindowStarts
 
 logger = logging.getLogger(__name__)
