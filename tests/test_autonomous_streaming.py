@@ -7,7 +7,6 @@ column, nothing written); a table whose sequences interleave is refused."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from domains.autonomous.data import SensorSequenceDataModule
 from domains.autonomous.simulator import simulate_vehicles
 from tests.bad_inputs import BadInput, check_refused, params
 from tests.conftest import read_jsonl, run_pipeline
-from tests.test_bad_inputs_autonomous import BASE, CASES, contains, fleet, table_file
+from tests.test_bad_inputs_autonomous import BASE, CASES, contains, table_file
 
 CHANNELS = ["speed", "yaw_rate", "accel_long", "accel_lat"]
 RULES = {
