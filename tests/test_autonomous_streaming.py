@@ -7,6 +7,7 @@ column, nothing written); a table whose sequences interleave is refused."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import yaml
 from domains.autonomous.data import SensorSequenceDataModule
 from domains.autonomous.simulator import simulate_vehicles
 from tests.bad_inputs import BadInput, check_refused, params
-from tests.conftest import read_jsonl, run_pipeline
+from tests.conftest import only_run, read_jsonl, run_pipeline, run_pipeline_process
 from tests.test_bad_inputs_autonomous import BASE, CASES, contains, table_file
 
 CHANNELS = ["speed", "yaw_rate", "accel_long", "accel_lat"]
@@ -179,3 +180,23 @@ def test_bad_input_is_refused_when_streaming_before_anything_is_written(case, tm
     if case.id != "no-track-long-enough":  # refused after the (valid) table was cached: its windows are too short
         assert not cache.exists() or not list(cache.iterdir()), f"a refused read left a cache: {list(cache.iterdir())}"
     assert not cache.exists() or not list(cache.glob(".*partial*"))
+
+
+@pytest.mark.slow  # 70 s on a loaded 2-core machine: the default suite is over its budget (run with -m slow); finance's DDP test covers the shared cache folders
+def test_two_process_ddp_streams_one_cache_and_each_rank_trains_on_its_share(files, tmp_path):
+    """Real DDP (gloo, 2 CPU processes): both ranks build or map the same cache (no half-written folder left), and
+    DistributedSampler gives each rank half the training windows, which it reads from the maps: half the steps."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    result = run_pipeline_process(
+        "autonomous", "--data.path", str(files / "t.csv"), "--data.streaming=true", f"--data.cache_dir={cache}", "--data.channels=[speed]",
+        "--data.observe=6", "--data.predict=4", "--data.batch_size=16", "--model.hidden_size=8", "--model.embed_size=4", "--trainer.max_epochs=1",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.enable_progress_bar=false", "--runs_dir", str(runs),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1 and not list(cache.glob(".*partial*"))
+    streamed = SensorSequenceDataModule(path=str(files / "t.csv"), streaming=True, cache_dir=str(cache), channels=["speed"], target_channels=["x", "y"],
+                                        stride=2, nan_policy="interpolate", observe=6, predict=4)  # fmt: skip
+    streamed.setup("fit")
+    windows = len(streamed.datasets["train"])
+    summary = json.loads((only_run(runs, "autonomous") / "summary.json").read_text())
+    assert summary["global_step"] == -(-(-(-windows // 2)) // 16), f"{windows} training windows: each rank steps through its half"
