@@ -1,7 +1,7 @@
 """Growth curves: each domain at 1x, 4x and 16x its default data, fit and predict.
 
     python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
-                                 [--finance-files] [--finance-scoring-rows 20000000 [--finance-scoring-format parquet]]
+                                 [--finance-files] [--autonomous-files] [--finance-scoring-rows 20000000 [--finance-scoring-format parquet]]
                                  [--healthcare-images 50000 [--healthcare-image-size 28]]
 
 For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
@@ -18,7 +18,9 @@ For every domain and scale, in new processes (``python -m pipelines.run``, W&B o
 ``--finance-files``: finance also trains from a CSV file of ``scale`` x 20 000 synthetic rows, once
 read whole (``--data.path``, the pandas table in memory) and once streamed (``--data.streaming true``,
 ``domains.finance.streaming``: chunks into a memory-mapped cache, rebuilt for each run), to compare
-their fit peak RSS. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
+their fit peak RSS. ``--autonomous-files``: likewise for autonomous, a CSV of ``scale`` x 400 simulated vehicles (40 rows
+each), read whole or streamed (``domains.autonomous.streaming``, a fresh cache per run); its ``predict`` then scores
+another such file (``--data.predict_path``) read the same way. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
 with the 1x model; ``--finance-scoring-format parquet`` writes that file as Parquet with pyarrow, a row group
 per 100 000 rows (a 20M-row CSV through pandas takes hours on a busy machine), and scoring streams its row groups;
 ``--finance-scoring-distinct-blocks K`` generates only K blocks of 500 000 rows and writes them in turn (the generator,
@@ -167,7 +169,20 @@ def measure_images(count: int, size: int, epochs: int, folder: Path, source: str
             "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}  # fmt: skip
 
 
-def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
+def autonomous_file(folder: Path, vehicles: int, seed: int = 0) -> Path:
+    """The simulator's long table of ``vehicles`` episodes (its defaults: 40 rows at 0.25 s, grouped by vehicle) as a CSV."""
+    from domains.autonomous.simulator import simulate_vehicles
+
+    path = folder / f"vehicles-{vehicles}-{seed}.csv"
+    if not path.exists():
+        simulate_vehicles(vehicles, 40, 0.25, seed, 0.003).to_csv(path.with_suffix(".partial"), index=False)
+        path.with_suffix(".partial").replace(path)
+    return path
+
+
+def predict_options(domain: str, scale: int, folder: Path, source: str = "generator") -> list[str]:
+    if domain == "autonomous" and source != "generator":  # a new file of as many vehicles, read as the training file was
+        return ["--data.predict_path", str(autonomous_file(folder, SIZE_OPTIONS[domain][1] * scale, seed=1))]
     if domain == "finance":
         return ["--data.predict_path", str(scoring_file(folder, FINANCE_SCORING_ROWS * scale))]
     if domain == "media":
@@ -188,7 +203,8 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
     data = [f"--data.{option}={default * scale}"]
     if source != "generator":
         cache = folder / f"cache-{run_id}"
-        data = [a.format(file=finance_file(folder, default * scale), cache=cache) for a in SOURCES[source]]
+        file = finance_file(folder, default * scale) if domain == "finance" else autonomous_file(folder, default * scale)
+        data = [a.format(file=file, cache=cache) for a in SOURCES[source]]
     fit = timed([
         domain, "fit", *common, *data, f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
@@ -201,7 +217,7 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
               "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
         return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
-    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))] if scoring_rows else predict_options(domain, scale, folder)
+    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))] if scoring_rows else predict_options(domain, scale, folder, source)
     predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
@@ -217,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--fit-only", action="store_true", help="measure fit only (no predict)")
     parser.add_argument("--finance-files", action="store_true", help="finance also from a CSV file, read whole and streamed")
+    parser.add_argument("--autonomous-files", action="store_true", help="autonomous also from a CSV file, read whole and streamed")
     parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
     parser.add_argument("--finance-scoring-format", choices=["csv", "parquet"], default="csv",
                         help="file format of the --finance-scoring-rows file (parquet: written and scored in row groups)")
@@ -233,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         for domain in args.domains:
             for scale in args.scales:
-                for source in ("generator", "file", "file, streaming") if domain == "finance" and args.finance_files else ("generator",):
+                files = (domain == "finance" and args.finance_files) or (domain == "autonomous" and args.autonomous_files)
+                for source in ("generator", "file", "file, streaming") if files else ("generator",):
                     results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
         if args.finance_scoring_rows:
