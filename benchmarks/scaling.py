@@ -217,7 +217,10 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
               "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
         return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
-    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))] if scoring_rows else predict_options(domain, scale, folder, source)
+    scoring = predict_options(domain, scale, folder, source)
+    if scoring_rows:
+        given = folder / f"score-{scoring_rows}.{scoring_format}"  # (main: --finance-scoring-file is linked there)
+        scoring = ["--data.predict_path", str(given if given.exists() else scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))]
     predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="file format of the --finance-scoring-rows file (parquet: written and scored in row groups)")
     parser.add_argument("--finance-scoring-distinct-blocks", type=int, default=None,
                         help="parquet: generate only this many 500 000-row blocks and write them in turn (ids made unique)")
+    parser.add_argument("--finance-scoring-file", type=Path, default=None,
+                        help="score this existing file (written by an earlier run: score-<rows>.<format>) instead of writing one")
     parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
     parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
     parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
                 for source in ("generator", "file", "file, streaming") if files else ("generator",):
                     results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
+        if args.finance_scoring_file:
+            (Path(tmp) / f"score-{args.finance_scoring_rows}.{args.finance_scoring_format}").hardlink_to(args.finance_scoring_file)
         if args.finance_scoring_rows:
             results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows,
                                    scoring_format=args.finance_scoring_format, distinct_blocks=args.finance_scoring_distinct_blocks))  # fmt: skip

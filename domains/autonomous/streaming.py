@@ -96,7 +96,9 @@ def table_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
             if sep is None:
                 import pyarrow.parquet as pq
 
-                batches: Iterator[Any] = (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
+                # pre_buffer=False: the default keeps every row group's pre-buffered bytes (memory grows with the file)
+                reader = pq.ParquetFile(path, pre_buffer=False)
+                batches: Iterator[Any] = (batch.to_pandas() for batch in reader.iter_batches(batch_size=chunk_rows))
             else:
                 batches = iter(stack.enter_context(pd.read_csv(path, sep=sep, chunksize=chunk_rows)))
         except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
