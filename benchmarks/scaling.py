@@ -24,7 +24,8 @@ another such file (``--data.predict_path``) read the same way. ``--finance-scori
 with the 1x model; ``--finance-scoring-format parquet`` writes that file as Parquet with pyarrow, a row group
 per 100 000 rows (a 20M-row CSV through pandas takes hours on a busy machine), and scoring streams its row groups;
 ``--finance-scoring-distinct-blocks K`` generates only K blocks of 500 000 rows and writes them in turn (the generator,
-not the writer, is what takes an hour for 20M rows on a busy machine).
+not the writer, is what takes an hour for 20M rows on a busy machine); ``--finance-scoring-file F`` scores an existing
+file instead (e.g. one kept from an earlier run).
 
 ``--healthcare-images N``: healthcare trains one epoch on N synthetic lesion PNGs (``--healthcare-image-size``
 pixels a side, a labels CSV, stratified split) three ways: decoded into memory at setup, read per item
