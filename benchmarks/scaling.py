@@ -218,10 +218,9 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
               "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
         return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
-    scoring = predict_options(domain, scale, folder, source)
-    if scoring_rows:
-        given = folder / f"score-{scoring_rows}.{scoring_format}"  # (main: --finance-scoring-file is linked there)
-        scoring = ["--data.predict_path", str(given if given.exists() else scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))]
+    given = folder / f"score-{scoring_rows}.{scoring_format}"  # (main: --finance-scoring-file is linked there)
+    scoring = predict_options(domain, scale, folder, source) if not scoring_rows else [
+        "--data.predict_path", str(given if given.exists() else scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))]
     predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
