@@ -54,8 +54,8 @@ def fit_data_statistics(dm: Any) -> dict[str, Any]:
     train, windows, sequences = dm.tracks["train"], dm.windows["train"], {"past": dm.position_names, "channels": list(dm.columns.channels)}
     regression = dm.task == "regression"
     if dm.hparams.streaming:
-        fitted = fit_streamed_statistics(train, windows, dm.observe, dm.target_dim, regression)
-        reference = streamed_reference(train, windows, dm._tensors, sequences, "training split")
+        fitted = fit_streamed_statistics(train, windows, dm.observe, dm.target_dim, regression, dm.streamed.maps)
+        reference = streamed_reference(train, windows, dm._tensors, sequences, "training split", dm.streamed.maps)
     else:  # drift reference per sequence channel of the training windows (pipelines.reference)
         fitted = fit_input_statistics(train, windows, dm.observe, dm.target_dim, regression)
         reference = fit_sequence_reference(dm._tensors(train, windows, "train"), sequences, "training split")

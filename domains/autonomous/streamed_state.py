@@ -10,6 +10,9 @@ in bounded passes over a memory-mapped training split (``--data.streaming true``
 - the drift reference (:func:`pipelines.reference.fit_sequence_reference`): each window's mean per
   channel, computed block by block from the same window tensors (bit for bit the in-memory values); the
   per-window means (8 bytes per window and channel) are held for the quantiles.
+
+The mapped pages read by each block are handed back to the page cache after it (they would otherwise count in the
+process's resident memory until the kernel needs them).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.cache_folders import release
 from pipelines.reference import fit_sequence_reference
 from domains.autonomous.readers import Tracks
 from domains.autonomous.windows import Windows, WindowStarts
@@ -64,8 +68,9 @@ def segment_blocks(windows: WindowStarts, size: int = BLOCK) -> Iterator[tuple[i
         first = last
 
 
-def fit_streamed_statistics(tracks: Tracks, windows: WindowStarts, observe: int, target_dim: int, regression: bool) -> dict[str, Any]:
-    """:func:`domains.autonomous.fitted_state.fit_input_statistics`'s dictionary, from bounded passes."""
+def fit_streamed_statistics(tracks: Tracks, windows: WindowStarts, observe: int, target_dim: int, regression: bool, maps: list[Any] = ()) -> dict[str, Any]:
+    """:func:`domains.autonomous.fitted_state.fit_input_statistics`'s dictionary, from bounded passes (the pages of ``maps``,
+    the split's memory maps, handed back after each block)."""
     channels = Moments(tracks.channels.shape[1])
     labels = Moments(1)
     for first, last in segment_blocks(windows):
@@ -75,6 +80,7 @@ def fit_streamed_statistics(tracks: Tracks, windows: WindowStarts, observe: int,
         channels.add(np.asarray(tracks.channels[low:high])[cover[: high - low] > 0])
         if regression:
             labels.add(np.asarray(tracks.label[starts + observe - 1], dtype=np.float64))
+        release(maps)
     squares, steps = 0.0, 0
     for first in range(0, len(tracks.starts), BLOCK) if target_dim else ():
         starts, lengths = tracks.starts[first : first + BLOCK], tracks.lengths[first : first + BLOCK]
@@ -83,6 +89,7 @@ def fit_streamed_statistics(tracks: Tracks, windows: WindowStarts, observe: int,
         same[(starts[1:] - low - 1)] = False  # the step from a segment's last row to the next segment's first
         step = np.diff(np.asarray(tracks.targets[low:high]), axis=0)[same]
         squares, steps = squares + float((step**2).sum()), steps + len(step)
+        release(maps)
     scale = float(np.sqrt(squares / steps)) if steps else 1.0
     stats: dict[str, Any] = {
         "channel_mean": channels.mean.astype(np.float32).astype(float).tolist(),
@@ -97,7 +104,8 @@ def fit_streamed_statistics(tracks: Tracks, windows: WindowStarts, observe: int,
 
 
 def streamed_reference(
-    tracks: Tracks, windows: WindowStarts, tensors: Callable[[Tracks, Windows, str], dict[str, torch.Tensor]], channel_names: dict[str, list[str]], source: str
+    tracks: Tracks, windows: WindowStarts, tensors: Callable[[Tracks, Windows, str], dict[str, torch.Tensor]], channel_names: dict[str, list[str]], source: str,
+    maps: list[Any] = (),
 ) -> dict[str, Any]:
     """:func:`pipelines.reference.fit_sequence_reference` of the training windows, their tensors built a block at a time:
     each window's mean over its time steps is what the reference is fitted on, so the means are passed as one-step windows."""
@@ -107,5 +115,6 @@ def streamed_reference(
         for name in channel_names:
             values = np.asarray(block[name], dtype=np.float64)
             means[name].append(np.stack([values[:, :, j].mean(axis=1) for j in range(values.shape[2])], 1) if values.shape[2] else values[:, 0, :])
+        release(maps)
     joined = {name: np.concatenate(parts)[:, None, :] for name, parts in means.items()}
     return fit_sequence_reference(joined, channel_names, source)
