@@ -162,6 +162,8 @@ OWN = [
     BadInput("streaming-the-simulator", (*BASE, "--data.streaming=true"), ("--data.streaming true", "--data.path")),
     BadInput("streaming-classification", ("--data.path={tmp}/fleet.csv", *BASE, "--data.streaming=true", "--data.task=classification", "--data.target_column=manoeuvre"),
              ("--data.streaming true", "classification"), table_file("fleet.csv")),  # fmt: skip
+    BadInput("streaming-time-split-by-fractions", ("--data.path={tmp}/fleet.csv", *BASE, "--data.streaming=true", "--data.split_by=time", "--data.test_after=2.0"),
+             ("--data.streaming true", "--data.val_after"), table_file("fleet.csv")),  # fmt: skip
     BadInput("cache-dir-without-streaming", ("--data.path={tmp}/fleet.csv", *BASE, "--data.cache_dir={tmp}/../cache"), ("--data.cache_dir", "--data.streaming true"),
              table_file("fleet.csv")),  # fmt: skip
     BadInput("chunk-rows-zero", ("--data.path={tmp}/fleet.csv", *BASE, "--data.streaming=true", "--data.chunk_rows=0"), ("--data.chunk_rows", "at least 1"),

@@ -28,7 +28,7 @@ of the windows, and only those rows are read. The fitted statistics come from bo
 the training split (:mod:`domains.autonomous.streamed_state`).
 
 Not streamed (refused with the option named): classification, categorical channels, per-group
-normalisation, future-known channels, and a time split by fractions (it needs every time at once).
+normalisation, future-known channels, and a time split by fractions (without both cutoffs: it needs every time at once).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def check_streaming_options(hp: Any) -> None:
         (f"--data.categorical_channels {hp.categorical_channels}", bool(hp.categorical_channels)),
         ("--data.normalize_by group", hp.normalize_by == "group"),
         (f"--data.known_future_channels {hp.known_future_channels}", bool(hp.known_future_channels)),
-        ("--data.split_by time without --data.test_after (a split by fractions of time needs every time at once)",
-         hp.split_by == "time" and hp.test_after is None),
+        ("--data.split_by time without both --data.test_after and --data.val_after (a split by fractions of time needs every time at once)",
+         hp.split_by == "time" and (hp.test_after is None or hp.val_after is None)),
     ]  # fmt: skip
     named = [option for option, given in unsupported if given]
     if named:
