@@ -30,6 +30,7 @@ RULES = {
     "random-forecasting": {},
     "hash-regression-ffill": {"split_by": "hash", "task": "regression", "target_column": "aggressiveness", "nan_policy": "ffill", "predict": 1},
     "column-drop": {"split_column": "fold", "nan_policy": "drop"},
+    "time-cutoffs": {"split_by": "time", "val_after": "5.5", "test_after": "7.5", "observe": 4, "predict": 3},
 }
 
 
@@ -65,7 +66,7 @@ def assert_same_items(a, b, split: str) -> None:
                 assert value == y[key], (split, i, key)
 
 
-@pytest.mark.parametrize(("name", "rule"), [("t.csv", "random-forecasting"), ("t.parquet", "hash-regression-ffill"), ("t.tsv", "column-drop")])
+@pytest.mark.parametrize(("name", "rule"), [("t.csv", "random-forecasting"), ("t.parquet", "hash-regression-ffill"), ("t.tsv", "column-drop"), ("t.csv", "time-cutoffs")])
 def test_streaming_gives_the_same_tracks_statistics_reference_and_items(files, tmp_path, name, rule):
     memory, streamed = both(files / name, tmp_path / "cache", **RULES[rule])
     memory.setup("fit"), streamed.setup("fit")
