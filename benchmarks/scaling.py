@@ -1,7 +1,7 @@
 """Growth curves: each domain at 1x, 4x and 16x its default data, fit and predict.
 
     python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
-                                 [--finance-files] [--finance-scoring-rows 20000000]
+                                 [--finance-files] [--autonomous-files] [--finance-scoring-rows 20000000 [--finance-scoring-format parquet]]
                                  [--healthcare-images 50000 [--healthcare-image-size 28]]
 
 For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
@@ -18,8 +18,14 @@ For every domain and scale, in new processes (``python -m pipelines.run``, W&B o
 ``--finance-files``: finance also trains from a CSV file of ``scale`` x 20 000 synthetic rows, once
 read whole (``--data.path``, the pandas table in memory) and once streamed (``--data.streaming true``,
 ``domains.finance.streaming``: chunks into a memory-mapped cache, rebuilt for each run), to compare
-their fit peak RSS. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
-with the 1x model.
+their fit peak RSS. ``--autonomous-files``: likewise for autonomous, a CSV of ``scale`` x 400 simulated vehicles (40 rows
+each), read whole or streamed (``domains.autonomous.streaming``, a fresh cache per run); its ``predict`` then scores
+another such file (``--data.predict_path``) read the same way. ``--finance-scoring-rows N`` adds a row scoring an N-row file (e.g. 20 000 000)
+with the 1x model; ``--finance-scoring-format parquet`` writes that file as Parquet with pyarrow, a row group
+per 100 000 rows (a 20M-row CSV through pandas takes hours on a busy machine), and scoring streams its row groups;
+``--finance-scoring-distinct-blocks K`` generates only K blocks of 500 000 rows and writes them in turn (the generator,
+not the writer, is what takes an hour for 20M rows on a busy machine); ``--finance-scoring-file F`` scores an existing
+file instead (e.g. one kept from an earlier run).
 
 ``--healthcare-images N``: healthcare trains one epoch on N synthetic lesion PNGs (``--healthcare-image-size``
 pixels a side, a labels CSV, stratified split) three ways: decoded into memory at setup, read per item
@@ -68,24 +74,51 @@ def timed(command: list[str]) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - start, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
 
 
-def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, block: int = 500_000) -> Path:
-    """A synthetic finance CSV of ``rows`` rows (with or without labels), written ``block`` rows at a time."""
+def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, block: int = 500_000, file_format: str = "csv",
+                 distinct_blocks: int | None = None) -> Path:  # fmt: skip
+    """A synthetic finance CSV or Parquet file of ``rows`` rows (with or without labels), generated and written
+    ``block`` rows at a time (Parquet: 100 000-row row groups, so neither the writer nor the scoring reader holds
+    more than a block). ``distinct_blocks`` (Parquet): only that many blocks are generated (the generator takes
+    minutes a block on a busy machine), then written again in turn with their ``transaction_id`` prefixed ``c<copy>-``."""
     from domains.finance.synthetic import make_card_transactions
 
-    path = folder / f"{'train' if labels else 'score'}-{rows}.csv"
-    if not path.exists():
-        partial = path.with_suffix(".partial")
-        for start in range(0, rows, block):
-            frame = make_card_transactions(max(10, min(block, rows - start)), seed=seed + start)
-            frame = frame if labels else frame.drop(columns=["is_fraud"])
-            frame.head(rows - start).to_csv(partial, index=False, mode="a", header=start == 0)
-        partial.replace(path)
+    path = folder / f"{'train' if labels else 'score'}-{rows}.{file_format}"
+    if path.exists():
+        return path
+    partial, writer, generated = path.with_suffix(".partial"), None, {}
+    try:
+        for number, start in enumerate(range(0, rows, block)):
+            if file_format == "csv":
+                frame = make_card_transactions(max(10, min(block, rows - start)), seed=seed + start)
+                frame = (frame if labels else frame.drop(columns=["is_fraud"])).head(rows - start)
+                frame.to_csv(partial, index=False, mode="a", header=start == 0)
+                continue
+            import pyarrow as pa
+            import pyarrow.compute as pc
+            import pyarrow.parquet as pq
+
+            source = number % distinct_blocks if distinct_blocks else number
+            if source not in generated:
+                frame = make_card_transactions(block, seed=seed + source * block)
+                table = pa.Table.from_pandas(frame if labels else frame.drop(columns=["is_fraud"]), preserve_index=False)
+                if not distinct_blocks:
+                    generated.clear()
+                generated[source] = table
+            table = generated[source].slice(0, rows - start)
+            if number >= (distinct_blocks or rows):
+                table = table.set_column(0, "transaction_id", pc.binary_join_element_wise(pa.scalar(f"c{number}-", pa.large_string()), table["transaction_id"], pa.scalar("", pa.large_string())))
+            writer = writer or pq.ParquetWriter(partial, table.schema)
+            writer.write_table(table.cast(writer.schema), row_group_size=100_000)
+    finally:
+        if writer is not None:
+            writer.close()
+    partial.replace(path)
     return path
 
 
-def scoring_file(folder: Path, rows: int) -> Path:
+def scoring_file(folder: Path, rows: int, file_format: str = "csv", distinct_blocks: int | None = None) -> Path:
     """A synthetic finance table of ``rows`` rows without labels, to score."""
-    return finance_file(folder, rows, labels=False)
+    return finance_file(folder, rows, labels=False, file_format=file_format, distinct_blocks=distinct_blocks)
 
 
 #: the network of the ``--healthcare-images`` rows: small, so an epoch of 50 000 images fits a benchmark run on 2 cores
@@ -137,7 +170,20 @@ def measure_images(count: int, size: int, epochs: int, folder: Path, source: str
             "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}  # fmt: skip
 
 
-def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
+def autonomous_file(folder: Path, vehicles: int, seed: int = 0) -> Path:
+    """The simulator's long table of ``vehicles`` episodes (its defaults: 40 rows at 0.25 s, grouped by vehicle) as a CSV."""
+    from domains.autonomous.simulator import simulate_vehicles
+
+    path = folder / f"vehicles-{vehicles}-{seed}.csv"
+    if not path.exists():
+        simulate_vehicles(vehicles, 40, 0.25, seed, 0.003).to_csv(path.with_suffix(".partial"), index=False)
+        path.with_suffix(".partial").replace(path)
+    return path
+
+
+def predict_options(domain: str, scale: int, folder: Path, source: str = "generator") -> list[str]:
+    if domain == "autonomous" and source != "generator":  # a new file of as many vehicles, read as the training file was
+        return ["--data.predict_path", str(autonomous_file(folder, SIZE_OPTIONS[domain][1] * scale, seed=1))]
     if domain == "finance":
         return ["--data.predict_path", str(scoring_file(folder, FINANCE_SCORING_ROWS * scale))]
     if domain == "media":
@@ -149,7 +195,8 @@ def predict_options(domain: str, scale: int, folder: Path) -> list[str]:
 SOURCES = {"generator": [], "file": ["--data.path", "{file}"], "file, streaming": ["--data.path", "{file}", "--data.streaming=true", "--data.cache_dir={cache}"]}
 
 
-def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False) -> dict[str, Any]:
+def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False,
+            scoring_format: str = "csv", distinct_blocks: int | None = None) -> dict[str, Any]:  # fmt: skip
     option, default = SIZE_OPTIONS[domain]
     runs, run_id = folder / "runs", f"{domain}-x{scale}-{source.replace(', ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
@@ -157,7 +204,8 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
     data = [f"--data.{option}={default * scale}"]
     if source != "generator":
         cache = folder / f"cache-{run_id}"
-        data = [a.format(file=finance_file(folder, default * scale), cache=cache) for a in SOURCES[source]]
+        file = finance_file(folder, default * scale) if domain == "finance" else autonomous_file(folder, default * scale)
+        data = [a.format(file=file, cache=cache) for a in SOURCES[source]]
     fit = timed([
         domain, "fit", *common, *data, f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
         "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
@@ -170,7 +218,9 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
               "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
         return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
-    scoring = ["--data.predict_path", str(scoring_file(folder, scoring_rows))] if scoring_rows else predict_options(domain, scale, folder)
+    given = folder / f"score-{scoring_rows}.{scoring_format}"  # (main: --finance-scoring-file is linked there)
+    scoring = predict_options(domain, scale, folder, source) if not scoring_rows else [
+        "--data.predict_path", str(given if given.exists() else scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))]
     predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
@@ -186,7 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--fit-only", action="store_true", help="measure fit only (no predict)")
     parser.add_argument("--finance-files", action="store_true", help="finance also from a CSV file, read whole and streamed")
+    parser.add_argument("--autonomous-files", action="store_true", help="autonomous also from a CSV file, read whole and streamed")
     parser.add_argument("--finance-scoring-rows", type=int, default=None, help="add a row scoring a file of this many rows (1x model)")
+    parser.add_argument("--finance-scoring-format", choices=["csv", "parquet"], default="csv",
+                        help="file format of the --finance-scoring-rows file (parquet: written and scored in row groups)")
+    parser.add_argument("--finance-scoring-distinct-blocks", type=int, default=None,
+                        help="parquet: generate only this many 500 000-row blocks and write them in turn (ids made unique)")
+    parser.add_argument("--finance-scoring-file", type=Path, default=None,
+                        help="score this existing file (written by an earlier run: score-<rows>.<format>) instead of writing one")
     parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
     parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
     parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
@@ -198,12 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         for domain in args.domains:
             for scale in args.scales:
-                for source in ("generator", "file", "file, streaming") if domain == "finance" and args.finance_files else ("generator",):
+                files = (domain == "finance" and args.finance_files) or (domain == "autonomous" and args.autonomous_files)
+                for source in ("generator", "file", "file, streaming") if files else ("generator",):
                     results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
+        if args.finance_scoring_file:
+            (Path(tmp) / f"score-{args.finance_scoring_rows}.{args.finance_scoring_format}").hardlink_to(args.finance_scoring_file)
         if args.finance_scoring_rows:
-            results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows))
-            print(f"[scaling] finance scoring {args.finance_scoring_rows} rows: {json.dumps(results[-1])}", flush=True)
+            results.append(measure("finance", 1, args.epochs, Path(tmp), "file, streaming", scoring_rows=args.finance_scoring_rows,
+                                   scoring_format=args.finance_scoring_format, distinct_blocks=args.finance_scoring_distinct_blocks))  # fmt: skip
+            print(f"[scaling] finance scoring {args.finance_scoring_rows} rows ({args.finance_scoring_format}): {json.dumps(results[-1])}", flush=True)
         for source in IMAGE_SOURCES if args.healthcare_images else ():
             results.append(measure_images(args.healthcare_images, args.healthcare_image_size, args.epochs, Path(tmp), source, args.healthcare_batches))
             print(f"[scaling] healthcare {args.healthcare_images} images ({source}): {json.dumps(results[-1])}", flush=True)

@@ -7,6 +7,8 @@
   its own temporary folder; the first rename wins, the other's copy is dropped).
 - :func:`file_manifest` / :func:`manifest_problem`: every cache file's size and SHA-256, written with the
   cache and checked whenever it is opened: a damaged cache is named, removed and rebuilt, never used.
+- :func:`usable`: whether a cache folder is complete and matches its manifest (a damaged one is named in the
+  caller's log, removed and reported unusable, to be rebuilt); :func:`size_mib`: a folder's size for the log.
 - :func:`check_cache_dir`: ``--data.cache_dir`` refused before anything is read or written.
 - :func:`map_array` / :func:`release`: read-only memory maps of cache files whose resident pages can
   be handed back to the kernel's page cache (``madvise(MADV_DONTNEED)``), so serving batches from a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -105,6 +108,28 @@ def manifest_problem(folder: Path, manifest: dict[str, dict[str, Any]] | None) -
         if sha256_file(path) != expected["sha256"]:
             return f"{name} changed since it was written (its SHA-256 differs)"
     return None
+
+
+def usable(folder: Path, log: logging.Logger) -> bool:
+    """Whether a cache folder is complete and every file is as its manifest says; a damaged one is named (a warning
+    in ``log``, the caller's), removed (to be rebuilt) and reported as not usable, never read."""
+    meta = folder / COMPLETE
+    if not meta.is_file():
+        return False
+    try:
+        problem = manifest_problem(folder, json.loads(meta.read_text()).get("files"))
+    except (OSError, ValueError) as error:
+        problem = f"unreadable meta.json ({error})"
+    if problem is None:
+        return True
+    log.warning(f"streaming cache {folder} is damaged ({problem}): removed and rebuilt")
+    discard(folder)
+    return False
+
+
+def size_mib(folder: Path) -> int:
+    """The size of every file under ``folder``, in MiB (rounded)."""
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20)
 
 
 def check_cache_dir(cache_dir: str | None, streaming: bool) -> None:

@@ -49,17 +49,17 @@ from pipelines.data import make_loader
 from pipelines.grouped_steps import BatchGroup, training_loader
 from pipelines.errors import InputError
 from pipelines.splits import SplitBy, SplitRule, adopt
-from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
-from domains.autonomous.fitted_state import check_checkpoint_state, fit_class_names, fit_input_statistics
+from domains.autonomous.fitted_state import check_checkpoint_state, fit_class_names, fit_data_statistics
 from domains.autonomous.options import check_data_options
 from domains.autonomous.covariates import (
-    check_checkpoint_covariates, column_roles, covariate_tensors, fit_covariate_state, fit_vocabularies,
+    check_checkpoint_covariates, column_roles, covariate_tensors, fit_vocabularies,
 )  # fmt: skip
 from domains.autonomous.readers import SPLITS, ColumnSpec, Tracks, log
 from domains.autonomous.inputs import model_inputs
-from domains.autonomous.predict_data import predict_dataset
-from domains.autonomous.sources import source_tables, split_tracks
-from domains.autonomous.windows import WindowDataset, Windows, cut_split_windows, window_tensors
+from domains.autonomous.predict_data import predict_dataset, streamed_predict_dataset
+from domains.autonomous.sources import resolve_path, source_tables, split_tracks
+from domains.autonomous.streaming import MappedWindows, StreamedTable, check_streaming_options
+from domains.autonomous.windows import WindowDataset, Windows, check_split_windows, cut_split_windows, window_starts, window_tensors
 
 Task = Literal["forecasting", "regression", "classification"]
 #: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
@@ -130,6 +130,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         batch_size: windows per batch (per process under DDP).
         num_workers: DataLoader worker processes (persistent when > 0).
         pin_memory: pin host memory for GPU copies (default: when CUDA is available).
+        streaming: read ``path`` in chunks of ``chunk_rows`` rows into memory-mapped arrays in ``cache_dir``, never as a
+            whole table (rows grouped by sequence): :mod:`domains.autonomous.streaming`; ``predict_path`` likewise.
+        cache_dir: the streaming cache's folder (default ``$XDG_CACHE_HOME/domain-pipelines/autonomous``).
+        chunk_rows: rows read at a time by ``streaming``.
     """
 
     def __init__(
@@ -174,10 +178,14 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        streaming: bool = False,
+        cache_dir: str | None = None,
+        chunk_rows: int = 100_000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         check_data_options(self.hparams)  # every option's value, before anything is read or written
+        check_streaming_options(self.hparams)
         key = (split_key or sequence_column) if split_by == "hash" else split_key
         self.split_rule = SplitRule.from_options(split_by, key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
         if eth_ucy_root and self.split_rule.by != "random":
@@ -266,7 +274,12 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         """Validated, NaN-handled, gap-split segments of each split (the NaN and gap counts are logged)."""
         hp = self.hparams
         step = hp.time_step if hp.time_step is not None else (self.stats or {}).get("time_step")  # None: inferred from the training tracks, then used for every split
-        return split_tracks(self.tables, self.columns, hp, step)
+        return self.streamed.tracks(step) if hp.streaming else split_tracks(self.tables, self.columns, hp, step)
+
+    @cached_property
+    def streamed(self) -> StreamedTable:
+        """``--data.streaming true``: the table read in chunks into memory-mapped splits."""
+        return StreamedTable(resolve_path(self.hparams.path), self.columns, self.hparams, self.split_rule)
 
     @cached_property
     def class_names(self) -> list[str]:
@@ -279,25 +292,17 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     @cached_property
     def windows(self) -> dict[str, Windows]:
         """Window rows of every split; refused when no track of the data set, or of one split, is long enough."""
-        return cut_split_windows(self.tracks, self.tables, self.observe, self.predict, self.hparams.stride, self.hparams.max_gap)
+        hp = self.hparams
+        if not hp.streaming:
+            return cut_split_windows(self.tracks, self.tables, self.observe, self.predict, hp.stride, hp.max_gap)
+        cut = {name: window_starts(tracks, self.observe + self.predict, hp.stride) for name, tracks in self.tracks.items()}
+        check_split_windows(cut, self.tracks, dict.fromkeys(cut, [str(self.streamed.path)]), self.observe, self.predict, hp.max_gap)
+        return cut
 
     # ----- statistics fitted on the training split ------------------------------------------
     def fit_statistics(self) -> dict[str, Any]:
-        fitted = fit_input_statistics(self.tracks["train"], self.windows["train"], self.observe, self.target_dim, self.task == "regression")
-        return {
-            **fitted,
-            "class_names": self.class_names,
-            "target_names": self.target_names,
-            # how inputs are built, for exported models (see export_spec in model.py)
-            "channel_names": list(self.columns.channels),  # channels, then the future-known channels (their past)
-            "position_names": self.position_names,
-            "time_step": self.time_step,
-            "canonical_heading": bool(self.hparams.canonical_heading),
-            "observe": self.observe,
-            REFERENCE_KEY: fit_sequence_reference(  # drift reference per sequence channel of the training windows (pipelines.reference)
-                self._tensors(self.tracks["train"], self.windows["train"], "train"), {"past": self.position_names, "channels": list(self.columns.channels)}, "training split"),
-            **fit_covariate_state(self.tracks["train"], self.windows["train"], self.observe, self.hparams, self.task == "regression"),
-        }
+        """The state fitted on the training split (:func:`domains.autonomous.fitted_state.fit_data_statistics`)."""
+        return fit_data_statistics(self)
 
     def _tensors(self, tracks: Tracks, windows: Windows, name: str) -> dict[str, torch.Tensor]:
         """A split's window tensors; with fitted statistics also its ``codes``, ``group`` and ``known`` covariates."""
@@ -317,8 +322,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             self.stats = self.fit_statistics()
         for name in SPLITS:
             tracks, windows = self.tracks[name], self.windows[name]
-            names = [tracks.names[s] for s in windows.segment]
-            self.datasets[name] = WindowDataset(self._tensors(tracks, windows, name), names)
+            if self.hparams.streaming:  # windows read from the maps per item
+                self.datasets[name] = MappedWindows(tracks, windows, self._tensors, name, self.streamed.maps)
+                continue
+            self.datasets[name] = WindowDataset(self._tensors(tracks, windows, name), [tracks.names[s] for s in windows.segment])
         log(", ".join(f"{name}: {len(ds)} windows" for name, ds in self.datasets.items()))
         if self.hparams.predict_path and "predict" not in self.datasets:
             self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
@@ -327,6 +334,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         """Windows of a new file (:func:`domains.autonomous.predict_data.predict_dataset`), checked against
         the training data's time step (:attr:`time_step`, the one saved in the checkpoint)."""
         step = float(self.stats["time_step"]) if self.stats and self.stats.get("time_step") else self.time_step
+        if self.hparams.streaming:
+            return streamed_predict_dataset(path, self.columns, self.hparams, step, self._tensors)
         return predict_dataset(path, self.columns, self.hparams, step, self.predict if self.known_size else 0, self._tensors)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
@@ -387,7 +396,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         if rule != self.split_rule:  # the checkpoint's split: the tables are cut again by it
             log(f"the checkpoint's split: {rule.describe()}")
             self.split_rule = rule
-            for cached in ("tables", "tracks", "class_names", "windows"):
+            for cached in ("tables", "tracks", "class_names", "windows", "streamed"):
                 self.__dict__.pop(cached, None)
             self.datasets = {}
         read = "tracks" in self.__dict__  # the data was read (Lightning's restore after setup): it must agree

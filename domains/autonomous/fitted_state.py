@@ -13,9 +13,12 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
+from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
 from pipelines.validation import check_labels
+from domains.autonomous.covariates import fit_covariate_state
 from domains.autonomous.readers import FILE, Tracks
 from domains.autonomous.sampling import EPS
+from domains.autonomous.streamed_state import fit_streamed_statistics, streamed_reference
 from domains.autonomous.windows import Windows
 
 
@@ -31,8 +34,9 @@ def fit_input_statistics(tracks: Tracks, windows: Windows, observe: int, target_
     steps = np.diff(tracks.targets, axis=0)[same] if target_dim else np.zeros((0, 0))
     scale = float(np.sqrt((steps**2).sum(1).mean())) if steps.size else 1.0
     stats: dict[str, Any] = {
-        "channel_mean": channels.mean(0).astype(float).tolist(),
-        "channel_std": np.maximum(channels.std(0), 1e-6).astype(float).tolist(),
+        # summed in float64, kept at float32 precision: what bounded passes over a mapped split (domains.autonomous.streamed_state) give too
+        "channel_mean": channels.mean(0, dtype=np.float64).astype(np.float32).astype(float).tolist(),
+        "channel_std": np.maximum(channels.std(0, dtype=np.float64).astype(np.float32), 1e-6).astype(float).tolist(),
         "displacement_scale": max(scale, 1e-6),
         "target_mean": 0.0,
         "target_std": 1.0,
@@ -41,6 +45,33 @@ def fit_input_statistics(tracks: Tracks, windows: Windows, observe: int, target_
         labels = tracks.label[windows.rows[:, observe - 1]].astype(float)
         stats["target_mean"], stats["target_std"] = float(labels.mean()), float(max(labels.std(), 1e-6))
     return stats
+
+
+def fit_data_statistics(dm: Any) -> dict[str, Any]:
+    """Everything a ``SensorSequenceDataModule`` (``dm``) fits on its training split and saves in the checkpoint: the input
+    scaling, the classes, how inputs are built (for exported models), the drift reference and the covariates' state; with
+    ``--data.streaming true`` from bounded passes over the mapped split (:mod:`domains.autonomous.streamed_state`)."""
+    train, windows, sequences = dm.tracks["train"], dm.windows["train"], {"past": dm.position_names, "channels": list(dm.columns.channels)}
+    regression = dm.task == "regression"
+    if dm.hparams.streaming:
+        fitted = fit_streamed_statistics(train, windows, dm.observe, dm.target_dim, regression, dm.streamed.maps)
+        reference = streamed_reference(train, windows, dm._tensors, sequences, "training split", dm.streamed.maps)
+    else:  # drift reference per sequence channel of the training windows (pipelines.reference)
+        fitted = fit_input_statistics(train, windows, dm.observe, dm.target_dim, regression)
+        reference = fit_sequence_reference(dm._tensors(train, windows, "train"), sequences, "training split")
+    return {
+        **fitted,
+        "class_names": dm.class_names,
+        "target_names": dm.target_names,
+        # how inputs are built, for exported models (see export_spec in model.py)
+        "channel_names": list(dm.columns.channels),  # channels, then the future-known channels (their past)
+        "position_names": dm.position_names,
+        "time_step": dm.time_step,
+        "canonical_heading": bool(dm.hparams.canonical_heading),
+        "observe": dm.observe,
+        REFERENCE_KEY: reference,
+        **fit_covariate_state(train, windows, dm.observe, dm.hparams, regression),
+    }
 
 
 def check_checkpoint_state(state_dict: dict[str, Any], class_names: list[str] | None, target_names: list[str], data_step: float | None) -> None:

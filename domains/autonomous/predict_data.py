@@ -3,7 +3,8 @@
 Windows of ``observe`` rows; with future-known covariates (``--data.known_future_channels``) windows
 of ``observe + predict`` rows whose future rows give the known channels, the positions of a
 sequence's rows after its last observed position being blank (:func:`domains.autonomous.covariates.future_rows`).
-The file is checked against the training data's time step (the checkpoint's).
+The file is checked against the training data's time step (the checkpoint's). With ``--data.streaming true`` it is
+read in chunks into a memory-mapped cache and its windows read per item (:func:`streamed_predict_dataset`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pipelines.errors import InputError
 from domains.autonomous.covariates import future_rows, known_future_windows
 from domains.autonomous.readers import FILE, ColumnSpec, Tracks, build_tracks, log, read_table
 from domains.autonomous.sources import resolve_path
-from domains.autonomous.windows import WindowDataset, Windows, cut_windows
+from domains.autonomous.streaming import MappedWindows, StreamedTable
+from domains.autonomous.windows import WindowDataset, Windows, WindowStarts, cut_windows, window_starts
 
 
 def predict_dataset(
@@ -36,14 +38,29 @@ def predict_dataset(
         windows, placeholder = known_future_windows(tracks, observe, predict, hp.stride, last_observed, file)
     else:
         windows, placeholder = cut_windows(tracks, observe, hp.stride), None
-    if windows.short_segments:
-        log(f"predict: {windows.short_segments} of {len(tracks.lengths)} segment(s) shorter than {observe + predict} rows: skipped")
-    if len(windows.rows) == 0:
-        raise InputError(
-            f"{file} (--data.predict_path): no track has observe = {observe} rows (--data.observe): all {len(tracks.lengths)} "
-            f"gap-free segments are shorter (longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows)"
-        )
+    check_predict_windows(windows, tracks, observe, predict, file)
     out = tensors(tracks, windows, "predict")
     if placeholder is not None and "future" in out:  # the future given as blanks is not a truth: empty true_ columns
         out["future"][torch.from_numpy(np.asarray(placeholder))] = float("nan")
     return WindowDataset(out, [tracks.names[s] for s in windows.segment])
+
+
+def check_predict_windows(windows: Windows | WindowStarts, tracks: Tracks, observe: int, predict: int, file: str) -> None:
+    """Log the segments too short for a window; refuse a file with no window."""
+    if windows.short_segments:
+        log(f"predict: {windows.short_segments} of {len(tracks.lengths)} segment(s) shorter than {observe + predict} rows: skipped")
+    if len(windows) == 0:
+        raise InputError(
+            f"{file} (--data.predict_path): no track has observe = {observe} rows (--data.observe): all {len(tracks.lengths)} "
+            f"gap-free segments are shorter (longest {int(tracks.lengths.max()) if len(tracks.lengths) else 0} rows)"
+        )
+
+
+def streamed_predict_dataset(path: str, columns: ColumnSpec, hp: Any, step: float, tensors: Callable[[Tracks, Windows, str], dict[str, torch.Tensor]]) -> MappedWindows:
+    """``--data.streaming true``: the windows of ``observe`` rows of a file read in chunks into a memory-mapped cache
+    (:class:`domains.autonomous.streaming.StreamedTable`, one ``predict`` split), read per item."""
+    table = StreamedTable(resolve_path(path), columns, hp, None, require_label=False)
+    tracks = table.tracks(step)["predict"]
+    windows = window_starts(tracks, hp.observe, hp.stride)
+    check_predict_windows(windows, tracks, hp.observe, 0, str(table.path))
+    return MappedWindows(tracks, windows, tensors, "predict", table.maps)

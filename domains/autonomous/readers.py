@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,12 +83,25 @@ def where(table: pd.DataFrame, position: int) -> str:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV (``,``), TSV (``\\t``) or Parquet long table, with origin columns.
+    """Read a CSV (``,``), TSV (``\t``) or Parquet long table, with origin columns.
 
     Refused: a missing file, another extension, an empty file or one with a header and no rows, a
     header naming a column twice, and a file the reader cannot parse.
     """
     path = Path(path)
+    sep, header = open_table(path)
+    try:
+        table = pd.read_parquet(path) if sep is None else pd.read_csv(path, sep=sep)
+    except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
+        raise InputError(f"{path}: cannot read the table: {error}") from None
+    if len(table) == 0:
+        raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")
+    return with_origin(table, str(path), 1)
+
+
+def open_table(path: Path) -> tuple[str | None, list[str]]:
+    """A long table's separator (``None`` for Parquet) and header, after the checks of :func:`read_table` that need
+    no parsing: the file exists, its extension, not empty, UTF-8 CSV text with whole rows, each column named once."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
@@ -97,25 +109,23 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: unsupported table format {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes); expected a header and one row per (sequence, time)")
+    sep = None if suffix in (".parquet", ".pq") else ("\t" if suffix == ".tsv" else ",")
     try:
-        if suffix in (".parquet", ".pq"):
-            table = pd.read_parquet(path)
-            header = [str(c) for c in table.columns]
+        if sep is None:
+            import pyarrow.parquet as pq
+
+            header = [str(c) for c in pq.read_schema(path).names if not str(c).startswith("__index_level_")]
         else:
-            sep = "\t" if suffix == ".tsv" else ","
             check_csv_text(path, sep)  # UTF-8, and a short row (a file cut short) refused, not read with missing channels
             header = [str(c) for c in pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0]]
-            table = pd.read_csv(path, sep=sep)
     except InputError:
         raise
     except Exception as error:  # pandas/pyarrow raise many types; the message is what matters
         raise InputError(f"{path}: cannot read the table: {error}") from None
-    if suffix not in (".parquet", ".pq"):
+    if sep is not None:
         check_delimiter(header, str(path), sep)
     check_unique_columns(header, str(path))
-    if len(table) == 0:
-        raise InputError(f"{path}: the table has no data rows (columns {header}); expected one row per (sequence, time)")
-    return with_origin(table, str(path), 1)
+    return sep, header
 
 
 def read_eth_ucy(root: str | Path, scene: str) -> dict[str, pd.DataFrame]:
@@ -376,22 +386,6 @@ def build_tracks(
     # positions stay float64: windows are centred on their last observed position before the float32 cast
     # (domains.autonomous.windows.window_tensors), so UTM-sized coordinates keep their centimetres
     return Tracks(names, starts, lengths, time, targets.astype(np.float64), channels.astype(np.float32), label, report, categories)
-
-
-def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each sequence id to train/val/test at random (whole sequences: no leakage between splits)."""
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise InputError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
-    unique = sorted(set(names))
-    rng = np.random.default_rng(seed)
-    permuted = [unique[i] for i in rng.permutation(len(unique))]
-    n_val, n_test = max(1, round(len(unique) * val_fraction)), max(1, round(len(unique) * test_fraction))
-    if n_val + n_test >= len(unique):
-        raise InputError(f"{len(unique)} sequence(s) cannot fill train, val and test splits; give more sequences or a split column")
-    out = {name: "train" for name in permuted[n_val + n_test :]}
-    out.update({name: "val" for name in permuted[:n_val]})
-    out.update({name: "test" for name in permuted[n_val : n_val + n_test]})
-    return out
 
 
 def log(message: str) -> None:

@@ -10,14 +10,16 @@ sequences); :func:`split_tracks` validates each split with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
 from pipelines.splits import SplitRule, assign, check_filled
 from domains.autonomous.readers import (
-    FILE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, read_eth_ucy, read_table, sequence_split, with_origin,
+    FILE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, read_eth_ucy, read_table, with_origin,
 )  # fmt: skip
 from domains.autonomous.simulator import simulate_vehicles
 
@@ -71,4 +73,20 @@ def split_tracks(tables: dict[str, pd.DataFrame], columns: ColumnSpec, hp: dict,
             f"{report['gaps']} time gaps (> {hp['max_gap']:g} x step {report['time_step']:g}) -> {report['segments']} segments"
         )
         out[name] = tracks
+    return out
+
+
+def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Assign each sequence id to train/val/test at random (whole sequences: no leakage between splits)."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise InputError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) and sum below 1")
+    unique = sorted(set(names))
+    rng = np.random.default_rng(seed)
+    permuted = [unique[i] for i in rng.permutation(len(unique))]
+    n_val, n_test = max(1, round(len(unique) * val_fraction)), max(1, round(len(unique) * test_fraction))
+    if n_val + n_test >= len(unique):
+        raise InputError(f"{len(unique)} sequence(s) cannot fill train, val and test splits; give more sequences or a split column")
+    out = {name: "train" for name in permuted[n_val + n_test :]}
+    out.update({name: "val" for name in permuted[:n_val]})
+    out.update({name: "test" for name in permuted[n_val : n_val + n_test]})
     return out

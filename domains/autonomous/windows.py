@@ -36,8 +36,30 @@ class Windows:
     short_segments: int
     short_rows: int
 
+    def __len__(self) -> int:
+        return len(self.rows)
 
-def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
+
+@dataclass
+class WindowStarts:
+    """The windows of a split as their first rows only (``start[i]`` .. ``start[i] + length - 1``): 16 bytes a window,
+    for splits whose rows are memory-mapped (:mod:`domains.autonomous.streaming`)."""
+
+    start: np.ndarray
+    segment: np.ndarray
+    short_segments: int
+    short_rows: int
+    length: int
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def block(self, first: int, last: int) -> Windows:
+        """Windows ``first .. last - 1`` with their rows."""
+        return Windows(self.start[first:last, None] + np.arange(self.length)[None], self.segment[first:last], 0, 0)
+
+
+def window_starts(tracks: Tracks, length: int, stride: int) -> WindowStarts:
     """Every ``length``-row window with start offsets ``0, stride, 2*stride, ...`` in each segment.
 
     Segments shorter than ``length`` give no window; they are counted (``short_segments``), not an error.
@@ -50,14 +72,19 @@ def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
         offsets = np.arange(0, tracks.lengths[index] - length + 1, stride)
         starts.append(tracks.starts[index] + offsets)
         segments.append(np.full(len(offsets), index))
-    start = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-    rows = start[:, None] + np.arange(length)[None]
-    segment = np.concatenate(segments) if segments else np.zeros(0, dtype=np.int64)
-    return Windows(rows, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()))
+    start = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, dtype=np.int64)
+    segment = np.concatenate(segments).astype(np.int64) if segments else np.zeros(0, dtype=np.int64)
+    return WindowStarts(start, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()), length)
 
 
-def _files(tables: list[pd.DataFrame]) -> str:
-    names = sorted({str(f) for table in tables for f in table[FILE].unique()})
+def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
+    """:func:`window_starts` with every window's rows."""
+    starts = window_starts(tracks, length, stride)
+    return Windows(starts.start[:, None] + np.arange(length)[None], starts.segment, starts.short_segments, starts.short_rows)
+
+
+def _files(names: list[str]) -> str:
+    names = sorted(set(names))
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more files" if len(names) > 3 else "")
 
 
@@ -65,15 +92,23 @@ def cut_split_windows(
     tracks: dict[str, Tracks], tables: dict[str, pd.DataFrame], observe: int, predict: int, stride: int, max_gap: float
 ) -> dict[str, Windows]:
     """The windows of every split (``observe + predict`` rows), short segments counted in the log."""
+    cut = {name: cut_windows(split, observe + predict, stride) for name, split in tracks.items()}
+    files = {name: [str(f) for f in table[FILE].unique()] for name, table in tables.items()}
+    check_split_windows(cut, tracks, files, observe, predict, max_gap)
+    return cut
+
+
+def check_split_windows(cut: dict[str, Any], tracks: dict[str, Tracks], files: dict[str, list[str]], observe: int, predict: int, max_gap: float) -> None:
+    """Refuse a data set with no window, or a split without one (``cut``: each split's :class:`Windows` or
+    :class:`WindowStarts`; ``files``: each split's source files, named in the message); log the short segments."""
     length = observe + predict
-    cut = {name: cut_windows(split, length, stride) for name, split in tracks.items()}
     need = f"observe + predict = {length} rows (--data.observe {observe}" + (f" + --data.predict {predict})" if predict else ")")
-    if not any(len(windows.rows) for windows in cut.values()):
+    if not any(len(windows) for windows in cut.values()):
         segments = sum(len(t.lengths) for t in tracks.values())
         count = sum(t.report["sequences"] for t in tracks.values())
         longest = max((int(t.lengths.max()) for t in tracks.values() if len(t.lengths)), default=0)
         raise InputError(
-            f"{_files(list(tables.values()))}: no track is long enough for one window of {need}: all {count} tracks ({segments} gap-free "
+            f"{_files([f for names in files.values() for f in names])}: no track is long enough for one window of {need}: all {count} tracks ({segments} gap-free "
             f"segments) are shorter, the longest segment has {longest} rows; lower --data.observe/--data.predict, or check the time "
             f"gaps (a step of more than --data.max_gap = {max_gap:g} time steps splits a track)"
         )
@@ -81,13 +116,12 @@ def cut_split_windows(
         split = tracks[name]
         if windows.short_segments:
             log(f"{name}: {windows.short_segments} of {len(split.lengths)} segment(s) ({windows.short_rows} rows) shorter than {need}: skipped")
-        if len(windows.rows) == 0:
+        if len(windows) == 0:
             raise InputError(
-                f"{_files([tables[name]])}: split {name!r} has no window of {need}: all its {len(split.lengths)} segments are too short "
+                f"{_files(files[name])}: split {name!r} has no window of {need}: all its {len(split.lengths)} segments are too short "
                 f"(longest {int(split.lengths.max()) if len(split.lengths) else 0} rows) while other splits have long enough tracks; "
                 f"give it longer tracks (--data.split_column, --data.split_seed) or lower --data.observe/--data.predict"
             )
-    return cut
 
 
 def window_tensors(

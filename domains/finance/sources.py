@@ -94,7 +94,9 @@ def iter_chunks(source: Path | pd.DataFrame, chunk_rows: int) -> Iterator[tuple[
         return
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(source).iter_batches(batch_size=chunk_rows):
+    # pre_buffer=False: with pyarrow's default (True) the reader keeps the pre-buffered ranges of every row group read
+    # so far (~32 MiB more per million rows scored in benchmarks/RESULTS.md's 20M-row row): memory grew with the file
+    for batch in pq.ParquetFile(source, pre_buffer=False).iter_batches(batch_size=chunk_rows):
         chunk = batch.to_pandas()
         yield offset, chunk
         offset += len(chunk)

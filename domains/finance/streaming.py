@@ -47,7 +47,7 @@ from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocesso
 from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
-from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, discard, file_manifest, manifest_problem
+from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, file_manifest, size_mib, usable
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
@@ -98,11 +98,11 @@ class StreamedTable:
             key = {"format": FORMAT, "file": sha256_file(self.path), "roles": vars(self.roles), "labels": [str(c) for c in self.label_classes],
                    "rule": self.rule.as_dict(), "mode": self.mode}  # fmt: skip
             final = self.cache_dir / f"{self.path.stem}-{digest_of(key)}"
-            reused = _usable(final)
+            reused = usable(final, log)
             if not reused:
                 with building(final) as partial:
                     self._scan(partial)
-            log.info(f"streaming cache {final} ({'reused' if reused else 'built'}, {_mib(final)} MiB)")
+            log.info(f"streaming cache {final} ({'reused' if reused else 'built'}, {size_mib(final)} MiB)")
             self._folder = final
         return self._folder
 
@@ -253,7 +253,7 @@ class StreamedTable:
         """``numeric.f32`` (rows x features) and ``categorical.i64`` (rows x columns) of every row, encoded by ``preprocessor``."""
         state = preprocessor.state_dict()
         final = self.folder / f"encoded-{digest_of(state)}"
-        if final not in self._checked and not _usable(final):
+        if final not in self._checked and not usable(final, log):
             with building(final) as partial:
                 with open(partial / "numeric.f32", "wb") as numeric, open(partial / "categorical.i64", "wb") as categorical:
                     for offset, chunk in iter_chunks(self.path, self.chunk_rows):
@@ -264,27 +264,6 @@ class StreamedTable:
                 (partial / "meta.json").write_text(json.dumps({**layout, "files": file_manifest(partial)}))  # written last, with its manifest
         self._checked.add(final)
         return final
-
-
-def _usable(folder: Path) -> bool:
-    """Whether a cache folder is complete and every file is as its manifest says; a damaged one is named, removed
-    (to be rebuilt) and reported as not usable, never read."""
-    meta = folder / "meta.json"
-    if not meta.is_file():
-        return False
-    try:
-        problem = manifest_problem(folder, json.loads(meta.read_text()).get("files"))
-    except (OSError, ValueError) as error:
-        problem = f"unreadable meta.json ({error})"
-    if problem is None:
-        return True
-    log.warning(f"streaming cache {folder} is damaged ({problem}): removed and rebuilt")
-    discard(folder)
-    return False
-
-
-def _mib(folder: Path) -> int:
-    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20)
 
 
 def check_streaming_options(path: str | None, streaming: bool, cache_dir: str | None) -> None:
