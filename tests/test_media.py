@@ -276,7 +276,7 @@ def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
 def test_diffusion_through_the_cli_with_predict(runs_dir, capsys):
     args = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in TINY_DIFFUSION.items()]]
     data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=5", "--trainer.logger=false"]
-    limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    limits = ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     run_pipeline("media", *args, *data, *limits, "--runs_dir", str(runs_dir))
     run = only_run(runs_dir, "media")
     rows = read_jsonl(run / "metrics.jsonl")
@@ -306,7 +306,7 @@ def test_diffusion_through_the_cli_with_predict(runs_dir, capsys):
 def test_predict_writes_the_same_seeded_images_twice(runs_dir, tmp_path):
     common = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=6", "--trainer.logger=false",
               *[f"--model.init_args.{k}={v}" for k, v in TINY_GAN.items()]]  # fmt: skip
-    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
                  "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
     run = only_run(runs_dir, "media")
     outputs = []
