@@ -151,6 +151,19 @@ def test_npz_without_an_image_array(tmp_path):
         MediaDataModule(npz_path=str(path), npz_key="pixels").in_channels
 
 
+def test_generator_width_widens_only_the_generator():
+    """``generator_width`` sets the generator's last hidden layer; the discriminator keeps ``width``; ``null`` is ``width``."""
+    geometry = {"image_size": 16, "in_channels": 3, "num_classes": 3}
+    wide, plain = GAN(width=8, generator_width=24, **geometry), GAN(width=8, **geometry)
+    for model in (wide, plain):
+        model.configure_models()
+    assert wide.generator.out[1].in_channels == 24 and plain.generator.out[1].in_channels == 8
+    assert wide.discriminator.body[0].out_channels == plain.discriminator.body[0].out_channels == 8
+    assert wide.ema_generator.out[1].in_channels == 24  # the EMA copy samples, so it has the generator's shape
+    with pytest.raises(ValueError, match="generator_width must be >= 1"):
+        GAN(width=8, generator_width=0, **geometry)
+
+
 @pytest.mark.parametrize(
     "build, message",
     [
