@@ -213,7 +213,7 @@ def write_night(path: Path, night: int, rows: int = 1500) -> None:
 
 # ----- checkpoints without training, tiny media settings ---------------------------------------------
 #: media models small enough to train a few steps in a second on a CPU (16x16 images)
-TINY_GAN = {"latent_dim": 16, "width": 8, "fid_samples": 16, "grid_samples": 6, "extractor_steps": 2, "extractor_width": 8}
+TINY_GAN = {"latent_dim": 16, "width": 8, "generator_width": 8, "fid_samples": 16, "grid_samples": 6, "extractor_steps": 2, "extractor_width": 8}
 TINY_DIFFUSION = {
     "unet_widths": [16, 16], "attention_levels": [False, True], "norm_num_groups": 8, "num_head_channels": 16,
     "num_train_timesteps": 40, "sampling_steps": 4, "eval_steps": 2, "fid_samples": 16, "grid_samples": 6,

@@ -151,6 +151,19 @@ def test_npz_without_an_image_array(tmp_path):
         MediaDataModule(npz_path=str(path), npz_key="pixels").in_channels
 
 
+def test_generator_width_widens_only_the_generator():
+    """``generator_width`` sets the generator's last hidden layer; the discriminator keeps ``width``; ``null`` is ``width``."""
+    geometry = {"image_size": 16, "in_channels": 3, "num_classes": 3}
+    wide, plain = GAN(width=8, generator_width=24, **geometry), GAN(width=8, **geometry)
+    for model in (wide, plain):
+        model.configure_models()
+    assert wide.generator.out[1].in_channels == 24 and plain.generator.out[1].in_channels == 8
+    assert wide.discriminator.body[0].out_channels == plain.discriminator.body[0].out_channels == 8
+    assert wide.ema_generator.out[1].in_channels == 24  # the EMA copy samples, so it has the generator's shape
+    with pytest.raises(ValueError, match="generator_width must be >= 1"):
+        GAN(width=8, generator_width=0, **geometry)
+
+
 @pytest.mark.parametrize(
     "build, message",
     [
@@ -276,7 +289,7 @@ def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
 def test_diffusion_through_the_cli_with_predict(runs_dir, capsys):
     args = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in TINY_DIFFUSION.items()]]
     data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=5", "--trainer.logger=false"]
-    limits = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    limits = ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     run_pipeline("media", *args, *data, *limits, "--runs_dir", str(runs_dir))
     run = only_run(runs_dir, "media")
     rows = read_jsonl(run / "metrics.jsonl")
@@ -306,7 +319,7 @@ def test_diffusion_through_the_cli_with_predict(runs_dir, capsys):
 def test_predict_writes_the_same_seeded_images_twice(runs_dir, tmp_path):
     common = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=6", "--trainer.logger=false",
               *[f"--model.init_args.{k}={v}" for k, v in TINY_GAN.items()]]  # fmt: skip
-    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
                  "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
     run = only_run(runs_dir, "media")
     outputs = []

@@ -150,7 +150,7 @@ def test_predict_honours_sampler_steps_and_guidance_and_refuses_a_dropped_model_
 
     model = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in GUIDED.items()]]
     data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=3", "--trainer.logger=false"]
-    run_pipeline("media", *model, *data, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+    run_pipeline("media", *model, *data, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
                  "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
     run = only_run(runs_dir, "media")
 
@@ -188,7 +188,7 @@ def test_predict_honours_sampler_steps_and_guidance_and_refuses_a_dropped_model_
 def test_gan_predict_refuses_guidance(runs_dir, capsys):
     common = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=2", "--trainer.logger=false",
               *[f"--model.init_args.{k}={v}" for k, v in TINY_GAN.items()]]  # fmt: skip
-    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+    run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
                  "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
     run = only_run(runs_dir, "media")
     capsys.readouterr()
