@@ -349,10 +349,15 @@ class PipelineCLI(LightningCLI):
         if self.trainer.global_step == 0:  # e.g. fewer training rows than one batch with drop_last: nothing was learned
             raise RunStopped(f"{self.spec.name} fit ran no training step (no training batches?), so there is no trained model to test or keep "
                              "as a result; check the training split's size against --data.batch_size")
-        if not self.test_after_fit:
-            return
         ckpt = self.trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        if ckpt is not None and not best and self.trainer.is_global_zero:  # said, not silent: there is no best model to use
+            log.warning(f"{self.spec.name} fit: {self.spec.monitor} was never computed (no validation ran: "
+                        f"check_val_every_n_epoch {self.trainer.check_val_every_n_epoch}, {self.trainer.current_epoch} epoch(s) trained, "
+                        f"limit_val_batches {self.trainer.limit_val_batches}), so there is no best.ckpt"
+                        + ("; the test scores the last weights" if self.test_after_fit else "; last.ckpt holds the trained weights"))  # fmt: skip
+        if not self.test_after_fit:
+            return
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         self.after_test()
 

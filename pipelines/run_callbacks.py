@@ -70,7 +70,9 @@ def run_trainer_settings(
         )
         if (every := options.get("checkpoint_every_n_steps")) is not None:
             # only last.ckpt (save_top_k=0): best.ckpt stays chosen on the monitored metric at validation
-            callbacks.append(ModelCheckpoint(dirpath=run.checkpoint_dir, every_n_train_steps=every, save_top_k=0, save_last=True))
+            # the same last.ckpt as the callback above (no last-v1.ckpt): whichever saved last holds the newest state, and
+            # --ckpt_path last resumes from it
+            callbacks.append(ModelCheckpoint(dirpath=run.checkpoint_dir, every_n_train_steps=every, save_top_k=0, save_last=True, enable_version_counter=False))
     patience = options.get("early_stopping_patience")
     if patience is not None:
         callbacks.append(EarlyStopping(monitor=spec.monitor, mode=spec.mode, patience=patience, verbose=True))

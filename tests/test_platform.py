@@ -308,6 +308,26 @@ def test_checkpoint_every_n_steps_lets_a_run_killed_mid_epoch_resume(runs_dir):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 8
 
 
+def test_step_saves_after_an_epochs_save_write_the_one_last_ckpt(runs_dir):
+    """An epoch's save writes last.ckpt first (2 steps), the step save (step 3) comes later: it must write last.ckpt too,
+    not a last-v1.ckpt that ``--ckpt_path last`` would never resume from (media's default run saves every 100 steps)."""
+    run_pipeline("finance", "fit", "--data.synthetic_rows=1200", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+                 "--checkpoint_every_n_steps=3", "--runs_dir", str(runs_dir))  # fmt: skip
+    checkpoints = only_run(runs_dir, "finance") / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 4
+
+
+def test_a_fit_without_validation_says_the_test_scores_the_last_weights(runs_dir, capfd):
+    run_pipeline("finance", "--data.synthetic_rows=1200", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                 "--trainer.check_val_every_n_epoch=2", "--runs_dir", str(runs_dir))  # fmt: skip
+    said = " ".join(capfd.readouterr().err.split())
+    assert "val/loss was never computed (no validation ran: check_val_every_n_epoch 2, 1 epoch(s) trained" in said, said[-1500:]
+    assert "there is no best.ckpt; the test scores the last weights" in said
+    summary = json.loads((only_run(runs_dir, "finance") / "summary.json").read_text())
+    assert summary["best_checkpoint"] is None and summary["test"]
+
+
 def test_wandb_watch_logs_gradient_and_parameter_histograms(runs_dir):
     run_pipeline(
         "finance", "fit", "--wandb_watch=all", "--data.synthetic_rows=1200", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
