@@ -52,6 +52,7 @@ from pipelines.sweep_space import Parameter, check_option_names, load_space, opt
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")  # pipelines.sweep_trial.PRUNERS, without importing Lightning to print --help
+PRUNER_WARMUP = 5  # pipelines.sweep_trial.PRUNER_WARMUP, likewise
 #: What a finished trial was, in its ``outcome`` user attribute (a trial without one was lost with its worker).
 COUNTED = ("complete", "pruned", "failed")
 
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", default=None, help="Optuna RDB URL shared by all workers (default: sqlite:///<sweep folder>/study.db).")
     parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="tpe (default), random, or grid (every combination of `choices`).")
     parser.add_argument("--pruner", choices=PRUNERS, default="median", help="Stop unpromising trials after a validation run.")
+    parser.add_argument("--pruner_warmup", type=int, default=PRUNER_WARMUP,
+                        help=f"Validation runs every trial gets before it can be pruned (default {PRUNER_WARMUP}): early scores are mostly noise.")
     parser.add_argument("--seed", type=int, default=None, help="Sampler seed (leave unset when several workers share a study).")
     parser.add_argument("--sweeps_dir", default="sweeps", help="Sweep folders go to SWEEPS_DIR/DOMAIN/NAME/.")
     parser.add_argument("--runs_dir", default="runs", help="Trials' run folders go to RUNS_DIR/DOMAIN/.")
@@ -126,6 +129,8 @@ class Sweep:
         for name, value in (("--trials", options.trials), ("--workers", options.workers), ("--heartbeat_interval", options.heartbeat_interval)):
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}")
+        if options.pruner_warmup < 0:
+            raise UsageError(f"--pruner_warmup must be 0 or more validation runs, got {options.pruner_warmup}")
         for i, arg in enumerate(runner_args):
             if not arg.startswith("--") and (i == 0 or not runner_args[i - 1].startswith("--") or "=" in runner_args[i - 1]):
                 raise UsageError(f"unexpected argument {arg!r}: a sweep runs `fit` (then `test`); give runner options only")
@@ -166,7 +171,7 @@ class Sweep:
                 self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval, grace_period=grace_period(options.heartbeat_interval))
                 self.study = optuna.create_study(
                     study_name=self.name, storage=self.storage, load_if_exists=True, direction=direction,
-                    sampler=self._sampler(optuna), pruner=make_pruner(options.pruner),
+                    sampler=self._sampler(optuna), pruner=make_pruner(options.pruner, options.pruner_warmup),
                 )  # fmt: skip
                 break
             except Exception as error:  # sqlalchemy's IntegrityError/OperationalError (e.g. UNIQUE alembic_version)
@@ -234,7 +239,8 @@ class Sweep:
         if self.options.pruner != "none":
             command += ["--trainer.callbacks+=pipelines.sweep_trial.OptunaPruning", f"--trainer.callbacks.storage={self.storage_url}",
                         f"--trainer.callbacks.study={self.name}", f"--trainer.callbacks.trial_id={trial._trial_id}",
-                        f"--trainer.callbacks.monitor={self.spec.monitor}", f"--trainer.callbacks.pruner={self.options.pruner}"]  # fmt: skip
+                        f"--trainer.callbacks.monitor={self.spec.monitor}", f"--trainer.callbacks.pruner={self.options.pruner}",
+                        f"--trainer.callbacks.pruner_warmup={self.options.pruner_warmup}"]  # fmt: skip
         env = {**os.environ}
         env.pop(RUN_ID_ENV, None)  # each trial is its own run, never that of a run this sweep was started from
         shown = ", ".join(f"{k}={v}" for k, v in params.items())

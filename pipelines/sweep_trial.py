@@ -80,19 +80,26 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     )  # fmt: skip
 
 
-def make_pruner(name: str) -> Any:
+#: validation runs every trial gets before it can be pruned (``--pruner_warmup``): an early epoch's score is mostly
+#: noise (BreastMNIST, 78 validation images: val/auroc 0.46-0.73 after one epoch, whatever the settings), and a
+#: pruner acting on it is a random search that keeps whoever started luckily
+PRUNER_WARMUP = 5
+
+
+def make_pruner(name: str, warmup: int = PRUNER_WARMUP) -> Any:
     """The study's pruner: the same settings in the sweep and in every trial's process.
 
     - ``median``: stop a trial whose value after a validation run is worse than the median of
-      earlier trials at that step (not during the first 2 trials, nor before step 2).
-    - ``hyperband``: successive halving over brackets; the resource is the number of validation runs.
+      earlier trials at that step; never during the first 5 trials, nor before ``warmup`` validation runs.
+    - ``hyperband``: successive halving over brackets; the resource is the number of validation runs,
+      the smallest bracket ``warmup`` of them.
     """
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)  # a step < n_warmup_steps is never pruned
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=warmup + 1, reduction_factor=3)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"pruner must be one of {', '.join(PRUNERS)}, got {name!r}")
@@ -107,11 +114,12 @@ class OptunaPruning(pl.Callback):
         trial_id: the trial's storage id (not its number).
         monitor: the metric to report (the domain's ``monitor``, e.g. ``val/loss``).
         pruner: one of :data:`PRUNERS`, as the sweep uses.
+        pruner_warmup: validation runs before the trial can be pruned, as the sweep uses.
     """
 
-    def __init__(self, storage: str, study: str, trial_id: int, monitor: str, pruner: str = "median") -> None:
+    def __init__(self, storage: str, study: str, trial_id: int, monitor: str, pruner: str = "median", pruner_warmup: int = PRUNER_WARMUP) -> None:
         self.storage_url, self.study_name, self.trial_id = storage, study, trial_id
-        self.monitor, self.pruner = monitor, pruner
+        self.monitor, self.pruner, self.pruner_warmup = monitor, pruner, pruner_warmup
         self._trial: Any = None
         self._validations = 0
 
@@ -119,7 +127,7 @@ class OptunaPruning(pl.Callback):
         if self._trial is None:
             import optuna
 
-            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url), pruner=make_pruner(self.pruner))
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url), pruner=make_pruner(self.pruner, self.pruner_warmup))
             self._trial = optuna.trial.Trial(study, self.trial_id)
         return self._trial
 
