@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -17,7 +18,33 @@ HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def records(path: Path) -> list[wandb_internal_pb2.Record]:
+def records(path: Path, settle: float = 30.0) -> list[wandb_internal_pb2.Record]:
+    """The file's records. W&B's service process writes the file, and may still be writing it when
+    ``wandb.finish()`` has returned (seen on a loaded machine: a finished run read back with no
+    history): while the run's ``exit`` record is missing and a process still holds the file open,
+    read again, for up to ``settle`` seconds (a killed run's file, held by nobody, is read once)."""
+    deadline = time.monotonic() + settle
+    while True:
+        out = _read(path)
+        done = any(record.WhichOneof("record_type") == "exit" for record in out)
+        if done or time.monotonic() > deadline or not _held_open(Path(path)):
+            return out
+        time.sleep(0.2)
+
+
+def _held_open(path: Path) -> bool:
+    """Whether any process has ``path`` open (Linux ``/proc``; elsewhere: assume it does not)."""
+    target = str(path.resolve())
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if fd.readlink().as_posix() == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _read(path: Path) -> list[wandb_internal_pb2.Record]:
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a W&B run file"
     out, pending, position = [], b"", HEADER
