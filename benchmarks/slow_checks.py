@@ -1,6 +1,6 @@
 """The checks too long for the default suite, run by one command: every test marked ``slow``.
 
-    python -m benchmarks.slow_checks [-k EXPRESSION] [--workers N]
+    python -m benchmarks.slow_checks [-k EXPRESSION] [--workers N] [--timeout SECONDS]
 
 The default suite (``pytest``) leaves out the tests marked ``slow`` (the 30-night retraining soak, the
 killed-sweep resume, the real Airflow DAG load, the healthcare and autonomous 2-process streaming DDP
@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", dest="expression", help="only the slow checks whose name matches (pytest -k)")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (0: one process)")
+    parser.add_argument("--timeout", type=int, help="seconds per test (pytest-timeout; default: the project's): a loaded machine needs more")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         junit = Path(scratch) / "slow.xml"
         command = [sys.executable, "-m", "pytest", "-m", "slow", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                   "-n", str(args.workers), "--dist", "loadfile", *(["-k", args.expression] if args.expression else [])]  # fmt: skip
+                   "-n", str(args.workers), "--dist", "loadfile", *(["-k", args.expression] if args.expression else []),
+                   *([f"--timeout={args.timeout}"] if args.timeout else [])]  # fmt: skip
         started, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         status = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
