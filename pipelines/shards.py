@@ -179,7 +179,7 @@ def balanced(counts: list[int], parts: int) -> list[list[int]]:
     (ties: the lower index); each group's indices in ascending order.
 
     >>> balanced([5, 5, 5, 2], 2)
-    [[0, 3], [1, 2]]
+    [[0, 2], [1, 3]]
     """
     groups: list[list[int]] = [[] for _ in range(parts)]
     totals = [0] * parts
@@ -317,9 +317,10 @@ class ShardLoader(DataLoader):
     """The ``DataLoader`` of a :class:`ShardStream` (batches made by the stream: ``batch_size=None``); a refusal from a
     worker is raised here as the :class:`InputError` it was."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool | None = None) -> None:
-        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)  # fmt: skip
+    def __init__(self, dataset: ShardStream, num_workers: int = 0, pin_memory: bool | None = None, **kwargs: Any) -> None:
+        # ``**kwargs``: Lightning builds the loader again with every DataLoader argument (predict tracks batch indices)
+        kwargs = {"batch_size": None, "persistent_workers": num_workers > 0, **kwargs}
+        super().__init__(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         for batch in super().__iter__():
