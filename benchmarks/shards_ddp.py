@@ -2,6 +2,7 @@
 
     python -m benchmarks.shards_ddp [--samples 2000] [--image_size 32] [--samples_per_shard 100] [--batch_size 32]
                                     [--workers 0] [--epochs 2]
+                                    [--shards_multiple_of PROCESSES_X_WORKERS]
 
 Writes a synthetic shard set (``python -m domains.healthcare.shards_write``'s code), then trains a linear classifier
 (so that the loader, not a network, is measured) with a real 2-process DDP run (gloo on CPU, ``ddp_spawn``) over
@@ -108,20 +109,24 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--shards_multiple_of", type=int, default=None, help="the writer's option (default: 2 processes x max(1, workers))")
     args = parser.parse_args()
+    multiple = args.shards_multiple_of or 2 * max(1, args.workers)
     from domains.healthcare.shards_write import write_shards
 
     with tempfile.TemporaryDirectory() as folder:
         shards, out = Path(folder) / "shards", Path(folder) / "ranks"
         out.mkdir()
         started = time.process_time()
-        manifest = write_shards({"synthetic_samples": args.samples, "synthetic_image_size": args.image_size}, str(shards), args.samples_per_shard)
+        manifest = write_shards({"synthetic_samples": args.samples, "synthetic_image_size": args.image_size}, str(shards), args.samples_per_shard, multiple)
         write_cpu = time.process_time() - started
         run_ddp(shards, out, args.batch_size, args.workers, args.epochs)
         summary = check_ranks(shards, out, args.batch_size, args.workers, args.epochs)
         ranks = [[json.loads((out / f"rank{r}-epoch{e}.json").read_text()) for e in range(args.epochs)] for r in range(2)]
     train = manifest["splits"]["train"]
-    print(f"shards: {sum(e['samples'] for e in train)} training samples in {len(train)} shards of {args.samples_per_shard}, {args.image_size}px; "
+    val = summary["val/0"]
+    print(f"shards: {sum(e['samples'] for e in train)} training samples in {len(train)} shards of at most {args.samples_per_shard} "
+          f"(--shards_multiple_of {multiple}), {args.image_size}px; validation {val['samples']} samples, {val['skipped']} unread per epoch; "
           f"writer {write_cpu:.1f} s CPU (main process) for {args.samples} samples")  # fmt: skip
     print("| rank | epoch | train batches | samples/s (wall) | samples/s (rank CPU) | peak RSS MiB | shards read | skipped/epoch |")
     print("|---|---|---|---|---|---|---|---|")

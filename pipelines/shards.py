@@ -3,8 +3,9 @@ its own shards and every rank draws the same number of batches.
 
 Shared by every domain; a domain says only what one sample is (its fields as bytes, and back).
 
-- :class:`ShardSetWriter`: ``<split>-000000.tar``, ... of ``samples_per_shard`` samples each (webdataset's
-  ``TarWriter``, a fixed mtime: the same samples make the same bytes), and ``manifest.json`` (per shard: file,
+- :class:`ShardSetWriter`: ``<split>-000000.tar``, ... of at most ``samples_per_shard`` samples each, sizes differing
+  by at most one and their number optionally a multiple of the processes that will read them (:func:`shard_sizes`;
+  webdataset's ``TarWriter``, a fixed mtime: the same samples make the same bytes), and ``manifest.json`` (per shard: file,
   sample count, bytes, SHA-256; plus what the domain adds: classes, transform, fitted statistics), written into a
   temporary folder renamed when complete (:func:`pipelines.cache_folders.building`): complete or absent.
 - :func:`read_manifest` / :func:`check_shard_files`: the manifest parsed and each shard of a split found with its
@@ -66,18 +67,31 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
-class ShardSetWriter:
-    """Samples of each split into tar shards of ``samples_per_shard``, then ``manifest.json``; complete or absent.
+def shard_sizes(count: int, samples_per_shard: int, multiple_of: int = 1) -> list[int]:
+    """Sizes of the shards ``count`` samples are cut into: as few as hold at most ``samples_per_shard`` each, rounded up to
+    a multiple of ``multiple_of`` (the number of processes x loader workers that will read them), sizes differing by at
+    most one, so that ranks get equal shares (:class:`ShardPlan`).
 
-    Use as ``with ShardSetWriter(folder, n, kind) as writer: writer.add(split, key, fields); ...; writer.finish(extra)``.
-    ``fields`` maps a webdataset extension (``"pixels.npy"``) to bytes. Leaving the block without :meth:`finish`
-    (an error, a signal) leaves nothing.
+    >>> shard_sizes(84, 10), shard_sizes(84, 10, multiple_of=4), shard_sizes(3, 10, multiple_of=4)
+    ([10, 10, 10, 9, 9, 9, 9, 9, 9], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7], [1, 1, 1])
+    """
+    shards = math.ceil(count / samples_per_shard)
+    shards = min(count, math.ceil(shards / multiple_of) * multiple_of)
+    return [len(part) for part in np.array_split(np.arange(count), shards)] if count else []
+
+
+class ShardSetWriter:
+    """Samples of each split into tar shards (:func:`shard_sizes`), then ``manifest.json``; complete or absent.
+
+    Use as ``with ShardSetWriter(folder, n, kind) as writer: writer.begin(split, count); writer.add(key, fields); ...;
+    writer.finish(extra)``. ``fields`` maps a webdataset extension (``"pixels.npy"``) to bytes. Leaving the block
+    without :meth:`finish` (an error, a signal) leaves nothing.
     """
 
-    def __init__(self, folder: str | Path, samples_per_shard: int, kind: str, option: str = "--output") -> None:
-        if samples_per_shard < 1:
-            raise InputError(f"--samples_per_shard must be >= 1, got {samples_per_shard}")
-        self.folder, self.samples_per_shard, self.kind, self.option = Path(folder), samples_per_shard, kind, option
+    def __init__(self, folder: str | Path, samples_per_shard: int, kind: str, multiple_of: int = 1, option: str = "--output") -> None:
+        if samples_per_shard < 1 or multiple_of < 1:
+            raise InputError(f"--samples_per_shard ({samples_per_shard}) and --shards_multiple_of ({multiple_of}) must be >= 1")
+        self.folder, self.samples_per_shard, self.kind, self.multiple_of, self.option = Path(folder), samples_per_shard, kind, multiple_of, option
         if self.folder.exists():
             raise InputError(f"{option} {self.folder}: exists; shards are written into a new folder, never over an older set")
         problem = destination_problem(self.folder, option, folder=True)
@@ -86,6 +100,7 @@ class ShardSetWriter:
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self._writer: Any = None
         self._split: str | None = None
+        self._sizes: list[int] = []
         self._finished = False
 
     def __enter__(self) -> ShardSetWriter:
@@ -93,11 +108,15 @@ class ShardSetWriter:
         self.partial = self._building.__enter__()
         return self
 
-    def __exit__(self, *error: Any) -> None:
-        self._close_shard()
-        if error[0] is None and not self._finished:
-            error = (RuntimeError, RuntimeError("ShardSetWriter: finish() was not called"), None)
-        self._building.__exit__(*error)
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        unfinished = kind is None and not self._finished
+        if unfinished:
+            kind, error = RuntimeError, RuntimeError("ShardSetWriter: the block ended without finish(); nothing was written")
+        if self._writer is not None:
+            self._writer.close()
+        self._building.__exit__(kind, error, traceback)  # renames the folder into place, or (an error) removes it
+        if unfinished:
+            raise error
 
     def _close_shard(self) -> None:
         if self._writer is None:
@@ -108,17 +127,30 @@ class ShardSetWriter:
         entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
         self._writer = None
 
-    def add(self, split: str, key: str, fields: dict[str, bytes]) -> None:
-        """One sample of ``split`` (its shards are written in the order samples come; splits one after the other)."""
+    def _check_complete(self) -> None:
+        if self._split is not None and [e["samples"] for e in self.splits[self._split]] != self._sizes:
+            raise ValueError(f"ShardSetWriter: split {self._split!r} was declared with {sum(self._sizes)} samples; "
+                             f"{sum(e['samples'] for e in self.splits[self._split])} came")  # fmt: skip
+
+    def begin(self, split: str, count: int) -> None:
+        """The next split and how many samples it has (its shards' sizes follow from that)."""
+        self._close_shard()
+        self._check_complete()
+        if split in self.splits:
+            raise ValueError(f"ShardSetWriter: split {split!r} was written already")
+        self._split, self._sizes, self.splits[split] = split, shard_sizes(count, self.samples_per_shard, self.multiple_of), []
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        """One sample of the split begun last, into its current shard (a new one when that is full)."""
         import webdataset as wds
 
-        shards = self.splits.setdefault(split, [])
-        if self._split != split or shards[-1]["samples"] >= self.samples_per_shard:
+        assert self._split is not None, "begin(split, count) first"
+        shards = self.splits[self._split]
+        if not shards or shards[-1]["samples"] >= self._sizes[len(shards) - 1]:
             self._close_shard()
-            if self._split != split and shards:
-                raise ValueError(f"ShardSetWriter: samples of split {split!r} came after another split's")
-            self._split = split
-            shards.append({"file": shard_name(split, len(shards)), "samples": 0})
+            if len(shards) == len(self._sizes):
+                raise ValueError(f"ShardSetWriter: more samples of split {self._split!r} than the {sum(self._sizes)} declared")
+            shards.append({"file": shard_name(self._split, len(shards)), "samples": 0})
             self._writer = wds.TarWriter(str(self.partial / shards[-1]["file"]), encoder=False, mtime=0.0)
         self._writer.write({"__key__": key, **fields})
         shards[-1]["samples"] += 1
@@ -127,7 +159,9 @@ class ShardSetWriter:
         """Close the last shard and write ``manifest.json`` (with ``extra``, the domain's part); the folder is renamed
         into place when the ``with`` block ends."""
         self._close_shard()
-        manifest = {"format": FORMAT, "kind": self.kind, "samples_per_shard": self.samples_per_shard, "splits": self.splits, **extra}
+        self._check_complete()
+        manifest = {"format": FORMAT, "kind": self.kind, "samples_per_shard": self.samples_per_shard, "shards_multiple_of": self.multiple_of,
+                    "splits": self.splits, **extra}  # fmt: skip
         (self.partial / MANIFEST).write_text(json.dumps(manifest, indent=1, default=float) + "\n")
         self._finished = True
         return manifest
@@ -336,4 +370,5 @@ def describe_plan(stream: ShardStream, split: str) -> str | None:
         return None
     return (f"--data.shards: the {split} split's {len(stream.entries)} shards give the {stream.world} DDP processes unequal shares; each reads "
             f"{len(stream)} batches per epoch (equal, or DDP would hang), so {plan.skipped} of its {plan.total} samples stay unread each epoch "
-            "(which ones changes with the seeded shard order); more, equal shards (a smaller --samples_per_shard) leave fewer")  # fmt: skip
+            f"({'which ones changes with the seeded shard order' if stream.shuffle else 'the same ones each time: the ends of the fuller ranks'}); "
+            f"shards written with --shards_multiple_of {stream.world * max(1, len(plan.shards[0]))} (processes x loader workers) leave fewer than one per process")  # fmt: skip
