@@ -151,7 +151,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         self.reference: dict[str, Any] | None = None  # drift reference statistics (pipelines.reference), fitted in setup
         self.channel_std: list[float] | None = None
         self.restored: dict[str, Any] | None = None  # a checkpoint's state: what the model knows, without reading the source
-        self.shard_set = ImageShards(shards, self.hparams) if shards else None  # its manifest's state stands where a checkpoint's would
+        self.shard_set = ImageShards(shards, self.hparams) if shards else None  # checked now: manifest, options beside it
         if self.shard_set is not None:  # what the writer fitted on the training split, taken as a checkpoint's would be
             self.restored, self.split_rule = dict(self.shard_set.state), adopt(self.split_rule, self.shard_set.state["split_rule"], SplitRule())
             self.channel_mean, self.channel_std, self.reference = self.restored["channel_mean"], self.restored["channel_std"], self.restored[REFERENCE_KEY]
