@@ -259,3 +259,26 @@ def test_two_process_ddp_ranks_read_disjoint_shards_and_draw_equal_batches(synth
     summary = check_ranks(synthetic_shards, tmp_path, batch_size=10, workers=2, epochs=2)
     assert summary["train/0"]["skipped"] == 7 and summary["val/0"]["skipped"] == 0 and summary["train/0"]["batches_per_rank"] == 4
     assert summary["train/0"]["order"] != summary["train/1"]["order"], "the seeded shard order and shuffle buffer change with the epoch"
+
+
+def test_a_run_from_shards_checkpoints_the_manifest_state_and_predicts_from_it(synthetic_shards, tmp_path):
+    """The runner end to end on one process: fit from shards puts the writer's fitted state into the checkpoint as a run
+    from the source would; ``predict --ckpt_path`` then scores the shards' test split, naming each item as the source does."""
+    import pandas as pd
+
+    from pipelines.checkpoints import read_checkpoint
+    from tests.conftest import only_run, run_pipeline
+
+    runs, fast = tmp_path / "runs", ("--model.network=resnet10", "--model.width=0.25", "--data.batch_size=8", "--trainer.max_epochs=1",
+                                     "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.logger=false")  # fmt: skip
+    run_pipeline("healthcare", "fit", "--data.shards", str(synthetic_shards), *fast, "--runs_dir", str(runs))
+    run = only_run(runs, "healthcare")
+    state = read_checkpoint(run / "checkpoints" / "last.ckpt")["MedicalImageDataModule"]
+    memory = MedicalImageDataModule(**SYNTHETIC)
+    memory.setup("fit")
+    assert json.loads(json.dumps(state)) == json.loads(json.dumps(memory.state_dict())), "the checkpoint holds what a run from the source fits"
+    run_pipeline("healthcare", "predict", "--data.shards", str(synthetic_shards), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.logger=false", "--runs_dir", str(runs))
+    predictions = pd.read_csv(run / "predictions.csv")
+    test = memory.datasets["test"]
+    assert sorted(predictions["item"]) == sorted(memory.source.names[i] for i in test.indices)
+    assert list(predictions["label"]) == [memory.class_names[int(memory.source.labels[memory.source.names.index(name)])] for name in predictions["item"]]
