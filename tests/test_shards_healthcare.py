@@ -185,6 +185,8 @@ def test_damaged_or_mismatched_shard_sets_are_refused_before_training(synthetic_
         BadInput("image-size", ("--data.shards", "{tmp}/set", "--data.image_size=32"), ("--data.image_size 32", "(1, 16, 16)"), copy_of(synthetic_shards)),
         BadInput("beside-a-csv", ("--data.shards", "{tmp}/set", "--data.labels_csv=x.csv"), ("drop --data.labels_csv",), copy_of(synthetic_shards)),
         BadInput("sampler", ("--data.shards", "{tmp}/set", "--data.balance=sampler"), ("--data.balance sampler",), copy_of(synthetic_shards)),
+        BadInput("fewer-shards-than-processes", ("--data.shards", "{tmp}/set", "--trainer.accelerator=cpu", "--trainer.devices=3", "--trainer.strategy=ddp"),
+                 ("(val split): 2 shard(s) for 3 DDP processes", "--samples_per_shard at most 6"), copy_of(synthetic_shards)),  # fmt: skip
     ]
     for case in cases:
         (tmp_path / case.id).mkdir()

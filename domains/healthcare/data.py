@@ -323,6 +323,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
             return self.shard_set.loader(self.datasets[name], self.trainer, hp.batch_size, default_workers(hp.num_workers), hp.pin_memory, shuffle, torch.initial_seed())
         return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle and sampler is None, sampler=sampler)
 
+    def check_processes(self, processes: int) -> None:
+        """Shards too few for ``processes`` DDP processes are refused (the runner asks before anything is written)."""
+        if self.shard_set is not None:
+            self.shard_set.check_processes(processes, self.datasets, self.hparams.batch_size, default_workers(self.hparams.num_workers))
+
     def train_dataloader(self) -> DataLoader:
         sampler = None
         if self.hparams.balance == "sampler":

@@ -17,7 +17,7 @@ import numpy as np
 
 from domains.healthcare.datasets import ImageDataset
 from pipelines.errors import InputError
-from pipelines.shards import ShardLoader, ShardStream, check_shard_files, describe_plan, npy_array, npy_bytes, read_manifest
+from pipelines.shards import ShardLoader, ShardPlan, ShardStream, check_shard_files, describe_plan, npy_array, npy_bytes, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,12 @@ class ImageShards:
             if key in state and list(state[key]) != list(self.state[key]):
                 raise InputError(f"{self.where}: the checkpoint was trained on {what} {list(state[key])}, the shards hold {list(self.state[key])}; "
                                  "write the shards from data of the checkpoint's kind")  # fmt: skip
+
+    def check_processes(self, processes: int, datasets: dict[str, Any], batch_size: int, workers: int) -> None:
+        """Each split set up for the stage must give ``processes`` DDP processes shards of their own (:class:`ShardPlan`)."""
+        for name, split in datasets.items():
+            if isinstance(split, ShardSplit):
+                ShardPlan.of([e["samples"] for e in split.entries], processes, workers, batch_size, f"{self.where} ({name} split)")
 
     def loader(self, split: ShardSplit, trainer: Any, batch_size: int, workers: int, pin_memory: bool | None, shuffle: bool, seed: int) -> ShardLoader:
         """The loader of ``split`` for this process (its rank's shards under DDP)."""
