@@ -231,7 +231,7 @@ class ShardPlan:
     ``shards[rank][worker]`` are indices into the split's shard list; ``batches[rank][worker]`` the batches that worker
     yields per epoch; ``samples[rank][worker]`` the samples in them. Under DDP (``world > 1``) every rank yields the
     smallest rank's batch count (a rank with more takes batches off its busiest workers), so ``skipped`` samples stay
-    unread each epoch (which ones changes with the seeded shard order). One process reads everything.
+    unread each epoch (which ones changes with the seeded shard order of a shuffled split). One process reads everything.
     """
 
     shards: list[list[list[int]]]
@@ -324,8 +324,12 @@ class ShardStream(IterableDataset):
             if entry["file"] not in self.verified:
                 verify_shard(path, entry["sha256"])
                 self.verified.add(entry["file"])
+            count = 0
             for sample in wds.tarfile_samples([{"url": str(path)}]):
+                count += 1
                 yield self.decode(sample)
+            if count != entry["samples"]:  # a manifest that says otherwise would leave this rank short of its batches: a DDP hang
+                raise InputError(f"--data.shards {self.folder}: shard {entry['file']} holds {count} samples, {MANIFEST} says {entry['samples']}")
 
     def batches(self, worker: int, epoch: int) -> Iterator[Any]:
         """What ``worker`` of this rank yields in ``epoch``: its planned number of collated batches."""

@@ -284,3 +284,15 @@ def test_a_run_from_shards_checkpoints_the_manifest_state_and_predicts_from_it(s
     test = memory.datasets["test"]
     assert sorted(predictions["item"]) == sorted(memory.source.names[i] for i in test.indices)
     assert list(predictions["label"]) == [memory.class_names[int(memory.source.labels[memory.source.names.index(name)])] for name in predictions["item"]]
+
+
+def test_a_manifest_that_miscounts_a_shard_is_refused_when_the_shard_is_read(synthetic_shards, tmp_path):
+    """A rank short of its planned batches would hang DDP: a shard holding another count than its manifest says is refused."""
+    folder = copy_of(synthetic_shards)(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["val"][0]["samples"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    module = MedicalImageDataModule(shards=str(folder), batch_size=4)
+    module.setup("validate")
+    with pytest.raises(InputError, match=r"shard val-000000\.tar holds 9 samples, manifest\.json says 10"):
+        list(module.val_dataloader())
