@@ -48,6 +48,7 @@ def synthetic_shards(tmp_path_factory) -> Path:
 SOURCES = {
     "synthetic-uint8": lambda tmp: dict(SYNTHETIC),
     "png-resized-float32": lambda tmp: {"labels_csv": str(image_table(tmp)), "image_size": 12},
+    "png-multilabel": lambda tmp: {"labels_csv": str(image_table(tmp, labels=["effusion", "nodule", "effusion|nodule", "none"] * 6))},
 }
 
 
