@@ -277,6 +277,8 @@ class PipelineCLI(LightningCLI):
         self._check_data()
         trainer_cfg = self.config_init[self.subcommand]["trainer"]
         plan = plan_hardware(trainer_cfg)
+        if hasattr(self.datamodule, "check_processes"):  # data read per process (shards): refused before the run folder exists
+            self.datamodule.check_processes(plan.processes)
         options = self.config[self.subcommand]
         predictions = prediction_file(self.run.path, options.get("output")) if self.subcommand == "predict" else None
         explanations = explanation_writer(self.model, predictions) if predictions is not None and options.get("explain") else None

@@ -33,6 +33,7 @@ class HardwarePlan:
 
     settings: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    processes: int = 1  # devices x nodes: the DDP processes the run will start
 
 
 def count_devices(devices: Any, available: int) -> int:
@@ -107,4 +108,4 @@ def plan_hardware(trainer_config: Mapping[str, Any], environ: Mapping[str, str] 
         + (", sync_batchnorm" if settings.get("sync_batchnorm") else "")
         + (f" (GPUs visible: {gpus})" if gpus else " (no GPU visible)")
     )
-    return HardwarePlan(settings=settings, summary=summary)
+    return HardwarePlan(settings=settings, summary=summary, processes=processes)

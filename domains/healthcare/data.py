@@ -27,12 +27,13 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from pipelines.cache_folders import check_cache_dir
-from pipelines.data import AugmentSpec, build_albumentations, make_loader
+from pipelines.data import AugmentSpec, build_albumentations, default_workers, make_loader
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
 from pipelines.images import Intensity, IntensityMode
 from domains.healthcare.datasets import ImageDataset, build_volume_augmentation
+from domains.healthcare.shards import ImageShards
 from domains.healthcare.lazy_pixels import TrainingStatistics, block_items, blocks_of
 from domains.healthcare.pixel_reading import TRAINING_PIXELS, SplitPixels
 from domains.healthcare.splitting import stratified_split
@@ -88,6 +89,9 @@ class MedicalImageDataModule(pl.LightningDataModule):
         cache_dir: with ``streaming``, keep the decoded pixels in a memory-mapped cache in this folder, keyed by
             the files' content and the transform (:mod:`domains.healthcare.pixel_cache`): later runs decode
             no image (each file's bytes are hashed to find the cache). Default: no cache.
+        shards: a folder of webdataset shards written by ``python -m domains.healthcare.shards_write``: the splits,
+            classes and fitted statistics come from its manifest; under DDP each process reads only its own shards
+            (:mod:`domains.healthcare.shards`, :mod:`pipelines.shards`).
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         streaming: bool = False,
         cache_dir: str | None = None,
+        shards: str | None = None,
     ) -> None:
         super().__init__()
         check_cache_dir(cache_dir, streaming)
@@ -146,6 +151,10 @@ class MedicalImageDataModule(pl.LightningDataModule):
         self.reference: dict[str, Any] | None = None  # drift reference statistics (pipelines.reference), fitted in setup
         self.channel_std: list[float] | None = None
         self.restored: dict[str, Any] | None = None  # a checkpoint's state: what the model knows, without reading the source
+        self.shard_set = ImageShards(shards, self.hparams) if shards else None  # checked now: manifest, options beside it
+        if self.shard_set is not None:  # what the writer fitted on the training split, taken as a checkpoint's would be
+            self.restored, self.split_rule = dict(self.shard_set.state), adopt(self.split_rule, self.shard_set.state["split_rule"], SplitRule())
+            self.channel_mean, self.channel_std, self.reference = self.restored["channel_mean"], self.restored["channel_std"], self.restored[REFERENCE_KEY]
 
     # ----- what the model needs to know, read before training -------------------------------
     @cached_property
@@ -279,6 +288,9 @@ class MedicalImageDataModule(pl.LightningDataModule):
                 augment.set_random_seed(torch.initial_seed() % 2**32)
         statistics = TrainingStatistics() if self.channel_mean is None or self.reference is None else None
         for name in wanted:
+            if self.shard_set is not None:
+                self.datasets[name] = self.shard_set.split(name, augment if name == "train" else None, volume)  # type: ignore[assignment]
+                continue
             indices = np.flatnonzero(self.split_assignment == name)
             images = self.pixels.split(indices, statistics if name == "train" else None)
             self.datasets[name] = ImageDataset(images, self.source.labels[indices], indices, augment if name == "train" else None, volume)
@@ -307,7 +319,14 @@ class MedicalImageDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False, sampler: Any = None) -> DataLoader:
         hp = self.hparams
+        if self.shard_set is not None and name != "predict":
+            return self.shard_set.loader(self.datasets[name], self.trainer, hp.batch_size, default_workers(hp.num_workers), hp.pin_memory, shuffle, torch.initial_seed())
         return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle and sampler is None, sampler=sampler)
+
+    def check_processes(self, processes: int) -> None:
+        """Shards too few for ``processes`` DDP processes are refused (the runner asks before anything is written)."""
+        if self.shard_set is not None:
+            self.shard_set.check_processes(processes, self.datasets, self.hparams.batch_size, default_workers(self.hparams.num_workers))
 
     def train_dataloader(self) -> DataLoader:
         sampler = None
@@ -331,7 +350,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         """Human-readable id of an item from the ``index`` field of a batch (file path or split/number)."""
         if "predict" in self.datasets and self.trainer is not None and self.trainer.predicting:
             return self.predict_files[index]
-        return self.source.names[index]
+        return self.shard_set.names[index] if self.shard_set is not None else self.source.names[index]
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Normalise on the device with the statistics fitted on the training split."""
@@ -361,6 +380,8 @@ class MedicalImageDataModule(pl.LightningDataModule):
         reads the data (the runner, ``--ckpt_path``), they make the source unnecessary for ``predict``
         on ``predict_dir``; evaluation data is then read against the checkpoint's classes. Loaded after
         (Lightning, after ``setup``), the data's classes must be the checkpoint's."""
+        if self.shard_set is not None:
+            self.shard_set.check_checkpoint(state_dict)
         rule = adopt(self.split_rule, state_dict.get("split_rule"), SplitRule())
         if rule != self.split_rule:  # the checkpoint's split rule: the items are split again by it
             print(f"[healthcare] the checkpoint's split: {rule.describe()}", file=sys.stderr)
