@@ -4,7 +4,8 @@
 - :func:`digest_of`: a short stable digest of a JSON-able key (what a cache folder is named by).
 - :func:`building`: a folder written under a temporary name and renamed when complete, so a cache is
   complete or absent; two processes (DDP ranks) building the same folder race harmlessly (each builds
-  its own temporary folder; the first rename wins, the other's copy is dropped).
+  its own temporary folder; the first rename wins, the other's copy is dropped). The temporary name
+  holds the host and process id, and a build removes what killed builders on this host left.
 - :func:`file_manifest` / :func:`manifest_problem`: every cache file's size and SHA-256, written with the
   cache and checked whenever it is opened: a damaged cache is named, removed and rebuilt, never used.
 - :func:`usable`: whether a cache folder is complete and matches its manifest (a damaged one is named in the
@@ -25,6 +26,7 @@ import logging
 import mmap
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -53,12 +55,58 @@ def digest_of(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+PARTIAL = ".partial-"
+
+
+def partial_name(final: Path) -> Path:
+    """The temporary folder :func:`building` writes ``final`` into: hidden, and naming the host and process that
+    build it (``.NAME.partial-HOST-PID-RANDOM``), so that a later build can tell a killed builder's leftovers."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return final.with_name(f".{final.name}{PARTIAL}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def stale_partials(folder: Path) -> list[Path]:
+    """The temporary folders in ``folder`` that a builder on this host left when it was killed (its process is gone).
+    A builder still running, one on another host (a shared file system) or one of an unknown name is left alone.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> live = partial_name(folder / "cache"); live.mkdir()
+    >>> dead = folder / f".cache{PARTIAL}{socket.gethostname().replace('-', '_')}-999999999-0a1b2c3d"; dead.mkdir()
+    >>> [p.name == dead.name for p in stale_partials(folder)]
+    [True]
+    """
+    host = socket.gethostname().replace("-", "_") or "host"
+    stale = []
+    for path in folder.glob(f".*{PARTIAL}*") if folder.is_dir() else ():
+        owner, _, _ = path.name.rpartition(PARTIAL)[2].rpartition("-")
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.append(path)
+        except (PermissionError, OverflowError):
+            continue  # alive under another user / not a pid
+    return stale
+
+
+def sweep_stale_partials(folder: Path) -> None:
+    """Remove what killed builders left in a cache folder (:func:`stale_partials`), naming it on the log."""
+    for path in stale_partials(folder):
+        size = size_mib(path)
+        discard(path)
+        logging.getLogger(__name__).warning(f"removed {path} ({size} MiB): a cache build killed before it completed left it")
+
+
 @contextmanager
 def building(final: Path, option: str = "--data.cache_dir") -> Iterator[Path]:
-    """A temporary folder beside ``final``, renamed to ``final`` when the block completes; removed on any
-    error (a kill leaves a ``.partial-`` folder, never a half ``final``). When another process completed
-    ``final`` meanwhile, its copy is kept."""
-    partial = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    """A temporary folder beside ``final`` (:func:`partial_name`), renamed to ``final`` when the block completes;
+    removed on any error (a kill leaves a ``.partial-`` folder, never a half ``final``, and the next build in that
+    folder removes it: :func:`sweep_stale_partials`). When another process completed ``final`` meanwhile, its copy is kept."""
+    sweep_stale_partials(final.parent)
+    partial = partial_name(final)
     try:
         partial.mkdir(parents=True)
     except OSError as error:

@@ -14,6 +14,10 @@ Example:
     Traceback (most recent call last):
     ...
     pipelines.errors.InputError: --model.init_args.width 32: with --ckpt_path best the model is built from the checkpoint's options (width: 16 there), so this option would be ignored. Leave it out; options that apply when generating or predicting are data options (see --help), and a model with other options needs a new training run
+    >>> check_model_options_kept(["fit", "--model.batches_per_step=3"], {"batches_per_step": 1}, "--ckpt_path last")
+    Traceback (most recent call last):
+    ...
+    pipelines.errors.InputError: --model.batches_per_step 3: with --ckpt_path last the run continues with the checkpoint's batches_per_step (1): it trains the same model, but the loop position saved in the checkpoint counts steps of that many mini-batches, so another value would resume at another mini-batch. Leave it out; a new training run (without --ckpt_path) can use any value
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from pipelines.errors import InputError
 
 #: what a ``--model.X`` option may be that is not a hyper-parameter of the model
 STRUCTURE = ("class_path", "init_args", "dict_kwargs")
+
+#: model options that change how the loop trains, not the model: why a resume keeps the checkpoint's value
+LOOP_OPTIONS = {
+    "batches_per_step": (
+        "the run continues with the checkpoint's batches_per_step ({saved!r}): it trains the same model, but the loop "
+        "position saved in the checkpoint counts steps of that many mini-batches, so another value would resume at another "
+        "mini-batch. Leave it out; a new training run (without --ckpt_path) can use any value"
+    ),
+}
 
 
 def model_options(argv: Sequence[str]) -> Iterator[tuple[str, str, str]]:
@@ -96,6 +109,8 @@ def check_model_options_kept(argv: Sequence[str], hparams: Mapping[str, Any], la
             saved = node
         if _same(given, saved):
             continue
+        if name in LOOP_OPTIONS:
+            raise InputError(f"{option} {raw}: with {label} {LOOP_OPTIONS[name].format(saved=saved)}")
         raise InputError(
             f"{option} {raw}: with {label} the model is built from the checkpoint's options ({name}: {saved!r} there), so this option "
             "would be ignored. Leave it out; options that apply when generating or predicting are data options (see --help), "
