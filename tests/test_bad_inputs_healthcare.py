@@ -128,8 +128,8 @@ CASES = [
     BadInput("nifti_nan", (*CSV, "--data.positive_class=b"), ("vol1.nii.gz", "row 2", "NaN"), lambda f: nifti_table(f, bad=1)),
     BadInput("nifti_floats_outside_unit_range", (*CSV, "--data.positive_class=b"), ("vol0.nii.gz", "span", "--data.intensity_range"), lambda f: nifti_table(f, scale=1000)),
     # labels
-    BadInput("label_typo", CSV, ("'COVID-19'", "'covid'", "spelt two ways", "--data.class_names"), lambda f: table(f, ["COVID-19", "normal"] * 3 + ["covid", "normal"])),
-    BadInput("rare_class", CSV, ("'cyst' (1 row)", "fewer than 2 rows", "--data.class_names"), lambda f: table(f, ["benign", "malignant"] * 3 + ["cyst", "benign"])),
+    BadInput("label_typo", CSV, ("'COVID-19'", "'covid'", "spelt two ways", "--data.class_names", "'covid' first at row 7"), lambda f: table(f, ["COVID-19", "normal"] * 3 + ["covid", "normal"])),
+    BadInput("rare_class", CSV, ("'cyst' (1 row)", "fewer than 2 rows", "--data.class_names", "'cyst' first at row 7"), lambda f: table(f, ["benign", "malignant"] * 3 + ["cyst", "benign"])),
     BadInput("label_outside_class_names", (*CSV, "--data.class_names=[benign,malignant]"), ("'malignent'", "did you mean 'malignant'", "row 8"), lambda f: table(f, ["benign", "malignant"] * 3 + ["benign", "malignent"])),
     BadInput("empty_label", CSV, ("row 3 (case2.png)", "empty label"), lambda f: table(f, ["benign", "malignant", ""] + ["benign", "malignant"] * 2 + ["benign"])),
     BadInput("empty_csv", CSV, ("labels.csv", "the file is empty", "'path,label[,split]'"), lambda f: (f / "labels.csv").write_text("\n")),

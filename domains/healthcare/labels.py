@@ -36,14 +36,19 @@ def _key(name: str) -> str:
 
 
 def check_label_counts(counts: Counter, where: str, declared: Sequence[str] | None, first_row: dict[str, str] | None = None) -> None:
-    """:func:`check_labels` with the first row of an undeclared label added to the message."""
+    """:func:`check_labels` with the first row of each label the refusal names added to the message (an undeclared
+    label; two spellings of one class; a class with too few rows), so that it can be found in a long table."""
     try:
         check_labels(dict(counts), where, declared=list(declared) if declared is not None else None, min_rows=2)
     except InputError as error:
-        if declared is not None and first_row:
-            unknown = [label for label in counts if str(label) not in [str(d) for d in declared]]
-            rows = "; ".join(f"{label!r} first at {first_row[label]}" for label in unknown if label in first_row)
-            raise InputError(f"{error} ({rows})") from None
+        if first_row:
+            if declared is not None:
+                named = [label for label in counts if str(label) not in [str(d) for d in declared]]
+            else:
+                named = [label for label in counts if repr(str(label)) in str(error)]
+            rows = "; ".join(f"{label!r} first at {first_row[label]}" for label in named if label in first_row)
+            if rows:
+                raise InputError(f"{error} ({rows})") from None
         raise
 
 
