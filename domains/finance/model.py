@@ -261,8 +261,8 @@ class FraudAutoencoder(GroupedSteps, BaseTask):
 
     def on_validation_epoch_end(self) -> None:
         scores, labels, loss = self._collect("val")
-        if len(scores) == 0:
-            return
+        if len(scores) == 0 or self.trainer.sanity_checking:
+            return  # Lightning's sanity check scores untrained weights: no threshold or probability may be fitted on them
         if not bool(torch.isfinite(scores).all()):  # no threshold may be calibrated on them, no checkpoint kept
             bad = int((~torch.isfinite(scores)).sum())
             raise NonFiniteLossError(
