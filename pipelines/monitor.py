@@ -48,7 +48,8 @@ from pipelines.drift import KS_ALPHA, PSI_THRESHOLD, compare
 from pipelines.errors import EXIT_BAD_INPUT, InputError, did_you_mean, paragraph
 from pipelines.option_spelling import OptionParser
 from pipelines.stops import sigterm_as_exit
-from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns
+from pipelines.csv_text import check_csv_text, check_delimiter
+from pipelines.validation import check_unique_columns
 from pipelines.reference import load_reference, reference_frame, units_note
 from pipelines.request_log import read_log, segment_files, version_problem
 from pipelines.files import destination_problem, write_json_atomic

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from pipelines.errors import did_you_mean
-from pipelines.validation import byte_order_mark
+from pipelines.csv_text import byte_order_mark
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -1,6 +1,6 @@
 """Conventions shared by the commands: one option spelling (the other still accepted, with a warning),
 ``export --config``, W&B's mode passed to ``wandb.init`` (the environment left alone), the CSV pre-read
-in one pass (:func:`pipelines.validation.check_csv_text`), messages on stderr from rank zero only and
+in one pass (:func:`pipelines.csv_text.check_csv_text`), messages on stderr from rank zero only and
 torchmetrics figures drawn without pyplot."""
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import logging
 import os
 import random
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipelines.errors import InputError
-from pipelines.validation import check_csv_text
+from pipelines.csv_text import check_csv_text
 from tests.conftest import run_pipeline
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_csv_text, check_delimiter, check_finite_columns, check_unique_columns
+from pipelines.csv_text import check_csv_text, check_delimiter
+from pipelines.validation import check_finite_columns, check_unique_columns
 from domains.autonomous.categorical import category_text
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
 

@@ -6,7 +6,7 @@ Every reader checks what it reads before anything uses it and raises
 - the header as written in the file (a CSV's first line, a Parquet schema) must name every column
   once (:func:`pipelines.validation.check_unique_columns`; pandas would rename a repeated ``amount``
   to ``amount.1`` and it would go unused);
-- a CSV must be UTF-8 text (:func:`pipelines.validation.check_csv_text` names the line, column and byte
+- a CSV must be UTF-8 text (:func:`pipelines.csv_text.check_csv_text` names the line, column and byte
   of the first byte that is not, e.g. a Latin-1 ``é``);
 - an empty file, or a file that cannot be parsed as CSV/Parquet/npz, is refused with the file's name;
 - an ADBench ``.npz`` needs ``X`` (rows x features, finite numbers within float32's range) and ``y``
@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
-from pipelines.validation import check_csv_text, check_delimiter, check_finite_columns, check_unique_columns, describe_rows
+from pipelines.csv_text import check_csv_text, check_delimiter
+from pipelines.validation import check_finite_columns, check_unique_columns, describe_rows
 
 
 def _csv_header(path: Path) -> list[str]:

@@ -34,7 +34,8 @@ from pipelines.cache_folders import digest_of
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float
-from pipelines.validation import check_csv_text, check_delimiter, check_unique_columns, describe_rows
+from pipelines.csv_text import check_csv_text, check_delimiter
+from pipelines.validation import check_unique_columns, describe_rows
 
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel")
