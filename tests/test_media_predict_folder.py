@@ -1,14 +1,21 @@
 """Media ``predict`` never replaces images an earlier predictions file names: each predict writes a
 folder of its own (``generated``, ``generated-2``, ...), a given ``--data.generate_dir`` that holds
 earlier images is refused (exit 2) before anything is generated, and a guidance scale far outside
-what samples survive is refused like the server refuses it."""
+what samples survive is refused like the server refuses it. A predict stopped mid-way by a real SIGTERM
+exits 143 and leaves its folder and predictions file complete or absent, the earlier ones untouched."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import copy_run, run_pipeline
+from tests.conftest import ROOT, child_env, copy_run, run_pipeline
 
 
 def predict(run, *extra: str) -> None:
@@ -38,3 +45,31 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     with pytest.raises(SystemExit) as refused:
         predict(run, "--data.generate_guidance_scale=1e9")
     assert refused.value.code == 2 and "must be a number in 0..20" in " ".join(capsys.readouterr().err.split())
+
+
+def outputs(run: Path) -> dict[str, bytes]:
+    """Every predict output of ``run`` (generated folders, predictions files, hidden partial ones too) by relative path."""
+    found = [*run.glob("*generated*/**/*"), *run.glob("*predictions*")]
+    return {str(p.relative_to(run)): p.read_bytes() for p in found if p.is_file()}
+
+
+def test_sigterm_mid_predict_exits_143_leaves_nothing_half_written_and_keeps_the_earlier_predict(tiny_run, tmp_path):
+    """A real SIGTERM once the second predict's first image is on disk (of 20000: seconds before the end): exit 143,
+    neither ``generated-2/`` nor ``predictions-2.csv`` nor any partial file left, the first predict's files unchanged.
+    (Before, Lightning's prediction loop only noted the SIGTERM: predict ran to the end and exited 0.)"""
+    run = copy_run(tiny_run("media"), tmp_path / "runs")
+    predict(run)
+    earlier = outputs(run)
+    assert sorted(earlier) == ["generated/00000.png", "generated/00001.png", "generated/00002.png", "predictions.csv"]
+    args = ["media", "predict", "--runs_dir", str(run.parent.parent), "--run_id", run.name, "--ckpt_path", "best", "--data.num_generate=20000"]
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline and not list(run.glob(".generated-2.partial-*/*.png")):
+        time.sleep(0.02)
+    assert process.poll() is None, f"predict ended before the signal: {process.stderr.read()[-3000:]}"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "media predict stopped by SIGTERM" in err, (process.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert outputs(run) == earlier, "the stopped predict left files of its own or changed the earlier predict's"
+    assert not list(run.glob(".*partial*")), "no staging folder or partial predictions file is left behind"
