@@ -51,7 +51,8 @@ def test_diffusion_bundle_runs_the_numpy_ddim_loop_like_monai(tmp_path, predicti
 
 @pytest.fixture(scope="module")
 def gan_server(tmp_path_factory):
-    """An (untrained, randomly initialised) conditional GAN exported to ONNX and served on a loopback port."""
+    """An (untrained, randomly initialised) conditional GAN exported to ONNX and served on a loopback port; with the
+    default config's reflect padding in the generator, so its export (ONNX reflect ``Pad``) is what is checked."""
     import signal
 
     from pipelines.domain_registry import get_domain
@@ -59,7 +60,7 @@ def gan_server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("media-serve")
     torch.manual_seed(0)
-    model = GAN(**TINY_GAN, **GEOMETRY).eval()
+    model = GAN(**TINY_GAN, generator_padding="reflect", **GEOMETRY).eval()
     bundle = export_checkpoint(get_domain("media"), save_checkpoint(model, folder / "g.ckpt"), "onnx", folder / "bundle")
     server = start_server("media", bundle, folder / "server.log", "--max_batch_size", "8", "--batch_timeout", "0.02")
     yield server, model
