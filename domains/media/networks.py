@@ -80,10 +80,9 @@ class Generator(nn.Module):
         channels: output channels (1 or 3).
         width: channels of the last hidden layer (doubled per stage towards the input).
         num_classes: classes for conditional generation (0: unconditional).
-        padding: ``padding_mode`` of every 3x3 convolution (:data:`GENERATOR_PADDINGS`). ``zeros`` (torch's
-            default, what generators before this option used) gives each stage a ring of zeros around its
-            feature maps, which the trained generator turned into a square frame artefact near the image
-            border; ``reflect`` continues the picture into the padding instead (see the media README).
+        padding: ``padding_mode`` of every 3x3 convolution (:data:`GENERATOR_PADDINGS`). ``zeros`` (what generators
+            before this option used) rings each stage's maps with zeros, which training turned into a square frame
+            near the image border; ``reflect`` continues the picture instead (media README).
     """
 
     def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 64, num_classes: int = 0, padding: str = "zeros") -> None:
