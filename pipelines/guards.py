@@ -3,6 +3,7 @@
 - :class:`SignalCheckpoint`: SIGTERM (a scheduler's stop, a SLURM pre-emption) or SIGINT (Ctrl+C)
   during ``fit`` writes ``checkpoints/last.ckpt`` where training stopped, atomically, so that
   ``--ckpt_path last`` continues from there; the runner then exits 143 / 130 (never 0).
+- :class:`PredictStopsOnSigterm`: SIGTERM during ``predict`` stops it after the batch in progress (exit 143).
 - :class:`NonFiniteLossGuard`: a NaN or inf training loss stops ``fit`` before any checkpoint holds
   the diverged weights (checked before every checkpoint can be written: each validation, each
   ``--checkpoint_every_n_steps`` step, and every ``log_every_n_steps`` steps; every step on a CPU,
@@ -58,6 +59,19 @@ class SignalCheckpoint(pl.Callback):
             self.save_error = f"{type(error).__name__}: {error}"
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)
+
+
+class PredictStopsOnSigterm(pl.Callback):
+    """End ``predict`` with ``SIGTERMException`` after the batch in progress when SIGTERM came.
+
+    Lightning's signal connector only notes a SIGTERM (``trainer.received_sigterm``); its fit and
+    evaluation loops then raise, its prediction loop does not: ``predict`` ran to its end and exited 0.
+    The runner turns the exception into exit 143, and the predictions writers remove their partial files.
+    """
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException
 
 
 class NonFiniteLossGuard(pl.Callback):

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from pipelines.callback_group import CallbackGroup
 from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.domain_registry import DomainSpec
-from pipelines.guards import NonFiniteLossGuard, SignalCheckpoint
+from pipelines.guards import NonFiniteLossGuard, PredictStopsOnSigterm, SignalCheckpoint
 from pipelines.predictions import CsvPredictionWriter
 from pipelines.report import RunReport
 from pipelines.run_folder import BEST_CHECKPOINT, RunFolder
@@ -87,6 +87,7 @@ def run_trainer_settings(
     if explanations is not None:
         callbacks.append(explanations)
     if predictions is not None:
+        callbacks.append(PredictStopsOnSigterm())  # before the writer: a stopped batch is not written
         callbacks.append(CsvPredictionWriter(predictions))
     overrides: dict[str, Any] = {"default_root_dir": str(run.path), "callbacks": callbacks}
     if not logger_configured:

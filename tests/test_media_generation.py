@@ -113,7 +113,7 @@ def test_guidance_combines_the_conditional_and_null_predictions():
 
 
 def halves(tmp_path):
-    from tests.test_media import halves_npz
+    from tests.test_media_training import halves_npz
 
     return MediaDataModule(npz_path=str(halves_npz(tmp_path / "halves.npz")), image_size=16, batch_size=32)
 

@@ -1,9 +1,16 @@
 """Media ``predict`` never replaces images an earlier predictions file names: each predict writes a
 folder of its own (``generated``, ``generated-2``, ...), a given ``--data.generate_dir`` that holds
 earlier images is refused (exit 2) before anything is generated, and a guidance scale far outside
-what samples survive is refused like the server refuses it."""
+what samples survive is refused like the server refuses it. A predict stopped mid-way by a real SIGTERM
+exits 143 and leaves its folder and predictions file complete or absent, the earlier ones untouched."""
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -38,3 +45,47 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     with pytest.raises(SystemExit) as refused:
         predict(run, "--data.generate_guidance_scale=1e9")
     assert refused.value.code == 2 and "must be a number in 0..20" in " ".join(capsys.readouterr().err.split())
+
+
+def outputs(run: Path) -> dict[str, bytes]:
+    """Every predict output of ``run`` (generated folders, predictions files, hidden partial ones too) by relative path."""
+    found = [*run.glob("*generated*/**/*"), *run.glob("*predictions*")]
+    return {str(p.relative_to(run)): p.read_bytes() for p in found if p.is_file()}
+
+
+def test_sigterm_mid_predict_exits_143_leaves_nothing_half_written_and_keeps_the_earlier_predict(tiny_run, tmp_path, capsys):
+    """A real SIGTERM to this process once the second predict's first image is on disk (of 20000: seconds before the
+    end), as a scheduler sends it: exit 143, neither ``generated-2/`` nor ``predictions-2.csv`` nor any partial file
+    left, the first predict's files unchanged. (Before, Lightning's prediction loop only noted the SIGTERM: predict
+    ran to the end and exited 0.) In-process, so it costs no interpreter start-up: the signal goes to this process
+    only while Lightning's SIGTERM handler is installed (never to pytest itself); the same stop of a
+    ``python -m pipelines.run media predict`` child is in the media README."""
+    run = copy_run(tiny_run("media"), tmp_path / "runs")
+    predict(run)
+    earlier = outputs(run)
+    assert sorted(earlier) == ["generated/00000.png", "generated/00001.png", "generated/00002.png", "predictions.csv"]
+    finished, sent = threading.Event(), []
+
+    def stop_at_the_first_image() -> None:
+        deadline = time.monotonic() + 120
+        while not finished.is_set() and time.monotonic() < deadline:
+            if list(run.glob(".generated-2.partial-*/*.png")):
+                if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):  # Lightning's, not pytest's
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    sent.append(True)
+                return
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=stop_at_the_first_image, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            predict(run, "--data.num_generate=20000")
+    finally:
+        finished.set()
+        thread.join()
+    err = " ".join(capsys.readouterr().err.split())
+    assert sent, "the signal was not sent (no image appeared, or no SIGTERM handler was installed during predict)"
+    assert stopped.value.code == 143 and "media predict stopped by SIGTERM" in err, (stopped.value.code, err[-3000:])
+    assert outputs(run) == earlier, "the stopped predict left files of its own or changed the earlier predict's"
+    assert not list(run.glob(".*partial*")), "no staging folder or partial predictions file is left behind"

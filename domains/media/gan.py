@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from domains.media.diffaugment import DiffAugment, parse_policy
-from domains.media.networks import Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update, refresh_batch_norm_statistics
+from domains.media.networks import GENERATOR_PADDINGS, Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update, refresh_batch_norm_statistics
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
@@ -54,6 +54,10 @@ class GAN(GenerativeTask):
             (:func:`~domains.media.networks.refresh_batch_norm_statistics`; the raw generator's running
             statistics do not match the averaged weights). ``0``: no averaging (the EMA copy has the raw
             generator's weights).
+        generator_padding: ``padding_mode`` of the generator's 3x3 convolutions, ``zeros``, ``reflect`` or
+            ``replicate``. ``zeros`` (the class default, so checkpoints saved before this option load as they
+            were trained) drew a square frame near the border of every sample on the shapes set; the
+            domain config sets ``reflect`` (see the media README).
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -70,6 +74,7 @@ class GAN(GenerativeTask):
         conditional: bool = True,
         diffaugment: str | None = None,
         ema_decay: float = 0.999,
+        generator_padding: str = "zeros",
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
@@ -78,13 +83,18 @@ class GAN(GenerativeTask):
             raise ValueError(f"generator_width must be >= 1 (or null for width), got {generator_width}")
         if class_loss_weight < 0:
             raise ValueError(f"class_loss_weight must be >= 0, got {class_loss_weight}")
+        if generator_padding not in GENERATOR_PADDINGS:
+            raise InputError(
+                f"--model.init_args.generator_padding {generator_padding!r}: the padding of the generator's convolutions "
+                f"must be one of {', '.join(GENERATOR_PADDINGS)}"
+            )
         parse_policy(diffaugment)  # refused (InputError, exit 2) before anything is built or written
         super().__init__(conditional=conditional, **kwargs)
         self.automatic_optimization = False
 
     def build_networks(self) -> None:
         hp = self.hparams
-        self.generator = Generator(hp.latent_dim, hp.image_size, hp.in_channels, hp.get("generator_width") or hp.width, self.condition_classes)
+        self.generator = Generator(hp.latent_dim, hp.image_size, hp.in_channels, hp.get("generator_width") or hp.width, self.condition_classes, hp.get("generator_padding", "zeros"))
         self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
         classifier = bool(self.condition_classes) and hp.class_loss_weight > 0
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)

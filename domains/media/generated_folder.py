@@ -8,7 +8,11 @@ replace the files that earlier table describes. So:
   refused (exit 2) before anything is generated;
 - otherwise the first of ``<run folder>/generated``, ``generated-2``, ... that is new or empty.
 
-Each image is written under a hidden partial name and renamed: a file is complete or absent.
+The images are written into a hidden staging folder beside it (``.generated.partial-<pid>``), which
+is renamed to its final name after the last batch (:class:`StagedGeneratedFolder`), so the folder is
+complete or absent: a predict stopped mid-way (SIGTERM: exit 143, a crash) removes the staging folder
+and leaves no ``generated-N`` folder and no predictions file (the CSV is renamed into place after the
+folder). Each image is also written under a hidden partial name and renamed: a file is complete or absent.
 
 Example:
     >>> import tempfile
@@ -24,8 +28,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import lightning.pytorch as pl
 
 from pipelines.errors import InputError
 
@@ -79,3 +86,42 @@ def save_png_atomic(image: Any, path: Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+class StagedGeneratedFolder(pl.Callback):
+    """The folder of one ``predict`` (:func:`predict_folder`), filled through a hidden staging folder.
+
+    ``on_predict_start`` chooses the final folder (refusing one that holds earlier images) and creates
+    ``.<name>.partial-<pid of rank zero>`` beside it; ``predict_step`` writes there (:attr:`staging`) and
+    records the final paths (:attr:`final`); ``on_predict_epoch_end`` (after the last batch, before the
+    predictions file is renamed into place in ``on_predict_end``) renames the staging folder to the final
+    name. Any exception (SIGTERM, a crash) removes the staging folder: an earlier predict's folders and
+    files are never touched. The model hands it to the trainer through ``configure_callbacks``.
+    """
+
+    def __init__(self) -> None:
+        self.final: Path | None = None
+        self.staging: Path | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        final = predict_folder(trainer)
+        owner = trainer.strategy.broadcast(os.getpid(), src=0)  # every rank writes into rank zero's staging folder
+        self.final, self.staging = final, final.with_name(f".{final.name}.partial-{owner}")
+        if trainer.is_global_zero:
+            self.staging.mkdir(parents=True)
+        trainer.strategy.barrier()
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.final is None or self.staging is None:
+            return
+        trainer.strategy.barrier()  # every rank has written its share
+        if trainer.is_global_zero:
+            if self.final.is_dir():
+                self.final.rmdir()  # new or empty (predict_folder refused one holding images); rmdir refuses anything else
+            os.replace(self.staging, self.final)
+        self.staging = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.staging is not None and trainer.is_global_zero:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = None

@@ -44,6 +44,9 @@ def gan_upsamplings(image_size: int) -> int:
     return stages
 
 
+GENERATOR_PADDINGS = ("zeros", "reflect", "replicate")
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """Batch norm whose gain and bias are looked up per class (de Vries et al. 2017; SNGAN/BigGAN generators).
 
@@ -77,10 +80,15 @@ class Generator(nn.Module):
         channels: output channels (1 or 3).
         width: channels of the last hidden layer (doubled per stage towards the input).
         num_classes: classes for conditional generation (0: unconditional).
+        padding: ``padding_mode`` of every 3x3 convolution (:data:`GENERATOR_PADDINGS`). ``zeros`` (what generators
+            before this option used) rings each stage's maps with zeros, which training turned into a square frame
+            near the image border; ``reflect`` continues the picture instead (media README).
     """
 
-    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 64, num_classes: int = 0) -> None:
+    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 64, num_classes: int = 0, padding: str = "zeros") -> None:
         super().__init__()
+        if padding not in GENERATOR_PADDINGS:
+            raise ValueError(f"generator padding must be one of {', '.join(GENERATOR_PADDINGS)}, got {padding!r}")
         stages = gan_upsamplings(image_size)
         self.latent_dim, self.num_classes, self.base = latent_dim, num_classes, image_size // 2**stages
         embed_dim = 16 if num_classes else 0
@@ -91,9 +99,9 @@ class Generator(nn.Module):
         self.convs, self.norms = nn.ModuleList(), nn.ModuleList()
         for stage in range(stages - 1):  # nearest x2 + 3x3 convolution: no checkerboard (Odena et al. 2016)
             c_in, c_out = top // 2**stage, top // 2 ** (stage + 1)
-            self.convs.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)))
+            self.convs.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False, padding_mode=padding)))
             self.norms.append(ConditionalBatchNorm2d(c_out, num_classes) if num_classes else nn.BatchNorm2d(c_out))
-        self.out = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())
+        self.out = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, channels, 3, 1, 1, padding_mode=padding), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:

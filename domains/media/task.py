@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
@@ -26,7 +27,7 @@ from domains.media.features import (
 )  # fmt: skip
 from domains.media.metrics import extractor_key, inception_range, inception_scores, resolve_extractor, resolve_reference
 from domains.media.fit_clock import WholeFitClock
-from domains.media.generated_folder import predict_folder, save_png_atomic
+from domains.media.generated_folder import StagedGeneratedFolder, save_png_atomic
 from domains.media.networks import FeatureCNN
 from domains.media.quality import TrainingNeighbours, offline_scores, training_neighbours
 from pipelines.errors import InputError
@@ -330,13 +331,12 @@ class GenerativeTask(WholeFitClock, BaseTask):  # max_time counts the extractor'
         self._update_real(batch["image"], batch["label"])
 
     # ----- predict: seeded images written to a folder ---------------------------------------------
-    def on_predict_start(self) -> None:
-        self._generated_dir = predict_folder(self.trainer)  # refused here, before anything is generated, when it holds earlier images
-
-    def output_dir(self) -> Path:
-        """The folder this predict writes its images to (``data.generate_dir``, a data option: on
-        ``predict --ckpt_path`` LightningCLI replaces the model's options with the checkpoint's)."""
-        return getattr(self, "_generated_dir", None) or Path(self.trainer.default_root_dir) / "generated"
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The generated folder of ``predict``: chosen (and refused when it holds earlier images) before anything is
+        generated, filled through a hidden staging folder, complete or absent (:class:`StagedGeneratedFolder`)."""
+        attached = [c for c in self.trainer.callbacks if isinstance(c, StagedGeneratedFolder)]  # fit then test: once
+        self.generated_folder = attached[0] if attached else StagedGeneratedFolder()
+        return [] if attached else [self.generated_folder]
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         from PIL import Image
@@ -349,13 +349,12 @@ class GenerativeTask(WholeFitClock, BaseTask):  # max_time counts the extractor'
             raise InputError(f"--data.generate_sampler {sampler}: {type(self).__name__} samples with {', '.join(self.samplers) or 'one generator pass'} only")
         steps, sampler = self.sampling_plan(steps, sampler)
         images = to_uint8(self.generate(batch["seed"].tolist(), batch["label"], steps=steps, sampler=sampler))
-        folder = self.output_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        final, staging = self.generated_folder.final, self.generated_folder.staging
+        assert final is not None and staging is not None, "predict_step runs inside a predict (StagedGeneratedFolder.on_predict_start)"
         files = []
         for index, image in zip(batch["index"].tolist(), images):
-            path = folder / f"{index:05d}.png"
-            save_png_atomic(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), path)
-            files.append(str(path))
+            save_png_atomic(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), staging / f"{index:05d}.png")
+            files.append(str(final / f"{index:05d}.png"))  # its name once the staging folder is renamed after the last batch
         labels = self._labels_for(batch["label"], len(files))
         return {
             "file": files,
