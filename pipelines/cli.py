@@ -126,6 +126,8 @@ class PipelineCLI(LightningCLI):
         assert self.run is not None
         if saved is not None:
             kept = f"checkpoint written: {saved}; continue with: python -m pipelines.run {self.spec.name} fit --ckpt_path last --run_id {self.run.run_id}"
+        elif self.subcommand != "fit":  # nothing trains: what matters is that no output of this command is half written
+            kept = f"its outputs were not completed (partial files removed); earlier outputs and checkpoints in {self.run.path} are kept"
         else:
             why = self.signal_checkpoint.save_error if self.signal_checkpoint and self.signal_checkpoint.save_error else "no training step had run"
             kept = f"no new checkpoint was written ({why}); earlier checkpoints in {self.run.checkpoint_dir} are kept"
