@@ -163,6 +163,9 @@ def scoring_file(folder: Path, rows: int, file_format: str = "csv", distinct_blo
 
 #: the network of the ``--healthcare-images`` rows: small, so an epoch of 50 000 images fits a benchmark run on 2 cores
 HEALTHCARE_MODEL = ["--model.network=resnet10", "--model.width=0.25", "--data.batch_size=256"]
+#: ``--healthcare-small-network``: the growth rows' network (the config's batch size and 32 px images kept); the
+#: config's ResNet-18 takes about 45 CPU s for the 630 training images of 1x, so 16x is ~12 CPU minutes an epoch
+HEALTHCARE_SMALL_NETWORK = ["--model.network=resnet10", "--model.width=0.25"]
 #: how the healthcare images are read: decoded into memory at setup, per item, from the pixel cache
 IMAGE_SOURCES = {"in memory": [], "streaming": ["--data.streaming=true"], "streaming, cache": ["--data.streaming=true", "--data.cache_dir={cache}"]}
 
@@ -252,7 +255,8 @@ SOURCES = {"generator": [], "file": ["--data.path", "{file}"], "file, streaming"
 
 
 def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False,
-            scoring_format: str = "csv", distinct_blocks: int | None = None) -> dict[str, Any]:  # fmt: skip
+            scoring_format: str = "csv", distinct_blocks: int | None = None, model: list[str] = ()) -> dict[str, Any]:  # fmt: skip
+    """One growth row: ``fit`` (with the model options ``model`` beyond the domain's config), then ``predict``."""
     option, default = SIZE_OPTIONS[domain]
     runs, run_id = folder / "runs", f"{domain}-x{scale}-{source.replace(', ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
@@ -264,10 +268,10 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
         data = [a.format(file=file, cache=cache) for a in SOURCES[source]]
     fit = timed([
         domain, "fit", *common, *data, f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
-        *FIT_OPTIONS.get(domain, []), *throughput_options(throughput),
+        *FIT_OPTIONS.get(domain, []), *model, *throughput_options(throughput),
     ])  # fmt: skip
     run = runs / domain / run_id
-    result = {"domain": domain, "scale": scale, "source": source, option: default * scale, **training_rates(throughput), "fit_wall_s": fit["wall_s"],
+    result = {"domain": domain, "scale": scale, "source": source, option: default * scale, "model": list(model), **training_rates(throughput), "fit_wall_s": fit["wall_s"],
               "fit_cpu_s": fit["cpu_s"], "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
         return {**result, **NO_PREDICT}
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
     parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
     parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
+    parser.add_argument("--healthcare-small-network", action="store_true",
+                        help="healthcare growth rows train HEALTHCARE_SMALL_NETWORK instead of the config's ResNet-18 (16x in minutes on a busy 2-core machine)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
     if unknown:
@@ -310,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             for scale in args.scales:
                 files = (domain == "finance" and args.finance_files) or (domain == "autonomous" and args.autonomous_files)
                 for source in ("generator", "file", "file, streaming") if files else ("generator",):
-                    results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
+                    model = HEALTHCARE_SMALL_NETWORK if domain == "healthcare" and args.healthcare_small_network else []
+                    results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only, model=model))
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
         if args.finance_scoring_file:
             (Path(tmp) / f"score-{args.finance_scoring_rows}.{args.finance_scoring_format}").hardlink_to(args.finance_scoring_file)
