@@ -1,19 +1,24 @@
 """Growth curves: each domain at 1x, 4x and 16x its default data, fit and predict.
 
-    python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
+    python -m benchmarks.scaling [--domains finance autonomous healthcare media] [--scales 1 4 16] [--epochs 1]
                                  [--finance-files] [--autonomous-files] [--finance-scoring-rows 20000000 [--finance-scoring-format parquet]]
-                                 [--healthcare-images 50000 [--healthcare-image-size 28]]
+                                 [--healthcare-images 50000 [--healthcare-image-size 28]] [--healthcare-small-network]
 
 For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
 
 - ``fit``: ``--trainer.max_epochs`` epochs on the domain's synthetic generator grown ``scale`` times
   (finance ``synthetic_rows``, autonomous ``sim_vehicles``, healthcare and media ``synthetic_samples``);
-  training samples/s over the training batches (``benchmarks.common.TrainingThroughput``, validation
-  excluded), wall time of the whole command and its peak resident memory;
-- ``predict`` with ``--ckpt_path best`` on that run: finance scores a separate synthetic file of
-  ``scale`` x its default rows (``--data.predict_path``, streamed in chunks); autonomous and
-  healthcare predict their test split (it grows with the data); media generates ``scale`` x 64
-  images. Wall time, rows written per second and peak resident memory.
+  training samples per wall second and per CPU second of the process over the training batches
+  (:class:`CpuTrainingThroughput`, validation excluded), wall time and CPU time (user + system) of the
+  whole command and its peak resident memory. Media's fit runs without validation (``FIT_OPTIONS``: no FID of
+  generated samples, so the row measures the training loop) but still trains the data set's feature extractor
+  first (a fixed cost: ``extractor_steps`` batches on at most ``extractor_max_images`` images);
+- ``predict`` with ``--ckpt_path best`` (media: ``last``, its fit validated nothing) on that run: finance scores a
+  separate synthetic file of ``scale`` x its default rows (``--data.predict_path``, streamed in chunks); autonomous
+  predicts its test split (it grows with the data); healthcare classifies a folder of ``scale`` x 900 new synthetic
+  lesion PNGs of its default 32 px (``--data.predict_dir``, read per item: ``--data.streaming true``); media
+  generates ``scale`` x 256 images (``--data.num_generate``: generation reads no data, so this grows the number of
+  images, not the training set). Wall and CPU time, rows written per second and peak resident memory.
 
 ``--finance-files``: finance also trains from a CSV file of ``scale`` x 20 000 synthetic rows, once
 read whole (``--data.path``, the pandas table in memory) and once streamed (``--data.streaming true``,
@@ -33,9 +38,9 @@ pixels a side, a labels CSV, stratified split) three ways: decoded into memory a
 a small network (``HEALTHCARE_MODEL``) so that the data, not the model, is what is measured.
 
 Time should grow linearly with the data and predict memory stay flat (the fitted state comes from
-the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS is
-read through a small intermediary process (``benchmarks.performance._PEAK_RSS_OF``: a process forked
-from this one would report at least this one's size). Prints a table; writes
+the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS and CPU time
+are read through a small intermediary process (``_USAGE_OF``: a process forked from this one would report at
+least this one's size). On a shared machine the samples per CPU second are the steadier rate. Prints a table; writes
 ``benchmarks/results/scaling.json``.
 """
 
