@@ -107,12 +107,16 @@ def training_rates(output: Path) -> dict[str, Any]:
             "fit_samples_per_cpu_s": samples / cpu if cpu else None, "train_batches_s": seconds, "train_batches_cpu_s": cpu}  # fmt: skip
 
 
+#: ``--torch-threads N``: the children's ``OMP_NUM_THREADS`` (torch's intra-op threads); unset, torch takes every core
+TORCH_THREADS: dict[str, str] = {}
+
+
 def timed(command: list[str]) -> dict[str, float]:
     """Wall time, CPU seconds (user + system of the child) and peak RSS (MiB) of a ``pipelines.run`` command in a new
     process; raises on failure."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _USAGE_OF, sys.executable, "-m", "pipelines.run", *command],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True)  # fmt: skip
+                          cwd=ROOT, env={**child_env(), **TORCH_THREADS}, capture_output=True, text=True)  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"pipelines.run {' '.join(command)} exited with {done.returncode}: {done.stderr[-2000:]}")
     peak_kib, user, system = done.stdout.split()[-3:]
@@ -311,7 +315,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
     parser.add_argument("--healthcare-small-network", action="store_true",
                         help="healthcare growth rows train HEALTHCARE_SMALL_NETWORK instead of the config's ResNet-18 (16x in minutes on a busy 2-core machine)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads of every child (OMP_NUM_THREADS): 1 keeps CPU seconds a measure of work on a shared "
+                             "machine (threads waiting for a taken core spin and count as CPU time)")
     args = parser.parse_args(argv)
+    if args.torch_threads is not None:
+        TORCH_THREADS["OMP_NUM_THREADS"] = str(args.torch_threads)
     unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
     if unknown:
         parser.error(f"no size option known for {unknown}; known: {sorted(SIZE_OPTIONS)}")
