@@ -1,19 +1,24 @@
 """Growth curves: each domain at 1x, 4x and 16x its default data, fit and predict.
 
-    python -m benchmarks.scaling [--domains finance autonomous] [--scales 1 4 16] [--epochs 1]
+    python -m benchmarks.scaling [--domains finance autonomous healthcare media] [--scales 1 4 16] [--epochs 1]
                                  [--finance-files] [--autonomous-files] [--finance-scoring-rows 20000000 [--finance-scoring-format parquet]]
-                                 [--healthcare-images 50000 [--healthcare-image-size 28]]
+                                 [--healthcare-images 50000 [--healthcare-image-size 28]] [--healthcare-small-network]
 
 For every domain and scale, in new processes (``python -m pipelines.run``, W&B offline):
 
 - ``fit``: ``--trainer.max_epochs`` epochs on the domain's synthetic generator grown ``scale`` times
   (finance ``synthetic_rows``, autonomous ``sim_vehicles``, healthcare and media ``synthetic_samples``);
-  training samples/s over the training batches (``benchmarks.common.TrainingThroughput``, validation
-  excluded), wall time of the whole command and its peak resident memory;
-- ``predict`` with ``--ckpt_path best`` on that run: finance scores a separate synthetic file of
-  ``scale`` x its default rows (``--data.predict_path``, streamed in chunks); autonomous and
-  healthcare predict their test split (it grows with the data); media generates ``scale`` x 64
-  images. Wall time, rows written per second and peak resident memory.
+  training samples per wall second and per CPU second of the process over the training batches
+  (:class:`CpuTrainingThroughput`, validation excluded), wall time and CPU time (user + system) of the
+  whole command and its peak resident memory. Media's fit runs without validation (``FIT_OPTIONS``: no FID of
+  generated samples, so the row measures the training loop) but still trains the data set's feature extractor
+  first (a fixed cost: ``extractor_steps`` batches on at most ``extractor_max_images`` images);
+- ``predict`` with ``--ckpt_path best`` (media: ``last``, its fit validated nothing) on that run: finance scores a
+  separate synthetic file of ``scale`` x its default rows (``--data.predict_path``, streamed in chunks); autonomous
+  predicts its test split (it grows with the data); healthcare classifies a folder of ``scale`` x 900 new synthetic
+  lesion PNGs of its default 32 px (``--data.predict_dir``, read per item: ``--data.streaming true``); media
+  generates ``scale`` x 256 images (``--data.num_generate``: generation reads no data, so this grows the number of
+  images, not the training set). Wall and CPU time, rows written per second and peak resident memory.
 
 ``--finance-files``: finance also trains from a CSV file of ``scale`` x 20 000 synthetic rows, once
 read whole (``--data.path``, the pandas table in memory) and once streamed (``--data.streaming true``,
@@ -33,9 +38,9 @@ pixels a side, a labels CSV, stratified split) three ways: decoded into memory a
 a small network (``HEALTHCARE_MODEL``) so that the data, not the model, is what is measured.
 
 Time should grow linearly with the data and predict memory stay flat (the fitted state comes from
-the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS is
-read through a small intermediary process (``benchmarks.performance._PEAK_RSS_OF``: a process forked
-from this one would report at least this one's size). Prints a table; writes
+the checkpoint; predictions are written batch by batch, ``return_predictions=False``). Peak RSS and CPU time
+are read through a small intermediary process (``_USAGE_OF``: a process forked from this one would report at
+least this one's size). On a shared machine the samples per CPU second are the steadier rate. Prints a table; writes
 ``benchmarks/results/scaling.json``.
 """
 
@@ -50,9 +55,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, child_env, print_table, write_results
-from benchmarks.performance import _PEAK_RSS_OF
+import lightning.pytorch as pl
+
+from benchmarks.common import ROOT, TrainingThroughput, child_env, print_table, write_results
 from pipelines.domain_registry import available_domains
+
+#: runs a command as its child and prints the child's peak RSS (KiB) and CPU seconds (user, system): a process forked from
+#: this one would report at least this one's size (``benchmarks.performance._PEAK_RSS_OF``, with the CPU time added)
+_USAGE_OF = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+             "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_maxrss, u.ru_utime, u.ru_stime); sys.exit(code)")  # fmt: skip
 
 #: the data option each domain grows and its default value (the domains' config.yaml / __init__ defaults)
 SIZE_OPTIONS: dict[str, tuple[str, int]] = {
@@ -64,14 +75,52 @@ SIZE_OPTIONS: dict[str, tuple[str, int]] = {
 FINANCE_SCORING_ROWS = 20000
 
 
+class CpuTrainingThroughput(TrainingThroughput):
+    """:class:`benchmarks.common.TrainingThroughput` plus the CPU seconds of the process (all its threads, user and system,
+    ``time.process_time``) over the same window: on a shared machine the samples per CPU second move far less than the
+    samples per wall second when other jobs take the cores."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._cpu_start = self._cpu_last = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._cpu_last = time.process_time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # appends this epoch's record (and writes the file)
+        self.epochs[-1]["cpu_seconds"] = self._cpu_last - self._cpu_start
+        if trainer.is_global_zero:
+            self.output.write_text(json.dumps(self.epochs))
+
+
+def throughput_options(output: Path) -> list[str]:
+    return ["--trainer.callbacks+=benchmarks.scaling.CpuTrainingThroughput", f"--trainer.callbacks.output={output}"]
+
+
+def training_rates(output: Path) -> dict[str, Any]:
+    """Training samples and samples per wall and per CPU second over the epochs ``CpuTrainingThroughput`` wrote to ``output``."""
+    epochs = json.loads(output.read_text())
+    samples, seconds, cpu = (sum(e[key] for e in epochs) for key in ("samples", "seconds", "cpu_seconds"))
+    return {"train_samples": samples, "fit_samples_per_s": samples / seconds if seconds else None,
+            "fit_samples_per_cpu_s": samples / cpu if cpu else None, "train_batches_s": seconds, "train_batches_cpu_s": cpu}  # fmt: skip
+
+
+#: ``--torch-threads N``: the children's ``OMP_NUM_THREADS`` (torch's intra-op threads); unset, torch takes every core
+TORCH_THREADS: dict[str, str] = {}
+
+
 def timed(command: list[str]) -> dict[str, float]:
-    """Wall time and peak RSS (MiB) of a ``pipelines.run`` command in a new process; raises on failure."""
+    """Wall time, CPU seconds (user + system of the child) and peak RSS (MiB) of a ``pipelines.run`` command in a new
+    process; raises on failure."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF, sys.executable, "-m", "pipelines.run", *command],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", _USAGE_OF, sys.executable, "-m", "pipelines.run", *command],
+                          cwd=ROOT, env={**child_env(), **TORCH_THREADS}, capture_output=True, text=True)  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"pipelines.run {' '.join(command)} exited with {done.returncode}: {done.stderr[-2000:]}")
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": int(done.stdout.split()[-1]) / 1024}
+    peak_kib, user, system = done.stdout.split()[-3:]
+    return {"wall_s": time.perf_counter() - start, "cpu_s": float(user) + float(system), "peak_rss_mib": int(peak_kib) / 1024}
 
 
 def finance_file(folder: Path, rows: int, labels: bool = True, seed: int = 7, block: int = 500_000, file_format: str = "csv",
@@ -123,6 +172,9 @@ def scoring_file(folder: Path, rows: int, file_format: str = "csv", distinct_blo
 
 #: the network of the ``--healthcare-images`` rows: small, so an epoch of 50 000 images fits a benchmark run on 2 cores
 HEALTHCARE_MODEL = ["--model.network=resnet10", "--model.width=0.25", "--data.batch_size=256"]
+#: ``--healthcare-small-network``: the growth rows' network (the config's batch size and 32 px images kept); the
+#: config's ResNet-18 takes about 45 CPU s for the 630 training images of 1x, so 16x is ~12 CPU minutes an epoch
+HEALTHCARE_SMALL_NETWORK = ["--model.network=resnet10", "--model.width=0.25"]
 #: how the healthcare images are read: decoded into memory at setup, per item, from the pixel cache
 IMAGE_SOURCES = {"in memory": [], "streaming": ["--data.streaming=true"], "streaming, cache": ["--data.streaming=true", "--data.cache_dir={cache}"]}
 
@@ -151,6 +203,9 @@ def lesion_pngs(folder: Path, count: int, size: int, block: int = 5000) -> Path:
     return labels
 
 
+NO_PREDICT = {"predict_rows": None, "predict_wall_s": None, "predict_cpu_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
+
+
 def measure_images(count: int, size: int, epochs: int, folder: Path, source: str, batches: int | None = None) -> dict[str, Any]:
     """One ``fit`` of healthcare on ``count`` PNGs read ``source``'s way: wall time, training samples/s, peak RSS. ``batches``
     limits the training and validation batches (setup still reads, checks or caches every image)."""
@@ -161,13 +216,10 @@ def measure_images(count: int, size: int, epochs: int, folder: Path, source: str
         "healthcare", "fit", "--runs_dir", str(folder / "runs"), "--run_id", run_id, "--trainer.enable_progress_bar=false",
         "--data.labels_csv", str(lesion_pngs(folder, count, size)), *data, *HEALTHCARE_MODEL, f"--trainer.max_epochs={epochs}",
         *([f"--trainer.limit_train_batches={batches}", f"--trainer.limit_val_batches={batches}"] if batches else []),
-        "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
+        "--trainer.enable_model_summary=false", *throughput_options(throughput),
     ])  # fmt: skip
-    epochs_seen = json.loads(throughput.read_text())
-    samples, seconds = sum(e["samples"] for e in epochs_seen), sum(e["seconds"] for e in epochs_seen)
-    return {"domain": "healthcare", "scale": f"{count} images {size}px", "source": source, "train_samples": samples, "fit_wall_s": fit["wall_s"],
-            "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"], "predict_rows": None,
-            "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}  # fmt: skip
+    return {"domain": "healthcare", "scale": f"{count} images {size}px", "source": source, **training_rates(throughput), "fit_wall_s": fit["wall_s"],
+            "fit_cpu_s": fit["cpu_s"], "fit_peak_rss_mib": fit["peak_rss_mib"], **NO_PREDICT}  # fmt: skip
 
 
 def autonomous_file(folder: Path, vehicles: int, seed: int = 0) -> Path:
@@ -181,13 +233,29 @@ def autonomous_file(folder: Path, vehicles: int, seed: int = 0) -> Path:
     return path
 
 
+#: images ``predict`` generates per scale for media: generation does not read the data, so its ``predict`` grows with
+#: the number of images asked for (``--data.num_generate``), not with the training set
+MEDIA_GENERATED_PER_SCALE = 256
+#: options of the growth rows' ``fit`` beyond the data size: media's one epoch trains without validation (FID of generated
+#: samples against the validation split's reference), so its row measures the training loop; its fit still trains the
+#: data set's feature extractor first (``extractor_steps`` batches on at most ``extractor_max_images`` images: a fixed cost)
+FIT_OPTIONS = {"media": ["--trainer.limit_val_batches=0"]}
+#: the checkpoint ``predict`` starts from: media's fit without validation leaves no ``best.ckpt``
+PREDICT_CHECKPOINT = {"media": "last"}
+#: healthcare's default synthetic images (``synthetic_image_size``), the size of the PNGs its ``predict`` classifies
+HEALTHCARE_DEFAULT_IMAGE_SIZE = 32
+
+
 def predict_options(domain: str, scale: int, folder: Path, source: str = "generator") -> list[str]:
     if domain == "autonomous" and source != "generator":  # a new file of as many vehicles, read as the training file was
         return ["--data.predict_path", str(autonomous_file(folder, SIZE_OPTIONS[domain][1] * scale, seed=1))]
     if domain == "finance":
         return ["--data.predict_path", str(scoring_file(folder, FINANCE_SCORING_ROWS * scale))]
+    if domain == "healthcare":  # a folder of as many new images as the training data, read per item (predict_dir)
+        labels = lesion_pngs(folder, SIZE_OPTIONS[domain][1] * scale, HEALTHCARE_DEFAULT_IMAGE_SIZE)
+        return ["--data.predict_dir", str(labels.parent), "--data.streaming=true"]
     if domain == "media":
-        return [f"--data.num_generate={64 * scale}"]
+        return [f"--data.num_generate={MEDIA_GENERATED_PER_SCALE * scale}"]
     return []
 
 
@@ -196,7 +264,8 @@ SOURCES = {"generator": [], "file": ["--data.path", "{file}"], "file, streaming"
 
 
 def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "generator", scoring_rows: int | None = None, fit_only: bool = False,
-            scoring_format: str = "csv", distinct_blocks: int | None = None) -> dict[str, Any]:  # fmt: skip
+            scoring_format: str = "csv", distinct_blocks: int | None = None, model: list[str] = ()) -> dict[str, Any]:  # fmt: skip
+    """One growth row: ``fit`` (with the model options ``model`` beyond the domain's config), then ``predict``."""
     option, default = SIZE_OPTIONS[domain]
     runs, run_id = folder / "runs", f"{domain}-x{scale}-{source.replace(', ', '-')}"
     throughput = folder / f"throughput-{run_id}.json"
@@ -208,24 +277,21 @@ def measure(domain: str, scale: int, epochs: int, folder: Path, source: str = "g
         data = [a.format(file=file, cache=cache) for a in SOURCES[source]]
     fit = timed([
         domain, "fit", *common, *data, f"--trainer.max_epochs={epochs}", "--trainer.enable_model_summary=false",
-        "--trainer.callbacks+=benchmarks.common.TrainingThroughput", f"--trainer.callbacks.output={throughput}",
+        *FIT_OPTIONS.get(domain, []), *model, *throughput_options(throughput),
     ])  # fmt: skip
-    epochs_seen = json.loads(throughput.read_text())
-    samples = sum(e["samples"] for e in epochs_seen)
-    seconds = sum(e["seconds"] for e in epochs_seen)
     run = runs / domain / run_id
-    result = {"domain": domain, "scale": scale, "source": source, option: default * scale, "train_samples": samples, "fit_wall_s": fit["wall_s"],
-              "fit_samples_per_s": samples / seconds if seconds else None, "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
+    result = {"domain": domain, "scale": scale, "source": source, option: default * scale, "model": list(model), **training_rates(throughput), "fit_wall_s": fit["wall_s"],
+              "fit_cpu_s": fit["cpu_s"], "fit_peak_rss_mib": fit["peak_rss_mib"]}  # fmt: skip
     if fit_only:
-        return {**result, "predict_rows": None, "predict_wall_s": None, "predict_rows_per_s": None, "predict_peak_rss_mib": None}
+        return {**result, **NO_PREDICT}
     given = folder / f"score-{scoring_rows}.{scoring_format}"  # (main: --finance-scoring-file is linked there)
     scoring = predict_options(domain, scale, folder, source) if not scoring_rows else [
         "--data.predict_path", str(given if given.exists() else scoring_file(folder, scoring_rows, scoring_format, distinct_blocks))]
-    predict = timed([domain, "predict", *common, *data, "--ckpt_path", "best", *scoring])
+    predict = timed([domain, "predict", *common, *data, "--ckpt_path", PREDICT_CHECKPOINT.get(domain, "best"), *scoring])
     written = sum(1 for _ in (run / "predictions.csv").open()) - 1 if (run / "predictions.csv").is_file() else 0
     return {
-        **result, "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_rows_per_s": written / predict["wall_s"],
-        "predict_peak_rss_mib": predict["peak_rss_mib"],
+        **result, "predict_rows": written, "predict_wall_s": predict["wall_s"], "predict_cpu_s": predict["cpu_s"],
+        "predict_rows_per_s": written / predict["wall_s"], "predict_peak_rss_mib": predict["peak_rss_mib"],
     }  # fmt: skip
 
 
@@ -247,7 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--healthcare-images", type=int, default=None, help="add healthcare fits on this many PNGs, in memory, streamed and cached")
     parser.add_argument("--healthcare-image-size", type=int, default=28, help="side of the --healthcare-images PNGs")
     parser.add_argument("--healthcare-batches", type=int, default=None, help="limit the --healthcare-images fits to this many training (and validation) batches")
+    parser.add_argument("--healthcare-small-network", action="store_true",
+                        help="healthcare growth rows train HEALTHCARE_SMALL_NETWORK instead of the config's ResNet-18 (16x in minutes on a busy 2-core machine)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads of every child (OMP_NUM_THREADS): 1 keeps CPU seconds a measure of work on a shared "
+                             "machine (threads waiting for a taken core spin and count as CPU time)")
     args = parser.parse_args(argv)
+    if args.torch_threads is not None:
+        TORCH_THREADS["OMP_NUM_THREADS"] = str(args.torch_threads)
     unknown = sorted(set(args.domains) - set(SIZE_OPTIONS))
     if unknown:
         parser.error(f"no size option known for {unknown}; known: {sorted(SIZE_OPTIONS)}")
@@ -257,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
             for scale in args.scales:
                 files = (domain == "finance" and args.finance_files) or (domain == "autonomous" and args.autonomous_files)
                 for source in ("generator", "file", "file, streaming") if files else ("generator",):
-                    results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only))
+                    model = HEALTHCARE_SMALL_NETWORK if domain == "healthcare" and args.healthcare_small_network else []
+                    results.append(measure(domain, scale, args.epochs, Path(tmp), source, fit_only=args.fit_only, model=model))
                     print(f"[scaling] {domain} x{scale} ({source}): {json.dumps(results[-1])}", flush=True)
         if args.finance_scoring_file:
             (Path(tmp) / f"score-{args.finance_scoring_rows}.{args.finance_scoring_format}").hardlink_to(args.finance_scoring_file)
@@ -270,12 +344,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[scaling] healthcare {args.healthcare_images} images ({source}): {json.dumps(results[-1])}", flush=True)
     shown = (lambda value, digits: "-" if value is None else f"{value:.{digits}f}")  # noqa: E731  (--fit-only: no predict figures)
     rows = [
-        [r["domain"], f"{r['scale']}x {r['source']}" if isinstance(r["scale"], int) else f"{r['scale']}, {r['source']}", r["train_samples"], shown(r["fit_wall_s"], 1), shown(r["fit_samples_per_s"], 0), shown(r["fit_peak_rss_mib"], 0),
-         r["predict_rows"] or "-", shown(r["predict_wall_s"], 1), shown(r["predict_rows_per_s"], 0), shown(r["predict_peak_rss_mib"], 0)]
+        [r["domain"], f"{r['scale']}x {r['source']}" if isinstance(r["scale"], int) else f"{r['scale']}, {r['source']}", r["train_samples"],
+         shown(r["fit_wall_s"], 1), shown(r["fit_cpu_s"], 1), shown(r["fit_samples_per_s"], 0), shown(r["fit_samples_per_cpu_s"], 0), shown(r["fit_peak_rss_mib"], 0),
+         r["predict_rows"] or "-", shown(r["predict_wall_s"], 1), shown(r["predict_cpu_s"], 1), shown(r["predict_rows_per_s"], 0), shown(r["predict_peak_rss_mib"], 0)]
         for r in results
     ]  # fmt: skip
-    headers = ["domain", "data", "train samples", "fit wall s", "fit samples/s", "fit peak RSS MiB",
-               "predict rows", "predict wall s", "predict rows/s", "predict peak RSS MiB"]  # fmt: skip
+    headers = ["domain", "data", "train samples", "fit wall s", "fit CPU s", "fit samples/s", "fit samples/CPU s", "fit peak RSS MiB",
+               "predict rows", "predict wall s", "predict CPU s", "predict rows/s", "predict peak RSS MiB"]  # fmt: skip
     table = print_table(headers, rows)
     write_results("scaling", {"args": vars(args), "results": results, "table": table, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 

@@ -48,12 +48,11 @@ from torch.utils.data import DataLoader
 from pipelines.data import make_loader
 from pipelines.grouped_steps import BatchGroup, training_loader
 from pipelines.errors import InputError
-from pipelines.splits import SplitBy, SplitRule, adopt
-from domains.autonomous.fitted_state import check_checkpoint_state, fit_class_names, fit_data_statistics
+from pipelines.splits import SplitBy, SplitRule
+from domains.autonomous.fitted_state import fit_class_names, fit_data_statistics
 from domains.autonomous.options import check_data_options
-from domains.autonomous.covariates import (
-    check_checkpoint_covariates, column_roles, covariate_tensors, fit_vocabularies,
-)  # fmt: skip
+from domains.autonomous.covariates import column_roles, covariate_tensors, fit_vocabularies
+from domains.autonomous.data_checkpoint import data_state, restore_data_state
 from domains.autonomous.readers import SPLITS, ColumnSpec, Tracks, log
 from domains.autonomous.inputs import model_inputs
 from domains.autonomous.predict_data import predict_dataset, streamed_predict_dataset
@@ -62,8 +61,6 @@ from domains.autonomous.streaming import MappedWindows, StreamedTable, check_str
 from domains.autonomous.windows import WindowDataset, Windows, check_split_windows, cut_split_windows, window_starts, window_tensors
 
 Task = Literal["forecasting", "regression", "classification"]
-#: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
-DEFAULT_SPLIT = SplitRule()
 
 
 class SensorSequenceDataModule(pl.LightningDataModule):
@@ -379,31 +376,9 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return model_inputs(batch, self.stats, bool(self.hparams.canonical_heading), bool(self.hparams.augment_rotation and training), training)
 
     def state_dict(self) -> dict[str, Any]:
-        """The statistics fitted on the training split (stored in every checkpoint)."""
-        if self.stats is None:
-            self.stats = self.fit_statistics()
-        return {**self.stats, "split_rule": self.split_rule.as_dict()}
+        """The statistics fitted on the training split (stored in every checkpoint): :func:`domains.autonomous.data_checkpoint.data_state`."""
+        return data_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Use a checkpoint's statistics; the class list and target names must match this data's.
-
-        A checkpoint's ``time_step`` must equal this data's (the step its val, test and predict
-        files were checked against). Checkpoints written before ``position_names`` and ``time_step`` were recorded still load:
-        those two are taken from this data's configuration (``target_channels`` and the training
-        split's time step), so that checkpoints written after a resume, and their exports, have them.
-        """
-        rule = adopt(self.split_rule, state_dict.get("split_rule"), DEFAULT_SPLIT)
-        if rule != self.split_rule:  # the checkpoint's split: the tables are cut again by it
-            log(f"the checkpoint's split: {rule.describe()}")
-            self.split_rule = rule
-            for cached in ("tables", "tracks", "class_names", "windows", "streamed"):
-                self.__dict__.pop(cached, None)
-            self.datasets = {}
-        read = "tracks" in self.__dict__  # the data was read (Lightning's restore after setup): it must agree
-        data_step = self.hparams.time_step if self.hparams.time_step is not None else (self.tracks["train"].report["time_step"] if read else None)
-        check_checkpoint_state(state_dict, self.class_names if self.task == "classification" and read else None, self.target_names, data_step)
-        check_checkpoint_covariates(state_dict, self.hparams)
-        self.stats = {k: v for k, v in state_dict.items() if k != "split_rule"}
-        self.stats.setdefault("position_names", self.position_names)
-        if "time_step" not in self.stats:  # (reads the training split only for such old checkpoints)
-            self.stats["time_step"] = self.time_step
+        """Use a checkpoint's statistics, checked against this data's: :func:`domains.autonomous.data_checkpoint.restore_data_state`."""
+        restore_data_state(self, state_dict)

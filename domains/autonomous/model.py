@@ -43,7 +43,7 @@ from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, 
 
 from domains.autonomous.attributions import AttributionColumns
 from domains.autonomous.metrics import DisplacementError, StepDisplacementError, VectorMean
-from domains.autonomous.networks import CVAEForecaster, MixtureForecaster, PatchTSTForecaster, Seq2SeqForecaster, SequenceRegressor
+from domains.autonomous.network_choice import make_network
 from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.export_spec import ExportSpec
@@ -174,30 +174,8 @@ class SensorSequenceModel(GroupedSteps, BaseTask):
         return median_index(self.quantile_levels) if self.quantile_levels else 0
 
     def configure_models(self) -> None:
-        hp = self.hparams
-        outputs = max(len(self.quantile_levels), 1)
-        covariates = {"categories": tuple(hp.get("categories") or ()), "known_size": int(hp.get("known_size") or 0)}
-        if hp.task == "forecasting":
-            common = {"input_size": hp.input_size, "target_dim": hp.target_dim, "predict": hp.predict}
-            if hp.architecture != "transformer":
-                common |= covariates
-            if hp.architecture == "rnn":
-                self.network: nn.Module = Seq2SeqForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, num_layers=hp.num_layers,
-                                                            cell=hp.cell, dropout=hp.dropout, outputs=outputs, feedback=self.point_index)  # fmt: skip
-            elif hp.architecture == "cvae":
-                self.network = CVAEForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, latent_size=hp.latent_size,
-                                              num_layers=hp.num_layers, cell=hp.cell, dropout=hp.dropout)  # fmt: skip
-            elif hp.architecture == "mixture":
-                self.network = MixtureForecaster(**common, hidden_size=hp.hidden_size, embed_size=hp.embed_size, num_layers=hp.num_layers,
-                                                 cell=hp.cell, dropout=hp.dropout, modes=hp.modes)  # fmt: skip
-            else:
-                self.network = PatchTSTForecaster(**common, observe=hp.observe, d_model=hp.hidden_size, num_heads=hp.num_heads,
-                                                  num_layers=hp.num_layers, patch_length=hp.patch_length, dropout=hp.dropout, outputs=outputs)  # fmt: skip
-        else:
-            outputs = outputs if hp.task == "regression" else hp.num_classes
-            encoder = "patchtst" if hp.architecture == "transformer" else hp.cell
-            self.network = SequenceRegressor(hp.input_size, outputs, hp.observe, encoder, hp.hidden_size, hp.embed_size,
-                                             hp.num_layers, hp.num_heads, hp.patch_length, hp.dropout, covariates["categories"])  # fmt: skip
+        """The network of ``architecture`` and the task (:func:`domains.autonomous.network_choice.make_network`)."""
+        self.network: nn.Module = make_network(self.hparams, max(len(self.quantile_levels), 1), self.point_index)
 
     def configure_metrics(self) -> None:
         task = self.hparams.task

@@ -48,17 +48,17 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from domains.finance.datasets import EncodedRows, ScoringStream, identity
+from domains.finance.data_checkpoint import data_state, restore_data_state, training_reference_of
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
 from domains.finance.source_checks import check_both_classes, check_path_options, check_roles_cover, check_scoring_file
 from domains.finance.sources import read_adbench_npz, read_table
 from domains.finance.splitting import split_rows
-from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options, training_reference
+from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options
 from domains.finance.synthetic import make_card_transactions
 from pipelines.data import make_loader
 from pipelines.grouped_steps import training_loader
 from pipelines.errors import InputError
-from pipelines.reference import KEY as REFERENCE_KEY
-from pipelines.splits import SplitBy, SplitRule, adopt
+from pipelines.splits import SplitBy, SplitRule
 
 SPLITS = ("train", "val", "test")
 #: the column roles of the synthetic set (the defaults in ``config.yaml``)
@@ -72,9 +72,6 @@ SYNTHETIC_ROLES: dict[str, Any] = {
     "label_column": "is_fraud",
 }
 
-
-#: the split rule of the default options (a checkpoint's rule is used when a command gives this one)
-DEFAULT_SPLIT = SplitRule(val_fraction=0.15, test_fraction=0.25)
 
 
 class TransactionDataModule(pl.LightningDataModule):
@@ -381,36 +378,15 @@ class TransactionDataModule(pl.LightningDataModule):
             facts["class_balance"] = {name: {"normal": int(((split == name) & (labels == 0)).sum()), "fraud": int(((split == name) & (labels == 1)).sum())} for name in SPLITS}
         return facts
 
-    # ----- fitted state in the checkpoint ------------------------------------------------------
+    # ----- fitted state in the checkpoint (domains/finance/data_checkpoint.py) --------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"preprocessor": self.fitted.state_dict(), "split_rule": self.split_rule.as_dict(), REFERENCE_KEY: self.reference_statistics}
+        return data_state(self)
 
     @property
     def reference_statistics(self) -> dict[str, Any]:
-        """Drift reference (:mod:`pipelines.reference`) of the training split's preprocessed numeric features, the bundle's
-        ``numeric`` input (what the server logs); PSI and KS are unchanged by the monotone scaling. The checkpoint's when restored."""
-        if getattr(self, "_reference", None) is None:
-            train = self._split("train")
-            self._reference = training_reference(train, self.fitted.numeric_feature_names, f"{self.source_name} training split ({len(train)} rows)")
-        return self._reference
+        """Drift reference of the training split's preprocessed numeric features (:func:`domains.finance.data_checkpoint.training_reference_of`)."""
+        return training_reference_of(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """The checkpoint's preprocessing, its drift reference, and its split rule when this command gave none (``pipelines.splits.adopt``)."""
-        self._reference = state_dict.get(REFERENCE_KEY)  # absent in checkpoints written before it existed: fitted again on demand
-        rule = adopt(self.split_rule, state_dict.get("split_rule"), DEFAULT_SPLIT)
-        if rule != self.split_rule:
-            rank_zero_info(f"[finance] the checkpoint's split: {rule.describe()}")
-            self.split_rule = rule
-            for cached in ("split_assignment", "stream"):
-                self.__dict__.pop(cached, None)
-            self._encoded.clear()
-            self.preprocessor = None
-        restored = TablePreprocessor.from_state_dict(state_dict["preprocessor"])
-        current = self.preprocessor  # None when restored before anything was read (the runner, --ckpt_path)
-        if current is not None and (restored.group_names != current.group_names or len(restored.numeric_feature_names) != len(current.numeric_feature_names)):
-            raise InputError(
-                f"the checkpoint's preprocessing (columns {restored.group_names}, {len(restored.numeric_feature_names)} features) "
-                f"does not match this data's ({current.group_names}, {len(current.numeric_feature_names)} features); "
-                "use the column roles and source the model was trained with"
-            )
-        self.preprocessor = restored
+        """The checkpoint's preprocessing, drift reference and split rule (:func:`domains.finance.data_checkpoint.restore_data_state`)."""
+        restore_data_state(self, state_dict)
