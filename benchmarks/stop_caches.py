@@ -134,10 +134,14 @@ def verdict(result: dict[str, Any], name: str) -> dict[str, Any]:
     """The checks of one signal's stop, each True when it held."""
     stop, reference = result["stops"][name], result["reference"]
     rerun = stop["rerun"]
+    honest = {"KILL": -9, "TERM": 143}[name]  # SIGTERM while the data are read: exit 143 through the clean-up (pipelines.cli)
     return {
         "stopped (exit not 0)": stop["stopped"]["returncode"] != 0,
+        f"exit {honest}": stop["stopped"]["returncode"] == honest,
+        "SIGTERM leaves no temporary folder": name != "TERM" or not stop["after_stop"]["partial"],
         "no incomplete cache looks complete": all(problem is None for problem in stop["after_stop"]["complete_looking"].values()),
         "rerun exits 0": rerun["returncode"] == 0,
+        "rerun removed the killed build's temporary folder": not rerun.get("state", {}).get("partial", ["?"]),
         "rerun cache equals the reference's": rerun.get("caches") == reference["caches"] and len(reference["caches"]) == 1,
         "rerun metrics equal the reference's": rerun.get("metrics") == reference["metrics"] and len(reference["metrics"]) > 0,
     }
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([f"SIG{name}", stop["stopped"]["returncode"], stop["stopped"]["seconds_to_signal"], stop["stopped"]["bytes_written_at_signal"],
                      len(stop["after_stop"]["complete_looking"]), len(stop["after_stop"]["partial"]), *("yes" if v else "NO" for v in checks.values())])  # fmt: skip
     print_table(["signal", "exit", "s to signal", "bytes in temp folder", "complete-looking folders", "temp folders left",
-                 "stopped", "none incomplete looks complete", "rerun exit 0", "rerun cache = reference", "rerun metrics = reference"], rows)  # fmt: skip
+                 "stopped", "honest exit", "TERM: no temp folder", "none incomplete looks complete", "rerun exit 0", "rerun swept temp folders",
+                 "rerun cache = reference", "rerun metrics = reference"], rows)  # fmt: skip
     if not all(all(verdict(result, name).values()) for name in args.signals):
         sys.exit(1)
 

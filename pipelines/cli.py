@@ -39,6 +39,7 @@ from pipelines.predictions import prediction_file
 from pipelines.run_callbacks import run_trainer_settings
 from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
 from pipelines.run_options import add_run_options, check_run_options
+from pipelines.stops import sigterm_as_exit
 from pipelines.task import compile_networks, eager_fallback
 from pipelines.tracking import UploadConfigToWandb, finish_wandb_run
 from pipelines.tuning import check_lr_findable, find_learning_rate
@@ -251,9 +252,12 @@ class PipelineCLI(LightningCLI):
             raise InputError(foreign_config(args, self.spec.name) or refused_before_the_checkpoint(args if isinstance(args, list) else [], str(error)) or explain(str(error), options, self.spec.name)) from None
 
     def instantiate_classes(self) -> None:
-        """Data module, model, data check, then the trainer: bad input stops here, before any file is written."""
+        """Data module, model, data check, then the trainer: bad input stops here, before any file is written.
+        A SIGTERM while the data are read (a streaming cache being built) exits 143 through the readers' clean-up
+        (a cache's temporary folder removed); Lightning's own handler takes over when the loop starts."""
         try:
-            super().instantiate_classes()
+            with sigterm_as_exit(f"{self.spec.name} {self.subcommand} (reading the data)"):
+                super().instantiate_classes()
         except (InputError, RunStopped):
             raise
         except INPUT_ERRORS as error:

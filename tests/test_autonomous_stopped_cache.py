@@ -23,9 +23,10 @@ def test_a_cache_build_stopped_by_a_signal_leaves_nothing_complete_looking_and_t
     for name, stop in result["stops"].items():
         stopped = stop["stopped"]
         assert stopped["returncode"] != 0 and stopped["bytes_written_at_signal"] > 0, (name, stopped)
-        # the signal landed inside the build: its temporary folder is what is left, and nothing under a final name
+        # the signal landed inside the build: nothing under a final name
         assert stop["after_stop"]["complete_looking"] == {}, (name, stop["after_stop"])
-        assert len(stop["after_stop"]["partial"]) == 1, (name, stop["after_stop"])
+        # SIGKILL leaves the temporary folder (the next build removes it); SIGTERM exits 143 through the clean-up
+        assert len(stop["after_stop"]["partial"]) == (1 if name == "KILL" else 0), (name, stop["after_stop"])
         rerun = stop["rerun"]
         assert rerun["returncode"] == 0, (name, rerun["stderr"])
         assert all(problem is None for problem in rerun["state"]["complete_looking"].values()), (name, rerun["state"])
