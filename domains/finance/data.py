@@ -257,7 +257,11 @@ class TransactionDataModule(pl.LightningDataModule):
         hp = self.hparams
         if self.stream is not None:  # the columns first: the file is scanned (every value checked) by the fit
             self.check_columns()
-            preprocessor = self.stream.fit(hp.categorical_encoding, hp.max_categories, hp.min_category_count)
+            try:
+                preprocessor = self.stream.fit(hp.categorical_encoding, hp.max_categories, hp.min_category_count)
+            except InputError:
+                self.stream.discard_if_built()
+                raise
         else:
             train = self.split_assignment == "train"
             if hp.mode == "semi_supervised":  # fraud rows in train (a stable rule puts them there) fit nothing

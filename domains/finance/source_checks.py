@@ -8,6 +8,7 @@ value, its row, before anything is trained or written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def check_roles_cover(table: pd.DataFrame, roles: ColumnRoles, rule: SplitRule, 
         raise InputError(
             f"{source_name}: column(s) {unused} have no role, so the model would silently leave them out; give each a role "
             "(--data.numeric_columns, amount_columns, boolean_columns, timestamp_columns, categorical_columns, id_columns, label_column) "
-            f"or list them in --data.ignore_columns (e.g. --data.ignore_columns '{unused}')"
+            f"or list them in --data.ignore_columns (e.g. --data.ignore_columns '{json.dumps(unused)}')"
         )
     absent = [c for c in roles.ignore_columns if c not in table.columns]
     if absent:

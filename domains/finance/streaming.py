@@ -44,10 +44,10 @@ import pandas as pd
 
 from domains.finance.parsing import MISSING, category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
 from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor
-from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes
+from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes, check_roles_cover
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
-from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, file_manifest, size_mib, usable
+from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, discard, file_manifest, size_mib, usable
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
@@ -80,6 +80,7 @@ class StreamedTable:
         self.header = read_header(path)  # UTF-8, one value per column, every column named once
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache("finance")
         self._folder: Path | None = None
+        self._built = False  # whether this process built the scan folder (discard_if_built)
         self._checked: set[Path] = set()  # encoded folders checked (or built) by this process
 
     # ----- the scan -------------------------------------------------------------------------------
@@ -94,7 +95,8 @@ class StreamedTable:
     @property
     def folder(self) -> Path:
         """The scan folder (built on first use)."""
-        if self._folder is None:
+        if self._folder is None:  # every column has a role before anything is written (the scan writes the cache)
+            check_roles_cover(pd.DataFrame(columns=self.header), self.roles, self.rule, self.source_name)
             key = {"format": FORMAT, "file": sha256_file(self.path), "roles": vars(self.roles), "labels": [str(c) for c in self.label_classes],
                    "rule": self.rule.as_dict(), "mode": self.mode}  # fmt: skip
             final = self.cache_dir / f"{self.path.stem}-{digest_of(key)}"
@@ -103,8 +105,15 @@ class StreamedTable:
                 with building(final) as partial:
                     self._scan(partial)
             log.info(f"streaming cache {final} ({'reused' if reused else 'built'}, {size_mib(final)} MiB)")
-            self._folder = final
+            self._folder, self._built = final, not reused
         return self._folder
+
+    def discard_if_built(self) -> None:
+        """Remove the scan folder this process built, when the data it holds were then refused (a check that needs the
+        whole scan, e.g. a numeric column with no training value): a refused input leaves no cache behind."""
+        if self._folder is not None and self._built:
+            discard(self._folder)
+            self._folder, self._built = None, False
 
     def _scan(self, into: Path) -> None:
         r, rule, source = self.roles, self.rule, self.source_name
