@@ -122,6 +122,24 @@ def building(final: Path, option: str = "--data.cache_dir") -> Iterator[Path]:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+@contextmanager
+def counted_per_chunk(option: str, rows: int) -> Iterator[None]:
+    """Refusals raised while a file is read in chunks say that their counts are of the chunk that failed: a streamed
+    read stops at the first chunk with a problem, where reading the whole file counts every row (so "12 tracks" there
+    may be "20 tracks" read whole).
+
+    >>> with counted_per_chunk("--data.chunk_rows", 500):
+    ...     raise InputError("t.csv: 12 track(s) are at another rate")
+    Traceback (most recent call last):
+    ...
+    pipelines.errors.InputError: t.csv: 12 track(s) are at another rate (read in chunks of --data.chunk_rows 500 rows: the counts are of the first chunk refused; later rows were not read)
+    """
+    try:
+        yield
+    except InputError as error:
+        raise InputError(f"{error} (read in chunks of {option} {rows} rows: the counts are of the first chunk refused; later rows were not read)") from None
+
+
 def discard(folder: Path) -> None:
     """Remove a damaged cache folder: renamed out of the way first (readers never see it half-removed)."""
     doomed = folder.with_name(f".{folder.name}.damaged-{uuid.uuid4().hex[:8]}")

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, file_manifest, map_array, release, size_mib, usable
+from pipelines.cache_folders import counted_per_chunk, building, check_cache_dir, default_cache, digest_of, file_manifest, map_array, release, size_mib, usable
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SplitRule, assign
@@ -227,6 +227,7 @@ class StreamedTable:
         with ExitStack() as stack:
             out = {(name, kind): stack.enter_context(open(into / f"{name}-{kind}", "wb"))
                    for name in self.names for kind in ("time.f64", "targets.f64", "channels.f32", "label.f64")}  # fmt: skip
+            stack.enter_context(counted_per_chunk("--data.chunk_rows", hp.chunk_rows))
             for group in self.groups():
                 split = split_of(group)
                 for name in self.names:

@@ -47,7 +47,7 @@ from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocesso
 from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes, check_roles_cover
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
-from pipelines.cache_folders import building, check_cache_dir, default_cache, digest_of, discard, file_manifest, size_mib, usable
+from pipelines.cache_folders import building, counted_per_chunk, check_cache_dir, default_cache, digest_of, discard, file_manifest, size_mib, usable
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
@@ -126,6 +126,7 @@ class StreamedTable:
         n = 0
         with ExitStack() as stack:
             out = {c: stack.enter_context(open(into / name, "wb")) for c, name in self.feature_files().items()}
+            stack.enter_context(counted_per_chunk("--data.predict_chunk_rows", self.chunk_rows))
             for offset, chunk in iter_chunks(self.path, self.chunk_rows):
                 checker.check_values(chunk, source, offset)
                 if r.label_column is not None:
