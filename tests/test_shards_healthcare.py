@@ -18,7 +18,7 @@ from domains.healthcare.shards_write import main as write_main
 from domains.healthcare.shards_write import write_shards
 from pipelines.errors import InputError
 from pipelines.shards import ShardPlan, ShardSetWriter, ShardStream, describe_plan
-from tests.bad_inputs import BadInput, check_refused, params
+from tests.bad_inputs import BadInput, check_refused
 from tests.test_healthcare import image_table
 
 SYNTHETIC = {"synthetic_samples": 120, "synthetic_image_size": 16}
