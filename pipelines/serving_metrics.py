@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "pipelines_serve_"
@@ -83,24 +84,58 @@ def set_model_info(loaded: Any, served: bool = True) -> None:
     metrics().model_info.labels(domain=meta["domain"], format=meta["format"], **loaded.identity).set(1 if served else 0)
 
 
+T = TypeVar("T")
+
+#: what reading the processes' metric files raises while a process creates one (prometheus/client_python#1199: the file
+#: exists at 0 bytes until it is sized) or removes one: the read is tried again
+TORN_READ = (struct.error, RuntimeError, UnicodeDecodeError, FileNotFoundError)
+
+
+class _WrittenFiles:
+    """prometheus_client's ``MultiProcessCollector`` over the metric files that hold something: a file of 0 bytes is one
+    a process has created and not sized yet, or left so when it was killed (no values either way), and would fail the
+    whole read (prometheus/client_python#1199)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Any:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = [file for file in Path(self.path).glob("*.db") if file.stat().st_size > 0]
+        return MultiProcessCollector.merge([str(file) for file in files], accumulate=True)
+
+
+def _read_all(read: Callable[[Any], T], attempts: int = 5) -> T:
+    """``read(registry)`` over every process's metric files, tried again (``attempts`` times, 10 ms apart) when a file
+    is caught half-written or removed (a worker starting, reloading its model, or stopping); the last failure is raised."""
+    from prometheus_client import CollectorRegistry
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path or not os.path.isdir(path):
+        raise ValueError("PROMETHEUS_MULTIPROC_DIR is not set or not a folder: the server sets it before its workers start")
+    for attempt in range(attempts):
+        registry = CollectorRegistry()
+        registry.register(_WrittenFiles(path))
+        try:
+            return read(registry)
+        except TORN_READ:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.01)
+    raise AssertionError("unreachable")
+
+
 def total(name: str) -> float:
     """The sum over every process of the samples of metric ``PREFIX + name`` (e.g. ``requests_cut_total``)."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
-    return sum(s.value for family in registry.collect() for s in family.samples if s.name == PREFIX + name)
+    return _read_all(lambda registry: sum(s.value for family in registry.collect() for s in family.samples if s.name == PREFIX + name))
 
 
 def render() -> tuple[bytes, str]:
     """The text exposition of every process's metrics, and its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return _read_all(generate_latest), CONTENT_TYPE_LATEST
 
 
 class PredictMetricsMiddleware:

@@ -127,6 +127,6 @@ def test_sigterm_stops_the_dashboard_honestly_and_keeps_an_earlier_spec(tiny_run
         assert [p.name for p in tmp_path.iterdir()] == ["dashboard.json"], "no temporary file"
         if process.returncode in (143, -signal.SIGTERM) and out.read_text() == '{"earlier": true}\n':
             assert process.returncode == -signal.SIGTERM or "stopped by SIGTERM" in output, output
-        else:  # it finished before the signal came
-            assert process.returncode == 0 and "panelBankConfig" in out.read_text(), (process.returncode, output)
+        else:  # it wrote the new spec before the signal came (the signal may still land while the interpreter exits: -15)
+            assert process.returncode in (0, -signal.SIGTERM) and json.loads(out.read_text()) and "panelBankConfig" in out.read_text(), (process.returncode, output)
     print(f"exit codes after SIGTERM at 1 s and 6 s: {outcomes}")

@@ -55,7 +55,8 @@ def _same_run(one, grouped) -> None:
     (trainer1, model1, rows1), (trainer8, model8, rows8) = one, grouped
     assert trainer8.global_step == trainer1.global_step
     for key, value in model1.state_dict().items():  # bitwise: the same float operations in the same order
-        assert torch.equal(value, model8.state_dict()[key]), key
+        other = model8.state_dict()[key]  # (a threshold no validation calibrated is NaN in both)
+        assert torch.equal(value, other) or (value.is_floating_point() and bool(torch.isnan(value).all() and torch.isnan(other).all())), key
     assert any(row.get("train/loss_step") for row in rows1) and any(row.get("train/loss_epoch") for row in rows1)
     # train/loss_step rows: the same values at the same steps; the rows Lightning writes itself (epoch means,
     # validation, learning rate) carry its own step count, of groups (docs/runner.md): the same values
