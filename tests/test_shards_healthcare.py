@@ -186,6 +186,9 @@ def test_damaged_or_mismatched_shard_sets_are_refused_before_training(synthetic_
         BadInput("image-size", ("--data.shards", "{tmp}/set", "--data.image_size=32"), ("--data.image_size 32", "(1, 16, 16)"), copy_of(synthetic_shards)),
         BadInput("beside-a-csv", ("--data.shards", "{tmp}/set", "--data.labels_csv=x.csv"), ("drop --data.labels_csv",), copy_of(synthetic_shards)),
         BadInput("sampler", ("--data.shards", "{tmp}/set", "--data.balance=sampler"), ("--data.balance sampler",), copy_of(synthetic_shards)),
+        # the shards were written from 120 synthetic samples split 0.15/0.15: another split or set is refused, not ignored
+        BadInput("another-split", ("--data.shards", "{tmp}/set", "--data.val_fraction=0.3"), ("--data.val_fraction 0.3 (the shards: 0.15)", "shards_write"), copy_of(synthetic_shards)),
+        BadInput("another-synthetic-set", ("--data.shards", "{tmp}/set", "--data.synthetic_samples=500"), ("--data.synthetic_samples 500 (the shards: 120)",), copy_of(synthetic_shards)),
         BadInput("fewer-shards-than-processes", ("--data.shards", "{tmp}/set", "--trainer.accelerator=cpu", "--trainer.devices=3", "--trainer.strategy=ddp"),
                  ("(val split): 2 shard(s) for 3 DDP processes", "--samples_per_shard at most 6"), copy_of(synthetic_shards)),  # fmt: skip
     ]

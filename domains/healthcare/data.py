@@ -33,7 +33,7 @@ from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
 from pipelines.images import Intensity, IntensityMode
 from domains.healthcare.datasets import ImageDataset, build_volume_augmentation
-from domains.healthcare.shards import ImageShards
+from domains.healthcare.shards import ImageShards, option_defaults
 from domains.healthcare.lazy_pixels import TrainingStatistics, block_items, blocks_of
 from domains.healthcare.pixel_reading import TRAINING_PIXELS, SplitPixels
 from domains.healthcare.splitting import stratified_split
@@ -151,7 +151,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         self.reference: dict[str, Any] | None = None  # drift reference statistics (pipelines.reference), fitted in setup
         self.channel_std: list[float] | None = None
         self.restored: dict[str, Any] | None = None  # a checkpoint's state: what the model knows, without reading the source
-        self.shard_set = ImageShards(shards, self.hparams) if shards else None  # checked now: manifest, options beside it
+        self.shard_set = ImageShards(shards, self.hparams, option_defaults(type(self))) if shards else None  # checked now: manifest, options beside it
         if self.shard_set is not None:  # what the writer fitted on the training split, taken as a checkpoint's would be
             self.restored, self.split_rule = dict(self.shard_set.state), adopt(self.split_rule, self.shard_set.state["split_rule"], SplitRule())
             self.channel_mean, self.channel_std, self.reference = self.restored["channel_mean"], self.restored["channel_std"], self.restored[REFERENCE_KEY]

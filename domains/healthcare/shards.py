@@ -9,6 +9,7 @@ transform and each item's name; a run from shards takes that state as a checkpoi
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 KIND = "healthcare images"
 #: data module options that name another source or way of reading it: refused beside --data.shards
 OTHER_SOURCES = ("npz_path", "labels_csv", "streaming", "cache_dir", "split_key", "group_column")
+#: options the writer's read and split of the source depended on (recorded in the manifest): a run beside the shards that
+#: gives another value is refused, since the shards already hold that source split that way
+WRITER_OPTIONS = ("split", "val_fraction", "test_fraction", "split_seed", "synthetic_samples", "synthetic_image_size", "synthetic_seed")
 
 
 def encode(pixels: np.ndarray, label: np.ndarray) -> dict[str, bytes]:
@@ -58,10 +62,15 @@ class ShardSplit:
         return sum(e["samples"] for e in self.entries)
 
 
+def option_defaults(data_module: type) -> dict[str, Any]:
+    """A data module class's option defaults (what a run that does not name an option gets)."""
+    return {name: p.default for name, p in inspect.signature(data_module.__init__).parameters.items() if p.default is not p.empty}
+
+
 class ImageShards:
     """A healthcare shard folder, checked when opened: the manifest, the options beside it, each shard's presence and size."""
 
-    def __init__(self, folder: str, hparams: Any) -> None:
+    def __init__(self, folder: str, hparams: Any, defaults: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.where = f"--data.shards {folder}"
         given = [f"--data.{name}" for name in OTHER_SOURCES if hparams.get(name)]
@@ -71,6 +80,12 @@ class ImageShards:
             raise InputError(f"{self.where}: --data.balance sampler draws items by index, and shards are read in order; use class_weights or none")
         self.manifest = read_manifest(self.folder, KIND)
         self.state: dict[str, Any] = self.manifest["state"]
+        written, defaults = self.manifest.get("options") or {}, defaults or {}
+        differ = [f"--data.{name} {hparams.get(name)!r} (the shards: {written[name]!r})" for name in WRITER_OPTIONS  # a default is not asked for
+                  if name in written and hparams.get(name) not in (written[name], defaults.get(name, written[name]))]  # fmt: skip
+        if differ:
+            raise InputError(f"{self.where}: {', '.join(differ)}: the shards hold the source as the writer read and split it, so these "
+                             "options cannot change it here; drop them, or write the shards again with them (python -m domains.healthcare.shards_write)")
         classes, shape = self.state["class_names"], tuple(self.state["image_shape"])
         if hparams.get("class_names") and list(hparams["class_names"]) != classes:
             raise InputError(f"{self.where}: --data.class_names {list(hparams['class_names'])} differ from the shards' classes {classes}")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from domains.healthcare.lazy_pixels import LazyPixels, MappedPixels, block_items, blocks_of
-from domains.healthcare.shards import KIND, encode
+from domains.healthcare.shards import WRITER_OPTIONS, KIND, encode
 from pipelines.errors import EXIT_BAD_INPUT, InputError, paragraph
 from pipelines.shards import ShardSetWriter
 
@@ -64,7 +64,8 @@ def write_shards(data: dict[str, Any], output: str, samples_per_shard: int, mult
                     writer.add(f"{int(dataset.indices[item]):09d}", encode(pixels, dataset.labels[item]))
                     position += 1
         transform = {"image_shape": list(module.image_shape), "image_size": module.hparams.image_size, "intensity": str(module.intensity), "dtypes": dtypes}
-        manifest = writer.finish({"state": state, "transform": transform, "source": module._source_label(), "names": list(module.source.names)})
+        options = {name: module.hparams.get(name) for name in WRITER_OPTIONS}  # a run beside the shards may not ask for others
+        manifest = writer.finish({"state": state, "transform": transform, "source": module._source_label(), "names": list(module.source.names), "options": options})
     return manifest
 
 
