@@ -58,11 +58,15 @@ def digest_of(value: Any) -> str:
 PARTIAL = ".partial-"
 
 
+def _host() -> str:
+    """This host's name as a temporary folder names it (no ``-``, which separates the name's fields)."""
+    return socket.gethostname().replace("-", "_") or "host"
+
+
 def partial_name(final: Path) -> Path:
     """The temporary folder :func:`building` writes ``final`` into: hidden, and naming the host and process that
     build it (``.NAME.partial-HOST-PID-RANDOM``), so that a later build can tell a killed builder's leftovers."""
-    host = socket.gethostname().replace("-", "_") or "host"
-    return final.with_name(f".{final.name}{PARTIAL}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return final.with_name(f".{final.name}{PARTIAL}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def stale_partials(folder: Path) -> list[Path]:
@@ -72,11 +76,11 @@ def stale_partials(folder: Path) -> list[Path]:
     >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
     >>> live = partial_name(folder / "cache"); live.mkdir()
-    >>> dead = folder / f".cache{PARTIAL}{socket.gethostname().replace('-', '_')}-999999999-0a1b2c3d"; dead.mkdir()
+    >>> dead = folder / f".cache{PARTIAL}{_host()}-999999999-0a1b2c3d"; dead.mkdir()
     >>> [p.name == dead.name for p in stale_partials(folder)]
     [True]
     """
-    host = socket.gethostname().replace("-", "_") or "host"
+    host = _host()
     stale = []
     for path in folder.glob(f".*{PARTIAL}*") if folder.is_dir() else ():
         owner, _, _ = path.name.rpartition(PARTIAL)[2].rpartition("-")

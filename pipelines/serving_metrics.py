@@ -111,19 +111,19 @@ def _read_all(read: Callable[[Any], T], attempts: int = 5) -> T:
     is caught half-written or removed (a worker starting, reloading its model, or stopping); the last failure is raised."""
     from prometheus_client import CollectorRegistry
 
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = os.environ.get(ENV)
     if not path or not os.path.isdir(path):
-        raise ValueError("PROMETHEUS_MULTIPROC_DIR is not set or not a folder: the server sets it before its workers start")
-    for attempt in range(attempts):
+        raise ValueError(f"{ENV} is not set or not a folder: the server sets it before its workers start")
+    for _ in range(attempts - 1):
         registry = CollectorRegistry()
         registry.register(_WrittenFiles(path))
         try:
             return read(registry)
         except TORN_READ:
-            if attempt == attempts - 1:
-                raise
             time.sleep(0.01)
-    raise AssertionError("unreachable")
+    registry = CollectorRegistry()
+    registry.register(_WrittenFiles(path))
+    return read(registry)  # the last try: its failure is raised
 
 
 def total(name: str) -> float:
