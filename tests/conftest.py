@@ -79,6 +79,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its order
 
 
+_CHECKOUT_BEFORE = pytest.StashKey[set[str]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_CHECKOUT_BEFORE] = {path.name for path in ROOT.iterdir()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a test left a new file or folder at the top of the checkout (a run folder, an
+    offline W&B run, a registry written relative to the working directory): tests write under their
+    ``tmp_path``, and what lands in a user's checkout uninvited is a defect. Checked once, by the
+    process that collected the session (xdist's controller, or the only process)."""
+    if hasattr(session.config, "workerinput") or _CHECKOUT_BEFORE not in session.config.stash:
+        return
+    left = sorted({path.name for path in ROOT.iterdir()} - session.config.stash[_CHECKOUT_BEFORE] - {".pytest_cache", "__pycache__"})
+    if left:
+        print(f"\n[conftest] the tests left {', '.join(left)} at the top of the checkout {ROOT}: a test wrote outside its tmp_path", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def run_pipeline(*args: str) -> None:
     """Run ``python -m pipelines.run ARGS`` in this process (no interpreter start-up cost)."""
     from pipelines.run import main

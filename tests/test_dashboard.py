@@ -47,7 +47,8 @@ def monitor_logged(finance_bundle, tmp_path_factory) -> set[str]:
         for i in range(len(features))
     ])  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "pipelines.monitor", str(bundle), str(root / "requests.jsonl"), "--wandb", "--json", str(root / "check.json")],
-                            cwd=ROOT, env=child_env(WANDB_MODE="offline"), capture_output=True, text=True, timeout=300)  # fmt: skip
+                            cwd=ROOT, env=child_env(WANDB_MODE="offline", WANDB_DIR=str(root)),  # the offline run in the test folder, not the checkout
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode in (0, 3) and "logged to W&B (offline" in result.stdout, result.stdout + result.stderr
     return set(json.loads((root / "check.json").read_text())["logged"])
 
