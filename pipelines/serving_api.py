@@ -201,7 +201,8 @@ class BundleAPI(ls.LitAPI):
             logger.exception("writing the request log failed")
 
     def _run_group(self, group: list[Decoded]) -> list[Answered | Rejected]:
-        """One :meth:`RequestAdapter.infer` call on a group's concatenated arrays, split back into per-request answers."""
+        """One :meth:`RequestAdapter.infer` call on a group's concatenated arrays, split back into per-request answers; when it
+        fails for a group of several, each request is run alone, so only the one at fault is refused."""
         adapter, model = group[0].adapter, group[0].model
         total = sum(item.rows for item in group)
         try:
@@ -209,13 +210,15 @@ class BundleAPI(ls.LitAPI):
             outputs = adapter.infer(batch, model.bundle.run)
             if any(np.ndim(o) == 0 or len(o) != total for o in outputs.values()):
                 raise RuntimeError(f"adapter {adapter.name!r}: infer returned {({n: np.shape(o) for n, o in outputs.items()})} for {total} rows")
-        except HTTPException as error:
-            return [Rejected(error.status_code, str(error.detail), model)] * len(group)
-        except ValueError as error:  # the bundle refused the inputs
-            return [Rejected(422, str(error), model)] * len(group)
-        except Exception:
+        except Exception as error:
+            if len(group) > 1:  # one request's refusal or failure must not fail the others batched with it: each alone
+                return [answer for item in group for answer in self._run_group([item])]
+            if isinstance(error, HTTPException):
+                return [Rejected(error.status_code, str(error.detail), model)]
+            if isinstance(error, ValueError):  # the bundle refused the inputs
+                return [Rejected(422, str(error), model)]
             logger.exception("inference failed")
-            return [Rejected(500, "internal error during inference", model)] * len(group)
+            return [Rejected(500, "internal error during inference", model)]
         answers: list[Answered | Rejected] = []
         start = 0
         for item in group:

@@ -139,6 +139,10 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
     cases = [
         ({"rows": without_amount}, "rows[2].amount: missing column (amount_columns)"),
         ({"rows": edited(1, distance_from_home_km="far away")}, "rows[1].distance_from_home_km: expected a number (numeric_columns); got 'far away'"),
+        # a JSON integer beyond float64 (valid JSON; pandas cannot convert it): refused like 1e300, not a 500 for the batch
+        ({"rows": edited(1, amount=10**309)}, "rows[1].amount: expected a finite number within float32's range"),
+        ({"rows": edited(2, distance_from_home_km=-(10**309))}, "rows[2].distance_from_home_km: expected a finite number within float32's range"),
+        ({"rows": edited(0, card_present=10**309)}, "rows[0].card_present: expected a boolean"),
         ({"rows": edited(0, amount=True)}, "rows[0].amount: expected a number"),
         ({"rows": edited(2, card_present="sometimes")}, "rows[2].card_present: expected a boolean"),
         ({"rows": edited(1, timestamp="yesterday-ish")}, "rows[1].timestamp: expected a timestamp"),
@@ -195,3 +199,46 @@ def test_rows_form_over_http(exported, tmp_path):
         assert status == 422 and answer["detail"].startswith("rows[1].amount: expected a number"), answer
     finally:
         assert server.stop(signal.SIGTERM) == 0, server.output()
+
+
+def test_the_server_batch_answers_each_request_alone_when_one_fails(exported, monkeypatch):
+    """The server's own batch path (``BundleAPI`` decode / predict / encode, in this process): a request
+    whose values cannot be prepared is refused by itself, and the requests batched with it get the
+    answers they get alone; a failure inside inference is confined to the request that caused it."""
+    import signal
+
+    from pipelines.serving_api import BundleAPI, Decoded
+
+    api = BundleAPI(exported[1], max_batch_size=8)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        api.setup("cpu")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # setup ignores Ctrl+C in its (worker) process
+    good = json_rows(make_card_transactions(30, 0.1, seed=8).drop(columns=["is_fraud"]))[:4]
+
+    def answers(requests: list[dict]) -> list[tuple[int, dict]]:
+        responses = [api.encode_response(r) for r in api.predict([api.decode_request(q) for q in requests])]
+        return [(r.status_code, json.loads(r.body)) for r in responses]
+
+    alone = answers([{"rows": good[:2]}]) + answers([{"row": good[3]}])
+    huge = {"rows": [good[2], {**good[2], "amount": 10**309}]}
+    batched = answers([{"rows": good[:2]}, huge, {"row": good[3]}])
+    assert [code for code, _ in batched] == [200, 422, 200], batched
+    assert batched[1][1]["detail"].startswith("rows[1].amount: expected a finite number within float32's range"), batched[1]
+    assert batched[0] == alone[0] and batched[2] == alone[1]
+
+    # a fault inside the model call (any exception, not only a refusal) fails only the request whose rows carry it
+    items = [api.decode_request({"rows": good[:2]}), api.decode_request({"rows": good[2:3]})]
+    assert all(isinstance(item, Decoded) for item in items)
+    run, adapter = api.slot.current.bundle.run, items[1].adapter
+    target = adapter.preprocessor.transform(adapter.features(good[2:3]), "the third row")["numeric"][0]
+
+    def failing_on_the_third_row(**inputs):
+        if np.all(inputs["numeric"] == target, axis=1).any():
+            raise RuntimeError("a fault in the model call")
+        return run(**inputs)
+
+    monkeypatch.setattr(api.slot.current.bundle, "run", failing_on_the_third_row)
+    codes = [api.encode_response(r).status_code for r in api.predict(items)]
+    assert codes == [200, 500], codes

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any
 
@@ -58,6 +59,18 @@ def _is_missing(series: pd.Series) -> np.ndarray:
     return missing
 
 
+def _to_float(series: pd.Series) -> np.ndarray:
+    """Numbers and numeric text as float64, anything else NaN. A Python integer beyond float64 (a JSON
+    request's ``10**309``; pandas raises ``OverflowError`` on it) becomes float64's largest value of its
+    sign, so the float32-range check names it as the magnitude it is."""
+    try:
+        return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    except OverflowError:
+        huge = series.map(lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max)
+        capped = series.mask(huge, series[huge].map(lambda v: sys.float_info.max if v > 0 else -sys.float_info.max))
+        return pd.to_numeric(capped, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+
+
 def parse_numeric(series: pd.Series, source: str, row_offset: RowPositions = 0) -> np.ndarray:
     """Finite float32-range numbers as float64 (missing -> NaN); text, infinity and overflow are errors naming the rows."""
     if pd.api.types.is_bool_dtype(series.dtype):
@@ -66,7 +79,7 @@ def parse_numeric(series: pd.Series, source: str, row_offset: RowPositions = 0) 
         values = series.to_numpy(dtype=float, na_value=np.nan)
     else:
         missing = _is_missing(series)
-        values = pd.to_numeric(series.where(~missing), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        values = _to_float(series.where(~missing))
         bad = np.isnan(values) & ~missing  # text "inf" / "1e400" parses to inf: refused below as infinite
         if bad.any():
             example = series.iloc[int(np.flatnonzero(bad)[0])]

@@ -207,9 +207,11 @@ class TransactionRowsAdapter(RequestAdapter):
             try:
                 parse(pd.Series([value], name=series.name))
             except ValueError:
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(float(value)) > FLOAT32_MAX:
-                    reject(f"{where(i)}.{series.name}", f"expected a finite number within float32's range (|x| <= {FLOAT32_MAX:.2g}) or null (missing), as predict does ({role}); got {value!r}")
-                reject(f"{where(i)}.{series.name}", f"expected {wanted} ({role}); got {value!r}")
+                shown = f"an integer of {len(str(abs(value)))} digits" if isinstance(value, int) and abs(value) > 10**20 else repr(value)
+                huge = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX
+                if huge and role in ("numeric_columns", "amount_columns"):
+                    reject(f"{where(i)}.{series.name}", f"expected a finite number within float32's range (|x| <= {FLOAT32_MAX:.2g}) or null (missing), as predict does ({role}); got {shown}")
+                reject(f"{where(i)}.{series.name}", f"expected {wanted} ({role}); got {shown}")
         # every value parses alone (e.g. timestamps written in different formats): transform() goes row by row
 
     def transform(self, frame: pd.DataFrame, where: Callable[[int], str]) -> dict[str, np.ndarray]:
