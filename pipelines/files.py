@@ -54,6 +54,35 @@ def destination_problem(path: Path, option: str, folder: bool = False) -> str | 
     return None
 
 
+def report_destination_problem(path: Path, option: str, report_key: str, inputs: tuple[str | Path, ...] = ()) -> str | None:
+    """Why a JSON report may not be written at ``path``, or ``None``. A report path is rewritten on
+    every run (a nightly check writes the same ``--json``), so an existing file is replaced only when
+    it is an earlier report of the same command (a JSON object with ``report_key``): never one of the
+    command's ``inputs`` (the request log or table it reads) or any other file, which would be lost.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     table = Path(tmp) / "window.csv"
+    ...     _ = table.write_text("a,b\\n1,2\\n")
+    ...     print(report_destination_problem(table, "--json", "verdict", (table,)))
+    --json ...window.csv: is an input of this command (...window.csv); writing the report there would replace it: choose another path
+    """
+    path = Path(path)
+    problem = destination_problem(path, option)
+    if problem or not path.exists():
+        return problem
+    for source in inputs:
+        if Path(source).exists() and os.path.samefile(path, source):
+            return f"{option} {path}: is an input of this command ({source}); writing the report there would replace it: choose another path"
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or report_key not in earlier:
+        return f"{option} {path}: exists and is not an earlier report of this command (no {report_key!r} key); it would be replaced: choose another path or remove it"
+    return None
+
+
 def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
     """Write a file so that readers see the old file or the new one, never half of one.
 

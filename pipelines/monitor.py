@@ -52,7 +52,7 @@ from pipelines.csv_text import check_csv_text, check_delimiter
 from pipelines.validation import check_unique_columns
 from pipelines.reference import load_reference, reference_frame, units_note
 from pipelines.request_log import read_log, segment_files, version_problem
-from pipelines.files import destination_problem, write_json_atomic
+from pipelines.files import destination_problem, report_destination_problem, write_json_atomic
 from pipelines.monitor_mmd import MMD_ALPHA, sample_test
 from pipelines.monitor_wandb import log_to_wandb, monitor_metrics
 from pipelines.monitor_budget import ALPHA as BUDGET_ALPHA, Budget, BudgetCheck, check_budget, check_versions, read_budget, recalibrate, window_scores
@@ -235,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget_alpha and --mmd_alpha must be in (0, 1); got {args.budget_alpha}, {args.mmd_alpha}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
-    for option, destination, is_folder in (("--json", args.json, False), ("--report", args.report, True)):
-        problem = destination_problem(Path(destination), option, folder=is_folder) if destination else None
-        if problem:
-            parser.error(problem)
+    problems = [
+        report_destination_problem(Path(args.json), "--json", "verdict", (args.reference, args.window)) if args.json else None,
+        destination_problem(Path(args.report), "--report", folder=True) if args.report else None,
+    ]  # fmt: skip
+    for problem in filter(None, problems):
+        parser.error(problem)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     if args.columns is not None and not columns:
         parser.error(f"--columns {args.columns!r} names no column; expected comma-separated column names")

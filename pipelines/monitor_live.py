@@ -122,7 +122,7 @@ def live_metrics(before: Reading, after: Reading) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.files import write_json_atomic
+    from pipelines.files import report_destination_problem, write_json_atomic
     from pipelines.monitor_wandb import log_to_wandb
 
     parser = OptionParser(prog="python -m pipelines.monitor_live", description=__doc__.splitlines()[0].strip("`. "))
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--interval must be > 0 seconds, got {args.interval}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json {args.json}: the folder {Path(args.json).resolve().parent} does not exist")
+    problem = report_destination_problem(Path(args.json), "--json", "interval_s") if args.json else None
+    if problem:
+        parser.error(problem)
     try:
         before = read(args.url)
         time.sleep(args.interval)

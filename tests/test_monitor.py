@@ -115,6 +115,9 @@ BAD = [
     ("json-is-a-folder", write_csv("w.csv"), ["--json", "{tmp}"], ("--json", "is a folder")),
     ("report-is-a-file", write_csv("w.csv"), ["--report", "{tmp}/reference.parquet"], ("--report", "is a file; expected a folder")),
     ("report-under-a-file", write_csv("w.csv"), ["--report", "{tmp}/reference.parquet/reports"], ("--report", "is a file, so nothing can be written under it")),
+    # trial finding: --json onto the window (the request log) or the reference replaced it with the report, exit 0
+    ("json-is-the-window", write_csv("w.csv"), ["--json", "{tmp}/w.csv"], ("--json", "w.csv", "is an input of this command")),
+    ("json-is-the-reference", write_csv("w.csv"), ["--json", "{tmp}/reference.parquet"], ("--json", "is an input of this command")),
 ]
 
 
@@ -188,3 +191,21 @@ def test_a_window_in_other_units_is_refused_but_a_large_real_shift_is_still_drif
     assert not out.exists(), "a refused window writes nothing"
     assert main([reference, str(tmp_path / "moved.csv"), "--json", str(out)]) == 3
     assert json.loads(out.read_text())["drifted"] == ["amount", "latency"]
+
+
+def test_json_replaces_an_earlier_report_and_refuses_any_other_file(tmp_path, capsys):
+    """A nightly check rewrites its ``--json``; a file that is not one of its reports is never replaced."""
+    from pipelines.monitor import main
+
+    table(0, n=300).to_parquet(tmp_path / "reference.parquet")
+    table(1, n=300).to_csv(tmp_path / "window.csv", index=False)
+    report, notes = tmp_path / "check.json", tmp_path / "notes.json"
+    notes.write_text('{"owner": "fraud team"}')
+    args = [str(tmp_path / "reference.parquet"), str(tmp_path / "window.csv"), "--json"]
+    assert main([*args, str(report)]) == 0
+    first = json.loads(report.read_text())
+    assert main([*args, str(report)]) == 0 and json.loads(report.read_text())["written_at"] >= first["written_at"]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, str(notes)])
+    assert stop.value.code == 2 and "is not an earlier report of this command" in capsys.readouterr().err
+    assert notes.read_text() == '{"owner": "fraud team"}'
