@@ -41,10 +41,12 @@ attempt (``retrain-slurm-<job id>``) and resumes its training from ``last.ckpt``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +163,27 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         if isinstance(error, Exception):  # Ctrl+C: stopping, no W&B run is started now
             _log_decision(attempt)
         return ExitCode.FAILED
-    attempt.record(code)
-    print(f"[retrain] {attempt.row['decision']} (exit {int(code)})", file=sys.stderr)
-    _log_decision(attempt)
-    if options.keep:
-        _retention(attempt, options.keep)
+    try:
+        with _sigterm_deferred():  # the decision is recorded whole: a SIGTERM now lands right after it
+            attempt.record(code)
+        print(f"[retrain] {attempt.row['decision']} (exit {int(code)})", file=sys.stderr)
+        _log_decision(attempt)
+        if options.keep:
+            _retention(attempt, options.keep)
+    except Terminated:  # after the decision: it stands, and the exit code says it (a retry would train again)
+        print(f"[retrain] stopped (SIGTERM) after the decision was recorded ({attempt.row['decision']}, exit {int(code)}); "
+              "W&B logging or --keep retention not finished: the next run with --keep finishes the retention", file=sys.stderr)  # fmt: skip
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Hold a SIGTERM until the block is done (it is delivered, and raises :class:`Terminated`, on leaving)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _log_decision(attempt: Attempt) -> None:

@@ -225,6 +225,33 @@ def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_regi
     assert not [p for p in registry.versions_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_a_sigterm_after_the_decision_keeps_its_exit_code_and_record(lifecycle, tmp_path, monkeypatch, capsys):
+    """A SIGTERM (a job's timeout) landing in ``--keep`` retention, after the promotion was recorded: the
+    attempt still exits with its decision's code (0), without a traceback, and the history row stands;
+    the next attempt's retention removes what this one did not (trial finding: exit 1 and a traceback,
+    so the scheduler retried a promotion that had happened)."""
+    import pipelines.registry_upkeep as upkeep
+
+    copy = tmp_path / "registry"
+    shutil.copytree(lifecycle["registry"], copy)
+    registry = ModelRegistry(copy, "healthcare")
+    real_prune, before = upkeep.prune, registry.versions()
+
+    def terminated_at_retention(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this process's handler (pipelines.retrain)
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(upkeep, "prune", terminated_at_retention)
+    capsys.readouterr()
+    code = retrain(copy, tmp_path / "runs", *TINY, "--data.synthetic_seed=5", "--trainer.logger=false", "--margin=-1", "--keep=1")
+    err = capsys.readouterr().err
+    assert code == ExitCode.PROMOTED, err
+    assert "stopped (SIGTERM) after the decision was recorded (promoted, exit 0)" in err and "Traceback" not in err, err
+    assert registry.history()[-1]["decision"] == "promoted" and registry.history()[-1]["exit_code"] == 0
+    assert registry.verify() == [] and len(registry.versions()) == len(before) + 1  # the new champion; nothing pruned
+    check_champion_loads(registry)
+
+
 def test_fingerprint_hashes_file_contents_not_names_or_times(tmp_path):
     data = tmp_path / "table.csv"
     data.write_text("a,b\n1,2\n")
