@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import fsync_dir, sha256_file, write_json_atomic
-from pipelines.registry_loading import CHAMPION, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError
+from pipelines.registry_loading import CHAMPION, EVALUATION_FILE, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError
 
 DEFAULT_REGISTRY = "registry"
 REGISTRY_ENV = "PIPELINES_REGISTRY"
@@ -61,7 +61,6 @@ PREPROCESSING_FILE = "preprocessing.json"
 CONFIG_FILE = "config.yaml"
 CHAMPION_FILE = "champion.json"
 ALIASES_FILE = "aliases.json"
-EVALUATION_FILE = "evaluation.json"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 #: checkpoint keys that are training state, not model: left out of the registry

@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     gc = commands.add_parser("gc", help="retention: remove old versions and attempt run folders", parents=[common])
     gc.add_argument("--keep", type=int, required=True, help="versions and attempts to keep (the champion, its rollback chain and aliased versions are always kept)")
     gc.add_argument("--runs_dir", type=Path, action="append", default=[], help="runs folder of the attempts (default: the ones the history names)")
-    commands.add_parser("verify", help="check every pointer and checksum", parents=[common])
+    commands.add_parser("verify", help="check every pointer (champion, rollback chain, aliases), checksum and the evaluation pin", parents=[common])
     return parser
 
 

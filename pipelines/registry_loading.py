@@ -21,6 +21,7 @@ MANIFEST_FILE = "SHA256SUMS"
 HISTORY_FILE = "history.jsonl"
 #: the champion pointer's name; other aliases are free-form lowercase names
 CHAMPION = "champion"
+EVALUATION_FILE = "evaluation.json"
 
 
 class RegistryError(RuntimeError):
@@ -66,9 +67,11 @@ class LoadingMixin:
         """Problems with the registry (an empty list when it is valid): every pointer names a
         complete version whose files match their checksums, the history parses."""
         problems = []
-        pointers = {CHAMPION: None, **self.aliases()}
+        pointers: dict[str, str | None] = {CHAMPION: None, **self.aliases()}
         with contextlib.suppress(RegistryError):
-            pointers[CHAMPION] = self.champion()
+            chain = self.rollback_chain()  # type: ignore[attr-defined]
+            pointers[CHAMPION] = chain[0] if chain else None
+            pointers.update({f"rollback target {i} (previous champion)": version for i, version in enumerate(chain[1:], 1)})
         for name, version in pointers.items():
             try:
                 if version is not None:
@@ -78,6 +81,7 @@ class LoadingMixin:
         for version in self.versions():
             if not (self.versions_dir / version / MANIFEST_FILE).is_file() and not self.metadata(version).get("files"):
                 problems.append(f"{self.versions_dir / version} has no {MANIFEST_FILE}")
+        problems.extend(self._evaluation_pin_problems())
         path = self.path / HISTORY_FILE
         if path.is_file():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -88,6 +92,28 @@ class LoadingMixin:
                     problems.append(f"{path}: line {number} is not JSON")
         return problems
 
+
+    def _evaluation_pin_problems(self) -> list[str]:
+        """The pinned evaluation set (``evaluation.json``): it parses, and each snapshot file it pins has its checksum."""
+        from pipelines.fingerprint import hash_path
+
+        path = self.path / EVALUATION_FILE
+        if not path.is_file():
+            return []
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            return [f"evaluation pin: {path} is not valid JSON ({error}); every retrain would fail: replace it with `registry {self.domain} repin`"]
+        files = record.get("files") if isinstance(record, dict) else None
+        if not isinstance(files, dict) or "data" not in record:
+            return [f"evaluation pin: {path} has no 'data' and 'files' (the pinned set and its checksums); replace it with `registry {self.domain} repin`"]
+        problems = []
+        for name, expected in files.items():
+            actual = hash_path(Path(name)) if Path(name).exists() else "missing"
+            if actual != expected:
+                problems.append(f"evaluation pin: {name} (pinned in {path}) is {'missing' if actual == 'missing' else 'changed or damaged'} "
+                                f"(sha256 {str(expected)[:12]} expected, found {actual[:12]})")  # fmt: skip
+        return problems
 
     def load_weights(self, version: str | None = None) -> dict[str, Any]:
         """The LightningModule ``state_dict`` of a version (default: the champion), from safetensors."""

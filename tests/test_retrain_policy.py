@@ -217,6 +217,37 @@ def test_load_model_refuses_classes_outside_the_domain_and_edited_metadata(night
         registry.load_model()
 
 
+def test_verify_checks_the_rollback_chain_and_the_evaluation_pin(nights, tmp_path, capsys):
+    """``registry verify`` covers what a rollback or the next retrain relies on: every previous champion
+    of the rollback chain and the pinned evaluation set (trial finding: it said valid while the
+    rollback target was corrupt, or while a truncated evaluation.json made every retrain fail)."""
+    shutil.copytree(nights["root"] / "registry", tmp_path / "registry")
+    registry = ModelRegistry(tmp_path / "registry", "finance")
+    cli = ["--registry", str(tmp_path / "registry")]
+    target = next(v for v in registry.versions() if v != registry.champion())
+    assert registry_main(["finance", "promote", target, *cli]) == 0
+    chain = registry.rollback_chain()
+    assert len(chain) >= 2 and registry.verify() == [] and registry_main(["finance", "verify", *cli]) == 0
+    weights = registry.version_dir(chain[1]) / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact + b"garbage")  # bit rot on the version `rollback` would restore
+    assert any(p.startswith("rollback target 1") and chain[1] in p for p in registry.verify()), registry.verify()
+    capsys.readouterr()
+    assert registry_main(["finance", "verify", *cli]) == 1 and "rollback target 1" in capsys.readouterr().out
+    weights.write_bytes(intact)
+    pin = tmp_path / "registry" / "finance" / "evaluation.json"
+    record = pin.read_text()
+    snapshot = Path(next(iter(json.loads(record)["files"])))
+    snapshot_bytes = snapshot.read_bytes()
+    snapshot.write_bytes(b"damaged")
+    assert any(p.startswith("evaluation pin:") and "changed or damaged" in p for p in registry.verify()), registry.verify()
+    snapshot.write_bytes(snapshot_bytes)
+    pin.write_text(record[:40])  # cut
+    assert any(p.startswith("evaluation pin:") and "not valid JSON" in p for p in registry.verify()), registry.verify()
+    pin.write_text(record)
+    assert registry.verify() == []
+
+
 def test_aliases_and_retention_keep_the_champion_chain(nights, tmp_path):
     root = tmp_path
     shutil.copytree(nights["root"] / "registry", root / "registry")
