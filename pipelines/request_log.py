@@ -212,9 +212,15 @@ def read_log(path: str | Path) -> tuple[pd.DataFrame, int]:
                 rows.append(flat_row(json.loads(line)))
             except (json.JSONDecodeError, KeyError, TypeError):
                 skipped += 1
+    if not rows and not skipped:
+        raise EmptyRequestLog(f"{path}: no request records yet (the log is empty)")
     if not rows:
         raise ValueError(f"{path}: no complete request records ({skipped} unreadable line(s))")
     return pd.DataFrame(rows), skipped
+
+
+class EmptyRequestLog(ValueError):
+    """A request log that exists and holds no record at all (no traffic yet, or just rotated): not a damaged one."""
 
 
 def window_versions(window: pd.DataFrame) -> list[str]:

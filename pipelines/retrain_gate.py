@@ -5,7 +5,9 @@ Before anything else of the attempt, the window (the server's request log ``.jso
 **champion's** checkpoint in the registry (:mod:`pipelines.reference`; the training files are not
 needed), as ``python -m pipelines.monitor`` does. No feature drifted: exit ``4`` (nothing new,
 nothing trained). Drift: the attempt runs as without ``--when drift`` and exits with its own code.
-No champion yet: the attempt runs (there is nothing to compare with). A champion without reference
+No champion yet: the attempt runs (there is nothing to compare with). Too few records to judge (an empty request
+log, fewer than 2 records of the champion, or only earlier champions' records the night after a promotion):
+exit ``4``, nothing trained, with a line saying so (waiting fixes it). A champion without reference
 statistics, an unreadable window, or a window in other units than the reference (raw data against the
 model's preprocessed features: :mod:`pipelines.drift_units`): exit ``2`` naming it. ``--when always`` (the default) skips the check.
 
@@ -55,6 +57,9 @@ def gate(argv: list[str]) -> tuple[int | None, list[str]]:
         return ExitCode.USAGE, rest
     try:
         drifted = check_drift(rest[0] if rest else "", _registry_of(rest), options)
+    except TooFewRecords as error:  # a quiet night, or the first one after a promotion: waiting fixes it, the job is right
+        print(f"[retrain] --when drift: {error}: nothing to judge, nothing trained (exit 4)")
+        return ExitCode.NOTHING_NEW, rest
     except ValueError as error:
         print(f"[retrain] error: --when drift: {error}", file=sys.stderr)
         return ExitCode.USAGE, rest
@@ -80,7 +85,12 @@ def _registry_of(argv: list[str]) -> Path:
     return Path(found) if found else default_registry()
 
 
-def champion_records(window: Any, version: str, name: str) -> Any:
+class TooFewRecords(Exception):
+    """The window holds fewer than two records the champion answered, in a state that time fixes: an empty
+    request log, or one whose records all come from the registry's other versions (the night after a promotion)."""
+
+
+def champion_records(window: Any, version: str, name: str, earlier: tuple[str, ...] = ()) -> Any:
     """The records of a request log that the champion answered: each model logs features in its own preprocessing
     units, so records of other versions (before a promotion) are left out, and a log with none of the champion's is
     refused rather than compared (its drift would be the change of model, not of the data). A table without versions is kept."""
@@ -90,6 +100,8 @@ def champion_records(window: Any, version: str, name: str) -> Any:
     if not versions:
         return window
     mine = window[window["version"].astype(str) == version]
+    if not len(mine) and set(versions) <= set(earlier):
+        raise TooFewRecords(f"{name}: no records answered by champion {version} yet (only by this registry's other versions {versions}, each in its own units)")
     if not len(mine):
         raise ValueError(f"{name}: no records answered by champion {version} (versions in the window: {versions}); their features are in "
                          f"another model's units. Serve the champion with python -m pipelines.serve DOMAIN --registry (its records carry "
@@ -106,18 +118,27 @@ def check_drift(domain: str, root: Path, options: argparse.Namespace) -> list[st
     from pipelines.monitor import read_window
     from pipelines.reference import check, find_in_checkpoint, reference_frame, units_note
 
-    window, _ = read_window(options.drift_window, None, None)  # checked first: a missing window is bad input, champion or not
+    from pipelines.request_log import EmptyRequestLog
+
+    try:
+        window, _ = read_window(options.drift_window, None, None)  # checked first: a missing window is bad input, champion or not
+    except EmptyRequestLog as empty:
+        window, quiet = None, empty
     registry = ModelRegistry(root, domain)
     if not registry.path.is_dir() or registry.champion() is None:
         return None
+    if window is None:
+        raise TooFewRecords(str(quiet))
     version = registry.champion()
     stats = find_in_checkpoint(registry.load_checkpoint(version))
     if stats is None:
         raise ValueError(f"champion {version} in {registry.path} holds no reference statistics (trained before they were saved); retrain without --when drift once")
     check(stats, f"champion {version}")
-    window = champion_records(window, version, options.drift_window)
+    window = champion_records(window, version, options.drift_window, tuple(v for v in registry.versions() if v != version))
     if options.drift_last is not None and "version" in window.columns:  # a request log: its newest records of the champion
         window = window.tail(options.drift_last).reset_index(drop=True)
+    if "version" in window.columns and len(window) < 2:
+        raise TooFewRecords(f"{options.drift_window}: {len(window)} record(s) answered by champion {version}; drift needs at least 2")
     results = compare(reference_frame(stats), window, None, options.drift_psi_threshold, options.drift_ks_alpha,
                       names=(f"champion {version}", options.drift_window), units_note=units_note(stats))  # fmt: skip
     for r in results:

@@ -198,6 +198,21 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
     assert retrain_main(["finance", *options, "--when", "drift", "--drift_window", str(other)]) == 2
     assert f"no records answered by champion {registry.champion()}" in " ".join(capsys.readouterr().err.split())
     assert registry.versions() == versions
+    # states a night's wait fixes are not a broken job (trial finding: each was exit 2, "fix the job"): exit 4, nothing trained
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
+    earlier = next(v for v in versions if v != registry.champion())
+    quiet = {
+        "empty": ("", "no request records yet (the log is empty)"),
+        "after-a-promotion": ("".join(json.dumps({**r, "version": earlier}) + "\n" for r in records), f"no records answered by champion {registry.champion()} yet"),
+        "one-record": (json.dumps({**records[0], "version": registry.champion()}) + "\n", "1 record(s) answered by champion"),
+    }  # fmt: skip
+    for name, (text, message) in quiet.items():
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        capsys.readouterr()
+        assert retrain_main(["finance", *options, "--when", "drift", "--drift_window", str(tmp_path / f"{name}.jsonl")]) == 4, name
+        out = " ".join(capsys.readouterr().out.split())
+        assert message in out and "nothing trained (exit 4)" in out, (name, out)
+    assert registry.versions() == versions
 
 
 def test_healthcare_intensity_reference_flags_darkened_images(tmp_path):
