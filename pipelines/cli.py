@@ -36,6 +36,7 @@ from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_me
 from pipelines.hardware import plan_hardware
 from pipelines.parse_errors import config_file_problem, explain, foreign_config
 from pipelines.predictions import prediction_file
+from pipelines.resume_data import check_resumed_data, data_options
 from pipelines.run_callbacks import run_trainer_settings
 from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
 from pipelines.run_options import add_run_options, check_run_options
@@ -229,6 +230,8 @@ class PipelineCLI(LightningCLI):
             cfg = self.config[sub]
             if rank_zero_only.rank == 0:
                 log.info(f"{sub}: using {', '.join(sections)} from {path}")
+        if sub == "fit" and self._checkpoint is not None:  # resumed: on the data the checkpoint was trained on, or refused
+            check_resumed_data(data_options(cfg.get("data")), self._checkpoint, f"--ckpt_path {self.run.ckpt_path}")
         if cfg.get("ckpt_path") == "last" and self.run.ckpt_path is None and rank_zero_only.rank == 0:
             log.info(f"no last.ckpt under {self.run.path.parent} yet: starting a fresh run")
         cfg.ckpt_path = self.run.ckpt_path

@@ -20,6 +20,7 @@ from pipelines.domain_registry import DomainSpec
 from pipelines.guards import NonFiniteLossGuard, PredictStopsOnSigterm, SignalCheckpoint
 from pipelines.predictions import CsvPredictionWriter
 from pipelines.report import RunReport
+from pipelines.resume_data import DataFilesRecord, data_files, data_options
 from pipelines.run_folder import BEST_CHECKPOINT, RunFolder
 from pipelines.tracking import RunSummary, WatchModel, make_wandb_logger
 from pipelines.wandb_replay import ReplayMetrics
@@ -55,6 +56,7 @@ def run_trainer_settings(
     if subcommand == "fit":
         signal_checkpoint = SignalCheckpoint(run.checkpoint_dir)
         callbacks.append(CallbackGroup(signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))))
+        callbacks.append(DataFilesRecord(data_files(data_options(options.get("data")))))  # a resumed fit checks them (pipelines/resume_data.py)
     if trainer_cfg.get("enable_checkpointing", True) is not False:
         callbacks.append(
             TieBreakingCheckpoint(  # a tie on the monitor is decided by val/loss (pipelines/checkpointing.py)
