@@ -53,6 +53,12 @@ class DomainSpec:
         sanity_floors: floors every promoted model passes, even the first (``test/loss<inf`` = finite,
             ``test/auroc>0.5`` = better than chance, ``test/loss<baseline`` = better than the same
             network untrained); a floor whose metric the evaluation does not report is skipped.
+        unit_dependent_metrics: test metrics measured in the model's own fitted preprocessing units (finance's
+            reconstruction loss on robust-scaled features): retraining compares them only between models
+            whose preprocessing agrees, as ``units_differences`` tells (:meth:`pipelines.selection.Selection.decide`).
+        units_differences: ``module.function`` of ``(champion data state, challenger data state) -> list[str]``:
+            how two checkpoints' fitted preprocessing differs in units (empty: they agree); needed with
+            ``unit_dependent_metrics``.
         scoring_options: model options that set how a model is measured, not what it is (media: the FID
             feature extractor's settings and cache, sample counts, Inception weights). A checkpoint brings
             its own options to ``test``; retraining scores the champion with the challenger's values of
@@ -74,6 +80,8 @@ class DomainSpec:
     test_metrics: tuple[tuple[str, str], ...] = ()
     selection: tuple[str, ...] = ()
     sanity_floors: tuple[str, ...] = ()
+    unit_dependent_metrics: tuple[str, ...] = ()
+    units_differences: str = ""
     scoring_options: tuple[str, ...] = ()
     model_subclasses: bool = False
     tags: tuple[str, ...] = ()

@@ -83,6 +83,7 @@ class Attempt:
 
         challenger = self._score(best, config, runs_dir, run_dir, "challenger", evaluation)
         self.row["challenger"] = challenger
+        units_differ: list[str] = []
         if champion:
             with_champion = run_dir / f"champion-{champion}.ckpt"
             self.registry.write_checkpoint(champion, with_champion)
@@ -93,6 +94,7 @@ class Attempt:
             try:
                 result = self._score(with_champion, self._version_config(champion), runs_dir, run_dir, f"champion-{champion}", evaluation)
                 self.row["champion"] = {"version": champion, **result}
+                units_differ = self._units_differences(with_champion, best)
             finally:
                 with_champion.unlink(missing_ok=True)
         baseline = None
@@ -104,7 +106,7 @@ class Attempt:
                 untrained.unlink(missing_ok=True)
             self.row["baseline"] = baseline
         try:
-            decision, reason, metric, mode = self.selection.decide(challenger["metrics"], self.row["champion"] if champion else None, self.options.margin, baseline)
+            decision, reason, metric, mode = self.selection.decide(challenger["metrics"], self.row["champion"] if champion else None, self.options.margin, baseline, units_differ)
         except LookupError as error:
             raise RetrainError(ExitCode.FAILED, str(error)) from None
         self.row.update(reason=reason, metric=metric, mode=mode)
@@ -163,6 +165,19 @@ class Attempt:
         model = model_type(**{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")})
         torch.save({**{k: v for k, v in checkpoint.items() if k not in TRAINING_STATE_KEYS}, "state_dict": model.state_dict()}, path)
         return path
+
+    def _units_differences(self, champion_checkpoint: Path, challenger_checkpoint: Path) -> list[str]:
+        """How the two models' fitted preprocessing differs in units (``DomainSpec.units_differences``; empty without one)."""
+        if not self.spec.units_differences:
+            return []
+        import importlib
+
+        from pipelines.checkpoints import read_checkpoint
+
+        module, _, name = self.spec.units_differences.rpartition(".")
+        compare = getattr(importlib.import_module(module), name)  # the registered domain's own code, never a name read from a file
+        key = self.spec.datamodule_class.rpartition(".")[2]
+        return list(compare(read_checkpoint(champion_checkpoint).get(key) or {}, read_checkpoint(challenger_checkpoint).get(key) or {}))
 
     def _already_decided(self, digest: str, champion: str | None, champion_meta: dict[str, Any] | None) -> str | None:
         """Why this fingerprint is nothing new: it is the champion's, or a challenger with it was

@@ -87,6 +87,7 @@ class Selection:
     preference: list[str]  #: selection metrics, first available wins
     sanity: list[Floor] = field(default_factory=list)
     floors: list[Floor] = field(default_factory=list)
+    unit_dependent: tuple[str, ...] = ()  #: compared only between models with the same preprocessing units (DomainSpec.unit_dependent_metrics)
 
     @classmethod
     def for_domain(cls, spec: Any, metric: str | None, floors: list[Floor]) -> Selection:
@@ -96,7 +97,7 @@ class Selection:
         directions = dict(spec.test_metrics) or {monitor_key: spec.mode}
         directions.setdefault(monitor_key, spec.mode)
         rules = cls(spec.name, directions, [metric] if metric else list(spec.selection or [monitor_key]),
-                    [parse_floor(f) for f in spec.sanity_floors], list(floors))  # fmt: skip
+                    [parse_floor(f) for f in spec.sanity_floors], list(floors), tuple(spec.unit_dependent_metrics))  # fmt: skip
         known = ", ".join(directions)
         if metric is not None:
             if rules.direction(metric) is None:
@@ -153,10 +154,16 @@ class Selection:
                 failed.append(f"{name}={_fmt(float(metrics[name]))} is not finite")
         return failed
 
-    def decide(self, challenger: dict[str, float], champion: dict[str, Any] | None, margin: float, baseline: dict[str, float] | None = None) -> tuple[bool, str, str, str]:
+    def decide(
+        self, challenger: dict[str, float], champion: dict[str, Any] | None, margin: float, baseline: dict[str, float] | None = None,
+        units_differ: list[str] | None = None,
+    ) -> tuple[bool, str, str, str]:  # fmt: skip
         """(promote?, reason, metric, direction) for a challenger's test metrics against the
         champion's ``{"version", "metrics"}`` on the same evaluation set (``None``: first model) and
-        the untrained model's metrics ``baseline``."""
+        the untrained model's metrics ``baseline``. ``units_differ`` names how the two models'
+        fitted preprocessing differs: a unit-dependent metric (a loss in each model's own scaled units)
+        is then not compared, and the champion stays (a challenger fitted on data in other units, e.g.
+        garbage magnitudes, gets a tiny loss on rows its huge scales shrink to nothing)."""
         metric, mode = self.choose(challenger)
         failed = self.failed_floors(challenger, baseline)
         if failed:
@@ -167,6 +174,13 @@ class Selection:
         theirs = float(champion["metrics"].get(metric, math.nan))
         if self.failed_floors(champion["metrics"]):  # a champion below today's floors is beaten by any sane model
             return True, f"promoted: champion {champion['version']} fails the floors ({'; '.join(self.failed_floors(champion['metrics']))})", metric, mode
+        if metric in self.unit_dependent and units_differ:
+            return False, (
+                f"rejected: {metric} is measured in each model's own preprocessing units, and the challenger's differ from champion "
+                f"{champion['version']}'s ({'; '.join(units_differ[:3])}{'; ...' if len(units_differ) > 3 else ''}): {_fmt(score)} vs "
+                f"{_fmt(theirs)} does not say which model is better. If the new data is right, promote it by hand "
+                f"(python -m pipelines.registry {self.domain} promote VERSION)"
+            ), metric, mode  # fmt: skip
         better = is_improvement(score, theirs, mode, margin)
         comparison = f"{metric} {_fmt(score)} vs champion {champion['version']} {_fmt(theirs)} ({mode}, margin {margin:g})"
         return better, ("promoted: " if better else "rejected: not better by the margin: ") + comparison, metric, mode

@@ -277,7 +277,21 @@ def test_every_domain_has_a_retraining_metric_and_fingerprint(domain):
     rules = Selection.for_domain(spec, None, [])
     assert rules.preference and all(rules.direction(name) in ("max", "min") for name in rules.preference)
     assert rules.sanity and all(rules.direction(key) is not None for key, _, _ in rules.sanity), "every domain has sanity floors on metrics it logs"
+    # a metric in the model's own units is compared only where the domain can tell whether two models' units agree
+    assert not spec.unit_dependent_metrics or spec.units_differences, f"{domain}: unit_dependent_metrics without units_differences"
+    assert all(rules.direction(name) for name in spec.unit_dependent_metrics)
     config = resolve_config(domain, list(spec.test_args))
     assert fingerprint(config)["digest"] == fingerprint(resolve_config(domain, list(spec.test_args)))["digest"]
     other = resolve_config(domain, [*spec.test_args, f"--data.batch_size={config['data']['batch_size'] + 1}"])
     assert fingerprint(other)["digest"] != fingerprint(config)["digest"]
+
+
+def test_a_loss_in_other_units_is_not_compared():
+    """Selection.decide: finance's test/loss (own robust-scaled units) decides only between models whose units agree."""
+    rules = Selection.for_domain(get_domain("finance"), None, [])
+    champion = {"version": "v0001", "metrics": {"test/loss": 80.39}}
+    promote, reason, metric, _ = rules.decide({"test/loss": 3.89}, champion, 0.0, None, ["amount: scale 4e+05 vs 30, centre 900 vs 50"])
+    assert not promote and metric == "test/loss" and "amount: scale 4e+05" in reason and "promote it by hand" in reason
+    assert rules.decide({"test/loss": 3.89}, champion, 0.0, None, [])[0], "units that agree: the smaller loss wins"
+    promote, reason, metric, _ = rules.decide({"test/auprc": 0.3, "test/loss": 3.89}, {"version": "v0001", "metrics": {"test/auprc": 0.2}}, 0.0, None, ["x"])
+    assert promote and metric == "test/auprc", "a label metric does not depend on the preprocessing's units"

@@ -297,3 +297,35 @@ def test_a_killed_runs_epochs_reach_wandb_once_after_resume(tmp_path):
     native = [row for row in rows if not row.get("replayed")]
     assert {row["trainer/global_step"] - row["epoch"] * 3 for row in rows} == {2}, "replayed rows sit where Lightning logs epoch ends"
     assert native
+
+
+def test_unsupervised_losses_in_other_units_are_not_compared_so_a_model_fitted_on_garbage_is_not_promoted(tmp_path, capsys):
+    """Without labels finance selects on test/loss, which each model measures in its own robust-scaled units.
+    A challenger fitted on a night of garbage numbers (huge scales) shrinks the evaluation rows and
+    "reconstructs" them with a tiny loss; compared raw, it was promoted (trial finding: 3.89 vs 80.39).
+    Losses in different units are not compared: the champion stays, and the reason names the columns."""
+    import numpy as np
+
+    from domains.finance.synthetic import make_card_transactions
+
+    latest = tmp_path / "latest.csv"
+    unsupervised = ["--data.path", str(latest), "--data.label_column=null", "--data.label_classes=null", "--data.ignore_columns=[is_fraud]",
+                    "--data.mode=unsupervised", "--data.batch_size=64", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.logger=false"]  # fmt: skip
+    command = ["finance", "--registry", str(tmp_path / "registry"), "--runs_dir", str(tmp_path / "runs"), *unsupervised]
+    make_card_transactions(1200, fraud_rate=0.05, seed=1).to_csv(latest, index=False)
+    assert retrain_main(command) == ExitCode.PROMOTED
+    garbage = make_card_transactions(1200, fraud_rate=0.05, seed=2)
+    rng = np.random.default_rng(0)
+    garbage["amount"] = (garbage["amount"] * np.exp(rng.normal(0, 6, len(garbage)))).round(2)  # an upstream bug: random magnitudes
+    garbage["distance_from_home_km"] = rng.normal(0, 50000, len(garbage)).round(1)
+    garbage["customer_age"] = rng.normal(0, 2000, len(garbage)).round(0)
+    garbage.to_csv(latest, index=False)
+    capsys.readouterr()
+    code = retrain_main(command)
+    err = " ".join(capsys.readouterr().err.split())
+    registry = ModelRegistry(tmp_path / "registry", "finance")
+    row = registry.history()[-1]
+    assert code == ExitCode.KEPT_CHAMPION and registry.champion() == "v0001", err[-3000:]
+    assert "measured in each model's own preprocessing units, and the challenger's differ" in row["reason"], row["reason"]
+    assert "amount: scale" in row["reason"] and "registry finance promote" in row["reason"], row["reason"]
+    assert row["challenger"]["metrics"]["test/loss"] < row["champion"]["metrics"]["test/loss"], "the raw losses would have promoted it"

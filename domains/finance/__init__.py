@@ -26,6 +26,8 @@ SPEC = DomainSpec(
                   ("test/precision_at_budget", "max"), ("test/recall_at_budget", "max"), ("test/loss", "min"), ("test/alert_rate", ""),
                   ("test/ece", "min"), ("test/brier", "min")),  # fmt: skip
     selection=("test/auprc", "test/loss"),  # AUPRC where labels exist, else the reconstruction loss
+    unit_dependent_metrics=("test/loss",),  # in each model's own robust-scaled units: compared only when the scales agree
+    units_differences="domains.finance.units.units_differences",
     sanity_floors=("test/loss<inf", "test/loss<baseline", "test/auroc>0.5"),  # baseline: the untrained network
     tags=("tabular", "anomaly-detection", "fraud"),
     test_args=(

@@ -372,3 +372,4 @@ class TablePreprocessor:
         if "means" in state:  # a state saved before robust scaling: scored exactly as it was trained
             state["centers"], state["scales"], state["scaling"] = state.pop("means"), state.pop("stds"), "standard"
         return cls(roles=roles, **state)
+
