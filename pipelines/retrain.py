@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(registry)
         with registry.lock():
             check_writable(registry)  # again under the lock: an earlier holder may have filled the disk
+            SIGNALS.clear()  # this attempt's signals only (main may run several attempts in one process)
             previous = signal.signal(signal.SIGTERM, _terminated)  # a SIGTERM is recorded as a failed attempt
             try:
                 return _attempt(options, runner_args, selection)
@@ -167,6 +168,8 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         with _sigterm_deferred():  # the decision is recorded whole: a SIGTERM now lands right after it
             attempt.record(code)
         print(f"[retrain] {attempt.row['decision']} (exit {int(code)})", file=sys.stderr)
+        if SIGNALS:  # one landed while the model was logged to W&B, after the decision
+            raise Terminated("terminated (SIGTERM)")
         _log_decision(attempt)
         if options.keep:
             _retention(attempt, options.keep)

@@ -127,7 +127,12 @@ class Attempt:
         self.row["decision"] = "promoted" if decision else "rejected"
         from pipelines.registry_cli import publish_to_wandb
 
-        self.row["wandb"] = publish_to_wandb(self.registry, version, ["candidate", *(["champion"] if decision else [])], self.group)
+        try:
+            self.row["wandb"] = publish_to_wandb(self.registry, version, ["candidate", *(["champion"] if decision else [])], self.group)
+        except BaseException:  # noqa: BLE001 - a SIGTERM during the upload: the decision above stands (pipelines.retrain ends the run)
+            if not SIGNALS:
+                raise
+            self.row["wandb"] = "stopped (SIGTERM) while logging the model to W&B: not logged"
         return ExitCode.PROMOTED if decision else ExitCode.KEPT_CHAMPION
 
     def _add_version(self, best: Path, print_: dict, challenger: dict, evaluation: dict, decision: bool, reason: str, champion: str | None) -> str:
