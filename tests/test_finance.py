@@ -244,6 +244,21 @@ def test_scoring_reuses_the_saved_preprocessing_and_rejects_bad_files(tmp_path, 
     run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "new.csv"))
     assert np.allclose(pd.read_csv(run / "predictions.csv")["score"], before, rtol=1e-6)
 
+    # a category spelled another way upstream scores as <unknown> for every row: said, naming the column (trial finding: silent)
+    import warnings
+
+    respelled = make_card_transactions(60, 0.1, seed=4)
+    respelled["country"] = respelled["country"].str.lower()
+    respelled.to_csv(tmp_path / "respelled.csv", index=False)
+    for name, expect_note in (("new.csv", False), ("respelled.csv", True)):
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / name), "--output", f"scores-{name}")
+        said = " ".join([*(str(w.message) for w in caught), capsys.readouterr().err]).replace("\n", " ")
+        assert ("'country': 100.0% of the rows hold categories not seen in training" in said) == expect_note, (name, said[-2000:])
+    assert "e.g. '" in said and "scored as <unknown>" in said
+
     renamed = make_card_transactions(40, 0.1, seed=3).rename(columns={"country": "nation"})
     renamed.to_csv(tmp_path / "renamed.csv", index=False)
     with pytest.raises(SystemExit) as refused:

@@ -328,7 +328,7 @@ class TransactionDataModule(pl.LightningDataModule):
 
     def check_scoring_file(self, path: Path) -> None:
         """The scoring file's columns, then every value of every chunk (:func:`domains.finance.column_checks.check_scoring_file`)."""
-        check_scoring_file(path, self.roles, self.split_rule, self.source_name, self._label_classes, self.hparams.predict_chunk_rows)
+        check_scoring_file(path, self.roles, self.split_rule, self.source_name, self._label_classes, self.hparams.predict_chunk_rows, self.preprocessor)
 
     def _split(self, name: str) -> EncodedRows:
         """The rows of one split encoded with the preprocessing in force (re-encoded after a checkpoint restore)."""

@@ -182,6 +182,7 @@ class TablePreprocessor:
     scaling: Literal["robust", "standard"] = "robust"  # "standard": a legacy state (mean / std), loaded as it was
     true_share: dict[str, float] = field(default_factory=dict)
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    unknown_shares: dict[str, float] = field(default_factory=dict)  # training rows mapped to <unknown> (empty in a legacy state)
     fitted: bool = False
 
     # ----- layout -------------------------------------------------------------------------
@@ -309,6 +310,7 @@ class TablePreprocessor:
                 )
             kept = counts[counts >= self.min_category_count].index[: self.max_categories]
             self.vocabularies[column] = [UNKNOWN, *sorted(str(v) for v in kept)]
+            self.unknown_shares[column] = float(1.0 - counts[kept].sum() / len(text))
         self.fitted = True
         return self
 

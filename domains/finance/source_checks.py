@@ -9,12 +9,15 @@ value, its row, before anything is trained or written.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from lightning.pytorch.utilities import rank_zero_warn
 
+from domains.finance.parsing import category_text
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
 from domains.finance.sources import iter_chunks, read_header
 from pipelines.errors import InputError
@@ -85,15 +88,40 @@ def check_scoring_columns(path: Path, roles: ColumnRoles, rule: SplitRule, sourc
     return columns
 
 
-def check_scoring_file(path: Path, roles: ColumnRoles, rule: SplitRule, source_name: str, label_classes: list[Any], chunk_rows: int) -> None:
+def check_scoring_file(
+    path: Path, roles: ColumnRoles, rule: SplitRule, source_name: str, label_classes: list[Any], chunk_rows: int, fitted: TablePreprocessor | None = None,
+) -> None:  # fmt: skip
     """Columns, then every value of every chunk (streamed, as ``predict`` will read it): a bad value
-    anywhere refuses the file, naming its row, before anything is written."""
+    anywhere refuses the file, naming its row, before anything is written. With the ``fitted``
+    preprocessing, categories it never saw are counted per column and said (:func:`unseen_categories_note`)."""
     check_scoring_columns(path, roles, rule, source_name)
     checker = TablePreprocessor(roles, label_classes=label_classes)  # parsing needs no fitted state
-    rows = 0
+    rows, unseen = 0, {column: Counter() for column in (roles.categorical_columns if fitted is not None else [])}
     for offset, chunk in iter_chunks(path, chunk_rows):
         check_unique_columns([str(c) for c in chunk.columns], str(path))
         checker.check_values(chunk, str(path), offset)
+        for column, counter in unseen.items():
+            known = set(fitted.vocabularies.get(column, []))
+            counter.update(value for value in category_text(chunk[column]) if value not in known)
         rows = offset + len(chunk)
     if rows == 0:
         raise InputError(f"--data.predict_path {path}: the file has no rows (only a header); expected one row per transaction to score")
+    note = unseen_categories_note(unseen, rows, fitted, str(path)) if fitted is not None else None
+    if note:
+        rank_zero_warn(note)
+
+
+def unseen_categories_note(unseen: dict[str, Counter], rows: int, fitted: TablePreprocessor, source: str) -> str | None:
+    """A warning naming the categorical columns whose share of categories unseen in training (scored as
+    ``<unknown>``: the column then carries no signal for those rows) is at least 5 % and more than twice
+    the training share plus 2 points, e.g. a column spelled another way upstream (``US`` -> ``us``)."""
+    lines = []
+    for column, counter in unseen.items():
+        share, trained = sum(counter.values()) / rows, fitted.unknown_shares.get(column, 0.0)
+        if share >= 0.05 and share > 2 * trained + 0.02:
+            examples = ", ".join(repr(value) for value, _ in counter.most_common(3))
+            lines.append(f"{column!r}: {share:.1%} of the rows hold categories not seen in training (e.g. {examples}; {trained:.1%} in training)")
+    if not lines:
+        return None
+    return (f"{source}: {'; '.join(lines)}. They are scored as <unknown>, so the column carries no signal for them: "
+            "if the values are spelled differently upstream, fix the spelling; if they are new, retrain")  # fmt: skip

@@ -230,7 +230,7 @@ class StreamedTable:
             if not present.any():
                 raise InputError(f"{self.source_name}: column {column!r} is empty (all {len(present)} training values are missing)")
         for column in r.categorical_columns:  # (the whole table's fit checks them in this order)
-            fitted.vocabularies[column] = self.vocabulary(column, rows, max_categories, min_category_count)
+            fitted.vocabularies[column], fitted.unknown_shares[column] = self.vocabulary(column, rows, max_categories, min_category_count)
         fitted.fitted = True
         return fitted
 
@@ -240,10 +240,10 @@ class StreamedTable:
 
         return MappedRows(self.folder, self.encoded_folder(preprocessor), name, self.mode == "semi_supervised")
 
-    def vocabulary(self, column: str, rows: np.ndarray, max_categories: int, min_category_count: int) -> list[str]:
+    def vocabulary(self, column: str, rows: np.ndarray, max_categories: int, min_category_count: int) -> tuple[list[str], float]:
         """:meth:`TablePreprocessor.fit`'s vocabulary of a categorical column, from its codes (no string per row): the most
         frequent ``max_categories`` values seen ``min_category_count`` times, ties in order of first appearance (pandas'
-        stable ``value_counts``), with the same refusals."""
+        stable ``value_counts``), with the same refusals; and the share of rows it maps to ``<unknown>``."""
         dictionary = np.asarray(self.meta["dictionaries"][column], dtype=object)
         codes = np.fromfile(self.folder / self.feature_files()[column], dtype=np.int32)[rows]
         uniques, first, counts = np.unique(codes, return_index=True, return_counts=True)
@@ -256,7 +256,9 @@ class StreamedTable:
                 f"{self.source_name}: categorical column {column!r} has only one value ({values[0]!r}) in the {len(rows)} "
                 "training rows; it carries no information: remove it from categorical_columns"
             )
-        return [UNKNOWN, *sorted(str(v) for v in values[counts >= min_category_count][:max_categories])]
+        kept = counts >= min_category_count
+        kept[np.flatnonzero(kept)[max_categories:]] = False
+        return [UNKNOWN, *sorted(str(v) for v in values[kept])], float(1.0 - counts[kept].sum() / len(rows))
 
     # ----- encode ----------------------------------------------------------------------------------
     def encoded_folder(self, preprocessor: TablePreprocessor) -> Path:
