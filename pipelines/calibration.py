@@ -25,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +45,20 @@ def _binary(logits: torch.Tensor) -> bool:
     return logits.ndim == 1 or logits.shape[1] == 1
 
 
+def _with_autograd(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a calibration fit with autograd on, also when it is called inside ``torch.inference_mode``
+    (Lightning's ``validate`` and ``test``: the fit at validation end needs gradients of its own
+    parameters; the tensors it is given are copied out of inference mode)."""
+
+    @functools.wraps(fit)
+    def fitted(values: torch.Tensor, labels: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad():
+            return fit(values.clone(), labels.clone(), *args, **kwargs)
+
+    return fitted
+
+
+@_with_autograd
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
     """The temperature ``T`` minimising the NLL of ``logits / T`` on ``labels``.
 
@@ -74,6 +90,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]) if math.isfinite(temperature) else 1.0
 
 
+@_with_autograd
 def fit_platt(scores: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> tuple[float, float]:
     """``(a, b)`` of ``P(positive | score s) = sigmoid(a * s + b)``, fitted by maximum likelihood on labelled
     scores (standardised while fitting, for a well-conditioned problem). ``(nan, nan)`` when the

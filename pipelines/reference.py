@@ -153,14 +153,21 @@ def check(stats: Any, where: str) -> dict[str, Any]:
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
-    """Reference statistics from a bundle folder (``metadata.json``) or a Lightning checkpoint (``.ckpt``, read weights-only).
+    """Reference statistics from a bundle folder (``metadata.json``), a registry version folder (its
+    ``checkpoint_extras.pt``) or a Lightning checkpoint (``.ckpt``); checkpoints are read weights-only.
 
     ``ValueError`` naming the file when it has none (a model trained before they existed, or a domain that does not fit them).
     """
     import json
 
+    from pipelines.registry_loading import EXTRAS_FILE, MANIFEST_FILE
+
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / EXTRAS_FILE).is_file() and (path / MANIFEST_FILE).is_file():  # a registry version (versions/vNNNN)
+        import torch
+
+        found = find_in_checkpoint(torch.load(path / EXTRAS_FILE, map_location="cpu", weights_only=True))
+    elif path.is_dir():
         metadata_file = path / "metadata.json"
         if not metadata_file.is_file():
             raise ValueError(f"{path}: not a bundle (no metadata.json)")
@@ -177,7 +184,8 @@ def load_reference(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: expected a bundle folder or a .ckpt checkpoint")
     if found is None:
         raise ValueError(f"{path}: holds no {KEY} (exported or trained before they were saved, or its domain does not fit them); "
-                         "give the training table as the reference instead")  # fmt: skip
+                         "give a bundle folder, a .ckpt or a registry version folder that holds them, or a table of data in the "
+                         "window's own units")  # fmt: skip
     return check(found, str(path))
 
 

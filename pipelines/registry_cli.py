@@ -175,6 +175,10 @@ def named_version(registry: ModelRegistry, name: str | None) -> str:
     """The version a command line names (a version, an alias, ``champion`` or nothing: the champion), or
     :class:`InputError` naming the versions and aliases (with a did-you-mean) when there is no such one."""
     version = registry.resolve(name)
+    if version not in registry.versions() and (name in (None, "champion") or name in registry.aliases()):  # a pointer to a version that is gone
+        pointer = "champion" if name in (None, "champion") else f"alias {name!r}"
+        raise RegistryError(f"{pointer} names {version}, which is not in {registry.versions_dir} (a broken pointer; "
+                            f"`python -m pipelines.registry {registry.domain} verify` lists every problem)")  # fmt: skip
     if name is not None and version not in registry.versions():
         known = [*registry.versions(), *registry.aliases()]
         raise InputError(f"no version or alias {name!r} in {registry.path}{did_you_mean(name, known)} (versions: {', '.join(registry.versions()) or 'none'}; "

@@ -70,6 +70,20 @@ def test_platt_scaling_recovers_a_logistic_link():
     assert all(math.isnan(v) for v in fit_platt(scores, torch.zeros_like(scores)))
 
 
+def test_fits_work_inside_inference_mode_as_validate_and_test_run_them():
+    """Lightning's ``validate``/``test`` run under ``torch.inference_mode``; the fits at validation end need
+    autograd for their own parameters (``finance validate --ckpt_path`` crashed: "element 0 of tensors does not
+    require grad"). Inside inference mode they give what they give outside."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(5000, generator=generator) * 10
+    labels = torch.bernoulli(torch.sigmoid(1.5 * scores - 9), generator=generator)
+    logits, binary = calibrated_binary(5000, seed=1)
+    outside = (*fit_platt(scores, labels), fit_temperature(logits * 3, binary))
+    with torch.inference_mode():
+        inside = (*fit_platt(scores.clone(), labels.clone()), fit_temperature(logits.clone() * 3, binary.clone()))
+    assert inside == pytest.approx(outside) and torch.is_inference_mode_enabled() is False
+
+
 def brute_force_cost(scores, labels, cost_fn, cost_fp):
     grid = sorted(set(scores.tolist())) + [math.inf]
     costs = [(cost_fn * int(((scores < t) & (labels == 1)).sum()) + cost_fp * int(((scores >= t) & (labels == 0)).sum()), -t) for t in grid]

@@ -239,6 +239,7 @@ def test_scoring_reuses_the_saved_preprocessing_and_rejects_bad_files(tmp_path, 
     make_card_transactions(60, 0.1, seed=4).to_csv(tmp_path / "new.csv", index=False)
     run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "new.csv"))
     before = pd.read_csv(run / "predictions.csv")["score"]
+    run_pipeline("finance", "validate", *args, "--run_id", run.name, "--ckpt_path", "last")  # calibrates at validation end: crashed (no autograd)
     # a refit on the changed training file would scale amounts differently: scoring must not refit
     train.assign(amount=train.amount * 50, distance_from_home_km=train.distance_from_home_km * 7).to_csv(tmp_path / "train.csv", index=False)
     run_pipeline("finance", *predict, "--data.predict_path", str(tmp_path / "new.csv"))

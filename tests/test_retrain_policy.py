@@ -246,6 +246,19 @@ def test_verify_checks_the_rollback_chain_and_the_evaluation_pin(nights, tmp_pat
     assert any(p.startswith("evaluation pin:") and "not valid JSON" in p for p in registry.verify()), registry.verify()
     pin.write_text(record)
     assert registry.verify() == []
+    # a registry version folder is a reference for the monitor: its checkpoint holds the training split's statistics
+    from pipelines.monitor import main as monitor_main
+    from pipelines.reference import load_reference, reference_frame
+
+    version_dir = registry.version_dir(chain[0])
+    reference_frame(load_reference(version_dir)).to_csv(tmp_path / "window.csv", index=False)  # the training split itself: no drift
+    assert monitor_main([str(version_dir), str(tmp_path / "window.csv"), "--only", "drift"]) == 0, capsys.readouterr()
+    # a champion pointer naming a version that is gone: exit 1 naming it (it was exit 2, "no version or alias 'champion'")
+    pointer = tmp_path / "registry" / "finance" / "champion.json"
+    pointer.write_text(pointer.read_text().replace(f'"{chain[0]}"', '"v0099"', 1))
+    capsys.readouterr()
+    assert registry_main(["finance", "show", "champion", *cli]) == 1
+    assert "champion names v0099, which is not in" in capsys.readouterr().err
 
 
 def test_aliases_and_retention_keep_the_champion_chain(nights, tmp_path):
