@@ -1,0 +1,185 @@
+"""Finance ``--data.shards DIR`` (domains/finance/shards.py, shards_write.py, pipelines/row_shards.py): the writer's shards
+hold the in-memory path's encoded rows and fitted state; a run from them serves the same evaluation batches, so one
+checkpoint tested from the shards and from the source gives the same metrics; a damaged, missing or mismatched shard set is
+refused in one paragraph, exit 2, naming the shard or option. The 2-process gloo run: ``benchmarks/shards_ddp.py --domain finance``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from domains.finance.data import SYNTHETIC_ROLES, TransactionDataModule
+from domains.finance.shards_write import main as write_main
+from domains.finance.shards_write import write_shards
+from pipelines.errors import InputError
+from pipelines.row_shards import decode_block
+from tests.bad_inputs import BadInput, check_refused
+from tests.conftest import only_run, run_pipeline
+from tests.test_shards_healthcare import copy_of, damaged
+
+SMALL = {"synthetic_rows": 1500}
+#: what a run gets from domains/finance/config.yaml, for data modules built in-process
+CONFIG = {**SYNTHETIC_ROLES, "label_classes": [0, 1]}
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.batch_size=64", "--model.hidden_dims=[16]", "--model.latent_dim=4",
+        "--trainer.logger=false"]  # fmt: skip
+
+
+def shard_rows(folder: Path, split: str) -> dict[str, np.ndarray]:
+    """Every row of a split's shards in the written order, read with webdataset itself."""
+    import webdataset as wds
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    blocks = [decode_block(s) for e in manifest["splits"][split] for s in wds.tarfile_samples([{"url": str(folder / e["file"])}])]
+    return {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
+
+
+@pytest.fixture(scope="module")
+def finance_shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("finance-shards") / "set"
+    write_shards({**CONFIG, **SMALL}, str(folder), samples_per_shard=300)
+    return folder
+
+
+def test_the_shards_hold_the_encoded_rows_and_fitted_state(finance_shards):
+    memory = TransactionDataModule(**CONFIG, **SMALL)
+    memory.setup("fit")
+    manifest = json.loads((finance_shards / "manifest.json").read_text())
+    assert manifest["state"] == json.loads(json.dumps(memory.state_dict())), "preprocessing, split rule and drift reference"
+    assert manifest["facts"] == memory.describe_data() and manifest["options"]["synthetic_rows"] == 1500
+    for split in ("train", "val", "test"):
+        dataset, stored = memory._split(split), shard_rows(finance_shards, split)
+        counts = [e["samples"] for e in manifest["splits"][split]]
+        assert sum(counts) == len(dataset) and max(counts) <= 300 and max(counts) - min(counts) <= 1 and len(counts) == -(-len(dataset) // 300)
+        position = {int(r): n for n, r in enumerate(dataset.rows)}
+        order = [position[int(r)] for r in stored["row"]]
+        assert sorted(order) == list(range(len(dataset)))
+        expected = dataset.__getitems__(order)
+        for name, value in expected.items():
+            assert stored[name].dtype == value.numpy().dtype and np.array_equal(stored[name], value.numpy()), (split, name)
+        assert (order != sorted(order)) == (split == "train"), "the training split is written shuffled, val and test in order"
+
+
+def test_a_run_from_shards_serves_the_in_memory_batches_and_a_seeded_order_per_epoch(finance_shards):
+    memory = TransactionDataModule(**CONFIG, **SMALL, batch_size=64)
+    sharded = TransactionDataModule(shards=str(finance_shards), batch_size=64)
+    for module in (memory, sharded):
+        module.setup("fit")
+    assert sharded.num_numeric == memory.num_numeric and sharded.feature_groups == memory.feature_groups
+    assert json.dumps(sharded.state_dict(), sort_keys=True) == json.dumps(memory.state_dict(), sort_keys=True), "what goes into the checkpoint"
+    for split in ("val", "test"):  # one process, in order: the very batches
+        pairs = list(zip(memory._loader(split), sharded._loader(split), strict=True))
+        assert pairs and all(a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a) for a, b in pairs)
+    loader = sharded.train_dataloader()
+    epochs = [[b["row"] for b in loader] for _ in range(2)]
+    train = len(memory._split("train"))
+    assert len(loader) == len(epochs[0]) == -(-train // 64) and all(len(b) == 64 for b in epochs[0][:-1])
+    rows = [torch.cat(epoch).tolist() for epoch in epochs]
+    assert sorted(rows[0]) == sorted(rows[1]) == sorted(memory._split("train").rows.tolist()), "one process reads every row each epoch"
+    assert rows[0] != rows[1], "shard order and shuffle buffer change with the epoch"
+    again = TransactionDataModule(shards=str(finance_shards), batch_size=64)
+    again.setup("fit")
+    assert torch.cat([b["row"] for b in again.train_dataloader()]).tolist() == rows[0], "seeded: the same run reads the same order"
+
+
+def test_one_checkpoint_tested_from_shards_and_from_the_source_gives_the_same_metrics(finance_shards, tmp_path):
+    """The runner end to end: fit + test from the shards; the checkpoint holds the state a run from the source fits; the
+    same checkpoint tested on the source gives the very metrics; predict from the shards scores a file."""
+    from domains.finance.synthetic import make_card_transactions
+    from pipelines.checkpoints import read_checkpoint
+
+    runs = tmp_path / "runs"
+    run_pipeline("finance", "--data.shards", str(finance_shards), *TINY, "--runs_dir", str(runs))
+    run = only_run(runs, "finance")
+    from_shards = json.loads((run / "summary.json").read_text())["test"]
+    memory = TransactionDataModule(**CONFIG, **SMALL)
+    state = read_checkpoint(run / "checkpoints" / "best.ckpt")["TransactionDataModule"]
+    assert json.dumps(state, sort_keys=True) == json.dumps(memory.state_dict(), sort_keys=True)
+    run_pipeline("finance", "test", "--data.synthetic_rows=1500", "--data.batch_size=64", "--trainer.logger=false", "--run_id", run.name,
+                 "--ckpt_path", "best", "--runs_dir", str(runs))  # fmt: skip
+    from_source = json.loads((run / "summary.json").read_text())["test"]
+    assert from_shards == from_source and "test/auprc" in from_source and "test/loss" in from_source
+    make_card_transactions(40, 0.1, seed=4).to_csv(tmp_path / "new.csv", index=False)
+    run_pipeline("finance", "predict", "--data.shards", str(finance_shards), "--data.predict_path", str(tmp_path / "new.csv"), "--trainer.logger=false",
+                 "--run_id", run.name, "--ckpt_path", "best", "--runs_dir", str(runs))  # fmt: skip
+    assert len(__import__("pandas").read_csv(run / "predictions.csv")) == 40
+
+
+def _cut(folder: Path) -> None:
+    (folder / "train-000001.tar").write_bytes((folder / "train-000001.tar").read_bytes()[:-1024])
+
+
+def _other_kind(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "kind": "healthcare images"}))
+
+
+BAD = [
+    ("missing-shard", lambda f: (f / "train-000002.tar").unlink(), ("train-000002.tar", "missing")),
+    ("truncated-shard", _cut, ("train-000001.tar", "bytes", "cut short")),
+    ("no-manifest", lambda f: (f / "manifest.json").unlink(), ("no manifest.json",)),
+    ("another-domains-manifest", _other_kind, ("'healthcare images' shards", "expected format 1 of 'finance rows' shards")),
+]
+
+
+def test_damaged_or_mismatched_shard_sets_are_refused_before_training(finance_shards, tmp_path, capsys):
+    cases = [BadInput(name, ("--data.shards", "{tmp}/set"), expect, damaged(finance_shards, how)) for name, how, expect in BAD]
+    cases += [
+        BadInput("beside-a-table", ("--data.shards", "{tmp}/set", "--data.path=x.csv"), ("drop --data.path",), copy_of(finance_shards)),
+        BadInput("another-split", ("--data.shards", "{tmp}/set", "--data.val_fraction=0.3"), ("--data.val_fraction 0.3 (the shards: 0.15)", "shards_write"), copy_of(finance_shards)),
+        BadInput("other-roles", ("--data.shards", "{tmp}/set", "--data.categorical_columns=[channel]"), ('--data.categorical_columns ["channel"]',), copy_of(finance_shards)),
+        BadInput("predict-the-shards", ("predict", "--data.shards", "{tmp}/set"), ("predict writes each scored row with its original values", "--data.predict_path"), copy_of(finance_shards)),
+        BadInput("fewer-shards-than-processes", ("--data.shards", "{tmp}/set", "--trainer.accelerator=cpu", "--trainer.devices=3", "--trainer.strategy=ddp"),
+                 ("2 shard(s) for 3 DDP processes", "--samples_per_shard at most"), copy_of(finance_shards)),  # fmt: skip
+    ]
+    for case in cases:
+        (tmp_path / case.id).mkdir()
+        check_refused("finance", case, tmp_path / case.id, capsys)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_with_an_altered_byte_is_refused_by_name_when_opened(finance_shards, tmp_path, workers):
+    folder = copy_of(finance_shards)(tmp_path)
+    shard = folder / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF  # inside a block's numeric features: same size, the tar still parses
+    shard.write_bytes(bytes(data))
+    module = TransactionDataModule(shards=str(folder), num_workers=workers, batch_size=64)
+    module.setup("fit")  # sizes match: found when a worker opens the shard, before any of its rows is used
+    with pytest.raises(InputError, match=r"shard train-000000\.tar does not match the SHA-256 in manifest\.json") as refused:
+        list(module.train_dataloader())
+    assert "Traceback" not in str(refused.value)
+
+
+def test_a_checkpoint_of_another_preprocessing_is_refused(finance_shards):
+    module = TransactionDataModule(shards=str(finance_shards))
+    state = module.state_dict()
+    other = {**state, "preprocessor": {**state["preprocessor"], "medians": {**state["preprocessor"]["medians"], "amount": 99.0}}}
+    with pytest.raises(InputError, match=r"checkpoint's preprocessing .* is not the one that encoded the shards"):
+        module.load_state_dict(other)
+    module.load_state_dict(state)  # its own: taken
+
+
+def test_the_writer_refuses_an_existing_folder_or_a_bad_source_and_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    new = str(tmp_path / "new")
+    for args, expect in [(["--output", str(tmp_path / "taken")], "exists"), (["--output", new, "--data.path", str(tmp_path / "no.csv")], "no.csv"),
+                         (["--output", new, "--samples_per_shard", "0"], "--samples_per_shard"),
+                         (["--output", new, "--data.shards", str(tmp_path / "taken")], "the writer reads a source"),
+                         (["--output", new, "--data.synthetic_rows=300", "--data.numeric_columns=[customer_age]"], "--data.ignore_columns")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            write_main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expect in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"], "no shard folder, whole or partial"
+
+
+def test_grouped_steps_are_refused_with_shards(finance_shards, tmp_path, capsys):
+    """``--model.batches_per_step`` groups the batches of an in-memory split: refused from shards (when the loader is made)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline("finance", "fit", "--data.shards", str(finance_shards), *TINY, "--model.batches_per_step=2", "--runs_dir", str(tmp_path))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--model.batches_per_step 2" in err and "Traceback" not in err
