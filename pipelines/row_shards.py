@@ -211,10 +211,10 @@ def write_split(writer: ShardSetWriter, name: str, dataset: Any, order: np.ndarr
     return fields
 
 
-def writer_main(prog: str, doc: str, data_module: type, config: Path, write: Any, argv: list[str] | None, samples_per_shard: int) -> None:
+def writer_main(prog: str, doc: str, data_module: type, config: Path, write: Any, argv: list[str] | None, samples_per_shard: int, unit: str = "rows") -> None:
     """The command line of a domain's row shard writer: ``--output DIR [--samples_per_shard N] [--shards_multiple_of K]
     --data.X ...`` (the data module's options, defaulting to the domain's ``config.yaml`` as a run does); ``write(data,
-    output, samples_per_shard, multiple_of)`` writes and returns the manifest. Bad input: one paragraph, exit 2."""
+    output, samples_per_shard, multiple_of)`` writes and returns the manifest; ``unit``: what a row is. Bad input: one paragraph, exit 2."""
     import sys
 
     from jsonargparse import ArgumentParser
@@ -226,7 +226,7 @@ def writer_main(prog: str, doc: str, data_module: type, config: Path, write: Any
     try:
         parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0], exit_on_error=False)
         parser.add_argument("--output", type=str, required=True, help="the shard folder to write (must not exist)")
-        parser.add_argument("--samples_per_shard", type=int, default=samples_per_shard, help="the most rows a tar shard holds (a split's shards differ by at most one)")
+        parser.add_argument("--samples_per_shard", type=int, default=samples_per_shard, help=f"the most {unit} a tar shard holds (a split's shards differ by at most one)")
         parser.add_argument("--shards_multiple_of", type=int, default=1, help="make each split's shard count a multiple of this: the DDP processes x loader "
                             "workers that will read it, so that each gets an equal share")  # fmt: skip
         parser.add_class_arguments(data_module, "data")
@@ -239,5 +239,5 @@ def writer_main(prog: str, doc: str, data_module: type, config: Path, write: Any
     except InputError as error:
         print(paragraph(str(error)), file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    counts = {split: f"{sum(e['samples'] for e in shards)} rows in {len(shards)} shards" for split, shards in manifest["splits"].items()}
+    counts = {split: f"{sum(e['samples'] for e in shards)} {unit} in {len(shards)} shards" for split, shards in manifest["splits"].items()}
     print(f"shards written to {args.output}: " + "; ".join(f"{split} {text}" for split, text in counts.items()))
