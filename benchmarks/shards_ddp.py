@@ -157,6 +157,55 @@ def write_set(domain: str, samples: int, image_size: int, shards: Path, samples_
     return write_windows({**config_defaults(AUTONOMOUS.config), "sim_vehicles": samples}, str(shards), samples_per_shard, multiple)
 
 
+def read_rates(domain: str, source: dict[str, Any], shards: str | None, batch_size: int, out: str) -> None:
+    """In this process (a fresh interpreter: ``--one_process``): the data module from ``shards``, or else from the source
+    options ``source`` in memory; CPU seconds for its setup, two training epochs and two validation passes, and the peak
+    RSS; JSON into ``out``."""
+    import importlib
+
+    from pipelines.domain_registry import import_dotted
+
+    spec = importlib.import_module(f"domains.{domain}").SPEC
+    module_class = import_dotted(spec.datamodule_class)
+    started = time.process_time()
+    module = module_class(shards=shards, batch_size=batch_size) if shards else module_class(**{**source, "batch_size": batch_size})
+    module.setup("fit")
+    record: dict[str, Any] = {"path": "shards" if shards else "memory", "setup_cpu_s": time.process_time() - started}
+    for split in ("train", "val"):
+        for epoch in range(2):
+            loader = module.train_dataloader() if split == "train" else module.val_dataloader()
+            started, samples = time.process_time(), 0
+            for batch in loader:
+                samples += len(batch[FIELDS[domain][0]])
+            record[f"{split}{epoch}"] = {"samples": samples, "cpu_s": time.process_time() - started}
+    record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps(record))
+
+
+def one_process(domain: str, samples: int, image_size: int, shards: Path, batch_size: int) -> None:
+    """``--one_process``: the shards and the in-memory path of the same source read side by side, each in a fresh
+    interpreter (so that each peak RSS is its own); a table to stdout."""
+    import multiprocessing
+
+    from pipelines.row_shards import config_defaults
+
+    source = {"synthetic_samples": samples, "synthetic_image_size": image_size} if domain == "healthcare" else {
+        **config_defaults(__import__(f"domains.{domain}", fromlist=["SPEC"]).SPEC.config), **({"synthetic_rows": samples} if domain == "finance" else {"sim_vehicles": samples})}  # fmt: skip
+    print("| path | setup CPU s | train samples/CPU s (epoch 0, 1) | val samples/CPU s (pass 0, 1) | peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    for path in (str(shards), None):
+        out = shards.parent / "rates.json"
+        child = multiprocessing.get_context("spawn").Process(target=read_rates, args=(domain, source, path, batch_size, str(out)))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"the {'shards' if path else 'memory'} reader failed (exit {child.exitcode})")
+        r = json.loads(out.read_text())
+        rate = lambda key: f"{r[key]['samples'] / max(r[key]['cpu_s'], 1e-9):,.0f}"  # noqa: E731
+        print(f"| {r['path']} | {r['setup_cpu_s']:.2f} | {rate('train0')}, {rate('train1')} ({r['train0']['samples']}) | "
+              f"{rate('val0')}, {rate('val1')} ({r['val0']['samples']}) | {r['peak_rss_mib']:.0f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", choices=sorted(FIELDS), default="healthcare")
@@ -167,6 +216,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--shards_multiple_of", type=int, default=None, help="the writer's option (default: 2 processes x max(1, workers))")
+    parser.add_argument("--one_process", action="store_true", help="no DDP run: read the shards and the in-memory source side by side in one process each")
     args = parser.parse_args()
     defaults = DEFAULTS[args.domain]
     args.samples, args.samples_per_shard, args.batch_size = (given or default for given, default in zip((args.samples, args.samples_per_shard, args.batch_size), defaults))
@@ -179,6 +229,9 @@ def main() -> None:
         manifest = write_set(args.domain, args.samples, args.image_size, shards, args.samples_per_shard, multiple)
         write_cpu = time.process_time() - started
         shard_mib = sum(p.stat().st_size for p in shards.iterdir()) / 2**20
+        if args.one_process:
+            print(f"{args.domain}: --samples {args.samples}, batch {args.batch_size}, {shard_mib:.1f} MiB of shards, writer {write_cpu:.1f} s CPU")
+            return one_process(args.domain, args.samples, args.image_size, shards, args.batch_size)
         run_ddp(shards, out, args.batch_size, args.workers, args.epochs, args.domain)
         summary = check_ranks(shards, out, args.batch_size, args.workers, args.epochs, args.domain)
         ranks = [[json.loads((out / f"rank{r}-epoch{e}.json").read_text()) for e in range(args.epochs)] for r in range(2)]

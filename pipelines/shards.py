@@ -1,7 +1,8 @@
 """Data sharded for many nodes: webdataset tar shards plus a ``manifest.json``, read so that each DDP rank opens only
 its own shards and every rank draws the same number of batches.
 
-Shared by every domain; a domain says only what one sample is (its fields as bytes, and back).
+Shared by every domain; a domain says only what one sample is (its fields as bytes, and back). Tables (finance's rows,
+autonomous's windows) store blocks of rows as one sample each, counted in rows: :mod:`pipelines.row_shards`.
 
 - :class:`ShardSetWriter`: ``<split>-000000.tar``, ... of at most ``samples_per_shard`` samples each, sizes differing
   by at most one and their number optionally a multiple of the processes that will read them (:func:`shard_sizes`;

@@ -85,7 +85,7 @@ def test_a_run_from_shards_serves_the_in_memory_batches_and_a_seeded_order_per_e
     assert sharded.window_name(5) == memory.window_name(5)
 
 
-def test_the_same_model_validated_and_tested_from_shards_and_from_the_source_gives_the_same_losses_and_metrics(window_shards):
+def test_the_same_model_validated_and_tested_from_shards_and_from_the_source_gives_the_same_losses_and_metrics(window_shards, tmp_path):
     import lightning.pytorch as pl
 
     from domains.autonomous import SPEC
@@ -95,7 +95,7 @@ def test_the_same_model_validated_and_tested_from_shards_and_from_the_source_giv
     sharded = SensorSequenceDataModule(shards=str(window_shards), batch_size=32)
     pl.seed_everything(0)
     model = SensorSequenceModel(hidden_size=16, embed_size=8, plot_samples=0, **{name: getattr(sharded, name) for name, _ in SPEC.links})
-    settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    settings = {"default_root_dir": tmp_path, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, **settings)
     trainer.fit(model, datamodule=sharded)
     results = [(trainer.validate(model, datamodule=module, verbose=False), trainer.test(model, datamodule=module, verbose=False)) for module in (sharded, memory)]

@@ -85,7 +85,7 @@ def test_a_run_from_shards_serves_the_in_memory_batches_and_a_seeded_order_per_e
     assert torch.cat([b["row"] for b in again.train_dataloader()]).tolist() == rows[0], "seeded: the same run reads the same order"
 
 
-def test_the_same_model_validated_and_tested_from_shards_and_from_the_source_gives_the_same_losses_and_metrics(finance_shards):
+def test_the_same_model_validated_and_tested_from_shards_and_from_the_source_gives_the_same_losses_and_metrics(finance_shards, tmp_path):
     """A real Trainer: trained from the shards, then validated and tested on the shards and on the source (threshold fitted
     on each validation): the very same losses and metrics."""
     import lightning.pytorch as pl
@@ -97,7 +97,7 @@ def test_the_same_model_validated_and_tested_from_shards_and_from_the_source_giv
     links = {name: getattr(sharded, name) for name in ("num_numeric", "categorical_cardinalities", "feature_groups", "numeric_feature_groups", "categorical_feature_groups")}
     pl.seed_everything(0)
     model = FraudAutoencoder(hidden_dims=[16], latent_dim=4, **links)
-    settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    settings = {"default_root_dir": tmp_path, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, inference_mode=False, **settings)  # (validation fits the Platt calibration: gradients)
     trainer.fit(model, datamodule=sharded)
     results = [(trainer.validate(model, datamodule=module, verbose=False), trainer.test(model, datamodule=module, verbose=False)) for module in (sharded, memory)]

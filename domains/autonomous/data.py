@@ -185,7 +185,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.shard_set = WindowShards(shards, self.hparams) if shards else None  # checked now; the writer's options put in hparams
+        self.shard_set = WindowShards(shards, self.hparams, type(self)) if shards else None  # checked now; the writer's options put in hparams
         check_data_options(self.hparams)  # every option's value, before anything is read or written
         check_streaming_options(self.hparams)
         key = (split_key or sequence_column) if split_by == "hash" else split_key

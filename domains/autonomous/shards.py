@@ -43,13 +43,11 @@ class ShardWindows:
 
 
 class WindowShards(RowShards):
-    """An autonomous shard folder opened for a ``SensorSequenceDataModule`` (its ``hparams``: the writer's options are put in
-    them); :meth:`statistics` gives the data module the manifest's fitted state, as a checkpoint's would be."""
+    """An autonomous shard folder opened for a ``SensorSequenceDataModule`` (``data_module``, the class; its ``hparams``: the
+    writer's options are put in them); :meth:`statistics` gives the data module the manifest's fitted state, as a checkpoint's would be."""
 
-    def __init__(self, folder: str, hparams: Any) -> None:
-        from domains.autonomous.data import SensorSequenceDataModule
-
-        super().__init__(folder, hparams, KIND, OTHER_SOURCES, [class_defaults(SensorSequenceDataModule), config_defaults(SPEC.config)], WRITER)
+    def __init__(self, folder: str, hparams: Any, data_module: type) -> None:
+        super().__init__(folder, hparams, KIND, OTHER_SOURCES, [class_defaults(data_module), config_defaults(SPEC.config)], WRITER)
 
     def statistics(self, dm: Any) -> dict[str, Any]:
         """The fitted statistics for ``dm``, whose split rule (from the writer's options) must be the manifest's."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from domains.finance import SPEC
+from domains.finance.preprocessing import TablePreprocessor
 from pipelines.data import default_workers
 from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY
@@ -38,8 +39,6 @@ class FinanceShards(RowShards):
 
     def __init__(self, folder: str, dm: Any) -> None:
         super().__init__(folder, dm.hparams, KIND, OTHER_SOURCES, [class_defaults(type(dm)), config_defaults(SPEC.config)], WRITER)
-        from domains.finance.preprocessing import TablePreprocessor
-
         dm.preprocessor = TablePreprocessor.from_state_dict(self.state["preprocessor"])
         dm._reference = self.state[REFERENCE_KEY]
         dm.split_rule = SplitRule.from_dict(self.state["split_rule"])
