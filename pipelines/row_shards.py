@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import yaml
 from torch.utils.data import default_collate
 
 from pipelines.errors import InputError
-from pipelines.grouped_steps import group_size
+from pipelines.grouped_steps import BatchGroup, group_size, max_train_batches
 from pipelines.shards import ShardLoader, ShardPlan, ShardSetWriter, ShardStream, check_shard_files, describe_plan, npy_array, npy_bytes, read_manifest
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,15 @@ class RowShards:
             ShardPlan.of([e["samples"] for e in self.split(name)], processes, workers, batch_size, f"{self.where} ({name} split)")
 
     def loader(self, name: str, trainer: Any, batch_size: int, workers: int, pin_memory: bool | None, shuffle: bool) -> ShardLoader:
-        """The loader of split ``name`` for this process (its rank's shards under DDP): batches of ``batch_size`` rows."""
+        """The loader of split ``name`` for this process (its rank's shards under DDP): batches of ``batch_size`` rows; for
+        training, groups of them when the task trains several mini-batches per step (:class:`GroupedShardLoader`)."""
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         module = trainer.lightning_module if trainer is not None else None
-        if shuffle and module is not None and group_size(module) > 1:
-            raise InputError(f"{self.where}: --model.batches_per_step {module.hparams.batches_per_step} groups the batches of an in-memory "
-                             "split; a run from shards trains one batch per step: use --model.batches_per_step 1")  # fmt: skip
+        groups = group_size(module) if shuffle and module is not None else 1
+        if groups > 1 and workers > 1:
+            raise InputError(f"{self.where}: --model.batches_per_step {groups} with --data.num_workers {workers}: each loader worker ends on a short "
+                             "batch, and a group with one inside would train fewer mini-batches on one rank than on another; use "
+                             "--data.num_workers 1 (or 0) or --model.batches_per_step 1")  # fmt: skip
         fields = self.manifest["fields"]
         row_bytes = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in fields.values())
         stream = RowBlockStream(self.folder, self.split(name), decode_block, rank=rank, world=world, workers=workers, batch_size=batch_size,
@@ -189,7 +193,44 @@ class RowShards:
         warning = describe_plan(stream, name)
         if warning and rank == 0:
             log.warning(warning)
+        if groups > 1:
+            return GroupedShardLoader(stream, workers, pin_memory, groups=groups, max_batches=max_train_batches(trainer))
         return ShardLoader(stream, workers, pin_memory)
+
+
+class GroupedShardLoader(ShardLoader):
+    """A training :class:`~pipelines.shards.ShardLoader` handing out :class:`~pipelines.grouped_steps.BatchGroup` s of
+    ``groups`` consecutive batches (``--model.batches_per_step``): the batches the plain loader gives, in its order, so
+    that the optimizer steps are the one-batch-per-step loop's; ``max_batches`` (``--trainer.limit_train_batches`` as a
+    number) counts mini-batches. With at most one loader worker only a rank's last batch is short, the last of its last
+    group, so every rank takes the same optimizer steps."""
+
+    def __init__(self, dataset: RowBlockStream, num_workers: int = 0, pin_memory: bool | None = None, groups: int = 1,
+                 max_batches: int | None = None, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(dataset, num_workers, pin_memory, **kwargs)
+        self.groups, self.max_batches = groups, max_batches
+
+    @property
+    def batches(self) -> int:
+        """Mini-batches per epoch (this rank's)."""
+        return len(self.dataset) if self.max_batches is None else min(len(self.dataset), self.max_batches)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return math.ceil(self.batches / self.groups)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        group: list[dict[str, torch.Tensor]] = []
+        taken = 0
+        for batch in super().__iter__():
+            if taken == self.batches:
+                break
+            group.append(batch)
+            taken += 1
+            if len(group) == self.groups:
+                yield BatchGroup({key: torch.cat([b[key] for b in group]) for key in group[0]}, self.dataset.batch_size)  # type: ignore[attr-defined]
+                group = []
+        if group:
+            yield BatchGroup({key: torch.cat([b[key] for b in group]) for key in group[0]}, self.dataset.batch_size)  # type: ignore[attr-defined]
 
 
 def _plain(value: Any) -> Any:
