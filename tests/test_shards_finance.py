@@ -258,13 +258,16 @@ def test_streams_of_two_ranks_and_two_workers_are_disjoint_equal_and_cover_the_s
 # fails when a check fails; test_streams_of_two_ranks_and_two_workers_are_disjoint_equal_and_cover_the_split covers the plan
 # in-process in the default suite.
 @pytest.mark.slow
-def test_two_process_ddp_ranks_read_disjoint_shards_and_draw_equal_batches(finance_shards, tmp_path):
+def test_two_process_ddp_ranks_read_disjoint_shards_and_draw_equal_batches(tmp_path):
     """Real DDP (gloo, 2 CPU processes started by ``ddp_spawn``, one loader worker each), two epochs: each rank's keys come
     from shards no other rank opened, both ranks draw the same number of batches, together they read every key but the
     truncation the plan states, and the order changes with the epoch."""
     from benchmarks.shards_ddp import check_ranks, run_ddp
 
-    run_ddp(finance_shards, tmp_path, batch_size=64, workers=1, epochs=2, domain="finance")
-    summary = check_ranks(finance_shards, tmp_path, batch_size=64, workers=1, epochs=2, domain="finance")
+    shards = tmp_path / "set"
+    write_shards({**CONFIG, **SMALL}, str(shards), samples_per_shard=200, multiple_of=2)  # (2 processes x 1 worker: every split needs 2 shards)
+    (tmp_path / "ranks").mkdir()
+    run_ddp(shards, tmp_path / "ranks", batch_size=64, workers=1, epochs=2, domain="finance")
+    summary = check_ranks(shards, tmp_path / "ranks", batch_size=64, workers=1, epochs=2, domain="finance")
     assert summary["train/0"]["batches_per_rank"] == summary["train/1"]["batches_per_rank"] > 0
     assert summary["train/0"]["order"] != summary["train/1"]["order"], "the seeded shard order and shuffle buffer change with the epoch"
