@@ -1,7 +1,8 @@
 """Data sharded for many nodes: webdataset tar shards plus a ``manifest.json``, read so that each DDP rank opens only
 its own shards and every rank draws the same number of batches.
 
-Shared by every domain; a domain says only what one sample is (its fields as bytes, and back).
+Shared by every domain; a domain says only what one sample is (its fields as bytes, and back). Tables (finance's rows,
+autonomous's windows) store blocks of rows as one sample each, counted in rows: :mod:`pipelines.row_shards`.
 
 - :class:`ShardSetWriter`: ``<split>-000000.tar``, ... of at most ``samples_per_shard`` samples each, sizes differing
   by at most one and their number optionally a multiple of the processes that will read them (:func:`shard_sizes`;
@@ -140,8 +141,16 @@ class ShardSetWriter:
             raise ValueError(f"ShardSetWriter: split {split!r} was written already")
         self._split, self._sizes, self.splits[split] = split, shard_sizes(count, self.samples_per_shard, self.multiple_of), []
 
-    def add(self, key: str, fields: dict[str, bytes]) -> None:
-        """One sample of the split begun last, into its current shard (a new one when that is full)."""
+    def room(self) -> int:
+        """Samples the shard the next :meth:`add` goes into still takes (a new shard's size when the current one is full)."""
+        shards = self.splits[self._split]  # type: ignore[index]
+        if shards and shards[-1]["samples"] < self._sizes[len(shards) - 1]:
+            return self._sizes[len(shards) - 1] - shards[-1]["samples"]
+        return self._sizes[len(shards)] if len(shards) < len(self._sizes) else 0
+
+    def add(self, key: str, fields: dict[str, bytes], samples: int = 1) -> None:
+        """One sample of the split begun last, into its current shard (a new one when that is full); ``samples``: how many
+        it counts for (a block of table rows, :mod:`pipelines.row_shards`: at most :meth:`room`)."""
         import webdataset as wds
 
         assert self._split is not None, "begin(split, count) first"
@@ -152,8 +161,10 @@ class ShardSetWriter:
                 raise ValueError(f"ShardSetWriter: more samples of split {self._split!r} than the {sum(self._sizes)} declared")
             shards.append({"file": shard_name(self._split, len(shards)), "samples": 0})
             self._writer = wds.TarWriter(str(self.partial / shards[-1]["file"]), encoder=False, mtime=0.0)
+        if shards[-1]["samples"] + samples > self._sizes[len(shards) - 1]:
+            raise ValueError(f"ShardSetWriter: a block of {samples} samples does not fit in shard {shards[-1]['file']} (room(): split blocks at shard ends)")
         self._writer.write({"__key__": key, **fields})
-        shards[-1]["samples"] += 1
+        shards[-1]["samples"] += samples
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Close the last shard and write ``manifest.json`` (with ``extra``, the domain's part); the folder is renamed
@@ -314,6 +325,10 @@ class ShardStream(IterableDataset):
             return list(mine)
         return [mine[i] for i in np.random.default_rng([self.seed, epoch, self.rank, worker]).permutation(len(mine))]
 
+    def samples_in(self, item: Any) -> int:
+        """How many samples a decoded item is (one; a block of rows in :class:`pipelines.row_shards.RowBlockStream`)."""
+        return 1
+
     def samples(self, order: list[int]) -> Iterator[Any]:
         """The decoded samples of shards ``order``, each shard's SHA-256 checked before its first sample is used."""
         import webdataset as wds
@@ -326,8 +341,9 @@ class ShardStream(IterableDataset):
                 self.verified.add(entry["file"])
             count = 0
             for sample in wds.tarfile_samples([{"url": str(path)}]):
-                count += 1
-                yield self.decode(sample)
+                item = self.decode(sample)
+                count += self.samples_in(item)
+                yield item
             if count != entry["samples"]:  # a manifest that says otherwise would leave this rank short of its batches: a DDP hang
                 raise InputError(f"--data.shards {self.folder}: shard {entry['file']} holds {count} samples, {MANIFEST} says {entry['samples']}")
 

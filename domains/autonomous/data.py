@@ -54,6 +54,7 @@ from domains.autonomous.options import check_data_options
 from domains.autonomous.covariates import column_roles, covariate_tensors, fit_vocabularies
 from domains.autonomous.data_checkpoint import data_state, restore_data_state
 from domains.autonomous.readers import SPLITS, ColumnSpec, Tracks, log
+from domains.autonomous.shards import ShardWindows, WindowShards
 from domains.autonomous.inputs import model_inputs
 from domains.autonomous.predict_data import predict_dataset, streamed_predict_dataset
 from domains.autonomous.sources import resolve_path, source_tables, split_tracks
@@ -131,6 +132,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             whole table (rows grouped by sequence): :mod:`domains.autonomous.streaming`; ``predict_path`` likewise.
         cache_dir: the streaming cache's folder (default ``$XDG_CACHE_HOME/domain-pipelines/autonomous``).
         chunk_rows: rows read at a time by ``streaming``.
+        shards: a folder of window shards (``python -m domains.autonomous.shards_write``): the splits, statistics and data options
+            come from it, each DDP process reads only its own shards (:mod:`domains.autonomous.shards`).
     """
 
     def __init__(
@@ -178,9 +181,11 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         streaming: bool = False,
         cache_dir: str | None = None,
         chunk_rows: int = 100_000,
+        shards: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        self.shard_set = WindowShards(shards, self.hparams, type(self)) if shards else None  # checked now; the writer's options put in hparams
         check_data_options(self.hparams)  # every option's value, before anything is read or written
         check_streaming_options(self.hparams)
         key = (split_key or sequence_column) if split_by == "hash" else split_key
@@ -188,7 +193,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         if eth_ucy_root and self.split_rule.by != "random":
             raise InputError(f"--data.eth_ucy_root keeps ETH/UCY's own leave-one-scene-out split; {self.split_rule.describe()} applies to --data.path tables")
         self.datasets: dict[str, WindowDataset] = {}
-        self.stats: dict[str, Any] | None = None
+        self.stats: dict[str, Any] | None = self.shard_set.statistics(self) if self.shard_set is not None else None  # as a checkpoint's
 
     # ----- what the model needs to know, read before training -------------------------------
     @property
@@ -309,6 +314,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Windows of every split, checked before the loop starts; ``predict`` on ``predict_path`` with a
         checkpoint's statistics reads only that file, never the source."""
+        if self.shard_set is not None:
+            return self.shard_set.setup(stage)
         if stage == "predict" and self.hparams.predict_path and self.stats is not None:
             if "predict" not in self.datasets:
                 self.datasets["predict"] = self._predict_dataset(self.hparams.predict_path)
@@ -337,9 +344,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
+        if isinstance(self.datasets[name], ShardWindows):
+            return self.shard_set.dataloader(name, shuffle)  # type: ignore[union-attr]
         return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
+        if self.shard_set is not None:
+            return self._loader("train", shuffle=True)
         hp = self.hparams  # several batches per step when the task asks (pipelines/grouped_steps.py)
         return training_loader(self.trainer, self.datasets["train"], hp.batch_size, hp.num_workers, hp.pin_memory)
 
@@ -379,6 +390,13 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         """The statistics fitted on the training split (stored in every checkpoint): :func:`domains.autonomous.data_checkpoint.data_state`."""
         return data_state(self)
 
+    def check_processes(self, processes: int) -> None:
+        """Shards too few for ``processes`` DDP processes are refused (the runner asks before anything is written)."""
+        if self.shard_set is not None:
+            self.shard_set.check_processes(processes)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Use a checkpoint's statistics, checked against this data's: :func:`domains.autonomous.data_checkpoint.restore_data_state`."""
+        if self.shard_set is not None:
+            self.shard_set.check_checkpoint(state_dict)
         restore_data_state(self, state_dict)

@@ -1,33 +1,25 @@
 """``TransactionDataModule``: transaction tables (CSV/Parquet), ADBench ``.npz`` or the synthetic set.
 
-The source is read and the preprocessing fitted on the training rows when the data module is
-first asked about the model's input layout (before any training), so bad input fails fast with an
-``InputError`` (a ``ValueError``: the runner exits 2) naming the file, column and rows. The fitted :class:`TablePreprocessor` is the data
-module's ``state_dict``: Lightning stores it in every checkpoint and restores it before any split
-is encoded, so validation, test and scoring reuse exactly the training-time preprocessing.
+The source is read and the preprocessing fitted on the training rows when the data module is first asked about the model's input layout (before any
+training), so bad input fails fast with an ``InputError`` (a ``ValueError``: the runner exits 2) naming the file, column and rows. The fitted
+:class:`TablePreprocessor` is the data module's ``state_dict``: Lightning stores it in every checkpoint and restores it before any split is encoded,
+so validation, test and scoring reuse exactly the training-time preprocessing.
 
 Modes and splits (seeded by ``split_seed``):
 
-- ``semi_supervised`` (needs labels): normal rows are split ``train / val / test`` by
-  ``1 - val_fraction - test_fraction / val_fraction / test_fraction``; fraud rows never train and
-  are shared between val and test in the ratio ``val_fraction : test_fraction``. With
-  ``val_fraction + test_fraction = 0.5`` the union of val and test is ADBench's semi-supervised
-  test set (the other half of the normals plus every anomaly).
-- ``unsupervised``: every row may train (labels, if any, only evaluate); the split is stratified
-  by label when there is one.
+- ``semi_supervised`` (needs labels): normal rows are split ``train / val / test`` by ``1 - val_fraction - test_fraction / val_fraction /
+  test_fraction``; fraud rows never train and are shared between val and test in the ratio ``val_fraction : test_fraction``. With ``val_fraction +
+  test_fraction = 0.5`` the union of val and test is ADBench's semi-supervised test set (the other half of the normals plus every anomaly).
+- ``unsupervised``: every row may train (labels, if any, only evaluate); the split is stratified by label when there is one.
 
-Scoring (``predict``) streams ``predict_path`` in chunks of ``predict_chunk_rows`` rows
-(pandas for CSV, pyarrow for Parquet), so a file larger than memory works; every row comes out
-with its original values, in order (one file per rank under DDP). Before anything is written the
-whole scoring file is read once, chunk by chunk, and every value checked (``setup("predict")``):
-a bad value in the last chunk refuses the command (exit 2) naming its row, and no predictions file
-is written. Each chunk is checked again as it is scored.
+Scoring (``predict``) streams ``predict_path`` in chunks of ``predict_chunk_rows`` rows (pandas for CSV, pyarrow for Parquet), so a file larger than
+memory works; every row comes out with its original values, in order (one file per rank under DDP). Before anything is written the whole scoring file
+is read once, chunk by chunk, and every value checked (``setup("predict")``): a bad value in the last chunk refuses the command (exit 2) naming its
+row, and no predictions file is written. Each chunk is checked again as it is scored.
 
-Checks on the training source (all before training, :class:`pipelines.errors.InputError`):
-every column has a role or is listed in ``ignore_columns`` (a column the model silently left out
-would look used); the label column holds both classes, only ``label_classes``'s two values and no
-missing label; the validation and test splits each get normal and fraud rows (AUROC, AUPRC and
-the best-F1 threshold need both).
+Checks on the training source (all before training, :class:`pipelines.errors.InputError`): every column has a role or is listed in ``ignore_columns``
+(a column the model silently left out would look used); the label column holds both classes, only ``label_classes``'s two values and no missing label;
+the validation and test splits each get normal and fraud rows (AUROC, AUPRC and the best-F1 threshold need both).
 
 Example:
     >>> dm = TransactionDataModule(synthetic_rows=400, **SYNTHETIC_ROLES)
@@ -50,6 +42,7 @@ from torch.utils.data import DataLoader
 from domains.finance.datasets import EncodedRows, ScoringStream, identity
 from domains.finance.data_checkpoint import data_state, restore_data_state, training_reference_of
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
+from domains.finance.shards import FinanceShards
 from domains.finance.source_checks import check_both_classes, check_path_options, check_roles_cover, check_scoring_file
 from domains.finance.sources import read_adbench_npz, read_table
 from domains.finance.splitting import split_rows
@@ -71,7 +64,6 @@ SYNTHETIC_ROLES: dict[str, Any] = {
     "categorical_columns": ["merchant_category", "channel", "country"],
     "label_column": "is_fraud",
 }
-
 
 
 class TransactionDataModule(pl.LightningDataModule):
@@ -120,6 +112,8 @@ class TransactionDataModule(pl.LightningDataModule):
         streaming: read ``path`` in chunks of ``predict_chunk_rows`` rows into memory-mapped arrays in ``cache_dir``,
             never as a whole table (:mod:`domains.finance.streaming`: the same splits, fitted state and batches).
         cache_dir: the streaming cache (default ``$XDG_CACHE_HOME/domain-pipelines/finance``, ``~/.cache``).
+        shards: a folder of row shards (``python -m domains.finance.shards_write``): the splits and fitted state come from it, each
+            DDP process reads only its own shards (:mod:`domains.finance.shards`).
     """
 
     def __init__(
@@ -156,6 +150,7 @@ class TransactionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         streaming: bool = False,
         cache_dir: str | None = None,
+        shards: str | None = None,
     ) -> None:
         super().__init__()
         self.split_rule = SplitRule.from_options(split_by, split_key, split_column, time_column, test_after, val_after, val_fraction, test_fraction, split_seed)
@@ -169,6 +164,7 @@ class TransactionDataModule(pl.LightningDataModule):
         self.preprocessor: TablePreprocessor | None = None
         self._encoded: dict[str, tuple[TablePreprocessor, Any]] = {}  # keyed by the preprocessing in force
         self._checked: set[str] = set()  # what setup has read and checked (setup runs more than once)
+        self.shard_set = FinanceShards(shards, self) if shards else None  # checked now; its fitted state taken as a checkpoint's
 
     # ----- source and split: read before training ---------------------------------------------
     @property
@@ -311,6 +307,8 @@ class TransactionDataModule(pl.LightningDataModule):
         the source and ``test`` encodes only its split. Idempotent: the runner calls it before the run
         folder exists, Lightning again later (splits are re-encoded if a checkpoint's preprocessing is
         restored afterwards)."""
+        if self.shard_set is not None:
+            return self.shard_set.setup(stage)
         scoring_file = bool(self.hparams.predict_path)
         if self.hparams.streaming and stage == "predict" and not scoring_file:
             raise InputError(NO_STREAMED_PREDICT)
@@ -349,12 +347,16 @@ class TransactionDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
+        if self.shard_set is not None:
+            return self.shard_set.dataloader(name, shuffle)
         return make_loader(
             self._split(name), hp.batch_size, hp.num_workers, shuffle=shuffle, collate_fn=identity,
             drop_last=shuffle and len(self._split(name)) > hp.batch_size,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
+        if self.shard_set is not None:
+            return self._loader("train", shuffle=True)
         train, hp = self._split("train"), self.hparams  # several batches per step when the task asks (pipelines/grouped_steps.py)
         return training_loader(self.trainer, train, hp.batch_size, hp.num_workers, drop_last=len(train) > hp.batch_size, collate_fn=identity)
 
@@ -376,6 +378,8 @@ class TransactionDataModule(pl.LightningDataModule):
 
     def describe_data(self) -> dict[str, Any]:
         """Split sizes and, when labelled, normal/fraud rows per split (``report.html``, pipelines/report.py)."""
+        if self.shard_set is not None:
+            return self.shard_set.describe_data()
         split, labels = self.split_assignment, self.labels
         facts: dict[str, Any] = {"source": self.source_name, "splits": {name: int((split == name).sum()) for name in SPLITS}}
         if labels is not None:
@@ -391,6 +395,13 @@ class TransactionDataModule(pl.LightningDataModule):
         """Drift reference of the training split's preprocessed numeric features (:func:`domains.finance.data_checkpoint.training_reference_of`)."""
         return training_reference_of(self)
 
+    def check_processes(self, processes: int) -> None:
+        """Shards too few for ``processes`` DDP processes are refused (the runner asks before anything is written)."""
+        if self.shard_set is not None:
+            self.shard_set.check_processes(processes)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The checkpoint's preprocessing, drift reference and split rule (:func:`domains.finance.data_checkpoint.restore_data_state`)."""
+        if self.shard_set is not None:
+            self.shard_set.check_checkpoint(state_dict)
         restore_data_state(self, state_dict)
