@@ -26,6 +26,7 @@ from typing import Any
 from lightning.pytorch import Callback
 
 from pipelines.errors import InputError
+from pipelines.shards import MANIFEST as SHARD_MANIFEST  # a shard set's manifest: the identity of a folder of shards
 
 #: bytes read at each end of a file for its identity
 EDGE_BYTES = 1 << 20
@@ -68,8 +69,12 @@ def data_files(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The identity of every file a data option names (options that may change on resume left out)."""
     found = {}
     for option, value in options.items():
-        if isinstance(value, str) and not free_on_resume(option) and Path(value).is_file():
+        if not isinstance(value, str) or free_on_resume(option):
+            continue
+        if Path(value).is_file():
             found[option] = file_identity(Path(value))
+        elif (Path(value) / SHARD_MANIFEST).is_file():  # a shard set: its manifest holds every shard's SHA-256
+            found[option] = file_identity(Path(value) / SHARD_MANIFEST)
     return found
 
 
@@ -92,6 +97,8 @@ def check_resumed_data(options: Mapping[str, Any], checkpoint: Mapping[str, Any]
     for option, was in saved.items():
         if free_on_resume(option) or option not in options or _same(options[option], was):
             continue
+        if options.get("shards") and option != "shards":  # the shard writer's options (checked against its manifest when read)
+            continue
         raise InputError(
             f"--data.{option} {options[option]!r}: with {label} the run continues on the data it was trained on "
             f"(--data.{option} {was!r} there): its fitted preprocessing, split and best checkpoint belong to that data. "
@@ -100,6 +107,7 @@ def check_resumed_data(options: Mapping[str, Any], checkpoint: Mapping[str, Any]
     recorded = (checkpoint.get("callbacks") or {}).get(DataFilesRecord.__qualname__, {}).get("files", {})
     for option, was in recorded.items():
         path = Path(options.get(option) or was["path"])  # the file this fit would read (the option is unchanged: checked above)
+        path = path / SHARD_MANIFEST if path.is_dir() else path
         if not path.is_file():
             raise InputError(f"--data.{option} {path}: with {label} the run continues on this file, which is gone; restore it, or start a new run")
         now = file_identity(path)

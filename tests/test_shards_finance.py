@@ -121,6 +121,11 @@ def test_a_run_from_shards_checkpoints_the_manifest_state_and_scores_a_file(fina
                  "--run_id", run.name, "--ckpt_path", "last", "--runs_dir", str(runs))  # fmt: skip
     scored = __import__("pandas").read_csv(run / "predictions.csv")
     assert len(scored) == 40 and scored["score"].notna().all()
+    # resuming from the same shards: the writer's options (here synthetic_rows 1500) are the run's, not refused as changed
+    epoch = read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"]
+    run_pipeline("finance", "fit", "--data.shards", str(finance_shards), *TINY, "--trainer.max_epochs=2", "--trainer.limit_val_batches=2",
+                 "--run_id", run.name, "--ckpt_path", "last", "--runs_dir", str(runs))  # fmt: skip
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == epoch + 1
 
 
 def _cut(folder: Path) -> None:
