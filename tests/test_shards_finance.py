@@ -125,7 +125,7 @@ def test_a_run_from_shards_checkpoints_the_manifest_state_and_scores_a_file(fina
     epoch = read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"]
     run_pipeline("finance", "fit", "--data.shards", str(finance_shards), *TINY, "--trainer.max_epochs=2", "--trainer.limit_val_batches=2",
                  "--run_id", run.name, "--ckpt_path", "last", "--runs_dir", str(runs))  # fmt: skip
-    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == epoch + 1
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] > epoch
 
 
 def _cut(folder: Path) -> None:
