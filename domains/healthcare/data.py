@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from pipelines.cache_folders import check_cache_dir
 from pipelines.data import AugmentSpec, build_albumentations, default_workers, make_loader
 from pipelines.errors import InputError
+from domains.healthcare.intensity_watch import IntensityWatch
 from pipelines.reference import KEY as REFERENCE_KEY
 from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
 from pipelines.images import Intensity, IntensityMode
@@ -149,6 +150,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
         self.datasets: dict[str, ImageDataset] = {}
         self.channel_mean: list[float] | None = None
         self.reference: dict[str, Any] | None = None  # drift reference statistics (pipelines.reference), fitted in setup
+        self.intensity_watch: IntensityWatch | None = None  # predict: images outside the training range of brightness
         self.channel_std: list[float] | None = None
         self.restored: dict[str, Any] | None = None  # a checkpoint's state: what the model knows, without reading the source
         self.shard_set = ImageShards(shards, self.hparams, option_defaults(type(self))) if shards else None  # checked now: manifest, options beside it
@@ -356,11 +358,19 @@ class MedicalImageDataModule(pl.LightningDataModule):
         """Normalise on the device with the statistics fitted on the training split."""
         assert self.channel_mean is not None and self.channel_std is not None
         image = batch["image"]
+        if self.trainer is not None and self.trainer.predicting:  # images unlike every training image are said at the end (intensity_watch.py)
+            self.intensity_watch = self.intensity_watch or IntensityWatch(self.reference)
+            self.intensity_watch.update(image, lambda i: self.item_name(int(batch["index"][i])) if "index" in batch else i)
         shape = (1, -1) + (1,) * (image.ndim - 2)
         mean = torch.tensor(self.channel_mean, device=image.device, dtype=image.dtype).view(shape)
         std = torch.tensor(self.channel_std, device=image.device, dtype=image.dtype).view(shape)
         batch["image"] = (image - mean) / std
         return batch
+
+    def teardown(self, stage: str) -> None:
+        if stage == "predict" and self.intensity_watch is not None:
+            self.intensity_watch.warn()
+            self.intensity_watch = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
