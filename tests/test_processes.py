@@ -70,7 +70,7 @@ def test_the_fixture_stops_children_of_a_failed_and_of_a_timed_out_test(tmp_path
         import subprocess, sys, time
         from pathlib import Path
         import pytest
-        from tests.test_processes import PARENT_WITH_WORKER
+        PARENT_WITH_WORKER = {PARENT_WITH_WORKER!r}
 
         def started(child_processes, name):
             process = child_processes.start([sys.executable, "-c", PARENT_WITH_WORKER], stdout=subprocess.PIPE, text=True)
