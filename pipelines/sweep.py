@@ -15,7 +15,8 @@ YAML over any runner option (:mod:`pipelines.sweep_space`), median or Hyperband 
   with ``--storage`` (PostgreSQL, MySQL): several sweep commands, on one machine or many (a SLURM
   array, a Kubernetes indexed Job: ``deploy/``), share one study and stop when it has N trials.
 - Killed and started again with the same command, a sweep resumes its study: a trial whose worker
-  died stops sending heartbeats, is marked FAIL and retried with the same parameters.
+  died stops sending heartbeats, is marked FAIL and retried with the same parameters. A command
+  starts no more trials than the study lacks and ends with no retry waiting (:mod:`pipelines.sweep_counts`).
 - The sweep folder holds ``best.yaml`` (the best trial's config, for ``pipelines.run`` and
   ``pipelines.retrain`` ``--config``), ``trials.csv``, ``plots/`` and ``logs/trial-NNNN.log``; the
   plots and the trials table also go to a W&B run of job type ``sweep`` in the sweep's group.
