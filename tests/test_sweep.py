@@ -335,3 +335,32 @@ def test_a_queued_retry_is_counted_as_waiting_and_is_always_started():
     retry = study.ask()  # what the started trial is: the queued retry, with the lost trial's parameters
     assert retry.number == 2 and retry.params == {"model.lr": 0.003}
     assert count_trials(study.trials)["waiting"] == 0 and count_trials(study.trials)["running"] == 1
+
+
+def test_workers_asking_at_once_never_claim_the_same_waiting_trial(tmp_path):
+    """Eight threads ask a real SQLite study for a trial at once while eight retries wait, five times: each gets its
+    own (pipelines/sweep_storage.py). With Optuna's plain RDBStorage two threads got the same trial in 3-4 of 5 rounds
+    (SQLite ignores SELECT ... FOR UPDATE): the killed-sweep check then ran one retry twice and recorded it failed."""
+    import threading
+
+    from pipelines.sweep_trial import open_storage
+
+    study = optuna.create_study(study_name="claims", storage=open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=60, grace_period=120))
+    for _ in range(5):
+        for x in range(8):
+            study.enqueue_trial({"x": float(x)})
+        start, numbers = threading.Barrier(8), []
+
+        def ask() -> None:
+            start.wait()
+            numbers.append(study.ask().number)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(set(numbers)) == 8, f"a waiting trial was claimed twice: {sorted(numbers)}"
+        for number in numbers:
+            study.tell(number, 1.0)
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))
