@@ -6,7 +6,8 @@ WAITING. SQLite ignores ``FOR UPDATE``: two workers (two threads of a ``--worker
 commands on one machine) could both read WAITING and both run the same trial: one of the two runners
 then finds the run folder in use, and the retry is recorded as failed. Seen in the killed-sweep check
 (both retries of a ``--workers 2`` sweep started together) and in 6 of 20 tries of four threads asking at
-once. Here each claim holds a lock: one for the threads of this process and, for a SQLite file, an
+once. Failing a stale trial is read and written the same way: two workers could each fail it and queue
+a retry. Here each change of state holds a lock: one for the threads of this process and, for a SQLite file, an
 exclusive ``flock`` on ``<database>.claims.lock`` beside it for the processes of this machine (a
 PostgreSQL or MySQL database locks the row itself).
 """
@@ -24,7 +25,8 @@ from optuna.trial import TrialState
 
 
 class SweepStorage(optuna.storages.RDBStorage):
-    """``optuna.storages.RDBStorage`` whose claim of a WAITING trial (set RUNNING) is one worker's at a time."""
+    """``optuna.storages.RDBStorage`` whose changes of a trial's state (a WAITING trial claimed, a stale one failed)
+    are one worker's at a time."""
 
     _claims = threading.Lock()  # the threads of this process
 
@@ -37,9 +39,9 @@ class SweepStorage(optuna.storages.RDBStorage):
         self.claims_lock = Path(f"{database}.claims.lock") if database not in (None, "", ":memory:") else None
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
-        if state != TrialState.RUNNING:
-            return super().set_trial_state_values(trial_id, state, values)
-        with self._claims, self._machine_lock():  # a second claimant then reads RUNNING and takes another trial
+        # one change of state at a time: a second claimant of a waiting trial then reads RUNNING and takes another
+        # trial; a second worker failing the same stale trial reads FAIL (Optuna skips it) and queues no second retry
+        with self._claims, self._machine_lock():
             return super().set_trial_state_values(trial_id, state, values)
 
     @contextlib.contextmanager
