@@ -15,7 +15,8 @@ YAML over any runner option (:mod:`pipelines.sweep_space`), median or Hyperband 
   with ``--storage`` (PostgreSQL, MySQL): several sweep commands, on one machine or many (a SLURM
   array, a Kubernetes indexed Job: ``deploy/``), share one study and stop when it has N trials.
 - Killed and started again with the same command, a sweep resumes its study: a trial whose worker
-  died stops sending heartbeats, is marked FAIL and retried with the same parameters.
+  died stops sending heartbeats, is marked FAIL and retried with the same parameters. A command
+  starts no more trials than the study lacks and ends with no retry waiting (:mod:`pipelines.sweep_counts`).
 - The sweep folder holds ``best.yaml`` (the best trial's config, for ``pipelines.run`` and
   ``pipelines.retrain`` ``--config``), ``trials.csv``, ``plots/`` and ``logs/trial-NNNN.log``; the
   plots and the trials table also go to a W&B run of job type ``sweep`` in the sweep's group.
@@ -47,14 +48,13 @@ from pipelines.domain_registry import get_domain
 from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, EXIT_SIGTERM, InputError, crash_message, debug_requested, paragraph
 from pipelines.option_spelling import OptionParser
 from pipelines.run_folder import RUN_ID_ENV
+from pipelines.sweep_counts import count_trials, trials_to_start
 from pipelines.sweep_report import error_line, log_to_wandb, plot_study, print_progress, write_best_config, write_trials_csv
 from pipelines.sweep_space import Parameter, check_option_names, load_space, option_value, resolve_runner_config
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")  # pipelines.sweep_trial.PRUNERS, without importing Lightning to print --help
 PRUNER_WARMUP = 5  # pipelines.sweep_trial.PRUNER_WARMUP, likewise
-#: What a finished trial was, in its ``outcome`` user attribute (a trial without one was lost with its worker).
-COUNTED = ("complete", "pruned", "failed")
 
 
 def grace_period(heartbeat_interval: int) -> int:
@@ -207,15 +207,7 @@ class Sweep:
 
     # ----- counting ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        import optuna
-
-        trials = self.study.get_trials(deepcopy=False)
-        counts = {outcome: sum(t.user_attrs.get("outcome") == outcome and t.state.is_finished() for t in trials) for outcome in COUNTED}
-        counts["running"] = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-        counts["stopped"] = sum(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("outcome") == "stopped" for t in trials)  # retried
-        counts["lost"] = sum(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("outcome") not in (*COUNTED, "stopped") for t in trials)
-        counts["finished"] = sum(counts[o] for o in COUNTED)
-        return counts
+        return count_trials(self.study.get_trials(deepcopy=False))
 
     # ----- one trial ---------------------------------------------------------------------------
     def objective(self, trial: Any) -> float:
@@ -296,7 +288,7 @@ class Sweep:
         print_progress(f"trial {trial.number} {trial.state.name}{value}{error}; {counts['finished']}/{self.options.trials} finished")
         with self.lock:
             write_best_config(study, self.folder, self.spec.monitor, self.spec.name)
-        if self.stopped_by is not None or counts["finished"] + counts["running"] >= self.options.trials:
+        if self.stopped_by is not None or trials_to_start(counts, self.options.trials) == 0:
             study.stop()
 
     # ----- the whole sweep ---------------------------------------------------------------------
@@ -307,18 +299,20 @@ class Sweep:
         print_progress(f"study {self.name!r} ({self.options.sampler}, pruner {self.options.pruner}, {self.spec.monitor} {self.spec.mode}) in {self.storage_url}")
         waited = False
         while self.stopped_by is None:
-            optuna.storages.fail_stale_trials(self.study)
+            optuna.storages.fail_stale_trials(self.study)  # a lost trial is failed and its retry queued (WAITING)
             counts = self.counts()
-            if counts["finished"] >= self.options.trials:
+            start = trials_to_start(counts, self.options.trials)
+            if start == 0 and counts["finished"] >= self.options.trials:
                 break
-            if counts["finished"] + counts["running"] >= self.options.trials:
+            if start == 0:
                 if not waited:
                     print_progress(f"{counts['running']} trial(s) still running elsewhere: waiting for them (or their heartbeat to stop)")
                 waited = True
                 time.sleep(min(self.options.heartbeat_interval, 10))
                 continue
-            try:
-                self.study.optimize(self.objective, n_jobs=self.options.workers, catch=(TrialFailed,), callbacks=[self.after_trial], gc_after_trial=False)
+            try:  # no more trials than the study lacks: a trial running elsewhere may yet be lost and need its retry run here
+                self.study.optimize(self.objective, n_trials=start, n_jobs=min(self.options.workers, start), catch=(TrialFailed,),
+                                    callbacks=[self.after_trial], gc_after_trial=False)  # fmt: skip
             except ValueError as error:  # Optuna's "Cannot tell a FAIL trial": see TrialAlreadyRecorded
                 if not str(error).startswith("Cannot tell a"):
                     raise
@@ -337,7 +331,7 @@ class Sweep:
             print_progress(f"plot skipped: {reason}")
         if not self.options.no_wandb and (os.environ.get("WANDB_MODE") != "disabled"):
             log_to_wandb(self.study, self.folder, self.spec.name, plots, best, counts)
-        summary = ", ".join(f"{counts[k]} {k}" for k in ("complete", "pruned", "failed", "stopped", "lost") if counts[k] or k != "stopped")
+        summary = ", ".join(f"{counts[k]} {k}" for k in ("complete", "pruned", "failed", "stopped", "lost", "waiting") if counts[k] or k not in ("stopped", "waiting"))
         print_progress(f"study {self.name!r}: {summary} ({seconds:.0f} s in this command); trials: {trials_csv}; plots: {self.folder / 'plots'}")
         if self.stopped_by is not None:
             code = EXIT_SIGTERM if self.stopped_by == "SIGTERM" else EXIT_SIGINT

@@ -66,15 +66,18 @@ def check_storage_url(url: str) -> None:
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
-    """Optuna's RDB storage for ``url`` (SQLite, PostgreSQL, MySQL...). SQLite waits up to 60 s for
-    a lock held by another worker instead of failing at once."""
+    """Optuna's RDB storage for ``url`` (SQLite, PostgreSQL, MySQL...), a waiting trial claimed by one worker
+    only (:class:`pipelines.sweep_storage.SweepStorage`). SQLite waits up to 60 s for a lock held by another
+    worker instead of failing at once."""
     import optuna
+
+    from pipelines.sweep_storage import SweepStorage
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
-    return optuna.storages.RDBStorage(
+    return SweepStorage(
         url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
         heartbeat_stale_trial_callback=retry,
     )  # fmt: skip

@@ -16,8 +16,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from tests.processes import ChildProcesses, child_process, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -115,25 +118,34 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_pipeline_process(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m pipelines.run ARGS`` as a real child process."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout
-    )
+    """Run ``python -m pipelines.run ARGS`` as a real child process (its whole process group killed on a timeout)."""
+    return run_child([sys.executable, "-m", "pipelines.run", *args], timeout, cwd=ROOT, env=child_env(**(env or {})))
 
 
 def kill_at_first_checkpoint(args: list[str], checkpoints: str, runs_dir: Path, settle: float = 0.0) -> None:
     """Start ``python -m pipelines.run ARGS``, SIGKILL it as soon as a file matching ``checkpoints``
     (a glob under ``runs_dir``) exists (after ``settle`` seconds more), and wait for it to die."""
-    process = subprocess.Popen(
+    with child_process(
         [sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and not list(runs_dir.glob(checkpoints)):
-        time.sleep(0.05)
-    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()[-2000:]}"
-    time.sleep(settle)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    ) as process:  # its process group is killed however this ends
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None and not list(runs_dir.glob(checkpoints)):
+            time.sleep(0.05)
+        assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()[-2000:]}"
+        time.sleep(settle)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def child_processes() -> Iterator[ChildProcesses]:
+    """``child_processes.start(command, **popen)``: ``subprocess.Popen`` in a new process group; when the test ends
+    (passed, failed, or stopped by pytest-timeout) each child and every process it started are killed and waited for."""
+    children = ChildProcesses()
+    try:
+        yield children
+    finally:
+        children.stop_all()
 
 
 def only_run(runs_dir: Path, domain: str) -> Path:

@@ -107,7 +107,9 @@ def request(url: str, body: Any = None, raw: bytes | None = None, content_type: 
 
 @dataclass
 class Server:
-    """A running ``pipelines.serve`` child process."""
+    """A running ``pipelines.serve`` child process, the leader of its own process group (``tests/processes.py``):
+    its HTTP processes, inference worker and export child are in that group. Stop it with :meth:`stop` (the test's
+    own check) and always, in a ``finally`` block or fixture finaliser, with :meth:`kill`."""
 
     domain: str
     url: str
@@ -120,42 +122,64 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send ``signum`` to the server, wait for it to exit and return its exit status. Every process it started
+        must have ended with it (within 10 s more): any left is killed and reported. With SIGKILL (no clean-up
+        possible) what is left is killed without a word."""
+        from tests.processes import group_members, stop_group  # not at the top: child processes import this module
+
         if self.process.poll() is None:
             self.process.send_signal(signum)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+            stop_group(self.process)
             raise AssertionError(f"server did not stop within {timeout}s of signal {signum}:\n{self.output()}") from None
+        deadline = time.monotonic() + 10
+        while group_members(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = stop_group(self.process)
+        if left and signum != signal.SIGKILL:
+            raise AssertionError(f"server exited {code} on signal {signum} but left processes {left} running (now killed):\n{self.output()}")
+        return code
+
+    def kill(self) -> list[int]:
+        """SIGKILL the server and every process of its group, whatever state it is in (also after :meth:`stop`, or
+        when the server itself died and left its workers); returns the pids that were still running."""
+        from tests.processes import stop_group
+
+        return stop_group(self.process)
 
 
 def start_server(domain: str, bundle: Path, log: Path, *extra: str, source: list[str] | None = None, start_timeout: float = START_TIMEOUT) -> Server:
     """``python -m pipelines.serve DOMAIN --bundle BUNDLE EXTRA`` (or ``source`` instead of ``--bundle BUNDLE``, e.g.
-    ``["--registry", DIR]``) on a free loopback port, once ``/health`` answers."""
+    ``["--registry", DIR]``) on a free loopback port, once ``/health`` answers; in its own process group, killed
+    whole if it does not get healthy."""
     from tests.conftest import ROOT, child_env  # not at the top: child processes import this module for its callbacks
+    from tests.processes import start_child
 
     port = free_port()
-    handle = open(log, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.serve", domain, *(source or ["--bundle", str(bundle)]), "--port", str(port), *extra],
-        cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    handle.close()
+    with open(log, "wb") as handle:
+        process = start_child(
+            [sys.executable, "-m", "pipelines.serve", domain, *(source or ["--bundle", str(bundle)]), "--port", str(port), *extra],
+            cwd=ROOT, env=child_env(), stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     server = Server(domain, f"http://127.0.0.1:{port}", port, bundle, process, log)
-    deadline = time.monotonic() + start_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode} before answering /health:\n{server.output()}")
-        try:
-            with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    server.stop(signal.SIGKILL)
-    raise AssertionError(f"server not healthy within {start_timeout}s:\n{server.output()}")
+    try:
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode} before answering /health:\n{server.output()}")
+            try:
+                with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return server
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"server not healthy within {start_timeout}s:\n{server.output()}")
+    except BaseException:  # not healthy, or the test was interrupted (pytest-timeout, Ctrl+C) while it started
+        server.kill()
+        raise
 
 
 def start_champion_server(root: Path, log: Path, *extra: str) -> Server:

@@ -28,6 +28,7 @@ from pipelines.export import export_checkpoint
 from pipelines.files import sha256_file
 from pipelines.monitor_budget import KEY, alert_count_interval, top_share_threshold
 from tests.conftest import ROOT, child_env, run_pipeline, shared_file
+from tests.processes import run_child
 
 TRAIN_ROWS, RECENT, NEXT = 24000, slice(33000, 36000), slice(36000, None)
 RECENT_ROWS = RECENT.stop - RECENT.start
@@ -36,7 +37,7 @@ QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--dat
 
 def monitor(*args: str) -> subprocess.CompletedProcess:
     """``python -m pipelines.monitor ARGS`` as a real process."""
-    return subprocess.run([sys.executable, "-m", "pipelines.monitor", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    return run_child([sys.executable, "-m", "pipelines.monitor", *args], 300, cwd=ROOT, env=child_env())
 
 
 def monitor_here(*args: str) -> subprocess.CompletedProcess:
@@ -146,7 +147,7 @@ def test_a_bundle_is_recalibrated_into_a_new_bundle_and_bad_requests_change_noth
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "features.csv", "recalibrated", "short.csv"], "nothing half-written"
 
 
-def test_sigterm_during_recalibration_leaves_the_new_checkpoint_complete_or_absent(periods, tmp_path):
+def test_sigterm_during_recalibration_leaves_the_new_checkpoint_complete_or_absent(periods, tmp_path, child_processes):
     """A real SIGTERM the moment the recalibrated checkpoint's temporary file appears: exit 143, no new checkpoint and no
     temporary file (or, had the write finished first, exit 0 and a complete one); the original is never touched."""
     import signal
@@ -155,8 +156,8 @@ def test_sigterm_during_recalibration_leaves_the_new_checkpoint_complete_or_abse
     import torch
 
     original, out = sha256_file(periods["ckpt"]), tmp_path / "recalibrated.ckpt"
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.monitor", str(periods["ckpt"]), str(periods["recent"]), "--recalibrate_budget", str(out)],
-                               cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = child_processes.start([sys.executable, "-m", "pipelines.monitor", str(periods["ckpt"]), str(periods["recent"]), "--recalibrate_budget", str(out)],
+                                    cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".recalibrated.ckpt.*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)

@@ -18,6 +18,7 @@ from pipelines.domain_registry import available_domains, get_domain
 from pipelines.monitor_live import LIVE_KEYS
 from pipelines.retrain_wandb import DECISION_KEYS
 from tests.conftest import ROOT, child_env
+from tests.processes import run_child
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,8 @@ def monitor_logged(finance_bundle, tmp_path_factory) -> set[str]:
          "features": item_features({"numeric": features}, i, stats), "outputs": item_outputs(outputs, i)}
         for i in range(len(features))
     ])  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "pipelines.monitor", str(bundle), str(root / "requests.jsonl"), "--wandb", "--json", str(root / "check.json")],
-                            cwd=ROOT, env=child_env(WANDB_MODE="offline", WANDB_DIR=str(root)),  # the offline run in the test folder, not the checkout
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run_child([sys.executable, "-m", "pipelines.monitor", str(bundle), str(root / "requests.jsonl"), "--wandb", "--json", str(root / "check.json")],
+                       300, cwd=ROOT, env=child_env(WANDB_MODE="offline", WANDB_DIR=str(root)))  # the offline W&B run in the test folder, not the checkout
     assert result.returncode in (0, 3) and "logged to W&B (offline" in result.stdout, result.stdout + result.stderr
     return set(json.loads((root / "check.json").read_text())["logged"])
 
@@ -108,7 +108,7 @@ def test_raw_transactions_against_the_models_preprocessed_reference_are_refused(
     assert "not in the units of" in refused and "'amount': median" in refused and "request log" in refused, refused
 
 
-def test_sigterm_stops_the_dashboard_honestly_and_keeps_an_earlier_spec(tiny_run, tmp_path):
+def test_sigterm_stops_the_dashboard_honestly_and_keeps_an_earlier_spec(tiny_run, tmp_path, child_processes):
     """A real SIGTERM to ``python -m pipelines.dashboard`` at two moments of its run: each time a non-zero exit (143 once
     main's handler is in place, -15 during the interpreter's imports), the earlier spec byte for byte and no temporary
     file beside it; or, had it finished first, exit 0 and a complete new spec."""
@@ -119,8 +119,8 @@ def test_sigterm_stops_the_dashboard_honestly_and_keeps_an_earlier_spec(tiny_run
     outcomes = []
     for delay in (1.0, 6.0):
         out.write_text('{"earlier": true}\n')
-        process = subprocess.Popen([sys.executable, "-m", "pipelines.dashboard", "finance", "--run_dir", str(tiny_run("finance")), "--out", str(out)],
-                                   cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        process = child_processes.start([sys.executable, "-m", "pipelines.dashboard", "finance", "--run_dir", str(tiny_run("finance")), "--out", str(out)],
+                                        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         time.sleep(delay)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)

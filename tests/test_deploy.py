@@ -26,6 +26,7 @@ from pipelines.domain_registry import available_domains
 from pipelines.model_registry import ModelRegistry, RegistryLocked
 from pipelines.retrain_steps import ExitCode
 from tests.conftest import ROOT, child_env
+from tests.processes import run_child
 
 DEPLOY = ROOT / "deploy"
 
@@ -42,7 +43,7 @@ def test_locked_exit_is_immediate_and_the_wrapper_maps_exit_codes(tmp_path):
     wrapper = [str(DEPLOY / "retrain.sh"), "healthcare", "--registry", "registry"]  # relative: the caller's folder
     with registry.lock():
         started = time.time()
-        held = subprocess.run(wrapper, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        held = run_child(wrapper, 120, cwd=tmp_path, env=env)
         elapsed = time.time() - started
     assert held.returncode == 0 and "locked" in held.stdout and "(exit 5)" in held.stdout, held.stderr[-2000:]
     assert elapsed < 30, f"a locked retrain must exit at once, took {elapsed:.1f} s"
@@ -50,9 +51,9 @@ def test_locked_exit_is_immediate_and_the_wrapper_maps_exit_codes(tmp_path):
     assert "no W&B API key" in held.stderr
     with pytest.raises(RegistryLocked), registry.lock(), registry.lock():
         pass
-    bad = subprocess.run([*wrapper, "--floor", "auroc=high"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    bad = run_child([*wrapper, "--floor", "auroc=high"], 120, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "--floor" in bad.stderr
-    typo = subprocess.run([*wrapper, "--floor", "test/aucroc>=0.5"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    typo = run_child([*wrapper, "--floor", "test/aucroc>=0.5"], 120, cwd=tmp_path, env=env)
     assert typo.returncode == 2 and "test/aucroc" in typo.stderr and "test/auroc" in typo.stderr
     assert not (ROOT / "registry").exists() and not (ROOT / "runs").exists(), "nothing may land in the checkout"
 
@@ -161,7 +162,7 @@ def test_airflow_loads_the_dag_and_its_retrain_task_branches_on_a_real_retrain(t
         f"bag = DagBag(dag_folder={str(DEPLOY / 'airflow_retrain_dag.py')!r})\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()}, 'dags': {d: sorted(bag.dags[d].task_ids) for d in bag.dags}}))"
     )
-    loaded = subprocess.run([python, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    loaded = run_child([python, "-c", load], 300, env=env)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     result = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert result["errors"] == {} and result["dags"] == {"retrain_healthcare": ["announce_promotion", "nothing_to_do", "report_rejection", "retrain"]}
@@ -173,7 +174,7 @@ def test_airflow_loads_the_dag_and_its_retrain_task_branches_on_a_real_retrain(t
     run = f"import sys; sys.path.insert(0, {str(DEPLOY)!r}); import airflow_retrain_dag as d; print('NEXT', d.retrain_and_branch())"
     outcomes = []
     for _ in range(2):
-        done = subprocess.run([python, "-c", run], env={**env, **settings}, capture_output=True, text=True, timeout=600)
+        done = run_child([python, "-c", run], 600, env={**env, **settings})
         assert done.returncode == 0, done.stderr[-3000:]
         outcomes.append(done.stdout.split("NEXT ")[-1].strip())
     assert outcomes[0] in ("announce_promotion", "report_rejection") and outcomes[1] == "nothing_to_do", outcomes

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -106,8 +105,7 @@ def test_request_log_and_monitor_flag_a_shift_against_the_bundle(trained, tmp_pa
         from_checkpoint = monitor(str(trained["ckpt"]), str(log), "--last", "1500", "--json", str(tmp_path / "ckpt.json"))
         assert served.stop() == 0, served.output()
     finally:
-        if served.process.poll() is None:
-            served.stop(signal.SIGKILL)
+        served.kill()  # it and every process it started, whatever happened (a no-op after a clean stop)
     assert moved.returncode == 3, moved.stdout + moved.stderr
     report = json.loads((tmp_path / "moved.json").read_text())
     assert sorted(report["drifted"]) == SHIFTED, report["drifted"]
@@ -188,8 +186,7 @@ def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_foll
         assert predict_with_headers(served.url, {"rows": rows_of(0, 1)})[1]["x-model-version"] == expected, served.output()
         assert served.stop() == 0, served.output()
     finally:
-        if served.process.poll() is None:
-            served.stop(signal.SIGKILL)
+        served.kill()  # it and every process it started, whatever happened (a no-op after a clean stop)
     # a log that none of the champion's answers are in (another model's units) is refused, nothing trained
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**json.loads(line), "version": "v0009"}) + "\n" for line in log.read_text().splitlines() if line.endswith("}")))

@@ -20,10 +20,11 @@ from pipelines.export import export_checkpoint
 from pipelines.reference import find_in_checkpoint, load_reference
 from pipelines.request_log import RequestLog, item_features, item_outputs, read_log, segment_files
 from tests.conftest import ROOT, child_env
+from tests.processes import run_child
 
 
 def monitor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.monitor", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    return run_child([sys.executable, "-m", "pipelines.monitor", *args], 300, cwd=ROOT, env=child_env())
 
 
 def write_log(path, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], reference, version: str = "v1") -> None:
@@ -100,7 +101,7 @@ def test_media_reference_of_generated_images_flags_a_generator_that_draws_noise(
     assert json.loads((tmp_path / "real.json").read_text())["mmd"]["pvalue"] > 0.01
 
 
-def test_parquet_request_log_segments_are_complete_or_absent_under_sigkill(tmp_path):
+def test_parquet_request_log_segments_are_complete_or_absent_under_sigkill(tmp_path, child_processes):
     """A child appends batches to a Parquet request log and is SIGKILLed mid-stream: every segment reads whole, no temporary
     file is taken for one, and what was flushed is there in order; the monitor reads the segments as one window."""
     script = (
@@ -111,7 +112,7 @@ def test_parquet_request_log_segments_are_complete_or_absent_under_sigkill(tmp_p
         "    log.append([{'time': 't', 'model': 'm', 'version': 'v', 'form': 'f', 'features': {'a': float(i), 'b': float(j)}, 'outputs': {'score': 1.0}} for j in range(50)])\n"
     )
     path = tmp_path / "requests.parquet"
-    child = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT, env=child_env())
+    child = child_processes.start([sys.executable, "-c", script, str(path)], cwd=ROOT, env=child_env())
     deadline = time.time() + 60
     while len(segment_files(path)) < 3 and time.time() < deadline:
         time.sleep(0.02)
@@ -129,6 +130,5 @@ def test_parquet_request_log_segments_are_complete_or_absent_under_sigkill(tmp_p
 
 
 def test_a_request_log_name_that_is_neither_jsonl_nor_parquet_is_refused(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipelines.serve", "finance", "--bundle", str(tmp_path), "--request_log", str(tmp_path / "requests.log")],
-                            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = run_child([sys.executable, "-m", "pipelines.serve", "finance", "--bundle", str(tmp_path), "--request_log", str(tmp_path / "requests.log")], 120, cwd=ROOT, env=child_env())  # fmt: skip
     assert result.returncode == 2 and "expected a .jsonl (JSON lines) or .parquet" in " ".join(result.stderr.split()), result.stderr[-2000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ from pipelines.export import export_checkpoint, load_task
 from pipelines.run import main as run_main
 from tests.conftest import run_pipeline
 from tests.helpers import tiny_diffusion
+from tests.processes import run_child
 
 DOMAINS = available_domains()
 ATOL = 1e-4
@@ -66,7 +66,7 @@ np.savez({str(tmp_path / 'out.npz')!r}, **out)
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'monai', 'pipelines', 'domains', 'transformers', 'pytorch_lightning'))
 print(json.dumps(heavy))
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = run_child([sys.executable, "-c", code], 120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [], "the bundle runtime must not import project or training code"
     got = np.load(tmp_path / "out.npz")
@@ -172,7 +172,7 @@ np.savez({str(tmp_path / 'out.npz')!r}, seeded=bundle.generate(count=3, seed=5, 
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'monai', 'pipelines', 'domains'))
 print(json.dumps(heavy))
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    result = run_child([sys.executable, "-c", code], 120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [], "the bundle runtime must not import torch or project code"
     got = np.load(tmp_path / "out.npz")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from domains.finance.model import best_f1_threshold, budget_threshold
 from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor, robust_scale
 from domains.finance.synthetic import make_card_transactions
 from tests.conftest import ROOT, child_env, only_run, run_pipeline, shared_file
+from tests.processes import run_child
 
 TINY = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--data.batch_size=64", "--model.hidden_dims=[16]", "--model.latent_dim=4"]
 
@@ -291,7 +291,7 @@ def test_running_finance_does_not_import_monai(tmp_path):
         f"main(['finance', *{TINY!r}, '--data.synthetic_rows=400', '--runs_dir', {str(tmp_path / 'runs')!r}]); "
         "print([m for m in sys.modules if m.split('.')[0] in ('monai', 'albumentations', 'pydicom', 'nibabel')])"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
+    result = run_child([sys.executable, "-c", code], 240, cwd=ROOT, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
 

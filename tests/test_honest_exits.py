@@ -16,6 +16,7 @@ import torch
 
 from pipelines.errors import InputError
 from tests.conftest import ROOT, child_env, only_run, read_jsonl, run_pipeline
+from tests.processes import ChildProcesses
 
 FINANCE = ("--data.synthetic_rows=1200", "--data.batch_size=64", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2")
 
@@ -26,12 +27,12 @@ def exit_code(*args: str) -> int:
     return exit_info.value.code
 
 
-def start_slow_fit(runs_dir: Path, run_id: str) -> subprocess.Popen:
+def start_slow_fit(children: ChildProcesses, runs_dir: Path, run_id: str) -> subprocess.Popen:
     args = ["finance", "fit", *FINANCE, "--trainer.max_epochs=50", "--runs_dir", str(runs_dir), "--run_id", run_id,
             "--trainer.callbacks+=tests.helpers.PauseEachBatch", "--trainer.callbacks.seconds=0.15"]  # fmt: skip
     # SIGINT as a terminal delivers it: a suite started in the background (`pytest &`) hands its children SIGINT ignored
-    return subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    return children.start([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -43,8 +44,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes(runs_dir, sig, code, capsys):
-    process = start_slow_fit(runs_dir, "stopped")
+def test_a_signal_during_fit_writes_last_ckpt_exits_non_zero_and_the_run_resumes(runs_dir, sig, code, capsys, child_processes):
+    process = start_slow_fit(child_processes, runs_dir, "stopped")
     last = runs_dir / "finance" / "stopped" / "checkpoints" / "last.ckpt"
     wait_for(last, process)  # epoch 0 validated: 8 steps
     if sig == signal.SIGTERM:  # while it trains, the run folder is in use: a second command on it is refused

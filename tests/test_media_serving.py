@@ -63,8 +63,11 @@ def gan_server(tmp_path_factory):
     model = GAN(**TINY_GAN, generator_padding="reflect", **GEOMETRY).eval()
     bundle = export_checkpoint(get_domain("media"), save_checkpoint(model, folder / "g.ckpt"), "onnx", folder / "bundle")
     server = start_server("media", bundle, folder / "server.log", "--max_batch_size", "8", "--batch_timeout", "0.02")
-    yield server, model
-    server.stop(signal.SIGTERM)
+    try:
+        yield server, model
+        server.stop(signal.SIGTERM)
+    finally:
+        server.kill()
 
 
 def test_gan_bundle_is_the_generator_in_zero_one(gan_server):

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, child_env
+from tests.processes import run_child
 
 
 def table(seed: int, n: int = 3000, shift: float = 0.0) -> pd.DataFrame:
@@ -26,7 +27,7 @@ def table(seed: int, n: int = 3000, shift: float = 0.0) -> pd.DataFrame:
 
 
 def monitor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.monitor", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    return run_child([sys.executable, "-m", "pipelines.monitor", *args], 120, cwd=ROOT, env=child_env())
 
 
 def test_a_shift_of_0_3_is_flagged_and_a_fresh_sample_is_not(tmp_path):

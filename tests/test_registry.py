@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import yaml
 
 from pipelines.domain_registry import available_domains, get_domain
 from tests.conftest import ROOT, copy_run, kill_at_first_checkpoint, only_run, read_jsonl, run_pipeline
+from tests.processes import run_child
 from tests.wandb_offline import history, run_file
 
 DOMAINS = available_domains()
@@ -26,8 +26,9 @@ def test_spec_loads_without_heavy_imports(domain):
         "import sys; from pipelines.domain_registry import get_domain; get_domain(%r); "
         "heavy = [m for m in ('monai', 'transformers', 'lightning', 'torch') if m in sys.modules]; print(heavy)" % domain
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    done = run_child([sys.executable, "-c", code], 120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

@@ -32,6 +32,7 @@ from pipelines.retrain import main as retrain_main
 from pipelines.retrain_steps import ExitCode, resolve_config
 from pipelines.selection import Selection, evaluation_metric_key
 from tests.conftest import ROOT, child_env
+from tests.processes import run_child
 
 DEPLOY = ROOT / "deploy"
 SPEC = get_domain("healthcare")
@@ -170,7 +171,7 @@ def test_rollback_restores_the_previous_champion(lifecycle, tmp_path, capsys):
     assert [row["decision"] for row in registry.history()[-2:]] == ["manual-rollback", "manual-promote"]
 
 
-def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_registry_valid(lifecycle, tmp_path):
+def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_registry_valid(lifecycle, tmp_path, child_processes):
     copy, runs = tmp_path / "registry", tmp_path / "runs"
     shutil.copytree(lifecycle["registry"], copy)
     registry = ModelRegistry(copy, "healthcare")
@@ -179,7 +180,7 @@ def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_regi
         *TINY, "--data.synthetic_seed=3", "--trainer.logger=false", "--margin=-1",  # any challenger is promoted
     ]  # fmt: skip
     log = open(tmp_path / "first.log", "w+")  # a file, not a pipe: a full pipe would stall the child
-    first = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=log, text=True)
+    first = child_processes.start(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
         lock_file = copy / "healthcare" / ".lock"
         deadline = time.time() + 120
@@ -190,7 +191,7 @@ def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_regi
         assert first.poll() is None, f"the first retrain ended early: {(tmp_path / 'first.log').read_text()[-3000:]}"
 
         started = time.time()
-        second = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        second = run_child(command, 120, cwd=ROOT, env=child_env())
         assert second.returncode == ExitCode.LOCKED, second.stderr[-3000:]
         assert "locked" in second.stderr and str(lock_file) in second.stderr and f'"pid": {first.pid}' in second.stderr
         assert time.time() - started < 60, "a locked retrain must exit at once"

@@ -32,6 +32,7 @@ from pipelines.retrain import main as retrain_main
 from pipelines.retrain_steps import ExitCode, resolve_config
 from tests.conftest import ROOT, child_env
 from tests.helpers import FAST, write_night
+from tests.processes import run_child
 
 def retrain(root: Path, *args: str) -> int:
     return retrain_main(["finance", "--registry", str(root / "registry"), "--runs_dir", str(root / "runs"), *FAST, "--data.path", str(root / "latest.npz"), *args])
@@ -152,7 +153,7 @@ def test_an_unwritable_registry_fails_in_one_line_before_training(nights, tmp_pa
     shutil.copytree(nights["root"] / "registry", copy)
     command = [sys.executable, "-m", "pipelines.retrain", "finance", "--registry", str(copy), "--runs_dir", str(tmp_path / "runs"), *FAST, "--force"]
     command = read_only(copy if which == "registry" else copy / "finance" / "versions", command)
-    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    done = run_child(command, 120, cwd=tmp_path, env=child_env())
     assert done.returncode == ExitCode.FAILED, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "not writable" in lines[0], done.stderr[-2000:]

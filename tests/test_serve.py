@@ -16,6 +16,7 @@ diffusion model its server-side DDIM sampling (images equal to the checkpoint's 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -39,6 +40,7 @@ from pipelines.export import export_checkpoint
 from pipelines.task import BaseTask
 from tests.conftest import ROOT, child_env, only_run, run_pipeline
 from tests.helpers import REQUEST_TIMEOUT, decode_pngs, free_port, request, start_server, tiny_diffusion
+from tests.processes import child_process
 
 DOMAINS = available_domains()
 ATOL = 1e-5  # the server runs the same bundle; only batch composition may change the last bits
@@ -128,14 +130,12 @@ def server(request, trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"{domain}-serve")
     bundle = export_checkpoint(get_domain(domain), trained(domain), "onnx", folder / "bundle")
     served = start_server(domain, bundle, folder / "server.log", "--max_batch_size", "16", "--batch_timeout", "0.05", "--log_level", "debug", "--max_payload_mb", "1")
-    children = child_pids(served.process.pid)
-    yield served
-    if served.process.poll() is None:  # a test failed before the shutdown test: stop it, and any orphan
-        try:
+    try:
+        yield served
+        if served.process.poll() is None:  # a test failed before the shutdown test
             served.stop(signal.SIGTERM)
-        finally:
-            for pid in running(children):
-                os.kill(pid, signal.SIGKILL)
+    finally:
+        served.kill()  # it and every process it started (its group), also when the shutdown test failed
 
 
 def test_health_info_and_loopback_only(server):
@@ -464,16 +464,17 @@ def test_cli_refuses_a_bundle_of_another_domain_or_format(torchscript_bundle, tm
     metadata["bundle_format"] = 99
     (future / "metadata.json").write_text(json.dumps(metadata))
     cases.append((["healthcare", "--bundle", str(future)], "bundle format 99 is not supported"))
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipelines.serve", *argv, "--port", str(free_port())],
-            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for argv, _ in cases
-    ]
-    for (argv, message), process in zip(cases, processes):
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 2 and message in stderr, (argv, process.returncode, stderr[-2000:])
+    with contextlib.ExitStack() as stack:  # every server stopped with its group, whatever the outcome
+        processes = [
+            stack.enter_context(child_process(
+                [sys.executable, "-m", "pipelines.serve", *argv, "--port", str(free_port())],
+                cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+            for argv, _ in cases
+        ]
+        for (argv, message), process in zip(cases, processes):
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 2 and message in stderr, (argv, process.returncode, stderr[-2000:])
 
 
 # ----- autonomous: classification and regression bundles (their own models and servers) -------

@@ -51,9 +51,10 @@ def diffusion(tmp_path_factory) -> tuple[Server, Path]:
         "media", bundle, folder / "server.log", "--max_batch_size", "1", "--max_items", str(MAX_ITEMS),
         "--drain_delay", str(DRAIN_DELAY), "--model_name", "shapes-diffusion", "--model_version", "v7",
     )  # fmt: skip
-    yield served, ckpt
-    if served.process.poll() is None:
-        served.stop(signal.SIGKILL)
+    try:
+        yield served, ckpt
+    finally:
+        served.kill()
 
 
 def test_metrics_identity_liveness_and_readiness(diffusion):

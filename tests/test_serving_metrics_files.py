@@ -5,10 +5,10 @@ and is left out. Run in a child interpreter: the multi-process folder is read wh
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 from tests.conftest import ROOT, child_env
+from tests.processes import run_child
 
 SCRIPT = """
 import os
@@ -22,6 +22,6 @@ print(serving_metrics.total("requests_total"), b'pipelines_serve_requests_total{
 
 
 def test_a_metric_file_of_zero_bytes_does_not_fail_the_metrics_read(tmp_path):
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=child_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    done = run_child([sys.executable, "-c", SCRIPT], 120, cwd=ROOT, env=child_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["3.0", "True"], done.stdout

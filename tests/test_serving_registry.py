@@ -28,6 +28,7 @@ from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from tests.conftest import ROOT, child_env
 from tests.helpers import FAST, free_port, metric_samples, predict_with_headers, request, start_champion_server, write_night
+from tests.processes import run_child, start_child, stop_group
 
 
 def our_tracebacks(output: str) -> list[int]:
@@ -62,9 +63,9 @@ def weights_sha(root: Path, version: str) -> str:
 
 
 def test_unknown_alias_is_refused_before_serving(registry, tmp_path):
-    done = subprocess.run(
+    done = run_child(
         [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry / "registry"), "--alias", "nightly", "--port", str(free_port())],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
+        120, cwd=ROOT, env=child_env(),
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "--alias nightly" in done.stderr and "no version 'nightly'" in done.stderr and "v0001, v0002" in done.stderr, done.stderr
@@ -151,8 +152,7 @@ def test_promotion_under_load_switches_version_without_a_failed_request(registry
         assert served.stop() == 0, served.output()
         assert not our_tracebacks(served.output()), served.output()
     finally:
-        if served.process.poll() is None:
-            served.stop(signal.SIGKILL)
+        served.kill()  # it and every process it started, whatever happened (a no-op after a clean stop)
 
 
 def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path):
@@ -176,8 +176,7 @@ def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path
         assert request(served.url + "/info")[1]["model"]["registry"]["alias"] == "staging"
         assert served.stop() == 0, served.output()
     finally:
-        if served.process.poll() is None:
-            served.stop(signal.SIGKILL)
+        served.kill()  # it and every process it started, whatever happened (a no-op after a clean stop)
     assert not our_tracebacks(served.output()), served.output()
     served = start_champion_server(registry, tmp_path / "again.log", "--alias", "staging", "--bundle_cache", str(cache))
     try:
@@ -185,8 +184,7 @@ def test_sighup_reloads_at_once_and_cached_bundles_are_reused(registry, tmp_path
         assert "exported finance" not in served.output(), "the cached v0002 bundle (same weights sha256) is reused"
         assert served.stop() == 0
     finally:
-        if served.process.poll() is None:
-            served.stop(signal.SIGKILL)
+        served.kill()  # it and every process it started, whatever happened (a no-op after a clean stop)
 
 
 def test_sigterm_during_the_first_export_leaves_complete_bundles_only_and_no_temporary_folders(registry, tmp_path):
@@ -197,7 +195,7 @@ def test_sigterm_during_the_first_export_leaves_complete_bundles_only_and_no_tem
     cache, version = tmp_path / "cache", ModelRegistry(registry / "registry", "finance").champion()  # v0002 after the promotion test
     tmp = Path(tempfile.mkdtemp(prefix="t"))  # the server's TMPDIR: short, for the AF_UNIX sockets of its process manager
     with open(tmp_path / "server.log", "wb") as log:
-        process = subprocess.Popen(
+        process = start_child(
             [sys.executable, "-m", "pipelines.serve", "finance", "--registry", str(registry / "registry"), "--bundle_cache", str(cache), "--port", str(free_port())],
             cwd=ROOT, env=child_env(TMPDIR=str(tmp)), stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -209,8 +207,7 @@ def test_sigterm_during_the_first_export_leaves_complete_bundles_only_and_no_tem
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=90)
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_group(process)  # the server and its export child, whatever happened
     output = (tmp_path / "server.log").read_text()
     assert code == 143 and "stopped by SIGTERM" in output, output[-3000:]
     left = sorted(p.name for p in cache.iterdir())

@@ -19,7 +19,7 @@ def files_of(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier_bundle(tiny_run, tmp_path):
+def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier_bundle(tiny_run, tmp_path, child_processes):
     run = copy_run(tiny_run("finance"), tmp_path / "runs")
     checkpoint = run / "checkpoints" / "best.ckpt"
     bundle = tmp_path / "bundles" / "fraud"
@@ -28,7 +28,7 @@ def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier
     before = files_of(bundle)
     assert "metadata.json" in before
 
-    second = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = child_processes.start(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline, staging = time.time() + 240, []
         while time.time() < deadline and second.poll() is None:
@@ -61,7 +61,7 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "the temporary file is removed"
 
 
-def test_sigterm_while_monitor_writes_its_report_exits_143_and_leaves_no_partial_folder(tmp_path):
+def test_sigterm_while_monitor_writes_its_report_exits_143_and_leaves_no_partial_folder(tmp_path, child_processes):
     import numpy as np
     import pandas as pd
 
@@ -73,7 +73,7 @@ def test_sigterm_while_monitor_writes_its_report_exits_143_and_leaves_no_partial
     reports.mkdir()
     (reports / "earlier.md").write_text("an earlier report\n")
     command = [sys.executable, "-m", "pipelines.monitor", str(tmp_path / "reference.parquet"), str(tmp_path / "window.parquet"), "--report", str(reports)]
-    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = child_processes.start(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline, staging = time.time() + 240, []
         while time.time() < deadline and process.poll() is None:

@@ -31,13 +31,14 @@ from pipelines.data import AugmentSpec, build_albumentations, default_workers, m
 from pipelines.errors import InputError
 from domains.healthcare.intensity_watch import IntensityWatch
 from pipelines.reference import KEY as REFERENCE_KEY
-from pipelines.splits import SplitRule, adopt, check_column, check_filled, check_groups, hash_split
+from pipelines.splits import SplitRule, adopt
 from pipelines.images import Intensity, IntensityMode
 from domains.healthcare.datasets import ImageDataset, build_volume_augmentation
 from domains.healthcare.shards import ImageShards, option_defaults
 from domains.healthcare.lazy_pixels import TrainingStatistics, block_items, blocks_of
 from domains.healthcare.pixel_reading import TRAINING_PIXELS, SplitPixels
-from domains.healthcare.splitting import stratified_split
+from domains.healthcare.split_assignment import assign_splits
+from domains.healthcare.splitting import stratified_split  # noqa: F401 (imported from here by tests/test_healthcare.py)
 from domains.healthcare.readers import SPLITS, LabeledImages, read_image_table, read_medmnist_npz, synthetic_lesions
 
 
@@ -181,36 +182,10 @@ class MedicalImageDataModule(pl.LightningDataModule):
             data.task = hp.task
         return data
 
-    def csv_column(self, column: str, option: str) -> np.ndarray:
-        """One column of the labels CSV, one value per item (the reader keeps the CSV's row order)."""
-        import pandas as pd
-
-        table = pd.read_csv(self.hparams.labels_csv, dtype=str, keep_default_na=False)
-        check_column(list(table.columns), column, option, str(self.hparams.labels_csv))
-        if len(table) != len(self.source.labels):
-            raise InputError(f"{self.hparams.labels_csv}: {len(table)} rows but {len(self.source.labels)} items were read; --data.{option} needs one row per image")
-        return table[column].to_numpy()
-
     @cached_property
     def split_assignment(self) -> np.ndarray:
-        hp, source, rule = self.hparams, self.source, self.split_rule
-        where = str(hp.labels_csv or hp.npz_path or "the synthetic set")
-        if rule.stable:
-            if not hp.labels_csv:
-                raise InputError(f"{rule.describe()} hashes a column of --data.labels_csv; {where} has none")
-            keys = self.csv_column(rule.key, "split_key")
-            empty = np.flatnonzero(np.char.str_len(keys.astype(str)) == 0)
-            if len(empty):
-                raise InputError(f"{where} row {empty[0] + 1}, column {rule.key!r} (--data.split_key): no key value; every row needs one")
-            assignment = hash_split(keys, rule.val_fraction, rule.test_fraction, rule.seed)
-        elif source.split is None or hp.split == "stratified":
-            assignment = stratified_split(source.labels, hp.val_fraction, hp.test_fraction, hp.split_seed)
-        else:
-            assignment = source.split
-        check_filled(assignment, rule if rule.stable or source.split is None or hp.split == "stratified" else SplitRule("column", column="split"), where)
-        if hp.group_column:
-            check_groups(self.csv_column(hp.group_column, "group_column"), assignment, hp.group_column, where)
-        return assignment
+        """Each item's split (:mod:`domains.healthcare.split_assignment`)."""
+        return assign_splits(self.source, self.split_rule, self.hparams)
 
     @property
     def num_classes(self) -> int:
