@@ -26,7 +26,7 @@ GUIDED = {**TINY_DIFFUSION, "cond_drop_prob": 0.2}
 
 
 # ----- DiffAugment --------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["color", "translation", "cutout"])
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "hue"])
 def test_diffaugment_policy_changes_images_and_passes_gradients(policy):
     torch.manual_seed(0)
     images = (torch.rand(8, 3, 16, 16) * 2 - 1).requires_grad_(True)
@@ -39,6 +39,26 @@ def test_diffaugment_policy_changes_images_and_passes_gradients(policy):
     if policy == "translation":  # shifted content: every image is its input moved by at most 2 pixels (1/8 of 16)
         moved = [min(float((out[i].detach() - torch.roll(images[i].detach(), (dy, dx), (1, 2)))[:, 2:-2, 2:-2].abs().max()) for dy in range(-2, 3) for dx in range(-2, 3)) for i in range(8)]
         assert max(moved) == 0
+
+
+def test_hue_policy_turns_colours_about_the_grey_axis_and_keeps_brightness():
+    """``hue``: grey pixels stay, the channel mean (brightness) and each colour's distance from grey stay, the hue moves."""
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 8, 8) * 2 - 1
+    out = DiffAugment(parse_policy("hue"))(images)
+    assert torch.allclose(out.mean(1), images.mean(1), atol=1e-5)
+    chroma = lambda x: (x - x.mean(1, keepdim=True)).norm(dim=1)  # noqa: E731
+    assert torch.allclose(chroma(out), chroma(images), atol=1e-5)
+    assert (out - images).abs().amax((1, 2, 3)).min() > 1e-3  # every image's colours moved
+    grey = torch.rand(4, 1, 8, 8).expand(4, 3, 8, 8) * 2 - 1
+    assert torch.allclose(DiffAugment(parse_policy("hue"))(grey), grey, atol=1e-5)
+
+
+def test_hue_policy_is_refused_for_gray_images_before_anything_is_built():
+    with pytest.raises(InputError, match=r"--model.init_args.diffaugment 'hue'.*needs RGB images.*1 channel"):
+        GAN(**{**TINY_GAN, "diffaugment": "hue", "in_channels": 1, "image_size": 16})
+    with pytest.raises(InputError, match=r"unknown DiffAugment policy 'hues' \(did you mean 'hue'\?\)"):
+        parse_policy("translation,hues")
 
 
 def test_diffaugment_policy_names():

@@ -12,7 +12,11 @@ Policies, as in the authors' reference code (images in [-1, 1], ``(N, C, H, W)``
 - ``color``: random brightness (+-0.5), saturation (x0..2 around the channel mean) and contrast
   (x0.5..1.5 around the image mean);
 - ``translation``: a random shift of up to 1/8 of the side, zero padding;
-- ``cutout``: a random square of half the side set to zero.
+- ``cutout``: a random square of half the side set to zero;
+- ``hue`` (not in the reference code): a rotation of every pixel's colour about the grey axis by a random
+  angle per image (0..2 pi): hue turns, grey levels, brightness and the contrast of edges stay, so the
+  discriminator still judges shape, contrast and texture but cannot tell real from fake, or one class
+  from another, by hue. Unlike ``color`` it leaves luminance and contrast alone. For RGB images only.
 
 Example:
     >>> augment = DiffAugment(parse_policy("color,translation,cutout"))
@@ -73,10 +77,27 @@ def cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     return x * mask.unsqueeze(1)
 
 
+def hue_rotation(x: torch.Tensor) -> torch.Tensor:
+    """Rotate each RGB image's colours about the grey axis ``(1, 1, 1)`` by its own random angle (Rodrigues' formula).
+
+    Grey pixels (``r = g = b``) are fixed points and the rotation is orthogonal, so the mean of the channels
+    (brightness) and distances between colours are kept; a 120-degree turn maps red to green to blue.
+    """
+    if x.size(1) != 3:
+        raise ValueError(f"the DiffAugment policy 'hue' needs RGB images (3 channels), got {x.size(1)}")
+    angle = torch.rand(x.size(0), 1, 1, dtype=x.dtype, device=x.device) * (2 * torch.pi)
+    axis = torch.full((3,), 3**-0.5, dtype=x.dtype, device=x.device)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=x.dtype, device=x.device) * 3**-0.5
+    eye = torch.eye(3, dtype=x.dtype, device=x.device)
+    rotation = torch.cos(angle) * eye + torch.sin(angle) * cross + (1 - torch.cos(angle)) * torch.outer(axis, axis)  # (N, 3, 3)
+    return torch.einsum("nij,njhw->nihw", rotation, x)
+
+
 POLICIES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
     "color": (brightness, saturation, contrast),
     "translation": (translation,),
     "cutout": (cutout,),
+    "hue": (hue_rotation,),
 }
 
 
