@@ -54,9 +54,11 @@ def test_hue_policy_turns_colours_about_the_grey_axis_and_keeps_brightness():
     assert torch.allclose(DiffAugment(parse_policy("hue"))(grey), grey, atol=1e-5)
 
 
-def test_hue_policy_is_refused_for_gray_images_before_anything_is_built():
-    with pytest.raises(InputError, match=r"--model.init_args.diffaugment 'hue'.*needs RGB images.*1 channel"):
-        GAN(**{**TINY_GAN, "diffaugment": "hue", "in_channels": 1, "image_size": 16})
+def test_hue_policy_leaves_gray_images_and_a_misspelt_name_is_refused():
+    gray = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert torch.equal(DiffAugment(parse_policy("hue"))(gray), gray)  # no hue to turn
+    with pytest.raises(ValueError, match="gray or RGB images, got 4 channels"):
+        DiffAugment(parse_policy("hue"))(torch.zeros(1, 4, 8, 8))
     with pytest.raises(InputError, match=r"unknown DiffAugment policy 'hues' \(did you mean 'hue'\?\)"):
         parse_policy("translation,hues")
 

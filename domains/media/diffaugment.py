@@ -16,7 +16,9 @@ Policies, as in the authors' reference code (images in [-1, 1], ``(N, C, H, W)``
 - ``hue`` (not in the reference code): a rotation of every pixel's colour about the grey axis by a random
   angle per image (0..2 pi): hue turns, grey levels, brightness and the contrast of edges stay, so the
   discriminator still judges shape, contrast and texture but cannot tell real from fake, or one class
-  from another, by hue. Unlike ``color`` it leaves luminance and contrast alone. For RGB images only.
+  from another, by hue. Unlike ``color`` it leaves luminance and contrast alone. A gray image has no hue: it
+  is left as it is (every gray pixel is a fixed point of the rotation), so a config with ``hue`` also
+  trains on gray data.
 
 Example:
     >>> augment = DiffAugment(parse_policy("color,translation,cutout"))
@@ -83,8 +85,10 @@ def hue_rotation(x: torch.Tensor) -> torch.Tensor:
     Grey pixels (``r = g = b``) are fixed points and the rotation is orthogonal, so the mean of the channels
     (brightness) and distances between colours are kept; a 120-degree turn maps red to green to blue.
     """
+    if x.size(1) == 1:
+        return x  # gray: no hue to turn (the rotation fixes every gray pixel)
     if x.size(1) != 3:
-        raise ValueError(f"the DiffAugment policy 'hue' needs RGB images (3 channels), got {x.size(1)}")
+        raise ValueError(f"the DiffAugment policy 'hue' needs gray or RGB images, got {x.size(1)} channels")
     angle = torch.rand(x.size(0), 1, 1, dtype=x.dtype, device=x.device) * (2 * torch.pi)
     axis = torch.full((3,), 3**-0.5, dtype=x.dtype, device=x.device)
     cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=x.dtype, device=x.device) * 3**-0.5

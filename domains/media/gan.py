@@ -42,7 +42,7 @@ class GAN(GenerativeTask):
             its images with the requested labels (0: projection only, which on the shapes set left
             the class ignored: see the media README).
         diffaugment: DiffAugment policies (Zhao et al. 2020), a comma-separated list of ``color``,
-            ``translation``, ``cutout``, ``hue`` (RGB only): applied to real and generated images alike before every
+            ``translation``, ``cutout``, ``hue`` (colour rotation; gray images unchanged): applied to real and generated images alike before every
             discriminator call, so a small training set is not memorised by the discriminator.
             Default: none (off; see the media README for what it measured).
         ema_decay: decay of the exponential moving average of the generator's weights (StyleGAN2-ADA's
@@ -88,12 +88,7 @@ class GAN(GenerativeTask):
                 f"--model.init_args.generator_padding {generator_padding!r}: the padding of the generator's convolutions "
                 f"must be one of {', '.join(GENERATOR_PADDINGS)}"
             )
-        policies = parse_policy(diffaugment)  # refused (InputError, exit 2) before anything is built or written
-        if "hue" in policies and kwargs.get("in_channels", 3) != 3:
-            raise InputError(
-                f"--model.init_args.diffaugment {diffaugment!r}: the policy 'hue' turns colours about the grey axis and needs RGB images, "
-                f"but the data has {kwargs.get('in_channels')} channel(s); leave 'hue' out for gray images"
-            )
+        parse_policy(diffaugment)  # refused (InputError, exit 2) before anything is built or written
         super().__init__(conditional=conditional, **kwargs)
         self.automatic_optimization = False
 
