@@ -63,6 +63,18 @@ def test_hue_policy_leaves_gray_images_and_a_misspelt_name_is_refused():
         parse_policy("translation,hues")
 
 
+def test_diffaugment_probability_augments_that_share_of_images_and_refuses_values_outside_0_1():
+    torch.manual_seed(0)
+    images = torch.rand(400, 3, 4, 4) * 2 - 1
+    out = DiffAugment(parse_policy("hue"), probability=0.5)(images)
+    changed = (out - images).abs().amax((1, 2, 3)) > 1e-4
+    assert 150 < int(changed.sum()) < 250  # about half, each image drawn on its own; the others exactly as they were
+    assert torch.equal(out[~changed], images[~changed])
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(InputError, match=rf"--model.init_args.diffaugment_probability {bad}: .* must be in \(0, 1\]"):
+            GAN(**TINY_GAN, diffaugment="hue", diffaugment_probability=bad, image_size=16, in_channels=3)
+
+
 def test_diffaugment_policy_names():
     assert parse_policy("color, translation,cutout") == ("color", "translation", "cutout")
     assert parse_policy(None) == parse_policy("none") == ()
@@ -89,6 +101,7 @@ def test_gan_with_diffaugment_shows_the_discriminator_augmented_reals_and_fakes(
 
 REFUSED = [
     BadInput("diffaugment_typo", ("--model.init_args.diffaugment=color,translaton",), ("--model.init_args.diffaugment", "'translaton'", "did you mean 'translation'")),
+    BadInput("diffaugment_probability_above_1", ("--model.init_args.diffaugment=hue", "--model.init_args.diffaugment_probability=2"), ("--model.init_args.diffaugment_probability", "(0, 1]")),
     BadInput("guidance_without_null_class", ("--model=domains.media.model.Diffusion", "--model.init_args.guidance_scale=3"), ("guidance_scale 3", "cond_drop_prob")),
     BadInput("cond_drop_prob_out_of_range", ("--model=domains.media.model.Diffusion", "--model.init_args.cond_drop_prob=1.5"), ("cond_drop_prob", "[0, 1)")),
     BadInput("negative_generate_guidance", ("--data.generate_guidance_scale=-1",), ("--data.generate_guidance_scale", "a number in 0..20")),

@@ -124,17 +124,36 @@ def parse_policy(spec: str | None, option: str = "--model.init_args.diffaugment"
     return names
 
 
-class DiffAugment:
-    """Applies the policies in order; a no-op without policies. Call it on real and on generated images alike."""
+def check_probability(probability: float, option: str = "--model.init_args.diffaugment_probability") -> float:
+    """``probability`` as a float in (0, 1], else an ``InputError`` naming ``option``."""
+    if not isinstance(probability, (int, float)) or not 0.0 < float(probability) <= 1.0:
+        raise InputError(f"{option} {probability!r}: the share of discriminator inputs to augment must be in (0, 1] (1: every image, as in DiffAugment)")
+    return float(probability)
 
-    def __init__(self, policies: tuple[str, ...]) -> None:
+
+class DiffAugment:
+    """Applies the policies in order; a no-op without policies. Call it on real and on generated images alike.
+
+    ``probability`` below 1 augments each image of a call with that probability and leaves the others as they
+    are (one draw per image for the whole list, as ADA's ``p``): the discriminator then also sees un-augmented
+    images, so it can still judge what the augmentation hides (with ``hue``, the colours).
+    """
+
+    def __init__(self, policies: tuple[str, ...], probability: float = 1.0) -> None:
         self.policies = policies
         self.functions = [f for name in policies for f in POLICIES[name]]
+        self.probability = check_probability(probability, "DiffAugment probability")
 
     def __bool__(self) -> bool:
         return bool(self.functions)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.functions:
+            return x
+        out = x
         for function in self.functions:
-            x = function(x)
-        return x
+            out = function(out)
+        if self.probability < 1.0:
+            chosen = torch.rand(x.size(0), 1, 1, 1, device=x.device) < self.probability
+            out = torch.where(chosen, out, x)
+        return out
