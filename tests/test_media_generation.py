@@ -26,7 +26,7 @@ GUIDED = {**TINY_DIFFUSION, "cond_drop_prob": 0.2}
 
 
 # ----- DiffAugment --------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["color", "translation", "cutout"])
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "hue"])
 def test_diffaugment_policy_changes_images_and_passes_gradients(policy):
     torch.manual_seed(0)
     images = (torch.rand(8, 3, 16, 16) * 2 - 1).requires_grad_(True)
@@ -39,6 +39,40 @@ def test_diffaugment_policy_changes_images_and_passes_gradients(policy):
     if policy == "translation":  # shifted content: every image is its input moved by at most 2 pixels (1/8 of 16)
         moved = [min(float((out[i].detach() - torch.roll(images[i].detach(), (dy, dx), (1, 2)))[:, 2:-2, 2:-2].abs().max()) for dy in range(-2, 3) for dx in range(-2, 3)) for i in range(8)]
         assert max(moved) == 0
+
+
+def test_hue_policy_turns_colours_about_the_grey_axis_and_keeps_brightness():
+    """``hue``: grey pixels stay, the channel mean (brightness) and each colour's distance from grey stay, the hue moves."""
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 8, 8) * 2 - 1
+    out = DiffAugment(parse_policy("hue"))(images)
+    assert torch.allclose(out.mean(1), images.mean(1), atol=1e-5)
+    chroma = lambda x: (x - x.mean(1, keepdim=True)).norm(dim=1)  # noqa: E731
+    assert torch.allclose(chroma(out), chroma(images), atol=1e-5)
+    assert (out - images).abs().amax((1, 2, 3)).min() > 1e-3  # every image's colours moved
+    grey = torch.rand(4, 1, 8, 8).expand(4, 3, 8, 8) * 2 - 1
+    assert torch.allclose(DiffAugment(parse_policy("hue"))(grey), grey, atol=1e-5)
+
+
+def test_hue_policy_leaves_gray_images_and_a_misspelt_name_is_refused():
+    gray = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert torch.equal(DiffAugment(parse_policy("hue"))(gray), gray)  # no hue to turn
+    with pytest.raises(ValueError, match="gray or RGB images, got 4 channels"):
+        DiffAugment(parse_policy("hue"))(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(InputError, match=r"unknown DiffAugment policy 'hues' \(did you mean 'hue'\?\)"):
+        parse_policy("translation,hues")
+
+
+def test_diffaugment_probability_augments_that_share_of_images_and_refuses_values_outside_0_1():
+    torch.manual_seed(0)
+    images = torch.rand(400, 3, 4, 4) * 2 - 1
+    out = DiffAugment(parse_policy("hue"), probability=0.5)(images)
+    changed = (out - images).abs().amax((1, 2, 3)) > 1e-4
+    assert 150 < int(changed.sum()) < 250  # about half, each image drawn on its own; the others exactly as they were
+    assert torch.equal(out[~changed], images[~changed])
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(InputError, match=rf"--model.init_args.diffaugment_probability {bad}: .* must be in \(0, 1\]"):
+            GAN(**TINY_GAN, diffaugment="hue", diffaugment_probability=bad, image_size=16, in_channels=3)
 
 
 def test_diffaugment_policy_names():
@@ -67,6 +101,7 @@ def test_gan_with_diffaugment_shows_the_discriminator_augmented_reals_and_fakes(
 
 REFUSED = [
     BadInput("diffaugment_typo", ("--model.init_args.diffaugment=color,translaton",), ("--model.init_args.diffaugment", "'translaton'", "did you mean 'translation'")),
+    BadInput("diffaugment_probability_above_1", ("--model.init_args.diffaugment=hue", "--model.init_args.diffaugment_probability=2"), ("--model.init_args.diffaugment_probability", "(0, 1]")),
     BadInput("guidance_without_null_class", ("--model=domains.media.model.Diffusion", "--model.init_args.guidance_scale=3"), ("guidance_scale 3", "cond_drop_prob")),
     BadInput("cond_drop_prob_out_of_range", ("--model=domains.media.model.Diffusion", "--model.init_args.cond_drop_prob=1.5"), ("cond_drop_prob", "[0, 1)")),
     BadInput("negative_generate_guidance", ("--data.generate_guidance_scale=-1",), ("--data.generate_guidance_scale", "a number in 0..20")),

@@ -12,7 +12,13 @@ Policies, as in the authors' reference code (images in [-1, 1], ``(N, C, H, W)``
 - ``color``: random brightness (+-0.5), saturation (x0..2 around the channel mean) and contrast
   (x0.5..1.5 around the image mean);
 - ``translation``: a random shift of up to 1/8 of the side, zero padding;
-- ``cutout``: a random square of half the side set to zero.
+- ``cutout``: a random square of half the side set to zero;
+- ``hue`` (not in the reference code): a rotation of every pixel's colour about the grey axis by a random
+  angle per image (0..2 pi): hue turns, grey levels, brightness and the contrast of edges stay, so the
+  discriminator still judges shape, contrast and texture but cannot tell real from fake, or one class
+  from another, by hue. Unlike ``color`` it leaves luminance and contrast alone. A gray image has no hue: it
+  is left as it is (every gray pixel is a fixed point of the rotation), so a config with ``hue`` also
+  trains on gray data.
 
 Example:
     >>> augment = DiffAugment(parse_policy("color,translation,cutout"))
@@ -73,10 +79,29 @@ def cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     return x * mask.unsqueeze(1)
 
 
+def hue_rotation(x: torch.Tensor) -> torch.Tensor:
+    """Rotate each RGB image's colours about the grey axis ``(1, 1, 1)`` by its own random angle (Rodrigues' formula).
+
+    Grey pixels (``r = g = b``) are fixed points and the rotation is orthogonal, so the mean of the channels
+    (brightness) and distances between colours are kept; a 120-degree turn maps red to green to blue.
+    """
+    if x.size(1) == 1:
+        return x  # gray: no hue to turn (the rotation fixes every gray pixel)
+    if x.size(1) != 3:
+        raise ValueError(f"the DiffAugment policy 'hue' needs gray or RGB images, got {x.size(1)} channels")
+    angle = torch.rand(x.size(0), 1, 1, dtype=x.dtype, device=x.device) * (2 * torch.pi)
+    axis = torch.full((3,), 3**-0.5, dtype=x.dtype, device=x.device)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=x.dtype, device=x.device) * 3**-0.5
+    eye = torch.eye(3, dtype=x.dtype, device=x.device)
+    rotation = torch.cos(angle) * eye + torch.sin(angle) * cross + (1 - torch.cos(angle)) * torch.outer(axis, axis)  # (N, 3, 3)
+    return torch.einsum("nij,njhw->nihw", rotation, x)
+
+
 POLICIES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
     "color": (brightness, saturation, contrast),
     "translation": (translation,),
     "cutout": (cutout,),
+    "hue": (hue_rotation,),
 }
 
 
@@ -99,17 +124,36 @@ def parse_policy(spec: str | None, option: str = "--model.init_args.diffaugment"
     return names
 
 
-class DiffAugment:
-    """Applies the policies in order; a no-op without policies. Call it on real and on generated images alike."""
+def check_probability(probability: float, option: str = "--model.init_args.diffaugment_probability") -> float:
+    """``probability`` as a float in (0, 1], else an ``InputError`` naming ``option``."""
+    if not isinstance(probability, (int, float)) or not 0.0 < float(probability) <= 1.0:
+        raise InputError(f"{option} {probability!r}: the share of discriminator inputs to augment must be in (0, 1] (1: every image, as in DiffAugment)")
+    return float(probability)
 
-    def __init__(self, policies: tuple[str, ...]) -> None:
+
+class DiffAugment:
+    """Applies the policies in order; a no-op without policies. Call it on real and on generated images alike.
+
+    ``probability`` below 1 augments each image of a call with that probability and leaves the others as they
+    are (one draw per image for the whole list, as ADA's ``p``): the discriminator then also sees un-augmented
+    images, so it can still judge what the augmentation hides (with ``hue``, the colours).
+    """
+
+    def __init__(self, policies: tuple[str, ...], probability: float = 1.0) -> None:
         self.policies = policies
         self.functions = [f for name in policies for f in POLICIES[name]]
+        self.probability = check_probability(probability, "DiffAugment probability")
 
     def __bool__(self) -> bool:
         return bool(self.functions)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.functions:
+            return x
+        out = x
         for function in self.functions:
-            x = function(x)
-        return x
+            out = function(out)
+        if self.probability < 1.0:
+            chosen = torch.rand(x.size(0), 1, 1, 1, device=x.device) < self.probability
+            out = torch.where(chosen, out, x)
+        return out

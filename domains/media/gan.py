@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from domains.media.diffaugment import DiffAugment, parse_policy
+from domains.media.diffaugment import DiffAugment, check_probability, parse_policy
 from domains.media.networks import GENERATOR_PADDINGS, Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update, refresh_batch_norm_statistics
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.errors import InputError
@@ -42,9 +42,13 @@ class GAN(GenerativeTask):
             its images with the requested labels (0: projection only, which on the shapes set left
             the class ignored: see the media README).
         diffaugment: DiffAugment policies (Zhao et al. 2020), a comma-separated list of ``color``,
-            ``translation``, ``cutout``: applied to real and generated images alike before every
+            ``translation``, ``cutout``, ``hue`` (colour rotation; gray images unchanged): applied to real and generated images alike before every
             discriminator call, so a small training set is not memorised by the discriminator.
             Default: none (off; see the media README for what it measured).
+        diffaugment_probability: the share of discriminator inputs DiffAugment transforms (each image drawn
+            on its own, as ADA's ``p``; the others pass as they are). ``1`` (the default): every image, as in
+            DiffAugment. Below 1 the discriminator also sees un-augmented images: with ``hue`` at 1 it could no
+            longer see colour and the generator drew every sample in one hue (media README).
         ema_decay: decay of the exponential moving average of the generator's weights (StyleGAN2-ADA's
             "G_ema"), with the warm-up ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` generator steps, so
             a short run averages over about its last ``n / 9`` steps instead of starting from the random
@@ -73,6 +77,7 @@ class GAN(GenerativeTask):
         class_loss_weight: float = 2.0,
         conditional: bool = True,
         diffaugment: str | None = None,
+        diffaugment_probability: float = 1.0,
         ema_decay: float = 0.999,
         generator_padding: str = "zeros",
         **kwargs: Any,
@@ -89,6 +94,7 @@ class GAN(GenerativeTask):
                 f"must be one of {', '.join(GENERATOR_PADDINGS)}"
             )
         parse_policy(diffaugment)  # refused (InputError, exit 2) before anything is built or written
+        check_probability(diffaugment_probability)
         super().__init__(conditional=conditional, **kwargs)
         self.automatic_optimization = False
 
@@ -98,7 +104,7 @@ class GAN(GenerativeTask):
         self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
         classifier = bool(self.condition_classes) and hp.class_loss_weight > 0
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)
-        self.augment = DiffAugment(parse_policy(hp.diffaugment))
+        self.augment = DiffAugment(parse_policy(hp.diffaugment), hp.get("diffaugment_probability", 1.0))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
