@@ -41,19 +41,17 @@ attempt (``retrain-slurm-<job id>``) and resumes its training from ``last.ckpt``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.model_registry import REGISTRY_ENV, ModelRegistry, RegistryError, RegistryLocked, default_registry
 from pipelines.option_spelling import OptionParser
 from pipelines.registry_upkeep import check_writable
-from pipelines.retrain_attempt import SIGNALS, Attempt
+from pipelines.retrain_attempt import SIGNALS, Attempt, sigterm_deferred
 from pipelines.retrain_steps import ExitCode, RetrainError
 from pipelines.selection import Selection, parse_floor
 
@@ -155,6 +153,13 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         _log_decision(attempt)
         return code
     except Terminated as error:
+        decided = attempt.row.get("decision")
+        if decided in ("promoted", "rejected"):  # after the registry holds the decision (the model's W&B upload): it stands
+            code = ExitCode.PROMOTED if decided == "promoted" else ExitCode.KEPT_CHAMPION
+            with sigterm_deferred():
+                attempt.record(code)
+            print(f"[retrain] stopped (SIGTERM) after the decision was recorded ({decided}, exit {int(code)}); the model was not logged to W&B", file=sys.stderr)
+            return code
         print(f"[retrain] failed: {error}", file=sys.stderr)
         attempt.record(ExitCode.FAILED, str(error))
         return ExitCode.FAILED  # stopping: no W&B run is started now
@@ -165,10 +170,10 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
             _log_decision(attempt)
         return ExitCode.FAILED
     try:
-        with _sigterm_deferred():  # the decision is recorded whole: a SIGTERM now lands right after it
+        with sigterm_deferred():  # the decision is recorded whole: a SIGTERM now lands right after it
             attempt.record(code)
         print(f"[retrain] {attempt.row['decision']} (exit {int(code)})", file=sys.stderr)
-        if SIGNALS:  # one landed while the model was logged to W&B, after the decision
+        if SIGNALS:  # one that some library code swallowed after the decision
             raise Terminated("terminated (SIGTERM)")
         _log_decision(attempt)
         if options.keep:
@@ -177,16 +182,6 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         print(f"[retrain] stopped (SIGTERM) after the decision was recorded ({attempt.row['decision']}, exit {int(code)}); "
               "W&B logging or --keep retention not finished: the next run with --keep finishes the retention", file=sys.stderr)  # fmt: skip
     return code
-
-
-@contextlib.contextmanager
-def _sigterm_deferred() -> Iterator[None]:
-    """Hold a SIGTERM until the block is done (it is delivered, and raises :class:`Terminated`, on leaving)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _log_decision(attempt: Attempt) -> None:

@@ -5,11 +5,14 @@ the registry lock): fingerprint, train, evaluate challenger and champion, decide
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,16 @@ from pipelines.selection import Selection, floor_text
 
 #: signals received during this process's attempt (checked again before anything is promoted)
 SIGNALS: list[str] = []
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Hold a SIGTERM until the block is done (it is delivered, and its handler runs, on leaving)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 class Attempt:
@@ -122,17 +135,13 @@ class Attempt:
             print(f"[retrain] pinned the evaluation set (a snapshot in {self.registry.path / 'evaluation'})", file=sys.stderr)
         version = self._add_version(best, print_, challenger, evaluation, decision, reason, champion)
         challenger["version"] = version
-        if decision:
-            self.registry.set_champion(version, f"retrain {self.attempt_id}: {reason}")
-        self.row["decision"] = "promoted" if decision else "rejected"
+        with sigterm_deferred():  # the pointer and the row's decision change together: a SIGTERM lands after both
+            if decision:
+                self.registry.set_champion(version, f"retrain {self.attempt_id}: {reason}")
+            self.row["decision"] = "promoted" if decision else "rejected"
         from pipelines.registry_cli import publish_to_wandb
 
-        try:
-            self.row["wandb"] = publish_to_wandb(self.registry, version, ["candidate", *(["champion"] if decision else [])], self.group)
-        except BaseException:  # noqa: BLE001 - a SIGTERM during the upload: the decision above stands (pipelines.retrain ends the run)
-            if not SIGNALS:
-                raise
-            self.row["wandb"] = "stopped (SIGTERM) while logging the model to W&B: not logged"
+        self.row["wandb"] = publish_to_wandb(self.registry, version, ["candidate", *(["champion"] if decision else [])], self.group)
         return ExitCode.PROMOTED if decision else ExitCode.KEPT_CHAMPION
 
     def _add_version(self, best: Path, print_: dict, challenger: dict, evaluation: dict, decision: bool, reason: str, champion: str | None) -> str:

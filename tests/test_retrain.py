@@ -10,10 +10,8 @@ registry is valid and the champion loads.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import py_compile
 import shutil
 import signal
 import subprocess
@@ -22,11 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipelines.domain_registry import available_domains, get_domain
 from pipelines.fingerprint import fingerprint
-from pipelines.model_registry import TMP_PREFIX, ModelRegistry, RegistryLocked
+from pipelines.model_registry import TMP_PREFIX, ModelRegistry
 from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from pipelines.retrain_steps import ExitCode, resolve_config
@@ -226,30 +223,38 @@ def test_concurrent_retrain_is_locked_and_a_kill_during_promotion_keeps_the_regi
     assert not [p for p in registry.versions_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
-def test_a_sigterm_after_the_decision_keeps_its_exit_code_and_record(lifecycle, tmp_path, monkeypatch, capsys):
-    """A SIGTERM (a job's timeout) landing in ``--keep`` retention, after the promotion was recorded: the
-    attempt still exits with its decision's code (0), without a traceback, and the history row stands;
-    the next attempt's retention removes what this one did not (trial finding: exit 1 and a traceback,
-    so the scheduler retried a promotion that had happened)."""
+@pytest.mark.parametrize("moment", ["champion-set", "retention"])
+def test_a_sigterm_after_the_decision_keeps_its_exit_code_and_record(lifecycle, tmp_path, monkeypatch, capsys, moment):
+    """A SIGTERM (a job's timeout) right after the champion pointer moved, or in ``--keep`` retention after the
+    promotion was recorded: the attempt still exits with its decision's code (0), without a traceback, and the
+    history row says promoted (trial finding: exit 1 and a traceback, so the scheduler retried a promotion that
+    had happened; a SIGTERM between the pointer and the row would have recorded a failure beside a new champion)."""
     import pipelines.registry_upkeep as upkeep
 
     copy = tmp_path / "registry"
     shutil.copytree(lifecycle["registry"], copy)
     registry = ModelRegistry(copy, "healthcare")
-    real_prune, before = upkeep.prune, registry.versions()
+    before = registry.versions()
 
-    def terminated_at_retention(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered to this process's handler (pipelines.retrain)
-        return real_prune(*args, **kwargs)
+    def then_terminated(real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to this process's handler (pipelines.retrain)
+            return result
 
-    monkeypatch.setattr(upkeep, "prune", terminated_at_retention)
+        return call
+
+    if moment == "champion-set":
+        monkeypatch.setattr(ModelRegistry, "set_champion", then_terminated(ModelRegistry.set_champion))
+    else:
+        monkeypatch.setattr(upkeep, "prune", lambda *a, **k: then_terminated(lambda: None)() or {"removed": [], "run_folders": []})
     capsys.readouterr()
     code = retrain(copy, tmp_path / "runs", *TINY, "--data.synthetic_seed=5", "--trainer.logger=false", "--margin=-1", "--keep=1")
     err = capsys.readouterr().err
     assert code == ExitCode.PROMOTED, err
     assert "stopped (SIGTERM) after the decision was recorded (promoted, exit 0)" in err and "Traceback" not in err, err
     assert registry.history()[-1]["decision"] == "promoted" and registry.history()[-1]["exit_code"] == 0
-    assert registry.verify() == [] and len(registry.versions()) == len(before) + 1  # the new champion; nothing pruned
+    assert registry.verify() == [] and len(registry.versions()) == len(before) + 1 and registry.champion() == registry.versions()[-1]
     check_champion_loads(registry)
 
 
