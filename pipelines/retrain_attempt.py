@@ -28,12 +28,19 @@ SIGNALS: list[str] = []
 
 @contextlib.contextmanager
 def sigterm_deferred() -> Iterator[None]:
-    """Hold a SIGTERM until the block is done (it is delivered, and its handler runs, on leaving)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    """Hold a SIGTERM until the block is done: the handler in force runs on leaving. (Not ``pthread_sigmask``: a
+    process-directed signal then reaches another thread, W&B's or Lightning's, and Python runs the handler in the
+    main thread at once.) From the main thread only, as ``signal.signal`` requires."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, previous)
+        if held and callable(previous):
+            previous(signal.SIGTERM, None)
+        elif held and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Attempt:
