@@ -334,4 +334,4 @@ def test_wandb_watch_logs_gradient_and_parameter_histograms(runs_dir):
         "--trainer.log_every_n_steps=2", "--runs_dir", str(runs_dir),
     )  # fmt: skip
     keys = set().union(*history(run_file(only_run(runs_dir, "finance"))))
-    assert any(k.startswith("gradients/network.") for k in keys) and any(k.startswith("parameters/network.") for k in keys)
+    assert any(k.startswith("gradients/network.") for k in keys) and any(k.startswith("parameters/network.") for k in keys), sorted(keys)  # seen failing twice under load only: which kind was missing
