@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from fastapi import HTTPException
 
+from domains.finance.parsing import category_text
 from domains.finance.preprocessing import TablePreprocessor, parse_boolean, parse_numeric, parse_timestamp
 from pipelines.validation import FLOAT32_MAX
 from pipelines.serve import ModelCall, RequestAdapter, reject, run_once
@@ -112,8 +113,9 @@ class TransactionRowsAdapter(RequestAdapter):
         rows = list(inputs["row_objects"])
         bounds = [*np.flatnonzero(inputs["request_start"]).tolist(), len(rows)]
         refusals = np.full(len(rows), None, dtype=object)
+        frame = self.features(rows)
         try:
-            encoded = self.preprocessor.transform(self.features(rows), SOURCE)
+            encoded = self.preprocessor.transform(frame, SOURCE)
         except ValueError:  # one request's values: find it, and refuse it alone
             parts = []
             for start, end in zip(bounds[:-1], bounds[1:]):
@@ -135,7 +137,16 @@ class TransactionRowsAdapter(RequestAdapter):
         outside[good] = encoded["out_of_range"]
         logged = np.zeros((len(rows), *encoded["numeric"].shape[1:]), dtype=encoded["numeric"].dtype)  # the request log's features
         logged[good] = encoded["numeric"]
-        return {**outputs, "out_of_range": outside, "input.numeric": logged, "refusal": refusals}
+        return {**outputs, "out_of_range": outside, "unseen_category": self.unseen_categories(frame), "input.numeric": logged, "refusal": refusals}
+
+    def unseen_categories(self, frame: pd.DataFrame) -> np.ndarray:
+        """Per row and categorical column: a value the training never kept (scored as ``<unknown>``, so the column
+        carries no signal for the row); named in the answer's ``unseen_categories``, as ``predict`` counts them per file."""
+        columns = self.preprocessor.roles.categorical_columns
+        unseen = np.zeros((len(frame), len(columns)), dtype=bool)
+        for j, column in enumerate(columns):
+            unseen[:, j] = ~np.isin(category_text(frame[column]), self.preprocessor.vocabularies.get(column, []))
+        return unseen
 
     def _where(self, i: int) -> str:
         return f"rows[{i}]"
@@ -230,16 +241,20 @@ class TransactionRowsAdapter(RequestAdapter):
 
     # ----- model outputs -> answer ----------------------------------------------------------------
     def predictions(self, outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        """One ``{"score", "is_alert", "out_of_range", "top_features"}`` per row, as ``predict`` writes them:
-        a row with a value outside the training range is alerted and names those columns."""
+        """One ``{"score", "is_alert", "out_of_range", "top_features", "unseen_categories"}`` per row, as ``predict``
+        writes them: a row with a value outside the training range is alerted and names those columns; a category the
+        training never kept is named (not alerted: ``predict`` warns per file)."""
         answers = []
         ranged = self.preprocessor.range_columns
         outside_rows = outputs.get("out_of_range", np.zeros((len(outputs["score"]), 0), dtype=bool))
-        for score, alert, contributions, outside in zip(outputs["score"], outputs["is_alert"], outputs["contributions"], outside_rows):
+        unseen_rows = outputs.get("unseen_category", np.zeros((len(outputs["score"]), 0), dtype=bool))
+        categorical = self.preprocessor.roles.categorical_columns
+        for score, alert, contributions, outside, unseen in zip(outputs["score"], outputs["is_alert"], outputs["contributions"], outside_rows, unseen_rows):
             order = np.argsort(-contributions, kind="stable")[: self.top_k]
             top = [{"feature": self.contribution_names[j], "contribution": _number(contributions[j])} for j in order]
             columns = [ranged[j] for j in np.flatnonzero(outside)]
-            answer = {"score": _number(score), "is_alert": bool(alert) or bool(columns), "out_of_range": columns, "top_features": top}
+            answer = {"score": _number(score), "is_alert": bool(alert) or bool(columns), "out_of_range": columns, "top_features": top,
+                      "unseen_categories": [categorical[j] for j in np.flatnonzero(unseen)]}  # fmt: skip
             if self.variational:  # the VAE score's KL part: the score minus its per-column contributions
                 answer["latent_contribution"] = _number(max(float(score) - float(np.sum(contributions, dtype=np.float64)), 0.0))
             if self.probability:  # as predict's fraud_probability: sigmoid(slope * score + intercept) in float64
