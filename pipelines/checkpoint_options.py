@@ -79,11 +79,19 @@ def refused_before_the_checkpoint(argv: Sequence[str], error: str) -> str | None
     )
 
 
-def _same(given: Any, saved: Any) -> bool:
+def same_option_value(given: Any, saved: Any) -> bool:
+    """Whether an option's value as parsed now equals the one a checkpoint saved: numbers by value, lists and
+    tuples alike, mappings key by key (a YAML list is a tuple once saved).
+
+    >>> same_option_value([1, {"a": (2, 3)}], (1.0, {"a": [2, 3]})), same_option_value({"a": 1}, {"a": 1, "b": 2})
+    (True, False)
+    """
     if isinstance(given, (int, float)) and isinstance(saved, (int, float)) and not isinstance(given, bool) and not isinstance(saved, bool):
         return float(given) == float(saved)
     if isinstance(given, (list, tuple)) and isinstance(saved, (list, tuple)):
-        return len(given) == len(saved) and all(_same(a, b) for a, b in zip(given, saved))
+        return len(given) == len(saved) and all(same_option_value(a, b) for a, b in zip(given, saved))
+    if isinstance(given, Mapping) and isinstance(saved, Mapping):
+        return given.keys() == saved.keys() and all(same_option_value(given[k], saved[k]) for k in given)
     return given == saved
 
 
@@ -107,7 +115,7 @@ def check_model_options_kept(argv: Sequence[str], hparams: Mapping[str, Any], la
             for part in rest.split("."):
                 node = node.get(part) if isinstance(node, Mapping) else None
             saved = node
-        if _same(given, saved):
+        if same_option_value(given, saved):
             continue
         if name in LOOP_OPTIONS:
             raise InputError(f"{option} {raw}: with {label} {LOOP_OPTIONS[name].format(saved=saved)}")

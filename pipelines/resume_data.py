@@ -25,6 +25,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
+from pipelines.checkpoint_options import same_option_value
 from pipelines.errors import InputError
 from pipelines.shards import MANIFEST as SHARD_MANIFEST  # a shard set's manifest: the identity of a folder of shards
 
@@ -95,7 +96,7 @@ def check_resumed_data(options: Mapping[str, Any], checkpoint: Mapping[str, Any]
     """Refuse (``InputError``) a resumed fit whose data options or files differ from the checkpoint's."""
     saved = checkpoint.get("datamodule_hyper_parameters") or {}
     for option, was in saved.items():
-        if free_on_resume(option) or option not in options or _same(options[option], was):
+        if free_on_resume(option) or option not in options or same_option_value(options[option], was):
             continue
         if options.get("shards") and option != "shards":  # the shard writer's options (checked against its manifest when read)
             continue
@@ -118,10 +119,3 @@ def check_resumed_data(options: Mapping[str, Any], checkpoint: Mapping[str, Any]
                 "Start a new run to train on it (fit without --ckpt_path), or restore the file to resume"
             )
 
-
-def _same(given: Any, saved: Any) -> bool:
-    if isinstance(given, (list, tuple)) and isinstance(saved, (list, tuple)):
-        return len(given) == len(saved) and all(_same(a, b) for a, b in zip(given, saved))
-    if isinstance(given, Mapping) and isinstance(saved, Mapping):
-        return given.keys() == saved.keys() and all(_same(given[k], saved[k]) for k in given)
-    return given == saved
