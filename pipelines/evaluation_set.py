@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import fsync_dir
-from pipelines.fingerprint import absolute_paths, fingerprint, hash_path, path_values
+from pipelines.fingerprint import absolute_paths, changed_files, fingerprint, hash_path, path_values
 from pipelines.model_registry import ModelRegistry, now
 from pipelines.retrain_steps import ExitCode, RetrainError, run_step, write_yaml
 from pipelines.splits import is_stable_config, rule_of_config
@@ -81,15 +81,15 @@ def snapshot(registry: ModelRegistry, data: dict[str, Any]) -> dict[str, Any]:
 
 def check(registry: ModelRegistry, record: dict[str, Any]) -> None:
     """Fail (``RetrainError``) if a file of the pinned snapshot is missing or changed."""
-    for path, expected in record.get("files", {}).items():
-        actual = hash_path(Path(path)) if Path(path).exists() else "missing"
-        if actual != expected:
-            raise RetrainError(
-                ExitCode.FAILED,
-                f"evaluation snapshot {path} (pinned in {registry.path / 'evaluation.json'}) is damaged "
-                f"(sha256 {expected[:12]} expected, found {actual[:12]}): replace it with "
-                f"`python -m pipelines.registry {registry.domain} repin --reason ... [--eval_config FILE]`",
-            )
+    changed = changed_files(record.get("files", {}))
+    if changed:
+        path, expected, actual = changed[0]
+        raise RetrainError(
+            ExitCode.FAILED,
+            f"evaluation snapshot {path} (pinned in {registry.path / 'evaluation.json'}) is damaged "
+            f"(sha256 {expected[:12]} expected, found {actual[:12]}): replace it with "
+            f"`python -m pipelines.registry {registry.domain} repin --reason ... [--eval_config FILE]`",
+        )
 
 
 def for_attempt(registry: ModelRegistry, pinned: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,17 @@ def hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
+def changed_files(files: dict[str, str]) -> list[tuple[str, str, str]]:
+    """``(path, expected sha256, found)`` of each file or folder of ``files`` (path -> :func:`hash_path`) whose content is not
+    the recorded one; ``found`` is ``"missing"`` for a path that is gone."""
+    changed = []
+    for path, expected in files.items():
+        found = hash_path(Path(path)) if Path(path).exists() else "missing"
+        if found != expected:
+            changed.append((path, expected, found))
+    return changed
+
+
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """Fingerprint of the training data: content hashes of the files/folders the ``data`` and
     ``model`` values point at, plus the resolved ``data`` and ``model`` sections themselves.

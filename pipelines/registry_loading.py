@@ -95,7 +95,7 @@ class LoadingMixin:
 
     def _evaluation_pin_problems(self) -> list[str]:
         """The pinned evaluation set (``evaluation.json``): it parses, and each snapshot file it pins has its checksum."""
-        from pipelines.fingerprint import hash_path
+        from pipelines.fingerprint import changed_files
 
         path = self.path / EVALUATION_FILE
         if not path.is_file():
@@ -107,13 +107,11 @@ class LoadingMixin:
         files = record.get("files") if isinstance(record, dict) else None
         if not isinstance(files, dict) or "data" not in record:
             return [f"evaluation pin: {path} has no 'data' and 'files' (the pinned set and its checksums); replace it with `registry {self.domain} repin`"]
-        problems = []
-        for name, expected in files.items():
-            actual = hash_path(Path(name)) if Path(name).exists() else "missing"
-            if actual != expected:
-                problems.append(f"evaluation pin: {name} (pinned in {path}) is {'missing' if actual == 'missing' else 'changed or damaged'} "
-                                f"(sha256 {str(expected)[:12]} expected, found {actual[:12]})")  # fmt: skip
-        return problems
+        return [
+            f"evaluation pin: {name} (pinned in {path}) is {'missing' if actual == 'missing' else 'changed or damaged'} "
+            f"(sha256 {str(expected)[:12]} expected, found {actual[:12]})"
+            for name, expected, actual in changed_files(files)
+        ]  # fmt: skip
 
     def load_weights(self, version: str | None = None) -> dict[str, Any]:
         """The LightningModule ``state_dict`` of a version (default: the champion), from safetensors."""
