@@ -314,6 +314,15 @@ class TablePreprocessor:
         self.fitted = True
         return self
 
+    def unseen_categories(self, frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per categorical column of ``frame``: each row's category text and whether the vocabulary lacks it (the row is
+        then scored as ``<unknown>``, and the column carries no signal for it)."""
+        found = {}
+        for column in self.roles.categorical_columns:
+            text = category_text(frame[column])
+            found[column] = (text, ~np.isin(text, self.vocabularies.get(column, [])))
+        return found
+
     def transform(self, frame: pd.DataFrame, source: str, row_offset: RowPositions = 0) -> dict[str, np.ndarray]:
         """Encode rows; ``row_offset`` is the file position of ``frame``'s first row (for error messages)."""
         if not self.fitted:

@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 from fastapi import HTTPException
 
-from domains.finance.parsing import category_text
 from domains.finance.preprocessing import TablePreprocessor, parse_boolean, parse_numeric, parse_timestamp
 from pipelines.validation import FLOAT32_MAX
 from pipelines.serve import ModelCall, RequestAdapter, reject, run_once
@@ -142,11 +141,8 @@ class TransactionRowsAdapter(RequestAdapter):
     def unseen_categories(self, frame: pd.DataFrame) -> np.ndarray:
         """Per row and categorical column: a value the training never kept (scored as ``<unknown>``, so the column
         carries no signal for the row); named in the answer's ``unseen_categories``, as ``predict`` counts them per file."""
-        columns = self.preprocessor.roles.categorical_columns
-        unseen = np.zeros((len(frame), len(columns)), dtype=bool)
-        for j, column in enumerate(columns):
-            unseen[:, j] = ~np.isin(category_text(frame[column]), self.preprocessor.vocabularies.get(column, []))
-        return unseen
+        masks = [unseen for _, unseen in self.preprocessor.unseen_categories(frame).values()]
+        return np.stack(masks, 1) if masks else np.zeros((len(frame), 0), dtype=bool)
 
     def _where(self, i: int) -> str:
         return f"rows[{i}]"

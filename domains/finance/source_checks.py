@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.utilities import rank_zero_warn
 
-from domains.finance.parsing import category_text
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
 from domains.finance.sources import iter_chunks, read_header
 from pipelines.errors import InputError
@@ -100,9 +99,9 @@ def check_scoring_file(
     for offset, chunk in iter_chunks(path, chunk_rows):
         check_unique_columns([str(c) for c in chunk.columns], str(path))
         checker.check_values(chunk, str(path), offset)
-        for column, counter in unseen.items():
-            known = set(fitted.vocabularies.get(column, []))
-            counter.update(value for value in category_text(chunk[column]) if value not in known)
+        if fitted is not None:
+            for column, (text, lacking) in fitted.unseen_categories(chunk).items():
+                unseen[column].update(text[lacking])
         rows = offset + len(chunk)
     if rows == 0:
         raise InputError(f"--data.predict_path {path}: the file has no rows (only a header); expected one row per transaction to score")
