@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,15 +220,23 @@ def test_a_checkpoint_of_other_classes_is_refused(synthetic_shards):
         module.load_state_dict({**module.state_dict(), "class_names": ["a", "b"]})
 
 
-def test_the_writer_refuses_an_existing_folder_or_a_bad_source_and_leaves_nothing(tmp_path, capsys):
-    (tmp_path / "taken").mkdir()
-    for args, expect in [(["--output", str(tmp_path / "taken")], "exists"), (["--output", str(tmp_path / "new"), "--data.labels_csv", str(tmp_path / "no.csv")], "no.csv"),
-                         (["--output", str(tmp_path / "new"), "--samples_per_shard", "0"], "--samples_per_shard")]:  # fmt: skip
+def check_writer_refuses(write: Any, tmp_path: Path, capsys: Any, cases: list[tuple[list[str], str]]) -> None:
+    """Each writer command line of ``cases`` exits 2 with one message holding its expected text and no traceback, and
+    ``tmp_path`` (holding only the folder ``taken``) gets no shard folder, whole or partial. Shared by the domains' writers."""
+    for args, expect in cases:
         with pytest.raises(SystemExit) as exit_info:
-            write_main(args)
+            write(args)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and expect in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"], "no shard folder, whole or partial"
+
+
+def test_the_writer_refuses_an_existing_folder_or_a_bad_source_and_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    check_writer_refuses(write_main, tmp_path, capsys, [
+        (["--output", str(tmp_path / "taken")], "exists"), (["--output", str(tmp_path / "new"), "--data.labels_csv", str(tmp_path / "no.csv")], "no.csv"),
+        (["--output", str(tmp_path / "new"), "--samples_per_shard", "0"], "--samples_per_shard"),
+    ])  # fmt: skip
 
 
 
