@@ -107,6 +107,8 @@ def check_resumed_data(options: Mapping[str, Any], checkpoint: Mapping[str, Any]
         )
     recorded = (checkpoint.get("callbacks") or {}).get(DataFilesRecord.__qualname__, {}).get("files", {})
     for option, was in recorded.items():
+        if not isinstance(was, Mapping) or not {"path", "size", "edges_sha256"} <= set(was):
+            raise InputError(f"{label}: its record of the data file of --data.{option} is damaged ({was!r}); resume from a checkpoint this project wrote, or start a new run")
         path = Path(options.get(option) or was["path"])  # the file this fit would read (the option is unchanged: checked above)
         path = path / SHARD_MANIFEST if path.is_dir() else path
         if not path.is_file():

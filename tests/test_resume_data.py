@@ -48,6 +48,20 @@ def test_a_resumed_fit_refuses_other_data_and_a_replaced_file_and_resumes_on_the
     assert f"--data.path {data}: the file changed since the run started" in err and "Start a new run" in err, err
     assert last.stat().st_mtime_ns == written, "a refused resume wrote nothing"
 
+    data.unlink()
+    err = refused(capsys, *resume)
+    assert f"--data.path {data}: with --ckpt_path" in err and "which is gone" in err, err
     data.write_bytes(original)  # the same contents again (a new modification time): resumes, also with a reading option changed
     run_pipeline(*resume, "--data.num_workers=0")
     assert last.stat().st_mtime_ns != written
+
+
+def test_a_damaged_record_of_the_data_files_is_refused_naming_it():
+    """A checkpoint from elsewhere whose record of its data files is not what DataFilesRecord writes: exit 2 naming it, no crash."""
+    from pipelines.errors import InputError
+    from pipelines.resume_data import DataFilesRecord, check_resumed_data
+
+    for record in ({"path": "x.csv"}, "x.csv", None):
+        checkpoint = {"callbacks": {DataFilesRecord.__qualname__: {"files": {"path": record}}}}
+        with pytest.raises(InputError, match=r"last.ckpt: its record of the data file of --data.path is damaged"):
+            check_resumed_data({"path": "x.csv"}, checkpoint, "last.ckpt")
