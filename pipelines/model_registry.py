@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import fsync_dir, sha256_file, write_json_atomic
-from pipelines.registry_loading import CHAMPION, EVALUATION_FILE, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError
+from pipelines.registry_loading import CHAMPION, EVALUATION_FILE, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError, read_history
 
 DEFAULT_REGISTRY = "registry"
 REGISTRY_ENV = "PIPELINES_REGISTRY"
@@ -212,15 +212,15 @@ class ModelRegistry(LoadingMixin):
         return self.aliases().get(name, name)
 
     def history(self) -> list[dict[str, Any]]:
-        """Every recorded attempt and change, oldest first (a last line cut by a kill is skipped)."""
-        path = self.path / HISTORY_FILE
-        if not path.is_file():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                if line.strip():
-                    rows.append(json.loads(line))
+        """Every recorded attempt and change, oldest first (a last line cut by a kill is left out:
+        :func:`~pipelines.registry_loading.read_history`); ``RegistryError`` naming a damaged line."""
+        rows, damage = read_history(self.path / HISTORY_FILE)
+        if damage:
+            raise RegistryError(
+                f"{damage[0]}{f' (and {len(damage) - 1} more line(s))' if len(damage) > 1 else ''}: the registry's record of attempts is damaged, "
+                f"and reading past the line would forget what it recorded. Restore {self.path / HISTORY_FILE} from a backup, or move the "
+                f"line out by hand once you know what it recorded; `registry {self.domain} verify` lists every such line"
+            )  # fmt: skip
         return rows
 
     def evaluation(self) -> dict[str, Any] | None:
@@ -340,9 +340,30 @@ class ModelRegistry(LoadingMixin):
         """Append one history line (one ``write`` on an ``O_APPEND`` descriptor, then fsync)."""
         self.path.mkdir(parents=True, exist_ok=True)
         data = (json.dumps({"time": now(), **row}, default=str) + "\n").encode()
-        fd = os.open(self.path / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path / HISTORY_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            data = _after_cut_line(fd) + data
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _after_cut_line(fd: int) -> bytes:
+    """A history row for a last line cut by a kill (its text kept), which is removed so that the next
+    row starts a line of its own; ``b""`` when the file ends with a newline (the writer holds the lock)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return b""
+    start = size
+    while start > 0:
+        chunk = os.pread(fd, min(start, 65536), max(0, start - 65536))
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            start = start - len(chunk) + newline + 1
+            break
+        start -= len(chunk)
+    fragment = os.pread(fd, size - start, start)
+    os.ftruncate(fd, start)
+    record = {"time": now(), "decision": "cut-line", "text": fragment.decode(errors="replace"), "note": "an earlier write was cut by a kill; its text, never a complete record, moved here"}
+    return (json.dumps(record) + "\n").encode()

@@ -28,7 +28,8 @@ from typing import Any
 
 from pipelines.errors import InputError, did_you_mean
 from pipelines.model_registry import (
-    CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked, now,
+    CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, HISTORY_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked,
+    read_history,
 )  # fmt: skip
 from pipelines.option_spelling import OptionParser
 from pipelines.stops import sigterm_as_exit
@@ -228,9 +229,13 @@ def _run(args: argparse.Namespace, rest: list[str], registry: ModelRegistry) -> 
     who = {"host": socket.gethostname(), "user": os.environ.get("USER")}
     if args.command == "list":
         champion = registry.champion()
-        print(format_history(registry.history(), champion))
+        rows, damage = read_history(registry.path / HISTORY_FILE)  # the rows that parse are shown even when a line is damaged
+        print(format_history(rows, champion))
         aliases = ", ".join(f"{k}={v}" for k, v in registry.aliases().items()) or "none"
         print(f"\nchampion: {champion or 'none'}   aliases: {aliases}   versions: {', '.join(registry.versions()) or 'none'}   (* = current champion)")
+        for text in damage:
+            print(f"error: {text}: not shown above; retraining and changes refuse this registry until it is restored (`registry {args.domain} verify`)", file=sys.stderr)
+        return 1 if damage else 0
     elif args.command == "show":
         version = named_version(registry, args.version)
         metadata = registry.verify_version(version)

@@ -28,6 +28,45 @@ class RegistryError(RuntimeError):
     """A registry folder or request that is not what was expected (the message names the path)."""
 
 
+def read_history(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a history file and its damaged lines (described with the file and line number).
+
+    Each row is appended whole with its newline (``ModelRegistry.append_history``), so the only line
+    that may be unfinished is a last one without a newline: a write cut by a kill, never a record, so
+    it is left out without being damage (the next append records and removes it). Any other line that
+    is not a JSON object is damage: leaving it out would forget an attempt (a version name could be
+    reused, a rejected model retrained, a recorded version taken for an orphan).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "history.jsonl"
+        >>> _ = path.write_bytes(b'{"decision": "promoted"}\\nnot json\\n{"decision": "rej')
+        >>> rows, damage = read_history(path)
+        >>> rows, [text.split(": ", 1)[1] for text in damage]
+        ([{'decision': 'promoted'}], ["line 2 is not a JSON object ('not json')"])
+    """
+    if not path.is_file():
+        return [], []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the file ends with a newline: every line is finished
+    cut = not data.endswith(b"\n") and bool(data)
+    rows, damage = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif not (cut and number == len(lines)):
+            damage.append(f"{path}: line {number} is not a JSON object ({raw[:60].decode(errors='replace')!r})")
+    return rows, damage
+
+
 class LoadingMixin:
     """``verify_version``, ``verify``, ``load_weights``, ``load_checkpoint``, ``write_checkpoint``, ``load_model``."""
 
@@ -82,14 +121,7 @@ class LoadingMixin:
             if not (self.versions_dir / version / MANIFEST_FILE).is_file() and not self.metadata(version).get("files"):
                 problems.append(f"{self.versions_dir / version} has no {MANIFEST_FILE}")
         problems.extend(self._evaluation_pin_problems())
-        path = self.path / HISTORY_FILE
-        if path.is_file():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            for number, line in enumerate(lines[:-1], 1):  # the last line may be cut by a kill; earlier ones never
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError:
-                    problems.append(f"{path}: line {number} is not JSON")
+        problems.extend(read_history(self.path / HISTORY_FILE)[1])
         return problems
 
 
