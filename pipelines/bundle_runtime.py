@@ -24,6 +24,27 @@ import numpy as np
 BUNDLE_FORMAT = 1  # bump on incompatible changes to metadata.json or the model's inputs/outputs
 
 
+def range_problem(array: np.ndarray, spec: dict[str, Any]) -> str | None:
+    """What is wrong with values outside an input's declared range (``range`` in the bundle's input spec),
+    or ``None``: a model scores them without a word (0-255 pixels for a [0, 1] image input give a
+    confident class). Bundles exported before ranges were recorded have none and are not checked.
+
+    Example:
+        >>> spec = {"range": [0.0, 1.0], "range_means": "intensities by bit depth: 8-bit pixels / 255"}
+        >>> range_problem(np.array([0.5, 200.0, 180.0]), spec)
+        'values must lie in [0, 1] (intensities by bit depth: 8-bit pixels / 255); found 0.5 to 200 (2 of 3 values outside)'
+    """
+    if "range" not in spec or array.size == 0:
+        return None
+    low, high = spec["range"]
+    found_low, found_high = float(array.min()), float(array.max())
+    if low <= found_low and found_high <= high:
+        return None
+    outside = int(((array < low) | (array > high)).sum())
+    means = spec.get("range_means", "the range the model was trained on")
+    return f"values must lie in [{low:g}, {high:g}] ({means}); found {found_low:g} to {found_high:g} ({outside} of {array.size} values outside)"
+
+
 class Bundle:
     """A loaded bundle: ``metadata`` (dict) and ``run(**inputs) -> {output name: array}``."""
 
@@ -75,6 +96,9 @@ class Bundle:
                 raise ValueError(f"input {name!r}: empty batch")
             if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                 raise ValueError(f"input {name!r}: contains NaN or infinite values")
+            problem = range_problem(array, spec)
+            if problem:
+                raise ValueError(f"input {name!r}: {problem}")
             arrays[name] = array
         return arrays
 

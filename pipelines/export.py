@@ -75,9 +75,12 @@ def load_task(spec: DomainSpec, ckpt_path: str | Path) -> tuple[torch.nn.Module,
     return task, datamodule_state(spec, ckpt), ckpt
 
 
-def _tensor_spec(name: str, tensor: torch.Tensor, dynamic: dict[int, str]) -> dict[str, Any]:
+def _tensor_spec(name: str, tensor: torch.Tensor, dynamic: dict[int, str], value_range: tuple[float, float, str] | None = None) -> dict[str, Any]:
     shape = [dynamic.get(axis, size) for axis, size in enumerate(tensor.shape)]
-    return {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
+    spec = {"name": name, "shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
+    if value_range is not None:  # Bundle.validate refuses values outside it
+        spec |= {"range": [float(value_range[0]), float(value_range[1])], "range_means": value_range[2]}
+    return spec
 
 
 def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
@@ -146,7 +149,7 @@ def export_checkpoint(
             "model_file": MODEL_FILES[fmt],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source_checkpoint": {"name": ckpt_path.name, "sha256": sha256_file(ckpt_path)},
-            "inputs": [_tensor_spec(n, t, export.dynamic_axes.get(n, {})) for n, t in zip(export.input_names, export.example_inputs)],
+            "inputs": [_tensor_spec(n, t, export.dynamic_axes.get(n, {}), export.input_ranges.get(n)) for n, t in zip(export.input_names, export.example_inputs)],
             "outputs": [{"name": n, "dynamic_axes": export.dynamic_axes.get(n, {})} for n in export.output_names],
             "domain_metadata": export.metadata,
             "metrics": json.loads(summary_file.read_text()).get("test", {}) if summary_file.is_file() else {},

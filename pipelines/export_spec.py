@@ -27,6 +27,9 @@ class ExportSpec:
             feature names, de-normalisation) written to the bundle's ``metadata.json``.
         unsupported_formats: ``{format: why}`` for formats this model cannot be exported to; such an
             export is refused (exit 2) with the reason, before anything is written.
+        input_ranges: ``{input name: (low, high, what the values are)}`` for inputs whose values have a
+            fixed range (e.g. image intensities in [0, 1]): the bundle refuses values outside it
+            (``Bundle.validate``; the server answers 422), since a model scores them without a word.
     """
 
     module: torch.nn.Module
@@ -36,6 +39,7 @@ class ExportSpec:
     dynamic_axes: dict[str, dict[int, str]]
     metadata: dict[str, Any] = field(default_factory=dict)
     unsupported_formats: dict[str, str] = field(default_factory=dict)
+    input_ranges: dict[str, tuple[float, float, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.example_inputs) != len(self.input_names):
@@ -43,3 +47,6 @@ class ExportSpec:
         missing = [name for name in (*self.input_names, *self.output_names) if 0 not in self.dynamic_axes.get(name, {})]
         if missing:
             raise ValueError(f"dynamic_axes must make axis 0 (batch) dynamic for every input and output; missing for {missing}")
+        unknown = sorted(set(self.input_ranges) - set(self.input_names))
+        if unknown or any(not low < high for low, high, _ in self.input_ranges.values()):
+            raise ValueError(f"input_ranges must name inputs ({self.input_names}) with low < high; got {self.input_ranges}")

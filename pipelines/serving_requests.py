@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import numpy as np
 from fastapi import HTTPException
 
+from pipelines.bundle_runtime import range_problem
 from pipelines.domain_registry import ENTRY_POINT_GROUP
 
 SERVING_MODULE = "serving"  # domains/<name>/serving.py
@@ -74,6 +75,9 @@ def as_input_array(value: Any, spec: dict[str, Any], field: str, sample_shape: l
         array = raw.astype(dtype, order="C")  # (not ascontiguousarray: it turns a scalar sample into shape [1])
     if dtype.kind == "f" and not np.isfinite(array).all():
         reject(field, f"values out of the {dtype.name} range; got {_first_non_finite(array, raw)}")
+    problem = range_problem(array, spec)
+    if problem:
+        reject(field, problem)
     return array
 
 

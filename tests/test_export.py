@@ -98,6 +98,8 @@ def test_runtime_validates_inputs(trained, tmp_path):
         bundle.run(image=np.zeros([1, shape[1], 7, shape[3]], dtype=np.float32))
     with pytest.raises(ValueError, match="NaN"):
         bundle.run(image=np.full([1, *shape[1:]], np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"input 'image': values must lie in \[0, 1\] \(intensities by bit depth.*found 0 to 200"):
+        bundle.run(image=np.concatenate([np.zeros([1, *shape[1:]]), np.full([1, *shape[1:]], 200.0)]).astype(np.float32))  # 0-255 pixels
     probabilities = bundle.run(image=np.zeros([3, *shape[1:]], dtype=np.float32))["probabilities"]
     assert probabilities.shape == (3, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
 

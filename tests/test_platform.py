@@ -333,5 +333,9 @@ def test_wandb_watch_logs_gradient_and_parameter_histograms(runs_dir):
         "finance", "fit", "--wandb_watch=all", "--data.synthetic_rows=1200", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
         "--trainer.log_every_n_steps=2", "--runs_dir", str(runs_dir),
     )  # fmt: skip
-    keys = set().union(*history(run_file(only_run(runs_dir, "finance"))))
-    assert any(k.startswith("gradients/network.") for k in keys) and any(k.startswith("parameters/network.") for k in keys), sorted(keys)  # seen failing twice under load only: which kind was missing
+    run = only_run(runs_dir, "finance")
+    rows = history(run_file(run))
+    keys = set().union(*rows)
+    kinds = {kind: any(k.startswith(f"{kind}/network.") for k in keys) for kind in ("gradients", "parameters")}
+    steps = [(row.get("_step"), row.get("trainer/global_step"), sorted(k.split("/")[0] for k in row if "/network." in k)[:1]) for row in rows]
+    assert all(kinds.values()), f"{kinds}; rows (_step, global_step, histograms): {steps}; keys: {', '.join(sorted(keys))}"

@@ -150,6 +150,9 @@ def malformed_requests(metadata: dict[str, Any]) -> list[tuple[str, bytes, str, 
     if "float" in spec["dtype"]:
         nan_body = json.dumps({"inputs": {name: nan.tolist(), **others}}).encode()  # Python writes NaN, which the server parses
         cases.append(("NaN", nan_body, "application/json", 422, f"inputs.{name}: expected finite numbers; got NaN at"))
+    if "range" in spec:  # e.g. 0-255 pixels for a model of [0, 1] intensities (trial finding: a confident class)
+        pixels = (good * 255).round()
+        cases.append(("outside the range", body({name: pixels.tolist(), **others}), "application/json", 422, f"inputs.{name}: values must lie in [0, 1]"))
     return cases
 
 

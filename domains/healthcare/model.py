@@ -369,6 +369,7 @@ class ImageClassifier(BaseTask):
             input_names=["image"],
             output_names=["probabilities"],
             dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            input_ranges={"image": (0.0, 1.0, "intensities by bit depth: 8-bit pixels / 255, 16-bit / 65535")},
             metadata={
                 "task": hp.task,
                 "class_names": self.class_labels,
