@@ -89,7 +89,7 @@ class SplitPixels:
             except InputError as error:
                 raise InputError(f"--data.predict_dir: {error}") from None
             if tuple(array.shape) != self.image_shape:
-                raise InputError(f"--data.predict_dir: image {files[i]} has shape {tuple(array.shape)}, the model takes {self.image_shape}; set --data.image_size")
+                raise InputError(f"--data.predict_dir: image {files[i]} has shape {tuple(array.shape)}, the model takes {self.image_shape}; {_shape_fix(array.shape, self.image_shape)}")
             return unit_float(array)
 
         indices = np.arange(len(files))
@@ -99,3 +99,21 @@ class SplitPixels:
         for _ in lazy.blocks(self.block):
             pass  # every image read and checked before anything is predicted
         return files, lazy
+
+
+def _shape_fix(found: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """What to do about an image of another shape: its channels differ (no option converts colour; trial
+    finding: the refusal advised --data.image_size), or its size does (``--data.image_size`` resizes).
+
+    Example:
+        >>> _shape_fix((3, 32, 32), (1, 32, 32))
+        'it has 3 channels (colour), the model was trained on 1 (grayscale): convert the file to grayscale (e.g. PIL `Image.open(path).convert("L")`)'
+        >>> _shape_fix((1, 64, 64), (1, 32, 32))
+        'set --data.image_size to resize every image to the training size'
+    """
+    if tuple(found[1:]) == tuple(expected[1:]) or found[0] != expected[0]:
+        names = {1: "grayscale", 3: "colour", 4: "colour with alpha"}
+        convert = 'convert("L")' if expected[0] == 1 else 'convert("RGB")'
+        return (f"it has {found[0]} channels ({names.get(found[0], 'channels')}), the model was trained on {expected[0]} "
+                f"({names.get(expected[0], 'channels')}): convert the file to {names.get(expected[0], 'that many channels')} (e.g. PIL `Image.open(path).{convert}`)")  # fmt: skip
+    return "set --data.image_size to resize every image to the training size"
