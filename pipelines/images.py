@@ -301,6 +301,53 @@ def read_image(path: str | Path, intensity: Intensity = Intensity()) -> np.ndarr
     return read_pil(path, intensity)
 
 
+#: :func:`value_units`' kinds: what a file's numbers are before ``--data.intensity range`` maps them
+CODES, PHYSICAL, FLOATS = "pixel codes", "physical units", "floating-point values"
+
+
+def value_units(path: str | Path) -> tuple[str, str]:
+    """``(kind, description)`` of the numbers a file stores, for ``--data.intensity range`` (one LOW HIGH for every
+    file): :data:`CODES` (PNG/JPEG/BMP/TIFF, a DICOM whose Modality LUT is the identity, an unsigned unscaled NIfTI),
+    :data:`PHYSICAL` (a DICOM's rescale or signed pixels, a signed or scaled NIfTI: Hounsfield units for CT whatever
+    the scanner stored) or :data:`FLOATS` (a float NIfTI). A data set mixing kinds puts them in different bands of
+    [0, 1] in silence (trial finding: 8-bit PNGs read as Hounsfield units all landed between "air" and "water").
+    Only the header is read; a file it cannot read counts as codes (reading its pixels then names the problem).
+
+    Example:
+        >>> value_units("scan.png")
+        ('pixel codes', 'pixel codes (PNG)')
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(DICOM_SUFFIXES):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # pydicom raises many types for broken files; the pixel read names the problem
+            return CODES, f"{CODES} (DICOM)"
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        if (slope, intercept) == (1.0, 0.0) and not signed:
+            return CODES, f"{CODES} (DICOM without a Modality LUT: RescaleSlope 1, RescaleIntercept 0)"
+        return PHYSICAL, f"{PHYSICAL} (DICOM RescaleSlope {slope:g}, RescaleIntercept {intercept:g}{', signed pixels' if signed else ''})"
+    if name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        try:
+            header = nib.load(str(path)).header
+            dtype, (slope, intercept) = header.get_data_dtype(), header.get_slope_inter()
+        except Exception:  # nibabel raises many types for broken files
+            return CODES, f"{CODES} (NIfTI)"
+        scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
+        if dtype.kind == "f" and not scaled:
+            return FLOATS, f"{FLOATS} (NIfTI {dtype})"
+        if dtype.kind == "u" and not scaled:
+            return CODES, f"{CODES} (NIfTI {dtype})"
+        return PHYSICAL, f"{PHYSICAL} (NIfTI {dtype}{f', scl_slope {slope:g}, scl_inter {intercept:g}' if scaled else ', signed'})"
+    return CODES, f"{CODES} ({path.suffix.lstrip('.').upper() or 'image'})"
+
+
 def to_uint8(array: np.ndarray) -> np.ndarray:
     """An array from :func:`read_image` as uint8 (``round(255 x)``): 16-bit values quantised to 8 bits."""
     if array.dtype == np.uint8:

@@ -105,6 +105,13 @@ def rename(folder: Path, old: str, new: str) -> None:
     (folder / old).unlink(missing_ok=True)
 
 
+def ct_table_with_png(folder: Path, png: int = 5) -> None:
+    """CT DICOMs in Hounsfield units but one 8-bit PNG (row ``png + 1``): one LOW HIGH cannot map both kinds (trial finding)."""
+    table(folder, **{f"r{i}": (lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)) for i in range(8) if i != png})
+    for i in set(range(8)) - {png}:
+        rename(folder, f"case{i}.png", f"case{i}.dcm")
+
+
 def nifti_table(folder: Path, bad: int | None = None, scale: float = 1.0) -> None:
     rows = []
     for i in range(8):
@@ -158,6 +165,8 @@ CASES = [
     BadInput("blank_16bit_png", CSV, ("row 5", "case4.png", "blank image"), lambda f: table(f, r4=lambda p, a: png16(p, np.zeros_like(a)))),
     BadInput("ct_dicom_in_hounsfield_units", CSV, ("case1.dcm", "RescaleIntercept -1024", "--data.intensity_range"), lambda f: (table(f, r1=lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)), rename(f, "case1.png", "case1.dcm"))),
     BadInput("dicom_window_without_window", (*CSV, "--data.intensity=dicom_window"), ("WindowCenter",), lambda f: (table(f, r0=lambda p, a: write_dicom(p.with_suffix(".dcm"), a)), rename(f, "case0.png", "case0.dcm"))),
+    BadInput("hounsfield_range_on_a_png_among_ct_dicoms", (*CSV, "--data.intensity_range=[-1024,3071]"),
+             ("row 6", "case5.png stores pixel codes (PNG)", "case0.dcm (row 1) stores physical units (DICOM RescaleSlope 1, RescaleIntercept -1024)"), ct_table_with_png),
     BadInput("intensity_range_reversed", (*CSV, "--data.intensity_range=[3071,-1024]"), ("LOW < HIGH",), table),
     # options
     BadInput("image_size_1", (*NPZ, "--data.image_size=1"), ("(1, 1, 1)", "at least 8 pixels", "--data.image_size"), medmnist),
@@ -232,3 +241,35 @@ def test_predict_says_when_images_are_darker_than_every_training_image(tiny_run,
     assert "mean intensity outside every training image" not in said["eight"], said["eight"]
     assert "6 of 6 images (100%) have a mean intensity outside every training image" in said["sixteen"], said["sixteen"]
     assert "scan" in said["sixteen"] and "257 times darker" in said["sixteen"]
+
+
+def test_a_model_trained_on_hounsfield_units_refuses_to_predict_pixel_codes(tmp_path, capsys):
+    """A CT model (DICOMs in Hounsfield units, --data.intensity_range) predicting PNG exports or raw-count DICOMs
+    would read their codes as Hounsfield units, all in a narrow band (trial finding: scored, exit 0): exit 2 naming
+    the file and both kinds, before anything is written. DICOMs of the training kind are predicted."""
+    data = tmp_path / "ct"
+    data.mkdir()
+    images, classes = blob_images(16, 8)
+    rows = []
+    for i, image in enumerate(images):
+        ct_dicom(data / f"ct{i}.dcm", image)
+        rows.append({"path": f"ct{i}.dcm", "label": ("benign", "malignant")[classes[i]], "split": ("train", "train", "val", "test")[i % 4]})
+    pd.DataFrame(rows).to_csv(data / "labels.csv", index=False)
+    runs = tmp_path / "runs"
+    run_pipeline("healthcare", "fit", "--data.labels_csv", str(data / "labels.csv"), "--data.intensity_range=[-1024,3071]", "--data.batch_size=8",
+                 "--model.width=0.25", "--trainer.max_epochs=1", "--runs_dir", str(runs), "--run_id", "ct")  # fmt: skip
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    ct_dicom(incoming / "a.dcm", images[0])
+    write_png(incoming / "b.png", images[1])
+    before = _digests(runs / "healthcare" / "ct")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline("healthcare", "predict", "--data.predict_dir", str(incoming), "--ckpt_path", "best", "--run_id", "ct", "--runs_dir", str(runs))
+    message = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "Traceback" not in message, message[-2000:]
+    assert "b.png stores pixel codes (PNG), but the model was trained on files storing physical units" in message and "[-1024, 3071]" in message, message
+    assert _digests(runs / "healthcare" / "ct") == before
+    (incoming / "b.png").unlink()
+    run_pipeline("healthcare", "predict", "--data.predict_dir", str(incoming), "--ckpt_path", "best", "--run_id", "ct", "--runs_dir", str(runs))
+    assert len(pd.read_csv(runs / "healthcare" / "ct" / "predictions.csv")) == 1

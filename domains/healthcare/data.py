@@ -272,7 +272,7 @@ class MedicalImageDataModule(pl.LightningDataModule):
             images = self.pixels.split(indices, statistics if name == "train" else None)
             self.datasets[name] = ImageDataset(images, self.source.labels[indices], indices, augment if name == "train" else None, volume)
         if self.hparams.predict_dir and stage in (None, "predict") and "predict" not in self.datasets:
-            files, images = self.pixels.unlabelled(Path(self.hparams.predict_dir))
+            files, images = self.pixels.unlabelled(Path(self.hparams.predict_dir), self.value_units)
             self.predict_files = [str(p) for p in files]
             self.datasets["predict"] = ImageDataset(images, np.full(len(files), -1), np.arange(len(files)))
         if statistics is not None and "train" in self.datasets:
@@ -358,7 +358,16 @@ class MedicalImageDataModule(pl.LightningDataModule):
             REFERENCE_KEY: self.reference,
             "split_rule": self.split_rule.as_dict(),
             "class_weights": self.class_weights,
+            "value_units": self.value_units,
         }
+
+    @property
+    def value_units(self) -> str | None:
+        """With ``--data.intensity range``: the kind of values the training files store (``pipelines.images.value_units``), which
+        ``predict_dir`` files must share; ``None`` otherwise (and in checkpoints written before it was recorded)."""
+        if self.restored:
+            return self.restored.get("value_units")
+        return self.source.units if "source" in self.__dict__ else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take a checkpoint's classes, input shape, normalisation statistics and split rule. Loaded before anything

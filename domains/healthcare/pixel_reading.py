@@ -19,7 +19,7 @@ from domains.healthcare.pixel_cache import PixelCache
 from domains.healthcare.readers import LabeledImages, image_files, read_image_file, resized
 from pipelines.data import default_workers
 from pipelines.errors import InputError
-from pipelines.images import Intensity, unit_float
+from pipelines.images import Intensity, unit_float, value_units
 
 #: how a refusal names the training split's pixels (as the in-memory path always has)
 TRAINING_PIXELS = "the training images after resizing"
@@ -79,8 +79,9 @@ class SplitPixels:
                 statistics.add(block, TRAINING_PIXELS)
         return lazy
 
-    def unlabelled(self, folder: Path) -> tuple[list[Path], Any]:
-        """The image files of ``--data.predict_dir`` and their pixels (float32 in [0, 1]), every file read and checked."""
+    def unlabelled(self, folder: Path, units: str | None = None) -> tuple[list[Path], Any]:
+        """The image files of ``--data.predict_dir`` and their pixels (float32 in [0, 1]), every file read and checked
+        (with ``--data.intensity range``, against ``units``: the kind of values the training files stored)."""
         files = image_files(folder)
 
         def read(i: int) -> np.ndarray:
@@ -88,6 +89,14 @@ class SplitPixels:
                 array = resized(read_image_file(files[i], self.intensity), self.resize)
             except InputError as error:
                 raise InputError(f"--data.predict_dir: {error}") from None
+            found = value_units(files[i]) if units is not None and self.intensity.mode == "range" else None
+            if found is not None and found[0] != units:
+                low, high = self.intensity.range  # type: ignore[misc]
+                raise InputError(
+                    f"--data.predict_dir: {files[i]} stores {found[1]}, but the model was trained on files storing {units} "
+                    f"mapped by --data.intensity_range [{low:g}, {high:g}]: its values would land in another band of brightness "
+                    "and be scored in silence. Predict on files of the training kind (e.g. the DICOMs rather than PNG exports)"
+                )
             if tuple(array.shape) != self.image_shape:
                 raise InputError(f"--data.predict_dir: image {files[i]} has shape {tuple(array.shape)}, the model takes {self.image_shape}; {_shape_fix(array.shape, self.image_shape)}")
             return unit_float(array)

@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domains.healthcare.file_checks import same_kind, same_units
 from domains.healthcare.labels import check_label_counts, order_binary
 from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
 from pipelines.cache_folders import digest_of
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
-from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float
+from pipelines.images import Intensity, check_finite_pixels, open_npz, read_image, scale_integers, unit_float, value_units
 from pipelines.csv_text import check_csv_text, check_delimiter
 from pipelines.validation import check_unique_columns, describe_rows
 
@@ -66,6 +67,7 @@ class LabeledImages:
     item: Callable[[int, Resize | None], np.ndarray]
     content: Callable[[], str]
     positive_reason: str | None = None
+    units: str | None = None  # with --data.intensity range: the kind of values its files store (pipelines.images.value_units)
 
     @property
     def in_channels(self) -> int:
@@ -270,36 +272,6 @@ def _parse_labels(table: pd.DataFrame, csv_path: Path, class_names: Sequence[str
     return np.array([lookup[row[0]] for row in tokens], dtype=np.int64), names, False
 
 
-#: how Pillow's image modes read, for a channel-count refusal: a palette or alpha PNG can look gray in a viewer
-_MODES = {"1": "1-bit", "L": "gray", "LA": "gray with alpha", "P": "a palette image", "PA": "a palette image with alpha", "RGB": "RGB",
-          "RGBA": "RGB with alpha", "CMYK": "CMYK", "I": "32-bit gray", "I;16": "16-bit gray", "F": "float gray"}  # fmt: skip
-
-
-def _file_mode(path: Path) -> str:
-    """`` (PNG mode 'P': a palette image)`` for a file Pillow reads; empty for others (DICOM, NIfTI) or when unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return f" ({image.format} mode {image.mode!r}: {_MODES.get(image.mode, 'see Pillow')})"
-    except (OSError, UnidentifiedImageError, ValueError):
-        return ""
-
-
-def _same_kind(array: np.ndarray, reference: np.ndarray, row: int, path: Path, first: Path, csv_path: Path, resizing: bool) -> None:
-    """``array`` (as read) is the kind of image ``reference`` (the first file) is: dimensions, channels, and size unless resized."""
-    if array.ndim != reference.ndim:
-        kind = lambda a: f"a {a.ndim - 1}-D {'volume' if a.ndim == 4 else 'image'} of shape {tuple(a.shape[1:])}"  # noqa: E731
-        raise InputError(f"{csv_path}: row {row}: {path} is {kind(array)} but {first} is {kind(reference)}; a data set is all 2-D images or all 3-D volumes")
-    if array.shape[0] != reference.shape[0]:
-        raise InputError(
-            f"{csv_path}: row {row}: image {path} has {array.shape[0]} channel(s){_file_mode(path)} but {first} has "
-            f"{reference.shape[0]}{_file_mode(first)}; all images of a data set need the same channel count (gray or RGB)"
-        )
-    if array.shape != reference.shape and not resizing:
-        raise InputError(f"{csv_path}: row {row}: image {path} has size {array.shape[1:]} but {first} has {reference.shape[1:]}; set --data.image_size to resize them to one size")
-
-
 def read_image_table(
     labels_csv: str | Path,
     image_dir: str | Path | None = None,
@@ -372,10 +344,15 @@ def read_image_table(
             raise InputError(f"{csv_path}: row {i + 1}: {error}") from None
 
     first = read(0)
+    units = value_units(files[0]) if intensity.mode == "range" else None  # one LOW HIGH maps every file: one kind of values
+    checked: set[int] = set()
 
     def item(index: int, resize: Resize | None = None) -> np.ndarray:
         array = read(index)
-        _same_kind(array, first, index + 1, files[index], files[0], csv_path, resize is not None)
+        same_kind(array, first, index + 1, files[index], files[0], csv_path, resize is not None)
+        if units is not None and index not in checked:
+            same_units(value_units(files[index]), units, f"{csv_path}: row {index + 1}: {files[index]}", f"{files[0]} (row 1)", intensity)
+            checked.add(index)
         return resized(array, resize)
 
     def load(indices: np.ndarray, resize: Resize | None = None) -> np.ndarray:
@@ -392,4 +369,5 @@ def read_image_table(
         item=item,
         content=lambda: digest_of([sha256_file(f) for f in files]),
         positive_reason=why,
+        units=units[0] if units else None,
     )
