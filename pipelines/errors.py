@@ -6,8 +6,9 @@ Exit codes of ``python -m pipelines.run`` (and of every command built on it):
 0     success
 1     a crash, a diverged run (non-finite loss) or a non-finite test metric
 2     bad input or options: refused before the run folder or the W&B run exist
-130   stopped by SIGINT (Ctrl+C) during ``fit``; ``checkpoints/last.ckpt`` holds where it stopped
-143   stopped by SIGTERM (a scheduler's stop) during ``fit``; likewise
+130   stopped by SIGINT (Ctrl+C): during ``fit`` ``checkpoints/last.ckpt`` holds where it stopped; during
+      ``test``/``validate``/``predict`` its outputs are absent (partial files removed), earlier ones kept
+143   stopped by SIGTERM (a scheduler's stop); likewise
 ====  ==========================================================================================
 
 Errors print as one paragraph (``error: ...``) without a traceback; ``--debug`` (or

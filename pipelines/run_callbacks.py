@@ -32,7 +32,7 @@ class RunTrainerSettings:
     the callback that writes ``last.ckpt`` on SIGTERM/SIGINT (``fit`` only), which the CLI asks after a stop."""
 
     overrides: dict[str, Any]
-    signal_checkpoint: SignalCheckpoint | None
+    signal_checkpoint: SignalCheckpoint
 
 
 def run_trainer_settings(
@@ -52,9 +52,10 @@ def run_trainer_settings(
         explanations: ``predict --explain``'s writer (runs before the predictions writer: it may add a column).
     """
     callbacks: list[Callback] = list(trainer_cfg.get("callbacks") or [])
-    signal_checkpoint = None
-    if subcommand == "fit":
-        signal_checkpoint = SignalCheckpoint(run.checkpoint_dir)
+    signal_checkpoint = SignalCheckpoint(run.checkpoint_dir)  # every command: which signal stopped it (exit 130/143); fit: last.ckpt too
+    if subcommand != "fit":
+        callbacks.append(signal_checkpoint)  # (a Ctrl+C in predict exited 1, the crash code, with no paragraph: trial finding)
+    else:
         callbacks.append(CallbackGroup(signal_checkpoint, NonFiniteLossGuard(options.get("checkpoint_every_n_steps"))))
         callbacks.append(DataFilesRecord(data_files(data_options(options.get("data")))))  # a resumed fit checks them (pipelines/resume_data.py)
     if trainer_cfg.get("enable_checkpointing", True) is not False:

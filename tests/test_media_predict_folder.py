@@ -53,13 +53,15 @@ def outputs(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in found if p.is_file()}
 
 
-def test_sigterm_mid_predict_exits_143_leaves_nothing_half_written_and_keeps_the_earlier_predict(tiny_run, tmp_path, capsys):
-    """A real SIGTERM to this process once the second predict's first image is on disk (of 20000: seconds before the
-    end), as a scheduler sends it: exit 143, neither ``generated-2/`` nor ``predictions-2.csv`` nor any partial file
-    left, the first predict's files unchanged. (Before, Lightning's prediction loop only noted the SIGTERM: predict
-    ran to the end and exited 0.) In-process, so it costs no interpreter start-up: the signal goes to this process
-    only while Lightning's SIGTERM handler is installed (never to pytest itself); the same stop of a
-    ``python -m pipelines.run media predict`` child is in the media README."""
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_predict_exits_honestly_leaves_nothing_half_written_and_keeps_the_earlier_predict(tiny_run, tmp_path, capsys, name, code):
+    """A real SIGTERM (as a scheduler sends it) or SIGINT (Ctrl+C) to this process once the second predict's first image
+    is on disk (of 20000: seconds before the end): exit 143 / 130 with the paragraph naming the signal, neither
+    ``generated-2/`` nor ``predictions-2.csv`` nor any partial file left, the first predict's files unchanged.
+    (Before, Lightning's prediction loop only noted the SIGTERM: predict ran to the end and exited 0; a Ctrl+C
+    exited 1, the crash code, with no paragraph: trial finding.) In-process, so it costs no interpreter start-up: the
+    signal goes to this process only while Lightning's SIGTERM handler is installed (inside its run, never to pytest
+    itself); the same stop of a ``python -m pipelines.run media predict`` child is in the media README."""
     run = copy_run(tiny_run("media"), tmp_path / "runs")
     predict(run)
     earlier = outputs(run)
@@ -71,7 +73,7 @@ def test_sigterm_mid_predict_exits_143_leaves_nothing_half_written_and_keeps_the
         while not finished.is_set() and time.monotonic() < deadline:
             if list(run.glob(".generated-2.partial-*/*.png")):
                 if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):  # Lightning's, not pytest's
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), getattr(signal, name))
                     sent.append(True)
                 return
             time.sleep(0.002)
@@ -86,6 +88,6 @@ def test_sigterm_mid_predict_exits_143_leaves_nothing_half_written_and_keeps_the
         thread.join()
     err = " ".join(capsys.readouterr().err.split())
     assert sent, "the signal was not sent (no image appeared, or no SIGTERM handler was installed during predict)"
-    assert stopped.value.code == 143 and "media predict stopped by SIGTERM" in err, (stopped.value.code, err[-3000:])
+    assert stopped.value.code == code and f"media predict stopped by {name}" in err, (stopped.value.code, err[-3000:])
     assert outputs(run) == earlier, "the stopped predict left files of its own or changed the earlier predict's"
     assert not list(run.glob(".*partial*")), "no staging folder or partial predictions file is left behind"
