@@ -110,7 +110,21 @@ def duplicate_parquet(folder: Path) -> None:
 
 
 NPZ = ("--data.path", "{tmp}/a.npz", *TINY)
+def copied_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows 3 and 5 exported again at the end (rows 301 and 302)."""
+    return pd.concat([frame, frame.iloc[[2, 4]]], ignore_index=True)
+
+
+def fanned_out(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows 10-12 carry row 4's transaction id with their own customers (a join that fanned out)."""
+    frame.loc[9:11, "transaction_id"] = frame.loc[3, "transaction_id"]
+    return frame
+
+
 CASES = [
+    # rows: a transaction on several rows lands in train and in test (trial finding: trained in silence)
+    BadInput("copied-rows", TRAIN, ("row identifier 'transaction_id'", "rows 3, 301", "exported twice"), table(copied_rows)),
+    BadInput("transaction-id-fanned-out", TRAIN, ("row identifier 'transaction_id'", "rows 4, 10, 11, 12", "fanned out"), table(fanned_out)),
     # values
     BadInput("inf-in-amount", TRAIN, ("t.csv", "'amount'", "inf", "row 7", "finite"), table(cell("amount", 7, "inf"))),
     BadInput("minus-inf", TRAIN, ("'distance_from_home_km'", "inf", "row 3"), table(cell("distance_from_home_km", 3, "-inf"))),

@@ -169,7 +169,8 @@ def test_bad_streaming_options_exit_2_before_anything_is_written(case, tmp_path,
 #: the bad-input table's training cases on a CSV/Parquet file whose refusal comes from reading the file
 STREAMED = {"inf-in-amount", "inf-in-parquet", "text-in-numeric", "boolean-garbage", "timestamp-garbage", "all-missing-numeric",
             "duplicate-header-csv", "duplicate-header-parquet", "column-without-role", "configured-column-missing", "latin-1-deep-in-file",
-            "cut-short", "label-column-missing", "single-class", "label-value-2", "one-fraud-row", "empty-file", "header-only", "missing-file"}  # fmt: skip
+            "cut-short", "label-column-missing", "single-class", "label-value-2", "one-fraud-row", "empty-file", "header-only", "missing-file",
+            "copied-rows", "transaction-id-fanned-out"}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", params([c for c in CASES if c.id in STREAMED]))

@@ -43,7 +43,7 @@ from domains.finance.datasets import EncodedRows, ScoringStream, identity
 from domains.finance.data_checkpoint import data_state, restore_data_state, training_reference_of
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor, parse_labels
 from domains.finance.shards import FinanceShards
-from domains.finance.source_checks import check_both_classes, check_path_options, check_roles_cover, check_scoring_file
+from domains.finance.source_checks import check_both_classes, check_path_options, check_roles_cover, check_scoring_file, check_table_ids
 from domains.finance.sources import read_adbench_npz, read_table
 from domains.finance.splitting import split_rows
 from domains.finance.streaming import NO_STREAMED_PREDICT, StreamedTable, check_streaming_options
@@ -248,6 +248,7 @@ class TransactionDataModule(pl.LightningDataModule):
             check_roles_cover(pd.DataFrame(columns=self.stream.header), self.roles, self.split_rule, self.source_name)
         elif not self.is_npz:
             check_roles_cover(self.table, self.roles, self.split_rule, self.source_name)
+            check_table_ids(self.table, self.roles.id_columns, self.source_name)
 
     def fit_preprocessor(self) -> TablePreprocessor:
         hp = self.hparams
@@ -405,3 +406,4 @@ class TransactionDataModule(pl.LightningDataModule):
         if self.shard_set is not None:
             self.shard_set.check_checkpoint(state_dict)
         restore_data_state(self, state_dict)
+

@@ -21,7 +21,7 @@ from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
 from domains.finance.sources import iter_chunks, read_header
 from pipelines.errors import InputError
 from pipelines.splits import SplitRule
-from pipelines.validation import check_unique_columns
+from pipelines.validation import check_unique_columns, describe_rows
 
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -51,6 +51,57 @@ def check_roles_cover(table: pd.DataFrame, roles: ColumnRoles, rule: SplitRule, 
     absent = [c for c in roles.ignore_columns if c not in table.columns]
     if absent:
         raise InputError(f"{source_name}: --data.ignore_columns lists {absent}, which the file does not have; its columns are {list(table.columns)}")
+
+
+def id_hashes(frame: pd.DataFrame, id_columns: list[str]) -> np.ndarray:
+    """One 64-bit hash per row of its row identifier, the first of ``id_columns`` (what :func:`check_unique_ids`
+    compares; a streamed fit keeps these, 8 bytes a row, instead of the values)."""
+    if not id_columns or id_columns[0] not in frame.columns:
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_pandas_object(frame[id_columns[0]].astype(str), index=False).to_numpy(np.uint64)
+
+
+def check_unique_ids(hashes: np.ndarray, id_columns: list[str], source_name: str, first_value: Any = None) -> None:
+    """Refuse a training table in which the row identifier (the first of ``id_columns``, e.g. ``transaction_id``; later
+    ones such as ``account_id`` may repeat) is on several rows: a transaction exported twice or a join that fanned out,
+    whose copies a random split puts in train and in test, so the test metrics would be measured partly on rows the
+    model was fitted on (trial finding: trained in silence). ``first_value`` names the repeated value when the caller
+    has it (rows are counted from 1, the header not counted).
+
+    Example:
+        >>> hashes = np.array([1, 2, 3, 2, 2], dtype=np.uint64)
+        >>> check_unique_ids(hashes, ["transaction_id", "account_id"], "tx.csv", "t00002")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: tx.csv: the row identifier 'transaction_id' (the first of --data.id_columns) value 't00002' is on rows 2, 4, 5 (3 rows ...
+    """
+    if len(hashes) == 0:
+        return
+    order = np.argsort(hashes, kind="stable")
+    repeated = np.zeros(len(hashes), bool)
+    same = hashes[order][1:] == hashes[order][:-1]
+    repeated[order[1:][same]] = True
+    repeated[order[:-1][same]] = True
+    if not repeated.any():
+        return
+    first = int(np.flatnonzero(repeated)[0])
+    rows = np.flatnonzero(hashes == hashes[first]) + 1
+    value = f" value {first_value!r}" if first_value is not None else ""
+    raise InputError(
+        f"{source_name}: the row identifier {id_columns[0]!r} (the first of --data.id_columns){value} is on {describe_rows(rows)} "
+        f"({int(repeated.sum())} rows share an identifier with another row): a transaction exported twice, or a join that fanned out. "
+        "Copies of one transaction would land in train and in test, and the test metrics would be measured partly on rows the model "
+        "was fitted on. Remove the copies (e.g. pandas drop_duplicates on that column); if the first id column names an entity with "
+        "several rows (a customer or an account), list the transaction identifier first"
+    )
+
+
+def check_table_ids(table: pd.DataFrame, id_columns: list[str], source_name: str) -> None:
+    """:func:`check_unique_ids` on a table in memory, naming the first repeated value."""
+    hashes = id_hashes(table, id_columns)
+    repeated = pd.Series(hashes).duplicated(keep=False).to_numpy()
+    if repeated.any():
+        check_unique_ids(hashes, id_columns, source_name, table[id_columns[0]].iloc[int(np.flatnonzero(repeated)[0])])
 
 
 def check_both_classes(labels: np.ndarray, label_column: str, label_classes: list[Any], source_name: str) -> None:

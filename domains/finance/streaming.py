@@ -44,7 +44,7 @@ import pandas as pd
 
 from domains.finance.parsing import MISSING, category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
 from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor
-from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes, check_roles_cover
+from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes, check_roles_cover, check_unique_ids, id_hashes
 from domains.finance.sources import iter_chunks, read_header
 from domains.finance.splitting import check_mode, split_of
 from pipelines.cache_folders import building, counted_per_chunk, check_cache_dir, default_cache, digest_of, discard, file_manifest, size_mib, usable
@@ -119,6 +119,7 @@ class StreamedTable:
         r, rule, source = self.roles, self.rule, self.source_name
         checker = TablePreprocessor(r, label_classes=self.label_classes)  # parsing needs no fitted state
         labels: list[np.ndarray] = []
+        ids: list[np.ndarray] = []
         stable: list[np.ndarray] = []
         times: list[np.ndarray] = []
         kinds: set[bool] = set()
@@ -129,6 +130,7 @@ class StreamedTable:
             stack.enter_context(counted_per_chunk("--data.predict_chunk_rows", self.chunk_rows))
             for offset, chunk in iter_chunks(self.path, self.chunk_rows):
                 checker.check_values(chunk, source, offset)
+                ids.append(id_hashes(chunk, r.id_columns))
                 if r.label_column is not None:
                     if r.label_column not in chunk.columns:
                         raise InputError(
@@ -156,6 +158,7 @@ class StreamedTable:
                 n += len(chunk)
         if n == 0:
             raise InputError(f"{source}: the table has no rows (only a header); expected one row per transaction")
+        check_unique_ids(np.concatenate(ids), r.id_columns, source)  # 8 bytes a row
         label = np.concatenate(labels) if labels else None
         if label is not None:
             check_both_classes(label, r.label_column, self.label_classes, source)
