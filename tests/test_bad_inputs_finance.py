@@ -125,6 +125,7 @@ CASES = [
     # rows: a transaction on several rows lands in train and in test (trial finding: trained in silence)
     BadInput("copied-rows", TRAIN, ("row identifier 'transaction_id'", "rows 3, 301", "exported twice"), table(copied_rows)),
     BadInput("transaction-id-fanned-out", TRAIN, ("row identifier 'transaction_id'", "rows 4, 10, 11, 12", "fanned out"), table(fanned_out)),
+    BadInput("label-classes-read-as-booleans", (*TRAIN, "--data.label_classes=[no,yes]"), ("--data.label_classes [false, true]", "YAML reads unquoted", '["no","yes"]'), table()),
     # values
     BadInput("inf-in-amount", TRAIN, ("t.csv", "'amount'", "inf", "row 7", "finite"), table(cell("amount", 7, "inf"))),
     BadInput("minus-inf", TRAIN, ("'distance_from_home_km'", "inf", "row 3"), table(cell("distance_from_home_km", 3, "-inf"))),

@@ -128,7 +128,7 @@ class TransactionDataModule(pl.LightningDataModule):
         categorical_columns: list[str] | None = None,
         ignore_columns: list[str] | None = None,
         label_column: str | None = None,
-        label_classes: list[str | int] | None = None,
+        label_classes: list[str | int | bool] | None = None,
         categorical_encoding: Literal["onehot", "embedding"] = "onehot",
         max_categories: int = 50,
         min_category_count: int = 1,
@@ -158,7 +158,7 @@ class TransactionDataModule(pl.LightningDataModule):
             raise InputError(f"--data.batch_size and --data.predict_chunk_rows must be >= 1, got {batch_size} and {predict_chunk_rows}")
         if max_categories < 1 or min_category_count < 1:
             raise InputError(f"--data.max_categories and --data.min_category_count must be >= 1, got {max_categories} and {min_category_count}")
-        check_path_options(path, predict_path)
+        check_path_options(path, predict_path, label_classes)
         check_streaming_options(path, streaming, cache_dir)
         self.save_hyperparameters(logger=False)
         self.preprocessor: TablePreprocessor | None = None

@@ -27,8 +27,23 @@ from pipelines.validation import check_unique_columns, describe_rows
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
-def check_path_options(path: str | None, predict_path: str | None) -> None:
-    """``--data.path`` (CSV, Parquet or ADBench ``.npz``; checked for existence when read) and ``--data.predict_path`` (CSV or Parquet)."""
+def check_path_options(path: str | None, predict_path: str | None, label_classes: list[Any] | None = None) -> None:
+    """``--data.path`` (CSV, Parquet or ADBench ``.npz``; checked for existence when read), ``--data.predict_path`` (CSV or
+    Parquet) and ``--data.label_classes``, whose unquoted ``[no,yes]`` YAML reads as booleans (trial finding: a garbled refusal).
+
+    Example:
+        >>> check_path_options(None, None, [False, True])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: --data.label_classes [false, true]: YAML reads unquoted no/yes, off/on and false/true as booleans, ...
+    """
+    if label_classes is not None and any(isinstance(value, bool) for value in label_classes):
+        shown = "[" + ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in label_classes) + "]"
+        raise InputError(
+            f"--data.label_classes {shown}: YAML reads unquoted no/yes, off/on and false/true as booleans, not as the labels the file "
+            "holds. Quote each label as the label column spells it, normal first: --data.label_classes '[\"no\",\"yes\"]'. "
+            "(A label column of true/false values needs no option: true is fraud, false normal.)"
+        )
     for name, value in (("path", path), ("predict_path", predict_path)):
         if value is not None and Path(value).is_dir():
             raise InputError(f"--data.{name} {value}: file not found (a folder); expected a .csv or .parquet file" + (" or an ADBench .npz" if name == "path" else ""))
