@@ -119,22 +119,29 @@ def make_readable(folder: Path) -> None:
 
 def export_checkpoint(
     spec: DomainSpec, ckpt_path: str | Path, fmt: str, output: str | Path, atol: float = 1e-4, extra_metadata: dict | None = None,
-    model_name: str | None = None, model_version: str | None = None,
+    model_name: str | None = None, model_version: str | None = None, replace: bool = False,
 ) -> Path:
     """Export a checkpoint to a bundle folder (written atomically: a complete bundle or nothing).
 
     ``model_name``/``model_version`` are recorded in ``metadata.json`` and shown by the server
     (``/info``, ``X-Model-Version``, metrics); without them the server shows the domain and the
-    checkpoint's sha256.
+    checkpoint's sha256. An ``output`` that exists and is not empty is refused before anything is
+    written (it replaced the folder and everything in it: trial finding), unless ``replace`` (the
+    server's own cache of registry bundles, whose stale bundle is re-exported).
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    output = Path(output)
+    if not replace and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InputError(
+            f"--output {output}: already exists{' and is not empty' if output.is_dir() else ' (a file)'}; a bundle is written to a new or "
+            "empty folder and never over an earlier one (or over other files): choose another folder, or remove this one first"
+        )
     ckpt_path = Path(ckpt_path)
     task, datamodule_state, checkpoint = load_task(spec, ckpt_path)
     export = task.export_spec(datamodule_state)
     if fmt in export.unsupported_formats:
         raise InputError(f"--format {fmt}: {export.unsupported_formats[fmt]}")
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -171,9 +178,9 @@ def export_checkpoint(
         metadata["parity"] = {"max_abs_diff": worst, "atol": atol, "batch": int(export.example_inputs[0].shape[0]) + 1}
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         make_readable(staging)
-        if output.exists():
+        if replace and output.exists():
             shutil.rmtree(output)
-        os.replace(staging, output)
+        os.replace(staging, output)  # (over an empty folder too)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
@@ -199,6 +206,26 @@ def build_parser(spec: DomainSpec) -> Any:
     return parser
 
 
+def free_export_folder(parent: Path, fmt: str) -> Path:
+    """The run's default bundle folder: ``export/onnx``, or ``export/onnx-2``, ... when earlier bundles are there (never
+    replaced: a server may be running from one), as ``predict`` numbers ``predictions-2.csv``.
+
+    Example:
+        >>> import tempfile
+        >>> parent = Path(tempfile.mkdtemp())
+        >>> free_export_folder(parent, "onnx").name
+        'onnx'
+        >>> (parent / "onnx").mkdir(); (parent / "onnx" / "model.onnx").write_text("x") and None
+        >>> free_export_folder(parent, "onnx").name
+        'onnx-2'
+    """
+    candidate, number = parent / fmt, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = parent / f"{fmt}-{number}"
+    return candidate
+
+
 def main(spec: DomainSpec, argv: list[str]) -> Path:
     """``python -m pipelines.run DOMAIN export ...``: bad options are refused (:class:`InputError`, exit 2) before anything is written."""
     parser = build_parser(spec)
@@ -213,7 +240,7 @@ def main(spec: DomainSpec, argv: list[str]) -> Path:
         raise InputError(f"{spec.name} export: {error}") from None
     if run.ckpt_path is None:
         raise InputError(f"{spec.name} export: --ckpt_path {args.ckpt_path}: no checkpoint found")
-    output = Path(args.output) if args.output else Path(run.ckpt_path).parent.parent / "export" / args.format
+    output = Path(args.output) if args.output else free_export_folder(Path(run.ckpt_path).parent.parent / "export", args.format)
     with sigterm_as_exit("export"):  # a stopped export leaves no staging folder: the bundle is complete or absent
         bundle = export_checkpoint(spec, run.ckpt_path, args.format, output, args.atol, model_name=args.model_name, model_version=args.model_version)
     print(f"[pipelines] {spec.name} {args.format} bundle written to {bundle}")

@@ -107,7 +107,8 @@ def export_version(root: Path, domain: str, version: str, output: Path, fmt: str
         source = {"name": str(registry.version_dir(version) / "model.safetensors"), "sha256": sha256}
         origin = {"root": str(Path(root).resolve()), "domain": domain, "version": version, "exported_for_alias": alias}
         return export_checkpoint(
-            get_domain(domain), ckpt, fmt, output, model_version=version, extra_metadata={"source_checkpoint": source, "registry": origin}
+            get_domain(domain), ckpt, fmt, output, model_version=version, extra_metadata={"source_checkpoint": source, "registry": origin},
+            replace=True,  # the server's own cache: a stale bundle of this version is exported again
         )
 
 

@@ -150,6 +150,34 @@ def test_checkpoint_of_another_domain_is_refused_naming_both(trained, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_an_existing_output_is_never_replaced_and_the_default_folder_is_numbered(trained, tmp_path, capsys):
+    """``export --output DIR`` replaced DIR and everything in it (trial finding: a user's folder of models gone, exit 0):
+    an existing, non-empty ``--output`` is refused (exit 2, its files untouched, nothing written beside it); an empty one
+    is used; without ``--output`` a second export writes ``export/onnx-2`` and keeps ``export/onnx`` (a server may run from it)."""
+    import shutil
+
+    run = tmp_path / "runs" / "finance" / "r1"
+    shutil.copytree(trained("finance"), run)
+    mine = tmp_path / "my models"
+    (mine / "v1").mkdir(parents=True)
+    (mine / "important.txt").write_text("do not lose")
+    (mine / "v1" / "model.onnx").write_bytes(b"an earlier model")
+    common = ("finance", "export", "--ckpt_path", "best", "--run_id", "r1", "--runs_dir", str(tmp_path / "runs"))
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline(*common, "--output", str(mine))
+    err = " ".join(capsys.readouterr().err.split())
+    assert stop.value.code == 2 and "already exists and is not empty" in err and "Traceback" not in err, err
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == ["important.txt", "v1", "v1/model.onnx"]
+    assert (mine / "important.txt").read_text() == "do not lose" and sorted(p.name for p in tmp_path.iterdir()) == ["my models", "runs"]
+    (tmp_path / "empty").mkdir()
+    run_pipeline(*common, "--output", str(tmp_path / "empty"))
+    assert (tmp_path / "empty" / "metadata.json").is_file()
+    run_pipeline(*common)
+    first = (run / "export" / "onnx" / "metadata.json").read_bytes()
+    run_pipeline(*common)
+    assert (run / "export" / "onnx" / "metadata.json").read_bytes() == first and (run / "export" / "onnx-2" / "model.onnx").is_file()
+
+
 # ----- diffusion bundles: readable by anyone, their versions recorded, the whole DDIM loop in runtime.py --------------
 def test_diffusion_bundle_generates_with_numpy_and_onnxruntime_only(tmp_path):
     """``Bundle.generate`` runs the whole DDIM loop from the bundle alone; its images are the checkpoint's sampler's."""

@@ -22,8 +22,8 @@ def files_of(folder: Path) -> dict[str, str]:
 def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier_bundle(tiny_run, tmp_path, child_processes):
     run = copy_run(tiny_run("finance"), tmp_path / "runs")
     checkpoint = run / "checkpoints" / "best.ckpt"
-    bundle = tmp_path / "bundles" / "fraud"
-    command = [sys.executable, "-m", "pipelines.run", "finance", "export", "--ckpt_path", str(checkpoint), "--output", str(bundle)]
+    bundle = run / "export" / "onnx"  # the default folder: the second export writes export/onnx-2 (an earlier bundle is never replaced)
+    command = [sys.executable, "-m", "pipelines.run", "finance", "export", "--ckpt_path", str(checkpoint)]
     export_checkpoint(get_domain("finance"), checkpoint, "onnx", bundle)  # the earlier bundle, in this process
     before = files_of(bundle)
     assert "metadata.json" in before
@@ -32,7 +32,7 @@ def test_sigterm_during_export_exits_143_leaves_no_staging_and_keeps_the_earlier
     try:
         deadline, staging = time.time() + 240, []
         while time.time() < deadline and second.poll() is None:
-            staging = [p for p in bundle.parent.iterdir() if p.name.startswith(f".{bundle.name}.")]
+            staging = [p for p in bundle.parent.iterdir() if p.name.startswith(f".{bundle.name}-2.")]
             if staging:
                 second.send_signal(signal.SIGTERM)
                 break
