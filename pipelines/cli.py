@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pipelines.checkpoint_options import check_model_options_kept, refused_before_the_checkpoint
-from pipelines.checkpoints import model_class, read_checkpoint, recorded_class_path
+from pipelines.checkpoints import check_domain, model_class, read_checkpoint, recorded_class_path
 from pipelines.domain_registry import DomainSpec
 from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, did_you_mean
 from pipelines.explain import explanation_writer
@@ -210,6 +210,8 @@ class PipelineCLI(LightningCLI):
         if self.run.ckpt_path:
             label = f"--ckpt_path {self.run.ckpt_path}"
             self._checkpoint = read_checkpoint(self.run.ckpt_path, label)  # its data module state is used before setup
+            # another domain's checkpoint, named as such (its options would otherwise fail this domain's parser: exit 1, trial finding)
+            check_domain(self.spec, self._checkpoint, label, fix=f"; use it with `python -m pipelines.run {{domain}} {sub} --ckpt_path {self.run.ckpt_path}`")
             # the class it names is checked before LightningCLI reads it from the checkpoint's hyper-parameters
             model_class(self.spec, recorded_class_path(self._checkpoint), label)
             # LightningCLI builds the model from the checkpoint's options: one given here that differs is refused, not ignored

@@ -150,6 +150,19 @@ def test_checkpoint_of_another_domain_is_refused_naming_both(trained, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(("domain", "other", "command"), [("finance", "healthcare", "predict"), ("healthcare", "finance", "test")])
+def test_the_runner_refuses_another_domains_checkpoint_naming_both(trained, tmp_path, capsys, domain, other, command):
+    """``finance predict --ckpt_path <a healthcare checkpoint>`` "crashed" (exit 1, a jsonargparse message about
+    threshold_method: trial finding): exit 2 naming both domains and the command that takes it, nothing written."""
+    ckpt = trained(other) / "checkpoints" / "best.ckpt"
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline(domain, command, "--ckpt_path", str(ckpt), "--runs_dir", str(tmp_path / "runs"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert f"a checkpoint of domain {other!r}" in err and f"not of domain {domain!r}" in err and f"python -m pipelines.run {other} {command} --ckpt_path" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_existing_output_is_never_replaced_and_the_default_folder_is_numbered(trained, tmp_path, capsys):
     """``export --output DIR`` replaced DIR and everything in it (trial finding: a user's folder of models gone, exit 0):
     an existing, non-empty ``--output`` is refused (exit 2, its files untouched, nothing written beside it); an empty one
