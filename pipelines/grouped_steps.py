@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -196,6 +197,27 @@ def group_size(module: Any) -> int:
             rank_zero_info(f"batches_per_step {wanted}: training one mini-batch per step instead, because {why}")
         return 1
     return wanted
+
+
+def planned_group_size(batches_per_step: int, trainer_options: Any, checkpoint_every_n_steps: int | None = None) -> int:
+    """What :func:`group_size` will give a fit whose Trainer is not built yet, from the runner's ``trainer`` options
+    (``None`` for Lightning's defaults) and ``--checkpoint_every_n_steps``: for refusing a combination before the run
+    folder exists (:func:`pipelines.row_shards.check_grouped_shards`).
+
+    Example:
+        >>> planned_group_size(8, {"accumulate_grad_batches": 2}), planned_group_size(8, {"limit_train_batches": 40}), planned_group_size(8, {}, 100)
+        (1, 8, 1)
+    """
+    if batches_per_step == 1:
+        return 1
+    option = trainer_options.get
+    checkpoints = 0 if option("enable_checkpointing") is False else 1 + (checkpoint_every_n_steps is not None)
+    settings = types.SimpleNamespace(
+        accumulate_grad_batches=option("accumulate_grad_batches") or 1, gradient_clip_val=option("gradient_clip_val"),
+        limit_train_batches=1.0 if option("limit_train_batches") is None else option("limit_train_batches"),
+        val_check_interval=1.0 if option("val_check_interval") is None else option("val_check_interval"), checkpoint_callbacks=[None] * checkpoints,
+    )  # fmt: skip
+    return 1 if _plain_loop_reason(settings) else batches_per_step
 
 
 def _plain_loop_reason(trainer: Any) -> str:
