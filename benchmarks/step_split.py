@@ -1,7 +1,7 @@
 """Where the grouped path's cost per mini-batch goes: the plain loop, then each piece of
 ``--model.batches_per_step K`` (pipelines/grouped_steps.py) added to it, one at a time.
 
-    python -m benchmarks.step_split [--domain finance] [--batch-size 256] [--batches-per-step 16] [--repeats 5] [--epochs 5] [--sides ...]
+    python -m benchmarks.step_split [--domain finance] [--batch-size 256] [--batches-per-step 16] [--repeats 5] [--epochs 5] [--pieces]
 
 In one process, alternating in every repeat, each side trains ``--epochs`` epochs (the first is
 warm-up) and is timed over the training batches of every later epoch in **CPU time of this process**
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -85,13 +87,60 @@ def ablated(task_class: type, pieces: tuple[str, ...]) -> type:
     return type(f"{task_class.__name__}With{len(pieces)}Pieces", (task_class,), members)
 
 
+class PieceTimes(pl.Callback):
+    """CPU microseconds per call of each piece of the grouped path, timed inside the Trainer this callback runs in (its
+    callbacks, profiler and strategy: a runner's or a bare one), at the first training batch of the second epoch:
+    ``calls`` calls per piece in each of ``rounds`` rounds, the pieces alternating; the median round is kept. Written to
+    ``output`` (JSON). Backward runs on a 3-weight graph outside the model and the optimizer steps with no gradients (it
+    changes no weight), so what is timed is the call's own cost; ``log_train_loss`` is timed at a step it writes nothing
+    at, and the task's running loss is put back afterwards."""
+
+    def __init__(self, output: str, calls: int = 300, rounds: int = 7) -> None:
+        self.output, self.calls, self.rounds, self.done = Path(output), calls, rounds, False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.done or trainer.current_epoch != 1:
+            return
+        self.done = True
+        optimizer = pl_module.optimizers()
+        raw = optimizer.optimizer
+        weight = torch.nn.Parameter(torch.ones(3))
+        loss = (weight * 2).sum().detach()
+        running = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in vars(pl_module).items() if name.startswith("_loss")}
+        optimizer.zero_grad(set_to_none=True)
+        pieces = {
+            "loss.backward()": lambda: (weight * 2).sum().backward(),
+            "manual_backward()": lambda: pl_module.manual_backward((weight * 2).sum()),
+            "optimizer.step() raw": raw.step,
+            "LightningOptimizer.step()": optimizer.step,
+            "optimizer.zero_grad() raw": raw.zero_grad,
+            "LightningOptimizer.zero_grad()": optimizer.zero_grad,
+            "setattr of a str on the module": lambda: setattr(pl_module, "_timed_name", "x"),
+        }
+        every = trainer.log_every_n_steps
+        if every <= 0 or (trainer.global_step + 1) % every:  # a step log_train_loss writes nothing at
+            pieces["log_train_loss()"] = lambda: pl_module.log_train_loss(loss, 256)
+        rounds: dict[str, list[float]] = {name: [] for name in pieces}
+        for _ in range(self.rounds):
+            for name, call in pieces.items():
+                call()
+                start = time.process_time()
+                for _ in range(self.calls):
+                    call()
+                rounds[name].append(1e6 * (time.process_time() - start) / self.calls)
+        for name, value in running.items():
+            setattr(pl_module, name, value)
+        self.output.write_text(json.dumps({name: statistics.median(values) for name, values in rounds.items()}))
+
+
 def mini_batches_per_epoch(spec: Any, batch_size: int | None) -> int:
     _, dm = build_defaults(spec, batch_size)
     dm.setup("fit")
     return len(dm.train_dataloader())
 
 
-def bare_grouped_ms(spec: Any, batch_size: int | None, epochs: int, seed: int, scratch: str, k: int, pieces: tuple[str, ...] | None) -> tuple[list[float], int]:
+def bare_grouped_ms(spec: Any, batch_size: int | None, epochs: int, seed: int, scratch: str, k: int, pieces: tuple[str, ...] | None,
+                    *callbacks: pl.Callback) -> tuple[list[float], int]:
     """CPU ms per mini-batch of a bare Trainer training groups of ``k``; ``pieces`` None: the task's own grouped step."""
     pl.seed_everything(seed, verbose=False)
     model, dm = build_defaults(spec, batch_size)
@@ -101,7 +150,7 @@ def bare_grouped_ms(spec: Any, batch_size: int | None, epochs: int, seed: int, s
     threads = ThreadsSeen()
     trainer = pl.Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", callbacks=[timer, threads], default_root_dir=scratch,
+        limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", callbacks=[timer, threads, *callbacks], default_root_dir=scratch,
     )  # fmt: skip
     trainer.fit(model, dm)
     steps = mini_batches_per_epoch(spec, batch_size)
@@ -146,6 +195,34 @@ def plain_task_optimizer_ms(spec: Any, batch_size: int | None, epochs: int, seed
     return measured, seen, described
 
 
+def piece_times(domain: str, batch_size: int | None, k: int, repeats: int) -> None:
+    """``--pieces``: :class:`PieceTimes` in a bare Trainer and in the runner (both training groups of ``k``), alternating."""
+    spec = get_domain(domain)
+    times: dict[str, list[dict[str, float]]] = {"bare": [], "runner": []}
+    started, load = time.strftime("%H:%M:%S", time.gmtime()), os.getloadavg()
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in range(repeats):
+            output = f"{scratch}/pieces-{time.time_ns()}.json"
+            bare_grouped_ms(spec, batch_size, 2, seed, scratch, k, None, PieceTimes(output))
+            times["bare"].append(json.loads(Path(output).read_text()))
+            output = f"{scratch}/pieces-{time.time_ns()}.json"
+            runner_ms(domain, batch_size, 2, scratch, k, "--trainer.callbacks+=benchmarks.step_split.PieceTimes", f"--trainer.callbacks.output={output}")
+            times["runner"].append(json.loads(Path(output).read_text()))
+    print(f"{domain}, K={k}: CPU us per call, median of {repeats} runs (each the median of 7 rounds of 300 calls), {started}-{time.strftime('%H:%M:%S', time.gmtime())} UTC, load {load[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    median = {side: {name: statistics.median(run[name] for run in runs) for name in runs[0]} for side, runs in times.items()}
+    print(f"{'piece':34s} {'bare':>8s} {'runner':>8s}")
+    for name in median["runner"]:
+        print(f"{name:34s} {median['bare'].get(name, float('nan')):8.2f} {median['runner'][name]:8.2f}")
+    for side, values in median.items():
+        extra = {
+            "manual_backward - loss.backward": values["manual_backward()"] - values["loss.backward()"],
+            "LightningOptimizer.step - raw": values["LightningOptimizer.step()"] - values["optimizer.step() raw"],
+            "LightningOptimizer.zero_grad - raw": values["LightningOptimizer.zero_grad()"] - values["optimizer.zero_grad() raw"],
+        }
+        extra["log_train_loss"] = values.get("log_train_loss()", float("nan"))
+        print(f"{side}: per optimizer step over the plain loop's calls: " + ", ".join(f"{name} {value:.1f}" for name, value in extra.items()) + f"; sum {sum(extra.values()):.1f} us")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", default="finance")
@@ -153,10 +230,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches-per-step", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5, help="per side and repeat; the first is warm-up")
+    parser.add_argument("--pieces", action="store_true", help="instead: CPU us per call of each piece, in a bare Trainer and in the runner (PieceTimes)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     warnings.simplefilter("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.pieces:
+        return piece_times(args.domain, args.batch_size, args.batches_per_step, args.repeats)
     spec, k, b, epochs = get_domain(args.domain), args.batches_per_step, args.batch_size, args.epochs
     sides: dict[str, Any] = {"plain": lambda seed, scratch: (plain_ms(spec, b, epochs, seed), None)}
     sides["plain, task optimizer"] = lambda seed, scratch: plain_task_optimizer_ms(spec, b, epochs, seed)[:2]
