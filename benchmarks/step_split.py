@@ -1,7 +1,7 @@
 """Where the grouped path's cost per mini-batch goes: the plain loop, then each piece of
 ``--model.batches_per_step K`` (pipelines/grouped_steps.py) added to it, one at a time.
 
-    python -m benchmarks.step_split [--domain finance] [--batch-size 256] [--batches-per-step 16] [--repeats 5] [--epochs 5] [--pieces]
+    python -m benchmarks.step_split [--domain finance] [--batch-size 256] [--batches-per-step 16] [--repeats 5] [--epochs 5] [--sides NAME ...] [--pieces]
 
 In one process, alternating in every repeat, each side trains ``--epochs`` epochs (the first is
 warm-up) and is timed over the training batches of every later epoch in **CPU time of this process**
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches-per-step", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5, help="per side and repeat; the first is warm-up")
+    parser.add_argument("--sides", nargs="*", help="only these sides (names as printed, e.g. plain 'runner K=16'); default: all")
     parser.add_argument("--pieces", action="store_true", help="instead: CPU us per call of each piece, in a bare Trainer and in the runner (PieceTimes)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -246,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     sides[f"bare K={k}"] = lambda seed, scratch: bare_grouped_ms(spec, b, epochs, seed, scratch, k, None)
     sides[f"runner K={k}, no logger"] = lambda seed, scratch: (runner_ms(args.domain, b, epochs, scratch, k, "--trainer.logger=false"), None)
     sides[f"runner K={k}"] = lambda seed, scratch: (runner_ms(args.domain, b, epochs, scratch, k), None)
+    if args.sides:
+        unknown = set(args.sides) - set(sides)
+        if unknown:
+            parser.error(f"unknown sides {sorted(unknown)}; the sides are {list(sides)}")
+        sides = {name: run for name, run in sides.items() if name in args.sides or name == "plain"}
     print(f"optimizers: plain loop AdamW(lr, weight_decay from hparams); the task's: {plain_task_optimizer_ms(spec, b, 2, 0)[2]}")
     ms: dict[str, list[float]] = {side: [] for side in sides}
     threads: dict[str, set[int]] = {side: set() for side in sides}
