@@ -19,6 +19,7 @@ warm-up) and is timed over the training batches of every later epoch in **CPU ti
   check`` (the per-mini-batch scheduler loop and the CPU divergence check): each adds one piece to
   the previous side, so the differences between adjacent sides are what each piece costs.
 - ``bare K``: the same bare ``Trainer`` with the task's own grouped step (what the product runs).
+- ``runner K=1``: ``pipelines.run DOMAIN fit`` (one mini-batch per Lightning step, the default).
 - ``runner K, no logger``: ``pipelines.run DOMAIN fit --model.batches_per_step K --trainer.logger false``
   (the runner's callbacks, no W&B logger and no learning-rate monitor), and ``runner K`` (the default
   fit: callbacks and the W&B logger, offline).
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         name = f"bare K={k}, raw" if count == 0 else f"  + {PIECES[count - 1]}"
         sides[name] = lambda seed, scratch, pieces=PIECES[:count]: bare_grouped_ms(spec, b, epochs, seed, scratch, k, pieces)
     sides[f"bare K={k}"] = lambda seed, scratch: bare_grouped_ms(spec, b, epochs, seed, scratch, k, None)
+    sides["runner K=1"] = lambda seed, scratch: (runner_ms(args.domain, b, epochs, scratch), None)
     sides[f"runner K={k}, no logger"] = lambda seed, scratch: (runner_ms(args.domain, b, epochs, scratch, k, "--trainer.logger=false"), None)
     sides[f"runner K={k}"] = lambda seed, scratch: (runner_ms(args.domain, b, epochs, scratch, k), None)
     if args.sides:
