@@ -332,12 +332,13 @@ def _steps(module: Any, step: Callable[..., torch.Tensor], group: BatchGroup, ba
     # an epoch resumed mid-way restarts the loader and Lightning counts the groups done: its mini-batches end where the plain loop's do
     sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
     size = min(size, sampler.batches - first) if isinstance(sampler, GroupedBatchSampler) else size
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # zero_grad runs no hook: the torch optimizer's own, without the wrapper's lookups
     for offset, batch in enumerate(group):
         if offset == size or 0 < trainer.max_steps <= trainer.global_step:
             break
         module.last_of_group = offset == size - 1
         loss = step(module, batch, first + offset)
-        optimizer.zero_grad()
+        torch_optimizer.zero_grad()
         module.manual_backward(loss)
         optimizer.step()
         taken += 1
