@@ -65,7 +65,7 @@ def bare_ms(spec, batch_size: int | None, epochs: int, seed: int, scratch: str) 
     return [1000 * seconds / trainer.num_training_batches for seconds in timer.epochs[1:]]
 
 
-def runner_ms(domain: str, batch_size: int | None, epochs: int, scratch: str, batches_per_step: int | None = None) -> list[float]:
+def runner_ms(domain: str, batch_size: int | None, epochs: int, scratch: str, batches_per_step: int | None = None, *options: str) -> list[float]:
     from pipelines.run import main as run
 
     output = f"{scratch}/runner-{time.time_ns()}.json"
@@ -73,7 +73,7 @@ def runner_ms(domain: str, batch_size: int | None, epochs: int, scratch: str, ba
         domain, "fit", f"--trainer.max_epochs={epochs}", "--runs_dir", scratch, "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", *([f"--data.batch_size={batch_size}"] if batch_size else []),
         *([f"--model.batches_per_step={batches_per_step}"] if batches_per_step else []),
-        "--trainer.callbacks+=benchmarks.performance.TrainingCpuTime", f"--trainer.callbacks.output={output}",
+        "--trainer.callbacks+=benchmarks.performance.TrainingCpuTime", f"--trainer.callbacks.output={output}", *options,
     ])  # fmt: skip
     _, dm = build_defaults(get_domain(domain), batch_size)
     dm.setup("fit")

@@ -37,6 +37,7 @@ from pipelines.hardware import plan_hardware
 from pipelines.parse_errors import config_file_problem, explain, foreign_config
 from pipelines.predictions import prediction_file
 from pipelines.resume_data import check_resumed_data, data_options
+from pipelines.row_shards import check_grouped_shards
 from pipelines.run_callbacks import run_trainer_settings
 from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
 from pipelines.run_options import add_run_options, check_run_options
@@ -291,6 +292,8 @@ class PipelineCLI(LightningCLI):
         if hasattr(self.datamodule, "check_processes"):  # data read per process (shards): refused before the run folder exists
             self.datamodule.check_processes(plan.processes)
         options = self.config[self.subcommand]
+        if self.subcommand == "fit":  # groups of mini-batches from row shards read by several workers: refused here, not when training starts
+            check_grouped_shards(self.model, self.datamodule, trainer_cfg, options.get("checkpoint_every_n_steps"))
         predictions = prediction_file(self.run.path, options.get("output")) if self.subcommand == "predict" else None
         explanations = explanation_writer(self.model, predictions) if predictions is not None and options.get("explain") else None
         if rank_zero_only.rank == 0:  # DDP workers are copies of this command, inside the same run

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -198,6 +199,27 @@ def group_size(module: Any) -> int:
     return wanted
 
 
+def planned_group_size(batches_per_step: int, trainer_options: Any, checkpoint_every_n_steps: int | None = None) -> int:
+    """What :func:`group_size` will give a fit whose Trainer is not built yet, from the runner's ``trainer`` options
+    (``None`` for Lightning's defaults) and ``--checkpoint_every_n_steps``: for refusing a combination before the run
+    folder exists (:func:`pipelines.row_shards.check_grouped_shards`).
+
+    Example:
+        >>> planned_group_size(8, {"accumulate_grad_batches": 2}), planned_group_size(8, {"limit_train_batches": 40}), planned_group_size(8, {}, 100)
+        (1, 8, 1)
+    """
+    if batches_per_step == 1:
+        return 1
+    option = trainer_options.get
+    checkpoints = 0 if option("enable_checkpointing") is False else 1 + (checkpoint_every_n_steps is not None)
+    settings = types.SimpleNamespace(
+        accumulate_grad_batches=option("accumulate_grad_batches") or 1, gradient_clip_val=option("gradient_clip_val"),
+        limit_train_batches=1.0 if option("limit_train_batches") is None else option("limit_train_batches"),
+        val_check_interval=1.0 if option("val_check_interval") is None else option("val_check_interval"), checkpoint_callbacks=[None] * checkpoints,
+    )  # fmt: skip
+    return 1 if _plain_loop_reason(settings) else batches_per_step
+
+
 def _plain_loop_reason(trainer: Any) -> str:
     if trainer.accumulate_grad_batches != 1:
         return f"--trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} needs Lightning's automatic optimisation"
@@ -219,6 +241,9 @@ def max_train_batches(trainer: Any) -> int | None:
     """``--trainer.limit_train_batches`` as a number of mini-batches (``None``: every batch)."""
     limit = trainer.limit_train_batches if trainer is not None else None
     return limit if isinstance(limit, int) else None
+
+
+_PLAIN_VALUES = frozenset({str, int, float, bool, type(None)})
 
 
 class GroupedSteps:
@@ -247,6 +272,17 @@ class GroupedSteps:
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torch's Module.__setattr__ checks every value against Parameter, Module and buffers (~1.3 us on a CPU): Lightning
+        # sets a string around each hook it calls (12 times per optimizer step of a group: manual_backward's and step's
+        # hooks), and log_train_loss counts per mini-batch. A plain value under a name that is no parameter, buffer or
+        # module is stored as torch would store it (through a property's setter too), without the checks.
+        attributes = self.__dict__
+        if type(value) in _PLAIN_VALUES and "_parameters" in attributes and name not in attributes["_parameters"] and name not in attributes["_buffers"] and name not in attributes["_modules"]:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and group_size(self) > 1:  # Lightning compares log_every_n_steps with its steps, groups here; the loss is logged per optimizer step
@@ -296,12 +332,13 @@ def _steps(module: Any, step: Callable[..., torch.Tensor], group: BatchGroup, ba
     # an epoch resumed mid-way restarts the loader and Lightning counts the groups done: its mini-batches end where the plain loop's do
     sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
     size = min(size, sampler.batches - first) if isinstance(sampler, GroupedBatchSampler) else size
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # zero_grad runs no hook: the torch optimizer's own, without the wrapper's lookups
     for offset, batch in enumerate(group):
         if offset == size or 0 < trainer.max_steps <= trainer.global_step:
             break
         module.last_of_group = offset == size - 1
         loss = step(module, batch, first + offset)
-        optimizer.zero_grad()
+        torch_optimizer.zero_grad()
         module.manual_backward(loss)
         optimizer.step()
         taken += 1

@@ -29,7 +29,8 @@ import yaml
 from torch.utils.data import default_collate
 
 from pipelines.errors import InputError
-from pipelines.grouped_steps import BatchGroup, group_size, max_train_batches
+from pipelines.data import default_workers
+from pipelines.grouped_steps import BatchGroup, group_size, max_train_batches, planned_group_size
 from pipelines.shards import ShardLoader, ShardPlan, ShardSetWriter, ShardStream, check_shard_files, describe_plan, npy_array, npy_bytes, read_manifest
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class RowShards:
             raise InputError(f"{self.where}: {', '.join(differ)}: the shards hold the source as the writer read, split and encoded it, so these "
                              f"options cannot change it here; drop them, or write the shards again with them (python -m {writer})")  # fmt: skip
         hparams.update(written)
+        self.hparams = hparams
 
     def split(self, name: str) -> list[dict[str, Any]]:
         """A split's shard entries, each found with its recorded size (SHA-256s are checked when a loader opens them)."""
@@ -175,16 +177,21 @@ class RowShards:
         for name in splits:
             ShardPlan.of([e["samples"] for e in self.split(name)], processes, workers, batch_size, f"{self.where} ({name} split)")
 
+    def check_groups(self, groups: int, workers: int) -> None:
+        """Refuse training groups of ``groups`` mini-batches (``--model.batches_per_step``) read by ``workers`` loader workers:
+        each worker's stream ends on a short batch, so a group could hold one inside it."""
+        if groups > 1 and workers > 1:
+            raise InputError(f"{self.where}: --model.batches_per_step {groups} with --data.num_workers {workers}: each loader worker ends on a short "
+                             "batch, and a group with one inside would train fewer mini-batches on one rank than on another; use "
+                             "--data.num_workers 1 (or 0) or --model.batches_per_step 1")  # fmt: skip
+
     def loader(self, name: str, trainer: Any, batch_size: int, workers: int, pin_memory: bool | None, shuffle: bool) -> ShardLoader:
         """The loader of split ``name`` for this process (its rank's shards under DDP): batches of ``batch_size`` rows; for
         training, groups of them when the task trains several mini-batches per step (:class:`GroupedShardLoader`)."""
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         module = trainer.lightning_module if trainer is not None else None
         groups = group_size(module) if shuffle and module is not None else 1
-        if groups > 1 and workers > 1:
-            raise InputError(f"{self.where}: --model.batches_per_step {groups} with --data.num_workers {workers}: each loader worker ends on a short "
-                             "batch, and a group with one inside would train fewer mini-batches on one rank than on another; use "
-                             "--data.num_workers 1 (or 0) or --model.batches_per_step 1")  # fmt: skip
+        self.check_groups(groups, workers)
         fields = self.manifest["fields"]
         row_bytes = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in fields.values())
         stream = RowBlockStream(self.folder, self.split(name), decode_block, rank=rank, world=world, workers=workers, batch_size=batch_size,
@@ -196,6 +203,18 @@ class RowShards:
         if groups > 1:
             return GroupedShardLoader(stream, workers, pin_memory, groups=groups, max_batches=max_train_batches(trainer))
         return ShardLoader(stream, workers, pin_memory)
+
+
+def check_grouped_shards(module: Any, datamodule: Any, trainer_options: Any, checkpoint_every_n_steps: int | None = None) -> None:
+    """The runner's check before the run folder exists: a fit of ``module`` (its ``batches_per_step``) on ``datamodule``'s
+    row shards (``--data.shards``) with several loader workers is refused (:meth:`RowShards.check_groups`) unless its
+    trainer options make it train one mini-batch per step anyway (:func:`~pipelines.grouped_steps.planned_group_size`)."""
+    shards = getattr(datamodule, "shard_set", None)
+    if not isinstance(shards, RowShards):
+        return
+    hparams = getattr(module, "hparams", {})
+    groups = planned_group_size(int(hparams.get("batches_per_step", 1) or 1), trainer_options, checkpoint_every_n_steps)
+    shards.check_groups(groups, default_workers(shards.hparams.get("num_workers")))
 
 
 class GroupedShardLoader(ShardLoader):

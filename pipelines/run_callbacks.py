@@ -14,7 +14,7 @@ from typing import Any
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-from pipelines.callback_group import CallbackGroup
+from pipelines.callback_group import CallbackGroup, UnmeasuredProfiler
 from pipelines.checkpointing import TieBreakingCheckpoint
 from pipelines.domain_registry import DomainSpec
 from pipelines.guards import NonFiniteLossGuard, PredictStopsOnSigterm, SignalCheckpoint
@@ -93,6 +93,8 @@ def run_trainer_settings(
         callbacks.append(PredictStopsOnSigterm())  # before the writer: a stopped batch is not written
         callbacks.append(CsvPredictionWriter(predictions))
     overrides: dict[str, Any] = {"default_root_dir": str(run.path), "callbacks": callbacks}
+    if trainer_cfg.get("profiler") is None:  # Lightning's default measures nothing; this one without a context built per hook call
+        overrides["profiler"] = UnmeasuredProfiler()
     if not logger_configured:
         overrides["logger"] = make_wandb_logger(run, spec.tags, options.get("wandb_group"), options.get("wandb_job_type") or "train")
         watch = options.get("wandb_watch", "none")

@@ -142,14 +142,15 @@ class BaseTask(pl.LightningModule):
             trainer = self.trainer
         except RuntimeError:  # no Trainer (a hand-written loop): nothing to log to
             return
+        step = trainer.global_step  # (a chain of properties: read once)
         # a new epoch, a resumed one or a new fit (after --lr_find's range test, whose steps are undone): a new mean
-        if self._epoch_of_loss_sum != trainer.current_epoch or trainer.global_step < self._loss_sum_step:
+        if self._epoch_of_loss_sum != trainer.current_epoch or step < self._loss_sum_step:
             self._loss_sum, self._loss_samples, self._epoch_of_loss_sum = torch.zeros_like(loss.detach()), 0, trainer.current_epoch
-        self._loss_sum_step = trainer.global_step
-        self._loss_sum = self._loss_sum + loss.detach() * batch_size
+        self._loss_sum_step = step
+        self._loss_sum.add_(loss.detach() * batch_size)  # in place: the sum's values as before, without a new tensor per step
         self._loss_samples += batch_size
         every = trainer.log_every_n_steps
-        due = every > 0 and (trainer.global_step + 1) % every == 0
+        due = every > 0 and (step + 1) % every == 0
         if getattr(self, "groups_mini_batches", False):  # a task of pipelines/grouped_steps.py: several optimizer steps per Lightning step
             if due:  # to the loggers as Lightning writes it one batch per step (at its step, with the epoch); the rest as usual
                 metrics = {"train/loss_step": float(loss.detach()), "epoch": trainer.current_epoch}
@@ -159,7 +160,7 @@ class BaseTask(pl.LightningModule):
                 self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=batch_size, sync_dist=False)
         elif not self.automatic_optimization or due:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size, sync_dist=False)
-        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step + 1
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= step + 1
         last_batch = trainer.is_last_batch and (not getattr(self, "stepping_in_group", False) or self.last_of_group)
         if last_batch or last_step:
             mean = self._loss_sum / self._loss_samples

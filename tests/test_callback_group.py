@@ -54,3 +54,24 @@ def test_a_callback_with_checkpoint_state_is_refused():
 
     with pytest.raises(ValueError, match="EarlyStopping"):
         CallbackGroup(Recorder("a", []), EarlyStopping(monitor="val/loss"))
+
+
+def test_the_runner_passes_a_profiler_that_measures_nothing_unless_one_is_given_and_hooks_still_run(tmp_path):
+    """UnmeasuredProfiler: the runner's Trainer gets it when ``--trainer.profiler`` is not given (a given one is kept),
+    and a real Trainer with it calls every hook, as with Lightning's default profiler."""
+    from domains.finance import SPEC
+    from pipelines.callback_group import UnmeasuredProfiler
+    from pipelines.run_callbacks import run_trainer_settings
+    from pipelines.run_folder import RunFolder
+
+    run = RunFolder("finance", "profiled", tmp_path / "run", None)
+    assert isinstance(run_trainer_settings(SPEC, run, "fit", {}, {"logger": False}, None).overrides["profiler"], UnmeasuredProfiler)
+    assert "profiler" not in run_trainer_settings(SPEC, run, "fit", {}, {"logger": False, "profiler": "simple"}, None).overrides
+    calls: list[str] = []
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[CallbackGroup(Recorder("a", calls), BatchRecorder("b", calls))], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, profiler=UnmeasuredProfiler(),
+    )  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(4, 2), batch_size=2))
+    assert trainer.profiler.__class__ is UnmeasuredProfiler
+    assert calls == ["b.batch_end:0", "b.batch_end:1", "a.epoch_end", "b.epoch_end"] * 2

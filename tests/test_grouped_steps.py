@@ -153,3 +153,41 @@ def test_a_run_resumed_mid_epoch_takes_the_mini_batches_of_the_plain_loop(tmp_pa
     assert runs[0][0].global_step == runs[1][0].global_step == 27 * 2
     for key, value in runs[0][1].state_dict().items():
         assert torch.equal(value, runs[1][1].state_dict()[key]), key
+
+
+def test_groups_from_shards_with_several_loader_workers_are_refused_before_the_run_folder_exists(tmp_path, capsys):
+    """``--model.batches_per_step 4`` with ``--data.num_workers 2`` on row shards (each worker's stream ends on a short batch):
+    the real CLI refuses it (exit 2, one paragraph) before the run folder or the W&B run exist, not when training starts."""
+    from domains.finance.shards_write import write_shards
+    from tests.bad_inputs import BadInput, check_refused
+    from tests.test_shards_finance import CONFIG
+
+    case = BadInput("groups-with-workers", ("fit", "--data.shards", "{tmp}/set", "--data.num_workers=2", "--model.batches_per_step=4"),
+                    ("--model.batches_per_step 4 with --data.num_workers 2", "use --data.num_workers 1 (or 0) or --model.batches_per_step 1"),
+                    lambda files: write_shards({**CONFIG, "synthetic_rows": 600}, str(files / "set"), samples_per_shard=40))  # fmt: skip
+    (tmp_path / "case").mkdir()  # (enough shards for two workers in every split: only the groups are refused)
+    check_refused("finance", case, tmp_path / "case", capsys)
+
+
+def test_plain_values_set_on_a_grouped_task_land_where_torch_puts_them():
+    """GroupedSteps.__setattr__ skips torch's checks only for a plain value under a name that is no parameter, buffer or
+    module: a property's setter still runs, and those names keep torch's rules (None clears them, other values are refused)."""
+    from pipelines.grouped_steps import GroupedSteps
+    from pipelines.task import BaseTask
+
+    class Task(GroupedSteps, BaseTask):
+        def configure_models(self) -> None:
+            self.net = torch.nn.Linear(2, 1)
+            self.register_buffer("scale", torch.ones(1))
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    task = Task()
+    task.note, task.count = "x", 3
+    assert vars(task)["note"] == "x" and vars(task)["count"] == 3
+    task.automatic_optimization = False  # through LightningModule's property setter, as torch would
+    assert task._automatic_optimization is False and not task.automatic_optimization
+    for name in ("weight", "scale", "net"):
+        with pytest.raises(TypeError):
+            setattr(task, name, "text")
+    task.weight, task.net = None, None
+    assert task._parameters["weight"] is None and task._modules["net"] is None and "weight" not in vars(task)
