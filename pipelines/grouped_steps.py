@@ -243,9 +243,6 @@ def max_train_batches(trainer: Any) -> int | None:
     return limit if isinstance(limit, int) else None
 
 
-_PLAIN_VALUES = frozenset({str, int, float, bool, type(None)})
-
-
 class GroupedSteps:
     """Mixed into a task before :class:`~pipelines.task.BaseTask`: Lightning's ``automatic_optimization``
     is off exactly when the training loader hands out groups (:func:`group_size` > 1)."""
@@ -272,17 +269,6 @@ class GroupedSteps:
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # torch's Module.__setattr__ checks every value against Parameter, Module and buffers (~1.3 us on a CPU): Lightning
-        # sets a string around each hook it calls (12 times per optimizer step of a group: manual_backward's and step's
-        # hooks), and log_train_loss counts per mini-batch. A plain value under a name that is no parameter, buffer or
-        # module is stored as torch would store it (through a property's setter too), without the checks.
-        attributes = self.__dict__
-        if type(value) in _PLAIN_VALUES and "_parameters" in attributes and name not in attributes["_parameters"] and name not in attributes["_buffers"] and name not in attributes["_modules"]:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and group_size(self) > 1:  # Lightning compares log_every_n_steps with its steps, groups here; the loss is logged per optimizer step

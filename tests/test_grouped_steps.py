@@ -168,26 +168,3 @@ def test_groups_from_shards_with_several_loader_workers_are_refused_before_the_r
     (tmp_path / "case").mkdir()  # (enough shards for two workers in every split: only the groups are refused)
     check_refused("finance", case, tmp_path / "case", capsys)
 
-
-def test_plain_values_set_on_a_grouped_task_land_where_torch_puts_them():
-    """GroupedSteps.__setattr__ skips torch's checks only for a plain value under a name that is no parameter, buffer or
-    module: a property's setter still runs, and those names keep torch's rules (None clears them, other values are refused)."""
-    from pipelines.grouped_steps import GroupedSteps
-    from pipelines.task import BaseTask
-
-    class Task(GroupedSteps, BaseTask):
-        def configure_models(self) -> None:
-            self.net = torch.nn.Linear(2, 1)
-            self.register_buffer("scale", torch.ones(1))
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-
-    task = Task()
-    task.note, task.count = "x", 3
-    assert vars(task)["note"] == "x" and vars(task)["count"] == 3
-    task.automatic_optimization = False  # through LightningModule's property setter, as torch would
-    assert task._automatic_optimization is False and not task.automatic_optimization
-    for name in ("weight", "scale", "net"):
-        with pytest.raises(TypeError):
-            setattr(task, name, "text")
-    task.weight, task.net = None, None
-    assert task._parameters["weight"] is None and task._modules["net"] is None and "weight" not in vars(task)
