@@ -303,6 +303,8 @@ def test_autonomous_malformed_observations_get_422_naming_the_field(server):
         ({"observations": changed(3, time=0.0)}, "observations[3].time: 0 is not after the previous observation's time 0.5"),
         ({"observations": [{**row, "time": 250.0 * t} for t, row in enumerate(good)]},
          f"observations: the last {observe} observations are 250 apart in 'time' (median); this model was trained on data sampled every 0.25"),
+        ({"observations": [{**row, "time": row["time"] + (1.0 if i >= observe - 2 else 0.0)} for i, row in enumerate(good)]},  # a gap the model would read
+         f"observations[{observe - 2}].time: {0.25 * (observe - 2) + 1.0:g} is 5 time steps after the previous observation"),
         ({"observations": changed(1, position=[1.0, 2.0])}, "observations[1].x: positions given twice"),
         ({"observations": [{k: v for k, v in row.items() if k not in ("x", "y")} | {"position": [1.0]} for row in good]},
          "observations[0].position: expected a list of 2 numbers (['x', 'y'], in that order)"),
@@ -318,6 +320,9 @@ def test_autonomous_malformed_observations_get_422_naming_the_field(server):
         assert status == 422 and answer["detail"].startswith(want), (want, status, answer)
     status, answer = request(server.url + "/predict", raw=nan_body)
     assert status == 422 and answer["detail"].startswith(f"observations[4].{first}: expected a finite number"), answer
+    older_gap = [{**row, "time": row["time"] + (1.0 if i >= 1 else 0.0)} for i, row in enumerate(good)]  # before the observations read: not used
+    status, answer = request(server.url + "/predict", {"observations": older_gap})
+    assert status == 200, answer
 
 
 @pytest.mark.parametrize("server", ["autonomous"], indirect=True)

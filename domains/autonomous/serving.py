@@ -31,7 +31,8 @@ length of a training window, ``domain_metadata.observe``): send at least that ma
 checked but not used. ``time`` is optional, in every observation or in none; it must increase, and
 the median step of the observations read must be within ``STEP_TOLERANCE`` (10%) of the model's
 time step: a sequence sampled at another rate, or timed in other units, is refused, since the model
-would misread its displacements.
+would misread its displacements; so is a gap or an irregular step among the observations read (each
+step within 10% of the time step, as in every training window).
 
 Bundles exported before ``position_names`` and ``time_step`` were recorded still serve, as before
 those fields: a forecaster's positions are named by its ``target_names``, a classifier's or
@@ -161,6 +162,14 @@ class ObservationsAdapter(RequestAdapter):
         if abs(observed - self.time_step) > STEP_TOLERANCE * self.time_step:
             reject(where, f"the last {self.observe} observations are {observed:g} apart in {TIME!r} (median); this model was trained on data "
                           f"sampled every {self.time_step:g} (in the training time column's units): resample the sequence, or check its time unit")  # fmt: skip
+        steps = np.diff(times[-self.observe :]) / self.time_step  # training windows never span a gap or an irregular step (trial finding: one was read as a step's motion)
+        off = np.flatnonzero(np.abs(steps - 1) > STEP_TOLERANCE)
+        if off.size:
+            i = len(rows) - self.observe + int(off[0]) + 1
+            reject(f"{where}[{i}].{TIME}", f"{times[i]:g} is {steps[off[0]]:.3g} time steps after the previous observation ({times[i - 1]:g}); this model "
+                                           f"reads its last {self.observe} observations {self.time_step:g} apart (+-{STEP_TOLERANCE:.0%}), as every training "
+                                           "window was: a gap or an irregular step inside them would be read as one step's motion. Send gap-free "
+                                           "observations (resample, or start the sequence after the gap)")  # fmt: skip
         return values[-self.observe :, :-1], float(times[-1]), self.time_step
 
     def observation(self, row: Any, where: str, timed: bool) -> list[float]:
