@@ -16,6 +16,7 @@ from pipelines.export_spec import ExportSpec
 
 
 CLASSIFIER_HUE_TURNS = ("off", "real", "real_and_generated")
+LR_DECAYS = ("constant", "linear")
 
 
 class GAN(GenerativeTask):
@@ -72,6 +73,10 @@ class GAN(GenerativeTask):
             discriminator call per batch) or ``real_and_generated`` (also the generator's on its images; two
             more). So class has to be told by shape, not hue, and the realness head still asks for every hue.
             Needs a conditional model with ``class_loss_weight > 0`` and RGB images.
+        lr_decay: ``constant`` (the default) or ``linear``: both learning rates fall linearly from their value in
+            the first epoch to 0 after ``--trainer.max_epochs`` (SNGAN's schedule), stepped once per epoch; the
+            schedulers' state is in every checkpoint. ``linear`` needs ``--trainer.max_epochs`` (checked when
+            training starts).
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -91,8 +96,11 @@ class GAN(GenerativeTask):
         ema_decay: float = 0.999,
         generator_padding: str = "zeros",
         classifier_hue_turn: str = "off",
+        lr_decay: str = "constant",
         **kwargs: Any,
     ) -> None:
+        if lr_decay not in LR_DECAYS:
+            raise InputError(f"--model.init_args.lr_decay {lr_decay!r}: the learning-rate schedule must be one of {', '.join(LR_DECAYS)}")
         if classifier_hue_turn not in CLASSIFIER_HUE_TURNS:
             raise InputError(
                 f"--model.init_args.classifier_hue_turn {classifier_hue_turn!r}: which images the auxiliary classifier sees "
@@ -135,10 +143,23 @@ class GAN(GenerativeTask):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
-        return [
+        optimizers = [
             torch.optim.Adam(self.generator.parameters(), lr=hp.lr_generator, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_discriminator, betas=betas),
         ]
+        if hp.get("lr_decay", "constant") == "constant":
+            return optimizers
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 1:
+            raise InputError(f"--model.init_args.lr_decay linear decays over --trainer.max_epochs: set it (got {epochs})")
+        factor = lambda epoch: max(0.0, 1.0 - epoch / epochs)  # noqa: E731
+        return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+    def on_train_epoch_end(self) -> None:
+        """Manual optimisation: the schedulers of ``lr_decay`` step here, once per epoch."""
+        if self.hparams.get("lr_decay", "constant") != "constant":
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
 
     def noise_shape(self) -> tuple[int, ...]:
         return (self.hparams.latent_dim,)
