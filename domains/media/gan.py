@@ -140,7 +140,8 @@ class GAN(GenerativeTask):
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)
         self.augment = DiffAugment(parse_policy(hp.diffaugment), hp.get("diffaugment_probability", 1.0))
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> Any:
+        """Adam for the generator and the discriminator (in that order), with ``lr_decay``'s schedulers when it is ``linear``."""
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
         optimizers = [
