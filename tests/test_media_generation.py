@@ -104,6 +104,7 @@ REFUSED = [
     BadInput("diffaugment_probability_above_1", ("--model.init_args.diffaugment=hue", "--model.init_args.diffaugment_probability=2"), ("--model.init_args.diffaugment_probability", "(0, 1]")),
     BadInput("guidance_without_null_class", ("--model=domains.media.model.Diffusion", "--model.init_args.guidance_scale=3"), ("guidance_scale 3", "cond_drop_prob")),
     BadInput("cond_drop_prob_out_of_range", ("--model=domains.media.model.Diffusion", "--model.init_args.cond_drop_prob=1.5"), ("cond_drop_prob", "[0, 1)")),
+    BadInput("classifier_hue_turn_unknown", ("--model.init_args.classifier_hue_turn=fake",), ("--model.init_args.classifier_hue_turn", "'fake'", "off, real, real_and_generated")),
     BadInput("negative_generate_guidance", ("--data.generate_guidance_scale=-1",), ("--data.generate_guidance_scale", "a number in 0..20")),
 ]
 

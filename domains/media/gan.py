@@ -8,11 +8,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from domains.media.diffaugment import DiffAugment, check_probability, parse_policy
+from domains.media.diffaugment import DiffAugment, check_probability, hue_rotation, parse_policy
 from domains.media.networks import GENERATOR_PADDINGS, Discriminator, Generator, InferenceGenerator, ema_decay_at, ema_update, refresh_batch_norm_statistics
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.errors import InputError
 from pipelines.export_spec import ExportSpec
+
+
+CLASSIFIER_HUE_TURNS = ("off", "real", "real_and_generated")
+LR_DECAYS = ("constant", "linear")
 
 
 class GAN(GenerativeTask):
@@ -62,6 +66,17 @@ class GAN(GenerativeTask):
             ``replicate``. ``zeros`` (the class default, so checkpoints saved before this option load as they
             were trained) drew a square frame near the border of every sample on the shapes set; the
             domain config sets ``reflect`` (see the media README).
+        classifier_hue_turn: which images the auxiliary classifier (``class_loss_weight``) sees with their colours
+            turned about the grey axis by a random angle per image (DiffAugment's ``hue``), while the realness
+            and projection terms see every image as it is: ``off`` (the class default: one discriminator call
+            per image set, as before), ``real`` (the discriminator's cross-entropy on real images; one more
+            discriminator call per batch) or ``real_and_generated`` (also the generator's on its images; two
+            more). So class has to be told by shape, not hue, and the realness head still asks for every hue.
+            Needs a conditional model with ``class_loss_weight > 0`` and RGB images.
+        lr_decay: ``constant`` (the default) or ``linear``: both learning rates fall linearly from their value in
+            the first epoch to 0 after ``--trainer.max_epochs`` (SNGAN's schedule), stepped once per epoch; the
+            schedulers' state is in every checkpoint. ``linear`` needs ``--trainer.max_epochs`` (checked when
+            training starts).
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -80,8 +95,27 @@ class GAN(GenerativeTask):
         diffaugment_probability: float = 1.0,
         ema_decay: float = 0.999,
         generator_padding: str = "zeros",
+        classifier_hue_turn: str = "off",
+        lr_decay: str = "constant",
         **kwargs: Any,
     ) -> None:
+        if lr_decay not in LR_DECAYS:
+            raise InputError(f"--model.init_args.lr_decay {lr_decay!r}: the learning-rate schedule must be one of {', '.join(LR_DECAYS)}")
+        if classifier_hue_turn not in CLASSIFIER_HUE_TURNS:
+            raise InputError(
+                f"--model.init_args.classifier_hue_turn {classifier_hue_turn!r}: which images the auxiliary classifier sees "
+                f"hue-turned must be one of {', '.join(CLASSIFIER_HUE_TURNS)}"
+            )
+        if classifier_hue_turn != "off" and (not conditional or class_loss_weight == 0):
+            raise InputError(
+                f"--model.init_args.classifier_hue_turn {classifier_hue_turn!r} turns the auxiliary classifier's inputs: it needs "
+                f"conditional true and class_loss_weight > 0 (got conditional {conditional}, class_loss_weight {class_loss_weight})"
+            )
+        if classifier_hue_turn != "off" and kwargs.get("in_channels", 3) != 3:
+            raise InputError(
+                f"--model.init_args.classifier_hue_turn {classifier_hue_turn!r} turns colours: it needs RGB images "
+                f"(3 channels), the data has {kwargs.get('in_channels')}"
+            )
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if generator_width is not None and generator_width < 1:
@@ -106,13 +140,27 @@ class GAN(GenerativeTask):
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)
         self.augment = DiffAugment(parse_policy(hp.diffaugment), hp.get("diffaugment_probability", 1.0))
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> Any:
+        """Adam for the generator and the discriminator (in that order), with ``lr_decay``'s schedulers when it is ``linear``."""
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
-        return [
+        optimizers = [
             torch.optim.Adam(self.generator.parameters(), lr=hp.lr_generator, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_discriminator, betas=betas),
         ]
+        if hp.get("lr_decay", "constant") == "constant":
+            return optimizers
+        epochs = self.trainer.max_epochs
+        if not epochs or epochs < 1:
+            raise InputError(f"--model.init_args.lr_decay linear decays over --trainer.max_epochs: set it (got {epochs})")
+        factor = lambda epoch: max(0.0, 1.0 - epoch / epochs)  # noqa: E731
+        return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+    def on_train_epoch_end(self) -> None:
+        """Manual optimisation: the schedulers of ``lr_decay`` step here, once per epoch."""
+        if self.hparams.get("lr_decay", "constant") != "constant":
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
 
     def noise_shape(self) -> tuple[int, ...]:
         return (self.hparams.latent_dim,)
@@ -180,6 +228,9 @@ class GAN(GenerativeTask):
         # DiffAugment (when set): reals and fakes alike, fresh parameters per call; the identity otherwise
         (d_real, real_logits), (d_fake, _) = self.discriminator(self.augment(real), labels), self.discriminator(self.augment(fake), labels)
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+        hue_turn = self.hparams.get("classifier_hue_turn", "off")
+        if real_logits is not None and hue_turn != "off":
+            _, real_logits = self.discriminator(hue_rotation(self.augment(real)), labels)
         if real_logits is not None:
             d_loss = d_loss + self.hparams.class_loss_weight * F.cross_entropy(real_logits, labels)
         opt_d.zero_grad(set_to_none=True)
@@ -189,7 +240,10 @@ class GAN(GenerativeTask):
         if not ddp:
             self.untoggle_optimizer(opt_d)
             self.toggle_optimizer(opt_g)
-        g_score, fake_logits = self.discriminator(self.augment(self.generator(z, labels)), labels)
+        generated = self.augment(self.generator(z, labels))
+        g_score, fake_logits = self.discriminator(generated, labels)
+        if fake_logits is not None and hue_turn == "real_and_generated":
+            _, fake_logits = self.discriminator(hue_rotation(generated), labels)
         g_loss = -g_score.mean()
         if fake_logits is not None:
             g_loss = g_loss + self.hparams.class_loss_weight * F.cross_entropy(fake_logits, labels)
