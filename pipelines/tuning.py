@@ -60,7 +60,7 @@ def check_lr_findable(model: Any) -> None:
     if "lr" not in model.hparams or not model.automatic_optimization:
         raise ValueError(
             f"--lr_find needs a model with one learning rate `lr` and automatic optimisation; {type(model).__name__} "
-            f"has {sorted(k for k in model.hparams if k.startswith('lr')) or 'no lr'}"
+            f"has {sorted(k for k, v in model.hparams.items() if k.startswith('lr') and isinstance(v, (int, float)) and not isinstance(v, bool)) or 'no lr'}"
             f"{'' if model.automatic_optimization else ' and optimises manually'}"
         )
 

@@ -1,5 +1,5 @@
 """``classifier_hue_turn`` (the GAN's auxiliary classifier sees hue-turned images, its realness head the images as they are)
-and ``lr_decay``.
+and ``lr_schedule``.
 Real Trainer, real discriminator, tiny shapes set."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_classifier_hue_turn_refuses_what_it_cannot_do(options, expected):
         GAN(**{**TINY_GAN, "image_size": 16, "num_classes": 3, "in_channels": 3, **options})
 
 
-def test_lr_decay_linear_lowers_both_learning_rates_each_epoch_and_refuses_other_values(tmp_path):
+def test_lr_schedule_linear_lowers_both_learning_rates_each_epoch_and_refuses_other_values(tmp_path):
     class LearningRates(pl.Callback):
         def __init__(self) -> None:
             self.seen: list[list[float]] = []
@@ -63,11 +63,11 @@ def test_lr_decay_linear_lowers_both_learning_rates_each_epoch_and_refuses_other
             self.seen.append([optimizer.param_groups[0]["lr"] for optimizer in trainer.optimizers])
 
     dm = shapes_module()
-    model = GAN(**TINY_GAN, lr_decay="linear", **linked(dm))
+    model = GAN(**TINY_GAN, lr_schedule="linear", **linked(dm))
     rates = LearningRates()
     trainer = pl.Trainer(max_epochs=4, limit_train_batches=1, limit_val_batches=0, callbacks=[rates], default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
     trainer.fit(model, datamodule=dm)
     assert [pair for pair in rates.seen if pair[0] == pair[1]] == rates.seen  # generator and discriminator alike
     assert [pair[0] for pair in rates.seen] == pytest.approx([8e-4, 6e-4, 4e-4, 2e-4])
-    with pytest.raises(InputError, match=r"--model.init_args.lr_decay 'cosine': .* one of constant, linear"):
-        GAN(**TINY_GAN, lr_decay="cosine", image_size=16, num_classes=3, in_channels=3)
+    with pytest.raises(InputError, match=r"--model.init_args.lr_schedule 'cosine': .* one of constant, linear"):
+        GAN(**TINY_GAN, lr_schedule="cosine", image_size=16, num_classes=3, in_channels=3)

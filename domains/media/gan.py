@@ -16,7 +16,7 @@ from pipelines.export_spec import ExportSpec
 
 
 CLASSIFIER_HUE_TURNS = ("off", "real", "real_and_generated")
-LR_DECAYS = ("constant", "linear")
+LR_SCHEDULES = ("constant", "linear")
 
 
 class GAN(GenerativeTask):
@@ -73,7 +73,7 @@ class GAN(GenerativeTask):
             discriminator call per batch) or ``real_and_generated`` (also the generator's on its images; two
             more). So class has to be told by shape, not hue, and the realness head still asks for every hue.
             Needs a conditional model with ``class_loss_weight > 0`` and RGB images.
-        lr_decay: ``constant`` (the default) or ``linear``: both learning rates fall linearly from their value in
+        lr_schedule: ``constant`` (the default) or ``linear``: both learning rates fall linearly from their value in
             the first epoch to 0 after ``--trainer.max_epochs`` (SNGAN's schedule), stepped once per epoch; the
             schedulers' state is in every checkpoint. ``linear`` needs ``--trainer.max_epochs`` (checked when
             training starts).
@@ -96,11 +96,11 @@ class GAN(GenerativeTask):
         ema_decay: float = 0.999,
         generator_padding: str = "zeros",
         classifier_hue_turn: str = "off",
-        lr_decay: str = "constant",
+        lr_schedule: str = "constant",
         **kwargs: Any,
     ) -> None:
-        if lr_decay not in LR_DECAYS:
-            raise InputError(f"--model.init_args.lr_decay {lr_decay!r}: the learning-rate schedule must be one of {', '.join(LR_DECAYS)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"--model.init_args.lr_schedule {lr_schedule!r}: the learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}")
         if classifier_hue_turn not in CLASSIFIER_HUE_TURNS:
             raise InputError(
                 f"--model.init_args.classifier_hue_turn {classifier_hue_turn!r}: which images the auxiliary classifier sees "
@@ -141,24 +141,24 @@ class GAN(GenerativeTask):
         self.augment = DiffAugment(parse_policy(hp.diffaugment), hp.get("diffaugment_probability", 1.0))
 
     def configure_optimizers(self) -> Any:
-        """Adam for the generator and the discriminator (in that order), with ``lr_decay``'s schedulers when it is ``linear``."""
+        """Adam for the generator and the discriminator (in that order), with ``lr_schedule``'s schedulers when it is ``linear``."""
         hp = self.hparams
         betas = (hp.beta1, hp.beta2)
         optimizers = [
             torch.optim.Adam(self.generator.parameters(), lr=hp.lr_generator, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_discriminator, betas=betas),
         ]
-        if hp.get("lr_decay", "constant") == "constant":
+        if hp.get("lr_schedule", "constant") == "constant":
             return optimizers
         epochs = self.trainer.max_epochs
         if not epochs or epochs < 1:
-            raise InputError(f"--model.init_args.lr_decay linear decays over --trainer.max_epochs: set it (got {epochs})")
+            raise InputError(f"--model.init_args.lr_schedule linear decays over --trainer.max_epochs: set it (got {epochs})")
         factor = lambda epoch: max(0.0, 1.0 - epoch / epochs)  # noqa: E731
         return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
 
     def on_train_epoch_end(self) -> None:
-        """Manual optimisation: the schedulers of ``lr_decay`` step here, once per epoch."""
-        if self.hparams.get("lr_decay", "constant") != "constant":
+        """Manual optimisation: the schedulers of ``lr_schedule`` step here, once per epoch."""
+        if self.hparams.get("lr_schedule", "constant") != "constant":
             for scheduler in self.lr_schedulers():
                 scheduler.step()
 
