@@ -39,7 +39,9 @@ from pipelines.predictions import prediction_file
 from pipelines.resume_data import check_resumed_data, data_options
 from pipelines.row_shards import check_grouped_shards
 from pipelines.run_callbacks import run_trainer_settings
-from pipelines.run_folder import RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, record_in_config, record_provenance, resolve_run, saved_config_sections
+from pipelines.run_folder import (
+    RUN_ID_ENV, RunFolder, RunFolderBusy, RunLock, default_checkpoint, record_in_config, record_provenance, resolve_run, saved_config_sections,
+)  # fmt: skip
 from pipelines.run_options import add_run_options, check_run_options
 from pipelines.stops import sigterm_as_exit
 from pipelines.task import compile_networks, eager_fallback
@@ -205,9 +207,17 @@ class PipelineCLI(LightningCLI):
         cfg = self.config[sub]
         check_run_options(sub, cfg)
         try:
-            self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, cfg.get("ckpt_path"))
+            ckpt_path = cfg.get("ckpt_path")
+            if sub != "fit" and not ckpt_path:  # evaluating or predicting needs trained weights: the run's best (else last), said
+                ckpt_path, found = default_checkpoint(self.spec.name, cfg.runs_dir, cfg.run_id, sub)
+                if rank_zero_only.rank == 0:
+                    log.info(f"{sub}: no --ckpt_path given: using {found}")
+            self.run = resolve_run(self.spec.name, cfg.runs_dir, cfg.run_id, ckpt_path)
         except ValueError as error:
             raise InputError(str(error)) from None
+        if sub != "fit" and self.run.ckpt_path is None:  # (--ckpt_path last of a run that has none)
+            raise InputError(f"{self.spec.name} {sub}: --ckpt_path {cfg.get('ckpt_path')}: no checkpoint under {self.run.path}; {sub} needs trained weights "
+                             "(--ckpt_path best|last|FILE): without them it would score an untrained model")  # fmt: skip
         if self.run.ckpt_path:
             label = f"--ckpt_path {self.run.ckpt_path}"
             self._checkpoint = read_checkpoint(self.run.ckpt_path, label)  # its data module state is used before setup

@@ -127,6 +127,32 @@ def resolve_run(
     return RunFolder(domain=domain, run_id=run_id, path=domain_dir / run_id, ckpt_path=resolved)
 
 
+def default_checkpoint(domain: str, runs_dir: str | Path, run_id: str | None, command: str) -> tuple[str, str]:
+    """``(alias, path)`` of the checkpoint ``test``/``validate``/``predict`` use without ``--ckpt_path``: the run's
+    ``best.ckpt``, else its ``last.ckpt`` (without ``run_id``: the newest run's, as ``--ckpt_path best`` finds it).
+    ``ValueError`` when there is none: they scored an untrained model, and ``test`` replaced the run's recorded test
+    metrics with its (trial finding).
+
+    Example:
+        >>> default_checkpoint("healthcare", "/tmp/nowhere", None, "predict")
+        Traceback (most recent call last):
+        ...
+        ValueError: healthcare predict: no --ckpt_path given and no best.ckpt or last.ckpt under /tmp/nowhere/healthcare; predict needs trained weights (--ckpt_path best|last|FILE, with --run_id RUN): without them it would score an untrained model
+    """
+    for alias in ("best", "last"):
+        try:
+            run = resolve_run(domain, runs_dir, run_id, alias)
+        except ValueError:
+            continue
+        if run.ckpt_path is not None:
+            return alias, run.ckpt_path
+    where = Path(runs_dir) / domain / (run_id or "")
+    raise ValueError(
+        f"{domain} {command}: no --ckpt_path given and no best.ckpt or last.ckpt under {str(where).rstrip('/')}; {command} needs trained "
+        "weights (--ckpt_path best|last|FILE, with --run_id RUN): without them it would score an untrained model"
+    )
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """The commit of the code that runs (with ``-dirty`` when the tree has changes), or ``unknown``."""
     cwd = cwd or Path(__file__).resolve().parent

@@ -90,3 +90,30 @@ def test_a_refused_sweep_resume_leaves_no_empty_sweep_folder(tmp_path, capsys):
                        f"--runs_dir={tmp_path / 'runs'}", "--no_wandb"])  # fmt: skip
     assert code == 2 and "was started with domain 'finance'" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "sweeps" / "healthcare" / "sig").exists()
+
+
+def test_evaluating_or_predicting_without_a_checkpoint_uses_the_runs_best_or_is_refused(tiny_run, tmp_path, capsys):
+    """``test``/``predict`` without ``--ckpt_path`` scored an untrained model, exit 0 (and ``test`` replaced the run's recorded
+    test metrics with its: trial finding). Now the run's best.ckpt is used and said; with no checkpoint at all, or
+    ``--ckpt_path last`` where there is none, exit 2 before anything is written."""
+    import json
+
+    from tests.conftest import copy_run
+
+    runs = tmp_path / "runs"
+    run = copy_run(tiny_run("finance"), runs)
+    common = ("--run_id", run.name, "--runs_dir", str(runs), "--trainer.logger=false", "--trainer.limit_test_batches=2")
+    run_pipeline("finance", "test", *common, "--ckpt_path", "best")
+    recorded = json.loads((run / "summary.json").read_text())["test"]
+    capsys.readouterr()
+    run_pipeline("finance", "test", *common)
+    err = capsys.readouterr().err
+    assert f"test: no --ckpt_path given: using {run / 'checkpoints' / 'best.ckpt'}" in err, err[-3000:]
+    assert json.loads((run / "summary.json").read_text())["test"] == recorded, "the trained model's test, not an untrained one's"
+    for argv in (["predict", "--runs_dir", str(tmp_path / "none")], ["test", "--runs_dir", str(tmp_path / "none"), "--ckpt_path", "last"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            run_pipeline("finance", *argv)
+        err = " ".join(capsys.readouterr().err.split())
+        assert stop.value.code == 2 and "needs trained weights" in err and "untrained model" in err, err
+        assert not (tmp_path / "none").exists()
