@@ -34,7 +34,7 @@ from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, 
 from pipelines.explain import explanation_writer
 from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
-from pipelines.parse_errors import config_file_problem, explain, foreign_config
+from pipelines.parse_errors import config_file_problem, explain, foreign_config, unknown_environment_options
 from pipelines.predictions import prediction_file
 from pipelines.resume_data import check_resumed_data, data_options
 from pipelines.row_shards import check_grouped_shards
@@ -258,13 +258,14 @@ class PipelineCLI(LightningCLI):
         os.environ[RUN_ID_ENV] = self.run.run_id
 
     def _parse(self, parser: LightningArgumentParser, args: Any) -> None:
-        problem = config_file_problem(args)  # before jsonargparse reads them: a UTF-16 file would crash it, a key twice would pass
+        options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
+        problem = config_file_problem(args) or unknown_environment_options(options, dict(os.environ))  # before jsonargparse reads them: a UTF-16
+        # file would crash it, a key twice would pass, a misspelt variable would be ignored
         if problem:
             raise InputError(problem)
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:
-            options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
             raise InputError(foreign_config(args, self.spec.name) or refused_before_the_checkpoint(args if isinstance(args, list) else [], str(error)) or explain(str(error), options, self.spec.name)) from None
 
     def instantiate_classes(self) -> None:

@@ -126,3 +126,36 @@ def explain(message: str, options: list[str], domain: str, command: str = "") ->
     detail = "; ".join(dict.fromkeys(hints))
     detail = f" {detail}." if detail else ("; " + " ".join(lines[1:3]) if len(lines) > 1 else "")
     return f"{first}.{detail} `python -m pipelines.run {' '.join(filter(None, (domain, command)))} --help` lists every option."
+
+
+def unknown_environment_options(options: list[str], environ: dict[str, str], prefix: str = "PIPELINES") -> str | None:
+    """A ``PIPELINES_<COMMAND>__<OPTION>`` variable that names no option (``--data.batch_size`` is
+    ``PIPELINES_FIT__DATA__BATCH_SIZE``): jsonargparse reads only the names it knows, so a misspelt one was ignored
+    in silence while the same key in a config file is refused (trial finding: a job's ``..._MAX_EPOCH=1`` trained 15
+    epochs). Arguments of a class chosen at run time (``__INIT_ARGS__``) have no variable of their own: refused with the way that works.
+
+    Example:
+        >>> unknown_environment_options(["--data.batch_size", "--trainer.max_epochs"], {"PIPELINES_FIT__DATA__BATCHSIZE": "7"})
+        "environment variable PIPELINES_FIT__DATA__BATCHSIZE names no option of the command (did you mean 'PIPELINES_FIT__DATA__BATCH_SIZE'?): a variable with a misspelt name would be ignored; the names are PIPELINES_<COMMAND>__<OPTION>, with each '.' of the option as '__' (--data.batch_size: PIPELINES_FIT__DATA__BATCH_SIZE)"
+        >>> unknown_environment_options(["--data.batch_size"], {"PIPELINES_FIT__DATA__BATCH_SIZE": "7", "PIPELINES_DEBUG": "1"}) is None
+        True
+    """
+    commands = ("FIT", "VALIDATE", "TEST", "PREDICT")
+    known = {f"{prefix}_{command}__{option.lstrip('-').replace('.', '__').upper()}" for command in commands for option in options}
+    known |= {f"{prefix}_{command}__CONFIG" for command in commands}
+    for name in sorted(environ):
+        if not any(name.startswith(f"{prefix}_{command}__") for command in commands) or name in known:
+            continue
+        if "__INIT_ARGS__" in name or "__DICT_KWARGS__" in name:  # jsonargparse reads no variable per argument of a class chosen at run time
+            section = name.split("__INIT_ARGS__")[0].split("__DICT_KWARGS__")[0]
+            return (
+                f"environment variable {name}: the arguments of a class chosen at run time are not read one variable each, so it "
+                f"would be ignored; set {section} to the whole value instead (e.g. {section}='{{\"class_path\": ..., \"init_args\": {{...}}}}'), "
+                "or use --config FILE.yaml"
+            )
+        return (
+            f"environment variable {name} names no option of the command{did_you_mean(name, [k for k in known if k.split('__')[:2] == name.split('__')[:2]] or known)}: a variable with a misspelt name "
+            f"would be ignored; the names are {prefix}_<COMMAND>__<OPTION>, with each '.' of the option as '__' "
+            f"(--data.batch_size: {prefix}_FIT__DATA__BATCH_SIZE)"
+        )
+    return None

@@ -117,3 +117,17 @@ def test_evaluating_or_predicting_without_a_checkpoint_uses_the_runs_best_or_is_
         err = " ".join(capsys.readouterr().err.split())
         assert stop.value.code == 2 and "needs trained weights" in err and "untrained model" in err, err
         assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(("variable", "expected"), [
+    ("PIPELINES_FIT__DATA__BATCHSIZE", "(did you mean 'PIPELINES_FIT__DATA__BATCH_SIZE'"),
+    ("PIPELINES_FIT__TRAINER__MAX_EPOCH", "(did you mean 'PIPELINES_FIT__TRAINER__MAX_EPOCHS'"),
+], ids=["batchsize", "max_epoch"])
+def test_a_misspelt_environment_variable_is_refused_like_a_misspelt_key(variable, expected, tmp_path, monkeypatch, capsys):
+    """A misspelt ``PIPELINES_*`` variable was ignored in silence (trial finding: a job's ..._MAX_EPOCH=1 trained 15 epochs)."""
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline("finance", "--runs_dir", str(tmp_path / "runs"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert stop.value.code == 2 and f"environment variable {variable} names no option" in err and expected in err, err
+    assert not (tmp_path / "runs").exists()
