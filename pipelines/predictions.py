@@ -60,7 +60,7 @@ def prediction_file(run_dir: Path, output: str | None = None) -> Path:
     if output is not None:
         name = Path(output)
         if name.name != output or not output.endswith(".csv"):
-            raise InputError(f"--output {output!r}: expected a file name ending in .csv (written inside the run folder {run_dir})")
+            raise InputError(f"--output {output!r}: expected a bare file name ending in .csv, without a folder (the file is written inside the run folder {run_dir})")
         if (run_dir / name).exists():
             raise InputError(f"--output {output}: {run_dir / name} already exists; earlier predictions are never overwritten, choose another name")
         return run_dir / name

@@ -233,6 +233,7 @@ def test_healthcare_image_upload(server):
     cases = [
         ({"image_base64": png_or_jpeg(small)}, 422, f"expected {height}x{width} pixels"),
         ({"image_base64": png_or_jpeg(rgb)}, 422, "expected a grayscale (L) image"),
+        ({"image_base64": png_or_jpeg(np.zeros_like(pixels))}, 422, "image_base64: every pixel holds the same value (0): a blank image"),
         ({"image_base64": "not base64!"}, 400, "image_base64: not valid base64"),
         ({"image_base64": base64.b64encode(b"GIF89a not really").decode()}, 400, "image_base64: not a readable PNG or JPEG"),
         ({"image_base64": 7}, 422, "image_base64: expected a non-empty base64 string"),

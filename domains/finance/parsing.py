@@ -150,12 +150,21 @@ def category_text(series: pd.Series) -> np.ndarray:
 
 
 def label_text(value: Any) -> str:
-    """Normalise one label value for comparison with ``label_classes`` (``1``, ``1.0``, ``"1"`` and ``True`` agree)."""
+    """Normalise one label value for comparison with ``label_classes`` (``1``, ``1.0``, ``"1"``, ``"1.0"`` and ``True`` agree).
+
+    Example:
+        >>> [label_text(v) for v in (1, 1.0, "1", " 1.0 ", True, "1.5", "fraud")]
+        ['1', '1', '1', '1', '1', '1.5', 'fraud']
+    """
     if isinstance(value, (bool, np.bool_)):
         return str(int(value))
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
-    return str(value).strip()
+    text = str(value).strip()
+    whole, dot, zeros = text.partition(".")  # "1.0": an integer label written as a float (a column with a NaN, round-tripped through pandas)
+    if dot and zeros and set(zeros) == {"0"} and whole.lstrip("+-").isdigit():
+        return whole
+    return text
 
 
 def parse_labels(series: pd.Series, classes: list[Any], source: str, row_offset: RowPositions = 0) -> np.ndarray:

@@ -66,6 +66,8 @@ class ImageUploadAdapter(RequestAdapter):
             reject(FIELD, f"expected a {wanted_mode} image with {channels} channel(s) of {height}x{width} pixels; got mode {mode}")
         if pixels.shape[:2] != (height, width):
             reject(FIELD, f"expected {height}x{width} pixels (height x width); got {pixels.shape[0]}x{pixels.shape[1]} (images are not resized)")
+        if pixels.size and pixels.min() == pixels.max():  # the rule predict applies (domains/healthcare/readers.py; trial finding: answered 200)
+            reject(FIELD, f"every pixel holds the same value ({pixels.flat[0]}): a blank image (failed export?) carries no finding to predict")
         if mode == "1":
             scaled = pixels.astype(np.float32)
         elif pixels.dtype == np.uint8:
