@@ -151,8 +151,6 @@ OPTIONS = [
     BadInput("cache-dir-is-a-file", (*TINY, "--data.path", "{tmp}/t.csv", "--data.streaming=true", "--data.cache_dir", "{tmp}/t.csv"),
              ("--data.cache_dir", "t.csv", "is a file"), table()),  # fmt: skip
     BadInput("streaming-not-a-boolean", (*TINY, "--data.path", "{tmp}/t.csv", "--data.streaming=sometimes"), ("streaming",), table()),
-    BadInput("streaming-predict-without-file", ("predict", *TINY, "--data.path", "{tmp}/t.csv", "--data.streaming=true", "--data.cache_dir", "{tmp}/../cache"),
-             ("--data.predict_path",), table()),  # fmt: skip
 ]
 
 
@@ -161,9 +159,23 @@ def test_bad_streaming_options_exit_2_before_anything_is_written(case, tmp_path,
     message = flat(check_refused("finance", dataclasses.replace(case, expect=()), tmp_path, capsys))
     assert all(expected.lower() in message for expected in case.expect), message
     cache = tmp_path / "cache"
-    if case.id != "streaming-predict-without-file":  # refused at setup, after the model's layout was fitted (a complete cache, reused later)
-        assert not cache.exists() or not list(cache.iterdir())
+    assert not cache.exists() or not list(cache.iterdir())
     assert not list(cache.glob(".*partial*"))
+
+
+def test_a_streamed_predict_without_a_file_to_score_is_refused(tiny_run, tmp_path, capsys):
+    """``predict --data.streaming true`` scores a file given with ``--data.predict_path``; without one, exit 2 naming it
+    (on a trained run: predict without a checkpoint is refused before this, as it would score an untrained model)."""
+    from tests.conftest import copy_run
+
+    run = copy_run(tiny_run("finance"), tmp_path / "runs")
+    table()(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline("finance", "predict", "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(tmp_path / "runs"), "--data.path",
+                     str(tmp_path / "t.csv"), "--data.streaming=true", "--data.cache_dir", str(tmp_path / "cache"))  # fmt: skip
+    message = flat(capsys.readouterr().err)
+    assert stop.value.code == 2 and "scores a file: give it with --data.predict_path" in message, message
+    assert not list(run.glob("predictions*.csv")) and not list((tmp_path / "cache").glob(".*partial*"))
 
 
 #: the bad-input table's training cases on a CSV/Parquet file whose refusal comes from reading the file
