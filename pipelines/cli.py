@@ -34,7 +34,7 @@ from pipelines.errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, RunStopped, 
 from pipelines.explain import explanation_writer
 from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
-from pipelines.parse_errors import config_file_problem, explain, foreign_config, unknown_environment_options
+from pipelines.parse_errors import config_file_problem, explain, foreign_config, single_dash_option, unknown_environment_options
 from pipelines.predictions import prediction_file
 from pipelines.resume_data import check_resumed_data, data_options
 from pipelines.row_shards import check_grouped_shards
@@ -259,7 +259,7 @@ class PipelineCLI(LightningCLI):
 
     def _parse(self, parser: LightningArgumentParser, args: Any) -> None:
         options = sorted({o for p in self._subcommand_parsers_seen for a in p._actions for o in a.option_strings if o.startswith("--")})
-        problem = config_file_problem(args) or unknown_environment_options(options, dict(os.environ))  # before jsonargparse reads them: a UTF-16
+        problem = config_file_problem(args) or single_dash_option(args, options) or unknown_environment_options(options, dict(os.environ))  # before jsonargparse reads them: a UTF-16
         # file would crash it, a key twice would pass, a misspelt variable would be ignored
         if problem:
             raise InputError(problem)

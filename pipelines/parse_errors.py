@@ -159,3 +159,24 @@ def unknown_environment_options(options: list[str], environ: dict[str, str], pre
             f"(--data.batch_size: {prefix}_FIT__DATA__BATCH_SIZE)"
         )
     return None
+
+
+def single_dash_option(args: Any, options: list[str]) -> str | None:
+    """``-ckpt_path best``: argparse reads a one-dash word as its short options (``-c kpt_path``: a config file named
+    ``kpt_path``, trial finding); a word that is an option with two dashes is refused naming it.
+
+    Example:
+        >>> single_dash_option(["predict", "-ckpt_path", "best"], ["--ckpt_path", "--config"])
+        "-ckpt_path: options take two dashes (did you mean '--ckpt_path'?); with one, '-c' would read the rest as its value"
+        >>> single_dash_option(["-c", "run.yaml"], ["--config"]) is None
+        True
+    """
+    if not isinstance(args, (list, tuple)):
+        return None
+    for arg in args:
+        if not isinstance(arg, str) or not arg.startswith("-") or arg.startswith("--") or len(arg) < 3:
+            continue
+        name = "--" + arg[1:].split("=", 1)[0]
+        if name in options:
+            return f"{arg.split('=', 1)[0]}: options take two dashes (did you mean {name!r}?); with one, {arg[:2]!r} would read the rest as its value"
+    return None

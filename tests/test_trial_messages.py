@@ -131,3 +131,12 @@ def test_a_misspelt_environment_variable_is_refused_like_a_misspelt_key(variable
     err = " ".join(capsys.readouterr().err.split())
     assert stop.value.code == 2 and f"environment variable {variable} names no option" in err and expected in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_one_dash_option_is_named_not_read_as_a_config_file(tmp_path, capsys):
+    """``-ckpt_path best`` was read as ``-c kpt_path`` ("File does not exist: .../kpt_path": trial finding)."""
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline("finance", "predict", "-ckpt_path", "best", "--runs_dir", str(tmp_path / "runs"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert stop.value.code == 2 and "-ckpt_path: options take two dashes (did you mean '--ckpt_path'?)" in err, err
+    assert not (tmp_path / "runs").exists()
