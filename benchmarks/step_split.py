@@ -48,7 +48,7 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.performance import TrainingCpuTime, build_defaults
-from benchmarks.step_floor import plain_ms, runner_ms
+from benchmarks.step_floor import plain_epochs, plain_ms, runner_ms
 from pipelines.domain_registry import get_domain
 from pipelines.grouped_steps import BatchGroup
 
@@ -181,17 +181,8 @@ def plain_task_optimizer_ms(spec: Any, batch_size: int | None, epochs: int, seed
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     described = f"{type(optimizer).__name__}({', '.join(f'{k}={v}' for k, v in sorted(optimizer.defaults.items()) if k in ('lr', 'weight_decay', 'foreach', 'fused', 'amsgrad', 'eps', 'betas', 'maximize', 'capturable', 'differentiable'))})"
     model.train()
-    measured, seen = [], torch.get_num_threads()
-    for epoch in range(epochs):
-        start, steps = time.process_time(), 0
-        for index, batch in enumerate(dm.train_dataloader()):
-            loss = model.training_step(dm.on_after_batch_transfer(batch, 0), index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-        if epoch:
-            measured.append(1000 * (time.process_time() - start) / steps)
+    seen = torch.get_num_threads()
+    measured = plain_epochs(model, dm, optimizer, epochs)
     torch.set_num_threads(threads)
     return measured, seen, described
 
