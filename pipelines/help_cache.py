@@ -1,6 +1,7 @@
 """Serve ``--help`` from a cache: building the parser imports torch, Lightning and the domain's
 libraries (5-8 s on a small CPU), while the help text only changes with the code, the default
-config, the package versions or ``PIPELINES_*`` variables, which together form the cache key.
+config, the package versions, the checkout's path (the help names its config file) or ``PIPELINES_*``
+variables, which together form the cache key.
 
 The first ``--help`` of a given state of the code runs the real parser and stores its output under
 ``$XDG_CACHE_HOME/domain-pipelines/help`` (``~/.cache`` by default); later ones print it in
@@ -29,7 +30,8 @@ def is_help_request(args: list[str]) -> bool:
 
 def _cache_key(domain_dir: Path, args: list[str]) -> str:
     digest = hashlib.sha256("\0".join(args).encode())
-    for folder in (Path(__file__).parent, domain_dir):
+    for folder in (Path(__file__).parent, domain_dir):  # where too: the help names the config file's path (trial finding: another checkout's)
+        digest.update(str(folder.resolve()).encode())
         for path in sorted(folder.rglob("*")):
             if path.suffix in (".py", ".yaml") and path.is_file():
                 digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())

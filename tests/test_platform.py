@@ -13,7 +13,7 @@ import yaml
 
 from pipelines.hardware import plan_hardware
 from pipelines.run_folder import new_run_id, resolve_run
-from tests.conftest import kill_at_first_checkpoint, only_run, run_pipeline, run_pipeline_process
+from tests.conftest import ROOT, kill_at_first_checkpoint, only_run, run_pipeline, run_pipeline_process
 from tests.wandb_offline import history, run_file
 
 TINY = (
@@ -213,6 +213,14 @@ def test_help_is_served_from_a_cache_keyed_on_the_code(tmp_path, monkeypatch, ca
     monkeypatch.setenv("PIPELINES_FIT__DATA__BATCH_SIZE", "7")
     help_in_this_process()
     assert len(list(cached[0].parent.glob("healthcare-*.txt"))) == 2
+    # the same files in another checkout: another key (its help names that checkout's config file)
+    import shutil
+
+    from pipelines.help_cache import _cache_key
+
+    here = ROOT / "domains" / "healthcare"
+    elsewhere = Path(shutil.copytree(here, tmp_path / "other-checkout" / "healthcare", ignore=shutil.ignore_patterns("__pycache__")))
+    assert _cache_key(here, ["--help"]) != _cache_key(elsewhere, ["--help"])
 
 
 #: healthcare on 64 small synthetic images with a ResNet-10: one epoch, one validation batch
