@@ -34,7 +34,7 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     with pytest.raises(SystemExit) as refused:  # the first predict's folder, given by name: refused, nothing generated
         predict(run, f"--data.generate_dir={run / 'generated'}")
     err = " ".join(capsys.readouterr().err.split())
-    assert refused.value.code == 2 and "already holds 3 image(s) of an earlier predict" in err, err
+    assert refused.value.code == 2 and "already holds 3 image(s) (00000.png, ...): predict writes only into a new or empty folder" in err, err
     assert not (run / "predictions-3.csv").exists() and {p: open(p, "rb").read() for p in first["file"]} == earlier
 
     with pytest.raises(SystemExit) as refused:  # a file where the folder should be

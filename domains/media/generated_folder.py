@@ -50,9 +50,9 @@ def generated_folder(run_dir: Path, given: str | None) -> Path:
         earlier = _images_in(folder)
         if earlier:
             raise InputError(
-                f"--data.generate_dir {folder} already holds {len(earlier)} image(s) of an earlier predict ({earlier[0].name}, ...), "
-                "which an earlier predictions file names; predict never replaces them: give a new or empty folder, "
-                "or leave the option out (a new generated-N folder in the run folder)"
+                f"--data.generate_dir {folder} already holds {len(earlier)} image(s) ({earlier[0].name}, ...): predict writes only into a "
+                "new or empty folder and never replaces images (an earlier predict's, which its predictions file names, or any others): "
+                "give a new or empty folder, or leave the option out (a new generated-N folder in the run folder)"
             )
         return folder
     for number in itertools.count(1):
