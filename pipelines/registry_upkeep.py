@@ -9,8 +9,9 @@
 - **Preflight** (:func:`check_writable`): a read-only or full registry is refused before training.
 - **Retention** (``--keep N`` / ``registry gc --keep N``): keeps the newest ``N`` versions, the
   champion, its whole rollback chain and every aliased version; removes the other versions, the
-  run folders of attempts other than the newest ``N`` and those of kept versions, and evaluation
-  snapshots no longer pinned. A removed version is first renamed to a ``.tmp-*`` name (which every
+  run folders of this registry's own attempts (recorded in its history) other than the newest ``N``
+  and those of kept versions, and evaluation snapshots no longer pinned. Any other folder of the runs
+  folder (another registry's attempts, a person's runs) is never touched, whatever its name or age. A removed version is first renamed to a ``.tmp-*`` name (which every
   reader ignores and the next writer deletes), so a kill mid-removal leaves no half version.
 """
 
@@ -96,6 +97,19 @@ def _attempt_of(folder_name: str) -> str:
     return folder_name.split("-eval-")[0]
 
 
+def own_attempts(registry: ModelRegistry) -> set[str]:
+    """The attempt ids this registry recorded (its history rows and its versions' metadata): the only run
+    folders retention may remove. A folder of another registry, a person's run or an attempt this registry
+    never recorded (killed before its row) is never removed, whatever its name or age."""
+    attempts = {str(row["attempt"]) for row in registry.history() if row.get("attempt")}
+    attempts |= {str(row["run_dir"]).rstrip("/").rpartition("/")[2] for row in registry.history() if row.get("run_dir")}
+    for version in registry.versions():
+        attempt = registry.metadata(version).get("attempt")
+        if attempt:
+            attempts.add(str(attempt))
+    return attempts
+
+
 def prune(registry: ModelRegistry, keep: int, runs_domain_dirs: list[Path], current_attempt: str | None = None) -> dict[str, Any]:
     """Apply the retention policy (module docstring); return what was removed."""
     if keep < 1:
@@ -111,10 +125,12 @@ def prune(registry: ModelRegistry, keep: int, runs_domain_dirs: list[Path], curr
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(version)
     kept_attempts = {registry.metadata(v).get("attempt") for v in registry.versions()} | {current_attempt}
+    own = own_attempts(registry)
     folders: dict[str, list[Path]] = {}
     for domain_dir in {d.resolve() for d in runs_domain_dirs if d.is_dir()}:
         for folder in domain_dir.iterdir():
-            if folder.is_dir() and folder.name.startswith(ATTEMPT_PREFIX):
+            # only this registry's own attempts: a runs folder is shared (other registries' attempts, a person's runs)
+            if folder.is_dir() and not folder.is_symlink() and folder.name.startswith(ATTEMPT_PREFIX) and _attempt_of(folder.name) in own:
                 folders.setdefault(_attempt_of(folder.name), []).append(folder)
     newest = sorted(folders, key=lambda a: max(f.stat().st_mtime for f in folders[a]))[-keep:]
     deleted_runs = []
