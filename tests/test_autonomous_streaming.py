@@ -105,6 +105,23 @@ def test_a_damaged_cache_is_named_removed_and_rebuilt_never_read(files, tmp_path
     assert not list(cache.glob(".*damaged*")) and not list(cache.glob(".*partial*"))
 
 
+@pytest.mark.parametrize("nan_policy", ["drop", "interpolate"])
+def test_a_piece_whose_every_row_is_dropped_adds_no_segment_as_in_memory(files, tmp_path, nan_policy):
+    """One vehicle's speed sensor dead for the whole trip: read in chunks of 37 rows, that vehicle is a piece of its
+    own with no row left after the NaN rule (build_tracks raised IndexError on it); the tracks are the in-memory ones."""
+    frame = pd.read_csv(files / "t.csv")
+    frame.loc[frame["sequence"] == "veh0007", "speed"] = np.nan
+    frame.to_csv(tmp_path / "dead.csv", index=False)
+    memory, streamed = both(tmp_path / "dead.csv", tmp_path / "cache", split_column="fold", nan_policy=nan_policy)
+    memory.setup("fit"), streamed.setup("fit")
+    split = frame.loc[frame["sequence"] == "veh0007", "fold"].iat[0]
+    assert memory.tracks[split].report["dropped_rows"] >= 40 and not any(n.startswith("veh0007") for n in memory.tracks[split].names)
+    for name in ("train", "val", "test"):
+        a, b = memory.tracks[name], streamed.tracks[name]
+        assert a.names == b.names and a.report == b.report, name
+        assert np.array_equal(a.starts, b.starts) and np.array_equal(a.lengths, b.lengths) and np.array_equal(a.channels, b.channels), name
+
+
 def test_streamed_training_has_the_same_losses_tests_and_predictions(files, tmp_path):
     """Real runs through the runner: one epoch each way, then test and predict (``--data.predict_path`` read through
     the same chunked reader) from the streamed run's checkpoint: the same numbers as in memory."""

@@ -164,6 +164,9 @@ CASES = [
     BadInput("label-not-declared", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake]"),
              ("'brakes'", "not one of the declared classes", "did you mean 'brake'"),
              table_file("fleet.csv", lambda t: t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip3", "brakes", t["manoeuvre"])))),  # fmt: skip
+    # a class listed twice was accepted silently (two outputs for one class, one never the target)
+    BadInput("class-declared-twice", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake,keep]"),
+             ("--data.class_names", "'keep'", "twice"), table_file("fleet.csv")),  # fmt: skip
 ]
 
 

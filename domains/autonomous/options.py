@@ -29,6 +29,13 @@ def check_data_options(hp: Any) -> None:
             raise InputError(f"--data.{option} must be at least {least} ({what}), got {value}")
     if hp.task == "forecasting" and not hp.target_channels:
         raise InputError("--data.task forecasting needs --data.target_channels (the columns to forecast)")
+    names = [str(name) for name in hp.class_names or []]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InputError(
+            f"--data.class_names lists class {', '.join(map(repr, twice))} twice ({names}): each class is one model output, "
+            "so a class listed twice gets an output that is never the target; list every class once"
+        )
     if hp.task != "forecasting" and not hp.target_column:
         raise InputError(f"--data.task {hp.task} needs --data.target_column (the column to predict)")
     if (hp.augment_rotation or hp.canonical_heading) and len(hp.target_channels or []) != 2:

@@ -372,7 +372,8 @@ def build_tracks(
     categories = np.vectorize(category_text, otypes=[object])(categories[keep]) if categories is not None else None
 
     gap = gap_mask(time, codes, time_step, max_gap)
-    boundary = np.concatenate([[True], (codes[1:] != codes[:-1]) | gap])
+    # no row left (every row dropped by the NaN rule: a streamed piece may be one such sequence): no segment
+    boundary = np.concatenate([[len(time) > 0], (codes[1:] != codes[:-1]) | gap])
     report["gaps"] = int(gap.sum())
     starts = np.flatnonzero(boundary)
     lengths = np.diff(np.append(starts, len(time)))

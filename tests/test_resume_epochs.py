@@ -1,0 +1,42 @@
+"""``fit --ckpt_path last`` with ``--trainer.max_epochs`` below the epochs the checkpoint has done is refused before
+anything is written (pipelines/resume_epochs.py).
+
+Trial finding: resuming the 2-epoch tiny run with ``--trainer.max_epochs 1`` returned 0 having trained nothing, and
+rewrote the run's ``config.yaml`` with ``max_epochs: 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from pipelines.resume_epochs import epochs_done
+from tests.conftest import copy_run, run_pipeline
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_max_epochs_below_the_epochs_done_is_refused_and_writes_nothing(tiny_run, runs_dir, capsys):
+    run = copy_run(tiny_run("finance"), runs_dir)  # 2 epochs (the domain's test_args)
+    before = digests(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline("finance", "fit", "--ckpt_path", "last", "--run_id", run.name, "--trainer.max_epochs=1", "--trainer.logger=false", "--runs_dir", str(runs_dir))
+    err = " ".join(capsys.readouterr().err.split())
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert "--trainer.max_epochs 1:" in err and "has already done 2 epoch(s)" in err and "train nothing" in err and "above 2" in err, err
+    assert digests(run) == before, "a refused resume changed the run folder (config.yaml, provenance.json, checkpoints)"
+
+
+def test_epochs_done_counts_a_checkpoint_saved_mid_epoch_as_begun():
+    def checkpoint(started: int, processed: int, last_batch: bool) -> dict:
+        progress = {"current": {"ready": started, "started": started, "processed": processed, "completed": processed}}
+        return {"loops": {"fit_loop": {"epoch_progress": progress, "epoch_loop.batch_progress": {"is_last_batch": last_batch}}}}
+
+    assert epochs_done(checkpoint(3, 2, last_batch=False)) == (2, True)  # --checkpoint_every_n_steps inside epoch 3
+    assert epochs_done(checkpoint(3, 2, last_batch=True)) == (3, False)  # after epoch 3's last batch, before it was counted
+    assert epochs_done({"state_dict": {}}) is None  # weights only: nothing to check
