@@ -56,6 +56,7 @@ from domains.autonomous.data_checkpoint import data_state, restore_data_state
 from domains.autonomous.readers import SPLITS, ColumnSpec, Tracks, log
 from domains.autonomous.shards import ShardWindows, WindowShards
 from domains.autonomous.inputs import model_inputs
+from domains.autonomous.position_units import KEY as STEP_SCALE_KEY, check_split_units
 from domains.autonomous.predict_data import predict_dataset, streamed_predict_dataset
 from domains.autonomous.sources import resolve_path, source_tables, split_tracks
 from domains.autonomous.streaming import MappedWindows, StreamedTable, check_streaming_options
@@ -324,6 +325,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             return
         if self.stats is None:
             self.stats = self.fit_statistics()
+        check_split_units(self)  # a track in another length unit (mm among m) against the training scale: position_units.py
         for name in SPLITS:
             tracks, windows = self.tracks[name], self.windows[name]
             if self.hparams.streaming:  # windows read from the maps per item
@@ -339,8 +341,8 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         the training data's time step (:attr:`time_step`, the one saved in the checkpoint)."""
         step = float(self.stats["time_step"]) if self.stats and self.stats.get("time_step") else self.time_step
         if self.hparams.streaming:
-            return streamed_predict_dataset(path, self.columns, self.hparams, step, self._tensors)
-        return predict_dataset(path, self.columns, self.hparams, step, self.predict if self.known_size else 0, self._tensors)
+            return streamed_predict_dataset(path, self.columns, self.hparams, step, self._tensors, self.stats.get(STEP_SCALE_KEY))
+        return predict_dataset(path, self.columns, self.hparams, step, self.predict if self.known_size else 0, self._tensors, self.stats.get(STEP_SCALE_KEY))
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams

@@ -62,6 +62,7 @@ def export_spec(task: BaseTask, datamodule_state: dict[str, Any] | None) -> Expo
             "channel_names": datamodule_state.get("channel_names"),
             "position_names": datamodule_state.get("position_names"),
             "time_step": datamodule_state.get("time_step"),
+            "position_step_scale": datamodule_state.get("position_step_scale"),  # a request in another length unit is refused (position_units.py)
             "class_names": datamodule_state.get("class_names"),
             "observe": observe,
             "predict": hp.get("predict"),

@@ -16,6 +16,7 @@ from pipelines.errors import InputError
 from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
 from pipelines.validation import check_labels
 from domains.autonomous.covariates import fit_covariate_state
+from domains.autonomous.position_units import KEY as STEP_SCALE_KEY, fit_step_scale
 from domains.autonomous.readers import FILE, Tracks
 from domains.autonomous.sampling import EPS
 from domains.autonomous.streamed_state import fit_streamed_statistics, streamed_reference
@@ -67,6 +68,7 @@ def fit_data_statistics(dm: Any) -> dict[str, Any]:
         "channel_names": list(dm.columns.channels),  # channels, then the future-known channels (their past)
         "position_names": dm.position_names,
         "time_step": dm.time_step,
+        STEP_SCALE_KEY: fit_step_scale(train),  # how far the moving training tracks move per step (position_units.py)
         "canonical_heading": bool(dm.hparams.canonical_heading),
         "observe": dm.observe,
         REFERENCE_KEY: reference,

@@ -42,6 +42,11 @@ from request times (the median observed step), and no time step is checked.
 Covariates (categorical channels, the group of per-group normalisation, future-known values in
 ``"future"``) are read by :mod:`domains.autonomous.serving_covariates`.
 
+Positions in another length unit than training's (``domain_metadata.position_step_scale``: the typical
+step of the moving training tracks; millimetres sent to a model trained in metres move 1000 times as
+far per step) are refused, naming the sequence, both scales and the likely unit
+(:mod:`domains.autonomous.position_units`); bundles without the scale are not checked.
+
 Errors are 422s naming the sequence, observation and channel, e.g. ``observations[3].speed: expected
 a number; got 'fast'``. Imports numpy, ``pipelines.serve`` and ``pipelines.bundle_runtime`` (the intervals).
 """
@@ -53,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from domains.autonomous.position_units import KEY as STEP_SCALE_KEY, served_step_ratio, unit_hint
 from domains.autonomous.serving_covariates import RequestCovariates
 from pipelines.bundle_runtime import intervals_of, quantiles_of
 from pipelines.serve import RequestAdapter, json_ready, reject
@@ -89,6 +95,8 @@ class ObservationsAdapter(RequestAdapter):
                 or (self.time_step is not None and not self.time_step > 0)):  # fmt: skip
             raise ValueError(f"bundle metadata names channels {self.channel_names}, positions {self.position_names} and time step {self.time_step} "
                              f"for inputs of shapes {self.input_specs['channels']['shape']} and {self.input_specs['past']['shape']}")  # fmt: skip
+        scale = domain.get(STEP_SCALE_KEY)  # None (or absent) in bundles exported before it was recorded: not checked
+        self.step_scale: float | None = None if scale is None else float(scale)
         self.covariates = RequestCovariates(domain, domain.get("predict") or 0, number)  # categories, group, future-known values
         self.named_positions = len(self.position_names) == self.position_dim
         self.has_quantiles = bool(domain.get("quantile_output"))  # None (or absent) in bundles exported before intervals were
@@ -149,6 +157,7 @@ class ObservationsAdapter(RequestAdapter):
             reject(where, f"{len(rows)} observation(s); this model reads the last {self.observe}: send at least {self.observe}, oldest first")
         timed = isinstance(rows[0], dict) and TIME in rows[0]
         values = np.array([self.observation(row, f"{where}[{i}]", timed) for i, row in enumerate(rows)], dtype=np.float64)
+        self.check_units(values[-self.observe :, : self.position_dim], where)
         if not timed:
             return values[-self.observe :], math.nan, math.nan if self.time_step is None else self.time_step
         times = values[:, -1]
@@ -171,6 +180,16 @@ class ObservationsAdapter(RequestAdapter):
                                            "window was: a gap or an irregular step inside them would be read as one step's motion. Send gap-free "
                                            "observations (resample, or start the sequence after the gap)")  # fmt: skip
         return values[-self.observe :, :-1], float(times[-1]), self.time_step
+
+    def check_units(self, positions: np.ndarray, where: str) -> None:
+        """A 422 when the positions read move a unit factor further (or less far) per step than the training tracks
+        (``domain_metadata.position_step_scale``; none in older bundles): :mod:`domains.autonomous.position_units`."""
+        off = served_step_ratio(positions, self.step_scale) if positions.shape[1] else None
+        if off is not None:
+            names = self.position_names or [POSITION]
+            reject(where, f"the positions {names} of the last {self.observe} observations move {off[0]:.4g} per time step (their typical step "
+                          f"length) but this model's training tracks moved {self.step_scale:.4g}: {off[1]:.4g} times as far; that is a unit, not "
+                          f"a speed: {unit_hint(off[1])}")  # fmt: skip
 
     def observation(self, row: Any, where: str, timed: bool) -> list[float]:
         """Positions, channels (and time, when ``timed``) of one observation, checked; positions named or as one list."""
