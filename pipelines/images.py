@@ -348,6 +348,44 @@ def value_units(path: str | Path) -> tuple[str, str]:
     return CODES, f"{CODES} ({path.suffix.lstrip('.').upper() or 'image'})"
 
 
+def stored_bits(path: str | Path) -> int | None:
+    """The bit depth ``bits`` whose maximum ``2**bits - 1`` the bit-depth rule divides a file's integer values by, from
+    its header alone: 8 for 8-bit (and palette, RGB...) PNG/JPEG/BMP/TIFF and uint8 NIfTI, 16 for 16-bit PNG/TIFF and
+    uint16 NIfTI, a TIFF's BitsPerSample for 32-bit integers, a DICOM's BitsStored. ``None`` for floating-point
+    values, physical units (a rescaled or signed DICOM or NIfTI), a ``MONOCHROME1`` DICOM (its values are inverted)
+    and a header that cannot be read (reading the pixels names that problem).
+
+    Example:
+        >>> stored_bits("missing.png") is None
+        True
+    """
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        if name.endswith(DICOM_SUFFIXES):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if value_units(path)[0] != CODES or str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+                return None
+            return int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        if name.endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            header = nib.load(str(path)).header
+            dtype, (slope, intercept) = header.get_data_dtype(), header.get_slope_inter()
+            scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
+            return {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(np.dtype(dtype)) if not scaled else None
+        from PIL import Image
+
+        with Image.open(path) as image:  # the header only: pixels are decoded by load()
+            if image.mode == "F":
+                return None
+            return _pil_bits(image, np.zeros(0, np.uint8))  # modes other than I and I;16 hold 8-bit values
+    except Exception:  # Pillow, pydicom and nibabel raise many types for broken files; the pixel read names the problem
+        return None
+
+
 def to_uint8(array: np.ndarray) -> np.ndarray:
     """An array from :func:`read_image` as uint8 (``round(255 x)``): 16-bit values quantised to 8 bits."""
     if array.dtype == np.uint8:

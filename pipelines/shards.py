@@ -7,7 +7,8 @@ autonomous's windows) store blocks of rows as one sample each, counted in rows: 
 - :class:`ShardSetWriter`: ``<split>-000000.tar``, ... of at most ``samples_per_shard`` samples each, sizes differing
   by at most one and their number optionally a multiple of the processes that will read them (:func:`shard_sizes`;
   webdataset's ``TarWriter``, a fixed mtime: the same samples make the same bytes), and ``manifest.json`` (per shard: file,
-  sample count, bytes, SHA-256; plus what the domain adds: classes, transform, fitted statistics), written into a
+  sample count, bytes, SHA-256; plus what the domain adds: classes, transform, fitted statistics; and ``manifest_sha256``,
+  the checksum of its own content, :mod:`pipelines.shard_manifest`), written into a
   temporary folder renamed when complete (:func:`pipelines.cache_folders.building`): complete or absent.
 - :func:`read_manifest` / :func:`check_shard_files`: the manifest parsed and each shard of a split found with its
   recorded size, before training; :func:`verify_shard`: its SHA-256, checked when a loader worker opens it, before
@@ -41,6 +42,7 @@ from torch.utils.data import default_collate
 from pipelines.cache_folders import building
 from pipelines.errors import InputError
 from pipelines.files import destination_problem, sha256_file
+from pipelines.shard_manifest import check_sealed, sealed
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +175,8 @@ class ShardSetWriter:
         self._check_complete()
         manifest = {"format": FORMAT, "kind": self.kind, "samples_per_shard": self.samples_per_shard, "shards_multiple_of": self.multiple_of,
                     "splits": self.splits, **extra}  # fmt: skip
-        (self.partial / MANIFEST).write_text(json.dumps(manifest, indent=1, default=float) + "\n")
+        manifest = sealed(manifest)  # with manifest_sha256, the checksum of its own content (pipelines/shard_manifest.py)
+        (self.partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         self._finished = True
         return manifest
 
@@ -195,6 +198,7 @@ def read_manifest(folder: str | Path, kind: str, option: str = "--data.shards") 
         raise InputError(f"{where}: {MANIFEST} does not parse as a shard manifest ({error})") from None
     if fmt != FORMAT or found != kind:
         raise InputError(f"{where}: {MANIFEST} is format {fmt} of {found!r} shards; expected format {FORMAT} of {kind!r} shards")
+    check_sealed(manifest, path, where)  # an edited manifest is refused, naming it
     if not isinstance(splits, dict) or not all(isinstance(s, list) and all({"file", "samples", "bytes", "sha256"} <= set(e) for e in s) for s in splits.values()):
         raise InputError(f"{where}: {MANIFEST}: 'splits' must map each split to a list of shards with file, samples, bytes and sha256")
     return manifest

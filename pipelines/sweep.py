@@ -48,7 +48,7 @@ from pipelines.domain_registry import get_domain
 from pipelines.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGINT, EXIT_SIGTERM, InputError, crash_message, debug_requested, paragraph
 from pipelines.option_spelling import OptionParser
 from pipelines.run_folder import RUN_ID_ENV
-from pipelines.sweep_counts import count_trials, trials_to_start
+from pipelines.sweep_counts import check_grid_size, count_trials, existing_trials, sampler_seed, trials_to_start
 from pipelines.sweep_report import error_line, log_to_wandb, plot_study, print_progress, write_best_config, write_trials_csv
 from pipelines.sweep_space import Parameter, check_option_names, load_space, option_value, resolve_runner_config
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pruner", choices=PRUNERS, default="median", help="Stop unpromising trials after a validation run.")
     parser.add_argument("--pruner_warmup", type=int, default=PRUNER_WARMUP,
                         help=f"Validation runs every trial gets before it can be pruned (default {PRUNER_WARMUP}): early scores are mostly noise.")
-    parser.add_argument("--seed", type=int, default=None, help="Sampler seed (leave unset when several workers share a study).")
+    parser.add_argument("--seed", type=int, default=None, help="Sampler seed, plus the trials the study already has (leave unset when several workers share a study).")
     parser.add_argument("--sweeps_dir", default="sweeps", help="Sweep folders go to SWEEPS_DIR/DOMAIN/NAME/.")
     parser.add_argument("--runs_dir", default="runs", help="Trials' run folders go to RUNS_DIR/DOMAIN/.")
     parser.add_argument("--heartbeat_interval", type=int, default=60, help="Seconds between a running trial's heartbeats; a trial silent for twice that (at least that plus 10 s) is failed and retried.")
@@ -138,6 +138,8 @@ class Sweep:
                 raise UsageError(f"{arg.split('=')[0]} is set by the sweep for each trial")
         if options.sampler == "grid" and any(p.choices is None for p in self.space):
             raise UsageError(f"--sampler grid needs `choices` for every option of {options.space}")
+        if options.sampler == "grid":
+            check_grid_size(self.space, options.trials, options.space)
         self.name = options.name or Path(options.space).stem
         self.folder = Path(options.sweeps_dir) / self.spec.name / self.name
         self.runs_dir = Path(options.runs_dir).resolve()
@@ -171,7 +173,7 @@ class Sweep:
                 self.storage = open_storage(self.storage_url, heartbeat_interval=options.heartbeat_interval, grace_period=grace_period(options.heartbeat_interval))
                 self.study = optuna.create_study(
                     study_name=self.name, storage=self.storage, load_if_exists=True, direction=direction,
-                    sampler=self._sampler(optuna), pruner=make_pruner(options.pruner, options.pruner_warmup),
+                    sampler=self._sampler(optuna, existing_trials(self.storage, self.name)), pruner=make_pruner(options.pruner, options.pruner_warmup),
                 )  # fmt: skip
                 break
             except Exception as error:  # sqlalchemy's IntegrityError/OperationalError (e.g. UNIQUE alembic_version)
@@ -180,14 +182,18 @@ class Sweep:
                 time.sleep(0.5 + random.random())
         self._check_same_study(direction)
 
-    def _sampler(self, optuna: Any) -> Any:
+    def _sampler(self, optuna: Any, existing: int) -> Any:
+        """The sampler, seeded with ``--seed`` plus the study's ``existing`` trials (:func:`sampler_seed`)."""
+        seed = sampler_seed(self.options.seed, existing)
+        if seed != self.options.seed:
+            print_progress(f"study {self.name!r} has {existing} trial(s): sampler seed {self.options.seed} + {existing} = {seed}")
         if self.options.sampler == "grid":
             from pipelines.sweep_space import choice_label
 
-            return optuna.samplers.GridSampler({p.option: [choice_label(c) for c in p.choices] for p in self.space}, seed=self.options.seed)
+            return optuna.samplers.GridSampler({p.option: [choice_label(c) for c in p.choices] for p in self.space}, seed=seed)
         if self.options.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=self.options.seed)
-        return optuna.samplers.TPESampler(seed=self.options.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
 
     def _check_same_study(self, direction: str) -> None:
         """A resumed study must search the same space for the same domain, in the same direction."""

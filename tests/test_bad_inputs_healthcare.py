@@ -79,6 +79,13 @@ def png16(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image.astype(np.uint16) * 257).save(path)
 
 
+def png12(path: Path, image: np.ndarray) -> None:
+    """12-bit scanner data in a 16-bit PNG: values up to 16 x 220 = 3520, read as v / 65535 (about 16 times darker)."""
+    from PIL import Image
+
+    Image.fromarray(image.astype(np.uint16) * 16).save(path)
+
+
 def ct_dicom(path: Path, image: np.ndarray) -> None:
     write_dicom(path, image.astype(np.uint16) * 16)
     import pydicom
@@ -163,6 +170,13 @@ CASES = [
     BadInput("palette_png_among_gray", CSV, ("row 4", "3 channel(s) (PNG mode 'P': a palette image)"), lambda f: table(f, r3=lambda p, a: Image.fromarray(a.astype(np.uint8)).convert("P").save(p))),
     BadInput("volume_among_images", CSV, ("row 3", "3-D volume", "2-D image"), volume_among_images),
     BadInput("blank_16bit_png", CSV, ("row 5", "case4.png", "blank image"), lambda f: table(f, r4=lambda p, a: png16(p, np.zeros_like(a)))),
+    # 12-bit values in 16-bit files among files that use their whole depth: trained about 16 times darker in silence
+    BadInput("twelve_bit_among_8_bit", CSV, ("labels.csv", "12 bits or fewer", "row 3", "case2.png (16-bit, max", "row 6", "case5.png (16-bit, max 3520)",
+                                             "row 1", "case0.png (8-bit, max", "row 2", "case1.png (8-bit, max 220)", "16 times darker", "split the table"),
+             lambda f: table(f, r2=png12, r5=png12)),  # fmt: skip
+    BadInput("twelve_bit_among_full_16_bit", CSV, ("row 4", "case3.png (16-bit, max", "row 1", "case0.png (16-bit, max", "row 2",
+                                                   "case1.png (16-bit, max 56540)", "rescale the 12-bit files"),
+             lambda f: table(f, **{f"r{i}": png16 for i in range(8) if i != 3}, r3=png12)),  # fmt: skip
     BadInput("ct_dicom_in_hounsfield_units", CSV, ("case1.dcm", "RescaleIntercept -1024", "--data.intensity_range"), lambda f: (table(f, r1=lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)), rename(f, "case1.png", "case1.dcm"))),
     BadInput("dicom_window_without_window", (*CSV, "--data.intensity=dicom_window"), ("WindowCenter",), lambda f: (table(f, r0=lambda p, a: write_dicom(p.with_suffix(".dcm"), a)), rename(f, "case0.png", "case0.dcm"))),
     BadInput("hounsfield_range_on_a_png_among_ct_dicoms", (*CSV, "--data.intensity_range=[-1024,3071]"),

@@ -18,6 +18,7 @@ from domains.healthcare.shards import decode
 from domains.healthcare.shards_write import main as write_main
 from domains.healthcare.shards_write import write_shards
 from pipelines.errors import InputError
+from pipelines.shard_manifest import sealed
 from pipelines.shards import ShardPlan, ShardSetWriter, ShardStream, describe_plan
 from tests.bad_inputs import BadInput, check_refused
 from tests.test_healthcare import image_table
@@ -172,11 +173,19 @@ def _cut(folder: Path) -> None:
     (folder / "train-000003.tar").write_bytes((folder / "train-000003.tar").read_bytes()[:-700])
 
 
+def _edit_manifest(folder: Path) -> None:
+    """A fitted statistic changed by hand: the run would normalise every image with it."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["state"]["channel_mean"] = [0.9]
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
 BAD = [
     ("missing-shard", lambda f: (f / "train-000002.tar").unlink(), ("train-000002.tar", "missing")),
     ("truncated-shard", _cut, ("train-000003.tar", "bytes", "cut short")),
     ("no-manifest", lambda f: (f / "manifest.json").unlink(), ("no manifest.json",)),
     ("manifest-not-json", lambda f: (f / "manifest.json").write_text("{"), ("manifest.json", "does not parse")),
+    ("edited-manifest", _edit_manifest, ("set/manifest.json was changed after the shard writer wrote it", "manifest_sha256", "shards_write")),
 ]
 
 
@@ -306,8 +315,19 @@ def test_a_manifest_that_miscounts_a_shard_is_refused_when_the_shard_is_read(syn
     folder = copy_of(synthetic_shards)(tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["splits"]["val"][0]["samples"] += 1
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(sealed(manifest)))  # as a writer that miscounted would seal it
     module = MedicalImageDataModule(shards=str(folder), batch_size=4)
     module.setup("validate")
     with pytest.raises(InputError, match=r"shard val-000000\.tar holds 9 samples, manifest\.json says 10"):
         list(module.val_dataloader())
+
+
+def test_the_manifest_carries_its_own_checksum_and_an_older_manifest_without_it_still_reads(synthetic_shards, tmp_path):
+    manifest = json.loads((synthetic_shards / "manifest.json").read_text())
+    assert manifest["manifest_sha256"] == sealed(manifest)["manifest_sha256"]
+    folder = copy_of(synthetic_shards)(tmp_path)
+    del manifest["manifest_sha256"]  # as the writer wrote it before the key existed
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    module = MedicalImageDataModule(shards=str(folder), batch_size=8)
+    module.setup("fit")
+    assert len(list(module.train_dataloader())) == len(module.train_dataloader())

@@ -1,14 +1,22 @@
 """Checks that every file of a labels CSV is the kind of image its first file is: dimensions, channels, size
-(unless resized) and, under ``--data.intensity_range``, the kind of values it stores (:mod:`domains.healthcare.readers`)."""
+(unless resized), under ``--data.intensity_range`` the kind of values it stores and, under the bit-depth rule,
+how much of its bit depth its values use (:func:`same_depth_use`; :mod:`domains.healthcare.readers`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.errors import InputError
-from pipelines.images import Intensity
+from pipelines.images import Intensity, stored_bits
+
+#: a file of 16 bits or more whose values all stay below ``2**LOW_BITS`` (4096) uses 12 bits or fewer of its depth
+LOW_BITS = 12
+#: files decoded, once a mix is found, to name a second example of each kind (the refusal's path only)
+EXAMPLE_READS = 32
 
 
 #: how Pillow's image modes read, for a channel-count refusal: a palette or alpha PNG can look gray in a viewer
@@ -53,3 +61,57 @@ def same_units(found: tuple[str, str], expected: tuple[str, str], where: str, re
             f"file's values alike, so the two kinds would land in different bands of brightness in silence. A data set (and the "
             f"files a model predicts) holds one kind: convert the files (e.g. export the PNGs from the DICOMs with their rescale), or keep them apart"
         )
+
+
+@dataclass(frozen=True)
+class DepthUse:
+    """How a file's integer values use its bit depth: ``low`` for a file of 16 bits or more whose values stay at or
+    below 4095 (12-bit scanner data saved in a 16-bit PNG/TIFF: the bit-depth rule reads it about 16 times darker)."""
+
+    bits: int
+    peak: int
+
+    @property
+    def low(self) -> bool:
+        return self.bits >= 16 and self.peak < 2**LOW_BITS
+
+    def described(self, row: int, path: Path) -> str:
+        return f"row {row} {path} ({self.bits}-bit, max {self.peak})"
+
+
+def depth_use(path: Path, array: np.ndarray) -> DepthUse | None:
+    """``array`` as read by the bit-depth rule (uint8, or float32 ``value / (2**bits - 1)``): its depth and largest stored
+    value; the header is read only for a float array. ``None`` for files of float values or physical units."""
+    if array.dtype == np.uint8:
+        return DepthUse(8, int(array.max()))
+    bits = stored_bits(path) if array.dtype.kind == "f" else None
+    if bits is None or bits <= 8:
+        return None
+    return DepthUse(bits, int(np.rint(float(array.max()) * (2**bits - 1))))
+
+
+def same_depth_use(found: DepthUse | None, expected: DepthUse, row: int, files: list[Path], use_of: Callable[[int], DepthUse | None], csv_path: Path) -> None:
+    """Refuse a table mixing 16-bit files whose values use 12 bits or fewer with files that use their whole depth (8-bit,
+    or 16-bit beyond 4095): each is divided by its own depth's maximum, so the first kind trains about 16 times darker
+    in silence. ``found`` is data row ``row``'s use, ``expected`` the first file's; ``use_of(i)`` reads item ``i``'s
+    (to name a second example of each kind: up to :data:`EXAMPLE_READS` more files, on the refusal's path only)."""
+    if found is None or found.low == expected.low:
+        return
+    examples: dict[bool, list[tuple[int, str]]] = {expected.low: [(1, expected.described(1, files[0]))], found.low: [(row, found.described(row, files[row - 1]))]}
+    for index in [i for i in range(1, len(files)) if i != row - 1][:EXAMPLE_READS]:
+        if all(len(kind) >= 2 for kind in examples.values()):
+            break
+        try:
+            use = use_of(index)
+        except InputError:  # a file with its own problem is named when it is read; here it only is no example
+            continue
+        if use is not None and len(examples[use.low]) < 2:
+            examples[use.low].append((index + 1, use.described(index + 1, files[index])))
+    low, whole = ("; ".join(text for _, text in sorted(examples[kind])) for kind in (True, False))
+    raise InputError(
+        f"{csv_path}: the table mixes 16-bit images whose values use 12 bits or fewer (max 4095 or less: {low}) "
+        f"with images that use their whole bit depth ({whole}). Every file is divided by its bit depth's "
+        f"maximum (65535 for 16 bits), so the 12-bit ones would train about 16 times darker than the others, in silence. "
+        f"Rescale the 12-bit files to their depth (values x 16, or save them as 8-bit) so that every file uses its whole depth, "
+        f"or split the table into one per kind"
+    )

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domains.healthcare.file_checks import same_kind, same_units
+from domains.healthcare.file_checks import depth_use, same_depth_use, same_kind, same_units
 from domains.healthcare.labels import check_label_counts, order_binary
 from domains.healthcare.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from domains.healthcare.synthetic import make_lesion_images
@@ -345,13 +345,17 @@ def read_image_table(
 
     first = read(0)
     units = value_units(files[0]) if intensity.mode == "range" else None  # one LOW HIGH maps every file: one kind of values
+    depth = depth_use(files[0], first) if intensity.mode == "bit_depth" else None  # 12-bit values in 16-bit files among others
     checked: set[int] = set()
 
     def item(index: int, resize: Resize | None = None) -> np.ndarray:
         array = read(index)
         same_kind(array, first, index + 1, files[index], files[0], csv_path, resize is not None)
-        if units is not None and index not in checked:
-            same_units(value_units(files[index]), units, f"{csv_path}: row {index + 1}: {files[index]}", f"{files[0]} (row 1)", intensity)
+        if index not in checked:  # once per file: the header checks, on the pixels read for the item anyway
+            if units is not None:
+                same_units(value_units(files[index]), units, f"{csv_path}: row {index + 1}: {files[index]}", f"{files[0]} (row 1)", intensity)
+            if depth is not None:
+                same_depth_use(depth_use(files[index], array), depth, index + 1, files, lambda i: depth_use(files[i], read(i)), csv_path)
             checked.add(index)
         return resized(array, resize)
 
