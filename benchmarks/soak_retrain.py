@@ -255,7 +255,7 @@ def soak(domains: list[str], nights: int, work: Path, seed: int = 0, keep: int =
     result: dict[str, Any] = {"rows": [], "summary": {}}
     for domain in domains:
         if domain == "healthcare" and shared("healthcare/breastmnist.npz") is None:
-            print(f"[soak] skipping healthcare: ../shared/data/healthcare/breastmnist.npz is absent", file=sys.stderr)
+            print("[soak] skipping healthcare: ../shared/data/healthcare/breastmnist.npz is absent", file=sys.stderr)
             continue
         runner = Soak(domain, work / domain, seed, keep)
         for night in range(1, nights + 1):

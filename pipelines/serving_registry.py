@@ -26,7 +26,6 @@ the registry version, and the registry, domain and alias under ``registry``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

@@ -30,7 +30,7 @@ from pipelines.model_registry import ModelRegistry, RegistryError
 from pipelines.registry_cli import main as registry_main
 from pipelines.retrain import main as retrain_main
 from pipelines.retrain_steps import ExitCode, resolve_config
-from tests.conftest import ROOT, child_env
+from tests.conftest import child_env
 from tests.helpers import FAST, write_night
 from tests.processes import run_child
 
@@ -100,7 +100,7 @@ def test_each_trained_attempt_logs_its_decision_to_wandb_and_a_wandb_failure_kee
     assert [row["decision"] for row in rows] == ["failed", "rejected", "promoted", rows[3]["decision"]]
     good = rows[2]
     assert nights["good"] == ExitCode.PROMOTED and registry.champion_record()["version"] in ("v0002", "v0003")
-    assert f"[retrain] warning: decision not logged to W&B: W&B failed (AuthenticationError" in nights["good_stderr"], nights["good_stderr"][-3000:]
+    assert "[retrain] warning: decision not logged to W&B: W&B failed (AuthenticationError" in nights["good_stderr"], nights["good_stderr"][-3000:]
     assert "[retrain] promoted (exit 0)" in nights["good_stderr"] and not list(Path(good["run_dir"]).glob("decision/wandb/offline-run-*"))
     logged: set[str] = set()
     for row in (rows[0], rows[1], rows[3]):  # corrupt file (failed in training), diverged (rejected, no champion yet), refreshed (against v0002)
