@@ -295,6 +295,8 @@ class PipelineCLI(LightningCLI):
         if self.datamodule is None:
             return
         self._restore_data(self.datamodule)  # (done already when a link read the data module)
+        if self.subcommand == "predict" and hasattr(self.model, "check_predict_data"):  # options the model could not honour (media's steps)
+            self.model.check_predict_data(self.datamodule)
         self.datamodule.setup({"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[self.subcommand])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

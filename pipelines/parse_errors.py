@@ -87,9 +87,10 @@ def foreign_config(args: Any, domain: str) -> str | None:
 
 def _value_hint(message: str) -> str | None:
     """jsonargparse's refusal of a value (``Parser key "K": Expected a typing.Literal[...]. Got value: V``) as
-    ``--K V: expected one of ...`` with a did-you-mean, or ``expected a finite number`` for nan/inf."""
+    ``--K V: expected one of ...`` with a did-you-mean, or ``expected a finite number`` for nan/inf; also for an
+    optional option (``float | None``), which jsonargparse refuses as a Union (``Given value: nan``)."""
     key = re.search(r'Parser key "([\w.\-]+)"', message)
-    got = re.search(r"Got value: (.*)$", message, re.MULTILINE)
+    got = re.search(r"(?:Got|Given) value: (.*)$", message, re.MULTILINE)
     if key is None or got is None:
         return None
     option, value = f"--{key.group(1)}", got.group(1).strip()

@@ -106,6 +106,8 @@ REFUSED = [
     BadInput("cond_drop_prob_out_of_range", ("--model=domains.media.model.Diffusion", "--model.init_args.cond_drop_prob=1.5"), ("cond_drop_prob", "[0, 1)")),
     BadInput("classifier_hue_turn_unknown", ("--model.init_args.classifier_hue_turn=fake",), ("--model.init_args.classifier_hue_turn", "'fake'", "off, real, real_and_generated")),
     BadInput("negative_generate_guidance", ("--data.generate_guidance_scale=-1",), ("--data.generate_guidance_scale", "a number in 0..20")),
+    # an optional float: jsonargparse's Union refusal ("Does not validate against any of the Union subtypes") was shown as it was
+    BadInput("nan_generate_guidance", ("--data.generate_guidance_scale=nan",), ("--data.generate_guidance_scale nan: expected a finite number",)),
 ]
 
 
@@ -181,14 +183,24 @@ def test_guided_sampling_draws_the_requested_class(tmp_path):
 
 
 # ----- predict: sampler, steps and guidance are honoured, and recorded ---------------------------------------
-def test_predict_honours_sampler_steps_and_guidance_and_refuses_a_dropped_model_option(runs_dir, tmp_path, capsys):
+GUIDED_MODEL = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in GUIDED.items()]]
+GUIDED_DATA = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=3", "--trainer.logger=false"]
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory):
+    """A tiny guided diffusion run (num_train_timesteps 40, sampling_steps 4), trained once for this module's predicts."""
+    runs_dir = tmp_path_factory.mktemp("guided") / "runs"
+    run_pipeline("media", *GUIDED_MODEL, *GUIDED_DATA, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2",
+                 "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
+    return runs_dir, only_run(runs_dir, "media")
+
+
+def test_predict_honours_sampler_steps_and_guidance_and_refuses_a_dropped_model_option(guided_run, tmp_path, capsys):
     import pandas as pd
 
-    model = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in GUIDED.items()]]
-    data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=3", "--trainer.logger=false"]
-    run_pipeline("media", *model, *data, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-                 "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
-    run = only_run(runs_dir, "media")
+    model, data = GUIDED_MODEL, GUIDED_DATA
+    runs_dir, run = guided_run
 
     def predict(name: str, *options: str) -> tuple[list[bytes], pd.DataFrame]:
         folder = tmp_path / name
@@ -219,6 +231,30 @@ def test_predict_honours_sampler_steps_and_guidance_and_refuses_a_dropped_model_
     assert refused.value.code == 2 and "--model.init_args.guidance_scale 3" in err and "guidance_scale: 1.0 there" in err, err
     run_pipeline("media", "predict", *model, *data, f"--data.generate_dir={tmp_path / 'same'}", "--output=same.csv", "--runs_dir", str(runs_dir),
                  "--ckpt_path", "best", "--run_id", run.name)  # the training options repeated, equal to the checkpoint's: fine  # fmt: skip
+
+
+def test_predict_refuses_steps_the_model_cannot_take_before_anything_is_written(guided_run, tmp_path, capsys):
+    """More DDIM steps than the model's num_train_timesteps crashed mid-predict (exit 1); steps beside the ddpm sampler
+    were ignored (exit 0, all 40 steps run). Both are refused with exit 2 before the run folder changes."""
+    import hashlib
+
+    runs_dir, run = guided_run
+
+    def digests() -> dict[str, str]:
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = digests()
+    for options, expected in [
+        (["--data.generate_steps=41"], ["--data.generate_steps 41: this model was trained with num_train_timesteps 40", "give --data.generate_steps 40 or fewer"]),
+        (["--data.generate_sampler=ddpm", "--data.generate_steps=2"], ["--data.generate_steps 2 with --data.generate_sampler ddpm", "--data.generate_sampler ddim"]),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            run_pipeline("media", "predict", *GUIDED_DATA, f"--data.generate_dir={tmp_path / 'out'}", *options, "--runs_dir", str(runs_dir), "--ckpt_path", "best",
+                         "--run_id", run.name)  # fmt: skip
+        err = " ".join(capsys.readouterr().err.split())
+        assert refused.value.code == 2 and "Traceback" not in err and all(e in err for e in expected), (options, err)
+        assert digests() == before and not (tmp_path / "out").exists(), f"{options}: a refused predict wrote into {run}"
 
 
 def test_gan_predict_refuses_guidance(runs_dir, capsys):

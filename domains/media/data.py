@@ -118,7 +118,7 @@ class MediaDataModule(pl.LightningDataModule):
         generate_seed: seed of the first generated image (image ``i`` uses ``generate_seed + i``).
         generate_dir: folder ``predict`` writes the images to (default: ``<run folder>/generated``).
         generate_steps: DDIM steps of diffusion models for ``predict`` (default: the model's
-            ``sampling_steps``). Generation options are data options because ``predict --ckpt_path``
+            ``sampling_steps``; at most its ``num_train_timesteps``; refused with ``ddpm``). Generation options are data options because ``predict --ckpt_path``
             takes the model's options from the checkpoint.
         generate_sampler: sampler of diffusion models for ``predict``: ``ddim`` (``generate_steps``
             steps, the default) or ``ddpm`` (all ``num_train_timesteps`` steps); refused for GANs.
@@ -171,6 +171,10 @@ class MediaDataModule(pl.LightningDataModule):
         self.split_rule = SplitRule.from_options(split_by, "file name stem" if split_by == "hash" else None, None, None, None, None, val_fraction, test_fraction, split_seed)
         if generate_steps is not None and generate_steps < 1:
             raise InputError(f"generate_steps must be >= 1, got {generate_steps}")
+        if generate_steps is not None and generate_sampler == "ddpm":  # it was ignored: DDPM runs every training timestep
+            raise InputError(f"--data.generate_steps {generate_steps} with --data.generate_sampler ddpm: DDPM samples every one of the model's "
+                             "num_train_timesteps steps, so a number of steps cannot apply; leave --data.generate_steps out, or sample in fewer "
+                             "steps with --data.generate_sampler ddim")  # fmt: skip
         if generate_guidance_scale is not None and not (np.isfinite(generate_guidance_scale) and 0 <= generate_guidance_scale <= MAX_GUIDANCE):
             raise InputError(f"--data.generate_guidance_scale must be a number in 0..{MAX_GUIDANCE:g} (1: no guidance; far above a few, samples saturate), got {generate_guidance_scale}")
         if num_generate < 1:

@@ -141,6 +141,17 @@ class Diffusion(GenerativeTask):
         sampler = sampler or "ddim"
         return (self.hparams.num_train_timesteps if sampler == "ddpm" else steps or self.hparams.sampling_steps), sampler
 
+    def check_predict_data(self, datamodule: Any) -> None:
+        """``predict``'s generation options against this model, before anything is written (:mod:`pipelines.cli`): DDIM
+        takes at most ``num_train_timesteps`` steps (more crashed mid-predict, exit 1), and guidance needs a null class."""
+        hp = datamodule.hparams
+        steps, limit = hp.get("generate_steps"), self.hparams.num_train_timesteps
+        if steps is not None and steps > limit:
+            raise InputError(f"--data.generate_steps {steps}: this model was trained with num_train_timesteps {limit}, so DDIM samples it in at most "
+                             f"{limit} steps; give --data.generate_steps {limit} or fewer (default: its sampling_steps, {self.hparams.sampling_steps})")  # fmt: skip
+        if hp.get("generate_guidance_scale") is not None:
+            self._guidance_for(float(hp.generate_guidance_scale))
+
     def build_networks(self) -> None:
         from monai.inferers import DiffusionInferer
         from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
