@@ -299,7 +299,7 @@ class PipelineCLI(LightningCLI):
         assert self.run is not None
         self._check_data()
         trainer_cfg = self.config_init[self.subcommand]["trainer"]
-        plan = plan_hardware(trainer_cfg)
+        plan = plan_hardware(trainer_cfg, one_process="predict" if self.subcommand == "predict" else None)  # one predictions file
         if hasattr(self.datamodule, "check_processes"):  # data read per process (shards): refused before the run folder exists
             self.datamodule.check_processes(plan.processes)
         options = self.config[self.subcommand]

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from pipelines.domain_registry import get_domain
-from tests.conftest import only_run, run_pipeline, run_pipeline_process
+from tests.conftest import copy_run, only_run, run_pipeline, run_pipeline_process
 
 #: odd validation and test splits (sizes measured: finance 187/311, autonomous 99/99, media 13/13)
 ODD_SPLITS = {
@@ -54,3 +54,20 @@ def test_two_process_evaluation_scores_each_sample_once_and_matches_one_process(
         del two_processes[name], one_process[name]
     assert two_processes == pytest.approx(one_process, rel=1e-5, abs=1e-6)
 
+
+def test_predict_with_several_processes_is_refused_before_anything_is_written(tiny_run, tmp_path, capsys):
+    """Under DDP each process wrote its share of the rows to a ``predictions.rankN.csv`` of its own: predict runs in one process."""
+    runs = tmp_path / "runs"
+    run = copy_run(tiny_run("finance"), runs)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for asked in (("--trainer.devices", "2", "--trainer.strategy", "ddp"), ("--trainer.devices", "1", "--trainer.num_nodes", "2")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_pipeline("finance", "predict", "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(runs), "--trainer.accelerator", "cpu", *asked)
+        err = " ".join(capsys.readouterr().err.split())
+        assert exit_info.value.code == 2, err[-2000:]
+        assert "predict runs in one process, but the trainer options ask for 2" in err and "--trainer.devices 1" in err, err[-2000:]
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before, asked
+    # devices left to auto: one process, one predictions file
+    run_pipeline("finance", "predict", "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(runs), "--trainer.strategy", "ddp")
+    assert [p.name for p in run.glob("predictions*.csv")] == ["predictions.csv"]
