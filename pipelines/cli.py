@@ -164,6 +164,8 @@ class PipelineCLI(LightningCLI):
             auto_configure_optimizers=False,  # each task owns configure_optimizers (BaseTask)
             args=args,
         )
+        if getattr(self, "trainer", None) is not None:  # every rank meets here: a rank that failed after the last collective
+            self.trainer.strategy.barrier("command end")  # fails rank zero too (gloo: peer closed; else Lightning's observer)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning calls it as self.subcommands()
         """Only the sub-command being run gets a parser (building all four was ~3/4 of a command's parse

@@ -76,6 +76,16 @@ class FailPredictBatch(pl.Callback):
             raise RuntimeError(f"FailPredictBatch: a crash at predict batch {batch_idx}")
 
 
+class FailOnRank(pl.Callback):
+    """Raise on DDP rank ``rank`` when the test ends: after the run's last collective, so no other rank notices on its own."""
+
+    def __init__(self, rank: int = 1) -> None:
+        self.rank = rank
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == self.rank:
+            raise RuntimeError(f"FailOnRank: rank {self.rank} fails at the end of the test")
+
 class CountEvaluatedRows(pl.Callback):
     """Count the rows each process scores in its last validation epoch (not the sanity check) and in its test,
     and write ``folder/rank{R}.json``: ``{"val": [rows, dataset length], "test": [rows, dataset length]}``."""

@@ -69,5 +69,14 @@ def test_predict_with_several_processes_is_refused_before_anything_is_written(ti
         assert "predict runs in one process, but the trainer options ask for 2" in err and "--trainer.devices 1" in err, err[-2000:]
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before, asked
     # devices left to auto: one process, one predictions file
-    run_pipeline("finance", "predict", "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(runs), "--trainer.strategy", "ddp")
+    run_pipeline("finance", "predict", "--ckpt_path", "best", "--run_id", run.name, "--runs_dir", str(runs))
     assert [p.name for p in run.glob("predictions*.csv")] == ["predictions.csv"]
+
+
+def test_a_rank_that_fails_after_the_last_collective_fails_the_command(runs_dir):
+    """Rank 1 fails when the test ends, after the last collective: rank zero had nothing left to wait for and the
+    command exited 0; every rank now meets once more when the command ends."""
+    result = run_pipeline_process(
+        "finance", *get_domain("finance").test_args, *ONE_STEP, *DDP, "--runs_dir", str(runs_dir), "--trainer.callbacks+=tests.helpers.FailOnRank",
+    )  # fmt: skip
+    assert result.returncode != 0 and "FailOnRank: rank 1 fails at the end of the test" in result.stderr, result.stderr[-3000:]
