@@ -165,6 +165,8 @@ class PipelineCLI(LightningCLI):
             auto_configure_optimizers=False,  # each task owns configure_optimizers (BaseTask)
             args=args,
         )
+        if getattr(self, "trainer", None) is not None:  # every rank meets here: a rank that failed after the last collective
+            self.trainer.strategy.barrier("command end")  # fails rank zero too (gloo: peer closed; else Lightning's observer)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # Lightning calls it as self.subcommands()
         """Only the sub-command being run gets a parser (building all four was ~3/4 of a command's parse
@@ -303,7 +305,7 @@ class PipelineCLI(LightningCLI):
         assert self.run is not None
         self._check_data()
         trainer_cfg = self.config_init[self.subcommand]["trainer"]
-        plan = plan_hardware(trainer_cfg)
+        plan = plan_hardware(trainer_cfg, one_process="predict" if self.subcommand == "predict" else None)  # one predictions file
         if hasattr(self.datamodule, "check_processes"):  # data read per process (shards): refused before the run folder exists
             self.datamodule.check_processes(plan.processes)
         options = self.config[self.subcommand]

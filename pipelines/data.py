@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 #: The most loader workers :func:`default_workers` gives one GPU.
@@ -37,10 +37,53 @@ def default_workers(num_workers: int | None, gpus: int | None = None, cpus: int 
     return max(0, min(MAX_WORKERS_PER_GPU, (cpus - 1) // gpus))
 
 
-def make_loader(dataset: Dataset, batch_size: int | None, num_workers: int | None = 0, pin_memory: bool | None = None, **kwargs: Any) -> DataLoader:
+class UnpaddedDistributedSampler(DistributedSampler):
+    """An evaluation sampler for DDP that scores every sample exactly once: rank ``r`` of ``w`` takes
+    the indices ``r, r + w, r + 2w, ...`` in order, neither shuffled nor padded.
+
+    torch's ``DistributedSampler`` (which Lightning puts into every loader under DDP) repeats the first
+    indices until each rank has the same count: with 207 samples on 2 processes one is scored twice
+    and test metrics are off. Here the ranks' counts differ by at most one; torchmetrics states and
+    ``self.log(..., sync_dist=True)`` epoch values are reduced over what each rank really saw.
+    Lightning keeps a loader's ``DistributedSampler`` (a subclass included) instead of replacing it.
+    ``num_replicas`` and ``rank`` default to the initialised process group's (else 1 and 0).
+
+    Example:
+        >>> [list(UnpaddedDistributedSampler(range(5), num_replicas=2, rank=r)) for r in (0, 1)]
+        [[0, 2, 4], [1, 3]]
+        >>> len(UnpaddedDistributedSampler(range(5), num_replicas=2, rank=1))
+        2
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, here = distributed_world()
+        super().__init__(dataset, num_replicas=world if num_replicas is None else num_replicas, rank=here if rank is None else rank, shuffle=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Any:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(world size, rank)`` of the initialised default process group, else ``(1, 0)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int | None, num_workers: int | None = 0, pin_memory: bool | None = None, evaluation: bool = False, **kwargs: Any
+) -> DataLoader:
     """A ``DataLoader`` whose workers live across epochs (start-up cost paid once, Lightning #10389)
     and whose memory is pinned when CUDA is present (Lightning then copies batches non-blocking).
     ``num_workers=None`` picks them with :func:`default_workers`.
+
+    ``evaluation=True`` (validation and test loaders): under DDP each process reads its share through
+    :class:`UnpaddedDistributedSampler`, so every sample is scored once; in one process nothing changes.
 
     Example:
         >>> loader = make_loader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
@@ -48,6 +91,15 @@ def make_loader(dataset: Dataset, batch_size: int | None, num_workers: int | Non
         2
     """
     num_workers = default_workers(num_workers)
+    world = distributed_world()[0]
+    if evaluation and world > 1 and kwargs.get("sampler") is None:
+        if len(dataset) < world:  # type: ignore[arg-type]  # every rank raises it: none is left waiting
+            raise ValueError(
+                f"an evaluation split of {len(dataset)} sample(s) for {world} DDP processes: each process scores "  # type: ignore[arg-type]
+                "samples of its own and needs at least one (a process with none would wait for the others forever); "
+                "use a larger split or fewer processes (--trainer.devices)"
+            )
+        kwargs["sampler"] = UnpaddedDistributedSampler(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -7,7 +7,9 @@ Rules (each applies only where the user left Lightning's default; explicit setti
 - several GPUs (or several nodes): DDP with synchronised batch-norm; Lightning picks its SLURM or
   torchrun cluster environment from the environment variables those launchers set;
 - a SLURM or torchrun launch whose process count differs from ``devices x num_nodes`` fails at once
-  with the numbers, instead of hanging at the first collective (Lightning #20391).
+  with the numbers, instead of hanging at the first collective (Lightning #20391);
+- ``one_process`` (``predict``: one predictions file, in the input's order): ``devices: auto`` is one
+  device, and asking for more than one process (devices, nodes, or a launcher's) is refused.
 
 Example:
     >>> plan = plan_hardware({"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, environ={})
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from pipelines.errors import InputError
 
 _DEFAULTS = {"accelerator": "auto", "devices": "auto", "strategy": "auto", "precision": None, "num_nodes": 1}
 
@@ -64,12 +68,47 @@ def preflight_launch(processes: int, environ: Mapping[str, str]) -> None:
         )
 
 
-def plan_hardware(trainer_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> HardwarePlan:
+def launched_processes(environ: Mapping[str, str]) -> int:
+    """The processes a SLURM (non-interactive) or torchrun launch started, 1 without a launcher."""
+    if environ.get("SLURM_NTASKS") and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return int(environ["SLURM_NTASKS"])
+    if environ.get("WORLD_SIZE") and environ.get("TORCHELASTIC_RUN_ID"):
+        return int(environ["WORLD_SIZE"])
+    return 1
+
+
+def refuse_several_processes(what: str, processes: int, launched: int) -> None:
+    """Refuse a command that runs in one process when more were asked for (``what``: the command).
+
+    Example:
+        >>> refuse_several_processes("predict", 2, 1)
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: predict runs in one process, but the trainer options ask for 2 (--trainer.devices x --trainer.num_nodes); under DDP each process would predict its own share of the inputs into files of its own. Run it with --trainer.devices 1 (and --trainer.num_nodes 1), outside torchrun or a multi-task SLURM step
+    """
+    if processes <= 1 and launched <= 1:
+        return
+    asked = f"the trainer options ask for {processes} (--trainer.devices x --trainer.num_nodes)" if processes > 1 else f"it was launched as {launched} processes (torchrun or SLURM)"
+    raise InputError(
+        f"{what} runs in one process, but {asked}; under DDP each process would predict its own share of the inputs into files of its own. "
+        "Run it with --trainer.devices 1 (and --trainer.num_nodes 1), outside torchrun or a multi-task SLURM step"
+    )
+
+
+def plan_hardware(trainer_config: Mapping[str, Any], environ: Mapping[str, str] | None = None, one_process: str | None = None) -> HardwarePlan:
     """Fill accelerator, devices, strategy, precision and sync_batchnorm where the user did not.
 
     Args:
         trainer_config: the ``trainer`` section of the resolved config.
         environ: environment variables to read (defaults to ``os.environ``).
+        one_process: the command (``"predict"``) when it must run in one process: ``devices: auto`` is
+            one device and more processes are refused (:func:`refuse_several_processes`).
+
+    Example:
+        >>> plan_hardware({"accelerator": "cpu", "devices": 2}, environ={}, one_process="predict")
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: predict runs in one process, but the trainer options ask for 2 (--trainer.devices x --trainer.num_nodes); under DDP each process would predict its own share of the inputs into files of its own. Run it with --trainer.devices 1 (and --trainer.num_nodes 1), outside torchrun or a multi-task SLURM step
     """
     environ = os.environ if environ is None else environ
     cfg = {key: trainer_config.get(key, default) for key, default in _DEFAULTS.items()}
@@ -78,8 +117,10 @@ def plan_hardware(trainer_config: Mapping[str, Any], environ: Mapping[str, str] 
     if accelerator == "auto":
         accelerator = "gpu" if gpus else "cpu"
     on_gpu = accelerator in ("gpu", "cuda")
-    devices = count_devices(cfg["devices"], gpus if on_gpu else 1)
+    devices = 1 if one_process and cfg["devices"] == "auto" else count_devices(cfg["devices"], gpus if on_gpu else 1)
     processes = devices * int(cfg["num_nodes"] or 1)
+    if one_process:
+        refuse_several_processes(one_process, processes, launched_processes(environ))
     preflight_launch(processes, environ)
 
     settings: dict[str, Any] = {"accelerator": accelerator, "devices": cfg["devices"]}

@@ -7,7 +7,8 @@ Files are never overwritten and never half-written: each ``predict`` writes a ne
 (``predictions.csv``, then ``predictions-2.csv``, ... or the ``--output`` name, refused when it
 exists), streamed into a hidden ``.<name>.partial`` file that is renamed when the last batch is
 written; a failed or killed run leaves no file under the final name and deletes its partial file
-when it can. Under DDP each process writes ``<name>.rank<N>.csv`` the same way.
+when it can. The runner runs ``predict`` in one process (:func:`pipelines.hardware.plan_hardware` refuses more); a
+Trainer of one's own under DDP gets ``<name>.rank<N>.csv`` per process, written the same way.
 """
 
 from __future__ import annotations

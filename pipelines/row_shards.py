@@ -3,7 +3,8 @@ autonomous's windows), on top of :mod:`pipelines.shards`.
 
 One tar sample of a row shard is a block of at most ``block_rows`` consecutive rows: one ``<field>.npy`` member per
 array (no pickle), so that a row costs its bytes and not a tar header. The manifest counts rows (``samples``), so that
-:class:`~pipelines.shards.ShardPlan` balances ranks by rows and every rank draws the same number of batches.
+:class:`~pipelines.shards.ShardPlan` balances ranks by rows, every rank draws the same number of training batches and
+every validation or test row is read by one rank.
 
 - :func:`add_rows`: a split's arrays (or a chunk of them) into the writer, blocks cut at shard ends.
 - :class:`RowBlockStream`: the :class:`~pipelines.shards.ShardStream` of a row split: each loader worker concatenates

@@ -1,5 +1,5 @@
 """Data sharded for many nodes: webdataset tar shards plus a ``manifest.json``, read so that each DDP rank opens only
-its own shards and every rank draws the same number of batches.
+its own shards, every rank draws the same number of training batches and every evaluation sample is read once.
 
 Shared by every domain; a domain says only what one sample is (its fields as bytes, and back). Tables (finance's rows,
 autonomous's windows) store blocks of rows as one sample each, counted in rows: :mod:`pipelines.row_shards`.
@@ -14,8 +14,9 @@ autonomous's windows) store blocks of rows as one sample each, counted in rows: 
   recorded size, before training; :func:`verify_shard`: its SHA-256, checked when a loader worker opens it, before
   any of its samples is used (once per worker process).
 - :class:`ShardPlan`: which shards each rank and each loader worker reads (fixed for the run, balanced by sample
-  counts, largest shard first), and how many batches each worker yields, so that every rank yields the same
-  number (DDP hangs otherwise): the smallest rank's count; the samples this leaves unread are counted.
+  counts, largest shard first), and how many batches each worker yields: in training every rank yields the same
+  number (DDP hangs otherwise): the smallest rank's count, the samples this leaves unread counted; a validation or
+  test split is read whole, each sample by one rank (its metrics are those of one process).
 - :class:`ShardStream` (an ``IterableDataset`` of whole batches) and :class:`ShardLoader` (its ``DataLoader``,
   re-raising a worker's refusal as the :class:`~pipelines.errors.InputError` it was).
 
@@ -244,9 +245,11 @@ class ShardPlan:
     """Which shards each rank's loader workers read and how many batches each yields.
 
     ``shards[rank][worker]`` are indices into the split's shard list; ``batches[rank][worker]`` the batches that worker
-    yields per epoch; ``samples[rank][worker]`` the samples in them. Under DDP (``world > 1``) every rank yields the
-    smallest rank's batch count (a rank with more takes batches off its busiest workers), so ``skipped`` samples stay
-    unread each epoch (which ones changes with the seeded shard order of a shuffled split). One process reads everything.
+    yields per epoch; ``samples[rank][worker]`` the samples in them. Under DDP (``world > 1``) a training split
+    (``equal``) has every rank yield the smallest rank's batch count (a rank with more takes batches off its busiest
+    workers: DDP's backward is collective), so ``skipped`` samples stay unread each epoch (which ones changes with the
+    seeded shard order). A validation or test split (``equal=False``) is read whole, each sample by one rank: ranks
+    may yield different numbers of batches (nothing collective runs per evaluation batch). One process reads everything.
     """
 
     shards: list[list[list[int]]]
@@ -255,7 +258,7 @@ class ShardPlan:
     total: int
 
     @classmethod
-    def of(cls, counts: list[int], world: int, workers: int, batch_size: int, where: str) -> ShardPlan:
+    def of(cls, counts: list[int], world: int, workers: int, batch_size: int, where: str, equal: bool = True) -> ShardPlan:
         if world > 1 and len(counts) < world:
             need = math.ceil(sum(counts) / world)
             raise InputError(f"{where}: {len(counts)} shard(s) for {world} DDP processes; each process reads shards of its own, so a split needs at "
@@ -266,9 +269,9 @@ class ShardPlan:
             shards.append([[rank_shards[i] for i in group] for group in balanced([counts[i] for i in rank_shards], slots)])
         available = [[sum(counts[i] for i in group) for group in rank] for rank in shards]
         batches = [[math.ceil(n / batch_size) for n in rank] for rank in available]
-        equal = min(sum(rank) for rank in batches)
-        for rank in batches if world > 1 else []:
-            while sum(rank) > equal:
+        fewest = min(sum(rank) for rank in batches)
+        for rank in batches if world > 1 and equal else []:
+            while sum(rank) > fewest:
                 rank[max(range(slots), key=lambda w: (rank[w], -w))] -= 1
         samples = [[min(n, b * batch_size) for n, b in zip(a, bs)] for a, bs in zip(available, batches)]
         return cls(shards, batches, samples, sum(counts))
@@ -305,7 +308,7 @@ class ShardStream(IterableDataset):
                  batch_size: int, shuffle: bool, seed: int, first_epoch: int = 0, sample_bytes: int = 1, where: str = "--data.shards") -> None:  # fmt: skip
         self.folder, self.entries, self.decode, self.rank, self.world = Path(folder), shards, decode, rank, world
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, first_epoch
-        self.plan = ShardPlan.of([e["samples"] for e in shards], world, workers, batch_size, where)
+        self.plan = ShardPlan.of([e["samples"] for e in shards], world, workers, batch_size, where, equal=shuffle)  # shuffled: a training split
         self.buffer = max(batch_size, min(8 * batch_size, SHUFFLE_BYTES // max(1, sample_bytes)))
         self.verified: set[str] = set()  # shards this process has hashed (persistent workers keep theirs across epochs)
 

@@ -73,7 +73,7 @@ def shared_file(relative: str) -> Path:
 #: (``--dist loadfile``), so long files started last would leave one worker busy while the other idles
 LONGEST_FIRST = (
     "test_retrain.py", "test_retrain_policy.py", "test_drift.py", "test_sweep.py", "test_serving_registry.py",
-    "test_platform.py", "test_registry.py", "test_finance_streaming.py", "test_honest_exits.py",
+    "test_platform.py", "test_ddp_evaluation.py", "test_registry.py", "test_finance_streaming.py", "test_honest_exits.py",
 )
 
 

@@ -76,6 +76,52 @@ class FailPredictBatch(pl.Callback):
             raise RuntimeError(f"FailPredictBatch: a crash at predict batch {batch_idx}")
 
 
+class FailOnRank(pl.Callback):
+    """Raise on DDP rank ``rank`` when the test ends: after the run's last collective, so no other rank notices on its own."""
+
+    def __init__(self, rank: int = 1) -> None:
+        self.rank = rank
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == self.rank:
+            raise RuntimeError(f"FailOnRank: rank {self.rank} fails at the end of the test")
+
+class CountEvaluatedRows(pl.Callback):
+    """Count the rows each process scores in its last validation epoch (not the sanity check) and in its test,
+    and write ``folder/rank{R}.json``: ``{"val": [rows, dataset length], "test": [rows, dataset length]}``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.rows: dict[str, list[int]] = {}
+
+    @staticmethod
+    def _rows(batch: Any) -> int:
+        import torch
+
+        return len(next(value for value in batch.values() if isinstance(value, torch.Tensor)))
+
+    def _count(self, trainer: pl.Trainer, stage: str, batch: Any, dataloader_idx: int) -> None:
+        if trainer.sanity_checking:
+            return
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        counted = self.rows.setdefault(stage, [0, len(loader.dataset)])
+        counted[0] += self._rows(batch)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.rows.pop("val", None)  # the last epoch's
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count(trainer, "val", batch, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count(trainer, "test", batch, dataloader_idx)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
 # ----- a real server process --------------------------------------------------------------------------
 START_TIMEOUT = 120.0
 REQUEST_TIMEOUT = 60.0

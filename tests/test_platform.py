@@ -170,12 +170,15 @@ def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
 
 
 # ----- real DDP on CPU (gloo) ---------------------------------------------------------------------
-def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run_and_learns(runs_dir):
-    # 200 synthetic images, 3 epochs of 5 steps per rank: enough to learn, measured on the whole test split (30 images)
+def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run_and_learns(runs_dir, tmp_path):
+    # 207 synthetic images, 3 epochs of 5 steps per rank: enough to learn, measured on the whole test split (31 images: odd,
+    # so a padding sampler would score one twice; tests/test_ddp_evaluation.py does the other domains)
+    counts = tmp_path / "counts"
     result = run_pipeline_process(
-        "healthcare", "--data.synthetic_samples=200", "--data.batch_size=16", "--data.augment=null", "--trainer.max_epochs=3",
+        "healthcare", "--data.synthetic_samples=207", "--data.batch_size=16", "--data.augment=null", "--trainer.max_epochs=3",
         "--trainer.limit_val_batches=1", "--model.network=resnet10", "--model.width=0.25",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--runs_dir", str(runs_dir),
+        "--trainer.callbacks+=tests.helpers.CountEvaluatedRows", f"--trainer.callbacks.folder={counts}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     run = only_run(runs_dir, "healthcare")
@@ -185,9 +188,18 @@ def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run_and_learns(runs
     summary = json.loads((run / "summary.json").read_text())
     # it learned: chance is 0.5 (the default 6-epoch run reaches 0.98; this one measured 0.84), computed over both ranks' shards
     assert summary["test"]["test/auroc"] >= 0.75, summary["test"]
-    assert summary["global_step"] == 15, "each rank trains on its half of the 9 batches an epoch"
+    assert summary["global_step"] == 15, "each rank trains on its half of the 10 batches an epoch"
     assert any("val/auroc" in row for row in history(run_file(run)))
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    scored = [json.loads((counts / f"rank{rank}.json").read_text())["test"] for rank in (0, 1)]
+    assert [rows for rows, _ in scored] == [16, 15] and scored[0][1] == 31, "each test image scored once, by one process"
+    # the same checkpoint tested in one process: the same metrics (test/loss, a class-weighted cross-entropy, is a mean
+    # per batch weighted by the batch's class weights: its epoch value depends on how the images are batched)
+    run_pipeline("healthcare", "test", "--runs_dir", str(runs_dir), "--run_id", run.name, "--ckpt_path", "best", "--trainer.devices", "1")
+    one_process = json.loads((run / "summary.json").read_text())["test"]
+    assert summary["test"].keys() == one_process.keys()
+    del summary["test"]["test/loss"], one_process["test/loss"]
+    assert summary["test"] == pytest.approx(one_process, rel=1e-5, abs=1e-6)
 
 
 def test_help_is_served_from_a_cache_keyed_on_the_code(tmp_path, monkeypatch, capsys):

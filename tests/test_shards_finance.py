@@ -255,6 +255,21 @@ def test_streams_of_two_ranks_and_two_workers_are_disjoint_equal_and_cover_the_s
     assert len(seen[0]) + len(seen[1]) == sum(e["samples"] for e in entries) - stream.plan.skipped
 
 
+
+def test_evaluation_streams_of_two_ranks_read_every_row_once(finance_shards):
+    """A validation or test split under DDP: each row read by one rank, none left out (ranks may draw different
+    numbers of batches); training's equal batch counts would leave the fuller rank's last rows unread here."""
+    from pipelines.row_shards import RowBlockStream
+
+    entries = json.loads((finance_shards / "manifest.json").read_text())["splits"]["test"]
+    assert len({e["samples"] for e in entries}) == 2, "the check needs shards of unequal sizes (194 and 193 rows)"
+    seen = []
+    for rank in range(2):
+        stream = RowBlockStream(finance_shards, entries, decode_block, rank=rank, world=2, workers=1, batch_size=1, shuffle=False, seed=3)
+        seen += [r for b in stream.batches(0, epoch=0) for r in b["row"].tolist()]
+    assert len(seen) == len(set(seen)) == sum(e["samples"] for e in entries)
+
+
 # Slow (out of the default suite): two spawned interpreters and their loader workers, tens of CPU seconds on 2 cores. The
 # benchmark `python -m benchmarks.shards_ddp --domain finance` runs the same code (run_ddp, check_ranks) on a larger set and
 # fails when a check fails; test_streams_of_two_ranks_and_two_workers_are_disjoint_equal_and_cover_the_split covers the plan

@@ -111,6 +111,14 @@ def test_each_rank_reads_its_own_shards_and_every_rank_draws_the_same_batches(co
             assert batches <= -(-sum(counts[i] for i in shards) // batch)
 
 
+
+@pytest.mark.parametrize("counts, world, workers, batch", [([7, 7, 7, 3], 3, 1, 4), ([100, 1, 1], 2, 0, 16), ([9, 8, 8, 8], 2, 2, 1)])
+def test_an_evaluation_plan_reads_every_sample_once(counts, world, workers, batch):
+    plan = ShardPlan.of(counts, world, workers, batch, "test", equal=False)
+    assert plan.skipped == 0 and sum(map(sum, plan.samples)) == sum(counts)
+    assert ShardPlan.of(counts, world, workers, batch, "test").skipped > 0, "training's equal batch counts leave samples unread here"
+
+
 def test_streams_of_two_ranks_and_two_workers_are_disjoint_equal_and_cover_the_split(synthetic_shards):
     """Each (rank, worker) iterated as its loader worker would: the keys a rank sees come only from its shards."""
     manifest = json.loads((synthetic_shards / "manifest.json").read_text())

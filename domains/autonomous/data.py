@@ -344,11 +344,11 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             return streamed_predict_dataset(path, self.columns, self.hparams, step, self._tensors, self.stats.get(STEP_SCALE_KEY))
         return predict_dataset(path, self.columns, self.hparams, step, self.predict if self.known_size else 0, self._tensors, self.stats.get(STEP_SCALE_KEY))
 
-    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool = False, evaluation: bool = False) -> DataLoader:
         hp = self.hparams
         if isinstance(self.datasets[name], ShardWindows):
             return self.shard_set.dataloader(name, shuffle)  # type: ignore[union-attr]
-        return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle)
+        return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, evaluation, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         if self.shard_set is not None:
@@ -357,10 +357,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         return training_loader(self.trainer, self.datasets["train"], hp.batch_size, hp.num_workers, hp.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", evaluation=True)  # under DDP each sample scored once (pipelines.data.UnpaddedDistributedSampler)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", evaluation=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict" if "predict" in self.datasets else "test")

@@ -346,12 +346,12 @@ class TransactionDataModule(pl.LightningDataModule):
         self._encoded[name] = (preprocessor, dataset)
         return dataset
 
-    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool = False, evaluation: bool = False) -> DataLoader:
         hp = self.hparams
         if self.shard_set is not None:
             return self.shard_set.dataloader(name, shuffle)
         return make_loader(
-            self._split(name), hp.batch_size, hp.num_workers, shuffle=shuffle, collate_fn=identity,
+            self._split(name), hp.batch_size, hp.num_workers, evaluation=evaluation, shuffle=shuffle, collate_fn=identity,
             drop_last=shuffle and len(self._split(name)) > hp.batch_size,
         )  # fmt: skip
 
@@ -362,10 +362,10 @@ class TransactionDataModule(pl.LightningDataModule):
         return training_loader(self.trainer, train, hp.batch_size, hp.num_workers, drop_last=len(train) > hp.batch_size, collate_fn=identity)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", evaluation=True)  # under DDP each sample scored once (pipelines.data.UnpaddedDistributedSampler)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", evaluation=True)
 
     def predict_dataloader(self) -> DataLoader:
         """Stream ``predict_path`` (or the test split) in chunks, with the checkpoint's preprocessing."""

@@ -294,11 +294,11 @@ class MedicalImageDataModule(pl.LightningDataModule):
         hp = self.hparams
         return SplitPixels(lambda: self.source, self.image_shape, self._resize(), self.intensity, hp.streaming, hp.cache_dir, hp.num_workers, self._source_label())
 
-    def _loader(self, name: str, shuffle: bool = False, sampler: Any = None) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool = False, sampler: Any = None, evaluation: bool = False) -> DataLoader:
         hp = self.hparams
         if self.shard_set is not None and name != "predict":
             return self.shard_set.loader(self.datasets[name], self.trainer, hp.batch_size, default_workers(hp.num_workers), hp.pin_memory, shuffle, torch.initial_seed())
-        return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, shuffle=shuffle and sampler is None, sampler=sampler)
+        return make_loader(self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, evaluation, shuffle=shuffle and sampler is None, sampler=sampler)
 
     def check_processes(self, processes: int) -> None:
         """Shards too few for ``processes`` DDP processes are refused (the runner asks before anything is written)."""
@@ -315,10 +315,10 @@ class MedicalImageDataModule(pl.LightningDataModule):
         return self._loader("train", shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", evaluation=True)  # under DDP each sample scored once (pipelines.data.UnpaddedDistributedSampler)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", evaluation=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict" if "predict" in self.datasets else "test")

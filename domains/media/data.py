@@ -288,10 +288,10 @@ class MediaDataModule(pl.LightningDataModule):
             sampler = SAMPLERS.index(hp.generate_sampler)
             self.datasets["predict"] = GenerationRequests(hp.num_generate, hp.generate_seed, self.num_classes, hp.generate_steps or 0, sampler, guidance)
 
-    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool = False, evaluation: bool = False) -> DataLoader:
         hp = self.hparams
         return make_loader(
-            self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory,
+            self.datasets[name], hp.batch_size, hp.num_workers, hp.pin_memory, evaluation,
             shuffle=shuffle, drop_last=shuffle and len(self.datasets[name]) > hp.batch_size,
         )  # fmt: skip
 
@@ -299,10 +299,10 @@ class MediaDataModule(pl.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader("val", evaluation=True)  # under DDP each sample scored once (pipelines.data.UnpaddedDistributedSampler)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("test", evaluation=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
