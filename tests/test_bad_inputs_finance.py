@@ -121,6 +121,11 @@ def fanned_out(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def zoned_from(row: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """Timestamps with a time zone (``+02:00``) from data row ``row`` on, without one before it."""
+    return lambda frame: frame.assign(timestamp=[t + "+02:00" if i >= row - 1 else t for i, t in enumerate(frame["timestamp"])])
+
+
 CASES = [
     # rows: a transaction on several rows lands in train and in test (trial finding: trained in silence)
     BadInput("copied-rows", TRAIN, ("row identifier 'transaction_id'", "rows 3, 301", "exported twice"), table(copied_rows)),
@@ -140,6 +145,13 @@ CASES = [
     BadInput("timestamp-day-first", TRAIN, ("'timestamp'", "ISO 8601", "row(s) 1", "ambiguous"),
              table(lambda f: f.assign(timestamp=[f"{1 + i % 12:02d}/01/2024 10:00" for i in range(len(f))]))),
     BadInput("timestamp-garbage", TRAIN, ("'timestamp'", "timestamps", "row(s) 9"), table(cell("timestamp", 9, "yesterday-ish"))),
+    # a zoned value is converted to UTC, a naive one taken as UTC as written: the hour features of one kind shifted, exit 0
+    BadInput("timestamp-zoned-among-naive", TRAIN, ("t.csv", "'timestamp'", "mixes timestamps without a time zone (data row 1", "with a time zone",
+                                                    "(data row 40: '20", "+02:00')", "every value of the column with a zone or every value without"),
+             table(lambda f: cell("timestamp", 40, f.loc[39, "timestamp"] + "+02:00")(f))),  # fmt: skip
+    # (streamed in chunks of 64 rows: the last chunk, rows 257-300, holds only zoned values; refused across chunks)
+    BadInput("timestamp-zones-differ-between-chunks", TRAIN, ("t.csv", "'timestamp'", "without a time zone (data row 1", "(data row 257:", "with a time zone"),
+             table(zoned_from(257))),  # fmt: skip
     # columns
     BadInput("duplicate-header-csv", TRAIN, ("t.csv", "'amount' 2 times", "unique"), table(duplicate_amount)),
     BadInput("duplicate-header-parquet", ("--data.path", "{tmp}/t.parquet", *TINY), ("t.parquet", "'amount' 2 times"), duplicate_parquet),
@@ -254,6 +266,9 @@ def setter(column: str, row: int, value: str) -> Callable[[pd.DataFrame], None]:
         ("late-boolean.csv", setter("card_present", 812, "maybe"), ("'card_present'", "boolean", "row(s) 812")),
         ("extra-column.csv", lambda f: f.__setitem__("note", "x"), ("--data.predict_path", "unexpected ['note']")),
         ("duplicate.csv", lambda f: f.rename(columns={"channel": "amount"}, inplace=True), ("duplicate.csv", "'amount' 2 times")),
+        # trained on timestamps without a zone: zoned ones (from row 501, a later chunk) would shift the hour features
+        ("late-zoned.csv", lambda f: f.__setitem__("timestamp", zoned_from(501)(f)["timestamp"]),
+         ("late-zoned.csv", "'timestamp'", "with a time zone", "data row 501", "trained on timestamps without a time zone")),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
@@ -343,3 +358,31 @@ def test_a_constant_feature_column_is_reported_not_silently_kept():
     frame = pd.DataFrame({"age": ["42"] * 50, "amount": [str(v) for v in np.random.default_rng(0).lognormal(3, 1, 50)]})
     fitted = TablePreprocessor(ColumnRoles(numeric_columns=["age"], amount_columns=["amount"])).fit(frame, "t.csv")
     assert len(fitted.notes) == 1 and "column 'age' has one value ('42')" in fitted.notes[0] and "--data.ignore_columns" in fitted.notes[0], fitted.notes
+
+
+def test_the_training_timestamp_kind_is_in_the_checkpoint_and_older_checkpoints_load(trained):
+    """Whether the training timestamps carry a time zone is fitted state, saved in the checkpoint; a data module restored
+    from it refuses rows of the other kind (``test`` on another file), and a state saved before it existed loads and
+    scores either kind, as before."""
+    import torch
+
+    from domains.finance.data import TransactionDataModule
+    from pipelines.errors import InputError
+
+    run, _, _ = trained
+    state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["TransactionDataModule"]
+    assert state["preprocessor"]["timestamp_zones"] == {"timestamp": "naive"}
+    rows = make_card_transactions(40, fraud_rate=0.1, seed=5).astype(str)
+    zoned = zoned_from(1)(rows)
+    restored = TransactionDataModule()
+    restored.load_state_dict(state)
+    assert restored.fitted.transform(rows, "naive.csv")["numeric"].shape[0] == 40
+    with pytest.raises(InputError, match=r"zoned.csv: column 'timestamp' holds timestamps with a time zone .*data row 1: .*trained on timestamps without"):
+        restored.fitted.transform(zoned, "zoned.csv")
+    older = {**state, "preprocessor": {k: v for k, v in state["preprocessor"].items() if k != "timestamp_zones"}}
+    legacy = TransactionDataModule()
+    legacy.load_state_dict(older)
+    assert legacy.fitted.timestamp_zones == {}
+    assert np.array_equal(legacy.fitted.transform(rows, "naive.csv")["numeric"], restored.fitted.transform(rows, "naive.csv")["numeric"])
+    assert legacy.fitted.transform(zoned, "zoned.csv")["numeric"].shape[0] == 40
+

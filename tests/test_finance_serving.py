@@ -148,6 +148,9 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
         ({"rows": edited(0, amount=True)}, "rows[0].amount: expected a number"),
         ({"rows": edited(2, card_present="sometimes")}, "rows[2].card_present: expected a boolean"),
         ({"rows": edited(1, timestamp="yesterday-ish")}, "rows[1].timestamp: expected a timestamp"),
+        # trained on timestamps without a zone: a zoned one would shift the hour features in silence
+        ({"rows": edited(1, timestamp="2024-03-05T10:00:00+02:00")}, "rows[1].timestamp: expected a timestamp without a time zone, as the model was trained on"),
+        ({"row": {**good[0], "timestamp": "2024-03-05T10:00:00Z"}}, "row.timestamp: expected a timestamp without a time zone"),
         ({"rows": edited(0, channel=["online"])}, "rows[0].channel: expected a single value"),
         ({"rows": edited(1, nation="FR")}, "rows[1].nation: unknown column"),
         ({"rows": [good[0], 7]}, "rows[1]: expected an object"),
@@ -164,8 +167,8 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
             raise answers[1]
         assert caught.value.status_code == 422 and message in caught.value.detail, (message, caught.value.detail)
 
-    # ids and the label may be sent; null is a missing value (imputed as in training); timestamps in mixed formats parse
-    mixed = edited(0, is_fraud=1, amount=None, timestamp="2024-03-05T10:00:00Z")
+    # ids and the label may be sent; null is a missing value (imputed as in training); timestamps in other ISO 8601 layouts parse
+    mixed = edited(0, is_fraud=1, amount=None, timestamp="2024-03-05T10:00:00")
     _, inputs = serve_batch(rows, [{"rows": mixed}], bundle.run)
     numeric = inputs["numeric"]
     assert numeric.shape == (3, len(metadata["domain_metadata"]["feature_names"])) and np.isfinite(numeric).all()

@@ -182,7 +182,7 @@ def test_a_streamed_predict_without_a_file_to_score_is_refused(tiny_run, tmp_pat
 STREAMED = {"inf-in-amount", "inf-in-parquet", "text-in-numeric", "boolean-garbage", "timestamp-garbage", "all-missing-numeric",
             "duplicate-header-csv", "duplicate-header-parquet", "column-without-role", "configured-column-missing", "latin-1-deep-in-file",
             "cut-short", "label-column-missing", "single-class", "label-value-2", "one-fraud-row", "empty-file", "header-only", "missing-file",
-            "copied-rows", "transaction-id-fanned-out"}  # fmt: skip
+            "copied-rows", "transaction-id-fanned-out", "timestamp-zoned-among-naive", "timestamp-zones-differ-between-chunks"}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", params([c for c in CASES if c.id in STREAMED]))

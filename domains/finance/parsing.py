@@ -118,12 +118,15 @@ def parse_boolean(series: pd.Series, source: str, row_offset: RowPositions = 0) 
     return values
 
 
-def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0) -> pd.Series:
+def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0, zones: TimestampZones | None = None) -> pd.Series:
     """Datetimes in UTC (naive values are taken as they are). Text must be ISO 8601
     (``2024-05-01 13:45:00``, ``2024-05-01T13:45:00+02:00``): ``03/01/2024`` is 3 January in one
     country and 1 March in another, and a guess read a day-first file month-first whenever every
-    day was 12 or less (silently wrong weekdays), so any other layout is refused."""
+    day was 12 or less (silently wrong weekdays), so any other layout is refused. Values with a time
+    zone and values without are never mixed (:class:`TimestampZones`: ``zones`` carries what earlier
+    chunks held, and the kind a model was trained on; by default the rows of ``series`` alone)."""
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        (zones if zones is not None else TimestampZones()).add(series, source, row_offset)
         return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
     missing = _is_missing(series)
     parsed = pd.to_datetime(series.where(~missing), errors="coerce", utc=True, format="ISO8601")
@@ -135,7 +138,87 @@ def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0
             f"other value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r}); dates such as 03/01/2024 are "
             "ambiguous (day or month first): write the column as ISO 8601 (or as a Parquet timestamp column)"
         )
+    (zones if zones is not None else TimestampZones()).add(series, source, row_offset, missing)
     return parsed
+
+
+#: :func:`zone_kinds`' kinds: a timestamp written with a time zone (``+02:00``, ``Z``) or without one
+ZONED, NAIVE = "zoned", "naive"
+ZONE_WORDS = {ZONED: "with a time zone (an offset such as +02:00, or Z)", NAIVE: "without a time zone"}
+#: an ISO 8601 zone designator ending the text (``+02:00``, ``-0500``, ``+02``, ``Z``); a date alone (``2024-01-01``, which
+#: ends like ``-01``) is at most 10 characters, so only longer text is a time with a zone. (A simple pattern anchored at the
+#: end: one naming the time of day too took pyarrow's regex engine 3 s per million values, the parse itself 1 s.)
+_ZONE_SUFFIX = r"(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"
+
+
+def zone_kinds(series: pd.Series, missing: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``{ZONED: mask, NAIVE: mask}``: which rows hold a timestamp written with a time zone and which without one (a
+    missing value is neither; ``missing``: :func:`_is_missing` of ``series`` when already known).
+
+    Example:
+        >>> kinds = zone_kinds(pd.Series(["2024-01-01T10:00:00+02:00", "2024-01-01 10:00:00", "", "2024-01-01", "2024-01-01T10:00Z"]))
+        >>> kinds[ZONED].tolist(), kinds[NAIVE].tolist()
+        ([True, False, False, False, True], [False, True, False, True, False])
+    """
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        present = series.notna().to_numpy()
+        zoned = present if series.dt.tz is not None else np.zeros(len(series), dtype=bool)
+    else:
+        present = ~(_is_missing(series) if missing is None else missing)
+        text = series.astype(str).str.strip()
+        zoned = (text.str.contains(_ZONE_SUFFIX, regex=True) & (text.str.len() > 10)).to_numpy(dtype=bool, na_value=False) & present
+    return {ZONED: zoned, NAIVE: present & ~zoned}
+
+
+class TimestampZones:
+    """Which kind of timestamps (:data:`ZONED` or :data:`NAIVE`) each timestamp column holds, over every chunk of one
+    file (the streamed reader keeps one across chunks). A zoned value is converted to UTC and a value without a zone is
+    taken as UTC as written, so a column mixing the two shifts the hour and weekday features of one kind against the
+    other's in silence: :meth:`add` refuses the mix naming a row of each kind, and with ``expected`` (the kinds a model
+    was trained on, :attr:`TablePreprocessor.timestamp_zones`) a value of the other kind.
+
+    Example:
+        >>> zones = TimestampZones()
+        >>> zones.add(pd.Series(["2024-01-01T10:00:00+02:00"], name="t"), "a.csv")
+        >>> zones.add(pd.Series(["2024-01-01 10:00:00"], name="t"), "a.csv", 1)
+        Traceback (most recent call last):
+        ...
+        pipelines.errors.InputError: a.csv: column 't' mixes timestamps with a time zone (an offset such as +02:00, or Z) (data row 1: '2024-01-01T10:00:00+02:00') and timestamps without a time zone (data row 2: '2024-01-01 10:00:00'): a value with a zone is converted to UTC and one without is taken as UTC as written, so the hour and weekday features of one kind would be shifted against the other's in silence. Expected every value of the column with a zone or every value without: write the column one way (e.g. every time in UTC with its offset)
+    """
+
+    def __init__(self, expected: dict[str, str] | None = None) -> None:
+        self.expected = dict(expected or {})
+        self.first: dict[str, dict[str, tuple[int, Any]]] = {}  # column -> kind -> (1-based data row, value) of its first row
+
+    def add(self, series: pd.Series, source: str, row_offset: RowPositions = 0, missing: np.ndarray | None = None) -> None:
+        kinds, column = zone_kinds(series, missing), str(series.name)
+        seen = self.first.setdefault(column, {})
+        for kind, hits in kinds.items():
+            if kind not in seen and hits.any():
+                seen[kind] = (int(row_numbers(hits, row_offset)[0]), series.iloc[int(np.flatnonzero(hits)[0])])
+        trained = self.expected.get(column)
+        other = {ZONED: NAIVE, NAIVE: ZONED}.get(trained or "")
+        if other in seen:
+            row, value = seen[other]
+            raise InputError(
+                f"{source}: column {column!r} holds timestamps {ZONE_WORDS[other]} (data row {row}: {value!r}) but the model was "
+                f"trained on timestamps {ZONE_WORDS[trained]}: the hour and weekday features would be shifted in silence. "
+                f"Expected every value {ZONE_WORDS[trained]}, as in training: write the column that way"
+            )
+        if len(seen) == 2:
+            (first, (row_a, value_a)), (second, (row_b, value_b)) = sorted(seen.items(), key=lambda item: item[1][0])
+            raise InputError(
+                f"{source}: column {column!r} mixes timestamps {ZONE_WORDS[first]} (data row {row_a}: {value_a!r}) and timestamps "
+                f"{ZONE_WORDS[second]} (data row {row_b}: {value_b!r}): a value with a zone is converted to UTC and one without "
+                "is taken as UTC as written, so the hour and weekday features of one kind would be shifted against the other's in "
+                "silence. Expected every value of the column with a zone or every value without: write the column one way (e.g. "
+                "every time in UTC with its offset)"
+            )
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """The kind of every column seen with at least one value (what a fitted preprocessor keeps)."""
+        return {column: next(iter(seen)) for column, seen in self.first.items() if seen}
 
 
 def category_text(series: pd.Series) -> np.ndarray:

@@ -11,7 +11,8 @@ Roles (each a list of column names, set in the config):
   robustly (below).
 - ``amount_columns``: as numeric, after ``sign(x) * log1p(|x|)`` (amounts are heavy-tailed).
 - ``boolean_columns``: ``true/false/1/0/yes/no/t/f/y/n``; missing -> the training share of true.
-- ``timestamp_columns``: hour of day and day of week, each as a point on a circle (sin, cos).
+- ``timestamp_columns``: hour of day and day of week, each as a point on a circle (sin, cos); whether the
+  training values carry a time zone is kept (``timestamp_zones``) and values of the other kind are refused.
 - ``categorical_columns``: a vocabulary of the most frequent training values plus an ``<unknown>``
   slot (index 0) for values unseen in training; one-hot features or indices for an embedding.
 - ``label_column``: optional; two classes ``label_classes = [normal, fraud]``.
@@ -58,6 +59,7 @@ from domains.finance.parsing import (  # noqa: F401  (re-exported: serving and o
     MISSING_TOKENS,
     TRUE_TOKENS,
     RowPositions,
+    TimestampZones,
     category_text,
     label_text,
     parse_boolean,
@@ -183,6 +185,7 @@ class TablePreprocessor:
     true_share: dict[str, float] = field(default_factory=dict)
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
     unknown_shares: dict[str, float] = field(default_factory=dict)  # training rows mapped to <unknown> (empty in a legacy state)
+    timestamp_zones: dict[str, str] = field(default_factory=dict)  # per timestamp column: zoned or naive values (empty in a legacy state)
     fitted: bool = False
 
     # ----- layout -------------------------------------------------------------------------
@@ -248,8 +251,9 @@ class TablePreprocessor:
             if column not in present:
                 raise InputError(f"{source}: column {column!r} (configured in {role}) is missing; the file has columns {list(columns)}")
 
-    def check_values(self, frame: pd.DataFrame, source: str, rows: RowPositions = 0) -> None:
-        """Parse every configured column of ``frame`` (all rows), raising on the first bad value."""
+    def check_values(self, frame: pd.DataFrame, source: str, rows: RowPositions = 0, zones: TimestampZones | None = None) -> None:
+        """Parse every configured column of ``frame`` (all rows), raising on the first bad value (``zones``: the timestamp
+        kinds of the file's earlier chunks, :class:`domains.finance.parsing.TimestampZones`)."""
         r = self.roles
         self.check_columns(list(frame.columns), source)
         for column in [*r.numeric_columns, *r.amount_columns]:
@@ -257,7 +261,7 @@ class TablePreprocessor:
         for column in r.boolean_columns:
             parse_boolean(frame[column], source, rows)
         for column in r.timestamp_columns:
-            parse_timestamp(frame[column], source, rows)
+            parse_timestamp(frame[column], source, rows, zones)
         if r.label_column is not None and r.label_column in frame.columns:
             parse_labels(frame[r.label_column], self.label_classes, source, rows)
 
@@ -295,9 +299,11 @@ class TablePreprocessor:
             if np.isnan(values).all():
                 raise InputError(f"{source}: column {column!r} is empty (all {len(values)} training values are missing)")
             self.true_share[column] = float(np.nanmean(values))
+        zones = TimestampZones()
         for column in r.timestamp_columns:
-            if parse_timestamp(frame[column], source, rows).isna().all():
+            if parse_timestamp(frame[column], source, rows, zones).isna().all():
                 raise InputError(f"{source}: column {column!r} is empty (all {len(frame)} training values are missing)")
+        self.timestamp_zones = zones.kinds
         for column in r.categorical_columns:
             text = category_text(frame[column])
             if (text == MISSING).all():
@@ -345,8 +351,9 @@ class TablePreprocessor:
         for column in r.boolean_columns:
             values = parse_boolean(frame[column], source, row_offset)
             parts.append(np.where(np.isnan(values), self.true_share[column], values)[:, None])
+        zones = TimestampZones(self.timestamp_zones)  # the training kind: the other is refused
         for column in r.timestamp_columns:
-            parsed = parse_timestamp(frame[column], source, row_offset)
+            parsed = parse_timestamp(frame[column], source, row_offset, zones)
             hour = (parsed.dt.hour + parsed.dt.minute / 60.0).to_numpy(dtype=float, na_value=np.nan) * (2 * np.pi / 24)
             weekday = parsed.dt.dayofweek.to_numpy(dtype=float, na_value=np.nan) * (2 * np.pi / 7)
             block = np.stack([np.sin(hour), np.cos(hour), np.sin(weekday), np.cos(weekday)], 1)

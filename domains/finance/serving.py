@@ -24,7 +24,9 @@ ignored; any other column is refused. Errors are 422s naming the row and column,
 A row is answered as ``predict`` scores it: a value ``predict`` refuses (inf, a magnitude beyond
 float32's range such as ``1e300``) is refused here (422), and a numeric or amount value outside the
 range seen in training is named in ``out_of_range`` and alerted (``is_alert`` true) whatever its
-score, as in ``predict``'s file.
+score, as in ``predict``'s file. A timestamp with a time zone sent to a model trained on timestamps without
+one, or the reverse (the checkpoint keeps the kind), and a request mixing the two kinds, are 422s naming the
+field (``rows[1].timestamp: expected a timestamp without a time zone ...``): the hour features would shift.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 from fastapi import HTTPException
 
+from domains.finance.parsing import ZONE_WORDS, zone_kinds
 from domains.finance.preprocessing import TablePreprocessor, parse_boolean, parse_numeric, parse_timestamp
 from pipelines.validation import FLOAT32_MAX
 from pipelines.serve import ModelCall, RequestAdapter, reject, run_once
@@ -201,6 +204,8 @@ class TransactionRowsAdapter(RequestAdapter):
         parse = self._parser(role)
         if parse is None:
             return
+        if role == "timestamp_columns":
+            self._check_zones(series, where)
         try:
             parse(series)
             return
@@ -220,6 +225,20 @@ class TransactionRowsAdapter(RequestAdapter):
                     reject(f"{where(i)}.{series.name}", f"expected a finite number within float32's range (|x| <= {FLOAT32_MAX:.2g}) or null (missing), as predict does ({role}); got {shown}")
                 reject(f"{where(i)}.{series.name}", f"expected {wanted} ({role}); got {shown}")
         # every value parses alone (e.g. timestamps written in different formats): transform() goes row by row
+
+    def _check_zones(self, series: pd.Series, where: Callable[[int], str]) -> None:
+        """Every timestamp of the kind the model was trained on (with or without a time zone; without a kind in the
+        checkpoint, the kind of the request's first one), else a 422 naming the field."""
+        masks = zone_kinds(series)
+        kinds = [next((kind for kind, mask in masks.items() if mask[i]), None) for i in range(len(series))]
+        present = [i for i, kind in enumerate(kinds) if kind is not None]
+        trained = self.preprocessor.timestamp_zones.get(str(series.name))
+        expected = trained or (kinds[present[0]] if present else None)
+        for i in present:
+            if kinds[i] != expected:
+                reference = "the model was trained on" if trained else f"{where(present[0])}.{series.name} is"
+                reject(f"{where(i)}.{series.name}", f"expected a timestamp {ZONE_WORDS[expected]}, as {reference}: the hour and weekday "
+                       f"features would be shifted in silence (timestamp_columns); got {series.iloc[i]!r}")  # fmt: skip
 
     def transform(self, frame: pd.DataFrame, where: Callable[[int], str]) -> dict[str, np.ndarray]:
         """The training preprocessing of ``frame``, row by row when the rows only parse one at a time."""

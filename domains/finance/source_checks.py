@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.utilities import rank_zero_warn
 
+from domains.finance.parsing import TimestampZones
 from domains.finance.preprocessing import ColumnRoles, TablePreprocessor
 from domains.finance.sources import iter_chunks, read_header
 from pipelines.errors import InputError
@@ -161,10 +162,11 @@ def check_scoring_file(
     preprocessing, categories it never saw are counted per column and said (:func:`unseen_categories_note`)."""
     check_scoring_columns(path, roles, rule, source_name)
     checker = TablePreprocessor(roles, label_classes=label_classes)  # parsing needs no fitted state
+    zones = TimestampZones(fitted.timestamp_zones if fitted is not None else None)  # across chunks; the training kind
     rows, unseen = 0, {column: Counter() for column in (roles.categorical_columns if fitted is not None else [])}
     for offset, chunk in iter_chunks(path, chunk_rows):
         check_unique_columns([str(c) for c in chunk.columns], str(path))
-        checker.check_values(chunk, str(path), offset)
+        checker.check_values(chunk, str(path), offset, zones)
         if fitted is not None:
             for column, (text, lacking) in fitted.unseen_categories(chunk).items():
                 unseen[column].update(text[lacking])

@@ -4,7 +4,8 @@ A CSV or Parquet source is read chunk by chunk (:func:`domains.finance.sources.i
 chunks, Parquet record batches) twice, never as a whole table:
 
 1. **scan** (:meth:`StreamedTable.scan_folder`): every value of every chunk is checked as the
-   in-memory path checks it (the same :class:`TablePreprocessor.check_values`, naming the row), the
+   in-memory path checks it (the same :class:`TablePreprocessor.check_values`, naming the row; timestamps with and
+   without a time zone in different chunks are refused too: :class:`domains.finance.parsing.TimestampZones`), the
    labels and the stable split rule's assignment are read, and each feature column is written parsed
    to its own file (numbers as float64, booleans 0/1/NaN, categoricals as codes of a dictionary).
    The split is then drawn by :func:`domains.finance.splitting.split_of` with the same random
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domains.finance.parsing import MISSING, category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
+from domains.finance.parsing import MISSING, TimestampZones, category_text, parse_boolean, parse_labels, parse_numeric, parse_timestamp
 from domains.finance.preprocessing import UNKNOWN, ColumnRoles, TablePreprocessor
 from domains.finance.source_checks import TABLE_SUFFIXES, check_both_classes, check_roles_cover, check_unique_ids, id_hashes
 from domains.finance.sources import iter_chunks, read_header
@@ -54,7 +55,7 @@ from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_time
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: meta.json lists every file's size and SHA-256, checked when the cache is opened
+FORMAT = 3  # 2: meta.json lists every file's size and SHA-256, checked when the cache is opened; 3: and the timestamp kinds
 NO_STREAMED_PREDICT = "--data.streaming true scores a file: give it with --data.predict_path (the test split is scored by `test`)"
 
 
@@ -123,13 +124,14 @@ class StreamedTable:
         stable: list[np.ndarray] = []
         times: list[np.ndarray] = []
         kinds: set[bool] = set()
+        zones = TimestampZones()  # a timestamp column's kind (with or without a zone) across chunks
         dictionaries: dict[str, dict[str, int]] = {c: {} for c in r.categorical_columns}
         n = 0
         with ExitStack() as stack:
             out = {c: stack.enter_context(open(into / name, "wb")) for c, name in self.feature_files().items()}
             stack.enter_context(counted_per_chunk("--data.predict_chunk_rows", self.chunk_rows))
             for offset, chunk in iter_chunks(self.path, self.chunk_rows):
-                checker.check_values(chunk, source, offset)
+                checker.check_values(chunk, source, offset, zones)
                 ids.append(id_hashes(chunk, r.id_columns))
                 if r.label_column is not None:
                     if r.label_column not in chunk.columns:
@@ -178,7 +180,7 @@ class StreamedTable:
         for code, name in enumerate(SPLITS):
             np.flatnonzero(split == code).astype(np.int64).tofile(into / f"rows-{name}.i64")
         meta = {"format": FORMAT, "rows": n, "labelled": label is not None, "dictionaries": {c: list(d) for c, d in dictionaries.items()},
-                "files": file_manifest(into)}  # fmt: skip
+                "timestamp_zones": zones.kinds, "files": file_manifest(into)}  # fmt: skip
         (into / "meta.json").write_text(json.dumps(meta))
 
     # ----- what the scan holds ----------------------------------------------------------------------
@@ -232,6 +234,7 @@ class StreamedTable:
             present = np.fromfile(folder / files[column], dtype=np.uint8)[rows]
             if not present.any():
                 raise InputError(f"{self.source_name}: column {column!r} is empty (all {len(present)} training values are missing)")
+        fitted.timestamp_zones = dict(self.meta.get("timestamp_zones", {}))  # one kind in the whole file: the training rows
         for column in r.categorical_columns:  # (the whole table's fit checks them in this order)
             fitted.vocabularies[column], fitted.unknown_shares[column] = self.vocabulary(column, rows, max_categories, min_category_count)
         fitted.fitted = True
