@@ -138,32 +138,36 @@ def parse_timestamp(series: pd.Series, source: str, row_offset: RowPositions = 0
             f"other value(s), first at data row(s) {_rows(bad, row_offset)} (e.g. {example!r}); dates such as 03/01/2024 are "
             "ambiguous (day or month first): write the column as ISO 8601 (or as a Parquet timestamp column)"
         )
-    (zones if zones is not None else TimestampZones()).add(series, source, row_offset)
+    (zones if zones is not None else TimestampZones()).add(series, source, row_offset, missing)
     return parsed
 
 
 #: :func:`zone_kinds`' kinds: a timestamp written with a time zone (``+02:00``, ``Z``) or without one
 ZONED, NAIVE = "zoned", "naive"
 ZONE_WORDS = {ZONED: "with a time zone (an offset such as +02:00, or Z)", NAIVE: "without a time zone"}
-#: a time of day followed by an ISO 8601 zone designator: ``T10:00:00+02:00``, `` 10:00Z``, ``T10:00:00.5-0500``
-_ZONE_SUFFIX = r"[T ]\d{2}(?::?\d{2}){0,2}(?:[.,]\d+)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"
+#: an ISO 8601 zone designator ending the text (``+02:00``, ``-0500``, ``+02``, ``Z``); a date alone (``2024-01-01``, which
+#: ends like ``-01``) is at most 10 characters, so only longer text is a time with a zone. (A simple pattern anchored at the
+#: end: one naming the time of day too took pyarrow's regex engine 3 s per million values, the parse itself 1 s.)
+_ZONE_SUFFIX = r"(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"
 
 
-def zone_kinds(series: pd.Series) -> np.ndarray:
-    """Per row, :data:`ZONED`, :data:`NAIVE` or ``None`` (missing): how a timestamp is written.
+def zone_kinds(series: pd.Series, missing: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """``{ZONED: mask, NAIVE: mask}``: which rows hold a timestamp written with a time zone and which without one (a
+    missing value is neither; ``missing``: :func:`_is_missing` of ``series`` when already known).
 
     Example:
-        >>> zone_kinds(pd.Series(["2024-01-01T10:00:00+02:00", "2024-01-01 10:00:00", "", "2024-01-01"])).tolist()
-        ['zoned', 'naive', None, 'naive']
+        >>> kinds = zone_kinds(pd.Series(["2024-01-01T10:00:00+02:00", "2024-01-01 10:00:00", "", "2024-01-01", "2024-01-01T10:00Z"]))
+        >>> kinds[ZONED].tolist(), kinds[NAIVE].tolist()
+        ([True, False, False, False, True], [False, True, False, True, False])
     """
-    kinds = np.full(len(series), None, dtype=object)
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        kinds[series.notna().to_numpy()] = ZONED if series.dt.tz is not None else NAIVE
-        return kinds
-    present = ~_is_missing(series)
-    zoned = series.astype(str).str.strip().str.contains(_ZONE_SUFFIX, regex=True).to_numpy(dtype=bool, na_value=False)
-    kinds[present] = np.where(zoned[present], ZONED, NAIVE)
-    return kinds
+        present = series.notna().to_numpy()
+        zoned = present if series.dt.tz is not None else np.zeros(len(series), dtype=bool)
+    else:
+        present = ~(_is_missing(series) if missing is None else missing)
+        text = series.astype(str).str.strip()
+        zoned = (text.str.contains(_ZONE_SUFFIX, regex=True) & (text.str.len() > 10)).to_numpy(dtype=bool, na_value=False) & present
+    return {ZONED: zoned, NAIVE: present & ~zoned}
 
 
 class TimestampZones:
@@ -186,11 +190,10 @@ class TimestampZones:
         self.expected = dict(expected or {})
         self.first: dict[str, dict[str, tuple[int, Any]]] = {}  # column -> kind -> (1-based data row, value) of its first row
 
-    def add(self, series: pd.Series, source: str, row_offset: RowPositions = 0) -> None:
-        kinds, column = zone_kinds(series), str(series.name)
+    def add(self, series: pd.Series, source: str, row_offset: RowPositions = 0, missing: np.ndarray | None = None) -> None:
+        kinds, column = zone_kinds(series, missing), str(series.name)
         seen = self.first.setdefault(column, {})
-        for kind in (ZONED, NAIVE):
-            hits = kinds == kind
+        for kind, hits in kinds.items():
             if kind not in seen and hits.any():
                 seen[kind] = (int(row_numbers(hits, row_offset)[0]), series.iloc[int(np.flatnonzero(hits)[0])])
         trained = self.expected.get(column)

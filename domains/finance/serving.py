@@ -229,7 +229,8 @@ class TransactionRowsAdapter(RequestAdapter):
     def _check_zones(self, series: pd.Series, where: Callable[[int], str]) -> None:
         """Every timestamp of the kind the model was trained on (with or without a time zone; without a kind in the
         checkpoint, the kind of the request's first one), else a 422 naming the field."""
-        kinds = zone_kinds(series)
+        masks = zone_kinds(series)
+        kinds = [next((kind for kind, mask in masks.items() if mask[i]), None) for i in range(len(series))]
         present = [i for i, kind in enumerate(kinds) if kind is not None]
         trained = self.preprocessor.timestamp_zones.get(str(series.name))
         expected = trained or (kinds[present[0]] if present else None)
