@@ -37,7 +37,7 @@ from pipelines.hardware import plan_hardware
 from pipelines.parse_errors import config_file_problem, explain, foreign_config, single_dash_option, unknown_environment_options
 from pipelines.predictions import prediction_file
 from pipelines.resume_data import check_resumed_data, data_options
-from pipelines.resume_epochs import check_epochs_left
+from pipelines.resume_epochs import check_training_left
 from pipelines.row_shards import check_grouped_shards
 from pipelines.run_callbacks import run_trainer_settings
 from pipelines.run_folder import (
@@ -248,7 +248,7 @@ class PipelineCLI(LightningCLI):
                 log.info(f"{sub}: using {', '.join(sections)} from {path}")
         if sub == "fit" and self._checkpoint is not None:  # resumed: on the data the checkpoint was trained on, or refused
             check_resumed_data(data_options(cfg.get("data")), self._checkpoint, f"--ckpt_path {self.run.ckpt_path}")
-            check_epochs_left(self._checkpoint, cfg.get("trainer.max_epochs"), f"--ckpt_path {self.run.ckpt_path}")  # epochs left to train
+            check_training_left(self._checkpoint, cfg.get("trainer.max_epochs"), cfg.get("trainer.max_steps"), f"--ckpt_path {self.run.ckpt_path}")
         if cfg.get("ckpt_path") == "last" and self.run.ckpt_path is None and rank_zero_only.rank == 0:
             log.info(f"no last.ckpt under {self.run.path.parent} yet: starting a fresh run")
         cfg.ckpt_path = self.run.ckpt_path

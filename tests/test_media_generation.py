@@ -257,16 +257,32 @@ def test_predict_refuses_steps_the_model_cannot_take_before_anything_is_written(
         assert digests() == before and not (tmp_path / "out").exists(), f"{options}: a refused predict wrote into {run}"
 
 
-def test_gan_predict_refuses_guidance(runs_dir, capsys):
+def test_gan_predict_refuses_diffusion_only_options_before_anything_is_written(runs_dir, tmp_path, capsys):
+    """A GAN ignored --data.generate_steps (exit 0); a sampler or guidance scale stopped it mid-predict. Each is refused
+    with exit 2, naming it, before the run folder changes; a predict without them (their defaults) is not refused."""
+    import hashlib
+
     common = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=2", "--trainer.logger=false",
               *[f"--model.init_args.{k}={v}" for k, v in TINY_GAN.items()]]  # fmt: skip
     run_pipeline("media", *common, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
                  "--trainer.limit_test_batches=1", "--runs_dir", str(runs_dir))  # fmt: skip
     run = only_run(runs_dir, "media")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as refused:
-        run_pipeline("media", "predict", *common, "--data.generate_guidance_scale=2", "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--run_id", run.name)
-    assert refused.value.code == 2 and "Diffusion only" in capsys.readouterr().err
+    predict = [*common, "--runs_dir", str(runs_dir), "--ckpt_path", "best", "--run_id", run.name]
+    run_pipeline("media", "predict", *predict, f"--data.generate_dir={tmp_path / 'plain'}")  # the defaults: generated, not refused
+    assert len(list((tmp_path / "plain").glob("*.png"))) == 2
+
+    def digests() -> dict[str, str]:
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = digests()
+    for option in ("--data.generate_steps=3", "--data.generate_sampler=ddim", "--data.generate_guidance_scale=2"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            run_pipeline("media", "predict", *predict, option, f"--data.generate_dir={tmp_path / 'out'}")
+        err = " ".join(capsys.readouterr().err.split())
+        assert refused.value.code == 2 and "Traceback" not in err, (option, err)
+        assert option.replace("=", " ") + ":" in err and "applies to diffusion models only" in err and "GAN" in err, (option, err)
+        assert digests() == before and not (tmp_path / "out").exists(), f"{option}: a refused predict wrote into {run}"
 
 
 # ----- the bundle's own runtime and the server ----------------------------------------------------------

@@ -34,6 +34,8 @@ from domains.media.readers import ImageSet, read_image_folder, read_npz, synthet
 
 SPLITS = ("train", "val", "test")
 SAMPLERS = (None, "ddim", "ddpm")  # generate_sampler as a number a DataLoader can batch
+#: ``predict`` options only a diffusion model honours (a GAN draws each image in one generator pass): given to a GAN, refused
+DIFFUSION_OPTIONS = ("generate_steps", "generate_sampler", "generate_guidance_scale")
 
 
 def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class MediaDataModule(pl.LightningDataModule):
         generate_seed: seed of the first generated image (image ``i`` uses ``generate_seed + i``).
         generate_dir: folder ``predict`` writes the images to (default: ``<run folder>/generated``).
         generate_steps: DDIM steps of diffusion models for ``predict`` (default: the model's
-            ``sampling_steps``; at most its ``num_train_timesteps``; refused with ``ddpm``). Generation options are data options because ``predict --ckpt_path``
+            ``sampling_steps``; at most its ``num_train_timesteps``; refused with ``ddpm`` and for GANs). Generation options are data options because ``predict --ckpt_path``
             takes the model's options from the checkpoint.
         generate_sampler: sampler of diffusion models for ``predict``: ``ddim`` (``generate_steps``
             steps, the default) or ``ddpm`` (all ``num_train_timesteps`` steps); refused for GANs.

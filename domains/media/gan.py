@@ -264,6 +264,19 @@ class GAN(GenerativeTask):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._update_real(batch["image"], batch["label"])
 
+    def check_predict_data(self, datamodule: Any) -> None:
+        """``predict``'s diffusion-only options, refused before anything is written (:mod:`pipelines.cli`): a GAN draws
+        each image in one generator pass, so ``--data.generate_steps`` was ignored (exit 0), and a sampler or guidance
+        scale stopped it mid-predict. Only options given count: their defaults (``None``) mean "the model's"."""
+        from domains.media.data import DIFFUSION_OPTIONS
+
+        values = {name: datamodule.hparams.get(name) for name in DIFFUSION_OPTIONS}
+        given = [f"--data.{name} {f'{value:g}' if isinstance(value, float) else value}" for name, value in values.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)}: applies to diffusion models only (domains.media.model.Diffusion: sampling steps, sampler, "
+                             f"classifier-free guidance); this model is a {type(self).__name__}, which draws each image in one generator pass, "
+                             "so it would be ignored. Leave it out, or predict with a diffusion model's checkpoint")  # fmt: skip
+
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         if "guidance" in batch and float(batch["guidance"][0]) >= 0:
             raise InputError("--data.generate_guidance_scale: a GAN draws in one generator pass; classifier-free guidance is for Diffusion only")
