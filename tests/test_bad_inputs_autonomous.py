@@ -7,7 +7,6 @@ module-scoped fixture that the ``predict`` cases score new files with.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from domains.autonomous.data import SensorSequenceDataModule
-from tests.bad_inputs import BadInput, check_refused, params
+from tests.bad_inputs import BadInput, check_refused, folder_digests, params
 from tests.conftest import ROOT, only_run, run_pipeline
 
 DT = 0.1
@@ -238,10 +237,6 @@ def trained(tmp_path_factory):
     return folder, runs, only_run(runs, "autonomous")
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 PREDICT_CASES = [
     ("inf.csv", setter(5, "speed", np.inf), ("inf.csv", "'speed'", "inf", "row 5")),
     ("overflow.parquet", setter(30, "x", -1e39), ("overflow.parquet", "'x'", "float32", "row 30")),
@@ -257,7 +252,7 @@ def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(trained, tmp_
     table = fleet()
     change(table)
     write(table, tmp_path / name)
-    before = _digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("autonomous", "predict", "--run_id", run.name, "--ckpt_path", "best", f"--data.predict_path={tmp_path / name}", "--runs_dir", str(runs))
@@ -267,7 +262,7 @@ def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(trained, tmp_
     assert "Traceback" not in err
     for expected in expect:
         assert contains(message, expected), f"{expected!r} is not in:\n{message}"
-    assert _digests(run) == before, "the run folder changed"
+    assert folder_digests(run) == before, "the run folder changed"
     assert not list(run.glob("predictions*"))
 
 
@@ -279,7 +274,7 @@ def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, 
     state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["SensorSequenceDataModule"]
     assert state["time_step"] == pytest.approx(DT)
     write(fleet(dt=0.2), tmp_path / "slow.csv")
-    before = _digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("autonomous", "predict", "--run_id", run.name, "--ckpt_path", "best", f"--data.path={tmp_path / 'slow.csv'}",
@@ -289,7 +284,7 @@ def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, 
     # the scoring file is checked against the checkpoint's step (the training table is not read for predict)
     assert contains(err, "slow.csv: track 'trip0'") and contains(err, "is sampled every 0.2") and contains(err, "time step is 0.1"), err[-1500:]
     assert contains(err, "saved in the checkpoint"), err[-1500:]
-    after = _digests(run)
+    after = folder_digests(run)
     # refused when Lightning loads the checkpoint: the invocation is already in provenance.json and the
     # lock file (the runner hands the checkpoint's state to the data module only then); the rest is intact
     kept = {name: digest for name, digest in before.items() if name not in ("provenance.json", ".lock")}

@@ -10,7 +10,6 @@ scoring file, an extreme but finite value) are plain tests below it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pandas as pd
 import pytest
 
 from domains.finance.synthetic import make_card_transactions
-from tests.bad_inputs import BadInput, check_refused, params
+from tests.bad_inputs import BadInput, check_refused, folder_digests, params
 from tests.conftest import copy_run, run_pipeline
 
 TINY = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--data.batch_size=64", "--model.hidden_dims=[8]", "--model.latent_dim=2")
@@ -223,10 +222,6 @@ def trained(tiny_run, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     return run, folder, predict
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def scoring_file(folder: Path, name: str, rows: int = 1000, edit: Callable[[pd.DataFrame], object] | None = None) -> Path:
     frame = make_card_transactions(rows, fraud_rate=0.05, seed=7).drop(columns=["is_fraud"]).astype(str)
     if edit is not None:
@@ -240,7 +235,7 @@ def refuse_scoring(trained, path: Path, expect: tuple[str, ...], capsys) -> None
     from pipelines.run import main
 
     run, _, predict = trained
-    before = digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main([*predict, "--data.predict_path", str(path)])
@@ -250,7 +245,7 @@ def refuse_scoring(trained, path: Path, expect: tuple[str, ...], capsys) -> None
     message = flat(err[err.index("error:") :])
     for expected in expect:
         assert expected.lower() in message, f"{expected!r} not in {message}"
-    assert digests(run) == before, "a refused scoring file changed the run folder"
+    assert folder_digests(run) == before, "a refused scoring file changed the run folder"
 
 
 def setter(column: str, row: int, value: str) -> Callable[[pd.DataFrame], None]:

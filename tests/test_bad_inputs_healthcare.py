@@ -8,7 +8,6 @@ takes the domain's tiny run (trained once per session, tests/conftest.py) and ch
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.bad_inputs import BadInput, check_refused, params
+from tests.bad_inputs import BadInput, check_refused, folder_digests, params
 from tests.conftest import copy_run, run_pipeline
 from tests.medical_files import blob_images, write_dicom, write_nifti, write_png
 
@@ -199,15 +198,11 @@ def test_bad_input_is_refused(case, tmp_path, capsys):
         assert expected.lower() in message.lower(), f"{expected!r} is not in the error message:\n{message}"
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_predict_dir_with_a_bad_file_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):
     """On a copy of the domain's tiny run (tests/conftest.py): 32x32 gray synthetic images."""
     runs = tmp_path / "runs"
     run = copy_run(tiny_run("healthcare"), runs)
-    before = _digests(run)
+    before = folder_digests(run)
     incoming = tmp_path / "incoming"
     for i, image in enumerate(blob_images(3, 32, seed=4)[0]):
         write_png(incoming / f"new{i}.png", image)
@@ -226,7 +221,7 @@ def test_predict_dir_with_a_bad_file_leaves_the_run_as_it_was(tiny_run, tmp_path
         assert exit_info.value.code == 2, f"{name}: exit {exit_info.value.code}\n{err[-2000:]}"
         message = " ".join(err[err.index("error:") :].split())
         assert "Traceback" not in err and all(e.lower() in message.lower() for e in expected), f"{name}: {message}"
-        assert _digests(run) == before, f"{name}: the run folder changed"
+        assert folder_digests(run) == before, f"{name}: the run folder changed"
         assert not list(run.glob("predictions*.csv"))
 
 
@@ -276,14 +271,14 @@ def test_a_model_trained_on_hounsfield_units_refuses_to_predict_pixel_codes(tmp_
     incoming.mkdir()
     ct_dicom(incoming / "a.dcm", images[0])
     write_png(incoming / "b.png", images[1])
-    before = _digests(runs / "healthcare" / "ct")
+    before = folder_digests(runs / "healthcare" / "ct")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("healthcare", "predict", "--data.predict_dir", str(incoming), "--ckpt_path", "best", "--run_id", "ct", "--runs_dir", str(runs))
     message = " ".join(capsys.readouterr().err.split())
     assert exit_info.value.code == 2 and "Traceback" not in message, message[-2000:]
     assert "b.png stores pixel codes (PNG), but the model was trained on files storing physical units" in message and "[-1024, 3071]" in message, message
-    assert _digests(runs / "healthcare" / "ct") == before
+    assert folder_digests(runs / "healthcare" / "ct") == before
     (incoming / "b.png").unlink()
     run_pipeline("healthcare", "predict", "--data.predict_dir", str(incoming), "--ckpt_path", "best", "--run_id", "ct", "--runs_dir", str(runs))
     assert len(pd.read_csv(runs / "healthcare" / "ct" / "predictions.csv")) == 1

@@ -7,29 +7,24 @@ rewrote the run's ``config.yaml`` with ``max_epochs: 1``; the same with ``--trai
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 import pytest
 
 from pipelines.resume_epochs import epochs_done, steps_done
+from tests.bad_inputs import folder_digests
 from tests.conftest import copy_run, run_pipeline
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_resume_with_max_epochs_below_the_epochs_done_is_refused_and_writes_nothing(tiny_run, runs_dir, capsys):
     run = copy_run(tiny_run("finance"), runs_dir)  # 2 epochs (the domain's test_args)
-    before = digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         run_pipeline("finance", "fit", "--ckpt_path", "last", "--run_id", run.name, "--trainer.max_epochs=1", "--trainer.logger=false", "--runs_dir", str(runs_dir))
     err = " ".join(capsys.readouterr().err.split())
     assert stop.value.code == 2 and "Traceback" not in err, err
     assert "--trainer.max_epochs 1:" in err and "has already done 2 epoch(s)" in err and "train nothing" in err and "above 2" in err, err
-    assert digests(run) == before, "a refused resume changed the run folder (config.yaml, provenance.json, checkpoints)"
+    assert folder_digests(run) == before, "a refused resume changed the run folder (config.yaml, provenance.json, checkpoints)"
 
 
 def test_epochs_done_counts_a_checkpoint_saved_mid_epoch_as_begun():
@@ -44,14 +39,14 @@ def test_epochs_done_counts_a_checkpoint_saved_mid_epoch_as_begun():
 
 def test_a_resume_with_max_steps_below_the_steps_done_is_refused_and_writes_nothing(tiny_run, runs_dir, capsys):
     run = copy_run(tiny_run("finance"), runs_dir)  # 2 epochs of 3 batches: global step 6
-    before = digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         run_pipeline("finance", "fit", "--ckpt_path", "last", "--run_id", run.name, "--trainer.max_epochs=5", "--trainer.max_steps=4", "--trainer.logger=false", "--runs_dir", str(runs_dir))
     err = " ".join(capsys.readouterr().err.split())
     assert stop.value.code == 2 and "Traceback" not in err, err
     assert "--trainer.max_steps 4:" in err and "has already done 6 training step(s)" in err and "train nothing" in err and "above 6" in err, err
-    assert digests(run) == before, "a refused resume changed the run folder (config.yaml, provenance.json, checkpoints)"
+    assert folder_digests(run) == before, "a refused resume changed the run folder (config.yaml, provenance.json, checkpoints)"
 
 
 def test_steps_done_reads_the_global_step_of_automatic_and_manual_optimization():
