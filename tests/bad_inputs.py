@@ -58,8 +58,6 @@ def folder_digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-
-
 def check_refused(domain: str, case: BadInput, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """Run ``case`` through ``python -m pipelines.run DOMAIN`` and assert it is refused cleanly; return stderr."""
     from pipelines.run import main
