@@ -7,7 +7,8 @@ of truth; W&B, when online, only mirrors it (:mod:`pipelines.registry_cli`). Lay
         .lock                     fcntl.flock target: one writer per (registry, domain)
         champion.json             {"version": "v0003", "previous": ["v0001"], ...}  (atomic replace)
         aliases.json              other named pointers: {"staging": "v0004", "canary": "v0002"}
-        evaluation.json           the pinned evaluation set (:mod:`pipelines.evaluation_set`)
+        evaluation.json           the pinned evaluation set (:mod:`pipelines.evaluation_set`); its paths into
+                                  the registry are ``@registry/evaluation/...`` (relative to this folder)
         evaluation/<sha256>/      content-addressed copies of the files it reads
         history.jsonl             one JSON line per attempt or change (appended, fsynced)
         versions/
@@ -53,7 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import fsync_dir, sha256_file, write_json_atomic
-from pipelines.registry_loading import CHAMPION, EVALUATION_FILE, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError, read_history
+from pipelines.registry_loading import (
+    CHAMPION, EVALUATION_FILE, EXTRAS_FILE, HISTORY_FILE, MANIFEST_FILE, METADATA_FILE, WEIGHTS_FILE, LoadingMixin, RegistryError, pin_absolute, pin_relative, read_history,
+)  # fmt: skip
 
 DEFAULT_REGISTRY = "registry"
 REGISTRY_ENV = "PIPELINES_REGISTRY"
@@ -224,8 +227,10 @@ class ModelRegistry(LoadingMixin):
         return rows
 
     def evaluation(self) -> dict[str, Any] | None:
-        """The pinned evaluation set (``evaluation.json``), or ``None`` before the first promotion."""
-        return self._read_json(EVALUATION_FILE)
+        """The pinned evaluation set (``evaluation.json``), or ``None`` before the first promotion; its paths
+        into the registry (stored as ``@registry/...``) are given where the registry is now."""
+        record = self._read_json(EVALUATION_FILE)
+        return pin_absolute(record, self.path) if isinstance(record, dict) else record
 
     def _version_or_champion(self, version: str | None) -> str:
         if version is not None:
@@ -334,7 +339,7 @@ class ModelRegistry(LoadingMixin):
         """Pin the evaluation set; an existing pin is only replaced with ``replace`` (``registry repin``)."""
         if self.evaluation() is not None and not replace:
             raise RegistryError(f"{self.path / EVALUATION_FILE} is already pinned (replace it with `registry {self.domain} repin`)")
-        write_json_atomic(self.path / EVALUATION_FILE, {**record, "pinned_at": now()}, durable=True)
+        write_json_atomic(self.path / EVALUATION_FILE, {**pin_relative(record, self.path), "pinned_at": now()}, durable=True)  # moves with the registry
 
     def append_history(self, row: dict[str, Any]) -> None:
         """Append one history line (one ``write`` on an ``O_APPEND`` descriptor, then fsync)."""

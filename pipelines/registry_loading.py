@@ -24,8 +24,58 @@ CHAMPION = "champion"
 EVALUATION_FILE = "evaluation.json"
 
 
+#: how ``evaluation.json`` names a file inside the registry's domain folder, so that a registry moved or mounted
+#: elsewhere (a Kubernetes volume at another path, a copied backup) still finds its evaluation snapshot
+REGISTRY_PREFIX = "@registry/"
+SNAPSHOT_FOLDER = "evaluation"
+
+
 class RegistryError(RuntimeError):
     """A registry folder or request that is not what was expected (the message names the path)."""
+
+
+def _map_strings(value: Any, change: Any) -> Any:
+    """``value`` with every string (dict keys included) passed through ``change``."""
+    if isinstance(value, dict):
+        return {change(k) if isinstance(k, str) else k: _map_strings(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, change) for v in value]
+    return change(value) if isinstance(value, str) else value
+
+
+def pin_relative(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """An evaluation record with every absolute path inside the registry's domain ``folder`` written as
+    ``@registry/<path inside it>`` (what ``evaluation.json`` stores); other values unchanged (``source``: the user's files)."""
+    roots = {folder.absolute(), folder.resolve()}
+
+    def change(text: str) -> str:
+        if not text.startswith("/"):
+            return text
+        for root in roots:
+            with contextlib.suppress(ValueError):
+                return REGISTRY_PREFIX + Path(text).relative_to(root).as_posix()
+        return text
+
+    return {k: v if k == "source" else _map_strings(v, change) for k, v in record.items()}
+
+
+def pin_absolute(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The evaluation record ``evaluation.json`` holds, with its paths where this registry is now: ``@registry/...``
+    inside the domain ``folder``; a legacy absolute path into a registry's ``evaluation/`` snapshots that no
+    longer exists (the registry was moved) is looked up in this registry's own snapshots; others as they are."""
+    base = folder.absolute()
+
+    def change(text: str) -> str:
+        if text.startswith(REGISTRY_PREFIX):
+            return str(base / text[len(REGISTRY_PREFIX):])
+        marker = f"/{folder.name}/{SNAPSHOT_FOLDER}/"
+        if text.startswith("/") and marker in text and not Path(text).exists():
+            moved = base / SNAPSHOT_FOLDER / text.rpartition(marker)[2]
+            if moved.exists():
+                return str(moved)
+        return text
+
+    return {k: v if k == "source" else _map_strings(v, change) for k, v in record.items()}
 
 
 def read_history(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -136,6 +186,7 @@ class LoadingMixin:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             return [f"evaluation pin: {path} is not valid JSON ({error}); every retrain would fail: replace it with `registry {self.domain} repin`"]
+        record = pin_absolute(record, self.path) if isinstance(record, dict) else record
         files = record.get("files") if isinstance(record, dict) else None
         if not isinstance(files, dict) or "data" not in record:
             return [f"evaluation pin: {path} has no 'data' and 'files' (the pinned set and its checksums); replace it with `registry {self.domain} repin`"]
