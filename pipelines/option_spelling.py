@@ -56,3 +56,13 @@ class OptionParser(argparse.ArgumentParser):
         args = list(sys.argv[1:] if args is None else args)
         known = {option for action in self._actions for option in action.option_strings}
         return super().parse_known_args(respell(args, known, self.prog), namespace)
+
+
+class OneLineParser(OptionParser):
+    """An :class:`OptionParser` for the commands a scheduler runs (``retrain``, ``registry``): a usage error
+    (an unknown option, a missing or malformed value) is one line on stderr naming it, then exit 2; no usage
+    block (``--help`` shows it). Sub-command parsers made with ``add_subparsers`` are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = " ".join(self.prog.split()[:3])  # "python -m pipelines.registry", also for a sub-command's parser
+        self.exit(2, f"{command}: error: {message} (`{command} --help` shows the usage)\n")

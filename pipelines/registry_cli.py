@@ -10,8 +10,9 @@
     gc --keep N [--runs_dir DIR]      retention: remove old versions and attempt run folders
     verify                            check every pointer and checksum; exit 1 on a problem
 
-Exit codes: 0 done, 1 error (the message names the path), 2 bad command line or input (an unknown
-domain, command, version or alias, with a did-you-mean), 5 locked. Every
+Exit codes: 0 done, 1 error (the message names the path), 2 bad command line or input, in one line (an
+unknown domain, command, option, version or alias, with a did-you-mean; no registry at ``--registry``;
+a rollback with no previous champion), 5 locked. Every
 change holds the registry lock and is recorded in the history. The W&B mirror
 (:func:`publish_to_wandb`, :func:`move_wandb_alias`) runs after the folder changed, best effort.
 """
@@ -31,7 +32,7 @@ from pipelines.model_registry import (
     CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, HISTORY_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked,
     read_history,
 )  # fmt: skip
-from pipelines.option_spelling import OptionParser
+from pipelines.option_spelling import OneLineParser
 from pipelines.stops import sigterm_as_exit
 
 LOCKED = 5  # the same code as pipelines.retrain_steps.ExitCode.LOCKED
@@ -126,9 +127,9 @@ def format_history(rows: list[dict[str, Any]], champion: str | None = None) -> s
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = OptionParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help=f"registry folder (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})")
-    parser = OptionParser(prog="python -m pipelines.registry", description="Read and change a domain's model registry.", parents=[common])
+    parser = OneLineParser(prog="python -m pipelines.registry", description="Read and change a domain's model registry.", parents=[common])
     parser.add_argument("domain")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the history table, the versions and the aliases", parents=[common])
@@ -194,17 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: {unknown}. `python -m pipelines.registry --help` shows the usage.", file=sys.stderr)
         return 2
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "repin":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "alias" and ((args.action == "set" and not args.version) or (args.action != "list" and not args.name)):
-        parser.error("alias set NAME VERSION | alias rm NAME | alias list")
-    if args.command == "gc" and args.keep < 1:
-        parser.error(f"--keep {args.keep}: keep at least 1 version")
+    try:  # a usage error is one line and exit 2 (OneLineParser), returned rather than raised
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.command != "repin":
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "alias" and ((args.action == "set" and not args.version) or (args.action != "list" and not args.name)):
+            parser.error("alias set NAME VERSION | alias rm NAME | alias list")
+        if args.command == "gc" and args.keep < 1:
+            parser.error(f"--keep {args.keep}: keep at least 1 version")
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
     registry = ModelRegistry(getattr(args, "registry", None) or default_registry_path(), args.domain)
-    if not registry.path.is_dir():
-        print(f"error: no registry for {args.domain!r} at {registry.path}", file=sys.stderr)
-        return 1
+    if not registry.path.is_dir():  # a wrong --registry (or $PIPELINES_REGISTRY): bad input, never created here
+        print(f"error: no registry for {args.domain!r} at {registry.path} (give the registry folder with --registry DIR or ${REGISTRY_ENV})", file=sys.stderr)
+        return 2
     try:
         with sigterm_as_exit(f"registry {args.command}"):  # clean-up runs (partial versions, snapshots), exit 143
             return _run(args, rest, registry)
@@ -267,6 +271,9 @@ def _run(args: argparse.Namespace, rest: list[str], registry: ModelRegistry) -> 
     else:
         with registry.lock():
             before = registry.champion()
+            if args.command == "rollback" and len(registry.rollback_chain()) < 2:
+                raise InputError(f"{registry.path / 'champion.json'}: no previous champion to roll back to (champion: {before or 'none'}); "
+                                 f"`python -m pipelines.registry {args.domain} promote VERSION` sets one by hand")  # fmt: skip
             record = registry.set_champion(named_version(registry, args.version), "manual promote") if args.command == "promote" else registry.rollback()
             registry.append_history({"decision": f"manual-{args.command}", "domain": args.domain, "challenger": {"version": record["version"]}, "champion": {"version": before}, **who})
         wandb_note = move_wandb_alias(registry, record["version"])

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.model_registry import REGISTRY_ENV, ModelRegistry, RegistryError, RegistryLocked, default_registry
-from pipelines.option_spelling import OptionParser
+from pipelines.option_spelling import OneLineParser
 from pipelines.registry_upkeep import check_writable
 from pipelines.retrain_attempt import SIGNALS, Attempt, sigterm_deferred
 from pipelines.retrain_steps import ExitCode, RetrainError
@@ -61,9 +61,22 @@ USAGE = "usage: python -m pipelines.retrain DOMAIN [--registry DIR] [--metric te
 
 
 # ----- command line ----------------------------------------------------------------------------
+def finite_float(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are refused: every comparison with them is false or true alike)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (e.g. 0.01, 0 or -0.005)")
+    return value
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split retrain options from the runner options (everything else, passed on unchanged)."""
-    parser = OptionParser(prog="python -m pipelines.retrain", usage=USAGE.removeprefix("usage: "), allow_abbrev=False, description=__doc__.split("\n\n")[1],
+    parser = OneLineParser(prog="python -m pipelines.retrain", usage=USAGE.removeprefix("usage: "), allow_abbrev=False, description=__doc__.split("\n\n")[1],
         epilog="exit codes: " + ", ".join(f"{int(code)} {code.name.lower().replace('_', ' ')}" for code in ExitCode)
         + ". Every other option goes to the runner (python -m pipelines.run DOMAIN --help lists them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,7 +84,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("domain")
     parser.add_argument("--registry", type=Path, default=None, help=f"registry folder (default: ${REGISTRY_ENV} or ./registry)")
     parser.add_argument("--metric", default=None, help="the test metric that selects the champion (default: the domain's selection, e.g. finance: test/auprc where labels exist, else test/loss)")
-    parser.add_argument("--margin", type=float, default=0.0, help="promote only when the challenger beats the champion by more than this, in the metric's direction (default 0: strictly better; negative: accept at most that much worse)")
+    parser.add_argument("--margin", type=finite_float, default=0.0, help="promote only when the challenger beats the champion by more than this, in the metric's direction (default 0: strictly better; negative: accept at most that much worse)")
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], help="a test metric the challenger must pass, e.g. 'test/auroc>=0.7' (repeatable; on top of the domain's sanity floors)")
     parser.add_argument("--warm_start", action="store_true", help="start training from the champion's weights (weights only)")
     parser.add_argument("--eval_config", type=Path, default=None, help="YAML whose data section is the evaluation set, snapshotted into the registry with the first champion (default: the data of that attempt)")
@@ -102,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else ExitCode.USAGE
     from pipelines.retrain_gate import gate  # --when drift: retrain only when the data moved (pipelines/retrain_gate.py)
 
-    skipped, argv = gate(argv)
-    if skipped is not None:
-        return skipped
-    options, runner_args = parse_args(argv)
+    try:  # a usage error is one line and exit 2 (OneLineParser), returned rather than raised
+        skipped, argv = gate(argv)
+        if skipped is not None:
+            return skipped
+        options, runner_args = parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else ExitCode.USAGE
     from pipelines.domain_registry import get_domain
 
     try:
@@ -150,7 +166,8 @@ def _attempt(options: argparse.Namespace, runner_args: list[str], selection: Sel
         code = getattr(error, "code", ExitCode.FAILED)
         print(f"[retrain] {'usage' if code == ExitCode.USAGE else 'failed'}: {error}", file=sys.stderr)
         attempt.record(code, str(error))
-        _log_decision(attempt)
+        if code != ExitCode.USAGE:  # a refused command line or data trained nothing: one line, no W&B run
+            _log_decision(attempt)
         return code
     except Terminated as error:
         decided = attempt.row.get("decision")

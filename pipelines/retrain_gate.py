@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.drift import KS_ALPHA, PSI_THRESHOLD
-from pipelines.option_spelling import OptionParser
+from pipelines.option_spelling import OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OptionParser(add_help=False, allow_abbrev=False)  # never take a runner option for one of these
+    parser = OneLineParser(prog="python -m pipelines.retrain", add_help=False, allow_abbrev=False)  # never take a runner option for one of these
     parser.add_argument("--when", choices=["always", "drift"], default="always")
     parser.add_argument("--drift_window", default=None)
     parser.add_argument("--drift_last", type=int, default=None)

@@ -44,13 +44,17 @@ def resolve_config(domain: str, runner_args: list[str]) -> dict[str, Any]:
 
     from pipelines.run import main as run_main
 
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    buffer, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(errors):
         try:
             run_main([domain, "fit", *runner_args, "--print_config"])
         except SystemExit as stop:
-            if stop.code not in (0, None):
-                raise RetrainError(ExitCode.USAGE, f"the runner rejected the options {runner_args}") from None
+            if stop.code not in (0, None):  # the runner's own reason, in one line (not its usage block)
+                said = errors.getvalue().strip().splitlines()
+                start = next((i for i, line in enumerate(said) if "error" in line.lower()), max(len(said) - 1, 0))
+                reason = " ".join(" ".join(said[start:]).split())[:800] or f"exit {stop.code}"
+                raise RetrainError(ExitCode.USAGE, f"the runner rejected the options: {reason}") from None
+    sys.stderr.write(errors.getvalue())  # its warnings, when it accepted them
     config = yaml.safe_load(buffer.getvalue())
     if not isinstance(config, dict) or "data" not in config or "model" not in config:
         raise RetrainError(ExitCode.FAILED, f"could not resolve the {domain} config: --print_config gave {buffer.getvalue()[:500]!r}")

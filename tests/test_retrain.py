@@ -160,7 +160,7 @@ def test_rollback_restores_the_previous_champion(lifecycle, tmp_path, capsys):
     weights, expected = registry.load_weights(), registry.load_weights("v0001")
     assert weights.keys() == expected.keys() and all((weights[k] == expected[k]).all() for k in weights)
     check_champion_loads(registry)
-    assert registry_main(["healthcare", "rollback", "--registry", str(copy)]) == 1, "no champion before v0001"
+    assert registry_main(["healthcare", "rollback", "--registry", str(copy)]) == 2, "no champion before v0001: bad input"
     assert "no previous champion" in capsys.readouterr().err
     assert registry_main(["healthcare", "promote", "v0003", "--registry", str(copy)]) == 0
     assert registry.champion() == "v0003"
