@@ -63,6 +63,10 @@ class DomainSpec:
             feature extractor's settings and cache, sample counts, Inception weights). A checkpoint brings
             its own options to ``test``; retraining scores the champion with the challenger's values of
             these, so both are measured with the same instrument (:func:`pipelines.evaluation_set.align_scoring_options`).
+        schema_options: what the data's schema is, which a retraining challenger must share with the champion
+            (:mod:`pipelines.retrain_schema`: checked before training, exit 2 otherwise): entries of the data
+            module's ``state_dict()`` (``a.b`` reaches into a nested one), or for one it does not hold, the data
+            module's attribute of that name (a ``links`` value the checkpoint's hyper-parameters hold). Empty: no check.
         model_subclasses: the config picks one of several LightningModule subclasses of ``model_class``
             with ``model.class_path`` (LightningCLI's subclass mode, e.g. GAN or diffusion); otherwise
             ``--help`` lists every model option directly.
@@ -83,6 +87,7 @@ class DomainSpec:
     unit_dependent_metrics: tuple[str, ...] = ()
     units_differences: str = ""
     scoring_options: tuple[str, ...] = ()
+    schema_options: tuple[str, ...] = ()
     model_subclasses: bool = False
     tags: tuple[str, ...] = ()
     test_args: tuple[str, ...] = field(default=())

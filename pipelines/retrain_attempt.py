@@ -84,6 +84,10 @@ class Attempt:
                 self.row["decision"] = "nothing-new"
                 print(f"[retrain] nothing new: the data fingerprint {print_['digest'][:12]} {seen}; --force retrains anyway", file=sys.stderr)
                 return ExitCode.NOTHING_NEW
+        if champion:  # the data must have the champion's schema (DomainSpec.schema_options): refused before anything is written
+            from pipelines.retrain_schema import check as check_schema
+
+            check_schema(self.spec, self.registry, champion, config["data"])
         evaluation, pinned = self._evaluation_set(config)
 
         runs_dir = Path(config.get("runs_dir") or "runs")

@@ -301,3 +301,42 @@ def test_a_loss_in_other_units_is_not_compared():
     assert rules.decide({"test/loss": 3.89}, champion, 0.0, None, [])[0], "units that agree: the smaller loss wins"
     promote, reason, metric, _ = rules.decide({"test/auprc": 0.3, "test/loss": 3.89}, {"version": "v0001", "metrics": {"test/auprc": 0.2}}, 0.0, None, ["x"])
     assert promote and metric == "test/auprc", "a label metric does not depend on the preprocessing's units"
+
+
+def test_a_class_the_champion_does_not_know_is_refused_before_training(lifecycle, tmp_path, capsys):
+    """Labels with a class the champion was not trained on (class_names inferred from the labels, not given), or
+    the champion's classes in another order, are refused before training: exit 2, naming the classes, advising
+    to map the data back or start a new registry (it was trained, and could replace the champion with a model of
+    another output head)."""
+    import numpy as np
+    import pandas as pd
+
+    from tests.medical_files import write_png
+
+    copy, runs = tmp_path / "registry", tmp_path / "runs"
+    shutil.copytree(lifecycle["registry"], copy)
+    registry = ModelRegistry(copy, "healthcare")
+    before = (registry.versions(), registry.champion(), len(registry.history()))
+
+    def table(folder: Path, names: list[str]) -> Path:
+        rng = np.random.default_rng(0)
+        rows = [{"path": str(write_png(folder / "images" / f"case{i:03d}.png", rng.integers(0, 255, (32, 32)))), "label": names[i % len(names)],
+                 "split": ("train", "train", "val", "test")[(i // len(names)) % 4]} for i in range(16 * len(names))]  # fmt: skip
+        pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+        return folder / "labels.csv"
+
+    new_class = table(tmp_path / "new", ["normal", "benign", "malignant", "atypical"])  # a new kind of finding appears in tonight's export
+    capsys.readouterr()
+    assert retrain(copy, runs, *TINY, "--data.labels_csv", str(new_class)) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "class_names: champion ['normal', 'benign', 'malignant']" in err and "not known to the champion: ['atypical']" in err, err[-3000:]
+    assert "--registry NEW_DIR" in err and "Map the data back" in err
+    assert not runs.exists() or not list((runs / "healthcare").glob("retrain-*")), "nothing was trained"
+    assert (registry.versions(), registry.champion()) == before[:2]
+    row = registry.history()[-1]
+    assert len(registry.history()) == before[2] + 1 and row["exit_code"] == 2 and "atypical" in row["error"]
+    # the champion's classes declared in another order: the model's outputs would mean other classes
+    same_classes = table(tmp_path / "same", ["normal", "benign", "malignant"])
+    assert retrain(copy, runs, *TINY, "--data.labels_csv", str(same_classes), "--data.class_names=[benign,normal,malignant]") == ExitCode.USAGE
+    assert "(the same entries in another order)" in capsys.readouterr().err
+    assert registry.versions() == before[0]

@@ -343,3 +343,25 @@ def test_unsupervised_losses_in_other_units_are_not_compared_so_a_model_fitted_o
     assert "measured in each model's own preprocessing units, and the challenger's differ" in row["reason"], row["reason"]
     assert "amount: scale" in row["reason"] and "registry finance promote" in row["reason"], row["reason"]
     assert row["challenger"]["metrics"]["test/loss"] < row["champion"]["metrics"]["test/loss"], "the raw losses would have promoted it"
+
+
+def test_data_with_another_schema_is_refused_before_training(nights, tmp_path, capsys):
+    """Tonight's export has two more feature columns: refused before anything is trained or written (exit 2),
+    naming the columns, advising to map the data back or start a new registry."""
+    import numpy as np
+
+    root = tmp_path
+    shutil.copytree(nights["root"] / "registry", root / "registry")
+    registry = ModelRegistry(root / "registry", "finance")
+    before = (registry.versions(), registry.champion(), registry.evaluation())
+    write_night(root / "latest.npz", 5)
+    data = np.load(root / "latest.npz")
+    np.savez(root / "wide.npz", X=np.c_[data["X"], data["X"][:, :2]], y=data["y"])
+    capsys.readouterr()
+    assert retrain(root, "--data.path", str(root / "wide.npz")) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "preprocessor.roles.numeric_columns: champion ['x0'" in err and "(not known to the champion: ['x12', 'x13'])" in err, err[-3000:]
+    assert "--registry NEW_DIR" in err
+    assert not (root / "runs").exists(), "nothing was trained"
+    assert (registry.versions(), registry.champion(), registry.evaluation()) == before
+    assert registry.history()[-1]["exit_code"] == 2 and "x12" in registry.history()[-1]["error"]

@@ -34,6 +34,7 @@ SPEC = DomainSpec(
     test_metrics=(("test/score", "min"), ("test/loss", "min"), ("test/ade", "min"), ("test/fde", "min"), ("test/min_ade", "min"),
                   ("test/min_fde", "min"), ("test/rmse", "min"), ("test/mae", "min"), ("test/accuracy", "max"), ("test/f1", "max")),  # fmt: skip
     sanity_floors=("test/loss<inf", "test/score<inf"),
+    schema_options=("task", "channel_names", "target_names", "class_names", "known_future_channels", "categorical_channels"),  # a retrain keeps them
     tags=("time-series", "trajectory-forecasting", "sensors"),
     test_args=(
         "--data.sim_vehicles=60",

@@ -29,6 +29,7 @@ SPEC = DomainSpec(
     unit_dependent_metrics=("test/loss",),  # in each model's own robust-scaled units: compared only when the scales agree
     units_differences="domains.finance.units.units_differences",
     sanity_floors=("test/loss<inf", "test/loss<baseline", "test/auroc>0.5"),  # baseline: the untrained network
+    schema_options=("preprocessor.roles", "preprocessor.label_classes"),  # the feature columns in their roles, the label: a retrain keeps them
     tags=("tabular", "anomaly-detection", "fraud"),
     test_args=(
         "--data.synthetic_rows=1200",

@@ -30,6 +30,7 @@ SPEC = DomainSpec(
     test_metrics=(("test/auroc", "max"), ("test/accuracy", "max"), ("test/f1", "max"), ("test/f1_*", "max"), ("test/loss", "min"),
                   ("test/ece", "min"), ("test/brier", "min"), ("test/sensitivity", "max"), ("test/specificity", "max")),  # fmt: skip
     sanity_floors=("test/loss<inf", "test/auroc>0.5"),
+    schema_options=("class_names", "positive_class", "task"),  # also when inferred from the labels: a retrain keeps them
     tags=("image", "classification", "monai"),
     test_args=(
         "--data.synthetic_samples=96",
