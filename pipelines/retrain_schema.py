@@ -76,15 +76,15 @@ def data_schema(spec: Any, data: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def differences(champion: dict[str, Any], data: dict[str, Any]) -> list[str]:
-    """Each schema entry the champion records that this data has otherwise, in words."""
+def differences(champion: dict[str, Any], data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Each schema entry the champion records that this data has otherwise, in words (nested entries by their ``a.b`` name)."""
     found = []
     for name, old in champion.items():
         new = data.get(name, "(none)")
         if isinstance(old, dict) and isinstance(new, dict):
-            found += [f"{name}.{key}: champion {old.get(key)!r}, this data {new.get(key)!r}" for key in sorted({*old, *new}, key=str) if old.get(key) != new.get(key)]
+            found += differences(old, {key: new.get(key, "(none)") for key in {*old, *new}}, f"{prefix}{name}.")
         elif old != new:
-            text = f"{name}: champion {old!r}, this data {new!r}"
+            text = f"{prefix}{name}: champion {old!r}, this data {new!r}"
             if isinstance(old, list) and isinstance(new, list):
                 unknown, gone = [v for v in new if v not in old], [v for v in old if v not in new]
                 text += "".join([f" (not known to the champion: {unknown})" if unknown else "", f" (missing here: {gone})" if gone else ""])

@@ -317,13 +317,17 @@ def test_a_class_the_champion_does_not_know_is_refused_before_training(lifecycle
     shutil.copytree(lifecycle["registry"], copy)
     registry = ModelRegistry(copy, "healthcare")
     before = (registry.versions(), registry.champion(), len(registry.history()))
-    rng = np.random.default_rng(0)
-    names = ["normal", "benign", "malignant", "atypical"]  # a new kind of finding appears in tonight's export
-    rows = [{"path": str(write_png(tmp_path / "images" / f"case{i:03d}.png", rng.integers(0, 255, (32, 32)))), "label": names[i % 4],
-             "split": ("train", "train", "val", "test")[(i // 4) % 4]} for i in range(64)]  # fmt: skip
-    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+
+    def table(folder: Path, names: list[str]) -> Path:
+        rng = np.random.default_rng(0)
+        rows = [{"path": str(write_png(folder / "images" / f"case{i:03d}.png", rng.integers(0, 255, (32, 32)))), "label": names[i % len(names)],
+                 "split": ("train", "train", "val", "test")[(i // len(names)) % 4]} for i in range(16 * len(names))]  # fmt: skip
+        pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+        return folder / "labels.csv"
+
+    new_class = table(tmp_path / "new", ["normal", "benign", "malignant", "atypical"])  # a new kind of finding appears in tonight's export
     capsys.readouterr()
-    assert retrain(copy, runs, *TINY, "--data.labels_csv", str(tmp_path / "labels.csv")) == ExitCode.USAGE
+    assert retrain(copy, runs, *TINY, "--data.labels_csv", str(new_class)) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert "class_names: champion ['normal', 'benign', 'malignant']" in err and "not known to the champion: ['atypical']" in err, err[-3000:]
     assert "--registry NEW_DIR" in err and "Map the data back" in err
@@ -331,7 +335,8 @@ def test_a_class_the_champion_does_not_know_is_refused_before_training(lifecycle
     assert (registry.versions(), registry.champion()) == before[:2]
     row = registry.history()[-1]
     assert len(registry.history()) == before[2] + 1 and row["exit_code"] == 2 and "atypical" in row["error"]
-    # the same classes in another order (declared): the model's outputs would mean other classes
-    assert retrain(copy, runs, *TINY, *NEW_DATA, "--data.class_names=[benign,normal,malignant]") == ExitCode.USAGE
+    # the champion's classes declared in another order: the model's outputs would mean other classes
+    same_classes = table(tmp_path / "same", ["normal", "benign", "malignant"])
+    assert retrain(copy, runs, *TINY, "--data.labels_csv", str(same_classes), "--data.class_names=[benign,normal,malignant]") == ExitCode.USAGE
     assert "(the same entries in another order)" in capsys.readouterr().err
     assert registry.versions() == before[0]
