@@ -43,8 +43,9 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     torch's ``DistributedSampler`` (which Lightning puts into every loader under DDP) repeats the first
     indices until each rank has the same count: with 207 samples on 2 processes one is scored twice
-    and test metrics are off. Here the ranks' counts differ by at most one; torchmetrics states and
-    ``self.log(..., sync_dist=True)`` epoch values are reduced over what each rank really saw.
+    and test metrics are off. Here the ranks' counts differ by at most one; torchmetrics states are reduced
+    over what each rank really saw (a loss too: :mod:`pipelines.evaluation_means`; ``self.log(..., sync_dist=True)``
+    would average the ranks' epoch means as equals).
     Lightning keeps a loader's ``DistributedSampler`` (a subclass included) instead of replacing it.
     ``num_replicas`` and ``rank`` default to the initialised process group's (else 1 and 0).
 

@@ -46,6 +46,7 @@ from domains.autonomous.metrics import DisplacementError, StepDisplacementError,
 from domains.autonomous.network_choice import make_network
 from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
+from pipelines.evaluation_means import EvaluationMeans
 from pipelines.export_spec import ExportSpec
 from pipelines.grouped_steps import GroupedSteps, check_batches_per_step, grouped_training_step
 from pipelines.quantiles import QuantileCoverage, median_index, pinball_loss
@@ -201,6 +202,7 @@ class SensorSequenceModel(GroupedSteps, BaseTask):
         collection = MetricCollection(metrics)
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
+        self.evaluation_means = EvaluationMeans(["val/loss", "test/loss"])  # exact over every process's samples
 
     # ----- forward passes --------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
@@ -334,7 +336,7 @@ class SensorSequenceModel(GroupedSteps, BaseTask):
                     self.test_confusion.update(out.argmax(-1), batch["label"])
         if stage == "test":
             self.test_attribution.update(occlusion(self, batch))
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+        self.evaluation_means.log(self, f"{stage}/loss", loss, n)  # every loss here is a mean over the batch's samples
 
     def regression_values(self, out: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float) -> torch.Tensor:
         """Regression outputs ``(B, Q)`` in the target's units (quantiles sorted: no crossing)."""

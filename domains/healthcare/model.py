@@ -27,6 +27,7 @@ from domains.healthcare.networks import InferenceClassifier, NetworkName, build_
 from pipelines.calibration import ThresholdMethod
 from pipelines.classifier_calibration import ClassifierCalibration, decision_centred
 from pipelines.errors import InputError
+from pipelines.evaluation_means import EvaluationMeans
 from pipelines.evaluation_plots import confusion_figure, roc_figure, threshold_text
 from pipelines.explain import overlay_grid
 from pipelines.export_spec import ExportSpec
@@ -184,6 +185,8 @@ class ImageClassifier(BaseTask):
         self.test_metrics = collection.clone(prefix="test/")
         self.test_confusion = ConfusionMatrix(**args)
         self.test_roc = ROC(**args)
+        prevalence = [f"{stage}/prevalence_{self.class_labels[1]}" for stage in ("val", "test")] if args["task"] == "binary" else []
+        self.evaluation_means = EvaluationMeans(["val/loss", "test/loss", *prevalence])  # exact over every process's samples
         hp = self.hparams
         self.calibration = None if hp.task == "multilabel" else ClassifierCalibration(
             hp.task == "binary", hp.calibrate, hp.threshold_method, hp.threshold_target, hp.cost_fn, hp.cost_fp
@@ -238,9 +241,11 @@ class ImageClassifier(BaseTask):
             self.calibration.update(stage, logits, target)
         # binary: accuracy and F1 at the operating threshold (torchmetrics decides at 0.5), AUROC unchanged
         metrics.update(decision_centred(probs, self.calibration.threshold) if self.hparams.task == "binary" else probs, target)
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(target), sync_dist=True)
+        # a class-weighted cross-entropy is a mean over the batch's target weights, the other losses over its samples
+        weights = self.loss_fn.weight if self.hparams.task == "multiclass" else None
+        self.evaluation_means.log(self, f"{stage}/loss", loss, len(target) if weights is None else weights[target.long()].sum())
         if self.hparams.task == "binary":  # names the positive class in every summary: the share of it among the labels
-            self.log(f"{stage}/prevalence_{self.class_labels[1]}", target.float().mean(), on_epoch=True, batch_size=len(target), sync_dist=True)
+            self.evaluation_means.log(self, f"{stage}/prevalence_{self.class_labels[1]}", target.float().mean(), len(target))
         if self._grid_batch is None and self.hparams.sample_grid_size:
             keep = self.hparams.sample_grid_size
             self._grid_batch = {"image": batch["image"][:keep].cpu(), "label": target[:keep].cpu(), "probs": probs[:keep].cpu()}

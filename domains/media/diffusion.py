@@ -14,6 +14,7 @@ from domains.media.networks import GuidedDenoiser, InferenceDenoiser, build_diff
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.bundle_runtime import MAX_GUIDANCE
 from pipelines.errors import InputError
+from pipelines.evaluation_means import EvaluationMeans
 from pipelines.export_spec import ExportSpec
 
 
@@ -288,9 +289,13 @@ class Diffusion(GenerativeTask):
             self.ema_unet.eval()  # the EMA copy only ever samples
         return self
 
+    def configure_metrics(self) -> None:
+        super().configure_metrics()
+        self.evaluation_means = EvaluationMeans(["val/loss"])  # exact over every process's images
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images = batch["image"]
         generator = torch.Generator().manual_seed(batch_idx)
         loss = self._denoising_loss(self.ema_unet, images, self._labels_for(batch["label"], len(images)), generator)
-        self.log("val/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
+        self.evaluation_means.log(self, "val/loss", loss, len(images))  # a mean over the images
         self._update_real(images, batch["label"])
