@@ -29,7 +29,10 @@ SPEC = DomainSpec(
     unit_dependent_metrics=("test/loss",),  # in each model's own robust-scaled units: compared only when the scales agree
     units_differences="domains.finance.units.units_differences",
     sanity_floors=("test/loss<inf", "test/loss<baseline", "test/auroc>0.5"),  # baseline: the untrained network
-    schema_options=("preprocessor.roles", "preprocessor.label_classes"),  # the feature columns in their roles, the label: a retrain keeps them
+    # what the model reads, which a retrain keeps: the feature columns in their roles, the label, each timestamp column's
+    # kind (with or without a time zone); id and ignored columns are not read by the model and may change
+    schema_options=(*(f"preprocessor.roles.{role}" for role in ("numeric_columns", "amount_columns", "boolean_columns", "timestamp_columns", "categorical_columns")),
+                    "preprocessor.label_classes", "preprocessor.timestamp_zones"),  # fmt: skip
     tags=("tabular", "anomaly-detection", "fraud"),
     test_args=(
         "--data.synthetic_rows=1200",
