@@ -173,9 +173,6 @@ CASES = [
     BadInput("twelve_bit_among_8_bit", CSV, ("labels.csv", "12 bits or fewer", "row 3", "case2.png (16-bit, max", "row 6", "case5.png (16-bit, max 3520)",
                                              "row 1", "case0.png (8-bit, max", "row 2", "case1.png (8-bit, max 220)", "16 times darker", "split the table"),
              lambda f: table(f, r2=png12, r5=png12)),  # fmt: skip
-    BadInput("twelve_bit_among_full_16_bit", CSV, ("row 4", "case3.png (16-bit, max", "row 1", "case0.png (16-bit, max", "row 2",
-                                                   "case1.png (16-bit, max 56540)", "rescale the 12-bit files"),
-             lambda f: table(f, **{f"r{i}": png16 for i in range(8) if i != 3}, r3=png12)),  # fmt: skip
     BadInput("ct_dicom_in_hounsfield_units", CSV, ("case1.dcm", "RescaleIntercept -1024", "--data.intensity_range"), lambda f: (table(f, r1=lambda p, a: ct_dicom(p.with_suffix(".dcm"), a)), rename(f, "case1.png", "case1.dcm"))),
     BadInput("dicom_window_without_window", (*CSV, "--data.intensity=dicom_window"), ("WindowCenter",), lambda f: (table(f, r0=lambda p, a: write_dicom(p.with_suffix(".dcm"), a)), rename(f, "case0.png", "case0.dcm"))),
     BadInput("hounsfield_range_on_a_png_among_ct_dicoms", (*CSV, "--data.intensity_range=[-1024,3071]"),
@@ -196,6 +193,22 @@ def test_bad_input_is_refused(case, tmp_path, capsys):
     message = " ".join(check_refused("healthcare", replace(case, expect=()), tmp_path, capsys).split())
     for expected in case.expect:  # against the unwrapped paragraph: the runner wraps it at 100 columns
         assert expected.lower() in message.lower(), f"{expected!r} is not in the error message:\n{message}"
+
+
+def test_dark_16_bit_images_among_16_bit_images_train_with_a_warning(tmp_path):
+    """Among 16-bit files alone, one whose values stay at or below 4095 may be an underexposed image, not 12-bit data
+    (a new-user trial's dark 16-bit images were refused): it trains, and a warning names it and a whole-depth file."""
+    import warnings
+
+    table(tmp_path, **{f"r{i}": png16 for i in range(8) if i != 3}, r3=png12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_pipeline("healthcare", "fit", "--data.labels_csv", str(tmp_path / "labels.csv"), "--data.batch_size=4", "--model.width=0.25",
+                     "--trainer.max_epochs=1", "--trainer.logger=false", "--runs_dir", str(tmp_path / "runs"))  # fmt: skip
+    said = " ".join(" ".join(str(w.message) for w in caught).split())
+    assert "row 4" in said and "case3.png (16-bit, max" in said and "uses 12 bits or fewer of its depth" in said, said[-3000:]
+    assert "row 1" in said and "case0.png (16-bit, max" in said and "Dark (underexposed) 16-bit images are fine" in said
+    assert said.count("uses 12 bits or fewer of its depth") == 1, "once per table"
 
 
 def test_predict_dir_with_a_bad_file_leaves_the_run_as_it_was(tiny_run, tmp_path, capsys):

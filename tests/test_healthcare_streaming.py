@@ -124,7 +124,7 @@ OPTIONS = [
 
 #: the bad-input table's cases whose refusal comes from reading the pixels: read lazily (the check pass), or into the cache
 PIXELS = {"corrupt_png": False, "blank_16bit_png": False, "nifti_nan": False, "mixed_sizes_without_image_size": True, "mixed_channels": True,
-          "volume_among_images": True, "twelve_bit_among_8_bit": True, "twelve_bit_among_full_16_bit": False}  # fmt: skip
+          "volume_among_images": True, "twelve_bit_among_8_bit": True}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", params(OPTIONS))

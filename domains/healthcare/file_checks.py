@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 
 from pipelines.errors import InputError
 from pipelines.images import Intensity, stored_bits
@@ -17,6 +18,8 @@ from pipelines.images import Intensity, stored_bits
 LOW_BITS = 12
 #: files decoded, once a mix is found, to name a second example of each kind (the refusal's path only)
 EXAMPLE_READS = 32
+#: tables whose 16-bit files mix 12-bit use with whole-depth use, already noted (a warning, once per table and process)
+_DEPTH_NOTES: set[Path] = set()
 
 
 #: how Pillow's image modes read, for a channel-count refusal: a palette or alpha PNG can look gray in a viewer
@@ -91,11 +94,25 @@ def depth_use(path: Path, array: np.ndarray) -> DepthUse | None:
 
 
 def same_depth_use(found: DepthUse | None, expected: DepthUse, row: int, files: list[Path], use_of: Callable[[int], DepthUse | None], csv_path: Path) -> None:
-    """Refuse a table mixing 16-bit files whose values use 12 bits or fewer with files that use their whole depth (8-bit,
-    or 16-bit beyond 4095): each is divided by its own depth's maximum, so the first kind trains about 16 times darker
-    in silence. ``found`` is data row ``row``'s use, ``expected`` the first file's; ``use_of(i)`` reads item ``i``'s
+    """Refuse a table mixing 16-bit files whose values use 12 bits or fewer with 8-bit files that use their whole depth:
+    each is divided by its own depth's maximum, so the first kind trains about 16 times darker in silence. Among 16-bit
+    files alone, a few with values of 4095 or less may be dark (underexposed) images, not 12-bit data: a warning names
+    the first such pair and nothing is refused (a new-user trial's underexposed 16-bit images were refused). ``found`` is data row ``row``'s use, ``expected`` the first file's; ``use_of(i)`` reads item ``i``'s
     (to name a second example of each kind: up to :data:`EXAMPLE_READS` more files, on the refusal's path only)."""
     if found is None or found.low == expected.low:
+        return
+    if found.bits == expected.bits:  # 16-bit files alike: a dark (underexposed) image looks just like 12-bit data
+        low, whole = (found, row, files[row - 1]), (expected, 1, files[0])
+        if expected.low:
+            low, whole = whole, low
+        if csv_path not in _DEPTH_NOTES:  # said once per table (per process); refused only across stored depths (below)
+            _DEPTH_NOTES.add(csv_path)
+            rank_zero_warn(
+                f"{csv_path}: {low[0].described(low[1], low[2])} uses 12 bits or fewer of its depth, while "
+                f"{whole[0].described(whole[1], whole[2])} uses all of it (only the first such pair is named). If some files are 12-bit "
+                f"scanner data saved in 16-bit files, they train about 16 times darker than the others: rescale them (values x 16). "
+                f"Dark (underexposed) 16-bit images are fine as they are"
+            )
         return
     examples: dict[bool, list[tuple[int, str]]] = {expected.low: [(1, expected.described(1, files[0]))], found.low: [(row, found.described(row, files[row - 1]))]}
     for index in [i for i in range(1, len(files)) if i != row - 1][:EXAMPLE_READS]:
