@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError, did_you_mean
+from pipelines.time_zones import written_with_zone
 from pipelines.validation import describe_rows
 
 SPLITS = ("train", "val", "test")
@@ -149,6 +150,15 @@ def parse_times(values: pd.Series, column: str, source: str, first_row: int = 1)
         raise InputError(
             f"{source} {describe_rows(rows + first_row)}, column {column!r} (--data.time_column): value {values.iloc[rows[0]]!r} is neither "
             f"a number nor an ISO 8601 time (e.g. 2024-05-01 or 2024-05-01T12:00:00Z); {len(rows)} such row(s)"
+        )
+    zoned = written_with_zone(values)
+    if zoned.any() and not zoned.all():  # a time without a zone is taken as UTC as written: one kind moves against the other
+        with_zone, without = int(np.flatnonzero(zoned)[0]), int(np.flatnonzero(~zoned)[0])
+        raise InputError(
+            f"{source}, column {column!r} (--data.time_column): row {with_zone + first_row} holds a time with a time zone "
+            f"({values.iloc[with_zone]!r}) and row {without + first_row} one without ({values.iloc[without]!r}); times without a zone "
+            "would be taken as UTC, shifting them against the others by their offset and moving rows across the split's cutoff. "
+            "Write every time of the column one way (all with their offset, e.g. in UTC with Z, or all in one local time without)"
         )
     return times.astype("datetime64[ns, UTC]").astype("int64").to_numpy(dtype=np.float64), True
 

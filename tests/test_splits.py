@@ -99,6 +99,14 @@ def test_bad_split_options_are_refused_naming_the_column_row_or_rule(tmp_path, t
     with pytest.raises(InputError) as refused:
         finance(tmp_path / "bad.csv", split_by="time", time_column="timestamp").split_assignment
     assert "bad.csv row 7, column 'timestamp'" in flat(refused.value) and "'yesterday'" in str(refused.value)
+    mixed = transactions.copy()  # the timestamp column used only to split (not a feature): the split reads it alone
+    mixed["timestamp"] = mixed["timestamp"].astype(str)
+    mixed.loc[8, "timestamp"] = mixed.loc[8, "timestamp"].replace(" ", "T") + "+02:00"
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    with pytest.raises(InputError) as refused:
+        roles = {**ROLES, "timestamp_columns": [], "ignore_columns": ["timestamp"]}
+        TransactionDataModule(path=str(tmp_path / "mixed.csv"), split_by="time", time_column="timestamp", **roles).split_assignment
+    assert "mixed.csv, column 'timestamp' (--data.time_column): row 9 holds a time with a time zone" in flat(refused.value) and "row 1 one without" in flat(refused.value)
     with pytest.raises(InputError) as refused:
         finance(tmp_path / "t.csv", split_by="time", time_column="timestamp", test_after="2099-01-01").split_assignment
     assert re.search(r"split 'test' is empty under --data.split_by time --data.time_column timestamp --data.test_after 2099-01-01 .*'test': 0", flat(refused.value))
