@@ -166,6 +166,8 @@ CASES = [
     # a class listed twice was accepted silently (two outputs for one class, one never the target)
     BadInput("class-declared-twice", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake,keep]"),
              ("--data.class_names", "'keep'", "twice"), table_file("fleet.csv")),  # fmt: skip
+    BadInput("class-declared-twice-in-another-case", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre",
+             "--data.class_names=[brake,keep,Keep]"), ("--data.class_names", "'keep' and 'Keep'", "differ only in case or spaces"), table_file("fleet.csv")),  # fmt: skip
 ]
 
 

@@ -36,6 +36,16 @@ def check_data_options(hp: Any) -> None:
             f"--data.class_names lists class {', '.join(map(repr, twice))} twice ({names}): each class is one model output, "
             "so a class listed twice gets an output that is never the target; list every class once"
         )
+    alike: dict[str, list[str]] = {}
+    for name in names:
+        alike.setdefault(" ".join(name.split()).casefold(), []).append(name)
+    near = [spellings for spellings in alike.values() if len(spellings) > 1]
+    if near:
+        raise InputError(
+            f"--data.class_names lists {' and '.join(map(repr, near[0]))}, which differ only in case or spaces ({names}): the labels "
+            "are matched exactly, so one of them would be an output that is never the target (or a typo of the other); "
+            "list each class once, spelt as in the target column"
+        )
     if hp.task != "forecasting" and not hp.target_column:
         raise InputError(f"--data.task {hp.task} needs --data.target_column (the column to predict)")
     if (hp.augment_rotation or hp.canonical_heading) and len(hp.target_channels or []) != 2:
