@@ -19,9 +19,9 @@ import torch
 from domains.autonomous.data import SensorSequenceDataModule
 from domains.autonomous.position_units import KEY, TOO_FAR, TOO_NEAR
 from domains.autonomous.readers import ETH_UCY_SCENES
-from tests.bad_inputs import BadInput, check_refused, params
+from tests.bad_inputs import BadInput, check_refused, folder_digests, params
 from tests.conftest import only_run, run_pipeline, shared_file
-from tests.test_bad_inputs_autonomous import BASE, CSV, _digests, contains, fleet, table_file, write
+from tests.test_bad_inputs_autonomous import BASE, CSV, contains, fleet, table_file, write
 
 
 def in_unit(trip: str | None, factor: float):
@@ -78,13 +78,13 @@ def trained(tmp_path_factory):
 
 def refused(run, runs, capsys, *args: str) -> str:
     """Run a command on ``run``: exit 2, no traceback, its checkpoints and config untouched, no predictions; the error paragraph."""
-    before = _digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("autonomous", *args, "--run_id", run.name, "--ckpt_path", "best", "--runs_dir", str(runs))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err, err[-3000:]
-    after = _digests(run)
+    after = folder_digests(run)
     kept = {name: digest for name, digest in before.items() if name not in ("provenance.json", ".lock")}  # the invocation is recorded
     assert {name: after.get(name) for name in kept} == kept and not list(run.glob("predictions*")), sorted(set(after) - set(before))
     return err[err.index("error:") :]
