@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from domains.autonomous.data import SensorSequenceDataModule
-from domains.autonomous.position_units import KEY, TOO_FAR, TOO_NEAR
+from domains.autonomous.position_units import KEY, TOO_FAR, TOO_NEAR, unit_hint
 from domains.autonomous.readers import ETH_UCY_SCENES
-from tests.bad_inputs import BadInput, check_refused, params
+from tests.bad_inputs import BadInput, check_refused, folder_digests, params
 from tests.conftest import only_run, run_pipeline, shared_file
-from tests.test_bad_inputs_autonomous import BASE, CSV, _digests, contains, fleet, table_file, write
+from tests.test_bad_inputs_autonomous import BASE, CSV, contains, fleet, table_file, write
 
 
 def in_unit(trip: str | None, factor: float):
@@ -34,14 +34,44 @@ def in_unit(trip: str | None, factor: float):
     return change
 
 
+def gps_jump(trip: str, metres: float):
+    """Offset the positions of ``trip`` from its 13th row on by ``metres`` in x: one long step (a GPS glitch)."""
+
+    def change(table) -> None:
+        rows = (table["sequence"] == trip) & (table["time"] >= 1.2 - 1e-9)
+        table.loc[rows, "x"] += metres
+
+    return change
+
+
+def looped(trip: str, factor: float):
+    """Make ``trip`` a closed loop (it ends where it started) of about 1.5 m steps, times ``factor``."""
+
+    def change(table) -> None:
+        rows = table["sequence"] == trip
+        angle = np.linspace(0, 2 * np.pi, int(rows.sum()))
+        radius = 1.5 * (len(angle) - 1) / (2 * np.pi)
+        table.loc[rows, "x"] = radius * np.cos(angle) * factor
+        table.loc[rows, "y"] = radius * np.sin(angle) * factor
+
+    return change
+
+
+def mixed_traffic(table) -> None:
+    """Walkers at 0.6 m/s (0.06 m per 0.1 s step) and cars at 33 m/s in trip1 (train) and trip3 (val): 55 times apart."""
+    cars = table["sequence"].isin(["trip1", "trip3"])
+    table.loc[~cars, ["x", "y"]] *= 0.04
+    table.loc[cars, ["x", "y"]] *= 2.2
+
+
 # the random split of the 6 trips: train trip0, trip1, trip4, trip5; val trip3; test trip2 (rows 49 to 72)
 FIT_CASES = [
     BadInput("trip-in-millimetres-in-train", CSV, ("fleet.csv: track 'trip1' (rows 25 to 48, train split)", "moves 1503", "times as far",
-             "millimetres among metres", "divide them by 1000"), table_file("fleet.csv", in_unit("trip1", 1000))),  # fmt: skip
+             "the training split's moving tracks): ", "millimetres among metres", "divide them by 1000"), table_file("fleet.csv", in_unit("trip1", 1000))),  # fmt: skip
     BadInput("trip-in-millimetres-in-test", CSV, ("fleet.csv: track 'trip2' (rows 49 to 72, test split)", "millimetres among metres"),
              table_file("fleet.csv", in_unit("trip2", 1000))),  # fmt: skip
-    BadInput("trip-in-centimetres", CSV, ("track 'trip1'", "moves 150.3", "centimetres among metres", "divide them by 100"),
-             table_file("fleet.csv", in_unit("trip1", 100))),  # fmt: skip
+    BadInput("trip-in-millimetres-looping", CSV, ("fleet.csv: track 'trip1' (rows 25 to 48, train split)", "millimetres among metres",
+             "divide them by 1000"), table_file("fleet.csv", looped("trip1", 1000))),  # a round trip: not directed, still judged  # fmt: skip
     BadInput("trip-in-kilometres", CSV, ("track 'trip4'", "moves 0.0015", "kilometres among metres", "multiply them by 1000"),
              table_file("fleet.csv", in_unit("trip4", 0.001))),  # fmt: skip
 ]
@@ -64,6 +94,22 @@ def test_real_speed_differences_pass(tmp_path):
     dm.setup("fit")
     assert dm.stats[KEY] == pytest.approx(1.5, rel=0.1)
     assert TOO_NEAR < 1 / 30 and TOO_FAR > 30
+    assert TOO_FAR <= 1000 / 3 and "far outside the real spread" in unit_hint(TOO_FAR) and "among" not in unit_hint(TOO_FAR)  # no unit below ~x316
+
+
+@pytest.mark.parametrize(("change", "scale"), [
+    (gps_jump("trip1", 600.0), 1.5),  # one 600 m step covers most of trip1's path: its typical step is 400 times the scale, its median step is not
+    (mixed_traffic, 0.06),  # cars 55 times as fast as the median walker: a real speed
+    (in_unit("trip1", 100), 1.5),  # centimetres among metres (x100) is inside the real spread of speeds: not caught (module docstring)
+], ids=["gps-jump", "walkers-and-cars", "centimetres-not-caught"])  # fmt: skip
+def test_real_glitches_and_speed_spreads_train(tmp_path, change, scale):
+    table = fleet()
+    change(table)
+    write(table, tmp_path / "fleet.csv")
+    runs = tmp_path / "runs"
+    run_pipeline("autonomous", "fit", f"--data.path={tmp_path / 'fleet.csv'}", *BASE, "--data.observe=4", "--data.predict=4", "--runs_dir", str(runs))
+    checkpoint = torch.load(only_run(runs, "autonomous") / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["SensorSequenceDataModule"][KEY] == pytest.approx(scale, rel=0.1)
 
 
 # ----- test, predict and serving: against the checkpoint's scale --------------------------------
@@ -78,13 +124,13 @@ def trained(tmp_path_factory):
 
 def refused(run, runs, capsys, *args: str) -> str:
     """Run a command on ``run``: exit 2, no traceback, its checkpoints and config untouched, no predictions; the error paragraph."""
-    before = _digests(run)
+    before = folder_digests(run)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_pipeline("autonomous", *args, "--run_id", run.name, "--ckpt_path", "best", "--runs_dir", str(runs))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err, err[-3000:]
-    after = _digests(run)
+    after = folder_digests(run)
     kept = {name: digest for name, digest in before.items() if name not in ("provenance.json", ".lock")}  # the invocation is recorded
     assert {name: after.get(name) for name in kept} == kept and not list(run.glob("predictions*")), sorted(set(after) - set(before))
     return err[err.index("error:") :]
@@ -142,6 +188,9 @@ def test_served_positions_in_another_unit_get_422(trained, tmp_path):
         return {"observations": [{"x": float(r.x) * factor, "y": float(r.y) * factor, "speed": float(r.speed)} for r in table.itertuples()]}
 
     assert len(adapter.encode(adapter.infer(adapter.decode(request(1.0)), bundle.run))["forecast"]) == 4
+    glitch = request(1.0)
+    glitch["observations"][-1]["x"] += 600.0  # one GPS jump: the typical step is 400 times the scale, the median step is not
+    adapter.decode(glitch)
     for factor, expect in ((1000, "millimetres among metres"), (0.001, "kilometres among metres")):
         with pytest.raises(HTTPException) as refusal:
             adapter.decode(request(factor))

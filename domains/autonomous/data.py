@@ -323,9 +323,10 @@ class SensorSequenceDataModule(pl.LightningDataModule):
             return
         if all(name in self.datasets for name in SPLITS):
             return
-        if self.stats is None:
+        fitted = self.stats is None
+        if fitted:
             self.stats = self.fit_statistics()
-        check_split_units(self)  # a track in another length unit (mm among m) against the training scale: position_units.py
+        check_split_units(self, fitted)  # a track in another length unit (mm among m) against the training scale: position_units.py
         for name in SPLITS:
             tracks, windows = self.tracks[name], self.windows[name]
             if self.hparams.streaming:  # windows read from the maps per item

@@ -12,13 +12,18 @@ times), so a track is judged by how far it moves *when it moves*, against the mo
   time (a pedestrian who walks in, then waits for 250 frames, in ETH/UCY's zara02);
 - a track is **moving** when that step is positive and its motion is directed: over its segments, the
   distance from first to last position is at least :data:`DIRECTED` of the path length. Standing still
-  with position noise (GPS or annotation jitter) wanders back and forth and is neither fitted nor judged
-  (a parked car logged in millimetres is not caught: it moves nowhere in either unit);
+  with position noise (GPS or annotation jitter) wanders back and forth: it is not fitted and not judged
+  on the :data:`TOO_NEAR` side (a parked car logged in millimetres is not caught: its jitter is small in
+  either unit), but every track with a positive step, directed or not (a loop, a round trip), is judged
+  on the :data:`TOO_FAR` side;
 - the **data's step scale** (:func:`fit_step_scale`, saved in every checkpoint as ``position_step_scale``)
   is the median of the moving training tracks' typical steps;
-- a moving track whose typical step is :data:`TOO_FAR` times the scale or more, or :data:`TOO_NEAR` of
-  it or less, is refused (:func:`check_step_scale`), naming the file, the track, both scales and the
-  likely unit. At ``fit`` every split is checked against the training split's scale; at ``test`` and
+- a track whose typical step **and** plain median step (of its positive steps) are both :data:`TOO_FAR`
+  times the scale or more, or (a moving track) both :data:`TOO_NEAR` of it or less, is refused
+  (:func:`check_step_scale`): a unit multiplies every step, a GPS jump makes one long step that can
+  cover half a path and alone would move the typical step. The message names the file, the track, both
+  scales and the likely unit (named near a factor of 1000; a smaller ratio is only "far outside the real
+  spread"). At ``fit`` every split is checked against the training split's scale; at ``test`` and
   ``predict`` the data is checked against the checkpoint's, and the server checks each sequence
   against the bundle's (``domain_metadata.position_step_scale``, :func:`served_step_ratio`).
   Checkpoints and bundles from before the scale was saved carry none: nothing is checked.
@@ -27,12 +32,14 @@ The band, from the shipped ETH/UCY data (``../shared/data/autonomous/eth_ucy``, 
 step): over the moving tracks of every split of the five leave-one-scene-out folds (about 1000 to 1550
 per training split), typical steps lie between 1/58 (a pedestrian who stands, moving 1 or 2 cm twice)
 and 5.6 times the training split's scale (runners, cyclists); the simulator's vehicles between 0.28 and
-1.6 times their median. A unit mistake multiplies a track's steps by 1000 (millimetres among metres,
-metres among kilometres) or 100 (centimetres among metres). So :data:`TOO_FAR` = 50 refuses x100 and
-x1000 with a margin of 2 and stays 9 times above the real spread (a car at 35 m/s among walkers at
-1.3 m/s is 27 times); :data:`TOO_NEAR` = 1/500 refuses a track in metres among millimetres (1/1000) with
-a margin of 2 and stays 8 times below the slowest moving pedestrians. Metres among centimetres (1/100)
-is inside the real spread and is not caught. ``tests/test_autonomous_units.py`` checks that every
+1.6 times their median. Mixed traffic spreads further: walkers at 0.5 m/s among cars at 40 m/s are 80
+times apart (0.6 and 33 m/s: 55 times). A unit mistake multiplies a track's steps by 1000 (millimetres
+among metres, metres among kilometres) or 100 (centimetres among metres). So :data:`TOO_FAR` = 300
+refuses x1000 with a margin of 3.3 and passes the 80 times of mixed traffic with a margin of 3.75;
+:data:`TOO_NEAR` = 1/500 refuses a track in metres among millimetres (1/1000) with a margin of 2 and
+stays 8 times below the slowest moving pedestrians. Centimetres among metres (x100) and metres among
+centimetres (1/100) are inside the real spread and are not caught (nor a millimetre track slower than
+0.3 times the data's median speed). ``tests/test_autonomous_units.py`` checks that every
 shipped fold passes.
 """
 
@@ -54,7 +61,7 @@ KEY = "position_step_scale"
 #: a track moves (is fitted and judged) when its first-to-last distances are at least this share of its path
 DIRECTED = 0.5
 #: a moving track this many times the data's step scale, or more, is in another unit (see the module's band)
-TOO_FAR = 50.0
+TOO_FAR = 300.0
 #: a moving track this share of the data's step scale, or less, is in another unit
 TOO_NEAR = 1 / 500
 
@@ -62,37 +69,53 @@ UNITS = {3: "millimetres among metres, or metres among kilometres", 2: "centimet
          -2: "metres among centimetres", -3: "metres among millimetres, or kilometres among metres"}  # fmt: skip
 
 
-def typical_step(positions: list[np.ndarray]) -> float | None:
-    """The typical step of one track given as its gap-free segments' positions ``(rows, D)``: the
-    length-weighted median of its step lengths; ``None`` when it does not move (see the module)."""
+def step_profile(positions: list[np.ndarray]) -> tuple[float, float, bool] | None:
+    """``(typical step, plain median step, directed)`` of one track given as its gap-free segments' positions
+    ``(rows, D)``: the length-weighted median of its step lengths, the median of its positive steps and whether
+    its motion is directed; ``None`` when it has fewer than 2 steps or none positive (see the module)."""
     steps = [np.linalg.norm(np.diff(p, axis=0), axis=1) for p in positions if len(p) > 1]
     if not steps or sum(len(s) for s in steps) < 2:
         return None
     lengths = np.concatenate(steps)
+    positive = lengths[lengths > 0]
     path = float(lengths.sum())
+    if not len(positive) or not math.isfinite(path):
+        return None
     directed = sum(float(np.linalg.norm(p[-1] - p[0])) for p in positions if len(p) > 1)
     ordered = np.sort(lengths)
-    step = float(ordered[np.searchsorted(np.cumsum(ordered), 0.5 * path)]) if path > 0 else 0.0
-    return step if step > 0 and math.isfinite(step) and directed >= DIRECTED * path else None
+    step = float(ordered[np.searchsorted(np.cumsum(ordered), 0.5 * path)])
+    return step, float(np.median(positive)), directed >= DIRECTED * path
 
 
-def track_steps(tracks: Tracks) -> list[tuple[str, float]]:
-    """``(sequence name, typical step)`` of every moving track; a sequence split at time gaps is one track
-    (its segments are contiguous and named ``name``, ``name/1``, ...)."""
+def typical_step(positions: list[np.ndarray]) -> float | None:
+    """The typical step of one track given as its gap-free segments' positions ``(rows, D)``: the
+    length-weighted median of its step lengths; ``None`` when it does not move (see the module)."""
+    profile = step_profile(positions)
+    return profile[0] if profile is not None and profile[2] and profile[0] > 0 else None
+
+
+def track_profiles(tracks: Tracks) -> list[tuple[str, tuple[float, float, bool]]]:
+    """``(sequence name, step profile)`` of every track with a positive step (:func:`step_profile`); a sequence
+    split at time gaps is one track (its segments are contiguous and named ``name``, ``name/1``, ...)."""
     if tracks.targets.shape[1] == 0:
         return []
-    out: list[tuple[str, float]] = []
+    out: list[tuple[str, tuple[float, float, bool]]] = []
     name, pieces = None, []
     for segment, (start, length) in enumerate(zip(tracks.starts, tracks.lengths)):
         label = tracks.names[segment]
         if name is None or label != f"{name}/{len(pieces)}":
-            if name is not None and (step := typical_step(pieces)) is not None:
-                out.append((name, step))
+            if name is not None and (profile := step_profile(pieces)) is not None:
+                out.append((name, profile))
             name, pieces = label, []
         pieces.append(np.asarray(tracks.targets[start : start + length], dtype=np.float64))
-    if name is not None and (step := typical_step(pieces)) is not None:
-        out.append((name, step))
+    if name is not None and (profile := step_profile(pieces)) is not None:
+        out.append((name, profile))
     return out
+
+
+def track_steps(tracks: Tracks) -> list[tuple[str, float]]:
+    """``(sequence name, typical step)`` of every moving (directed) track."""
+    return [(name, step) for name, (step, _, directed) in track_profiles(tracks) if directed and step > 0]
 
 
 def fit_step_scale(tracks: Tracks) -> float | None:
@@ -102,15 +125,29 @@ def fit_step_scale(tracks: Tracks) -> float | None:
 
 
 def unit_hint(ratio: float) -> str:
-    """What a ratio of typical steps says about the units."""
+    """What a ratio of typical steps says about the units: a unit is named only near a factor of 1000 or more."""
     power = round(math.log10(ratio))
-    unit = UNITS.get(int(np.clip(power, -3, 3)), "another length unit")
+    if abs(power) < 3:
+        return (f"{ratio:.4g} times is far outside the real spread of speeds but not near a unit factor (1000): check the unit "
+                f"and the values of its positions")
+    unit = UNITS.get(power, "another length unit")
     action = "divide" if ratio > 1 else "multiply"
     return f"about 10^{power}: {unit}? Convert its positions to the data's unit ({action} them by {10 ** abs(power):g})"
 
 
-def off_scale(ratio: float) -> bool:
-    return ratio >= TOO_FAR or ratio <= TOO_NEAR
+def off_ratio(profile: tuple[float, float, bool], scale: float) -> float | None:
+    """The ratio to ``scale`` of a track's step (its :func:`step_profile`) when it is off by a unit factor, else ``None``.
+
+    Off only when its typical step and its plain median step are both off, in the same direction (a unit
+    multiplies every step; a GPS jump makes one long step): :data:`TOO_FAR` for every track, :data:`TOO_NEAR`
+    only for directed ones (a parked track's jitter is tiny in any unit). The ratio is the one nearer to 1."""
+    step, median, directed = profile
+    weighted, plain = step / scale, median / scale
+    if min(weighted, plain) >= TOO_FAR:
+        return min(weighted, plain)
+    if directed and max(weighted, plain) <= TOO_NEAR:
+        return max(weighted, plain)
+    return None
 
 
 def check_step_scale(tracks: Tracks, scale: float | None, split: str, locate: Callable[[str], tuple[str, str]], reference: str,
@@ -126,18 +163,17 @@ def check_step_scale(tracks: Tracks, scale: float | None, split: str, locate: Ca
     """
     if not scale:
         return
-    steps = track_steps(tracks)
-    off = [(name, step) for name, step in steps if off_scale(step / scale)]
+    profiles = track_profiles(tracks)
+    off = [(name, profile, ratio) for name, profile in profiles if (ratio := off_ratio(profile, scale)) is not None]
     if not off:
         return
-    name, step = off[0]
-    ratio = step / scale
+    name, (step, median, _), ratio = off[0]
     file, rows = locate(name)
     raise InputError(
         f"{file}: track {name!r} ({rows}{split} split) moves {step:.4g} per time step (the typical step length, a length-weighted median, in "
-        f"columns {', '.join(repr(c) for c in positions)}) but the data's tracks move {scale:.4g} ({reference}): {ratio:.4g} times as far. "
-        f"{len(off)} of the {split} split's {len(steps)} moving track(s) are off by {TOO_FAR:g} times or more (or 1/{1 / TOO_NEAR:g} or less): "
-        f"that is a unit, not a speed: {unit_hint(ratio)}"
+        f"columns {', '.join(repr(c) for c in positions)}; the median step {median:.4g}) but the data's tracks move {scale:.4g} ({reference}): "
+        f"{ratio:.4g} times as far. {len(off)} of the {split} split's {len(profiles)} track(s) with steps are off by {TOO_FAR:g} times or more "
+        f"(or 1/{1 / TOO_NEAR:g} or less), both their typical and their median step: that is a unit, not a speed: {unit_hint(ratio)}"
     )
 
 
@@ -145,10 +181,9 @@ def served_step_ratio(positions: np.ndarray, scale: float | None) -> tuple[float
     """``(typical step, ratio to scale)`` of one served sequence's positions ``(T, D)`` when it is off by a unit factor, else ``None``."""
     if not scale:
         return None
-    step = typical_step([np.asarray(positions, dtype=np.float64)])
-    if step is None or not off_scale(step / scale):
-        return None
-    return step, step / scale
+    profile = step_profile([np.asarray(positions, dtype=np.float64)])
+    ratio = None if profile is None else off_ratio(profile, scale)
+    return None if ratio is None else (ratio * scale, ratio)
 
 
 def locator(tables: dict[str, Any] | None, sequence_column: str, fallback: str) -> Callable[[str], tuple[str, str]]:
@@ -168,14 +203,16 @@ def locator(tables: dict[str, Any] | None, sequence_column: str, fallback: str) 
 
 #: what the stored scale is, in messages
 REFERENCE = "the median typical step of the training split's moving tracks, saved in the checkpoint"
+#: the same, at ``fit`` (no checkpoint yet)
+FITTED = "the median typical step of the training split's moving tracks"
 
 
-def check_split_units(dm: Any) -> None:
+def check_split_units(dm: Any, fitted: bool) -> None:
     """Every split of a ``SensorSequenceDataModule`` (``dm``, with its fitted or restored state) against the
-    data's step scale: at ``fit`` the training split's own, at ``test`` the checkpoint's."""
+    data's step scale: the training split's own when ``fitted`` just now, else the checkpoint's."""
     scale = (dm.stats or {}).get(KEY)
     if not scale:
         return
     locate = locator(None if dm.hparams.streaming else dm.tables, dm.hparams.sequence_column, str(dm.hparams.path or "the data"))
     for split, tracks in dm.tracks.items():
-        check_step_scale(tracks, scale, split, locate, REFERENCE, dm.position_names)
+        check_step_scale(tracks, scale, split, locate, FITTED if fitted else REFERENCE, dm.position_names)
