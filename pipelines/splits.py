@@ -211,8 +211,9 @@ def column_split(values: pd.Series, column: str, source: str, first_row: int = 1
     return split.to_numpy().astype(str)
 
 
-def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1) -> np.ndarray:
-    """``train``/``val``/``test`` per row of ``frame`` under a stable rule (``random`` is the domain's own)."""
+def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1, seen: FirstOfEachKind | None = None) -> np.ndarray:
+    """``train``/``val``/``test`` per row of ``frame`` under a stable rule (``random`` is the domain's own); ``seen``: the
+    time-zone kinds of the time column's earlier chunks, for a table read in chunks (:func:`parse_times`)."""
     if rule.by == "random":
         raise ValueError("the random split is drawn by each data module")
     column = {"hash": rule.key, "time": rule.time_column, "column": rule.column}[rule.by]
@@ -228,7 +229,7 @@ def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1
             raise InputError(f"{source} {describe_rows(missing + first_row)}, column {column!r} (--data.split_key): no key value; every row needs one")
         return hash_split(values.to_numpy(), rule.val_fraction, rule.test_fraction, rule.seed)
     if rule.by == "time":
-        times, is_datetime = parse_times(values, column, source, first_row)
+        times, is_datetime = parse_times(values, column, source, first_row, seen)
         return time_split(times, rule, is_datetime)
     return column_split(values, column, source, first_row)
 
