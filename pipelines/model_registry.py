@@ -103,6 +103,17 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def alias_name_problem(name: str, domain: str) -> str | None:
+    """Why ``name`` cannot be an alias (in words, with how to move the champion), or ``None``: an alias is a name of
+    letters, digits, ``-`` or ``_`` starting with a letter, other than ``champion``, which only promote/rollback move."""
+    how = f"`python -m pipelines.registry {domain} promote VERSION` or `... {domain} rollback` move the champion"
+    if name == CHAMPION:
+        return f"alias {name!r}: the champion is not an alias; {how}"
+    if not name or not name.replace("-", "").replace("_", "").isalnum() or not name[0].isalpha():
+        return f"alias {name!r}: use a name of letters, digits, '-' or '_' starting with a letter, other than {CHAMPION!r} ({how})"
+    return None
+
+
 class ModelRegistry(LoadingMixin):
     """The registry folder of one domain.
 
@@ -321,8 +332,9 @@ class ModelRegistry(LoadingMixin):
 
     def set_alias(self, name: str, version: str | None) -> str | None:
         """Point alias ``name`` at ``version`` (``None`` removes it); return what it pointed at before."""
-        if name == CHAMPION or not name.replace("-", "").replace("_", "").isalnum() or not name[0].isalpha():
-            raise RegistryError(f"alias {name!r}: use a name of letters, digits, '-' or '_' other than {CHAMPION!r} (promote/rollback move the champion)")
+        problem = alias_name_problem(name, self.domain)
+        if problem:
+            raise RegistryError(problem)
         aliases = self.aliases()
         before = aliases.get(name)
         if version is None:

@@ -30,6 +30,7 @@ from typing import Any
 from pipelines.errors import InputError, did_you_mean
 from pipelines.model_registry import (
     CONFIG_FILE, DEFAULT_REGISTRY, EXTRAS_FILE, HISTORY_FILE, METADATA_FILE, PREPROCESSING_FILE, REGISTRY_ENV, WEIGHTS_FILE, ModelRegistry, RegistryError, RegistryLocked,
+    alias_name_problem,
     read_history,
 )  # fmt: skip
 from pipelines.option_spelling import OneLineParser
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "alias" and ((args.action == "set" and not args.version) or (args.action != "list" and not args.name)):
             parser.error("alias set NAME VERSION | alias rm NAME | alias list")
+        if args.command == "alias" and args.action != "list" and alias_name_problem(args.name, args.domain):
+            parser.error(str(alias_name_problem(args.name, args.domain)))
         if args.command == "gc" and args.keep < 1:
             parser.error(f"--keep {args.keep}: keep at least 1 version")
     except SystemExit as stop:

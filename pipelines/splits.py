@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError, did_you_mean
-from pipelines.time_zones import written_with_zone
+from pipelines.time_zones import FirstOfEachKind
 from pipelines.validation import describe_rows
 
 SPLITS = ("train", "val", "test")
@@ -135,10 +135,11 @@ def hash_split(values: Sequence[Any], val_fraction: float, test_fraction: float,
     return np.where(unit < val_fraction, "val", np.where(unit < val_fraction + test_fraction, "test", "train")).astype(str)
 
 
-def parse_times(values: pd.Series, column: str, source: str, first_row: int = 1) -> tuple[np.ndarray, bool]:
+def parse_times(values: pd.Series, column: str, source: str, first_row: int = 1, seen: FirstOfEachKind | None = None) -> tuple[np.ndarray, bool]:
     """``(float64 per row, whether they are datetimes)``: numbers as they are, else ISO 8601 times as
     nanoseconds since the epoch (UTC; a time without a zone is taken as UTC). A value that is neither
-    (or missing) is refused, naming its row."""
+    (or missing) is refused, naming its row, and so are times with and without a time zone in one column
+    (``seen``: what the earlier chunks of a column read in chunks held, :class:`pipelines.time_zones.FirstOfEachKind`)."""
     numeric = pd.to_numeric(values, errors="coerce")
     bad = numeric.isna().to_numpy()
     if not bad.all() and not bad.any():
@@ -151,12 +152,13 @@ def parse_times(values: pd.Series, column: str, source: str, first_row: int = 1)
             f"{source} {describe_rows(rows + first_row)}, column {column!r} (--data.time_column): value {values.iloc[rows[0]]!r} is neither "
             f"a number nor an ISO 8601 time (e.g. 2024-05-01 or 2024-05-01T12:00:00Z); {len(rows)} such row(s)"
         )
-    zoned = written_with_zone(values)
-    if zoned.any() and not zoned.all():  # a time without a zone is taken as UTC as written: one kind moves against the other
-        with_zone, without = int(np.flatnonzero(zoned)[0]), int(np.flatnonzero(~zoned)[0])
+    seen = seen if seen is not None else FirstOfEachKind()
+    seen.add(values, first_row)
+    if seen.mixed:  # a time without a zone is taken as UTC as written: one kind moves against the other
+        (with_zone, zoned_value), (without, naive_value) = seen.zoned, seen.naive
         raise InputError(
-            f"{source}, column {column!r} (--data.time_column): row {with_zone + first_row} holds a time with a time zone "
-            f"({values.iloc[with_zone]!r}) and row {without + first_row} one without ({values.iloc[without]!r}); times without a zone "
+            f"{source}, column {column!r} (--data.time_column): row {with_zone} holds a time with a time zone "
+            f"({zoned_value!r}) and row {without} one without ({naive_value!r}); times without a zone "
             "would be taken as UTC, shifting them against the others by their offset and moving rows across the split's cutoff. "
             "Write every time of the column one way (all with their offset, e.g. in UTC with Z, or all in one local time without)"
         )
@@ -209,8 +211,9 @@ def column_split(values: pd.Series, column: str, source: str, first_row: int = 1
     return split.to_numpy().astype(str)
 
 
-def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1) -> np.ndarray:
-    """``train``/``val``/``test`` per row of ``frame`` under a stable rule (``random`` is the domain's own)."""
+def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1, seen: FirstOfEachKind | None = None) -> np.ndarray:
+    """``train``/``val``/``test`` per row of ``frame`` under a stable rule (``random`` is the domain's own); ``seen``: the
+    time-zone kinds of the time column's earlier chunks, for a table read in chunks (:func:`parse_times`)."""
     if rule.by == "random":
         raise ValueError("the random split is drawn by each data module")
     column = {"hash": rule.key, "time": rule.time_column, "column": rule.column}[rule.by]
@@ -226,7 +229,7 @@ def assign(rule: SplitRule, frame: pd.DataFrame, source: str, first_row: int = 1
             raise InputError(f"{source} {describe_rows(missing + first_row)}, column {column!r} (--data.split_key): no key value; every row needs one")
         return hash_split(values.to_numpy(), rule.val_fraction, rule.test_fraction, rule.seed)
     if rule.by == "time":
-        times, is_datetime = parse_times(values, column, source, first_row)
+        times, is_datetime = parse_times(values, column, source, first_row, seen)
         return time_split(times, rule, is_datetime)
     return column_split(values, column, source, first_row)
 

@@ -171,12 +171,22 @@ def mixed_times(table: pd.DataFrame) -> None:
     table.loc[60:, "time"] = stamps[60:]
 
 
+def zones_from_row_73(table: pd.DataFrame) -> None:
+    """ISO 8601 times, without a time zone in trips 0-2 (rows 1-72) and with one (+02:00) after: no sequence mixes them."""
+    stamps = (pd.Timestamp("2024-05-01") + pd.to_timedelta(table["time"], unit="s")).dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    table["time"] = stamps.where(table.index < 72, stamps + "+02:00")
+
+
 STREAM = ("--data.streaming=true", "--data.cache_dir={tmp}/../cache", "--data.chunk_rows=10")
 OWN = [
     BadInput("interleaved-sequences", ("--data.path={tmp}/fleet.csv", *BASE, *STREAM), ("fleet.csv row 61", "'sequence'", "'trip1'", "grouped by sequence", "drop --data.streaming"),
              table_file("fleet.csv", interleaved)),  # fmt: skip
     BadInput("time-kinds-differ-between-chunks", ("--data.path={tmp}/fleet.csv", *BASE, *STREAM), ("fleet.csv row 61", "'time'", "iso 8601"),
              table_file("fleet.csv", mixed_times)),  # fmt: skip
+    # a time split reads each piece alone: the kinds are carried across pieces and refused as in memory (naive rows moved by the offset)
+    BadInput("time-split-zones-differ-between-chunks", ("--data.path={tmp}/fleet.csv", *BASE, *STREAM, "--data.split_by=time",
+             "--data.val_after=2024-05-01T00:00:01", "--data.test_after=2024-05-01T00:00:01.8"),
+             ("fleet.csv", "'time' (--data.time_column): row 73 holds a time with a time zone", "row 1 one without", "+02:00"), table_file("fleet.csv", zones_from_row_73)),  # fmt: skip
     BadInput("streaming-the-simulator", (*BASE, "--data.streaming=true"), ("--data.streaming true", "--data.path")),
     BadInput("streaming-classification", ("--data.path={tmp}/fleet.csv", *BASE, "--data.streaming=true", "--data.task=classification", "--data.target_column=manoeuvre"),
              ("--data.streaming true", "classification"), table_file("fleet.csv")),  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 from domains.autonomous.data import SensorSequenceDataModule
 from pipelines.quantiles import QuantileCoverage
 from tests.bad_inputs import BadInput, check_refused, params
-from tests.conftest import only_run, run_pipeline
+from tests.conftest import only_run, read_jsonl, run_pipeline
 from tests.test_autonomous import TINY, columns, fleet, write_table
 
 QUIET = ("--trainer.logger=false", "--trainer.enable_progress_bar=false")
@@ -169,6 +169,26 @@ def test_stochastic_forecasters_write_k_samples_and_mode_probabilities(tmp_path,
         np.testing.assert_allclose(samples[:, 0], predictions[[f"pred_x_{t}" for t in range(12)]], atol=1e-5)  # the single forecast is the top mode
     else:  # equally likely draws from the prior: no probabilities, and they differ
         assert probability == [] and np.abs(samples[:, 0] - samples[:, 1]).max() > 0
+
+
+@pytest.mark.parametrize(("architecture", "extra"), [("cvae", []), ("mixture", ["--model.modes=4"])])
+def test_a_stochastic_forecaster_scores_one_checkpoint_the_same_in_every_evaluation_and_batch_size(tmp_path, architecture, extra):
+    """The CVAE's loss (a code drawn from its posterior) and ``min_ade``/``min_fde`` (best of 6 futures: the CVAE's from
+    its prior, the mixture's 2 beyond its 4 modes drawn from it; ``score``, the checkpoint monitor) were drawn from the
+    global generator: two tests of one checkpoint on the same rows differed. Now drawn per window: the same numbers at
+    batch sizes 4 and 7 and when tested again."""
+    path = write_table(tmp_path / "fleet.csv", fleet(12, steps=24))
+    runs = tmp_path / "runs"
+    args = (*TINY, *columns(f"--data.path={path}", f"--model.architecture={architecture}", "--model.num_samples=6", *extra))
+    run_pipeline("autonomous", "fit", *args, "--runs_dir", str(runs))
+    run = only_run(runs, "autonomous")
+    found = []
+    for batch_size in (4, 7, 7):
+        run_pipeline("autonomous", "test", *args, "--run_id", run.name, "--ckpt_path", "last", "--runs_dir", str(runs),
+                     f"--data.batch_size={batch_size}", "--trainer.limit_test_batches=1.0")  # fmt: skip
+        found.append([row for row in read_jsonl(run / "metrics.jsonl") if row.get("stage") == "test"][-1])
+    for key in ("test/loss", "test/min_ade", "test/min_fde", "test/score"):
+        assert found[0][key] == pytest.approx(found[1][key], rel=1e-5) and found[1][key] == pytest.approx(found[2][key], rel=1e-6), (key, found)
 
 
 def test_classification_is_calibrated_and_plots_name_the_classes(tmp_path):

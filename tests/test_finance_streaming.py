@@ -16,6 +16,7 @@ import pytest
 
 from domains.finance.data import SYNTHETIC_ROLES, TransactionDataModule
 from domains.finance.synthetic import make_card_transactions
+from pipelines.errors import InputError
 from tests.bad_inputs import BadInput, check_refused, params
 from tests.conftest import only_run, run_pipeline, run_pipeline_process
 from tests.test_bad_inputs_finance import CASES, TINY, flat, table
@@ -68,6 +69,28 @@ def test_streaming_gives_the_same_splits_fitted_state_reference_and_batches(file
     assert streamed.reference_statistics == memory.reference_statistics
     assert streamed.describe_data() == memory.describe_data()
     assert "table" not in vars(streamed), "the streaming data module never holds the whole table"
+
+
+@pytest.mark.parametrize("time_is_a_feature", [False, True])
+def test_a_time_column_naive_in_one_chunk_and_zoned_in_a_later_one_is_refused_as_in_memory(files, tmp_path, time_is_a_feature):
+    """The time split's column read in chunks of 97 rows: rows 1-291 without a time zone, rows 292-600 with one (no chunk mixes
+    the two). Each chunk alone is one kind; the whole column is not, and the split's cutoff would move the zoned rows by
+    their offset. Refused as the in-memory path refuses it (the same words), with no cache left behind."""
+    frame = pd.read_csv(files / "t.csv", keep_default_na=False)
+    frame.loc[291:, "timestamp"] = frame.loc[291:, "timestamp"].str.replace(" ", "T") + "+02:00"
+    frame.to_csv(tmp_path / "zones.csv", index=False)
+    roles = {"split_by": "time", "time_column": "timestamp"}
+    if not time_is_a_feature:  # read only by the split: the features' timestamp checks never see it
+        roles.update(timestamp_columns=[], ignore_columns=["fold", "timestamp"])
+    messages = []
+    for module in both(tmp_path / "zones.csv", tmp_path / "cache", **roles):
+        with pytest.raises(InputError) as refused:
+            module.setup("fit")
+        messages.append(flat(str(refused.value)))
+    assert messages[1].startswith(messages[0]), messages  # (the streamed one adds that later chunks were not read)
+    assert "column 'timestamp' (--data.time_column): row 292 holds a time with a time zone" in messages[1] and "row 1 one without" in messages[1]
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not list(cache.iterdir())
 
 
 def test_a_second_data_module_reuses_the_cache_and_a_changed_file_gets_its_own(files, tmp_path):

@@ -165,6 +165,17 @@ def test_diffusion_trains_conditionally_samples_with_ema_and_ddim(tmp_path):
     assert "test/fid_cnn" in trainer.callback_metrics
 
 
+def test_diffusion_val_loss_of_one_checkpoint_is_the_same_at_every_batch_size(tmp_path):
+    """Each validation image's noise and timestep came from a generator seeded by the batch's number: the same
+    checkpoint scored another val/loss at another batch size (or under DDP). Now drawn per image from its index."""
+    model = Diffusion(**TINY_DIFFUSION, **linked(shapes_module()))
+    losses = []
+    for batch_size in (4, 7, 7):
+        trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, **QUIET)
+        losses.append(trainer.validate(model, datamodule=shapes_module(batch_size=batch_size), verbose=False)[0]["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-6), losses
+
+
 def test_diffusion_through_the_cli_with_predict(runs_dir, capsys):
     args = ["--model", "domains.media.model.Diffusion", *[f"--model.init_args.{k}={json.dumps(v)}" for k, v in TINY_DIFFUSION.items()]]
     data = ["--data.synthetic_samples=60", "--data.image_size=16", "--data.batch_size=8", "--data.num_generate=5", "--trainer.logger=false"]

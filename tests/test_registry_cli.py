@@ -75,6 +75,18 @@ def test_registry_unknown_option_from_the_shell_is_one_line(tmp_path):
     assert done.returncode == 2 and "--frobnicate" in _one_line(done.stderr), done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args", [["alias", "set", "champion", "v0001"], ["alias", "rm", "champion"], ["alias", "set", "9th", "v0001"]])
+def test_an_alias_named_champion_or_malformed_is_a_usage_error_naming_promote_and_rollback(tmp_path, args):
+    """``alias set champion VERSION`` exited 1 (a registry error, after taking the lock) although it is a usage error:
+    from the shell, one line, exit 2, saying how the champion moves; nothing written (no alias, no history line)."""
+    registry = _registry_with_versions(tmp_path / "registry", 1)
+    history = (registry.path / "history.jsonl").read_bytes()
+    done = run_child([sys.executable, "-m", "pipelines.registry", "finance", *args, "--registry", str(tmp_path / "registry")], 120, cwd=ROOT, env=child_env())
+    line = _one_line(done.stderr)
+    assert done.returncode == 2 and f"alias {args[2]!r}" in line and "finance promote VERSION" in line and "finance rollback" in line, done.stderr[-2000:]
+    assert registry.aliases() == {} and (registry.path / "history.jsonl").read_bytes() == history
+
+
 @pytest.mark.parametrize("args, names", [(["--margin", "nan"], "--margin"), (["--margin=inf"], "--margin"), (["--margin", "-Infinity"], "--margin"),
                                          (["--keep", "some"], "--keep"), (["--when", "sometimes"], "--when")])  # fmt: skip
 def test_retrain_bad_usage_is_one_line_and_exit_2_before_anything_is_written(tmp_path, capsys, args, names):

@@ -10,6 +10,8 @@
 - classification: temperature calibration's ECE, Brier score and reliability diagram, bootstrap
   intervals of accuracy and F1 (:mod:`pipelines.classifier_calibration`), the confusion matrix with
   class names.
+
+It also holds the random draws of the stochastic forecasters at evaluation (:func:`evaluation_draws`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from domains.autonomous.figures import scatter_figure, step_figure, trajectory_f
 from pipelines.errors import InputError
 from pipelines.evaluation_plots import confusion_figure
 from pipelines.quantiles import central_intervals, check_quantiles, interval_label
+from pipelines.sample_draws import normal_per_sample, uniform_per_sample
 from pipelines.tracking import log_figure
 from pipelines.weighted_metrics import multiclass_classification
 
@@ -49,6 +52,36 @@ def check_model_options(quantiles: Any, architecture: str, task: str, categories
             "--model.num_samples sampled futures (predict writes them). Expected --model.architecture rnn or transformer for quantiles"
         )
     return levels
+
+
+#: what each evaluation draw is for (the ``salt`` of :mod:`pipelines.sample_draws`)
+POSTERIOR_CODE, PRIOR_CODES, MODE_CHOICES, MODE_NOISE = 1, 2, 3, 4
+
+
+def evaluation_draws(model: Any, batch: dict[str, torch.Tensor], purpose: str) -> dict[str, Any]:
+    """The random draws of a stochastic forecaster (``model.network``) at validation, test and predict, as keyword
+    arguments of its ``training_forward`` (``purpose`` ``"loss"``) or its ``forward`` (``"futures"``); ``{}`` in training.
+
+    Why drawn per window: ``val/loss`` (the CVAE's reconstruction through a code drawn from its posterior, plus the KL)
+    and ``min_ade``/``min_fde`` (the best of K futures drawn from the prior: ``val/score``, the checkpoint monitor) were
+    drawn from the global generator, so two evaluations of one checkpoint on the same data differed and the best
+    checkpoint was picked partly by chance. The posterior mean would make ``val/loss`` deterministic but measure another
+    thing than the training loss (it drops the code's spread) and cannot give K distinct futures; so the draws stay
+    draws, as a VAE's ELBO and best-of-K are defined, each fixed by the window's ``index`` in its split (common random
+    numbers): the score is a function of the weights and the data alone, whatever the batch size, order or process count.
+    """
+    if model.training:
+        return {}
+    net, hp, like = model.network, model.hparams, batch["inputs"]
+    where = {"device": like.device, "dtype": like.dtype}
+    if hp.architecture == "cvae":
+        shape = (net.latent_size,) if purpose == "loss" else (hp.num_samples, net.latent_size)
+        return {"noise": normal_per_sample(batch["index"], shape, POSTERIOR_CODE if purpose == "loss" else PRIOR_CODES, **where)}
+    extra = hp.num_samples - net.modes
+    if hp.architecture != "mixture" or purpose != "futures" or extra <= 0:
+        return {}
+    choices = uniform_per_sample(batch["index"], (extra,), MODE_CHOICES, **where)
+    return {"draws": (choices, normal_per_sample(batch["index"], (extra, net.predict, net.target_dim), MODE_NOISE, **where))}
 
 
 def occlusion(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

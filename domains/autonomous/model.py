@@ -20,7 +20,7 @@ forcing starts at ``teacher_forcing`` and decays linearly to 0 over ``teacher_fo
 
 Metrics (torchmetrics, DDP-synchronised): forecasting ``ade``, ``fde`` (single prediction; the
 CVAE decodes its prior mean, the mixture takes its most probable mode), ``min_ade``, ``min_fde``
-(best of ``num_samples`` futures, stochastic forecasters only), ``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
+(best of ``num_samples`` futures, stochastic forecasters only; drawn per window at evaluation: :func:`~domains.autonomous.evaluation.evaluation_draws`), ``rmse``, ``mae`` (per coordinate, data units); regression ``rmse``, ``mae`` (data units);
 classification ``accuracy``, ``f1`` (macro). Test adds the displacement error per horizon step
 (``de_step_<k>``), per-channel occlusion attributions (``attributions.py``) and, with ``quantiles``,
 the coverage of the predicted quantiles and intervals (``pipelines/quantiles.py``); classification
@@ -44,7 +44,7 @@ from torchmetrics import Accuracy, ConfusionMatrix, F1Score, MeanAbsoluteError, 
 from domains.autonomous.attributions import AttributionColumns
 from domains.autonomous.metrics import DisplacementError, StepDisplacementError, VectorMean
 from domains.autonomous.network_choice import make_network
-from domains.autonomous.evaluation import check_model_options, keep_for_plot, log_test_outputs, occlusion
+from domains.autonomous.evaluation import check_model_options, evaluation_draws, keep_for_plot, log_test_outputs, occlusion
 from pipelines.classifier_calibration import ClassifierCalibration
 from pipelines.evaluation_means import EvaluationMeans
 from pipelines.export_spec import ExportSpec
@@ -255,7 +255,7 @@ class SensorSequenceModel(GroupedSteps, BaseTask):
             others = (errors.sum(1) - winner) / max(means.shape[1] - 1, 1)
             return ((1 - eps) * winner + eps * others).mean() + F.cross_entropy(logits, best)
         if self.stochastic:
-            recon, kl = self.network.training_forward(batch["inputs"], truth, tf, **known)
+            recon, kl = self.network.training_forward(batch["inputs"], truth, tf, **known, **evaluation_draws(self, batch, "loss"))
             return F.mse_loss(recon[:, 0].cumsum(1), truth.cumsum(1)) + self.hparams.kl_weight * kl.mean()
         if self.hparams.architecture == "rnn":
             pred = self.network(batch["inputs"], truth=truth, teacher_forcing=tf, **known)
@@ -296,7 +296,8 @@ class SensorSequenceModel(GroupedSteps, BaseTask):
         out = {"single": positions[:, self.point_index]} | ({"quantiles": positions} if self.quantile_levels else {})
         if self.stochastic:
             known = {"known": batch["known"]} if "known" in batch else {}
-            samples = self.network(batch["inputs"], num_samples=self.hparams.num_samples, **known) + self._last_step(batch["inputs"])[:, None, None]
+            draws = evaluation_draws(self, batch, "futures")  # per window: the metrics are a function of the data alone
+            samples = self.network(batch["inputs"], num_samples=self.hparams.num_samples, **known, **draws) + self._last_step(batch["inputs"])[:, None, None]
             out["samples"] = self._positions(samples, batch)
         return out
 

@@ -198,27 +198,30 @@ class CVAEForecaster(nn.Module):
 
     def forward(
         self, inputs: torch.Tensor, num_samples: int = 1, truth: torch.Tensor | None = None, teacher_forcing: float = 0.0, mean: bool = False,
-        known: torch.Tensor | None = None,
+        known: torch.Tensor | None = None, noise: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """``num_samples`` futures from the prior ``(B, K, predict, D)``; ``mean=True`` decodes the prior mean once."""
+        """``num_samples`` futures from the prior ``(B, K, predict, D)``; ``mean=True`` decodes the prior mean once.
+        ``noise``: the standard-normal draws of the codes ``(B, K, latent)`` (evaluation: drawn per sample), else drawn here."""
         d = self.distributions(inputs)
         last = inputs[:, -1, : self.target_dim]
         if mean:
             return self._decode(d["h"], d["prior_mu"], last, None, 0.0, known)[:, None]
         k = num_samples
         mu, std = d["prior_mu"].repeat_interleave(k, 0), (0.5 * d["prior_logvar"]).exp().repeat_interleave(k, 0)
-        z = mu + std * torch.randn_like(std)
+        z = mu + std * (torch.randn_like(std) if noise is None else noise.reshape(std.shape))
         repeated = known.repeat_interleave(k, 0) if known is not None else None
         out = self._decode(d["h"].repeat_interleave(k, 0), z, last.repeat_interleave(k, 0), None, 0.0, repeated)
         return out.view(-1, k, self.predict, self.target_dim)  # -1, not len(inputs): an export keeps the batch axis dynamic
 
     def training_forward(
-        self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0, known: torch.Tensor | None = None
+        self, inputs: torch.Tensor, future: torch.Tensor, teacher_forcing: float = 0.0, known: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Reconstruction through the posterior ``(B, 1, predict, D)`` and KL(q || p) per sample ``(B,)``."""
+        """Reconstruction through the posterior ``(B, 1, predict, D)`` and KL(q || p) per sample ``(B,)`` (``noise``: the
+        code's standard-normal draw ``(B, latent)``, given at evaluation; else drawn here)."""
         d = self.distributions(inputs, future)
         std = (0.5 * d["post_logvar"]).exp()
-        z = d["post_mu"] + std * torch.randn_like(std)
+        z = d["post_mu"] + std * (torch.randn_like(std) if noise is None else noise)
         recon = self._decode(d["h"], z, inputs[:, -1, : self.target_dim], future, teacher_forcing, known)
         kl = 0.5 * (
             d["prior_logvar"] - d["post_logvar"]
@@ -269,16 +272,24 @@ class MixtureForecaster(nn.Module):
         features = self.trunk(encoded if known is None else torch.cat([encoded, known.flatten(1)], -1))
         return self.means(features).view(-1, self.modes, self.predict, self.target_dim), self.logits(features)
 
-    def forward(self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False, known: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, num_samples: int = 1, mean: bool = False, known: torch.Tensor | None = None,
+        draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``draws``: for the futures beyond ``modes`` (E of them), uniform ``(B, E)`` draws picking their modes and
+        standard-normal ``(B, E, predict, D)`` noise (evaluation: drawn per sample), else drawn here."""
         means, logits = self.mixture(inputs, known)
         order = logits.argsort(-1, descending=True)
         k = 1 if mean else num_samples
         top = means.gather(1, order[:, : min(k, self.modes), None, None].expand(-1, -1, self.predict, self.target_dim))
         if k <= self.modes:
             return top
-        extra = torch.multinomial(logits.softmax(-1), k - self.modes, replacement=True)
+        if draws is None:
+            extra = torch.multinomial(logits.softmax(-1), k - self.modes, replacement=True)
+        else:  # the mode whose cumulative probability first exceeds the uniform draw: the same distribution
+            extra = torch.searchsorted(logits.softmax(-1).cumsum(-1).contiguous(), draws[0].contiguous()).clamp(max=self.modes - 1)
         drawn = means.gather(1, extra[:, :, None, None].expand(-1, -1, self.predict, self.target_dim))
-        return torch.cat([top, drawn + self.sigma * torch.randn_like(drawn)], 1)
+        return torch.cat([top, drawn + self.sigma * (torch.randn_like(drawn) if draws is None else draws[1])], 1)
 
 
 class SequenceRegressor(nn.Module):

@@ -50,6 +50,7 @@ from pipelines.cache_folders import counted_per_chunk, building, check_cache_dir
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SplitRule, assign
+from pipelines.time_zones import FirstOfEachKind
 from domains.autonomous.readers import (
     LINE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, open_table, time_seconds, where, with_origin,
 )  # fmt: skip
@@ -185,7 +186,8 @@ class StreamedTable:
         if rule is None:
             return lambda group: np.full(len(group), "predict")
         if rule.stable:
-            return lambda group: assign(rule, group, source, int(group[LINE].iat[0]))
+            seen = FirstOfEachKind()  # a time column with a time zone in some pieces and without in others is refused as in memory
+            return lambda group: assign(rule, group, source, int(group[LINE].iat[0]), seen)
         names: set[str] = set()
         for group in self.groups():
             names.update(group[self.spec.sequence].astype(str).unique())

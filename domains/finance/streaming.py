@@ -5,7 +5,8 @@ chunks, Parquet record batches) twice, never as a whole table:
 
 1. **scan** (:meth:`StreamedTable.scan_folder`): every value of every chunk is checked as the
    in-memory path checks it (the same :class:`TablePreprocessor.check_values`, naming the row; timestamps with and
-   without a time zone in different chunks are refused too: :class:`domains.finance.parsing.TimestampZones`), the
+   without a time zone in different chunks are refused too: :class:`domains.finance.parsing.TimestampZones`, and so in
+   ``--data.time_column``, feature or not, in the in-memory words: :class:`pipelines.time_zones.FirstOfEachKind`), the
    labels and the stable split rule's assignment are read, and each feature column is written parsed
    to its own file (numbers as float64, booleans 0/1/NaN, categoricals as codes of a dictionary).
    The split is then drawn by :func:`domains.finance.splitting.split_of` with the same random
@@ -52,6 +53,7 @@ from pipelines.cache_folders import building, counted_per_chunk, check_cache_dir
 from pipelines.errors import InputError
 from pipelines.files import sha256_file
 from pipelines.splits import SPLITS, SplitRule, assign, check_column, parse_times, time_split
+from pipelines.time_zones import FirstOfEachKind
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +127,18 @@ class StreamedTable:
         times: list[np.ndarray] = []
         kinds: set[bool] = set()
         zones = TimestampZones()  # a timestamp column's kind (with or without a zone) across chunks
+        time_zones = FirstOfEachKind()  # the same for the time split's column (a feature or not)
         dictionaries: dict[str, dict[str, int]] = {c: {} for c in r.categorical_columns}
         n = 0
         with ExitStack() as stack:
             out = {c: stack.enter_context(open(into / name, "wb")) for c, name in self.feature_files().items()}
             stack.enter_context(counted_per_chunk("--data.predict_chunk_rows", self.chunk_rows))
             for offset, chunk in iter_chunks(self.path, self.chunk_rows):
+                if rule.by == "time":  # before the features' checks: a time column that is a feature too is refused as in memory
+                    check_column(list(chunk.columns), rule.time_column, "time_column", source)
+                    values, is_datetime = parse_times(chunk[rule.time_column], rule.time_column, source, offset + 1, time_zones)
+                    times.append(values)
+                    kinds.add(is_datetime)
                 checker.check_values(chunk, source, offset, zones)
                 ids.append(id_hashes(chunk, r.id_columns))
                 if r.label_column is not None:
@@ -140,12 +148,7 @@ class StreamedTable:
                             "(without labels: --data.mode unsupervised --data.label_column null)"
                         )
                     labels.append(parse_labels(chunk[r.label_column], self.label_classes, source, offset))
-                if rule.by == "time":
-                    check_column(list(chunk.columns), rule.time_column, "time_column", source)
-                    values, is_datetime = parse_times(chunk[rule.time_column], rule.time_column, source, offset + 1)
-                    times.append(values)
-                    kinds.add(is_datetime)
-                elif rule.stable:
+                if rule.stable and rule.by != "time":
                     stable.append(split_codes(assign(rule, chunk, source, offset + 1)))
                 for column in [*r.numeric_columns, *r.amount_columns]:
                     out[column].write(parse_numeric(chunk[column], source, offset).astype(np.float64).tobytes())

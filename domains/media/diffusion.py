@@ -16,6 +16,10 @@ from pipelines.bundle_runtime import MAX_GUIDANCE
 from pipelines.errors import InputError
 from pipelines.evaluation_means import EvaluationMeans
 from pipelines.export_spec import ExportSpec
+from pipelines.sample_draws import normal_per_sample, uniform_per_sample
+
+#: what each evaluation draw is for (the ``salt`` of :mod:`pipelines.sample_draws`)
+EVALUATION_NOISE, EVALUATION_TIMESTEP = 1, 2
 
 
 def ddim_schedule(scheduler: Any, steps: int) -> dict[str, Any]:
@@ -60,8 +64,9 @@ class Diffusion(GenerativeTask):
 
     Training: MSE of the noise (or velocity) prediction at uniform random timesteps
     (``DiffusionInferer``), optionally min-SNR weighted. An EMA copy of the UNet (``ema_decay``) is
-    what samples. ``val/loss`` is the same loss on the validation split
-    with fixed noise and timesteps (EMA weights). Class-conditional (class embeddings) when the data
+    what samples. ``val/loss`` is the same loss on the validation split (EMA weights), each image's
+    noise and timestep drawn from a generator seeded by the image's index (:mod:`pipelines.sample_draws`): the
+    score of a checkpoint is a function of the data alone, not of the batch size, the order or the process count. Class-conditional (class embeddings) when the data
     has labels and ``conditional`` is set.
 
     Args:
@@ -254,10 +259,17 @@ class Diffusion(GenerativeTask):
         axes = {name: {0: "batch"} for name in (*names, "noise")}
         return ExportSpec(module, inputs, names, ["noise"], axes, metadata)
 
-    def _denoising_loss(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(images.shape, generator=generator).to(self.device) if generator else torch.randn_like(images)
+    def _denoising_loss(
+        self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:  # fmt: skip
+        """The mean (min-SNR weighted) denoising loss of ``images``; noise and timesteps are drawn from the global
+        generator in training, and per image from its index (``indices``, the batch's ``index``) in evaluation."""
         steps = self.hparams.num_train_timesteps
-        timesteps = (torch.randint(0, steps, (len(images),), generator=generator) if generator else torch.randint(0, steps, (len(images),))).to(self.device)
+        if indices is None:
+            noise, timesteps = torch.randn_like(images), torch.randint(0, steps, (len(images),)).to(self.device)
+        else:  # a function of the image alone: the same in any batch (size, order, rank)
+            noise = normal_per_sample(indices, tuple(images.shape[1:]), EVALUATION_NOISE, images.device, images.dtype)
+            timesteps = (uniform_per_sample(indices, (), EVALUATION_TIMESTEP, dtype=torch.float64) * steps).long().clamp(max=steps - 1).to(self.device)
         prediction = self.inferer(inputs=images, diffusion_model=self._net(network, labels), noise=noise, timesteps=timesteps)
         target = noise if self.hparams.prediction_type == "epsilon" else self.ddpm.get_velocity(images, noise, timesteps)
         per_image = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, images.ndim)))
@@ -295,7 +307,6 @@ class Diffusion(GenerativeTask):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         images = batch["image"]
-        generator = torch.Generator().manual_seed(batch_idx)
-        loss = self._denoising_loss(self.ema_unet, images, self._labels_for(batch["label"], len(images)), generator)
+        loss = self._denoising_loss(self.ema_unet, images, self._labels_for(batch["label"], len(images)), batch["index"])
         self.evaluation_means.log(self, "val/loss", loss, len(images))  # a mean over the images
         self._update_real(images, batch["label"])
