@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from domains.finance.synthetic import make_card_transactions
 from pipelines.domain_registry import get_domain
+from pipelines.errors import InputError
 from pipelines.retrain_schema import data_schema, differences
 
 SPEC = get_domain("finance")
@@ -45,35 +47,25 @@ def test_ignored_and_id_columns_may_change_but_the_timestamp_kind_may_not(tmp_pa
     assert len(found) == 1 and found[0].startswith("preprocessor.roles.numeric_columns: champion") and "(missing here: ['transactions_last_hour'])" in found[0], found
 
 
-def test_a_night_whose_labels_are_other_classes_is_refused_naming_them(tmp_path, capsys):
-    """``preprocessor.label_classes`` on a real champion: a night labelled ``legit``/``fraud`` (read with its own
-    ``--data.label_classes``) and a night with ``[1, 0]`` (normal and fraud swapped: every score would mean the opposite)
-    are refused before training, naming the classes; a night holding a label value outside the classes is left to the
-    training, which refuses it naming the value and its row (a failed attempt). Nothing is promoted."""
-    from pipelines.model_registry import ModelRegistry
-    from pipelines.retrain import main as retrain_main
-    from pipelines.retrain_steps import ExitCode
+def test_a_night_whose_labels_are_other_classes_differs_naming_them(tmp_path):
+    """``preprocessor.label_classes``: a night labelled ``legit``/``fraud`` (read with its own ``--data.label_classes``)
+    and a night with ``[1, 0]`` (normal and fraud swapped: every score would mean the opposite) differ from the champion,
+    naming the classes, so ``pipelines.retrain`` refuses them before training (exit 2, as for every difference:
+    tests/test_retrain_schema.py). A night holding a label value outside the classes is refused as reading it for
+    training refuses it, naming the value and its row. Read as training reads the files; no training (a real retrain costs minutes)."""
+    champion = schema(tmp_path, "night1.csv")
+    assert champion["preprocessor.label_classes"] == ["0", "1"], champion
 
-    frame = make_card_transactions(600, fraud_rate=0.05, seed=0)
-    frame.to_csv(tmp_path / "night1.csv", index=False)
-    frame.assign(is_fraud=frame["is_fraud"].map({0: "legit", 1: "fraud"})).to_csv(tmp_path / "words.csv", index=False)
-    frame.assign(is_fraud=frame["is_fraud"].where(frame.index != 7, 2)).to_csv(tmp_path / "three.csv", index=False)
-    tiny = [arg for arg in SPEC.test_args if not arg.startswith("--data.synthetic")]
-    command = ["finance", "--registry", str(tmp_path / "registry"), "--runs_dir", str(tmp_path / "runs"), *tiny, "--trainer.logger=false"]
-    assert retrain_main([*command, "--data.path", str(tmp_path / "night1.csv")]) == ExitCode.PROMOTED
-    trained = sorted(p.name for p in (tmp_path / "runs" / "finance").iterdir())
-    capsys.readouterr()
+    def words(frame):
+        frame["is_fraud"] = frame["is_fraud"].map({0: "legit", 1: "fraud"})
 
-    assert retrain_main([*command, "--data.path", str(tmp_path / "words.csv"), "--data.label_classes=[legit,fraud]"]) == ExitCode.USAGE
-    err = " ".join(capsys.readouterr().err.split())
-    assert "preprocessor.label_classes: champion ['0', '1'], this data ['legit', 'fraud'] (not known to the champion: ['legit', 'fraud'])" in err, err[-3000:]
-    assert retrain_main([*command, "--data.path", str(tmp_path / "night1.csv"), "--data.label_classes=[1,0]"]) == ExitCode.USAGE
-    err = " ".join(capsys.readouterr().err.split())
-    assert "preprocessor.label_classes: champion ['0', '1'], this data ['1', '0'] (the same entries in another order)" in err, err[-3000:]
-    assert sorted(p.name for p in (tmp_path / "runs" / "finance").iterdir()) == trained, "nothing was trained for the refused nights"
+    found = differences(champion, schema(tmp_path, "words.csv", words, label_classes=["legit", "fraud"]))
+    assert found == ["preprocessor.label_classes: champion ['0', '1'], this data ['legit', 'fraud'] (not known to the champion: ['legit', 'fraud']) (missing here: ['0', '1'])"], found
+    found = differences(champion, schema(tmp_path, "swapped.csv", label_classes=[1, 0]))
+    assert found == ["preprocessor.label_classes: champion ['0', '1'], this data ['1', '0'] (the same entries in another order)"], found
 
-    assert retrain_main([*command, "--data.path", str(tmp_path / "three.csv")]) not in (ExitCode.PROMOTED, ExitCode.USAGE)
-    err = " ".join(capsys.readouterr().err.split())
-    assert "'2' first at data row(s) 8" in err, err[-3000:]
-    registry = ModelRegistry(tmp_path / "registry", "finance")
-    assert registry.versions() == ["v0001"] and registry.champion() == "v0001"
+    def three(frame):
+        frame.loc[7, "is_fraud"] = 2
+
+    with pytest.raises(InputError, match=r"label '2' \(1 row\) is not one of the declared classes \['0', '1'\].*'2' first at data row\(s\) 8"):
+        schema(tmp_path, "three.csv", three)
