@@ -5,7 +5,7 @@
 that needs a trained run (export, serving, the registry suite, bad scoring files). Treat it as
 read-only: a test that writes into a run folder (predict, resume) works on ``copy_run(...)``.
 ``autonomous_fleet_run`` is the same for the run on the tiny fleet table of ``tests/autonomous_fleet.py``
-(each test module gets its own copy).
+(each test module gets its own copy), ``finance_champion`` for a finance registry's first champion.
 """
 
 from __future__ import annotations
@@ -217,6 +217,24 @@ def autonomous_fleet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     trained = only_run(_trained_once(tmp_path_factory, "autonomous-fleet-run", train) / "runs", "autonomous")
     folder = tmp_path_factory.mktemp("autonomous-fleet-run")
     return folder, folder / "runs", copy_run(trained, folder / "runs")
+
+
+@pytest.fixture(scope="session")
+def finance_champion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``registry``: a finance model registry whose champion v0001 was promoted by one real
+    ``pipelines.retrain`` on night 1 (``tests/helpers.py``: ``write_night``, the ``FAST`` options), with that
+    attempt's ``runs`` and ``latest.npz``. The first champion that tests/test_drift.py and tests/test_serving_registry.py
+    start from, trained once per session (``_trained_once``). Read-only: a test copies ``registry`` into its own folder
+    (the registry keeps its evaluation snapshot relative to itself) and retrains there."""
+    from pipelines.retrain import main as retrain_main
+    from tests.helpers import FAST, write_night
+
+    def train(folder: Path) -> None:
+        write_night(folder / "latest.npz", 1)
+        code = retrain_main(["finance", "--registry", str(folder / "registry"), "--runs_dir", str(folder / "runs"), *FAST, "--data.path", str(folder / "latest.npz")])
+        assert code == 0, f"the first finance retrain was not promoted (exit {code})"
+
+    return _trained_once(tmp_path_factory, "finance-champion", train)
 
 
 def copy_run(run: Path, runs_dir: Path) -> Path:
