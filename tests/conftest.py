@@ -4,6 +4,8 @@
 ``test_args``: fit, then test), trained once per session on first use and shared by every test file
 that needs a trained run (export, serving, the registry suite, bad scoring files). Treat it as
 read-only: a test that writes into a run folder (predict, resume) works on ``copy_run(...)``.
+``autonomous_fleet_run`` is the same for the run on the tiny fleet table of ``tests/autonomous_fleet.py``
+(each test module gets its own copy), ``finance_champion`` for a finance registry's first champion.
 """
 
 from __future__ import annotations
@@ -163,33 +165,76 @@ def runs_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    """``tiny_run(domain)``: the run folder of the domain's tiny run, trained the first time it is asked for.
-
-    Shared by the xdist workers too: the first worker that asks trains it (under an ``fcntl`` lock) in the
-    session's common temporary folder, the other one then finds it there instead of training it again."""
+def _trained_once(tmp_path_factory: pytest.TempPathFactory, name: str, train) -> Path:
+    """The folder ``name`` that ``train(folder)`` fills, trained once per session and shared by the xdist workers
+    too: the first worker that asks trains it (under an ``fcntl`` lock) in the session's common temporary folder,
+    the other one then finds it there instead of training it again. Read-only for the tests that use it."""
     import fcntl
-
-    from pipelines.domain_registry import get_domain
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # under xdist: the folder above each worker's own
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or when a crashed worker dies
+        if not (folder / "complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed mid-run left
+            folder.mkdir(parents=True)
+            train(folder)
+            (folder / "complete").write_text("")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_run(domain)``: the run folder of the domain's tiny run, trained the first time it is asked for
+    (once per session, whichever xdist worker asks first: ``_trained_once``)."""
+    from pipelines.domain_registry import get_domain
+
     runs: dict[str, Path] = {}
 
     def get(domain: str) -> Path:
         if domain not in runs:
-            folder = shared / f"tiny-run-{domain}"
-            with open(shared / f"tiny-run-{domain}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or when a crashed worker dies
-                if not (folder / "complete").is_file():
-                    shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed mid-run left
-                    run_pipeline(domain, *get_domain(domain).test_args, "--runs_dir", str(folder / "runs"))
-                    (folder / "complete").write_text("")
-            runs[domain] = only_run(folder / "runs", domain)
+            train = lambda folder: run_pipeline(domain, *get_domain(domain).test_args, "--runs_dir", str(folder / "runs"))  # noqa: E731
+            runs[domain] = only_run(_trained_once(tmp_path_factory, f"tiny-run-{domain}", train) / "runs", domain)
         return runs[domain]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def autonomous_fleet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(folder, runs_dir, run folder): an autonomous run fitted on the tiny fleet of ``tests/autonomous_fleet.py``
+    (``fleet.csv`` in the shared folder, observe 4, predict 4), for the files that score bad or rescaled tables
+    with a trained checkpoint (tests/test_bad_inputs_autonomous.py, tests/test_autonomous_units.py). Trained once
+    per session (``_trained_once``); each test module gets its own copy of the run, which its tests may write into
+    (predictions, checkpoints without the scale), while a module in the other worker reads its own."""
+    from tests.autonomous_fleet import BASE, fleet, write
+
+    def train(folder: Path) -> None:
+        write(fleet(), folder / "fleet.csv")
+        run_pipeline("autonomous", "fit", f"--data.path={folder / 'fleet.csv'}", *BASE, "--data.observe=4", "--data.predict=4", "--runs_dir", str(folder / "runs"))
+
+    trained = only_run(_trained_once(tmp_path_factory, "autonomous-fleet-run", train) / "runs", "autonomous")
+    folder = tmp_path_factory.mktemp("autonomous-fleet-run")
+    return folder, folder / "runs", copy_run(trained, folder / "runs")
+
+
+@pytest.fixture(scope="session")
+def finance_champion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``registry``: a finance model registry whose champion v0001 was promoted by one real
+    ``pipelines.retrain`` on night 1 (``tests/helpers.py``: ``write_night``, the ``FAST`` options), with that
+    attempt's ``runs`` and ``latest.npz``. The first champion that tests/test_drift.py and tests/test_serving_registry.py
+    start from, trained once per session (``_trained_once``). Read-only: a test copies ``registry`` into its own folder
+    (the registry keeps its evaluation snapshot relative to itself) and retrains there."""
+    from pipelines.retrain import main as retrain_main
+    from tests.helpers import FAST, write_night
+
+    def train(folder: Path) -> None:
+        write_night(folder / "latest.npz", 1)
+        code = retrain_main(["finance", "--registry", str(folder / "registry"), "--runs_dir", str(folder / "runs"), *FAST, "--data.path", str(folder / "latest.npz")])
+        assert code == 0, f"the first finance retrain was not promoted (exit {code})"
+
+    return _trained_once(tmp_path_factory, "finance-champion", train)
 
 
 def copy_run(run: Path, runs_dir: Path) -> Path:

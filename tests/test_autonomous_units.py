@@ -5,7 +5,7 @@ Refused with exit status 2 at ``fit`` (any split, against the training split's s
 and ``predict`` (against the checkpoint's) and with a 422 by the server (against the bundle's), before
 anything is written; checkpoints and bundles from before the scale was saved carry none and are not
 checked. The shipped ETH/UCY folds pass. Tables are tiny (6 straight trips of 24 rows at 10 Hz, 1.5 m
-per step); one module-scoped run trains.
+per step); the scoring tests use the run trained once on it (``autonomous_fleet_run``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -113,15 +113,6 @@ def test_real_glitches_and_speed_spreads_train(tmp_path, change, scale):
 
 
 # ----- test, predict and serving: against the checkpoint's scale --------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("autonomous-units")
-    write(fleet(), folder / "fleet.csv")
-    runs = folder / "runs"
-    run_pipeline("autonomous", "fit", f"--data.path={folder / 'fleet.csv'}", *BASE, "--data.observe=4", "--data.predict=4", "--runs_dir", str(runs))
-    return folder, runs, only_run(runs, "autonomous")
-
-
 def refused(run, runs, capsys, *args: str) -> str:
     """Run a command on ``run``: exit 2, no traceback, its checkpoints and config untouched, no predictions; the error paragraph."""
     before = folder_digests(run)
@@ -137,8 +128,8 @@ def refused(run, runs, capsys, *args: str) -> str:
 
 
 @pytest.mark.parametrize(("factor", "expect"), [(1000, "millimetres among metres"), (0.001, "kilometres among metres")])
-def test_predict_on_a_file_in_another_unit_is_refused_against_the_checkpoint(trained, tmp_path, capsys, factor, expect):
-    folder, runs, run = trained
+def test_predict_on_a_file_in_another_unit_is_refused_against_the_checkpoint(autonomous_fleet_run, tmp_path, capsys, factor, expect):
+    folder, runs, run = autonomous_fleet_run
     assert torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["SensorSequenceDataModule"][KEY] == pytest.approx(1.5, rel=0.05)
     table = fleet()
     in_unit(None, factor)(table)
@@ -148,8 +139,8 @@ def test_predict_on_a_file_in_another_unit_is_refused_against_the_checkpoint(tra
         assert contains(message, expected), f"{expected!r} is not in:\n{message}"
 
 
-def test_test_on_a_table_in_millimetres_is_refused_against_the_checkpoint(trained, tmp_path, capsys):
-    folder, runs, run = trained
+def test_test_on_a_table_in_millimetres_is_refused_against_the_checkpoint(autonomous_fleet_run, tmp_path, capsys):
+    folder, runs, run = autonomous_fleet_run
     table = fleet()
     in_unit(None, 1000)(table)  # every trip: its own training scale would agree, the checkpoint's does not
     write(table, tmp_path / "mm.csv")
@@ -157,8 +148,8 @@ def test_test_on_a_table_in_millimetres_is_refused_against_the_checkpoint(traine
     assert contains(message, "mm.csv: track") and contains(message, "saved in the checkpoint") and contains(message, "millimetres among metres"), message
 
 
-def test_a_checkpoint_without_the_scale_still_scores_unchecked(trained, tmp_path):
-    folder, runs, run = trained
+def test_a_checkpoint_without_the_scale_still_scores_unchecked(autonomous_fleet_run, tmp_path):
+    folder, runs, run = autonomous_fleet_run
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     del checkpoint["SensorSequenceDataModule"][KEY]
     torch.save(checkpoint, run / "checkpoints" / "before-the-scale.ckpt")
@@ -170,7 +161,7 @@ def test_a_checkpoint_without_the_scale_still_scores_unchecked(trained, tmp_path
     assert (run / "old.csv").exists()
 
 
-def test_served_positions_in_another_unit_get_422(trained, tmp_path):
+def test_served_positions_in_another_unit_get_422(autonomous_fleet_run, tmp_path):
     from fastapi import HTTPException
 
     from pipelines.bundle_runtime import Bundle
@@ -178,7 +169,7 @@ def test_served_positions_in_another_unit_get_422(trained, tmp_path):
     from pipelines.export import export_checkpoint
     from pipelines.serving_requests import load_adapters
 
-    folder, runs, run = trained
+    folder, runs, run = autonomous_fleet_run
     bundle = Bundle(export_checkpoint(get_domain("autonomous"), run / "checkpoints" / "best.ckpt", "onnx", tmp_path / "bundle"))
     assert bundle.metadata["domain_metadata"][KEY] == pytest.approx(1.5, rel=0.05)
     adapter = load_adapters(bundle.metadata)[0]

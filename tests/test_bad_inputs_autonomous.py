@@ -1,7 +1,7 @@
 """Bad inputs a driving team will try, through the real runner: each is refused with exit status 2
 and one paragraph naming the file, row, column or option (tests/bad_inputs.py), before anything is
-written. Tables are tiny (6 trips of 24 rows at 10 Hz); nothing trains except the one run of the
-module-scoped fixture that the ``predict`` cases score new files with.
+written. Tables are tiny (6 trips of 24 rows at 10 Hz, tests/autonomous_fleet.py); nothing trains here: the
+``predict`` cases score new files with the run trained once on them (``autonomous_fleet_run``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,31 +16,8 @@ import torch
 
 from domains.autonomous.data import SensorSequenceDataModule
 from tests.bad_inputs import BadInput, check_refused, folder_digests, params
-from tests.conftest import ROOT, only_run, run_pipeline
-
-DT = 0.1
-BASE = (
-    "--data.channels=[speed]", "--data.batch_size=8", "--model.hidden_size=8", "--model.embed_size=4", "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-    "--trainer.limit_predict_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-)  # fmt: skip
-
-
-def fleet(tracks: int = 6, steps: int = 24, dt: float = DT) -> pd.DataFrame:
-    """Straight trips sampled every ``dt`` seconds: row ``24 * i + k + 1`` is step ``k`` of ``trip{i}``."""
-    k = np.tile(np.arange(steps), tracks)
-    i = np.repeat(np.arange(tracks), steps)
-    return pd.DataFrame({
-        "sequence": [f"trip{n}" for n in i], "time": np.round(k * dt, 6), "x": k * 1.5 + i, "y": 0.1 * k * i,
-        "speed": 15.0 + i, "manoeuvre": np.where(i % 2 == 0, "keep", "brake"), "score": 0.5 + 0.1 * i,
-    })  # fmt: skip
-
-
-def write(table: pd.DataFrame, path: Path) -> None:
-    if path.suffix == ".parquet":
-        table.to_parquet(path, index=False)
-    else:
-        table.to_csv(path, index=False, sep="\t" if path.suffix == ".tsv" else ",")
+from tests.autonomous_fleet import BASE, DT, fleet, write
+from tests.conftest import ROOT, run_pipeline
 
 
 def table_file(name: str, change=None, **fleet_options):
@@ -230,15 +207,6 @@ def test_datetime_time_columns_are_seconds_in_parquet_and_iso_csv_alike(tmp_path
 
 
 # ----- predict files: scored with a trained run, refused before anything is written --------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("autonomous-trained")
-    write(fleet(), folder / "fleet.csv")
-    runs = folder / "runs"
-    run_pipeline("autonomous", "fit", f"--data.path={folder / 'fleet.csv'}", *BASE, "--data.observe=4", "--data.predict=4", "--runs_dir", str(runs))
-    return folder, runs, only_run(runs, "autonomous")
-
-
 PREDICT_CASES = [
     ("inf.csv", setter(5, "speed", np.inf), ("inf.csv", "'speed'", "inf", "row 5")),
     ("overflow.parquet", setter(30, "x", -1e39), ("overflow.parquet", "'x'", "float32", "row 30")),
@@ -249,8 +217,8 @@ PREDICT_CASES = [
 
 
 @pytest.mark.parametrize(("name", "change", "expect"), PREDICT_CASES, ids=[c[0] for c in PREDICT_CASES])
-def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(trained, tmp_path, capsys, name, change, expect):
-    folder, runs, run = trained
+def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(autonomous_fleet_run, tmp_path, capsys, name, change, expect):
+    folder, runs, run = autonomous_fleet_run
     table = fleet()
     change(table)
     write(table, tmp_path / name)
@@ -268,11 +236,11 @@ def test_bad_predict_file_is_refused_and_the_run_is_left_as_it_was(trained, tmp_
     assert not list(run.glob("predictions*"))
 
 
-def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, tmp_path, capsys):
+def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(autonomous_fleet_run, tmp_path, capsys):
     """The checkpoint holds the step (fitted state); scoring data at another rate is refused against it
     even when the configured training table agrees with the scoring data (here: the same trips every
     0.2 s; ``predict`` does not read it), with exit status 2."""
-    folder, runs, run = trained
+    folder, runs, run = autonomous_fleet_run
     state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["SensorSequenceDataModule"]
     assert state["time_step"] == pytest.approx(DT)
     write(fleet(dt=0.2), tmp_path / "slow.csv")
@@ -294,7 +262,7 @@ def test_time_step_is_saved_in_the_checkpoint_and_checked_when_scoring(trained, 
     assert not list(run.glob("predictions*")), sorted(set(after) - set(before))
 
 
-def test_utm_sized_positions_forecast_as_the_same_data_at_the_origin(trained, tmp_path):
+def test_utm_sized_positions_forecast_as_the_same_data_at_the_origin(autonomous_fleet_run, tmp_path):
     """Positions near (500 000 m, 5 000 000 m), as UTM writes them, are centred in float64 before the
     float32 cast: the checkpoint forecasts them as the same trips at the origin, shifted, to the
     millimetre, in ``predict`` and in the served bundle (in float32 they would move in 0.5 m steps)."""
@@ -303,7 +271,7 @@ def test_utm_sized_positions_forecast_as_the_same_data_at_the_origin(trained, tm
     from pipelines.domain_registry import get_domain
     from pipelines.serving_requests import load_adapters
 
-    folder, runs, run = trained
+    folder, runs, run = autonomous_fleet_run
     shift = {"x": 500_000.0, "y": 5_000_000.0}
     plain, far = fleet(), fleet()
     for column, offset in shift.items():

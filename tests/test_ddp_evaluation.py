@@ -28,8 +28,9 @@ DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 
 
 # slow (~40 s each on a quiet 2-core machine, ~80 s loaded: over the default suite's budget; run with
-# `python -m benchmarks.slow_checks -k two_process_evaluation`): healthcare's real DDP test in the default suite
-# (tests/test_platform.py, 207 samples) covers the shared sampler; these cover each other domain's loaders
+# `python -m benchmarks.slow_checks -k two_process_evaluation`): healthcare's real DDP test (tests/test_platform.py,
+# 207 samples, also slow: `python -m benchmarks.slow_checks -k two_process_ddp_on_cpu`) covers the shared sampler;
+# these cover each other domain's loaders
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", sorted(ODD_SPLITS))
 def test_two_process_evaluation_scores_each_sample_once_and_matches_one_process(domain, runs_dir, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -153,16 +154,18 @@ def test_request_log_rotation_keeps_whole_lines(tmp_path):
     assert skipped == 0 and list(frame["a"]) == [float(i) for i in range(100 - len(frame), 100)], "the newest records, in order"
 
 
-def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_follows(tmp_path, capsys):
-    """The loop: serve the champion, log its traffic; --when drift skips calm traffic (4) and retrains on moved traffic."""
+def test_retrain_when_drift_trains_only_after_the_data_moved_and_the_server_follows(tmp_path, capsys, finance_champion):
+    """The loop: serve the champion, log its traffic; --when drift skips calm traffic (4) and retrains on moved traffic.
+    The registry starts as a copy of the session's first champion (one real retrain on night 1, tests/conftest.py)."""
     from pipelines.model_registry import ModelRegistry
     from pipelines.retrain import main as retrain_main
 
     (tmp_path / "runs").mkdir()
+    shutil.copytree(finance_champion / "registry", tmp_path / "registry")
     write_night(tmp_path / "latest.npz", 1)
     options = ["--registry", str(tmp_path / "registry"), "--runs_dir", str(tmp_path / "runs"), *FAST, "--data.path", str(tmp_path / "latest.npz")]
-    assert retrain_main(["finance", *options]) == 0
     registry = ModelRegistry(tmp_path / "registry", "finance")
+    assert registry.champion() == "v0001" and registry.versions() == ["v0001"]
     log = tmp_path / "requests.jsonl"
     gate = ["--when", "drift", "--drift_window", str(log), "--drift_last", "1500"]
     assert retrain_main(["finance", "--when", "drift", *options]) == 2, "--when drift needs a window"

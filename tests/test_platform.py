@@ -170,6 +170,10 @@ def test_commands_on_a_run_reuse_its_model_and_data_config(runs_dir, capsys):
 
 
 # ----- real DDP on CPU (gloo) ---------------------------------------------------------------------
+# slow (~50 s of the default suite's two cores: two ranks for 3 epochs, then the one-process test): run with
+# `python -m benchmarks.slow_checks -k two_process_ddp_on_cpu`. The default suite keeps a real 2-process DDP fit
+# in tests/test_finance_streaming.py (both ranks stream one cache, each trains on its half).
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_writes_one_run_and_one_wandb_run_and_learns(runs_dir, tmp_path):
     # 207 synthetic images, 3 epochs of 5 steps per rank: enough to learn, measured on the whole test split (31 images: odd,
     # so a padding sampler would score one twice; tests/test_ddp_evaluation.py does the other domains)

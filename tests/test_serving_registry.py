@@ -1,7 +1,7 @@
 """``python -m pipelines.serve DOMAIN --registry DIR --alias champion``: the champion served, followed through a promotion.
 
 A real finance registry is made by two real ``pipelines.retrain`` runs (two nights of data: two
-versions), a real server follows its champion, and while clients send requests without pause a real
+versions; the first is the session's ``finance_champion``, shared with tests/test_drift.py), a real server follows its champion, and while clients send requests without pause a real
 ``pipelines.registry promote`` moves the champion: no request fails, the answers switch from one
 version to the other (headers, ``/info``, metrics, and the scores themselves), and a champion whose
 files are damaged is refused while the old model keeps serving.
@@ -43,11 +43,11 @@ def retrain(root: Path, *args: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finance registry with two versions (real retrains on two nights), v0001 the champion."""
+def registry(tmp_path_factory: pytest.TempPathFactory, finance_champion: Path) -> Path:
+    """A finance registry with two versions (real retrains on two nights), v0001 the champion: a copy of the
+    session's first champion (night 1, tests/conftest.py), then a retrain on night 5."""
     root = tmp_path_factory.mktemp("served")
-    write_night(root / "latest.npz", 1)
-    assert retrain(root) == 0
+    shutil.copytree(finance_champion / "registry", root / "registry")
     write_night(root / "latest.npz", 5)
     assert retrain(root, "--force") in (0, 3)
     reg = ModelRegistry(root / "registry", "finance")
