@@ -90,9 +90,14 @@ def test_a_checkpoint_saved_without_the_twin_loads_as_it_was_trained_and_one_wit
     [
         ({"class_loss_weight": 0.0}, r"twin_classifier true .* conditional true and class_loss_weight > 0 \(got conditional True, class_loss_weight 0.0\)"),
         ({"conditional": False}, r"twin_classifier true .* conditional true and class_loss_weight > 0 \(got conditional False"),
-        ({"num_classes": 0}, r"twin_classifier true needs class labels: this data has none"),
     ],
 )
 def test_twin_classifier_refuses_a_model_without_an_auxiliary_classifier(options, expected):
     with pytest.raises(InputError, match=r"--model.init_args." + expected):
         GAN(**{**TINY_GAN, "image_size": 16, "num_classes": 3, "in_channels": 3, "twin_classifier": True, **options})
+
+
+def test_on_data_without_labels_the_twin_falls_away_with_the_classifier_and_says_so(capsys):
+    model = GAN(**{**TINY_GAN, "image_size": 16, "num_classes": 0, "in_channels": 3, "twin_classifier": True})
+    assert model.discriminator.classifier is None and model.discriminator.twin_classifier is None
+    assert "no class labels, so the GAN is unconditional: no auxiliary classifier, no twin" in capsys.readouterr().out

@@ -85,7 +85,8 @@ class GAN(GenerativeTask):
             the twin term cancels that pull, so the class term matches the conditional distributions instead. ``false``
             (the class default: no twin head, so checkpoints saved before this option load as they were trained).
             Costs no extra discriminator call (the twin reads the features the realness head reads). Needs a
-            conditional model on labelled data with ``class_loss_weight > 0``.
+            conditional model with ``class_loss_weight > 0`` (refused otherwise); on data without labels (an
+            unconditional GAN) there is no classifier and no twin, said once in the log.
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -112,7 +113,8 @@ class GAN(GenerativeTask):
         if twin_classifier and (not conditional or class_loss_weight == 0):
             raise InputError(
                 "--model.init_args.twin_classifier true trains a second classifier against the auxiliary classifier: it needs "
-                f"conditional true and class_loss_weight > 0 (got conditional {conditional}, class_loss_weight {class_loss_weight})"
+                f"conditional true and class_loss_weight > 0 (got conditional {conditional}, class_loss_weight {class_loss_weight}); "
+                "the media config sets it, so add --model.init_args.twin_classifier false"
             )
         if lr_schedule not in LR_SCHEDULES:
             raise InputError(f"--model.init_args.lr_schedule {lr_schedule!r}: the learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}")
@@ -153,9 +155,9 @@ class GAN(GenerativeTask):
         self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
         classifier = bool(self.condition_classes) and hp.class_loss_weight > 0
         twin = bool(hp.get("twin_classifier", False))
-        if twin and not classifier:
-            raise InputError("--model.init_args.twin_classifier true needs class labels: this data has none, so there is no "
-                             "auxiliary classifier to pair the twin with. Leave the option out, or train on labelled data")
+        if twin and not classifier:  # the domain config sets it: unlabelled data still trains (unconditional, no classifier)
+            print("[media] twin_classifier: this data has no class labels, so the GAN is unconditional: no auxiliary classifier, no twin")
+            twin = False
         self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier, twin)
         self.augment = DiffAugment(parse_policy(hp.diffaugment), hp.get("diffaugment_probability", 1.0))
 
