@@ -77,6 +77,16 @@ class GAN(GenerativeTask):
             the first epoch to 0 after ``--trainer.max_epochs`` (SNGAN's schedule), stepped once per epoch; the
             schedulers' state is in every checkpoint. ``linear`` needs ``--trainer.max_epochs`` (checked when
             training starts).
+        twin_classifier: TAC-GAN (Gong et al. 2019, "Twin Auxiliary Classifiers GAN"): a second classifier head on the
+            discriminator's features, trained in the discriminator step on the generated images (detached) with their
+            requested labels (``+ class_loss_weight * CE_twin``); the generator's class term becomes
+            ``class_loss_weight * (CE(G(z, y), y) - CE_twin(G(z, y), y))``. The auxiliary classifier alone (AC-GAN) pulls
+            the generator towards the easiest-to-classify images of each class (few hues, far from the class boundary);
+            the twin term cancels that pull, so the class term matches the conditional distributions instead. ``false``
+            (the class default: no twin head, so checkpoints saved before this option load as they were trained).
+            Costs no extra discriminator call (the twin reads the features the realness head reads). Needs a
+            conditional model with ``class_loss_weight > 0`` (refused otherwise); on data without labels (an
+            unconditional GAN) there is no classifier and no twin, said once in the log.
         kwargs: the arguments every media model shares (:class:`GenerativeTask`).
     """
 
@@ -97,8 +107,15 @@ class GAN(GenerativeTask):
         generator_padding: str = "zeros",
         classifier_hue_turn: str = "off",
         lr_schedule: str = "constant",
+        twin_classifier: bool = False,
         **kwargs: Any,
     ) -> None:
+        if twin_classifier and (not conditional or class_loss_weight == 0):
+            raise InputError(
+                "--model.init_args.twin_classifier true trains a second classifier against the auxiliary classifier: it needs "
+                f"conditional true and class_loss_weight > 0 (got conditional {conditional}, class_loss_weight {class_loss_weight}); "
+                "the media config sets it, so add --model.init_args.twin_classifier false"
+            )
         if lr_schedule not in LR_SCHEDULES:
             raise InputError(f"--model.init_args.lr_schedule {lr_schedule!r}: the learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}")
         if classifier_hue_turn not in CLASSIFIER_HUE_TURNS:
@@ -137,7 +154,11 @@ class GAN(GenerativeTask):
         self.generator = Generator(hp.latent_dim, hp.image_size, hp.in_channels, hp.get("generator_width") or hp.width, self.condition_classes, hp.get("generator_padding", "zeros"))
         self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
         classifier = bool(self.condition_classes) and hp.class_loss_weight > 0
-        self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier)
+        twin = bool(hp.get("twin_classifier", False))
+        if twin and not classifier:  # the domain config sets it: unlabelled data still trains (unconditional, no classifier)
+            print("[media] twin_classifier: this data has no class labels, so the GAN is unconditional: no auxiliary classifier, no twin")
+            twin = False
+        self.discriminator = Discriminator(hp.image_size, hp.in_channels, hp.width, self.condition_classes, classifier, twin)
         self.augment = DiffAugment(parse_policy(hp.diffaugment), hp.get("diffaugment_probability", 1.0))
 
     def configure_optimizers(self) -> Any:
@@ -226,13 +247,16 @@ class GAN(GenerativeTask):
         fake = self.generator(z, labels)
         fake = fake if ddp else fake.detach()
         # DiffAugment (when set): reals and fakes alike, fresh parameters per call; the identity otherwise
-        (d_real, real_logits), (d_fake, _) = self.discriminator(self.augment(real), labels), self.discriminator(self.augment(fake), labels)
+        (d_real, real_logits, _), (d_fake, _, twin_fake_logits) = self.discriminator(self.augment(real), labels), self.discriminator(self.augment(fake), labels)
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         hue_turn = self.hparams.get("classifier_hue_turn", "off")
         if real_logits is not None and hue_turn != "off":
-            _, real_logits = self.discriminator(hue_rotation(self.augment(real)), labels)
+            _, real_logits, _ = self.discriminator(hue_rotation(self.augment(real)), labels)
         if real_logits is not None:
             d_loss = d_loss + self.hparams.class_loss_weight * F.cross_entropy(real_logits, labels)
+        if twin_fake_logits is not None:  # TAC: the twin learns the generated images' classes
+            twin_loss = F.cross_entropy(twin_fake_logits, labels)
+            d_loss = d_loss + self.hparams.class_loss_weight * twin_loss
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
         self.check_finite("discriminator", d_loss, self.discriminator, batch_idx)
@@ -241,12 +265,14 @@ class GAN(GenerativeTask):
             self.untoggle_optimizer(opt_d)
             self.toggle_optimizer(opt_g)
         generated = self.augment(self.generator(z, labels))
-        g_score, fake_logits = self.discriminator(generated, labels)
+        g_score, fake_logits, twin_logits = self.discriminator(generated, labels)
         if fake_logits is not None and hue_turn == "real_and_generated":
-            _, fake_logits = self.discriminator(hue_rotation(generated), labels)
+            _, fake_logits, _ = self.discriminator(hue_rotation(generated), labels)
         g_loss = -g_score.mean()
         if fake_logits is not None:
             g_loss = g_loss + self.hparams.class_loss_weight * F.cross_entropy(fake_logits, labels)
+        if twin_logits is not None:  # TAC: minus the twin's cross-entropy cancels AC-GAN's pull to easy samples
+            g_loss = g_loss - self.hparams.class_loss_weight * F.cross_entropy(twin_logits, labels)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         self.check_finite("generator", g_loss, self.generator, batch_idx)
@@ -256,10 +282,10 @@ class GAN(GenerativeTask):
 
         size = len(real)
         self.log_train_loss(d_loss.detach() + g_loss.detach(), size)
-        self.log_dict(
-            {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach(), "train/d_real": d_real.detach().mean(), "train/d_fake": d_fake.detach().mean()},
-            on_step=False, on_epoch=True, batch_size=size, sync_dist=True,
-        )  # fmt: skip
+        logged = {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach(), "train/d_real": d_real.detach().mean(), "train/d_fake": d_fake.detach().mean()}
+        if twin_fake_logits is not None:
+            logged["train/twin_class_loss"] = twin_loss.detach()  # the twin's cross-entropy on generated images (D step)
+        self.log_dict(logged, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._update_real(batch["image"], batch["label"])

@@ -147,12 +147,15 @@ class Discriminator(nn.Module):
         width: channels of the first layer (doubled per stage).
         num_classes: classes for the projection term (0: unconditional).
         classifier: add the auxiliary classifier head (needs ``num_classes``).
+        twin_classifier: add a second classifier head for generated images (TAC-GAN, Gong et al. 2019; needs ``classifier``).
     """
 
-    def __init__(self, image_size: int, channels: int, width: int = 64, num_classes: int = 0, classifier: bool = False) -> None:
+    def __init__(self, image_size: int, channels: int, width: int = 64, num_classes: int = 0, classifier: bool = False, twin_classifier: bool = False) -> None:
         super().__init__()
         if classifier and not num_classes:
             raise ValueError("the auxiliary classifier head needs num_classes > 0")
+        if twin_classifier and not classifier:
+            raise ValueError("the twin classifier head needs the auxiliary classifier head")
         stages = gan_upsamplings(image_size)
         layers: list[nn.Module] = [spectral_norm(nn.Conv2d(channels, width, 3, 1, 1)), nn.LeakyReLU(0.1, True)]
         c = width
@@ -164,16 +167,17 @@ class Discriminator(nn.Module):
         self.head = spectral_norm(nn.Linear(c, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, c)) if num_classes else None
         self.classifier = spectral_norm(nn.Linear(c, num_classes)) if classifier else None
+        self.twin_classifier = spectral_norm(nn.Linear(c, num_classes)) if twin_classifier else None
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(realness score (N,), class logits (N, num_classes) or None without the classifier head)``."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(realness score (N,), class logits (N, num_classes), twin class logits)``, ``None`` for a head it lacks."""
         features = self.last(minibatch_stddev(self.body(x))).sum((2, 3))  # global sum pooling (SNGAN)
         out = self.head(features)[:, 0]
         if self.embed is not None:
             if labels is None:
                 raise ValueError("this discriminator is class-conditional: pass labels")
             out = out + (self.embed(labels) * features).sum(1)
-        return out, self.classifier(features) if self.classifier is not None else None
+        return out, *(head(features) if head is not None else None for head in (self.classifier, self.twin_classifier))
 
 
 def build_diffusion_unet(
