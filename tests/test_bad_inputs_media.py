@@ -59,6 +59,7 @@ CASES = [
     BadInput("npz_split_shapes_differ", NPZ, ("different shapes",), lambda f: npz(f, x_train=images(), x_test=images(4, size=10))),
     BadInput("npz_label_count_mismatch", NPZ, ("x_train has 8 images", "y_train has 5 labels"), lambda f: npz(f, x_train=images(), y_train=np.arange(5))),
     BadInput("npz_negative_labels", NPZ, ("non-negative",), lambda f: npz(f, x_train=images(), y_train=np.arange(8) - 1)),
+    BadInput("npz_fractional_labels", NPZ, ("'y_train'", "0.5", "item 0", "not a whole number"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) % 3 + 0.5)),
     BadInput("npz_empty_array", NPZ, ("is empty",), lambda f: npz(f, x_train=np.zeros((0, 8, 8), np.uint8))),
     BadInput("npz_not_an_npz", NPZ, ("not a readable .npz",), lambda f: (f / "set.npz").write_text("hello")),
     BadInput("empty_folder", DIR, ("no image files",), None),

@@ -95,6 +95,30 @@ def match_channels(pixels: np.ndarray, channels: int | None, source: str) -> np.
     raise InputError(f"{source}: images have {have} channel(s) but channels={channels} is configured; set --data.channels to {have} or null (convert automatically)")
 
 
+def _class_codes(labels: np.ndarray, source: str) -> np.ndarray:
+    """One label array as int64 class codes. Labels are codes, never measurements: a value that is not a
+    whole number >= 0 (``0.5``, NaN, ``-1``) is refused naming its item, since truncating it would train
+    on a class the file does not give."""
+    labels = labels.reshape(-1)
+    if labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer):
+        codes = labels.astype(np.int64)
+    elif np.issubdtype(labels.dtype, np.floating):
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            item = int(np.argmin(whole))
+            raise InputError(
+                f"{source}: label {float(labels[item])!r} (item {item}) is not a whole number; labels are class codes "
+                "(0, 1, 2, ...) and nothing is rounded or truncated: store the class of each image as a whole number"
+            )
+        codes = labels.astype(np.int64)
+    else:
+        raise InputError(f"{source}: labels have dtype {labels.dtype}; expected whole numbers, the class code of each image (0, 1, 2, ...)")
+    if len(codes) and codes.min() < 0:
+        item = int(np.argmax(codes < 0))
+        raise InputError(f"{source}: label {int(codes[item])} (item {item}); labels must be non-negative integers, the class code of each image (0, 1, 2, ...)")
+    return codes
+
+
 def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tuple[str, np.ndarray]:
     if key is not None:
         if key not in npz.files:
@@ -135,7 +159,7 @@ def read_npz(
         for name, split in pairs:
             images = npz[name]
             label_key = next((k for k in (name.replace("x_", "y_").replace("images", "labels"), "labels", "y") if k != name and k in npz.files), None)
-            labels = npz[label_key].reshape(-1) if (use_labels and label_key) else None
+            labels = _class_codes(npz[label_key], f"{path}: array {label_key!r}") if (use_labels and label_key) else None
             if labels is not None and len(labels) != len(images):
                 raise InputError(f"{path}: {name} has {len(images)} images but {label_key} has {len(labels)} labels")
             parts.append((split, _channels_last(images, f"{path}:{name}"), labels))
@@ -151,9 +175,7 @@ def read_npz(
     label_parts = [labels for _, _, labels in parts]
     labels = None
     if all(part is not None for part in label_parts):
-        labels = np.concatenate(label_parts).astype(np.int64)
-        if labels.min() < 0:
-            raise InputError(f"{path}: labels must be non-negative integers, found {int(labels.min())}")
+        labels = np.concatenate(label_parts)
         if class_names is not None and labels.max() >= len(class_names):
             item = int(np.argmax(labels >= len(class_names)))
             raise InputError(
