@@ -60,6 +60,7 @@ CASES = [
     BadInput("npz_label_count_mismatch", NPZ, ("x_train has 8 images", "y_train has 5 labels"), lambda f: npz(f, x_train=images(), y_train=np.arange(5))),
     BadInput("npz_negative_labels", NPZ, ("non-negative",), lambda f: npz(f, x_train=images(), y_train=np.arange(8) - 1)),
     BadInput("npz_fractional_labels", NPZ, ("'y_train'", "0.5", "item 0", "not a whole number"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) % 3 + 0.5)),
+    BadInput("npz_sparse_codes_of_one_image", NPZ, ("'y_train'", "'1000' (1 image)", "fewer than 2 images"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) * 1000)),
     BadInput("npz_empty_array", NPZ, ("is empty",), lambda f: npz(f, x_train=np.zeros((0, 8, 8), np.uint8))),
     BadInput("npz_not_an_npz", NPZ, ("not a readable .npz",), lambda f: (f / "set.npz").write_text("hello")),
     BadInput("empty_folder", DIR, ("no image files",), None),
@@ -118,3 +119,13 @@ def test_hidden_folders_are_neither_images_nor_classes(tmp_path, capsys):
     data = MediaDataModule(image_dir=str(tmp_path), image_size=12)
     assert data.class_names == ["cat", "dog"] and len(data.source.pixels) == 6
     assert "3 image file(s) under hidden names" in capsys.readouterr().err
+
+
+def test_npz_label_codes_are_classes_named_by_their_code(tmp_path):
+    """Codes 0 and 1000 in an .npz are two classes named '0' and '1000' (not 1001 classes)."""
+    from domains.media.data import MediaDataModule
+
+    npz(tmp_path, x_train=images(), y_train=np.repeat([1000, 0], 4))
+    data = MediaDataModule(npz_path=str(tmp_path / "set.npz"), image_size=8)
+    assert data.class_names == ["0", "1000"] and data.num_classes == 2
+    assert data.source.labels.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]

@@ -119,6 +119,18 @@ def _class_codes(labels: np.ndarray, source: str) -> np.ndarray:
     return codes
 
 
+def _codes_as_classes(codes: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
+    """Class codes -> ``(labels 0..K-1, class names)``: each distinct code is one class, named by the code
+    (codes 0, 1000, ... are 2 classes ``'0'``, ``'1000'``, not 1001). The classes go through the folder
+    rule (:func:`pipelines.validation.check_labels`: a class of one image is refused, same words)."""
+    values, counts = np.unique(codes, return_counts=True)
+    names = [str(int(value)) for value in values]
+    check_labels(dict(zip(names, counts.tolist())), where, min_rows=2, unit="image")
+    if not np.array_equal(values, np.arange(len(values))):
+        print(f"[media] {where}: {len(values)} distinct codes {names[0]}..{names[-1]} taken as {len(values)} classes named by their code", file=sys.stderr)
+    return np.searchsorted(values, codes).astype(np.int64), names
+
+
 def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tuple[str, np.ndarray]:
     if key is not None:
         if key not in npz.files:
@@ -151,6 +163,7 @@ def read_npz(
         image_key, first = _image_array(npz, path, key)
         parts: list[tuple[str, np.ndarray, np.ndarray | None]] = []
         pairs = [(image_key, "train")]
+        label_keys: list[str | None] = []
         if "train" in image_key:  # official held-out arrays: x_train -> x_val, x_test; train_images -> val_images, test_images
             for split, words in HELD_OUT:
                 found = next((image_key.replace("train", w) for w in words if image_key.replace("train", w) in npz.files), None)
@@ -163,6 +176,7 @@ def read_npz(
             if labels is not None and len(labels) != len(images):
                 raise InputError(f"{path}: {name} has {len(images)} images but {label_key} has {len(labels)} labels")
             parts.append((split, _channels_last(images, f"{path}:{name}"), labels))
+            label_keys.append(label_key)
     shapes = {images.shape[1:] for _, images, _ in parts}
     if len(shapes) > 1:
         raise InputError(f"{path}: the split arrays {[name for name, _ in pairs]} hold images of different shapes {sorted(shapes)}")
@@ -186,8 +200,11 @@ def read_npz(
     names = [f"{path.name}:{i}" for i in range(len(pixels))]
     if labels is None:
         class_names = []
+    elif class_names is not None:
+        class_names = [str(c) for c in class_names]
     else:
-        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(int(labels.max()) + 1)]
+        label_keys = sorted({key for key in label_keys if key is not None})
+        labels, class_names = _codes_as_classes(labels, f"{path}: labels {', '.join(map(repr, label_keys))}")
     return ImageSet(pixels=pixels, labels=labels, class_names=class_names, names=names, split=split)
 
 
