@@ -84,6 +84,8 @@ CASES = [
     BadInput("image_size_0", ("--data.image_size=0",), ("--data.image_size", "got 0"), None),
     BadInput("image_size_negative", ("--data.image_size=-16",), ("--data.image_size", "got -16"), None),
     BadInput("unknown_augmentation", ("--data.augment=[{HorizontalFlipp: {p: 0.5}}]",), ("HorizontalFlipp",), None),
+    BadInput("generate_seed_past_int64", ("--data.generate_seed=18446744073709551615", "--data.num_generate=3"), ("--data.generate_seed", "18446744073709551615", "0..9223372036854775805"), None),
+    BadInput("generate_seed_negative", ("--data.generate_seed=-1",), ("--data.generate_seed -1", "expected a whole number in 0.."), None),
     BadInput("batch_size_0", ("--data.batch_size=0",), ("batch_size", "got 0"), None),
 ]
 
