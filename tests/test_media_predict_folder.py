@@ -1,6 +1,6 @@
 """Media ``predict`` never replaces images an earlier predictions file names: each predict writes a
 folder of its own (``generated``, ``generated-2``, ...), a given ``--data.generate_dir`` that holds
-earlier images is refused (exit 2) before anything is generated, and a guidance scale far outside
+anything (earlier images, any file) is refused (exit 2) before anything is generated, and a guidance scale far outside
 what samples survive is refused like the server refuses it. A predict stopped mid-way by a real SIGTERM
 exits 143 and leaves its folder and predictions file complete or absent, the earlier ones untouched."""
 
@@ -36,6 +36,15 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     err = " ".join(capsys.readouterr().err.split())
     assert refused.value.code == 2 and "already holds 3 image(s) (00000.png, ...): predict writes only into a new or empty folder" in err, err
     assert not (run / "predictions-3.csv").exists() and {p: open(p, "rb").read() for p in first["file"]} == earlier
+
+    notes = tmp_path / "notes"  # a folder holding no image but a file: refused too, before anything is generated (was: generated, then exit 1)
+    notes.mkdir()
+    (notes / "a.txt").write_text("mine")
+    with pytest.raises(SystemExit) as refused:
+        predict(run, f"--data.generate_dir={notes}")
+    err = " ".join(capsys.readouterr().err.split())
+    assert refused.value.code == 2 and f"--data.generate_dir {notes} already holds 1 file(s) or folder(s) (a.txt, ...)" in err, err
+    assert [p.name for p in notes.iterdir()] == ["a.txt"] and not (run / "predictions-3.csv").exists()
 
     with pytest.raises(SystemExit) as refused:  # a file where the folder should be
         predict(run, f"--data.generate_dir={run / 'predictions.csv'}")
