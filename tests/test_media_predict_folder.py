@@ -30,6 +30,8 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     assert {p.rsplit("/", 2)[-2] for p in first["file"]} == {"generated"} and {p.rsplit("/", 2)[-2] for p in second["file"]} == {"generated-2"}
     earlier = {p: open(p, "rb").read() for p in first["file"]}
     assert not list(run.glob("generated*/.*partial*")), "no partial image left behind"
+    configs = {p.name: p.read_bytes() for p in run.glob("config-predict*.yaml")}  # each predict's own, numbered like its predictions file
+    assert sorted(configs) == ["config-predict-2.yaml", "config-predict.yaml"], sorted(configs)
 
     with pytest.raises(SystemExit) as refused:  # the first predict's folder, given by name: refused, nothing generated
         predict(run, f"--data.generate_dir={run / 'generated'}")
@@ -54,6 +56,8 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     with pytest.raises(SystemExit) as refused:
         predict(run, "--data.generate_guidance_scale=1e9")
     assert refused.value.code == 2 and "must be a number in 0..20" in " ".join(capsys.readouterr().err.split())
+    # the refused predicts wrote no config and replaced none (before: each rewrote the one config-predict.yaml)
+    assert {p.name: p.read_bytes() for p in run.glob("config-predict*.yaml")} == configs
 
 
 def outputs(run: Path) -> dict[str, bytes]:
