@@ -86,6 +86,8 @@ CASES = [
     BadInput("unknown_augmentation", ("--data.augment=[{HorizontalFlipp: {p: 0.5}}]",), ("HorizontalFlipp",), None),
     BadInput("generate_seed_past_int64", ("--data.generate_seed=18446744073709551615", "--data.num_generate=3"), ("--data.generate_seed", "18446744073709551615", "0..9223372036854775805"), None),
     BadInput("generate_seed_negative", ("--data.generate_seed=-1",), ("--data.generate_seed -1", "expected a whole number in 0.."), None),
+    BadInput("diffusion_widths_not_divisible_by_head_channels", ("--model=domains.media.model.Diffusion", "--model.init_args.unet_widths=[16,16,16]", "--model.init_args.attention_levels=[false,false,false]",
+             "--model.init_args.norm_num_groups=8", "--data.image_size=16"), ("--model.init_args.num_head_channels 32", "--model.init_args.unet_widths [16, 16, 16]", "try 16"), None),
     BadInput("batch_size_0", ("--data.batch_size=0",), ("batch_size", "got 0"), None),
 ]
 
