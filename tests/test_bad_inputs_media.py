@@ -61,6 +61,8 @@ CASES = [
     BadInput("npz_negative_labels", NPZ, ("non-negative",), lambda f: npz(f, x_train=images(), y_train=np.arange(8) - 1)),
     BadInput("npz_fractional_labels", NPZ, ("'y_train'", "0.5", "item 0", "not a whole number"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) % 3 + 0.5)),
     BadInput("npz_sparse_codes_of_one_image", NPZ, ("'y_train'", "'1000' (1 image)", "fewer than 2 images"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) * 1000)),
+    BadInput("npz_labels_of_two_columns", NPZ, ("'y_train'", "shape (8, 2)", "one class code per image"), lambda f: npz(f, x_train=images(), y_train=np.zeros((8, 2), np.int64))),
+    BadInput("npz_int64_pixels_past_255", NPZ, ("span [0, 76200]", "int64", "uint16 (0..65535"), lambda f: npz(f, x_train=np.linspace(0, 76200, 512).reshape(8, 8, 8).astype(np.int64))),
     BadInput("npz_empty_array", NPZ, ("is empty",), lambda f: npz(f, x_train=np.zeros((0, 8, 8), np.uint8))),
     BadInput("npz_not_an_npz", NPZ, ("not a readable .npz",), lambda f: (f / "set.npz").write_text("hello")),
     BadInput("empty_folder", DIR, ("no image files",), None),
@@ -88,6 +90,7 @@ CASES = [
     BadInput("generate_seed_negative", ("--data.generate_seed=-1",), ("--data.generate_seed -1", "expected a whole number in 0.."), None),
     BadInput("diffusion_widths_not_divisible_by_head_channels", ("--model=domains.media.model.Diffusion", "--model.init_args.unet_widths=[16,16,16]", "--model.init_args.attention_levels=[false,false,false]",
              "--model.init_args.norm_num_groups=8", "--data.image_size=16"), ("--model.init_args.num_head_channels 32", "--model.init_args.unet_widths [16, 16, 16]", "try 16"), None),
+    BadInput("generate_sampler_in_capitals", ("--data.generate_sampler=DDIM",), ("--data.generate_sampler DDIM", "expected one of ddim, ddpm", "did you mean 'ddim'"), None),
     BadInput("batch_size_0", ("--data.batch_size=0",), ("batch_size", "got 0"), None),
 ]
 

@@ -73,7 +73,8 @@ def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
     if low >= 0 and high <= 1.0:
         values = values * 255.0
     elif low < 0 or high > 255:
-        raise InputError(f"{source}: pixel values span [{low:g}, {high:g}]; expected [0, 1] floats or [0, 255] (nothing is clipped)")
+        sixteen = "; 16-bit images are read as uint16 (0..65535, scaled by bit depth)" if np.issubdtype(array.dtype, np.integer) else ""
+        raise InputError(f"{source}: pixel values span [{low:g}, {high:g}] ({array.dtype}); expected [0, 1] floats or [0, 255]{sixteen} (nothing is clipped)")
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
@@ -99,6 +100,8 @@ def _class_codes(labels: np.ndarray, source: str) -> np.ndarray:
     """One label array as int64 class codes. Labels are codes, never measurements: a value that is not a
     whole number >= 0 (``0.5``, NaN, ``-1``) is refused naming its item, since truncating it would train
     on a class the file does not give."""
+    if labels.ndim > 1 and int(np.prod(labels.shape[1:])) != 1:  # (40, 2) was counted as 80 labels
+        raise InputError(f"{source}: labels have shape {labels.shape}; expected one class code per image, shape (N,) or (N, 1)")
     labels = labels.reshape(-1)
     if labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer):
         codes = labels.astype(np.int64)
