@@ -35,7 +35,7 @@ from pipelines.explain import explanation_writer
 from pipelines.guards import NonFiniteLossError, SignalCheckpoint, non_finite_metrics
 from pipelines.hardware import plan_hardware
 from pipelines.parse_errors import config_file_problem, explain, foreign_config, single_dash_option, unknown_environment_options
-from pipelines.predictions import prediction_file
+from pipelines.predictions import predict_config_name, prediction_file
 from pipelines.resume_data import check_resumed_data, data_options
 from pipelines.resume_epochs import check_training_left
 from pipelines.row_shards import check_grouped_shards
@@ -312,6 +312,8 @@ class PipelineCLI(LightningCLI):
         if self.subcommand == "fit":  # groups of mini-batches from row shards read by several workers: refused here, not when training starts
             check_grouped_shards(self.model, self.datamodule, trainer_cfg, options.get("checkpoint_every_n_steps"))
         predictions = prediction_file(self.run.path, options.get("output")) if self.subcommand == "predict" else None
+        if predictions is not None:  # its config is numbered like it (the callback is made in super().instantiate_trainer)
+            self.save_config_kwargs["config_filename"] = predict_config_name(predictions)
         explanations = explanation_writer(self.model, predictions) if predictions is not None and options.get("explain") else None
         if rank_zero_only.rank == 0:  # DDP workers are copies of this command, inside the same run
             try:

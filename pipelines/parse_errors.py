@@ -94,10 +94,12 @@ def _value_hint(message: str) -> str | None:
     if key is None or got is None:
         return None
     option, value = f"--{key.group(1)}", got.group(1).strip()
-    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\.", message, re.DOTALL)
+    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]", message, re.DOTALL)  # also inside an optional's Union text
     if literal:
         choices = re.findall(r"'([^']*)'", literal.group(1))
-        return f"{option} {value}: expected one of {', '.join(choices)}{did_you_mean(value, choices)}"
+        same = [choice for choice in choices if choice.lower() == value.lower()]  # DDIM for ddim: difflib sees no likeness
+        hint = f" (did you mean {same[0]!r}? the choices are case-sensitive)" if same else did_you_mean(value, choices)
+        return f"{option} {value}: expected one of {', '.join(choices)}{hint}"
     kind = re.search(r"Expected a <class '(\w+)'>", message)
     if kind and kind.group(1) in ("float", "int"):
         number = "a finite number" if value.lower().lstrip("+-") in ("nan", "inf", "infinity") else f"a number ({kind.group(1)})"

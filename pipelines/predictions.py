@@ -7,7 +7,8 @@ Files are never overwritten and never half-written: each ``predict`` writes a ne
 (``predictions.csv``, then ``predictions-2.csv``, ... or the ``--output`` name, refused when it
 exists), streamed into a hidden ``.<name>.partial`` file that is renamed when the last batch is
 written; a failed or killed run leaves no file under the final name and deletes its partial file
-when it can. The runner runs ``predict`` in one process (:func:`pipelines.hardware.plan_hardware` refuses more); a
+when it can. The predict's resolved config is numbered like its file (:func:`predict_config_name`)
+and written only once the file is complete. The runner runs ``predict`` in one process (:func:`pipelines.hardware.plan_hardware` refuses more); a
 Trainer of one's own under DDP gets ``<name>.rank<N>.csv`` per process, written the same way.
 """
 
@@ -43,6 +44,23 @@ def batch_to_frame(columns: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
+def predict_config_name(predictions: Path) -> str:
+    """The name of the resolved config of the ``predict`` that writes ``predictions``, beside it in the run
+    folder, numbered like it so no predict replaces an earlier one's: ``predictions.csv`` ->
+    ``config-predict.yaml``, ``predictions-2.csv`` -> ``config-predict-2.yaml``, ``--output scores.csv`` ->
+    ``config-predict-scores.yaml``.
+
+    Example:
+        >>> predict_config_name(Path("run/predictions-3.csv"))
+        'config-predict-3.yaml'
+    """
+    stem = predictions.stem
+    if stem == "predictions":
+        return "config-predict.yaml"
+    number = stem.removeprefix("predictions-")
+    return f"config-predict-{number if number != stem and number.isdigit() else stem}.yaml"
+
+
 def prediction_file(run_dir: Path, output: str | None = None) -> Path:
     """The file a new ``predict`` writes: ``output`` (a name inside the run folder, refused when it
     exists) or the first free name of ``predictions.csv``, ``predictions-2.csv``, ...
@@ -62,11 +80,12 @@ def prediction_file(run_dir: Path, output: str | None = None) -> Path:
         name = Path(output)
         if name.name != output or not output.endswith(".csv"):
             raise InputError(f"--output {output!r}: expected a bare file name ending in .csv, without a folder (the file is written inside the run folder {run_dir})")
-        if (run_dir / name).exists():
-            raise InputError(f"--output {output}: {run_dir / name} already exists; earlier predictions are never overwritten, choose another name")
+        for taken in (run_dir / name, run_dir / predict_config_name(name)):
+            if taken.exists():
+                raise InputError(f"--output {output}: {taken} already exists; earlier predictions and their configs are never overwritten, choose another name")
         return run_dir / name
     candidate, number = run_dir / "predictions.csv", 1
-    while candidate.exists() or any(run_dir.glob(f"{candidate.stem}.rank*.csv")):
+    while candidate.exists() or any(run_dir.glob(f"{candidate.stem}.rank*.csv")) or (run_dir / predict_config_name(candidate)).exists():
         number += 1
         candidate = run_dir / f"predictions-{number}.csv"
     return candidate

@@ -3,7 +3,7 @@
 Layout::
 
     runs/healthcare/20261125-101500-3f2a9c/
-        config.yaml         resolved config of fit (LightningCLI); config-<command>.yaml for the others
+        config.yaml         resolved config of fit (LightningCLI); config-<command>.yaml for the others (config-predict-2.yaml, ... beside predictions-2.csv, ...)
         provenance.json     seed, git commit, package versions, command line of every invocation
         checkpoints/        best.ckpt, last.ckpt
         metrics.jsonl       one line per epoch (train/*, val/*) and per test (test/*)

@@ -101,9 +101,21 @@ def wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
 class UploadConfigToWandb(SaveConfigCallback):
     """Save the resolved config in the run folder and upload it with the W&B run (Lightning #19728).
 
+    ``predict`` writes its config at its end, under its predictions file's number
+    (:func:`pipelines.predictions.predict_config_name`, chosen by the CLI), never over an earlier one.
+
     The config goes to the W&B run's config (key ``cli``) and, as a file, to a ``config`` artifact
     (W&B's own ``config.yaml`` in the run's files would clash with the name).
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            super().setup(trainer, pl_module, stage)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A predict's config is written once its predictions file is complete (the CSV writer's ``on_predict_end``
+        runs first: the CLI appends this callback after the run's): a failed predict leaves none behind."""
+        super().setup(trainer, pl_module, "predict")
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import wandb

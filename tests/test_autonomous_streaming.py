@@ -150,8 +150,9 @@ def test_streamed_training_has_the_same_losses_tests_and_predictions(files, tmp_
     assert yaml.safe_load((run / "config-predict.yaml").read_text())["data"]["streaming"] is False
     in_memory = pd.read_csv(run / "predictions.csv")
     run_pipeline("autonomous", "predict", *common, *streaming, *checkpoint)
-    assert yaml.safe_load((run / "config-predict.yaml").read_text())["data"]["streaming"] is True
-    chunked = pd.read_csv(run / "predictions.csv")
+    assert yaml.safe_load((run / "config-predict-2.yaml").read_text())["data"]["streaming"] is True  # numbered like its predictions file
+    assert yaml.safe_load((run / "config-predict.yaml").read_text())["data"]["streaming"] is False  # the first predict's, kept
+    chunked = pd.read_csv(run / "predictions-2.csv")
     assert len(chunked) > 0
     pd.testing.assert_frame_equal(chunked, in_memory)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2, "one cache for the training file, one for the scored file"

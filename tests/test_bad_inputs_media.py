@@ -59,6 +59,10 @@ CASES = [
     BadInput("npz_split_shapes_differ", NPZ, ("different shapes",), lambda f: npz(f, x_train=images(), x_test=images(4, size=10))),
     BadInput("npz_label_count_mismatch", NPZ, ("x_train has 8 images", "y_train has 5 labels"), lambda f: npz(f, x_train=images(), y_train=np.arange(5))),
     BadInput("npz_negative_labels", NPZ, ("non-negative",), lambda f: npz(f, x_train=images(), y_train=np.arange(8) - 1)),
+    BadInput("npz_fractional_labels", NPZ, ("'y_train'", "0.5", "item 0", "not a whole number"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) % 3 + 0.5)),
+    BadInput("npz_sparse_codes_of_one_image", NPZ, ("'y_train'", "'1000' (1 image)", "fewer than 2 images"), lambda f: npz(f, x_train=images(), y_train=np.arange(8) * 1000)),
+    BadInput("npz_labels_of_two_columns", NPZ, ("'y_train'", "shape (8, 2)", "one class code per image"), lambda f: npz(f, x_train=images(), y_train=np.zeros((8, 2), np.int64))),
+    BadInput("npz_int64_pixels_past_255", NPZ, ("span [0, 76200]", "int64", "uint16 (0..65535"), lambda f: npz(f, x_train=np.linspace(0, 76200, 512).reshape(8, 8, 8).astype(np.int64))),
     BadInput("npz_empty_array", NPZ, ("is empty",), lambda f: npz(f, x_train=np.zeros((0, 8, 8), np.uint8))),
     BadInput("npz_not_an_npz", NPZ, ("not a readable .npz",), lambda f: (f / "set.npz").write_text("hello")),
     BadInput("empty_folder", DIR, ("no image files",), None),
@@ -82,6 +86,11 @@ CASES = [
     BadInput("image_size_0", ("--data.image_size=0",), ("--data.image_size", "got 0"), None),
     BadInput("image_size_negative", ("--data.image_size=-16",), ("--data.image_size", "got -16"), None),
     BadInput("unknown_augmentation", ("--data.augment=[{HorizontalFlipp: {p: 0.5}}]",), ("HorizontalFlipp",), None),
+    BadInput("generate_seed_past_int64", ("--data.generate_seed=18446744073709551615", "--data.num_generate=3"), ("--data.generate_seed", "18446744073709551615", "0..9223372036854775805"), None),
+    BadInput("generate_seed_negative", ("--data.generate_seed=-1",), ("--data.generate_seed -1", "expected a whole number in 0.."), None),
+    BadInput("diffusion_widths_not_divisible_by_head_channels", ("--model=domains.media.model.Diffusion", "--model.init_args.unet_widths=[16,16,16]", "--model.init_args.attention_levels=[false,false,false]",
+             "--model.init_args.norm_num_groups=8", "--data.image_size=16"), ("--model.init_args.num_head_channels 32", "--model.init_args.unet_widths [16, 16, 16]", "try 16"), None),
+    BadInput("generate_sampler_in_capitals", ("--data.generate_sampler=DDIM",), ("--data.generate_sampler DDIM", "expected one of ddim, ddpm", "did you mean 'ddim'"), None),
     BadInput("batch_size_0", ("--data.batch_size=0",), ("batch_size", "got 0"), None),
 ]
 
@@ -117,3 +126,13 @@ def test_hidden_folders_are_neither_images_nor_classes(tmp_path, capsys):
     data = MediaDataModule(image_dir=str(tmp_path), image_size=12)
     assert data.class_names == ["cat", "dog"] and len(data.source.pixels) == 6
     assert "3 image file(s) under hidden names" in capsys.readouterr().err
+
+
+def test_npz_label_codes_are_classes_named_by_their_code(tmp_path):
+    """Codes 0 and 1000 in an .npz are two classes named '0' and '1000' (not 1001 classes)."""
+    from domains.media.data import MediaDataModule
+
+    npz(tmp_path, x_train=images(), y_train=np.repeat([1000, 0], 4))
+    data = MediaDataModule(npz_path=str(tmp_path / "set.npz"), image_size=8)
+    assert data.class_names == ["0", "1000"] and data.num_classes == 2
+    assert data.source.labels.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]

@@ -1,6 +1,6 @@
 """Media ``predict`` never replaces images an earlier predictions file names: each predict writes a
 folder of its own (``generated``, ``generated-2``, ...), a given ``--data.generate_dir`` that holds
-earlier images is refused (exit 2) before anything is generated, and a guidance scale far outside
+anything (earlier images, any file) is refused (exit 2) before anything is generated, and a guidance scale far outside
 what samples survive is refused like the server refuses it. A predict stopped mid-way by a real SIGTERM
 exits 143 and leaves its folder and predictions file complete or absent, the earlier ones untouched."""
 
@@ -30,12 +30,23 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     assert {p.rsplit("/", 2)[-2] for p in first["file"]} == {"generated"} and {p.rsplit("/", 2)[-2] for p in second["file"]} == {"generated-2"}
     earlier = {p: open(p, "rb").read() for p in first["file"]}
     assert not list(run.glob("generated*/.*partial*")), "no partial image left behind"
+    configs = {p.name: p.read_bytes() for p in run.glob("config-predict*.yaml")}  # each predict's own, numbered like its predictions file
+    assert sorted(configs) == ["config-predict-2.yaml", "config-predict.yaml"], sorted(configs)
 
     with pytest.raises(SystemExit) as refused:  # the first predict's folder, given by name: refused, nothing generated
         predict(run, f"--data.generate_dir={run / 'generated'}")
     err = " ".join(capsys.readouterr().err.split())
     assert refused.value.code == 2 and "already holds 3 image(s) (00000.png, ...): predict writes only into a new or empty folder" in err, err
     assert not (run / "predictions-3.csv").exists() and {p: open(p, "rb").read() for p in first["file"]} == earlier
+
+    notes = tmp_path / "notes"  # a folder holding no image but a file: refused too, before anything is generated (was: generated, then exit 1)
+    notes.mkdir()
+    (notes / "a.txt").write_text("mine")
+    with pytest.raises(SystemExit) as refused:
+        predict(run, f"--data.generate_dir={notes}")
+    err = " ".join(capsys.readouterr().err.split())
+    assert refused.value.code == 2 and f"--data.generate_dir {notes} already holds 1 file(s) or folder(s) (a.txt, ...)" in err, err
+    assert [p.name for p in notes.iterdir()] == ["a.txt"] and not (run / "predictions-3.csv").exists()
 
     with pytest.raises(SystemExit) as refused:  # a file where the folder should be
         predict(run, f"--data.generate_dir={run / 'predictions.csv'}")
@@ -45,6 +56,8 @@ def test_each_predict_writes_a_new_folder_and_a_full_one_is_refused(tiny_run, tm
     with pytest.raises(SystemExit) as refused:
         predict(run, "--data.generate_guidance_scale=1e9")
     assert refused.value.code == 2 and "must be a number in 0..20" in " ".join(capsys.readouterr().err.split())
+    # the refused predicts wrote no config and replaced none (before: each rewrote the one config-predict.yaml)
+    assert {p.name: p.read_bytes() for p in run.glob("config-predict*.yaml")} == configs
 
 
 def outputs(run: Path) -> dict[str, bytes]:

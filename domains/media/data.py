@@ -33,6 +33,7 @@ from pipelines.reference import KEY as REFERENCE_KEY, fit_output_image_reference
 from domains.media.readers import ImageSet, read_image_folder, read_npz, synthetic_images
 
 SPLITS = ("train", "val", "test")
+MAX_SEED = 2**63 - 1  # the largest seed of a generated image: seeds are batched as int64 tensors
 SAMPLERS = (None, "ddim", "ddpm")  # generate_sampler as a number a DataLoader can batch
 #: ``predict`` options only a diffusion model honours (a GAN draws each image in one generator pass): given to a GAN, refused
 DIFFUSION_OPTIONS = ("generate_steps", "generate_sampler", "generate_guidance_scale")
@@ -181,6 +182,11 @@ class MediaDataModule(pl.LightningDataModule):
             raise InputError(f"--data.generate_guidance_scale must be a number in 0..{MAX_GUIDANCE:g} (1: no guidance; far above a few, samples saturate), got {generate_guidance_scale}")
         if num_generate < 1:
             raise InputError(f"num_generate must be >= 1, got {num_generate}")
+        if not 0 <= generate_seed <= MAX_SEED - (num_generate - 1):  # image i uses generate_seed + i, batched as int64
+            raise InputError(
+                f"--data.generate_seed {generate_seed}: expected a whole number in 0..{MAX_SEED - (num_generate - 1)} "
+                f"(2**63 - 1 - (num_generate - 1), num_generate {num_generate}): image i uses seed generate_seed + i, a 64-bit signed integer"
+            )
         self.save_hyperparameters(logger=False)
         self.augment = build_albumentations(augment)
         self.datasets: dict[str, Dataset] = {}

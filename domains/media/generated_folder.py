@@ -4,8 +4,8 @@ Each ``predict`` writes a new predictions file (``predictions.csv``, ``predictio
 names its images; writing them into a folder that already holds an earlier predict's images would
 replace the files that earlier table describes. So:
 
-- ``--data.generate_dir DIR``: used when it is new or empty; a folder that already holds images is
-  refused (exit 2) before anything is generated;
+- ``--data.generate_dir DIR``: used when it is new or empty; a folder that holds anything (images or
+  any other file) is refused (exit 2) before anything is generated;
 - otherwise the first of ``<run folder>/generated``, ``generated-2``, ... that is new or empty.
 
 The images are written into a hidden staging folder beside it (``.generated.partial-<pid>``), which
@@ -47,11 +47,13 @@ def generated_folder(run_dir: Path, given: str | None) -> Path:
         folder = Path(given)
         if folder.exists() and not folder.is_dir():
             raise InputError(f"--data.generate_dir {folder}: not a folder")
-        earlier = _images_in(folder)
+        earlier = sorted(folder.iterdir()) if folder.is_dir() else []
         if earlier:
+            images = _images_in(folder)
+            what = f"{len(images)} image(s) ({images[0].name}, ...)" if images else f"{len(earlier)} file(s) or folder(s) ({earlier[0].name}, ...)"
             raise InputError(
-                f"--data.generate_dir {folder} already holds {len(earlier)} image(s) ({earlier[0].name}, ...): predict writes only into a "
-                "new or empty folder and never replaces images (an earlier predict's, which its predictions file names, or any others): "
+                f"--data.generate_dir {folder} already holds {what}: predict writes only into a "
+                "new or empty folder and never replaces files (an earlier predict's images, which its predictions file names, or any others): "
                 "give a new or empty folder, or leave the option out (a new generated-N folder in the run folder)"
             )
         return folder

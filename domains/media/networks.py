@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -204,6 +205,10 @@ def build_diffusion_unet(
         raise ValueError(f"attention_levels has {len(attention_levels)} entries but unet_widths has {levels}")
     if any(w % norm_num_groups for w in widths):
         raise ValueError(f"every entry of unet_widths {list(widths)} must be a multiple of norm_num_groups={norm_num_groups}")
+    attending = [w for i, (w, on) in enumerate(zip(widths, attention_levels)) if on or i == levels - 1]  # MONAI's middle block always attends
+    if num_head_channels < 1 or any(w % num_head_channels for w in attending):  # MONAI's own refusal names no option
+        raise ValueError(f"--model.init_args.num_head_channels {num_head_channels} must divide every width of --model.init_args.unet_widths {list(widths)} "
+                         f"that has attention ({attending}: attention_levels, and the last, where the middle block always attends); try {math.gcd(*attending)}")
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=channels,

@@ -73,7 +73,8 @@ def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
     if low >= 0 and high <= 1.0:
         values = values * 255.0
     elif low < 0 or high > 255:
-        raise InputError(f"{source}: pixel values span [{low:g}, {high:g}]; expected [0, 1] floats or [0, 255] (nothing is clipped)")
+        sixteen = "; 16-bit images are read as uint16 (0..65535, scaled by bit depth)" if np.issubdtype(array.dtype, np.integer) else ""
+        raise InputError(f"{source}: pixel values span [{low:g}, {high:g}] ({array.dtype}); expected [0, 1] floats or [0, 255]{sixteen} (nothing is clipped)")
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
@@ -93,6 +94,44 @@ def match_channels(pixels: np.ndarray, channels: int | None, source: str) -> np.
     if channels is None or channels == have:
         return pixels
     raise InputError(f"{source}: images have {have} channel(s) but channels={channels} is configured; set --data.channels to {have} or null (convert automatically)")
+
+
+def _class_codes(labels: np.ndarray, source: str) -> np.ndarray:
+    """One label array as int64 class codes. Labels are codes, never measurements: a value that is not a
+    whole number >= 0 (``0.5``, NaN, ``-1``) is refused naming its item, since truncating it would train
+    on a class the file does not give."""
+    if labels.ndim > 1 and int(np.prod(labels.shape[1:])) != 1:  # (40, 2) was counted as 80 labels
+        raise InputError(f"{source}: labels have shape {labels.shape}; expected one class code per image, shape (N,) or (N, 1)")
+    labels = labels.reshape(-1)
+    if labels.dtype == np.bool_ or np.issubdtype(labels.dtype, np.integer):
+        codes = labels.astype(np.int64)
+    elif np.issubdtype(labels.dtype, np.floating):
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            item = int(np.argmin(whole))
+            raise InputError(
+                f"{source}: label {float(labels[item])!r} (item {item}) is not a whole number; labels are class codes "
+                "(0, 1, 2, ...) and nothing is rounded or truncated: store the class of each image as a whole number"
+            )
+        codes = labels.astype(np.int64)
+    else:
+        raise InputError(f"{source}: labels have dtype {labels.dtype}; expected whole numbers, the class code of each image (0, 1, 2, ...)")
+    if len(codes) and codes.min() < 0:
+        item = int(np.argmax(codes < 0))
+        raise InputError(f"{source}: label {int(codes[item])} (item {item}); labels must be non-negative integers, the class code of each image (0, 1, 2, ...)")
+    return codes
+
+
+def _codes_as_classes(codes: np.ndarray, where: str) -> tuple[np.ndarray, list[str]]:
+    """Class codes -> ``(labels 0..K-1, class names)``: each distinct code is one class, named by the code
+    (codes 0, 1000, ... are 2 classes ``'0'``, ``'1000'``, not 1001). The classes go through the folder
+    rule (:func:`pipelines.validation.check_labels`: a class of one image is refused, same words)."""
+    values, counts = np.unique(codes, return_counts=True)
+    names = [str(int(value)) for value in values]
+    check_labels(dict(zip(names, counts.tolist())), where, min_rows=2, unit="image")
+    if not np.array_equal(values, np.arange(len(values))):
+        print(f"[media] {where}: {len(values)} distinct codes {names[0]}..{names[-1]} taken as {len(values)} classes named by their code", file=sys.stderr)
+    return np.searchsorted(values, codes).astype(np.int64), names
 
 
 def _image_array(npz: np.lib.npyio.NpzFile, path: Path, key: str | None) -> tuple[str, np.ndarray]:
@@ -127,6 +166,7 @@ def read_npz(
         image_key, first = _image_array(npz, path, key)
         parts: list[tuple[str, np.ndarray, np.ndarray | None]] = []
         pairs = [(image_key, "train")]
+        label_keys: list[str | None] = []
         if "train" in image_key:  # official held-out arrays: x_train -> x_val, x_test; train_images -> val_images, test_images
             for split, words in HELD_OUT:
                 found = next((image_key.replace("train", w) for w in words if image_key.replace("train", w) in npz.files), None)
@@ -135,10 +175,11 @@ def read_npz(
         for name, split in pairs:
             images = npz[name]
             label_key = next((k for k in (name.replace("x_", "y_").replace("images", "labels"), "labels", "y") if k != name and k in npz.files), None)
-            labels = npz[label_key].reshape(-1) if (use_labels and label_key) else None
+            labels = _class_codes(npz[label_key], f"{path}: array {label_key!r}") if (use_labels and label_key) else None
             if labels is not None and len(labels) != len(images):
                 raise InputError(f"{path}: {name} has {len(images)} images but {label_key} has {len(labels)} labels")
             parts.append((split, _channels_last(images, f"{path}:{name}"), labels))
+            label_keys.append(label_key)
     shapes = {images.shape[1:] for _, images, _ in parts}
     if len(shapes) > 1:
         raise InputError(f"{path}: the split arrays {[name for name, _ in pairs]} hold images of different shapes {sorted(shapes)}")
@@ -151,9 +192,7 @@ def read_npz(
     label_parts = [labels for _, _, labels in parts]
     labels = None
     if all(part is not None for part in label_parts):
-        labels = np.concatenate(label_parts).astype(np.int64)
-        if labels.min() < 0:
-            raise InputError(f"{path}: labels must be non-negative integers, found {int(labels.min())}")
+        labels = np.concatenate(label_parts)
         if class_names is not None and labels.max() >= len(class_names):
             item = int(np.argmax(labels >= len(class_names)))
             raise InputError(
@@ -164,8 +203,11 @@ def read_npz(
     names = [f"{path.name}:{i}" for i in range(len(pixels))]
     if labels is None:
         class_names = []
+    elif class_names is not None:
+        class_names = [str(c) for c in class_names]
     else:
-        class_names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(int(labels.max()) + 1)]
+        label_keys = sorted({key for key in label_keys if key is not None})
+        labels, class_names = _codes_as_classes(labels, f"{path}: labels {', '.join(map(repr, label_keys))}")
     return ImageSet(pixels=pixels, labels=labels, class_names=class_names, names=names, split=split)
 
 
