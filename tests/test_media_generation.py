@@ -131,7 +131,7 @@ def test_condition_dropout_adds_a_null_class_and_drops_labels_at_its_rate():
 
 def test_guidance_combines_the_conditional_and_null_predictions():
     """``w = 1`` is the conditional model, ``w = 0`` the null class's, ``w`` in general ``uncond + w (cond - uncond)`` per step."""
-    from domains.media.networks import GuidedDenoiser
+    from domains.media.diffusion_networks import GuidedDenoiser
 
     torch.manual_seed(0)
     model = Diffusion(**{**GUIDED, "in_channels": 3, "image_size": 16, "num_classes": 3}).eval()

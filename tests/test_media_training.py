@@ -14,7 +14,8 @@ from PIL import Image
 
 from domains.media.data import MediaDataModule
 from domains.media.model import GAN, Diffusion, NonFiniteLossError
-from domains.media.networks import Discriminator, Generator, build_diffusion_unet
+from domains.media.diffusion_networks import build_diffusion_unet
+from domains.media.networks import Discriminator, Generator
 from domains.media.synthetic import make_shape_images
 from pipelines.errors import InputError
 from tests.conftest import only_run, read_jsonl, run_pipeline

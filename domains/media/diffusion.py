@@ -10,7 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from domains.media.networks import GuidedDenoiser, InferenceDenoiser, build_diffusion_unet, ema_decay_at, ema_update
+from domains.media.diffusion_networks import GuidedDenoiser, InferenceDenoiser, build_diffusion_unet
+from domains.media.networks import ema_decay_at, ema_update
 from domains.media.task import GenerativeTask, seeded_noise
 from pipelines.bundle_runtime import MAX_GUIDANCE
 from pipelines.errors import InputError
