@@ -202,6 +202,12 @@ def test_rows_form_over_http(exported, tmp_path):
         assert status == 200 and answer["score"] == pytest.approx(want["predictions"][2]["score"], rel=1e-5), answer
         status, answer = request(server.url + "/predict", {"rows": [rows[0], {**rows[1], "amount": "lots"}]})
         assert status == 422 and answer["detail"].startswith("rows[1].amount: expected a number"), answer
+        # finite float32 features the model's arithmetic overflows: refused, never a null score read as "not an alert"
+        zeros = {name: [0] * spec["shape"][-1] for name, spec in bundle.inputs.items()}  # numeric, and categorical codes
+        status, answer = request(server.url + "/predict", {"inputs": {**zeros, "numeric": [1e20] + zeros["numeric"][1:]}})
+        assert status == 422 and answer["detail"].startswith("inputs.") and "overflowed the model" in answer["detail"], answer
+        status, answer = request(server.url + "/predict", {"inputs": zeros})
+        assert status == 200 and answer["outputs"]["score"] is not None, answer
     finally:
         assert server.stop(signal.SIGTERM) == 0, server.output()
 
