@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from pipelines.errors import InputError, did_you_mean
+from pipelines.parse_errors import UniqueKeyLoader
 
 SECTIONS = ("model", "data", "trainer")
 KEYS = ("low", "high", "log", "step", "choices")
@@ -130,10 +131,12 @@ def load_space(path: str | Path) -> list[Parameter]:
     """Read and check a space file; every problem is an :class:`~pipelines.errors.InputError` naming the file."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key named twice is refused, as --config does
     except OSError as error:
         raise InputError(f"--space {path}: cannot read it ({error.strerror or error})") from None
     except yaml.YAMLError as error:
+        if "appears twice" in str(getattr(error, "problem", "")):  # UniqueKeyLoader: YAML itself would keep the last silently
+            raise InputError(f"{path}: {error.problem}; name each option (and each of its keys) once") from None
         mark = getattr(error, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise InputError(f"{path}: not valid YAML{at}: {getattr(error, 'problem', None) or error}") from None
