@@ -102,7 +102,7 @@ def fit_class_names(tables: dict[str, pd.DataFrame], train: Tracks, column: str,
     check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", given)
     if given:
         return list(given)
-    names = sorted({str(v) for v in train.label})
+    names = sorted({str(v) for v in train.label if not pd.isna(v)})
     if len(names) < 2:
         raise InputError(f"{files}: target column {column!r} has {len(names)} class(es) in the training split; need at least 2")
     return names

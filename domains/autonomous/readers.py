@@ -342,30 +342,26 @@ def build_tracks(
     label = label[order] if label is not None else None
     categories = categories[order] if categories is not None else None
 
+    # the NaN rule is for the model's inputs only: a missing target is never made up (filled or interpolated); the
+    # row stays, and a window whose target (at its last observed row) is missing is dropped and counted by the windows
     report = {"rows": len(table), "nan_rows": 0, "filled_rows": 0, "dropped_rows": 0}
-    numeric = np.concatenate([targets, channels] + ([label[:, None]] if label is not None and spec.label_numeric else []), 1)
+    report["missing_targets"] = int(pd.isna(label).sum()) if label is not None else 0
+    numeric = np.concatenate([targets, channels], 1)
     nan = np.isnan(numeric).any(1)
-    if label is not None and not spec.label_numeric:
-        nan |= pd.isna(label)
     if categories is not None:  # a blank category is a missing value: the NaN rule fills (last value) or drops it
         nan |= pd.isna(categories).any(1)
     report["nan_rows"] = int(nan.sum())
     keep = ~nan
     if nan.any() and nan_policy != "drop":
         filled = _fill(numeric, codes, nan_policy)
-        ok_label = np.ones(len(time), bool)
-        if label is not None and not spec.label_numeric:
-            label = pd.Series(label).groupby(codes).ffill().to_numpy(dtype=object)
-            ok_label &= ~pd.isna(label)
+        ok_categories = np.ones(len(time), bool)
         if categories is not None:  # text: the last value (per sequence), for every fill policy
             categories = pd.DataFrame(categories).groupby(codes).ffill().to_numpy(dtype=object)
-            ok_label &= ~pd.isna(categories).any(1)
-        keep = ~np.isnan(filled).any(1) & ok_label
+            ok_categories &= ~pd.isna(categories).any(1)
+        keep = ~np.isnan(filled).any(1) & ok_categories
         report["filled_rows"] = int((nan & keep).sum())
         d, c = targets.shape[1], channels.shape[1]
         targets, channels = filled[:, :d], filled[:, d : d + c]
-        if label is not None and spec.label_numeric:
-            label = filled[:, d + c]
     report["dropped_rows"] = int((~keep).sum())
     targets, channels, time, codes = targets[keep], channels[keep], time[keep], codes[keep]
     label = label[keep] if label is not None else None

@@ -71,6 +71,7 @@ def split_tracks(tables: dict[str, pd.DataFrame], columns: ColumnSpec, hp: dict,
             f"{name}: {report['rows']} rows, {report['sequences']} sequences, {report['nan_rows']} rows with NaN "
             f"({report['filled_rows']} filled by {hp['nan_policy']!r}, {report['dropped_rows']} dropped), "
             f"{report['gaps']} time gaps (> {hp['max_gap']:g} x step {report['time_step']:g}) -> {report['segments']} segments"
+            + (f"; {report['missing_targets']} rows without a target (kept as inputs, never filled)" if report.get("missing_targets") else "")
         )
         out[name] = tracks
     return out
