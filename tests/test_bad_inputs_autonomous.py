@@ -119,6 +119,12 @@ CASES = [
     BadInput("duplicate-header", CSV, ("fleet.csv", "column 'x' 2 times"), lambda f: (f / "fleet.csv").write_text("sequence,time,x,y,speed,x\na,0,1,2,3,4\n")),
     BadInput("no-track-long-enough", CSV, ("no track is long enough", "observe + predict = 20 rows", "all 6 tracks", "longest segment has 10 rows"),
              table_file("fleet.csv", steps=10)),  # fmt: skip
+    # a channel blank in every row: the NaN rule dropped every row and the refusal blamed the track lengths and time gaps
+    BadInput("channel-empty-in-every-row", CSV, ("fleet.csv", "column 'speed' (--data.channels)", "no value in any of the", "split 'train'"),
+             table_file("fleet.csv", lambda t: t.__setitem__("speed", np.nan))),  # fmt: skip
+    # a regression window is the observed rows only: the refusal said "observe + predict"
+    BadInput("no-track-long-enough-regression", (*CSV, "--data.task=regression", "--data.target_column=score"),
+             ("no track is long enough", "observe = 8 rows (--data.observe 8)", "longest segment has 6 rows"), table_file("fleet.csv", steps=6)),  # fmt: skip
     BadInput("observe-zero", (*CSV, "--data.observe=0"), ("--data.observe must be at least 2",), table_file("fleet.csv")),
     BadInput("predict-negative", (*CSV, "--data.predict=-3"), ("--data.predict must be at least 1",), table_file("fleet.csv")),
     BadInput("bad-split-value", (*CSV, "--data.split_column=split"), ("fleet.csv row 6", "'split'", "'holdout'", "expected train, val or test"),

@@ -64,6 +64,7 @@ def split_tracks(tables: dict[str, pd.DataFrame], columns: ColumnSpec, hp: dict,
     for name, table in tables.items():  # train first
         if len(table) == 0:
             raise InputError(f"split {name!r} is empty: no rows assigned to it (check --data.split_column or the fractions)")
+        refuse_empty_columns(table, columns, name, hp["nan_policy"])
         tracks = build_tracks(table, columns, hp["nan_policy"], step, hp["max_gap"], name, time_jitter=hp["time_jitter"])
         step = tracks.report["time_step"]
         report = tracks.report
@@ -75,6 +76,22 @@ def split_tracks(tables: dict[str, pd.DataFrame], columns: ColumnSpec, hp: dict,
         )
         out[name] = tracks
     return out
+
+
+def refuse_empty_columns(table: pd.DataFrame, columns: ColumnSpec, split: str, nan_policy: str) -> None:
+    """Refuse a split in which a channel or position column has no value at all: the NaN rule has nothing to fill
+    from and drops every row, which would otherwise surface as "no track is long enough" (the wrong cause)."""
+    named = dict(columns.roles)
+    roles = [(c, named.get(c, "data.channels")) for c in columns.channels] + [(c, "data.target_channels") for c in columns.targets]
+    for column, option in roles:
+        if column in table.columns and len(table) and table[column].isna().all():
+            files = sorted({str(f) for f in table[FILE].unique()})
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+            raise InputError(
+                f"{shown}: column {column!r} (--{option}) has no value in any of the {len(table)} rows of split {split!r}: "
+                f"nan_policy {nan_policy!r} has nothing to fill it from, so every row would be dropped; fill the column, "
+                f"or leave it out of --{option}"
+            )
 
 
 def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:

@@ -111,7 +111,8 @@ def check_split_windows(cut: dict[str, Any], tracks: dict[str, Tracks], files: d
     """Refuse a data set with no window, or a split without one (``cut``: each split's :class:`Windows` or
     :class:`WindowStarts`; ``files``: each split's source files, named in the message); log the short segments."""
     length = observe + predict
-    need = f"observe + predict = {length} rows (--data.observe {observe}" + (f" + --data.predict {predict})" if predict else ")")
+    # (predict is 0 for regression and classification: their window is the observed rows only)
+    need = f"observe + predict = {length} rows (--data.observe {observe} + --data.predict {predict})" if predict else f"observe = {length} rows (--data.observe {observe})"
     for name, windows in cut.items():
         if windows.missing_targets:
             log(f"{name}: {windows.missing_targets} window(s) whose target is missing at their last observed row: dropped "
