@@ -146,6 +146,11 @@ CASES = [
     BadInput("label-not-declared", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake]"),
              ("'brakes'", "not one of the declared classes", "did you mean 'brake'"),
              table_file("fleet.csv", lambda t: t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip3", "brakes", t["manoeuvre"])))),  # fmt: skip
+    # a class only the test split has: the refusal named no file or row and blamed class_names the user never gave
+    BadInput("class-only-in-the-test-split", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.split_column=split"),
+             ("fleet.csv row 121", "'reverse'", "split 'test'", "classes were learnt from it", "--data.class_names"),
+             table_file("fleet.csv", lambda t: (t.__setitem__("split", np.where(t["sequence"] == "trip5", "test", np.where(t["sequence"] == "trip4", "val", "train"))),
+                                                t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip5", "reverse", t["manoeuvre"]))))),  # fmt: skip
     # a class listed twice was accepted silently (two outputs for one class, one never the target)
     BadInput("class-declared-twice", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake,keep]"),
              ("--data.class_names", "'keep'", "twice"), table_file("fleet.csv")),  # fmt: skip

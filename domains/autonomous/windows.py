@@ -174,7 +174,9 @@ def window_tensors(
             index = {c: i for i, c in enumerate(class_names)}
             unknown = sorted({str(v) for v in last} - set(index))
             if unknown:
-                raise InputError(f"split {name!r}: target column {target_column!r} has class(es) {unknown[:5]} not in class_names {class_names}")
+                raise InputError(f"split {name!r}: target column {target_column!r} has class(es) {unknown[:5]} not in the classes {class_names} "
+                                 f"(--data.class_names, or else the training split's); give every class with --data.class_names, "
+                                 f"or split so that the training split has them")  # fmt: skip
             out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
     return out
 
