@@ -108,6 +108,9 @@ CASES = [
              table_file("fleet.csv", lambda t: (stamped(t), setter(30, "time", "2024-05-01T13:45:0x")(t)))),  # fmt: skip
     BadInput("iso-time-mixed-with-numbers", CSV, ("fleet.csv row 2", "'time'", "'0.1'", "every time as a number", "or every time as iso 8601"),
              table_file("fleet.csv", lambda t: (stamped(t), setter(2, "time", "0.1")(t)))),  # fmt: skip
+    # one trip written in UTC with Z among trips without a zone (read as UTC): silently shifted by the offset before
+    BadInput("iso-time-mixing-zones", CSV, ("fleet.csv row 121", "'time'", "a time with a time zone", "fleet.csv row 1 one without", "write every time"),
+             table_file("fleet.csv", lambda t: (stamped(t), t.__setitem__("time", np.where(t["sequence"] == "trip5", t["time"] + "+02:00", t["time"]))))),  # fmt: skip
     BadInput("time-step-negative", (*CSV, "--data.time_step=-0.1"), ("--data.time_step must be a positive number",), table_file("fleet.csv")),
     BadInput("time-jitter-too-large", (*CSV, "--data.time_jitter=0.7"), ("--data.time_jitter must be in [0, 0.5)",), table_file("fleet.csv")),
     # columns, values, rows

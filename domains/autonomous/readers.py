@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipelines.errors import InputError
 from pipelines.csv_text import check_csv_text, check_delimiter
+from pipelines.time_zones import refuse_mixed_zones
 from pipelines.validation import check_finite_columns, check_unique_columns
 from domains.autonomous.categorical import category_text
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
@@ -208,6 +209,7 @@ def time_seconds(table: pd.DataFrame, column: str) -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce")
     text = values.astype(str).str.strip()
     if not (numbers.notna().to_numpy() | ~present).all() and text[present].str.match(r"^\d{4}-\d{2}-\d{2}").any():
+        refuse_mixed_zones(values, f"column {column!r} (--data.time_column)", lambda i: where(table, i))
         parsed = pd.to_datetime(values.where(present), format="ISO8601", utc=True, errors="coerce")
         bad = np.flatnonzero(parsed.isna().to_numpy() & present)
         if len(bad):

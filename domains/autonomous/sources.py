@@ -18,8 +18,9 @@ import pandas as pd
 
 from pipelines.errors import InputError
 from pipelines.splits import SplitRule, assign, check_filled
+from pipelines.time_zones import refuse_mixed_zones
 from domains.autonomous.readers import (
-    FILE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, read_eth_ucy, read_table, with_origin,
+    FILE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, read_eth_ucy, read_table, where, with_origin,
 )  # fmt: skip
 from domains.autonomous.simulator import simulate_vehicles
 
@@ -48,6 +49,8 @@ def source_tables(hp: dict, columns: ColumnSpec, rule: SplitRule) -> dict[str, p
         table = with_origin(simulated, "<simulator>", 0)
     check_columns(table, columns)  # missing columns are named before anything else
     check_present(table, columns)  # a row without a sequence id or time cannot be split
+    # the whole file (each split's table may hold one kind only)
+    refuse_mixed_zones(table[columns.time], f"column {columns.time!r} (--data.time_column)", lambda i: where(table, i))
     if rule.stable:
         split = assign(rule, table, str(table[FILE].iloc[0]))
         check_filled(split, rule, str(table[FILE].iloc[0]))
