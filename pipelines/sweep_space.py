@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,9 @@ def _parameter(option: str, spec: Any, where: str) -> Parameter:
     low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
     if not (_number(low) and _number(high)):
         raise InputError(f"{here}: low and high must both be numbers, got low={low!r}, high={high!r}; {SHAPE}")
+    for name, value in (("low", low), ("high", high), ("step", step)):
+        if value is not None and _number(value) and not math.isfinite(value):  # .nan / .inf: YAML numbers, no bound
+            raise InputError(f"{here}: {name} must be a finite number, got {value}")
     if not low < high:
         raise InputError(f"{here}: low ({low}) must be smaller than high ({high})")
     if not isinstance(log, bool):
