@@ -144,10 +144,10 @@ CASES = [
              lambda f: (f / "fleet.xlsx").write_bytes(b"PK\x03\x04")),  # fmt: skip
     BadInput("file-not-found", ("--data.path={tmp}/nowhere.csv", *BASE), ("nowhere.csv", "file not found")),
     # classification labels
-    BadInput("label-typo", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre"), ("'manoeuvre'", "'brake'", "'brkae'", "spelt two ways"),
+    BadInput("label-typo", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre"), ("'manoeuvre'", "'brake'", "'brkae' (24 rows, first at", "fleet.csv row 121)", "spelt two ways"),
              table_file("fleet.csv", lambda t: t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip5", "brkae", t["manoeuvre"])))),  # fmt: skip
     BadInput("label-not-declared", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake]"),
-             ("'brakes'", "not one of the declared classes", "did you mean 'brake'"),
+             ("'brakes' (24 rows, first at", "fleet.csv row 73)", "not one of the declared classes", "did you mean 'brake'"),
              table_file("fleet.csv", lambda t: t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip3", "brakes", t["manoeuvre"])))),  # fmt: skip
     # a class only the test split has: the refusal named no file or row and blamed class_names the user never gave
     BadInput("class-only-in-the-test-split", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.split_column=split"),

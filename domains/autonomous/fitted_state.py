@@ -17,7 +17,7 @@ from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
 from pipelines.validation import check_labels
 from domains.autonomous.covariates import fit_covariate_state
 from domains.autonomous.position_units import KEY as STEP_SCALE_KEY, fit_step_scale
-from domains.autonomous.readers import FILE, Tracks, where
+from domains.autonomous.readers import FILE, Tracks, origin, where
 from domains.autonomous.sampling import EPS
 from domains.autonomous.streamed_state import fit_streamed_statistics, streamed_reference
 from domains.autonomous.windows import Windows
@@ -99,7 +99,7 @@ def fit_class_names(tables: dict[str, pd.DataFrame], train: Tracks, column: str,
     one class spelt two ways, or a class with too few rows, are refused (:func:`pipelines.validation.check_labels`)."""
     labels = pd.concat([table[column] for table in tables.values()]).dropna().astype(str)
     files = ", ".join(sorted({str(f) for table in tables.values() for f in table[FILE].unique()})[:3])
-    check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", given)
+    check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", given, first_row=lambda label: first_row_of(tables, column, label))
     if given:
         return list(given)
     names = sorted({str(v) for v in train.label if not pd.isna(v)})
@@ -107,6 +107,12 @@ def fit_class_names(tables: dict[str, pd.DataFrame], train: Tracks, column: str,
         raise InputError(f"{files}: target column {column!r} has {len(names)} class(es) in the training split; need at least 2")
     refuse_classes_unseen_in_training(tables, column, names)
     return names
+
+
+def first_row_of(tables: dict[str, pd.DataFrame], column: str, label: str) -> str:
+    """``file row N`` of the first row of the file (over every split) whose ``column`` holds ``label`` (as text)."""
+    found = [origin(t, int(i[0])) for t in tables.values() if len(i := np.flatnonzero(t[column].astype(str).to_numpy() == str(label)))]
+    return "{} row {}".format(*min(found)) if found else "no row"
 
 
 def refuse_classes_unseen_in_training(tables: dict[str, pd.DataFrame], column: str, names: list[str]) -> None:
