@@ -153,6 +153,9 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
         ({"row": {**good[0], "timestamp": "2024-03-05T10:00:00Z"}}, "row.timestamp: expected a timestamp without a time zone"),
         ({"rows": edited(0, channel=["online"])}, "rows[0].channel: expected a single value"),
         ({"rows": edited(1, nation="FR")}, "rows[1].nation: unknown column"),
+        # the optional label and ids were taken whatever they held (a label "x", an id sent as an object)
+        ({"rows": edited(1, is_fraud="x")}, "rows[1].is_fraud: expected a label of the training classes ['0', '1']"),
+        ({"row": {**good[0], "transaction_id": {"a": 1}}}, "row.transaction_id: expected a single value"),
         ({"rows": [good[0], 7]}, "rows[1]: expected an object"),
         ({"rows": []}, "rows: expected a non-empty list"),
         ({"rows": good, "threshold": 1}, "threshold: unexpected field"),
