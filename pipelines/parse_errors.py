@@ -14,7 +14,7 @@ from pipelines.errors import did_you_mean
 from pipelines.csv_text import byte_order_mark
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a mapping that names a key twice (YAML itself lets the last one win)."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -47,7 +47,7 @@ def config_file_problem(args: Any) -> str | None:
         if not text.strip():
             return f"--config {path}: the file is empty; expected YAML sections such as 'trainer:', 'model:', 'data:'"
         try:
-            content = yaml.load(text, Loader=_UniqueKeyLoader)
+            content = yaml.load(text, Loader=UniqueKeyLoader)
         except yaml.YAMLError as error:
             return f"--config {path}: not valid YAML: {' '.join(str(error).split())}"
         if content is not None and not isinstance(content, dict):

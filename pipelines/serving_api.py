@@ -75,6 +75,30 @@ def log_to_stderr(process: str, level: str) -> None:
     logger.setLevel(level.upper())
 
 
+def non_finite_output(item: Decoded, outputs: dict[str, np.ndarray], model: Loaded) -> str | None:
+    """The refusal of a request whose finite inputs gave a NaN or infinite model output, or ``None``.
+
+    Such an output is no result (JSON would carry it as ``null``, and a ``null`` score reads as "not an alert"):
+    the inputs lie so far outside what the model was trained on that its arithmetic overflowed. Any bundle, any form.
+    Rows an adapter refused itself (``refusal``) carry placeholder outputs and are not checked here."""
+    refused = outputs.get(REFUSAL)
+    for name in model.bundle.metadata.get("outputs", []):
+        values = np.asarray(outputs.get(name["name"], ()))
+        if values.dtype.kind != "f" or np.isfinite(values).all():
+            continue
+        if refused is not None and refused[0] is not None:
+            return None
+        index = [int(i) for i in np.argwhere(~np.isfinite(values))[0]]
+        value = float(values[tuple(index)])
+        generic = item.adapter.name == "generic"  # one sample: its fields are the inputs, the batch axis is not shown
+        fields = [f"inputs.{n}" for n in model.bundle.inputs if n in item.arrays] if generic else [item.adapter.name]
+        where = index[1:] if generic else index
+        return (f"{', '.join(fields)}: the values overflowed the model: its output {name['name']!r} is "
+                f"{'NaN' if np.isnan(value) else value}{f' at {where}' if where else ''}, not a number; "
+                "send values nearer the range of the training data")  # fmt: skip
+    return None
+
+
 class BundleAPI(ls.LitAPI):
     """LitServe API over one bundle: per-request decoding, batched inference, per-request answers.
 
@@ -222,7 +246,9 @@ class BundleAPI(ls.LitAPI):
         answers: list[Answered | Rejected] = []
         start = 0
         for item in group:
-            answers.append(Answered(item.adapter, {n: o[start : start + item.rows] for n, o in outputs.items()}, model))
+            share = {n: o[start : start + item.rows] for n, o in outputs.items()}
+            overflow = non_finite_output(item, share, model)
+            answers.append(Answered(item.adapter, share, model) if overflow is None else Rejected(422, overflow, model))
             start += item.rows
         return answers
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import yaml
 
 from pipelines.errors import InputError, did_you_mean
+from pipelines.parse_errors import UniqueKeyLoader
 
 SECTIONS = ("model", "data", "trainer")
 KEYS = ("low", "high", "log", "step", "choices")
@@ -106,6 +108,9 @@ def _parameter(option: str, spec: Any, where: str) -> Parameter:
     low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
     if not (_number(low) and _number(high)):
         raise InputError(f"{here}: low and high must both be numbers, got low={low!r}, high={high!r}; {SHAPE}")
+    for name, value in (("low", low), ("high", high), ("step", step)):
+        if value is not None and _number(value) and not math.isfinite(value):  # .nan / .inf: YAML numbers, no bound
+            raise InputError(f"{here}: {name} must be a finite number, got {value}")
     if not low < high:
         raise InputError(f"{here}: low ({low}) must be smaller than high ({high})")
     if not isinstance(log, bool):
@@ -130,10 +135,12 @@ def load_space(path: str | Path) -> list[Parameter]:
     """Read and check a space file; every problem is an :class:`~pipelines.errors.InputError` naming the file."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key named twice is refused, as --config does
     except OSError as error:
         raise InputError(f"--space {path}: cannot read it ({error.strerror or error})") from None
     except yaml.YAMLError as error:
+        if "appears twice" in str(getattr(error, "problem", "")):  # UniqueKeyLoader: YAML itself would keep the last silently
+            raise InputError(f"{path}: {error.problem}; name each option (and each of its keys) once") from None
         mark = getattr(error, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise InputError(f"{path}: not valid YAML{at}: {getattr(error, 'problem', None) or error}") from None

@@ -14,10 +14,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pipelines.errors import InputError
 
 #: an ISO 8601 zone designator ending the text (``+02:00``, ``-0500``, ``+02``, ``Z``); a date alone (``2024-01-01``, which
 #: ends like ``-01``) is at most 10 characters, so only longer text is a time with a zone. (A simple pattern anchored at the
@@ -29,6 +32,37 @@ def written_with_zone(values: pd.Series) -> np.ndarray:
     """Which values (as text, stripped) end with a time zone designator; missing values are ``False``."""
     text = values.astype(str).str.strip()
     return (text.str.contains(ZONE_SUFFIX, regex=True) & (text.str.len() > 10)).to_numpy(dtype=bool, na_value=False)
+
+
+def mixed_zone_positions(values: pd.Series) -> tuple[int, int] | None:
+    """The positions of the first time written with a zone and of the first ISO 8601 time without one, when a column of text
+    holds both (``None`` otherwise: datetime or numeric columns, one kind only; numbers are not times without a zone).
+
+    Example:
+        >>> mixed_zone_positions(pd.Series(["1.5", "2024-01-01T10:00:00", None, "2024-01-01T10:00:00+02:00"]))
+        (3, 1)
+    """
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        return None
+    zoned = written_with_zone(values)
+    dated = values.astype(str).str.strip().str.match(r"^\d{4}-\d{2}-\d{2}").to_numpy(dtype=bool, na_value=False) & values.notna().to_numpy()
+    naive = dated & ~zoned
+    if not (zoned.any() and naive.any()):
+        return None
+    return int(np.flatnonzero(zoned)[0]), int(np.flatnonzero(naive)[0])
+
+
+def refuse_mixed_zones(values: pd.Series, column: str, where: Callable[[int], str]) -> None:
+    """Refuse a column of text mixing times with a zone and ISO 8601 times without (:func:`mixed_zone_positions`), naming
+    a row of each (``where(position)``: e.g. ``fleet.csv row 12``; ``column``: e.g. ``column 't' (--data.time_column)``)."""
+    mixed = mixed_zone_positions(values)
+    if mixed is not None:
+        z, n = mixed
+        raise InputError(
+            f"{where(z)}, {column}: a time with a time zone ({values.iloc[z]!r}), and {where(n)} one without ({values.iloc[n]!r}); "
+            "times without a zone would be taken as UTC, shifting them against the others by their offset (row order, time steps, "
+            "gaps). Write every time of the column one way (all with their offset, e.g. in UTC with Z, or all in one local time without)"
+        )
 
 
 class FirstOfEachKind:

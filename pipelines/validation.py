@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -153,13 +153,15 @@ def check_labels(
     min_rows: int = 2,
     option: str = "--data.class_names",
     unit: str = "row",
+    first_row: Callable[[Any], str] | None = None,
 ) -> None:
     """Check a label set (label -> number of rows) before it defines the classes of a model.
 
     With ``declared`` class names, every label must be one of them (the closest is suggested).
     Without, a label spelt like another one or a class with fewer than ``min_rows`` rows is refused:
     list the classes with ``option`` when they are really meant. ``unit`` names what is counted
-    (``row``; ``image`` for a folder per class).
+    (``row``; ``image`` for a folder per class). ``first_row(label)``, when given, names where a refused label
+    first occurs (e.g. ``fleet.csv row 121``).
 
     Example:
         >>> check_labels({"normal": 40, "pneumonia": 38, "pnuemonia": 1}, "labels.csv")
@@ -167,11 +169,12 @@ def check_labels(
         ...
         pipelines.errors.InputError: labels.csv: labels 'pneumonia' (38 rows) and 'pnuemonia' (1 row) look like one class spelt two ways; fix the labels, or list every class with --data.class_names if both are meant
     """
+    at = (lambda label: f", first at {first_row(label)}") if first_row is not None else (lambda label: "")  # noqa: E731
     if declared is not None:
         known = [str(name) for name in declared]
         unknown = [label for label in counts if str(label) not in known]
         if unknown:
-            parts = [f"{str(label)!r} ({counts[label]} {unit}{'s' if counts[label] != 1 else ''}){did_you_mean(str(label), known)}" for label in unknown]
+            parts = [f"{str(label)!r} ({counts[label]} {unit}{'s' if counts[label] != 1 else ''}{at(label)}){did_you_mean(str(label), known)}" for label in unknown]
             raise InputError(f"{where}: label {', '.join(parts)} is not one of the declared classes {known} ({option})")
         return
     rows = lambda label: f"{counts[label]} {unit}{'s' if counts[label] != 1 else ''}"  # noqa: E731
@@ -179,12 +182,12 @@ def check_labels(
     for a, b in confusable_labels(by_name):
         first, second = sorted((by_name[a], by_name[b]), key=lambda label: -counts[label])
         raise InputError(
-            f"{where}: labels {str(first)!r} ({rows(first)}) and {str(second)!r} ({rows(second)}) look like one class spelt two ways; "
+            f"{where}: labels {str(first)!r} ({rows(first)}) and {str(second)!r} ({rows(second)}{at(second)}) look like one class spelt two ways; "
             f"fix the labels, or list every class with {option} if both are meant"
         )
     rare = [label for label in counts if counts[label] < min_rows]
     if rare:
-        parts = ", ".join(f"{str(label)!r} ({rows(label)})" for label in rare)
+        parts = ", ".join(f"{str(label)!r} ({rows(label)}{at(label)})" for label in rare)
         raise InputError(f"{where}: class {parts} has fewer than {min_rows} {unit}s, too few to train and evaluate; fix the labels, or list every class with {option} if it is meant")
 
 

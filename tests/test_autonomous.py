@@ -87,6 +87,24 @@ def test_nan_rows_are_dropped_or_filled_and_counted(tmp_path, policy, filled, dr
         assert tracks.channels[5, 0] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("policy", ["interpolate", "ffill", "drop"])
+@pytest.mark.parametrize("numeric", [True, False], ids=["regression", "classification"])
+def test_missing_targets_are_never_filled_their_windows_are_dropped_and_counted(tmp_path, policy, numeric):
+    """The NaN rule fills input channels only: a blank target stays blank (interpolating or carrying a label forward
+    would score test windows against values not in the file), and the windows whose last observed row has no target
+    are dropped and counted; the row itself stays, so no gap splits the track."""
+    label = np.arange(20.0) if numeric else np.array(["keep", "brake"] * 10, dtype=object)
+    table = pd.DataFrame({"sequence": "a", "time": range(20), "x": np.arange(20.0), "speed": np.ones(20), "target": label})
+    table.loc[7, "target"] = np.nan
+    path = write_table(tmp_path / "blank_target.csv", table)
+    tracks = build_tracks(read_table(path), ColumnSpec("sequence", "time", ["speed"], ["x"], "target", numeric), nan_policy=policy)
+    assert pd.isna(tracks.label[7]) and tracks.report["missing_targets"] == 1
+    assert (tracks.report["nan_rows"], tracks.report["dropped_rows"], tracks.report["segments"]) == (0, 0, 1)
+    windows = cut_windows(tracks, length=6, stride=1, target_row=3)  # observe 4 + predict 2: the target is at row start + 3
+    assert windows.missing_targets == 1 and len(windows) == 15 - 1
+    assert not pd.isna(tracks.label[windows.rows[:, 3]]).any() and 7 not in windows.rows[:, 3]
+
+
 def test_data_module_logs_nan_counts_and_short_sequences(tmp_path, capsys):
     table = fleet(30, steps=30)
     # rows of veh0000 and veh0005 (training split); dropping them leaves pieces of 3 + 25 and 10 + 19 rows,

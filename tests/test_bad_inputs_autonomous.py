@@ -108,6 +108,9 @@ CASES = [
              table_file("fleet.csv", lambda t: (stamped(t), setter(30, "time", "2024-05-01T13:45:0x")(t)))),  # fmt: skip
     BadInput("iso-time-mixed-with-numbers", CSV, ("fleet.csv row 2", "'time'", "'0.1'", "every time as a number", "or every time as iso 8601"),
              table_file("fleet.csv", lambda t: (stamped(t), setter(2, "time", "0.1")(t)))),  # fmt: skip
+    # one trip written in UTC with Z among trips without a zone (read as UTC): silently shifted by the offset before
+    BadInput("iso-time-mixing-zones", CSV, ("fleet.csv row 121", "'time'", "a time with a time zone", "fleet.csv row 1 one without", "write every time"),
+             table_file("fleet.csv", lambda t: (stamped(t), t.__setitem__("time", np.where(t["sequence"] == "trip5", t["time"] + "+02:00", t["time"]))))),  # fmt: skip
     BadInput("time-step-negative", (*CSV, "--data.time_step=-0.1"), ("--data.time_step must be a positive number",), table_file("fleet.csv")),
     BadInput("time-jitter-too-large", (*CSV, "--data.time_jitter=0.7"), ("--data.time_jitter must be in [0, 0.5)",), table_file("fleet.csv")),
     # columns, values, rows
@@ -119,6 +122,12 @@ CASES = [
     BadInput("duplicate-header", CSV, ("fleet.csv", "column 'x' 2 times"), lambda f: (f / "fleet.csv").write_text("sequence,time,x,y,speed,x\na,0,1,2,3,4\n")),
     BadInput("no-track-long-enough", CSV, ("no track is long enough", "observe + predict = 20 rows", "all 6 tracks", "longest segment has 10 rows"),
              table_file("fleet.csv", steps=10)),  # fmt: skip
+    # a channel blank in every row: the NaN rule dropped every row and the refusal blamed the track lengths and time gaps
+    BadInput("channel-empty-in-every-row", CSV, ("fleet.csv", "column 'speed' (--data.channels)", "no value in any of the", "split 'train'"),
+             table_file("fleet.csv", lambda t: t.__setitem__("speed", np.nan))),  # fmt: skip
+    # a regression window is the observed rows only: the refusal said "observe + predict"
+    BadInput("no-track-long-enough-regression", (*CSV, "--data.task=regression", "--data.target_column=score"),
+             ("no track is long enough", "observe = 8 rows (--data.observe 8)", "longest segment has 6 rows"), table_file("fleet.csv", steps=6)),  # fmt: skip
     BadInput("observe-zero", (*CSV, "--data.observe=0"), ("--data.observe must be at least 2",), table_file("fleet.csv")),
     BadInput("predict-negative", (*CSV, "--data.predict=-3"), ("--data.predict must be at least 1",), table_file("fleet.csv")),
     BadInput("bad-split-value", (*CSV, "--data.split_column=split"), ("fleet.csv row 6", "'split'", "'holdout'", "expected train, val or test"),
@@ -135,11 +144,16 @@ CASES = [
              lambda f: (f / "fleet.xlsx").write_bytes(b"PK\x03\x04")),  # fmt: skip
     BadInput("file-not-found", ("--data.path={tmp}/nowhere.csv", *BASE), ("nowhere.csv", "file not found")),
     # classification labels
-    BadInput("label-typo", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre"), ("'manoeuvre'", "'brake'", "'brkae'", "spelt two ways"),
+    BadInput("label-typo", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre"), ("'manoeuvre'", "'brake'", "'brkae' (24 rows, first at", "fleet.csv row 121)", "spelt two ways"),
              table_file("fleet.csv", lambda t: t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip5", "brkae", t["manoeuvre"])))),  # fmt: skip
     BadInput("label-not-declared", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake]"),
-             ("'brakes'", "not one of the declared classes", "did you mean 'brake'"),
+             ("'brakes' (24 rows, first at", "fleet.csv row 73)", "not one of the declared classes", "did you mean 'brake'"),
              table_file("fleet.csv", lambda t: t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip3", "brakes", t["manoeuvre"])))),  # fmt: skip
+    # a class only the test split has: the refusal named no file or row and blamed class_names the user never gave
+    BadInput("class-only-in-the-test-split", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.split_column=split"),
+             ("fleet.csv row 121", "'reverse'", "split 'test'", "classes were learnt from it", "--data.class_names"),
+             table_file("fleet.csv", lambda t: (t.__setitem__("split", np.where(t["sequence"] == "trip5", "test", np.where(t["sequence"] == "trip4", "val", "train"))),
+                                                t.__setitem__("manoeuvre", np.where(t["sequence"] == "trip5", "reverse", t["manoeuvre"]))))),  # fmt: skip
     # a class listed twice was accepted silently (two outputs for one class, one never the target)
     BadInput("class-declared-twice", (*CSV, "--data.task=classification", "--data.target_column=manoeuvre", "--data.class_names=[keep,brake,keep]"),
              ("--data.class_names", "'keep'", "twice"), table_file("fleet.csv")),  # fmt: skip

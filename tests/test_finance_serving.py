@@ -153,6 +153,9 @@ def test_served_rows_are_validated_naming_row_and_column(exported):
         ({"row": {**good[0], "timestamp": "2024-03-05T10:00:00Z"}}, "row.timestamp: expected a timestamp without a time zone"),
         ({"rows": edited(0, channel=["online"])}, "rows[0].channel: expected a single value"),
         ({"rows": edited(1, nation="FR")}, "rows[1].nation: unknown column"),
+        # the optional label and ids were taken whatever they held (a label "x", an id sent as an object)
+        ({"rows": edited(1, is_fraud="x")}, "rows[1].is_fraud: expected a label of the training classes ['0', '1']"),
+        ({"row": {**good[0], "transaction_id": {"a": 1}}}, "row.transaction_id: expected a single value"),
         ({"rows": [good[0], 7]}, "rows[1]: expected an object"),
         ({"rows": []}, "rows: expected a non-empty list"),
         ({"rows": good, "threshold": 1}, "threshold: unexpected field"),
@@ -202,6 +205,12 @@ def test_rows_form_over_http(exported, tmp_path):
         assert status == 200 and answer["score"] == pytest.approx(want["predictions"][2]["score"], rel=1e-5), answer
         status, answer = request(server.url + "/predict", {"rows": [rows[0], {**rows[1], "amount": "lots"}]})
         assert status == 422 and answer["detail"].startswith("rows[1].amount: expected a number"), answer
+        # finite float32 features the model's arithmetic overflows: refused, never a null score read as "not an alert"
+        zeros = {name: [0] * spec["shape"][-1] for name, spec in bundle.inputs.items()}  # numeric, and categorical codes
+        status, answer = request(server.url + "/predict", {"inputs": {**zeros, "numeric": [1e20] + zeros["numeric"][1:]}})
+        assert status == 422 and answer["detail"].startswith("inputs.") and "overflowed the model" in answer["detail"], answer
+        status, answer = request(server.url + "/predict", {"inputs": zeros})
+        assert status == 200 and answer["outputs"]["score"] is not None, answer
     finally:
         assert server.stop(signal.SIGTERM) == 0, server.output()
 

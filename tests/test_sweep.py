@@ -71,6 +71,10 @@ def by_outcome(study: optuna.Study) -> dict[str, list]:
         ("run_id: {choices: [a]}", "a sweep searches runner options"),
         ("model.lr: [0.1, 1", "not valid YAML (line 2"),
         ("model.lrr: {low: 0.001, high: 0.1}", "model.lrr is not an option of finance (did you mean 'model.lr'"),
+        ("model.lr: {low: 0.001, high: 0.01, log: true}\nmodel.lr: {low: 0.1, high: 0.5}", "key 'model.lr' appears twice (lines 1 and 2)"),
+        ("model.lr: {low: 0.001, high: 0.01, low: 0.1}", "key 'low' appears twice"),
+        ("model.lr: {low: .nan, high: 0.01}", "low must be a finite number, got nan"),
+        ("model.lr: {low: 0.001, high: .inf}", "high must be a finite number, got inf"),
     ],
 )
 def test_bad_space_files_are_refused_before_anything_runs(tmp_path, capsys, space, expected):

@@ -298,7 +298,7 @@ class SensorSequenceDataModule(pl.LightningDataModule):
         hp = self.hparams
         if not hp.streaming:
             return cut_split_windows(self.tracks, self.tables, self.observe, self.predict, hp.stride, hp.max_gap)
-        cut = {name: window_starts(tracks, self.observe + self.predict, hp.stride) for name, tracks in self.tracks.items()}
+        cut = {name: window_starts(tracks, self.observe + self.predict, hp.stride, self.observe - 1) for name, tracks in self.tracks.items()}
         check_split_windows(cut, self.tracks, dict.fromkeys(cut, [str(self.streamed.path)]), self.observe, self.predict, hp.max_gap)
         return cut
 

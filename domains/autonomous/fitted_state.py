@@ -17,7 +17,7 @@ from pipelines.reference import KEY as REFERENCE_KEY, fit_sequence_reference
 from pipelines.validation import check_labels
 from domains.autonomous.covariates import fit_covariate_state
 from domains.autonomous.position_units import KEY as STEP_SCALE_KEY, fit_step_scale
-from domains.autonomous.readers import FILE, Tracks
+from domains.autonomous.readers import FILE, Tracks, origin, where
 from domains.autonomous.sampling import EPS
 from domains.autonomous.streamed_state import fit_streamed_statistics, streamed_reference
 from domains.autonomous.windows import Windows
@@ -99,10 +99,36 @@ def fit_class_names(tables: dict[str, pd.DataFrame], train: Tracks, column: str,
     one class spelt two ways, or a class with too few rows, are refused (:func:`pipelines.validation.check_labels`)."""
     labels = pd.concat([table[column] for table in tables.values()]).dropna().astype(str)
     files = ", ".join(sorted({str(f) for table in tables.values() for f in table[FILE].unique()})[:3])
-    check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", given)
+    check_labels(labels.value_counts().to_dict(), f"{files}, column {column!r}", given, first_row=lambda label: first_row_of(tables, column, label))
     if given:
         return list(given)
-    names = sorted({str(v) for v in train.label})
+    names = sorted({str(v) for v in train.label if not pd.isna(v)})
     if len(names) < 2:
         raise InputError(f"{files}: target column {column!r} has {len(names)} class(es) in the training split; need at least 2")
+    refuse_classes_unseen_in_training(tables, column, names)
     return names
+
+
+def first_row_of(tables: dict[str, pd.DataFrame], column: str, label: str) -> str:
+    """``file row N`` of the first row of the file (over every split) whose ``column`` holds ``label`` (as text)."""
+    found = [origin(t, int(i[0])) for t in tables.values() if len(i := np.flatnonzero(t[column].astype(str).to_numpy() == str(label)))]
+    return "{} row {}".format(*min(found)) if found else "no row"
+
+
+def refuse_classes_unseen_in_training(tables: dict[str, pd.DataFrame], column: str, names: list[str]) -> None:
+    """Refuse a validation or test label the training split does not have (``names``: the classes learnt from it),
+    naming the file and first row: the model has no output for it, so its windows could not be scored."""
+    for split, table in tables.items():
+        if split == "train":
+            continue
+        labels = table[column].astype(object)
+        unseen = labels.notna().to_numpy() & ~labels.astype(str).isin(names).to_numpy()
+        if unseen.any():
+            first = int(np.flatnonzero(unseen)[0])
+            classes = sorted({str(v) for v in labels[unseen]})
+            raise InputError(
+                f"{where(table, first)}: target column {column!r} has class(es) {classes[:5]} in split {split!r} that the "
+                f"training split does not have (the classes were learnt from it: {names}); give every class with "
+                f"--data.class_names, or split so that the training split has them (--data.split_by, --data.split_column, "
+                f"--data.split_seed)"
+            )

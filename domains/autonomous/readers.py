@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipelines.errors import InputError
 from pipelines.csv_text import check_csv_text, check_delimiter
+from pipelines.time_zones import refuse_mixed_zones
 from pipelines.validation import check_finite_columns, check_unique_columns
 from domains.autonomous.categorical import category_text
 from domains.autonomous.sampling import check_sampling, gap_mask, infer_time_step
@@ -208,6 +209,7 @@ def time_seconds(table: pd.DataFrame, column: str) -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce")
     text = values.astype(str).str.strip()
     if not (numbers.notna().to_numpy() | ~present).all() and text[present].str.match(r"^\d{4}-\d{2}-\d{2}").any():
+        refuse_mixed_zones(values, f"column {column!r} (--data.time_column)", lambda i: where(table, i))
         parsed = pd.to_datetime(values.where(present), format="ISO8601", utc=True, errors="coerce")
         bad = np.flatnonzero(parsed.isna().to_numpy() & present)
         if len(bad):
@@ -342,30 +344,26 @@ def build_tracks(
     label = label[order] if label is not None else None
     categories = categories[order] if categories is not None else None
 
+    # the NaN rule is for the model's inputs only: a missing target is never made up (filled or interpolated); the
+    # row stays, and a window whose target (at its last observed row) is missing is dropped and counted by the windows
     report = {"rows": len(table), "nan_rows": 0, "filled_rows": 0, "dropped_rows": 0}
-    numeric = np.concatenate([targets, channels] + ([label[:, None]] if label is not None and spec.label_numeric else []), 1)
+    report["missing_targets"] = int(pd.isna(label).sum()) if label is not None else 0
+    numeric = np.concatenate([targets, channels], 1)
     nan = np.isnan(numeric).any(1)
-    if label is not None and not spec.label_numeric:
-        nan |= pd.isna(label)
     if categories is not None:  # a blank category is a missing value: the NaN rule fills (last value) or drops it
         nan |= pd.isna(categories).any(1)
     report["nan_rows"] = int(nan.sum())
     keep = ~nan
     if nan.any() and nan_policy != "drop":
         filled = _fill(numeric, codes, nan_policy)
-        ok_label = np.ones(len(time), bool)
-        if label is not None and not spec.label_numeric:
-            label = pd.Series(label).groupby(codes).ffill().to_numpy(dtype=object)
-            ok_label &= ~pd.isna(label)
+        ok_categories = np.ones(len(time), bool)
         if categories is not None:  # text: the last value (per sequence), for every fill policy
             categories = pd.DataFrame(categories).groupby(codes).ffill().to_numpy(dtype=object)
-            ok_label &= ~pd.isna(categories).any(1)
-        keep = ~np.isnan(filled).any(1) & ok_label
+            ok_categories &= ~pd.isna(categories).any(1)
+        keep = ~np.isnan(filled).any(1) & ok_categories
         report["filled_rows"] = int((nan & keep).sum())
         d, c = targets.shape[1], channels.shape[1]
         targets, channels = filled[:, :d], filled[:, d : d + c]
-        if label is not None and spec.label_numeric:
-            label = filled[:, d + c]
     report["dropped_rows"] = int((~keep).sum())
     targets, channels, time, codes = targets[keep], channels[keep], time[keep], codes[keep]
     label = label[keep] if label is not None else None

@@ -18,8 +18,9 @@ import pandas as pd
 
 from pipelines.errors import InputError
 from pipelines.splits import SplitRule, assign, check_filled
+from pipelines.time_zones import refuse_mixed_zones
 from domains.autonomous.readers import (
-    FILE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, read_eth_ucy, read_table, with_origin,
+    FILE, SPLITS, ColumnSpec, Tracks, build_tracks, check_columns, check_present, log, read_eth_ucy, read_table, where, with_origin,
 )  # fmt: skip
 from domains.autonomous.simulator import simulate_vehicles
 
@@ -48,6 +49,8 @@ def source_tables(hp: dict, columns: ColumnSpec, rule: SplitRule) -> dict[str, p
         table = with_origin(simulated, "<simulator>", 0)
     check_columns(table, columns)  # missing columns are named before anything else
     check_present(table, columns)  # a row without a sequence id or time cannot be split
+    # the whole file (each split's table may hold one kind only)
+    refuse_mixed_zones(table[columns.time], f"column {columns.time!r} (--data.time_column)", lambda i: where(table, i))
     if rule.stable:
         split = assign(rule, table, str(table[FILE].iloc[0]))
         check_filled(split, rule, str(table[FILE].iloc[0]))
@@ -64,6 +67,7 @@ def split_tracks(tables: dict[str, pd.DataFrame], columns: ColumnSpec, hp: dict,
     for name, table in tables.items():  # train first
         if len(table) == 0:
             raise InputError(f"split {name!r} is empty: no rows assigned to it (check --data.split_column or the fractions)")
+        refuse_empty_columns(table, columns, name, hp["nan_policy"])
         tracks = build_tracks(table, columns, hp["nan_policy"], step, hp["max_gap"], name, time_jitter=hp["time_jitter"])
         step = tracks.report["time_step"]
         report = tracks.report
@@ -71,9 +75,26 @@ def split_tracks(tables: dict[str, pd.DataFrame], columns: ColumnSpec, hp: dict,
             f"{name}: {report['rows']} rows, {report['sequences']} sequences, {report['nan_rows']} rows with NaN "
             f"({report['filled_rows']} filled by {hp['nan_policy']!r}, {report['dropped_rows']} dropped), "
             f"{report['gaps']} time gaps (> {hp['max_gap']:g} x step {report['time_step']:g}) -> {report['segments']} segments"
+            + (f"; {report['missing_targets']} rows without a target (kept as inputs, never filled)" if report.get("missing_targets") else "")
         )
         out[name] = tracks
     return out
+
+
+def refuse_empty_columns(table: pd.DataFrame, columns: ColumnSpec, split: str, nan_policy: str) -> None:
+    """Refuse a split in which a channel or position column has no value at all: the NaN rule has nothing to fill
+    from and drops every row, which would otherwise surface as "no track is long enough" (the wrong cause)."""
+    named = dict(columns.roles)
+    roles = [(c, named.get(c, "data.channels")) for c in columns.channels] + [(c, "data.target_channels") for c in columns.targets]
+    for column, option in roles:
+        if column in table.columns and len(table) and table[column].isna().all():
+            files = sorted({str(f) for f in table[FILE].unique()})
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+            raise InputError(
+                f"{shown}: column {column!r} (--{option}) has no value in any of the {len(table)} rows of split {split!r}: "
+                f"nan_policy {nan_policy!r} has nothing to fill it from, so every row would be dropped; fill the column, "
+                f"or leave it out of --{option}"
+            )
 
 
 def sequence_split(names: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:

@@ -59,10 +59,10 @@ from domains.autonomous.sources import sequence_split
 from domains.autonomous.windows import Windows, WindowStarts
 
 logger = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: targets are no longer filled by the NaN rule (a cache of format 1 holds filled ones)
 #: rows handed back to the page cache after this many items (resident memory stays flat over an epoch)
 RELEASE_EVERY = 256
-REPORT_KEYS = ("rows", "nan_rows", "filled_rows", "dropped_rows", "gaps", "sequences", "segments")
+REPORT_KEYS = ("rows", "nan_rows", "filled_rows", "dropped_rows", "missing_targets", "gaps", "sequences", "segments")
 
 
 def check_streaming_options(hp: Any) -> None:

@@ -35,6 +35,7 @@ class Windows:
     segment: np.ndarray
     short_segments: int
     short_rows: int
+    missing_targets: int = 0  # windows dropped: their target (at the last observed row) is missing
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -50,6 +51,7 @@ class WindowStarts:
     short_segments: int
     short_rows: int
     length: int
+    missing_targets: int = 0  # windows dropped: their target (at the last observed row) is missing
 
     def __len__(self) -> int:
         return len(self.start)
@@ -59,10 +61,12 @@ class WindowStarts:
         return Windows(self.start[first:last, None] + np.arange(self.length)[None], self.segment[first:last], 0, 0)
 
 
-def window_starts(tracks: Tracks, length: int, stride: int) -> WindowStarts:
+def window_starts(tracks: Tracks, length: int, stride: int, target_row: int | None = None) -> WindowStarts:
     """Every ``length``-row window with start offsets ``0, stride, 2*stride, ...`` in each segment.
 
     Segments shorter than ``length`` give no window; they are counted (``short_segments``), not an error.
+    With ``target_row`` (the last observed row's offset, ``observe - 1``) and a target column, a window whose
+    target is missing there is dropped and counted (``missing_targets``): a label is never made up.
     """
     if length < 1 or stride < 1:
         raise InputError(f"window length and stride must be >= 1, got {length} and {stride}")
@@ -74,13 +78,18 @@ def window_starts(tracks: Tracks, length: int, stride: int) -> WindowStarts:
         segments.append(np.full(len(offsets), index))
     start = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, dtype=np.int64)
     segment = np.concatenate(segments).astype(np.int64) if segments else np.zeros(0, dtype=np.int64)
-    return WindowStarts(start, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()), length)
+    missing = 0
+    if target_row is not None and tracks.label is not None and len(start):
+        labelled = ~pd.isna(tracks.label[start + target_row])
+        missing = int((~labelled).sum())
+        start, segment = start[labelled], segment[labelled]
+    return WindowStarts(start, segment, int((~usable).sum()), int(tracks.lengths[~usable].sum()), length, missing)
 
 
-def cut_windows(tracks: Tracks, length: int, stride: int) -> Windows:
+def cut_windows(tracks: Tracks, length: int, stride: int, target_row: int | None = None) -> Windows:
     """:func:`window_starts` with every window's rows."""
-    starts = window_starts(tracks, length, stride)
-    return Windows(starts.start[:, None] + np.arange(length)[None], starts.segment, starts.short_segments, starts.short_rows)
+    starts = window_starts(tracks, length, stride, target_row)
+    return Windows(starts.start[:, None] + np.arange(length)[None], starts.segment, starts.short_segments, starts.short_rows, starts.missing_targets)
 
 
 def _files(names: list[str]) -> str:
@@ -92,7 +101,7 @@ def cut_split_windows(
     tracks: dict[str, Tracks], tables: dict[str, pd.DataFrame], observe: int, predict: int, stride: int, max_gap: float
 ) -> dict[str, Windows]:
     """The windows of every split (``observe + predict`` rows), short segments counted in the log."""
-    cut = {name: cut_windows(split, observe + predict, stride) for name, split in tracks.items()}
+    cut = {name: cut_windows(split, observe + predict, stride, observe - 1) for name, split in tracks.items()}
     files = {name: [str(f) for f in table[FILE].unique()] for name, table in tables.items()}
     check_split_windows(cut, tracks, files, observe, predict, max_gap)
     return cut
@@ -102,7 +111,15 @@ def check_split_windows(cut: dict[str, Any], tracks: dict[str, Tracks], files: d
     """Refuse a data set with no window, or a split without one (``cut``: each split's :class:`Windows` or
     :class:`WindowStarts`; ``files``: each split's source files, named in the message); log the short segments."""
     length = observe + predict
-    need = f"observe + predict = {length} rows (--data.observe {observe}" + (f" + --data.predict {predict})" if predict else ")")
+    # (predict is 0 for regression and classification: their window is the observed rows only)
+    need = f"observe + predict = {length} rows (--data.observe {observe} + --data.predict {predict})" if predict else f"observe = {length} rows (--data.observe {observe})"
+    for name, windows in cut.items():
+        if windows.missing_targets:
+            log(f"{name}: {windows.missing_targets} window(s) whose target is missing at their last observed row: dropped "
+                f"(nan_policy fills input channels only, never a target)")  # fmt: skip
+    if not any(len(windows) for windows in cut.values()) and any(w.missing_targets for w in cut.values()):
+        raise InputError(f"{_files([f for names in files.values() for f in names])}: every window's target is missing at its last observed row "
+                         f"({sum(w.missing_targets for w in cut.values())} windows); the target column must hold values")  # fmt: skip
     if not any(len(windows) for windows in cut.values()):
         segments = sum(len(t.lengths) for t in tracks.values())
         count = sum(t.report["sequences"] for t in tracks.values())
@@ -146,15 +163,20 @@ def window_tensors(
     }
     if rows.shape[1] > obs:
         out["future"] = torch.from_numpy((tracks.targets[rows[:, obs:]] - origin[:, None]).astype(np.float32))
-    if tracks.label is not None:
-        last = tracks.label[rows[:, obs - 1]]
+    last = tracks.label[rows[:, obs - 1]] if tracks.label is not None else None
+    if last is not None and pd.isna(last).any():  # only a predict file's windows (training splits drop them): no truth to show
+        log(f"{name}: {int(pd.isna(last).sum())} window(s) without a target at their last observed row: the target column is not compared")
+        last = None
+    if last is not None:
         if task == "regression":
             out["target"] = torch.from_numpy(last.astype(np.float32))
         else:
             index = {c: i for i, c in enumerate(class_names)}
             unknown = sorted({str(v) for v in last} - set(index))
             if unknown:
-                raise InputError(f"split {name!r}: target column {target_column!r} has class(es) {unknown[:5]} not in class_names {class_names}")
+                raise InputError(f"split {name!r}: target column {target_column!r} has class(es) {unknown[:5]} not in the classes {class_names} "
+                                 f"(--data.class_names, or else the training split's); give every class with --data.class_names, "
+                                 f"or split so that the training split has them")  # fmt: skip
             out["label"] = torch.tensor([index[str(v)] for v in last], dtype=torch.long)
     return out
 

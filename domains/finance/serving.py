@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from fastapi import HTTPException
 
-from domains.finance.parsing import ZONE_WORDS, zone_kinds
+from domains.finance.parsing import ZONE_WORDS, label_text, zone_kinds
 from domains.finance.preprocessing import TablePreprocessor, parse_boolean, parse_numeric, parse_timestamp
 from pipelines.validation import FLOAT32_MAX
 from pipelines.serve import ModelCall, RequestAdapter, reject, run_once
@@ -70,6 +70,8 @@ class TransactionRowsAdapter(RequestAdapter):
         self.role_of: dict[str, str] = {column: role for column, role in roles.required() if role != "id_columns"}
         self.columns: list[str] = list(self.role_of)
         self.ignored: set[str] = set(roles.id_columns) | set(roles.ignore_columns) | ({roles.label_column} if roles.label_column else set())
+        self.label_column: str | None = roles.label_column
+        self.label_classes: list[str] = [label_text(c) for c in self.preprocessor.label_classes]
         self.contribution_names: list[str] = list(domain.get("contribution_names", self.preprocessor.group_names))
         self.top_k: int = min(int(domain.get("top_features", 3)), len(self.contribution_names))
         threshold = domain.get("threshold")
@@ -161,6 +163,12 @@ class TransactionRowsAdapter(RequestAdapter):
             unknown = sorted(str(c) for c in row if c not in self.role_of and c not in self.ignored)
             if unknown:
                 reject(f"{where(i)}.{unknown[0]}", f"unknown column; expected the columns {self.columns} (ids and label optional)")
+            for column in sorted(str(c) for c in row if c in self.ignored):  # ids and label: not scored, but not any value either
+                value = row[column]
+                if value is not None and not isinstance(value, (str, int, float)):
+                    reject(f"{where(i)}.{column}", f"expected a single value (number, text or null) in this optional column; got {type(value).__name__}")
+                if column == self.label_column and value is not None and label_text(value) not in self.label_classes:
+                    reject(f"{where(i)}.{column}", f"expected a label of the training classes {self.label_classes} (normal, fraud) or null; got {value!r}")
             for column in self.columns:
                 value = row[column]
                 if value is not None and not isinstance(value, (str, int, float)):
