@@ -269,7 +269,7 @@ def test_aliases_and_retention_keep_the_champion_chain(nights, tmp_path):
     registry = ModelRegistry(root / "registry", "finance")
     cli = ["--registry", str(root / "registry")]
     assert registry_main(["finance", "alias", "set", "staging", "v0002", *cli]) == 0
-    assert registry_main(["finance", "alias", "set", "champion", "v0001", *cli]) == 1, "the champion moves only by promote/rollback"
+    assert registry_main(["finance", "alias", "set", "champion", "v0001", *cli]) == 2, "the champion moves only by promote/rollback: a usage error (exit 2)"
     assert registry.aliases() == {"staging": "v0002"} and registry.history()[-1]["decision"] == "alias-set"
     assert registry.resolve("staging") == "v0002"
     diverged = registry.metadata("v0001")["attempt"]
