@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,17 +32,22 @@ def _indices(indices: torch.Tensor | Sequence[int]) -> list[int]:
     return [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
 
 
+def _per_sample(
+    draw: Callable[..., torch.Tensor], indices: torch.Tensor | Sequence[int], shape: tuple[int, ...], salt: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:  # fmt: skip
+    rows = [draw(shape, generator=torch.Generator().manual_seed(sample_seed(i, salt))) for i in _indices(indices)]
+    return (torch.stack(rows) if rows else torch.zeros((0, *shape))).to(device=device, dtype=dtype)
+
+
 def normal_per_sample(
     indices: torch.Tensor | Sequence[int], shape: tuple[int, ...], salt: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:  # fmt: skip
     """Standard-normal draws ``(len(indices), *shape)``; row ``i`` depends only on ``indices[i]`` and ``salt``."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(i, salt))) for i in _indices(indices)]
-    return (torch.stack(rows) if rows else torch.zeros((0, *shape))).to(device=device, dtype=dtype)
+    return _per_sample(torch.randn, indices, shape, salt, device, dtype)
 
 
 def uniform_per_sample(
     indices: torch.Tensor | Sequence[int], shape: tuple[int, ...], salt: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:  # fmt: skip
     """Uniform draws in [0, 1) ``(len(indices), *shape)``; row ``i`` depends only on ``indices[i]`` and ``salt``."""
-    rows = [torch.rand(shape, generator=torch.Generator().manual_seed(sample_seed(i, salt))) for i in _indices(indices)]
-    return (torch.stack(rows) if rows else torch.zeros((0, *shape))).to(device=device, dtype=dtype)
+    return _per_sample(torch.rand, indices, shape, salt, device, dtype)
