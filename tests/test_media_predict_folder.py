@@ -78,6 +78,7 @@ def test_a_signal_mid_predict_exits_honestly_leaves_nothing_half_written_and_kee
     run = copy_run(tiny_run("media"), tmp_path / "runs")
     predict(run)
     earlier = outputs(run)
+    configs = {p.name: p.read_bytes() for p in run.glob("config-predict*.yaml")}  # each completed predict's config
     assert sorted(earlier) == ["generated/00000.png", "generated/00001.png", "generated/00002.png", "predictions.csv"]
     finished, sent = threading.Event(), []
 
@@ -104,3 +105,4 @@ def test_a_signal_mid_predict_exits_honestly_leaves_nothing_half_written_and_kee
     assert stopped.value.code == code and f"media predict stopped by {name}" in err, (stopped.value.code, err[-3000:])
     assert outputs(run) == earlier, "the stopped predict left files of its own or changed the earlier predict's"
     assert not list(run.glob(".*partial*")), "no staging folder or partial predictions file is left behind"
+    assert {p.name: p.read_bytes() for p in run.glob("config-predict*.yaml")} == configs, "the stopped predict wrote no config and replaced none"
